@@ -1,0 +1,1 @@
+"""Prefetching agents behind one protocol."""

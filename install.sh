@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set-up on a fresh machine: torch (CPU wheel unless one is installed), rudder and its dependencies, and the DGL
+# compatibility step (a no-op where DGL matches torch). Usage: bash install.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install "torch==2.13.0"
+fi
+"$PY" -m pip install -e ".[dev]"
+"$PY" -m rudder_env.dgl_compat

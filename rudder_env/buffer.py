@@ -1,0 +1,300 @@
+"""The per-trainer prefetch buffer of remote node features: one implementation for live training and replay.
+
+A trainer's minibatch needs the features of its input nodes; those owned by another partition ("remote") cost an
+RPC. The buffer keeps ``capacity`` remote rows locally. Per minibatch (:meth:`PrefetchBuffer.begin` /
+:meth:`PrefetchBuffer.finish`, or :meth:`PrefetchBuffer.lookup` in one call):
+
+- remote ids already resident are **hits**, served from the buffer; the others are **misses**, pulled remotely;
+- every resident slot has a score that decays by ``(1 - alpha)`` per minibatch and is restored to 1 on a hit
+  (MassiveGNN / Rudder). The score is kept lazily as the minibatch of the last hit: ``score = (1-alpha)**age``.
+  A slot is an eviction candidate when its score is below ``(1-alpha)**period`` (i.e. ``age > period``);
+- every remote node has a decayed miss count (``m *= 1-alpha`` per minibatch, ``+1`` per miss), also lazy;
+  replacement candidates are the non-resident nodes with the highest decayed miss count (:meth:`candidates`);
+- :meth:`apply` takes a prefetch set: those ids are fetched in the same pull as the next minibatch's misses and
+  replace the lowest-score entries (empty slots first);
+- with ``admit_on_miss`` (ours, in neither Rudder nor MassiveGNN), rows a miss fetched anyway may take empty or
+  evictable slots at no extra traffic, most-missed first.
+
+The buffer holds ids, scores and counters; with ``feat_dim > 0`` it also holds the rows (live), with
+``feat_dim == 0`` only the ids (replay): the decisions and counters are the same either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+EMPTY = -1
+
+
+@dataclass
+class BufferCounters:
+    """What the buffer did, in rows (each remote input row of each minibatch counts once)."""
+
+    minibatches: int = 0
+    remote_sampled: int = 0  # remote input rows needed
+    hits: int = 0  # served from the buffer
+    misses: int = 0  # pulled on demand
+    remote_fetched: int = 0  # rows pulled over RPC: misses + prefetched
+    prefetched: int = 0  # rows pulled only because a prefetch set (or the initial fill) asked for them
+    initial_fill: int = 0  # of ``prefetched``: rows of the initial fill
+    admitted_on_miss: int = 0  # missed rows that entered the buffer at no extra traffic
+    evicted: int = 0  # resident rows replaced
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Counts of one minibatch (see :class:`BufferCounters`)."""
+
+    remote_sampled: int
+    hits: int
+    misses: int
+    remote_fetched: int
+    prefetched: int
+
+
+class PrefetchBuffer:
+    """Fixed-capacity buffer of remote node rows with decaying scores.
+
+    Args:
+        capacity: number of slots (rows).
+        num_nodes: size of the global node-id space; ids must lie in ``[0, num_nodes)``.
+        alpha: score decay per minibatch, in (0, 1).
+        period: minibatches per decision window; eviction threshold is ``(1-alpha)**period``.
+        feat_dim: row width; 0 keeps ids only (replay).
+        admit_on_miss: let fetched misses take empty or evictable slots.
+        dtype: row dtype.
+    """
+
+    def __init__(self, capacity: int, num_nodes: int, alpha: float = 0.05, period: int = 32, feat_dim: int = 0,
+                 admit_on_miss: bool = False, dtype=np.float32):
+        if capacity < 0:
+            raise ValueError(f"buffer capacity must be >= 0, got {capacity}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        if period < 1:
+            raise ValueError(f"period must be >= 1, got {period}")
+        self.capacity = int(capacity)
+        self.num_nodes = int(num_nodes)
+        self.alpha = float(alpha)
+        self.period = int(period)
+        self.decay = 1.0 - self.alpha
+        self.threshold = self.decay ** self.period
+        self.admit_on_miss = bool(admit_on_miss)
+        self.feat_dim = int(feat_dim)
+        self.slot_ids = np.full(self.capacity, EMPTY, dtype=np.int64)
+        self.slot_last_hit = np.zeros(self.capacity, dtype=np.int64)  # minibatch of last hit or admission
+        self.slot_of = np.full(self.num_nodes, EMPTY, dtype=np.int32 if capacity < 2**31 else np.int64)
+        self.rows = np.zeros((self.capacity, self.feat_dim), dtype=dtype) if self.feat_dim else None
+        self.miss_count = np.zeros(self.num_nodes, dtype=np.float32)  # decayed, as of miss_step
+        self.miss_step = np.zeros(self.num_nodes, dtype=np.int32)
+        self.step = 0  # minibatches looked up so far
+        self.pending = np.zeros(0, dtype=np.int64)  # prefetch set waiting for the next pull
+        self.counters = BufferCounters()
+        self._open: dict | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def occupancy(self) -> int:
+        return int(np.count_nonzero(self.slot_ids != EMPTY))
+
+    def resident_ids(self) -> np.ndarray:
+        return self.slot_ids[self.slot_ids != EMPTY]
+
+    def contains(self, ids) -> np.ndarray:
+        return self.slot_of[np.asarray(ids, dtype=np.int64)] != EMPTY
+
+    def slot_scores(self) -> np.ndarray:
+        """Score of every slot, ``(1-alpha)**age``; empty slots score -1."""
+        age = self.step - self.slot_last_hit
+        scores = self.decay ** age.astype(np.float64)
+        scores[self.slot_ids == EMPTY] = -1.0
+        return scores
+
+    def evictable(self) -> np.ndarray:
+        """Mask of slots that are empty or below the eviction threshold."""
+        age = self.step - self.slot_last_hit
+        return (self.slot_ids == EMPTY) | (age > self.period)
+
+    def decayed_miss_counts(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        return self.miss_count[ids] * self.decay ** (self.step - self.miss_step[ids]).astype(np.float32)
+
+    def candidates(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` non-resident nodes missed most often (decayed), best first; ties by lower id.
+
+        Returns ``(ids, decayed_miss_counts)``.
+        """
+        ids = np.flatnonzero((self.miss_count > 0) & (self.slot_of == EMPTY))
+        if ids.size == 0 or k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        counts = self.decayed_miss_counts(ids)
+        if ids.size > k:  # cut to the k best (and everything tied with the k-th) before sorting
+            kth = np.partition(counts, ids.size - k)[ids.size - k]
+            keep = counts >= kth
+            ids, counts = ids[keep], counts[keep]
+        order = np.lexsort((ids, -counts))[:k]
+        return ids[order].astype(np.int64), counts[order]
+
+    # ------------------------------------------------------------------ actions
+    def fill(self, ids, fetch=None) -> np.ndarray:
+        """Initial fill: put ``ids`` (in order, up to the free slots) in the buffer; counted as prefetched traffic.
+
+        ``fetch(ids) -> rows`` pulls their rows when the buffer holds rows. Returns the ids filled.
+        """
+        ids = _unique_in_order(np.asarray(ids, dtype=np.int64).reshape(-1))
+        ids = ids[self.slot_of[ids] == EMPTY]
+        free = np.flatnonzero(self.slot_ids == EMPTY)[: ids.size]
+        ids = ids[: free.size]
+        rows = np.asarray(fetch(ids)) if (fetch is not None and self.rows is not None and ids.size) else None
+        self._install(free, ids, rows)
+        self.counters.prefetched += int(ids.size)
+        self.counters.remote_fetched += int(ids.size)
+        self.counters.initial_fill += int(ids.size)
+        return ids
+
+    def apply(self, prefetch_ids) -> int:
+        """Schedule a prefetch set: fetched with the next minibatch's misses, replacing the lowest-score slots.
+
+        Ids already resident are dropped; at most ``capacity`` ids are kept, in the order given.
+        Returns the number of ids scheduled.
+        """
+        ids = np.asarray(prefetch_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_nodes):
+            raise ValueError(f"prefetch ids must lie in [0, {self.num_nodes}); got [{ids.min()}, {ids.max()}]")
+        ids = np.concatenate([self.pending, ids]) if self.pending.size else ids
+        ids = _unique_in_order(ids)
+        ids = ids[self.slot_of[ids] == EMPTY][: self.capacity]
+        self.pending = ids
+        return int(ids.size)
+
+    # ------------------------------------------------------------------ per minibatch
+    def begin(self, remote_ids) -> np.ndarray:
+        """Start a minibatch needing the (unique) ``remote_ids``; returns the ids to pull: misses, then prefetches."""
+        if self._open is not None:
+            raise RuntimeError("begin() called twice without finish()")
+        ids = np.asarray(remote_ids, dtype=np.int64).reshape(-1)
+        self.step += 1
+        t = self.step
+        slots = self.slot_of[ids]
+        hit = slots != EMPTY
+        hit_slots = slots[hit].astype(np.int64)
+        self.slot_last_hit[hit_slots] = t
+        hit_rows = self.rows[hit_slots] if self.rows is not None else None  # read before any admission
+        miss_ids = ids[~hit]
+        if miss_ids.size:
+            age = (t - self.miss_step[miss_ids]).astype(np.float32)
+            self.miss_count[miss_ids] = self.miss_count[miss_ids] * self.decay ** age + 1.0
+            self.miss_step[miss_ids] = t
+        pending = self.pending[self.slot_of[self.pending] == EMPTY] if self.pending.size else self.pending
+        extra = pending[self.miss_step[pending] != t] if pending.size else pending  # not already a miss now
+        self.pending = np.zeros(0, dtype=np.int64)
+        self._open = dict(ids=ids, hit=hit, hit_rows=hit_rows, miss_ids=miss_ids, prefetch=pending, extra=extra)
+        return np.concatenate([miss_ids, extra])
+
+    def finish(self, fetched_rows=None) -> tuple[np.ndarray | None, StepResult]:
+        """Complete the minibatch with the rows pulled for :meth:`begin`'s ids (None when ids only).
+
+        Returns the rows of ``remote_ids`` in their order (None when ids only) and the minibatch's counts.
+        """
+        if self._open is None:
+            raise RuntimeError("finish() called without begin()")
+        op, self._open = self._open, None
+        ids, hit, miss_ids, prefetch, extra = op["ids"], op["hit"], op["miss_ids"], op["prefetch"], op["extra"]
+        n_miss = miss_ids.size
+        rows = None
+        if self.rows is not None:
+            if fetched_rows is None:
+                raise ValueError("this buffer holds rows: finish() needs the fetched rows")
+            fetched_rows = np.asarray(fetched_rows)
+            if fetched_rows.shape != (n_miss + extra.size, self.feat_dim):
+                raise ValueError(f"fetched rows have shape {fetched_rows.shape}, "
+                                 f"expected {(n_miss + extra.size, self.feat_dim)}")
+            rows = np.empty((ids.size, self.feat_dim), dtype=self.rows.dtype)
+            rows[hit] = op["hit_rows"]
+            rows[~hit] = fetched_rows[:n_miss]
+            fetched_of = {"miss": fetched_rows[:n_miss], "extra": fetched_rows[n_miss:]}
+        t = self.step
+        if prefetch.size:
+            prefetch_rows = None
+            if self.rows is not None:  # rows of each prefetched id: from the misses or the extra part
+                pos_in_miss = _positions(miss_ids, prefetch)
+                prefetch_rows = np.empty((prefetch.size, self.feat_dim), dtype=self.rows.dtype)
+                from_miss = pos_in_miss >= 0
+                prefetch_rows[from_miss] = fetched_of["miss"][pos_in_miss[from_miss]]
+                prefetch_rows[~from_miss] = fetched_of["extra"]  # extra is prefetch minus misses, same order
+            victims = self._lowest_score_slots(prefetch.size)
+            self._install(victims, prefetch, prefetch_rows)
+        if self.admit_on_miss and n_miss:
+            admit = miss_ids[self.slot_of[miss_ids] == EMPTY]
+            free = np.flatnonzero(self.evictable())
+            if admit.size and free.size:
+                if admit.size > free.size:  # most-missed first, ties by lower id
+                    admit = admit[np.lexsort((admit, -self.miss_count[admit]))[: free.size]]
+                victims = self._lowest_score_slots(admit.size)
+                admit_rows = None
+                if self.rows is not None:
+                    admit_rows = fetched_of["miss"][_positions(miss_ids, admit)]
+                self._install(victims, admit, admit_rows)
+                self.counters.admitted_on_miss += int(admit.size)
+        result = StepResult(remote_sampled=int(ids.size), hits=int(np.count_nonzero(hit)), misses=int(n_miss),
+                            remote_fetched=int(n_miss + extra.size), prefetched=int(extra.size))
+        c = self.counters
+        c.minibatches += 1
+        c.remote_sampled += result.remote_sampled
+        c.hits += result.hits
+        c.misses += result.misses
+        c.remote_fetched += result.remote_fetched
+        c.prefetched += result.prefetched
+        assert t == self.step
+        return rows, result
+
+    def lookup(self, remote_ids, fetch=None) -> tuple[np.ndarray | None, StepResult]:
+        """One minibatch in one call: ``fetch(ids) -> rows`` pulls what :meth:`begin` asks for."""
+        to_pull = self.begin(remote_ids)
+        fetched = fetch(to_pull) if (fetch is not None and self.rows is not None) else None
+        return self.finish(fetched)
+
+    # ------------------------------------------------------------------ internals
+    def _lowest_score_slots(self, n: int) -> np.ndarray:
+        """``n`` slots to overwrite: empty ones first, then by oldest last hit, ties by lower slot."""
+        key = np.where(self.slot_ids == EMPTY, np.iinfo(np.int64).min, self.slot_last_hit)
+        if n >= self.capacity:
+            return np.lexsort((np.arange(self.capacity), key))
+        cut = np.argpartition(key, n - 1)[:n] if n > 0 else np.zeros(0, dtype=np.int64)
+        kth = key[cut].max() if n > 0 else None
+        pool = np.flatnonzero(key <= kth) if n > 0 else cut
+        return pool[np.lexsort((pool, key[pool]))][:n]
+
+    def _install(self, slots: np.ndarray, ids: np.ndarray, rows) -> None:
+        n = min(slots.size, ids.size)
+        slots, ids = slots[:n], ids[:n]
+        old = self.slot_ids[slots]
+        evicted = old[old != EMPTY]
+        self.slot_of[evicted] = EMPTY
+        self.counters.evicted += int(evicted.size)
+        self.slot_ids[slots] = ids
+        self.slot_of[ids] = slots
+        self.slot_last_hit[slots] = self.step
+        if self.rows is not None and rows is not None:
+            self.rows[slots] = rows[:n]
+
+
+def _unique_in_order(ids: np.ndarray) -> np.ndarray:
+    _, first = np.unique(ids, return_index=True)
+    return ids[np.sort(first)]
+
+
+def _positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """Index of each needle in ``haystack`` (unique ids), -1 where absent."""
+    if haystack.size == 0:
+        return np.full(needles.size, -1, dtype=np.int64)
+    order = np.argsort(haystack, kind="stable")
+    pos = np.searchsorted(haystack, needles, sorter=order)
+    pos = np.minimum(pos, haystack.size - 1)
+    found = haystack[order[pos]] == needles
+    return np.where(found, order[pos], -1)

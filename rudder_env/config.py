@@ -1,0 +1,100 @@
+"""Options of a distributed training run (``train.py gnn``): one dataclass, every option documented once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+AGENTS = ("none", "static", "periodic")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("RUDDER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rudder"))
+
+
+@dataclass
+class TrainConfig:
+    graph: str = field(default="synth-tiny", metadata=dict(
+        help="preset (synth-tiny, synth-small, synth-large), an OGB dataset folder, or a .dgl file"))
+    parts: int = field(default=2, metadata=dict(help="number of partitions (one graph server each)"))
+    trainers_per_part: int = field(default=1, metadata=dict(help="trainer ranks per partition"))
+    partition: str = field(default="metis", metadata=dict(choices=("metis", "random"), help="partitioning method"))
+    model: str = field(default="sage", metadata=dict(choices=("sage", "gat"), help="GNN model"))
+    fanout: str = field(default="10,25", metadata=dict(help="neighbours sampled per layer, input layer last"))
+    batch_size: int = field(default=1000, metadata=dict(help="seed nodes per minibatch"))
+    epochs: int = field(default=1, metadata=dict(help="training epochs"))
+    hidden: int = field(default=128, metadata=dict(help="hidden width"))
+    lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
+    seed: int = field(default=0, metadata=dict(help="seed for the graph, partitioning, model and sampling"))
+    agent: str = field(default="periodic", metadata=dict(choices=AGENTS, help="prefetch policy"))
+    buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
+    buffer_init: str = field(default="degree", metadata=dict(
+        choices=("degree", "random", "empty"), help="initial buffer content"))
+    alpha: float = field(default=0.05, metadata=dict(help="score decay per minibatch"))
+    period: int = field(default=8, metadata=dict(help="minibatches per decision window"))
+    admit_on_miss: bool = field(default=False, metadata=dict(help="let fetched misses enter free/evictable slots"))
+    num_samplers: int = field(default=0, metadata=dict(help="DGL sampler worker processes per trainer"))
+    port: int = field(default=30050, metadata=dict(help="first TCP port: machine m's servers listen on port+10*m"))
+    cache_dir: str = field(default_factory=default_cache_dir, metadata=dict(
+        help="where graphs and partitions are cached (a shared filesystem on several hosts)"))
+    summary: str | None = field(default=None, metadata=dict(help="write the run summary JSON here"))
+    verify_rows: bool = field(default=False, metadata=dict(
+        help="check every input row against a direct DistTensor pull, and column 0 against the original node id"))
+    timeout_s: float = field(default=0.0, metadata=dict(help="kill the job after this many seconds (0: never)"))
+
+    @property
+    def fanouts(self) -> list[int]:
+        return [int(x) for x in self.fanout.split(",")]
+
+    @property
+    def num_trainers(self) -> int:
+        return self.parts * self.trainers_per_part
+
+    @property
+    def world_size(self) -> int:
+        return self.parts + self.num_trainers
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message for options that cannot work."""
+        if self.parts < 1:
+            raise ValueError(f"--parts must be >= 1, got {self.parts}")
+        if self.trainers_per_part < 1:
+            raise ValueError(f"--trainers-per-part must be >= 1, got {self.trainers_per_part}")
+        try:
+            fanouts = self.fanouts
+        except ValueError:
+            raise ValueError(f"--fanout must be comma-separated integers, got {self.fanout!r}") from None
+        if not fanouts or min(fanouts) < 1:
+            raise ValueError(f"--fanout needs positive integers, got {self.fanout!r}")
+        if not 0.0 <= self.buffer_fraction <= 1.0:
+            raise ValueError(f"--buffer-fraction must be in [0, 1], got {self.buffer_fraction}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
+        for name in ("period", "batch_size", "epochs", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 1024 <= self.port <= 65535 - 10 * self.parts:
+            raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """Add one ``--option`` per dataclass field, with its help, default and choices."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        meta = dict(f.metadata)
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=default, help=f"{meta['help']} (default: {default})",
+                            **({"choices": meta["choices"]} if "choices" in meta else {}))
+
+
+def from_namespace(ns: argparse.Namespace, cls=TrainConfig):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})

@@ -1,0 +1,253 @@
+"""One DistDGL trainer rank: GNN training whose remote input features go through the prefetch buffer.
+
+The order is DGL's (``examples/distributed/graphsage``): initialize → process group → DistGraph → node_split →
+DistNodeDataLoader → DDP. What rudder adds is in :meth:`DistTrainer.train_step`: the minibatch's input nodes owned
+by other partitions are looked up in the :class:`~rudder_env.buffer.PrefetchBuffer`; misses and any scheduled
+prefetch set are pulled in the same DistTensor pull as the local rows. Every ``period`` minibatches a policy may
+hand the buffer a prefetch set (:meth:`DistTrainer.run`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rudder_env.buffer import PrefetchBuffer
+from rudder_env.dgl_compat import import_dgl
+from rudder_env.models import build_model
+
+dgl = import_dgl()
+
+
+@dataclass
+class MinibatchRecord:
+    """What one training minibatch needed and cost (one trace row)."""
+
+    epoch: int
+    index: int  # minibatch index over the whole run
+    remote_ids: np.ndarray  # global ids of remote input nodes (all of them, hits included)
+    local_rows: int
+    sample_s: float
+    fetch_s: float
+    fetch_rows: int  # rows pulled: local + misses + prefetched
+    compute_s: float
+    hits: int
+    remote_fetched: int
+    prefetched: int
+    loss: float
+
+
+@dataclass
+class RankStats:
+    """Per-trainer totals for the run summary (times in seconds)."""
+
+    epoch_time_s: list = field(default_factory=list)
+    sample_s: float = 0.0
+    fetch_s: float = 0.0
+    compute_s: float = 0.0
+    decide_s: float = 0.0
+    minibatches: int = 0
+
+
+Policy = Callable[[PrefetchBuffer], np.ndarray]
+
+
+class DistTrainer:
+    """Training on one trainer rank of a DistDGL job.
+
+    Args:
+        cfg: :class:`~rudder_env.config.TrainConfig`.
+        trainer_rank: this trainer's index among all trainers (torch.distributed rank).
+        graph_name: DistDGL graph name of the partitions.
+        ip_config: DGL ip_config file.
+        master: ``host:port`` of torch.distributed's TCP store.
+        meta: the partitions' ``rudder.json`` (classes, feature width).
+    """
+
+    def __init__(self, cfg, trainer_rank: int, graph_name: str, ip_config: str, master: str, meta: dict,
+                 part_config: str = ""):
+        self.cfg = cfg
+        self.part_config = part_config
+        self.verify = dict(rows_checked=0, rows_differing_from_disttensor=0, rows_col0_not_orig_id=0)
+        self._orig_nids = None
+        self.trainer_rank = trainer_rank
+        self.meta = meta
+        self.stats = RankStats()
+        dgl.distributed.initialize(ip_config)
+        host, port = master.rsplit(":", 1)
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=trainer_rank,
+                                             world_size=cfg.num_trainers)
+        torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+        self.g = dgl.distributed.DistGraph(graph_name)
+        self.pb = self.g.get_partition_book()
+        self.partid = self.pb.partid
+        self.train_nid = dgl.distributed.node_split(self.g.ndata["train_mask"], self.pb, force_even=True)
+        torch.manual_seed(cfg.seed * 1000 + trainer_rank + 1)  # shuffling differs per trainer, fixed per seed
+        np.random.seed(cfg.seed * 1000 + trainer_rank + 1)
+        self.sampler = dgl.dataloading.NeighborSampler(cfg.fanouts)
+        self.loader = dgl.dataloading.DistNodeDataLoader(self.g, self.train_nid, self.sampler,
+                                                         batch_size=cfg.batch_size, shuffle=True, drop_last=False)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, meta["feat_dim"], cfg.hidden, meta["num_classes"], len(cfg.fanouts))
+        self.model = torch.nn.parallel.DistributedDataParallel(model)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.feat = self.g.ndata["feat"]
+        self.labels = self.g.ndata["label"]
+        self.halo_ids, self.halo_degree = self._halo()
+        capacity = 0 if cfg.agent == "none" else int(round(cfg.buffer_fraction * self.halo_ids.size))
+        self.buffer = PrefetchBuffer(capacity, self.g.num_nodes(), alpha=cfg.alpha, period=cfg.period,
+                                     feat_dim=meta["feat_dim"],
+                                     admit_on_miss=cfg.admit_on_miss and cfg.agent != "static")
+        self.initial_ids = self._initial_fill(cfg.buffer_init)
+        self.minibatch_index = 0
+
+    # ------------------------------------------------------------------ setup helpers
+    def _halo(self) -> tuple[np.ndarray, np.ndarray]:
+        """Global ids of this partition's halo nodes and their degree inside the partition (edges to our nodes)."""
+        lp = self.g.local_partition
+        inner = lp.ndata["inner_node"].bool().numpy()
+        indptr, indices, _ = lp.adj_tensors("csc")
+        degree = np.bincount(indices.numpy(), minlength=lp.num_nodes())  # out-degree: in-edges of inner nodes
+        halo_local = np.flatnonzero(~inner)
+        return lp.ndata[dgl.NID].numpy()[halo_local].astype(np.int64), degree[halo_local]
+
+    def _initial_fill(self, how: str) -> np.ndarray:
+        if self.buffer.capacity == 0 or how == "empty":
+            return np.zeros(0, dtype=np.int64)
+        if how == "degree":  # most-connected halo nodes first, ties by lower id
+            order = np.lexsort((self.halo_ids, -self.halo_degree))
+        elif how == "random":
+            order = np.random.default_rng(self.cfg.seed + self.trainer_rank).permutation(self.halo_ids.size)
+        else:
+            raise ValueError(f"unknown --buffer-init {how!r}: expected degree, random or empty")
+        ids = self.halo_ids[order[: self.buffer.capacity]]
+        t0 = time.perf_counter()
+        filled = self.buffer.fill(ids, fetch=self.pull)
+        self.stats.fetch_s += time.perf_counter() - t0
+        return filled
+
+    def pull(self, ids: np.ndarray) -> np.ndarray:
+        return self.feat[torch.from_numpy(np.asarray(ids, dtype=np.int64))].numpy()
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, epoch: int, batch) -> MinibatchRecord:
+        """One minibatch: buffered feature fetch, forward, backward, DDP step. ``batch`` comes from the loader."""
+        t_fetch = time.perf_counter()
+        input_nodes, seeds, blocks = batch
+        remote = (self.pb.nid2partid(input_nodes) != self.partid).numpy()
+        ids = input_nodes.numpy()
+        local_ids, remote_ids = ids[~remote], ids[remote]
+        to_pull = self.buffer.begin(remote_ids)
+        pulled = self.feat[torch.from_numpy(np.concatenate([local_ids, to_pull]))]
+        remote_rows, step = self.buffer.finish(pulled[local_ids.size:].numpy())
+        x = torch.empty((ids.size, pulled.shape[1]), dtype=pulled.dtype)
+        x[torch.from_numpy(~remote)] = pulled[: local_ids.size]
+        x[torch.from_numpy(remote)] = torch.from_numpy(remote_rows)
+        y = self.labels[seeds].long()
+        t_compute = time.perf_counter()
+        if self.cfg.verify_rows:
+            self._verify(input_nodes, x)
+        self.model.train()
+        loss = F.cross_entropy(self.model(blocks, x), y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        t_end = time.perf_counter()
+        record = MinibatchRecord(epoch=epoch, index=self.minibatch_index, remote_ids=remote_ids,
+                                 local_rows=int(local_ids.size), sample_s=0.0, fetch_s=t_compute - t_fetch,
+                                 fetch_rows=int(local_ids.size + to_pull.size), compute_s=t_end - t_compute,
+                                 hits=step.hits, remote_fetched=step.remote_fetched, prefetched=step.prefetched,
+                                 loss=float(loss.detach()))
+        self.minibatch_index += 1
+        return record
+
+    def _verify(self, input_nodes: torch.Tensor, x: torch.Tensor) -> None:
+        """Count rows that differ from a direct DistTensor pull, and rows whose column 0 is not the original id."""
+        if self._orig_nids is None:
+            from rudder_env.partition import ORIG_NIDS_FILE
+
+            self._orig_nids = np.load(os.path.join(os.path.dirname(self.part_config), ORIG_NIDS_FILE))
+        direct = self.feat[input_nodes]
+        v = self.verify
+        v["rows_checked"] += int(x.shape[0])
+        v["rows_differing_from_disttensor"] += int((x != direct).any(1).sum())
+        orig = torch.from_numpy(self._orig_nids[input_nodes.numpy()]).to(x.dtype)
+        v["rows_col0_not_orig_id"] += int((x[:, 0] != orig).sum())
+
+    def minibatches(self):
+        """Train ``cfg.epochs`` epochs, yielding a :class:`MinibatchRecord` after each minibatch."""
+        for epoch in range(self.cfg.epochs):
+            t_epoch = time.perf_counter()
+            it = iter(self.loader)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                sample_s = time.perf_counter() - t0
+                record = self.train_step(epoch, batch)
+                record.sample_s = sample_s
+                s = self.stats
+                s.sample_s += sample_s
+                s.fetch_s += record.fetch_s
+                s.compute_s += record.compute_s
+                s.minibatches += 1
+                yield record
+            self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
+
+    def run(self, policy: Policy | None = None, on_minibatch: Callable[[MinibatchRecord], None] | None = None):
+        """Train to the end; every ``period`` minibatches, ``policy(buffer)`` may return a prefetch set."""
+        for record in self.minibatches():
+            if on_minibatch is not None:
+                on_minibatch(record)
+            if policy is not None and self.minibatch_index % self.cfg.period == 0:
+                t0 = time.perf_counter()
+                self.buffer.apply(policy(self.buffer))
+                self.stats.decide_s += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ evaluation and results
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy on the validation and test nodes, summed over all trainers (sampled, like training)."""
+        model = self.model.module
+        model.eval()
+        out = {}
+        for split in ("val", "test"):
+            nids = dgl.distributed.node_split(self.g.ndata[f"{split}_mask"], self.pb, force_even=False)
+            loader = dgl.dataloading.DistNodeDataLoader(self.g, nids, self.sampler, batch_size=self.cfg.batch_size,
+                                                        shuffle=False, drop_last=False)
+            correct = total = 0
+            for input_nodes, seeds, blocks in loader:
+                pred = model(blocks, self.feat[input_nodes]).argmax(1)
+                correct += int((pred == self.labels[seeds].long()).sum())
+                total += int(seeds.numel())
+            counts = torch.tensor([correct, total], dtype=torch.float64)
+            torch.distributed.all_reduce(counts)
+            out[f"{split}_acc"] = float(counts[0] / max(counts[1], 1.0))
+        return out
+
+    def result(self) -> dict:
+        """This rank's entry of the summary's ``ranks`` list."""
+        c = self.buffer.counters
+        s = self.stats
+        return dict(trainer_rank=self.trainer_rank, partition=int(self.partid), halo_nodes=int(self.halo_ids.size),
+                    buffer_capacity=self.buffer.capacity, minibatches=s.minibatches,
+                    remote_sampled=c.remote_sampled, hits=c.hits, misses=c.misses,
+                    remote_fetched=c.remote_fetched, prefetched=c.prefetched, initial_fill=c.initial_fill,
+                    admitted_on_miss=c.admitted_on_miss, evicted=c.evicted,
+                    hit_rate=c.hits / c.remote_sampled if c.remote_sampled else 0.0,
+                    epoch_time_s=[round(t, 4) for t in s.epoch_time_s], sample_s=round(s.sample_s, 4),
+                    fetch_s=round(s.fetch_s, 4), compute_s=round(s.compute_s, 4), decide_s=round(s.decide_s, 4),
+                    pid=os.getpid(), **({"verify": dict(self.verify)} if self.cfg.verify_rows else {}))
+
+    def close(self) -> None:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        dgl.distributed.exit_client()

@@ -1,0 +1,1 @@
+"""Trace format, writer and reader."""

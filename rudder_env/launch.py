@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -146,7 +147,8 @@ def _wait(comm, request=None, poll_s: float = 0.01) -> None:
 def _status(job: Job, role: Role, state: str, **extra) -> None:
     path = os.path.join(job.job_dir, "status", f"rank{role.rank}.json")
     with open(path + ".tmp", "w") as f:
-        json.dump(dict(state=state, pid=os.getpid(), role=asdict(role), describe=role.describe(), **extra), f)
+        json.dump(dict(state=state, pid=os.getpid(), role=asdict(role), describe=role.describe(), time=time.time(),
+                       **extra), f)
     os.replace(path + ".tmp", path)
 
 
@@ -186,6 +188,7 @@ def rank_main(cfg) -> int:
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
+    supervised = TAG_VAR in os.environ  # started by launch(), which cleans up after the job
     hosts = comm.allgather(socket.gethostname())
     try:
         cfg.validate()
@@ -235,6 +238,8 @@ def rank_main(cfg) -> int:
         print_table(summary)
     _status(job, role, "done")
     _wait(comm)
+    if rank == 0 and not supervised:  # started by the user's mpiexec/srun: nobody else cleans up
+        shutil.rmtree(job.job_dir, ignore_errors=True)
     return 0
 
 
@@ -285,6 +290,52 @@ def cleanup_shm(tag: str, since: float | None = None, before: set[str] | None = 
     return removed
 
 
+class _DeathWatch:
+    """Notices the first rank of a job to exit without finishing, as it happens (Linux pidfds).
+
+    The launcher is not the ranks' parent, and mpiexec kills every other rank right after the first dies, so
+    polling would often name the wrong one; a pidfd becomes readable the moment its process exits.
+    """
+
+    def __init__(self, job_dir: str):
+        self.job_dir = job_dir
+        self.poller = select.poll()
+        self.fds: dict[int, dict] = {}  # pidfd -> status of the rank
+        self.seen: set[int] = set()
+        self.first_dead: dict | None = None
+
+    def _register_new(self) -> None:
+        for rank, st in _read_statuses(self.job_dir).items():
+            if rank in self.seen or st["state"] != "started":
+                continue
+            self.seen.add(rank)
+            try:
+                fd = os.pidfd_open(st["pid"])
+            except (ProcessLookupError, OSError):
+                if not _alive(st["pid"]) and self.first_dead is None:
+                    self.first_dead = dict(st, time=time.time())
+                continue
+            self.fds[fd] = st
+            self.poller.register(fd, select.POLLIN)
+
+    def wait(self, timeout_s: float) -> None:
+        self._register_new()
+        events = self.poller.poll(timeout_s * 1000)
+        for fd, _ in sorted(events, key=lambda e: self.fds[e[0]]["role"]["rank"]):
+            st = self.fds[fd]
+            self.poller.unregister(fd)
+            os.close(fd)
+            del self.fds[fd]
+            now = _read_statuses(self.job_dir).get(st["role"]["rank"], st)
+            if now["state"] == "started" and self.first_dead is None:
+                self.first_dead = dict(now, time=time.time())
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
 def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -316,7 +367,7 @@ def launch(cfg, argv: list[str], script: str) -> int:
     started = time.time()
     cmd = [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    first_dead: dict | None = None
+    watch = _DeathWatch(job_dir)
     interrupted = None
 
     def on_signal(signum, _frame):
@@ -326,7 +377,7 @@ def launch(cfg, argv: list[str], script: str) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while proc.poll() is None:
-            time.sleep(0.2)
+            watch.wait(0.2)
             if interrupted is not None:
                 print(f"rudder: interrupted (signal {interrupted}): stopping the job", file=sys.stderr, flush=True)
                 break
@@ -334,14 +385,10 @@ def launch(cfg, argv: list[str], script: str) -> int:
                 print(f"rudder: job exceeded --timeout-s {cfg.timeout_s:g}: stopping it", file=sys.stderr, flush=True)
                 interrupted = "timeout"
                 break
-            if first_dead is None:
-                for st in _read_statuses(job_dir).values():
-                    if st["state"] == "started" and not _alive(st["pid"]):
-                        first_dead = st
-                        break
-                if first_dead is not None:  # mpiexec may not notice (e.g. a server gone): stop the job now
-                    time.sleep(1.0)  # let a rank that failed with an error record it first
-                    _kill_group(proc, grace_s=2.0)
+            if watch.first_dead is not None:  # mpiexec may not notice (e.g. a server gone): stop the job now
+                time.sleep(1.0)  # let a rank that failed with an error record it first
+                _kill_group(proc, grace_s=2.0)
+                break
         rc = proc.poll()
     finally:
         _kill_group(proc)
@@ -352,9 +399,11 @@ def launch(cfg, argv: list[str], script: str) -> int:
     shutil.rmtree(job_dir, ignore_errors=True)
     if interrupted is not None:
         return 124 if interrupted == "timeout" else 130
-    if rc != 0 or first_dead is not None:
-        failed = [st for st in statuses.values() if st["state"] == "failed"]
-        culprit = failed[0] if failed else first_dead
+    watch.close()
+    if rc != 0 or watch.first_dead is not None:
+        # the earliest event: a rank that recorded an error, or one that died without a word (killed, crashed)
+        events = [st for st in statuses.values() if st["state"] == "failed"] + [watch.first_dead]
+        culprit = min((e for e in events if e is not None), key=lambda e: e["time"], default=None)
         if culprit is not None:
             why = culprit.get("error", f"process {culprit['pid']} exited without finishing")
             print(f"rudder: job failed: {culprit['describe']}: {why}", file=sys.stderr, flush=True)

@@ -1,0 +1,194 @@
+"""Real DistDGL jobs on MPI ranks (graph servers, trainers, DGL RPC, DDP over gloo) on this host."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("rudder-cache"))
+
+
+@pytest.fixture(scope="module")
+def id_graph(tmp_path_factory):
+    """synth-tiny with feature column 0 holding each node's id, to check every served row."""
+    import torch
+
+    from rudder_env.datasets import PRESETS, generate_synthetic
+    from rudder_env.dgl_compat import import_dgl
+
+    dgl = import_dgl()
+    g = generate_synthetic(PRESETS["synth-tiny"], seed=0)
+    g.ndata["feat"][:, 0] = torch.arange(g.num_nodes(), dtype=torch.float32)
+    path = str(tmp_path_factory.mktemp("graphs") / "idgraph.dgl")
+    dgl.save_graphs(path, [g])
+    return path
+
+
+def run_train(args, cache, mpiexec_n=None, timeout=240, port=None):
+    port = port or free_port_block()
+    cmd = [sys.executable, TRAIN, "gnn", *args, "--port", str(port)]
+    if mpiexec_n:
+        cmd = ["mpiexec", "-n", str(mpiexec_n)] + cmd
+    env = dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def free_port_block(width=30):
+    """A base port with ``width`` free ports above it and one below (torch.distributed's)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + width < 65535 and all(_free(p) for p in range(base - 1, base + width)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def tagged_segments():
+    return [p for p in glob.glob("/dev/shm/rd*") if os.path.basename(p)[8:9] == "m"]
+
+
+SMALL = ["--parts", "2", "--epochs", "2", "--batch-size", "100", "--period", "4", "--fanout", "3,5"]
+
+
+def test_two_partitions_trains_and_reports(cache, tmp_path):
+    summary_path = tmp_path / "run.json"
+    t0 = time.monotonic()
+    proc = run_train(["--graph", "synth-tiny", *SMALL, "--agent", "periodic", "--summary", str(summary_path)], cache)
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(summary_path.read_text())
+    for key in ("graph", "parts", "trainers_per_part", "partition", "model", "fanout", "batch_size", "epochs",
+                "hidden", "lr", "seed", "buffer_fraction", "buffer_init", "alpha", "period", "admit_on_miss"):
+        assert key in s["config"]
+    num_classes = s["graph"]["num_classes"]
+    assert s["val_acc"] > 2.0 / num_classes and s["test_acc"] > 2.0 / num_classes
+    assert len(s["ranks"]) == 2
+    for r in s["ranks"]:
+        assert r["remote_sampled"] > 0
+        assert r["hits"] + r["misses"] == r["remote_sampled"]
+        assert r["remote_fetched"] == r["misses"] + r["prefetched"]
+        assert r["prefetched"] > r["initial_fill"] > 0  # periodic prefetched beyond the initial fill
+        assert len(r["epoch_time_s"]) == 2
+        assert r["sample_s"] > 0 and r["fetch_s"] > 0 and r["compute_s"] > 0
+    assert "hit rate" in proc.stdout and "val_acc=" in proc.stdout
+    assert not tagged_segments()
+    print(f"2-partition synth-tiny run: {wall:.1f} s wall")
+
+
+@pytest.mark.parametrize("agent", ["none", "static", "periodic"])
+def test_served_rows_are_the_disttensor_rows(agent, id_graph, cache, tmp_path):
+    """Every input row, buffer hits included, equals a direct DistTensor pull and encodes its original node id:
+    each trainer reads its own partition (the one-host fixes) and the buffer serves exact rows."""
+    summary_path = tmp_path / "run.json"
+    proc = run_train(["--graph", id_graph, *SMALL, "--agent", agent, "--verify-rows", "--buffer-init", "random",
+                      "--summary", str(summary_path)], cache, mpiexec_n=4 if agent == "static" else None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(summary_path.read_text())
+    assert sorted(r["partition"] for r in s["ranks"]) == [0, 1]
+    for r in s["ranks"]:
+        v = r["verify"]
+        assert v["rows_checked"] > 1000
+        assert v["rows_differing_from_disttensor"] == 0
+        assert v["rows_col0_not_orig_id"] == 0
+        if agent == "none":
+            assert r["buffer_capacity"] == 0 and r["hits"] == 0 and r["remote_fetched"] == r["remote_sampled"]
+        elif agent == "static":
+            assert r["buffer_capacity"] == round(0.25 * r["halo_nodes"])
+            assert r["prefetched"] == r["initial_fill"] == r["buffer_capacity"] and r["evicted"] == 0
+            assert r["hits"] > 0
+        else:
+            assert r["prefetched"] > r["initial_fill"] and r["evicted"] > 0
+
+
+def _pid_of(cache, kind, deadline_s=90):
+    t_end = time.monotonic() + deadline_s
+    while time.monotonic() < t_end:
+        for path in glob.glob(os.path.join(cache, "jobs", "*", "status", "rank*.json")):
+            try:
+                st = json.load(open(path))
+            except (OSError, ValueError):
+                continue
+            if st["role"]["kind"] == kind and st["state"] == "started":
+                return st
+        time.sleep(0.2)
+    raise AssertionError(f"no {kind} started")
+
+
+@pytest.mark.parametrize("victim", ["trainer", "server"])
+def test_a_dead_rank_ends_the_job_and_leaves_nothing(victim, cache):
+    port = free_port_block()
+    cmd = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", "--parts", "2", "--epochs", "500",
+           "--batch-size", "50", "--port", str(port)]
+    env = dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        st = _pid_of(cache, victim)
+        pids = [json.load(open(p))["pid"] for p in glob.glob(os.path.join(cache, "jobs", "*", "status", "*.json"))]
+        time.sleep(3)  # let training start
+        os.kill(st["pid"], signal.SIGKILL)
+        t_kill = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        took = time.monotonic() - t_kill
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert took < 60
+    assert f"rudder: job failed: {st['describe']}" in err, err[-2000:]
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "ranks left running"
+    assert not tagged_segments()
+    assert _free(port) and _free(port + 10)
+
+
+def test_bad_input_gets_one_line_errors(cache, tmp_path):
+    proc = run_train(["--graph", "no-such-graph"], cache)
+    assert proc.returncode == 2
+    assert "rudder: error: unknown graph 'no-such-graph'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        proc = run_train(["--graph", "synth-tiny"], cache, port=busy)
+    assert proc.returncode == 2
+    assert f"port {busy} is in use" in proc.stderr
+
+    proc = run_train(["--graph", "synth-tiny", "--parts", "2"], cache, mpiexec_n=3)
+    assert proc.returncode != 0
+    assert "the job has 3 MPI ranks, expected 4" in proc.stderr
+
+
+def test_missing_partition_files_are_named(cache):
+    run = run_train(["--graph", "synth-tiny", "--parts", "3", "--epochs", "1", "--partition", "random"], cache)
+    assert run.returncode == 0, run.stderr[-2000:]
+    victims = glob.glob(os.path.join(cache, "partitions", "synth-tiny-seed0-random3", "part1", "graph.dgl"))
+    assert victims
+    os.remove(victims[0])
+    proc = run_train(["--graph", "synth-tiny", "--parts", "3", "--partition", "random"], cache)
+    assert proc.returncode == 2
+    assert "partition file" in proc.stderr and "part1/graph.dgl is missing" in proc.stderr

@@ -1,0 +1,86 @@
+"""Roles from MPI ranks, MPI detection, the one-host shared-memory names, options and the DGL compat step."""
+
+import os
+import socket
+
+import pytest
+
+from rudder_env import onehost
+from rudder_env.config import TrainConfig
+from rudder_env.launch import assign_roles, port_in_use, under_mpi
+
+
+def test_one_host_roles_servers_first_then_trainers_per_machine():
+    roles, one_host = assign_roles(["h"] * 6, parts=2, trainers_per_part=2)
+    assert one_host
+    assert [(r.kind, r.machine, r.trainer_rank) for r in roles] == [
+        ("server", 0, -1), ("server", 1, -1),
+        ("trainer", 0, 0), ("trainer", 0, 1), ("trainer", 1, 2), ("trainer", 1, 3)]
+    assert roles[3].describe() == "rank 3 (trainer 1 of machine 0 on h)"
+
+
+def test_several_hosts_one_machine_each_lowest_rank_serves():
+    hosts = ["a", "b", "a", "b", "a", "b"]  # srun's cyclic distribution
+    roles, one_host = assign_roles(hosts, parts=2, trainers_per_part=2)
+    assert not one_host
+    assert [(r.kind, r.machine, r.trainer_rank) for r in roles] == [
+        ("server", 0, -1), ("server", 1, -1),
+        ("trainer", 0, 0), ("trainer", 1, 2), ("trainer", 0, 1), ("trainer", 1, 3)]
+
+
+@pytest.mark.parametrize("hosts, parts, tpp, message", [
+    (["h"] * 3, 2, 1, r"3 MPI ranks, expected 4 = 2 partitions x \(1 server \+ 1 trainers\)"),
+    (["a", "b", "c", "a", "b", "c"], 2, 2, r"spread over 3 hosts but --parts is 2"),
+    (["a", "a", "a", "b"], 2, 1, r"host a has 3 ranks, expected 2"),
+])
+def test_bad_layouts_are_named(hosts, parts, tpp, message):
+    with pytest.raises(ValueError, match=message):
+        assign_roles(hosts, parts, tpp)
+
+
+def test_under_mpi_reads_the_launchers_variables(monkeypatch):
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert not under_mpi()
+    monkeypatch.setenv("SLURM_PROCID", "0")  # inside an sbatch script, not yet in an srun step
+    monkeypatch.setenv("SLURM_STEP_ID", "batch")
+    assert not under_mpi()
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert under_mpi()
+    monkeypatch.delenv("SLURM_PROCID")
+    monkeypatch.setenv("PMI_RANK", "3")
+    assert under_mpi()
+
+
+def test_shared_memory_names_carry_job_and_machine():
+    assert onehost.prefixed("node~_N~feat-kvdata-", 1, "rdab12") == "rdab12m1_node~_N~feat-kvdata-"
+    assert onehost.prefixed("/graph_name", 0) == "/m0_graph_name"
+
+
+def test_port_in_use_is_detected():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert port_in_use("127.0.0.1", s.getsockname()[1])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("fanout", "10,x", "--fanout must be comma-separated integers"),
+    ("parts", 0, "--parts must be >= 1"),
+    ("buffer_fraction", 1.5, r"--buffer-fraction must be in \[0, 1\]"),
+    ("period", 0, "--period must be >= 1"),
+])
+def test_bad_options_are_rejected(field, value, message):
+    cfg = TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+def test_dgl_compat_is_a_noop_once_the_library_exists():
+    from rudder_env import dgl_compat
+
+    path = dgl_compat._graphbolt_path()
+    assert path is not None and os.path.exists(path)  # made by install.sh or the first import
+    assert dgl_compat.ensure_graphbolt_stub() is None
+    dgl = dgl_compat.import_dgl()
+    assert dgl.__version__.startswith("2.")

@@ -1,1 +1,1 @@
-"""Non-learning prefetch policies and oracles: no prefetch, static buffer, periodic (MassiveGNN)."""
+"""Non-learning prefetch policies and oracles: no prefetch, static buffer, periodic (MassiveGNN), Belady MIN."""

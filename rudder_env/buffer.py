@@ -284,6 +284,20 @@ class PrefetchBuffer:
             self.rows[slots] = rows[:n]
 
 
+def initial_ids(how: str, halo_ids: np.ndarray, halo_degree: np.ndarray, capacity: int, seed: int) -> np.ndarray:
+    """The ids of an initial fill of ``capacity`` slots: ``degree`` (most-connected halo nodes first, ties by lower
+    id), ``random`` (a seeded permutation of the halo) or ``empty``."""
+    if capacity <= 0 or how == "empty":
+        return np.zeros(0, dtype=np.int64)
+    if how == "degree":
+        order = np.lexsort((halo_ids, -np.asarray(halo_degree)))
+    elif how == "random":
+        order = np.random.default_rng(seed).permutation(halo_ids.size)
+    else:
+        raise ValueError(f"unknown buffer init {how!r}: expected degree, random or empty")
+    return np.asarray(halo_ids, dtype=np.int64)[order[:capacity]]
+
+
 def _unique_in_order(ids: np.ndarray) -> np.ndarray:
     _, first = np.unique(ids, return_index=True)
     return ids[np.sort(first)]

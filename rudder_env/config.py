@@ -7,7 +7,6 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-AGENTS = ("none", "static", "periodic")
 
 
 def default_cache_dir() -> str:
@@ -28,13 +27,18 @@ class TrainConfig:
     hidden: int = field(default=128, metadata=dict(help="hidden width"))
     lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
     seed: int = field(default=0, metadata=dict(help="seed for the graph, partitioning, model and sampling"))
-    agent: str = field(default="periodic", metadata=dict(choices=AGENTS, help="prefetch policy"))
+    agent: str = field(default="periodic", metadata=dict(help="prefetch agent: none, static, periodic"))
     buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
     buffer_init: str = field(default="degree", metadata=dict(
         choices=("degree", "random", "empty"), help="initial buffer content"))
     alpha: float = field(default=0.05, metadata=dict(help="score decay per minibatch"))
     period: int = field(default=8, metadata=dict(help="minibatches per decision window"))
     admit_on_miss: bool = field(default=False, metadata=dict(help="let fetched misses enter free/evictable slots"))
+    candidates: int = field(default=256, metadata=dict(help="K: ranked candidates offered per decision (action size)"))
+    reward: str = field(default="traffic", metadata=dict(choices=("traffic", "time"), help="environment reward"))
+    trace: str | None = field(default=None, metadata=dict(help="record a trace of the run into this folder"))
+    check_env: bool = field(default=False, metadata=dict(
+        help="run gymnasium's check_env on every trainer's live env before training"))
     num_samplers: int = field(default=0, metadata=dict(help="DGL sampler worker processes per trainer"))
     port: int = field(default=30050, metadata=dict(help="first TCP port: machine m's servers listen on port+10*m"))
     cache_dir: str = field(default_factory=default_cache_dir, metadata=dict(
@@ -58,6 +62,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message for options that cannot work."""
+        from agents.base import REGISTRY
+
+        if self.agent not in REGISTRY:
+            raise ValueError(f"unknown --agent {self.agent!r}: expected one of {', '.join(REGISTRY)}")
         if self.parts < 1:
             raise ValueError(f"--parts must be >= 1, got {self.parts}")
         if self.trainers_per_part < 1:
@@ -72,7 +80,7 @@ class TrainConfig:
             raise ValueError(f"--buffer-fraction must be in [0, 1], got {self.buffer_fraction}")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
-        for name in ("period", "batch_size", "epochs", "hidden"):
+        for name in ("period", "batch_size", "epochs", "hidden", "candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 1024 <= self.port <= 65535 - 10 * self.parts:

@@ -170,16 +170,64 @@ def _run_server(cfg, role: Role, job: Job) -> None:
 def _run_trainer(cfg, role: Role, job: Job) -> dict:
     os.environ.update(DGL_ROLE="client", DGL_DIST_MODE="distributed", DGL_NUM_SERVER="1",
                       DGL_NUM_SAMPLER=str(cfg.num_samplers), DGL_GROUP_ID="0")
-    from baselines.heuristics import POLICIES
+    import gymnasium as gym
+
+    import rudder_env  # noqa: F401  (registers the environments)
+    from agents.base import make_agent
     from rudder_env.trainer import DistTrainer
 
+    agent = make_agent(cfg.agent)
     trainer = DistTrainer(cfg, role.trainer_rank, job.graph_name, job.ip_config, job.master, job.meta,
-                          part_config=job.part_config)
-    trainer.run(POLICIES[cfg.agent])
+                          part_config=job.part_config, use_buffer=getattr(agent, "uses_buffer", True),
+                          static_buffer=getattr(agent, "static", False))
+    extra = {}
+    if cfg.check_env:
+        from gymnasium.utils.env_checker import check_env
+
+        check_env(gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward).unwrapped,
+                  skip_render_check=True)
+        extra["check_env"] = "passed"
+    writer = _trace_writer(cfg, role, job, trainer) if cfg.trace else None
+    env = gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward, trace=writer)
+    agent.reset()
+    obs, info = env.reset(seed=cfg.seed)
+    latencies, done = [], False
+    while not done:
+        t0 = time.perf_counter()
+        action = agent.act(obs, info)
+        latencies.append(time.perf_counter() - t0)
+        obs, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
     result = trainer.result()
+    result.update(extra, decide_s=round(sum(latencies), 4), decisions=len(latencies),
+                  env_overhead_s=round(env.unwrapped.env_overhead_s, 4))
+    if writer is not None:
+        writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()))
     result.update(trainer.evaluate())
     trainer.close()
     return result
+
+
+def _trace_writer(cfg, role: Role, job: Job, trainer):
+    import platform
+
+    import dgl
+    import torch
+
+    from traces import TraceWriter
+
+    run_meta = None
+    if role.trainer_rank == 0:
+        run_meta = dict(config=cfg.as_dict(), graph=job.meta, one_host=job.one_host, host=platform.node(),
+                        versions=dict(python=sys.version.split()[0], torch=torch.__version__, dgl=dgl.__version__),
+                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rank_meta = dict(trainer_rank=role.trainer_rank, partition=int(trainer.partid), host=role.host,
+                     num_nodes=int(trainer.g.num_nodes()), halo_nodes=int(trainer.halo_ids.size),
+                     capacity=trainer.buffer.capacity, total_minibatches=trainer.total_minibatches,
+                     minibatches_per_epoch=trainer.minibatches_per_epoch)
+    static = dict(halo_ids=trainer.halo_ids, halo_degree=trainer.halo_degree, initial_ids=trainer.initial_ids)
+    return TraceWriter(cfg.trace, rank=role.trainer_rank, num_ranks=cfg.num_trainers, run_meta=run_meta,
+                       rank_meta=rank_meta, static=static)
 
 
 def rank_main(cfg) -> int:

@@ -4,7 +4,7 @@ The order is DGL's (``examples/distributed/graphsage``): initialize → process 
 DistNodeDataLoader → DDP. What rudder adds is in :meth:`DistTrainer.train_step`: the minibatch's input nodes owned
 by other partitions are looked up in the :class:`~rudder_env.buffer.PrefetchBuffer`; misses and any scheduled
 prefetch set are pulled in the same DistTensor pull as the local rows. Every ``period`` minibatches a policy may
-hand the buffer a prefetch set (:meth:`DistTrainer.run`).
+hand the buffer a prefetch set: :class:`~rudder_env.live_env.LiveEnv` steps :meth:`DistTrainer.minibatches`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rudder_env.buffer import PrefetchBuffer
+from rudder_env.buffer import PrefetchBuffer, StepResult, initial_ids
 from rudder_env.dgl_compat import import_dgl
 from rudder_env.models import build_model
 
@@ -37,9 +36,7 @@ class MinibatchRecord:
     fetch_s: float
     fetch_rows: int  # rows pulled: local + misses + prefetched
     compute_s: float
-    hits: int
-    remote_fetched: int
-    prefetched: int
+    step: StepResult  # what the buffer did
     loss: float
 
 
@@ -55,9 +52,6 @@ class RankStats:
     minibatches: int = 0
 
 
-Policy = Callable[[PrefetchBuffer], np.ndarray]
-
-
 class DistTrainer:
     """Training on one trainer rank of a DistDGL job.
 
@@ -68,44 +62,62 @@ class DistTrainer:
         ip_config: DGL ip_config file.
         master: ``host:port`` of torch.distributed's TCP store.
         meta: the partitions' ``rudder.json`` (classes, feature width).
+        part_config: the partition config JSON (to find the original node ids for ``--verify-rows``).
+        use_buffer: False keeps no buffer (capacity 0: no prefetch).
+        static_buffer: True disables admit-on-miss (the buffer never changes after the initial fill).
     """
 
     def __init__(self, cfg, trainer_rank: int, graph_name: str, ip_config: str, master: str, meta: dict,
-                 part_config: str = ""):
+                 part_config: str = "", use_buffer: bool = True, static_buffer: bool = False):
         self.cfg = cfg
+        self.trainer_rank = trainer_rank
+        self.meta = meta
         self.part_config = part_config
         self.verify = dict(rows_checked=0, rows_differing_from_disttensor=0, rows_col0_not_orig_id=0)
         self._orig_nids = None
-        self.trainer_rank = trainer_rank
-        self.meta = meta
-        self.stats = RankStats()
         dgl.distributed.initialize(ip_config)
         host, port = master.rsplit(":", 1)
         torch.distributed.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=trainer_rank,
                                              world_size=cfg.num_trainers)
-        torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
         self.g = dgl.distributed.DistGraph(graph_name)
         self.pb = self.g.get_partition_book()
         self.partid = self.pb.partid
         self.train_nid = dgl.distributed.node_split(self.g.ndata["train_mask"], self.pb, force_even=True)
-        torch.manual_seed(cfg.seed * 1000 + trainer_rank + 1)  # shuffling differs per trainer, fixed per seed
-        np.random.seed(cfg.seed * 1000 + trainer_rank + 1)
         self.sampler = dgl.dataloading.NeighborSampler(cfg.fanouts)
         self.loader = dgl.dataloading.DistNodeDataLoader(self.g, self.train_nid, self.sampler,
                                                          batch_size=cfg.batch_size, shuffle=True, drop_last=False)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, meta["feat_dim"], cfg.hidden, meta["num_classes"], len(cfg.fanouts))
-        self.model = torch.nn.parallel.DistributedDataParallel(model)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.minibatches_per_epoch = -(-len(self.train_nid) // cfg.batch_size)
+        self.total_minibatches = self.minibatches_per_epoch * cfg.epochs
         self.feat = self.g.ndata["feat"]
         self.labels = self.g.ndata["label"]
         self.halo_ids, self.halo_degree = self._halo()
-        capacity = 0 if cfg.agent == "none" else int(round(cfg.buffer_fraction * self.halo_ids.size))
-        self.buffer = PrefetchBuffer(capacity, self.g.num_nodes(), alpha=cfg.alpha, period=cfg.period,
-                                     feat_dim=meta["feat_dim"],
-                                     admit_on_miss=cfg.admit_on_miss and cfg.agent != "static")
+        self.capacity = int(round(cfg.buffer_fraction * self.halo_ids.size)) if use_buffer else 0
+        self.admit_on_miss = cfg.admit_on_miss and not static_buffer
+        self.started = False
+        self.start(cfg.seed)
+
+    def start(self, seed: int) -> None:
+        """(Re)start training from scratch: weights, optimizer, buffer (filled per --buffer-init), counters.
+
+        ``seed`` fixes the initial weights (the same on every trainer), the sampling order and a random fill.
+        """
+        cfg = self.cfg
+        self.seed = seed
+        torch.manual_seed(seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+        dgl.seed(seed)
+        model = build_model(cfg.model, self.meta["feat_dim"], cfg.hidden, self.meta["num_classes"],
+                            len(cfg.fanouts))
+        self.model = torch.nn.parallel.DistributedDataParallel(model)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        torch.manual_seed(seed * 1000 + self.trainer_rank + 1)  # shuffling differs per trainer, fixed per seed
+        np.random.seed(seed * 1000 + self.trainer_rank + 1)
+        self.stats = RankStats()
+        self.buffer = PrefetchBuffer(self.capacity, self.g.num_nodes(), alpha=cfg.alpha, period=cfg.period,
+                                     feat_dim=self.meta["feat_dim"],
+                                     admit_on_miss=self.admit_on_miss)
         self.initial_ids = self._initial_fill(cfg.buffer_init)
         self.minibatch_index = 0
+        self.started = True
 
     # ------------------------------------------------------------------ setup helpers
     def _halo(self) -> tuple[np.ndarray, np.ndarray]:
@@ -118,15 +130,8 @@ class DistTrainer:
         return lp.ndata[dgl.NID].numpy()[halo_local].astype(np.int64), degree[halo_local]
 
     def _initial_fill(self, how: str) -> np.ndarray:
-        if self.buffer.capacity == 0 or how == "empty":
-            return np.zeros(0, dtype=np.int64)
-        if how == "degree":  # most-connected halo nodes first, ties by lower id
-            order = np.lexsort((self.halo_ids, -self.halo_degree))
-        elif how == "random":
-            order = np.random.default_rng(self.cfg.seed + self.trainer_rank).permutation(self.halo_ids.size)
-        else:
-            raise ValueError(f"unknown --buffer-init {how!r}: expected degree, random or empty")
-        ids = self.halo_ids[order[: self.buffer.capacity]]
+        ids = initial_ids(how, self.halo_ids, self.halo_degree, self.buffer.capacity,
+                          seed=self.seed * 1000 + self.trainer_rank)
         t0 = time.perf_counter()
         filled = self.buffer.fill(ids, fetch=self.pull)
         self.stats.fetch_s += time.perf_counter() - t0
@@ -162,8 +167,7 @@ class DistTrainer:
         record = MinibatchRecord(epoch=epoch, index=self.minibatch_index, remote_ids=remote_ids,
                                  local_rows=int(local_ids.size), sample_s=0.0, fetch_s=t_compute - t_fetch,
                                  fetch_rows=int(local_ids.size + to_pull.size), compute_s=t_end - t_compute,
-                                 hits=step.hits, remote_fetched=step.remote_fetched, prefetched=step.prefetched,
-                                 loss=float(loss.detach()))
+                                 step=step, loss=float(loss.detach()))
         self.minibatch_index += 1
         return record
 
@@ -201,16 +205,6 @@ class DistTrainer:
                 s.minibatches += 1
                 yield record
             self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
-
-    def run(self, policy: Policy | None = None, on_minibatch: Callable[[MinibatchRecord], None] | None = None):
-        """Train to the end; every ``period`` minibatches, ``policy(buffer)`` may return a prefetch set."""
-        for record in self.minibatches():
-            if on_minibatch is not None:
-                on_minibatch(record)
-            if policy is not None and self.minibatch_index % self.cfg.period == 0:
-                t0 = time.perf_counter()
-                self.buffer.apply(policy(self.buffer))
-                self.stats.decide_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ evaluation and results
     @torch.no_grad()

@@ -1,0 +1,92 @@
+"""The decision protocol shared by the live and the replay environment: windows, observations, actions, rewards.
+
+An episode is one training run (or one trace). The driver (live trainer or trace) feeds every minibatch's remote ids
+through the buffer and reports it with :meth:`PrefetchEpisode.record`; every ``period`` minibatches the env calls
+:meth:`observe`, hands the observation to the agent, and turns the agent's ``MultiBinary(K)`` action into a prefetch
+set with :meth:`decide`. Both environments use this class, so the same agent sees the same thing live and offline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rudder_env.buffer import PrefetchBuffer, StepResult
+from rudder_env.spaces import WindowStats, build_observation, candidate_ids, check_action
+
+REWARDS = ("traffic", "time")
+
+
+class PrefetchEpisode:
+    """State of one episode on one trainer.
+
+    Args:
+        buffer: the trainer's buffer (already filled).
+        k: number of ranked candidates per decision (action size).
+        total_minibatches: minibatches in the run.
+        halo_nodes: size of the partition's halo.
+        fanouts, batch_size: the sampler's settings (part of the observation).
+        reward: ``"traffic"`` (minus remote rows fetched / remote rows sampled over the window) or ``"time"``
+            (minus the window's seconds).
+    """
+
+    def __init__(self, buffer: PrefetchBuffer, k: int, total_minibatches: int, halo_nodes: int,
+                 fanouts: list[int], batch_size: int, reward: str = "traffic"):
+        if reward not in REWARDS:
+            raise ValueError(f"unknown reward {reward!r}: expected one of {', '.join(REWARDS)}")
+        if k < 1:
+            raise ValueError(f"the number of candidates must be >= 1, got {k}")
+        self.buffer = buffer
+        self.k = k
+        self.total_minibatches = total_minibatches
+        self.halo_nodes = halo_nodes
+        self.fanouts = list(fanouts)
+        self.batch_size = batch_size
+        self.reward_kind = reward
+        self.window = WindowStats()  # the window being run
+        self.last_window = WindowStats()  # the window the next observation describes
+        self.minibatches = 0
+        self.decisions = 0
+        self.candidate_ids = np.full(k, -1, dtype=np.int64)
+        self._candidate_counts = np.zeros(k, dtype=np.float32)
+
+    @property
+    def done(self) -> bool:
+        return self.minibatches >= self.total_minibatches
+
+    def record(self, remote_ids: np.ndarray, local_rows: int, step: StepResult, sample_s: float, fetch_s: float,
+               compute_s: float) -> None:
+        self.window.add(remote_ids, local_rows, step, sample_s, fetch_s, compute_s)
+        self.minibatches += 1
+
+    def observe(self) -> tuple[dict, dict]:
+        """Observation and info at a decision point; refreshes the candidate list the next action refers to."""
+        self.candidate_ids, self._candidate_counts = candidate_ids(self.buffer, self.k)
+        c = self.buffer.counters
+        obs = build_observation(self.buffer, self.last_window, c.hits, c.remote_sampled,
+                                self.minibatches / max(self.total_minibatches, 1), self._candidate_counts,
+                                self.halo_nodes, self.fanouts, self.batch_size)
+        info = dict(candidate_ids=self.candidate_ids.copy(),
+                    candidate_scores=self._candidate_counts.copy(),
+                    n_candidates=int(np.count_nonzero(self.candidate_ids >= 0)),
+                    n_evictable=int(np.count_nonzero(self.buffer.evictable())),
+                    capacity=self.buffer.capacity, minibatch=self.minibatches, decision=self.decisions,
+                    window=self.last_window.as_dict(), counters=c.as_dict())
+        return obs, info
+
+    def decide(self, action) -> np.ndarray:
+        """Turn a ``MultiBinary(K)`` action into the prefetch set (ids, in rank order) and schedule it."""
+        mask = check_action(action, self.k) & (self.candidate_ids >= 0)
+        ids = self.candidate_ids[mask]
+        self.buffer.apply(ids)
+        self.decisions += 1
+        return ids
+
+    def end_window(self) -> tuple[float, WindowStats]:
+        """Reward of the window just run, and its stats; the next observation describes it."""
+        w = self.window
+        if self.reward_kind == "traffic":
+            reward = -w.remote_fetched / max(w.remote_sampled, 1)
+        else:
+            reward = -w.seconds
+        self.last_window, self.window = w, WindowStats()
+        return float(reward), w

@@ -1,0 +1,107 @@
+"""``rudder/Live-v0``: the prefetch decision game stepped by real DistDGL training on one trainer rank."""
+
+from __future__ import annotations
+
+import time
+
+import gymnasium as gym
+
+from rudder_env.episode import PrefetchEpisode
+from rudder_env.replay_env import DEFAULT_CANDIDATES
+from rudder_env.spaces import action_space, observation_space
+
+
+class LiveEnv(gym.Env):
+    """Prefetching for one trainer rank of a running DistDGL job (one env per trainer; all step in lockstep).
+
+    ``step(action)`` schedules the prefetch set and runs the next ``period`` minibatches of real training
+    (sampling, buffered feature pulls over DGL RPC, forward/backward, DDP all-reduce). Every trainer of the job must
+    make the same calls (``reset``/``step``) since DDP synchronises their minibatches.
+
+    ## Action Space
+    ``MultiBinary(K)`` over the ranked candidates in ``info["candidate_ids"]`` (as in ``rudder/Replay-v0``).
+
+    ## Observation Space
+    As ``rudder/Replay-v0`` (:mod:`rudder_env.spaces`); times are measured, not modelled.
+
+    ## Rewards
+    ``"traffic"``: minus remote rows fetched over remote rows sampled in the window; ``"time"``: minus the window's
+    measured seconds (sampling + feature fetch + compute).
+
+    ## Starting State
+    ``reset(seed=)`` restarts training from scratch (weights, optimizer, buffer filled per ``--buffer-init``,
+    sampling order, all fixed by the seed) and runs no minibatch, so the first observation is deterministic.
+
+    ## Episode End
+    Terminates after the run's last minibatch (``epochs`` x minibatches per epoch).
+
+    ## Arguments
+    ``trainer`` (a :class:`~rudder_env.trainer.DistTrainer` inside a DistDGL job), ``candidates`` (K), ``reward``,
+    ``trace`` (an optional :class:`traces.TraceWriter` recording every minibatch and decision).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, trainer, candidates: int = DEFAULT_CANDIDATES, reward: str = "traffic", trace=None):
+        self.trainer = trainer
+        self.k = int(candidates)
+        self.reward = reward
+        self.trace = trace
+        self.period = trainer.cfg.period
+        self.observation_space = observation_space(self.k)
+        self.action_space = action_space(self.k)
+        self.episode: PrefetchEpisode | None = None
+        self._records = None
+        self._observed_at = None
+        self.env_overhead_s = 0.0  # time spent building observations and applying actions
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        t = self.trainer
+        seed = t.cfg.seed if seed is None else seed
+        if t.minibatch_index > 0 or seed != t.seed:
+            t.start(seed)
+        self._records = t.minibatches()
+        t0 = time.perf_counter()
+        self.episode = PrefetchEpisode(t.buffer, self.k, t.total_minibatches, t.halo_ids.size, t.cfg.fanouts,
+                                       t.cfg.batch_size, reward=self.reward)
+        obs, info = self.episode.observe()
+        self.env_overhead_s = time.perf_counter() - t0
+        self._observed_at = time.perf_counter()
+        return obs, info
+
+    def step(self, action):
+        if self.episode is None:
+            raise RuntimeError("call reset() before step()")
+        if self.episode.done:
+            raise RuntimeError("the episode has ended: call reset()")
+        t0 = time.perf_counter()
+        latency_s = t0 - self._observed_at  # the agent's decision time
+        ep = self.episode
+        ids = ep.decide(action)
+        if self.trace is not None:
+            self.trace.add_decision(minibatch=ep.minibatches, ids=ids, latency_s=latency_s)
+        overhead = time.perf_counter() - t0
+        for _ in range(self.period):
+            if ep.done:
+                break
+            rec = next(self._records)
+            t1 = time.perf_counter()
+            ep.record(rec.remote_ids, rec.local_rows, rec.step, rec.sample_s, rec.fetch_s, rec.compute_s)
+            if self.trace is not None:
+                self.trace.add_minibatch(minibatch=rec.index, epoch=rec.epoch, remote_ids=rec.remote_ids,
+                                         local_rows=rec.local_rows, sample_s=rec.sample_s, fetch_s=rec.fetch_s,
+                                         compute_s=rec.compute_s, fetch_rows=rec.fetch_rows, hits=rec.step.hits,
+                                         remote_fetched=rec.step.remote_fetched, prefetched=rec.step.prefetched)
+            overhead += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        if ep.done:
+            for _ in self._records:  # run the generator to its end: closes the last epoch's timing
+                raise RuntimeError("the trainer produced more minibatches than it announced")
+        reward, _ = ep.end_window()
+        obs, info = ep.observe()
+        info["applied_ids"] = ids
+        info["decision_latency_s"] = latency_s
+        self.env_overhead_s += overhead + time.perf_counter() - t2
+        self._observed_at = time.perf_counter()
+        return obs, reward, ep.done, False, info

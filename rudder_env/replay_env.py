@@ -1,0 +1,131 @@
+"""``rudder/Replay-v0``: the prefetch decision game replayed offline from a recorded trace, exactly."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+from rudder_env.buffer import PrefetchBuffer, initial_ids
+from rudder_env.episode import PrefetchEpisode
+from rudder_env.spaces import action_space, observation_space
+from rudder_env.timing import FetchTimeModel
+
+DEFAULT_CANDIDATES = 256
+
+
+class ReplayEnv(gym.Env):
+    """Prefetching for one trainer rank of a recorded run, driven by the trace instead of DistDGL.
+
+    The trace holds every remote node id each minibatch of that rank needed; the env pushes them through the same
+    :class:`~rudder_env.buffer.PrefetchBuffer` the live trainer uses, so with the same buffer settings and the same
+    decisions it sees the same hits, misses and remote rows fetched as the live run, hundreds of times faster.
+
+    ## Action Space
+    ``MultiBinary(K)``: bit ``i`` admits the ``i``-th ranked candidate (``info["candidate_ids"][i]``, the
+    non-resident remote nodes missed most often, decayed). The set is fetched with the next minibatch's misses and
+    replaces the lowest-score slots. Bits past ``info["n_candidates"]`` are ignored.
+
+    ## Observation Space
+    A ``Dict`` of float32 boxes in [0, 1]: buffer state, slot-score histogram, sampler and traffic statistics of
+    the last window, the top-K candidate scores, the K lowest resident scores, progress
+    (see :mod:`rudder_env.spaces`). Wrap with ``gymnasium.wrappers.FlattenObservation`` for a ``Box``.
+
+    ## Rewards
+    ``reward="traffic"``: minus remote rows fetched (on demand + prefetched) over remote rows sampled in the window.
+    ``reward="time"``: minus the window's modelled seconds: recorded sampling and compute time plus fetch time from
+    a model fitted to the trace's own measurements (``info["time_model"]`` reports its fit).
+
+    ## Starting State
+    The buffer filled as in the recorded run (its recorded initial ids) unless ``buffer_fraction``/``buffer_init``
+    ask otherwise; ``reset`` runs no minibatch, so the first observation is deterministic.
+
+    ## Episode End
+    Terminates when the trace's minibatches are exhausted. Never truncates.
+
+    ## Arguments
+    ``trace`` (folder or :class:`traces.Trace`), ``rank`` (trainer rank in the trace), ``candidates`` (K),
+    ``reward``, and buffer overrides ``buffer_fraction``, ``buffer_init`` (``recorded``, ``degree``, ``random``,
+    ``empty``), ``alpha``, ``period``, ``admit_on_miss`` (default: the recorded run's).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, trace, rank: int = 0, candidates: int | None = None, reward: str = "traffic",
+                 buffer_fraction: float | None = None, buffer_init: str = "recorded", alpha: float | None = None,
+                 period: int | None = None, admit_on_miss: bool | None = None):
+        from traces import Trace
+
+        self.trace = trace if isinstance(trace, Trace) else Trace(trace)
+        self.rank_trace = self.trace.rank(rank)
+        self.rank = rank
+        run = self.trace.meta.get("config", {})
+        rmeta = self.rank_trace.meta
+        self.k = int(candidates or run.get("candidates", DEFAULT_CANDIDATES))
+        self.reward = reward
+        self.alpha = float(alpha if alpha is not None else run.get("alpha", 0.05))
+        self.period = int(period if period is not None else run.get("period", 8))
+        self.admit_on_miss = bool(admit_on_miss if admit_on_miss is not None else run.get("admit_on_miss", False))
+        recorded_fraction = run.get("buffer_fraction")
+        self.buffer_fraction = float(buffer_fraction if buffer_fraction is not None else recorded_fraction)
+        self.halo_ids = np.asarray(self.rank_trace.static["halo_ids"], dtype=np.int64)
+        self.halo_degree = np.asarray(self.rank_trace.static["halo_degree"])
+        self.capacity = int(round(self.buffer_fraction * self.halo_ids.size))
+        if buffer_init == "recorded":
+            same_size = self.capacity == int(rmeta.get("capacity", -1))
+            buffer_init = "recorded" if same_size else run.get("buffer_init", "degree")
+        if buffer_init not in ("recorded", "degree", "random", "empty"):
+            raise ValueError(f"unknown buffer_init {buffer_init!r}: expected recorded, degree, random or empty")
+        self.buffer_init = buffer_init
+        self.num_nodes = int(rmeta["num_nodes"])
+        self.fanouts = [int(x) for x in str(run.get("fanout", "10,25")).split(",")]
+        self.batch_size = int(run.get("batch_size", 1000))
+        self._ids = self.rank_trace.minibatch_ids()
+        table = self.rank_trace.table()
+        self._local_rows = table["local_rows"].to_numpy()
+        self._sample_s = table["sample_s"].to_numpy(dtype=np.float64)
+        self._compute_s = table["compute_s"].to_numpy(dtype=np.float64)
+        self.time_model = FetchTimeModel.fit(self._local_rows, table["remote_fetched"].to_numpy(),
+                                             table["fetch_s"].to_numpy())
+        self.observation_space = observation_space(self.k)
+        self.action_space = action_space(self.k)
+        self.episode: PrefetchEpisode | None = None
+
+    def _new_buffer(self) -> PrefetchBuffer:
+        buf = PrefetchBuffer(self.capacity, self.num_nodes, alpha=self.alpha, period=self.period,
+                             admit_on_miss=self.admit_on_miss)
+        if self.buffer_init == "recorded":
+            ids = self.rank_trace.static["initial_ids"]
+        else:
+            seed = int(self.np_random.integers(2**31))
+            ids = initial_ids(self.buffer_init, self.halo_ids, self.halo_degree, self.capacity, seed)
+        buf.fill(ids)
+        return buf
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.episode = PrefetchEpisode(self._new_buffer(), self.k, len(self._ids), self.halo_ids.size,
+                                       self.fanouts, self.batch_size, reward=self.reward)
+        obs, info = self.episode.observe()
+        info["time_model"] = self.time_model.as_dict()
+        return obs, info
+
+    def step(self, action):
+        if self.episode is None:
+            raise RuntimeError("call reset() before step()")
+        if self.episode.done:
+            raise RuntimeError("the episode has ended: call reset()")
+        ep = self.episode
+        applied = ep.decide(action)
+        for _ in range(self.period):
+            if ep.done:
+                break
+            i = ep.minibatches
+            ids = self._ids[i]
+            _, step = ep.buffer.lookup(ids)
+            fetch_s = float(self.time_model.predict(self._local_rows[i], step.remote_fetched))
+            ep.record(ids, int(self._local_rows[i]), step, float(self._sample_s[i]), fetch_s,
+                      float(self._compute_s[i]))
+        reward, _ = ep.end_window()
+        obs, info = ep.observe()
+        info["applied_ids"] = applied
+        return obs, reward, ep.done, False, info

@@ -1,0 +1,152 @@
+"""Observation and action spaces of the prefetch environments, and the observation built from a buffer's state.
+
+Observation (``gymnasium.spaces.Dict`` of float32 ``Box`` es, every entry in [0, 1]):
+
+=============== ===== =================================================================================
+key             shape what it holds
+=============== ===== =================================================================================
+``buffer``      (5,)  occupancy / capacity; hit rate over the last window; hit rate since the start;
+                      fraction of slots below the eviction threshold ``(1-alpha)**period``;
+                      capacity / halo nodes
+``score_hist``  (8,)  histogram of resident slot scores over [0, 1] in 8 equal bins, as fractions of capacity
+``sampler``     (6,)  per minibatch of the window: input rows, remote rows sampled (both ``lg``-scaled);
+                      distinct remote rows of the window / remote rows sampled; local fraction of input rows;
+                      product of the fanouts and the batch size (``lg``-scaled)
+``traffic``     (5,)  per minibatch of the window: rows fetched on demand, rows prefetched (``lg``-scaled);
+                      fetch and compute milliseconds (``lg``-scaled); remote rows fetched / remote rows sampled
+                      over the window (halved, clipped to 1)
+``candidates``  (K,)  decayed miss counts x alpha of the top-K non-resident candidates, best first (0: none)
+``residents``   (K,)  scores of the K lowest-score residents, lowest first (empty slot: 0; no slot: 1)
+``progress``    (1,)  fraction of the run's minibatches done
+=============== ===== =================================================================================
+
+``lg(x) = log1p(x) / log1p(1e7)`` clipped to [0, 1]. The decision is a ``MultiBinary(K)`` over the ranked
+candidates whose node ids are ``info["candidate_ids"]`` (``-1`` past the last candidate; bits set there are
+ignored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from gymnasium import spaces
+
+from rudder_env.buffer import EMPTY, PrefetchBuffer, StepResult
+
+HIST_BINS = 8
+_LG_TOP = np.log1p(1e7)
+
+
+def lg(x: float) -> float:
+    return float(np.clip(np.log1p(max(x, 0.0)) / _LG_TOP, 0.0, 1.0))
+
+
+def observation_space(k: int) -> spaces.Dict:
+    def box(n):
+        return spaces.Box(0.0, 1.0, shape=(n,), dtype=np.float32)
+
+    return spaces.Dict({"buffer": box(5), "score_hist": box(HIST_BINS), "sampler": box(6), "traffic": box(5),
+                        "candidates": box(k), "residents": box(k), "progress": box(1)})
+
+
+def action_space(k: int) -> spaces.MultiBinary:
+    return spaces.MultiBinary(k)
+
+
+@dataclass
+class WindowStats:
+    """Sums over the minibatches of one decision window."""
+
+    minibatches: int = 0
+    input_rows: int = 0
+    local_rows: int = 0
+    remote_sampled: int = 0
+    hits: int = 0
+    misses: int = 0
+    remote_fetched: int = 0
+    prefetched: int = 0
+    sample_s: float = 0.0
+    fetch_s: float = 0.0
+    compute_s: float = 0.0
+    remote_id_chunks: list = field(default_factory=list, repr=False)
+
+    def add(self, remote_ids: np.ndarray, local_rows: int, step: StepResult, sample_s: float, fetch_s: float,
+            compute_s: float) -> None:
+        self.minibatches += 1
+        self.input_rows += local_rows + remote_ids.size
+        self.local_rows += local_rows
+        self.remote_sampled += step.remote_sampled
+        self.hits += step.hits
+        self.misses += step.misses
+        self.remote_fetched += step.remote_fetched
+        self.prefetched += step.prefetched
+        self.sample_s += sample_s
+        self.fetch_s += fetch_s
+        self.compute_s += compute_s
+        self.remote_id_chunks.append(remote_ids)
+
+    @property
+    def seconds(self) -> float:
+        return self.sample_s + self.fetch_s + self.compute_s
+
+    def distinct_remote(self) -> int:
+        if not self.remote_id_chunks:
+            return 0
+        return int(np.unique(np.concatenate(self.remote_id_chunks)).size)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "remote_id_chunks"}
+
+
+def candidate_ids(buffer: PrefetchBuffer, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` candidates padded to length ``k``: ids (-1 pad) and decayed miss counts (0 pad)."""
+    ids, counts = buffer.candidates(k)
+    out_ids = np.full(k, -1, dtype=np.int64)
+    out_counts = np.zeros(k, dtype=np.float32)
+    out_ids[: ids.size] = ids
+    out_counts[: ids.size] = counts
+    return out_ids, out_counts
+
+
+def build_observation(buffer: PrefetchBuffer, window: WindowStats, cum_hits: int, cum_remote: int,
+                      progress: float, counts: np.ndarray, halo_nodes: int, fanouts: list[int],
+                      batch_size: int) -> dict[str, np.ndarray]:
+    """The observation at a decision point (see the module docstring for every entry)."""
+    cap = max(buffer.capacity, 1)
+    scores = buffer.slot_scores()
+    resident = buffer.slot_ids != EMPTY
+    occupancy = int(resident.sum())
+    below = int(np.count_nonzero(resident & (scores < buffer.threshold)))
+    hist = np.histogram(scores[resident], bins=HIST_BINS, range=(0.0, 1.0))[0] / cap
+    w, mb = window, max(window.minibatches, 1)
+    k = counts.size
+    low = np.sort(np.where(resident, scores, 0.0))[:k]
+    residents = np.ones(k, dtype=np.float32)
+    residents[: low.size] = low
+    obs = {
+        "buffer": [occupancy / cap, w.hits / max(w.remote_sampled, 1), cum_hits / max(cum_remote, 1),
+                   below / cap, buffer.capacity / max(halo_nodes, 1)],
+        "score_hist": hist,
+        "sampler": [lg(w.input_rows / mb), lg(w.remote_sampled / mb), w.distinct_remote() / max(w.remote_sampled, 1),
+                    w.local_rows / max(w.input_rows, 1), lg(float(np.prod(fanouts)) * batch_size),
+                    lg(batch_size)],
+        "traffic": [lg(w.misses / mb), lg(w.prefetched / mb), lg(1000 * w.fetch_s / mb), lg(1000 * w.compute_s / mb),
+                    w.remote_fetched / max(w.remote_sampled, 1) / 2],
+        "candidates": counts * buffer.alpha,
+        "residents": residents,
+        "progress": [progress],
+    }
+    return {key: np.clip(np.asarray(v, dtype=np.float32), 0.0, 1.0) for key, v in obs.items()}
+
+
+def check_action(action, k: int) -> np.ndarray:
+    """The action as a bool mask of length ``k``; a clear error for anything else."""
+    arr = np.asarray(action)
+    if arr.shape != (k,):
+        raise ValueError(f"action must be a MultiBinary({k}) array of shape ({k},), got shape {arr.shape}")
+    if arr.dtype.kind not in "biu":
+        raise ValueError(f"action must hold integers or booleans (0/1), got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > 1):
+        raise ValueError(f"action entries must be 0 or 1, got values in [{arr.min()}, {arr.max()}]")
+    return arr.astype(bool)

@@ -1,0 +1,63 @@
+"""Time model for replay: feature-fetch seconds fitted to the rows a minibatch pulled, from a trace's measurements.
+
+Live, each minibatch's fetch time was measured together with how many local rows and how many remote rows (misses
+plus prefetched) it pulled. A policy replayed offline pulls a different number of remote rows, so its fetch time is
+modelled as ``fetch_s = c0 + c_local * local_rows + c_remote * remote_rows`` (least squares, non-negative
+coefficients), while sampling and compute times are the recorded ones: they do not depend on the buffer.
+The fit's quality is reported (R², mean absolute percentage error) so nobody trusts a bad model blindly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FetchTimeModel:
+    c0: float
+    c_local: float
+    c_remote: float
+    r2: float
+    mape: float  # mean |predicted - measured| / measured
+    samples: int
+
+    def predict(self, local_rows, remote_rows):
+        return self.c0 + self.c_local * np.asarray(local_rows, dtype=np.float64) + \
+            self.c_remote * np.asarray(remote_rows, dtype=np.float64)
+
+    @classmethod
+    def fit(cls, local_rows, remote_rows, fetch_s) -> FetchTimeModel:
+        """Fit to per-minibatch measurements (arrays of equal length)."""
+        local_rows = np.asarray(local_rows, dtype=np.float64)
+        remote_rows = np.asarray(remote_rows, dtype=np.float64)
+        y = np.asarray(fetch_s, dtype=np.float64)
+        if y.size == 0:
+            return cls(0.0, 0.0, 0.0, float("nan"), float("nan"), 0)
+        x = np.column_stack([np.ones_like(y), local_rows, remote_rows])
+        coef = _nonnegative_lstsq(x, y)
+        pred = x @ coef
+        ss_res = float(((y - pred) ** 2).sum())
+        ss_tot = float(((y - y.mean()) ** 2).sum())
+        r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+        mape = float(np.mean(np.abs(pred - y) / np.maximum(y, 1e-9)))
+        return cls(float(coef[0]), float(coef[1]), float(coef[2]), r2, mape, int(y.size))
+
+    def as_dict(self) -> dict:
+        return dict(c0_s=self.c0, s_per_local_row=self.c_local, s_per_remote_row=self.c_remote, r2=self.r2,
+                    mape=self.mape, samples=self.samples)
+
+
+def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with coefficients >= 0 (active set over 3 columns: drop negatives and refit)."""
+    active = np.ones(x.shape[1], dtype=bool)
+    coef = np.zeros(x.shape[1])
+    while active.any():
+        sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        if (sol >= 0).all():
+            coef[active] = sol
+            return coef
+        idx = np.flatnonzero(active)
+        active[idx[np.argmin(sol)]] = False
+    return coef

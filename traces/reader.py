@@ -1,0 +1,411 @@
+"""Read rudder traces: the one reader that replay, oracles, analysis and export (pandas, parquet) all go through.
+
+:class:`Trace` opens a trace folder and checks ``trace.json`` and every ``rank{r}/rank.json``; :meth:`Trace.rank`
+gives a :class:`RankTrace`, which reads that rank's chunks one at a time, checking each against the format
+(``traces/FORMAT.md``) and raising :class:`~traces.schema.TraceError` with the file, the field, expected and got.
+A trace whose writer was not closed (a killed run) is read as the prefix it holds, with one
+:class:`~traces.schema.TraceIncompleteWarning`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .schema import (
+    DECISION_ARRAYS,
+    MINIBATCH_COLUMNS,
+    RANK_FILE,
+    REMOTE_IDS,
+    SCHEMA,
+    STATIC_FILE,
+    TRACE_FILE,
+    VERSION,
+    TraceError,
+    TraceIncompleteWarning,
+    chunk_file_name,
+    delta_decode,
+    rank_dir_name,
+)
+
+
+class Trace:
+    """A recorded run: run-level meta and one :class:`RankTrace` per trainer rank.
+
+    Attributes:
+        directory: the trace folder.
+        meta: the run-level dict the recording passed (``trace.json`` ``meta``).
+        num_ranks: trainer ranks of the recorded run.
+        ranks: ranks whose folder holds a ``rank.json``, ascending (all of ``range(num_ranks)`` unless a rank
+            wrote nothing).
+        complete: every rank is present and closed its writer.
+
+    Raises :class:`TraceError` if ``trace.json`` is missing, is not schema ``rudder-trace`` version 1, or a
+    ``rank.json`` is malformed. Warns (:class:`TraceIncompleteWarning`) once if the trace is incomplete.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        path = self.directory / TRACE_FILE
+        if not path.is_file():
+            raise TraceError(f"{self.directory} is not a rudder trace: {TRACE_FILE} missing")
+        header = _read_json(path)
+        _check_schema(header, path)
+        self.num_ranks: int = _int_field(header, "num_ranks", path, low=1)
+        self.meta: dict = _dict_field(header, "meta", path)
+        self._ranks: dict[int, RankTrace] = {}
+        missing = []
+        for rank in range(self.num_ranks):
+            rank_dir = self.directory / rank_dir_name(rank)
+            if (rank_dir / RANK_FILE).is_file():
+                self._ranks[rank] = RankTrace(rank_dir, rank)
+            else:
+                missing.append(rank)
+        self.ranks: list[int] = sorted(self._ranks)
+        self.missing_ranks: list[int] = missing
+        unclosed = [r for r, rank_trace in self._ranks.items() if not rank_trace.complete]
+        self.complete: bool = not missing and not unclosed
+        if not self.complete:
+            parts = []
+            if unclosed:
+                counts = ", ".join(f"rank {r}: {self._ranks[r].num_minibatches}" for r in unclosed)
+                parts.append(f"writer of rank {_join(unclosed)} never closed (minibatches kept: {counts})")
+            if missing:
+                parts.append(f"rank {_join(missing)} of {self.num_ranks} wrote nothing")
+            warnings.warn(f"trace {self.directory} is incomplete, a prefix of the run: {'; '.join(parts)}",
+                          TraceIncompleteWarning, stacklevel=2)
+
+    def rank(self, rank: int) -> RankTrace:
+        """The trace of trainer ``rank``; :class:`TraceError` if the trace has no such rank."""
+        if rank not in self._ranks:
+            note = f" (rank {rank} of {self.num_ranks} wrote nothing)" if rank in self.missing_ranks else ""
+            raise TraceError(f"rank {rank} not in trace {self.directory}: it has ranks {_join(self.ranks)}{note}")
+        return self._ranks[rank]
+
+    def summary(self) -> pd.DataFrame:
+        """One row per present rank: ``rank``, ``minibatches``, ``remote_ids`` (total ids over the rank's
+        minibatches), ``bytes_per_remote_id`` (chunk bytes over remote ids, NaN without ids), ``complete``.
+        Read from the ``rank.json`` files only (cheap).
+        """
+        rows = [{"rank": r, "minibatches": t.num_minibatches, "remote_ids": t.num_remote_ids,
+                 "bytes_per_remote_id": t.bytes_per_remote_id, "complete": t.complete}
+                for r, t in sorted(self._ranks.items())]
+        columns = ["rank", "minibatches", "remote_ids", "bytes_per_remote_id", "complete"]
+        table = pd.DataFrame(rows, columns=columns)
+        return table.astype({"rank": np.int64, "minibatches": np.int64, "remote_ids": np.int64,
+                             "bytes_per_remote_id": np.float64, "complete": bool})
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "incomplete"
+        return f"Trace({str(self.directory)!r}, ranks={self.ranks}, {state})"
+
+
+@dataclass
+class _Chunk:
+    """One validated chunk: per-minibatch columns, optionally the decoded ids, and the decisions."""
+
+    columns: dict[str, np.ndarray]
+    ids: np.ndarray | None  # int64, every minibatch's sorted ids concatenated (read-only)
+    id_offsets: np.ndarray  # int64[n + 1]: minibatch i's ids are ids[id_offsets[i]:id_offsets[i + 1]]
+    decisions: dict[str, np.ndarray]
+
+
+class RankTrace:
+    """One trainer rank of a recorded run (get it from :meth:`Trace.rank`).
+
+    Attributes:
+        directory: the rank's folder (``rank{r}``).
+        rank: the trainer rank.
+        meta: the rank-level dict the recording passed (``rank.json`` ``meta``, with what ``close`` added).
+        complete: the rank's writer was closed; if False the rank holds a prefix of its run.
+        num_minibatches: minibatches recorded.
+        num_remote_ids: remote ids recorded, over all minibatches.
+        bytes_per_remote_id: chunk bytes on disk per remote id (None without ids).
+        static: the rank's arrays given once at start (``static.npz``), loaded on first use.
+
+    Chunks are read in order and validated on every read; :meth:`iter_minibatches` holds one chunk in memory at a
+    time, :meth:`minibatch_ids` loads them all and caches the result. Returned id arrays are read-only.
+    """
+
+    def __init__(self, directory: str | os.PathLike, rank: int | None = None) -> None:
+        self.directory = Path(directory)
+        path = self.directory / RANK_FILE
+        header = _read_json(path)
+        _check_schema(header, path)
+        self.rank: int = _int_field(header, "rank", path, low=0)
+        if rank is not None and self.rank != rank:
+            raise TraceError(f"field 'rank' in {path}: expected {rank} (its folder), got {self.rank}")
+        complete = header.get("complete")
+        if not isinstance(complete, bool):
+            raise TraceError(f"field 'complete' in {path}: expected true or false, got {complete!r}")
+        self.complete: bool = complete
+        self.num_minibatches: int = _int_field(header, "minibatches", path, low=0)
+        self.num_chunks: int = _int_field(header, "chunks", path, low=0)
+        self.num_remote_ids: int = _int_field(header, "remote_ids", path, low=0)
+        self.num_bytes: int = _int_field(header, "bytes", path, low=0)
+        ratio = header.get("bytes_per_remote_id")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+            raise TraceError(f"field 'bytes_per_remote_id' in {path}: expected a number or null, got {ratio!r}")
+        self.bytes_per_remote_id: float | None = None if ratio is None else float(ratio)
+        self.meta: dict = _dict_field(header, "meta", path)
+        self._static: dict[str, np.ndarray] | None = None
+        self._minibatch_ids: list[np.ndarray] | None = None
+
+    @property
+    def static(self) -> dict[str, np.ndarray]:
+        """The rank's static arrays by name (e.g. ``halo_ids``, ``halo_degree``, ``initial_ids``)."""
+        if self._static is None:
+            self._static = _read_npz(self.directory / STATIC_FILE, None)
+        return self._static
+
+    def minibatch_ids(self) -> list[np.ndarray]:
+        """Every minibatch's remote ids (sorted, int64, read-only), in minibatch order. Loads all chunks once."""
+        if self._minibatch_ids is None:
+            ids: list[np.ndarray] = []
+            for chunk in self._chunks(with_ids=True):
+                if chunk.id_offsets.size > 1:
+                    ids.extend(np.split(chunk.ids, chunk.id_offsets[1:-1]))
+            self._minibatch_ids = ids
+        return self._minibatch_ids
+
+    def iter_minibatches(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+        """Yield ``(row, ids)`` per minibatch in order, one chunk in memory at a time: ``row`` maps the
+        :meth:`table` columns to Python scalars, ``ids`` is the minibatch's sorted int64 remote ids (read-only).
+        """
+        names = list(MINIBATCH_COLUMNS)
+        for chunk in self._chunks(with_ids=True):
+            values = zip(*(chunk.columns[name].tolist() for name in names))
+            for i, row in enumerate(values):
+                yield dict(zip(names, row)), chunk.ids[chunk.id_offsets[i]:chunk.id_offsets[i + 1]]
+
+    def table(self) -> pd.DataFrame:
+        """One row per minibatch, columns as stored: ``minibatch`` (int64), ``epoch``, ``local_rows``,
+        ``remote_count`` (int32), ``sample_s``, ``fetch_s``, ``compute_s`` (float32 seconds), ``fetch_rows``,
+        ``hits``, ``remote_fetched``, ``prefetched`` (int32 rows). Does not decode the ids.
+        """
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in MINIBATCH_COLUMNS}
+        for chunk in self._chunks(with_ids=False):
+            for name in MINIBATCH_COLUMNS:
+                parts[name].append(chunk.columns[name])
+        return pd.DataFrame({name: np.concatenate(arrays) if arrays else np.zeros(0, MINIBATCH_COLUMNS[name])
+                             for name, arrays in parts.items()})
+
+    def decisions(self) -> pd.DataFrame:
+        """One row per prefetch decision, in order: ``minibatch`` (int64: applied after this many minibatches),
+        ``latency_s`` (float32 seconds), ``ids`` (object column: each an int64 array in the agent's order).
+        """
+        minibatch, latency_s, ids = [], [], []
+        for chunk in self._chunks(with_ids=False):
+            d = chunk.decisions
+            minibatch.append(d["decision_minibatch"])
+            latency_s.append(d["decision_latency_s"])
+            if d["decision_minibatch"].size:
+                ids.extend(np.split(d["decision_ids"], d["decision_offsets"][1:-1]))
+        id_column = np.empty(len(ids), dtype=object)  # filled one by one: equal lengths must not become 2-D
+        for i, decision_ids in enumerate(ids):
+            id_column[i] = decision_ids
+        return pd.DataFrame({
+            "minibatch": np.concatenate(minibatch) if minibatch else np.zeros(0, np.int64),
+            "latency_s": np.concatenate(latency_s) if latency_s else np.zeros(0, np.float32),
+            "ids": id_column,
+        })
+
+    def to_parquet(self, path: str | os.PathLike, row_group_ids: int = 1 << 24) -> None:
+        """Write :meth:`table` plus a ``remote_ids`` column (``list<int64>``, sorted ids per minibatch) to a
+        parquet file, streaming chunk by chunk; a row group closes once it holds ``row_group_ids`` ids or 65536
+        rows. ``pandas.read_parquet(path)`` reads it back (the list column as arrays).
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fields = [pa.field(name, pa.from_numpy_dtype(dtype)) for name, dtype in MINIBATCH_COLUMNS.items()]
+        provenance = {"schema": SCHEMA, "version": VERSION, "rank": self.rank, "complete": self.complete}
+        schema = pa.schema([*fields, pa.field(REMOTE_IDS, pa.list_(pa.int64()))],
+                           metadata={"rudder_trace": json.dumps(provenance)})
+        pending: list[pa.RecordBatch] = []
+        pending_rows = pending_ids = 0
+        with pq.ParquetWriter(path, schema) as out:
+            for chunk in self._chunks(with_ids=True):
+                if chunk.id_offsets[-1] > np.iinfo(np.int32).max:
+                    raise ValueError(f"a chunk of {self.directory} holds over 2**31 ids: too many for list<int64>")
+                id_lists = pa.ListArray.from_arrays(pa.array(chunk.id_offsets.astype(np.int32)), pa.array(chunk.ids))
+                columns = [pa.array(chunk.columns[name]) for name in MINIBATCH_COLUMNS]
+                pending.append(pa.RecordBatch.from_arrays([*columns, id_lists], schema=schema))
+                pending_rows += len(chunk.id_offsets) - 1
+                pending_ids += int(chunk.id_offsets[-1])
+                if pending_rows >= 65536 or pending_ids >= row_group_ids:
+                    out.write_table(pa.Table.from_batches(pending, schema=schema))
+                    pending, pending_rows, pending_ids = [], 0, 0
+            if pending:
+                out.write_table(pa.Table.from_batches(pending, schema=schema))
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "incomplete"
+        return (f"RankTrace({str(self.directory)!r}, rank={self.rank}, minibatches={self.num_minibatches}, "
+                f"chunks={self.num_chunks}, {state})")
+
+    def _chunks(self, *, with_ids: bool) -> Iterator[_Chunk]:
+        """Read and validate the chunks listed in ``rank.json``, in order; decode ids only if ``with_ids``."""
+        names = [*MINIBATCH_COLUMNS, *DECISION_ARRAYS] + ([REMOTE_IDS] if with_ids else [])
+        next_minibatch: int | None = None  # where the next chunk must start
+        last_decision = 0  # decisions of the next chunk must be >= this
+        minibatches = remote_ids = 0
+        for index in range(self.num_chunks):
+            path = self.directory / chunk_file_name(index)
+            if not path.is_file():
+                raise TraceError(f"{path} missing: {self.directory / RANK_FILE} lists {self.num_chunks} chunks")
+            arrays = _read_npz(path, names)
+            chunk = _check_chunk(arrays, path, next_minibatch, last_decision,
+                                 is_last=index == self.num_chunks - 1, with_ids=with_ids)
+            n = len(chunk.id_offsets) - 1
+            if n:
+                next_minibatch = int(chunk.columns["minibatch"][-1]) + 1
+            if chunk.decisions["decision_minibatch"].size:
+                last_decision = int(chunk.decisions["decision_minibatch"][-1])
+            last_decision = max(last_decision, next_minibatch or 0)  # later decisions are past this chunk
+            minibatches += n
+            remote_ids += int(chunk.id_offsets[-1])
+            yield chunk
+        rank_file = self.directory / RANK_FILE
+        if minibatches != self.num_minibatches:
+            raise TraceError(f"field 'minibatches' in {rank_file}: expected {minibatches} (rows in its "
+                             f"{self.num_chunks} chunks), got {self.num_minibatches}")
+        if remote_ids != self.num_remote_ids:
+            raise TraceError(f"field 'remote_ids' in {rank_file}: expected {remote_ids} (sum of remote_count in its "
+                             f"chunks), got {self.num_remote_ids}")
+
+
+def _check_chunk(arrays: dict[str, np.ndarray], path: Path, next_minibatch: int | None, last_decision: int, *,
+                 is_last: bool, with_ids: bool) -> _Chunk:
+    """Validate one chunk's arrays against the format and the chunks before it; decode its ids if present."""
+    for name, dtype in {**MINIBATCH_COLUMNS, **DECISION_ARRAYS}.items():
+        array = arrays[name]
+        if array.dtype != dtype or array.ndim != 1:
+            raise TraceError(f"field {name!r} in {path}: expected 1-D {dtype}, got {array.ndim}-D {array.dtype}")
+    minibatch = arrays["minibatch"]
+    n = minibatch.size
+    for name in MINIBATCH_COLUMNS:
+        if arrays[name].size != n:
+            raise TraceError(f"field {name!r} in {path}: expected {n} values (one per minibatch), "
+                             f"got {arrays[name].size}")
+    if n:
+        if next_minibatch is not None and minibatch[0] != next_minibatch:
+            raise TraceError(f"field 'minibatch' in {path}: expected the chunk to start at {next_minibatch} "
+                             f"(after the previous chunk), got {minibatch[0]}")
+        gaps = np.flatnonzero(np.diff(minibatch) != 1)
+        if gaps.size:
+            i = int(gaps[0]) + 1
+            raise TraceError(f"field 'minibatch' in {path}: expected consecutive indices, got {minibatch[i]} "
+                             f"after {minibatch[i - 1]}")
+    counts = arrays["remote_count"].astype(np.int64)
+    if n and counts.min() < 0:
+        raise TraceError(f"field 'remote_count' in {path}: expected counts >= 0, got {counts.min()}")
+    id_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=id_offsets[1:])
+
+    ids = None
+    if with_ids:
+        codes = arrays[REMOTE_IDS]
+        if codes.dtype.kind != "u" or codes.ndim != 1:
+            raise TraceError(f"field {REMOTE_IDS!r} in {path}: expected 1-D uint16, uint32 or uint64, "
+                             f"got {codes.ndim}-D {codes.dtype}")
+        if codes.size != id_offsets[-1]:
+            raise TraceError(f"field {REMOTE_IDS!r} in {path}: expected {id_offsets[-1]} ids (sum of remote_count), "
+                             f"got {codes.size}")
+        try:
+            ids = delta_decode(codes, counts)
+        except ValueError as exc:
+            raise TraceError(f"field {REMOTE_IDS!r} in {path}: expected ids below 2**63, got {exc}") from None
+        ids.setflags(write=False)
+
+    decisions = {name: arrays[name] for name in DECISION_ARRAYS}
+    when, offsets = decisions["decision_minibatch"], decisions["decision_offsets"]
+    m = when.size
+    if decisions["decision_latency_s"].size != m:
+        raise TraceError(f"field 'decision_latency_s' in {path}: expected {m} values (one per decision), "
+                         f"got {decisions['decision_latency_s'].size}")
+    if offsets.size != m + 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0) \
+            or offsets[-1] != decisions["decision_ids"].size:
+        raise TraceError(f"field 'decision_offsets' in {path}: expected {m + 1} non-decreasing offsets from 0 to "
+                         f"{decisions['decision_ids'].size} (len decision_ids), got {offsets.tolist()[:8]}"
+                         f"{'...' if offsets.size > 8 else ''}")
+    if m:
+        if when[0] < last_decision or np.any(np.diff(when) < 0):
+            raise TraceError(f"field 'decision_minibatch' in {path}: expected non-decreasing values from "
+                             f">= {last_decision}, got {when.tolist()[:8]}{'...' if m > 8 else ''}")
+        end = int(minibatch[-1]) + 1 if n else next_minibatch
+        if not is_last and end is not None and when[-1] >= end:
+            raise TraceError(f"field 'decision_minibatch' in {path}: expected values < {end} (later decisions "
+                             f"belong to a later chunk), got {when[-1]}")
+    return _Chunk({name: arrays[name] for name in MINIBATCH_COLUMNS}, ids, id_offsets, decisions)
+
+
+def _read_npz(path: Path, names: list[str] | None) -> dict[str, np.ndarray]:
+    """The arrays ``names`` (all if None) of an ``.npz`` file; :class:`TraceError` if missing, cut or corrupt."""
+    missing: list[str] = []
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            wanted = npz.files if names is None else names
+            missing = [name for name in wanted if name not in npz.files]
+            arrays = {name: npz[name] for name in wanted if name in npz.files}
+    except FileNotFoundError:
+        raise TraceError(f"{path} missing") from None
+    except (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError) as exc:
+        raise TraceError(f"{path} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
+    if missing:
+        raise TraceError(f"{path} lacks required array {missing[0]!r} (missing: {', '.join(missing)})")
+    return arrays
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; :class:`TraceError` if missing, not JSON, or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise TraceError(f"{path} missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise TraceError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_schema(header: dict, path: Path) -> None:
+    """Raise :class:`TraceError` unless ``header`` declares schema ``rudder-trace`` version 1."""
+    schema = header.get("schema")
+    if schema != SCHEMA:
+        raise TraceError(f"field 'schema' in {path}: expected {SCHEMA!r}, got {schema!r}")
+    version = header.get("version")
+    if type(version) is not int:
+        raise TraceError(f"field 'version' in {path}: expected an integer, got {version!r}")
+    if version != VERSION:
+        raise TraceError(f"unknown schema version {version} in {path}: this rudder reads version {VERSION}")
+
+
+def _int_field(header: dict, name: str, path: Path, *, low: int) -> int:
+    value = header.get(name)
+    if type(value) is not int or value < low:
+        raise TraceError(f"field {name!r} in {path}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def _dict_field(header: dict, name: str, path: Path) -> dict:
+    value = header.get(name)
+    if not isinstance(value, dict):
+        raise TraceError(f"field {name!r} in {path}: expected a JSON object, got {value!r}")
+    return value
+
+
+def _join(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values) if values else "none"

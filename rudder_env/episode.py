@@ -46,6 +46,7 @@ class PrefetchEpisode:
         self.last_window = WindowStats()  # the window the next observation describes
         self.minibatches = 0
         self.decisions = 0
+        self._seen_in_window = np.full(buffer.num_nodes, -1, dtype=np.int32)  # window index of an id's last use
         self.candidate_ids = np.full(k, -1, dtype=np.int64)
         self._candidate_counts = np.zeros(k, dtype=np.float32)
 
@@ -55,7 +56,9 @@ class PrefetchEpisode:
 
     def record(self, remote_ids: np.ndarray, local_rows: int, step: StepResult, sample_s: float, fetch_s: float,
                compute_s: float) -> None:
-        self.window.add(remote_ids, local_rows, step, sample_s, fetch_s, compute_s)
+        new = np.count_nonzero(self._seen_in_window[remote_ids] != self.decisions)
+        self._seen_in_window[remote_ids] = self.decisions
+        self.window.add(remote_ids, local_rows, step, sample_s, fetch_s, compute_s, int(new))
         self.minibatches += 1
 
     def observe(self) -> tuple[dict, dict]:

@@ -224,7 +224,8 @@ def _trace_writer(cfg, role: Role, job: Job, trainer):
     rank_meta = dict(trainer_rank=role.trainer_rank, partition=int(trainer.partid), host=role.host,
                      num_nodes=int(trainer.g.num_nodes()), halo_nodes=int(trainer.halo_ids.size),
                      capacity=trainer.buffer.capacity, total_minibatches=trainer.total_minibatches,
-                     minibatches_per_epoch=trainer.minibatches_per_epoch)
+                     minibatches_per_epoch=trainer.minibatches_per_epoch,
+                     initial_fill_rows=int(trainer.initial_ids.size), initial_fill_s=trainer.initial_fill_s)
     static = dict(halo_ids=trainer.halo_ids, halo_degree=trainer.halo_degree, initial_ids=trainer.initial_ids)
     return TraceWriter(cfg.trace, rank=role.trainer_rank, num_ranks=cfg.num_trainers, run_meta=run_meta,
                        rank_meta=rank_meta, static=static)

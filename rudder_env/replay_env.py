@@ -84,8 +84,11 @@ class ReplayEnv(gym.Env):
         self._local_rows = table["local_rows"].to_numpy()
         self._sample_s = table["sample_s"].to_numpy(dtype=np.float64)
         self._compute_s = table["compute_s"].to_numpy(dtype=np.float64)
-        self.time_model = FetchTimeModel.fit(self._local_rows, table["remote_fetched"].to_numpy(),
-                                             table["fetch_s"].to_numpy())
+        local, remote, secs = self._local_rows, table["remote_fetched"].to_numpy(), table["fetch_s"].to_numpy()
+        if rmeta.get("initial_fill_rows"):  # the initial fill: a pull of remote rows only, which pins their cost
+            local, remote = np.append(local, 0), np.append(remote, rmeta["initial_fill_rows"])
+            secs = np.append(secs, rmeta["initial_fill_s"])
+        self.time_model = FetchTimeModel.fit(local, remote, secs)
         self.observation_space = observation_space(self.k)
         self.action_space = action_space(self.k)
         self.episode: PrefetchEpisode | None = None

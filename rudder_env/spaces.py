@@ -27,7 +27,7 @@ ignored).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from gymnasium import spaces
@@ -69,10 +69,10 @@ class WindowStats:
     sample_s: float = 0.0
     fetch_s: float = 0.0
     compute_s: float = 0.0
-    remote_id_chunks: list = field(default_factory=list, repr=False)
+    distinct_remote: int = 0  # remote ids seen for the first time in this window
 
     def add(self, remote_ids: np.ndarray, local_rows: int, step: StepResult, sample_s: float, fetch_s: float,
-            compute_s: float) -> None:
+            compute_s: float, new_distinct: int) -> None:
         self.minibatches += 1
         self.input_rows += local_rows + remote_ids.size
         self.local_rows += local_rows
@@ -84,19 +84,14 @@ class WindowStats:
         self.sample_s += sample_s
         self.fetch_s += fetch_s
         self.compute_s += compute_s
-        self.remote_id_chunks.append(remote_ids)
+        self.distinct_remote += new_distinct
 
     @property
     def seconds(self) -> float:
         return self.sample_s + self.fetch_s + self.compute_s
 
-    def distinct_remote(self) -> int:
-        if not self.remote_id_chunks:
-            return 0
-        return int(np.unique(np.concatenate(self.remote_id_chunks)).size)
-
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "remote_id_chunks"}
+        return dict(self.__dict__)
 
 
 def candidate_ids(buffer: PrefetchBuffer, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +123,7 @@ def build_observation(buffer: PrefetchBuffer, window: WindowStats, cum_hits: int
         "buffer": [occupancy / cap, w.hits / max(w.remote_sampled, 1), cum_hits / max(cum_remote, 1),
                    below / cap, buffer.capacity / max(halo_nodes, 1)],
         "score_hist": hist,
-        "sampler": [lg(w.input_rows / mb), lg(w.remote_sampled / mb), w.distinct_remote() / max(w.remote_sampled, 1),
+        "sampler": [lg(w.input_rows / mb), lg(w.remote_sampled / mb), w.distinct_remote / max(w.remote_sampled, 1),
                     w.local_rows / max(w.input_rows, 1), lg(float(np.prod(fanouts)) * batch_size),
                     lg(batch_size)],
         "traffic": [lg(w.misses / mb), lg(w.prefetched / mb), lg(1000 * w.fetch_s / mb), lg(1000 * w.compute_s / mb),

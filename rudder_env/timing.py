@@ -4,7 +4,9 @@ Live, each minibatch's fetch time was measured together with how many local rows
 plus prefetched) it pulled. A policy replayed offline pulls a different number of remote rows, so its fetch time is
 modelled as ``fetch_s = c0 + c_local * local_rows + c_remote * remote_rows`` (least squares, non-negative
 coefficients), while sampling and compute times are the recorded ones: they do not depend on the buffer.
-The fit's quality is reported (R², mean absolute percentage error) so nobody trusts a bad model blindly.
+The fit's quality is reported (R², per-minibatch mean absolute percentage error, error on the total) so nobody
+trusts a bad model blindly. The trace's initial fill (remote rows only, timed) is one sample: it pins the
+per-remote-row cost even when every minibatch pulls about as many rows as the next.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ class FetchTimeModel:
     c_local: float
     c_remote: float
     r2: float
-    mape: float  # mean |predicted - measured| / measured
+    mape: float  # mean |predicted - measured| / measured, per minibatch
+    total_error: float  # (sum predicted - sum measured) / sum measured: the error on a run's fetch time
     samples: int
 
     def predict(self, local_rows, remote_rows):
@@ -34,7 +37,7 @@ class FetchTimeModel:
         remote_rows = np.asarray(remote_rows, dtype=np.float64)
         y = np.asarray(fetch_s, dtype=np.float64)
         if y.size == 0:
-            return cls(0.0, 0.0, 0.0, float("nan"), float("nan"), 0)
+            return cls(0.0, 0.0, 0.0, float("nan"), float("nan"), float("nan"), 0)
         x = np.column_stack([np.ones_like(y), local_rows, remote_rows])
         coef = _nonnegative_lstsq(x, y)
         pred = x @ coef
@@ -42,11 +45,12 @@ class FetchTimeModel:
         ss_tot = float(((y - y.mean()) ** 2).sum())
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
         mape = float(np.mean(np.abs(pred - y) / np.maximum(y, 1e-9)))
-        return cls(float(coef[0]), float(coef[1]), float(coef[2]), r2, mape, int(y.size))
+        total = float((pred.sum() - y.sum()) / max(y.sum(), 1e-12))
+        return cls(float(coef[0]), float(coef[1]), float(coef[2]), r2, mape, total, int(y.size))
 
     def as_dict(self) -> dict:
         return dict(c0_s=self.c0, s_per_local_row=self.c_local, s_per_remote_row=self.c_remote, r2=self.r2,
-                    mape=self.mape, samples=self.samples)
+                    mape=self.mape, total_error=self.total_error, samples=self.samples)
 
 
 def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -134,7 +134,8 @@ class DistTrainer:
                           seed=self.seed * 1000 + self.trainer_rank)
         t0 = time.perf_counter()
         filled = self.buffer.fill(ids, fetch=self.pull)
-        self.stats.fetch_s += time.perf_counter() - t0
+        self.initial_fill_s = time.perf_counter() - t0
+        self.stats.fetch_s += self.initial_fill_s
         return filled
 
     def pull(self, ids: np.ndarray) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""rudder's benchmarks: run with ``python -m bench`` (``--quick`` for a few-minute version)."""

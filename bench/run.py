@@ -1,0 +1,66 @@
+"""Run rudder's benchmarks side by side and write BENCHMARKS.md.
+
+    python -m bench [--quick] [--only p4] [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import platform
+import sys
+import time
+
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = sorted(glob.glob(os.path.join(ROOT, "traces", "samples", "*")))
+
+
+def p4_replay_speed(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench.replay_speed import measure
+
+    rows = []
+    for trace in SAMPLES:
+        rows += measure(trace, repeats=1 if quick else 3)
+    df = pd.DataFrame(rows)
+    df["trace"] = df["trace"].map(os.path.basename)
+    text = (f"Replay runs {df['speedup'].min():.0f}x to {df['speedup'].max():.0f}x faster than the live runs that "
+            f"recorded the traces (target >= 100x); traces take {df['bytes_per_remote_id'].mean():.2f} bytes per "
+            "remote id.")
+    return text, df
+
+
+SECTIONS = {"p4": ("P4 replay speed", p4_replay_speed)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few-minute version")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="markdown report to write")
+    args = p.parse_args(argv)
+    chosen = [s for s in args.only.split(",") if s]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        print(f"bench: error: unknown section(s) {', '.join(unknown)}: expected {', '.join(SECTIONS)}",
+              file=sys.stderr)
+        return 2
+    cmd = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = ["# rudder benchmarks", "",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"- machine: {platform.node()}, {os.cpu_count()} cores, "
+             f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
+             f"- command: `{cmd.strip()}`", ""]
+    for key in chosen:
+        title, fn = SECTIONS[key]
+        print(f"[bench] {title} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        text, df = fn(args.quick)
+        print(f"\n## {title}\n{text}\n{df.to_string(index=False)}", flush=True)
+        lines += [f"## {title}", "", text, "", df.to_markdown(index=False, floatfmt=".3g"), "",
+                  f"({time.perf_counter() - t0:.0f} s)", ""]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print(f"\nwrote {args.out}")
+    return 0

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Re-record the shipped sample traces (traces/samples/) with real DistDGL runs on this host (~2 min on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=traces/samples
+record() {  # name, then train.py options
+    local name=$1; shift
+    rm -rf "$out/$name"
+    python train.py gnn --graph synth-small --batch-size 1000 --agent periodic --seed 0 "$@" --trace "$out/$name"
+}
+record small-metis2-f10x25 --partition metis --parts 2 --fanout 10,25 --epochs 2
+record small-random2-f5x10 --partition random --parts 2 --fanout 5,10 --epochs 2
+record small-metis4-f10x25 --partition metis --parts 4 --fanout 10,25 --epochs 1
+du -sh "$out"/*

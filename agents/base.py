@@ -28,6 +28,9 @@ REGISTRY = {
     "none": ("baselines.policies", "NoPrefetch"),
     "static": ("baselines.policies", "StaticBuffer"),
     "periodic": ("baselines.policies", "Periodic"),
+    "hitrate": ("agents.heuristic", "HitRateRule"),
+    "ppo": ("agents.ppo", "PPOAgent"),
+    "llm": ("agents.llm", "LLMAgent"),
 }
 
 

@@ -27,10 +27,11 @@ class PrefetchEpisode:
         fanouts, batch_size: the sampler's settings (part of the observation).
         reward: ``"traffic"`` (minus remote rows fetched / remote rows sampled over the window) or ``"time"``
             (minus the window's seconds).
+        facts: fixed facts about the run (graph, partitioning, buffer settings) passed to agents in ``info``.
     """
 
     def __init__(self, buffer: PrefetchBuffer, k: int, total_minibatches: int, halo_nodes: int,
-                 fanouts: list[int], batch_size: int, reward: str = "traffic"):
+                 fanouts: list[int], batch_size: int, reward: str = "traffic", facts: dict | None = None):
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}: expected one of {', '.join(REWARDS)}")
         if k < 1:
@@ -45,7 +46,11 @@ class PrefetchEpisode:
         self.window = WindowStats()  # the window being run
         self.last_window = WindowStats()  # the window the next observation describes
         self.minibatches = 0
+        self.windows = 0
         self.decisions = 0
+        self.facts = dict(facts or {}, halo_nodes=halo_nodes, capacity=buffer.capacity, alpha=buffer.alpha,
+                          period=buffer.period, fanout=",".join(map(str, self.fanouts)), batch_size=batch_size,
+                          total_minibatches=total_minibatches, candidates=k)
         self._seen_in_window = np.full(buffer.num_nodes, -1, dtype=np.int32)  # window index of an id's last use
         self.candidate_ids = np.full(k, -1, dtype=np.int64)
         self._candidate_counts = np.zeros(k, dtype=np.float32)
@@ -56,8 +61,8 @@ class PrefetchEpisode:
 
     def record(self, remote_ids: np.ndarray, local_rows: int, step: StepResult, sample_s: float, fetch_s: float,
                compute_s: float) -> None:
-        new = np.count_nonzero(self._seen_in_window[remote_ids] != self.decisions)
-        self._seen_in_window[remote_ids] = self.decisions
+        new = np.count_nonzero(self._seen_in_window[remote_ids] != self.windows)
+        self._seen_in_window[remote_ids] = self.windows
         self.window.add(remote_ids, local_rows, step, sample_s, fetch_s, compute_s, int(new))
         self.minibatches += 1
 
@@ -73,13 +78,17 @@ class PrefetchEpisode:
                     n_candidates=int(np.count_nonzero(self.candidate_ids >= 0)),
                     n_evictable=int(np.count_nonzero(self.buffer.evictable())),
                     capacity=self.buffer.capacity, minibatch=self.minibatches, decision=self.decisions,
-                    window=self.last_window.as_dict(), counters=c.as_dict())
+                    window=self.last_window.as_dict(), counters=c.as_dict(), facts=dict(self.facts))
         return obs, info
 
     def decide(self, action) -> np.ndarray:
         """Turn a ``MultiBinary(K)`` action into the prefetch set (ids, in rank order) and schedule it."""
         mask = check_action(action, self.k) & (self.candidate_ids >= 0)
-        ids = self.candidate_ids[mask]
+        return self.apply(self.candidate_ids[mask])
+
+    def apply(self, ids: np.ndarray) -> np.ndarray:
+        """Schedule a prefetch set of node ids (e.g. a late decision taken on an earlier candidate list)."""
+        ids = np.asarray(ids, dtype=np.int64)
         self.buffer.apply(ids)
         self.decisions += 1
         return ids
@@ -92,4 +101,5 @@ class PrefetchEpisode:
         else:
             reward = -w.seconds
         self.last_window, self.window = w, WindowStats()
+        self.windows += 1
         return float(reward), w

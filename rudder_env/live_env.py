@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import gymnasium as gym
+import numpy as np
 
 from rudder_env.episode import PrefetchEpisode
 from rudder_env.replay_env import DEFAULT_CANDIDATES
@@ -63,8 +64,11 @@ class LiveEnv(gym.Env):
             t.start(seed)
         self._records = t.minibatches()
         t0 = time.perf_counter()
-        self.episode = PrefetchEpisode(t.buffer, self.k, t.total_minibatches, t.halo_ids.size, t.cfg.fanouts,
-                                       t.cfg.batch_size, reward=self.reward)
+        cfg = t.cfg
+        facts = dict(graph=cfg.graph, parts=cfg.parts, partitioning=cfg.partition, rank=t.trainer_rank,
+                     num_nodes=int(t.g.num_nodes()), model=cfg.model, source="live DistDGL training")
+        self.episode = PrefetchEpisode(t.buffer, self.k, t.total_minibatches, t.halo_ids.size, cfg.fanouts,
+                                       cfg.batch_size, reward=self.reward, facts=facts)
         obs, info = self.episode.observe()
         self.env_overhead_s = time.perf_counter() - t0
         self._observed_at = time.perf_counter()
@@ -77,14 +81,37 @@ class LiveEnv(gym.Env):
             raise RuntimeError("the episode has ended: call reset()")
         t0 = time.perf_counter()
         latency_s = t0 - self._observed_at  # the agent's decision time
-        ep = self.episode
-        ids = ep.decide(action)
+        ids = self.episode.decide(action)
         if self.trace is not None:
-            self.trace.add_decision(minibatch=ep.minibatches, ids=ids, latency_s=latency_s)
-        overhead = time.perf_counter() - t0
+            self.trace.add_decision(minibatch=self.episode.minibatches, ids=ids, latency_s=latency_s)
+        self.env_overhead_s += time.perf_counter() - t0
+        obs, reward, terminated, truncated, info = self.run_window()
+        info["applied_ids"] = ids
+        info["decision_latency_s"] = latency_s
+        return obs, reward, terminated, truncated, info
+
+    def run_window(self, poll=None):
+        """Run the next ``period`` minibatches of training with no new decision, except what ``poll`` returns.
+
+        ``poll(minibatch)`` is called before each minibatch; a non-None return ``(ids, latency_s)`` is a prefetch
+        set applied there, e.g. a decision an agent finished in the background (:mod:`agents.runner`).
+        """
+        ep = self.episode
+        if ep is None or ep.done:
+            raise RuntimeError("the episode has ended: call reset()" if ep else "call reset() before run_window()")
+        late, overhead = [], 0.0
         for _ in range(self.period):
             if ep.done:
                 break
+            t1 = time.perf_counter()
+            if poll is not None:
+                got = poll(ep.minibatches)
+                if got is not None:
+                    ids, latency_s = got
+                    late.append(ep.apply(ids))
+                    if self.trace is not None:
+                        self.trace.add_decision(minibatch=ep.minibatches, ids=late[-1], latency_s=latency_s)
+            overhead += time.perf_counter() - t1
             rec = next(self._records)
             t1 = time.perf_counter()
             ep.record(rec.remote_ids, rec.local_rows, rec.step, rec.sample_s, rec.fetch_s, rec.compute_s)
@@ -100,8 +127,7 @@ class LiveEnv(gym.Env):
                 raise RuntimeError("the trainer produced more minibatches than it announced")
         reward, _ = ep.end_window()
         obs, info = ep.observe()
-        info["applied_ids"] = ids
-        info["decision_latency_s"] = latency_s
+        info["applied_ids"] = np.concatenate(late) if late else np.zeros(0, dtype=np.int64)
         self.env_overhead_s += overhead + time.perf_counter() - t2
         self._observed_at = time.perf_counter()
         return obs, reward, ep.done, False, info

@@ -84,6 +84,7 @@ class ReplayEnv(gym.Env):
         self._local_rows = table["local_rows"].to_numpy()
         self._sample_s = table["sample_s"].to_numpy(dtype=np.float64)
         self._compute_s = table["compute_s"].to_numpy(dtype=np.float64)
+        self._fetch_s = table["fetch_s"].to_numpy(dtype=np.float64)
         local, remote, secs = self._local_rows, table["remote_fetched"].to_numpy(), table["fetch_s"].to_numpy()
         if rmeta.get("initial_fill_rows"):  # the initial fill: a pull of remote rows only, which pins their cost
             local, remote = np.append(local, 0), np.append(remote, rmeta["initial_fill_rows"])
@@ -106,8 +107,11 @@ class ReplayEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        run = self.trace.meta.get("config", {})
+        facts = dict(graph=run.get("graph"), parts=run.get("parts"), partitioning=run.get("partition"),
+                     rank=self.rank, num_nodes=self.num_nodes, source=f"trace {self.trace.directory}")
         self.episode = PrefetchEpisode(self._new_buffer(), self.k, len(self._ids), self.halo_ids.size,
-                                       self.fanouts, self.batch_size, reward=self.reward)
+                                       self.fanouts, self.batch_size, reward=self.reward, facts=facts)
         obs, info = self.episode.observe()
         info["time_model"] = self.time_model.as_dict()
         return obs, info
@@ -117,12 +121,29 @@ class ReplayEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if self.episode.done:
             raise RuntimeError("the episode has ended: call reset()")
+        applied = self.episode.decide(action)
+        result = self.run_window()
+        result[4]["applied_ids"] = applied
+        return result
+
+    def run_window(self, poll=None):
+        """Run the next ``period`` minibatches with no new decision, except what ``poll(minibatch)`` returns.
+
+        ``poll`` is called before each minibatch with the number of minibatches run so far; a non-None return is a
+        prefetch set applied there (how late decisions land: :mod:`agents.runner`). Returns ``step``'s tuple.
+        """
         ep = self.episode
-        applied = ep.decide(action)
+        if ep is None or ep.done:
+            raise RuntimeError("the episode has ended: call reset()" if ep else "call reset() before run_window()")
+        late = []
         for _ in range(self.period):
             if ep.done:
                 break
             i = ep.minibatches
+            if poll is not None:
+                ids = poll(i)
+                if ids is not None:
+                    late.append(ep.apply(ids))
             ids = self._ids[i]
             _, step = ep.buffer.lookup(ids)
             fetch_s = float(self.time_model.predict(self._local_rows[i], step.remote_fetched))
@@ -130,5 +151,11 @@ class ReplayEnv(gym.Env):
                       float(self._compute_s[i]))
         reward, _ = ep.end_window()
         obs, info = ep.observe()
-        info["applied_ids"] = applied
+        info["applied_ids"] = np.concatenate(late) if late else np.zeros(0, dtype=np.int64)
         return obs, reward, ep.done, False, info
+
+    @property
+    def live_seconds_per_minibatch(self) -> float:
+        """Mean measured seconds per minibatch of the recorded run (to turn decision latency into minibatches)."""
+        n = max(len(self._ids), 1)
+        return float((self._sample_s.sum() + self._compute_s.sum() + self._fetch_s.sum()) / n)

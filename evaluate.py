@@ -1,27 +1,31 @@
-"""Evaluate prefetching agents against each other and against the oracles, on recorded traces.
+"""Evaluate prefetching agents against each other and against the oracles, on recorded traces or live.
 
     python evaluate.py                                   # the shipped sample traces, every agent and oracle
-    python evaluate.py --traces DIR [DIR ...] --agents none,static,periodic --out results/
+    python evaluate.py --traces DIR [DIR ...] --agents none,static,periodic,ppo,llm --out results/
+    python evaluate.py --live --graph synth-small --parts 2 --agents none,periodic,llm
 
 Prints a table per trace and overall (remote rows fetched relative to no prefetch, hit rate, distance to Belady
-MIN, modelled time relative to no prefetch, decision latency) and writes ``results.csv`` (one row per
-agent x trace x rank) into ``--out``.
+MIN, modelled or measured time relative to no prefetch, decision latency p50/p95, invalid LLM answers) and writes
+``results.csv`` (one row per agent x trace x rank), ``hit_rate.png`` and ``traffic.png`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "traces", "samples")
-DEFAULT_AGENTS = "none,static,periodic"
+DEFAULT_AGENTS = "none,static,periodic,hitrate,ppo,llm"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--traces", nargs="+", default=sorted(glob.glob(os.path.join(SAMPLES, "*"))),
                    help="trace folders (default: the shipped samples)")
     p.add_argument("--agents", default=DEFAULT_AGENTS, help="comma-separated agents")
@@ -30,46 +34,114 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="buffer size as a fraction of each rank's halo (default: the recorded run's)")
     p.add_argument("--candidates", type=int, default=None, help="K candidates per decision (default: recorded)")
     p.add_argument("--seed", type=int, default=0, help="seed for every episode")
-    p.add_argument("--out", default="results", help="output folder for results.csv")
+    p.add_argument("--ppo-policy", default=None, help="PPO policy .zip (default: the shipped small policy)")
+    p.add_argument("--llm-model", default=None,
+                   help="LLM: a local HF folder, a GGUF file or a model package (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--llm-mode", default="score", choices=("score", "generate"),
+                   help="LLM decisions by scoring the options or by free generation")
+    p.add_argument("--live", action="store_true", help="run the agents through the live env on --graph instead")
+    p.add_argument("--graph", default="synth-small", help="--live: graph to train on")
+    p.add_argument("--parts", type=int, default=2, help="--live: partitions")
+    p.add_argument("--epochs", type=int, default=1, help="--live: epochs")
+    p.add_argument("--train-args", default="", help="--live: more train.py gnn options, quoted")
+    p.add_argument("--out", default="results", help="output folder")
     return p.parse_args(argv)
+
+
+def agent_factories(names: list[str], args) -> dict:
+    """name -> factory(trace_name, rank) building a fresh agent (with a per-rank log for the LLM)."""
+    from agents.base import make_agent
+
+    def factory(name):
+        if name == "llm":
+            return lambda trace, rank: make_agent("llm", model=args.llm_model, mode=args.llm_mode,
+                                                  log_path=os.path.join(args.out, f"llm-{trace}-rank{rank}.jsonl"))
+        if name == "ppo" and args.ppo_policy:
+            return lambda trace, rank: make_agent("ppo", path=args.ppo_policy)
+        return lambda trace, rank: make_agent(name)
+
+    return {n: factory(n) for n in names}
+
+
+def evaluate_traces(names: list[str], oracles: list[str], args, log) -> list[dict]:
+    from rudder_env.evaluation import evaluate_trace
+
+    factories = agent_factories(names, args)
+    rows = []
+    for i, trace in enumerate(args.traces, 1):
+        log(f"[{i}/{len(args.traces)}] {trace}")
+        rows += evaluate_trace(trace, factories, buffer_fraction=args.buffer_fraction, oracles=oracles,
+                               candidates=args.candidates, seed=args.seed, progress=lambda m: log(f"  {m}"))
+    return rows
+
+
+def evaluate_live(names: list[str], args, log) -> list[dict]:
+    """Each agent trains ``--graph`` for real (``train.py gnn``); rows from the run summaries, times measured."""
+    rows = []
+    trace_name = f"live-{os.path.basename(args.graph.rstrip('/'))}"
+    for i, name in enumerate(names, 1):
+        log(f"[{i}/{len(names)}] live {args.graph}: {name}")
+        summary = os.path.join(args.out, f"live-{name}.json")
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), "gnn", "--graph", args.graph, "--parts",
+               str(args.parts), "--epochs", str(args.epochs), "--agent", name, "--seed", str(args.seed),
+               "--summary", summary, *args.train_args.split()]
+        if args.buffer_fraction is not None:
+            cmd += ["--buffer-fraction", str(args.buffer_fraction)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"live run of {name} failed:\n{proc.stderr[-2000:]}")
+        with open(summary) as f:
+            s = json.load(f)
+        for r in s["ranks"]:
+            rows.append(dict(agent=name, trace=trace_name, rank=r["trainer_rank"], capacity=r["buffer_capacity"],
+                             asynchronous=r.get("asynchronous", False), held_out=None, invalid_answers=0,
+                             remote_sampled=r["remote_sampled"], hits=r["hits"], remote_fetched=r["remote_fetched"],
+                             prefetched=r["prefetched"], initial_fill=r["initial_fill"],
+                             admitted_on_miss=r["admitted_on_miss"], modelled_s=sum(r["epoch_time_s"]),
+                             decisions=r.get("decisions", 0), latency_p50_s=r.get("latency_p50_s", 0.0),
+                             latency_p95_s=r.get("latency_p95_s", 0.0), window_hit_rate=[]))
+    return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
     import pandas as pd
 
-    from agents.base import make_agent
-    from rudder_env.evaluation import ORACLES, evaluate_trace
-    from rudder_env.report import format_report
+    from agents.base import REGISTRY
+    from rudder_env.evaluation import ORACLES
+    from rudder_env.report import format_report, plot_hit_rate, plot_traffic
     from traces import TraceError
 
     names = [a for a in args.agents.split(",") if a]
-    oracles = [o for o in args.oracles.split(",") if o]
-    for o in oracles:
-        if o not in ORACLES:
-            print(f"evaluate.py: error: unknown oracle {o!r}: expected {', '.join(ORACLES)}", file=sys.stderr)
-            return 2
+    oracles = [] if args.live else [o for o in args.oracles.split(",") if o]
+    bad = [n for n in names if n not in REGISTRY] + [o for o in oracles if o not in ORACLES]
+    if bad:
+        print(f"evaluate.py: error: unknown agent or oracle {bad[0]!r}: agents are {', '.join(REGISTRY)}; "
+              f"oracles are {', '.join(ORACLES)}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
     try:
-        factories = {n: (lambda n=n: make_agent(n)) for n in names}
-        for n in names:
-            make_agent(n)
-        if not args.traces:
-            raise ValueError("no traces given and no shipped samples found")
-        rows = []
-        for i, trace in enumerate(args.traces, 1):
-            print(f"[{i}/{len(args.traces)}] {trace}", file=sys.stderr, flush=True)
-            rows += evaluate_trace(trace, factories, buffer_fraction=args.buffer_fraction, oracles=oracles,
-                                   candidates=args.candidates, seed=args.seed,
-                                   progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
-    except (TraceError, ValueError, FileNotFoundError) as exc:
+        if args.live:
+            rows = evaluate_live(names, args, log)
+        else:
+            if not args.traces:
+                raise ValueError("no traces given and no shipped samples found")
+            rows = evaluate_traces(names, oracles, args, log)
+    except (TraceError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2
     df = pd.DataFrame(rows)
-    os.makedirs(args.out, exist_ok=True)
     csv = os.path.join(args.out, "results.csv")
     df.drop(columns=["window_hit_rate"]).to_csv(csv, index=False)
     print(format_report(df))
-    print(f"\nwrote {csv}")
+    plots = [plot_traffic(df, os.path.join(args.out, "traffic.png"))]
+    if not args.live:
+        plots.append(plot_hit_rate(df, os.path.join(args.out, "hit_rate.png")))
+    print(f"\nwrote {csv}, " + ", ".join(plots))
     return 0
 
 

@@ -34,6 +34,14 @@ REGISTRY = {
 }
 
 
+ASYNC_BY_DEFAULT = ("llm",)  # agents whose decisions take long enough that training should not wait for them
+
+
+def is_slow(agent) -> bool:
+    """Whether ``agent``'s decisions should run in the background (``asynchronous`` attribute, or the LLM)."""
+    return bool(getattr(agent, "asynchronous", False)) or getattr(agent, "name", "") in ASYNC_BY_DEFAULT
+
+
 def make_agent(name: str, **kwargs) -> Agent:
     """Build the agent registered under ``name``."""
     if name not in REGISTRY:

@@ -36,6 +36,10 @@ class TrainConfig:
     admit_on_miss: bool = field(default=False, metadata=dict(help="let fetched misses enter free/evictable slots"))
     candidates: int = field(default=256, metadata=dict(help="K: ranked candidates offered per decision (action size)"))
     reward: str = field(default="traffic", metadata=dict(choices=("traffic", "time"), help="environment reward"))
+    decisions: str = field(default="auto", metadata=dict(
+        choices=("auto", "sync", "async"),
+        help="take decisions between windows (sync) or in the background while training goes on (async); "
+             "auto: async for the LLM agent"))
     trace: str | None = field(default=None, metadata=dict(help="record a trace of the run into this folder"))
     check_env: bool = field(default=False, metadata=dict(
         help="run gymnasium's check_env on every trainer's live env before training"))

@@ -29,19 +29,31 @@ def play_episode(env, agent, seed: int = 0) -> dict:
         seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
         window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
         done = terminated or truncated
+    return episode_result(env, latencies, seconds, window_hit_rate)
+
+
+def episode_result(env, latencies: list[float], seconds: float, window_hit_rate: list[float], **extra) -> dict:
+    """The row of one played episode: the buffer's counters, time, decisions and their latency percentiles."""
     c = env.unwrapped.episode.buffer.counters
     return dict(remote_sampled=c.remote_sampled, hits=c.hits, remote_fetched=c.remote_fetched,
                 prefetched=c.prefetched, initial_fill=c.initial_fill, admitted_on_miss=c.admitted_on_miss,
                 modelled_s=seconds, decisions=len(latencies),
                 latency_p50_s=float(np.percentile(latencies, 50)) if latencies else 0.0,
                 latency_p95_s=float(np.percentile(latencies, 95)) if latencies else 0.0,
-                window_hit_rate=window_hit_rate)
+                window_hit_rate=window_hit_rate, **extra)
 
 
-def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[], object]], buffer_fraction: float | None = None,
-                   oracles: Iterable[str] = ORACLES, candidates: int | None = None, seed: int = 0,
+def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object]],
+                   buffer_fraction: float | None = None, oracles: Iterable[str] = ORACLES,
+                   candidates: int | None = None, seed: int = 0,
                    progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Score every agent (name -> factory) and oracle on every rank of one trace."""
+    """Score every agent and oracle on every rank of one trace.
+
+    ``agents`` maps a name to a factory ``(trace_name, rank) -> agent``. Slow agents (:func:`agents.base.is_slow`)
+    decide in the background, their latency simulated as a delay (:func:`agents.runner.run_async`).
+    """
+    from agents.base import is_slow
+    from agents.runner import run_async
     from baselines.oracles import belady_min, hindsight_static
     from traces import Trace
 
@@ -51,14 +63,19 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[], object]], buff
     for rank in trace.ranks:
         ref = ReplayEnv(trace, rank=rank, candidates=candidates, buffer_fraction=buffer_fraction)
         for agent_name, factory in agents.items():
-            agent = factory()
+            agent = factory(name, rank)
             env = ReplayEnv(trace, rank=rank, candidates=candidates, buffer_fraction=(
                 buffer_fraction if getattr(agent, "uses_buffer", True) else 0.0),
                 admit_on_miss=False if getattr(agent, "static", False) else None)
             if progress:
                 progress(f"{name} rank {rank}: {agent_name}")
-            r = play_episode(env, agent, seed=seed)
-            rows.append(dict(agent=agent_name, trace=name, rank=rank, capacity=env.capacity, **r))
+            slow = is_slow(agent)
+            r = run_async(env, agent, seed=seed) if slow else play_episode(env, agent, seed=seed)
+            r.pop("delay_minibatches", None)
+            trained_on = getattr(agent, "trained_on", None)
+            rows.append(dict(agent=agent_name, trace=name, rank=rank, capacity=env.capacity, asynchronous=slow,
+                             held_out=(name not in trained_on) if trained_on is not None else None,
+                             invalid_answers=getattr(agent, "invalid_answers", 0), **r))
         ids = trace.rank(rank).minibatch_ids()
         sampled = np.asarray([x.size for x in ids], dtype=np.int64)
         for oracle in oracles:
@@ -66,10 +83,11 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[], object]], buff
                 progress(f"{name} rank {rank}: {oracle}")
             fn = {"belady": belady_min, "hindsight": hindsight_static}[oracle]
             res = fn(ids, ref.capacity)
-            rows.append(dict(agent=oracle, trace=name, rank=rank, capacity=ref.capacity,
-                             remote_sampled=res.remote_sampled, hits=res.hits, remote_fetched=res.remote_fetched,
-                             prefetched=res.prefetched, initial_fill=res.initial_fill, admitted_on_miss=0,
-                             modelled_s=float("nan"), decisions=0, latency_p50_s=0.0, latency_p95_s=0.0,
+            rows.append(dict(agent=oracle, trace=name, rank=rank, capacity=ref.capacity, asynchronous=False,
+                             held_out=None, invalid_answers=0, remote_sampled=res.remote_sampled, hits=res.hits,
+                             remote_fetched=res.remote_fetched, prefetched=res.prefetched,
+                             initial_fill=res.initial_fill, admitted_on_miss=0, modelled_s=float("nan"),
+                             decisions=0, latency_p50_s=0.0, latency_p95_s=0.0,
                              window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period)))
     return rows
 

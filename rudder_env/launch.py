@@ -189,23 +189,30 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
         extra["check_env"] = "passed"
     writer = _trace_writer(cfg, role, job, trainer) if cfg.trace else None
     env = gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward, trace=writer)
-    agent.reset()
-    obs, info = env.reset(seed=cfg.seed)
-    latencies, done = [], False
-    while not done:
-        t0 = time.perf_counter()
-        action = agent.act(obs, info)
-        latencies.append(time.perf_counter() - t0)
-        obs, _, terminated, truncated, info = env.step(action)
-        done = terminated or truncated
+    if asynchronous(cfg, agent):
+        from agents.runner import run_async
+
+        played = run_async(env, agent, seed=cfg.seed)
+    else:
+        from rudder_env.evaluation import play_episode
+
+        played = play_episode(env, agent, seed=cfg.seed)
     result = trainer.result()
-    result.update(extra, decide_s=round(sum(latencies), 4), decisions=len(latencies),
+    result.update(extra, decisions=played["decisions"], latency_p50_s=round(played["latency_p50_s"], 5),
+                  latency_p95_s=round(played["latency_p95_s"], 5), asynchronous=asynchronous(cfg, agent),
                   env_overhead_s=round(env.unwrapped.env_overhead_s, 4))
     if writer is not None:
         writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()))
     result.update(trainer.evaluate())
     trainer.close()
     return result
+
+
+def asynchronous(cfg, agent) -> bool:
+    """Whether decisions run in the background: ``--decisions async``, or ``auto`` for slow agents (LLM)."""
+    from agents.base import is_slow
+
+    return is_slow(agent) if cfg.decisions == "auto" else cfg.decisions == "async"
 
 
 def _trace_writer(cfg, role: Role, job: Job, trainer):

@@ -129,8 +129,9 @@ class ReplayEnv(gym.Env):
     def run_window(self, poll=None):
         """Run the next ``period`` minibatches with no new decision, except what ``poll(minibatch)`` returns.
 
-        ``poll`` is called before each minibatch with the number of minibatches run so far; a non-None return is a
-        prefetch set applied there (how late decisions land: :mod:`agents.runner`). Returns ``step``'s tuple.
+        ``poll`` is called before each minibatch with the number of minibatches run so far; a non-None return
+        ``(ids, latency_s)`` is a prefetch set applied there (how late decisions land: :mod:`agents.runner`).
+        Returns ``step``'s tuple.
         """
         ep = self.episode
         if ep is None or ep.done:
@@ -141,9 +142,9 @@ class ReplayEnv(gym.Env):
                 break
             i = ep.minibatches
             if poll is not None:
-                ids = poll(i)
-                if ids is not None:
-                    late.append(ep.apply(ids))
+                got = poll(i)
+                if got is not None:
+                    late.append(ep.apply(got[0]))
             ids = self._ids[i]
             _, step = ep.buffer.lookup(ids)
             fetch_s = float(self.time_model.predict(self._local_rows[i], step.remote_fetched))

@@ -48,7 +48,6 @@ class RankStats:
     sample_s: float = 0.0
     fetch_s: float = 0.0
     compute_s: float = 0.0
-    decide_s: float = 0.0
     minibatches: int = 0
 
 
@@ -239,7 +238,7 @@ class DistTrainer:
                     admitted_on_miss=c.admitted_on_miss, evicted=c.evicted,
                     hit_rate=c.hits / c.remote_sampled if c.remote_sampled else 0.0,
                     epoch_time_s=[round(t, 4) for t in s.epoch_time_s], sample_s=round(s.sample_s, 4),
-                    fetch_s=round(s.fetch_s, 4), compute_s=round(s.compute_s, 4), decide_s=round(s.decide_s, 4),
+                    fetch_s=round(s.fetch_s, 4), compute_s=round(s.compute_s, 4),
                     pid=os.getpid(), **({"verify": dict(self.verify)} if self.cfg.verify_rows else {}))
 
     def close(self) -> None:

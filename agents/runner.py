@@ -1,0 +1,92 @@
+"""Playing an agent whose decisions take time: computed in the background while training goes on (as Rudder
+does), applied when ready, their latency recorded; in replay the same latency becomes a delay in minibatches.
+
+Live (``rudder/Live-v0``): at a decision point the agent's ``act`` starts in a worker thread and training carries on;
+before each minibatch the runner checks whether the decision is ready and, if so, schedules its prefetch set there.
+While a decision is in flight the agent is not asked again. Replay (``rudder/Replay-v0``): ``act`` runs at once and
+its measured latency (or a fixed ``latency_s``) is turned into ``ceil(latency / s_per_minibatch)`` minibatches of the
+recorded run, after which the set is applied: a stale decision costs offline what it costs live.
+
+Either way the decision refers to the candidate list it was taken on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from rudder_env.evaluation import episode_result
+from rudder_env.spaces import check_action
+
+
+class _Pending:
+    def __init__(self, candidate_ids: np.ndarray, observed_minibatch: int):
+        self.candidate_ids = candidate_ids
+        self.observed_minibatch = observed_minibatch
+        self.submitted = time.perf_counter()
+        self.future = None
+        self.action = None
+        self.latency_s = None
+        self.due_minibatch = None
+
+
+def run_async(env, agent, seed: int = 0, latency_s: float | None = None) -> dict:
+    """Play one episode of ``env`` (live or replay) with ``agent`` deciding in the background.
+
+    Args:
+        latency_s: replay only: take every decision as this slow instead of its measured latency.
+
+    Returns counters, per-window hit rates, decision latencies (s) and delays (minibatches between the observation
+    and the minibatch the set was applied before).
+    """
+    base = env.unwrapped
+    live = not hasattr(base, "live_seconds_per_minibatch")
+    s_per_mb = None if live else max(base.live_seconds_per_minibatch, 1e-9)
+    obs, info = env.reset(seed=seed)
+    agent.reset()
+    pending: _Pending | None = None
+    latencies, delays, window_hit_rate, seconds = [], [], [], 0.0
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-agent") if live else None
+
+    def poll(minibatch: int):
+        nonlocal pending
+        p = pending
+        if p is None:
+            return None
+        if live:
+            if not p.future.done():
+                return None
+            p.action = p.future.result()
+            p.latency_s = time.perf_counter() - p.submitted
+        elif minibatch < p.due_minibatch:
+            return None
+        mask = check_action(p.action, p.candidate_ids.size) & (p.candidate_ids >= 0)
+        latencies.append(p.latency_s)
+        delays.append(minibatch - p.observed_minibatch)
+        pending = None
+        return p.candidate_ids[mask], p.latency_s
+
+    done = False
+    try:
+        while not done:
+            if pending is None:
+                pending = _Pending(np.asarray(info["candidate_ids"]).copy(), info["minibatch"])
+                if live:
+                    pending.future = pool.submit(agent.act, obs, info)
+                else:
+                    t0 = time.perf_counter()
+                    pending.action = agent.act(obs, info)
+                    pending.latency_s = time.perf_counter() - t0 if latency_s is None else latency_s
+                    pending.due_minibatch = pending.observed_minibatch + math.ceil(pending.latency_s / s_per_mb)
+            obs, _, terminated, truncated, info = base.run_window(poll)
+            w = info["window"]
+            seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
+            window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
+            done = terminated or truncated
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return episode_result(env, latencies, seconds, window_hit_rate, delay_minibatches=delays)

@@ -29,6 +29,7 @@ REGISTRY = {
     "static": ("baselines.policies", "StaticBuffer"),
     "periodic": ("baselines.policies", "Periodic"),
     "hitrate": ("agents.heuristic", "HitRateRule"),
+    "lookahead": ("agents.heuristic", "Lookahead"),
     "ppo": ("agents.ppo", "PPOAgent"),
     "llm": ("agents.llm", "LLMAgent"),
 }

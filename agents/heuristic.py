@@ -31,3 +31,22 @@ class HitRateRule:
         if window_hit_rate < cumulative_hit_rate - self.drop or stale >= self.stale_fraction:
             action[: min(info["n_candidates"], info["n_evictable"])] = 1
         return action
+
+
+class Lookahead:
+    """Sampler lookahead (ours): candidates and victims ranked by the remote rows the next minibatches will probably
+    need, from the epoch's known seed order and the partition's structure (:mod:`rudder_env.lookahead`); every
+    window, admit each candidate needed more than the resident it would replace, and let missed rows in on the
+    same terms (admit-on-miss by predicted need). An online approximation of Belady's MIN."""
+
+    name = "lookahead"
+    ranking = "lookahead"
+    admit_on_miss = True  # missed rows enter in place of residents predicted to be needed less
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, observation, info) -> np.ndarray:
+        action = np.zeros(observation["candidates"].shape[0], dtype=np.int8)
+        action[: min(info["n_candidates"], info["n_evictable"])] = 1
+        return action

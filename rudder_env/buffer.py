@@ -96,6 +96,9 @@ class PrefetchBuffer:
         self.pending = np.zeros(0, dtype=np.int64)  # prefetch set waiting for the next pull
         self.counters = BufferCounters()
         self._open: dict | None = None
+        self._victim_order: np.ndarray | None = None
+        self.priority: np.ndarray | None = None  # predicted need per node (set_priority), None: recency scores
+        self._priority_ids = np.zeros(0, dtype=np.int64)
 
     # ------------------------------------------------------------------ state
     @property
@@ -157,12 +160,14 @@ class PrefetchBuffer:
         self.counters.initial_fill += int(ids.size)
         return ids
 
-    def apply(self, prefetch_ids) -> int:
+    def apply(self, prefetch_ids, victim_order=None) -> int:
         """Schedule a prefetch set: fetched with the next minibatch's misses, replacing the lowest-score slots.
 
         Ids already resident are dropped; at most ``capacity`` ids are kept, in the order given.
-        Returns the number of ids scheduled.
+        ``victim_order`` (slot indices, first evicted first) overrides the score order for this set, e.g. slots
+        ranked by predicted need. Returns the number of ids scheduled.
         """
+        self._victim_order = None if victim_order is None else np.asarray(victim_order, dtype=np.int64)
         ids = np.asarray(prefetch_ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_nodes):
             raise ValueError(f"prefetch ids must lie in [0, {self.num_nodes}); got [{ids.min()}, {ids.max()}]")
@@ -227,15 +232,25 @@ class PrefetchBuffer:
                 from_miss = pos_in_miss >= 0
                 prefetch_rows[from_miss] = fetched_of["miss"][pos_in_miss[from_miss]]
                 prefetch_rows[~from_miss] = fetched_of["extra"]  # extra is prefetch minus misses, same order
-            victims = self._lowest_score_slots(prefetch.size)
+            if self._victim_order is not None and self._victim_order.size >= prefetch.size:
+                victims = self._victim_order[: prefetch.size]
+            elif self.priority is not None:
+                victims = self.priority_victims()[: prefetch.size]
+            else:
+                victims = self._lowest_score_slots(prefetch.size)
             self._install(victims, prefetch, prefetch_rows)
+        self._victim_order = None
         if self.admit_on_miss and n_miss:
             admit = miss_ids[self.slot_of[miss_ids] == EMPTY]
-            free = np.flatnonzero(self.evictable())
-            if admit.size and free.size:
+            victims = self._admission_pairs(admit) if self.priority is not None else None
+            if victims is not None:
+                admit, victims = victims
+            else:
+                free = np.flatnonzero(self.evictable())
                 if admit.size > free.size:  # most-missed first, ties by lower id
                     admit = admit[np.lexsort((admit, -self.miss_count[admit]))[: free.size]]
-                victims = self._lowest_score_slots(admit.size)
+                victims = self._lowest_score_slots(admit.size) if free.size else victims
+            if admit.size and victims is not None and victims.size:
                 admit_rows = None
                 if self.rows is not None:
                     admit_rows = fetched_of["miss"][_positions(miss_ids, admit)]
@@ -258,6 +273,38 @@ class PrefetchBuffer:
         to_pull = self.begin(remote_ids)
         fetched = fetch(to_pull) if (fetch is not None and self.rows is not None) else None
         return self.finish(fetched)
+
+    # ------------------------------------------------------------------ priority (predicted need)
+    def set_priority(self, ids, values) -> None:
+        """Switch admission and eviction to predicted need: ``values`` for ``ids``, 0 for every other node.
+
+        With a priority, admit-on-miss lets a missed row in only in place of a resident (or empty slot) of lower
+        priority, lowest first, and prefetch sets replace the lowest-priority residents: an online Belady when the
+        priority predicts the next uses (:mod:`rudder_env.lookahead`).
+        """
+        if self.priority is None:
+            self.priority = np.zeros(self.num_nodes, dtype=np.float32)
+        else:
+            self.priority[self._priority_ids] = 0.0
+        self._priority_ids = np.asarray(ids, dtype=np.int64)
+        self.priority[self._priority_ids] = values
+
+    def priority_victims(self) -> np.ndarray:
+        """Slots in eviction order under the priority: empty first, then lowest priority, then least recent."""
+        key = np.where(self.slot_ids == EMPTY, -1.0, self.priority[np.maximum(self.slot_ids, 0)])
+        return np.lexsort((self.slot_last_hit, key))
+
+    def _admission_pairs(self, admit: np.ndarray):
+        """Missed ids that beat a resident's priority, paired with the slots they replace."""
+        if admit.size == 0 or self.capacity == 0:
+            return admit[:0], np.zeros(0, dtype=np.int64)
+        admit = admit[np.lexsort((admit, -self.priority[admit]))]
+        victims = self.priority_victims()[: admit.size]
+        admit = admit[: victims.size]
+        resident_key = np.where(self.slot_ids[victims] == EMPTY, -1.0, self.priority[self.slot_ids[victims]])
+        beats = self.priority[admit] > resident_key
+        n = int(beats.size) if beats.all() else int(np.argmin(beats))
+        return admit[:n], victims[:n]
 
     # ------------------------------------------------------------------ internals
     def _lowest_score_slots(self, n: int) -> np.ndarray:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from rudder_env.buffer import PrefetchBuffer, StepResult
+from rudder_env.buffer import EMPTY, PrefetchBuffer, StepResult
 from rudder_env.spaces import WindowStats, build_observation, candidate_ids, check_action
 
 REWARDS = ("traffic", "time")
+RANKINGS = ("misses", "lookahead")
 
 
 class PrefetchEpisode:
@@ -28,14 +29,33 @@ class PrefetchEpisode:
         reward: ``"traffic"`` (minus remote rows fetched / remote rows sampled over the window) or ``"time"``
             (minus the window's seconds).
         facts: fixed facts about the run (graph, partitioning, buffer settings) passed to agents in ``info``.
+        ranking: how candidates are ranked and who gets evicted. ``"misses"`` (MassiveGNN/Rudder): candidates by
+            decayed miss count, evicting the lowest-score (least recently hit) slots. ``"lookahead"``: candidates
+            and residents by the remote rows the next ``horizon`` minibatches will probably need
+            (:class:`~rudder_env.lookahead.SamplerLookahead` over ``upcoming(minibatches_done, horizon)``, the
+            known seed order, each minibatch ahead weighing ``discount**i``), evicting the least needed first.
     """
 
     def __init__(self, buffer: PrefetchBuffer, k: int, total_minibatches: int, halo_nodes: int,
-                 fanouts: list[int], batch_size: int, reward: str = "traffic", facts: dict | None = None):
+                 fanouts: list[int], batch_size: int, reward: str = "traffic", facts: dict | None = None,
+                 ranking: str = "misses", lookahead=None, upcoming=None, horizon: int = 64,
+                 discount: float = 0.95):
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}: expected one of {', '.join(REWARDS)}")
         if k < 1:
             raise ValueError(f"the number of candidates must be >= 1, got {k}")
+        if ranking not in RANKINGS:
+            raise ValueError(f"unknown ranking {ranking!r}: expected one of {', '.join(RANKINGS)}")
+        if ranking == "lookahead" and (lookahead is None or upcoming is None):
+            raise ValueError("ranking='lookahead' needs the partition structure and the seed order, which this "
+                             "run or trace does not have")
+        self.ranking = ranking
+        self.lookahead = lookahead
+        self.upcoming = upcoming
+        self.horizon = horizon
+        self.discount = discount
+        self._victims = None
+        self._n_evictable = 0
         self.buffer = buffer
         self.k = k
         self.total_minibatches = total_minibatches
@@ -68,15 +88,20 @@ class PrefetchEpisode:
 
     def observe(self) -> tuple[dict, dict]:
         """Observation and info at a decision point; refreshes the candidate list the next action refers to."""
-        self.candidate_ids, self._candidate_counts = candidate_ids(self.buffer, self.k)
+        if self.ranking == "lookahead":
+            self._rank_by_lookahead()
+        else:
+            self.candidate_ids, self._candidate_counts = candidate_ids(self.buffer, self.k)
+            self._n_evictable = int(np.count_nonzero(self.buffer.evictable()))
         c = self.buffer.counters
+        scale = self.buffer.alpha if self.ranking == "misses" else (1 - self.discount)  # scores to ~[0, 1]
         obs = build_observation(self.buffer, self.last_window, c.hits, c.remote_sampled,
-                                self.minibatches / max(self.total_minibatches, 1), self._candidate_counts,
+                                self.minibatches / max(self.total_minibatches, 1), self._candidate_counts * scale,
                                 self.halo_nodes, self.fanouts, self.batch_size)
         info = dict(candidate_ids=self.candidate_ids.copy(),
                     candidate_scores=self._candidate_counts.copy(),
                     n_candidates=int(np.count_nonzero(self.candidate_ids >= 0)),
-                    n_evictable=int(np.count_nonzero(self.buffer.evictable())),
+                    n_evictable=self._n_evictable,
                     capacity=self.buffer.capacity, minibatch=self.minibatches, decision=self.decisions,
                     window=self.last_window.as_dict(), counters=c.as_dict(), facts=dict(self.facts))
         return obs, info
@@ -89,9 +114,28 @@ class PrefetchEpisode:
     def apply(self, ids: np.ndarray) -> np.ndarray:
         """Schedule a prefetch set of node ids (e.g. a late decision taken on an earlier candidate list)."""
         ids = np.asarray(ids, dtype=np.int64)
-        self.buffer.apply(ids)
+        self.buffer.apply(ids, victim_order=self._victims)
         self.decisions += 1
         return ids
+
+    def _rank_by_lookahead(self) -> None:
+        """Candidates: non-residents most needed soon; victims: residents least needed soon (then least recent)."""
+        buf, k = self.buffer, self.k
+        ids, need = self.lookahead.scores(self.upcoming(self.minibatches, self.horizon), self.discount)
+        buf.set_priority(ids, need)  # admission on miss and eviction follow the predicted need too
+        resident = buf.slot_of[ids] != EMPTY
+        cand, cand_need = ids[~resident], need[~resident]
+        order = np.lexsort((cand, -cand_need))[:k]
+        self.candidate_ids = np.full(k, -1, dtype=np.int64)
+        self._candidate_counts = np.zeros(k, dtype=np.float32)
+        self.candidate_ids[: order.size] = cand[order]
+        self._candidate_counts[: order.size] = cand_need[order]
+        self._victims = buf.priority_victims()
+        slot_need = np.where(buf.slot_ids == EMPTY, -1.0, buf.priority[np.maximum(buf.slot_ids, 0)])
+        # a candidate "has a slot" when it is needed more than the resident it would replace
+        m = min(order.size, buf.capacity)
+        beats = self._candidate_counts[:m] > slot_need[self._victims[:m]]
+        self._n_evictable = int(beats.size) if beats.all() else int(np.argmin(beats))
 
     def end_window(self) -> tuple[float, WindowStats]:
         """Reward of the window just run, and its stats; the next observation describes it."""

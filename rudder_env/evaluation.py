@@ -66,7 +66,8 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
             agent = factory(name, rank)
             env = ReplayEnv(trace, rank=rank, candidates=candidates, buffer_fraction=(
                 buffer_fraction if getattr(agent, "uses_buffer", True) else 0.0),
-                admit_on_miss=False if getattr(agent, "static", False) else None)
+                admit_on_miss=False if getattr(agent, "static", False) else getattr(agent, "admit_on_miss", None),
+                ranking=getattr(agent, "ranking", "misses"))
             if progress:
                 progress(f"{name} rank {rank}: {agent_name}")
             slow = is_slow(agent)

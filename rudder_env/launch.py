@@ -179,7 +179,8 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     agent = make_agent(cfg.agent)
     trainer = DistTrainer(cfg, role.trainer_rank, job.graph_name, job.ip_config, job.master, job.meta,
                           part_config=job.part_config, use_buffer=getattr(agent, "uses_buffer", True),
-                          static_buffer=getattr(agent, "static", False))
+                          static_buffer=getattr(agent, "static", False),
+                          admit_on_miss=getattr(agent, "admit_on_miss", None))
     extra = {}
     if cfg.check_env:
         from gymnasium.utils.env_checker import check_env
@@ -188,7 +189,8 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
                   skip_render_check=True)
         extra["check_env"] = "passed"
     writer = _trace_writer(cfg, role, job, trainer) if cfg.trace else None
-    env = gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward, trace=writer)
+    env = gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward, trace=writer,
+                   ranking=getattr(agent, "ranking", "misses"))
     if asynchronous(cfg, agent):
         from agents.runner import run_async
 
@@ -233,7 +235,8 @@ def _trace_writer(cfg, role: Role, job: Job, trainer):
                      capacity=trainer.buffer.capacity, total_minibatches=trainer.total_minibatches,
                      minibatches_per_epoch=trainer.minibatches_per_epoch,
                      initial_fill_rows=int(trainer.initial_ids.size), initial_fill_s=trainer.initial_fill_s)
-    static = dict(halo_ids=trainer.halo_ids, halo_degree=trainer.halo_degree, initial_ids=trainer.initial_ids)
+    static = dict(halo_ids=trainer.halo_ids, halo_degree=trainer.halo_degree, initial_ids=trainer.initial_ids,
+                  **trainer.lookahead.to_static())
     return TraceWriter(cfg.trace, rank=role.trainer_rank, num_ranks=cfg.num_trainers, run_meta=run_meta,
                        rank_meta=rank_meta, static=static)
 

@@ -38,16 +38,21 @@ class LiveEnv(gym.Env):
 
     ## Arguments
     ``trainer`` (a :class:`~rudder_env.trainer.DistTrainer` inside a DistDGL job), ``candidates`` (K), ``reward``,
-    ``trace`` (an optional :class:`traces.TraceWriter` recording every minibatch and decision).
+    ``trace`` (an optional :class:`traces.TraceWriter` recording every minibatch and decision), ``ranking``
+    (``"misses"`` or ``"lookahead"``, see :class:`~rudder_env.episode.PrefetchEpisode`) with
+    ``lookahead_horizon`` and ``lookahead_discount``.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, trainer, candidates: int = DEFAULT_CANDIDATES, reward: str = "traffic", trace=None):
+    def __init__(self, trainer, candidates: int = DEFAULT_CANDIDATES, reward: str = "traffic", trace=None,
+                 ranking: str = "misses", lookahead_horizon: int = 64, lookahead_discount: float = 0.95):
         self.trainer = trainer
         self.k = int(candidates)
         self.reward = reward
         self.trace = trace
+        self.ranking = ranking
+        self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
         self.period = trainer.cfg.period
         self.observation_space = observation_space(self.k)
         self.action_space = action_space(self.k)
@@ -68,7 +73,9 @@ class LiveEnv(gym.Env):
         facts = dict(graph=cfg.graph, parts=cfg.parts, partitioning=cfg.partition, rank=t.trainer_rank,
                      num_nodes=int(t.g.num_nodes()), model=cfg.model, source="live DistDGL training")
         self.episode = PrefetchEpisode(t.buffer, self.k, t.total_minibatches, t.halo_ids.size, cfg.fanouts,
-                                       cfg.batch_size, reward=self.reward, facts=facts)
+                                       cfg.batch_size, reward=self.reward, facts=facts, ranking=self.ranking,
+                                       lookahead=t.lookahead, upcoming=lambda done, h: t.upcoming_seeds(h),
+                                       horizon=self.lookahead_horizon, discount=self.lookahead_discount)
         obs, info = self.episode.observe()
         self.env_overhead_s = time.perf_counter() - t0
         self._observed_at = time.perf_counter()
@@ -119,7 +126,8 @@ class LiveEnv(gym.Env):
                 self.trace.add_minibatch(minibatch=rec.index, epoch=rec.epoch, remote_ids=rec.remote_ids,
                                          local_rows=rec.local_rows, sample_s=rec.sample_s, fetch_s=rec.fetch_s,
                                          compute_s=rec.compute_s, fetch_rows=rec.fetch_rows, hits=rec.step.hits,
-                                         remote_fetched=rec.step.remote_fetched, prefetched=rec.step.prefetched)
+                                         remote_fetched=rec.step.remote_fetched, prefetched=rec.step.prefetched,
+                                         seeds=rec.seeds)
             overhead += time.perf_counter() - t1
         t2 = time.perf_counter()
         if ep.done:

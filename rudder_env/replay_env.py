@@ -45,14 +45,17 @@ class ReplayEnv(gym.Env):
     ## Arguments
     ``trace`` (folder or :class:`traces.Trace`), ``rank`` (trainer rank in the trace), ``candidates`` (K),
     ``reward``, and buffer overrides ``buffer_fraction``, ``buffer_init`` (``recorded``, ``degree``, ``random``,
-    ``empty``), ``alpha``, ``period``, ``admit_on_miss`` (default: the recorded run's).
+    ``empty``), ``alpha``, ``period``, ``admit_on_miss`` (default: the recorded run's); ``ranking``
+    (``"misses"``, or ``"lookahead"`` when the trace recorded seeds and partition structure: see
+    :class:`~rudder_env.episode.PrefetchEpisode`) with ``lookahead_horizon`` and ``lookahead_discount``.
     """
 
     metadata = {"render_modes": []}
 
     def __init__(self, trace, rank: int = 0, candidates: int | None = None, reward: str = "traffic",
                  buffer_fraction: float | None = None, buffer_init: str = "recorded", alpha: float | None = None,
-                 period: int | None = None, admit_on_miss: bool | None = None):
+                 period: int | None = None, admit_on_miss: bool | None = None, ranking: str = "misses",
+                 lookahead_horizon: int = 64, lookahead_discount: float = 0.95):
         from traces import Trace
 
         self.trace = trace if isinstance(trace, Trace) else Trace(trace)
@@ -90,6 +93,18 @@ class ReplayEnv(gym.Env):
             local, remote = np.append(local, 0), np.append(remote, rmeta["initial_fill_rows"])
             secs = np.append(secs, rmeta["initial_fill_s"])
         self.time_model = FetchTimeModel.fit(local, remote, secs)
+        self.ranking = ranking
+        self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
+        self._lookahead = None
+        if ranking == "lookahead":
+            from rudder_env.lookahead import SamplerLookahead
+
+            self._lookahead = SamplerLookahead.from_static(self.rank_trace.static, self.num_nodes)
+            self._seeds = self.rank_trace.minibatch_seeds()
+            if self._lookahead is None or self._seeds is None:
+                raise ValueError(f"ranking='lookahead' needs a trace recorded with seeds and partition structure; "
+                                 f"{self.trace.directory} has none (re-record it with this rudder)")
+            self._epochs = table["epoch"].to_numpy()
         self.observation_space = observation_space(self.k)
         self.action_space = action_space(self.k)
         self.episode: PrefetchEpisode | None = None
@@ -111,7 +126,9 @@ class ReplayEnv(gym.Env):
         facts = dict(graph=run.get("graph"), parts=run.get("parts"), partitioning=run.get("partition"),
                      rank=self.rank, num_nodes=self.num_nodes, source=f"trace {self.trace.directory}")
         self.episode = PrefetchEpisode(self._new_buffer(), self.k, len(self._ids), self.halo_ids.size,
-                                       self.fanouts, self.batch_size, reward=self.reward, facts=facts)
+                                       self.fanouts, self.batch_size, reward=self.reward, facts=facts,
+                                       ranking=self.ranking, lookahead=self._lookahead, upcoming=self._upcoming,
+                                       horizon=self.lookahead_horizon, discount=self.lookahead_discount)
         obs, info = self.episode.observe()
         info["time_model"] = self.time_model.as_dict()
         return obs, info
@@ -154,6 +171,19 @@ class ReplayEnv(gym.Env):
         obs, info = ep.observe()
         info["applied_ids"] = np.concatenate(late) if late else np.zeros(0, dtype=np.int64)
         return obs, reward, ep.done, False, info
+
+    def _upcoming(self, done: int, horizon: int) -> list[np.ndarray]:
+        """Seeds of the next ``horizon`` minibatches that the live trainer knew after ``done`` minibatches: those of
+        the epoch it was in (DGL shuffles an epoch's seeds when the epoch starts)."""
+        if self._seeds is None or done >= len(self._seeds):
+            return []
+        epoch = self._epochs[max(done - 1, 0)]
+        out = []
+        for j in range(done, min(done + horizon, len(self._seeds))):
+            if self._epochs[j] != epoch:
+                break
+            out.append(self._seeds[j])
+        return out
 
     @property
     def live_seconds_per_minibatch(self) -> float:

@@ -38,6 +38,7 @@ class MinibatchRecord:
     compute_s: float
     step: StepResult  # what the buffer did
     loss: float
+    seeds: np.ndarray  # the minibatch's seed (output) node ids
 
 
 @dataclass
@@ -64,10 +65,12 @@ class DistTrainer:
         part_config: the partition config JSON (to find the original node ids for ``--verify-rows``).
         use_buffer: False keeps no buffer (capacity 0: no prefetch).
         static_buffer: True disables admit-on-miss (the buffer never changes after the initial fill).
+        admit_on_miss: the agent's own choice of admit-on-miss, overriding ``--admit-on-miss``.
     """
 
     def __init__(self, cfg, trainer_rank: int, graph_name: str, ip_config: str, master: str, meta: dict,
-                 part_config: str = "", use_buffer: bool = True, static_buffer: bool = False):
+                 part_config: str = "", use_buffer: bool = True, static_buffer: bool = False,
+                 admit_on_miss: bool | None = None):
         self.cfg = cfg
         self.trainer_rank = trainer_rank
         self.meta = meta
@@ -90,8 +93,9 @@ class DistTrainer:
         self.feat = self.g.ndata["feat"]
         self.labels = self.g.ndata["label"]
         self.halo_ids, self.halo_degree = self._halo()
+        self.lookahead = self._lookahead()
         self.capacity = int(round(cfg.buffer_fraction * self.halo_ids.size)) if use_buffer else 0
-        self.admit_on_miss = cfg.admit_on_miss and not static_buffer
+        self.admit_on_miss = (cfg.admit_on_miss if admit_on_miss is None else admit_on_miss) and not static_buffer
         self.started = False
         self.start(cfg.seed)
 
@@ -116,6 +120,7 @@ class DistTrainer:
                                      admit_on_miss=self.admit_on_miss)
         self.initial_ids = self._initial_fill(cfg.buffer_init)
         self.minibatch_index = 0
+        self._begin_epoch()
         self.started = True
 
     # ------------------------------------------------------------------ setup helpers
@@ -127,6 +132,16 @@ class DistTrainer:
         degree = np.bincount(indices.numpy(), minlength=lp.num_nodes())  # out-degree: in-edges of inner nodes
         halo_local = np.flatnonzero(~inner)
         return lp.ndata[dgl.NID].numpy()[halo_local].astype(np.int64), degree[halo_local]
+
+    def _lookahead(self):
+        """The partition's structure around this trainer's seeds, for sampler lookahead."""
+        from rudder_env.lookahead import SamplerLookahead
+
+        lp = self.g.local_partition
+        indptr, indices, _ = lp.adj_tensors("csc")
+        return SamplerLookahead.from_partition(
+            self.g.num_nodes(), lp.ndata[dgl.NID].numpy(), lp.ndata["inner_node"].bool().numpy(), indptr.numpy(),
+            indices.numpy(), self.train_nid.numpy(), self.cfg.fanouts)
 
     def _initial_fill(self, how: str) -> np.ndarray:
         ids = initial_ids(how, self.halo_ids, self.halo_degree, self.buffer.capacity,
@@ -167,7 +182,7 @@ class DistTrainer:
         record = MinibatchRecord(epoch=epoch, index=self.minibatch_index, remote_ids=remote_ids,
                                  local_rows=int(local_ids.size), sample_s=0.0, fetch_s=t_compute - t_fetch,
                                  fetch_rows=int(local_ids.size + to_pull.size), compute_s=t_end - t_compute,
-                                 step=step, loss=float(loss.detach()))
+                                 step=step, loss=float(loss.detach()), seeds=seeds.numpy())
         self.minibatch_index += 1
         return record
 
@@ -184,17 +199,30 @@ class DistTrainer:
         orig = torch.from_numpy(self._orig_nids[input_nodes.numpy()]).to(x.dtype)
         v["rows_col0_not_orig_id"] += int((x[:, 0] != orig).sum())
 
+    def _begin_epoch(self) -> None:
+        """Shuffle the next epoch's seeds now (DGL's loader does it in ``iter``), so their order is known ahead."""
+        self._epoch_iter = iter(self.loader)
+        order = self.train_nid[self.loader.data_idx]
+        self._epoch_order = order.numpy() if hasattr(order, "numpy") else np.asarray(order)
+        self._epoch_first = self.minibatch_index
+
+    def upcoming_seeds(self, horizon: int) -> list[np.ndarray]:
+        """Seed ids of the next ``horizon`` minibatches, as far as the current epoch's shuffled order goes."""
+        b = self.cfg.batch_size
+        first = self.minibatch_index - self._epoch_first
+        last = min(first + horizon, self.minibatches_per_epoch)
+        return [self._epoch_order[i * b:(i + 1) * b] for i in range(first, last)]
+
     def minibatches(self):
         """Train ``cfg.epochs`` epochs, yielding a :class:`MinibatchRecord` after each minibatch."""
         for epoch in range(self.cfg.epochs):
             t_epoch = time.perf_counter()
-            it = iter(self.loader)
-            while True:
+            if epoch > 0:
+                self._begin_epoch()
+            it = self._epoch_iter
+            for i in range(self.minibatches_per_epoch):
                 t0 = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
+                batch = next(it)
                 sample_s = time.perf_counter() - t0
                 record = self.train_step(epoch, batch)
                 record.sample_s = sample_s

@@ -13,6 +13,7 @@ from gymnasium.utils.env_checker import check_env
 from gymnasium.wrappers import FlattenObservation
 
 import rudder_env  # noqa: F401  (registers the environments)
+from agents.heuristic import Lookahead
 from baselines.policies import Periodic, StaticBuffer
 from rudder_env.wrappers import Budget, EvictOrKeep
 from traces import Trace, TraceError
@@ -22,21 +23,31 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_dist import free_port_block  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """A real 2-partition run with the periodic agent, recorded, with check_env run on each trainer's live env."""
-    out = tmp_path_factory.mktemp("live")
-    cache = str(tmp_path_factory.mktemp("cache"))
+def record_live(tmp_path_factory, agent, *extra):
+    out = tmp_path_factory.mktemp(f"live-{agent}")
+    cache = str(tmp_path_factory.getbasetemp() / "cache")
     trace = out / "trace"
     summary = out / "run.json"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "gnn", "--graph", "synth-tiny", "--parts", "2",
            "--epochs", "2", "--batch-size", "100", "--fanout", "3,5", "--period", "4", "--candidates", "64",
-           "--agent", "periodic", "--check-env", "--trace", str(trace), "--summary", str(summary),
+           "--agent", agent, *extra, "--trace", str(trace), "--summary", str(summary),
            "--port", str(free_port_block())]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(trace=str(trace), summary=json.loads(summary.read_text()))
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A real 2-partition run with the periodic agent, recorded, with check_env run on each trainer's live env."""
+    return record_live(tmp_path_factory, "periodic", "--check-env")
+
+
+@pytest.fixture(scope="module")
+def live_lookahead(tmp_path_factory):
+    """A real run with the lookahead agent (seed order, partition structure, admit-on-miss by predicted need)."""
+    return record_live(tmp_path_factory, "lookahead")
 
 
 def play(env, agent, seed=0):
@@ -55,13 +66,16 @@ def test_live_env_passes_check_env_on_every_trainer(live):
     assert [r["check_env"] for r in live["summary"]["ranks"]] == ["passed", "passed"]
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_replay_of_a_live_run_is_exact(live, rank):
+@pytest.mark.parametrize("agent, rank", [("periodic", 0), ("periodic", 1), ("lookahead", 0), ("lookahead", 1)])
+def test_replay_of_a_live_run_is_exact(agent, rank, request):
+    live = request.getfixturevalue("live" if agent == "periodic" else "live_lookahead")
     trace = Trace(live["trace"])
     rt = trace.rank(rank)
     table = rt.table()
-    env = gym.make("rudder/Replay-v0", trace=live["trace"], rank=rank)
-    windows, applied, counters = play(env, Periodic())
+    player = Periodic() if agent == "periodic" else Lookahead()
+    env = gym.make("rudder/Replay-v0", trace=live["trace"], rank=rank, ranking=getattr(player, "ranking", "misses"),
+                   admit_on_miss=getattr(player, "admit_on_miss", None))
+    windows, applied, counters = play(env, player)
     period = trace.meta["config"]["period"]
     assert len(windows) == -(-len(table) // period)
     for w, (start, window) in zip(windows, table.groupby(np.arange(len(table)) // period)):
@@ -76,7 +90,7 @@ def test_replay_of_a_live_run_is_exact(live, rank):
     live_rank = live["summary"]["ranks"][rank]
     for key in ("remote_sampled", "hits", "remote_fetched", "prefetched"):
         assert getattr(counters, key) == live_rank[key], key
-    assert live_rank["prefetched"] > live_rank["initial_fill"]  # decisions mattered
+    assert live_rank["prefetched"] > live_rank["initial_fill"] or live_rank["admitted_on_miss"] > 0  # it mattered
 
 
 def test_replay_env_checks_and_is_deterministic(live):

@@ -27,6 +27,8 @@ from .schema import (
     MINIBATCH_COLUMNS,
     RANK_FILE,
     REMOTE_IDS,
+    SEED_COUNT,
+    SEED_IDS,
     SCHEMA,
     STATIC_FILE,
     TRACE_FILE,
@@ -160,6 +162,7 @@ class RankTrace:
         self.meta: dict = _dict_field(header, "meta", path)
         self._static: dict[str, np.ndarray] | None = None
         self._minibatch_ids: list[np.ndarray] | None = None
+        self._minibatch_seeds: list[np.ndarray] | None = None
 
     @property
     def static(self) -> dict[str, np.ndarray]:
@@ -177,6 +180,28 @@ class RankTrace:
                     ids.extend(np.split(chunk.ids, chunk.id_offsets[1:-1]))
             self._minibatch_ids = ids
         return self._minibatch_ids
+
+    def minibatch_seeds(self) -> list[np.ndarray] | None:
+        """Every minibatch's seed ids (sorted int64), or None when the recording did not store them."""
+        if self._minibatch_seeds is None:
+            seeds: list[np.ndarray] = []
+            for index in range(self.num_chunks):
+                path = self.directory / chunk_file_name(index)
+                with np.load(path, allow_pickle=False) as npz:
+                    if SEED_COUNT not in npz.files:
+                        if "minibatch" in npz.files and npz["minibatch"].size == 0:
+                            continue  # a decisions-only last chunk
+                        return None
+                    counts, codes = npz[SEED_COUNT].astype(np.int64), npz[SEED_IDS]
+                if codes.size != counts.sum():
+                    raise TraceError(f"field {SEED_IDS!r} in {path}: expected {counts.sum()} ids (sum of "
+                                     f"{SEED_COUNT}), got {codes.size}")
+                seeds.extend(np.split(delta_decode(codes, counts), np.cumsum(counts)[:-1]))
+            if len(seeds) != self.num_minibatches:
+                raise TraceError(f"{self.directory}: {len(seeds)} minibatches have seeds, expected "
+                                 f"{self.num_minibatches}")
+            self._minibatch_seeds = seeds
+        return self._minibatch_seeds
 
     def iter_minibatches(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         """Yield ``(row, ids)`` per minibatch in order, one chunk in memory at a time: ``row`` maps the

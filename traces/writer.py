@@ -24,6 +24,8 @@ from .schema import (
     MINIBATCH_COLUMNS,
     RANK_FILE,
     REMOTE_IDS,
+    SEED_COUNT,
+    SEED_IDS,
     SCHEMA,
     STATIC_FILE,
     TMP_SUFFIX,
@@ -84,6 +86,8 @@ class TraceWriter:
         self._chunks = 0
         self._minibatches = 0
         self._remote_ids = 0
+        self._with_seeds: bool | None = None
+        self._pending_seeds: list[np.ndarray] = []
         self._decisions = 0
         self._chunk_bytes = 0
         self._next_minibatch: int | None = None  # index the next add_minibatch must carry
@@ -114,14 +118,15 @@ class TraceWriter:
 
     def add_minibatch(self, *, minibatch: int, epoch: int, remote_ids: np.ndarray, local_rows: int, sample_s: float,
                       fetch_s: float, compute_s: float, fetch_rows: int, hits: int, remote_fetched: int,
-                      prefetched: int) -> None:
+                      prefetched: int, seeds: np.ndarray | None = None) -> None:
         """Record one minibatch; writes a chunk when ``chunk_minibatches`` are pending.
 
         ``minibatch`` is the global minibatch index over the run (consecutive: each call one more than the last);
         ``remote_ids`` are all remote node ids the minibatch needed, hits included, in any order (any integer dtype,
         non-negative). ``sample_s``, ``fetch_s``, ``compute_s`` are seconds; ``local_rows`` and ``fetch_rows`` are
         rows (local input rows, rows pulled over RPC); ``hits``, ``remote_fetched``, ``prefetched`` are row counts
-        as the recording run's buffer saw them.
+        as the recording run's buffer saw them. ``seeds`` (optional, but then for every minibatch of the rank) are
+        the minibatch's seed node ids, for sampler lookahead in replay.
         """
         self._check_open()
         minibatch = _check_int("minibatch", minibatch, 0, MAX_NODE_ID)
@@ -139,6 +144,12 @@ class TraceWriter:
                "prefetched": _check_int("prefetched", prefetched, 0, _INT32_MAX)}
         for name, value in row.items():
             self._pending[name].append(value)
+        if self._with_seeds is None:
+            self._with_seeds = seeds is not None
+        if self._with_seeds != (seeds is not None):
+            raise ValueError("seeds must be given for every minibatch of a rank or for none")
+        if seeds is not None:
+            self._pending_seeds.append(np.sort(_check_ids("seeds", seeds)))
         self._pending_ids.append(ids)
         self._next_minibatch = minibatch + 1
         if len(self._pending_ids) >= self.chunk_minibatches:
@@ -216,6 +227,11 @@ class TraceWriter:
         arrays = {name: np.asarray(values, dtype=MINIBATCH_COLUMNS[name]) for name, values in self._pending.items()}
         ids = np.concatenate(self._pending_ids) if n else np.zeros(0, dtype=np.int64)
         arrays[REMOTE_IDS] = delta_encode(ids, arrays["remote_count"].astype(np.int64))
+        if self._with_seeds and n:
+            counts = np.asarray([x.size for x in self._pending_seeds], dtype=np.int32)
+            arrays[SEED_COUNT] = counts
+            arrays[SEED_IDS] = delta_encode(np.concatenate(self._pending_seeds), counts.astype(np.int64))
+        self._pending_seeds.clear()
         decision_ids = self._decision_ids[:m]
         dtypes = DECISION_ARRAYS
         arrays["decision_minibatch"] = np.asarray(self._decision_minibatch[:m], dtype=dtypes["decision_minibatch"])

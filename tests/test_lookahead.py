@@ -1,0 +1,68 @@
+"""Sampler lookahead: expected remote needs from the partition's structure and the known seed order."""
+
+import numpy as np
+import pytest
+
+from rudder_env.buffer import PrefetchBuffer
+from rudder_env.lookahead import SamplerLookahead
+
+# A partition with inner nodes 0..3 (train seeds 0 and 1) and halo nodes 10, 11, 12, over 20 global ids.
+# In-edges (src -> dst): 2->0, 10->0, 11->0, 3->0   (indeg 0 = 4)
+#                        10->1                     (indeg 1 = 1)
+#                        12->2, 11->2              (indeg 2 = 2)
+#                        12->3                     (indeg 3 = 1)
+GID = np.array([0, 1, 2, 3, 10, 11, 12])
+INNER = np.array([1, 1, 1, 1, 0, 0, 0], dtype=bool)
+IN_EDGES = {0: [2, 10, 11, 3], 1: [10], 2: [12, 11], 3: [12]}  # dst local -> src local ids (local == position)
+
+
+def lookahead(fanouts):
+    local = {g: i for i, g in enumerate(GID)}
+    indptr, indices = [0], []
+    for dst in range(len(GID)):
+        indices += [local[s] for s in IN_EDGES.get(dst, [])]
+        indptr.append(len(indices))
+    return SamplerLookahead.from_partition(20, GID, INNER, np.array(indptr), np.array(indices), [0, 1], fanouts)
+
+
+def test_expected_remote_needs_by_hand():
+    # fanouts [f2, f1] = [1, 2]: seeds sample 2 in-neighbours (hop 1), the hop-1 frontier samples 1 (hop 2)
+    la = lookahead([1, 2])
+    ids, score = la.scores([np.array([0])], discount=1.0)
+    got = dict(zip(ids.tolist(), score.tolist()))
+    # hop 1 from seed 0: p = 2/4 to each of 2, 10, 11, 3 -> halo 10: 0.5, halo 11: 0.5
+    # hop 2: frontier = {0: 1, 2: 0.5, 3: 0.5}; q = 1/indeg: node 0 -> 1/4 to 10 and 11; node 2 -> 1/2 to 12, 11;
+    #        node 3 -> 1/1 to 12
+    expected = {10: 0.5 + 0.25, 11: 0.5 + 0.25 + 0.5 * 0.5, 12: 0.5 * 0.5 + 0.5 * 1.0}
+    assert got == pytest.approx(expected)
+
+
+def test_upcoming_minibatches_are_discounted_and_summed():
+    la = lookahead([1, 2])
+    ids, score = la.scores([np.array([1]), np.array([0])], discount=0.5)
+    got = dict(zip(ids.tolist(), score.tolist()))
+    # seed 1 (now): hop 1 p = min(1, 2/1) = 1 -> 10; hop 2: node 1 samples 10 with 1 -> 10 gets 2.0
+    assert got[10] == pytest.approx(2.0 + 0.5 * 0.75)
+    assert got[12] == pytest.approx(0.5 * 0.75)
+
+
+def test_static_round_trip_is_exact():
+    la = lookahead([3, 2])
+    again = SamplerLookahead.from_static(la.to_static(), 20)
+    for seeds in ([np.array([0, 1])], [np.array([1]), np.array([0])]):
+        a, b = la.scores(seeds), again.scores(seeds)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_allclose(a[1], b[1])
+    assert SamplerLookahead.from_static({"halo_ids": np.zeros(1)}, 20) is None
+
+
+def test_priority_admission_replaces_only_lower_need():
+    buf = PrefetchBuffer(capacity=2, num_nodes=20, alpha=0.5, period=2, admit_on_miss=True)
+    buf.fill([10, 11])
+    buf.set_priority([10, 11, 12, 13], [0.9, 0.1, 0.5, 0.05])
+    buf.lookup([12, 13])  # 12 beats 11 (0.5 > 0.1); 13 beats nobody
+    assert sorted(buf.resident_ids().tolist()) == [10, 12]
+    buf.set_priority([13], [2.0])  # the others drop to 0
+    buf.lookup([13])
+    assert sorted(buf.resident_ids().tolist()) in ([10, 13], [12, 13])
+    assert buf.counters.evicted == 2

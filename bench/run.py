@@ -16,6 +16,7 @@ import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = sorted(glob.glob(os.path.join(ROOT, "traces", "samples", "*")))
+OUT_DIR = os.path.join(ROOT, "bench", "results")
 
 
 def p4_replay_speed(quick: bool) -> tuple[str, pd.DataFrame]:
@@ -32,7 +33,37 @@ def p4_replay_speed(quick: bool) -> tuple[str, pd.DataFrame]:
     return text, df
 
 
-SECTIONS = {"p4": ("P4 replay speed", p4_replay_speed)}
+def p1_traffic(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import traffic
+
+    df = traffic.measure(quick)
+    df.to_csv(os.path.join(OUT_DIR, "p1_traffic.csv"), index=False)
+    traffic.plot(df, os.path.join(OUT_DIR, "p1_traffic.png"))
+    return traffic.summarise(df)
+
+
+def p2_end_to_end(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import end_to_end
+
+    df = end_to_end.measure(quick)
+    df.to_csv(os.path.join(OUT_DIR, "p2_end_to_end.csv"), index=False)
+    return end_to_end.summarise(df)
+
+
+def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import end_to_end
+
+    text, df = end_to_end.llm_hidden_latency(quick)
+    df.to_csv(os.path.join(OUT_DIR, "p3_llm_latency.csv"), index=False)
+    return text, df
+
+
+SECTIONS = {
+    "p1": ("P1 traffic against Belady MIN", p1_traffic),
+    "p2": ("P2 end-to-end training time, P3 env overhead, memory", p2_end_to_end),
+    "p3": ("P3 hidden LLM latency", p3_llm_latency),
+    "p4": ("P4 replay speed", p4_replay_speed),
+}
 
 
 def main(argv=None) -> int:
@@ -48,6 +79,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     cmd = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    os.makedirs(OUT_DIR, exist_ok=True)
     lines = ["# rudder benchmarks", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"- machine: {platform.node()}, {os.cpu_count()} cores, "
              f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
@@ -60,6 +92,8 @@ def main(argv=None) -> int:
         print(f"\n## {title}\n{text}\n{df.to_string(index=False)}", flush=True)
         lines += [f"## {title}", "", text, "", df.to_markdown(index=False, floatfmt=".3g"), "",
                   f"({time.perf_counter() - t0:.0f} s)", ""]
+        with open(args.out, "w") as f:  # keep what is done if a later section fails
+            f.write("\n".join(lines))
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print(f"\nwrote {args.out}")

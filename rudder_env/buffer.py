@@ -289,6 +289,10 @@ class PrefetchBuffer:
         self._priority_ids = np.asarray(ids, dtype=np.int64)
         self.priority[self._priority_ids] = values
 
+    def set_dense_priority(self, priority: np.ndarray) -> None:
+        """Use ``priority`` (one value per node id, kept by the caller and read live) as the predicted need."""
+        self.priority = priority
+
     def priority_victims(self) -> np.ndarray:
         """Slots in eviction order under the priority: empty first, then lowest priority, then least recent."""
         key = np.where(self.slot_ids == EMPTY, -1.0, self.priority[np.maximum(self.slot_ids, 0)])

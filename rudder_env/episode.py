@@ -38,8 +38,8 @@ class PrefetchEpisode:
 
     def __init__(self, buffer: PrefetchBuffer, k: int, total_minibatches: int, halo_nodes: int,
                  fanouts: list[int], batch_size: int, reward: str = "traffic", facts: dict | None = None,
-                 ranking: str = "misses", lookahead=None, upcoming=None, horizon: int = 64,
-                 discount: float = 0.95):
+                 ranking: str = "misses", lookahead=None, upcoming=None, horizon: int = 32,
+                 discount: float = 0.8):
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}: expected one of {', '.join(REWARDS)}")
         if k < 1:
@@ -56,6 +56,8 @@ class PrefetchEpisode:
         self.discount = discount
         self._victims = None
         self._n_evictable = 0
+        if ranking == "lookahead":
+            self._need = _PredictedNeed(buffer, lookahead, upcoming, horizon, discount)
         self.buffer = buffer
         self.k = k
         self.total_minibatches = total_minibatches
@@ -78,6 +80,13 @@ class PrefetchEpisode:
     @property
     def done(self) -> bool:
         return self.minibatches >= self.total_minibatches
+
+    def before_minibatch(self) -> None:
+        """Called by the envs before each minibatch's lookup: under lookahead ranking, refresh the predicted need
+        that admission on miss and eviction use, to the minibatches *after* this one (this one's rows are needed
+        now either way)."""
+        if self.ranking == "lookahead":
+            self._need.advance(self.minibatches)
 
     def record(self, remote_ids: np.ndarray, local_rows: int, step: StepResult, sample_s: float, fetch_s: float,
                compute_s: float) -> None:
@@ -122,7 +131,6 @@ class PrefetchEpisode:
         """Candidates: non-residents most needed soon; victims: residents least needed soon (then least recent)."""
         buf, k = self.buffer, self.k
         ids, need = self.lookahead.scores(self.upcoming(self.minibatches, self.horizon), self.discount)
-        buf.set_priority(ids, need)  # admission on miss and eviction follow the predicted need too
         resident = buf.slot_of[ids] != EMPTY
         cand, cand_need = ids[~resident], need[~resident]
         order = np.lexsort((cand, -cand_need))[:k]
@@ -130,6 +138,7 @@ class PrefetchEpisode:
         self._candidate_counts = np.zeros(k, dtype=np.float32)
         self.candidate_ids[: order.size] = cand[order]
         self._candidate_counts[: order.size] = cand_need[order]
+        self._need.advance(self.minibatches)
         self._victims = buf.priority_victims()
         slot_need = np.where(buf.slot_ids == EMPTY, -1.0, buf.priority[np.maximum(buf.slot_ids, 0)])
         # a candidate "has a slot" when it is needed more than the resident it would replace
@@ -147,3 +156,44 @@ class PrefetchEpisode:
         self.last_window, self.window = w, WindowStats()
         self.windows += 1
         return float(reward), w
+
+
+class _PredictedNeed:
+    """The buffer's priority under lookahead: ``sum_i discount**i * need_{m+i}`` over the known minibatches after
+    the current one ``m`` (``i = 1 .. horizon-1``), kept up to date minibatch by minibatch.
+
+    Each minibatch's expected remote needs are computed once, when it enters the horizon; the sum slides by
+    subtracting the minibatch that leaves and adding those that enter. Weights are ``discount**j`` for absolute
+    minibatch ``j`` (the same factor for every node at a given time, so the order is unchanged), rescaled now and
+    then to stay in range.
+    """
+
+    def __init__(self, buffer, lookahead, upcoming, horizon: int, discount: float):
+        self.buffer, self.lookahead, self.upcoming = buffer, lookahead, upcoming
+        self.horizon, self.discount = horizon, discount
+        self.need = np.zeros(buffer.num_nodes, dtype=np.float64)
+        self.included: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # minibatch -> (ids, weighted needs)
+        self.base = 0  # weights are discount ** (j - base)
+        self.at = -1
+
+    def advance(self, m: int) -> None:
+        if m == self.at:
+            return
+        self.at = m
+        for j in [j for j in self.included if j <= m]:
+            ids, w = self.included.pop(j)
+            self.need[ids] -= w
+        if m - self.base > 200:  # rescale before discount ** (j - base) underflows
+            scale = self.discount ** -(m - self.base)
+            self.need *= scale
+            self.included = {j: (ids, w * scale) for j, (ids, w) in self.included.items()}
+            self.base = m
+        for i, seeds in enumerate(self.upcoming(m, self.horizon)):
+            j = m + i
+            if i == 0 or j in self.included:
+                continue
+            ids, need = self.lookahead.scores([seeds], 1.0)
+            w = need * self.discount ** (j - self.base)
+            self.need[ids] += w
+            self.included[j] = (ids, w)
+        self.buffer.set_dense_priority(self.need)

@@ -46,7 +46,7 @@ class LiveEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, trainer, candidates: int = DEFAULT_CANDIDATES, reward: str = "traffic", trace=None,
-                 ranking: str = "misses", lookahead_horizon: int = 64, lookahead_discount: float = 0.95):
+                 ranking: str = "misses", lookahead_horizon: int = 32, lookahead_discount: float = 0.8):
         self.trainer = trainer
         self.k = int(candidates)
         self.reward = reward
@@ -118,6 +118,7 @@ class LiveEnv(gym.Env):
                     late.append(ep.apply(ids))
                     if self.trace is not None:
                         self.trace.add_decision(minibatch=ep.minibatches, ids=late[-1], latency_s=latency_s)
+            ep.before_minibatch()
             overhead += time.perf_counter() - t1
             rec = next(self._records)
             t1 = time.perf_counter()

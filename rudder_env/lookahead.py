@@ -34,10 +34,13 @@ class SamplerLookahead:
         train_indptr, train_src: CSR over ``train_ids`` of in-neighbours that are inner nodes (global ids).
         halo_indptr, halo_src: CSR over ``inner_ids`` of in-neighbours that are halo nodes (global ids).
         fanouts: the sampler's fanouts, input layer first (DGL's order).
+        halo_in: optional ``(in_degree, indptr, src)``: for each halo node (in ``unique(halo_src)`` order) its full
+            in-degree and its *remote* in-neighbours (CSR, global ids), fetched once from the graph servers. With
+            it the lookahead also sees the second hop through halo nodes.
     """
 
     def __init__(self, num_nodes: int, inner_ids, in_degree, train_ids, train_indptr, train_src, halo_indptr,
-                 halo_src, fanouts):
+                 halo_src, fanouts, halo_in=None):
         self.num_nodes = int(num_nodes)
         self.inner_ids = np.asarray(inner_ids, dtype=np.int64)
         self.in_degree = np.asarray(in_degree, dtype=np.int64)
@@ -60,10 +63,29 @@ class SamplerLookahead:
         halo_rows = np.repeat(np.arange(n_inner), np.diff(self.halo_indptr))
         p_inner_f1 = np.minimum(1.0, f1 / np.maximum(self.in_degree, 1))
         p_inner_f2 = np.minimum(1.0, f2 / np.maximum(self.in_degree, 1)) if f2 else np.zeros(n_inner)
-        self._inner_to_halo_f1 = sp.csr_matrix((p_inner_f1[halo_rows], (halo_rows, halo_col)),
-                                               shape=(n_inner, self.halo_ids.size))
-        self._inner_to_halo_f2 = sp.csr_matrix((p_inner_f2[halo_rows], (halo_rows, halo_col)),
-                                               shape=(n_inner, self.halo_ids.size))
+        self.halo_in = None
+        if halo_in is not None:
+            degree, indptr, src = (np.asarray(a, dtype=np.int64) for a in halo_in)
+            if degree.size != self.halo_ids.size or indptr.size != self.halo_ids.size + 1:
+                raise ValueError(f"halo_in covers {degree.size} halo nodes, expected {self.halo_ids.size}")
+            self.halo_in = (degree, indptr, src)
+            self.remote_ids = np.union1d(self.halo_ids, src)  # every remote node the lookahead can score
+        else:
+            self.remote_ids = self.halo_ids
+        n_remote = self.remote_ids.size
+        halo_pos = np.searchsorted(self.remote_ids, self.halo_ids)
+        self._inner_to_remote_f1 = sp.csr_matrix((p_inner_f1[halo_rows], (halo_rows, halo_pos[halo_col])),
+                                                 shape=(n_inner, n_remote))
+        self._inner_to_remote_f2 = sp.csr_matrix((p_inner_f2[halo_rows], (halo_rows, halo_pos[halo_col])),
+                                                 shape=(n_inner, n_remote))
+        self._halo_to_remote_f2 = None
+        if self.halo_in is not None and f2:
+            degree, indptr, src = self.halo_in
+            rows2 = np.repeat(np.arange(self.halo_ids.size), np.diff(indptr))
+            q = np.minimum(1.0, f2 / np.maximum(degree, 1))
+            self._halo_to_remote_f2 = sp.csr_matrix((q[rows2], (rows2, np.searchsorted(self.remote_ids, src))),
+                                                    shape=(self.halo_ids.size, n_remote))
+        self._halo_pos = halo_pos
         self._train_pos = train_pos
 
     # ------------------------------------------------------------------ building and storing
@@ -106,11 +128,16 @@ class SamplerLookahead:
         inner_pos = np.searchsorted(self.inner_ids, self.train_src)
         halo_pos = np.searchsorted(self.halo_ids, self.halo_src)
         train_counts, halo_counts = np.diff(self.train_indptr), np.diff(self.halo_indptr)
-        return dict(la_inner_ids=_pack(self.inner_ids), la_in_degree=_small(self.in_degree),
-                    la_train_ids=_pack(self.train_ids), la_train_count=_small(train_counts),
-                    la_train_src=_pack_rows(inner_pos, train_counts), la_halo_ids=_pack(self.halo_ids),
-                    la_halo_count=_small(halo_counts), la_halo_src=_pack_rows(halo_pos, halo_counts),
-                    la_fanouts=np.asarray(self.fanouts, dtype=np.int32))
+        out = dict(la_inner_ids=_pack(self.inner_ids), la_in_degree=_small(self.in_degree),
+                   la_train_ids=_pack(self.train_ids), la_train_count=_small(train_counts),
+                   la_train_src=_pack_rows(inner_pos, train_counts), la_halo_ids=_pack(self.halo_ids),
+                   la_halo_count=_small(halo_counts), la_halo_src=_pack_rows(halo_pos, halo_counts),
+                   la_fanouts=np.asarray(self.fanouts, dtype=np.int32))
+        if self.halo_in is not None:
+            degree, indptr, src = self.halo_in
+            counts = np.diff(indptr)
+            out.update(la_hin_degree=_small(degree), la_hin_count=_small(counts), la_hin_src=_pack_rows(src, counts))
+        return out
 
     @classmethod
     def from_static(cls, static: dict, num_nodes: int) -> SamplerLookahead | None:
@@ -122,8 +149,31 @@ class SamplerLookahead:
         halo_counts = static["la_halo_count"].astype(np.int64)
         train_src = inner_ids[_unpack_rows(static["la_train_src"], train_counts)]
         halo_src = halo_ids[_unpack_rows(static["la_halo_src"], halo_counts)]
+        halo_in = None
+        if "la_hin_degree" in static:
+            counts = static["la_hin_count"].astype(np.int64)
+            halo_in = (static["la_hin_degree"], _indptr(counts), _unpack_rows(static["la_hin_src"], counts))
         return cls(num_nodes, inner_ids, static["la_in_degree"].astype(np.int64), _unpack(static["la_train_ids"]),
-                   _indptr(train_counts), train_src, _indptr(halo_counts), halo_src, static["la_fanouts"])
+                   _indptr(train_counts), train_src, _indptr(halo_counts), halo_src, static["la_fanouts"],
+                   halo_in=halo_in)
+
+    def with_halo_in_edges(self, src, dst, partition_of) -> SamplerLookahead:
+        """A copy that also knows the halo nodes' in-edges: ``src -> dst`` (global ids; every in-edge of every
+        halo node, e.g. from ``dgl.distributed.sample_neighbors(g, halo_ids, -1)``); ``partition_of(ids)`` tells
+        which in-neighbours are remote (owned by another partition than the inner nodes')."""
+        src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+        row = np.searchsorted(self.halo_ids, dst)
+        ok = (row < self.halo_ids.size) & (self.halo_ids[np.minimum(row, self.halo_ids.size - 1)] == dst)
+        row, src = row[ok], src[ok]
+        degree = np.bincount(row, minlength=self.halo_ids.size)
+        own = partition_of(self.inner_ids[:1])[0] if self.inner_ids.size else -1
+        remote = partition_of(src) != own
+        row, src = row[remote], src[remote]
+        order = np.lexsort((src, row))
+        counts = np.bincount(row, minlength=self.halo_ids.size)
+        return SamplerLookahead(self.num_nodes, self.inner_ids, self.in_degree, self.train_ids, self.train_indptr,
+                                self.train_src, self.halo_indptr, self.halo_src, self.fanouts,
+                                halo_in=(degree, _indptr(counts), src[order]))
 
     # ------------------------------------------------------------------ scoring
     def scores(self, upcoming: list[np.ndarray], discount: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
@@ -143,9 +193,12 @@ class SamplerLookahead:
         frontier[self._train_pos] += x  # the seeds are in the hop-1 frontier too
         seed_inner = np.zeros(self.inner_ids.size)
         seed_inner[self._train_pos] = x
-        score = self._inner_to_halo_f1.T @ seed_inner + self._inner_to_halo_f2.T @ frontier
+        hop1 = self._inner_to_remote_f1.T @ seed_inner  # remote (halo) in-neighbours of the seeds
+        score = hop1 + self._inner_to_remote_f2.T @ frontier
+        if self._halo_to_remote_f2 is not None:  # second hop through the halo nodes sampled at the first
+            score += self._halo_to_remote_f2.T @ hop1[self._halo_pos]
         keep = score > 0
-        return self.halo_ids[keep], score[keep].astype(np.float32)
+        return self.remote_ids[keep], score[keep].astype(np.float32)
 
 
 def _small(values: np.ndarray) -> np.ndarray:

@@ -55,7 +55,7 @@ class ReplayEnv(gym.Env):
     def __init__(self, trace, rank: int = 0, candidates: int | None = None, reward: str = "traffic",
                  buffer_fraction: float | None = None, buffer_init: str = "recorded", alpha: float | None = None,
                  period: int | None = None, admit_on_miss: bool | None = None, ranking: str = "misses",
-                 lookahead_horizon: int = 64, lookahead_discount: float = 0.95):
+                 lookahead_horizon: int = 32, lookahead_discount: float = 0.8):
         from traces import Trace
 
         self.trace = trace if isinstance(trace, Trace) else Trace(trace)
@@ -163,6 +163,7 @@ class ReplayEnv(gym.Env):
                 if got is not None:
                     late.append(ep.apply(got[0]))
             ids = self._ids[i]
+            ep.before_minibatch()
             _, step = ep.buffer.lookup(ids)
             fetch_s = float(self.time_model.predict(self._local_rows[i], step.remote_fetched))
             ep.record(ids, int(self._local_rows[i]), step, float(self._sample_s[i]), fetch_s,

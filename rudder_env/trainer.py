@@ -10,6 +10,7 @@ hand the buffer a prefetch set: :class:`~rudder_env.live_env.LiveEnv` steps :met
 from __future__ import annotations
 
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 
@@ -137,11 +138,19 @@ class DistTrainer:
         """The partition's structure around this trainer's seeds, for sampler lookahead."""
         from rudder_env.lookahead import SamplerLookahead
 
+        t0 = time.perf_counter()
         lp = self.g.local_partition
         indptr, indices, _ = lp.adj_tensors("csc")
-        return SamplerLookahead.from_partition(
+        la = SamplerLookahead.from_partition(
             self.g.num_nodes(), lp.ndata[dgl.NID].numpy(), lp.ndata["inner_node"].bool().numpy(), indptr.numpy(),
             indices.numpy(), self.train_nid.numpy(), self.cfg.fanouts)
+        # the halo nodes' own in-edges live on other partitions: one structure-only pull (no features)
+        frontier = dgl.distributed.sample_neighbors(self.g, torch.from_numpy(la.halo_ids), -1)
+        src, dst = frontier.edges()
+        la = la.with_halo_in_edges(src.numpy(), dst.numpy(),
+                                   lambda ids: self.pb.nid2partid(torch.from_numpy(ids)).numpy())
+        self.lookahead_setup_s = time.perf_counter() - t0
+        return la
 
     def _initial_fill(self, how: str) -> np.ndarray:
         ids = initial_ids(how, self.halo_ids, self.halo_degree, self.buffer.capacity,
@@ -267,6 +276,9 @@ class DistTrainer:
                     hit_rate=c.hits / c.remote_sampled if c.remote_sampled else 0.0,
                     epoch_time_s=[round(t, 4) for t in s.epoch_time_s], sample_s=round(s.sample_s, 4),
                     fetch_s=round(s.fetch_s, 4), compute_s=round(s.compute_s, 4),
+                    lookahead_setup_s=round(self.lookahead_setup_s, 3),
+                    buffer_bytes=int(self.buffer.rows.nbytes if self.buffer.rows is not None else 0),
+                    peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                     pid=os.getpid(), **({"verify": dict(self.verify)} if self.cfg.verify_rows else {}))
 
     def close(self) -> None:

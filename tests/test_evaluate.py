@@ -34,13 +34,14 @@ def test_shipped_samples_are_complete_small_real_traces():
 
 def test_evaluate_reports_agents_beside_the_oracles(tmp_path):
     trace = os.path.join(SAMPLES, "small-metis2-f10x25")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", trace, "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", trace, "--agents",
+                           "none,static,periodic,hitrate", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_csv(tmp_path / "results.csv")
     for col in ("agent", "trace", "rank", "remote_sampled", "hits", "remote_fetched", "prefetched"):
         assert col in df
-    assert set(df["agent"]) == {"none", "static", "periodic", "belady", "hindsight"}
+    assert set(df["agent"]) == {"none", "static", "periodic", "hitrate", "belady", "hindsight"}
     for rank, rows in df.groupby("rank"):
         by = rows.set_index("agent")
         assert by.loc["none", "remote_fetched"] == by.loc["none", "remote_sampled"]

@@ -66,3 +66,16 @@ def test_priority_admission_replaces_only_lower_need():
     buf.lookup([13])
     assert sorted(buf.resident_ids().tolist()) in ([10, 13], [12, 13])
     assert buf.counters.evicted == 2
+
+
+def test_second_hop_through_halo_nodes():
+    # halo 10's own in-edges (from the graph servers): 15 -> 10, 16 -> 10 (remote), 2 -> 10 (ours: ignored)
+    owner = lambda ids: np.where(np.asarray(ids) < 4, 0, 1)  # noqa: E731  inner nodes 0..3 are partition 0
+    la = lookahead([1, 2]).with_halo_in_edges([15, 16, 2], [10, 10, 10], owner)
+    ids, score = la.scores([np.array([0])], discount=1.0)
+    got = dict(zip(ids.tolist(), score.tolist()))
+    # hop 1 reaches halo 10 with 0.5; it then samples 1 of its 3 in-neighbours: 0.5 / 3 to each of 15 and 16
+    assert got[15] == pytest.approx(0.5 / 3) and got[16] == pytest.approx(0.5 / 3)
+    assert got[10] == pytest.approx(0.75)  # unchanged: first-hop and inner second-hop terms only
+    again = SamplerLookahead.from_static(la.to_static(), 20)
+    np.testing.assert_allclose(again.scores([np.array([0])])[1], la.scores([np.array([0])])[1])

@@ -1,0 +1,96 @@
+"""P2/P3/memory: live DistDGL training time, env overhead, hidden LLM latency and trainer memory, measured by real
+runs of ``train.py gnn`` on this host, interleaved (A B A B ...) so that drift hits every agent alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRAPH, PARTS = "synth-small", 2
+
+
+def live_run(agent: str, seed: int, epochs: int, extra=(), trace: str | None = None) -> dict:
+    """One real training run; returns the summary's per-rank rows reduced to the job: the slowest trainer's time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = os.path.join(tmp, "run.json")
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "gnn", "--graph", GRAPH, "--parts", str(PARTS),
+               "--epochs", str(epochs), "--agent", agent, "--seed", str(seed), "--summary", summary, *extra]
+        if trace:
+            cmd += ["--trace", trace]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"live run {agent} seed {seed} failed:\n{proc.stderr[-3000:]}")
+        with open(summary) as f:
+            s = json.load(f)
+    ranks = s["ranks"]
+    train_s = max(sum(r["epoch_time_s"]) for r in ranks)
+    return dict(agent=agent, seed=seed, train_s=train_s,
+                fetch_s=max(r["fetch_s"] for r in ranks), compute_s=max(r["compute_s"] for r in ranks),
+                env_overhead_s=max(r.get("env_overhead_s", 0.0) for r in ranks),
+                env_overhead_frac=max(r.get("env_overhead_s", 0.0) / max(sum(r["epoch_time_s"]), 1e-9)
+                                      for r in ranks),
+                remote_fetched=sum(r["remote_fetched"] for r in ranks),
+                remote_sampled=sum(r["remote_sampled"] for r in ranks),
+                peak_rss_mb=max(r["peak_rss_mb"] for r in ranks), buffer_mb=max(r["buffer_bytes"] for r in ranks) / 2**20,
+                decisions=max(r.get("decisions", 0) for r in ranks),
+                latency_p50_s=max(r.get("latency_p50_s", 0.0) for r in ranks),
+                asynchronous=any(r.get("asynchronous", False) for r in ranks), val_acc=s["val_acc"])
+
+
+def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True),
+            agents=("none", "static", "periodic", "lookahead")) -> pd.DataFrame:
+    seeds = (0,) if quick else (0, 1)
+    rounds = 2
+    epochs = 1 if quick else 2
+    if quick:
+        agents = ("none", "lookahead")
+    rows = []
+    for seed in seeds:
+        for rnd in range(rounds):
+            for agent in agents:  # A B A B: every round runs each agent once, in the same order
+                log(f"  live {agent} seed {seed} round {rnd + 1}/{rounds}")
+                rows.append(dict(live_run(agent, seed, epochs), round=rnd))
+    return pd.DataFrame(rows)
+
+
+def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    base = df[df["agent"] == "none"].groupby("seed")["train_s"].mean()
+    df = df.assign(train_vs_none=df["train_s"] / df["seed"].map(base))
+    table = df.groupby("agent", sort=False).agg(
+        train_s=("train_s", "mean"), train_vs_none=("train_vs_none", "mean"),
+        train_vs_none_worst=("train_vs_none", "max"), fetch_s=("fetch_s", "mean"), compute_s=("compute_s", "mean"),
+        env_overhead_pct=("env_overhead_frac", lambda v: 100 * v.max()), peak_rss_mb=("peak_rss_mb", "max"),
+        buffer_mb=("buffer_mb", "max"), fetched_vs_none=("remote_fetched", "sum"),
+        runs=("train_s", "size")).reset_index()
+    sampled = df.groupby("agent", sort=False)["remote_sampled"].sum().to_numpy()
+    table["fetched_vs_none"] = table["fetched_vs_none"] / sampled
+    others = table[table["agent"] != "none"]
+    best = others.loc[others["train_vs_none"].idxmin()] if len(others) else None
+    text = (f"best agent {best['agent']}: training time {best['train_vs_none']:.3f}x no prefetch "
+            f"(worst run {best['train_vs_none_worst']:.3f}x; target <= 0.6); env overhead at most "
+            f"{table['env_overhead_pct'].max():.2f}% of training time (target <= 3%)" if best is not None else "")
+    return text + ".", table
+
+
+def llm_hidden_latency(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True)) -> tuple[str, pd.DataFrame]:
+    """Training time with LLM decisions in the background vs the same agent with training waiting for them,
+    minus the waiting: what the run would take with its decisions applied instantly."""
+    rows = []
+    for rnd in range(1 if quick else 2):
+        for mode in ("async", "sync"):
+            log(f"  live llm ({mode}) round {rnd + 1}")
+            rows.append(dict(live_run("llm", 0, 1, extra=("--decisions", mode)), mode=mode, round=rnd))
+    df = pd.DataFrame(rows)
+    sync = df[df["mode"] == "sync"]
+    instant = (sync["train_s"] - sync["decisions"] * sync["latency_p50_s"]).mean()
+    ratio = df[df["mode"] == "async"]["train_s"].mean() / instant
+    text = (f"LLM decisions in the background: training takes {ratio:.3f}x the time of the same decisions applied "
+            f"instantly (sync run minus its decision waits; target <= 1.02x); p50 decision latency "
+            f"{df['latency_p50_s'].median():.2f} s.")
+    return text, df

@@ -2,9 +2,12 @@
 
     python train.py gnn --graph synth-tiny --parts 2 --epochs 1 --agent periodic --summary run.json
 
+    python train.py ppo --traces traces/samples/small-metis2-f10x25 --steps 40000 --out ppo.zip
+
 ``gnn`` trains a GNN with DistDGL on MPI ranks (1 graph server + ``--trainers-per-part`` trainers per partition).
 Run it plainly and it starts ``mpiexec`` itself (all ranks on this host); or start it with ``mpiexec -n N`` /
 ``srun -n N`` and every rank takes its role from its MPI rank (see README, "Running on a cluster").
+``ppo`` trains a PPO prefetch agent offline on recorded traces (:mod:`agents.ppo`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,59 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gnn = sub.add_parser("gnn", help="distributed GNN training with a prefetch buffer (DistDGL on MPI ranks)")
     add_arguments(gnn)
+    ppo = sub.add_parser("ppo", help="train a PPO prefetch agent on recorded traces (rudder/Replay-v0)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ppo.add_argument("--traces", nargs="+", required=True, metavar="DIR",
+                     help="trace folders to train on (every rank of each)")
+    ppo.add_argument("--steps", type=int, default=40_000, help="decisions (env steps) to train for, all envs together")
+    ppo.add_argument("--out", default="ppo.zip", help="policy file (.zip); a sidecar .json is written beside it")
+    ppo.add_argument("--seed", type=int, default=0, help="seed of PPO and the envs")
+    ppo.add_argument("--levels", default="0,0.25,0.5,1",
+                     help="action levels: fractions of the candidates that have an evictable slot, from 0 up to 1")
+    ppo.add_argument("--buffer-fractions", default="recorded,0.05",
+                     help="buffer sizes to train on, as fractions of the halo ('recorded': the run's own); one env "
+                          "per trace x rank x buffer size")
+    ppo.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _buffer_fractions(text: str) -> tuple[float | None, ...]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = None if part == "recorded" else float(part)
+        except ValueError:
+            value = -1.0
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError(f"--buffer-fractions takes 'recorded' or fractions in (0, 1], got {part!r}")
+        out.append(value)
+    return tuple(out)
+
+
+def train_ppo_command(args: argparse.Namespace) -> int:
+    """``train.py ppo``: train, save, then print the policy's traffic beside the baselines on the training traces."""
+    from agents.ppo import compare_with_baselines, parse_levels, train_ppo
+    from traces import Trace
+
+    levels = parse_levels(args.levels)
+    fractions = _buffer_fractions(args.buffer_fractions)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    for trace in args.traces:
+        Trace(trace)  # a clear error before any training
+    result = train_ppo(args.traces, args.steps, args.out, seed=args.seed, levels=levels,
+                       buffer_fractions=fractions, progress=not args.no_progress)
+    print(f"saved {result.path} and {result.sidecar} ({args.steps} steps, {len(result.env_specs)} envs, "
+          f"{result.wall_s:.0f} s)")
+    rows = compare_with_baselines(result.path, args.traces, fractions)
+    print("remote rows fetched on the training traces (one replay episode; random: mean of 3 seeds)")
+    print(f"{'trace':<24} {'rank':>4} {'buffer':>6} {'ppo':>10} {'periodic':>10} {'static':>10} {'random':>10} "
+          f"{'ppo/periodic':>12}")
+    for r in rows:
+        print(f"{r['trace']:<24} {r['rank']:>4} {r['buffer_fraction']:>6.2f} {r['ppo']:>10} {r['periodic']:>10} "
+              f"{r['static']:>10} {r['random']:>10.0f} {r['ppo'] / max(r['periodic'], 1):>12.4f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                 return rank_main(cfg)
             return launch(cfg, argv, script=os.path.abspath(__file__))
         except (ValueError, RuntimeError, OSError) as exc:
+            print(f"rudder: error: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "ppo":
+        try:
+            return train_ppo_command(args)
+        except (ValueError, OSError) as exc:
             print(f"rudder: error: {exc}", file=sys.stderr)
             return 2
     return 2

@@ -1,0 +1,441 @@
+"""A PPO prefetch agent: Stable-Baselines3 PPO choosing what fraction of the admissible candidates to prefetch.
+
+Every decision window the policy picks one of a few *levels*, fractions of ``j = min(n_candidates, n_evictable)``
+(the candidates that have an empty or evictable slot to replace), and the top ``round(level * j)`` ranked
+candidates are admitted. Fractions rather than counts transfer across traces and buffer sizes: level 1.0 is
+MassiveGNN's periodic policy, level 0 keeps the buffer as it is.
+
+    from agents.ppo import train_ppo, PPOAgent
+    train_ppo(["traces/samples/small-metis2-f10x25"], steps=20_000, out="ppo.zip")
+    agent = PPOAgent("ppo.zip")          # or make_agent("ppo") for the shipped agents/policies/ppo-small.zip
+
+A saved policy is two files: the SB3 model (``out``, a ``.zip``) and a sidecar ``out.json`` holding what acting
+needs besides the network (levels, K, the observation layout) and what it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.wrappers import FlattenObservation
+
+DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0)
+DEFAULT_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-small.zip")
+SIDECAR_FORMAT = "rudder-ppo-policy/1"
+OBS_EPSILON = 1e-4  # floor of the observation variance in normalisation: std >= 0.01
+OBS_CLIP = 10.0
+
+
+def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
+    """``levels`` as a tuple of floats; ``ValueError`` unless they start at 0, increase strictly and stay <= 1."""
+    try:
+        out = tuple(float(v) for v in levels)
+    except (TypeError, ValueError):
+        raise ValueError(f"levels must be numbers, got {levels!r}") from None
+    if len(out) < 2 or out[0] != 0.0 or any(b <= a for a, b in zip(out, out[1:])) or out[-1] > 1.0:
+        raise ValueError(f"levels must be at least two fractions, strictly increasing from 0 to at most 1, "
+                         f"got {list(levels)}")
+    return out
+
+
+def parse_levels(text: str) -> tuple[float, ...]:
+    """``"0,0.25,0.5,1"`` -> ``(0.0, 0.25, 0.5, 1.0)``, checked by :func:`check_levels`."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"levels must be comma-separated fractions such as 0,0.25,0.5,1, got {text!r}") from None
+    return check_levels(values)
+
+
+def admit_top(fraction: float, n_candidates: int, n_evictable: int, k: int) -> np.ndarray:
+    """The ``MultiBinary(k)`` action admitting the top ``round(fraction * min(n_candidates, n_evictable))``."""
+    j = min(int(n_candidates), int(n_evictable), k)
+    action = np.zeros(k, dtype=np.int8)
+    action[: int(round(fraction * j))] = 1
+    return action
+
+
+class FractionBudget(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """``Discrete(len(levels))`` over a prefetch env: action ``i`` admits the top ``round(levels[i] * j)``
+    candidates, ``j = min(n_candidates, n_evictable)`` at that decision.
+
+    Args:
+        env: a ``rudder/Replay-v0`` or ``rudder/Live-v0`` env (``MultiBinary(K)`` actions).
+        levels: fractions, strictly increasing from 0 (keep the buffer) to at most 1 (replace every evictable slot).
+    """
+
+    def __init__(self, env: gym.Env, levels: Sequence[float] = DEFAULT_LEVELS):
+        gym.utils.RecordConstructorArgs.__init__(self, levels=tuple(levels))
+        gym.Wrapper.__init__(self, env)
+        self.levels = check_levels(levels)
+        self.k = int(env.action_space.n)
+        self.action_space = spaces.Discrete(len(self.levels))
+        self._info: dict[str, Any] = {}
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self._info = info
+        return obs, info
+
+    def step(self, action):
+        if not self.action_space.contains(np.int64(action)):
+            raise ValueError(f"FractionBudget action must be an integer in [0, {len(self.levels)}), got {action!r}")
+        info = self._info
+        base = admit_top(self.levels[int(action)], info.get("n_candidates", 0), info.get("n_evictable", 0), self.k)
+        obs, reward, terminated, truncated, info = self.env.step(base)
+        self._info = info
+        return obs, reward, terminated, truncated, info
+
+
+class RelativeReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Training reward: the window's reward minus the reward of always playing the top level (1.0: the periodic
+    policy) in the same window, times ``scale``.
+
+    With ``reward="traffic"``, top level 1.0 and ``scale=1000`` that is remote rows saved versus periodic per 1000
+    remote rows sampled. The reference depends only on the window index, so the best policy is unchanged; it
+    removes the large, nearly constant part of the return that the value function would otherwise have to fit to
+    within the few rows in 10^4 by which the actions differ. The reference is one episode played from the first
+    ``reset`` (so with the same initial buffer as that episode).
+
+    Args:
+        env: a :class:`FractionBudget`-wrapped prefetch env.
+        scale: multiplier of the reward difference.
+    """
+
+    def __init__(self, env: FractionBudget, scale: float = 1000.0):
+        gym.utils.RecordConstructorArgs.__init__(self, scale=scale)
+        gym.Wrapper.__init__(self, env)
+        if not isinstance(env, FractionBudget):
+            raise TypeError(f"RelativeReward wraps a FractionBudget env, got {type(env).__name__}")
+        self.scale = float(scale)
+        self.reference: np.ndarray | None = None
+        self._window = 0
+
+    def reset(self, **kwargs):
+        if self.reference is None:
+            rewards, done = [], False
+            self.env.reset(**kwargs)
+            top = len(self.env.levels) - 1
+            while not done:
+                _, reward, terminated, truncated, _ = self.env.step(top)
+                rewards.append(reward)
+                done = terminated or truncated
+            self.reference = np.asarray(rewards, dtype=np.float64)
+        self._window = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        ref = self.reference[min(self._window, self.reference.size - 1)]
+        self._window += 1
+        info["env_reward"] = reward
+        return obs, (reward - ref) * self.scale, terminated, truncated, info
+
+
+def make_env(trace: str, rank: int, levels: Sequence[float] = DEFAULT_LEVELS, buffer_fraction: float | None = None,
+             seed: int = 0, buffer_init: str = "recorded", candidates: int | None = None,
+             relative_reward: float | None = None) -> gym.Env:
+    """A ``rudder/Replay-v0`` env ready for SB3: :class:`FractionBudget` actions, a flat ``Box`` observation.
+
+    The observation is the env's whole ``Dict`` flattened by ``gymnasium.spaces.flatten`` (keys in the space's
+    order, see :func:`observation_layout`).
+
+    Args:
+        trace, rank: the trace folder and trainer rank to replay.
+        levels: action levels, see :class:`FractionBudget`.
+        buffer_fraction, buffer_init, candidates: passed to ``rudder/Replay-v0`` (``None``: the recorded run's).
+        seed: seeds the action space and the first ``reset``; later resets continue that stream (so
+            ``buffer_init="random"`` gives a new random initial buffer every episode).
+        relative_reward: a scale for :class:`RelativeReward` (``None``: the env's own reward).
+    """
+    import rudder_env  # noqa: F401  (registers the environments)
+
+    env = gym.make("rudder/Replay-v0", trace=trace, rank=rank, candidates=candidates,
+                   buffer_fraction=buffer_fraction, buffer_init=buffer_init)
+    env = FractionBudget(env, levels)
+    if relative_reward is not None:
+        env = RelativeReward(env, relative_reward)
+    env = FlattenObservation(env)
+    env.action_space.seed(seed)
+    env.reset(seed=seed)
+    return env
+
+
+def observation_layout(space: spaces.Dict) -> list[list]:
+    """``[[key, size], ...]`` in the order ``gymnasium.spaces.flatten`` concatenates a ``Dict`` observation."""
+    return [[key, int(spaces.flatdim(sub))] for key, sub in space.spaces.items()]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_ppo` did: the files it wrote, each finished training episode's return (in the order the
+    episodes ended) and the wall time."""
+
+    path: str
+    sidecar: str
+    episode_returns: list[float] = field(default_factory=list)
+    episode_envs: list[int] = field(default_factory=list)  # index of the vectorised env each episode ran in
+    env_specs: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def _env_specs(traces: Sequence[str], ranks: Sequence[int] | None, buffer_fractions: Sequence[float | None],
+               buffer_inits: Sequence[str]) -> list[dict]:
+    from traces import Trace
+
+    specs = []
+    for trace in traces:
+        t = Trace(trace)
+        use = t.ranks if ranks is None else [r for r in t.ranks if r in set(ranks)]
+        if not use:
+            raise ValueError(f"{trace} has no rank among {list(ranks)} (it has {list(t.ranks)})")
+        for rank in use:
+            for fraction in buffer_fractions:
+                for init in buffer_inits:
+                    specs.append(dict(trace=str(trace), rank=int(rank), buffer_fraction=fraction, buffer_init=init))
+    return specs
+
+
+def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels: Sequence[float] = DEFAULT_LEVELS,
+              n_envs: int | None = None, progress: bool = True, buffer_fractions: Sequence[float | None] = (None,),
+              buffer_inits: Sequence[str] = ("recorded",), ranks: Sequence[int] | None = None, n_steps: int = 16,
+              batch_size: int = 64, n_epochs: int = 10, learning_rate: float = 3e-4, gamma: float = 0.99,
+              ent_coef: float = 0.0, net_arch: Sequence[int] = (32, 32),
+              relative_reward: float | None = 1000.0, normalize_observation: bool = True) -> TrainResult:
+    """Train PPO on replayed traces and save it to ``out`` (``.zip``) and ``out.json`` (the sidecar).
+
+    One env per (trace, rank, buffer fraction, buffer init), stepped together in a ``DummyVecEnv``; ``n_envs``
+    cycles through those combinations to that many envs instead (repeats run other random initial buffers when
+    ``buffer_inits`` holds ``"random"``). An episode is one trace (``total minibatches / period`` decisions), so the
+    rollout per env (``n_steps``) spans a few episodes.
+
+    Args:
+        traces: trace folders; every rank of each is used unless ``ranks`` picks some.
+        steps: total env steps (decisions) across all envs.
+        out: model path; ``.zip`` is appended if missing.
+        seed: seeds PPO, the envs and their random initial buffers.
+        levels: action levels (fractions of the admissible candidates), see :class:`FractionBudget`.
+        buffer_fractions: buffer sizes as fractions of the halo (``None``: the recorded run's).
+        buffer_inits: initial fills (``recorded``, ``degree``, ``random``, ``empty``).
+        progress: show a progress bar (tqdm + rich).
+        relative_reward: train on :class:`RelativeReward` with this scale (``None``: the env's own reward).
+        normalize_observation: standardise observations with running statistics (``VecNormalize``, variance
+            floored at ``OBS_EPSILON``); the final statistics go into the sidecar for :class:`PPOAgent`.
+        n_steps, batch_size, n_epochs, learning_rate, gamma, ent_coef, net_arch: PPO's settings (the default
+            ``net_arch`` keeps the saved zip near 0.5 MB with K=256).
+
+    Returns:
+        a :class:`TrainResult`; ``episode_returns`` sums the env's own reward whatever the training reward.
+    """
+    import stable_baselines3
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    levels = check_levels(levels)
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not traces:
+        raise ValueError("no traces to train on")
+    specs = _env_specs(traces, ranks, buffer_fractions, buffer_inits)
+    if n_envs is not None:
+        if n_envs < 1:
+            raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+        specs = [specs[i % len(specs)] for i in range(n_envs)]
+    out = out if out.endswith(".zip") else out + ".zip"
+
+    def factory(i: int, spec: dict):
+        return lambda: make_env(spec["trace"], spec["rank"], levels, spec["buffer_fraction"], seed=seed + i,
+                                buffer_init=spec["buffer_init"], relative_reward=relative_reward)
+
+    vec = DummyVecEnv([factory(i, s) for i, s in enumerate(specs)])
+    k = int(vec.envs[0].unwrapped.k)
+    dict_space = vec.envs[0].unwrapped.observation_space
+    if normalize_observation:
+        vec = VecNormalize(vec, norm_obs=True, norm_reward=False, clip_obs=OBS_CLIP, epsilon=OBS_EPSILON)
+
+    class _Returns(BaseCallback):
+        """Sums the env's own reward (not the training reward) over every finished episode."""
+
+        def __init__(self, result: TrainResult, n: int):
+            super().__init__()
+            self.result = result
+            self.running = np.zeros(n)
+
+        def _on_step(self) -> bool:
+            for i, (info, reward, done) in enumerate(zip(self.locals["infos"], self.locals["rewards"],
+                                                          self.locals["dones"])):
+                self.running[i] += info.get("env_reward", reward)
+                if done:
+                    self.result.episode_returns.append(float(self.running[i]))
+                    self.result.episode_envs.append(i)
+                    self.running[i] = 0.0
+            return True
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small MLP: more threads only contend with the replay
+    model = PPO("MlpPolicy", vec, n_steps=n_steps, batch_size=min(batch_size, n_steps * len(specs)),
+                n_epochs=n_epochs, learning_rate=learning_rate, gamma=gamma, ent_coef=ent_coef, seed=seed,
+                policy_kwargs=dict(net_arch=list(net_arch)), device="cpu", verbose=0)
+    result = TrainResult(path=out, sidecar=out[:-4] + ".json", env_specs=specs)
+    t0 = time.perf_counter()
+    try:
+        model.learn(total_timesteps=int(steps), callback=_Returns(result, len(specs)), progress_bar=progress)
+    finally:
+        torch.set_num_threads(threads)
+    result.wall_s = time.perf_counter() - t0
+    obs_norm = None
+    if normalize_observation:
+        obs_norm = dict(mean=vec.obs_rms.mean.astype(np.float32).tolist(),
+                        var=vec.obs_rms.var.astype(np.float32).tolist(), epsilon=OBS_EPSILON, clip=OBS_CLIP)
+    vec.close()
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    model.save(out)
+    sidecar = dict(
+        format=SIDECAR_FORMAT, levels=list(levels), k=k, observation=observation_layout(dict_space),
+        observation_normalization=obs_norm,
+        trained_on=sorted({os.path.basename(os.path.normpath(s["trace"])) for s in specs}),
+        envs=[dict(s, trace=os.path.basename(os.path.normpath(s["trace"]))) for s in specs],
+        steps=int(model.num_timesteps), seed=int(seed),
+        ppo=dict(n_steps=n_steps, batch_size=model.batch_size, n_epochs=n_epochs, learning_rate=learning_rate,
+                 gamma=gamma, ent_coef=ent_coef, net_arch=list(net_arch), relative_reward=relative_reward),
+        versions={"stable_baselines3": stable_baselines3.__version__, "torch": torch.__version__,
+                  "gymnasium": gym.__version__},
+        wall_s=round(result.wall_s, 2))
+    with open(result.sidecar, "w") as f:
+        json.dump(sidecar, f, indent=2)
+    return result
+
+
+def _sidecar_path(path: str) -> str:
+    return (path[:-4] if path.endswith(".zip") else path) + ".json"
+
+
+class PPOAgent:
+    """Plays a policy saved by :func:`train_ppo` (default: the shipped ``agents/policies/ppo-small.zip``).
+
+    ``act`` flattens the observation as in training, asks the network for a level and admits the top
+    ``round(level * min(n_candidates, n_evictable))`` candidates; observations are standardised with the
+    training run's statistics when it used them. An observation with a different K than the policy's is cut or
+    padded to the policy's K (missing candidates read 0, missing residents 1: no slot).
+
+    Attributes:
+        trained_on: names of the traces the policy was trained on (to mark held-out traces).
+        levels, k: the policy's action levels and candidates per decision.
+    """
+
+    name = "ppo"
+
+    def __init__(self, path: str | None = None, deterministic: bool = True):
+        from stable_baselines3 import PPO
+
+        from rudder_env.spaces import observation_space
+
+        path = path or DEFAULT_POLICY
+        sidecar = _sidecar_path(path)
+        for p in (path if path.endswith(".zip") else path + ".zip", sidecar):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"PPO policy file {p} not found (train one with: python train.py ppo)")
+        with open(sidecar) as f:
+            meta = json.load(f)
+        if meta.get("format") != SIDECAR_FORMAT:
+            raise ValueError(f"{sidecar} is not a rudder PPO sidecar ({SIDECAR_FORMAT})")
+        self.meta = meta
+        self.path = path
+        self.levels = check_levels(meta["levels"])
+        self.k = int(meta["k"])
+        self.trained_on = list(meta.get("trained_on", []))
+        self.deterministic = bool(deterministic)
+        self._space = observation_space(self.k)
+        if observation_layout(self._space) != meta["observation"]:
+            raise ValueError(f"{sidecar}: the policy's observation layout {meta['observation']} differs from this "
+                             f"rudder's {observation_layout(self._space)}")
+        # schedules are not needed to act; replacing them avoids unpickling the training-time closures
+        self.model = PPO.load(path, device="cpu", custom_objects={"learning_rate": 0.0, "lr_schedule": lambda _: 0.0,
+                                                                   "clip_range": lambda _: 0.0})
+        norm = meta.get("observation_normalization")
+        self._norm = None if norm is None else (np.asarray(norm["mean"], np.float64),
+                                                np.asarray(norm["var"], np.float64), float(norm["epsilon"]),
+                                                float(norm["clip"]))
+        self.last_level: float | None = None
+
+    def reset(self) -> None:
+        self.last_level = None
+
+    def _fit_k(self, observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        obs = dict(observation)
+        for key, pad in (("candidates", 0.0), ("residents", 1.0)):
+            v = np.asarray(obs[key], dtype=np.float32)
+            if v.size != self.k:
+                obs[key] = np.concatenate([v[: self.k], np.full(max(self.k - v.size, 0), pad, np.float32)])
+        return obs
+
+    def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
+        k_env = int(np.asarray(observation["candidates"]).shape[0])
+        flat = spaces.flatten(self._space, self._fit_k(observation))
+        if self._norm is not None:
+            mean, var, eps, clip = self._norm
+            flat = np.clip((flat - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)
+        level_index, _ = self.model.predict(flat, deterministic=self.deterministic)
+        self.last_level = self.levels[int(level_index)]
+        return admit_top(self.last_level, info["n_candidates"], info["n_evictable"], k_env)
+
+
+class RandomBudget:
+    """A random level every window (seeded): the reference a learned level policy has to beat."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0, levels: Sequence[float] = DEFAULT_LEVELS):
+        self.levels = check_levels(levels)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
+        level = self.levels[int(self._rng.integers(len(self.levels)))]
+        return admit_top(level, info["n_candidates"], info["n_evictable"], observation["candidates"].shape[0])
+
+
+def compare_with_baselines(policy: str, traces: Sequence[str], buffer_fractions: Sequence[float | None] = (None,),
+                           random_seeds: int = 3, seed: int = 0) -> list[dict]:
+    """Remote rows fetched by a saved policy beside periodic, static and :class:`RandomBudget` (mean over
+    ``random_seeds`` seeds), one replay episode each, per trace x rank x buffer fraction (``None``: recorded)."""
+    import rudder_env  # noqa: F401  (registers the environments)
+    from baselines.policies import Periodic, StaticBuffer
+    from rudder_env.evaluation import play_episode
+    from traces import Trace
+
+    agent = PPOAgent(policy)
+    rows = []
+    for trace in traces:
+        t = Trace(trace)
+        for rank in t.ranks:
+            for fraction in buffer_fractions:
+                env = gym.make("rudder/Replay-v0", trace=t, rank=rank, buffer_fraction=fraction)
+                # as evaluate.py scores it: a static buffer admits nothing on a miss either
+                static_env = gym.make("rudder/Replay-v0", trace=t, rank=rank, buffer_fraction=fraction,
+                                      admit_on_miss=False)
+                ppo = play_episode(env, agent, seed)
+                random = [play_episode(env, RandomBudget(seed + s, agent.levels), seed)["remote_fetched"]
+                          for s in range(random_seeds)]
+                rows.append(dict(trace=os.path.basename(os.path.normpath(trace)), rank=rank,
+                                 buffer_fraction=env.unwrapped.buffer_fraction, capacity=env.unwrapped.capacity,
+                                 held_out=os.path.basename(os.path.normpath(trace)) not in agent.trained_on,
+                                 remote_sampled=ppo["remote_sampled"], ppo=ppo["remote_fetched"],
+                                 periodic=play_episode(env, Periodic(), seed)["remote_fetched"],
+                                 static=play_episode(static_env, StaticBuffer(), seed)["remote_fetched"],
+                                 random=float(np.mean(random))))
+    return rows

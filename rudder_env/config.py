@@ -40,6 +40,9 @@ class TrainConfig:
         choices=("auto", "sync", "async"),
         help="take decisions between windows (sync) or in the background while training goes on (async); "
              "auto: async for the LLM agent"))
+    lookahead_halo_edges: bool = field(default=True, metadata=dict(
+        help="sampler lookahead also pulls the halo nodes' in-edges from the servers once (sees the second hop "
+             "through them; ~2 MB more per rank in a trace)"))
     trace: str | None = field(default=None, metadata=dict(help="record a trace of the run into this folder"))
     check_env: bool = field(default=False, metadata=dict(
         help="run gymnasium's check_env on every trainer's live env before training"))

@@ -144,11 +144,12 @@ class DistTrainer:
         la = SamplerLookahead.from_partition(
             self.g.num_nodes(), lp.ndata[dgl.NID].numpy(), lp.ndata["inner_node"].bool().numpy(), indptr.numpy(),
             indices.numpy(), self.train_nid.numpy(), self.cfg.fanouts)
-        # the halo nodes' own in-edges live on other partitions: one structure-only pull (no features)
-        frontier = dgl.distributed.sample_neighbors(self.g, torch.from_numpy(la.halo_ids), -1)
-        src, dst = frontier.edges()
-        la = la.with_halo_in_edges(src.numpy(), dst.numpy(),
-                                   lambda ids: self.pb.nid2partid(torch.from_numpy(ids)).numpy())
+        if self.cfg.lookahead_halo_edges:
+            # the halo nodes' own in-edges live on other partitions: one structure-only pull (no features)
+            frontier = dgl.distributed.sample_neighbors(self.g, torch.from_numpy(la.halo_ids), -1)
+            src, dst = frontier.edges()
+            la = la.with_halo_in_edges(src.numpy(), dst.numpy(),
+                                       lambda ids: self.pb.nid2partid(torch.from_numpy(ids)).numpy())
         self.lookahead_setup_s = time.perf_counter() - t0
         return la
 

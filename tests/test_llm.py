@@ -218,7 +218,8 @@ def test_prompt_uses_chat_template_with_fixed_prefix(tiny):
     assert text.prefix.startswith("<|im_start|>system\nYou steer the prefetch buffer")
     assert text.prefix.count("<|im_start|>assistant\n{\"decision\": ") == len(agent.examples) == 6
     assert "synth-small" in text.prefix and "50164" in text.prefix
-    assert text.suffix.startswith("<|im_start|>user\nDecision 3 at minibatch 24 of 60")
+    period = json.loads((TRACE / "trace.json").read_text())["meta"]["config"]["period"]
+    assert text.suffix.startswith(f"<|im_start|>user\nDecision 3 at minibatch {3 * period} of 60")
     assert "Recent decisions and their effect" in text.suffix
     assert "- decision 2: " in text.suffix and "rows/minibatch" in text.suffix
     assert text.suffix.endswith("<|im_end|>\n<|im_start|>assistant\n" + ANSWER_PREFIX)
@@ -273,8 +274,9 @@ def test_score_mode_acts_validly_and_logs(tiny, tmp_path):
 
     log = tmp_path / "logs" / "llm-rank0.jsonl"
     agent = LLMAgent(model=tiny, log_path=log, examples=None)
-    result = play_episode(ReplayEnv(str(TRACE), rank=0), agent)
-    assert agent.decisions == result["decisions"] == 8
+    env = ReplayEnv(str(TRACE), rank=0)
+    result = play_episode(env, agent)
+    assert agent.decisions == result["decisions"] == -(-60 // env.period)  # one per window of the 60 minibatches
     assert agent.invalid_answers == 0 and 0 < agent.queries <= agent.decisions
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert lines[0]["event"] == "decision" and lines[0]["forced"]  # nothing to admit at the first decision

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import gymnasium as gym
 import numpy as np
@@ -72,25 +71,21 @@ def test_make_env_passes_gymnasium_checks(relative_reward):
 
 
 def test_ppo_learns_to_beat_random_levels(tmp_path):
-    # One rank, recorded buffer: 8 decisions per episode, deterministic given the actions. Measured (seed 0,
-    # 2048 steps, ~5 s): PPO fetches 342196 remote rows, random levels 343367 on average over 5 seeds (std 463,
-    # best 342883), periodic 342980; the mean return of the last quarter of training episodes is ~0.011 above
-    # the first quarter's.
-    t0 = time.perf_counter()
-    result = train_ppo([METIS2], 2048, str(tmp_path / "p.zip"), seed=0, ranks=[0], n_envs=4, progress=False)
-    train_s = time.perf_counter() - t0
-    assert train_s < 40, f"training took {train_s:.1f} s"
+    # One rank, recorded buffer: 15 decisions per episode, deterministic given the actions. Measured (seed 0,
+    # 8192 steps, ~19 s): PPO fetches 343165 remote rows, random levels 343901 on average over 5 seeds (std 611,
+    # best 343003); the mean return of the last quarter of training episodes is ~0.014 above the first quarter's.
+    result = train_ppo([METIS2], 8192, str(tmp_path / "p.zip"), seed=0, ranks=[0], n_envs=4, progress=False)
     returns = np.asarray(result.episode_returns)
     quarter = len(returns) // 4
     assert quarter >= 16
-    assert returns[-quarter:].mean() > returns[:quarter].mean() + 0.003
+    assert returns[-quarter:].mean() > returns[:quarter].mean() + 0.005
 
     env = gym.make("rudder/Replay-v0", trace=METIS2, rank=0)
     agent = PPOAgent(result.path)
     assert agent.trained_on == ["small-metis2-f10x25"]
     ppo = play_episode(env, _Checked(agent), seed=0)["remote_fetched"]
     random = [play_episode(env, RandomBudget(seed), seed=0)["remote_fetched"] for seed in range(5)]
-    assert ppo < np.mean(random) - 500, (ppo, random)
+    assert ppo < np.mean(random) - 400, (ppo, random)
 
 
 def test_shipped_policy_plays_a_replay_episode():

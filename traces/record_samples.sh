@@ -6,9 +6,11 @@ out=traces/samples
 record() {  # name, then train.py options
     local name=$1; shift
     rm -rf "$out/$name"
-    python train.py gnn --graph synth-small --batch-size 1000 --agent periodic --seed 0 "$@" --trace "$out/$name"
+    python train.py gnn --graph synth-small --batch-size 1000 --agent periodic --period 4 --seed 0 "$@" \
+        --trace "$out/$name"
 }
 record small-metis2-f10x25 --partition metis --parts 2 --fanout 10,25 --epochs 2
-record small-random2-f5x10 --partition random --parts 2 --fanout 5,10 --epochs 2
-record small-metis4-f10x25 --partition metis --parts 4 --fanout 10,25 --epochs 1
+# these two keep the lookahead to the partition's own structure (no halo in-edges): < 20 MB for all samples
+record small-random2-f5x10 --partition random --parts 2 --fanout 5,10 --epochs 1 --no-lookahead-halo-edges
+record small-metis4-f10x25 --partition metis --parts 4 --fanout 10,25 --epochs 2 --no-lookahead-halo-edges
 du -sh "$out"/*

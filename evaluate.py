@@ -20,7 +20,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "traces", "samples")
-DEFAULT_AGENTS = "none,static,periodic,hitrate,ppo,llm"
+DEFAULT_AGENTS = "none,static,periodic,hitrate,lookahead,ppo,llm"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -32,16 +32,25 @@ def test_shipped_samples_are_complete_small_real_traces():
     assert total < 20 * 2**20
 
 
-def test_evaluate_reports_agents_beside_the_oracles(tmp_path):
+@pytest.mark.llm
+def test_evaluate_end_to_end_with_every_agent_and_the_real_llm(tmp_path):
+    """The main job on one shipped trace: every default agent (the real SmolLM2 and the shipped PPO policy
+    included) beside the oracles; results.csv, plots and the LLM's decision log."""
     trace = os.path.join(SAMPLES, "small-metis2-f10x25")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", trace, "--agents",
-                           "none,static,periodic,hitrate", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", trace, "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_csv(tmp_path / "results.csv")
     for col in ("agent", "trace", "rank", "remote_sampled", "hits", "remote_fetched", "prefetched"):
         assert col in df
-    assert set(df["agent"]) == {"none", "static", "periodic", "hitrate", "belady", "hindsight"}
+    assert set(df["agent"]) == {"none", "static", "periodic", "hitrate", "lookahead", "ppo", "llm", "belady",
+                                "hindsight"}
+    llm = df[df["agent"] == "llm"]
+    assert (llm["decisions"] > 0).all() and (llm["invalid_answers"] == 0).all()
+    assert (tmp_path / "llm-small-metis2-f10x25-rank0.jsonl").stat().st_size > 0
+    assert (tmp_path / "hit_rate.png").stat().st_size > 10_000 and (tmp_path / "traffic.png").stat().st_size > 10_000
+    assert not df.loc[df["agent"] == "ppo", "held_out"].any()  # the shipped policy was trained on this trace
     for rank, rows in df.groupby("rank"):
         by = rows.set_index("agent")
         assert by.loc["none", "remote_fetched"] == by.loc["none", "remote_sampled"]
@@ -49,6 +58,7 @@ def test_evaluate_reports_agents_beside_the_oracles(tmp_path):
         assert (by["hits"] + by["remote_fetched"] - by["prefetched"] == by["remote_sampled"]).all()
         assert (by["remote_fetched"] >= by.loc["belady", "remote_fetched"]).all()  # nobody beats MIN
         assert by.loc["static", "remote_fetched"] < by.loc["none", "remote_fetched"]
+        assert by.loc["lookahead", "remote_fetched"] < by.loc["periodic", "remote_fetched"]
     assert "fetched_vs_min" in proc.stdout and "belady" in proc.stdout
 
 

@@ -409,7 +409,8 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
 def launch(cfg, argv: list[str], script: str) -> int:
     """Start ``mpiexec -n N python script argv`` for ``cfg`` and supervise it. Returns the exit code."""
     cfg.validate()
-    mpiexec = shutil.which("mpiexec")
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the one pip's mpich put next to python
+    mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if mpiexec is None:
         raise RuntimeError("mpiexec not found on PATH: install MPI (pip install mpich mpi4py)")
     ensure_partitions(cfg)

@@ -130,7 +130,9 @@ class PrefetchEpisode:
     def _rank_by_lookahead(self) -> None:
         """Candidates: non-residents most needed soon; victims: residents least needed soon (then least recent)."""
         buf, k = self.buffer, self.k
-        ids, need = self.lookahead.scores(self.upcoming(self.minibatches, self.horizon), self.discount)
+        self._need.advance(self.minibatches)
+        ids = np.flatnonzero(self._need.need > 0)  # predicted need after the coming minibatch
+        need = (self._need.need[ids] * self.discount ** -(self.minibatches - self._need.base)).astype(np.float32)
         resident = buf.slot_of[ids] != EMPTY
         cand, cand_need = ids[~resident], need[~resident]
         order = np.lexsort((cand, -cand_need))[:k]
@@ -138,7 +140,6 @@ class PrefetchEpisode:
         self._candidate_counts = np.zeros(k, dtype=np.float32)
         self.candidate_ids[: order.size] = cand[order]
         self._candidate_counts[: order.size] = cand_need[order]
-        self._need.advance(self.minibatches)
         self._victims = buf.priority_victims()
         slot_need = np.where(buf.slot_ids == EMPTY, -1.0, buf.priority[np.maximum(buf.slot_ids, 0)])
         # a candidate "has a slot" when it is needed more than the resident it would replace

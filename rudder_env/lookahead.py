@@ -189,14 +189,14 @@ class SamplerLookahead:
             pos = np.minimum(np.searchsorted(self.train_ids, seeds), max(n - 1, 0))
             known = self.train_ids[pos] == seeds if n else np.zeros(seeds.size, dtype=bool)
             np.add.at(x, pos[known], discount ** i)
-        frontier = self._seed_to_inner.T @ x  # expected hop-1 inner nodes
+        frontier = _rows_t_dot(self._seed_to_inner, x)  # expected hop-1 inner nodes
         frontier[self._train_pos] += x  # the seeds are in the hop-1 frontier too
         seed_inner = np.zeros(self.inner_ids.size)
         seed_inner[self._train_pos] = x
-        hop1 = self._inner_to_remote_f1.T @ seed_inner  # remote (halo) in-neighbours of the seeds
-        score = hop1 + self._inner_to_remote_f2.T @ frontier
+        hop1 = _rows_t_dot(self._inner_to_remote_f1, seed_inner)  # remote (halo) in-neighbours of the seeds
+        score = hop1 + _rows_t_dot(self._inner_to_remote_f2, frontier)
         if self._halo_to_remote_f2 is not None:  # second hop through the halo nodes sampled at the first
-            score += self._halo_to_remote_f2.T @ hop1[self._halo_pos]
+            score += _rows_t_dot(self._halo_to_remote_f2, hop1[self._halo_pos])
         keep = score > 0
         return self.remote_ids[keep], score[keep].astype(np.float32)
 
@@ -237,3 +237,11 @@ def _unpack_rows(codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def _indptr(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def _rows_t_dot(m: sp.csr_matrix, v: np.ndarray) -> np.ndarray:
+    """``m.T @ v`` touching only the rows where ``v`` is non-zero (a few seeds' neighbourhoods, not the graph)."""
+    nz = np.flatnonzero(v)
+    if nz.size * 4 > v.size:
+        return m.T @ v
+    return m[nz].T @ v[nz]

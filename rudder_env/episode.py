@@ -17,6 +17,15 @@ REWARDS = ("traffic", "time")
 RANKINGS = ("misses", "lookahead")
 
 
+def require_running(episode: PrefetchEpisode | None) -> PrefetchEpisode:
+    """The env's episode, or a clear error when ``reset()`` was not called or the episode has ended."""
+    if episode is None:
+        raise RuntimeError("call reset() before step()")
+    if episode.done:
+        raise RuntimeError("the episode has ended: call reset()")
+    return episode
+
+
 class PrefetchEpisode:
     """State of one episode on one trainer.
 

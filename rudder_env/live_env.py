@@ -7,7 +7,7 @@ import time
 import gymnasium as gym
 import numpy as np
 
-from rudder_env.episode import PrefetchEpisode
+from rudder_env.episode import PrefetchEpisode, require_running
 from rudder_env.replay_env import DEFAULT_CANDIDATES
 from rudder_env.spaces import action_space, observation_space
 
@@ -82,10 +82,7 @@ class LiveEnv(gym.Env):
         return obs, info
 
     def step(self, action):
-        if self.episode is None:
-            raise RuntimeError("call reset() before step()")
-        if self.episode.done:
-            raise RuntimeError("the episode has ended: call reset()")
+        require_running(self.episode)
         t0 = time.perf_counter()
         latency_s = t0 - self._observed_at  # the agent's decision time
         ids = self.episode.decide(action)
@@ -103,9 +100,7 @@ class LiveEnv(gym.Env):
         ``poll(minibatch)`` is called before each minibatch; a non-None return ``(ids, latency_s)`` is a prefetch
         set applied there, e.g. a decision an agent finished in the background (:mod:`agents.runner`).
         """
-        ep = self.episode
-        if ep is None or ep.done:
-            raise RuntimeError("the episode has ended: call reset()" if ep else "call reset() before run_window()")
+        ep = require_running(self.episode)
         late, overhead = [], 0.0
         for _ in range(self.period):
             if ep.done:

@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 
 from rudder_env.buffer import PrefetchBuffer, initial_ids
-from rudder_env.episode import PrefetchEpisode
+from rudder_env.episode import PrefetchEpisode, require_running
 from rudder_env.spaces import action_space, observation_space
 from rudder_env.timing import FetchTimeModel
 
@@ -134,10 +134,7 @@ class ReplayEnv(gym.Env):
         return obs, info
 
     def step(self, action):
-        if self.episode is None:
-            raise RuntimeError("call reset() before step()")
-        if self.episode.done:
-            raise RuntimeError("the episode has ended: call reset()")
+        require_running(self.episode)
         applied = self.episode.decide(action)
         result = self.run_window()
         result[4]["applied_ids"] = applied
@@ -150,9 +147,7 @@ class ReplayEnv(gym.Env):
         ``(ids, latency_s)`` is a prefetch set applied there (how late decisions land: :mod:`agents.runner`).
         Returns ``step``'s tuple.
         """
-        ep = self.episode
-        if ep is None or ep.done:
-            raise RuntimeError("the episode has ended: call reset()" if ep else "call reset() before run_window()")
+        ep = require_running(self.episode)
         late = []
         for _ in range(self.period):
             if ep.done:

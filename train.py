@@ -16,6 +16,12 @@ import argparse
 import os
 import sys
 
+if __name__ == "__mp_main__" and os.environ.get("RUDDER_ONEHOST_MACHINE"):
+    # a DGL sampler worker spawned by a one-host trainer: it opens the same shared memory, so the same fixes
+    from rudder_env.onehost import apply_from_env
+
+    apply_from_env()
+
 
 def build_parser() -> argparse.ArgumentParser:
     from rudder_env.config import add_arguments

@@ -47,7 +47,9 @@ class TrainConfig:
     check_env: bool = field(default=False, metadata=dict(
         help="run gymnasium's check_env on every trainer's live env before training"))
     num_samplers: int = field(default=0, metadata=dict(help="DGL sampler worker processes per trainer"))
-    port: int = field(default=30050, metadata=dict(help="first TCP port: machine m's servers listen on port+10*m"))
+    port: int = field(default=0, metadata=dict(
+        help="first TCP port: machine m's servers listen on port+10*m, torch.distributed on port-1; "
+             "0: the first free block from 30050 on"))
     cache_dir: str = field(default_factory=default_cache_dir, metadata=dict(
         help="where graphs and partitions are cached (a shared filesystem on several hosts)"))
     summary: str | None = field(default=None, metadata=dict(help="write the run summary JSON here"))
@@ -90,7 +92,7 @@ class TrainConfig:
         for name in ("period", "batch_size", "epochs", "hidden", "candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 1024 <= self.port <= 65535 - 10 * self.parts:
+        if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
 
     def as_dict(self) -> dict:

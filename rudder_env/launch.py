@@ -17,6 +17,7 @@ calls spin a core.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import os
@@ -27,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -98,6 +100,46 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _port_lock(base: int) -> str:
+    return os.path.join(tempfile.gettempdir(), f"rudder-ports-{base}.lock")
+
+
+def _claim(base: int) -> bool:
+    """Claim a port block for this process (a lock file naming our pid; a dead owner's lock is taken over)."""
+    path = _port_lock(base)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _alive(owner):
+                return False
+            try:
+                os.remove(path)  # stale: its job is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: os.path.exists(path) and os.remove(path))
+        return True
+    return False
+
+
+def free_port_base(parts: int, host: str = "127.0.0.1", start: int = 30050) -> int:
+    """The first base port from ``start`` (in steps of 100) whose server ports and master port are free and that
+    no other rudder job on this host has claimed; claims it until this process exits."""
+    for base in range(start, 65000 - 10 * parts, 100):
+        ports = [base - 1] + [base + 10 * m for m in range(parts)]
+        if not any(port_in_use(host, p) for p in ports) and _claim(base):
+            return base
+    raise RuntimeError(f"no free block of ports from {start} on {host}: pass --port")
+
+
 def job_ports(cfg, one_host: bool) -> tuple[list[int], int]:
     """Server port of each machine, and the torch.distributed master port."""
     servers = [cfg.port + (10 * m if one_host else 0) for m in range(cfg.parts)]
@@ -114,6 +156,7 @@ class Job:
     master: str
     one_host: bool
     meta: dict
+    port: int
 
 
 def prepare_job(cfg, roles: list[Role], one_host: bool, tag: str) -> Job:
@@ -122,6 +165,8 @@ def prepare_job(cfg, roles: list[Role], one_host: bool, tag: str) -> Job:
     meta = read_meta(partition_dir(cfg))
     job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
     os.makedirs(os.path.join(job_dir, "status"), exist_ok=True)
+    if cfg.port == 0:
+        cfg.port = free_port_base(cfg.parts) if one_host else 30050
     server_ports, master_port = job_ports(cfg, one_host)
     lines = []
     for m in range(cfg.parts):
@@ -134,7 +179,7 @@ def prepare_job(cfg, roles: list[Role], one_host: bool, tag: str) -> Job:
     trainer0 = next(r for r in roles if r.trainer_rank == 0)
     master_ip = "127.0.0.1" if one_host else socket.gethostbyname(trainer0.host)
     return Job(tag=tag, job_dir=job_dir, ip_config=ip_config, part_config=part_config, graph_name=graph_name(cfg),
-               master=f"{master_ip}:{master_port}", one_host=one_host, meta=meta)
+               master=f"{master_ip}:{master_port}", one_host=one_host, meta=meta, port=cfg.port)
 
 
 def _wait(comm, request=None, poll_s: float = 0.01) -> None:
@@ -269,6 +314,7 @@ def rank_main(cfg) -> int:
         if rank == 0:
             print(f"rudder: error: {error}", file=sys.stderr, flush=True)
         return 2
+    cfg.port = job.port  # rank 0 may have picked it
     _status(job, role, "started")
     t0 = time.perf_counter()
     try:
@@ -329,15 +375,36 @@ def _read_statuses(job_dir: str) -> dict[int, dict]:
     return out
 
 
+def _shm_in_use() -> set[str]:
+    """Names under /dev/shm that a live process has mapped or open."""
+    names = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    if SHM_DIR in line:
+                        names.add(os.path.basename(line.split()[-1]))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(SHM_DIR + "/"):
+                    names.add(os.path.basename(target))
+        except OSError:
+            continue
+    return names
+
+
 def cleanup_shm(tag: str, since: float | None = None, before: set[str] | None = None) -> list[str]:
-    """Remove this job's shared-memory segments: names carrying ``tag``, and MPI/multiprocessing ones it created."""
+    """Remove this job's shared-memory segments: names carrying ``tag``, and MPI/multiprocessing ones that appeared
+    during the job and that no live process uses (another job's are left alone)."""
     removed = []
+    in_use = _shm_in_use() if before is not None else set()
     for path in glob.glob(os.path.join(SHM_DIR, "*")):
         name = os.path.basename(path)
         ours = tag and name.startswith(tag)
         if not ours and before is not None and name not in before and since is not None:
             try:
-                ours = name.startswith(("mpich", "sem.mp-", "dgl")) and os.stat(path).st_mtime >= since - 1
+                ours = (name.startswith(("mpich", "sem.mp-", "dgl")) and os.stat(path).st_mtime >= since - 1
+                        and name not in in_use)
             except OSError:
                 continue
         if ours:
@@ -414,6 +481,9 @@ def launch(cfg, argv: list[str], script: str) -> int:
     if mpiexec is None:
         raise RuntimeError("mpiexec not found on PATH: install MPI (pip install mpich mpi4py)")
     ensure_partitions(cfg)
+    if cfg.port == 0:
+        cfg.port = free_port_base(cfg.parts)
+        argv = [*argv, "--port", str(cfg.port)]  # the ranks use the block found here
     server_ports, master_port = job_ports(cfg, one_host=True)
     for port in server_ports + [master_port]:
         if port_in_use("127.0.0.1", port):

@@ -191,3 +191,21 @@ def test_missing_partition_files_are_named(cache):
     proc = run_train(["--graph", "synth-tiny", "--parts", "3", "--partition", "random"], cache)
     assert proc.returncode == 2
     assert "partition file" in proc.stderr and "part1/graph.dgl is missing" in proc.stderr
+
+
+def test_two_jobs_at_once_pick_their_own_ports(cache, tmp_path):
+    """Without --port, concurrent jobs on one host (self-launched and under the user's mpiexec) claim distinct port
+    blocks, and neither's clean-up touches the other's shared memory (sampler workers use multiprocessing's)."""
+    args = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", *SMALL, "--num-samplers", "1"]
+    env = dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(args + ["--summary", str(tmp_path / "a.json")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(2)
+    second = subprocess.run(["mpiexec", "-n", "4", *args, "--summary", str(tmp_path / "b.json")],
+                            capture_output=True, text=True, timeout=240, env=env)
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 0, second.stderr[-2000:]
+    ports = {json.loads((tmp_path / f).read_text())["config"]["port"] for f in ("a.json", "b.json")}
+    assert len(ports) == 2
+    assert not tagged_segments()

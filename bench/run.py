@@ -78,23 +78,47 @@ def main(argv=None) -> int:
         print(f"bench: error: unknown section(s) {', '.join(unknown)}: expected {', '.join(SECTIONS)}",
               file=sys.stderr)
         return 2
-    cmd = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     os.makedirs(OUT_DIR, exist_ok=True)
-    lines = ["# rudder benchmarks", "",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"- machine: {platform.node()}, {os.cpu_count()} cores, "
-             f"{platform.processor() or platform.machine()}, Python {platform.python_version()}",
-             f"- command: `{cmd.strip()}`", ""]
+    sections = _read_sections(args.out)  # sections not re-run keep their earlier results (and command)
+    header = ["# rudder benchmarks", "",
+              f"- machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+              f"Python {platform.python_version()}", ""]
     for key in chosen:
         title, fn = SECTIONS[key]
         print(f"[bench] {title} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         text, df = fn(args.quick)
         print(f"\n## {title}\n{text}\n{df.to_string(index=False)}", flush=True)
-        lines += [f"## {title}", "", text, "", df.to_markdown(index=False, floatfmt=".3g"), "",
-                  f"({time.perf_counter() - t0:.0f} s)", ""]
-        with open(args.out, "w") as f:  # keep what is done if a later section fails
-            f.write("\n".join(lines))
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
+        sections[title] = "\n".join([
+            f"## {title}", "", f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M %Z')} "
+            f"({time.perf_counter() - t0:.0f} s)", "", text, "", df.to_markdown(index=False, floatfmt=".3g"), ""])
+        _write(args.out, header, sections)  # keep what is done if a later section fails
+    _write(args.out, header, sections)
     print(f"\nwrote {args.out}")
     return 0
+
+
+def _read_sections(path: str) -> dict[str, str]:
+    """The ``## title`` sections of an earlier report, by title, in order (analysis sections included)."""
+    if not os.path.exists(path):
+        return {}
+    out, title, lines = {}, None, []
+    with open(path) as f:
+        for line in f.read().splitlines():
+            if line.startswith("## "):
+                if title:
+                    out[title] = "\n".join(lines)
+                title, lines = line[3:].strip(), [line]
+            elif title:
+                lines.append(line)
+    if title:
+        out[title] = "\n".join(lines)
+    return out
+
+
+def _write(path: str, header: list[str], sections: dict[str, str]) -> None:
+    order = [t for t, _ in SECTIONS.values()]
+    ordered = sorted(sections, key=lambda t: order.index(t) if t in order else len(order))
+    with open(path, "w") as f:
+        f.write("\n".join(header + [sections[t] for t in ordered]) + "\n")

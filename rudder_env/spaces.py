@@ -113,7 +113,8 @@ def build_observation(buffer: PrefetchBuffer, window: WindowStats, cum_hits: int
     resident = buffer.slot_ids != EMPTY
     occupancy = int(resident.sum())
     below = int(np.count_nonzero(resident & (scores < buffer.threshold)))
-    hist = np.histogram(scores[resident], bins=HIST_BINS, range=(0.0, 1.0))[0] / cap
+    bins = np.minimum((scores[resident] * HIST_BINS).astype(np.int64), HIST_BINS - 1)  # scores are in [0, 1]
+    hist = np.bincount(bins, minlength=HIST_BINS) / cap
     w, mb = window, max(window.minibatches, 1)
     k = counts.size
     low = np.sort(np.where(resident, scores, 0.0))[:k]

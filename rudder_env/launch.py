@@ -306,8 +306,9 @@ def rank_main(cfg) -> int:
     if rank == 0:
         try:
             job = prepare_job(cfg, roles, one_host, os.environ.get(TAG_VAR) or f"rd{secrets.token_hex(3)}")
-        except (PartitionError, ValueError, OSError) as exc:
-            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - every rank waits for rank 0: it must always hear back
+            error = str(exc) if isinstance(exc, (PartitionError, ValueError, OSError, RuntimeError)) else \
+                f"{type(exc).__name__}: {exc}"
     _wait(comm)
     job, error = comm.bcast((job, error), root=0)
     if error is not None:

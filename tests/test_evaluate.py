@@ -83,3 +83,19 @@ def test_time_model_recovers_known_costs():
     # a negative least-squares coefficient is dropped, not reported
     m = FetchTimeModel.fit(local, remote, 0.01 - 1e-7 * local + 5e-6 * remote)
     assert m.c_local == 0.0 and m.c_remote > 0
+
+
+@pytest.mark.dist
+def test_evaluate_live_runs_agents_through_real_training(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--live", "--graph", "synth-tiny",
+                           "--parts", "2", "--agents", "none,periodic", "--train-args",
+                           "--batch-size 100 --fanout 3,5 --period 4", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, RUDDER_CACHE=str(tmp_path / "cache")))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "results.csv").set_index(["agent", "rank"])
+    assert sorted(df.index.get_level_values("agent").unique()) == ["none", "periodic"]
+    assert (df.loc["none", "remote_fetched"] == df.loc["none", "remote_sampled"]).all()
+    assert (df.loc["periodic", "hits"] > 0).all()
+    assert (df["modelled_s"] > 0).all()  # measured epoch seconds
+    assert "live-synth-tiny" in proc.stdout

@@ -97,7 +97,7 @@ def evaluate_live(names: list[str], args, log) -> list[dict]:
                              asynchronous=r.get("asynchronous", False), held_out=None, invalid_answers=0,
                              remote_sampled=r["remote_sampled"], hits=r["hits"], remote_fetched=r["remote_fetched"],
                              prefetched=r["prefetched"], initial_fill=r["initial_fill"],
-                             admitted_on_miss=r["admitted_on_miss"], modelled_s=sum(r["epoch_time_s"]),
+                             admitted_on_miss=r["admitted_on_miss"], time_s=sum(r["epoch_time_s"]),
                              decisions=r.get("decisions", 0), latency_p50_s=r.get("latency_p50_s", 0.0),
                              latency_p95_s=r.get("latency_p95_s", 0.0), window_hit_rate=[]))
     return rows

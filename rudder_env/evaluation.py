@@ -36,11 +36,12 @@ def play_episode(env, agent, seed: int = 0) -> dict:
 
 
 def episode_result(env, latencies: list[float], seconds: float, window_hit_rate: list[float], **extra) -> dict:
-    """The row of one played episode: the buffer's counters, time, decisions and their latency percentiles."""
+    """The row of one played episode: the buffer's counters, time (``time_s``: modelled in replay, measured
+    live), decisions and their latency percentiles."""
     c = env.unwrapped.episode.buffer.counters
     return dict(remote_sampled=c.remote_sampled, hits=c.hits, remote_fetched=c.remote_fetched,
                 prefetched=c.prefetched, initial_fill=c.initial_fill, admitted_on_miss=c.admitted_on_miss,
-                modelled_s=seconds, decisions=len(latencies),
+                time_s=seconds, decisions=len(latencies),
                 latency_p50_s=float(np.percentile(latencies, 50)) if latencies else 0.0,
                 latency_p95_s=float(np.percentile(latencies, 95)) if latencies else 0.0,
                 window_hit_rate=window_hit_rate, **extra)
@@ -90,7 +91,7 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
             rows.append(dict(agent=oracle, trace=name, rank=rank, capacity=ref.capacity, asynchronous=False,
                              held_out=None, invalid_answers=0, remote_sampled=res.remote_sampled, hits=res.hits,
                              remote_fetched=res.remote_fetched, prefetched=res.prefetched,
-                             initial_fill=res.initial_fill, admitted_on_miss=0, modelled_s=float("nan"),
+                             initial_fill=res.initial_fill, admitted_on_miss=0, time_s=float("nan"),
                              decisions=0, latency_p50_s=0.0, latency_p95_s=0.0,
                              window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period)))
     return rows

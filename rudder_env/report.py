@@ -17,8 +17,8 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     out["hit_rate"] = out["hits"] / out["remote_sampled"]
     if "belady" in out.index:
         out["fetched_vs_min"] = out["remote_fetched"] / out.loc["belady", "remote_fetched"]
-    none_s = df.loc[df["agent"] == "none", "modelled_s"].sum() if (df["agent"] == "none").any() else float("nan")
-    out["time_vs_none"] = g["modelled_s"].sum(min_count=1) / none_s
+    none_s = df.loc[df["agent"] == "none", "time_s"].sum() if (df["agent"] == "none").any() else float("nan")
+    out["time_vs_none"] = g["time_s"].sum(min_count=1) / none_s
     out["latency_p50_ms"] = g["latency_p50_s"].median() * 1000
     out["latency_p95_ms"] = g["latency_p95_s"].max() * 1000
     if "invalid_answers" in df:

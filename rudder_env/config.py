@@ -40,6 +40,8 @@ class TrainConfig:
         choices=("auto", "sync", "async"),
         help="take decisions between windows (sync) or in the background while training goes on (async); "
              "auto: async for the LLM agent"))
+    sample_ahead: int = field(default=2, metadata=dict(
+        help="minibatches sampled ahead of training (within an epoch); the lookahead knows their remote rows"))
     lookahead_halo_edges: bool = field(default=True, metadata=dict(
         help="sampler lookahead also pulls the halo nodes' in-edges from the servers once (sees the second hop "
              "through them; ~2 MB more per rank in a trace)"))

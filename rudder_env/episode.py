@@ -42,13 +42,14 @@ class PrefetchEpisode:
             decayed miss count, evicting the lowest-score (least recently hit) slots. ``"lookahead"``: candidates
             and residents by the remote rows the next ``horizon`` minibatches will probably need
             (:class:`~rudder_env.lookahead.SamplerLookahead` over ``upcoming(minibatches_done, horizon)``, the
-            known seed order, each minibatch ahead weighing ``discount**i``), evicting the least needed first.
+            known seed order, each minibatch ahead weighing ``discount**i``), evicting the least needed first;
+            minibatches already sampled (``sampled_ahead(minibatches_done)``: their remote ids) count exactly.
     """
 
     def __init__(self, buffer: PrefetchBuffer, k: int, total_minibatches: int, halo_nodes: int,
                  fanouts: list[int], batch_size: int, reward: str = "traffic", facts: dict | None = None,
                  ranking: str = "misses", lookahead=None, upcoming=None, horizon: int = 32,
-                 discount: float = 0.8):
+                 discount: float = 0.8, sampled_ahead=None):
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}: expected one of {', '.join(REWARDS)}")
         if k < 1:
@@ -66,7 +67,7 @@ class PrefetchEpisode:
         self._victims = None
         self._n_evictable = 0
         if ranking == "lookahead":
-            self._need = _PredictedNeed(buffer, lookahead, upcoming, horizon, discount)
+            self._need = _PredictedNeed(buffer, lookahead, upcoming, horizon, discount, sampled_ahead)
         self.buffer = buffer
         self.k = k
         self.total_minibatches = total_minibatches
@@ -178,11 +179,13 @@ class _PredictedNeed:
     then to stay in range.
     """
 
-    def __init__(self, buffer, lookahead, upcoming, horizon: int, discount: float):
+    def __init__(self, buffer, lookahead, upcoming, horizon: int, discount: float, sampled_ahead=None):
         self.buffer, self.lookahead, self.upcoming = buffer, lookahead, upcoming
+        self.sampled_ahead = sampled_ahead
         self.horizon, self.discount = horizon, discount
         self.need = np.zeros(buffer.num_nodes, dtype=np.float64)
         self.included: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # minibatch -> (ids, weighted needs)
+        self.exact: set[int] = set()  # minibatches included with their sampled remote ids
         self.base = 0  # weights are discount ** (j - base)
         self.at = -1
 
@@ -193,11 +196,24 @@ class _PredictedNeed:
         for j in [j for j in self.included if j <= m]:
             ids, w = self.included.pop(j)
             self.need[ids] -= w
+            self.exact.discard(j)
         if m - self.base > 200:  # rescale before discount ** (j - base) underflows
             scale = self.discount ** -(m - self.base)
             self.need *= scale
             self.included = {j: (ids, w * scale) for j, (ids, w) in self.included.items()}
             self.base = m
+        known = self.sampled_ahead(m) if self.sampled_ahead is not None else []
+        for i, ids in enumerate(known, start=1):  # sampled already: their remote rows exactly, replacing the guess
+            j = m + i
+            if j in self.exact:
+                continue
+            if j in self.included:
+                old_ids, old_w = self.included.pop(j)
+                self.need[old_ids] -= old_w
+            w = np.full(ids.size, self.discount ** (j - self.base))
+            self.need[ids] += w
+            self.included[j] = (ids, w)
+            self.exact.add(j)
         for i, seeds in enumerate(self.upcoming(m, self.horizon)):
             j = m + i
             if i == 0 or j in self.included:

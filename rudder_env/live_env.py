@@ -75,6 +75,7 @@ class LiveEnv(gym.Env):
         self.episode = PrefetchEpisode(t.buffer, self.k, t.total_minibatches, t.halo_ids.size, cfg.fanouts,
                                        cfg.batch_size, reward=self.reward, facts=facts, ranking=self.ranking,
                                        lookahead=t.lookahead, upcoming=lambda done, h: t.upcoming_seeds(h),
+                                       sampled_ahead=lambda done: t.sampled_ahead(),
                                        horizon=self.lookahead_horizon, discount=self.lookahead_discount)
         obs, info = self.episode.observe()
         self.env_overhead_s = time.perf_counter() - t0

@@ -95,6 +95,11 @@ class ReplayEnv(gym.Env):
         self.time_model = FetchTimeModel.fit(local, remote, secs)
         self.ranking = ranking
         self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
+        # what the recording trainer had sampled ahead; sampling ahead does not change the batches, so a trace
+        # recorded before the option existed is replayed as today's trainer would run it
+        from rudder_env.config import TrainConfig
+
+        self.sample_ahead = int(run.get("sample_ahead", TrainConfig.sample_ahead))
         self._lookahead = None
         if ranking == "lookahead":
             from rudder_env.lookahead import SamplerLookahead
@@ -128,7 +133,8 @@ class ReplayEnv(gym.Env):
         self.episode = PrefetchEpisode(self._new_buffer(), self.k, len(self._ids), self.halo_ids.size,
                                        self.fanouts, self.batch_size, reward=self.reward, facts=facts,
                                        ranking=self.ranking, lookahead=self._lookahead, upcoming=self._upcoming,
-                                       horizon=self.lookahead_horizon, discount=self.lookahead_discount)
+                                       horizon=self.lookahead_horizon, discount=self.lookahead_discount,
+                                       sampled_ahead=self._sampled_ahead)
         obs, info = self.episode.observe()
         info["time_model"] = self.time_model.as_dict()
         return obs, info
@@ -179,6 +185,19 @@ class ReplayEnv(gym.Env):
             if self._epochs[j] != epoch:
                 break
             out.append(self._seeds[j])
+        return out
+
+    def _sampled_ahead(self, done: int) -> list[np.ndarray]:
+        """Remote ids of the minibatches the live trainer had sampled beyond the next one after ``done``
+        minibatches: up to ``sample_ahead`` of them, within the epoch it was in (none before the first)."""
+        if done < 1 or self.sample_ahead < 1:
+            return []
+        epoch = self._epochs[done - 1]
+        out = []
+        for j in range(done + 1, min(done + self.sample_ahead, len(self._ids) - 1) + 1):
+            if self._epochs[j] != epoch:
+                break
+            out.append(self._ids[j])
         return out
 
     @property

@@ -9,6 +9,7 @@ hand the buffer a prefetch set: :class:`~rudder_env.live_env.LiveEnv` steps :met
 
 from __future__ import annotations
 
+import collections
 import os
 import resource
 import time
@@ -121,6 +122,7 @@ class DistTrainer:
                                      admit_on_miss=self.admit_on_miss)
         self.initial_ids = self._initial_fill(cfg.buffer_init)
         self.minibatch_index = 0
+        self._ahead = collections.deque()  # (batch, sample_s, remote ids) sampled but not trained yet
         self._begin_epoch()
         self.started = True
 
@@ -209,6 +211,10 @@ class DistTrainer:
         orig = torch.from_numpy(self._orig_nids[input_nodes.numpy()]).to(x.dtype)
         v["rows_col0_not_orig_id"] += int((x[:, 0] != orig).sum())
 
+    def sampled_ahead(self) -> list[np.ndarray]:
+        """Remote input ids of the minibatches already sampled beyond the next one (their exact future needs)."""
+        return [remote for _, _, remote in list(self._ahead)[1:]]
+
     def _begin_epoch(self) -> None:
         """Shuffle the next epoch's seeds now (DGL's loader does it in ``iter``), so their order is known ahead."""
         self._epoch_iter = iter(self.loader)
@@ -223,17 +229,37 @@ class DistTrainer:
         last = min(first + horizon, self.minibatches_per_epoch)
         return [self._epoch_order[i * b:(i + 1) * b] for i in range(first, last)]
 
+    def sampled_ahead(self) -> list[np.ndarray]:
+        """Remote input ids of the minibatches already sampled beyond the next one (their exact future needs)."""
+        return [remote for _, _, remote in list(self._ahead)[1:]]
+
     def minibatches(self):
-        """Train ``cfg.epochs`` epochs, yielding a :class:`MinibatchRecord` after each minibatch."""
+        """Train ``cfg.epochs`` epochs, yielding a :class:`MinibatchRecord` after each minibatch.
+
+        Sampling runs ``cfg.sample_ahead`` minibatches ahead of training within an epoch (the same batches in the
+        same order), so the remote rows they will need are known before their turn (:meth:`sampled_ahead`).
+        """
+        ahead = max(0, self.cfg.sample_ahead)
         for epoch in range(self.cfg.epochs):
             t_epoch = time.perf_counter()
             if epoch > 0:
                 self._begin_epoch()
             it = self._epoch_iter
-            for i in range(self.minibatches_per_epoch):
-                t0 = time.perf_counter()
-                batch = next(it)
-                sample_s = time.perf_counter() - t0
+            left = self.minibatches_per_epoch  # batches of this epoch not sampled yet
+
+            def top_up():
+                nonlocal left
+                while len(self._ahead) < ahead + 1 and left > 0:
+                    t0 = time.perf_counter()
+                    batch = next(it)
+                    sample_s = time.perf_counter() - t0
+                    nodes = batch[0]
+                    self._ahead.append((batch, sample_s, nodes[self.pb.nid2partid(nodes) != self.partid].numpy()))
+                    left -= 1
+
+            top_up()
+            while self._ahead:
+                batch, sample_s, _ = self._ahead.popleft()
                 record = self.train_step(epoch, batch)
                 record.sample_s = sample_s
                 s = self.stats
@@ -241,6 +267,7 @@ class DistTrainer:
                 s.fetch_s += record.fetch_s
                 s.compute_s += record.compute_s
                 s.minibatches += 1
+                top_up()  # sample the next ones before handing this record over
                 yield record
             self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
 

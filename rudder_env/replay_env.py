@@ -174,31 +174,29 @@ class ReplayEnv(gym.Env):
         info["applied_ids"] = np.concatenate(late) if late else np.zeros(0, dtype=np.int64)
         return obs, reward, ep.done, False, info
 
+    def _same_epoch(self, done: int, first: int, last: int, values: list) -> list:
+        """``values[first:last]`` up to the end of the epoch the live trainer was in after ``done`` minibatches."""
+        epoch = self._epochs[max(done - 1, 0)]
+        out = []
+        for j in range(first, min(last, len(values))):
+            if self._epochs[j] != epoch:
+                break
+            out.append(values[j])
+        return out
+
     def _upcoming(self, done: int, horizon: int) -> list[np.ndarray]:
         """Seeds of the next ``horizon`` minibatches that the live trainer knew after ``done`` minibatches: those of
         the epoch it was in (DGL shuffles an epoch's seeds when the epoch starts)."""
-        if self._seeds is None or done >= len(self._seeds):
+        if self._seeds is None:
             return []
-        epoch = self._epochs[max(done - 1, 0)]
-        out = []
-        for j in range(done, min(done + horizon, len(self._seeds))):
-            if self._epochs[j] != epoch:
-                break
-            out.append(self._seeds[j])
-        return out
+        return self._same_epoch(done, done, done + horizon, self._seeds)
 
     def _sampled_ahead(self, done: int) -> list[np.ndarray]:
         """Remote ids of the minibatches the live trainer had sampled beyond the next one after ``done``
         minibatches: up to ``sample_ahead`` of them, within the epoch it was in (none before the first)."""
         if done < 1 or self.sample_ahead < 1:
             return []
-        epoch = self._epochs[done - 1]
-        out = []
-        for j in range(done + 1, min(done + self.sample_ahead, len(self._ids) - 1) + 1):
-            if self._epochs[j] != epoch:
-                break
-            out.append(self._ids[j])
-        return out
+        return self._same_epoch(done, done + 1, done + self.sample_ahead + 1, self._ids)
 
     @property
     def live_seconds_per_minibatch(self) -> float:

@@ -122,7 +122,7 @@ class DistTrainer:
                                      admit_on_miss=self.admit_on_miss)
         self.initial_ids = self._initial_fill(cfg.buffer_init)
         self.minibatch_index = 0
-        self._ahead = collections.deque()  # (batch, sample_s, remote ids) sampled but not trained yet
+        self._ahead = collections.deque()  # (batch, sample_s, remote mask) sampled but not trained yet
         self._begin_epoch()
         self.started = True
 
@@ -168,11 +168,15 @@ class DistTrainer:
         return self.feat[torch.from_numpy(np.asarray(ids, dtype=np.int64))].numpy()
 
     # ------------------------------------------------------------------ training
-    def train_step(self, epoch: int, batch) -> MinibatchRecord:
-        """One minibatch: buffered feature fetch, forward, backward, DDP step. ``batch`` comes from the loader."""
+    def _remote_mask(self, input_nodes: torch.Tensor) -> np.ndarray:
+        return (self.pb.nid2partid(input_nodes) != self.partid).numpy()
+
+    def train_step(self, epoch: int, batch, remote: np.ndarray | None = None) -> MinibatchRecord:
+        """One minibatch: buffered feature fetch, forward, backward, DDP step. ``batch`` comes from the loader;
+        ``remote`` (which input nodes other partitions own) when already known."""
         t_fetch = time.perf_counter()
         input_nodes, seeds, blocks = batch
-        remote = (self.pb.nid2partid(input_nodes) != self.partid).numpy()
+        remote = self._remote_mask(input_nodes) if remote is None else remote
         ids = input_nodes.numpy()
         local_ids, remote_ids = ids[~remote], ids[remote]
         to_pull = self.buffer.begin(remote_ids)
@@ -211,10 +215,6 @@ class DistTrainer:
         orig = torch.from_numpy(self._orig_nids[input_nodes.numpy()]).to(x.dtype)
         v["rows_col0_not_orig_id"] += int((x[:, 0] != orig).sum())
 
-    def sampled_ahead(self) -> list[np.ndarray]:
-        """Remote input ids of the minibatches already sampled beyond the next one (their exact future needs)."""
-        return [remote for _, _, remote in list(self._ahead)[1:]]
-
     def _begin_epoch(self) -> None:
         """Shuffle the next epoch's seeds now (DGL's loader does it in ``iter``), so their order is known ahead."""
         self._epoch_iter = iter(self.loader)
@@ -231,7 +231,7 @@ class DistTrainer:
 
     def sampled_ahead(self) -> list[np.ndarray]:
         """Remote input ids of the minibatches already sampled beyond the next one (their exact future needs)."""
-        return [remote for _, _, remote in list(self._ahead)[1:]]
+        return [batch[0].numpy()[remote] for batch, _, remote in list(self._ahead)[1:]]
 
     def minibatches(self):
         """Train ``cfg.epochs`` epochs, yielding a :class:`MinibatchRecord` after each minibatch.
@@ -253,14 +253,13 @@ class DistTrainer:
                     t0 = time.perf_counter()
                     batch = next(it)
                     sample_s = time.perf_counter() - t0
-                    nodes = batch[0]
-                    self._ahead.append((batch, sample_s, nodes[self.pb.nid2partid(nodes) != self.partid].numpy()))
+                    self._ahead.append((batch, sample_s, self._remote_mask(batch[0])))
                     left -= 1
 
             top_up()
             while self._ahead:
-                batch, sample_s, _ = self._ahead.popleft()
-                record = self.train_step(epoch, batch)
+                batch, sample_s, remote = self._ahead.popleft()
+                record = self.train_step(epoch, batch, remote)
                 record.sample_s = sample_s
                 s = self.stats
                 s.sample_s += sample_s

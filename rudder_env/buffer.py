@@ -235,7 +235,7 @@ class PrefetchBuffer:
             if self._victim_order is not None and self._victim_order.size >= prefetch.size:
                 victims = self._victim_order[: prefetch.size]
             elif self.priority is not None:
-                victims = self.priority_victims()[: prefetch.size]
+                victims = self.priority_victims(prefetch.size)
             else:
                 victims = self._lowest_score_slots(prefetch.size)
             self._install(victims, prefetch, prefetch_rows)
@@ -293,17 +293,23 @@ class PrefetchBuffer:
         """Use ``priority`` (one value per node id, kept by the caller and read live) as the predicted need."""
         self.priority = priority
 
-    def priority_victims(self) -> np.ndarray:
-        """Slots in eviction order under the priority: empty first, then lowest priority, then least recent."""
+    def priority_victims(self, n: int | None = None) -> np.ndarray:
+        """Slots in eviction order under the priority: empty first, then lowest priority, then least recent (then
+        lower slot). ``n``: only the first ``n`` of that order (a partial sort)."""
         key = np.where(self.slot_ids == EMPTY, -1.0, self.priority[np.maximum(self.slot_ids, 0)])
-        return np.lexsort((self.slot_last_hit, key))
+        if n is None or n >= self.capacity:
+            return np.lexsort((self.slot_last_hit, key))
+        if n <= 0:
+            return np.zeros(0, dtype=np.int64)
+        pool = np.flatnonzero(key <= np.partition(key, n - 1)[n - 1])  # ascending slots: ties stay in slot order
+        return pool[np.lexsort((self.slot_last_hit[pool], key[pool]))][:n]
 
     def _admission_pairs(self, admit: np.ndarray):
         """Missed ids that beat a resident's priority, paired with the slots they replace."""
         if admit.size == 0 or self.capacity == 0:
             return admit[:0], np.zeros(0, dtype=np.int64)
         admit = admit[np.lexsort((admit, -self.priority[admit]))]
-        victims = self.priority_victims()[: admit.size]
+        victims = self.priority_victims(admit.size)
         admit = admit[: victims.size]
         resident_key = np.where(self.slot_ids[victims] == EMPTY, -1.0, self.priority[self.slot_ids[victims]])
         beats = self.priority[admit] > resident_key

@@ -46,7 +46,8 @@ class LiveEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, trainer, candidates: int = DEFAULT_CANDIDATES, reward: str = "traffic", trace=None,
-                 ranking: str = "misses", lookahead_horizon: int = 32, lookahead_discount: float = 0.8):
+                 ranking: str = "misses", lookahead_horizon: int | None = None,
+                 lookahead_discount: float | None = None):
         self.trainer = trainer
         self.k = int(candidates)
         self.reward = reward

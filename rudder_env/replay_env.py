@@ -55,7 +55,8 @@ class ReplayEnv(gym.Env):
     def __init__(self, trace, rank: int = 0, candidates: int | None = None, reward: str = "traffic",
                  buffer_fraction: float | None = None, buffer_init: str = "recorded", alpha: float | None = None,
                  period: int | None = None, admit_on_miss: bool | None = None, ranking: str = "misses",
-                 lookahead_horizon: int = 32, lookahead_discount: float = 0.8):
+                 lookahead_horizon: int | None = None,
+                 lookahead_discount: float | None = None):
         from traces import Trace
 
         self.trace = trace if isinstance(trace, Trace) else Trace(trace)

@@ -158,3 +158,18 @@ def test_random_stream_rows_exact_and_ids_only_buffer_identical(admit_on_miss):
     assert c.hits > 0
     # with admit-on-miss, misses take the evictable slots first, so periodic prefetch finds none left
     assert (c.admitted_on_miss > 0) if admit_on_miss else (c.prefetched > c.initial_fill and not c.admitted_on_miss)
+
+
+def test_partial_victim_order_is_a_prefix_of_the_full_one():
+    """``priority_victims(n)`` (a partial sort) is exactly the first ``n`` of the full eviction order, ties
+    (equal priority and equal last hit) included."""
+    rng = np.random.default_rng(3)
+    buf = PrefetchBuffer(capacity=40, num_nodes=N, alpha=0.2, period=3)
+    buf.fill(rng.choice(N, 30, replace=False))  # 10 slots stay empty
+    buf.set_priority(np.arange(N), rng.integers(0, 4, N).astype(np.float32))  # few distinct values: many ties
+    buf.slot_last_hit[:] = rng.integers(0, 3, buf.capacity)
+    full = buf.priority_victims()
+    assert sorted(full.tolist()) == list(range(buf.capacity))
+    assert set(full[:10].tolist()) == set(np.flatnonzero(buf.slot_ids == EMPTY).tolist())  # empty slots first
+    for n in (0, 1, 5, 10, 11, 25, 39, 40, 100):
+        np.testing.assert_array_equal(buf.priority_victims(n), full[:n])

@@ -79,3 +79,14 @@ def test_second_hop_through_halo_nodes():
     assert got[10] == pytest.approx(0.75)  # unchanged: first-hop and inner second-hop terms only
     again = SamplerLookahead.from_static(la.to_static(), 20)
     np.testing.assert_allclose(again.scores([np.array([0])])[1], la.scores([np.array([0])])[1])
+
+
+def test_top_candidates_match_a_full_sort_with_ties():
+    from rudder_env.episode import _top
+
+    rng = np.random.default_rng(1)
+    ids = rng.permutation(500)
+    score = rng.integers(0, 6, ids.size).astype(np.float32)  # many ties: broken by lower id
+    full = np.lexsort((ids, -score))
+    for k in (1, 7, 100, 499, 500, 800):
+        np.testing.assert_array_equal(_top(ids, score, k), full[:k])

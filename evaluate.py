@@ -58,6 +58,9 @@ def agent_factories(names: list[str], args) -> dict:
                                                   log_path=os.path.join(args.out, f"llm-{trace}-rank{rank}.jsonl"))
         if name == "ppo" and args.ppo_policy:
             return lambda trace, rank: make_agent("ppo", path=args.ppo_policy)
+        if name == "recorded":  # each trace's own recorded decisions, at their recorded minibatches
+            folders = {os.path.basename(os.path.normpath(t)): t for t in args.traces}
+            return lambda trace, rank: make_agent("recorded", trace=folders[trace], rank=rank)
         return lambda trace, rank: make_agent(name)
 
     return {n: factory(n) for n in names}

@@ -32,6 +32,7 @@ REGISTRY = {
     "lookahead": ("agents.heuristic", "Lookahead"),
     "ppo": ("agents.ppo", "PPOAgent"),
     "llm": ("agents.llm", "LLMAgent"),
+    "recorded": ("baselines.policies", "Recorded"),  # the decisions of a recorded run, replayed
 }
 
 

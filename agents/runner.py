@@ -8,11 +8,18 @@ its measured latency (or a fixed ``latency_s``) is turned into ``ceil(latency / 
 recorded run, after which the set is applied: a stale decision costs offline what it costs live.
 
 Either way the decision refers to the candidate list it was taken on.
+
+Live, the worker thread runs at the operating system's idle priority (``SCHED_IDLE`` on Linux, else the lowest
+nice value) unless ``priority="normal"``: the agent then takes only CPU time that training leaves unused (waits on
+remote pulls, all-reduces), so its latency is hidden where the cores are busy, at the price of later decisions.
+:func:`play_schedule` applies decisions recorded earlier at their minibatches, instantly: run against an
+asynchronous run of the same decisions, it isolates what taking them cost.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,11 +47,30 @@ def warm_up(agent, info) -> float:
     return float(fn(info) or 0.0) if fn is not None else 0.0
 
 
-def run_async(env, agent, seed: int = 0, latency_s: float | None = None) -> dict:
+PRIORITIES = ("idle", "normal")
+
+
+def lower_priority() -> str:
+    """Put the calling thread (and threads it starts later, e.g. torch's) at idle priority; returns how."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # Linux: this thread only
+        return "SCHED_IDLE"
+    except (AttributeError, OSError):
+        try:
+            import threading
+
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: per thread
+            return "nice 19"
+        except (AttributeError, OSError):
+            return "normal (could not lower)"
+
+
+def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priority: str = "idle") -> dict:
     """Play one episode of ``env`` (live or replay) with ``agent`` deciding in the background.
 
     Args:
         latency_s: replay only: take every decision as this slow instead of its measured latency.
+        priority: live only: ``"idle"`` runs the agent's thread at idle priority, ``"normal"`` as training.
 
     Returns counters, per-window hit rates, decision latencies (s) and delays (minibatches between the observation
     and the minibatch the set was applied before).
@@ -57,7 +83,12 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None) -> dict
     warm_up(agent, info)
     pending: _Pending | None = None
     latencies, delays, window_hit_rate, seconds = [], [], [], 0.0
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-agent") if live else None
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown decision priority {priority!r}: expected one of {', '.join(PRIORITIES)}")
+    pool = None
+    if live:
+        init = lower_priority if priority == "idle" else None
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-agent", initializer=init)
 
     def poll(minibatch: int):
         nonlocal pending
@@ -98,3 +129,39 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None) -> dict
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return episode_result(env, latencies, seconds, window_hit_rate, delay_minibatches=delays)
+
+
+def play_schedule(env, schedule: dict[int, np.ndarray], seed: int = 0) -> dict:
+    """Play one episode applying ``schedule`` (minibatch -> prefetch ids, e.g. :class:`baselines.policies.Recorded`)
+    before those minibatches, at no decision cost; no other decision is taken."""
+    base = env.unwrapped
+    obs, info = env.reset(seed=seed)
+    latencies, window_hit_rate, seconds = [], [], 0.0
+
+    def poll(minibatch: int):
+        ids = schedule.get(minibatch)
+        if ids is None:
+            return None
+        latencies.append(0.0)
+        return np.asarray(ids, dtype=np.int64), 0.0
+
+    done = False
+    while not done:
+        obs, _, terminated, truncated, info = base.run_window(poll)
+        w = info["window"]
+        seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
+        window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
+        done = terminated or truncated
+    return episode_result(env, latencies, seconds, window_hit_rate)
+
+
+def play(env, agent, seed: int = 0, asynchronous: bool = False, priority: str = "idle") -> dict:
+    """Play one episode the way ``agent`` needs: its recorded schedule, in the background, or step by step."""
+    if hasattr(agent, "schedule"):
+        agent.reset()
+        return play_schedule(env, agent.schedule, seed=seed)
+    if asynchronous:
+        return run_async(env, agent, seed=seed, priority=priority)
+    from rudder_env.evaluation import play_episode
+
+    return play_episode(env, agent, seed=seed)

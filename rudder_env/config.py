@@ -27,7 +27,9 @@ class TrainConfig:
     hidden: int = field(default=128, metadata=dict(help="hidden width"))
     lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
     seed: int = field(default=0, metadata=dict(help="seed for the graph, partitioning, model and sampling"))
-    agent: str = field(default="periodic", metadata=dict(help="prefetch agent: none, static, periodic"))
+    agent: str = field(default="periodic", metadata=dict(
+        help="prefetch agent: none, static, periodic, hitrate, lookahead, ppo, llm, or recorded (with "
+             "--decisions-from)"))
     buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
     buffer_init: str = field(default="degree", metadata=dict(
         choices=("degree", "random", "empty"), help="initial buffer content"))
@@ -40,7 +42,13 @@ class TrainConfig:
         choices=("auto", "sync", "async"),
         help="take decisions between windows (sync) or in the background while training goes on (async); "
              "auto: async for the LLM agent"))
-    sample_ahead: int = field(default=2, metadata=dict(
+    decision_priority: str = field(default="idle", metadata=dict(
+        choices=("idle", "normal"),
+        help="OS priority of background decisions: idle (SCHED_IDLE: only CPU time training leaves unused) or "
+             "normal"))
+    decisions_from: str | None = field(default=None, metadata=dict(
+        help="with --agent recorded: a trace whose prefetch decisions are applied again at the same minibatches"))
+    sample_ahead: int = field(default=4, metadata=dict(
         help="minibatches sampled ahead of training (within an epoch); the lookahead knows their remote rows"))
     lookahead_halo_edges: bool = field(default=True, metadata=dict(
         help="sampler lookahead also pulls the halo nodes' in-edges from the servers once (sees the second hop "
@@ -77,6 +85,10 @@ class TrainConfig:
 
         if self.agent not in REGISTRY:
             raise ValueError(f"unknown --agent {self.agent!r}: expected one of {', '.join(REGISTRY)}")
+        if (self.agent == "recorded") != (self.decisions_from is not None):
+            raise ValueError("--agent recorded and --decisions-from TRACE go together")
+        if self.decisions_from is not None and not os.path.isdir(self.decisions_from):
+            raise ValueError(f"--decisions-from {self.decisions_from}: no such trace folder")
         if self.parts < 1:
             raise ValueError(f"--parts must be >= 1, got {self.parts}")
         if self.trainers_per_part < 1:

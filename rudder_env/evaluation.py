@@ -57,7 +57,7 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
     decide in the background, their latency simulated as a delay (:func:`agents.runner.run_async`).
     """
     from agents.base import is_slow
-    from agents.runner import run_async
+    from agents.runner import play
     from baselines.oracles import belady_min, hindsight_static
     from traces import Trace
 
@@ -75,7 +75,7 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
             if progress:
                 progress(f"{name} rank {rank}: {agent_name}")
             slow = is_slow(agent)
-            r = run_async(env, agent, seed=seed) if slow else play_episode(env, agent, seed=seed)
+            r = play(env, agent, seed=seed, asynchronous=slow)
             r.pop("delay_minibatches", None)
             trained_on = getattr(agent, "trained_on", None)
             rows.append(dict(agent=agent_name, trace=name, rank=rank, capacity=env.capacity, asynchronous=slow,

@@ -221,7 +221,7 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     from agents.base import make_agent
     from rudder_env.trainer import DistTrainer
 
-    agent = make_agent(cfg.agent)
+    agent = make_agent(cfg.agent, **agent_options(cfg, role))
     trainer = DistTrainer(cfg, role.trainer_rank, job.graph_name, job.ip_config, job.master, job.meta,
                           part_config=job.part_config, use_buffer=getattr(agent, "uses_buffer", True),
                           static_buffer=getattr(agent, "static", False),
@@ -236,14 +236,9 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     writer = _trace_writer(cfg, role, job, trainer) if cfg.trace else None
     env = gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward, trace=writer,
                    ranking=getattr(agent, "ranking", "misses"))
-    if asynchronous(cfg, agent):
-        from agents.runner import run_async
+    from agents.runner import play
 
-        played = run_async(env, agent, seed=cfg.seed)
-    else:
-        from rudder_env.evaluation import play_episode
-
-        played = play_episode(env, agent, seed=cfg.seed)
+    played = play(env, agent, seed=cfg.seed, asynchronous=asynchronous(cfg, agent), priority=cfg.decision_priority)
     result = trainer.result()
     result.update(extra, decisions=played["decisions"], latency_p50_s=round(played["latency_p50_s"], 5),
                   latency_p95_s=round(played["latency_p95_s"], 5), asynchronous=asynchronous(cfg, agent),
@@ -253,6 +248,13 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     result.update(trainer.evaluate())
     trainer.close()
     return result
+
+
+def agent_options(cfg, role: Role) -> dict:
+    """Constructor arguments an agent takes from the run: the recorded decisions to play, for ``recorded``."""
+    if cfg.agent == "recorded":
+        return dict(trace=cfg.decisions_from, rank=role.trainer_rank)
+    return {}
 
 
 def asynchronous(cfg, agent) -> bool:

@@ -93,6 +93,27 @@ def test_replay_of_a_live_run_is_exact(agent, rank, request):
     assert live_rank["prefetched"] > live_rank["initial_fill"] or live_rank["admitted_on_miss"] > 0  # it mattered
 
 
+def test_recorded_agent_applies_a_live_runs_decisions_again_live(live, tmp_path_factory):
+    """``--agent recorded`` re-applies a live run's decisions at the same minibatches in a new live run (how P3
+    measures what taking the LLM's decisions costs), and a replay of that run with them is exact."""
+    from agents.runner import play as play_agent
+    from baselines.policies import Recorded
+
+    again = record_live(tmp_path_factory, "recorded", "--decisions-from", live["trace"])
+    for rank in (0, 1):
+        first, second = Trace(live["trace"]).rank(rank).decisions(), Trace(again["trace"]).rank(rank).decisions()
+        assert len(first) > 0
+        np.testing.assert_array_equal(first["minibatch"], second["minibatch"])
+        for a, b in zip(first["ids"], second["ids"]):
+            np.testing.assert_array_equal(a, b)
+        live_rank = again["summary"]["ranks"][rank]
+        assert live_rank["decisions"] == len(first)
+        res = play_agent(gym.make("rudder/Replay-v0", trace=again["trace"], rank=rank),
+                         Recorded(again["trace"], rank=rank))
+        for key in ("remote_sampled", "hits", "remote_fetched", "prefetched"):
+            assert res[key] == live_rank[key], key
+
+
 def test_replay_env_checks_and_is_deterministic(live):
     env = gym.make("rudder/Replay-v0", trace=live["trace"], rank=0, buffer_init="random").unwrapped
     check_env(env, skip_render_check=True)

@@ -69,11 +69,18 @@ def test_port_in_use_is_detected():
     ("parts", 0, "--parts must be >= 1"),
     ("buffer_fraction", 1.5, r"--buffer-fraction must be in \[0, 1\]"),
     ("period", 0, "--period must be >= 1"),
+    ("agent", "recorded", "--agent recorded and --decisions-from TRACE go together"),
+    ("decisions_from", "/nonexistent", "--agent recorded and --decisions-from TRACE go together"),
 ])
 def test_bad_options_are_rejected(field, value, message):
     cfg = TrainConfig(**{field: value})
     with pytest.raises(ValueError, match=message):
         cfg.validate()
+
+
+def test_recorded_decisions_need_an_existing_trace():
+    with pytest.raises(ValueError, match="--decisions-from /nonexistent: no such trace folder"):
+        TrainConfig(agent="recorded", decisions_from="/nonexistent").validate()
 
 
 def test_dgl_compat_is_a_noop_once_the_library_exists():

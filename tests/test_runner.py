@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from agents.heuristic import HitRateRule
-from agents.runner import run_async
-from baselines.policies import Periodic
+from agents.runner import lower_priority, play, run_async
+from baselines.policies import Periodic, Recorded
 from rudder_env.evaluation import play_episode
 from rudder_env.replay_env import ReplayEnv
 
@@ -71,3 +71,38 @@ def test_hit_rate_rule_keeps_when_nothing_is_stale():
 def test_agents_play_sample_traces(agent):
     res = play_episode(ReplayEnv(TRACE, rank=0), agent)
     assert res["remote_fetched"] < res["remote_sampled"]
+
+
+def test_background_thread_gets_idle_priority_and_training_keeps_its_own():
+    import threading
+
+    seen = {}
+
+    def worker():
+        seen["how"] = lower_priority()
+        seen["policy"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["how"] == "SCHED_IDLE" and seen["policy"] == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # only that thread
+    with pytest.raises(ValueError, match="unknown decision priority 'low'"):
+        run_async(ReplayEnv(TRACE, rank=0), Periodic(), priority="low")
+
+
+def test_recorded_decisions_replay_the_recording_run_exactly():
+    """The shipped trace was recorded with the periodic agent: playing its decisions back at their minibatches
+    gives its counters, and the buffer settings follow the recording agent."""
+    from traces import Trace
+
+    for rank in (0, 1):
+        rec = Recorded(TRACE, rank=rank)
+        assert rec.source_agent == "periodic" and sum(len(v) for v in rec.schedule.values()) > 0
+        res = play(ReplayEnv(TRACE, rank=rank), rec)
+        counters = Trace(TRACE).rank(rank).meta["counters"]
+        for key in ("remote_sampled", "hits", "remote_fetched", "prefetched"):
+            assert res[key] == counters[key], key
+        assert res["decisions"] == len(Trace(TRACE).rank(rank).decisions()["minibatch"].unique())
+    with pytest.raises(ValueError, match="no trainer rank 5"):
+        Recorded(TRACE, rank=5)

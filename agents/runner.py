@@ -40,11 +40,16 @@ class _Pending:
         self.due_minibatch = None
 
 
-def warm_up(agent, info) -> float:
+def warm_up(agent, info, env=None) -> float:
     """Start-up work an agent may have (e.g. the LLM prefilling its fixed prompt prefix), done before the first
-    decision and not counted as decision latency. Returns its seconds."""
+    decision and not counted as decision latency; then, live, every trainer waits for the others (their start-up
+    takes unequal time, and the first all-reduce would charge the difference to training). Returns its seconds."""
     fn = getattr(agent, "warm_up", None)
-    return float(fn(info) or 0.0) if fn is not None else 0.0
+    seconds = float(fn(info) or 0.0) if fn is not None else 0.0
+    together = getattr(env.unwrapped, "start_together", None) if env is not None else None
+    if together is not None:
+        together()
+    return seconds
 
 
 PRIORITIES = ("idle", "normal")
@@ -80,7 +85,7 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
     s_per_mb = None if live else max(base.live_seconds_per_minibatch, 1e-9)
     obs, info = env.reset(seed=seed)
     agent.reset()
-    warm_up(agent, info)
+    warm_up(agent, info, env)
     pending: _Pending | None = None
     latencies, delays, window_hit_rate, seconds = [], [], [], 0.0
     if priority not in PRIORITIES:
@@ -136,6 +141,7 @@ def play_schedule(env, schedule: dict[int, np.ndarray], seed: int = 0) -> dict:
     before those minibatches, at no decision cost; no other decision is taken."""
     base = env.unwrapped
     obs, info = env.reset(seed=seed)
+    warm_up(None, info, env)
     latencies, window_hit_rate, seconds = [], [], 0.0
 
     def poll(minibatch: int):

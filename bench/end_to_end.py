@@ -39,6 +39,7 @@ def live_run(agent: str, seed: int, epochs: int, extra=(), trace: str | None = N
                 remote_sampled=sum(r["remote_sampled"] for r in ranks),
                 peak_rss_mb=max(r["peak_rss_mb"] for r in ranks), buffer_mb=max(r["buffer_bytes"] for r in ranks) / 2**20,
                 decisions=max(r.get("decisions", 0) for r in ranks),
+                model_queries=max(r.get("model_queries", 0) for r in ranks),
                 latency_p50_s=max(r.get("latency_p50_s", 0.0) for r in ranks),
                 asynchronous=any(r.get("asynchronous", False) for r in ranks), val_acc=s["val_acc"])
 
@@ -78,6 +79,11 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     return text + ".", table
 
 
+# 2 epochs, a decision every 4 minibatches and the buffer filled at random: ~7 windows per trainer with slots to
+# refill, so the LLM is asked real questions (with 1 epoch of 8-minibatch windows it has ~2, mostly forced)
+LLM_EPOCHS, LLM_RUN = 2, ("--period", "4", "--buffer-init", "random")
+
+
 def llm_hidden_latency(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True)) -> tuple[str, pd.DataFrame]:
     """Training time with LLM decisions taken in the background against a run applying *the same decisions* at
     the same minibatches instantly (``--agent recorded`` on the LLM run's trace), at the agent thread's idle and
@@ -88,10 +94,11 @@ def llm_hidden_latency(quick: bool, log=lambda m: print(m, file=sys.stderr, flus
             for priority in ("idle", "normal"):
                 llm_trace = os.path.join(tmp, f"llm-{priority}-{rnd}")
                 log(f"  live llm (background, {priority} priority) round {rnd + 1}")
-                rows.append(dict(live_run("llm", 0, 1, extra=("--decisions", "async", "--decision-priority", priority),
+                rows.append(dict(live_run("llm", 0, LLM_EPOCHS, extra=(*LLM_RUN, "--decisions", "async",
+                                                                       "--decision-priority", priority),
                                           trace=llm_trace), mode="llm", priority=priority, round=rnd))
                 log(f"  live recorded (its decisions, instantly) round {rnd + 1}")
-                rows.append(dict(live_run("recorded", 0, 1, extra=("--decisions-from", llm_trace),
+                rows.append(dict(live_run("recorded", 0, LLM_EPOCHS, extra=(*LLM_RUN, "--decisions-from", llm_trace),
                                           trace=os.path.join(tmp, f"rec-{priority}-{rnd}")),
                                  mode="same decisions, instant", priority=priority, round=rnd))
     df = pd.DataFrame(rows)

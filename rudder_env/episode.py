@@ -208,8 +208,9 @@ class _PredictedNeed:
     """The buffer's priority under lookahead: ``sum_i discount**i * need_{m+i}`` over the known minibatches after
     the current one ``m`` (``i = 1 .. horizon-1``), kept up to date minibatch by minibatch.
 
-    Each minibatch's expected remote needs are computed once, when it enters the horizon; the sum slides by
-    subtracting the minibatch that leaves and adding those that enter. Weights are ``discount**j`` for absolute
+    Each minibatch's expected remote needs are computed once, in a background thread, up to 16 minibatches
+    before it enters the horizon; the sum slides by subtracting the minibatch that leaves and adding those that
+    enter. Weights are ``discount**j`` for absolute
     minibatch ``j`` (the same factor for every node at a given time, so the order is unchanged), rescaled now and
     then to stay in range.
     """

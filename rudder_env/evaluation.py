@@ -20,7 +20,7 @@ def play_episode(env, agent, seed: int = 0) -> dict:
 
     obs, info = env.reset(seed=seed)
     agent.reset()
-    warm_up(agent, info)
+    warm_up(agent, info, env)
     latencies, window_hit_rate, seconds = [], [], 0.0
     done = False
     while not done:

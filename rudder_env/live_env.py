@@ -83,6 +83,13 @@ class LiveEnv(gym.Env):
         self._observed_at = time.perf_counter()
         return obs, info
 
+    def start_together(self) -> None:
+        """Wait until every trainer of the job gets here (after agent start-up work of unequal length)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
     def step(self, action):
         require_running(self.episode)
         t0 = time.perf_counter()

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         return 2
     cmd = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     os.makedirs(OUT_DIR, exist_ok=True)
-    sections = _read_sections(args.out)  # sections not re-run keep their earlier results (and command)
+    done: dict[str, str] = {}  # the sections this run wrote; every other one is kept as the file has it now
     header = ["# rudder benchmarks", "",
               f"- machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
               f"Python {platform.python_version()}", ""]
@@ -90,11 +90,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         text, df = fn(args.quick)
         print(f"\n## {title}\n{text}\n{df.to_string(index=False)}", flush=True)
-        sections[title] = "\n".join([
+        done[title] = "\n".join([
             f"## {title}", "", f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M %Z')} "
             f"({time.perf_counter() - t0:.0f} s)", "", text, "", df.to_markdown(index=False, floatfmt=".3g"), ""])
-        _write(args.out, header, sections)  # keep what is done if a later section fails
-    _write(args.out, header, sections)
+        _write(args.out, header, done)  # keep what is done if a later section fails
     print(f"\nwrote {args.out}")
     return 0
 
@@ -117,7 +116,10 @@ def _read_sections(path: str) -> dict[str, str]:
     return out
 
 
-def _write(path: str, header: list[str], sections: dict[str, str]) -> None:
+def _write(path: str, header: list[str], done: dict[str, str]) -> None:
+    """Write the report: this run's sections replace theirs; the others (earlier results, analysis written by
+    hand, even while this run went on) are read back from the file as it is now."""
+    sections = {**_read_sections(path), **done}
     order = [t for t, _ in SECTIONS.values()]
     ordered = sorted(sections, key=lambda t: order.index(t) if t in order else len(order))
     with open(path, "w") as f:

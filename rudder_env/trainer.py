@@ -52,6 +52,8 @@ class RankStats:
     fetch_s: float = 0.0
     compute_s: float = 0.0
     minibatches: int = 0
+    overlapped: int = 0  # minibatches whose rows were pulled during the previous minibatch's compute
+    overlap_mismatches: int = 0  # pulled ahead but not usable (the buffer changed): pulled again
 
 
 class DistTrainer:
@@ -98,6 +100,10 @@ class DistTrainer:
         self.lookahead = self._lookahead()
         self.capacity = int(round(cfg.buffer_fraction * self.halo_ids.size)) if use_buffer else 0
         self.admit_on_miss = (cfg.admit_on_miss if admit_on_miss is None else admit_on_miss) and not static_buffer
+        self._fetcher = None  # the thread that pulls the next minibatch's rows during compute (--overlap-fetch)
+        self._next_pull = None  # (input nodes, misses, future) in flight
+        self._pulled_ahead = None  # (input nodes, misses, rows) ready for the next train_step
+        self._overlap_wait_s = 0.0
         self.started = False
         self.start(cfg.seed)
 
@@ -116,6 +122,8 @@ class DistTrainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         torch.manual_seed(seed * 1000 + self.trainer_rank + 1)  # shuffling differs per trainer, fixed per seed
         np.random.seed(seed * 1000 + self.trainer_rank + 1)
+        self._finish_next_pull()
+        self._pulled_ahead, self._overlap_wait_s = None, 0.0
         self.stats = RankStats()
         self.buffer = PrefetchBuffer(self.capacity, self.g.num_nodes(), alpha=cfg.alpha, period=cfg.period,
                                      feat_dim=self.meta["feat_dim"],
@@ -180,7 +188,7 @@ class DistTrainer:
         ids = input_nodes.numpy()
         local_ids, remote_ids = ids[~remote], ids[remote]
         to_pull = self.buffer.begin(remote_ids)
-        pulled = self.feat[torch.from_numpy(np.concatenate([local_ids, to_pull]))]
+        pulled = self._pull_rows(input_nodes, local_ids, to_pull)
         remote_rows, step = self.buffer.finish(pulled[local_ids.size:].numpy())
         x = torch.empty((ids.size, pulled.shape[1]), dtype=pulled.dtype)
         x[torch.from_numpy(~remote)] = pulled[: local_ids.size]
@@ -189,18 +197,64 @@ class DistTrainer:
         t_compute = time.perf_counter()
         if self.cfg.verify_rows:
             self._verify(input_nodes, x)
+        self._start_next_pull()
         self.model.train()
         loss = F.cross_entropy(self.model(blocks, x), y)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
         t_end = time.perf_counter()
+        waited, self._overlap_wait_s = self._overlap_wait_s, self._finish_next_pull()  # the next one's fetch time
         record = MinibatchRecord(epoch=epoch, index=self.minibatch_index, remote_ids=remote_ids,
-                                 local_rows=int(local_ids.size), sample_s=0.0, fetch_s=t_compute - t_fetch,
+                                 local_rows=int(local_ids.size), sample_s=0.0, fetch_s=t_compute - t_fetch + waited,
                                  fetch_rows=int(local_ids.size + to_pull.size), compute_s=t_end - t_compute,
                                  step=step, loss=float(loss.detach()), seeds=seeds.numpy())
         self.minibatch_index += 1
         return record
+
+    # ------------------------------------------------------------------ fetch overlapped with compute
+    def _start_next_pull(self) -> None:
+        """Start pulling the next sampled minibatch's local rows and buffer misses in a background thread, to run
+        during this minibatch's forward and backward (DGL's RPC waits without the interpreter lock). Nothing else
+        uses DGL's RPC until :meth:`_finish_next_pull`, and until then the buffer's residency cannot change, so
+        the misses are the ones the next minibatch will have; a prefetch set decided meanwhile is pulled with it
+        separately."""
+        if not self.cfg.overlap_fetch or not self._ahead:
+            return
+        batch, _, remote = self._ahead[0]
+        ids = batch[0].numpy()
+        remote_ids = ids[remote]
+        misses = remote_ids[self.buffer.slot_of[remote_ids] == -1]
+        if self._fetcher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-fetch")
+        want = torch.from_numpy(np.concatenate([ids[~remote], misses]))
+        self._next_pull = (batch[0], misses, self._fetcher.submit(self.feat.__getitem__, want))
+
+    def _finish_next_pull(self) -> float:
+        """Wait for the pull started by :meth:`_start_next_pull` (before any other RPC); returns the seconds
+        waited."""
+        if self._next_pull is None:
+            return 0.0
+        t0 = time.perf_counter()
+        nodes, misses, future = self._next_pull
+        self._next_pull = None
+        self._pulled_ahead = (nodes, misses, future.result())
+        return time.perf_counter() - t0
+
+    def _pull_rows(self, input_nodes: torch.Tensor, local_ids: np.ndarray, to_pull: np.ndarray) -> torch.Tensor:
+        """Rows of ``local_ids`` then ``to_pull`` (misses, then a prefetch set): from the pull done during the
+        previous minibatch when it covers them, else pulled now."""
+        ahead, self._pulled_ahead = self._pulled_ahead, None
+        if ahead is not None and ahead[0] is input_nodes:
+            _, misses, rows = ahead
+            if to_pull.size >= misses.size and np.array_equal(to_pull[:misses.size], misses):
+                self.stats.overlapped += 1
+                extra = to_pull[misses.size:]
+                return torch.cat([rows, self.feat[torch.from_numpy(extra)]]) if extra.size else rows
+            self.stats.overlap_mismatches += 1
+        return self.feat[torch.from_numpy(np.concatenate([local_ids, to_pull]))]
 
     def _verify(self, input_nodes: torch.Tensor, x: torch.Tensor) -> None:
         """Count rows that differ from a direct DistTensor pull, and rows whose column 0 is not the original id."""
@@ -303,12 +357,16 @@ class DistTrainer:
                     hit_rate=c.hits / c.remote_sampled if c.remote_sampled else 0.0,
                     epoch_time_s=[round(t, 4) for t in s.epoch_time_s], sample_s=round(s.sample_s, 4),
                     fetch_s=round(s.fetch_s, 4), compute_s=round(s.compute_s, 4),
+                    overlapped_minibatches=s.overlapped, overlap_mismatches=s.overlap_mismatches,
                     lookahead_setup_s=round(self.lookahead_setup_s, 3),
                     buffer_bytes=int(self.buffer.rows.nbytes if self.buffer.rows is not None else 0),
                     peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                     pid=os.getpid(), **({"verify": dict(self.verify)} if self.cfg.verify_rows else {}))
 
     def close(self) -> None:
+        self._finish_next_pull()
+        if self._fetcher is not None:
+            self._fetcher.shutdown()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         dgl.distributed.exit_client()

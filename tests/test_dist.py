@@ -98,13 +98,15 @@ def test_two_partitions_trains_and_reports(cache, tmp_path):
     print(f"2-partition synth-tiny run: {wall:.1f} s wall")
 
 
-@pytest.mark.parametrize("agent", ["none", "static", "periodic"])
-def test_served_rows_are_the_disttensor_rows(agent, id_graph, cache, tmp_path):
+@pytest.mark.parametrize("agent, overlap", [("none", True), ("static", False), ("periodic", True)])
+def test_served_rows_are_the_disttensor_rows(agent, overlap, id_graph, cache, tmp_path):
     """Every input row, buffer hits included, equals a direct DistTensor pull and encodes its original node id:
-    each trainer reads its own partition (the one-host fixes) and the buffer serves exact rows."""
+    each trainer reads its own partition (the one-host fixes) and the buffer serves exact rows, also when they
+    were pulled during the previous minibatch's compute (--overlap-fetch)."""
     summary_path = tmp_path / "run.json"
     proc = run_train(["--graph", id_graph, *SMALL, "--agent", agent, "--verify-rows", "--buffer-init", "random",
-                      "--summary", str(summary_path)], cache, mpiexec_n=4 if agent == "static" else None)
+                      "--overlap-fetch" if overlap else "--no-overlap-fetch", "--summary", str(summary_path)],
+                     cache, mpiexec_n=4 if agent == "static" else None)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(summary_path.read_text())
     assert sorted(r["partition"] for r in s["ranks"]) == [0, 1]
@@ -113,6 +115,11 @@ def test_served_rows_are_the_disttensor_rows(agent, id_graph, cache, tmp_path):
         assert v["rows_checked"] > 1000
         assert v["rows_differing_from_disttensor"] == 0
         assert v["rows_col0_not_orig_id"] == 0
+        assert r["overlap_mismatches"] == 0
+        if overlap:  # every minibatch but each epoch's first used rows pulled during the one before
+            assert r["overlapped_minibatches"] == r["minibatches"] - len(r["epoch_time_s"])
+        else:
+            assert r["overlapped_minibatches"] == 0
         if agent == "none":
             assert r["buffer_capacity"] == 0 and r["hits"] == 0 and r["remote_fetched"] == r["remote_sampled"]
         elif agent == "static":

@@ -60,8 +60,10 @@ class PrefetchEpisode:
         if ranking == "lookahead" and (lookahead is None or upcoming is None):
             raise ValueError("ranking='lookahead' needs the partition structure and the seed order, which this "
                              "run or trace does not have")
+        first = _score_first(lookahead, upcoming) if ranking == "lookahead" else {}
         if ranking == "lookahead" and (horizon is None or discount is None):
-            auto_horizon, auto_discount = lookahead_reach(buffer.capacity, _rows_per_minibatch(lookahead, upcoming))
+            rows = float(np.mean([need.sum(dtype=np.float64) for _, need in first.values()])) if first else 1.0
+            auto_horizon, auto_discount = lookahead_reach(buffer.capacity, rows)
             horizon = auto_horizon if horizon is None else horizon
             discount = auto_discount if discount is None else discount
         self.ranking = ranking
@@ -73,6 +75,7 @@ class PrefetchEpisode:
         self._n_evictable = 0
         if ranking == "lookahead":
             self._need = _PredictedNeed(buffer, lookahead, upcoming, horizon, discount, sampled_ahead)
+            self._need.add_scored(first)
         self.buffer = buffer
         self.k = k
         self.total_minibatches = total_minibatches
@@ -188,12 +191,10 @@ def lookahead_reach(capacity: int, rows_per_minibatch: float, reach: float = 2.0
     return horizon, discount
 
 
-def _rows_per_minibatch(lookahead, upcoming, n: int = 4) -> float:
-    """Expected remote rows of a minibatch: the lookahead's mean over the first ``n`` known ones."""
-    seeds = upcoming(0, n) if upcoming is not None else []
-    if lookahead is None or not seeds:
-        return 1.0
-    return float(np.mean([lookahead.scores([s], 1.0)[1].sum(dtype=np.float64) for s in seeds]))
+def _score_first(lookahead, upcoming, n: int = 4) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Expected remote needs of the first ``n`` known minibatches (their mean size sets the lookahead's reach)."""
+    seeds = upcoming(0, n) if (upcoming is not None and lookahead is not None) else []
+    return {j: lookahead.scores([s], 1.0) for j, s in enumerate(seeds)}
 
 
 def _top(ids: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
@@ -264,6 +265,15 @@ class _PredictedNeed:
             self.need[ids] += w
             self.included[j] = (ids, w)
         self.buffer.set_dense_priority(self.need)
+
+    def add_scored(self, scored: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Expected needs already computed (minibatch -> (ids, needs)), used as if scored in the background."""
+        from concurrent.futures import Future
+
+        for j, value in scored.items():
+            if j > self.at and j not in self.scored:
+                self.scored[j] = Future()
+                self.scored[j].set_result(value)
 
     def _submit_upcoming(self, m: int) -> None:
         """Start scoring, in the background, the known minibatches up to 16 past the horizon not yet scored: by the

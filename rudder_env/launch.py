@@ -243,6 +243,7 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     result.update(extra, decisions=played["decisions"], latency_p50_s=round(played["latency_p50_s"], 5),
                   latency_p95_s=round(played["latency_p95_s"], 5), asynchronous=asynchronous(cfg, agent),
                   env_overhead_s=round(env.unwrapped.env_overhead_s, 4),
+                  env_startup_s=round(env.unwrapped.env_startup_s, 4),
                   **({"model_queries": agent.queries} if hasattr(agent, "queries") else {}))
     if writer is not None:
         writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()))

@@ -60,7 +60,8 @@ class LiveEnv(gym.Env):
         self.episode: PrefetchEpisode | None = None
         self._records = None
         self._observed_at = None
-        self.env_overhead_s = 0.0  # time spent building observations and applying actions
+        self.env_overhead_s = 0.0  # time spent building observations and applying actions (start-up included)
+        self.env_startup_s = 0.0  # of which in reset(): the first observation (e.g. the lookahead's first scores)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -79,7 +80,7 @@ class LiveEnv(gym.Env):
                                        sampled_ahead=lambda done: t.sampled_ahead(),
                                        horizon=self.lookahead_horizon, discount=self.lookahead_discount)
         obs, info = self.episode.observe()
-        self.env_overhead_s = time.perf_counter() - t0
+        self.env_overhead_s = self.env_startup_s = time.perf_counter() - t0
         self._observed_at = time.perf_counter()
         return obs, info
 

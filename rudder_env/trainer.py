@@ -107,6 +107,11 @@ class DistTrainer:
         self.started = False
         self.start(cfg.seed)
 
+    def __deepcopy__(self, memo):
+        """A trainer is this process's handle on a running DistDGL job (RPC connections, process group, threads):
+        a copy (e.g. of an env's spec kwargs by ``gymnasium.make``) is the same trainer."""
+        return self
+
     def start(self, seed: int) -> None:
         """(Re)start training from scratch: weights, optimizer, buffer (filled per --buffer-init), counters.
 

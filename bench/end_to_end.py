@@ -46,11 +46,11 @@ def live_run(agent: str, seed: int, epochs: int, extra=(), trace: str | None = N
                 asynchronous=any(r.get("asynchronous", False) for r in ranks), val_acc=s["val_acc"])
 
 
-# (label, agent, options): "none" is DistDGL as it is (no buffer, fetch after sampling); every other run keeps
-# rudder's default of pulling the next minibatch's rows during this one's compute (--overlap-fetch), and two
-# variants separate what the overlap and what the buffer contribute
-VARIANTS = [("none", "none", ("--no-overlap-fetch",)), ("none+overlap", "none", ()), ("static", "static", ()),
-            ("periodic", "periodic", ()), ("periodic, no overlap", "periodic", ("--no-overlap-fetch",)),
+# (label, agent, options): "none" is DistDGL as it is (no buffer, features pulled after sampling); two variants
+# pull the next minibatch's rows during this one's compute (--overlap-fetch), to separate what the overlap and
+# what the buffer contribute
+VARIANTS = [("none", "none", ()), ("none+overlap", "none", ("--overlap-fetch",)), ("static", "static", ()),
+            ("periodic", "periodic", ()), ("periodic+overlap", "periodic", ("--overlap-fetch",)),
             ("lookahead", "lookahead", ())]
 QUICK_VARIANTS = [VARIANTS[0], VARIANTS[3], VARIANTS[5]]
 

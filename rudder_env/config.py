@@ -50,9 +50,9 @@ class TrainConfig:
         help="with --agent recorded: a trace whose prefetch decisions are applied again at the same minibatches"))
     sample_ahead: int = field(default=4, metadata=dict(
         help="minibatches sampled ahead of training (within an epoch); the lookahead knows their remote rows"))
-    overlap_fetch: bool = field(default=True, metadata=dict(
+    overlap_fetch: bool = field(default=False, metadata=dict(
         help="pull the next sampled minibatch's local rows and buffer misses during this minibatch's compute "
-             "(needs --sample-ahead >= 1)"))
+             "(needs --sample-ahead >= 1; no gain measured on one 2-core host, see BENCHMARKS.md)"))
     lookahead_halo_edges: bool = field(default=True, metadata=dict(
         help="sampler lookahead also pulls the halo nodes' in-edges from the servers once (sees the second hop "
              "through them; ~2 MB more per rank in a trace)"))

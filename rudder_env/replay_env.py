@@ -175,29 +175,32 @@ class ReplayEnv(gym.Env):
         info["applied_ids"] = np.concatenate(late) if late else np.zeros(0, dtype=np.int64)
         return obs, reward, ep.done, False, info
 
-    def _same_epoch(self, done: int, first: int, last: int, values: list) -> list:
-        """``values[first:last]`` up to the end of the epoch the live trainer was in after ``done`` minibatches."""
-        epoch = self._epochs[max(done - 1, 0)]
+    def _known(self, done: int, first: int, last: int, values: list) -> list:
+        """``values[first:last]`` as far as the epochs whose seeds the live trainer had shuffled after ``done``
+        minibatches: at the start only the first epoch; then every epoch up to the one of the last minibatch
+        sampled (``done + sample_ahead``: the trainer samples ahead across epoch boundaries)."""
+        n = len(values)
+        known_epoch = self._epochs[0] if done < 1 else self._epochs[min(done + self.sample_ahead, n - 1)]
         out = []
-        for j in range(first, min(last, len(values))):
-            if self._epochs[j] != epoch:
+        for j in range(first, min(last, n)):
+            if self._epochs[j] > known_epoch:
                 break
             out.append(values[j])
         return out
 
     def _upcoming(self, done: int, horizon: int) -> list[np.ndarray]:
-        """Seeds of the next ``horizon`` minibatches that the live trainer knew after ``done`` minibatches: those of
-        the epoch it was in (DGL shuffles an epoch's seeds when the epoch starts)."""
+        """Seeds of the next ``horizon`` minibatches that the live trainer knew after ``done`` minibatches (DGL
+        shuffles an epoch's seeds when its first minibatch is sampled)."""
         if self._seeds is None:
             return []
-        return self._same_epoch(done, done, done + horizon, self._seeds)
+        return self._known(done, done, done + horizon, self._seeds)
 
     def _sampled_ahead(self, done: int) -> list[np.ndarray]:
         """Remote ids of the minibatches the live trainer had sampled beyond the next one after ``done``
-        minibatches: up to ``sample_ahead`` of them, within the epoch it was in (none before the first)."""
+        minibatches: ``sample_ahead`` of them (none before the first)."""
         if done < 1 or self.sample_ahead < 1:
             return []
-        return self._same_epoch(done, done + 1, done + self.sample_ahead + 1, self._ids)
+        return self._known(done, done + 1, done + self.sample_ahead + 1, self._ids)
 
     @property
     def live_seconds_per_minibatch(self) -> float:

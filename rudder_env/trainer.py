@@ -135,8 +135,9 @@ class DistTrainer:
                                      admit_on_miss=self.admit_on_miss)
         self.initial_ids = self._initial_fill(cfg.buffer_init)
         self.minibatch_index = 0
-        self._ahead = collections.deque()  # (batch, sample_s, remote mask) sampled but not trained yet
-        self._begin_epoch()
+        self._ahead = collections.deque()  # (batch, sample_s, remote mask, epoch) sampled but not trained yet
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> its shuffled seed order, once drawn
+        self._begin_epoch(0)
         self.started = True
 
     # ------------------------------------------------------------------ setup helpers
@@ -226,7 +227,7 @@ class DistTrainer:
         separately."""
         if not self.cfg.overlap_fetch or not self._ahead:
             return
-        batch, _, remote = self._ahead[0]
+        batch, _, remote, _ = self._ahead[0]
         ids = batch[0].numpy()
         remote_ids = ids[remote]
         misses = remote_ids[self.buffer.slot_of[remote_ids] == -1]
@@ -274,60 +275,71 @@ class DistTrainer:
         orig = torch.from_numpy(self._orig_nids[input_nodes.numpy()]).to(x.dtype)
         v["rows_col0_not_orig_id"] += int((x[:, 0] != orig).sum())
 
-    def _begin_epoch(self) -> None:
-        """Shuffle the next epoch's seeds now (DGL's loader does it in ``iter``), so their order is known ahead."""
+    def _begin_epoch(self, epoch: int) -> None:
+        """Shuffle ``epoch``'s seeds now (DGL's loader does it in ``iter``), so their order is known ahead. Called
+        when the epoch's first minibatch is sampled: with sampling ahead, before the previous epoch has ended."""
         self._epoch_iter = iter(self.loader)
         order = self.train_nid[self.loader.data_idx]
-        self._epoch_order = order.numpy() if hasattr(order, "numpy") else np.asarray(order)
-        self._epoch_first = self.minibatch_index
+        self._orders[epoch] = order.numpy() if hasattr(order, "numpy") else np.asarray(order)
+        for old in [e for e in self._orders if e < epoch - 1]:  # keep the epoch being trained and the next
+            del self._orders[old]
 
     def upcoming_seeds(self, horizon: int) -> list[np.ndarray]:
-        """Seed ids of the next ``horizon`` minibatches, as far as the current epoch's shuffled order goes."""
-        b = self.cfg.batch_size
-        first = self.minibatch_index - self._epoch_first
-        last = min(first + horizon, self.minibatches_per_epoch)
-        return [self._epoch_order[i * b:(i + 1) * b] for i in range(first, last)]
+        """Seed ids of the next ``horizon`` minibatches, as far as the epochs shuffled so far go."""
+        b, per_epoch = self.cfg.batch_size, self.minibatches_per_epoch
+        out = []
+        for j in range(self.minibatch_index, min(self.minibatch_index + horizon, self.total_minibatches)):
+            epoch, i = divmod(j, per_epoch)
+            if epoch not in self._orders:
+                break
+            out.append(self._orders[epoch][i * b:(i + 1) * b])
+        return out
 
     def sampled_ahead(self) -> list[np.ndarray]:
         """Remote input ids of the minibatches already sampled beyond the next one (their exact future needs)."""
-        return [batch[0].numpy()[remote] for batch, _, remote in list(self._ahead)[1:]]
+        return [batch[0].numpy()[remote] for batch, _, remote, _ in list(self._ahead)[1:]]
 
     def minibatches(self):
         """Train ``cfg.epochs`` epochs, yielding a :class:`MinibatchRecord` after each minibatch.
 
-        Sampling runs ``cfg.sample_ahead`` minibatches ahead of training within an epoch (the same batches in the
-        same order), so the remote rows they will need are known before their turn (:meth:`sampled_ahead`).
+        Sampling runs ``cfg.sample_ahead`` minibatches ahead of training, across epoch boundaries (the same batches
+        in the same order; the next epoch's seeds are shuffled when its first minibatch is sampled), so the remote
+        rows they will need are known before their turn (:meth:`sampled_ahead`).
         """
         ahead = max(0, self.cfg.sample_ahead)
-        for epoch in range(self.cfg.epochs):
-            t_epoch = time.perf_counter()
-            if epoch > 0:
-                self._begin_epoch()
-            it = self._epoch_iter
-            left = self.minibatches_per_epoch  # batches of this epoch not sampled yet
+        sampling = dict(epoch=0, left=self.minibatches_per_epoch)  # the epoch being sampled, its batches to go
 
-            def top_up():
-                nonlocal left
-                while len(self._ahead) < ahead + 1 and left > 0:
-                    t0 = time.perf_counter()
-                    batch = next(it)
-                    sample_s = time.perf_counter() - t0
-                    self._ahead.append((batch, sample_s, self._remote_mask(batch[0])))
-                    left -= 1
+        def top_up():
+            while len(self._ahead) < ahead + 1:
+                if sampling["left"] == 0:
+                    if sampling["epoch"] + 1 >= self.cfg.epochs:
+                        return
+                    sampling["epoch"] += 1
+                    sampling["left"] = self.minibatches_per_epoch
+                    self._begin_epoch(sampling["epoch"])
+                t0 = time.perf_counter()
+                batch = next(self._epoch_iter)
+                sample_s = time.perf_counter() - t0
+                self._ahead.append((batch, sample_s, self._remote_mask(batch[0]), sampling["epoch"]))
+                sampling["left"] -= 1
 
-            top_up()
-            while self._ahead:
-                batch, sample_s, remote = self._ahead.popleft()
-                record = self.train_step(epoch, batch, remote)
-                record.sample_s = sample_s
-                s = self.stats
-                s.sample_s += sample_s
-                s.fetch_s += record.fetch_s
-                s.compute_s += record.compute_s
-                s.minibatches += 1
-                top_up()  # sample the next ones before handing this record over
-                yield record
-            self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
+        t_epoch, training = time.perf_counter(), 0
+        top_up()
+        while self._ahead:
+            batch, sample_s, remote, epoch = self._ahead.popleft()
+            if epoch != training:  # an epoch's time runs from its first minibatch to the next epoch's first
+                self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
+                t_epoch, training = time.perf_counter(), epoch
+            record = self.train_step(epoch, batch, remote)
+            record.sample_s = sample_s
+            s = self.stats
+            s.sample_s += sample_s
+            s.fetch_s += record.fetch_s
+            s.compute_s += record.compute_s
+            s.minibatches += 1
+            top_up()  # sample the next ones before handing this record over
+            yield record
+        self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
 
     # ------------------------------------------------------------------ evaluation and results
     @torch.no_grad()

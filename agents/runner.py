@@ -10,8 +10,9 @@ recorded run, after which the set is applied: a stale decision costs offline wha
 Either way the decision refers to the candidate list it was taken on.
 
 Live, the worker thread runs at the operating system's idle priority (``SCHED_IDLE`` on Linux, else the lowest
-nice value) unless ``priority="normal"``: the agent then takes only CPU time that training leaves unused (waits on
-remote pulls, all-reduces), so its latency is hidden where the cores are busy, at the price of later decisions.
+nice value) unless ``priority="normal"``: the agent then gets CPU time only when training leaves a core unused
+(waits on remote pulls, all-reduces), so busy cores make decisions later rather than training slower (on 2 shared
+cores it still slows training through shared caches and wake-ups: BENCHMARKS.md, P3).
 :func:`play_schedule` applies decisions recorded earlier at their minibatches, instantly: run against an
 asynchronous run of the same decisions, it isolates what taking them cost.
 """
@@ -80,6 +81,8 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
     Returns counters, per-window hit rates, decision latencies (s) and delays (minibatches between the observation
     and the minibatch the set was applied before).
     """
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown decision priority {priority!r}: expected one of {', '.join(PRIORITIES)}")
     base = env.unwrapped
     live = not hasattr(base, "live_seconds_per_minibatch")
     s_per_mb = None if live else max(base.live_seconds_per_minibatch, 1e-9)
@@ -88,8 +91,6 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
     warm_up(agent, info, env)
     pending: _Pending | None = None
     latencies, delays, window_hit_rate, seconds = [], [], [], 0.0
-    if priority not in PRIORITIES:
-        raise ValueError(f"unknown decision priority {priority!r}: expected one of {', '.join(PRIORITIES)}")
     pool = None
     if live:
         init = lower_priority if priority == "idle" else None

@@ -1,4 +1,5 @@
-"""Non-learning prefetch policies as agents: no prefetch, static buffer, periodic (MassiveGNN)."""
+"""Non-learning prefetch policies as agents: no prefetch, static buffer, periodic (MassiveGNN), and the decisions
+of a recorded run played back."""
 
 from __future__ import annotations
 

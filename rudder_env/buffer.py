@@ -136,11 +136,7 @@ class PrefetchBuffer:
         if ids.size == 0 or k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         counts = self.decayed_miss_counts(ids)
-        if ids.size > k:  # cut to the k best (and everything tied with the k-th) before sorting
-            kth = np.partition(counts, ids.size - k)[ids.size - k]
-            keep = counts >= kth
-            ids, counts = ids[keep], counts[keep]
-        order = np.lexsort((ids, -counts))[:k]
+        order = first_in_order(k, -counts, ids)
         return ids[order].astype(np.int64), counts[order]
 
     # ------------------------------------------------------------------ actions
@@ -296,13 +292,13 @@ class PrefetchBuffer:
     def priority_victims(self, n: int | None = None) -> np.ndarray:
         """Slots in eviction order under the priority: empty first, then lowest priority, then least recent (then
         lower slot). ``n``: only the first ``n`` of that order (a partial sort)."""
-        key = np.where(self.slot_ids == EMPTY, -1.0, self.priority[np.maximum(self.slot_ids, 0)])
-        if n is None or n >= self.capacity:
-            return np.lexsort((self.slot_last_hit, key))
-        if n <= 0:
-            return np.zeros(0, dtype=np.int64)
-        pool = np.flatnonzero(key <= np.partition(key, n - 1)[n - 1])  # ascending slots: ties stay in slot order
-        return pool[np.lexsort((self.slot_last_hit[pool], key[pool]))][:n]
+        slots = np.arange(self.capacity)
+        return first_in_order(self.capacity if n is None else n, self.slot_priority(slots), self.slot_last_hit)
+
+    def slot_priority(self, slots: np.ndarray) -> np.ndarray:
+        """Predicted need of the residents of ``slots`` (-1 for an empty slot: it goes first)."""
+        ids = self.slot_ids[slots]
+        return np.where(ids == EMPTY, -1.0, self.priority[np.maximum(ids, 0)])
 
     def _admission_pairs(self, admit: np.ndarray):
         """Missed ids that beat a resident's priority, paired with the slots they replace."""
@@ -311,21 +307,14 @@ class PrefetchBuffer:
         admit = admit[np.lexsort((admit, -self.priority[admit]))]
         victims = self.priority_victims(admit.size)
         admit = admit[: victims.size]
-        resident_key = np.where(self.slot_ids[victims] == EMPTY, -1.0, self.priority[self.slot_ids[victims]])
-        beats = self.priority[admit] > resident_key
+        beats = self.priority[admit] > self.slot_priority(victims)
         n = int(beats.size) if beats.all() else int(np.argmin(beats))
         return admit[:n], victims[:n]
 
     # ------------------------------------------------------------------ internals
     def _lowest_score_slots(self, n: int) -> np.ndarray:
         """``n`` slots to overwrite: empty ones first, then by oldest last hit, ties by lower slot."""
-        key = np.where(self.slot_ids == EMPTY, np.iinfo(np.int64).min, self.slot_last_hit)
-        if n >= self.capacity:
-            return np.lexsort((np.arange(self.capacity), key))
-        cut = np.argpartition(key, n - 1)[:n] if n > 0 else np.zeros(0, dtype=np.int64)
-        kth = key[cut].max() if n > 0 else None
-        pool = np.flatnonzero(key <= kth) if n > 0 else cut
-        return pool[np.lexsort((pool, key[pool]))][:n]
+        return first_in_order(n, np.where(self.slot_ids == EMPTY, np.iinfo(np.int64).min, self.slot_last_hit))
 
     def _install(self, slots: np.ndarray, ids: np.ndarray, rows) -> None:
         n = min(slots.size, ids.size)
@@ -353,6 +342,18 @@ def initial_ids(how: str, halo_ids: np.ndarray, halo_degree: np.ndarray, capacit
     else:
         raise ValueError(f"unknown buffer init {how!r}: expected degree, random or empty")
     return np.asarray(halo_ids, dtype=np.int64)[order[:capacity]]
+
+
+def first_in_order(n: int, primary: np.ndarray, *ties: np.ndarray) -> np.ndarray:
+    """Positions of the first ``n`` elements ordered by ``primary`` (ascending), then by each of ``ties``, then by
+    position: ``np.lexsort((*reversed(ties), primary))[:n]``, sorting only what can be among them."""
+    size = primary.size
+    if n >= size:
+        return np.lexsort((*reversed(ties), primary))[:n]
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    pool = np.flatnonzero(primary <= np.partition(primary, n - 1)[n - 1])  # ascending: ties stay in order
+    return pool[np.lexsort((*(t[pool] for t in reversed(ties)), primary[pool]))][:n]
 
 
 def _unique_in_order(ids: np.ndarray) -> np.ndarray:

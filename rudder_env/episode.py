@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rudder_env.buffer import EMPTY, PrefetchBuffer, StepResult
+from rudder_env.buffer import EMPTY, PrefetchBuffer, StepResult, first_in_order
 from rudder_env.spaces import WindowStats, build_observation, candidate_ids, check_action
 
 REWARDS = ("traffic", "time")
@@ -153,7 +153,7 @@ class PrefetchEpisode:
         need = (self._need.need[ids] * self.discount ** -(self.minibatches - self._need.base)).astype(np.float32)
         resident = buf.slot_of[ids] != EMPTY
         cand, cand_need = ids[~resident], need[~resident]
-        order = _top(cand, cand_need, k)
+        order = first_in_order(k, -cand_need, cand)  # most needed first, ties by lower id
         self.candidate_ids = np.full(k, -1, dtype=np.int64)
         self._candidate_counts = np.zeros(k, dtype=np.float32)
         self.candidate_ids[: order.size] = cand[order]
@@ -161,8 +161,7 @@ class PrefetchEpisode:
         self._victims = buf.priority_victims(k)
         # a candidate "has a slot" when it is needed more than the resident it would replace
         m = min(order.size, buf.capacity)
-        resident = buf.slot_ids[self._victims[:m]]
-        beats = self._candidate_counts[:m] > np.where(resident == EMPTY, -1.0, buf.priority[np.maximum(resident, 0)])
+        beats = self._candidate_counts[:m] > buf.slot_priority(self._victims[:m])
         self._n_evictable = int(beats.size) if beats.all() else int(np.argmin(beats))
 
     def end_window(self) -> tuple[float, WindowStats]:
@@ -195,14 +194,6 @@ def _score_first(lookahead, upcoming, n: int = 4) -> dict[int, tuple[np.ndarray,
     """Expected remote needs of the first ``n`` known minibatches (their mean size sets the lookahead's reach)."""
     seeds = upcoming(0, n) if (upcoming is not None and lookahead is not None) else []
     return {j: lookahead.scores([s], 1.0) for j, s in enumerate(seeds)}
-
-
-def _top(ids: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the ``k`` highest scores, highest first, ties by lower id (a partial sort)."""
-    if ids.size > k:
-        pool = np.flatnonzero(score >= -np.partition(-score, k - 1)[k - 1])
-        return pool[np.lexsort((ids[pool], -score[pool]))][:k]
-    return np.lexsort((ids, -score))
 
 
 class _PredictedNeed:

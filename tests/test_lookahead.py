@@ -82,7 +82,10 @@ def test_second_hop_through_halo_nodes():
 
 
 def test_top_candidates_match_a_full_sort_with_ties():
-    from rudder_env.episode import _top
+    from rudder_env.buffer import first_in_order
+
+    def _top(ids, score, k):  # the lookahead's candidates: most needed first, ties by lower id
+        return first_in_order(k, -score, ids)
 
     rng = np.random.default_rng(1)
     ids = rng.permutation(500)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from rudder_env.evaluation import episode_result
+from rudder_env.evaluation import EpisodeTally
 from rudder_env.spaces import check_action
 
 
@@ -90,7 +90,7 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
     agent.reset()
     warm_up(agent, info, env)
     pending: _Pending | None = None
-    latencies, delays, window_hit_rate, seconds = [], [], [], 0.0
+    tally, delays = EpisodeTally(), []
     pool = None
     if live:
         init = lower_priority if priority == "idle" else None
@@ -109,7 +109,7 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
         elif minibatch < p.due_minibatch:
             return None
         mask = check_action(p.action, p.candidate_ids.size) & (p.candidate_ids >= 0)
-        latencies.append(p.latency_s)
+        tally.latencies.append(p.latency_s)
         delays.append(minibatch - p.observed_minibatch)
         pending = None
         return p.candidate_ids[mask], p.latency_s
@@ -127,14 +127,12 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
                     pending.latency_s = time.perf_counter() - t0 if latency_s is None else latency_s
                     pending.due_minibatch = pending.observed_minibatch + math.ceil(pending.latency_s / s_per_mb)
             obs, _, terminated, truncated, info = base.run_window(poll)
-            w = info["window"]
-            seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
-            window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
+            tally.add_window(info)
             done = terminated or truncated
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return episode_result(env, latencies, seconds, window_hit_rate, delay_minibatches=delays)
+    return tally.result(env, delay_minibatches=delays)
 
 
 def play_schedule(env, schedule: dict[int, np.ndarray], seed: int = 0) -> dict:
@@ -143,23 +141,21 @@ def play_schedule(env, schedule: dict[int, np.ndarray], seed: int = 0) -> dict:
     base = env.unwrapped
     obs, info = env.reset(seed=seed)
     warm_up(None, info, env)
-    latencies, window_hit_rate, seconds = [], [], 0.0
+    tally = EpisodeTally()
 
     def poll(minibatch: int):
         ids = schedule.get(minibatch)
         if ids is None:
             return None
-        latencies.append(0.0)
+        tally.latencies.append(0.0)
         return np.asarray(ids, dtype=np.int64), 0.0
 
     done = False
     while not done:
         obs, _, terminated, truncated, info = base.run_window(poll)
-        w = info["window"]
-        seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
-        window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
+        tally.add_window(info)
         done = terminated or truncated
-    return episode_result(env, latencies, seconds, window_hit_rate)
+    return tally.result(env)
 
 
 def play(env, agent, seed: int = 0, asynchronous: bool = False, priority: str = "idle") -> dict:

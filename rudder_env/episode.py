@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from rudder_env.buffer import EMPTY, PrefetchBuffer, StepResult, first_in_order
-from rudder_env.spaces import WindowStats, build_observation, candidate_ids, check_action
+from rudder_env.spaces import WindowStats, build_observation, candidate_ids, check_action, padded
 
 REWARDS = ("traffic", "time")
 RANKINGS = ("misses", "lookahead")
@@ -154,10 +154,7 @@ class PrefetchEpisode:
         resident = buf.slot_of[ids] != EMPTY
         cand, cand_need = ids[~resident], need[~resident]
         order = first_in_order(k, -cand_need, cand)  # most needed first, ties by lower id
-        self.candidate_ids = np.full(k, -1, dtype=np.int64)
-        self._candidate_counts = np.zeros(k, dtype=np.float32)
-        self.candidate_ids[: order.size] = cand[order]
-        self._candidate_counts[: order.size] = cand_need[order]
+        self.candidate_ids, self._candidate_counts = padded(cand[order], cand_need[order], k)
         self._victims = buf.priority_victims(k)
         # a candidate "has a slot" when it is needed more than the resident it would replace
         m = min(order.size, buf.capacity)

@@ -21,30 +21,43 @@ def play_episode(env, agent, seed: int = 0) -> dict:
     obs, info = env.reset(seed=seed)
     agent.reset()
     warm_up(agent, info, env)
-    latencies, window_hit_rate, seconds = [], [], 0.0
+    tally = EpisodeTally()
     done = False
     while not done:
         t0 = time.perf_counter()
         action = agent.act(obs, info)
-        latencies.append(time.perf_counter() - t0)
+        tally.latencies.append(time.perf_counter() - t0)
         obs, _, terminated, truncated, info = env.step(action)
-        w = info["window"]
-        seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
-        window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
+        tally.add_window(info)
         done = terminated or truncated
-    return episode_result(env, latencies, seconds, window_hit_rate)
+    return tally.result(env)
 
 
-def episode_result(env, latencies: list[float], seconds: float, window_hit_rate: list[float], **extra) -> dict:
-    """The row of one played episode: the buffer's counters, time (``time_s``: modelled in replay, measured
-    live), decisions and their latency percentiles."""
-    c = env.unwrapped.episode.buffer.counters
-    return dict(remote_sampled=c.remote_sampled, hits=c.hits, remote_fetched=c.remote_fetched,
-                prefetched=c.prefetched, initial_fill=c.initial_fill, admitted_on_miss=c.admitted_on_miss,
-                time_s=seconds, decisions=len(latencies),
-                latency_p50_s=float(np.percentile(latencies, 50)) if latencies else 0.0,
-                latency_p95_s=float(np.percentile(latencies, 95)) if latencies else 0.0,
-                window_hit_rate=window_hit_rate, **extra)
+class EpisodeTally:
+    """What every way of playing an episode keeps: each window's seconds and hit rate, and decision latencies."""
+
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.seconds = 0.0
+        self.window_hit_rate: list[float] = []
+
+    def add_window(self, info: dict) -> None:
+        """Count the window that ``info`` (returned by ``step`` or ``run_window``) describes."""
+        w = info["window"]
+        self.seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
+        self.window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
+
+    def result(self, env, **extra) -> dict:
+        """The row of the played episode: the buffer's counters, time (``time_s``: modelled in replay, measured
+        live), decisions and their latency percentiles."""
+        c = env.unwrapped.episode.buffer.counters
+        lat = self.latencies
+        return dict(remote_sampled=c.remote_sampled, hits=c.hits, remote_fetched=c.remote_fetched,
+                    prefetched=c.prefetched, initial_fill=c.initial_fill, admitted_on_miss=c.admitted_on_miss,
+                    time_s=self.seconds, decisions=len(lat),
+                    latency_p50_s=float(np.percentile(lat, 50)) if lat else 0.0,
+                    latency_p95_s=float(np.percentile(lat, 95)) if lat else 0.0,
+                    window_hit_rate=self.window_hit_rate, **extra)
 
 
 def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object]],

@@ -96,7 +96,11 @@ class WindowStats:
 
 def candidate_ids(buffer: PrefetchBuffer, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` candidates padded to length ``k``: ids (-1 pad) and decayed miss counts (0 pad)."""
-    ids, counts = buffer.candidates(k)
+    return padded(*buffer.candidates(k), k)
+
+
+def padded(ids: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ranked candidates (at most ``k``) padded to length ``k``: ids with -1, scores with 0."""
     out_ids = np.full(k, -1, dtype=np.int64)
     out_counts = np.zeros(k, dtype=np.float32)
     out_ids[: ids.size] = ids

@@ -14,6 +14,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +42,16 @@ class MinibatchRecord:
     step: StepResult  # what the buffer did
     loss: float
     seeds: np.ndarray  # the minibatch's seed (output) node ids
+
+
+class _Sampled(NamedTuple):
+    """A minibatch sampled ahead of training."""
+
+    batch: tuple  # (input nodes, seeds, blocks) from the loader
+    sample_s: float
+    remote: np.ndarray  # mask over the input nodes: owned by another partition
+    remote_ids: np.ndarray  # those input nodes' ids
+    epoch: int
 
 
 @dataclass
@@ -135,7 +146,7 @@ class DistTrainer:
                                      admit_on_miss=self.admit_on_miss)
         self.initial_ids = self._initial_fill(cfg.buffer_init)
         self.minibatch_index = 0
-        self._ahead = collections.deque()  # (batch, sample_s, remote mask, epoch) sampled but not trained yet
+        self._ahead: collections.deque[_Sampled] = collections.deque()  # sampled but not trained yet
         self._orders: dict[int, np.ndarray] = {}  # epoch -> its shuffled seed order, once drawn
         self._begin_epoch(0)
         self.started = True
@@ -227,16 +238,15 @@ class DistTrainer:
         separately."""
         if not self.cfg.overlap_fetch or not self._ahead:
             return
-        batch, _, remote, _ = self._ahead[0]
-        ids = batch[0].numpy()
-        remote_ids = ids[remote]
-        misses = remote_ids[self.buffer.slot_of[remote_ids] == -1]
+        nxt = self._ahead[0]
+        ids = nxt.batch[0].numpy()
+        misses = nxt.remote_ids[self.buffer.slot_of[nxt.remote_ids] == -1]
         if self._fetcher is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-fetch")
-        want = torch.from_numpy(np.concatenate([ids[~remote], misses]))
-        self._next_pull = (batch[0], misses, self._fetcher.submit(self.feat.__getitem__, want))
+        want = torch.from_numpy(np.concatenate([ids[~nxt.remote], misses]))
+        self._next_pull = (nxt.batch[0], misses, self._fetcher.submit(self.feat.__getitem__, want))
 
     def _finish_next_pull(self) -> float:
         """Wait for the pull started by :meth:`_start_next_pull` (before any other RPC); returns the seconds
@@ -297,7 +307,7 @@ class DistTrainer:
 
     def sampled_ahead(self) -> list[np.ndarray]:
         """Remote input ids of the minibatches already sampled beyond the next one (their exact future needs)."""
-        return [batch[0].numpy()[remote] for batch, _, remote, _ in list(self._ahead)[1:]]
+        return [s.remote_ids for s in list(self._ahead)[1:]]
 
     def minibatches(self):
         """Train ``cfg.epochs`` epochs, yielding a :class:`MinibatchRecord` after each minibatch.
@@ -320,13 +330,14 @@ class DistTrainer:
                 t0 = time.perf_counter()
                 batch = next(self._epoch_iter)
                 sample_s = time.perf_counter() - t0
-                self._ahead.append((batch, sample_s, self._remote_mask(batch[0]), sampling["epoch"]))
+                remote = self._remote_mask(batch[0])
+                self._ahead.append(_Sampled(batch, sample_s, remote, batch[0].numpy()[remote], sampling["epoch"]))
                 sampling["left"] -= 1
 
         t_epoch, training = time.perf_counter(), 0
         top_up()
         while self._ahead:
-            batch, sample_s, remote, epoch = self._ahead.popleft()
+            batch, sample_s, remote, _, epoch = self._ahead.popleft()
             if epoch != training:  # an epoch's time runs from its first minibatch to the next epoch's first
                 self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
                 t_epoch, training = time.perf_counter(), epoch

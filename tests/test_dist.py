@@ -26,8 +26,8 @@ def id_graph(tmp_path_factory):
     """synth-tiny with feature column 0 holding each node's id, to check every served row."""
     import torch
 
-    from rudder_env.datasets import PRESETS, generate_synthetic
-    from rudder_env.dgl_compat import import_dgl
+    from rudder_env.dist.datasets import PRESETS, generate_synthetic
+    from rudder_env.dist.dgl_compat import import_dgl
 
     dgl = import_dgl()
     g = generate_synthetic(PRESETS["synth-tiny"], seed=0)

@@ -13,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 from gymnasium.wrappers import FlattenObservation
 
 import rudder_env  # noqa: F401  (registers the environments)
-from agents.heuristic import Lookahead
+from baselines.policies import Lookahead
 from baselines.policies import Periodic, StaticBuffer
 from rudder_env.wrappers import Budget, EvictOrKeep
 from traces import Trace, TraceError
@@ -96,7 +96,7 @@ def test_replay_of_a_live_run_is_exact(agent, rank, request):
 def test_recorded_agent_applies_a_live_runs_decisions_again_live(live, tmp_path_factory):
     """``--agent recorded`` re-applies a live run's decisions at the same minibatches in a new live run (how P3
     measures what taking the LLM's decisions costs), and a replay of that run with them is exact."""
-    from agents.runner import play as play_agent
+    from rudder_env.evaluation.play import play as play_agent
     from baselines.policies import Recorded
 
     again = record_live(tmp_path_factory, "recorded", "--decisions-from", live["trace"])

@@ -10,7 +10,6 @@
   admits exactly that many; budget policies a fraction of it).
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
@@ -95,7 +94,7 @@ class DecisionInfo(TypedDict):
     counters: dict[str, int]  # the buffer's counters since the start (:class:`rudder_env.buffer.BufferCounters`)
     facts: dict[str, Any]  # fixed facts of the run: graph, partitioning, buffer settings, sampler
     applied_ids: NotRequired[np.ndarray]  # after step/run_window: the prefetch ids applied during the window
-    decision_latency_s: NotRequired[float]  # after step: seconds between the observation and the action
+    decision_latency_s: NotRequired[float]  # live, after step: seconds between the observation and the action
     time_model: NotRequired[dict[str, float]]  # replay, after reset: the fetch-time model's fit
 
 

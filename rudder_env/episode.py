@@ -160,6 +160,7 @@ class PrefetchEnv(gym.Env):
     """
 
     metadata = {"render_modes": []}
+    live = False  # True: real training, times measured; False: replay, times modelled
     period: int
     trace = None
 
@@ -189,7 +190,8 @@ class PrefetchEnv(gym.Env):
         self.env_overhead_s += time.perf_counter() - t0
         obs, reward, terminated, truncated, info = self.run_window()
         info["applied_ids"] = ids
-        info["decision_latency_s"] = latency_s
+        if self.live:  # offline the agent's wall-clock time is not part of the (deterministic) replay
+            info["decision_latency_s"] = latency_s
         return obs, reward, terminated, truncated, info
 
     def run_window(self, poll: Poll | None = None):

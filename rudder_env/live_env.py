@@ -41,6 +41,8 @@ class LiveEnv(PrefetchEnv):
     ``lookahead_horizon`` and ``lookahead_discount``.
     """
 
+    live = True
+
     def __init__(self, trainer, candidates: int = DEFAULT_CANDIDATES, reward: str = "traffic", trace=None,
                  ranking: str = "misses", lookahead_horizon: int | None = None,
                  lookahead_discount: float | None = None):

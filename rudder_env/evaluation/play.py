@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from agents.base import as_agent
-from rudder_env.live_env import LiveEnv
 from rudder_env.spaces import check_action
 
 
@@ -47,7 +46,7 @@ def warm_up(agent, info, env=None) -> float:
     decision and not counted as decision latency; then, live, every trainer waits for the others (their start-up
     takes unequal time, and the first all-reduce would charge the difference to training). Returns its seconds."""
     seconds = float(agent.warm_up(info) or 0.0) if agent is not None else 0.0
-    if env is not None and isinstance(env.unwrapped, LiveEnv):
+    if env is not None and env.unwrapped.live:
         env.unwrapped.start_together()
     return seconds
 
@@ -130,7 +129,7 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
         raise ValueError(f"unknown decision priority {priority!r}: expected one of {', '.join(PRIORITIES)}")
     agent = as_agent(agent)
     base = env.unwrapped
-    live = isinstance(base, LiveEnv)
+    live = base.live
     s_per_mb = None if live else max(base.live_seconds_per_minibatch, 1e-9)
     obs, info = env.reset(seed=seed)
     agent.reset()

@@ -125,7 +125,7 @@ class LLMAgent(Agent):
 
     def warm_up(self, info: dict[str, Any]) -> float:
         """Prefill the fixed prompt prefix (system message with ``info["facts"]`` + examples) now, so that the first
-        decision does not pay for it (~4 s for SmolLM2 with the shipped examples on 2 cores). Call it after
+        decision does not pay for it. Call it after
         ``env.reset()``, as part of start-up. Returns the seconds spent (0 when already warm or not caching)."""
         if not self.prefix_cache:
             return 0.0

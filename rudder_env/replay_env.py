@@ -16,6 +16,20 @@ DEFAULT_CANDIDATES = 256
 DEFAULT_SAMPLE_AHEAD = 4  # minibatches a trainer samples ahead unless told otherwise (``--sample-ahead``)
 
 
+class _Driver:
+    """An iterator that calls ``next_record`` every time and is never exhausted for good (unlike a generator): a
+    replayed episode can be swapped for a copy and go on."""
+
+    def __init__(self, next_record):
+        self.next_record = next_record
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next_record()
+
+
 class ReplayEnv(PrefetchEnv):
     """Prefetching for one trainer rank of a recorded run, driven by the trace instead of DistDGL.
 
@@ -132,20 +146,26 @@ class ReplayEnv(PrefetchEnv):
                                discount=self.lookahead_discount)
         run_facts = RunFacts(len(self._ids), self.halo_ids.size, self.fanouts, self.batch_size, facts=facts)
         self.episode = PrefetchEpisode(buffer, ranking, self.k, run_facts, reward=self.reward)
-        self._records = self._replay(buffer)
+        self._records = _Driver(self._replay)
         obs, info = self._first_observation()
         info["time_model"] = self.time_model.as_dict()
         return obs, info
 
-    def _replay(self, buffer: PrefetchBuffer):
-        """The driver: each recorded minibatch's remote ids through the buffer, its fetch time modelled."""
-        for i, ids in enumerate(self._ids):
-            _, counts = buffer.lookup(ids)
-            fetch_s = float(self.time_model.predict(self._local_rows[i], counts.remote_fetched))
-            yield MinibatchRecord(epoch=int(self._epoch_of[i]), index=i, remote_ids=ids,
-                                  local_rows=int(self._local_rows[i]), sample_s=float(self._sample_s[i]),
-                                  fetch_s=fetch_s, fetch_rows=int(self._local_rows[i]) + counts.remote_fetched,
-                                  compute_s=float(self._compute_s[i]), counts=counts)
+    def _replay(self) -> MinibatchRecord:
+        """The driver's next minibatch: the next recorded remote ids through the buffer, fetch time modelled.
+
+        It reads the episode afresh every time, so an episode swapped in (e.g. a deep copy to try an option from the
+        same state) continues from its own position."""
+        ep = self.episode
+        if ep.done:
+            raise StopIteration
+        i = ep.minibatches
+        _, counts = ep.buffer.lookup(self._ids[i])
+        fetch_s = float(self.time_model.predict(self._local_rows[i], counts.remote_fetched))
+        return MinibatchRecord(epoch=int(self._epoch_of[i]), index=i, remote_ids=self._ids[i],
+                               local_rows=int(self._local_rows[i]), sample_s=float(self._sample_s[i]),
+                               fetch_s=fetch_s, fetch_rows=int(self._local_rows[i]) + counts.remote_fetched,
+                               compute_s=float(self._compute_s[i]), counts=counts)
 
     def _known(self, done: int, first: int, last: int, values: list) -> list:
         """``values[first:last]`` as far as the epochs whose seeds the live trainer had shuffled after ``done``

@@ -53,7 +53,7 @@ class TrainConfig:
         help="minibatches sampled ahead of training (within an epoch); the lookahead knows their remote rows"))
     overlap_fetch: bool = field(default=False, metadata=dict(
         help="pull the next sampled minibatch's local rows and buffer misses during this minibatch's compute "
-             "(needs --sample-ahead >= 1; no gain measured on one 2-core host, see BENCHMARKS.md)"))
+             "(needs --sample-ahead >= 1; where it pays off: BENCHMARKS.md, P2)"))
     lookahead_halo_edges: bool = field(default=True, metadata=dict(
         help="sampler lookahead also pulls the halo nodes' in-edges from the servers once (sees the second hop "
              "through them; ~2 MB more per rank in a trace)"))

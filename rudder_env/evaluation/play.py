@@ -1,5 +1,10 @@
-"""Playing an agent whose decisions take time: computed in the background while training goes on (as Rudder
-does), applied when ready, their latency recorded; in replay the same latency becomes a delay in minibatches.
+"""Playing an agent over one episode of a prefetch env, the way the agent needs.
+
+- :func:`play_episode`: step by step (``act``, then ``step``), decision latency recorded.
+- :func:`run_async`: decisions that take time, computed in the background while training goes on (as Rudder does),
+  applied when ready; in replay the same latency becomes a delay in minibatches.
+- :func:`play_schedule`: decisions recorded earlier, applied at their minibatches, instantly.
+- :func:`play`: whichever of the three the agent's contract asks for (:class:`agents.base.Agent`).
 
 Live (``rudder/Live-v0``): at a decision point the agent's ``act`` starts in a worker thread and training carries on;
 before each minibatch the runner checks whether the decision is ready and, if so, schedules its prefetch set there.
@@ -11,10 +16,9 @@ Either way the decision refers to the candidate list it was taken on.
 
 Live, the worker thread runs at the operating system's idle priority (``SCHED_IDLE`` on Linux, else the lowest
 nice value) unless ``priority="normal"``: the agent then gets CPU time only when training leaves a core unused
-(waits on remote pulls, all-reduces), so busy cores make decisions later rather than training slower (on 2 shared
-cores it still slows training through shared caches and wake-ups: BENCHMARKS.md, P3).
-:func:`play_schedule` applies decisions recorded earlier at their minibatches, instantly: run against an
-asynchronous run of the same decisions, it isolates what taking them cost.
+(waits on remote pulls, all-reduces), so busy cores make decisions later rather than training slower (what it
+still costs: BENCHMARKS.md, P3). :func:`play_schedule` run against an asynchronous run of the same decisions
+isolates what taking them cost.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def agent_factories(names: list[str], args) -> dict:
     """name -> factory(trace_name, rank) building a fresh agent (with a per-rank log for the LLM)."""
-    from agents.base import make_agent
+    from rudder_env.evaluation.registry import make_agent
 
     def factory(name):
         if name == "llm":
@@ -67,7 +67,7 @@ def agent_factories(names: list[str], args) -> dict:
 
 
 def evaluate_traces(names: list[str], oracles: list[str], args, log) -> list[dict]:
-    from rudder_env.evaluation import evaluate_trace
+    from rudder_env.evaluation.scoring import evaluate_trace
 
     factories = agent_factories(names, args)
     rows = []
@@ -114,9 +114,9 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from agents.base import REGISTRY
-    from rudder_env.evaluation import ORACLES
-    from rudder_env.report import format_report, plot_hit_rate, plot_traffic
+    from rudder_env.evaluation.registry import REGISTRY
+    from rudder_env.evaluation.scoring import ORACLES
+    from rudder_env.evaluation.report import format_report, plot_hit_rate, plot_traffic
     from traces import TraceError
 
     names = [a for a in args.agents.split(",") if a]

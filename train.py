@@ -18,13 +18,13 @@ import sys
 
 if __name__ == "__mp_main__" and os.environ.get("RUDDER_ONEHOST_MACHINE"):
     # a DGL sampler worker spawned by a one-host trainer: it opens the same shared memory, so the same fixes
-    from rudder_env.onehost import apply_from_env
+    from rudder_env.dist.onehost import apply_from_env
 
     apply_from_env()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rudder_env.config import add_arguments
+    from rudder_env.dist.config import add_arguments
 
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -63,7 +63,9 @@ def _buffer_fractions(text: str) -> tuple[float | None, ...]:
 
 def train_ppo_command(args: argparse.Namespace) -> int:
     """``train.py ppo``: train, save, then print the policy's traffic beside the baselines on the training traces."""
-    from agents.ppo import compare_with_baselines, parse_levels, train_ppo
+    from agents.ppo import train_ppo
+    from rudder_env.evaluation.scoring import compare_policy
+    from rudder_env.wrappers import parse_levels
     from traces import Trace
 
     levels = parse_levels(args.levels)
@@ -76,7 +78,7 @@ def train_ppo_command(args: argparse.Namespace) -> int:
                        buffer_fractions=fractions, progress=not args.no_progress)
     print(f"saved {result.path} and {result.sidecar} ({args.steps} steps, {len(result.env_specs)} envs, "
           f"{result.wall_s:.0f} s)")
-    rows = compare_with_baselines(result.path, args.traces, fractions)
+    rows = compare_policy(result.path, args.traces, fractions)
     print("remote rows fetched on the training traces (one replay episode; random: mean of 3 seeds)")
     print(f"{'trace':<24} {'rank':>4} {'buffer':>6} {'ppo':>10} {'periodic':>10} {'static':>10} {'random':>10} "
           f"{'ppo/periodic':>12}")
@@ -90,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "gnn":
-        from rudder_env.config import from_namespace
-        from rudder_env.launch import launch, rank_main, under_mpi
+        from rudder_env.dist.config import from_namespace
+        from rudder_env.dist.launcher import launch
+        from rudder_env.dist.rank import rank_main, under_mpi
 
         cfg = from_namespace(args)
         try:

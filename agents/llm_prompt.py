@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rudder_env.contract import admitted, top_fraction
+
 DEFAULT_OPTIONS = {"keep": 0.0, "replace": 1.0}
 ANSWER_PREFIX = '{"decision": "'
 DEFAULT_EXAMPLES_PATH = Path(__file__).with_name("llm_examples.json")
@@ -53,11 +55,6 @@ def check_options(options: dict[str, float] | None) -> dict[str, float]:
         if not 0.0 <= float(fraction) <= 1.0:
             raise ValueError(f"option {name!r}: fraction must be in [0, 1], got {fraction}")
     return {name: float(f) for name, f in options.items()}
-
-
-def admitted(fraction: float, n_candidates: int, n_evictable: int) -> int:
-    """Candidates an option admits: ``round(fraction * min(n_candidates, n_evictable))``."""
-    return int(round(fraction * max(min(int(n_candidates), int(n_evictable)), 0)))
 
 
 # ---------------------------------------------------------------------------------------------- metrics, history
@@ -364,9 +361,7 @@ def example_messages(examples: list[Example], options: dict[str, float]) -> list
 
 
 def _option_action(fraction: float, observation: dict, info: dict) -> np.ndarray:
-    action = np.zeros(observation["candidates"].shape[0], dtype=np.int8)
-    action[: admitted(fraction, info["n_candidates"], info["n_evictable"])] = 1
-    return action
+    return top_fraction(fraction, info, observation["candidates"].shape[0])
 
 
 def _rollout_traffic(env, action: np.ndarray, horizon: int) -> int:

@@ -26,118 +26,15 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.wrappers import FlattenObservation
 
-DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0)
+from agents.base import Agent
+from rudder_env.contract import top_fraction
+from rudder_env.spaces import observation_space
+from rudder_env.wrappers import DEFAULT_LEVELS, FractionBudget, RelativeReward, check_levels
+
 DEFAULT_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-small.zip")
 SIDECAR_FORMAT = "rudder-ppo-policy/1"
 OBS_EPSILON = 1e-4  # floor of the observation variance in normalisation: std >= 0.01
 OBS_CLIP = 10.0
-
-
-def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
-    """``levels`` as a tuple of floats; ``ValueError`` unless they start at 0, increase strictly and stay <= 1."""
-    try:
-        out = tuple(float(v) for v in levels)
-    except (TypeError, ValueError):
-        raise ValueError(f"levels must be numbers, got {levels!r}") from None
-    if len(out) < 2 or out[0] != 0.0 or any(b <= a for a, b in zip(out, out[1:])) or out[-1] > 1.0:
-        raise ValueError(f"levels must be at least two fractions, strictly increasing from 0 to at most 1, "
-                         f"got {list(levels)}")
-    return out
-
-
-def parse_levels(text: str) -> tuple[float, ...]:
-    """``"0,0.25,0.5,1"`` -> ``(0.0, 0.25, 0.5, 1.0)``, checked by :func:`check_levels`."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"levels must be comma-separated fractions such as 0,0.25,0.5,1, got {text!r}") from None
-    return check_levels(values)
-
-
-def admit_top(fraction: float, n_candidates: int, n_evictable: int, k: int) -> np.ndarray:
-    """The ``MultiBinary(k)`` action admitting the top ``round(fraction * min(n_candidates, n_evictable))``."""
-    j = min(int(n_candidates), int(n_evictable), k)
-    action = np.zeros(k, dtype=np.int8)
-    action[: int(round(fraction * j))] = 1
-    return action
-
-
-class FractionBudget(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    """``Discrete(len(levels))`` over a prefetch env: action ``i`` admits the top ``round(levels[i] * j)``
-    candidates, ``j = min(n_candidates, n_evictable)`` at that decision.
-
-    Args:
-        env: a ``rudder/Replay-v0`` or ``rudder/Live-v0`` env (``MultiBinary(K)`` actions).
-        levels: fractions, strictly increasing from 0 (keep the buffer) to at most 1 (replace every evictable slot).
-    """
-
-    def __init__(self, env: gym.Env, levels: Sequence[float] = DEFAULT_LEVELS):
-        gym.utils.RecordConstructorArgs.__init__(self, levels=tuple(levels))
-        gym.Wrapper.__init__(self, env)
-        self.levels = check_levels(levels)
-        self.k = int(env.action_space.n)
-        self.action_space = spaces.Discrete(len(self.levels))
-        self._info: dict[str, Any] = {}
-
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        self._info = info
-        return obs, info
-
-    def step(self, action):
-        if not self.action_space.contains(np.int64(action)):
-            raise ValueError(f"FractionBudget action must be an integer in [0, {len(self.levels)}), got {action!r}")
-        info = self._info
-        base = admit_top(self.levels[int(action)], info.get("n_candidates", 0), info.get("n_evictable", 0), self.k)
-        obs, reward, terminated, truncated, info = self.env.step(base)
-        self._info = info
-        return obs, reward, terminated, truncated, info
-
-
-class RelativeReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    """Training reward: the window's reward minus the reward of always playing the top level (1.0: the periodic
-    policy) in the same window, times ``scale``.
-
-    With ``reward="traffic"``, top level 1.0 and ``scale=1000`` that is remote rows saved versus periodic per 1000
-    remote rows sampled. The reference depends only on the window index, so the best policy is unchanged; it
-    removes the large, nearly constant part of the return that the value function would otherwise have to fit to
-    within the few rows in 10^4 by which the actions differ. The reference is one episode played from the first
-    ``reset`` (so with the same initial buffer as that episode).
-
-    Args:
-        env: a :class:`FractionBudget`-wrapped prefetch env.
-        scale: multiplier of the reward difference.
-    """
-
-    def __init__(self, env: FractionBudget, scale: float = 1000.0):
-        gym.utils.RecordConstructorArgs.__init__(self, scale=scale)
-        gym.Wrapper.__init__(self, env)
-        if not isinstance(env, FractionBudget):
-            raise TypeError(f"RelativeReward wraps a FractionBudget env, got {type(env).__name__}")
-        self.scale = float(scale)
-        self.reference: np.ndarray | None = None
-        self._window = 0
-
-    def reset(self, **kwargs):
-        if self.reference is None:
-            rewards, done = [], False
-            self.env.reset(**kwargs)
-            top = len(self.env.levels) - 1
-            while not done:
-                _, reward, terminated, truncated, _ = self.env.step(top)
-                rewards.append(reward)
-                done = terminated or truncated
-            self.reference = np.asarray(rewards, dtype=np.float64)
-        self._window = 0
-        return self.env.reset(**kwargs)
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        ref = self.reference[min(self._window, self.reference.size - 1)]
-        self._window += 1
-        info["env_reward"] = reward
-        return obs, (reward - ref) * self.scale, terminated, truncated, info
 
 
 def make_env(trace: str, rank: int, levels: Sequence[float] = DEFAULT_LEVELS, buffer_fraction: float | None = None,
@@ -321,7 +218,7 @@ def _sidecar_path(path: str) -> str:
     return (path[:-4] if path.endswith(".zip") else path) + ".json"
 
 
-class PPOAgent:
+class PPOAgent(Agent):
     """Plays a policy saved by :func:`train_ppo` (default: the shipped ``agents/policies/ppo-small.zip``).
 
     ``act`` flattens the observation as in training, asks the network for a level and admits the top
@@ -338,8 +235,6 @@ class PPOAgent:
 
     def __init__(self, path: str | None = None, deterministic: bool = True):
         from stable_baselines3 import PPO
-
-        from rudder_env.spaces import observation_space
 
         path = path or DEFAULT_POLICY
         sidecar = _sidecar_path(path)
@@ -388,54 +283,4 @@ class PPOAgent:
             flat = np.clip((flat - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)
         level_index, _ = self.model.predict(flat, deterministic=self.deterministic)
         self.last_level = self.levels[int(level_index)]
-        return admit_top(self.last_level, info["n_candidates"], info["n_evictable"], k_env)
-
-
-class RandomBudget:
-    """A random level every window (seeded): the reference a learned level policy has to beat."""
-
-    name = "random"
-
-    def __init__(self, seed: int = 0, levels: Sequence[float] = DEFAULT_LEVELS):
-        self.levels = check_levels(levels)
-        self.seed = seed
-        self._rng = np.random.default_rng(seed)
-
-    def reset(self) -> None:
-        pass
-
-    def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
-        level = self.levels[int(self._rng.integers(len(self.levels)))]
-        return admit_top(level, info["n_candidates"], info["n_evictable"], observation["candidates"].shape[0])
-
-
-def compare_with_baselines(policy: str, traces: Sequence[str], buffer_fractions: Sequence[float | None] = (None,),
-                           random_seeds: int = 3, seed: int = 0) -> list[dict]:
-    """Remote rows fetched by a saved policy beside periodic, static and :class:`RandomBudget` (mean over
-    ``random_seeds`` seeds), one replay episode each, per trace x rank x buffer fraction (``None``: recorded)."""
-    import rudder_env  # noqa: F401  (registers the environments)
-    from baselines.policies import Periodic, StaticBuffer
-    from rudder_env.evaluation import play_episode
-    from traces import Trace
-
-    agent = PPOAgent(policy)
-    rows = []
-    for trace in traces:
-        t = Trace(trace)
-        for rank in t.ranks:
-            for fraction in buffer_fractions:
-                env = gym.make("rudder/Replay-v0", trace=t, rank=rank, buffer_fraction=fraction)
-                # as evaluate.py scores it: a static buffer admits nothing on a miss either
-                static_env = gym.make("rudder/Replay-v0", trace=t, rank=rank, buffer_fraction=fraction,
-                                      admit_on_miss=False)
-                ppo = play_episode(env, agent, seed)
-                random = [play_episode(env, RandomBudget(seed + s, agent.levels), seed)["remote_fetched"]
-                          for s in range(random_seeds)]
-                rows.append(dict(trace=os.path.basename(os.path.normpath(trace)), rank=rank,
-                                 buffer_fraction=env.unwrapped.buffer_fraction, capacity=env.unwrapped.capacity,
-                                 held_out=os.path.basename(os.path.normpath(trace)) not in agent.trained_on,
-                                 remote_sampled=ppo["remote_sampled"], ppo=ppo["remote_fetched"],
-                                 periodic=play_episode(env, Periodic(), seed)["remote_fetched"],
-                                 static=play_episode(static_env, StaticBuffer(), seed)["remote_fetched"],
-                                 random=float(np.mean(random))))
-    return rows
+        return top_fraction(self.last_level, info, k_env)

@@ -1,15 +1,21 @@
-"""Non-learning prefetch policies as agents: no prefetch, static buffer, periodic (MassiveGNN), and the decisions
-of a recorded run played back."""
+"""Non-learning prefetch policies as agents: no prefetch, static buffer, periodic (MassiveGNN), the periodic policy
+under the sampler lookahead's ranking, a hit-rate rule, random budget levels, and a recorded run's decisions."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
+from agents.base import Agent
+from rudder_env.contract import BufferSettings, admissible, top_fraction, top_j
+from rudder_env.wrappers import DEFAULT_LEVELS, check_levels
 
-class _Fixed:
-    name = "fixed"
-    uses_buffer = True  # False: the run keeps no buffer at all (capacity 0)
-    static = False  # True: the buffer is filled once and never changed (no admit-on-miss either)
+
+class _Keep(Agent):
+    """Never prefetches anything."""
+
+    name = "keep"
 
     def reset(self) -> None:
         pass
@@ -18,70 +24,103 @@ class _Fixed:
         return np.zeros(observation["candidates"].shape[0], dtype=np.int8)
 
 
-class NoPrefetch(_Fixed):
+class NoPrefetch(_Keep):
     """No buffer: every remote row is pulled on demand."""
 
     name = "none"
-    uses_buffer = False
+    settings = BufferSettings(uses_buffer=False)
 
 
-class StaticBuffer(_Fixed):
+class StaticBuffer(_Keep):
     """The buffer filled once at the start (``--buffer-init``), never changed."""
 
     name = "static"
-    static = True
+    settings = BufferSettings(static=True)
 
 
-class Periodic(_Fixed):
+class Periodic(_Keep):
     """MassiveGNN: every window, every slot below the eviction threshold (or empty) takes the next most-missed
     candidate, up to the K candidates offered."""
 
     name = "periodic"
 
     def act(self, observation, info) -> np.ndarray:
-        action = np.zeros(observation["candidates"].shape[0], dtype=np.int8)
-        action[: min(info["n_candidates"], info["n_evictable"])] = 1
-        return action
+        return top_j(observation["candidates"].shape[0], admissible(info))
 
 
-class Recorded:
+class Lookahead(Periodic):
+    """The periodic policy under the sampler lookahead's ranking (ours, :mod:`rudder_env.ranking`): every window,
+    admit each candidate needed more than the resident it would replace, and let missed rows in on the same terms
+    (admit-on-miss by predicted need). An online approximation of Belady's MIN; what it decides comes from the
+    ranking, so this policy is buffer settings on top of :class:`Periodic`."""
+
+    name = "lookahead"
+    settings = BufferSettings(ranking="lookahead", admit_on_miss=True)
+
+
+class HitRateRule(_Keep):
+    """Every window, admit the candidates that have a slot to take (like :class:`Periodic`) only if
+
+    - the last window's hit rate fell more than ``drop`` below the hit rate since the start, or
+    - at least ``stale_fraction`` of the buffer's slots are empty or below the eviction threshold;
+
+    otherwise keep the buffer (and its prefetch traffic) as it is.
+    """
+
+    name = "hitrate"
+
+    def __init__(self, drop: float = 0.02, stale_fraction: float = 0.25):
+        self.drop = drop
+        self.stale_fraction = stale_fraction
+
+    def act(self, observation, info) -> np.ndarray:
+        window_hit_rate, cumulative_hit_rate = observation["buffer"][1], observation["buffer"][2]
+        stale = info["n_evictable"] / max(info["capacity"], 1)
+        refresh = window_hit_rate < cumulative_hit_rate - self.drop or stale >= self.stale_fraction
+        return top_j(observation["candidates"].shape[0], admissible(info) if refresh else 0)
+
+
+class RandomBudget(_Keep):
+    """A random level every window (seeded): the reference a learned level policy has to beat."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0, levels: Sequence[float] = DEFAULT_LEVELS):
+        self.levels = check_levels(levels)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    def act(self, observation, info) -> np.ndarray:
+        level = self.levels[int(self._rng.integers(len(self.levels)))]
+        return top_fraction(level, info, observation["candidates"].shape[0])
+
+
+class Recorded(_Keep):
     """The prefetch decisions of a recorded run, applied again at the same minibatches, instantly.
 
     Replaying another agent's decisions separates what they cost to *take* from what they *do*: a run of an
     LLM agent in the background against this playback of its decisions measures the cost of the LLM alone.
-    Buffer settings (ranking, admit-on-miss, static, no buffer) follow the agent that recorded the trace.
 
     Args:
         trace: folder of a trace recorded with ``--trace`` (any agent).
         rank: the trainer rank whose decisions to play.
+        settings: the buffer settings of the agent that recorded the trace (the registry passes them).
     """
 
     name = "recorded"
 
-    def __init__(self, trace: str, rank: int = 0):
-        from agents.base import REGISTRY
+    def __init__(self, trace: str, rank: int = 0, settings: BufferSettings | None = None):
         from traces import Trace
 
         t = Trace(trace)
         if rank not in t.ranks:
             raise ValueError(f"{trace}: no trainer rank {rank} in this trace (it has ranks {list(t.ranks)})")
         decisions = t.rank(rank).decisions()
-        self.schedule: dict[int, np.ndarray] = {}
+        schedule: dict[int, np.ndarray] = {}
         for minibatch, ids in zip(decisions["minibatch"], decisions["ids"]):
-            prev = self.schedule.get(int(minibatch))
-            self.schedule[int(minibatch)] = ids if prev is None else np.concatenate([prev, ids])
+            prev = schedule.get(int(minibatch))
+            schedule[int(minibatch)] = ids if prev is None else np.concatenate([prev, ids])
+        self.schedule = schedule
         self.source_agent = t.meta.get("config", {}).get("agent")
-        if self.source_agent in REGISTRY and self.source_agent != self.name:
-            import importlib
-
-            module, cls = REGISTRY[self.source_agent]
-            source = getattr(importlib.import_module(module), cls)
-            for attr in ("uses_buffer", "static", "admit_on_miss", "ranking"):
-                if hasattr(source, attr):
-                    setattr(self, attr, getattr(source, attr))
-
-    def reset(self) -> None:
-        pass
-
-    def act(self, observation, info) -> np.ndarray:  # decisions come from the schedule, not from observations
-        return np.zeros(observation["candidates"].shape[0], dtype=np.int8)
+        if settings is not None:
+            self.settings = settings

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from baselines.policies import Periodic
-from rudder_env.evaluation import play_episode
+from rudder_env.evaluation.play import play_episode
 from rudder_env.replay_env import ReplayEnv
 from traces import Trace
 

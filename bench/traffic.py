@@ -24,7 +24,7 @@ AGENTS = ("none", "static", "periodic", "hitrate", "lookahead", "ppo")
 
 
 def cache_dir() -> str:
-    from rudder_env.config import default_cache_dir
+    from rudder_env.dist.config import default_cache_dir
 
     return os.path.join(default_cache_dir(), "bench", "traces")
 
@@ -55,8 +55,8 @@ def record(graph: str, parts: int, fanout: str, seed: int, log) -> str:
 
 def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), agents=AGENTS) -> pd.DataFrame:
     """One row per trace x buffer fraction x agent: summed over ranks."""
-    from agents.base import make_agent
-    from rudder_env.evaluation import evaluate_trace
+    from rudder_env.evaluation.registry import make_agent
+    from rudder_env.evaluation.scoring import evaluate_trace
 
     configs = QUICK if quick else FULL
     factories = {a: (lambda trace, rank, a=a: make_agent(a)) for a in agents}

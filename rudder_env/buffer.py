@@ -47,7 +47,7 @@ class BufferCounters:
 
 
 @dataclass(frozen=True)
-class StepResult:
+class MinibatchCounts:
     """Counts of one minibatch (see :class:`BufferCounters`)."""
 
     remote_sampled: int
@@ -92,7 +92,7 @@ class PrefetchBuffer:
         self.rows = np.zeros((self.capacity, self.feat_dim), dtype=dtype) if self.feat_dim else None
         self.miss_count = np.zeros(self.num_nodes, dtype=np.float32)  # decayed, as of miss_step
         self.miss_step = np.zeros(self.num_nodes, dtype=np.int32)
-        self.step = 0  # minibatches looked up so far
+        self.clock = 0  # minibatches looked up so far: the time scores and miss counts decay by
         self.pending = np.zeros(0, dtype=np.int64)  # prefetch set waiting for the next pull
         self.counters = BufferCounters()
         self._open: dict | None = None
@@ -113,19 +113,19 @@ class PrefetchBuffer:
 
     def slot_scores(self) -> np.ndarray:
         """Score of every slot, ``(1-alpha)**age``; empty slots score -1."""
-        age = self.step - self.slot_last_hit
+        age = self.clock - self.slot_last_hit
         scores = self.decay ** age.astype(np.float64)
         scores[self.slot_ids == EMPTY] = -1.0
         return scores
 
     def evictable(self) -> np.ndarray:
         """Mask of slots that are empty or below the eviction threshold."""
-        age = self.step - self.slot_last_hit
+        age = self.clock - self.slot_last_hit
         return (self.slot_ids == EMPTY) | (age > self.period)
 
     def decayed_miss_counts(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        return self.miss_count[ids] * self.decay ** (self.step - self.miss_step[ids]).astype(np.float32)
+        return self.miss_count[ids] * self.decay ** (self.clock - self.miss_step[ids]).astype(np.float32)
 
     def candidates(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` non-resident nodes missed most often (decayed), best first; ties by lower id.
@@ -179,8 +179,8 @@ class PrefetchBuffer:
         if self._open is not None:
             raise RuntimeError("begin() called twice without finish()")
         ids = np.asarray(remote_ids, dtype=np.int64).reshape(-1)
-        self.step += 1
-        t = self.step
+        self.clock += 1
+        t = self.clock
         slots = self.slot_of[ids]
         hit = slots != EMPTY
         hit_slots = slots[hit].astype(np.int64)
@@ -197,7 +197,7 @@ class PrefetchBuffer:
         self._open = dict(ids=ids, hit=hit, hit_rows=hit_rows, miss_ids=miss_ids, prefetch=pending, extra=extra)
         return np.concatenate([miss_ids, extra])
 
-    def finish(self, fetched_rows=None) -> tuple[np.ndarray | None, StepResult]:
+    def finish(self, fetched_rows=None) -> tuple[np.ndarray | None, MinibatchCounts]:
         """Complete the minibatch with the rows pulled for :meth:`begin`'s ids (None when ids only).
 
         Returns the rows of ``remote_ids`` in their order (None when ids only) and the minibatch's counts.
@@ -219,7 +219,6 @@ class PrefetchBuffer:
             rows[hit] = op["hit_rows"]
             rows[~hit] = fetched_rows[:n_miss]
             fetched_of = {"miss": fetched_rows[:n_miss], "extra": fetched_rows[n_miss:]}
-        t = self.step
         if prefetch.size:
             prefetch_rows = None
             if self.rows is not None:  # rows of each prefetched id: from the misses or the extra part
@@ -228,32 +227,16 @@ class PrefetchBuffer:
                 from_miss = pos_in_miss >= 0
                 prefetch_rows[from_miss] = fetched_of["miss"][pos_in_miss[from_miss]]
                 prefetch_rows[~from_miss] = fetched_of["extra"]  # extra is prefetch minus misses, same order
-            if self._victim_order is not None and self._victim_order.size >= prefetch.size:
-                victims = self._victim_order[: prefetch.size]
-            elif self.priority is not None:
-                victims = self.priority_victims(prefetch.size)
-            else:
-                victims = self._lowest_score_slots(prefetch.size)
-            self._install(victims, prefetch, prefetch_rows)
+            self._install(self._prefetch_victims(prefetch.size), prefetch, prefetch_rows)
         self._victim_order = None
         if self.admit_on_miss and n_miss:
-            admit = miss_ids[self.slot_of[miss_ids] == EMPTY]
-            victims = self._admission_pairs(admit) if self.priority is not None else None
-            if victims is not None:
-                admit, victims = victims
-            else:
-                free = np.flatnonzero(self.evictable())
-                if admit.size > free.size:  # most-missed first, ties by lower id
-                    admit = admit[np.lexsort((admit, -self.miss_count[admit]))[: free.size]]
-                victims = self._lowest_score_slots(admit.size) if free.size else victims
-            if admit.size and victims is not None and victims.size:
-                admit_rows = None
-                if self.rows is not None:
-                    admit_rows = fetched_of["miss"][_positions(miss_ids, admit)]
+            admit, victims = self._admit_missed(miss_ids)
+            if admit.size:
+                admit_rows = fetched_of["miss"][_positions(miss_ids, admit)] if self.rows is not None else None
                 self._install(victims, admit, admit_rows)
                 self.counters.admitted_on_miss += int(admit.size)
-        result = StepResult(remote_sampled=int(ids.size), hits=int(np.count_nonzero(hit)), misses=int(n_miss),
-                            remote_fetched=int(n_miss + extra.size), prefetched=int(extra.size))
+        result = MinibatchCounts(remote_sampled=int(ids.size), hits=int(np.count_nonzero(hit)), misses=int(n_miss),
+                                 remote_fetched=int(n_miss + extra.size), prefetched=int(extra.size))
         c = self.counters
         c.minibatches += 1
         c.remote_sampled += result.remote_sampled
@@ -261,14 +244,39 @@ class PrefetchBuffer:
         c.misses += result.misses
         c.remote_fetched += result.remote_fetched
         c.prefetched += result.prefetched
-        assert t == self.step
         return rows, result
 
-    def lookup(self, remote_ids, fetch=None) -> tuple[np.ndarray | None, StepResult]:
+    def lookup(self, remote_ids, fetch=None) -> tuple[np.ndarray | None, MinibatchCounts]:
         """One minibatch in one call: ``fetch(ids) -> rows`` pulls what :meth:`begin` asks for."""
         to_pull = self.begin(remote_ids)
         fetched = fetch(to_pull) if (fetch is not None and self.rows is not None) else None
         return self.finish(fetched)
+
+    # ------------------------------------------------------------------ victims and admission
+    def _prefetch_victims(self, n: int) -> np.ndarray:
+        """The slots a prefetch set of ``n`` rows replaces: the order the decision came with (e.g. slots ranked
+        by predicted need) when it covers them, else the lowest priority under a priority, else the lowest score."""
+        if self._victim_order is not None and self._victim_order.size >= n:
+            return self._victim_order[:n]
+        if self.priority is not None:
+            return self.priority_victims(n)
+        return self._lowest_score_slots(n)
+
+    def _admit_missed(self, miss_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Admit-on-miss: which missed (non-resident) rows enter, and the slots they take.
+
+        Under a priority, a missed row enters only in place of an empty slot or a resident needed less, most needed
+        first; otherwise missed rows take empty or evictable slots, most-missed first (ties by lower id).
+        """
+        admit = miss_ids[self.slot_of[miss_ids] == EMPTY]
+        if self.priority is not None:
+            return self._admission_pairs(admit)
+        free = np.flatnonzero(self.evictable())
+        if free.size == 0:
+            return admit[:0], np.zeros(0, dtype=np.int64)
+        if admit.size > free.size:
+            admit = admit[np.lexsort((admit, -self.miss_count[admit]))[: free.size]]
+        return admit, self._lowest_score_slots(admit.size)
 
     # ------------------------------------------------------------------ priority (predicted need)
     def set_priority(self, ids, values) -> None:
@@ -325,7 +333,7 @@ class PrefetchBuffer:
         self.counters.evicted += int(evicted.size)
         self.slot_ids[slots] = ids
         self.slot_of[ids] = slots
-        self.slot_last_hit[slots] = self.step
+        self.slot_last_hit[slots] = self.clock
         if self.rows is not None and rows is not None:
             self.rows[slots] = rows[:n]
 

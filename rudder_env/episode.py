@@ -1,20 +1,56 @@
-"""The decision protocol shared by the live and the replay environment: windows, observations, actions, rewards.
+"""The decision game both environments play: one episode's state, and the one loop that runs a decision window.
 
-An episode is one training run (or one trace). The driver (live trainer or trace) feeds every minibatch's remote ids
-through the buffer and reports it with :meth:`PrefetchEpisode.record`; every ``period`` minibatches the env calls
-:meth:`observe`, hands the observation to the agent, and turns the agent's ``MultiBinary(K)`` action into a prefetch
-set with :meth:`decide`. Both environments use this class, so the same agent sees the same thing live and offline.
+An episode is one training run (or one trace). A *driver* yields one :class:`MinibatchRecord` per minibatch after
+pushing its remote ids through the buffer: the live trainer (real training) or the trace (replay). Every ``period``
+minibatches the env calls :meth:`PrefetchEpisode.observe`, hands the observation to the agent, and turns its
+``MultiBinary(K)`` action into a prefetch set with :meth:`PrefetchEpisode.decide`. :class:`PrefetchEnv` is the
+Gymnasium env both ``rudder/Live-v0`` and ``rudder/Replay-v0`` derive from: the same ``step`` and ``run_window`` on
+either driver, so the same agent sees the same thing live and offline.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import gymnasium as gym
 import numpy as np
 
-from rudder_env.buffer import EMPTY, PrefetchBuffer, StepResult, first_in_order
-from rudder_env.spaces import WindowStats, build_observation, candidate_ids, check_action, padded
+from rudder_env.buffer import MinibatchCounts, PrefetchBuffer
+from rudder_env.contract import DecisionInfo
+from rudder_env.ranking import Ranking
+from rudder_env.spaces import WindowStats, build_observation, check_action
 
 REWARDS = ("traffic", "time")
-RANKINGS = ("misses", "lookahead")
+
+
+@dataclass
+class MinibatchRecord:
+    """What one minibatch needed and cost (one trace row), after its remote ids went through the buffer."""
+
+    epoch: int
+    index: int  # minibatch index over the whole run
+    remote_ids: np.ndarray  # global ids of remote input nodes (all of them, hits included)
+    local_rows: int
+    sample_s: float
+    fetch_s: float  # measured live, modelled in replay
+    fetch_rows: int  # rows pulled: local + misses + prefetched
+    compute_s: float
+    counts: MinibatchCounts  # what the buffer did
+    loss: float = float("nan")
+    seeds: np.ndarray | None = None  # the minibatch's seed (output) node ids, where known
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """Fixed facts of the run an episode plays: sizes for the observation, and ``facts`` passed to agents."""
+
+    total_minibatches: int
+    halo_nodes: int
+    fanouts: list[int]
+    batch_size: int
+    facts: dict = field(default_factory=dict)  # graph, partitioning, rank, source, ...
 
 
 def require_running(episode: PrefetchEpisode | None) -> PrefetchEpisode:
@@ -31,106 +67,65 @@ class PrefetchEpisode:
 
     Args:
         buffer: the trainer's buffer (already filled).
+        ranking: ranks the candidates and picks victims (:mod:`rudder_env.ranking`).
         k: number of ranked candidates per decision (action size).
-        total_minibatches: minibatches in the run.
-        halo_nodes: size of the partition's halo.
-        fanouts, batch_size: the sampler's settings (part of the observation).
+        run: the run's fixed facts.
         reward: ``"traffic"`` (minus remote rows fetched / remote rows sampled over the window) or ``"time"``
             (minus the window's seconds).
-        facts: fixed facts about the run (graph, partitioning, buffer settings) passed to agents in ``info``.
-        ranking: how candidates are ranked and who gets evicted. ``"misses"`` (MassiveGNN/Rudder): candidates by
-            decayed miss count, evicting the lowest-score (least recently hit) slots. ``"lookahead"``: candidates
-            and residents by the remote rows the next ``horizon`` minibatches will probably need
-            (:class:`~rudder_env.lookahead.SamplerLookahead` over ``upcoming(minibatches_done, horizon)``, the
-            known seed order, each minibatch ahead weighing ``discount**i``), evicting the least needed first;
-            minibatches already sampled (``sampled_ahead(minibatches_done)``: their remote ids) count exactly.
-            ``horizon`` and ``discount`` default to the buffer's reach (:func:`lookahead_reach`).
     """
 
-    def __init__(self, buffer: PrefetchBuffer, k: int, total_minibatches: int, halo_nodes: int,
-                 fanouts: list[int], batch_size: int, reward: str = "traffic", facts: dict | None = None,
-                 ranking: str = "misses", lookahead=None, upcoming=None, horizon: int | None = None,
-                 discount: float | None = None, sampled_ahead=None):
+    def __init__(self, buffer: PrefetchBuffer, ranking: Ranking, k: int, run: RunFacts, reward: str = "traffic"):
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}: expected one of {', '.join(REWARDS)}")
         if k < 1:
             raise ValueError(f"the number of candidates must be >= 1, got {k}")
-        if ranking not in RANKINGS:
-            raise ValueError(f"unknown ranking {ranking!r}: expected one of {', '.join(RANKINGS)}")
-        if ranking == "lookahead" and (lookahead is None or upcoming is None):
-            raise ValueError("ranking='lookahead' needs the partition structure and the seed order, which this "
-                             "run or trace does not have")
-        first = _score_first(lookahead, upcoming) if ranking == "lookahead" else {}
-        if ranking == "lookahead" and (horizon is None or discount is None):
-            rows = float(np.mean([need.sum(dtype=np.float64) for _, need in first.values()])) if first else 1.0
-            auto_horizon, auto_discount = lookahead_reach(buffer.capacity, rows)
-            horizon = auto_horizon if horizon is None else horizon
-            discount = auto_discount if discount is None else discount
-        self.ranking = ranking
-        self.lookahead = lookahead
-        self.upcoming = upcoming
-        self.horizon = horizon
-        self.discount = discount
-        self._victims = None
-        self._n_evictable = 0
-        if ranking == "lookahead":
-            self._need = _PredictedNeed(buffer, lookahead, upcoming, horizon, discount, sampled_ahead)
-            self._need.add_scored(first)
-        self.buffer = buffer
-        self.k = k
-        self.total_minibatches = total_minibatches
-        self.halo_nodes = halo_nodes
-        self.fanouts = list(fanouts)
-        self.batch_size = batch_size
+        self.buffer, self.ranking, self.k, self.run = buffer, ranking, k, run
+        self.total_minibatches = run.total_minibatches
         self.reward_kind = reward
         self.window = WindowStats()  # the window being run
         self.last_window = WindowStats()  # the window the next observation describes
         self.minibatches = 0
         self.windows = 0
         self.decisions = 0
-        self.facts = dict(facts or {}, halo_nodes=halo_nodes, capacity=buffer.capacity, alpha=buffer.alpha,
-                          period=buffer.period, fanout=",".join(map(str, self.fanouts)), batch_size=batch_size,
-                          total_minibatches=total_minibatches, candidates=k)
+        self.facts = dict(run.facts, halo_nodes=run.halo_nodes, capacity=buffer.capacity, alpha=buffer.alpha,
+                          period=buffer.period, fanout=",".join(map(str, run.fanouts)), batch_size=run.batch_size,
+                          total_minibatches=run.total_minibatches, candidates=k)
         self._seen_in_window = np.full(buffer.num_nodes, -1, dtype=np.int32)  # window index of an id's last use
         self.candidate_ids = np.full(k, -1, dtype=np.int64)
-        self._candidate_counts = np.zeros(k, dtype=np.float32)
+        self._victims = None
 
     @property
     def done(self) -> bool:
         return self.minibatches >= self.total_minibatches
 
     def before_minibatch(self) -> None:
-        """Called by the envs before each minibatch's lookup: under lookahead ranking, refresh the predicted need
-        that admission on miss and eviction use, to the minibatches *after* this one (this one's rows are needed
-        now either way)."""
-        if self.ranking == "lookahead":
-            self._need.advance(self.minibatches)
+        """Called before each minibatch's lookup: the ranking refreshes what admission and eviction read."""
+        self.ranking.advance(self.minibatches)
 
-    def record(self, remote_ids: np.ndarray, local_rows: int, step: StepResult, sample_s: float, fetch_s: float,
-               compute_s: float) -> None:
-        new = np.count_nonzero(self._seen_in_window[remote_ids] != self.windows)
-        self._seen_in_window[remote_ids] = self.windows
-        self.window.add(remote_ids, local_rows, step, sample_s, fetch_s, compute_s, int(new))
+    def record(self, rec: MinibatchRecord) -> None:
+        """Count a minibatch the driver ran."""
+        new = np.count_nonzero(self._seen_in_window[rec.remote_ids] != self.windows)
+        self._seen_in_window[rec.remote_ids] = self.windows
+        self.window.add(rec.remote_ids, rec.local_rows, rec.counts, rec.sample_s, rec.fetch_s, rec.compute_s,
+                        int(new))
         self.minibatches += 1
 
-    def observe(self) -> tuple[dict, dict]:
+    def observe(self) -> tuple[dict, DecisionInfo]:
         """Observation and info at a decision point; refreshes the candidate list the next action refers to."""
-        if self.ranking == "lookahead":
-            self._rank_by_lookahead()
-        else:
-            self.candidate_ids, self._candidate_counts = candidate_ids(self.buffer, self.k)
-            self._n_evictable = int(np.count_nonzero(self.buffer.evictable()))
+        ranked = self.ranking.rank(self.minibatches, self.k)
+        self.candidate_ids, self._victims = ranked.candidate_ids, ranked.victims
         c = self.buffer.counters
-        scale = self.buffer.alpha if self.ranking == "misses" else (1 - self.discount)  # scores to ~[0, 1]
+        # alpha scales once more here for either ranking: the shipped PPO policy was trained on these values
+        scores = ranked.candidate_scores * self.ranking.score_scale * self.buffer.alpha
         obs = build_observation(self.buffer, self.last_window, c.hits, c.remote_sampled,
-                                self.minibatches / max(self.total_minibatches, 1), self._candidate_counts * scale,
-                                self.halo_nodes, self.fanouts, self.batch_size)
-        info = dict(candidate_ids=self.candidate_ids.copy(),
-                    candidate_scores=self._candidate_counts.copy(),
-                    n_candidates=int(np.count_nonzero(self.candidate_ids >= 0)),
-                    n_evictable=self._n_evictable,
-                    capacity=self.buffer.capacity, minibatch=self.minibatches, decision=self.decisions,
-                    window=self.last_window.as_dict(), counters=c.as_dict(), facts=dict(self.facts))
+                                self.minibatches / max(self.total_minibatches, 1), scores,
+                                self.run.halo_nodes, self.run.fanouts, self.run.batch_size)
+        info = DecisionInfo(candidate_ids=self.candidate_ids.copy(),
+                            candidate_scores=ranked.candidate_scores.copy(),
+                            n_candidates=int(np.count_nonzero(self.candidate_ids >= 0)),
+                            n_evictable=ranked.n_evictable, capacity=self.buffer.capacity,
+                            minibatch=self.minibatches, decision=self.decisions, window=self.last_window.as_dict(),
+                            counters=c.as_dict(), facts=dict(self.facts))
         return obs, info
 
     def decide(self, action) -> np.ndarray:
@@ -145,142 +140,99 @@ class PrefetchEpisode:
         self.decisions += 1
         return ids
 
-    def _rank_by_lookahead(self) -> None:
-        """Candidates: non-residents most needed soon; victims: residents least needed soon (then least recent)."""
-        buf, k = self.buffer, self.k
-        self._need.advance(self.minibatches)
-        ids = np.flatnonzero(self._need.need > 0)  # predicted need after the coming minibatch
-        need = (self._need.need[ids] * self.discount ** -(self.minibatches - self._need.base)).astype(np.float32)
-        resident = buf.slot_of[ids] != EMPTY
-        cand, cand_need = ids[~resident], need[~resident]
-        order = first_in_order(k, -cand_need, cand)  # most needed first, ties by lower id
-        self.candidate_ids, self._candidate_counts = padded(cand[order], cand_need[order], k)
-        self._victims = buf.priority_victims(k)
-        # a candidate "has a slot" when it is needed more than the resident it would replace
-        m = min(order.size, buf.capacity)
-        beats = self._candidate_counts[:m] > buf.slot_priority(self._victims[:m])
-        self._n_evictable = int(beats.size) if beats.all() else int(np.argmin(beats))
-
     def end_window(self) -> tuple[float, WindowStats]:
         """Reward of the window just run, and its stats; the next observation describes it."""
         w = self.window
-        if self.reward_kind == "traffic":
-            reward = -w.remote_fetched / max(w.remote_sampled, 1)
-        else:
-            reward = -w.seconds
+        reward = -w.remote_fetched / max(w.remote_sampled, 1) if self.reward_kind == "traffic" else -w.seconds
         self.last_window, self.window = w, WindowStats()
         self.windows += 1
         return float(reward), w
 
 
-def lookahead_reach(capacity: int, rows_per_minibatch: float, reach: float = 2.0) -> tuple[int, float]:
-    """Horizon and discount of the lookahead matched to the buffer: it holds the remote rows of about
-    ``capacity / rows_per_minibatch`` minibatches, so a need much further away than that cannot change what it
-    should keep, while nearer needs must dominate. The weights decay over ``reach`` times that many minibatches
-    (``discount = 1 - 1/that``, in [0.5, 0.98]) and stop at 4 times that (horizon in [8, 64]).
-
-    ``reach`` = 2 was picked on 4 of the 16 benchmark traces (both seeds among them); a small buffer gets a
-    short, steep horizon, a large one a long, flat one."""
-    span = max(1.0, reach * capacity / max(rows_per_minibatch, 1.0))
-    discount = round(float(np.clip(1.0 - 1.0 / span, 0.5, 0.98)), 3)
-    horizon = int(np.clip(np.ceil(4 * round(span, 3)), 8, 64))
-    return horizon, discount
+Poll = Callable[[int], "tuple[np.ndarray, float] | None"]
 
 
-def _score_first(lookahead, upcoming, n: int = 4) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Expected remote needs of the first ``n`` known minibatches (their mean size sets the lookahead's reach)."""
-    seeds = upcoming(0, n) if (upcoming is not None and lookahead is not None) else []
-    return {j: lookahead.scores([s], 1.0) for j, s in enumerate(seeds)}
+class PrefetchEnv(gym.Env):
+    """What ``rudder/Live-v0`` and ``rudder/Replay-v0`` share: ``step`` and ``run_window`` over a driver.
 
-
-class _PredictedNeed:
-    """The buffer's priority under lookahead: ``sum_i discount**i * need_{m+i}`` over the known minibatches after
-    the current one ``m`` (``i = 1 .. horizon-1``), kept up to date minibatch by minibatch.
-
-    Each minibatch's expected remote needs are computed once, in a background thread, up to 16 minibatches
-    before it enters the horizon; the sum slides by subtracting the minibatch that leaves and adding those that
-    enter. Weights are ``discount**j`` for absolute
-    minibatch ``j`` (the same factor for every node at a given time, so the order is unchanged), rescaled now and
-    then to stay in range.
+    A subclass sets ``episode`` and ``_records`` (the driver's iterator of :class:`MinibatchRecord`) in ``reset``
+    and may set ``trace`` (a :class:`traces.TraceWriter` recording every minibatch and decision).
     """
 
-    def __init__(self, buffer, lookahead, upcoming, horizon: int, discount: float, sampled_ahead=None):
-        self.buffer, self.lookahead, self.upcoming = buffer, lookahead, upcoming
-        self.sampled_ahead = sampled_ahead
-        self.horizon, self.discount = horizon, discount
-        self.need = np.zeros(buffer.num_nodes, dtype=np.float64)
-        self.included: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # minibatch -> (ids, weighted needs)
-        self.exact: set[int] = set()  # minibatches included with their sampled remote ids
-        self.scored: dict = {}  # minibatch -> future of its expected needs, not yet included
-        self.base = 0  # weights are discount ** (j - base)
-        self.at = -1
+    metadata = {"render_modes": []}
+    live = False  # True: real training, times measured; False: replay, times modelled
+    period: int
+    trace = None
 
-    def advance(self, m: int) -> None:
-        if m == self.at:
-            return
-        self.at = m
-        for j in [j for j in self.included if j <= m]:
-            ids, w = self.included.pop(j)
-            self.need[ids] -= w
-            self.exact.discard(j)
-        for j in [j for j in self.scored if j <= m]:
-            del self.scored[j]
-        if m - self.base > 200:  # rescale before discount ** (j - base) underflows
-            scale = self.discount ** -(m - self.base)
-            self.need *= scale
-            self.included = {j: (ids, w * scale) for j, (ids, w) in self.included.items()}
-            self.base = m
-        known = self.sampled_ahead(m) if self.sampled_ahead is not None else []
-        for i, ids in enumerate(known, start=1):  # sampled already: their remote rows exactly, replacing the guess
-            j = m + i
-            if j in self.exact:
-                continue
-            if j in self.included:
-                old_ids, old_w = self.included.pop(j)
-                self.need[old_ids] -= old_w
-            w = np.full(ids.size, self.discount ** (j - self.base))
-            self.need[ids] += w
-            self.included[j] = (ids, w)
-            self.exact.add(j)
-        self._submit_upcoming(m)
-        for j in range(m + 1, m + self.horizon):  # guesses for the minibatches entering the horizon
-            if j in self.included:
-                continue
-            if j not in self.scored:
-                break  # its seeds are not known yet (the next epoch)
-            ids, need = self.scored.pop(j).result()
-            w = need * self.discount ** (j - self.base)
-            self.need[ids] += w
-            self.included[j] = (ids, w)
-        self.buffer.set_dense_priority(self.need)
+    def __init__(self):
+        self.episode: PrefetchEpisode | None = None
+        self._records: Iterator[MinibatchRecord] | None = None
+        self._observed_at = time.perf_counter()
+        self.env_overhead_s = 0.0  # time spent building observations and applying actions (start-up included)
+        self.env_startup_s = 0.0  # of which in reset(): the first observation (e.g. the lookahead's first scores)
 
-    def add_scored(self, scored: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Expected needs already computed (minibatch -> (ids, needs)), used as if scored in the background."""
-        from concurrent.futures import Future
+    def _first_observation(self) -> tuple[dict, DecisionInfo]:
+        """The observation that ``reset`` returns, timed as start-up."""
+        t0 = time.perf_counter()
+        obs, info = self.episode.observe()
+        self.env_overhead_s = self.env_startup_s = time.perf_counter() - t0
+        self._observed_at = time.perf_counter()
+        return obs, info
 
-        for j, value in scored.items():
-            if j > self.at and j not in self.scored:
-                self.scored[j] = Future()
-                self.scored[j].set_result(value)
+    def step(self, action):
+        """Schedule the action's prefetch set, then run the next ``period`` minibatches."""
+        ep = require_running(self.episode)
+        t0 = time.perf_counter()
+        latency_s = t0 - self._observed_at  # the agent's decision time
+        ids = ep.decide(action)
+        if self.trace is not None:
+            self.trace.add_decision(minibatch=ep.minibatches, ids=ids, latency_s=latency_s)
+        self.env_overhead_s += time.perf_counter() - t0
+        obs, reward, terminated, truncated, info = self.run_window()
+        info["applied_ids"] = ids
+        if self.live:  # offline the agent's wall-clock time is not part of the (deterministic) replay
+            info["decision_latency_s"] = latency_s
+        return obs, reward, terminated, truncated, info
 
-    def _submit_upcoming(self, m: int) -> None:
-        """Start scoring, in the background, the known minibatches up to 16 past the horizon not yet scored: by the
-        time one enters the horizon its guess is ready, and training does not wait for it (the scoring releases
-        the GIL). The result does not depend on that timing: a guess not ready yet is waited for."""
-        for i, seeds in enumerate(self.upcoming(m, self.horizon + 16)):
-            j = m + i
-            if i > 0 and j not in self.scored and j not in self.included:
-                self.scored[j] = _scorer().submit(self.lookahead.scores, [seeds], 1.0)
+    def run_window(self, poll: Poll | None = None):
+        """Run the next ``period`` minibatches with no new decision, except what ``poll`` returns.
 
-
-_SCORER = None
-
-
-def _scorer():
-    """One background thread per process scores upcoming minibatches for every episode."""
-    global _SCORER
-    if _SCORER is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _SCORER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-lookahead")
-    return _SCORER
+        ``poll(minibatch)`` is called before each minibatch with the number of minibatches run so far; a non-None
+        return ``(ids, latency_s)`` is a prefetch set applied there, e.g. a decision an agent finished in the
+        background (:mod:`rudder_env.evaluation.play`). Returns ``step``'s tuple.
+        """
+        ep = require_running(self.episode)
+        late, overhead = [], 0.0
+        for _ in range(self.period):
+            if ep.done:
+                break
+            t1 = time.perf_counter()
+            if poll is not None:
+                got = poll(ep.minibatches)
+                if got is not None:
+                    ids, latency_s = got
+                    late.append(ep.apply(ids))
+                    if self.trace is not None:
+                        self.trace.add_decision(minibatch=ep.minibatches, ids=late[-1], latency_s=latency_s)
+            ep.before_minibatch()
+            overhead += time.perf_counter() - t1
+            rec = next(self._records)
+            t1 = time.perf_counter()
+            ep.record(rec)
+            if self.trace is not None:
+                self.trace.add_minibatch(minibatch=rec.index, epoch=rec.epoch, remote_ids=rec.remote_ids,
+                                         local_rows=rec.local_rows, sample_s=rec.sample_s, fetch_s=rec.fetch_s,
+                                         compute_s=rec.compute_s, fetch_rows=rec.fetch_rows, hits=rec.counts.hits,
+                                         remote_fetched=rec.counts.remote_fetched,
+                                         prefetched=rec.counts.prefetched, seeds=rec.seeds)
+            overhead += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        if ep.done:
+            for _ in self._records:  # run the driver to its end (live: closes the last epoch's timing)
+                raise RuntimeError("the driver produced more minibatches than it announced")
+        reward, _ = ep.end_window()
+        obs, info = ep.observe()
+        info["applied_ids"] = np.concatenate(late) if late else np.zeros(0, dtype=np.int64)
+        self.env_overhead_s += overhead + time.perf_counter() - t2
+        self._observed_at = time.perf_counter()
+        return obs, reward, ep.done, False, info

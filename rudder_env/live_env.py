@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import time
 
-import gymnasium as gym
-import numpy as np
-
-from rudder_env.episode import PrefetchEpisode, require_running
+from rudder_env.episode import PrefetchEnv, PrefetchEpisode, RunFacts
+from rudder_env.ranking import make_ranking
 from rudder_env.replay_env import DEFAULT_CANDIDATES
 from rudder_env.spaces import action_space, observation_space
 
 
-class LiveEnv(gym.Env):
+class LiveEnv(PrefetchEnv):
     """Prefetching for one trainer rank of a running DistDGL job (one env per trainer; all step in lockstep).
 
     ``step(action)`` schedules the prefetch set and runs the next ``period`` minibatches of real training
@@ -37,17 +35,18 @@ class LiveEnv(gym.Env):
     Terminates after the run's last minibatch (``epochs`` x minibatches per epoch).
 
     ## Arguments
-    ``trainer`` (a :class:`~rudder_env.trainer.DistTrainer` inside a DistDGL job), ``candidates`` (K), ``reward``,
+    ``trainer`` (a :class:`~rudder_env.dist.trainer.DistTrainer` inside a DistDGL job), ``candidates`` (K), ``reward``,
     ``trace`` (an optional :class:`traces.TraceWriter` recording every minibatch and decision), ``ranking``
-    (``"misses"`` or ``"lookahead"``, see :class:`~rudder_env.episode.PrefetchEpisode`) with
+    (``"misses"`` or ``"lookahead"``, see :mod:`rudder_env.ranking`) with
     ``lookahead_horizon`` and ``lookahead_discount``.
     """
 
-    metadata = {"render_modes": []}
+    live = True
 
     def __init__(self, trainer, candidates: int = DEFAULT_CANDIDATES, reward: str = "traffic", trace=None,
                  ranking: str = "misses", lookahead_horizon: int | None = None,
                  lookahead_discount: float | None = None):
+        super().__init__()
         self.trainer = trainer
         self.k = int(candidates)
         self.reward = reward
@@ -57,11 +56,6 @@ class LiveEnv(gym.Env):
         self.period = trainer.cfg.period
         self.observation_space = observation_space(self.k)
         self.action_space = action_space(self.k)
-        self.episode: PrefetchEpisode | None = None
-        self._records = None
-        self._observed_at = None
-        self.env_overhead_s = 0.0  # time spent building observations and applying actions (start-up included)
-        self.env_startup_s = 0.0  # of which in reset(): the first observation (e.g. the lookahead's first scores)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -70,18 +64,19 @@ class LiveEnv(gym.Env):
         if t.minibatch_index > 0 or seed != t.seed:
             t.start(seed)
         self._records = t.minibatches()
-        t0 = time.perf_counter()
         cfg = t.cfg
-        facts = dict(graph=cfg.graph, parts=cfg.parts, partitioning=cfg.partition, rank=t.trainer_rank,
-                     num_nodes=int(t.g.num_nodes()), model=cfg.model, source="live DistDGL training")
-        self.episode = PrefetchEpisode(t.buffer, self.k, t.total_minibatches, t.halo_ids.size, cfg.fanouts,
-                                       cfg.batch_size, reward=self.reward, facts=facts, ranking=self.ranking,
-                                       lookahead=t.lookahead, upcoming=lambda done, h: t.upcoming_seeds(h),
-                                       sampled_ahead=lambda done: t.sampled_ahead(),
-                                       horizon=self.lookahead_horizon, discount=self.lookahead_discount)
-        obs, info = self.episode.observe()
-        self.env_overhead_s = self.env_startup_s = time.perf_counter() - t0
-        self._observed_at = time.perf_counter()
+        run = RunFacts(t.total_minibatches, t.halo_ids.size, cfg.fanouts, cfg.batch_size,
+                       facts=dict(graph=cfg.graph, parts=cfg.parts, partitioning=cfg.partition, rank=t.trainer_rank,
+                                  num_nodes=int(t.g.num_nodes()), model=cfg.model, source="live DistDGL training"))
+        t0 = time.perf_counter()
+        ranking = make_ranking(self.ranking, t.buffer, lookahead=t.lookahead,
+                               upcoming=lambda done, h: t.upcoming_seeds(h), sampled_ahead=lambda done: t.sampled_ahead(),
+                               horizon=self.lookahead_horizon, discount=self.lookahead_discount)
+        self.episode = PrefetchEpisode(t.buffer, ranking, self.k, run, reward=self.reward)
+        ranking_s = time.perf_counter() - t0
+        obs, info = self._first_observation()
+        self.env_overhead_s += ranking_s
+        self.env_startup_s += ranking_s
         return obs, info
 
     def start_together(self) -> None:
@@ -90,58 +85,3 @@ class LiveEnv(gym.Env):
 
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-
-    def step(self, action):
-        require_running(self.episode)
-        t0 = time.perf_counter()
-        latency_s = t0 - self._observed_at  # the agent's decision time
-        ids = self.episode.decide(action)
-        if self.trace is not None:
-            self.trace.add_decision(minibatch=self.episode.minibatches, ids=ids, latency_s=latency_s)
-        self.env_overhead_s += time.perf_counter() - t0
-        obs, reward, terminated, truncated, info = self.run_window()
-        info["applied_ids"] = ids
-        info["decision_latency_s"] = latency_s
-        return obs, reward, terminated, truncated, info
-
-    def run_window(self, poll=None):
-        """Run the next ``period`` minibatches of training with no new decision, except what ``poll`` returns.
-
-        ``poll(minibatch)`` is called before each minibatch; a non-None return ``(ids, latency_s)`` is a prefetch
-        set applied there, e.g. a decision an agent finished in the background (:mod:`agents.runner`).
-        """
-        ep = require_running(self.episode)
-        late, overhead = [], 0.0
-        for _ in range(self.period):
-            if ep.done:
-                break
-            t1 = time.perf_counter()
-            if poll is not None:
-                got = poll(ep.minibatches)
-                if got is not None:
-                    ids, latency_s = got
-                    late.append(ep.apply(ids))
-                    if self.trace is not None:
-                        self.trace.add_decision(minibatch=ep.minibatches, ids=late[-1], latency_s=latency_s)
-            ep.before_minibatch()
-            overhead += time.perf_counter() - t1
-            rec = next(self._records)
-            t1 = time.perf_counter()
-            ep.record(rec.remote_ids, rec.local_rows, rec.step, rec.sample_s, rec.fetch_s, rec.compute_s)
-            if self.trace is not None:
-                self.trace.add_minibatch(minibatch=rec.index, epoch=rec.epoch, remote_ids=rec.remote_ids,
-                                         local_rows=rec.local_rows, sample_s=rec.sample_s, fetch_s=rec.fetch_s,
-                                         compute_s=rec.compute_s, fetch_rows=rec.fetch_rows, hits=rec.step.hits,
-                                         remote_fetched=rec.step.remote_fetched, prefetched=rec.step.prefetched,
-                                         seeds=rec.seeds)
-            overhead += time.perf_counter() - t1
-        t2 = time.perf_counter()
-        if ep.done:
-            for _ in self._records:  # run the generator to its end: closes the last epoch's timing
-                raise RuntimeError("the trainer produced more minibatches than it announced")
-        reward, _ = ep.end_window()
-        obs, info = ep.observe()
-        info["applied_ids"] = np.concatenate(late) if late else np.zeros(0, dtype=np.int64)
-        self.env_overhead_s += overhead + time.perf_counter() - t2
-        self._observed_at = time.perf_counter()
-        return obs, reward, ep.done, False, info

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
-import gymnasium as gym
 import numpy as np
 
 from rudder_env.buffer import PrefetchBuffer, initial_ids
-from rudder_env.episode import PrefetchEpisode, require_running
+from rudder_env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, RunFacts
+from rudder_env.lookahead import SamplerLookahead
+from rudder_env.ranking import make_ranking
 from rudder_env.spaces import action_space, observation_space
 from rudder_env.timing import FetchTimeModel
+from traces import Trace
 
 DEFAULT_CANDIDATES = 256
+DEFAULT_SAMPLE_AHEAD = 4  # minibatches a trainer samples ahead unless told otherwise (``--sample-ahead``)
 
 
-class ReplayEnv(gym.Env):
+class _Driver:
+    """An iterator that calls ``next_record`` every time and is never exhausted for good (unlike a generator): a
+    replayed episode can be swapped for a copy and go on."""
+
+    def __init__(self, next_record):
+        self.next_record = next_record
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next_record()
+
+
+class ReplayEnv(PrefetchEnv):
     """Prefetching for one trainer rank of a recorded run, driven by the trace instead of DistDGL.
 
     The trace holds every remote node id each minibatch of that rank needed; the env pushes them through the same
@@ -47,22 +64,19 @@ class ReplayEnv(gym.Env):
     ``reward``, and buffer overrides ``buffer_fraction``, ``buffer_init`` (``recorded``, ``degree``, ``random``,
     ``empty``), ``alpha``, ``period``, ``admit_on_miss`` (default: the recorded run's); ``ranking``
     (``"misses"``, or ``"lookahead"`` when the trace recorded seeds and partition structure: see
-    :class:`~rudder_env.episode.PrefetchEpisode`) with ``lookahead_horizon`` and ``lookahead_discount``.
+    :mod:`rudder_env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``.
     """
-
-    metadata = {"render_modes": []}
 
     def __init__(self, trace, rank: int = 0, candidates: int | None = None, reward: str = "traffic",
                  buffer_fraction: float | None = None, buffer_init: str = "recorded", alpha: float | None = None,
                  period: int | None = None, admit_on_miss: bool | None = None, ranking: str = "misses",
                  lookahead_horizon: int | None = None,
                  lookahead_discount: float | None = None):
-        from traces import Trace
-
-        self.trace = trace if isinstance(trace, Trace) else Trace(trace)
-        self.rank_trace = self.trace.rank(rank)
+        super().__init__()
+        self.source = trace if isinstance(trace, Trace) else Trace(trace)
+        self.rank_trace = self.source.rank(rank)
         self.rank = rank
-        run = self.trace.meta.get("config", {})
+        run = self.source.meta.get("config", {})
         rmeta = self.rank_trace.meta
         self.k = int(candidates or run.get("candidates", DEFAULT_CANDIDATES))
         self.reward = reward
@@ -89,6 +103,7 @@ class ReplayEnv(gym.Env):
         self._sample_s = table["sample_s"].to_numpy(dtype=np.float64)
         self._compute_s = table["compute_s"].to_numpy(dtype=np.float64)
         self._fetch_s = table["fetch_s"].to_numpy(dtype=np.float64)
+        self._epoch_of = table["epoch"].to_numpy()
         local, remote, secs = self._local_rows, table["remote_fetched"].to_numpy(), table["fetch_s"].to_numpy()
         if rmeta.get("initial_fill_rows"):  # the initial fill: a pull of remote rows only, which pins their cost
             local, remote = np.append(local, 0), np.append(remote, rmeta["initial_fill_rows"])
@@ -98,22 +113,16 @@ class ReplayEnv(gym.Env):
         self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
         # what the recording trainer had sampled ahead; sampling ahead does not change the batches, so a trace
         # recorded before the option existed is replayed as today's trainer would run it
-        from rudder_env.config import TrainConfig
-
-        self.sample_ahead = int(run.get("sample_ahead", TrainConfig.sample_ahead))
+        self.sample_ahead = int(run.get("sample_ahead", DEFAULT_SAMPLE_AHEAD))
         self._lookahead = None
         if ranking == "lookahead":
-            from rudder_env.lookahead import SamplerLookahead
-
             self._lookahead = SamplerLookahead.from_static(self.rank_trace.static, self.num_nodes)
             self._seeds = self.rank_trace.minibatch_seeds()
             if self._lookahead is None or self._seeds is None:
                 raise ValueError(f"ranking='lookahead' needs a trace recorded with seeds and partition structure; "
-                                 f"{self.trace.directory} has none (re-record it with this rudder)")
-            self._epochs = table["epoch"].to_numpy()
+                                 f"{self.source.directory} has none (re-record it with this rudder)")
         self.observation_space = observation_space(self.k)
         self.action_space = action_space(self.k)
-        self.episode: PrefetchEpisode | None = None
 
     def _new_buffer(self) -> PrefetchBuffer:
         buf = PrefetchBuffer(self.capacity, self.num_nodes, alpha=self.alpha, period=self.period,
@@ -128,62 +137,45 @@ class ReplayEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        run = self.trace.meta.get("config", {})
+        run = self.source.meta.get("config", {})
         facts = dict(graph=run.get("graph"), parts=run.get("parts"), partitioning=run.get("partition"),
-                     rank=self.rank, num_nodes=self.num_nodes, source=f"trace {self.trace.directory}")
-        self.episode = PrefetchEpisode(self._new_buffer(), self.k, len(self._ids), self.halo_ids.size,
-                                       self.fanouts, self.batch_size, reward=self.reward, facts=facts,
-                                       ranking=self.ranking, lookahead=self._lookahead, upcoming=self._upcoming,
-                                       horizon=self.lookahead_horizon, discount=self.lookahead_discount,
-                                       sampled_ahead=self._sampled_ahead)
-        obs, info = self.episode.observe()
+                     rank=self.rank, num_nodes=self.num_nodes, source=f"trace {self.source.directory}")
+        buffer = self._new_buffer()
+        ranking = make_ranking(self.ranking, buffer, lookahead=self._lookahead, upcoming=self._upcoming,
+                               sampled_ahead=self._sampled_ahead, horizon=self.lookahead_horizon,
+                               discount=self.lookahead_discount)
+        run_facts = RunFacts(len(self._ids), self.halo_ids.size, self.fanouts, self.batch_size, facts=facts)
+        self.episode = PrefetchEpisode(buffer, ranking, self.k, run_facts, reward=self.reward)
+        self._records = _Driver(self._replay)
+        obs, info = self._first_observation()
         info["time_model"] = self.time_model.as_dict()
         return obs, info
 
-    def step(self, action):
-        require_running(self.episode)
-        applied = self.episode.decide(action)
-        result = self.run_window()
-        result[4]["applied_ids"] = applied
-        return result
+    def _replay(self) -> MinibatchRecord:
+        """The driver's next minibatch: the next recorded remote ids through the buffer, fetch time modelled.
 
-    def run_window(self, poll=None):
-        """Run the next ``period`` minibatches with no new decision, except what ``poll(minibatch)`` returns.
-
-        ``poll`` is called before each minibatch with the number of minibatches run so far; a non-None return
-        ``(ids, latency_s)`` is a prefetch set applied there (how late decisions land: :mod:`agents.runner`).
-        Returns ``step``'s tuple.
-        """
-        ep = require_running(self.episode)
-        late = []
-        for _ in range(self.period):
-            if ep.done:
-                break
-            i = ep.minibatches
-            if poll is not None:
-                got = poll(i)
-                if got is not None:
-                    late.append(ep.apply(got[0]))
-            ids = self._ids[i]
-            ep.before_minibatch()
-            _, step = ep.buffer.lookup(ids)
-            fetch_s = float(self.time_model.predict(self._local_rows[i], step.remote_fetched))
-            ep.record(ids, int(self._local_rows[i]), step, float(self._sample_s[i]), fetch_s,
-                      float(self._compute_s[i]))
-        reward, _ = ep.end_window()
-        obs, info = ep.observe()
-        info["applied_ids"] = np.concatenate(late) if late else np.zeros(0, dtype=np.int64)
-        return obs, reward, ep.done, False, info
+        It reads the episode afresh every time, so an episode swapped in (e.g. a deep copy to try an option from the
+        same state) continues from its own position."""
+        ep = self.episode
+        if ep.done:
+            raise StopIteration
+        i = ep.minibatches
+        _, counts = ep.buffer.lookup(self._ids[i])
+        fetch_s = float(self.time_model.predict(self._local_rows[i], counts.remote_fetched))
+        return MinibatchRecord(epoch=int(self._epoch_of[i]), index=i, remote_ids=self._ids[i],
+                               local_rows=int(self._local_rows[i]), sample_s=float(self._sample_s[i]),
+                               fetch_s=fetch_s, fetch_rows=int(self._local_rows[i]) + counts.remote_fetched,
+                               compute_s=float(self._compute_s[i]), counts=counts)
 
     def _known(self, done: int, first: int, last: int, values: list) -> list:
         """``values[first:last]`` as far as the epochs whose seeds the live trainer had shuffled after ``done``
         minibatches: at the start only the first epoch; then every epoch up to the one of the last minibatch
         sampled (``done + sample_ahead``: the trainer samples ahead across epoch boundaries)."""
         n = len(values)
-        known_epoch = self._epochs[0] if done < 1 else self._epochs[min(done + self.sample_ahead, n - 1)]
+        known_epoch = self._epoch_of[0] if done < 1 else self._epoch_of[min(done + self.sample_ahead, n - 1)]
         out = []
         for j in range(first, min(last, n)):
-            if self._epochs[j] > known_epoch:
+            if self._epoch_of[j] > known_epoch:
                 break
             out.append(values[j])
         return out

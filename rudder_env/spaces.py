@@ -15,7 +15,9 @@ key             shape what it holds
 ``traffic``     (5,)  per minibatch of the window: rows fetched on demand, rows prefetched (``lg``-scaled);
                       fetch and compute milliseconds (``lg``-scaled); remote rows fetched / remote rows sampled
                       over the window (halved, clipped to 1)
-``candidates``  (K,)  decayed miss counts x alpha of the top-K non-resident candidates, best first (0: none)
+``candidates``  (K,)  scores of the top-K non-resident candidates, best first (0: none), scaled by the ranking's
+                      ``score_scale`` x alpha: decayed miss counts x alpha² (misses), predicted need x
+                      (1-discount) x alpha (lookahead)
 ``residents``   (K,)  scores of the K lowest-score residents, lowest first (empty slot: 0; no slot: 1)
 ``progress``    (1,)  fraction of the run's minibatches done
 =============== ===== =================================================================================
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from gymnasium import spaces
 
-from rudder_env.buffer import EMPTY, PrefetchBuffer, StepResult
+from rudder_env.buffer import EMPTY, PrefetchBuffer, MinibatchCounts
 
 HIST_BINS = 8
 _LG_TOP = np.log1p(1e7)
@@ -71,16 +73,16 @@ class WindowStats:
     compute_s: float = 0.0
     distinct_remote: int = 0  # remote ids seen for the first time in this window
 
-    def add(self, remote_ids: np.ndarray, local_rows: int, step: StepResult, sample_s: float, fetch_s: float,
+    def add(self, remote_ids: np.ndarray, local_rows: int, counts: MinibatchCounts, sample_s: float, fetch_s: float,
             compute_s: float, new_distinct: int) -> None:
         self.minibatches += 1
         self.input_rows += local_rows + remote_ids.size
         self.local_rows += local_rows
-        self.remote_sampled += step.remote_sampled
-        self.hits += step.hits
-        self.misses += step.misses
-        self.remote_fetched += step.remote_fetched
-        self.prefetched += step.prefetched
+        self.remote_sampled += counts.remote_sampled
+        self.hits += counts.hits
+        self.misses += counts.misses
+        self.remote_fetched += counts.remote_fetched
+        self.prefetched += counts.prefetched
         self.sample_s += sample_s
         self.fetch_s += fetch_s
         self.compute_s += compute_s
@@ -94,22 +96,8 @@ class WindowStats:
         return dict(self.__dict__)
 
 
-def candidate_ids(buffer: PrefetchBuffer, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` candidates padded to length ``k``: ids (-1 pad) and decayed miss counts (0 pad)."""
-    return padded(*buffer.candidates(k), k)
-
-
-def padded(ids: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ranked candidates (at most ``k``) padded to length ``k``: ids with -1, scores with 0."""
-    out_ids = np.full(k, -1, dtype=np.int64)
-    out_counts = np.zeros(k, dtype=np.float32)
-    out_ids[: ids.size] = ids
-    out_counts[: ids.size] = counts
-    return out_ids, out_counts
-
-
 def build_observation(buffer: PrefetchBuffer, window: WindowStats, cum_hits: int, cum_remote: int,
-                      progress: float, counts: np.ndarray, halo_nodes: int, fanouts: list[int],
+                      progress: float, candidate_scores: np.ndarray, halo_nodes: int, fanouts: list[int],
                       batch_size: int) -> dict[str, np.ndarray]:
     """The observation at a decision point (see the module docstring for every entry)."""
     cap = max(buffer.capacity, 1)
@@ -120,7 +108,7 @@ def build_observation(buffer: PrefetchBuffer, window: WindowStats, cum_hits: int
     bins = np.minimum((scores[resident] * HIST_BINS).astype(np.int64), HIST_BINS - 1)  # scores are in [0, 1]
     hist = np.bincount(bins, minlength=HIST_BINS) / cap
     w, mb = window, max(window.minibatches, 1)
-    k = counts.size
+    k = candidate_scores.size
     low = np.sort(np.where(resident, scores, 0.0))[:k]
     residents = np.ones(k, dtype=np.float32)
     residents[: low.size] = low
@@ -133,7 +121,7 @@ def build_observation(buffer: PrefetchBuffer, window: WindowStats, cum_hits: int
                     lg(batch_size)],
         "traffic": [lg(w.misses / mb), lg(w.prefetched / mb), lg(1000 * w.fetch_s / mb), lg(1000 * w.compute_s / mb),
                     w.remote_fetched / max(w.remote_sampled, 1) / 2],
-        "candidates": counts * buffer.alpha,
+        "candidates": candidate_scores,
         "residents": residents,
         "progress": [progress],
     }

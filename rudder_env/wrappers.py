@@ -1,41 +1,83 @@
-"""Smaller action spaces over the prefetch environments: a budget of top candidates, and Rudder's yes/no.
+"""Smaller action spaces and training rewards over the prefetch environments (``rudder/Live-v0``, ``rudder/Replay-v0``).
 
-Both map their action to the base env's ``MultiBinary(K)`` over the ranked candidates. For SB3, flatten the
+Every action wrapper maps its ``Discrete`` action to the base env's ``MultiBinary(K)`` "admit the top ``j`` ranked
+candidates" (:func:`rudder_env.contract.top_j`):
+
+- :class:`Budget`: action ``i`` admits the top ``levels[i]`` candidates (counts).
+- :class:`FractionBudget`: action ``i`` admits ``round(levels[i] * j)`` of the ``j`` candidates that have a slot to
+  take (fractions; the PPO agent's action space).
+- :class:`EvictOrKeep`: Rudder's yes/no, the two-level :class:`FractionBudget` ``(0, 1)`` (always "yes" is
+  MassiveGNN's periodic policy).
+
+:class:`RelativeReward` turns the reward into the difference to always playing the top level. For SB3, flatten the
 observation with ``gymnasium.wrappers.FlattenObservation``.
 """
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from rudder_env.contract import top_fraction, top_j
 
-class _RankedPrefix(gym.Wrapper):
-    """Base: remembers the last info and turns "admit the top j candidates" into the base action."""
+DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0)
 
-    def __init__(self, env: gym.Env):
-        super().__init__(env)
-        self.k = env.action_space.n
-        self._info: dict = {}
+
+def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
+    """``levels`` as a tuple of floats; ``ValueError`` unless they start at 0, increase strictly and stay <= 1."""
+    try:
+        out = tuple(float(v) for v in levels)
+    except (TypeError, ValueError):
+        raise ValueError(f"levels must be numbers, got {levels!r}") from None
+    if len(out) < 2 or out[0] != 0.0 or any(b <= a for a, b in zip(out, out[1:])) or out[-1] > 1.0:
+        raise ValueError(f"levels must be at least two fractions, strictly increasing from 0 to at most 1, "
+                         f"got {list(levels)}")
+    return out
+
+
+def parse_levels(text: str) -> tuple[float, ...]:
+    """``"0,0.25,0.5,1"`` -> ``(0.0, 0.25, 0.5, 1.0)``, checked by :func:`check_levels`."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"levels must be comma-separated fractions such as 0,0.25,0.5,1, got {text!r}") from None
+    return check_levels(values)
+
+
+class _Levels(gym.Wrapper):
+    """Base: ``Discrete(len(levels))`` actions, each turned into a base action from the last ``info``."""
+
+    def __init__(self, env: gym.Env, levels: Sequence):
+        gym.Wrapper.__init__(self, env)
+        self.levels = tuple(levels)
+        self.k = int(env.action_space.n)
+        self.action_space = spaces.Discrete(len(self.levels))
+        self._info: dict[str, Any] = {}
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
         self._info = info
         return obs, info
 
-    def _top(self, j: int) -> np.ndarray:
-        action = np.zeros(self.k, dtype=np.int8)
-        action[: max(0, min(int(j), self.k))] = 1
-        return action
+    def _base_action(self, level) -> np.ndarray:
+        raise NotImplementedError
 
-    def _step_top(self, j: int):
-        obs, reward, terminated, truncated, info = self.env.step(self._top(j))
+    def _describe_actions(self) -> str:
+        return f"an integer in [0, {len(self.levels)})"
+
+    def step(self, action):
+        if not self.action_space.contains(np.int64(action)):
+            raise ValueError(f"{type(self).__name__} action must be {self._describe_actions()}, got {action!r}")
+        obs, reward, terminated, truncated, info = self.env.step(self._base_action(self.levels[int(action)]))
         self._info = info
         return obs, reward, terminated, truncated, info
 
 
-class Budget(_RankedPrefix):
+class Budget(_Levels, gym.utils.RecordConstructorArgs):
     """``Discrete(len(levels))``: action ``i`` admits the top ``levels[i]`` candidates (capped at K).
 
     Args:
@@ -43,29 +85,84 @@ class Budget(_RankedPrefix):
     """
 
     def __init__(self, env: gym.Env, levels=(0, 16, 64, 256)):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self, levels=tuple(levels))
         levels = [int(v) for v in levels]
         if not levels or levels[0] != 0 or sorted(set(levels)) != levels:
             raise ValueError(f"Budget levels must be strictly increasing and start at 0, got {levels}")
-        self.levels = levels
-        self.action_space = spaces.Discrete(len(levels))
+        _Levels.__init__(self, env, levels)
 
-    def step(self, action):
-        if not self.action_space.contains(np.int64(action)):
-            raise ValueError(f"Budget action must be an integer in [0, {len(self.levels)}), got {action!r}")
-        return self._step_top(self.levels[int(action)])
+    def _base_action(self, level) -> np.ndarray:
+        return top_j(self.k, level)
 
 
-class EvictOrKeep(_RankedPrefix):
-    """``Discrete(2)``, Rudder's decision: 0 keeps the buffer; 1 admits every candidate that has a slot below the
-    eviction threshold (or empty) to replace — the top ``min(n_candidates, n_evictable)`` candidates."""
+class FractionBudget(_Levels, gym.utils.RecordConstructorArgs):
+    """``Discrete(len(levels))``: action ``i`` admits the top ``round(levels[i] * j)`` candidates,
+    ``j = min(n_candidates, n_evictable)`` at that decision.
+
+    Args:
+        env: a ``rudder/Replay-v0`` or ``rudder/Live-v0`` env (``MultiBinary(K)`` actions).
+        levels: fractions, strictly increasing from 0 (keep the buffer) to at most 1 (replace every evictable slot).
+    """
+
+    def __init__(self, env: gym.Env, levels: Sequence[float] = DEFAULT_LEVELS):
+        gym.utils.RecordConstructorArgs.__init__(self, levels=tuple(levels))
+        _Levels.__init__(self, env, check_levels(levels))
+
+    def _base_action(self, level) -> np.ndarray:
+        return top_fraction(level, self._info, self.k)
+
+
+class EvictOrKeep(FractionBudget):
+    """``Discrete(2)``, Rudder's decision: 0 keeps the buffer; 1 admits every candidate that has a slot to take
+    (empty, below the eviction threshold, or needed less) — :class:`FractionBudget` with levels ``(0, 1)``."""
 
     def __init__(self, env: gym.Env):
-        super().__init__(env)
-        self.action_space = spaces.Discrete(2)
+        FractionBudget.__init__(self, env, (0.0, 1.0))
+
+    def _describe_actions(self) -> str:
+        return "0 (keep) or 1 (evict and prefetch)"
+
+
+class RelativeReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Training reward: the window's reward minus the reward of always playing the top level (1.0: the periodic
+    policy) in the same window, times ``scale``.
+
+    With ``reward="traffic"``, top level 1.0 and ``scale=1000`` that is remote rows saved versus periodic per 1000
+    remote rows sampled. The reference depends only on the window index, so the best policy is unchanged; it
+    removes the large, nearly constant part of the return that the value function would otherwise have to fit to
+    within the few rows in 10^4 by which the actions differ. The reference is one episode played from the first
+    ``reset`` (so with the same initial buffer as that episode).
+
+    Args:
+        env: a :class:`FractionBudget`-wrapped prefetch env.
+        scale: multiplier of the reward difference.
+    """
+
+    def __init__(self, env: FractionBudget, scale: float = 1000.0):
+        gym.utils.RecordConstructorArgs.__init__(self, scale=scale)
+        gym.Wrapper.__init__(self, env)
+        if not isinstance(env, FractionBudget):
+            raise TypeError(f"RelativeReward wraps a FractionBudget env, got {type(env).__name__}")
+        self.scale = float(scale)
+        self.reference: np.ndarray | None = None
+        self._window = 0
+
+    def reset(self, **kwargs):
+        if self.reference is None:
+            rewards, done = [], False
+            self.env.reset(**kwargs)
+            top = len(self.env.levels) - 1
+            while not done:
+                _, reward, terminated, truncated, _ = self.env.step(top)
+                rewards.append(reward)
+                done = terminated or truncated
+            self.reference = np.asarray(rewards, dtype=np.float64)
+        self._window = 0
+        return self.env.reset(**kwargs)
 
     def step(self, action):
-        if not self.action_space.contains(np.int64(action)):
-            raise ValueError(f"EvictOrKeep action must be 0 (keep) or 1 (evict and prefetch), got {action!r}")
-        j = min(self._info.get("n_candidates", 0), self._info.get("n_evictable", 0)) if int(action) else 0
-        return self._step_top(j)
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        ref = self.reference[min(self._window, self.reference.size - 1)]
+        self._window += 1
+        info["env_reward"] = reward
+        return obs, (reward - ref) * self.scale, terminated, truncated, info

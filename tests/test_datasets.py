@@ -1,4 +1,4 @@
-"""Tests for rudder_env.datasets: the graph contract, synthetic presets, the OGB raw-layout loader, load_graph."""
+"""Tests for rudder_env.dist.datasets: the graph contract, synthetic presets, the OGB raw-layout loader, load_graph."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rudder_env import datasets
-from rudder_env.datasets import (PRESETS, DatasetError, SynthSpec, generate_synthetic, load_graph, load_ogb,
+from rudder_env.dist import datasets
+from rudder_env.dist.datasets import (PRESETS, DatasetError, SynthSpec, generate_synthetic, load_graph, load_ogb,
                                  num_classes)
-from rudder_env.dgl_compat import import_dgl
+from rudder_env.dist.dgl_compat import import_dgl
 
 dgl = import_dgl()
 
@@ -31,7 +31,7 @@ def edge_set(g) -> set[tuple[int, int]]:
 
 
 def assert_contract(g) -> None:
-    """The contract every graph from rudder_env.datasets satisfies."""
+    """The contract every graph from rudder_env.dist.datasets satisfies."""
     n = g.num_nodes()
     assert g.ntypes == ["_N"] and g.etypes == ["_E"]
     feat, label = g.ndata["feat"], g.ndata["label"]

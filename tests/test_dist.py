@@ -26,8 +26,8 @@ def id_graph(tmp_path_factory):
     """synth-tiny with feature column 0 holding each node's id, to check every served row."""
     import torch
 
-    from rudder_env.datasets import PRESETS, generate_synthetic
-    from rudder_env.dgl_compat import import_dgl
+    from rudder_env.dist.datasets import PRESETS, generate_synthetic
+    from rudder_env.dist.dgl_compat import import_dgl
 
     dgl = import_dgl()
     g = generate_synthetic(PRESETS["synth-tiny"], seed=0)
@@ -37,33 +37,19 @@ def id_graph(tmp_path_factory):
     return path
 
 
-def run_train(args, cache, mpiexec_n=None, timeout=240, port=None):
+@pytest.fixture(scope="module")
+def run_train(free_port_block):
+    """``run_train(args, cache, mpiexec_n=None, timeout=240, port=None)``: ``train.py gnn`` as a subprocess."""
+    return lambda *a, **kw: _run_train(free_port_block, *a, **kw)
+
+
+def _run_train(free_port_block, args, cache, mpiexec_n=None, timeout=240, port=None):
     port = port or free_port_block()
     cmd = [sys.executable, TRAIN, "gnn", *args, "--port", str(port)]
     if mpiexec_n:
         cmd = ["mpiexec", "-n", str(mpiexec_n)] + cmd
     env = dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def free_port_block(width=30):
-    """A base port with ``width`` free ports above it and one below (torch.distributed's)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + width < 65535 and all(_free(p) for p in range(base - 1, base + width)):
-            return base
-    raise RuntimeError("no free port block")
-
-
-def _free(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def tagged_segments():
@@ -73,7 +59,7 @@ def tagged_segments():
 SMALL = ["--parts", "2", "--epochs", "2", "--batch-size", "100", "--period", "4", "--fanout", "3,5"]
 
 
-def test_two_partitions_trains_and_reports(cache, tmp_path):
+def test_two_partitions_trains_and_reports(run_train, cache, tmp_path):
     summary_path = tmp_path / "run.json"
     t0 = time.monotonic()
     proc = run_train(["--graph", "synth-tiny", *SMALL, "--agent", "periodic", "--summary", str(summary_path)], cache)
@@ -99,7 +85,7 @@ def test_two_partitions_trains_and_reports(cache, tmp_path):
 
 
 @pytest.mark.parametrize("agent, overlap", [("none", True), ("static", False), ("periodic", True)])
-def test_served_rows_are_the_disttensor_rows(agent, overlap, id_graph, cache, tmp_path):
+def test_served_rows_are_the_disttensor_rows(run_train, agent, overlap, id_graph, cache, tmp_path):
     """Every input row, buffer hits included, equals a direct DistTensor pull and encodes its original node id:
     each trainer reads its own partition (the one-host fixes) and the buffer serves exact rows, also when they
     were pulled during the previous minibatch's compute (--overlap-fetch)."""
@@ -145,7 +131,7 @@ def _pid_of(cache, kind, deadline_s=90):
 
 
 @pytest.mark.parametrize("victim", ["trainer", "server"])
-def test_a_dead_rank_ends_the_job_and_leaves_nothing(victim, cache):
+def test_a_dead_rank_ends_the_job_and_leaves_nothing(free_port_block, free_port, victim, cache):
     port = free_port_block()
     cmd = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", "--parts", "2", "--epochs", "500",
            "--batch-size", "50", "--port", str(port)]
@@ -167,10 +153,10 @@ def test_a_dead_rank_ends_the_job_and_leaves_nothing(victim, cache):
     assert f"rudder: job failed: {st['describe']}" in err, err[-2000:]
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "ranks left running"
     assert not tagged_segments()
-    assert _free(port) and _free(port + 10)
+    assert free_port(port) and free_port(port + 10)
 
 
-def test_bad_input_gets_one_line_errors(cache, tmp_path):
+def test_bad_input_gets_one_line_errors(run_train, cache, tmp_path):
     proc = run_train(["--graph", "no-such-graph"], cache)
     assert proc.returncode == 2
     assert "rudder: error: unknown graph 'no-such-graph'" in proc.stderr
@@ -189,7 +175,7 @@ def test_bad_input_gets_one_line_errors(cache, tmp_path):
     assert "the job has 3 MPI ranks, expected 4" in proc.stderr
 
 
-def test_missing_partition_files_are_named(cache):
+def test_missing_partition_files_are_named(run_train, cache):
     run = run_train(["--graph", "synth-tiny", "--parts", "3", "--epochs", "1", "--partition", "random"], cache)
     assert run.returncode == 0, run.stderr[-2000:]
     victims = glob.glob(os.path.join(cache, "partitions", "synth-tiny-seed0-random3", "part1", "graph.dgl"))
@@ -200,7 +186,7 @@ def test_missing_partition_files_are_named(cache):
     assert "partition file" in proc.stderr and "part1/graph.dgl is missing" in proc.stderr
 
 
-def test_two_jobs_at_once_pick_their_own_ports(cache, tmp_path):
+def test_two_jobs_at_once_pick_their_own_ports(run_train, cache, tmp_path):
     """Without --port, concurrent jobs on one host (self-launched and under the user's mpiexec) claim distinct port
     blocks, and neither's clean-up touches the other's shared memory (sampler workers use multiprocessing's)."""
     args = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", *SMALL, "--num-samplers", "1"]

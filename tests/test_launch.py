@@ -5,9 +5,10 @@ import socket
 
 import pytest
 
-from rudder_env import onehost
-from rudder_env.config import TrainConfig
-from rudder_env.launch import assign_roles, port_in_use, under_mpi
+from rudder_env.dist import onehost
+from rudder_env.dist.config import TrainConfig
+from rudder_env.dist.ports import port_in_use
+from rudder_env.dist.rank import assign_roles, under_mpi
 
 
 def test_one_host_roles_servers_first_then_trainers_per_machine():
@@ -84,7 +85,7 @@ def test_recorded_decisions_need_an_existing_trace():
 
 
 def test_dgl_compat_is_a_noop_once_the_library_exists():
-    from rudder_env import dgl_compat
+    from rudder_env.dist import dgl_compat
 
     path = dgl_compat._graphbolt_path()
     assert path is not None and os.path.exists(path)  # made by install.sh or the first import

@@ -269,7 +269,7 @@ def test_scores_cached_equal_uncached_and_exact(tiny, options):
 
 def test_score_mode_acts_validly_and_logs(tiny, tmp_path):
     from agents.llm import LLMAgent
-    from rudder_env.evaluation import play_episode
+    from rudder_env.evaluation.play import play_episode
     from rudder_env.replay_env import ReplayEnv
 
     log = tmp_path / "logs" / "llm-rank0.jsonl"

@@ -11,9 +11,11 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import rudder_env  # noqa: F401  (registers the environments)
-from agents.base import make_agent
-from agents.ppo import DEFAULT_POLICY, FractionBudget, PPOAgent, RandomBudget, make_env, parse_levels, train_ppo
-from rudder_env.evaluation import play_episode
+from rudder_env.evaluation.registry import make_agent
+from agents.ppo import DEFAULT_POLICY, PPOAgent, make_env, train_ppo
+from baselines.policies import RandomBudget
+from rudder_env.wrappers import FractionBudget, parse_levels
+from rudder_env.evaluation.play import play_episode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "traces", "samples")

@@ -6,10 +6,10 @@ import time
 import numpy as np
 import pytest
 
-from agents.heuristic import HitRateRule
-from agents.runner import lower_priority, play, run_async
+from baselines.policies import HitRateRule
+from rudder_env.evaluation.play import lower_priority, play, run_async
 from baselines.policies import Periodic, Recorded
-from rudder_env.evaluation import play_episode
+from rudder_env.evaluation.play import play_episode
 from rudder_env.replay_env import ReplayEnv
 
 TRACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "traces", "samples",

@@ -7,6 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from rudder_env.replay_env import DEFAULT_SAMPLE_AHEAD
 
 
 def default_cache_dir() -> str:
@@ -48,11 +49,11 @@ class TrainConfig:
              "normal"))
     decisions_from: str | None = field(default=None, metadata=dict(
         help="with --agent recorded: a trace whose prefetch decisions are applied again at the same minibatches"))
-    sample_ahead: int = field(default=4, metadata=dict(
+    sample_ahead: int = field(default=DEFAULT_SAMPLE_AHEAD, metadata=dict(
         help="minibatches sampled ahead of training (within an epoch); the lookahead knows their remote rows"))
     overlap_fetch: bool = field(default=False, metadata=dict(
         help="pull the next sampled minibatch's local rows and buffer misses during this minibatch's compute "
-             "(needs --sample-ahead >= 1; no gain measured on one 2-core host, see BENCHMARKS.md)"))
+             "(needs --sample-ahead >= 1; where it pays off: BENCHMARKS.md, P2)"))
     lookahead_halo_edges: bool = field(default=True, metadata=dict(
         help="sampler lookahead also pulls the halo nodes' in-edges from the servers once (sees the second hop "
              "through them; ~2 MB more per rank in a trace)"))
@@ -84,7 +85,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message for options that cannot work."""
-        from agents.base import REGISTRY
+        from rudder_env.evaluation.registry import REGISTRY
 
         if self.agent not in REGISTRY:
             raise ValueError(f"unknown --agent {self.agent!r}: expected one of {', '.join(REGISTRY)}")

@@ -10,7 +10,7 @@ torch. rudder does not use GraphBolt (nor ``dgl.sparse``); core DGL, its sampler
 - a copy of a C extension module of the running Python (any loadable ELF will do).
 
 It is a no-op when the library for the running torch exists (DGL built for this torch, or the stub already made).
-Run it explicitly with ``python -m rudder_env.dgl_compat``; every rudder module imports DGL through
+Run it explicitly with ``python -m rudder_env.dist.dgl_compat``; every rudder module imports DGL through
 :func:`import_dgl`, which calls it first, so a plain ``pip install`` also works.
 """
 
@@ -75,7 +75,7 @@ def ensure_graphbolt_stub(verbose: bool = False) -> str | None:
     except PermissionError as exc:
         raise RuntimeError(
             f"DGL cannot be imported on this torch: {path} is missing and its folder is not writable ({exc}). "
-            "Run `python -m rudder_env.dgl_compat` once as the user that installed DGL."
+            "Run `python -m rudder_env.dist.dgl_compat` once as the user that installed DGL."
         ) from exc
     finally:
         if os.path.exists(tmp):

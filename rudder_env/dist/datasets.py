@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rudder_env.dgl_compat import import_dgl
+from rudder_env.dist.dgl_compat import import_dgl
 
 dgl = import_dgl()
 

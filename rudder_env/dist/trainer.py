@@ -20,28 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rudder_env.buffer import PrefetchBuffer, StepResult, initial_ids
-from rudder_env.dgl_compat import import_dgl
-from rudder_env.models import build_model
+from rudder_env.buffer import PrefetchBuffer, initial_ids
+from rudder_env.episode import MinibatchRecord
+from rudder_env.dist.dgl_compat import import_dgl
+from rudder_env.dist.models import build_model
 
 dgl = import_dgl()
-
-
-@dataclass
-class MinibatchRecord:
-    """What one training minibatch needed and cost (one trace row)."""
-
-    epoch: int
-    index: int  # minibatch index over the whole run
-    remote_ids: np.ndarray  # global ids of remote input nodes (all of them, hits included)
-    local_rows: int
-    sample_s: float
-    fetch_s: float
-    fetch_rows: int  # rows pulled: local + misses + prefetched
-    compute_s: float
-    step: StepResult  # what the buffer did
-    loss: float
-    seeds: np.ndarray  # the minibatch's seed (output) node ids
 
 
 class _Sampled(NamedTuple):
@@ -71,21 +55,19 @@ class DistTrainer:
     """Training on one trainer rank of a DistDGL job.
 
     Args:
-        cfg: :class:`~rudder_env.config.TrainConfig`.
+        cfg: :class:`~rudder_env.dist.config.TrainConfig`.
         trainer_rank: this trainer's index among all trainers (torch.distributed rank).
         graph_name: DistDGL graph name of the partitions.
         ip_config: DGL ip_config file.
         master: ``host:port`` of torch.distributed's TCP store.
         meta: the partitions' ``rudder.json`` (classes, feature width).
         part_config: the partition config JSON (to find the original node ids for ``--verify-rows``).
-        use_buffer: False keeps no buffer (capacity 0: no prefetch).
-        static_buffer: True disables admit-on-miss (the buffer never changes after the initial fill).
-        admit_on_miss: the agent's own choice of admit-on-miss, overriding ``--admit-on-miss``.
+        buffer_fraction, admit_on_miss: the buffer the agent plays with
+            (:func:`rudder_env.contract.buffer_kwargs` of its settings and the run's options).
     """
 
     def __init__(self, cfg, trainer_rank: int, graph_name: str, ip_config: str, master: str, meta: dict,
-                 part_config: str = "", use_buffer: bool = True, static_buffer: bool = False,
-                 admit_on_miss: bool | None = None):
+                 part_config: str = "", buffer_fraction: float | None = None, admit_on_miss: bool | None = None):
         self.cfg = cfg
         self.trainer_rank = trainer_rank
         self.meta = meta
@@ -109,8 +91,9 @@ class DistTrainer:
         self.labels = self.g.ndata["label"]
         self.halo_ids, self.halo_degree = self._halo()
         self.lookahead = self._lookahead()
-        self.capacity = int(round(cfg.buffer_fraction * self.halo_ids.size)) if use_buffer else 0
-        self.admit_on_miss = (cfg.admit_on_miss if admit_on_miss is None else admit_on_miss) and not static_buffer
+        fraction = cfg.buffer_fraction if buffer_fraction is None else buffer_fraction
+        self.capacity = int(round(fraction * self.halo_ids.size))
+        self.admit_on_miss = cfg.admit_on_miss if admit_on_miss is None else admit_on_miss
         self._fetcher = None  # the thread that pulls the next minibatch's rows during compute (--overlap-fetch)
         self._next_pull = None  # (input nodes, misses, future) in flight
         self._pulled_ahead = None  # (input nodes, misses, rows) ready for the next train_step
@@ -206,7 +189,7 @@ class DistTrainer:
         local_ids, remote_ids = ids[~remote], ids[remote]
         to_pull = self.buffer.begin(remote_ids)
         pulled = self._pull_rows(input_nodes, local_ids, to_pull)
-        remote_rows, step = self.buffer.finish(pulled[local_ids.size:].numpy())
+        remote_rows, counts = self.buffer.finish(pulled[local_ids.size:].numpy())
         x = torch.empty((ids.size, pulled.shape[1]), dtype=pulled.dtype)
         x[torch.from_numpy(~remote)] = pulled[: local_ids.size]
         x[torch.from_numpy(remote)] = torch.from_numpy(remote_rows)
@@ -225,7 +208,7 @@ class DistTrainer:
         record = MinibatchRecord(epoch=epoch, index=self.minibatch_index, remote_ids=remote_ids,
                                  local_rows=int(local_ids.size), sample_s=0.0, fetch_s=t_compute - t_fetch + waited,
                                  fetch_rows=int(local_ids.size + to_pull.size), compute_s=t_end - t_compute,
-                                 step=step, loss=float(loss.detach()), seeds=seeds.numpy())
+                                 counts=counts, loss=float(loss.detach()), seeds=seeds.numpy())
         self.minibatch_index += 1
         return record
 
@@ -275,7 +258,7 @@ class DistTrainer:
     def _verify(self, input_nodes: torch.Tensor, x: torch.Tensor) -> None:
         """Count rows that differ from a direct DistTensor pull, and rows whose column 0 is not the original id."""
         if self._orig_nids is None:
-            from rudder_env.partition import ORIG_NIDS_FILE
+            from rudder_env.dist.partition import ORIG_NIDS_FILE
 
             self._orig_nids = np.load(os.path.join(os.path.dirname(self.part_config), ORIG_NIDS_FILE))
         direct = self.feat[input_nodes]

@@ -9,7 +9,7 @@ import sys
 
 
 def build_summary(cfg, job, results: list[dict], wall_s: float) -> dict:
-    """Assemble the summary from every trainer's :meth:`~rudder_env.trainer.DistTrainer.result`."""
+    """Assemble the summary from every trainer's :meth:`~rudder_env.dist.trainer.DistTrainer.result`."""
     results = sorted(results, key=lambda r: r["trainer_rank"])
     total = {k: sum(r[k] for r in results) for k in ("remote_sampled", "hits", "remote_fetched", "prefetched")}
     return dict(

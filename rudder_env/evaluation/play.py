@@ -1,5 +1,10 @@
-"""Playing an agent whose decisions take time: computed in the background while training goes on (as Rudder
-does), applied when ready, their latency recorded; in replay the same latency becomes a delay in minibatches.
+"""Playing an agent over one episode of a prefetch env, the way the agent needs.
+
+- :func:`play_episode`: step by step (``act``, then ``step``), decision latency recorded.
+- :func:`run_async`: decisions that take time, computed in the background while training goes on (as Rudder does),
+  applied when ready; in replay the same latency becomes a delay in minibatches.
+- :func:`play_schedule`: decisions recorded earlier, applied at their minibatches, instantly.
+- :func:`play`: whichever of the three the agent's contract asks for (:class:`agents.base.Agent`).
 
 Live (``rudder/Live-v0``): at a decision point the agent's ``act`` starts in a worker thread and training carries on;
 before each minibatch the runner checks whether the decision is ready and, if so, schedules its prefetch set there.
@@ -11,10 +16,9 @@ Either way the decision refers to the candidate list it was taken on.
 
 Live, the worker thread runs at the operating system's idle priority (``SCHED_IDLE`` on Linux, else the lowest
 nice value) unless ``priority="normal"``: the agent then gets CPU time only when training leaves a core unused
-(waits on remote pulls, all-reduces), so busy cores make decisions later rather than training slower (on 2 shared
-cores it still slows training through shared caches and wake-ups: BENCHMARKS.md, P3).
-:func:`play_schedule` applies decisions recorded earlier at their minibatches, instantly: run against an
-asynchronous run of the same decisions, it isolates what taking them cost.
+(waits on remote pulls, all-reduces), so busy cores make decisions later rather than training slower (what it
+still costs: BENCHMARKS.md, P3). :func:`play_schedule` run against an asynchronous run of the same decisions
+isolates what taking them cost.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from rudder_env.evaluation import EpisodeTally
+from agents.base import as_agent
 from rudder_env.spaces import check_action
 
 
@@ -45,11 +49,9 @@ def warm_up(agent, info, env=None) -> float:
     """Start-up work an agent may have (e.g. the LLM prefilling its fixed prompt prefix), done before the first
     decision and not counted as decision latency; then, live, every trainer waits for the others (their start-up
     takes unequal time, and the first all-reduce would charge the difference to training). Returns its seconds."""
-    fn = getattr(agent, "warm_up", None)
-    seconds = float(fn(info) or 0.0) if fn is not None else 0.0
-    together = getattr(env.unwrapped, "start_together", None) if env is not None else None
-    if together is not None:
-        together()
+    seconds = float(agent.warm_up(info) or 0.0) if agent is not None else 0.0
+    if env is not None and env.unwrapped.live:
+        env.unwrapped.start_together()
     return seconds
 
 
@@ -71,6 +73,52 @@ def lower_priority() -> str:
             return "normal (could not lower)"
 
 
+def play_episode(env, agent, seed: int = 0) -> dict:
+    """Run ``agent`` through one episode of ``env``; returns counters, modelled seconds, per-window hit rates and
+    decision latencies."""
+    agent = as_agent(agent)
+    obs, info = env.reset(seed=seed)
+    agent.reset()
+    warm_up(agent, info, env)
+    tally = EpisodeTally()
+    done = False
+    while not done:
+        t0 = time.perf_counter()
+        action = agent.act(obs, info)
+        tally.latencies.append(time.perf_counter() - t0)
+        obs, _, terminated, truncated, info = env.step(action)
+        tally.add_window(info)
+        done = terminated or truncated
+    return tally.result(env)
+
+
+class EpisodeTally:
+    """What every way of playing an episode keeps: each window's seconds and hit rate, and decision latencies."""
+
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.seconds = 0.0
+        self.window_hit_rate: list[float] = []
+
+    def add_window(self, info: dict) -> None:
+        """Count the window that ``info`` (returned by ``step`` or ``run_window``) describes."""
+        w = info["window"]
+        self.seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
+        self.window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
+
+    def result(self, env, **extra) -> dict:
+        """The row of the played episode: the buffer's counters, time (``time_s``: modelled in replay, measured
+        live), decisions and their latency percentiles."""
+        c = env.unwrapped.episode.buffer.counters
+        lat = self.latencies
+        return dict(remote_sampled=c.remote_sampled, hits=c.hits, remote_fetched=c.remote_fetched,
+                    prefetched=c.prefetched, initial_fill=c.initial_fill, admitted_on_miss=c.admitted_on_miss,
+                    time_s=self.seconds, decisions=len(lat),
+                    latency_p50_s=float(np.percentile(lat, 50)) if lat else 0.0,
+                    latency_p95_s=float(np.percentile(lat, 95)) if lat else 0.0,
+                    window_hit_rate=self.window_hit_rate, **extra)
+
+
 def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priority: str = "idle") -> dict:
     """Play one episode of ``env`` (live or replay) with ``agent`` deciding in the background.
 
@@ -83,8 +131,9 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
     """
     if priority not in PRIORITIES:
         raise ValueError(f"unknown decision priority {priority!r}: expected one of {', '.join(PRIORITIES)}")
+    agent = as_agent(agent)
     base = env.unwrapped
-    live = not hasattr(base, "live_seconds_per_minibatch")
+    live = base.live
     s_per_mb = None if live else max(base.live_seconds_per_minibatch, 1e-9)
     obs, info = env.reset(seed=seed)
     agent.reset()
@@ -160,11 +209,10 @@ def play_schedule(env, schedule: dict[int, np.ndarray], seed: int = 0) -> dict:
 
 def play(env, agent, seed: int = 0, asynchronous: bool = False, priority: str = "idle") -> dict:
     """Play one episode the way ``agent`` needs: its recorded schedule, in the background, or step by step."""
-    if hasattr(agent, "schedule"):
+    agent = as_agent(agent)
+    if agent.schedule is not None:
         agent.reset()
         return play_schedule(env, agent.schedule, seed=seed)
     if asynchronous:
         return run_async(env, agent, seed=seed, priority=priority)
-    from rudder_env.evaluation import play_episode
-
     return play_episode(env, agent, seed=seed)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rudder_env.dgl_compat import import_dgl
+from rudder_env.dist.dgl_compat import import_dgl
 
 import_dgl()
 from dgl.nn import GATConv, SAGEConv  # noqa: E402

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import os
 
-from rudder_env.dgl_compat import import_dgl
+from rudder_env.dist.dgl_compat import import_dgl
 
 ENV_VAR = "RUDDER_ONEHOST_MACHINE"
 TAG_VAR = "RUDDER_JOB_TAG"

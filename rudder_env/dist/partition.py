@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from rudder_env.dgl_compat import import_dgl
+from rudder_env.dist.dgl_compat import import_dgl
 
 META_FILE = "rudder.json"
 ORIG_NIDS_FILE = "orig_nids.npy"
@@ -84,7 +84,7 @@ def ensure_partitions(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=Tru
     if os.path.exists(os.path.join(part_dir, META_FILE)):
         return check_partitions(part_dir, cfg.parts)
     dgl = import_dgl()
-    from rudder_env.datasets import load_graph, num_classes
+    from rudder_env.dist.datasets import load_graph, num_classes
 
     t0 = time.perf_counter()
     g = load_graph(cfg.graph, seed=cfg.seed, cache_dir=os.path.join(cfg.cache_dir, "graphs"))

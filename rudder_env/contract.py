@@ -1,0 +1,120 @@
+"""The contract between agents and the prefetch environments.
+
+- :class:`BufferSettings`: what an agent declares about the buffer it plays with (one frozen dataclass);
+  :func:`buffer_kwargs` turns it, with the run's own options, into the keyword arguments both the live trainer and
+  the replay env take, so an agent gets the same buffer live and offline.
+- :class:`DecisionInfo` / :class:`WindowInfo`: what ``info`` holds at every decision (``reset``, ``step``,
+  ``run_window``).
+- :func:`admissible`, :func:`admitted`, :func:`top_j` and :func:`top_fraction`: the one rule "admit the top ``j``
+  ranked candidates", where ``j`` is at most the candidates that have a slot to take (MassiveGNN's periodic refresh
+  admits exactly that many; budget policies a fraction of it).
+"""
+
+
+from dataclasses import dataclass
+from typing import Any, NotRequired, TypedDict
+
+import numpy as np
+
+RANKINGS = ("misses", "lookahead")
+
+
+@dataclass(frozen=True)
+class BufferSettings:
+    """The buffer an agent plays with.
+
+    Attributes:
+        uses_buffer: False keeps no buffer at all (capacity 0: every remote row is pulled on demand).
+        static: the buffer is filled once and never changes (no prefetch set is applied, no admit-on-miss).
+        admit_on_miss: let missed rows (fetched anyway) enter empty or evictable slots; None: the run's option
+            (``--admit-on-miss``, or the recorded run's in replay).
+        ranking: how candidates are ranked and victims chosen (:mod:`rudder_env.ranking`): ``"misses"``
+            (MassiveGNN / Rudder: decayed miss counts, lowest score evicted) or ``"lookahead"`` (the sampler
+            lookahead's predicted need).
+    """
+
+    uses_buffer: bool = True
+    static: bool = False
+    admit_on_miss: bool | None = None
+    ranking: str = "misses"
+
+    def __post_init__(self):
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"unknown ranking {self.ranking!r}: expected one of {', '.join(RANKINGS)}")
+        if self.static and self.admit_on_miss:
+            raise ValueError("a static buffer cannot admit on miss: it never changes after the initial fill")
+
+
+def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None,
+                  admit_on_miss: bool | None = None) -> dict[str, Any]:
+    """``buffer_fraction``, ``admit_on_miss`` and ``ranking`` for an env (live trainer or replay) of an agent with
+    ``settings``, given the run's own ``buffer_fraction`` and ``admit_on_miss`` (None: the recorded run's, in replay).
+
+    No buffer means capacity 0; a static buffer never admits; otherwise the agent's admit-on-miss choice, if it
+    makes one, overrides the run's.
+    """
+    admit = admit_on_miss if settings.admit_on_miss is None else settings.admit_on_miss
+    return dict(buffer_fraction=buffer_fraction if settings.uses_buffer else 0.0,
+                admit_on_miss=False if settings.static else admit, ranking=settings.ranking)
+
+
+class WindowInfo(TypedDict):
+    """Sums over the minibatches of the last decision window (:class:`rudder_env.spaces.WindowStats`)."""
+
+    minibatches: int
+    input_rows: int
+    local_rows: int
+    remote_sampled: int  # remote input rows needed
+    hits: int  # of which served from the buffer
+    misses: int  # of which pulled on demand
+    remote_fetched: int  # rows pulled over RPC: misses + prefetched
+    prefetched: int  # rows pulled only because a prefetch set asked for them
+    sample_s: float
+    fetch_s: float  # measured live; modelled in replay
+    compute_s: float
+    distinct_remote: int  # remote ids first seen in this window
+
+
+class DecisionInfo(TypedDict):
+    """``info`` at a decision point: what the next action refers to, and what the last window did.
+
+    ``candidate_ids[i]`` is the node id bit ``i`` of a ``MultiBinary(K)`` action admits (-1 past the last
+    candidate); ``n_evictable`` is how many of the top candidates have a slot to take (an empty slot, one below
+    the eviction threshold, or, under the lookahead ranking, a resident predicted to be needed less).
+    """
+
+    candidate_ids: np.ndarray  # (K,) int64
+    candidate_scores: np.ndarray  # (K,) float32: decayed miss counts, or predicted need
+    n_candidates: int
+    n_evictable: int
+    capacity: int
+    minibatch: int  # minibatches run so far
+    decision: int  # decisions applied so far
+    window: WindowInfo
+    counters: dict[str, int]  # the buffer's counters since the start (:class:`rudder_env.buffer.BufferCounters`)
+    facts: dict[str, Any]  # fixed facts of the run: graph, partitioning, buffer settings, sampler
+    applied_ids: NotRequired[np.ndarray]  # after step/run_window: the prefetch ids applied during the window
+    decision_latency_s: NotRequired[float]  # live, after step: seconds between the observation and the action
+    time_model: NotRequired[dict[str, float]]  # replay, after reset: the fetch-time model's fit
+
+
+def admissible(info: DecisionInfo) -> int:
+    """How many top candidates can be admitted: those that exist and have a slot to take."""
+    return admitted(1.0, info["n_candidates"], info["n_evictable"])
+
+
+def top_j(k: int, j: int) -> np.ndarray:
+    """The ``MultiBinary(k)`` action admitting the top ``j`` ranked candidates (``j`` clipped to [0, k])."""
+    action = np.zeros(k, dtype=np.int8)
+    action[: max(0, min(int(j), k))] = 1
+    return action
+
+
+def admitted(fraction: float, n_candidates: int, n_evictable: int) -> int:
+    """Candidates a fraction of the admissible ones admits: ``round(fraction * min(n_candidates, n_evictable))``."""
+    return int(round(fraction * max(min(int(n_candidates), int(n_evictable)), 0)))
+
+
+def top_fraction(fraction: float, info: DecisionInfo, k: int) -> np.ndarray:
+    """The ``MultiBinary(k)`` action admitting :func:`admitted` top candidates (a level of a budget policy)."""
+    return top_j(k, admitted(fraction, info["n_candidates"], info["n_evictable"]))

@@ -1,0 +1,208 @@
+"""The supervisor of a DistDGL job started from a shell (``train.py gnn`` outside MPI).
+
+:func:`launch` partitions (cached), checks ports, starts ``mpiexec`` in its own process group, and when the job ends
+(or fails, or times out, or is interrupted) kills the group, removes the job's ``/dev/shm`` segments, and names the
+rank that died first. Each rank runs :func:`rudder_env.dist.rank.rank_main`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from rudder_env.dist import onehost
+from rudder_env.dist.partition import ensure_partitions
+from rudder_env.dist.ports import free_port_base, job_ports, port_in_use
+from rudder_env.dist.procs import alive
+
+SHM_DIR = "/dev/shm"
+TAG_VAR = onehost.TAG_VAR
+
+
+def _read_statuses(job_dir: str) -> dict[int, dict]:
+    out = {}
+    for path in glob.glob(os.path.join(job_dir, "status", "rank*.json")):
+        try:
+            with open(path) as f:
+                st = json.load(f)
+            out[st["role"]["rank"]] = st
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
+
+
+def _shm_in_use() -> set[str]:
+    """Names under /dev/shm that a live process has mapped or open."""
+    names = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    if SHM_DIR in line:
+                        names.add(os.path.basename(line.split()[-1]))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(SHM_DIR + "/"):
+                    names.add(os.path.basename(target))
+        except OSError:
+            continue
+    return names
+
+
+def cleanup_shm(tag: str, since: float | None = None, before: set[str] | None = None) -> list[str]:
+    """Remove this job's shared-memory segments: names carrying ``tag``, and MPI/multiprocessing ones that appeared
+    during the job and that no live process uses (another job's are left alone)."""
+    removed = []
+    in_use = _shm_in_use() if before is not None else set()
+    for path in glob.glob(os.path.join(SHM_DIR, "*")):
+        name = os.path.basename(path)
+        ours = tag and name.startswith(tag)
+        if not ours and before is not None and name not in before and since is not None:
+            try:
+                ours = (name.startswith(("mpich", "sem.mp-", "dgl")) and os.stat(path).st_mtime >= since - 1
+                        and name not in in_use)
+            except OSError:
+                continue
+        if ours:
+            try:
+                os.remove(path)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+class _DeathWatch:
+    """Notices the first rank of a job to exit without finishing, as it happens (Linux pidfds).
+
+    The launcher is not the ranks' parent, and mpiexec kills every other rank right after the first dies, so
+    polling would often name the wrong one; a pidfd becomes readable the moment its process exits.
+    """
+
+    def __init__(self, job_dir: str):
+        self.job_dir = job_dir
+        self.poller = select.poll()
+        self.fds: dict[int, dict] = {}  # pidfd -> status of the rank
+        self.seen: set[int] = set()
+        self.first_dead: dict | None = None
+
+    def _register_new(self) -> None:
+        for rank, st in _read_statuses(self.job_dir).items():
+            if rank in self.seen or st["state"] != "started":
+                continue
+            self.seen.add(rank)
+            try:
+                fd = os.pidfd_open(st["pid"])
+            except (ProcessLookupError, OSError):
+                if not alive(st["pid"]) and self.first_dead is None:
+                    self.first_dead = dict(st, time=time.time())
+                continue
+            self.fds[fd] = st
+            self.poller.register(fd, select.POLLIN)
+
+    def wait(self, timeout_s: float) -> None:
+        self._register_new()
+        events = self.poller.poll(timeout_s * 1000)
+        for fd, _ in sorted(events, key=lambda e: self.fds[e[0]]["role"]["rank"]):
+            st = self.fds[fd]
+            self.poller.unregister(fd)
+            os.close(fd)
+            del self.fds[fd]
+            now = _read_statuses(self.job_dir).get(st["role"]["rank"], st)
+            if now["state"] == "started" and self.first_dead is None:
+                self.first_dead = dict(now, time=time.time())
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+
+
+def launch(cfg, argv: list[str], script: str) -> int:
+    """Start ``mpiexec -n N python script argv`` for ``cfg`` and supervise it. Returns the exit code."""
+    cfg.validate()
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the one pip's mpich put next to python
+    mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if mpiexec is None:
+        raise RuntimeError("mpiexec not found on PATH: install MPI (pip install mpich mpi4py)")
+    ensure_partitions(cfg)
+    if cfg.port == 0:
+        cfg.port = free_port_base(cfg.parts)
+        argv = [*argv, "--port", str(cfg.port)]  # the ranks use the block found here
+    server_ports, master_port = job_ports(cfg, one_host=True)
+    for port in server_ports + [master_port]:
+        if port_in_use("127.0.0.1", port):
+            raise RuntimeError(f"port {port} is in use (another DistDGL job, or a leftover server?): pass --port")
+    tag = f"rd{secrets.token_hex(3)}"
+    job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
+    env = dict(os.environ, **{TAG_VAR: tag})
+    env.setdefault("DGL_DIST_MAX_TRY_TIMES", "20")  # trainers give up on an absent server after ~60 s, not 50 min
+    env.setdefault("OMP_NUM_THREADS", "1")
+    shm_before = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
+    started = time.time()
+    cmd = [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    watch = _DeathWatch(job_dir)
+    interrupted = None
+
+    def on_signal(signum, _frame):
+        nonlocal interrupted
+        interrupted = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while proc.poll() is None:
+            watch.wait(0.2)
+            if interrupted is not None:
+                print(f"rudder: interrupted (signal {interrupted}): stopping the job", file=sys.stderr, flush=True)
+                break
+            if cfg.timeout_s and time.time() - started > cfg.timeout_s:
+                print(f"rudder: job exceeded --timeout-s {cfg.timeout_s:g}: stopping it", file=sys.stderr, flush=True)
+                interrupted = "timeout"
+                break
+            if watch.first_dead is not None:  # mpiexec may not notice (e.g. a server gone): stop the job now
+                time.sleep(1.0)  # let a rank that failed with an error record it first
+                _kill_group(proc, grace_s=2.0)
+                break
+        rc = proc.poll()
+    finally:
+        _kill_group(proc)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        cleanup_shm(tag, since=started, before=shm_before)
+    statuses = _read_statuses(job_dir)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    if interrupted is not None:
+        return 124 if interrupted == "timeout" else 130
+    watch.close()
+    if rc != 0 or watch.first_dead is not None:
+        # the earliest event: a rank that recorded an error, or one that died without a word (killed, crashed)
+        events = [st for st in statuses.values() if st["state"] == "failed"] + [watch.first_dead]
+        culprit = min((e for e in events if e is not None), key=lambda e: e["time"], default=None)
+        if culprit is not None:
+            why = culprit.get("error", f"process {culprit['pid']} exited without finishing")
+            print(f"rudder: job failed: {culprit['describe']}: {why}", file=sys.stderr, flush=True)
+        else:
+            print(f"rudder: job failed: mpiexec exited with {rc}", file=sys.stderr, flush=True)
+        return rc if rc else 1
+    return 0
+

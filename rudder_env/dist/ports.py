@@ -1,0 +1,67 @@
+"""TCP ports of a DistDGL job: the block each job claims on one host, and which port each machine's server uses."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import tempfile
+
+from rudder_env.dist.procs import alive
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _port_lock(base: int) -> str:
+    return os.path.join(tempfile.gettempdir(), f"rudder-ports-{base}.lock")
+
+
+def _claim(base: int) -> bool:
+    """Claim a port block for this process (a lock file naming our pid; a dead owner's lock is taken over)."""
+    path = _port_lock(base)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and alive(owner):
+                return False
+            try:
+                os.remove(path)  # stale: its job is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: os.path.exists(path) and os.remove(path))
+        return True
+    return False
+
+
+def free_port_base(parts: int, host: str = "127.0.0.1", start: int = 30050) -> int:
+    """The first base port from ``start`` (in steps of 100) whose server ports and master port are free and that
+    no other rudder job on this host has claimed; claims it until this process exits."""
+    for base in range(start, 65000 - 10 * parts, 100):
+        ports = [base - 1] + [base + 10 * m for m in range(parts)]
+        if not any(port_in_use(host, p) for p in ports) and _claim(base):
+            return base
+    raise RuntimeError(f"no free block of ports from {start} on {host}: pass --port")
+
+
+def job_ports(cfg, one_host: bool) -> tuple[list[int], int]:
+    """Server port of each machine, and the torch.distributed master port."""
+    servers = [cfg.port + (10 * m if one_host else 0) for m in range(cfg.parts)]
+    return servers, cfg.port - 1
+

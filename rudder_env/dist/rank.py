@@ -1,0 +1,288 @@
+"""One MPI rank of a DistDGL job: its role from its rank, the job's ip_config, and the server or trainer it runs.
+
+:func:`rank_main` runs inside every rank of ``mpiexec -n N`` / ``srun -n N``. Roles come from the rank: on one host,
+ranks ``0..P-1`` are the graph servers of machines ``0..P-1`` and the next ``P*T`` ranks the trainers (``T`` per
+machine); on several hosts, each host is one machine and its lowest rank is its server. The one-host fixes
+(:mod:`rudder_env.dist.onehost`) apply only when every rank is on one host.
+
+mpi4py is imported only inside :func:`rank_main`: DGL's sampler worker processes re-import the main module and must
+not initialise MPI. Waiting on other ranks uses non-blocking calls with a short sleep, because blocking MPI calls
+spin a core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+
+from rudder_env.dist import onehost
+from rudder_env.dist.partition import PartitionError, ensure_partitions, graph_name, partition_dir, read_meta
+from rudder_env.dist.ports import free_port_base, job_ports, port_in_use
+
+TAG_VAR = onehost.TAG_VAR
+RESULT_TAG = 11
+
+
+@dataclass(frozen=True)
+class Role:
+    rank: int
+    kind: str  # "server" or "trainer"
+    machine: int  # partition id
+    trainer_rank: int  # index among trainers (torch.distributed rank); -1 for servers
+    host: str
+
+    def describe(self) -> str:
+        what = "server" if self.kind == "server" else f"trainer {self.trainer_rank}"
+        return f"rank {self.rank} ({what} of machine {self.machine} on {self.host})"
+
+
+def assign_roles(hosts: list[str], parts: int, trainers_per_part: int) -> tuple[list[Role], bool]:
+    """Role of every rank given each rank's host name; returns ``(roles, one_host)``."""
+    n = len(hosts)
+    expected = parts * (1 + trainers_per_part)
+    distinct = list(dict.fromkeys(hosts))  # in order of first rank
+    if n != expected:
+        raise ValueError(f"the job has {n} MPI ranks, expected {expected} = {parts} partitions x "
+                         f"(1 server + {trainers_per_part} trainers): use mpiexec -n {expected}")
+    if len(distinct) == 1:
+        roles = [Role(r, "server", r, -1, hosts[r]) for r in range(parts)]
+        roles += [Role(parts + i, "trainer", i // trainers_per_part, i, hosts[parts + i])
+                  for i in range(parts * trainers_per_part)]
+        return roles, True
+    if len(distinct) != parts:
+        raise ValueError(f"ranks are spread over {len(distinct)} hosts but --parts is {parts}: "
+                         "use one host, or one host per partition")
+    roles: list[Role | None] = [None] * n
+    for machine, host in enumerate(distinct):
+        ranks = [r for r in range(n) if hosts[r] == host]
+        if len(ranks) != 1 + trainers_per_part:
+            raise ValueError(f"host {host} has {len(ranks)} ranks, expected {1 + trainers_per_part} "
+                             f"(1 server + {trainers_per_part} trainers): use --ntasks-per-node={1 + trainers_per_part}")
+        roles[ranks[0]] = Role(ranks[0], "server", machine, -1, host)
+        for i, r in enumerate(ranks[1:]):
+            roles[r] = Role(r, "trainer", machine, machine * trainers_per_part + i, host)
+    return roles, False
+
+
+def under_mpi() -> bool:
+    """True inside a rank started by mpiexec (MPICH, Open MPI, PMIx) or an ``srun`` job step."""
+    if any(v in os.environ for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")):
+        return True
+    return "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and os.environ.get("SLURM_STEP_ID") not in (
+        "batch", "extern", "4294967294")
+
+
+@dataclass(frozen=True)
+class Job:
+    tag: str
+    job_dir: str
+    ip_config: str
+    part_config: str
+    graph_name: str
+    master: str
+    one_host: bool
+    meta: dict
+    port: int
+
+
+def prepare_job(cfg, roles: list[Role], one_host: bool, tag: str) -> Job:
+    """Partition if needed, write ip_config (one line per machine: server address and port)."""
+    part_config = ensure_partitions(cfg)
+    meta = read_meta(partition_dir(cfg))
+    job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
+    os.makedirs(os.path.join(job_dir, "status"), exist_ok=True)
+    if cfg.port == 0:
+        cfg.port = free_port_base(cfg.parts) if one_host else 30050
+    server_ports, master_port = job_ports(cfg, one_host)
+    lines = []
+    for m in range(cfg.parts):
+        server = next(r for r in roles if r.kind == "server" and r.machine == m)
+        ip = "127.0.0.1" if one_host else socket.gethostbyname(server.host)
+        lines.append(f"{ip} {server_ports[m]}")
+    ip_config = os.path.join(job_dir, "ip_config.txt")
+    with open(ip_config, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    trainer0 = next(r for r in roles if r.trainer_rank == 0)
+    master_ip = "127.0.0.1" if one_host else socket.gethostbyname(trainer0.host)
+    return Job(tag=tag, job_dir=job_dir, ip_config=ip_config, part_config=part_config, graph_name=graph_name(cfg),
+               master=f"{master_ip}:{master_port}", one_host=one_host, meta=meta, port=cfg.port)
+
+
+def _wait(comm, request=None, poll_s: float = 0.01) -> None:
+    """Wait for a non-blocking request (default: a barrier) without spinning a core."""
+    request = request if request is not None else comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)
+
+
+def _status(job: Job, role: Role, state: str, **extra) -> None:
+    path = os.path.join(job.job_dir, "status", f"rank{role.rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(state=state, pid=os.getpid(), role=asdict(role), describe=role.describe(), time=time.time(),
+                       **extra), f)
+    os.replace(path + ".tmp", path)
+
+
+def _run_server(cfg, role: Role, job: Job) -> None:
+    from rudder_env.dist.dgl_compat import import_dgl
+
+    dgl = import_dgl()
+    port = job_ports(cfg, job.one_host)[0][role.machine]
+    host = "127.0.0.1" if job.one_host else "0.0.0.0"
+    if port_in_use(host, port):
+        raise RuntimeError(f"port {port} is in use (another DistDGL job, or a leftover server?): pass --port")
+    os.environ.update(DGL_ROLE="server", DGL_GRAPH_FORMAT="csc")
+    server = dgl.distributed.DistGraphServer(
+        role.machine, job.ip_config, 1, cfg.num_trainers * (1 + cfg.num_samplers), job.part_config,
+        graph_format=["csc"])
+    server.start()  # returns when every trainer has exited
+
+
+def _run_trainer(cfg, role: Role, job: Job) -> dict:
+    os.environ.update(DGL_ROLE="client", DGL_DIST_MODE="distributed", DGL_NUM_SERVER="1",
+                      DGL_NUM_SAMPLER=str(cfg.num_samplers), DGL_GROUP_ID="0")
+    import gymnasium as gym
+
+    import rudder_env  # noqa: F401  (registers the environments)
+    from rudder_env.contract import buffer_kwargs
+    from rudder_env.dist.trainer import DistTrainer
+    from rudder_env.evaluation.play import play
+    from rudder_env.evaluation.registry import make_agent
+
+    agent = make_agent(cfg.agent, **agent_options(cfg, role))
+    buffer = buffer_kwargs(agent.settings, cfg.buffer_fraction, cfg.admit_on_miss)
+    trainer = DistTrainer(cfg, role.trainer_rank, job.graph_name, job.ip_config, job.master, job.meta,
+                          part_config=job.part_config, buffer_fraction=buffer["buffer_fraction"],
+                          admit_on_miss=buffer["admit_on_miss"])
+    extra = {}
+    if cfg.check_env:
+        from gymnasium.utils.env_checker import check_env
+
+        check_env(gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward).unwrapped,
+                  skip_render_check=True)
+        extra["check_env"] = "passed"
+    writer = _trace_writer(cfg, role, job, trainer) if cfg.trace else None
+    env = gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward, trace=writer,
+                   ranking=buffer["ranking"])
+    in_background = asynchronous(cfg, agent)
+    played = play(env, agent, seed=cfg.seed, asynchronous=in_background, priority=cfg.decision_priority)
+    result = trainer.result()
+    stats = agent.stats()
+    result.update(extra, decisions=played["decisions"], latency_p50_s=round(played["latency_p50_s"], 5),
+                  latency_p95_s=round(played["latency_p95_s"], 5), asynchronous=in_background,
+                  env_overhead_s=round(env.unwrapped.env_overhead_s, 4),
+                  env_startup_s=round(env.unwrapped.env_startup_s, 4),
+                  **({"model_queries": stats["queries"]} if "queries" in stats else {}))
+    if writer is not None:
+        writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()))
+    result.update(trainer.evaluate())
+    trainer.close()
+    return result
+
+
+def agent_options(cfg, role: Role) -> dict:
+    """Constructor arguments an agent takes from the run: the recorded decisions to play, for ``recorded``."""
+    if cfg.agent == "recorded":
+        return dict(trace=cfg.decisions_from, rank=role.trainer_rank)
+    return {}
+
+
+def asynchronous(cfg, agent) -> bool:
+    """Whether decisions run in the background: ``--decisions async``, or ``auto`` for agents that declare slow
+    decisions (the LLM)."""
+    return agent.asynchronous if cfg.decisions == "auto" else cfg.decisions == "async"
+
+
+def _trace_writer(cfg, role: Role, job: Job, trainer):
+    import platform
+
+    import dgl
+    import torch
+
+    from traces import TraceWriter
+
+    run_meta = None
+    if role.trainer_rank == 0:
+        run_meta = dict(config=cfg.as_dict(), graph=job.meta, one_host=job.one_host, host=platform.node(),
+                        versions=dict(python=sys.version.split()[0], torch=torch.__version__, dgl=dgl.__version__),
+                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rank_meta = dict(trainer_rank=role.trainer_rank, partition=int(trainer.partid), host=role.host,
+                     num_nodes=int(trainer.g.num_nodes()), halo_nodes=int(trainer.halo_ids.size),
+                     capacity=trainer.buffer.capacity, total_minibatches=trainer.total_minibatches,
+                     minibatches_per_epoch=trainer.minibatches_per_epoch,
+                     initial_fill_rows=int(trainer.initial_ids.size), initial_fill_s=trainer.initial_fill_s)
+    static = dict(halo_ids=trainer.halo_ids, halo_degree=trainer.halo_degree, initial_ids=trainer.initial_ids,
+                  **trainer.lookahead.to_static())
+    return TraceWriter(cfg.trace, rank=role.trainer_rank, num_ranks=cfg.num_trainers, run_meta=run_meta,
+                       rank_meta=rank_meta, static=static)
+
+
+def rank_main(cfg) -> int:
+    """Entry of one MPI rank. Returns the process exit code."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    supervised = TAG_VAR in os.environ  # started by launch(), which cleans up after the job
+    hosts = comm.allgather(socket.gethostname())
+    try:
+        cfg.validate()
+        roles, one_host = assign_roles(hosts, cfg.parts, cfg.trainers_per_part)
+    except ValueError as exc:
+        if rank == 0:
+            print(f"rudder: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    role = roles[rank]
+    job, error = None, None
+    if rank == 0:
+        try:
+            job = prepare_job(cfg, roles, one_host, os.environ.get(TAG_VAR) or f"rd{secrets.token_hex(3)}")
+        except Exception as exc:  # noqa: BLE001 - every rank waits for rank 0: it must always hear back
+            error = str(exc) if isinstance(exc, (PartitionError, ValueError, OSError, RuntimeError)) else \
+                f"{type(exc).__name__}: {exc}"
+    _wait(comm)
+    job, error = comm.bcast((job, error), root=0)
+    if error is not None:
+        if rank == 0:
+            print(f"rudder: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    cfg.port = job.port  # rank 0 may have picked it
+    _status(job, role, "started")
+    t0 = time.perf_counter()
+    try:
+        if job.one_host:
+            onehost.apply(role.machine, tag=job.tag)
+        result = _run_trainer(cfg, role, job) if role.kind == "trainer" else _run_server(cfg, role, job)
+    except BaseException as exc:  # noqa: BLE001 - any failure must bring the whole job down at once
+        message = f"{type(exc).__name__}: {exc}"
+        print(f"rudder: {role.describe()} failed: {message}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        _status(job, role, "failed", error=message)
+        comm.Abort(1)
+        return 1
+    if role.kind == "trainer":
+        _wait(comm, comm.isend(result, dest=0, tag=RESULT_TAG))
+    if rank == 0:
+        from rudder_env.dist.summary import build_summary, print_table, write_summary
+
+        results = []
+        for r in (r.rank for r in roles if r.kind == "trainer"):
+            while not comm.iprobe(source=r, tag=RESULT_TAG):
+                time.sleep(0.01)
+            results.append(comm.recv(source=r, tag=RESULT_TAG))
+        summary = build_summary(cfg, job, results, wall_s=time.perf_counter() - t0)
+        if cfg.summary:
+            write_summary(summary, cfg.summary)
+        print_table(summary)
+    _status(job, role, "done")
+    _wait(comm)
+    if rank == 0 and not supervised:  # started by the user's mpiexec/srun: nobody else cleans up
+        shutil.rmtree(job.job_dir, ignore_errors=True)
+    return 0
+

@@ -1,0 +1,101 @@
+"""Scoring agents and oracles on recorded traces: one row per agent x trace x rank, as in ``results.csv``."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Sequence
+
+import gymnasium as gym
+import numpy as np
+
+import rudder_env  # noqa: F401  (registers the environments)
+from agents.base import as_agent
+from baselines.oracles import belady_min, hindsight_static
+from baselines.policies import Periodic, RandomBudget, StaticBuffer
+from rudder_env.contract import buffer_kwargs
+from rudder_env.evaluation.play import play, play_episode
+from rudder_env.replay_env import ReplayEnv
+from traces import Trace
+
+ORACLES = ("belady", "hindsight")
+
+
+def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object]],
+                   buffer_fraction: float | None = None, oracles: Iterable[str] = ORACLES,
+                   candidates: int | None = None, seed: int = 0,
+                   progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Score every agent and oracle on every rank of one trace.
+
+    ``agents`` maps a name to a factory ``(trace_name, rank) -> agent``. Asynchronous agents decide in the
+    background, their latency simulated as a delay (:func:`rudder_env.evaluation.play.run_async`).
+    """
+    trace = Trace(trace_dir)
+    name = os.path.basename(os.path.normpath(trace_dir))
+    rows = []
+    for rank in trace.ranks:
+        ref = ReplayEnv(trace, rank=rank, candidates=candidates, buffer_fraction=buffer_fraction)
+        for agent_name, factory in agents.items():
+            agent = as_agent(factory(name, rank))
+            env = ReplayEnv(trace, rank=rank, candidates=candidates,
+                            **buffer_kwargs(agent.settings, buffer_fraction))
+            if progress:
+                progress(f"{name} rank {rank}: {agent_name}")
+            r = play(env, agent, seed=seed, asynchronous=agent.asynchronous)
+            r.pop("delay_minibatches", None)
+            trained_on = agent.trained_on
+            rows.append(dict(agent=agent_name, trace=name, rank=rank, capacity=env.capacity,
+                             asynchronous=agent.asynchronous,
+                             held_out=(name not in trained_on) if trained_on is not None else None,
+                             invalid_answers=agent.stats().get("invalid_answers", 0), **r))
+        ids = trace.rank(rank).minibatch_ids()
+        sampled = np.asarray([x.size for x in ids], dtype=np.int64)
+        for oracle in oracles:
+            if progress:
+                progress(f"{name} rank {rank}: {oracle}")
+            fn = {"belady": belady_min, "hindsight": hindsight_static}[oracle]
+            res = fn(ids, ref.capacity)
+            rows.append(dict(agent=oracle, trace=name, rank=rank, capacity=ref.capacity, asynchronous=False,
+                             held_out=None, invalid_answers=0, remote_sampled=res.remote_sampled, hits=res.hits,
+                             remote_fetched=res.remote_fetched, prefetched=res.prefetched,
+                             initial_fill=res.initial_fill, admitted_on_miss=0, time_s=float("nan"),
+                             decisions=0, latency_p50_s=0.0, latency_p95_s=0.0,
+                             window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period)))
+    return rows
+
+
+def _window_rates(per_minibatch_hits: np.ndarray, per_minibatch_sampled: np.ndarray, period: int) -> list[float]:
+    if per_minibatch_hits.size == 0:
+        return []
+    starts = np.arange(0, per_minibatch_hits.size, period)
+    hits = np.add.reduceat(per_minibatch_hits, starts)
+    sampled = np.add.reduceat(per_minibatch_sampled, starts)
+    return [float(h / s) if s else 0.0 for h, s in zip(hits, sampled)]
+
+
+def compare_policy(policy: str, traces: Sequence[str], buffer_fractions: Sequence[float | None] = (None,),
+                   random_seeds: int = 3, seed: int = 0) -> list[dict]:
+    """Remote rows fetched by a saved PPO policy beside periodic, static and :class:`RandomBudget` (mean over
+    ``random_seeds`` seeds), one replay episode each, per trace x rank x buffer fraction (``None``: recorded)."""
+    from agents.ppo import PPOAgent
+
+    agent = PPOAgent(policy)
+    rows = []
+    for trace in traces:
+        t = Trace(trace)
+        name = os.path.basename(os.path.normpath(trace))
+        for rank in t.ranks:
+            for fraction in buffer_fractions:
+                env = gym.make("rudder/Replay-v0", trace=t, rank=rank, buffer_fraction=fraction)
+                # as evaluate.py scores it: a static buffer admits nothing on a miss either
+                static_env = gym.make("rudder/Replay-v0", trace=t, rank=rank,
+                                      **buffer_kwargs(StaticBuffer.settings, fraction))
+                ppo = play_episode(env, agent, seed)
+                random = [play_episode(env, RandomBudget(seed + s, agent.levels), seed)["remote_fetched"]
+                          for s in range(random_seeds)]
+                rows.append(dict(trace=name, rank=rank, buffer_fraction=env.unwrapped.buffer_fraction,
+                                 capacity=env.unwrapped.capacity, held_out=name not in agent.trained_on,
+                                 remote_sampled=ppo["remote_sampled"], ppo=ppo["remote_fetched"],
+                                 periodic=play_episode(env, Periodic(), seed)["remote_fetched"],
+                                 static=play_episode(static_env, StaticBuffer(), seed)["remote_fetched"],
+                                 random=float(np.mean(random))))
+    return rows

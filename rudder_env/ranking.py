@@ -1,0 +1,246 @@
+"""Rankings: which non-resident remote rows are the candidates of a decision, and which residents make way for them.
+
+A ranking has one small interface (:class:`Ranking`): :meth:`~Ranking.advance` before every minibatch (keeps what
+the buffer's admission and eviction read up to date), :meth:`~Ranking.rank` at a decision point (the top-K
+candidates with their scores, how many of them have a slot to take, and the slots they would replace), and
+``score_scale`` (multiplies candidate scores into about [0, 1] for the observation).
+
+- :class:`MissRanking` (MassiveGNN / Rudder): candidates by decayed miss count; a candidate has a slot when one is
+  empty or below the eviction threshold ``(1-alpha)**period``; victims are the lowest-score slots.
+- :class:`LookaheadRanking` (ours): candidates and victims by the remote rows the next minibatches will probably
+  need (:class:`~rudder_env.lookahead.SamplerLookahead` over the known seed order; minibatches already sampled
+  count exactly); a candidate has a slot when it is needed more than the resident it would replace. The buffer's
+  admit-on-miss and eviction follow the same predicted need: an online Belady.
+
+:func:`make_ranking` builds one by name (``BufferSettings.ranking``).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from rudder_env.buffer import EMPTY, PrefetchBuffer, first_in_order
+from rudder_env.contract import RANKINGS
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A decision's candidate list, padded to K."""
+
+    candidate_ids: np.ndarray  # (K,) int64, -1 past the last candidate
+    candidate_scores: np.ndarray  # (K,) float32, 0 past the last candidate
+    n_evictable: int  # how many of the top candidates have a slot to take
+    victims: np.ndarray | None  # slots to replace, first evicted first (None: the buffer's score order)
+
+
+class Ranking(Protocol):
+    name: str
+    score_scale: float
+
+    def advance(self, minibatches_done: int) -> None:
+        """Called before each minibatch (``minibatches_done`` run so far)."""
+
+    def rank(self, minibatches_done: int, k: int) -> Ranked:
+        """The top-``k`` candidates at a decision point."""
+
+
+def padded(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ranked candidates (at most ``k``) padded to length ``k``: ids with -1, scores with 0."""
+    out_ids = np.full(k, -1, dtype=np.int64)
+    out_scores = np.zeros(k, dtype=np.float32)
+    out_ids[: ids.size] = ids
+    out_scores[: ids.size] = scores
+    return out_ids, out_scores
+
+
+class MissRanking:
+    """Candidates by decayed miss count (ties by lower id); evictable slots are empty or below the threshold."""
+
+    name = "misses"
+
+    def __init__(self, buffer: PrefetchBuffer):
+        self.buffer = buffer
+        self.score_scale = buffer.alpha
+
+    def advance(self, minibatches_done: int) -> None:
+        pass
+
+    def rank(self, minibatches_done: int, k: int) -> Ranked:
+        ids, scores = padded(*self.buffer.candidates(k), k)
+        return Ranked(ids, scores, int(np.count_nonzero(self.buffer.evictable())), None)
+
+
+class LookaheadRanking:
+    """Candidates and victims by predicted need over the next ``horizon`` minibatches, minibatch ``i`` ahead
+    weighing ``discount**i``; ``horizon`` and ``discount`` default to the buffer's reach (:func:`lookahead_reach`).
+
+    Args:
+        buffer: the trainer's buffer; its priority becomes the predicted need (admission on miss, eviction).
+        lookahead: the partition structure around the trainer's seeds.
+        upcoming: ``upcoming(minibatches_done, horizon)`` -> seeds of the next known minibatches.
+        sampled_ahead: ``sampled_ahead(minibatches_done)`` -> remote ids of the minibatches already sampled beyond
+            the next one (known exactly).
+    """
+
+    name = "lookahead"
+
+    def __init__(self, buffer: PrefetchBuffer, lookahead, upcoming: Callable, sampled_ahead: Callable | None = None,
+                 horizon: int | None = None, discount: float | None = None):
+        first = _score_first(lookahead, upcoming)
+        if horizon is None or discount is None:
+            rows = float(np.mean([need.sum(dtype=np.float64) for _, need in first.values()])) if first else 1.0
+            auto_horizon, auto_discount = lookahead_reach(buffer.capacity, rows)
+            horizon = auto_horizon if horizon is None else horizon
+            discount = auto_discount if discount is None else discount
+        self.buffer, self.horizon, self.discount = buffer, horizon, discount
+        self.score_scale = 1 - discount
+        self._need = _PredictedNeed(buffer, lookahead, upcoming, horizon, discount, sampled_ahead)
+        self._need.add_scored(first)
+
+    def advance(self, minibatches_done: int) -> None:
+        """Refresh the predicted need to the minibatches *after* the coming one (its rows are needed now anyway)."""
+        self._need.advance(minibatches_done)
+
+    def rank(self, minibatches_done: int, k: int) -> Ranked:
+        """Candidates: non-residents most needed soon; victims: residents least needed soon (then least recent)."""
+        buf, need = self.buffer, self._need
+        need.advance(minibatches_done)
+        ids = np.flatnonzero(need.need > 0)  # predicted need after the coming minibatch
+        value = (need.need[ids] * self.discount ** -(minibatches_done - need.base)).astype(np.float32)
+        resident = buf.slot_of[ids] != EMPTY
+        cand, cand_need = ids[~resident], value[~resident]
+        order = first_in_order(k, -cand_need, cand)  # most needed first, ties by lower id
+        cand_ids, scores = padded(cand[order], cand_need[order], k)
+        victims = buf.priority_victims(k)
+        # a candidate has a slot when it is needed more than the resident it would replace
+        m = min(order.size, buf.capacity)
+        beats = scores[:m] > buf.slot_priority(victims[:m])
+        n_evictable = int(beats.size) if beats.all() else int(np.argmin(beats))
+        return Ranked(cand_ids, scores, n_evictable, victims)
+
+
+def make_ranking(name: str, buffer: PrefetchBuffer, lookahead=None, upcoming: Callable | None = None,
+                 sampled_ahead: Callable | None = None, horizon: int | None = None,
+                 discount: float | None = None) -> Ranking:
+    """The ranking ``name`` (one of :data:`~rudder_env.contract.RANKINGS`) over ``buffer``."""
+    if name not in RANKINGS:
+        raise ValueError(f"unknown ranking {name!r}: expected one of {', '.join(RANKINGS)}")
+    if name == "misses":
+        return MissRanking(buffer)
+    if lookahead is None or upcoming is None:
+        raise ValueError("ranking='lookahead' needs the partition structure and the seed order, which this run or "
+                         "trace does not have")
+    return LookaheadRanking(buffer, lookahead, upcoming, sampled_ahead, horizon, discount)
+
+
+def lookahead_reach(capacity: int, rows_per_minibatch: float, reach: float = 2.0) -> tuple[int, float]:
+    """Horizon and discount of the lookahead matched to the buffer: it holds the remote rows of about
+    ``capacity / rows_per_minibatch`` minibatches, so a need much further away than that cannot change what it
+    should keep, while nearer needs must dominate. The weights decay over ``reach`` times that many minibatches
+    (``discount = 1 - 1/that``, in [0.5, 0.98]) and stop at 4 times that (horizon in [8, 64]).
+
+    A small buffer gets a short, steep horizon, a large one a long, flat one (how ``reach`` was chosen:
+    BENCHMARKS.md, P1)."""
+    span = max(1.0, reach * capacity / max(rows_per_minibatch, 1.0))
+    discount = round(float(np.clip(1.0 - 1.0 / span, 0.5, 0.98)), 3)
+    horizon = int(np.clip(np.ceil(4 * round(span, 3)), 8, 64))
+    return horizon, discount
+
+
+def _score_first(lookahead, upcoming, n: int = 4) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Expected remote needs of the first ``n`` known minibatches (their mean size sets the lookahead's reach)."""
+    seeds = upcoming(0, n) if (upcoming is not None and lookahead is not None) else []
+    return {j: lookahead.scores([s], 1.0) for j, s in enumerate(seeds)}
+
+
+class _PredictedNeed:
+    """The buffer's priority under lookahead: ``sum_i discount**i * need_{m+i}`` over the known minibatches after
+    the current one ``m`` (``i = 1 .. horizon-1``), kept up to date minibatch by minibatch.
+
+    Each minibatch's expected remote needs are computed once, in a background thread, up to 16 minibatches
+    before it enters the horizon; the sum slides by subtracting the minibatch that leaves and adding those that
+    enter. Weights are ``discount**j`` for absolute
+    minibatch ``j`` (the same factor for every node at a given time, so the order is unchanged), rescaled now and
+    then to stay in range.
+    """
+
+    def __init__(self, buffer, lookahead, upcoming, horizon: int, discount: float, sampled_ahead=None):
+        self.buffer, self.lookahead, self.upcoming = buffer, lookahead, upcoming
+        self.sampled_ahead = sampled_ahead
+        self.horizon, self.discount = horizon, discount
+        self.need = np.zeros(buffer.num_nodes, dtype=np.float64)
+        self.included: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # minibatch -> (ids, weighted needs)
+        self.exact: set[int] = set()  # minibatches included with their sampled remote ids
+        self.scored: dict = {}  # minibatch -> future of its expected needs, not yet included
+        self.base = 0  # weights are discount ** (j - base)
+        self.at = -1
+
+    def advance(self, m: int) -> None:
+        if m == self.at:
+            return
+        self.at = m
+        for j in [j for j in self.included if j <= m]:
+            ids, w = self.included.pop(j)
+            self.need[ids] -= w
+            self.exact.discard(j)
+        for j in [j for j in self.scored if j <= m]:
+            del self.scored[j]
+        if m - self.base > 200:  # rescale before discount ** (j - base) underflows
+            scale = self.discount ** -(m - self.base)
+            self.need *= scale
+            self.included = {j: (ids, w * scale) for j, (ids, w) in self.included.items()}
+            self.base = m
+        known = self.sampled_ahead(m) if self.sampled_ahead is not None else []
+        for i, ids in enumerate(known, start=1):  # sampled already: their remote rows exactly, replacing the guess
+            j = m + i
+            if j in self.exact:
+                continue
+            if j in self.included:
+                old_ids, old_w = self.included.pop(j)
+                self.need[old_ids] -= old_w
+            w = np.full(ids.size, self.discount ** (j - self.base))
+            self.need[ids] += w
+            self.included[j] = (ids, w)
+            self.exact.add(j)
+        self._submit_upcoming(m)
+        for j in range(m + 1, m + self.horizon):  # guesses for the minibatches entering the horizon
+            if j in self.included:
+                continue
+            if j not in self.scored:
+                break  # its seeds are not known yet (the next epoch)
+            ids, need = self.scored.pop(j).result()
+            w = need * self.discount ** (j - self.base)
+            self.need[ids] += w
+            self.included[j] = (ids, w)
+        self.buffer.set_dense_priority(self.need)
+
+    def add_scored(self, scored: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Expected needs already computed (minibatch -> (ids, needs)), used as if scored in the background."""
+        for j, value in scored.items():
+            if j > self.at and j not in self.scored:
+                self.scored[j] = Future()
+                self.scored[j].set_result(value)
+
+    def _submit_upcoming(self, m: int) -> None:
+        """Start scoring, in the background, the known minibatches up to 16 past the horizon not yet scored: by the
+        time one enters the horizon its guess is ready, and training does not wait for it (the scoring releases
+        the GIL). The result does not depend on that timing: a guess not ready yet is waited for."""
+        for i, seeds in enumerate(self.upcoming(m, self.horizon + 16)):
+            j = m + i
+            if i > 0 and j not in self.scored and j not in self.included:
+                self.scored[j] = _scorer().submit(self.lookahead.scores, [seeds], 1.0)
+
+
+_SCORER = None
+
+
+def _scorer():
+    """One background thread per process scores upcoming minibatches for every episode."""
+    global _SCORER
+    if _SCORER is None:
+        _SCORER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-lookahead")
+    return _SCORER

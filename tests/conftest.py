@@ -1,0 +1,81 @@
+"""Fixtures and helpers shared by the test modules: ports for real DistDGL jobs, live runs recorded as traces, and
+the shipped sample traces (replay needs no MPI job)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+SAMPLES = os.path.join(ROOT, "traces", "samples")
+METIS2 = os.path.join(SAMPLES, "small-metis2-f10x25")
+METIS4 = os.path.join(SAMPLES, "small-metis4-f10x25")
+RANDOM2 = os.path.join(SAMPLES, "small-random2-f5x10")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port_block(width: int = 30) -> int:
+    """A base port with ``width`` free ports above it and one below (torch.distributed's)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + width < 65535 and all(port_is_free(p) for p in range(base - 1, base + width)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _record_live(tmp_path_factory, agent: str, *extra: str) -> dict:
+    """A real 2-partition synth-tiny run (2 epochs, period 4, K=64) with ``agent``, recorded as a trace; returns the
+    trace folder and the run summary."""
+    out = tmp_path_factory.mktemp(f"live-{agent}")
+    cache = str(tmp_path_factory.getbasetemp() / "cache")
+    trace = out / "trace"
+    summary = out / "run.json"
+    cmd = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", "--parts", "2",
+           "--epochs", "2", "--batch-size", "100", "--fanout", "3,5", "--period", "4", "--candidates", "64",
+           "--agent", agent, *extra, "--trace", str(trace), "--summary", str(summary),
+           "--port", str(_free_port_block())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(trace=str(trace), summary=json.loads(summary.read_text()))
+
+
+@pytest.fixture(scope="session")
+def shipped_trace() -> str:
+    """The first shipped sample trace (METIS, 2 partitions, recorded with seeds and partition structure)."""
+    return METIS2
+
+
+@pytest.fixture(scope="session")
+def free_port_block():
+    """``free_port_block(width=30)``: a base port with ``width`` free ports above it and one below."""
+    return _free_port_block
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port(port)``: whether ``port`` can be bound on 127.0.0.1."""
+    return port_is_free
+
+
+@pytest.fixture(scope="session")
+def record_live(tmp_path_factory):
+    """``record_live(agent, *train_args)``: a real 2-partition synth-tiny run with ``agent``, recorded as a trace
+    (2 epochs, period 4, K=64); returns ``{"trace": folder, "summary": run summary}``."""
+    return lambda agent, *extra: _record_live(tmp_path_factory, agent, *extra)

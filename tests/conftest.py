@@ -79,3 +79,19 @@ def record_live(tmp_path_factory):
     """``record_live(agent, *train_args)``: a real 2-partition synth-tiny run with ``agent``, recorded as a trace
     (2 epochs, period 4, K=64); returns ``{"trace": folder, "summary": run summary}``."""
     return lambda agent, *extra: _record_live(tmp_path_factory, agent, *extra)
+
+
+@pytest.fixture(scope="session")
+def id_graph(tmp_path_factory):
+    """synth-tiny with feature column 0 holding each node's id, to check every served row."""
+    import torch
+
+    from rudder_env.dist.datasets import PRESETS, generate_synthetic
+    from rudder_env.dist.dgl_compat import import_dgl
+
+    dgl = import_dgl()
+    g = generate_synthetic(PRESETS["synth-tiny"], seed=0)
+    g.ndata["feat"][:, 0] = torch.arange(g.num_nodes(), dtype=torch.float32)
+    path = str(tmp_path_factory.mktemp("graphs") / "idgraph.dgl")
+    dgl.save_graphs(path, [g])
+    return path

@@ -22,22 +22,6 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def id_graph(tmp_path_factory):
-    """synth-tiny with feature column 0 holding each node's id, to check every served row."""
-    import torch
-
-    from rudder_env.dist.datasets import PRESETS, generate_synthetic
-    from rudder_env.dist.dgl_compat import import_dgl
-
-    dgl = import_dgl()
-    g = generate_synthetic(PRESETS["synth-tiny"], seed=0)
-    g.ndata["feat"][:, 0] = torch.arange(g.num_nodes(), dtype=torch.float32)
-    path = str(tmp_path_factory.mktemp("graphs") / "idgraph.dgl")
-    dgl.save_graphs(path, [g])
-    return path
-
-
-@pytest.fixture(scope="module")
 def run_train(free_port_block):
     """``run_train(args, cache, mpiexec_n=None, timeout=240, port=None)``: ``train.py gnn`` as a subprocess."""
     return lambda *a, **kw: _run_train(free_port_block, *a, **kw)

@@ -18,7 +18,8 @@ def default_cache_dir() -> str:
 class TrainConfig:
     graph: str = field(default="synth-tiny", metadata=dict(
         help="preset (synth-tiny, synth-small, synth-large), an OGB dataset folder, or a .dgl file"))
-    parts: int = field(default=2, metadata=dict(help="number of partitions (one graph server each)"))
+    parts: int = field(default=0, metadata=dict(
+        help="number of partitions (one graph server each); 0: one per --hosts, else 2"))
     trainers_per_part: int = field(default=1, metadata=dict(help="trainer ranks per partition"))
     partition: str = field(default="metis", metadata=dict(choices=("metis", "random"), help="partitioning method"))
     model: str = field(default="sage", metadata=dict(choices=("sage", "gat"), help="GNN model"))
@@ -70,6 +71,20 @@ class TrainConfig:
     verify_rows: bool = field(default=False, metadata=dict(
         help="check every input row against a direct DistTensor pull, and column 0 against the original node id"))
     timeout_s: float = field(default=0.0, metadata=dict(help="kill the job after this many seconds (0: never)"))
+    hosts: int = field(default=0, metadata=dict(
+        help="run on this many emulated hosts on this machine (network namespaces on a bridge, links shaped to "
+             "--link-rate, DGL's several-host mode unpatched), one partition each; root only. 0: every rank on "
+             "this host over loopback"))
+    link_rate: str | None = field(default=None, metadata=dict(
+        help="with --hosts: each emulated host's egress rate in tc's units (e.g. 500mbit, 1gbit); default: "
+             "unshaped"))
+    cluster: str | None = field(default=None, metadata=dict(
+        help="run on the emulated cluster NAME brought up beforehand (`python -m rudder_env.dist.cluster up`), "
+             "one partition per host, instead of a fresh one per job"))
+
+    def __post_init__(self):
+        if self.parts == 0:
+            self.parts = self.hosts or 2
 
     @property
     def fanouts(self) -> list[int]:
@@ -110,6 +125,23 @@ class TrainConfig:
         for name in ("period", "batch_size", "epochs", "hidden", "candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.hosts < 0 or self.hosts == 1:
+            raise ValueError(f"--hosts must be 0 (this host) or >= 2 emulated hosts, got {self.hosts}")
+        if self.hosts and self.parts != self.hosts:
+            raise ValueError(f"--hosts {self.hosts} runs one partition per host: --parts must be {self.hosts} "
+                             f"(or left out), got {self.parts}")
+        if self.link_rate is not None:
+            if not self.hosts:
+                raise ValueError("--link-rate shapes the links of emulated hosts: it needs --hosts N")
+            from rudder_env.dist.cluster import ClusterError, parse_rate
+
+            try:
+                parse_rate(self.link_rate)
+            except ClusterError as exc:
+                raise ValueError(f"--link-rate: {exc}") from None
+        if self.cluster is not None and (self.hosts or self.link_rate):
+            raise ValueError("--cluster runs on an existing emulated cluster: leave out --hosts and --link-rate "
+                             "(its own host count and link rate apply)")
         if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
 

@@ -15,11 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRAPH, PARTS = "synth-small", 2
 
 
-def live_run(agent: str, seed: int, epochs: int, extra=(), trace: str | None = None) -> dict:
-    """One real training run; returns the summary's per-rank rows reduced to the job: the slowest trainer's time."""
+def live_run(agent: str, seed: int, epochs: int, extra=(), trace: str | None = None, parts: int | None = PARTS
+             ) -> dict:
+    """One real training run; returns the summary's per-rank rows reduced to the job: the slowest trainer's time.
+    ``parts=None`` leaves the partition count to ``extra`` (e.g. ``--cluster NAME``: one per host)."""
     with tempfile.TemporaryDirectory() as tmp:
         summary = os.path.join(tmp, "run.json")
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "gnn", "--graph", GRAPH, "--parts", str(PARTS),
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "gnn", "--graph", GRAPH,
+               *(("--parts", str(parts)) if parts else ()),
                "--epochs", str(epochs), "--agent", agent, "--seed", str(seed), "--summary", summary, *extra]
         if trace:
             cmd += ["--trace", trace]

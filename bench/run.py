@@ -50,6 +50,15 @@ def p2_end_to_end(quick: bool) -> tuple[str, pd.DataFrame]:
     return end_to_end.summarise(df)
 
 
+def p2c_cluster(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import cluster
+
+    df = cluster.measure(quick)
+    df.to_csv(os.path.join(OUT_DIR, "p2c_cluster.csv"), index=False)
+    cluster.plot(df, os.path.join(OUT_DIR, "p2c_link_rate.png"))
+    return cluster.summarise(df)
+
+
 def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:
     from bench import end_to_end
 
@@ -61,6 +70,7 @@ def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:
 SECTIONS = {
     "p1": ("P1 traffic against Belady MIN", p1_traffic),
     "p2": ("P2 end-to-end training time, P3 env overhead, memory", p2_end_to_end),
+    "p2c": ("P2 on the emulated cluster: training time over shaped links", p2c_cluster),
     "p3": ("P3 hidden LLM latency", p3_llm_latency),
     "p4": ("P4 replay speed", p4_replay_speed),
 }

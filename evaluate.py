@@ -3,6 +3,7 @@
     python evaluate.py                                   # the shipped sample traces, every agent and oracle
     python evaluate.py --traces DIR [DIR ...] --agents none,static,periodic,ppo,llm --out results/
     python evaluate.py --live --graph synth-small --parts 2 --agents none,periodic,llm
+    python evaluate.py --live --graph synth-small --hosts 2 --link-rate 500mbit --agents none,periodic
 
 Prints a table per trace and overall (remote rows fetched relative to no prefetch, hit rate, distance to Belady
 MIN, modelled or measured time relative to no prefetch, decision latency p50/p95, invalid LLM answers) and writes
@@ -43,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--graph", default="synth-small", help="--live: graph to train on")
     p.add_argument("--parts", type=int, default=2, help="--live: partitions")
     p.add_argument("--epochs", type=int, default=1, help="--live: epochs")
+    p.add_argument("--hosts", type=int, default=0,
+                   help="--live: run on this many emulated hosts (one partition each; root only)")
+    p.add_argument("--link-rate", default=None, help="--live with --hosts: each host's link rate, e.g. 500mbit")
     p.add_argument("--train-args", default="", help="--live: more train.py gnn options, quoted")
     p.add_argument("--out", default="results", help="output folder")
     return p.parse_args(argv)
@@ -88,6 +92,9 @@ def evaluate_live(names: list[str], args, log) -> list[dict]:
         cmd = [sys.executable, os.path.join(HERE, "train.py"), "gnn", "--graph", args.graph, "--parts",
                str(args.parts), "--epochs", str(args.epochs), "--agent", name, "--seed", str(args.seed),
                "--summary", summary, *args.train_args.split()]
+        if args.hosts:
+            cmd[cmd.index("--parts") + 1] = str(args.hosts)
+            cmd += ["--hosts", str(args.hosts), *(["--link-rate", args.link_rate] if args.link_rate else [])]
         if args.buffer_fraction is not None:
             cmd += ["--buffer-fraction", str(args.buffer_fraction)]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -52,6 +52,11 @@ class TrainConfig:
         help="with --agent recorded: a trace whose prefetch decisions are applied again at the same minibatches"))
     sample_ahead: int = field(default=DEFAULT_SAMPLE_AHEAD, metadata=dict(
         help="minibatches sampled ahead of training (within an epoch); the lookahead knows their remote rows"))
+    prefetch: str = field(default="background", metadata=dict(
+        choices=("background", "inline"),
+        help="how a decided prefetch set is pulled: by a background worker in chunks while training goes on, rows "
+             "entering the buffer as they arrive (background), or together with the next minibatch's misses, on "
+             "the critical path (inline)"))
     overlap_fetch: bool = field(default=False, metadata=dict(
         help="pull the next sampled minibatch's local rows and buffer misses during this minibatch's compute "
              "(needs --sample-ahead >= 1; where it pays off: BENCHMARKS.md, P2)"))

@@ -168,7 +168,7 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
         check_env(gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward).unwrapped,
                   skip_render_check=True)
         extra["check_env"] = "passed"
-    writer = _trace_writer(cfg, role, job, trainer) if cfg.trace else None
+    writer = _trace_writer(cfg, role, job, trainer, buffer) if cfg.trace else None
     env = gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward, trace=writer,
                    ranking=buffer["ranking"])
     in_background = asynchronous(cfg, agent)
@@ -200,7 +200,7 @@ def asynchronous(cfg, agent) -> bool:
     return agent.asynchronous if cfg.decisions == "auto" else cfg.decisions == "async"
 
 
-def _trace_writer(cfg, role: Role, job: Job, trainer):
+def _trace_writer(cfg, role: Role, job: Job, trainer, buffer: dict):
     import platform
 
     import dgl
@@ -210,7 +210,8 @@ def _trace_writer(cfg, role: Role, job: Job, trainer):
 
     run_meta = None
     if role.trainer_rank == 0:
-        run_meta = dict(config=cfg.as_dict(), graph=job.meta, one_host=job.one_host, host=platform.node(),
+        run_meta = dict(config=cfg.as_dict(), buffer=buffer, graph=job.meta, one_host=job.one_host,
+                        host=platform.node(),
                         versions=dict(python=sys.version.split()[0], torch=torch.__version__, dgl=dgl.__version__),
                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     rank_meta = dict(trainer_rank=role.trainer_rank, partition=int(trainer.partid), host=role.host,

@@ -7,7 +7,9 @@ points; runs of every variant are interleaved (A B C ... A B C ...) so that drif
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 
 import matplotlib
 
@@ -19,12 +21,14 @@ from bench.end_to_end import live_run  # noqa: E402
 
 # (label, agent, options). "none" is DistDGL as it is; "none+overlap" pulls the next minibatch's rows during this
 # one's compute (pipelined DistDGL)
+# one pulls a decided prefetch set with the next minibatch's misses, on the critical path (inline), as before
+# background prefetch; the others prefetch in the background (the default)
 VARIANTS = [("none", "none", ()), ("none+overlap", "none", ("--overlap-fetch",)), ("static", "static", ()),
-            ("periodic", "periodic", ()), ("periodic+overlap", "periodic", ("--overlap-fetch",)),
+            ("periodic inline", "periodic", ("--prefetch", "inline")), ("periodic", "periodic", ()),
             ("lookahead", "lookahead", ()), ("lookahead+overlap", "lookahead", ("--overlap-fetch",))]
 # link rates where fetching is about 60% of a no-prefetch epoch of synth-small (2 hosts; 4 hosts, whose 2 shared
 # cores bind sooner)
-MAIN = {2: "500mbit", 4: "150mbit"}
+MAIN = {2: "400mbit", 4: "150mbit"}
 SWEEP_RATES = ("200mbit", "500mbit", "1gbit", "4gbit")
 SWEEP_VARIANTS = ("none", "none+overlap", "static", "periodic", "lookahead+overlap")
 
@@ -33,17 +37,57 @@ def _log(m):
     print(m, file=sys.stderr, flush=True)
 
 
-def _runs(cluster, variants, seeds, epochs, rate, rounds=1, log=_log) -> list[dict]:
+def _runs(cluster, variants, seeds, epochs, rate, rounds=1, log=_log, traces: str | None = None) -> list[dict]:
+    """Every variant for every seed, interleaved; with ``traces``, seed 0's runs record traces there."""
     rows = []
     cluster.set_rate_all(rate)
     for seed in seeds:
         for rnd in range(rounds):
             for label, agent, extra in variants:
                 log(f"  {len(cluster.hostnames)} hosts at {rate}: {label} seed {seed}")
-                r = live_run(agent, seed, epochs, extra=("--cluster", cluster.name, *extra), parts=None)
+                trace = os.path.join(traces, label.replace(" ", "_")) if traces and seed == 0 else None
+                r = live_run(agent, seed, epochs, extra=("--cluster", cluster.name, *extra), parts=None, trace=trace)
                 rows.append(dict(r, agent=label, hosts=len(cluster.hostnames), link_rate=rate, round=rnd,
-                                 fetch_share=r["fetch_s"] / max(r["train_s"], 1e-9)))
+                                 fetch_share=r["fetch_s"] / max(r["train_s"], 1e-9), trace=trace))
     return rows
+
+
+def replay_fidelity(rows: list[dict], log=_log) -> pd.DataFrame:
+    """Each recorded live run replayed with its own agent: hits and rows fetched against the live run's, and
+    modelled training time against the measured one — following the recording's prefetch arrivals, and with
+    arrivals modelled by the link model (what a different agent's replay gets)."""
+    import rudder_env  # noqa: F401  (registers the environments)
+    from rudder_env.contract import buffer_kwargs
+    from rudder_env.evaluation.play import play_episode
+    from rudder_env.evaluation.registry import make_agent
+    from rudder_env.replay_env import ReplayEnv
+    from traces import Trace
+
+    out = []
+    for r in rows:
+        if not r.get("trace") or "overlap" in r["agent"]:  # replay does not model the overlapped pull
+            continue
+        t = Trace(r["trace"])
+        agent_name = t.meta["config"]["agent"]
+        for follow in (True, False):
+            live_s = model_s = 0.0
+            same = True
+            for rank in t.ranks:
+                agent = make_agent(agent_name)
+                env = ReplayEnv(t, rank=rank, **buffer_kwargs(agent.settings))
+                env.follow_recorded = follow
+                res = play_episode(env, agent)
+                table = t.rank(rank).table()
+                same &= (res["hits"] == int(table["hits"].sum())
+                         and res["remote_fetched"] - res["initial_fill"] == int(table["remote_fetched"].sum()))
+                live_s = max(live_s, float((table["sample_s"] + table["fetch_s"] + table["compute_s"]).sum()))
+                model_s = max(model_s, res["time_s"])
+            log(f"  replay {r['agent']} ({'recorded' if follow else 'modelled'} arrivals): "
+                f"{model_s:.2f} s vs {live_s:.2f} s live")
+            out.append(dict(agent=r["agent"], arrivals="recorded" if follow else "modelled",
+                            same_hits_and_rows=same, live_s=live_s, replay_s=model_s,
+                            time_error=model_s / live_s - 1))
+    return pd.DataFrame(out)
 
 
 def measure(quick: bool, log=_log) -> pd.DataFrame:
@@ -55,15 +99,19 @@ def measure(quick: bool, log=_log) -> pd.DataFrame:
     variants = [v for v in VARIANTS if v[0] in ("none", "none+overlap", "periodic", "lookahead+overlap")] \
         if quick else VARIANTS
     rows = []
-    with EmulatedCluster(2, link_rate=MAIN[2]) as c:
-        rows += [dict(r, part="main") for r in _runs(c, variants, seeds, epochs, MAIN[2], log=log)]
+    with tempfile.TemporaryDirectory() as tmp, EmulatedCluster(2, link_rate=MAIN[2]) as c:
+        main = _runs(c, variants, seeds, epochs, MAIN[2], log=log, traces=tmp)
+        rows += [dict(r, part="main") for r in main]
+        fidelity = replay_fidelity(main, log=log)
         sweep = [v for v in VARIANTS if v[0] in SWEEP_VARIANTS]
         for rate in (SWEEP_RATES[::2] if quick else SWEEP_RATES):
             rows += [dict(r, part="sweep") for r in _runs(c, sweep, (0,), 1, rate, log=log)]
     if not quick:
         with EmulatedCluster(4, link_rate=MAIN[4]) as c:
             rows += [dict(r, part="main") for r in _runs(c, variants, (0,), epochs, MAIN[4], log=log)]
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["fidelity"] = fidelity
+    return df
 
 
 def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:

@@ -46,7 +46,11 @@ def live_run(agent: str, seed: int, epochs: int, extra=(), trace: str | None = N
                 decisions=max(r.get("decisions", 0) for r in ranks),
                 model_queries=max(r.get("model_queries", 0) for r in ranks),
                 latency_p50_s=max(r.get("latency_p50_s", 0.0) for r in ranks),
-                asynchronous=any(r.get("asynchronous", False) for r in ranks), val_acc=s["val_acc"])
+                asynchronous=any(r.get("asynchronous", False) for r in ranks), val_acc=s["val_acc"],
+                stall_s=max(r.get("stall_s", 0.0) for r in ranks), late=sum(r.get("late", 0) for r in ranks),
+                prefetched=sum(r["prefetched"] - r["initial_fill"] for r in ranks),
+                prefetch_used=sum(r.get("prefetch_used", 0) for r in ranks),
+                epoch_s=[max(r["epoch_time_s"][e] for r in ranks) for e in range(len(ranks[0]["epoch_time_s"]))])
 
 
 # (label, agent, options): "none" is DistDGL as it is (no buffer, features pulled after sampling); two variants

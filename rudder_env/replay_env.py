@@ -64,15 +64,21 @@ class ReplayEnv(PrefetchEnv):
     ``reward``, and buffer overrides ``buffer_fraction``, ``buffer_init`` (``recorded``, ``degree``, ``random``,
     ``empty``), ``alpha``, ``period``, ``admit_on_miss`` (default: the recorded run's); ``ranking``
     (``"misses"``, or ``"lookahead"`` when the trace recorded seeds and partition structure: see
-    :mod:`rudder_env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``.
+    :mod:`rudder_env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``; ``prefetch``
+    (``"inline"`` or ``"background"``, default the recorded run's) and ``follow_recorded``: with background
+    prefetch, rows arrive when the recording says while the decisions are the recorded ones (so a run replayed
+    with its own decisions is exact), else when the link model says (:class:`~rudder_env.timing.BackgroundLink`);
+    ``False`` always models them.
     """
 
     def __init__(self, trace, rank: int = 0, candidates: int | None = None, reward: str = "traffic",
                  buffer_fraction: float | None = None, buffer_init: str = "recorded", alpha: float | None = None,
                  period: int | None = None, admit_on_miss: bool | None = None, ranking: str = "misses",
                  lookahead_horizon: int | None = None,
-                 lookahead_discount: float | None = None, prefetch: str | None = None):
+                 lookahead_discount: float | None = None, prefetch: str | None = None,
+                 follow_recorded: bool = True):
         super().__init__()
+        self.follow_recorded = follow_recorded
         self.source = trace if isinstance(trace, Trace) else Trace(trace)
         self.rank_trace = self.source.rank(rank)
         self.rank = rank
@@ -158,7 +164,7 @@ class ReplayEnv(PrefetchEnv):
         if self.prefetch == "background":
             self._link = BackgroundLink(self.time_model)
             self._due: list[np.ndarray] = []  # chunks the model delivers before the next minibatch
-            self._follow = self._as_recorded(self.source.meta.get("config", {}))
+            self._follow = self.follow_recorded and self._as_recorded(self.source.meta.get("config", {}))
             self._decisions_seen = 0
             self.episode.on_apply = self._check_decision
         obs, info = self._first_observation()

@@ -31,8 +31,9 @@ dgl = import_dgl()
 
 
 class _Link:
-    """The trainer's RPC client, shared by demand pulls (a minibatch's misses, on the critical path) and background
-    prefetch chunks: one pull at a time (DGL's client is not made for concurrent pulls), demand first — a chunk
+    """The trainer's RPC client, shared by demand pulls (a minibatch's misses and labels, on the critical path),
+    neighbour sampling and background prefetch chunks: one use at a time (two threads pulling at once through
+    DGL 2.1's client receive each other's rows: wrong labels and features were seen), demand first — a chunk
     waits while a demand pull is waiting, so a demand pull waits behind at most the one chunk in progress. Records
     how long demand pulls waited (stall)."""
 
@@ -86,6 +87,7 @@ class RankStats:
     sample_s: float = 0.0
     fetch_s: float = 0.0
     compute_s: float = 0.0
+    stall_s: float = 0.0  # of fetch_s: demand pulls waiting behind a background prefetch chunk
     minibatches: int = 0
     overlapped: int = 0  # minibatches whose rows were pulled during the previous minibatch's compute
     overlap_mismatches: int = 0  # pulled ahead but not usable (the buffer changed): pulled again
@@ -261,7 +263,7 @@ class DistTrainer:
         x = torch.empty((ids.size, pulled.shape[1]), dtype=pulled.dtype)
         x[torch.from_numpy(~remote)] = pulled[: local_ids.size]
         x[torch.from_numpy(remote)] = torch.from_numpy(remote_rows)
-        y = self.labels[seeds].long()
+        y = self.link.pull(self.labels, seeds).long()
         t_compute = time.perf_counter()
         if self.cfg.verify_rows:
             self._verify(input_nodes, x)
@@ -405,6 +407,7 @@ class DistTrainer:
             s.sample_s += sample_s
             s.fetch_s += record.fetch_s
             s.compute_s += record.compute_s
+            s.stall_s += record.stall_s
             s.minibatches += 1
             top_up()  # sample the next ones before handing this record over
             yield record
@@ -440,6 +443,8 @@ class DistTrainer:
                     buffer_capacity=self.buffer.capacity, minibatches=s.minibatches,
                     remote_sampled=c.remote_sampled, hits=c.hits, misses=c.misses,
                     remote_fetched=c.remote_fetched, prefetched=c.prefetched, initial_fill=c.initial_fill,
+                    prefetch_used=c.prefetch_used, late=c.late, prefetch=self.cfg.prefetch,
+                    stall_s=round(s.stall_s, 4),
                     admitted_on_miss=c.admitted_on_miss, evicted=c.evicted,
                     hit_rate=c.hits / c.remote_sampled if c.remote_sampled else 0.0,
                     epoch_time_s=[round(t, 4) for t in s.epoch_time_s], sample_s=round(s.sample_s, 4),

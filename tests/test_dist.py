@@ -85,11 +85,12 @@ def test_served_rows_are_the_disttensor_rows(run_train, agent, overlap, id_graph
         assert v["rows_checked"] > 1000
         assert v["rows_differing_from_disttensor"] == 0
         assert v["rows_col0_not_orig_id"] == 0
-        assert r["overlap_mismatches"] == 0
-        if overlap:  # every minibatch but the first used rows pulled during the one before (epochs included)
-            assert r["overlapped_minibatches"] == r["minibatches"] - 1
+        if overlap:  # every minibatch but the first had its rows pulled during the one before (epochs included);
+            # a background prefetch delivered meanwhile may have evicted some of its hits: then it pulled again
+            assert r["overlapped_minibatches"] + r["overlap_mismatches"] == r["minibatches"] - 1
+            assert r["overlapped_minibatches"] > r["overlap_mismatches"]
         else:
-            assert r["overlapped_minibatches"] == 0
+            assert r["overlapped_minibatches"] == r["overlap_mismatches"] == 0
         if agent == "none":
             assert r["buffer_capacity"] == 0 and r["hits"] == 0 and r["remote_fetched"] == r["remote_sampled"]
         elif agent == "static":

@@ -133,11 +133,28 @@ def replay_env_fns(traces: Sequence[str], *, ranks: Sequence[int] | None = None,
             for i, s in enumerate(specs)]
 
 
+class ListAppliedIds(gym.Wrapper):
+    """``info["applied_ids"]`` (a window's prefetch ids, of varying length) as a list: Gymnasium's vector envs stack
+    an array info into one array per key, which ids of unequal length cannot fill; a list goes into an object
+    array instead."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if "applied_ids" in info:
+            info = dict(info, applied_ids=[int(i) for i in info["applied_ids"]])
+        return obs, reward, terminated, truncated, info
+
+
+def _listing_ids(fn: Callable[[], gym.Env]) -> gym.Env:
+    return ListAppliedIds(fn())
+
+
 def make_replay_vector_env(traces: Sequence[str], *, vectorization: str = "sync", **options) -> gym.vector.VectorEnv:
     """A Gymnasium vector env over :func:`replay_env_fns` ``(traces, **options)``: ``vectorization="sync"`` (one
     process, ``SyncVectorEnv``) or ``"async"`` (a process per env, ``AsyncVectorEnv``). Finished episodes reset
-    on the next step (Gymnasium's default ``AutoresetMode.NEXT_STEP``)."""
-    fns = replay_env_fns(traces, **options)
+    on the next step (Gymnasium's default ``AutoresetMode.NEXT_STEP``); infos are stacked per key as Gymnasium does
+    (``applied_ids`` as lists, :class:`ListAppliedIds`)."""
+    fns = [functools.partial(_listing_ids, fn) for fn in replay_env_fns(traces, **options)]
     if vectorization == "sync":
         return gym.vector.SyncVectorEnv(fns)
     if vectorization == "async":

@@ -125,6 +125,7 @@ class EvictOrKeep(FractionBudget):
     (empty, below the eviction threshold, or needed less) — :class:`FractionBudget` with levels ``(0, 1)``."""
 
     def __init__(self, env: gym.Env):
+        gym.utils.RecordConstructorArgs.__init__(self)  # recreated from its spec without levels (the first call wins)
         FractionBudget.__init__(self, env, (0.0, 1.0))
 
     def _describe_actions(self) -> str:

@@ -163,10 +163,10 @@ def _resolve_reference(spec: str):
     return obj
 
 
-def _check_protocol(spec: str, obj) -> type:
+def _check_protocol(spec: str, obj, what: str) -> type:
     if not isinstance(obj, type):
-        raise AgentError(f"agent {spec!r}: {getattr(obj, '__name__', obj)!s} is a {type(obj).__name__}, not a "
-                         "class (an agent is a class with name, act(observation, info) and reset())")
+        raise AgentError(f"agent {spec!r}: {what} is not a class but a {type(obj).__name__} (an agent is a class "
+                         "with name, act(observation, info) and reset())")
     # a subclass of the Agent protocol inherits a stub act that returns nothing: it does not count
     missing = [m for m in REQUIRED if m != "name" and not callable(getattr(obj, m, None))]
     if "act" not in missing and getattr(obj, "act") is Agent.act:
@@ -190,7 +190,7 @@ def agent_class(spec: str) -> type:
         module, cls = REGISTRY[spec]
         return getattr(importlib.import_module(module), cls)
     if is_reference(spec):
-        return _check_protocol(spec, _resolve_reference(spec))
+        return _check_protocol(spec, _resolve_reference(spec), _split(spec)[1])
     eps = entry_points()
     if spec not in eps:
         raise _unknown(spec)
@@ -206,7 +206,7 @@ def agent_class(spec: str) -> type:
     except Exception as exc:  # noqa: BLE001 - the package's module failed to import
         raise AgentError(f"agent {spec!r}: importing its entry point {ep.value} failed: "
                          f"{type(exc).__name__}: {exc}") from None
-    return _check_protocol(spec, obj)
+    return _check_protocol(spec, obj, ep.value)
 
 
 def check_options(spec: str, cls: type, kwargs: dict[str, Any], partial: bool = False) -> None:

@@ -42,7 +42,6 @@ REGISTRY = {
     "recorded": ("baselines.policies", "Recorded"),  # the decisions of a recorded run, replayed
 }
 ENTRY_POINT_GROUP = "rudder.agents"
-_HINT = "an agent is a built-in name, an installed rudder.agents entry point, module.path:Class or path/to/file.py:Class"
 
 
 class AgentError(ValueError):

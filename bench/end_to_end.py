@@ -62,11 +62,27 @@ VARIANTS = [("none", "none", ()), ("none+overlap", "none", ("--overlap-fetch",))
 QUICK_VARIANTS = [VARIANTS[0], VARIANTS[3], VARIANTS[5]]
 
 
-def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), variants=None) -> pd.DataFrame:
+def agent_variants(agents, agent_kwargs: dict[str, dict] | None = None) -> list[tuple]:
+    """``(label, agent, options)`` variants for more agents (names or references, file references made
+    absolute), each with its ``--agent-kwargs``."""
+    from rudder_env.evaluation.registry import absolute_reference, agent_labels, check_agent
+
+    out = []
+    for agent, label in zip(agents, agent_labels(agents)):
+        options = dict((agent_kwargs or {}).get(agent, {}))
+        check_agent(agent, options)
+        out.append((label, absolute_reference(agent), ("--agent-kwargs", json.dumps(options)) if options else ()))
+    return out
+
+
+def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), variants=None,
+            agents=(), agent_kwargs: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Interleaved live runs of ``variants`` (default :data:`VARIANTS`, or :data:`QUICK_VARIANTS`) and of
+    ``agents`` (names or references, with ``agent_kwargs`` by agent) beside them."""
     seeds = (0,) if quick else (0, 1)
     rounds = 2
     epochs = 1 if quick else 2
-    variants = variants or (QUICK_VARIANTS if quick else VARIANTS)
+    variants = list(variants or (QUICK_VARIANTS if quick else VARIANTS)) + agent_variants(agents, agent_kwargs)
     rows = []
     for seed in seeds:
         for rnd in range(rounds):

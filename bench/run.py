@@ -33,19 +33,20 @@ def p4_replay_speed(quick: bool) -> tuple[str, pd.DataFrame]:
     return text, df
 
 
-def p1_traffic(quick: bool) -> tuple[str, pd.DataFrame]:
+def p1_traffic(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataFrame]:
     from bench import traffic
 
-    df = traffic.measure(quick)
+    df = traffic.measure(quick, agents=[*traffic.AGENTS, *(a for a in agents if a not in traffic.AGENTS)],
+                         agent_kwargs=agent_kwargs)
     df.to_csv(os.path.join(OUT_DIR, "p1_traffic.csv"), index=False)
     traffic.plot(df, os.path.join(OUT_DIR, "p1_traffic.png"))
     return traffic.summarise(df)
 
 
-def p2_end_to_end(quick: bool) -> tuple[str, pd.DataFrame]:
+def p2_end_to_end(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataFrame]:
     from bench import end_to_end
 
-    df = end_to_end.measure(quick)
+    df = end_to_end.measure(quick, agents=agents, agent_kwargs=agent_kwargs)
     df.to_csv(os.path.join(OUT_DIR, "p2_end_to_end.csv"), index=False)
     return end_to_end.summarise(df)
 
@@ -92,6 +93,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a few-minute version")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="markdown report to write")
+    p.add_argument("--agents", default="",
+                   help="more agents to measure beside the built-in ones in P1 (traffic) and P2 (live time): "
+                        "names or references (module.path:Class, path/to/file.py:Class), comma-separated")
+    p.add_argument("--agent-kwargs", action="append", default=[], metavar="[AGENT@]OPTIONS",
+                   help="constructor options for --agents, as in evaluate.py; repeatable")
     args = p.parse_args(argv)
     chosen = [s for s in args.only.split(",") if s]
     unknown = [s for s in chosen if s not in SECTIONS]
@@ -99,6 +105,17 @@ def main(argv=None) -> int:
         print(f"bench: error: unknown section(s) {', '.join(unknown)}: expected {', '.join(SECTIONS)}",
               file=sys.stderr)
         return 2
+    from rudder_env.evaluation.registry import agent_kwargs_for, check_agent
+
+    agents = [a.strip() for a in args.agents.split(",") if a.strip()]
+    try:
+        agent_kwargs = agent_kwargs_for(args.agent_kwargs, agents)
+        for a in agents:
+            check_agent(a, agent_kwargs[a])
+    except ValueError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    extra = dict(agents=agents, agent_kwargs=agent_kwargs)
     cmd = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     os.makedirs(OUT_DIR, exist_ok=True)
     done: dict[str, str] = {}  # the sections this run wrote; every other one is kept as the file has it now
@@ -109,7 +126,7 @@ def main(argv=None) -> int:
         title, fn = SECTIONS[key]
         print(f"[bench] {title} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        text, df = fn(args.quick)
+        text, df = fn(args.quick, **(extra if key in ("p1", "p2") else {}))
         print(f"\n## {title}\n{text}\n{df.to_string(index=False)}", flush=True)
         done[title] = "\n".join([
             f"## {title}", "", f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M %Z')} "

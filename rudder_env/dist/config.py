@@ -30,8 +30,12 @@ class TrainConfig:
     lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
     seed: int = field(default=0, metadata=dict(help="seed for the graph, partitioning, model and sampling"))
     agent: str = field(default="periodic", metadata=dict(
-        help="prefetch agent: none, static, periodic, hitrate, lookahead, ppo, llm, or recorded (with "
-             "--decisions-from)"))
+        help="prefetch agent: none, static, periodic, hitrate, lookahead, ppo, llm, recorded (with "
+             "--decisions-from), a name an installed package registers (rudder.agents entry points), or a "
+             "reference module.path:Class or path/to/file.py:Class (every trainer rank builds one)"))
+    agent_kwargs: str = field(default="", metadata=dict(
+        help="options passed to the agent's constructor: a JSON object ('{\"threshold\": 0.3}') or "
+             "key=value,key2=value2"))
     buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
     buffer_init: str = field(default="degree", metadata=dict(
         choices=("degree", "random", "empty"), help="initial buffer content"))
@@ -103,16 +107,26 @@ class TrainConfig:
     def world_size(self) -> int:
         return self.parts + self.num_trainers
 
-    def validate(self) -> None:
-        """Raise ValueError with a one-line message for options that cannot work."""
-        from rudder_env.evaluation.registry import REGISTRY
+    def agent_options(self, trainer_rank: int = 0) -> dict:
+        """Constructor options of the agent on trainer ``trainer_rank``: ``--agent-kwargs``, and for ``recorded``
+        the trace and rank whose decisions it plays."""
+        from rudder_env.evaluation.registry import parse_agent_kwargs
 
-        if self.agent not in REGISTRY:
-            raise ValueError(f"unknown --agent {self.agent!r}: expected one of {', '.join(REGISTRY)}")
+        options = parse_agent_kwargs(self.agent_kwargs)
+        if self.agent == "recorded":
+            options.update(trace=self.decisions_from, rank=trainer_rank)
+        return options
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message for options that cannot work (an agent that cannot be found,
+        or whose constructor does not take ``--agent-kwargs``, included)."""
+        from rudder_env.evaluation.registry import check_agent
+
         if (self.agent == "recorded") != (self.decisions_from is not None):
             raise ValueError("--agent recorded and --decisions-from TRACE go together")
         if self.decisions_from is not None and not os.path.isdir(self.decisions_from):
             raise ValueError(f"--decisions-from {self.decisions_from}: no such trace folder")
+        check_agent(self.agent, self.agent_options())
         if self.parts < 1:
             raise ValueError(f"--parts must be >= 1, got {self.parts}")
         if self.trainers_per_part < 1:

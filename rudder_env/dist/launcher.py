@@ -138,13 +138,26 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
             time.sleep(0.05)
 
 
+def pin_agent_reference(cfg, argv: list[str]) -> list[str]:
+    """Make a file reference ``--agent path/to/file.py:Class`` absolute in ``cfg`` and in the ranks' ``argv`` (the
+    last ``--agent`` wins), so that every rank resolves the same file whatever its working folder."""
+    from rudder_env.evaluation.registry import absolute_reference
+
+    pinned = absolute_reference(cfg.agent)
+    if pinned == cfg.agent:
+        return argv
+    cfg.agent = pinned
+    return [*argv, "--agent", pinned]
+
+
 def launch(cfg, argv: list[str], script: str) -> int:
     """Start ``mpiexec -n N python script argv`` for ``cfg`` and supervise it. Returns the exit code.
 
     With ``--hosts N`` (or ``--cluster NAME``) the ranks run on emulated hosts (:mod:`rudder_env.dist.cluster`),
     one partition per host, in DGL's several-host mode; a cluster brought up here is torn down when the job ends,
     fails or is interrupted."""
-    cfg.validate()
+    cfg.validate()  # once here, before any rank starts (an agent that cannot be found is named as given)
+    argv = pin_agent_reference(cfg, argv)
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the one pip's mpich put next to python
     mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if mpiexec is None:

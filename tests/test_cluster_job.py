@@ -112,22 +112,11 @@ def test_hosts_option_brings_a_cluster_up_and_down(cache, tmp_path):
 
 
 @pytest.mark.parametrize("fault", ["sigint", "trainer"])
-def test_an_interrupted_or_failed_job_leaves_nothing(fault, cache):
+def test_an_interrupted_or_failed_job_leaves_nothing(fault, cache, wait_for_rank):
     proc = train(["--graph", "synth-tiny", "--hosts", "2", "--link-rate", RATE, "--epochs", "300",
                   "--batch-size", "50", "--fanout", "3,5"], cache)
     try:
-        deadline = time.monotonic() + 120
-        trainer = None
-        while trainer is None and time.monotonic() < deadline:
-            for path in glob.glob(os.path.join(cache, "jobs", "*", "status", "rank*.json")):
-                try:
-                    st = json.load(open(path))
-                except (OSError, ValueError):
-                    continue
-                if st["role"]["kind"] == "trainer" and st["role"]["machine"] == 1 and st["state"] == "started":
-                    trainer = st
-            time.sleep(0.2)
-        assert trainer is not None, "no trainer started"
+        trainer = wait_for_rank(cache, "trainer", machine=1, deadline_s=120)
         time.sleep(4)  # training under way
         if fault == "sigint":
             proc.send_signal(signal.SIGINT)

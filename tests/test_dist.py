@@ -101,29 +101,15 @@ def test_served_rows_are_the_disttensor_rows(run_train, agent, overlap, id_graph
             assert r["prefetched"] > r["initial_fill"] and r["evicted"] > 0
 
 
-def _pid_of(cache, kind, deadline_s=90):
-    t_end = time.monotonic() + deadline_s
-    while time.monotonic() < t_end:
-        for path in glob.glob(os.path.join(cache, "jobs", "*", "status", "rank*.json")):
-            try:
-                st = json.load(open(path))
-            except (OSError, ValueError):
-                continue
-            if st["role"]["kind"] == kind and st["state"] == "started":
-                return st
-        time.sleep(0.2)
-    raise AssertionError(f"no {kind} started")
-
-
 @pytest.mark.parametrize("victim", ["trainer", "server"])
-def test_a_dead_rank_ends_the_job_and_leaves_nothing(free_port_block, free_port, victim, cache):
+def test_a_dead_rank_ends_the_job_and_leaves_nothing(free_port_block, free_port, wait_for_rank, victim, cache):
     port = free_port_block()
     cmd = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", "--parts", "2", "--epochs", "500",
            "--batch-size", "50", "--port", str(port)]
     env = dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        st = _pid_of(cache, victim)
+        st = wait_for_rank(cache, victim)
         pids = [json.load(open(p))["pid"] for p in glob.glob(os.path.join(cache, "jobs", "*", "status", "*.json"))]
         time.sleep(3)  # let training start
         os.kill(st["pid"], signal.SIGKILL)

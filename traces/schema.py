@@ -68,6 +68,7 @@ CHUNK_ARRAYS: tuple[str, ...] = (*MINIBATCH_COLUMNS, REMOTE_IDS, *DECISION_ARRAY
 # Optional, per chunk, when the recording knew each minibatch's seed nodes (for sampler lookahead):
 SEED_COUNT = "seed_count"  # int32[n]: seeds of each minibatch
 SEED_IDS = "seed_ids"  # each minibatch's sorted seed ids, delta-coded like remote_ids, concatenated
+SEED_ARRAYS: tuple[str, ...] = (SEED_COUNT, SEED_IDS)
 
 MAX_NODE_ID = int(np.iinfo(np.int64).max)  # ids are read back as int64
 

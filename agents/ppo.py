@@ -28,8 +28,9 @@ from gymnasium.wrappers import FlattenObservation
 
 from agents.base import Agent
 from rudder_env.contract import top_fraction
+from rudder_env.settings import check_fraction_levels
 from rudder_env.spaces import observation_space
-from rudder_env.wrappers import DEFAULT_LEVELS, FractionBudget, RelativeReward, check_levels
+from rudder_env.wrappers import DEFAULT_LEVELS, FractionBudget, RelativeReward
 
 DEFAULT_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-small.zip")
 SIDECAR_FORMAT = "rudder-ppo-policy/1"
@@ -138,7 +139,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-    levels = check_levels(levels)
+    levels = check_fraction_levels(levels)
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not traces:
@@ -247,7 +248,7 @@ class PPOAgent(Agent):
             raise ValueError(f"{sidecar} is not a rudder PPO sidecar ({SIDECAR_FORMAT})")
         self.meta = meta
         self.path = path
-        self.levels = check_levels(meta["levels"])
+        self.levels = check_fraction_levels(meta["levels"])
         self.k = int(meta["k"])
         self.trained_on = list(meta.get("trained_on", []))
         self.deterministic = bool(deterministic)

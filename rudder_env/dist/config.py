@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from rudder_env.replay_env import DEFAULT_SAMPLE_AHEAD
+from rudder_env.settings import check, check_fanout
 
 
 def default_cache_dir() -> str:
@@ -70,10 +71,16 @@ class TrainConfig:
     verify_rows: bool = field(default=False, metadata=dict(
         help="check every input row against a direct DistTensor pull, and column 0 against the original node id"))
     timeout_s: float = field(default=0.0, metadata=dict(help="kill the job after this many seconds (0: never)"))
+    watchdog_s: float = field(default=30.0, metadata=dict(
+        help="end the job when a trainer makes no progress (no minibatch, fetch, decision...) for max(this, "
+             "20 x its slowest step so far) seconds once training runs (0: no watchdog)"))
+    startup_timeout_s: float = field(default=600.0, metadata=dict(
+        help="end the job when a trainer has not started training this many seconds after its rank started "
+             "(0: never)"))
 
     @property
     def fanouts(self) -> list[int]:
-        return [int(x) for x in self.fanout.split(",")]
+        return check_fanout(self.fanout)
 
     @property
     def num_trainers(self) -> int:
@@ -93,23 +100,11 @@ class TrainConfig:
             raise ValueError("--agent recorded and --decisions-from TRACE go together")
         if self.decisions_from is not None and not os.path.isdir(self.decisions_from):
             raise ValueError(f"--decisions-from {self.decisions_from}: no such trace folder")
-        if self.parts < 1:
-            raise ValueError(f"--parts must be >= 1, got {self.parts}")
-        if self.trainers_per_part < 1:
-            raise ValueError(f"--trainers-per-part must be >= 1, got {self.trainers_per_part}")
-        try:
-            fanouts = self.fanouts
-        except ValueError:
-            raise ValueError(f"--fanout must be comma-separated integers, got {self.fanout!r}") from None
-        if not fanouts or min(fanouts) < 1:
-            raise ValueError(f"--fanout needs positive integers, got {self.fanout!r}")
-        if not 0.0 <= self.buffer_fraction <= 1.0:
-            raise ValueError(f"--buffer-fraction must be in [0, 1], got {self.buffer_fraction}")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
-        for name in ("period", "batch_size", "epochs", "hidden", "candidates"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("parts", "trainers_per_part", "buffer_fraction", "alpha", "period", "batch_size", "epochs",
+                     "hidden", "lr", "candidates", "sample_ahead", "num_samplers", "timeout_s", "watchdog_s",
+                     "startup_timeout_s", "reward", "buffer_init"):
+            check(name, getattr(self, name))
+        check_fanout(self.fanout)
         if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
 

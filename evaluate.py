@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=None, help="K candidates per decision (default: recorded)")
     p.add_argument("--seed", type=int, default=0, help="seed for every episode")
     p.add_argument("--ppo-policy", default=None, help="PPO policy .zip (default: the shipped small policy)")
+    p.add_argument("--trust-policy", action="store_true",
+                   help="load the PPO policy even if its SHA-256 is not the one its sidecar records (loading a policy "
+                        "runs pickled code: only for a file from a source you trust)")
     p.add_argument("--llm-model", default=None,
                    help="LLM: a local HF folder, a GGUF file or a model package (default: SmolLM2-135M-Instruct)")
     p.add_argument("--llm-mode", default="score", choices=("score", "generate"),
@@ -56,8 +59,8 @@ def agent_factories(names: list[str], args) -> dict:
         if name == "llm":
             return lambda trace, rank: make_agent("llm", model=args.llm_model, mode=args.llm_mode,
                                                   log_path=os.path.join(args.out, f"llm-{trace}-rank{rank}.jsonl"))
-        if name == "ppo" and args.ppo_policy:
-            return lambda trace, rank: make_agent("ppo", path=args.ppo_policy)
+        if name == "ppo":
+            return lambda trace, rank: make_agent("ppo", path=args.ppo_policy, trust=args.trust_policy)
         if name == "recorded":  # each trace's own recorded decisions, at their recorded minibatches
             folders = {os.path.basename(os.path.normpath(t)): t for t in args.traces}
             return lambda trace, rank: make_agent("recorded", trace=folders[trace], rank=rank)
@@ -90,6 +93,8 @@ def evaluate_live(names: list[str], args, log) -> list[dict]:
                "--summary", summary, *args.train_args.split()]
         if args.buffer_fraction is not None:
             cmd += ["--buffer-fraction", str(args.buffer_fraction)]
+        if args.trust_policy:
+            cmd += ["--trust-policy"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"live run of {name} failed:\n{proc.stderr[-2000:]}")
@@ -114,9 +119,11 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
+    from agents.ppo import read_policy_meta
     from rudder_env.evaluation.registry import REGISTRY
     from rudder_env.evaluation.scoring import ORACLES
     from rudder_env.evaluation.report import format_report, plot_hit_rate, plot_traffic
+    from rudder_env.settings import check_optional
     from traces import TraceError
 
     names = [a for a in args.agents.split(",") if a]
@@ -125,6 +132,17 @@ def main(argv=None) -> int:
     if bad:
         print(f"evaluate.py: error: unknown agent or oracle {bad[0]!r}: agents are {', '.join(REGISTRY)}; "
               f"oracles are {', '.join(ORACLES)}", file=sys.stderr)
+        return 2
+    if not names and not oracles:
+        print("evaluate.py: error: nothing to evaluate: --agents and --oracles are both empty", file=sys.stderr)
+        return 2
+    try:
+        check_optional("buffer_fraction", args.buffer_fraction)
+        check_optional("candidates", args.candidates)
+        if "ppo" in names:
+            read_policy_meta(args.ppo_policy, trust=args.trust_policy)  # refused before any replay
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     try:

@@ -50,6 +50,9 @@ class TrainConfig:
              "normal"))
     decisions_from: str | None = field(default=None, metadata=dict(
         help="with --agent recorded: a trace whose prefetch decisions are applied again at the same minibatches"))
+    trust_policy: bool = field(default=False, metadata=dict(
+        help="with --agent ppo: load the policy even if its SHA-256 is not the one its sidecar records (loading a "
+             "policy runs pickled code: only for a file from a source you trust)"))
     sample_ahead: int = field(default=DEFAULT_SAMPLE_AHEAD, metadata=dict(
         help="minibatches sampled ahead of training (within an epoch); the lookahead knows their remote rows"))
     overlap_fetch: bool = field(default=False, metadata=dict(
@@ -67,6 +70,8 @@ class TrainConfig:
              "0: the first free block from 30050 on"))
     cache_dir: str = field(default_factory=default_cache_dir, metadata=dict(
         help="where graphs and partitions are cached (a shared filesystem on several hosts)"))
+    repartition: bool = field(default=False, metadata=dict(
+        help="partition the graph again even if partitions are cached (e.g. after a damaged partition file)"))
     summary: str | None = field(default=None, metadata=dict(help="write the run summary JSON here"))
     verify_rows: bool = field(default=False, metadata=dict(
         help="check every input row against a direct DistTensor pull, and column 0 against the original node id"))
@@ -100,6 +105,12 @@ class TrainConfig:
             raise ValueError("--agent recorded and --decisions-from TRACE go together")
         if self.decisions_from is not None and not os.path.isdir(self.decisions_from):
             raise ValueError(f"--decisions-from {self.decisions_from}: no such trace folder")
+        if self.decisions_from is not None:
+            self._check_decisions_trace()
+        if self.agent == "ppo":
+            from agents.ppo import read_policy_meta
+
+            read_policy_meta(None, trust=self.trust_policy)  # refused here, before any process starts
         for name in ("parts", "trainers_per_part", "buffer_fraction", "alpha", "period", "batch_size", "epochs",
                      "hidden", "lr", "candidates", "sample_ahead", "num_samplers", "timeout_s", "watchdog_s",
                      "startup_timeout_s", "reward", "buffer_init"):
@@ -107,6 +118,26 @@ class TrainConfig:
         check_fanout(self.fanout)
         if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
+
+    def _check_decisions_trace(self) -> None:
+        """The ``--decisions-from`` trace must come from a run on the same graph, partitioned the same way, with as
+        many trainers: its decisions name node ids of that run's partitioning (DistDGL renumbers nodes per
+        partitioning) and are played per trainer rank."""
+        from rudder_env.dist.partition import graph_name
+        from traces import Trace
+
+        trace = Trace(self.decisions_from)
+        recorded = trace.meta.get("config", {})
+        part = trace.meta.get("graph", {})
+        pairs = [("graph", part.get("graph_name"), graph_name(self)),
+                 ("--parts", recorded.get("parts"), self.parts),
+                 ("--partition", recorded.get("partition"), self.partition),
+                 ("trainer ranks", trace.num_ranks, self.num_trainers)]
+        for what, then, now in pairs:
+            if then != now:
+                raise ValueError(f"--decisions-from {self.decisions_from}: recorded with {what} {then!r}, this run "
+                                 f"has {now!r}: its decisions name nodes of that run's partitions and cannot be "
+                                 f"applied here")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,6 +26,7 @@ class SettingError(ValueError):
 REWARDS = ("traffic", "time")
 RANKINGS = ("misses", "lookahead")
 BUFFER_INITS = ("degree", "random", "empty")
+PREFETCH_MODES = ("inline", "background")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ RULES: dict[str, _Rule] = {
     "reward": _Rule("choice", choices=REWARDS),
     "ranking": _Rule("choice", choices=RANKINGS),
     "buffer_init": _Rule("choice", choices=BUFFER_INITS),
+    "prefetch": _Rule("choice", choices=PREFETCH_MODES),
 }
 
 

@@ -31,6 +31,8 @@ from .schema import (
     RANK_FILE,
     CHUNK_ARRAYS,
     REMOTE_IDS,
+    PREFETCH_COLUMNS,
+    OPTIONAL_ARRAYS,
     SEED_ARRAYS,
     SEED_COUNT,
     SEED_IDS,
@@ -140,6 +142,7 @@ class _Chunk:
     decisions: dict[str, np.ndarray]
     seeds: np.ndarray | None = None  # int64, every minibatch's sorted seeds concatenated, when asked and recorded
     seed_offsets: np.ndarray | None = None  # int64[n + 1], like id_offsets
+    prefetch: dict[str, np.ndarray] | None = None  # PREFETCH_COLUMNS, when the recording prefetched in the background
 
 
 class RankTrace:
@@ -201,6 +204,21 @@ class RankTrace:
                     ids.extend(np.split(chunk.ids, chunk.id_offsets[1:-1]))
             self._minibatch_ids = ids
         return self._minibatch_ids
+
+    def prefetch_table(self) -> pd.DataFrame | None:
+        """Per minibatch, what a background prefetch did (``arrived`` rows delivered before it, ``stall_s`` its demand
+        pull waited), or None when the recording prefetched inline."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in PREFETCH_COLUMNS}
+        for chunk in self._chunks(with_ids=False):
+            if chunk.prefetch is None:
+                if chunk.id_offsets.size > 1:  # _chunks saw to it: then no chunk has them
+                    return None
+                continue  # a decisions-only last chunk
+            for name in PREFETCH_COLUMNS:
+                parts[name].append(chunk.prefetch[name])
+        if not parts["arrived"]:
+            return None
+        return pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
 
     def minibatch_seeds(self) -> list[np.ndarray] | None:
         """Every minibatch's seed ids (sorted int64, read-only), or None when the recording did not store them.
@@ -299,23 +317,23 @@ class RankTrace:
         next_minibatch: int | None = None  # where the next chunk must start
         last_decision = 0  # decisions of the next chunk must be >= this
         minibatches = remote_ids = 0
-        seeded: tuple[bool, Path] | None = None  # whether the first chunk with minibatches had seeds, and which
+        first: dict[str, tuple[bool, Path]] = {}  # per optional group: whether the first chunk with minibatches had it
         for index in range(self.num_chunks):
             path = self.directory / chunk_file_name(index)
             if not path.is_file():
                 raise TraceError(f"{path} missing: {self.directory / RANK_FILE} lists {self.num_chunks} chunks")
-            arrays = _read_npz(path, names, optional=SEED_ARRAYS, known=CHUNK_ARRAYS + SEED_ARRAYS)
+            arrays = _read_npz(path, names, optional=OPTIONAL_ARRAYS, known=CHUNK_ARRAYS + OPTIONAL_ARRAYS)
             chunk = _check_chunk(arrays, path, next_minibatch, last_decision,
                                  is_last=index == self.num_chunks - 1, with_ids=with_ids, with_seeds=with_seeds)
             n = len(chunk.id_offsets) - 1
             if n:
-                has_seeds = SEED_COUNT in arrays
-                if seeded is None:
-                    seeded = (has_seeds, path)
-                elif seeded[0] != has_seeds:
-                    which = (path, seeded[1]) if seeded[0] else (seeded[1], path)
-                    raise TraceError(f"field {SEED_COUNT!r} in {which[0]}: expected seeds as in {which[1]} (a "
-                                     f"trace stores them in every chunk or in none), got none")
+                for group, marker in (("seeds", SEED_COUNT), ("background prefetch columns", "arrived")):
+                    has = marker in arrays
+                    seen = first.setdefault(group, (has, path))
+                    if seen[0] != has:
+                        with_it, without = (path, seen[1]) if has else (seen[1], path)
+                        raise TraceError(f"field {marker!r} in {without}: expected {group} as in {with_it} (a trace "
+                                         f"stores them in every chunk or in none), got none")
                 next_minibatch = int(chunk.columns["minibatch"][-1]) + 1
             if chunk.decisions["decision_minibatch"].size:
                 last_decision = int(chunk.decisions["decision_minibatch"][-1])
@@ -401,8 +419,18 @@ def _check_chunk(arrays: dict[str, np.ndarray], path: Path, next_minibatch: int 
         if not is_last and end is not None and when[-1] >= end:
             raise TraceError(f"field 'decision_minibatch' in {path}: expected values < {end} (later decisions "
                              f"belong to a later chunk), got {when[-1]}")
+    prefetch = None
+    if any(name in arrays for name in PREFETCH_COLUMNS):
+        for name, dtype in PREFETCH_COLUMNS.items():
+            a = arrays.get(name)
+            if a is None:
+                raise TraceError(f"{path} lacks array {name!r}: {' and '.join(PREFETCH_COLUMNS)} go together")
+            if a.dtype != dtype or a.shape != (n,):
+                raise TraceError(f"field {name!r} in {path}: expected {n} values of {dtype}, got shape {a.shape} of "
+                                 f"{a.dtype}")
+        prefetch = {name: arrays[name] for name in PREFETCH_COLUMNS}
     return _Chunk({name: arrays[name] for name in MINIBATCH_COLUMNS}, ids, id_offsets, decisions, seeds,
-                  seed_offsets)
+                  seed_offsets, prefetch)
 
 
 def _decode(arrays: dict[str, np.ndarray], name: str, counts: np.ndarray, offsets: np.ndarray, path: Path

@@ -34,6 +34,7 @@ SHM_DIR = "/dev/shm"
 TAG_VAR = onehost.TAG_VAR
 SUPERVISOR_VAR = "RUDDER_SUPERVISOR"  # "pid start_time" of the supervising launcher, for the ranks to watch
 SUPERVISOR_FILE = "supervisor.json"  # in the job folder: who supervises it, and what to clean if it is killed
+CLUSTER_VAR = "RUDDER_EMULATED_CLUSTER"  # JSON facts of the emulated cluster a job runs on, for its summary
 
 
 def _read_statuses(job_dir: str) -> dict[int, dict]:
@@ -256,17 +257,36 @@ def _stall(watchdog_s: float, startup_timeout_s: float, job_dir: str, statuses: 
     return f"{st['describe']}: {hung}"
 
 
+def pin_agent_reference(cfg, argv: list[str]) -> list[str]:
+    """Make a file reference ``--agent path/to/file.py:Class`` absolute in ``cfg`` and in the ranks' ``argv`` (the
+    last ``--agent`` wins), so that every rank resolves the same file whatever its working folder."""
+    from rudder_env.evaluation.registry import absolute_reference
+
+    pinned = absolute_reference(cfg.agent)
+    if pinned == cfg.agent:
+        return argv
+    cfg.agent = pinned
+    return [*argv, "--agent", pinned]
+
+
 def launch(cfg, argv: list[str], script: str) -> int:
-    """Start ``mpiexec -n N python script argv`` for ``cfg`` and supervise it. Returns the exit code."""
-    cfg.validate()
+    """Start ``mpiexec -n N python script argv`` for ``cfg`` and supervise it. Returns the exit code.
+
+    With ``--hosts N`` (or ``--cluster NAME``) the ranks run on emulated hosts (:mod:`rudder_env.dist.cluster`),
+    one partition per host, in DGL's several-host mode; a cluster brought up here is torn down when the job ends,
+    fails or is interrupted."""
+    cfg.validate()  # once here, before any rank starts (an agent that cannot be found is named as given)
     for line in cleanup_stale_jobs(cfg.cache_dir):
         print(f"rudder: removed what a killed job left: {line}", file=sys.stderr, flush=True)
+    argv = pin_agent_reference(cfg, argv)
+    argv = [a for a in argv if a not in ("--repartition", "--no-repartition")]  # done here, not again per rank
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the one pip's mpich put next to python
     mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if mpiexec is None:
         raise RuntimeError("mpiexec not found on PATH: install MPI (pip install mpich mpi4py)")
+    if cfg.hosts or cfg.cluster:
+        return _launch_on_cluster(cfg, argv, script, mpiexec)
     ensure_partitions(cfg)
-    argv = [a for a in argv if a not in ("--repartition", "--no-repartition")]  # done here, not again per rank
     if cfg.port == 0:
         cfg.port = free_port_base(cfg.parts)
         argv = [*argv, "--port", str(cfg.port)]  # the ranks use the block found here
@@ -274,10 +294,53 @@ def launch(cfg, argv: list[str], script: str) -> int:
     for port in server_ports + [master_port]:
         if port_in_use("127.0.0.1", port):
             raise RuntimeError(f"port {port} is in use (another DistDGL job, or a leftover server?): pass --port")
+    return _supervise(cfg, [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv])
+
+
+def _launch_on_cluster(cfg, argv: list[str], script: str, mpiexec: str) -> int:
+    """Run the job across emulated hosts: one partition (its server and trainers) per host."""
+    from rudder_env.dist.cluster import ClusterError, EmulatedCluster, preflight
+
+    try:
+        preflight()
+        attached = EmulatedCluster.attach(cfg.cluster) if cfg.cluster else None
+    except ClusterError as exc:
+        raise RuntimeError(str(exc)) from None
+    if attached is not None:
+        hosts = len(attached.hostnames)
+        if "--parts" in argv and cfg.parts != hosts:
+            raise ValueError(f"cluster {cfg.cluster} has {hosts} hosts: one partition each, so --parts must be "
+                             f"{hosts} (or left out), got {cfg.parts}")
+        cfg.parts = hosts
+        argv = [*argv, "--parts", str(hosts)]
+    ensure_partitions(cfg)  # before the hosts come up: partitioning a large graph takes a while
+    if cfg.port == 0:
+        cfg.port = 30050  # every host has its own network namespace: no other job's ports to avoid
+        argv = [*argv, "--port", str(cfg.port)]
+    try:
+        cluster = attached or EmulatedCluster(cfg.hosts, cfg.link_rate).up()
+    except ClusterError as exc:
+        raise RuntimeError(str(exc)) from None
+    try:
+        rate = cluster.link_rate or "unshaped"
+        print(f"rudder: {len(cluster.hostnames)} emulated hosts ({', '.join(cluster.hostnames)}), links {rate}",
+              file=sys.stderr, flush=True)
+        info = dict(name=cluster.name, hosts=cluster.hostnames, addresses=cluster.addresses,
+                    link_rate=cluster.link_rate)
+        cmd = [mpiexec, *cluster.mpiexec_args(1 + cfg.trainers_per_part), "-n", str(cfg.world_size),
+               sys.executable, script, *argv]
+        return _supervise(cfg, cmd, extra_env={CLUSTER_VAR: json.dumps(info)})
+    finally:
+        if attached is None:
+            cluster.down()
+
+
+def _supervise(cfg, cmd: list[str], extra_env: dict | None = None) -> int:
+    """Run the job's ``mpiexec`` command in its own process group, watch its ranks, clean up; the exit code."""
     tag = f"rd{secrets.token_hex(3)}"
     job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
     me = f"{os.getpid()} {start_time(os.getpid())}"
-    env = dict(os.environ, **{TAG_VAR: tag, SUPERVISOR_VAR: me})
+    env = dict(os.environ, **{TAG_VAR: tag, SUPERVISOR_VAR: me}, **(extra_env or {}))
     env.setdefault("DGL_DIST_MAX_TRY_TIMES", "20")  # trainers give up on an absent server after ~60 s, not 50 min
     env.setdefault("OMP_NUM_THREADS", "1")
     shm_before = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
@@ -286,7 +349,6 @@ def launch(cfg, argv: list[str], script: str) -> int:
     with open(os.path.join(job_dir, SUPERVISOR_FILE), "w") as f:
         json.dump(dict(pid=os.getpid(), start=start_time(os.getpid()), started=started,
                        shm_before=sorted(shm_before)), f)
-    cmd = [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv]
     launched = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     watch = _DeathWatch(job_dir)

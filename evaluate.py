@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=None, help="K candidates per decision (default: recorded)")
     p.add_argument("--seed", type=int, default=0, help="seed for every episode")
     p.add_argument("--ppo-policy", default=None, help="PPO policy .zip (default: the shipped small policy)")
+    p.add_argument("--trust-policy", action="store_true",
+                   help="load the PPO policy even if its SHA-256 is not the one its sidecar records (loading a policy "
+                        "runs pickled code: only for a file from a source you trust)")
     p.add_argument("--llm-model", default=None,
                    help="LLM: a local HF folder, a GGUF file or a model package (default: SmolLM2-135M-Instruct)")
     p.add_argument("--llm-mode", default="score", choices=("score", "generate"),
@@ -68,8 +71,8 @@ def builtin_options(name: str, args, trace: str = "", rank: int = 0) -> dict:
     if name == "llm":
         return dict(model=args.llm_model, mode=args.llm_mode,
                     log_path=os.path.join(args.out, f"llm-{trace}-rank{rank}.jsonl"))
-    if name == "ppo" and args.ppo_policy:
-        return dict(path=args.ppo_policy)
+    if name == "ppo":
+        return dict(path=args.ppo_policy, trust=args.trust_policy)
     if name == "recorded":  # each trace's own recorded decisions, at their recorded minibatches
         folders = {os.path.basename(os.path.normpath(t)): t for t in args.traces}
         return dict(trace=folders.get(trace, args.traces[0] if args.traces else ""), rank=rank)
@@ -137,6 +140,8 @@ def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict],
             cmd += ["--hosts", str(args.hosts), *(["--link-rate", args.link_rate] if args.link_rate else [])]
         if args.buffer_fraction is not None:
             cmd += ["--buffer-fraction", str(args.buffer_fraction)]
+        if args.trust_policy:
+            cmd += ["--trust-policy"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"live run of {name} failed:\n{proc.stderr[-2000:]}")
@@ -161,8 +166,10 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
+    from agents.ppo import read_policy_meta
     from rudder_env.evaluation.scoring import ORACLES
     from rudder_env.evaluation.report import format_report, plot_hit_rate, plot_traffic
+    from rudder_env.settings import check_optional
     from traces import TraceError
 
     specs = list(dict.fromkeys(a.strip() for a in args.agents.split(",") if a.strip()))
@@ -171,7 +178,14 @@ def main(argv=None) -> int:
     if bad:
         print(f"evaluate.py: error: unknown oracle {bad[0]!r}: oracles are {', '.join(ORACLES)}", file=sys.stderr)
         return 2
+    if not specs and not oracles:
+        print("evaluate.py: error: nothing to evaluate: --agents and --oracles are both empty", file=sys.stderr)
+        return 2
     try:
+        check_optional("buffer_fraction", args.buffer_fraction)
+        check_optional("candidates", args.candidates)
+        if "ppo" in specs:
+            read_policy_meta(args.ppo_policy, trust=args.trust_policy)  # refused before any replay
         labels, options = check_agents(specs, args)
     except (ValueError, OSError) as exc:  # an AgentError, or the agent's own constructor refusing its options
         print(f"evaluate.py: error: {exc}", file=sys.stderr)

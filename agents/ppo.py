@@ -10,11 +10,17 @@ MassiveGNN's periodic policy, level 0 keeps the buffer as it is.
     agent = PPOAgent("ppo.zip")          # or make_agent("ppo") for the shipped agents/policies/ppo-small.zip
 
 A saved policy is two files: the SB3 model (``out``, a ``.zip``) and a sidecar ``out.json`` holding what acting
-needs besides the network (levels, K, the observation layout) and what it was trained on.
+needs besides the network (levels, K, the observation layout), what it was trained on, and the zip's SHA-256.
+
+Loading a policy runs code: SB3 unpickles parts of the ``.zip``. :class:`PPOAgent` refuses a zip whose SHA-256 is
+not the one its sidecar records (a file swapped or damaged since it was saved) unless told to trust it
+(``trust=True``; ``--trust-policy`` on the command line). The check binds the zip to its sidecar; it does not
+authenticate the pair: load policies only from sources you trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -27,9 +33,10 @@ from gymnasium import spaces
 
 from agents.base import Agent
 from rudder_env.contract import top_fraction
+from rudder_env.settings import check_fraction_levels
 from rudder_env.spaces import fit_k, observation_layout, observation_space
 from rudder_env.vector import make_replay_env, replay_env_fns, replay_env_specs
-from rudder_env.wrappers import DEFAULT_LEVELS, check_levels
+from rudder_env.wrappers import DEFAULT_LEVELS
 
 DEFAULT_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-small.zip")
 SIDECAR_FORMAT = "rudder-ppo-policy/1"
@@ -109,7 +116,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-    levels = check_levels(levels)
+    levels = check_fraction_levels(levels)
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not traces:
@@ -163,7 +170,8 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     model.save(out)
     sidecar = dict(
-        format=SIDECAR_FORMAT, levels=list(levels), k=k, observation=observation_layout(dict_space),
+        format=SIDECAR_FORMAT, sha256=file_sha256(out), levels=list(levels), k=k,
+        observation=observation_layout(dict_space),
         observation_normalization=obs_norm,
         trained_on=sorted({os.path.basename(os.path.normpath(s["trace"])) for s in specs}),
         envs=[dict(s, trace=os.path.basename(os.path.normpath(s["trace"]))) for s in specs],
@@ -182,6 +190,45 @@ def _sidecar_path(path: str) -> str:
     return (path[:-4] if path.endswith(".zip") else path) + ".json"
 
 
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class UntrustedPolicyError(ValueError):
+    """A policy zip whose SHA-256 is not the one its sidecar records (loading it would unpickle unknown code)."""
+
+
+def read_policy_meta(path: str | None, trust: bool = False) -> tuple[str, dict]:
+    """``(zip path, sidecar dict)`` of the policy at ``path`` (default: the shipped one), after checking that both
+    files exist, the sidecar is rudder's, and the zip's SHA-256 is the one it records (unless ``trust``). Cheap (it
+    hashes the zip and loads nothing): :class:`PPOAgent` calls it, and ``train.py`` before any process starts."""
+    path = path or DEFAULT_POLICY
+    path = path if path.endswith(".zip") else path + ".zip"
+    sidecar = _sidecar_path(path)
+    for p in (path, sidecar):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"PPO policy file {p} not found (train one with: python train.py ppo)")
+    try:
+        with open(sidecar) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{sidecar} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise ValueError(f"{sidecar} is not a rudder PPO sidecar ({SIDECAR_FORMAT})")
+    recorded, actual = meta.get("sha256"), file_sha256(path)
+    if recorded != actual and not trust:
+        said = f"records {recorded}" if recorded else "records no sha256"
+        raise UntrustedPolicyError(
+            f"{path}: SHA-256 is {actual} but {sidecar} {said}; a policy file is pickled code that loading runs, "
+            f"so it is refused: pass --trust-policy (trust=True) only if you trust where it came from")
+    return path, meta
+
+
 class PPOAgent(Agent):
     """Plays a policy saved by :func:`train_ppo` (default: the shipped ``agents/policies/ppo-small.zip``).
 
@@ -190,35 +237,37 @@ class PPOAgent(Agent):
     training run's statistics when it used them. An observation with a different K than the policy's is cut or
     padded to the policy's K (missing candidates read 0, missing residents 1: no slot).
 
+    Args:
+        path: the policy ``.zip`` (its sidecar ``.json`` beside it); default the shipped one.
+        deterministic: act on the policy's most likely level.
+        trust: load the zip even if its SHA-256 differs from the sidecar's record (or the sidecar has none).
+            Loading unpickles code from the zip: trust only a file from a source you trust.
+
     Attributes:
         trained_on: names of the traces the policy was trained on (to mark held-out traces).
         levels, k: the policy's action levels and candidates per decision.
+
+    Raises:
+        FileNotFoundError: the zip or its sidecar is missing. :class:`UntrustedPolicyError`: the zip's SHA-256
+        is not the sidecar's (and ``trust`` is false). ``ValueError``: a sidecar that is not a rudder one.
     """
 
     name = "ppo"
 
-    def __init__(self, path: str | None = None, deterministic: bool = True):
+    def __init__(self, path: str | None = None, deterministic: bool = True, trust: bool = False):
         from stable_baselines3 import PPO
 
-        path = path or DEFAULT_POLICY
-        sidecar = _sidecar_path(path)
-        for p in (path if path.endswith(".zip") else path + ".zip", sidecar):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"PPO policy file {p} not found (train one with: python train.py ppo)")
-        with open(sidecar) as f:
-            meta = json.load(f)
-        if meta.get("format") != SIDECAR_FORMAT:
-            raise ValueError(f"{sidecar} is not a rudder PPO sidecar ({SIDECAR_FORMAT})")
+        path, meta = read_policy_meta(path, trust)
         self.meta = meta
         self.path = path
-        self.levels = check_levels(meta["levels"])
+        self.levels = check_fraction_levels(meta["levels"])
         self.k = int(meta["k"])
         self.trained_on = list(meta.get("trained_on", []))
         self.deterministic = bool(deterministic)
         self._space = observation_space(self.k)
         if observation_layout(self._space) != meta["observation"]:
-            raise ValueError(f"{sidecar}: the policy's observation layout {meta['observation']} differs from this "
-                             f"rudder's {observation_layout(self._space)}")
+            raise ValueError(f"{_sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
+                             f"from this rudder's {observation_layout(self._space)}")
         # schedules are not needed to act; replacing them avoids unpickling the training-time closures
         self.model = PPO.load(path, device="cpu", custom_objects={"learning_rate": 0.0, "lr_schedule": lambda _: 0.0,
                                                                    "clip_range": lambda _: 0.0})

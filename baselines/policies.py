@@ -9,7 +9,8 @@ import numpy as np
 
 from agents.base import Agent
 from rudder_env.contract import BufferSettings, admissible, top_fraction, top_j
-from rudder_env.wrappers import DEFAULT_LEVELS, check_levels
+from rudder_env.settings import check_fraction_levels
+from rudder_env.wrappers import DEFAULT_LEVELS
 
 
 class _Keep(Agent):
@@ -86,7 +87,7 @@ class RandomBudget(_Keep):
     name = "random"
 
     def __init__(self, seed: int = 0, levels: Sequence[float] = DEFAULT_LEVELS):
-        self.levels = check_levels(levels)
+        self.levels = check_fraction_levels(levels)
         self.seed = seed
         self._rng = np.random.default_rng(seed)
 

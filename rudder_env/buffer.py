@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from rudder_env.settings import check
+
 EMPTY = -1
 
 
@@ -65,7 +67,6 @@ class MinibatchCounts:
     arrived: int = 0  # of ``prefetched``: rows a background prefetch delivered before this minibatch
 
 
-PREFETCH_MODES = ("inline", "background")
 PREFETCH_CHUNK = 2048  # rows a background prefetch requests at a time: a demand pull waits behind one at most
 
 
@@ -86,8 +87,7 @@ class PrefetchBuffer:
 
     def __init__(self, capacity: int, num_nodes: int, alpha: float = 0.05, period: int = 32, feat_dim: int = 0,
                  admit_on_miss: bool = False, dtype=np.float32, prefetch: str = "inline"):
-        if prefetch not in PREFETCH_MODES:
-            raise ValueError(f"unknown prefetch mode {prefetch!r}: expected one of {', '.join(PREFETCH_MODES)}")
+        check("prefetch", prefetch)
         if capacity < 0:
             raise ValueError(f"buffer capacity must be >= 0, got {capacity}")
         if not 0.0 < alpha < 1.0:

@@ -16,7 +16,7 @@ from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
-RANKINGS = ("misses", "lookahead")
+from rudder_env.settings import check
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ class BufferSettings:
     ranking: str = "misses"
 
     def __post_init__(self):
-        if self.ranking not in RANKINGS:
-            raise ValueError(f"unknown ranking {self.ranking!r}: expected one of {', '.join(RANKINGS)}")
+        check("ranking", self.ranking)
         if self.static and self.admit_on_miss:
             raise ValueError("a static buffer cannot admit on miss: it never changes after the initial fill")
 

@@ -20,9 +20,9 @@ import numpy as np
 from rudder_env.buffer import MinibatchCounts, PrefetchBuffer
 from rudder_env.contract import DecisionInfo
 from rudder_env.ranking import Ranking
+from rudder_env.settings import check
 from rudder_env.spaces import WindowStats, build_observation, check_action
 
-REWARDS = ("traffic", "time")
 
 
 @dataclass
@@ -76,10 +76,8 @@ class PrefetchEpisode:
     """
 
     def __init__(self, buffer: PrefetchBuffer, ranking: Ranking, k: int, run: RunFacts, reward: str = "traffic"):
-        if reward not in REWARDS:
-            raise ValueError(f"unknown reward {reward!r}: expected one of {', '.join(REWARDS)}")
-        if k < 1:
-            raise ValueError(f"the number of candidates must be >= 1, got {k}")
+        check("reward", reward)
+        check("candidates", k)
         self.buffer, self.ranking, self.k, self.run = buffer, ranking, k, run
         self.total_minibatches = run.total_minibatches
         self.reward_kind = reward

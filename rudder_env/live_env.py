@@ -8,6 +8,7 @@ from rudder_env.episode import PrefetchEnv, PrefetchEpisode, RunFacts
 from rudder_env.ranking import make_ranking
 from rudder_env.replay_env import DEFAULT_CANDIDATES
 from rudder_env.spaces import action_space, observation_space
+from rudder_env.settings import check
 
 
 class LiveEnv(PrefetchEnv):
@@ -48,10 +49,10 @@ class LiveEnv(PrefetchEnv):
                  lookahead_discount: float | None = None):
         super().__init__()
         self.trainer = trainer
-        self.k = int(candidates)
-        self.reward = reward
+        self.k = check("candidates", candidates)
+        self.reward = check("reward", reward)
         self.trace = trace
-        self.ranking = ranking
+        self.ranking = check("ranking", ranking)
         self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
         self.period = trainer.cfg.period
         self.observation_space = observation_space(self.k)

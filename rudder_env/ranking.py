@@ -24,7 +24,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from rudder_env.buffer import EMPTY, PrefetchBuffer, first_in_order
-from rudder_env.contract import RANKINGS
+from rudder_env.settings import check
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,8 @@ class LookaheadRanking:
 def make_ranking(name: str, buffer: PrefetchBuffer, lookahead=None, upcoming: Callable | None = None,
                  sampled_ahead: Callable | None = None, horizon: int | None = None,
                  discount: float | None = None) -> Ranking:
-    """The ranking ``name`` (one of :data:`~rudder_env.contract.RANKINGS`) over ``buffer``."""
-    if name not in RANKINGS:
-        raise ValueError(f"unknown ranking {name!r}: expected one of {', '.join(RANKINGS)}")
+    """The ranking ``name`` (one of :data:`~rudder_env.settings.RANKINGS`) over ``buffer``."""
+    check("ranking", name)
     if name == "misses":
         return MissRanking(buffer)
     if lookahead is None or upcoming is None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from rudder_env.buffer import PREFETCH_MODES, PrefetchBuffer, initial_ids
+from rudder_env.buffer import PrefetchBuffer, initial_ids
 from rudder_env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, RunFacts
 from rudder_env.lookahead import SamplerLookahead
 from rudder_env.ranking import make_ranking
 from rudder_env.spaces import action_space, observation_space
+from rudder_env.settings import check, check_optional
 from rudder_env.timing import BackgroundLink, FetchTimeModel
-from traces import Trace
+from traces import Trace, TraceError
 
 DEFAULT_CANDIDATES = 256
 DEFAULT_SAMPLE_AHEAD = 4  # minibatches a trainer samples ahead unless told otherwise (``--sample-ahead``)
@@ -78,13 +79,24 @@ class ReplayEnv(PrefetchEnv):
                  lookahead_discount: float | None = None, prefetch: str | None = None,
                  follow_recorded: bool = True):
         super().__init__()
+        candidates = check_optional("candidates", candidates)
+        reward = check("reward", reward)
+        buffer_fraction = check_optional("buffer_fraction", buffer_fraction)
+        buffer_init = check("buffer_init", buffer_init, extra_choices=("recorded",))
+        alpha, period = check_optional("alpha", alpha), check_optional("period", period)
+        ranking = check("ranking", ranking)
+        admit_on_miss = check_optional("admit_on_miss", admit_on_miss)
+        prefetch = check_optional("prefetch", prefetch)
         self.follow_recorded = follow_recorded
         self.source = trace if isinstance(trace, Trace) else Trace(trace)
         self.rank_trace = self.source.rank(rank)
+        if self.rank_trace.num_minibatches == 0:
+            raise TraceError(f"rank {rank} of trace {self.source.directory} holds no minibatch (the run ended before "
+                             f"its first chunk was written): nothing to replay")
         self.rank = rank
         run = self.source.meta.get("config", {})
         rmeta = self.rank_trace.meta
-        self.k = int(candidates or run.get("candidates", DEFAULT_CANDIDATES))
+        self.k = int(candidates if candidates is not None else run.get("candidates", DEFAULT_CANDIDATES))
         self.reward = reward
         self.alpha = float(alpha if alpha is not None else run.get("alpha", 0.05))
         self.period = int(period if period is not None else run.get("period", 8))
@@ -97,8 +109,6 @@ class ReplayEnv(PrefetchEnv):
         if buffer_init == "recorded":
             same_size = self.capacity == int(rmeta.get("capacity", -1))
             buffer_init = "recorded" if same_size else run.get("buffer_init", "degree")
-        if buffer_init not in ("recorded", "degree", "random", "empty"):
-            raise ValueError(f"unknown buffer_init {buffer_init!r}: expected recorded, degree, random or empty")
         self.buffer_init = buffer_init
         self.num_nodes = int(rmeta["num_nodes"])
         self.fanouts = [int(x) for x in str(run.get("fanout", "10,25")).split(",")]
@@ -110,9 +120,7 @@ class ReplayEnv(PrefetchEnv):
         self._compute_s = table["compute_s"].to_numpy(dtype=np.float64)
         self._fetch_s = table["fetch_s"].to_numpy(dtype=np.float64)
         self._epoch_of = table["epoch"].to_numpy()
-        self.prefetch = prefetch or run.get("prefetch", "inline")
-        if self.prefetch not in PREFETCH_MODES:
-            raise ValueError(f"unknown prefetch {self.prefetch!r}: expected one of {', '.join(PREFETCH_MODES)}")
+        self.prefetch = check("prefetch", prefetch or run.get("prefetch", "inline"))
         recorded = self.rank_trace.prefetch_table()  # background recordings: arrivals and stalls per minibatch
         self._recorded_arrived = recorded["arrived"].to_numpy() if recorded is not None else None
         self._recorded_stall = recorded["stall_s"].to_numpy(np.float64) if recorded is not None else None

@@ -22,30 +22,20 @@ import numpy as np
 from gymnasium import spaces
 
 from rudder_env.contract import top_fraction, top_j
+from rudder_env.settings import check_count_levels, check_fraction_levels
 
 DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0)
 
 
-def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
-    """``levels`` as a tuple of floats; ``ValueError`` unless they start at 0, increase strictly and stay <= 1."""
-    try:
-        out = tuple(float(v) for v in levels)
-    except (TypeError, ValueError):
-        raise ValueError(f"levels must be numbers, got {levels!r}") from None
-    if len(out) < 2 or out[0] != 0.0 or any(b <= a for a, b in zip(out, out[1:])) or out[-1] > 1.0:
-        raise ValueError(f"levels must be at least two fractions, strictly increasing from 0 to at most 1, "
-                         f"got {list(levels)}")
-    return out
-
-
 def parse_levels(text: str) -> tuple[float, ...]:
-    """``"0,0.25,0.5,1"`` -> ``(0.0, 0.25, 0.5, 1.0)``, checked by :func:`check_levels`."""
+    """``"0,0.25,0.5,1"`` -> ``(0.0, 0.25, 0.5, 1.0)``, checked by
+    :func:`~rudder_env.settings.check_fraction_levels`."""
     parts = [p.strip() for p in str(text).split(",")]
     try:
         values = [float(p) for p in parts]
     except ValueError:
         raise ValueError(f"levels must be comma-separated fractions such as 0,0.25,0.5,1, got {text!r}") from None
-    return check_levels(values)
+    return check_fraction_levels(values)
 
 
 class _Levels(gym.Wrapper):
@@ -91,10 +81,8 @@ class Budget(_Levels, gym.utils.RecordConstructorArgs):
     """
 
     def __init__(self, env: gym.Env, levels=(0, 16, 64, 256)):
-        gym.utils.RecordConstructorArgs.__init__(self, levels=tuple(levels))
-        levels = [int(v) for v in levels]
-        if not levels or levels[0] != 0 or sorted(set(levels)) != levels:
-            raise ValueError(f"Budget levels must be strictly increasing and start at 0, got {levels}")
+        levels = check_count_levels(levels)
+        gym.utils.RecordConstructorArgs.__init__(self, levels=levels)
         _Levels.__init__(self, env, levels)
 
     @staticmethod
@@ -112,8 +100,9 @@ class FractionBudget(_Levels, gym.utils.RecordConstructorArgs):
     """
 
     def __init__(self, env: gym.Env, levels: Sequence[float] = DEFAULT_LEVELS):
-        gym.utils.RecordConstructorArgs.__init__(self, levels=tuple(levels))
-        _Levels.__init__(self, env, check_levels(levels))
+        levels = check_fraction_levels(levels)
+        gym.utils.RecordConstructorArgs.__init__(self, levels=levels)
+        _Levels.__init__(self, env, levels)
 
     @staticmethod
     def base_action(level, info, k: int) -> np.ndarray:

@@ -206,5 +206,5 @@ def test_background_take_skips_rows_that_became_resident():
     buf.apply([5, 6, 7])
     buf.lookup([6])  # a miss on 6 admits it (an empty slot), so it is not requested again
     assert buf.take().tolist() == [5, 7] and buf.in_flight == 2
-    with pytest.raises(ValueError, match="unknown prefetch mode 'later'"):
+    with pytest.raises(ValueError, match=r"prefetch \(--prefetch\) must be one of inline, background, got 'later'"):
         PrefetchBuffer(capacity=1, num_nodes=N, prefetch="later")

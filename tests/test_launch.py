@@ -66,12 +66,12 @@ def test_port_in_use_is_detected():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("fanout", "10,x", "--fanout must be comma-separated integers"),
-    ("parts", -1, "--parts must be >= 1"),
+    ("fanout", "10,x", r"fanout \(--fanout\) must be comma-separated integers"),
+    ("parts", -1, r"parts \(--parts\) must be an integer >= 1, got -1"),
     ("hosts", 1, r"--hosts must be 0 \(this host\) or >= 2"),
     ("link_rate", "500mbit", "--link-rate shapes the links of emulated hosts: it needs --hosts N"),
-    ("buffer_fraction", 1.5, r"--buffer-fraction must be in \[0, 1\]"),
-    ("period", 0, "--period must be >= 1"),
+    ("buffer_fraction", 1.5, r"buffer_fraction \(--buffer-fraction\) must be a number in \[0, 1\], got 1.5"),
+    ("period", 0, r"period \(--period\) must be an integer >= 1, got 0"),
     ("agent", "recorded", "--agent recorded and --decisions-from TRACE go together"),
     ("decisions_from", "/nonexistent", "--agent recorded and --decisions-from TRACE go together"),
 ])

@@ -9,8 +9,11 @@ A trace whose writer was not closed (a killed run) is read as the prefix it hold
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -26,8 +29,11 @@ from .schema import (
     DECISION_ARRAYS,
     MINIBATCH_COLUMNS,
     RANK_FILE,
+    CHUNK_ARRAYS,
     REMOTE_IDS,
     PREFETCH_COLUMNS,
+    OPTIONAL_ARRAYS,
+    SEED_ARRAYS,
     SEED_COUNT,
     SEED_IDS,
     SCHEMA,
@@ -85,6 +91,8 @@ class Trace:
                 parts.append(f"writer of rank {_join(unclosed)} never closed (minibatches kept: {counts})")
             if missing:
                 parts.append(f"rank {_join(missing)} of {self.num_ranks} wrote nothing")
+            if not any(t.num_minibatches for t in self._ranks.values()):
+                parts.append("it holds no minibatch (the run ended before its first chunk was written)")
             warnings.warn(f"trace {self.directory} is incomplete, a prefix of the run: {'; '.join(parts)}",
                           TraceIncompleteWarning, stacklevel=2)
 
@@ -113,6 +121,17 @@ class Trace:
         return f"Trace({str(self.directory)!r}, ranks={self.ranks}, {state})"
 
 
+class _StaticArrays(dict):
+    """A rank's static arrays: a dict whose missing names are a :class:`TraceError` naming the file."""
+
+    def __init__(self, path: Path, arrays: dict[str, np.ndarray]):
+        super().__init__(arrays)
+        self.path = path
+
+    def __missing__(self, name: str):
+        raise TraceError(f"{self.path} lacks array {name!r} (it has {', '.join(sorted(self)) or 'none'})")
+
+
 @dataclass
 class _Chunk:
     """One validated chunk: per-minibatch columns, optionally the decoded ids, and the decisions."""
@@ -121,6 +140,9 @@ class _Chunk:
     ids: np.ndarray | None  # int64, every minibatch's sorted ids concatenated (read-only)
     id_offsets: np.ndarray  # int64[n + 1]: minibatch i's ids are ids[id_offsets[i]:id_offsets[i + 1]]
     decisions: dict[str, np.ndarray]
+    seeds: np.ndarray | None = None  # int64, every minibatch's sorted seeds concatenated, when asked and recorded
+    seed_offsets: np.ndarray | None = None  # int64[n + 1], like id_offsets
+    prefetch: dict[str, np.ndarray] | None = None  # PREFETCH_COLUMNS, when the recording prefetched in the background
 
 
 class RankTrace:
@@ -167,9 +189,10 @@ class RankTrace:
 
     @property
     def static(self) -> dict[str, np.ndarray]:
-        """The rank's static arrays by name (e.g. ``halo_ids``, ``halo_degree``, ``initial_ids``)."""
+        """The rank's static arrays by name (e.g. ``halo_ids``, ``halo_degree``, ``initial_ids``); a name it
+        lacks raises :class:`TraceError` naming the file."""
         if self._static is None:
-            self._static = _read_npz(self.directory / STATIC_FILE, None)
+            self._static = _StaticArrays(self.directory / STATIC_FILE, _read_npz(self.directory / STATIC_FILE, None))
         return self._static
 
     def minibatch_ids(self) -> list[np.ndarray]:
@@ -186,47 +209,28 @@ class RankTrace:
         """Per minibatch, what a background prefetch did (``arrived`` rows delivered before it, ``stall_s`` its demand
         pull waited), or None when the recording prefetched inline."""
         parts: dict[str, list[np.ndarray]] = {name: [] for name in PREFETCH_COLUMNS}
-        for index in range(self.num_chunks):
-            path = self.directory / chunk_file_name(index)
-            arrays = _read_npz(path, ["minibatch"])
-            n = arrays["minibatch"].size
-            if n == 0:
-                continue  # a decisions-only last chunk
-            try:
-                arrays = _read_npz(path, list(PREFETCH_COLUMNS))
-            except TraceError:
-                if index == 0:
+        for chunk in self._chunks(with_ids=False):
+            if chunk.prefetch is None:
+                if chunk.id_offsets.size > 1:  # _chunks saw to it: then no chunk has them
                     return None
-                raise
-            for name, dtype in PREFETCH_COLUMNS.items():
-                a = arrays[name]
-                if a.dtype != dtype or a.shape != (n,):
-                    raise TraceError(f"field {name!r} in {path}: expected {n} values of {dtype}, got shape "
-                                     f"{a.shape} of {a.dtype}")
-                parts[name].append(a)
+                continue  # a decisions-only last chunk
+            for name in PREFETCH_COLUMNS:
+                parts[name].append(chunk.prefetch[name])
         if not parts["arrived"]:
             return None
         return pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
 
     def minibatch_seeds(self) -> list[np.ndarray] | None:
-        """Every minibatch's seed ids (sorted int64), or None when the recording did not store them."""
+        """Every minibatch's seed ids (sorted int64, read-only), or None when the recording did not store them.
+        Loads all chunks once (validated like every read) and caches the result."""
         if self._minibatch_seeds is None:
             seeds: list[np.ndarray] = []
-            for index in range(self.num_chunks):
-                path = self.directory / chunk_file_name(index)
-                with np.load(path, allow_pickle=False) as npz:
-                    if SEED_COUNT not in npz.files:
-                        if "minibatch" in npz.files and npz["minibatch"].size == 0:
-                            continue  # a decisions-only last chunk
+            for chunk in self._chunks(with_ids=False, with_seeds=True):
+                if chunk.seeds is None:
+                    if chunk.id_offsets.size > 1:  # _chunks saw to it: then no chunk has seeds
                         return None
-                    counts, codes = npz[SEED_COUNT].astype(np.int64), npz[SEED_IDS]
-                if codes.size != counts.sum():
-                    raise TraceError(f"field {SEED_IDS!r} in {path}: expected {counts.sum()} ids (sum of "
-                                     f"{SEED_COUNT}), got {codes.size}")
-                seeds.extend(np.split(delta_decode(codes, counts), np.cumsum(counts)[:-1]))
-            if len(seeds) != self.num_minibatches:
-                raise TraceError(f"{self.directory}: {len(seeds)} minibatches have seeds, expected "
-                                 f"{self.num_minibatches}")
+                    continue  # a decisions-only last chunk
+                seeds.extend(np.split(chunk.seeds, chunk.seed_offsets[1:-1]))
             self._minibatch_seeds = seeds
         return self._minibatch_seeds
 
@@ -306,21 +310,30 @@ class RankTrace:
         return (f"RankTrace({str(self.directory)!r}, rank={self.rank}, minibatches={self.num_minibatches}, "
                 f"chunks={self.num_chunks}, {state})")
 
-    def _chunks(self, *, with_ids: bool) -> Iterator[_Chunk]:
-        """Read and validate the chunks listed in ``rank.json``, in order; decode ids only if ``with_ids``."""
+    def _chunks(self, *, with_ids: bool, with_seeds: bool = False) -> Iterator[_Chunk]:
+        """Read and validate the chunks listed in ``rank.json``, in order; decode ids only if ``with_ids``, seeds
+        only if ``with_seeds``. Seeds are optional, but then in every chunk that has minibatches or in none."""
         names = [*MINIBATCH_COLUMNS, *DECISION_ARRAYS] + ([REMOTE_IDS] if with_ids else [])
         next_minibatch: int | None = None  # where the next chunk must start
         last_decision = 0  # decisions of the next chunk must be >= this
         minibatches = remote_ids = 0
+        first: dict[str, tuple[bool, Path]] = {}  # per optional group: whether the first chunk with minibatches had it
         for index in range(self.num_chunks):
             path = self.directory / chunk_file_name(index)
             if not path.is_file():
                 raise TraceError(f"{path} missing: {self.directory / RANK_FILE} lists {self.num_chunks} chunks")
-            arrays = _read_npz(path, names)
+            arrays = _read_npz(path, names, optional=OPTIONAL_ARRAYS, known=CHUNK_ARRAYS + OPTIONAL_ARRAYS)
             chunk = _check_chunk(arrays, path, next_minibatch, last_decision,
-                                 is_last=index == self.num_chunks - 1, with_ids=with_ids)
+                                 is_last=index == self.num_chunks - 1, with_ids=with_ids, with_seeds=with_seeds)
             n = len(chunk.id_offsets) - 1
             if n:
+                for group, marker in (("seeds", SEED_COUNT), ("background prefetch columns", "arrived")):
+                    has = marker in arrays
+                    seen = first.setdefault(group, (has, path))
+                    if seen[0] != has:
+                        with_it, without = (path, seen[1]) if has else (seen[1], path)
+                        raise TraceError(f"field {marker!r} in {without}: expected {group} as in {with_it} (a trace "
+                                         f"stores them in every chunk or in none), got none")
                 next_minibatch = int(chunk.columns["minibatch"][-1]) + 1
             if chunk.decisions["decision_minibatch"].size:
                 last_decision = int(chunk.decisions["decision_minibatch"][-1])
@@ -338,8 +351,9 @@ class RankTrace:
 
 
 def _check_chunk(arrays: dict[str, np.ndarray], path: Path, next_minibatch: int | None, last_decision: int, *,
-                 is_last: bool, with_ids: bool) -> _Chunk:
-    """Validate one chunk's arrays against the format and the chunks before it; decode its ids if present."""
+                 is_last: bool, with_ids: bool, with_seeds: bool = False) -> _Chunk:
+    """Validate one chunk's arrays against the format and the chunks before it; decode its ids (and seeds) if
+    asked."""
     for name, dtype in {**MINIBATCH_COLUMNS, **DECISION_ARRAYS}.items():
         array = arrays[name]
         if array.dtype != dtype or array.ndim != 1:
@@ -365,20 +379,26 @@ def _check_chunk(arrays: dict[str, np.ndarray], path: Path, next_minibatch: int 
     id_offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=id_offsets[1:])
 
-    ids = None
-    if with_ids:
-        codes = arrays[REMOTE_IDS]
-        if codes.dtype.kind != "u" or codes.ndim != 1:
-            raise TraceError(f"field {REMOTE_IDS!r} in {path}: expected 1-D uint16, uint32 or uint64, "
-                             f"got {codes.ndim}-D {codes.dtype}")
-        if codes.size != id_offsets[-1]:
-            raise TraceError(f"field {REMOTE_IDS!r} in {path}: expected {id_offsets[-1]} ids (sum of remote_count), "
-                             f"got {codes.size}")
-        try:
-            ids = delta_decode(codes, counts)
-        except ValueError as exc:
-            raise TraceError(f"field {REMOTE_IDS!r} in {path}: expected ids below 2**63, got {exc}") from None
-        ids.setflags(write=False)
+    ids = _decode(arrays, REMOTE_IDS, counts, id_offsets, path) if with_ids else None
+    seeds = seed_offsets = None
+    if SEED_COUNT in arrays or SEED_IDS in arrays:
+        if n == 0:
+            raise TraceError(f"field {SEED_COUNT!r} in {path}: expected no seeds in a chunk without minibatches, "
+                             f"got {arrays[SEED_COUNT].size if SEED_COUNT in arrays else 0}")
+        for name in SEED_ARRAYS:
+            if name not in arrays:
+                raise TraceError(f"{path} lacks array {name!r}: {' and '.join(SEED_ARRAYS)} go together")
+        seed_counts = arrays[SEED_COUNT]
+        if seed_counts.dtype != np.int32 or seed_counts.ndim != 1 or seed_counts.size != n:
+            raise TraceError(f"field {SEED_COUNT!r} in {path}: expected 1-D int32 with {n} values (one per "
+                             f"minibatch), got {seed_counts.ndim}-D {seed_counts.dtype} with {seed_counts.size}")
+        seed_counts = seed_counts.astype(np.int64)
+        if seed_counts.min() < 0:
+            raise TraceError(f"field {SEED_COUNT!r} in {path}: expected counts >= 0, got {seed_counts.min()}")
+        seed_offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(seed_counts, out=seed_offsets[1:])
+        if with_seeds:
+            seeds = _decode(arrays, SEED_IDS, seed_counts, seed_offsets, path)
 
     decisions = {name: arrays[name] for name in DECISION_ARRAYS}
     when, offsets = decisions["decision_minibatch"], decisions["decision_offsets"]
@@ -399,23 +419,79 @@ def _check_chunk(arrays: dict[str, np.ndarray], path: Path, next_minibatch: int 
         if not is_last and end is not None and when[-1] >= end:
             raise TraceError(f"field 'decision_minibatch' in {path}: expected values < {end} (later decisions "
                              f"belong to a later chunk), got {when[-1]}")
-    return _Chunk({name: arrays[name] for name in MINIBATCH_COLUMNS}, ids, id_offsets, decisions)
+    prefetch = None
+    if any(name in arrays for name in PREFETCH_COLUMNS):
+        for name, dtype in PREFETCH_COLUMNS.items():
+            a = arrays.get(name)
+            if a is None:
+                raise TraceError(f"{path} lacks array {name!r}: {' and '.join(PREFETCH_COLUMNS)} go together")
+            if a.dtype != dtype or a.shape != (n,):
+                raise TraceError(f"field {name!r} in {path}: expected {n} values of {dtype}, got shape {a.shape} of "
+                                 f"{a.dtype}")
+        prefetch = {name: arrays[name] for name in PREFETCH_COLUMNS}
+    return _Chunk({name: arrays[name] for name in MINIBATCH_COLUMNS}, ids, id_offsets, decisions, seeds,
+                  seed_offsets, prefetch)
 
 
-def _read_npz(path: Path, names: list[str] | None) -> dict[str, np.ndarray]:
-    """The arrays ``names`` (all if None) of an ``.npz`` file; :class:`TraceError` if missing, cut or corrupt."""
-    missing: list[str] = []
+def _decode(arrays: dict[str, np.ndarray], name: str, counts: np.ndarray, offsets: np.ndarray, path: Path
+            ) -> np.ndarray:
+    """The delta-coded ids in ``arrays[name]`` (``counts`` per minibatch) as read-only int64, checked."""
+    codes = arrays[name]
+    if codes.dtype.kind != "u" or codes.ndim != 1:
+        raise TraceError(f"field {name!r} in {path}: expected 1-D uint16, uint32 or uint64, "
+                         f"got {codes.ndim}-D {codes.dtype}")
+    if codes.size != offsets[-1]:
+        count = "remote_count" if name == REMOTE_IDS else SEED_COUNT
+        raise TraceError(f"field {name!r} in {path}: expected {offsets[-1]} ids (sum of {count}), got {codes.size}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            wanted = npz.files if names is None else names
-            missing = [name for name in wanted if name not in npz.files]
-            arrays = {name: npz[name] for name in wanted if name in npz.files}
+        ids = delta_decode(codes, counts)
+    except ValueError as exc:
+        raise TraceError(f"field {name!r} in {path}: expected ids below 2**63, got {exc}") from None
+    ids.setflags(write=False)
+    return ids
+
+
+# What damage to an .npz (a zip of .npy files) raises while reading it: zip structure (BadZipFile; a member's
+# compression method or flags -> NotImplementedError, or RuntimeError "encrypted"; a size -> EOFError), deflate data
+# (zlib.error), an .npy header (ValueError, SyntaxError, tokenize.TokenError from numpy's header parser), I/O.
+_NPZ_DAMAGE = (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError, RuntimeError, SyntaxError,
+               tokenize.TokenError, struct.error, OverflowError)
+
+
+def _read_npz(path: Path, names: list[str] | None, optional: tuple[str, ...] = (),
+              known: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays ``names`` (all if None) and those of ``optional`` present, from an ``.npz`` file.
+
+    Every member read is read whole, so zip's CRC-32 checks it: damage anywhere in its bytes is an error, never a
+    silently different array. With ``known``, an array of any other name is an error too (a damaged member name
+    must not pass for an absent optional array). Raises :class:`TraceError` naming the file and the array.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {name[:-4]: name for name in archive.namelist() if name.endswith(".npy")}
+            strangers = [name for name in archive.namelist() if known is not None
+                         and (not name.endswith(".npy") or name[:-4] not in known)]
+            if strangers:
+                raise TraceError(f"{path} holds an array this format does not have: {strangers[0]!r} (damaged, or "
+                                 f"not a rudder chunk)")
+            wanted = list(members) if names is None else names
+            missing = [name for name in wanted if name not in members]
+            if missing:
+                raise TraceError(f"{path} lacks required array {missing[0]!r} (missing: {', '.join(missing)})")
+            arrays = {}
+            for name in [*wanted, *(n for n in optional if n in members and n not in wanted)]:
+                try:
+                    arrays[name] = np.lib.format.read_array(io.BytesIO(archive.read(members[name])),
+                                                            allow_pickle=False)
+                except _NPZ_DAMAGE as exc:
+                    raise TraceError(f"field {name!r} in {path}: the array is truncated or corrupt: "
+                                     f"{type(exc).__name__}: {exc}") from None
+    except TraceError:
+        raise
     except FileNotFoundError:
         raise TraceError(f"{path} missing") from None
-    except (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError) as exc:
-        raise TraceError(f"{path} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
-    if missing:
-        raise TraceError(f"{path} lacks required array {missing[0]!r} (missing: {', '.join(missing)})")
+    except _NPZ_DAMAGE as exc:
+        raise TraceError(f"{path} is truncated or corrupt: {type(exc).__name__}: {exc}") from None
     return arrays
 
 

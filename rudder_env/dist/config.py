@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from rudder_env.replay_env import DEFAULT_SAMPLE_AHEAD
+from rudder_env.settings import check, check_fanout
 
 
 def default_cache_dir() -> str:
@@ -54,6 +55,9 @@ class TrainConfig:
              "normal"))
     decisions_from: str | None = field(default=None, metadata=dict(
         help="with --agent recorded: a trace whose prefetch decisions are applied again at the same minibatches"))
+    trust_policy: bool = field(default=False, metadata=dict(
+        help="with --agent ppo: load the policy even if its SHA-256 is not the one its sidecar records (loading a "
+             "policy runs pickled code: only for a file from a source you trust)"))
     sample_ahead: int = field(default=DEFAULT_SAMPLE_AHEAD, metadata=dict(
         help="minibatches sampled ahead of training (within an epoch); the lookahead knows their remote rows"))
     prefetch: str = field(default="background", metadata=dict(
@@ -76,10 +80,18 @@ class TrainConfig:
              "0: the first free block from 30050 on"))
     cache_dir: str = field(default_factory=default_cache_dir, metadata=dict(
         help="where graphs and partitions are cached (a shared filesystem on several hosts)"))
+    repartition: bool = field(default=False, metadata=dict(
+        help="partition the graph again even if partitions are cached (e.g. after a damaged partition file)"))
     summary: str | None = field(default=None, metadata=dict(help="write the run summary JSON here"))
     verify_rows: bool = field(default=False, metadata=dict(
         help="check every input row against a direct DistTensor pull, and column 0 against the original node id"))
     timeout_s: float = field(default=0.0, metadata=dict(help="kill the job after this many seconds (0: never)"))
+    watchdog_s: float = field(default=30.0, metadata=dict(
+        help="end the job when a trainer makes no progress (no minibatch, fetch, decision...) for max(this, "
+             "20 x its slowest step so far) seconds once training runs (0: no watchdog)"))
+    startup_timeout_s: float = field(default=600.0, metadata=dict(
+        help="end the job when a trainer has not started training this many seconds after its rank started "
+             "(0: never)"))
     hosts: int = field(default=0, metadata=dict(
         help="run on this many emulated hosts on this machine (network namespaces on a bridge, links shaped to "
              "--link-rate, DGL's several-host mode unpatched), one partition each; root only. 0: every rank on "
@@ -97,7 +109,7 @@ class TrainConfig:
 
     @property
     def fanouts(self) -> list[int]:
-        return [int(x) for x in self.fanout.split(",")]
+        return check_fanout(self.fanout)
 
     @property
     def num_trainers(self) -> int:
@@ -109,12 +121,14 @@ class TrainConfig:
 
     def agent_options(self, trainer_rank: int = 0) -> dict:
         """Constructor options of the agent on trainer ``trainer_rank``: ``--agent-kwargs``, and for ``recorded``
-        the trace and rank whose decisions it plays."""
+        the trace and rank whose decisions it plays; for ``ppo``, whether to trust a policy file (``--trust-policy``)."""
         from rudder_env.evaluation.registry import parse_agent_kwargs
 
         options = parse_agent_kwargs(self.agent_kwargs)
         if self.agent == "recorded":
             options.update(trace=self.decisions_from, rank=trainer_rank)
+        if self.agent == "ppo" and self.trust_policy:
+            options.update(trust=True)
         return options
 
     def validate(self) -> None:
@@ -126,24 +140,18 @@ class TrainConfig:
             raise ValueError("--agent recorded and --decisions-from TRACE go together")
         if self.decisions_from is not None and not os.path.isdir(self.decisions_from):
             raise ValueError(f"--decisions-from {self.decisions_from}: no such trace folder")
+        if self.decisions_from is not None:
+            self._check_decisions_trace()
         check_agent(self.agent, self.agent_options())
-        if self.parts < 1:
-            raise ValueError(f"--parts must be >= 1, got {self.parts}")
-        if self.trainers_per_part < 1:
-            raise ValueError(f"--trainers-per-part must be >= 1, got {self.trainers_per_part}")
-        try:
-            fanouts = self.fanouts
-        except ValueError:
-            raise ValueError(f"--fanout must be comma-separated integers, got {self.fanout!r}") from None
-        if not fanouts or min(fanouts) < 1:
-            raise ValueError(f"--fanout needs positive integers, got {self.fanout!r}")
-        if not 0.0 <= self.buffer_fraction <= 1.0:
-            raise ValueError(f"--buffer-fraction must be in [0, 1], got {self.buffer_fraction}")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
-        for name in ("period", "batch_size", "epochs", "hidden", "candidates"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.agent == "ppo":
+            from agents.ppo import read_policy_meta
+
+            read_policy_meta(None, trust=self.trust_policy)  # refused here, before any process starts
+        for name in ("parts", "trainers_per_part", "buffer_fraction", "alpha", "period", "batch_size", "epochs",
+                     "hidden", "lr", "candidates", "sample_ahead", "num_samplers", "timeout_s", "watchdog_s",
+                     "startup_timeout_s", "reward", "buffer_init", "prefetch"):
+            check(name, getattr(self, name))
+        check_fanout(self.fanout)
         if self.hosts < 0 or self.hosts == 1:
             raise ValueError(f"--hosts must be 0 (this host) or >= 2 emulated hosts, got {self.hosts}")
         if self.hosts and self.parts != self.hosts:
@@ -163,6 +171,26 @@ class TrainConfig:
                              "(its own host count and link rate apply)")
         if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
+
+    def _check_decisions_trace(self) -> None:
+        """The ``--decisions-from`` trace must come from a run on the same graph, partitioned the same way, with as
+        many trainers: its decisions name node ids of that run's partitioning (DistDGL renumbers nodes per
+        partitioning) and are played per trainer rank."""
+        from rudder_env.dist.partition import graph_name
+        from traces import Trace
+
+        trace = Trace(self.decisions_from)
+        recorded = trace.meta.get("config", {})
+        part = trace.meta.get("graph", {})
+        pairs = [("graph", part.get("graph_name"), graph_name(self)),
+                 ("--parts", recorded.get("parts"), self.parts),
+                 ("--partition", recorded.get("partition"), self.partition),
+                 ("trainer ranks", trace.num_ranks, self.num_trainers)]
+        for what, then, now in pairs:
+            if then != now:
+                raise ValueError(f"--decisions-from {self.decisions_from}: recorded with {what} {then!r}, this run "
+                                 f"has {now!r}: its decisions name nodes of that run's partitions and cannot be "
+                                 f"applied here")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

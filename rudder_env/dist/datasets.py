@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -607,11 +608,19 @@ def _validate(g: dgl.DGLGraph, source: str, check_edges: bool = True) -> dgl.DGL
     return g
 
 
+def native_error_line(exc: BaseException) -> str:
+    """One line from an error DGL's C++ core raised: its first line without the ``[hh:mm:ss] file.cc:123: ``
+    prefix (the native stack trace DGL appends to the message is dropped)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", first)
+
+
 def _load_dgl_file(path: str) -> tuple[dgl.DGLGraph, dict]:
     try:
         graphs, labels = dgl.load_graphs(path)
-    except Exception as exc:
-        raise DatasetError(f"cannot read {path} with dgl.load_graphs: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - DGL raises DGLError, and others, for a file it cannot parse
+        raise DatasetError(f"cannot read {path} with dgl.load_graphs: {type(exc).__name__}: "
+                           f"{native_error_line(exc)}") from None
     if not graphs:
         raise DatasetError(f"{path}: expected 1 graph, got 0")
     return graphs[0], labels

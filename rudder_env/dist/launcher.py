@@ -1,8 +1,14 @@
 """The supervisor of a DistDGL job started from a shell (``train.py gnn`` outside MPI).
 
-:func:`launch` partitions (cached), checks ports, starts ``mpiexec`` in its own process group, and when the job ends
-(or fails, or times out, or is interrupted) kills the group, removes the job's ``/dev/shm`` segments, and names the
-rank that died first. Each rank runs :func:`rudder_env.dist.rank.rank_main`.
+:func:`launch` cleans up after earlier jobs whose supervisor was killed (:func:`cleanup_stale_jobs`), partitions
+(cached, files checked against their recorded sizes and CRC-32s), checks ports, starts ``mpiexec`` in its own
+process group, and supervises the job. It ends the job when a rank dies (naming the rank that died first), when a
+trainer stops making progress (the watchdog, :mod:`rudder_env.dist.heartbeat`: naming the rank and the phase it was
+in), at ``--timeout-s``, or on SIGINT/SIGTERM; then it kills the group and every rank, and removes the job's
+``/dev/shm`` segments, job folder and port lock. If the supervisor itself is killed outright, ``mpiexec`` gets
+SIGKILL from the kernel (a parent-death signal) and every rank ends itself (it watches the supervisor's pid: see
+:func:`rudder_env.dist.rank.rank_main`); what they leave is removed at the next start. Each rank runs
+:func:`rudder_env.dist.rank.rank_main`.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ import sys
 import time
 
 from rudder_env.dist import onehost
+from rudder_env.dist.heartbeat import FACTOR, PHASES, beat_path, read_beat
 from rudder_env.dist.partition import ensure_partitions
-from rudder_env.dist.ports import free_port_base, job_ports, port_in_use
-from rudder_env.dist.procs import alive
+from rudder_env.dist.ports import free_port_base, job_ports, port_in_use, remove_stale_locks
+from rudder_env.dist.procs import alive, start_time, state
 
 SHM_DIR = "/dev/shm"
 TAG_VAR = onehost.TAG_VAR
+SUPERVISOR_VAR = "RUDDER_SUPERVISOR"  # "pid start_time" of the supervising launcher, for the ranks to watch
+SUPERVISOR_FILE = "supervisor.json"  # in the job folder: who supervises it, and what to clean if it is killed
 CLUSTER_VAR = "RUDDER_EMULATED_CLUSTER"  # JSON facts of the emulated cluster a job runs on, for its summary
 
 
@@ -131,11 +140,121 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
+            if sig == signal.SIGTERM:
+                os.killpg(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
         except ProcessLookupError:
             return
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
+
+
+def _kill_ranks(statuses: dict[int, dict]) -> None:
+    """SIGKILL every rank still running, each with its own process group (its DGL sampler workers): the ranks
+    run in sessions of their own under MPICH's proxies, so killing mpiexec's group does not reach a rank that is
+    stopped or ignores its proxy. The side that closes a TCP connection first keeps its port in TIME_WAIT for a
+    minute, so the clients go first: trainers other than trainer 0, then trainer 0 (it hosts torch.distributed's
+    store on port-1), then the servers (their ports are the job's)."""
+    def order(st):
+        role = st["role"]
+        return 2 if role["kind"] == "server" else (1 if role["trainer_rank"] == 0 else 0)
+
+    for step in range(3):
+        ranks = [st for st in statuses.values() if order(st) == step and alive(st["pid"], st.get("start"))]
+        for st in ranks:
+            try:
+                os.killpg(st["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    os.kill(st["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(alive(st["pid"], st.get("start")) for st in ranks):
+            time.sleep(0.02)
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn`` of mpiexec: the kernel sends it SIGKILL when the supervisor dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def cleanup_stale_jobs(cache_dir: str) -> list[str]:
+    """Remove what jobs whose supervisor was killed left behind: their job folders, ``/dev/shm`` segments and port
+    locks. A job counts as stale when its supervisor is gone and none of its ranks runs (for a job started by the
+    user's mpiexec, which has no supervisor: when none of its ranks runs and its folder is over a minute old).
+    Returns one line per thing removed."""
+    removed = [f"port lock {path}" for path in remove_stale_locks()]
+    for job_dir in sorted(glob.glob(os.path.join(cache_dir, "jobs", "*"))):
+        try:
+            with open(os.path.join(job_dir, SUPERVISOR_FILE)) as f:
+                sup = json.load(f)
+        except FileNotFoundError:
+            sup = None
+        except (OSError, ValueError):
+            sup = {}
+        statuses = _read_statuses(job_dir)
+        if any(alive(st["pid"], st.get("start")) for st in statuses.values()):
+            continue
+        if sup is None:
+            try:
+                if time.time() - os.path.getmtime(job_dir) < 60:
+                    continue
+            except OSError:
+                continue
+        elif sup and alive(sup.get("pid", 0), sup.get("start")):
+            continue
+        tag = os.path.basename(job_dir)
+        shm = cleanup_shm(tag, since=sup.get("started") if sup else None,
+                          before=set(sup["shm_before"]) if sup and "shm_before" in sup else None)
+        shutil.rmtree(job_dir, ignore_errors=True)
+        removed.append(f"job folder {job_dir}" + (f" and {len(shm)} /dev/shm segment(s)" if shm else ""))
+    return removed
+
+
+def _stall(watchdog_s: float, startup_timeout_s: float, job_dir: str, statuses: dict[int, dict],
+           launched: float, expected_trainers: int) -> str | None:
+    """The watchdog's verdict: a one-line reason naming the rank to blame if a trainer made no progress within its
+    bound, else None. A rank whose process is stopped (SIGSTOP, a debugger) is blamed first: the others then wait
+    on it."""
+    now = time.monotonic()
+    overdue = []
+    trainers = {r: st for r, st in statuses.items() if st["role"]["kind"] == "trainer"}
+    for rank, st in trainers.items():
+        beat = read_beat(beat_path(job_dir, rank))
+        if beat is None:
+            continue
+        bound = beat.bound_s(watchdog_s, startup_timeout_s)
+        idle = now - beat.last_mark
+        if bound and idle > bound:
+            overdue.append((beat.last_mark, rank, beat, bound, idle))
+    beats = sum(1 for r in trainers if os.path.exists(beat_path(job_dir, r)))
+    if not overdue:
+        if startup_timeout_s and beats < expected_trainers and now - launched > startup_timeout_s:
+            return (f"job: {beats} of {expected_trainers} trainers began within --startup-timeout-s "
+                    f"{startup_timeout_s:g} (ranks that reported: {', '.join(map(str, sorted(statuses))) or 'none'})")
+        return None
+    _, rank, beat, bound, idle = min(overdue)
+    st = trainers[rank]
+    if beat.phase == PHASES[0]:
+        how = f"--startup-timeout-s {startup_timeout_s:g}"
+    else:
+        how = f"max(--watchdog-s {watchdog_s:g}, {FACTOR:g} x its slowest step {beat.slowest_step_s:.3f} s)"
+    hung = f"no progress for {idle:.1f} s while {beat.phase} (bound {bound:.1f} s = {how})"
+    stopped = [s for s in sorted(statuses.values(), key=lambda s: s["role"]["rank"])
+               if alive(s["pid"], s.get("start")) and state(s["pid"]) in ("T", "t")]
+    if stopped:
+        s0 = stopped[0]
+        if s0["role"]["rank"] == rank:
+            return f"{st['describe']}: process {st['pid']} is stopped (SIGSTOP or a debugger): {hung}"
+        return (f"{s0['describe']}: process {s0['pid']} is stopped (SIGSTOP or a debugger); "
+                f"{st['describe']} waits on it: {hung}")
+    return f"{st['describe']}: {hung}"
 
 
 def pin_agent_reference(cfg, argv: list[str]) -> list[str]:
@@ -157,7 +276,10 @@ def launch(cfg, argv: list[str], script: str) -> int:
     one partition per host, in DGL's several-host mode; a cluster brought up here is torn down when the job ends,
     fails or is interrupted."""
     cfg.validate()  # once here, before any rank starts (an agent that cannot be found is named as given)
+    for line in cleanup_stale_jobs(cfg.cache_dir):
+        print(f"rudder: removed what a killed job left: {line}", file=sys.stderr, flush=True)
     argv = pin_agent_reference(cfg, argv)
+    argv = [a for a in argv if a not in ("--repartition", "--no-repartition")]  # done here, not again per rank
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the one pip's mpich put next to python
     mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if mpiexec is None:
@@ -217,14 +339,20 @@ def _supervise(cfg, cmd: list[str], extra_env: dict | None = None) -> int:
     """Run the job's ``mpiexec`` command in its own process group, watch its ranks, clean up; the exit code."""
     tag = f"rd{secrets.token_hex(3)}"
     job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
-    env = dict(os.environ, **{TAG_VAR: tag}, **(extra_env or {}))
+    me = f"{os.getpid()} {start_time(os.getpid())}"
+    env = dict(os.environ, **{TAG_VAR: tag, SUPERVISOR_VAR: me}, **(extra_env or {}))
     env.setdefault("DGL_DIST_MAX_TRY_TIMES", "20")  # trainers give up on an absent server after ~60 s, not 50 min
     env.setdefault("OMP_NUM_THREADS", "1")
     shm_before = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
     started = time.time()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    os.makedirs(os.path.join(job_dir, "status"), exist_ok=True)
+    with open(os.path.join(job_dir, SUPERVISOR_FILE), "w") as f:
+        json.dump(dict(pid=os.getpid(), start=start_time(os.getpid()), started=started,
+                       shm_before=sorted(shm_before)), f)
+    launched = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     watch = _DeathWatch(job_dir)
-    interrupted = None
+    interrupted = stalled = None
 
     def on_signal(signum, _frame):
         nonlocal interrupted
@@ -245,17 +373,27 @@ def _supervise(cfg, cmd: list[str], extra_env: dict | None = None) -> int:
                 time.sleep(1.0)  # let a rank that failed with an error record it first
                 _kill_group(proc, grace_s=2.0)
                 break
+            stalled = _stall(cfg.watchdog_s, cfg.startup_timeout_s, job_dir, _read_statuses(job_dir), launched,
+                             cfg.num_trainers)
+            if stalled is not None:
+                print(f"rudder: job failed: {stalled}", file=sys.stderr, flush=True)
+                break
         rc = proc.poll()
     finally:
+        if stalled is not None:
+            _kill_ranks(_read_statuses(job_dir))  # first: a stopped or hung rank would hold mpiexec up
         _kill_group(proc)
+        statuses = _read_statuses(job_dir)
+        _kill_ranks(statuses)  # any rank mpiexec's proxies did not reach
         for s, handler in old.items():
             signal.signal(s, handler)
         cleanup_shm(tag, since=started, before=shm_before)
-    statuses = _read_statuses(job_dir)
-    shutil.rmtree(job_dir, ignore_errors=True)
+        shutil.rmtree(job_dir, ignore_errors=True)
     if interrupted is not None:
         return 124 if interrupted == "timeout" else 130
     watch.close()
+    if stalled is not None:
+        return 1
     if rc != 0 or watch.first_dead is not None:
         # the earliest event: a rank that recorded an error, or one that died without a word (killed, crashed)
         events = [st for st in statuses.values() if st["state"] == "failed"] + [watch.first_dead]
@@ -267,4 +405,3 @@ def _supervise(cfg, cmd: list[str], extra_env: dict | None = None) -> int:
             print(f"rudder: job failed: mpiexec exited with {rc}", file=sys.stderr, flush=True)
         return rc if rc else 1
     return 0
-

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import glob
 import os
 import socket
 import tempfile
+import time
 
-from rudder_env.dist.procs import alive
+from rudder_env.dist.procs import alive, start_time
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -24,19 +26,46 @@ def _port_lock(base: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"rudder-ports-{base}.lock")
 
 
+def _lock_owner_alive(path: str) -> bool:
+    """Whether the process a port lock names (``pid start_time``; older locks: ``pid``) still runs. A lock that
+    names nobody yet counts as alive for 10 s (its owner is between creating and writing it)."""
+    try:
+        with open(path) as f:
+            fields = [int(x) for x in f.read().split()]
+    except ValueError:
+        fields = []
+    except OSError:
+        return False
+    if not fields or fields[0] <= 0:
+        try:
+            return time.time() - os.path.getmtime(path) < 10
+        except OSError:
+            return False
+    return alive(fields[0], fields[1] if len(fields) > 1 else None)
+
+
+def remove_stale_locks() -> list[str]:
+    """Remove the port locks whose owner is gone (a launcher killed outright); returns their paths."""
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "rudder-ports-*.lock")):
+        if not _lock_owner_alive(path):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def _claim(base: int) -> bool:
-    """Claim a port block for this process (a lock file naming our pid; a dead owner's lock is taken over)."""
+    """Claim a port block for this process (a lock file naming our pid and start time; a dead owner's lock is
+    taken over)."""
     path = _port_lock(base)
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                with open(path) as f:
-                    owner = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and alive(owner):
+            if _lock_owner_alive(path):
                 return False
             try:
                 os.remove(path)  # stale: its job is gone
@@ -44,7 +73,7 @@ def _claim(base: int) -> bool:
                 pass
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            f.write(f"{os.getpid()} {start_time(os.getpid())}")
         atexit.register(lambda: os.path.exists(path) and os.remove(path))
         return True
     return False

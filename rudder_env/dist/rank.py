@@ -23,10 +23,13 @@ import traceback
 from dataclasses import asdict, dataclass
 
 from rudder_env.dist import onehost
+from rudder_env.dist.heartbeat import Heartbeat, beat_path
 from rudder_env.dist.partition import PartitionError, ensure_partitions, graph_name, partition_dir, read_meta
 from rudder_env.dist.ports import free_port_base, job_ports, port_in_use
+from rudder_env.dist.procs import alive, start_time
 
 TAG_VAR = onehost.TAG_VAR
+SUPERVISOR_VAR = "RUDDER_SUPERVISOR"  # set by rudder_env.dist.launcher: "pid start_time" of the supervisor
 RESULT_TAG = 11
 
 
@@ -92,10 +95,11 @@ class Job:
     port: int
 
 
-def prepare_job(cfg, roles: list[Role], one_host: bool, tag: str) -> Job:
-    """Partition if needed, write ip_config (one line per machine: server address and port)."""
-    part_config = ensure_partitions(cfg)
-    meta = read_meta(partition_dir(cfg))
+def prepare_job(cfg, roles: list[Role], one_host: bool, tag: str, checksums: bool = True) -> Job:
+    """Partition if needed (checking the cached files: sizes, and CRC-32s with ``checksums``), write ip_config (one
+    line per machine: server address and port)."""
+    part_config = ensure_partitions(cfg, checksums=checksums)
+    meta = {k: v for k, v in read_meta(partition_dir(cfg)).items() if k != "files"}
     job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
     os.makedirs(os.path.join(job_dir, "status"), exist_ok=True)
     if cfg.port == 0:
@@ -125,9 +129,39 @@ def _wait(comm, request=None, poll_s: float = 0.01) -> None:
 def _status(job: Job, role: Role, state: str, **extra) -> None:
     path = os.path.join(job.job_dir, "status", f"rank{role.rank}.json")
     with open(path + ".tmp", "w") as f:
-        json.dump(dict(state=state, pid=os.getpid(), role=asdict(role), describe=role.describe(), time=time.time(),
-                       **extra), f)
+        json.dump(dict(state=state, pid=os.getpid(), start=start_time(os.getpid()), role=asdict(role),
+                       describe=role.describe(), time=time.time(), **extra), f)
     os.replace(path + ".tmp", path)
+
+
+def _end_with_supervisor(supervisor: str) -> None:
+    """End this rank (and its process group: DGL sampler workers) as soon as the supervising launcher is gone.
+
+    Under MPICH every rank runs in a session of its own below a proxy, so when the launcher is killed outright
+    (SIGKILL, OOM) nothing else would stop a rank that is training or waiting on a peer. A daemon thread waits on a
+    pidfd of the supervisor (no polling, no CPU) and then kills the group. ``supervisor`` is ``"pid start_time"``.
+    """
+    import select
+    import signal
+    import threading
+
+    pid, start = (int(x) for x in supervisor.split())
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        fd = None
+    if fd is not None and not alive(pid, start):  # the pid is another process's now: ours is gone
+        os.close(fd)
+        fd = None
+
+    def watch():
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has exited
+        print(f"rudder: rank {os.getpid()}: the supervising launcher (pid {pid}) is gone: ending the job",
+              file=sys.stderr, flush=True)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="rudder-supervisor-watch", daemon=True).start()
 
 
 def _run_server(cfg, role: Role, job: Job) -> None:
@@ -158,9 +192,10 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
 
     agent = make_agent(cfg.agent, **cfg.agent_options(role.trainer_rank))
     buffer = buffer_kwargs(agent.settings, cfg.buffer_fraction, cfg.admit_on_miss)
+    heartbeat = Heartbeat(beat_path(job.job_dir, role.rank))  # read by the supervisor's watchdog
     trainer = DistTrainer(cfg, role.trainer_rank, job.graph_name, job.ip_config, job.master, job.meta,
                           part_config=job.part_config, buffer_fraction=buffer["buffer_fraction"],
-                          admit_on_miss=buffer["admit_on_miss"])
+                          admit_on_miss=buffer["admit_on_miss"], heartbeat=heartbeat)
     extra = {}
     if cfg.check_env:
         from gymnasium.utils.env_checker import check_env
@@ -184,6 +219,7 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
         writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()))
     result.update(trainer.evaluate())
     trainer.close()
+    heartbeat.mark("finishing")
     return result
 
 
@@ -225,6 +261,8 @@ def rank_main(cfg) -> int:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     supervised = TAG_VAR in os.environ  # started by launch(), which cleans up after the job
+    if os.environ.get(SUPERVISOR_VAR):
+        _end_with_supervisor(os.environ[SUPERVISOR_VAR])
     hosts = comm.allgather(socket.gethostname())
     try:
         cfg.validate()
@@ -237,7 +275,9 @@ def rank_main(cfg) -> int:
     job, error = None, None
     if rank == 0:
         try:
-            job = prepare_job(cfg, roles, one_host, os.environ.get(TAG_VAR) or f"rd{secrets.token_hex(3)}")
+            # under launch() the supervisor has just checked the partitions' checksums: sizes suffice here
+            job = prepare_job(cfg, roles, one_host, os.environ.get(TAG_VAR) or f"rd{secrets.token_hex(3)}",
+                              checksums=not supervised)
         except Exception as exc:  # noqa: BLE001 - every rank waits for rank 0: it must always hear back
             error = str(exc) if isinstance(exc, (PartitionError, ValueError, OSError, RuntimeError)) else \
                 f"{type(exc).__name__}: {exc}"

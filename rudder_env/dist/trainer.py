@@ -106,11 +106,16 @@ class DistTrainer:
         part_config: the partition config JSON (to find the original node ids for ``--verify-rows``).
         buffer_fraction, admit_on_miss: the buffer the agent plays with
             (:func:`rudder_env.contract.buffer_kwargs` of its settings and the run's options).
+        heartbeat: a :class:`~rudder_env.dist.heartbeat.Heartbeat` to mark progress in (each minibatch's phases:
+            sampling, fetching, compute and all-reduce, the agent's turn; evaluation; closing), for the
+            supervisor's watchdog.
     """
 
     def __init__(self, cfg, trainer_rank: int, graph_name: str, ip_config: str, master: str, meta: dict,
-                 part_config: str = "", buffer_fraction: float | None = None, admit_on_miss: bool | None = None):
+                 part_config: str = "", buffer_fraction: float | None = None, admit_on_miss: bool | None = None,
+                 heartbeat=None):
         self.cfg = cfg
+        self._mark = heartbeat.mark if heartbeat is not None else (lambda phase: None)
         self.trainer_rank = trainer_rank
         self.meta = meta
         self.part_config = part_config
@@ -254,6 +259,7 @@ class DistTrainer:
         remote = self._remote_mask(input_nodes) if remote is None else remote
         ids = input_nodes.numpy()
         local_ids, remote_ids = ids[~remote], ids[remote]
+        self._mark("fetching")
         if self._prefetcher is not None:
             self._deliver_prefetch()
         self.link.stall_s = 0.0
@@ -268,6 +274,7 @@ class DistTrainer:
         if self.cfg.verify_rows:
             self._verify(input_nodes, x)
         self._start_next_pull()
+        self._mark("compute and all-reduce")
         self.model.train()
         loss = F.cross_entropy(self.model(blocks, x), y)
         self.opt.zero_grad()
@@ -387,6 +394,7 @@ class DistTrainer:
                     sampling["epoch"] += 1
                     sampling["left"] = self.minibatches_per_epoch
                     self._begin_epoch(sampling["epoch"])
+                self._mark("sampling")
                 t0 = time.perf_counter()
                 batch = self.link.call(next, self._epoch_iter)  # sampling uses the servers' RPC too
                 sample_s = time.perf_counter() - t0
@@ -410,6 +418,7 @@ class DistTrainer:
             s.stall_s += record.stall_s
             s.minibatches += 1
             top_up()  # sample the next ones before handing this record over
+            self._mark("deciding")  # the env and the agent have the turn until the next minibatch
             yield record
         self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
 
@@ -426,7 +435,9 @@ class DistTrainer:
             loader = dgl.dataloading.DistNodeDataLoader(self.g, nids, self.sampler, batch_size=self.cfg.batch_size,
                                                         shuffle=False, drop_last=False)
             correct = total = 0
+            self._mark("evaluating")
             for input_nodes, seeds, blocks in loader:
+                self._mark("evaluating")
                 pred = model(blocks, self.feat[input_nodes]).argmax(1)
                 correct += int((pred == self.labels[seeds].long()).sum())
                 total += int(seeds.numel())
@@ -456,6 +467,7 @@ class DistTrainer:
                     pid=os.getpid(), **({"verify": dict(self.verify)} if self.cfg.verify_rows else {}))
 
     def close(self) -> None:
+        self._mark("closing")
         self._finish_next_pull()
         self._drop_prefetch()
         if self._prefetcher is not None:

@@ -1,0 +1,411 @@
+"""Faults a cluster job meets, injected for real: a hung trainer (SIGSTOP), a killed launcher, damaged partition
+files, damaged traces, bad settings and a policy file that is not the one recorded. Each asserts what the user
+sees (one line naming the problem), how soon, and that nothing is left behind (process, /dev/shm segment, port,
+job folder, port lock). The figures in README's "Reliability" table come from these tests (``-s`` prints them)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import METIS2, METIS4, RANDOM2, ROOT, TRAIN
+
+EVALUATE = os.path.join(ROOT, "evaluate.py")
+TINY = ["--graph", "synth-tiny", "--parts", "2", "--batch-size", "100", "--fanout", "3,5"]
+
+
+def _env(cache: str) -> dict:
+    return dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+def _run(cmd: list[str], cache: str = "/nonexistent-cache", timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(cache), cwd=ROOT)
+
+
+def _lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------------ traces
+
+def _read_all(directory):
+    """Everything the reader gives for rank 0: ids, table, decisions, seeds, static arrays."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rank = __import__("traces").Trace(directory).rank(0)
+        return (rank.minibatch_ids(), rank.table(), rank.decisions(), rank.minibatch_seeds(),
+                {k: v.copy() for k, v in rank.static.items()})
+
+
+def _same(a, b) -> bool:
+    ids_a, table_a, dec_a, seeds_a, _ = a
+    ids_b, table_b, dec_b, seeds_b, _ = b
+    if len(ids_a) != len(ids_b) or not all(np.array_equal(x, y) for x, y in zip(ids_a, ids_b)):
+        return False
+    if not table_a.equals(table_b) or not dec_a[["minibatch", "latency_s"]].equals(dec_b[["minibatch", "latency_s"]]):
+        return False
+    if not all(np.array_equal(x, y) for x, y in zip(dec_a["ids"], dec_b["ids"])):
+        return False
+    if (seeds_a is None) != (seeds_b is None):
+        return False
+    return seeds_a is None or (len(seeds_a) == len(seeds_b) and all(np.array_equal(x, y)
+                                                                      for x, y in zip(seeds_a, seeds_b)))
+
+
+def test_damaged_trace_chunk_is_a_trace_error_or_reads_the_same(tmp_path):
+    """Seeded fuzz over a shipped chunk: truncations, bit flips anywhere, and bit flips in the zip structure (local
+    headers, central directory). Every outcome is a TraceError naming the chunk, or exactly the clean data."""
+    from traces import TraceError
+
+    shutil.copy(os.path.join(RANDOM2, "trace.json"), tmp_path)
+    shutil.copytree(os.path.join(RANDOM2, "rank0"), tmp_path / "rank0")
+    clean = _read_all(tmp_path)
+    chunk = tmp_path / "rank0" / "chunk-000000.npz"
+    original = chunk.read_bytes()
+    rng = np.random.default_rng(13)
+    outcomes = {"clean": 0, "TraceError": 0}
+    t0 = time.monotonic()
+    for case in range(400):
+        data = bytearray(original)
+        kind = case % 4
+        if kind == 0:
+            data = data[:int(rng.integers(len(data)))]
+        else:  # 1: anywhere; 2: the central directory and end record; 3: the first bytes of each member
+            pos = {1: lambda: rng.integers(len(data)), 2: lambda: len(data) - 1 - rng.integers(2048),
+                   3: lambda: rng.integers(len(data)) // 4096 * 4096 + rng.integers(120)}[kind]()
+            data[int(pos)] ^= 1 << int(rng.integers(8))
+        chunk.write_bytes(bytes(data))
+        try:
+            got = _read_all(tmp_path)
+        except TraceError as exc:
+            assert "chunk-000000.npz" in str(exc) and "\n" not in str(exc), str(exc)
+            outcomes["TraceError"] += 1
+            continue
+        assert _same(got, clean), f"case {case} (kind {kind}) changed the data silently"
+        outcomes["clean"] += 1
+    took = time.monotonic() - t0
+    print(f"trace fuzz: 400 cases in {took:.1f} s: {outcomes}")
+    assert outcomes["TraceError"] > 300 and outcomes["clean"] > 10
+    assert took < 20
+
+
+def test_renamed_seed_array_is_not_read_as_a_trace_without_seeds(tmp_path):
+    """A damaged member name once turned a trace into "recorded without seeds" silently."""
+    from traces import Trace, TraceError
+
+    shutil.copy(os.path.join(METIS4, "trace.json"), tmp_path)
+    shutil.copytree(os.path.join(METIS4, "rank0"), tmp_path / "rank0")
+    chunk = tmp_path / "rank0" / "chunk-000000.npz"
+    data = chunk.read_bytes()
+    chunk.write_bytes(data.replace(b"seed_count.npy", b"seed_coUnt.npy"))
+    with pytest.warns(Warning), pytest.raises(TraceError, match=r"chunk-000000\.npz holds an array this format does "
+                                                                 r"not have: 'seed_coUnt\.npy'"):
+        Trace(tmp_path).rank(0).minibatch_seeds()
+
+
+def test_trace_without_minibatch_says_so_at_open(tmp_path):
+    from rudder_env.replay_env import ReplayEnv
+    from traces import Trace, TraceError, TraceIncompleteWarning, TraceWriter
+
+    TraceWriter(tmp_path, 0, 1, {"config": {"buffer_fraction": 0.25}}, {"num_nodes": 10},
+                {"halo_ids": np.arange(4), "halo_degree": np.ones(4), "initial_ids": np.arange(1)})  # killed: no close
+    with pytest.warns(TraceIncompleteWarning, match="it holds no minibatch"):
+        trace = Trace(tmp_path)
+    with pytest.raises(TraceError, match="rank 0 of trace .* holds no minibatch .*nothing to replay"):
+        ReplayEnv(trace, rank=0)
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+@pytest.mark.parametrize("name, value, message", [
+    ("candidates", 0, r"candidates \(--candidates\) must be an integer >= 1, got 0"),
+    ("buffer_fraction", 2.0, r"buffer_fraction \(--buffer-fraction\) must be a number in \[0, 1\], got 2\.0"),
+])
+def test_a_bad_setting_gets_the_same_message_at_every_door(name, value, message):
+    import gymnasium as gym
+
+    import rudder_env  # noqa: F401
+    from rudder_env.dist.config import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        gym.make("rudder/Replay-v0", trace=METIS2, rank=0, **{name: value})
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{name: value}).validate()
+    proc = _run([sys.executable, EVALUATE, "--traces", METIS2, f"--{name.replace('_', '-')}", str(value)])
+    assert proc.returncode == 2 and _lines(proc.stderr) == [f"evaluate.py: error: {_unescape(message)}"]
+
+
+def _unescape(pattern: str) -> str:
+    return pattern.replace("\\", "")
+
+
+def test_wrappers_reject_what_they_used_to_truncate_or_accept(shipped_trace):
+    import gymnasium as gym
+
+    import rudder_env  # noqa: F401
+    from rudder_env.settings import SettingError
+    from rudder_env.wrappers import Budget, FractionBudget
+
+    env = gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0)
+    for levels in ((0, 1.5, 4), (0, "1"), (0, True)):
+        with pytest.raises(SettingError, match=r"levels must be integers \(candidate counts\)"):
+            Budget(env, levels)
+    with pytest.raises(SettingError, match=r"levels must be numbers \(fractions\), got \[0, '1'\]"):
+        FractionBudget(env, (0, "1"))
+    assert Budget(env, (0, np.int64(8))).levels == (0, 8)
+
+
+def test_evaluate_with_nothing_to_evaluate_says_so():
+    proc = _run([sys.executable, EVALUATE, "--agents", "", "--oracles", ""])
+    assert proc.returncode == 2
+    assert _lines(proc.stderr) == ["evaluate.py: error: nothing to evaluate: --agents and --oracles are both empty"]
+
+
+def test_decisions_of_another_run_are_refused_before_any_process_starts(tmp_path):
+    """The samples were recorded on synth-small; synth-tiny has other node ids. Nothing is started or written."""
+    proc = _run([sys.executable, TRAIN, "gnn", *TINY, "--agent", "recorded", "--decisions-from", METIS2],
+                cache=str(tmp_path))
+    assert proc.returncode == 2
+    assert _lines(proc.stderr) == [
+        f"rudder: error: --decisions-from {METIS2}: recorded with graph 'synth_small_seed0', this run has "
+        f"'synth_tiny_seed0': its decisions name nodes of that run's partitions and cannot be applied here"]
+    assert not os.listdir(tmp_path)  # no partitions made, no job folder
+
+
+def test_unreadable_dgl_file_is_one_line(tmp_path):
+    bad = tmp_path / "graph.dgl"
+    bad.write_bytes(b"\x00" * 64)
+    proc = _run([sys.executable, TRAIN, "gnn", "--graph", str(bad)], cache=str(tmp_path / "cache"))
+    assert proc.returncode == 2
+    lines = _lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"rudder: error: cannot read {bad} with dgl.load_graphs: DGLError:")
+    assert "Stack trace" not in proc.stderr and "[bt]" not in proc.stderr
+
+
+# -------------------------------------------------------------------------------------------------- policy file
+
+def test_policy_file_that_is_not_the_recorded_one_is_refused(tmp_path):
+    from agents.ppo import DEFAULT_POLICY, PPOAgent, UntrustedPolicyError, file_sha256
+
+    with open(DEFAULT_POLICY[:-4] + ".json") as f:
+        assert json.load(f)["sha256"] == file_sha256(DEFAULT_POLICY)  # the shipped pair matches
+    policy = tmp_path / "p.zip"
+    shutil.copy(DEFAULT_POLICY, policy)
+    shutil.copy(DEFAULT_POLICY[:-4] + ".json", tmp_path / "p.json")
+    with open(policy, "ab") as f:
+        f.write(b"\0")  # any change: here one byte after the zip's end, which SB3 would load as is
+    with pytest.raises(UntrustedPolicyError, match=r"p\.zip: SHA-256 is [0-9a-f]{64} but .*p\.json records "
+                                                   r"[0-9a-f]{64}; a policy file is pickled code"):
+        PPOAgent(str(policy))
+    assert PPOAgent(str(policy), trust=True).k == 256
+    proc = _run([sys.executable, EVALUATE, "--traces", METIS2, "--agents", "ppo", "--ppo-policy", str(policy),
+                 "--oracles", "", "--out", str(tmp_path / "out")])
+    assert proc.returncode == 2
+    lines = _lines(proc.stderr)
+    assert len(lines) == 1 and "--trust-policy" in lines[0] and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- real DistDGL jobs
+
+def _tagged_shm() -> set[str]:
+    return {os.path.basename(p) for p in glob.glob("/dev/shm/rd*") if os.path.basename(p)[8:9] == "m"}
+
+
+def _statuses(cache: str) -> dict[int, dict]:
+    out = {}
+    for path in glob.glob(os.path.join(cache, "jobs", "*", "status", "rank*.json")):
+        try:
+            with open(path) as f:
+                st = json.load(f)
+            out[st["role"]["rank"]] = st
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _wait_training(cache: str, world: int = 4, steps: int = 10, deadline_s: float = 120) -> dict[int, dict]:
+    """Wait until every rank reported and every trainer marked ``steps`` steps; returns the rank statuses."""
+    from rudder_env.dist.heartbeat import beat_path, read_beat
+
+    t_end = time.monotonic() + deadline_s
+    while time.monotonic() < t_end:
+        sts = _statuses(cache)
+        if len(sts) == world:
+            job_dir = glob.glob(os.path.join(cache, "jobs", "*"))[0]
+            beats = [read_beat(beat_path(job_dir, r)) for r, st in sts.items() if st["role"]["kind"] == "trainer"]
+            if all(b is not None and b.steps >= steps for b in beats):
+                return sts
+        time.sleep(0.1)
+    raise AssertionError(f"the job did not start training within {deadline_s} s")
+
+
+def _descendants(pid: int) -> list[tuple[int, int]]:
+    """(pid, start time) of every process below ``pid``."""
+    from rudder_env.dist.procs import start_time
+
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append((child, start_time(child)))
+            todo.append(child)
+    return out
+
+
+def _still_running(procs: list[tuple[int, int]]) -> list[int]:
+    from rudder_env.dist.procs import alive
+
+    return [pid for pid, start in procs if alive(pid, start)]
+
+
+@pytest.fixture(scope="module")
+def tiny_partitions(tmp_path_factory):
+    """A cache holding synth-tiny cut into 2 METIS partitions (copied by each test that damages it)."""
+    from rudder_env.dist.config import TrainConfig
+    from rudder_env.dist.partition import ensure_partitions
+
+    cache = str(tmp_path_factory.mktemp("tiny-cache"))
+    ensure_partitions(TrainConfig(graph="synth-tiny", parts=2, cache_dir=cache), log=lambda msg: None)
+    return cache
+
+
+def _copy_cache(src: str, dst) -> str:
+    shutil.copytree(os.path.join(src, "partitions"), os.path.join(dst, "partitions"))
+    return str(dst)
+
+
+@pytest.mark.dist
+def test_damaged_partition_files_are_refused_with_one_line(tiny_partitions, tmp_path):
+    from rudder_env.dist.partition import check_partitions
+
+    cache = _copy_cache(tiny_partitions, tmp_path)
+    part_dir = glob.glob(os.path.join(cache, "partitions", "*"))[0]
+    feat = os.path.join(part_dir, "part1", "node_feat.dgl")
+    size = os.path.getsize(feat)
+    with open(feat, "r+b") as f:
+        f.truncate(size // 2)
+    lost = size - size // 2
+    proc = _run([sys.executable, TRAIN, "gnn", *TINY], cache=cache)
+    assert proc.returncode == 2
+    assert _lines(proc.stderr) == [f"rudder: error: partition file {feat} is damaged: {size // 2} bytes, {size} when "
+                                   f"partitioned: re-partition with --repartition"]
+    assert not os.path.exists(os.path.join(cache, "jobs")) or not os.listdir(os.path.join(cache, "jobs"))
+
+    shutil.rmtree(os.path.join(cache, "partitions"))  # a byte changed, same size: the CRC-32 tells
+    _copy_cache(tiny_partitions, cache)
+    with open(feat, "r+b") as f:
+        f.seek(size - 100)
+        byte = f.read(1)
+        f.seek(size - 100)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(Exception, match=r"node_feat\.dgl is damaged: its CRC-32 differs .* --repartition"):
+        check_partitions(part_dir, 2)
+
+    config = os.path.join(part_dir, "synth_tiny_seed0.json")
+    with open(config, "w") as f:
+        f.write("{not json")
+    proc = _run([sys.executable, TRAIN, "gnn", *TINY], cache=cache)
+    assert proc.returncode == 2 and len(_lines(proc.stderr)) == 1
+    assert f"partition config {config} is not valid JSON" in proc.stderr
+    print(f"damaged partition: {lost} bytes cut from {feat}: refused before any process started; 0 bytes trained on")
+
+
+@pytest.mark.dist
+def test_a_stopped_trainer_ends_the_job_within_the_watchdog_bound(tiny_partitions, tmp_path, free_port_block,
+                                                                 free_port):
+    """SIGSTOP on a trainer (a hang: it neither dies nor progresses). The watchdog names it and the phase it
+    stopped in, within max(--watchdog-s, 20 x its slowest step), and the job leaves nothing. The job starts with
+    --repartition on a damaged cache: re-partitioning is what the refusal above asks for, and it works."""
+    cache = _copy_cache(tiny_partitions, tmp_path)
+    feat = glob.glob(os.path.join(cache, "partitions", "*", "part1", "node_feat.dgl"))[0]
+    with open(feat, "r+b") as f:
+        f.truncate(1000)
+    port = free_port_block()
+    shm_before = _tagged_shm()
+    proc = subprocess.Popen([sys.executable, TRAIN, "gnn", *TINY, "--epochs", "500", "--watchdog-s", "3",
+                             "--repartition", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(cache), cwd=ROOT)
+    try:
+        statuses = _wait_training(cache)
+        job = _descendants(proc.pid)
+        victim = statuses[3]  # the trainer of machine 1
+        os.kill(victim["pid"], signal.SIGSTOP)
+        t_stop = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - t_stop
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    verdict = [line for line in err.splitlines() if line.startswith("rudder: job failed:")]
+    assert len(verdict) == 1, err[-3000:]
+    assert verdict[0].startswith(f"rudder: job failed: {victim['describe']}: process {victim['pid']} is stopped "
+                                 "(SIGSTOP or a debugger)"), verdict[0]
+    bound = float(verdict[0].split("(bound ")[1].split(" s")[0])
+    assert "no progress for" in verdict[0] and " while " in verdict[0]
+    assert took < bound + 3.0, (took, bound)
+    assert not _still_running(job), "processes of the job left running"
+    assert _tagged_shm() <= shm_before
+    assert free_port(port) and free_port(port + 10) and free_port(port - 1)
+    assert not os.listdir(os.path.join(cache, "jobs"))
+    print(f"SIGSTOP on {victim['describe']}: detected and ended in {took:.1f} s (bound {bound:.1f} s): {verdict[0]}")
+
+
+@pytest.mark.dist
+def test_a_killed_launcher_takes_its_job_along_and_the_next_start_cleans_up(tiny_partitions, tmp_path):
+    """SIGKILL on the ``train.py`` supervisor: mpiexec (parent-death signal) and every rank (watching the
+    supervisor) end within seconds; the job folder, /dev/shm segments and the port lock it left are removed at the
+    next start."""
+    from rudder_env.dist.procs import alive
+
+    cache = _copy_cache(tiny_partitions, tmp_path)
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen([sys.executable, TRAIN, "gnn", *TINY, "--epochs", "500"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(cache), cwd=ROOT)
+    try:
+        statuses = _wait_training(cache)
+        job = _descendants(proc.pid)
+        locks = [p for p in glob.glob("/tmp/rudder-ports-*.lock") if open(p).read().split()[:1] == [str(proc.pid)]]
+        job_dir = glob.glob(os.path.join(cache, "jobs", "*"))[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        proc.wait(10)
+        while _still_running(job) and time.monotonic() - t_kill < 30:
+            time.sleep(0.05)
+        took = time.monotonic() - t_kill
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not _still_running(job), f"left running: {_still_running(job)}"
+    assert not any(alive(st["pid"]) for st in statuses.values())
+    assert took < 5.0, took
+    assert len(locks) == 1 and os.path.exists(locks[0]) and os.path.isdir(job_dir)  # what a SIGKILL leaves
+
+    t0 = time.monotonic()
+    nxt = _run([sys.executable, TRAIN, "gnn", "--graph", "no-such-graph"], cache=cache)
+    assert nxt.returncode == 2
+    assert f"rudder: removed what a killed job left: port lock {locks[0]}" in nxt.stderr
+    assert f"rudder: removed what a killed job left: job folder {job_dir}" in nxt.stderr
+    assert not os.path.exists(locks[0]) and not os.path.exists(job_dir)
+    tag = os.path.basename(job_dir)
+    left = {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith((tag, "mpich", "sem.mp-"))}
+    assert not left, left
+    print(f"launcher SIGKILL: {len(job)} job processes gone in {took:.2f} s; the next start cleaned up in "
+          f"{time.monotonic() - t0:.1f} s")

@@ -36,7 +36,8 @@ import numpy as np
 from agents.base import Agent
 from rudder_env.contract import top_j
 from agents.llm_prompt import (ANSWER_PREFIX, DecisionHistory, Metrics, admitted, answer_text, check_options,
-                               example_messages, load_examples, parse_answer, render, system_prompt, user_message)
+                               example_messages, examples_trained_on, load_examples, parse_answer, render,
+                               system_prompt, user_message)
 
 MODES = ("score", "generate")
 _MODELS: dict[str, tuple] = {}  # spec -> (model, tokenizer, info), shared by every agent of the process
@@ -74,9 +75,10 @@ class LLMAgent(Agent):
         prefix_cache: reuse the KV cache of the fixed prompt prefix across decisions.
         seed: seeds sampling when ``temperature > 0``.
 
-    Attributes: ``model_name``, ``decisions`` (act calls), ``queries`` (model calls; decisions with no candidate to
-    admit need none), ``invalid_answers`` (the last two also in :meth:`stats`). Decisions are slow enough to run
-    in the background (``asynchronous``).
+    Attributes: ``trained_on`` (content fingerprints of what the few-shot examples were mined from, see
+    :func:`agents.llm_prompt.examples_trained_on`), ``model_name``, ``decisions`` (act calls), ``queries`` (model
+    calls; decisions with no candidate to admit need none), ``invalid_answers`` (the last two also in
+    :meth:`stats`). Decisions are slow enough to run in the background (``asynchronous``).
     """
 
     name = "llm"
@@ -94,6 +96,7 @@ class LLMAgent(Agent):
         self.mode = mode
         self.options = check_options(options)
         self.examples = load_examples(examples, self.options)
+        self.trained_on = examples_trained_on(examples)  # what the examples were mined from, by content
         self.history = DecisionHistory(history)
         self.log_path = Path(log_path) if log_path else None
         self.max_new_tokens = int(max_new_tokens)

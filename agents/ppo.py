@@ -10,7 +10,8 @@ MassiveGNN's periodic policy, level 0 keeps the buffer as it is.
     agent = PPOAgent("ppo.zip")          # or make_agent("ppo") for the shipped agents/policies/ppo-small.zip
 
 A saved policy is two files: the SB3 model (``out``, a ``.zip``) and a sidecar ``out.json`` holding what acting
-needs besides the network (levels, K, the observation layout) and what it was trained on.
+needs besides the network (levels, K, the observation layout) and what it was trained on: the content fingerprint
+of every trace rank it replayed (:func:`traces.fingerprint.rank_fingerprint`).
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     sidecar = dict(
         format=SIDECAR_FORMAT, levels=list(levels), k=k, observation=observation_layout(dict_space),
         observation_normalization=obs_norm,
-        trained_on=sorted({os.path.basename(os.path.normpath(s["trace"])) for s in specs}),
+        trained_on=_fingerprints(specs),
         envs=[dict(s, trace=os.path.basename(os.path.normpath(s["trace"]))) for s in specs],
         steps=int(model.num_timesteps), seed=int(seed),
         ppo=dict(n_steps=n_steps, batch_size=model.batch_size, n_epochs=n_epochs, learning_rate=learning_rate,
@@ -212,6 +213,18 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     with open(result.sidecar, "w") as f:
         json.dump(sidecar, f, indent=2)
     return result
+
+
+def _fingerprints(specs: list[dict]) -> list[dict]:
+    """The content fingerprint of every (trace, rank) the envs replayed, once each, in order."""
+    from traces.fingerprint import rank_fingerprint
+
+    seen: dict[tuple[str, int], dict] = {}
+    for s in specs:
+        key = (os.path.abspath(s["trace"]), s["rank"])
+        if key not in seen:
+            seen[key] = rank_fingerprint(s["trace"], s["rank"])
+    return list(seen.values())
 
 
 def _sidecar_path(path: str) -> str:
@@ -227,7 +240,9 @@ class PPOAgent(Agent):
     padded to the policy's K (missing candidates read 0, missing residents 1: no slot).
 
     Attributes:
-        trained_on: names of the traces the policy was trained on (to mark held-out traces).
+        trained_on: fingerprints of the trace ranks the policy was trained on (:mod:`traces.fingerprint`;
+            evaluation marks what it scores trained-on or held-out by them). A sidecar from before fingerprints
+            lists trace names only: those ranks show as trained-on, every other one as unknown.
         levels, k: the policy's action levels and candidates per decision.
     """
 

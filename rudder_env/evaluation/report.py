@@ -119,10 +119,13 @@ def _time_model_lines(rows: pd.DataFrame) -> str:
         "check_run": [a or "-" for a in ranks["time_check_agent"].fillna("")],
         "oos_fetch_error": [_num(v, "{:+.1%}") for v in ranks["time_oos_fetch_error"]],
         "oos_time_error": [_num(v, "{:+.1%}") for v in ranks["time_oos_time_error"]],
+        "check_compute_x": [_num(v, "{:.2f}") for v in ranks.get("time_check_compute_ratio",
+                                                                  pd.Series(float("nan"), index=ranks.index))],
     })
-    head = ("time_vs_none is modelled: recorded sampling + compute, fetch time fitted to the trace per rank (shown only "
-            "where the fit separates remote rows); oos = its error on a run of the same options with another agent "
-            "(check_run), modelled - measured")
+    head = ("time_vs_none is modelled: recorded sampling + compute, fetch time fitted to the trace per rank, shown "
+            "only where the fit separates remote rows. oos: the model's error on a run of the same options with "
+            "another agent (check_run), modelled - measured; check_compute_x: that run's compute time per minibatch "
+            "over this trace's (far from 1: the runs met different machine load)")
     return "\n" + head + "\n" + table.to_string(index=False)
 
 

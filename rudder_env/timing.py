@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 MIN_R2 = 0.3  # below this the fit explains too little of the fetch time to say what a remote row costs
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def stream_config(trace: Trace) -> dict:
     return {key: config[key] for key in STREAM_CONFIG if key in config}
 
 
-def _digest() -> "hashlib._Hash":
+def _digest() -> hashlib._Hash:
     return hashlib.blake2b(digest_size=16)
 
 

@@ -14,15 +14,8 @@ from baselines.policies import NoPrefetch, Periodic
 from rudder_env.evaluation.report import format_report, headline
 from rudder_env.evaluation.scoring import evaluate_trace
 from traces import Trace, TraceWriter
-from traces.fingerprint import (
-    HELD_OUT,
-    SAME_CONFIG,
-    TRAINED_ON,
-    UNKNOWN,
-    provenance,
-    rank_fingerprint,
-    trace_fingerprints,
-)
+from traces.fingerprint import (HELD_OUT, SAME_CONFIG, TRAINED_ON, UNKNOWN, provenance, rank_fingerprint,
+                                trace_fingerprints)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "traces", "samples")
@@ -130,10 +123,12 @@ def test_evaluate_cli_marks_a_renamed_training_trace_trained_on(tmp_path):
     tables leave it out (and say so), --include-trained-on brings it back; results.csv keeps every row."""
     renamed = tmp_path / "fresh-looking-trace"
     shutil.copytree(TRAIN, renamed)
-    run = lambda *extra: subprocess.run(
-        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", str(renamed), "--agents", "none,ppo",
-         "--oracles", "", "--out", str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=300,
-        cwd=ROOT)
+
+    def run(*extra):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", str(renamed),
+                               "--agents", "none,ppo", "--oracles", "", "--out", str(tmp_path / "out"), *extra],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+
     proc = run()
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_csv(tmp_path / "out" / "results.csv")

@@ -52,8 +52,10 @@ def _run_train(free_port_block, args, cache, mpiexec_n=None, timeout=240, port=N
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def tagged_segments():
-    return [p for p in glob.glob("/dev/shm/rd*") if os.path.basename(p)[8:9] == "m"]
+def tagged_segments(job: str | None = None):
+    """Shared-memory segments of rudder jobs on one host: of the job with tag ``job`` (its summary's ``job``), or
+    of any job (other jobs on the machine included)."""
+    return [p for p in glob.glob(f"/dev/shm/{job or 'rd'}*") if os.path.basename(p)[8:9] == "m"]
 
 
 SMALL = ["--parts", "2", "--epochs", "2", "--batch-size", "100", "--period", "4", "--fanout", "3,5"]
@@ -81,7 +83,7 @@ def test_two_partitions_trains_and_reports(run_train, cache, tmp_path):
         assert len(r["epoch_time_s"]) == 2
         assert r["sample_s"] > 0 and r["fetch_s"] > 0 and r["compute_s"] > 0
     assert "hit rate" in proc.stdout and "val_acc=" in proc.stdout
-    assert not tagged_segments()
+    assert s["job"].startswith("rd") and not tagged_segments(s["job"])
     print(f"2-partition synth-tiny run: {wall:.1f} s wall")
 
 
@@ -217,7 +219,7 @@ def test_two_jobs_at_once_pick_their_own_ports(run_train, cache, tmp_path):
     b_start = min(r["train_start_unix"] for r in b["ranks"])
     b_end = max(r["train_end_unix"] for r in b["ranks"])
     assert max(a_start, b_start) < min(a_end, b_end), (a_start, a_end, b_start, b_end)
-    assert not tagged_segments()
+    assert not tagged_segments(a["job"]) and not tagged_segments(b["job"])
 
 
 def _wait_for_trainers(cache, jobs_before, n, deadline_s=120):
@@ -269,4 +271,4 @@ def test_two_trainers_per_partition_live(run_train, cache, tmp_path):
     for r in ranks:
         assert r["minibatches"] > 0 and r["hits"] > 0
         assert r["remote_rows_pulled"] == r["remote_fetched"]
-    assert not tagged_segments()
+    assert not tagged_segments(s["job"])

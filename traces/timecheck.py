@@ -33,6 +33,7 @@ from .schema import TraceError
 SCHEMA = "rudder-time-check"
 VERSION = 1
 COLUMNS = ("local_rows", "remote_fetched", "fetch_s", "sample_s", "compute_s")
+NETWORK_CONFIG = ("hosts", "link_rate")  # options of the run's network that a check run must share
 
 
 @dataclass
@@ -103,12 +104,13 @@ class TimeCheck:
 
     def matches(self, trace: Trace) -> bool:
         """Whether this run can check ``trace``'s time model: the same options that decide the minibatches
-        (:data:`traces.fingerprint.STREAM_CONFIG`), the same epochs, and another agent."""
+        (:data:`traces.fingerprint.STREAM_CONFIG`), the same epochs and network (:data:`NETWORK_CONFIG`: emulated
+        hosts, link rate; absent = not emulated), and another agent."""
         config = trace.meta.get("config", {})
-        mine = {k: v for k, v in self.config.items()}
         ours = stream_config(trace)
-        return bool(ours) and all(mine.get(k) == v for k, v in ours.items()) and \
-            mine.get("epochs") == config.get("epochs") and self.agent != config.get("agent")
+        same_network = all((self.config.get(k) or None) == (config.get(k) or None) for k in NETWORK_CONFIG)
+        return bool(ours) and all(self.config.get(k) == v for k, v in ours.items()) and same_network and \
+            self.config.get("epochs") == config.get("epochs") and self.agent != config.get("agent")
 
 
 def time_checks(trace: Trace | str | os.PathLike, extra: list[TimeCheck] = ()) -> list[TimeCheck]:

@@ -150,12 +150,59 @@ def plot(df: pd.DataFrame, path: str) -> str:
         g = g.assign(bits=g["link_rate"].map(parse_rate)).sort_values("bits")
         ax.plot(g["bits"] / 1e6, g["train_s"], marker="o", label=agent)
     ax.set_xscale("log")
+    rates = sorted({parse_rate(r) / 1e6 for r in sweep["link_rate"]})
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
+    ax.minorticks_off()
     ax.set_xlabel("link rate per host (Mbit/s)")
     ax.set_ylabel("training time of one epoch (s)")
-    ax.set_title("synth-small on 2 emulated hosts")
+    ax.set_title("synth-small on 2 emulated hosts (one run per point)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+FIDELITY_AGENTS = ("none", "static", "periodic", "lookahead")
+
+
+def fidelity_study(log=_log) -> pd.DataFrame:
+    """Replay checked against live runs it was not fitted to: one live run per agent on 2 emulated hosts (seed 0,
+    2 epochs, traces recorded), then every trace replayed with every agent. The diagonal is a run replayed with its
+    own agent (recorded arrivals: exact); off it, the time model fitted on one agent's run predicts another agent's
+    run, whose measured training time is the reference (arrivals from the link model)."""
+    import rudder_env  # noqa: F401  (registers the environments)
+    from rudder_env.contract import buffer_kwargs
+    from rudder_env.dist.cluster import EmulatedCluster
+    from rudder_env.evaluation.play import play_episode
+    from rudder_env.evaluation.registry import make_agent
+    from rudder_env.replay_env import ReplayEnv
+    from traces import Trace
+
+    rows, live = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with EmulatedCluster(2, link_rate=MAIN[2]) as c:
+            for agent in FIDELITY_AGENTS:
+                log(f"  live {agent} (2 hosts at {MAIN[2]}, recorded)")
+                trace = os.path.join(tmp, agent)
+                live[agent] = (live_run(agent, 0, 2, extra=("--cluster", c.name), parts=None, trace=trace), trace)
+        for source, (_, trace) in live.items():
+            t = Trace(trace)
+            for agent_name in FIDELITY_AGENTS:
+                target = live[agent_name][0]
+                replay_s, hits, fetched = 0.0, 0, 0
+                for rank in t.ranks:
+                    agent = make_agent(agent_name)
+                    env = ReplayEnv(t, rank=rank, **buffer_kwargs(agent.settings))
+                    res = play_episode(env, agent)
+                    replay_s = max(replay_s, res["time_s"])
+                    hits += res["hits"]
+                    fetched += res["remote_fetched"]
+                rows.append(dict(trace_of=source, replayed_agent=agent_name, replay_s=replay_s,
+                                 live_s=target["train_s"], time_error=replay_s / target["train_s"] - 1,
+                                 fetched_replay=fetched, fetched_live=target["remote_fetched"],
+                                 fetched_error=fetched / max(target["remote_fetched"], 1) - 1))
+                log(f"  replay of {source}'s trace with {agent_name}: {replay_s:.2f} s vs {target['train_s']:.2f} s "
+                    f"live ({rows[-1]['time_error']:+.1%})")
+    return pd.DataFrame(rows)

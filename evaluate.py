@@ -12,8 +12,14 @@ constructor options: plain ``OPTIONS`` go to every agent given by reference or e
 that agent only (built-in ones included); ``OPTIONS`` is a JSON object or ``key=value,key2=value2``.
 
 Prints a table per trace and overall (remote rows fetched relative to no prefetch, hit rate, distance to Belady
-MIN, modelled or measured time relative to no prefetch, decision latency p50/p95, invalid LLM answers) and writes
-``results.csv`` (one row per agent x trace x rank), ``hit_rate.png`` and ``traffic.png`` into ``--out``.
+MIN, modelled or measured time relative to no prefetch, decision latency p50/p95, invalid LLM answers, and for
+learned agents whether each trace rank was held out) and writes ``results.csv`` (one row per agent x trace x rank),
+``hit_rate.png`` and ``traffic.png`` into ``--out``.
+
+Learned agents (PPO, the LLM's few-shot examples) record content fingerprints of what they learned from; every
+(agent, trace, rank) they were not held out on is left out of the tables and plots unless ``--include-trained-on``
+(``results.csv`` keeps every row, with its ``provenance``). Modelled time comes with its fit per rank and its error
+on another run of the same options (a trace's ``time-check-*.json``, or ``--time-check`` traces).
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LLM: a local HF folder, a GGUF file or a model package (default: SmolLM2-135M-Instruct)")
     p.add_argument("--llm-mode", default="score", choices=("score", "generate"),
                    help="LLM decisions by scoring the options or by free generation")
+    p.add_argument("--include-trained-on", action="store_true",
+                   help="keep (agent, trace, rank) pairs a learned agent was not held out on in the tables and plots")
+    p.add_argument("--time-check", nargs="+", default=[], metavar="DIR",
+                   help="traces of other runs (same options and seed, another agent) to check the time model on")
     p.add_argument("--live", action="store_true", help="run the agents through the live env on --graph instead")
     p.add_argument("--graph", default="synth-small", help="--live: graph to train on")
     p.add_argument("--parts", type=int, default=2, help="--live: partitions")
@@ -111,13 +121,16 @@ def check_agents(specs: list[str], args) -> tuple[list[str], dict[str, dict]]:
 def evaluate_traces(specs: list[str], labels: list[str], options: dict[str, dict], oracles: list[str], args,
                     log) -> list[dict]:
     from rudder_env.evaluation.scoring import evaluate_trace
+    from traces.timecheck import TimeCheck
 
     factories = agent_factories(specs, labels, options, args)
+    checks = [TimeCheck.from_trace(t) for t in args.time_check]
     rows = []
     for i, trace in enumerate(args.traces, 1):
         log(f"[{i}/{len(args.traces)}] {trace}")
         rows += evaluate_trace(trace, factories, buffer_fraction=args.buffer_fraction, oracles=oracles,
-                               candidates=args.candidates, seed=args.seed, progress=lambda m: log(f"  {m}"))
+                               candidates=args.candidates, seed=args.seed, progress=lambda m: log(f"  {m}"),
+                               time_checks=checks)
     return rows
 
 
@@ -149,7 +162,8 @@ def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict],
             s = json.load(f)
         for r in s["ranks"]:
             rows.append(dict(agent=name, trace=trace_name, rank=r["trainer_rank"], capacity=r["buffer_capacity"],
-                             asynchronous=r.get("asynchronous", False), held_out=None, invalid_answers=0,
+                             asynchronous=r.get("asynchronous", False), provenance="", held_out=None,
+                             invalid_answers=0,
                              remote_sampled=r["remote_sampled"], hits=r["hits"], remote_fetched=r["remote_fetched"],
                              prefetched=r["prefetched"], initial_fill=r["initial_fill"],
                              admitted_on_miss=r["admitted_on_miss"], time_s=sum(r["epoch_time_s"]),
@@ -168,7 +182,7 @@ def main(argv=None) -> int:
 
     from agents.ppo import read_policy_meta
     from rudder_env.evaluation.scoring import ORACLES
-    from rudder_env.evaluation.report import format_report, plot_hit_rate, plot_traffic
+    from rudder_env.evaluation.report import format_report, headline, plot_hit_rate, plot_traffic
     from rudder_env.settings import check_optional
     from traces import TraceError
 
@@ -204,10 +218,11 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     csv = os.path.join(args.out, "results.csv")
     df.drop(columns=["window_hit_rate"]).to_csv(csv, index=False)
-    print(format_report(df))
-    plots = [plot_traffic(df, os.path.join(args.out, "traffic.png"))]
+    print(format_report(df, include_trained_on=args.include_trained_on))
+    shown = headline(df, args.include_trained_on)
+    plots = [plot_traffic(shown, os.path.join(args.out, "traffic.png"))]
     if not args.live:
-        plots.append(plot_hit_rate(df, os.path.join(args.out, "hit_rate.png")))
+        plots.append(plot_hit_rate(shown, os.path.join(args.out, "hit_rate.png")))
     print(f"\nwrote {csv}, " + ", ".join(plots))
     return 0
 

@@ -33,7 +33,11 @@ class Agent(Protocol):
             their latency charged as a delay in replay).
         schedule: ``{minibatch: prefetch ids}`` applied at those minibatches instead of asking ``act``
             (a recorded run's decisions).
-        trained_on: names of the traces a learned agent learned from (None: not learned from traces).
+        trained_on: what a learned agent learned from, by content: a list of trace-rank fingerprints
+            (:func:`traces.fingerprint.rank_fingerprint`); ``[]`` for one that learned from no trace; None (the
+            default) for an agent that does not learn from traces. Evaluation compares these with the fingerprint
+            of every rank it scores (:func:`traces.fingerprint.provenance`), so a renamed copy of a training trace
+            is still recognised. A bare trace name is accepted (older policies) but can never show a rank held out.
         warm_up(info): start-up work before the first decision (not counted as decision latency); returns seconds.
         stats(): counters to report beside the agent's results (e.g. invalid answers of an LLM).
     """
@@ -42,7 +46,7 @@ class Agent(Protocol):
     settings: BufferSettings = BufferSettings()
     asynchronous: bool = False
     schedule: dict[int, np.ndarray] | None = None
-    trained_on: list[str] | None = None
+    trained_on: list[dict | str] | None = None
 
     def act(self, observation: dict[str, np.ndarray], info: DecisionInfo) -> np.ndarray: ...
 

@@ -35,8 +35,9 @@ import numpy as np
 
 from agents.base import Agent
 from rudder_env.contract import top_j
-from agents.llm_prompt import (ANSWER_PREFIX, DecisionHistory, Metrics, admitted, answer_text, check_options,
-                               example_messages, load_examples, parse_answer, render, system_prompt, user_message)
+from agents.llm_prompt import (ANSWER_PREFIX, DecisionHistory, HistoryEntry, Metrics, admitted, answer_text,
+                               check_options, example_messages, examples_trained_on, load_examples, parse_answer,
+                               render, system_prompt, user_message)
 
 MODES = ("score", "generate")
 _MODELS: dict[str, tuple] = {}  # spec -> (model, tokenizer, info), shared by every agent of the process
@@ -74,9 +75,10 @@ class LLMAgent(Agent):
         prefix_cache: reuse the KV cache of the fixed prompt prefix across decisions.
         seed: seeds sampling when ``temperature > 0``.
 
-    Attributes: ``model_name``, ``decisions`` (act calls), ``queries`` (model calls; decisions with no candidate to
-    admit need none), ``invalid_answers`` (the last two also in :meth:`stats`). Decisions are slow enough to run
-    in the background (``asynchronous``).
+    Attributes: ``trained_on`` (content fingerprints of what the few-shot examples were mined from, see
+    :func:`agents.llm_prompt.examples_trained_on`), ``model_name``, ``decisions`` (act calls), ``queries`` (model
+    calls; decisions with no candidate to admit need none), ``invalid_answers`` (the last two also in
+    :meth:`stats`). Decisions are slow enough to run in the background (``asynchronous``).
     """
 
     name = "llm"
@@ -94,6 +96,7 @@ class LLMAgent(Agent):
         self.mode = mode
         self.options = check_options(options)
         self.examples = load_examples(examples, self.options)
+        self.trained_on = examples_trained_on(examples)  # what the examples were mined from, by content
         self.history = DecisionHistory(history)
         self.log_path = Path(log_path) if log_path else None
         self.max_new_tokens = int(max_new_tokens)
@@ -164,10 +167,13 @@ class LLMAgent(Agent):
         return action
 
     # ------------------------------------------------------------------ deciding
-    def prompt(self, observation: dict, info: dict, metrics: Metrics | None = None):
-        """The rendered prompt (:class:`~agents.llm_prompt.PromptText`) for this decision point."""
+    def prompt(self, observation: dict, info: dict, metrics: Metrics | None = None,
+               history: list[HistoryEntry] | None = None):
+        """The rendered prompt (:class:`~agents.llm_prompt.PromptText`) for this decision point; ``history``
+        replaces the agent's own recent decisions (e.g. to ask about a mined decision point)."""
         metrics = metrics or Metrics.from_step(observation, info)
-        user = user_message(metrics, self.history.recent(now=metrics), self.options)
+        recent = self.history.recent(now=metrics) if history is None else history
+        user = user_message(metrics, recent, self.options)
         return render(self.tokenizer, self._prefix_messages(info), user, ANSWER_PREFIX if self.mode == "score" else "")
 
     def _prefix_messages(self, info: dict) -> list[dict]:
@@ -175,11 +181,12 @@ class LLMAgent(Agent):
         system = {"role": "system", "content": system_prompt(info.get("facts") or {}, self.options)}
         return [system] + example_messages(self.examples, self.options)
 
-    def decide(self, observation: dict, info: dict, metrics: Metrics | None = None) -> tuple[str, dict]:
-        """Ask the model; returns the chosen option and what to log about it."""
+    def decide(self, observation: dict, info: dict, metrics: Metrics | None = None,
+               history: list[HistoryEntry] | None = None) -> tuple[str, dict]:
+        """Ask the model; returns the chosen option and what to log about it (``history``: see :meth:`prompt`)."""
         import torch
 
-        text = self.prompt(observation, info, metrics)
+        text = self.prompt(observation, info, metrics, history)
         self._last_prefix = text.prefix
         self.queries += 1
         t0 = time.perf_counter()

@@ -16,9 +16,10 @@ The answer is one JSON object ``{"decision": "<option>"}``; :func:`parse_answer`
 generated text. Options map a name to the fraction of ``j = min(n_candidates, n_evictable)`` candidates admitted:
 Rudder's are ``{"keep": 0.0, "replace": 1.0}`` ("replace" is what MassiveGNN's periodic policy does every window).
 
-Build the shipped example set (``agents/llm_examples.json``) with::
+Build the shipped example set (``agents/llm_examples.json``) from the training trace, which ``evaluate.py`` does not
+score (the file records the trace rank's content fingerprint, so evaluation can tell where it was mined)::
 
-    python -m agents.llm_prompt examples traces/samples/small-metis2-f10x25 --rank 0 -n 6 --out agents/llm_examples.json
+    python -m agents.llm_prompt examples traces/train/small-metis2-f10x25-s2 --rank 0 -n 6 --out agents/llm_examples.json
 """
 
 from __future__ import annotations
@@ -356,6 +357,22 @@ def load_examples(source, options: dict[str, float]) -> list[Example]:
     return out
 
 
+def examples_trained_on(source) -> list:
+    """What the examples ``source`` (as :func:`load_examples` takes it) were mined from, as an agent's
+    ``trained_on``: the fingerprints an examples file records; ``[]`` for no examples; for a file without
+    fingerprints (an older one) its trace name and rank, which can show a rank trained on but never held out; for
+    examples given in memory, an entry that matches nothing (provenance ``unknown``)."""
+    if source is None:
+        return []
+    if isinstance(source, (str, os.PathLike)):
+        path = DEFAULT_EXAMPLES_PATH if source == "default" else Path(source)
+        data = json.loads(path.read_text())
+        if isinstance(data.get("trained_on"), list):
+            return data["trained_on"]
+        return [dict(trace=data.get("trace"), rank=data.get("rank"))]
+    return [dict(trace=None, note="examples given in memory: their source is not known")]
+
+
 def example_messages(examples: list[Example], options: dict[str, float]) -> list[dict]:
     return [msg for ex in examples for msg in ex.messages(options)]
 
@@ -455,6 +472,7 @@ def _main(argv=None) -> int:
     e.add_argument("--out", default=str(DEFAULT_EXAMPLES_PATH), help="output JSON")
     args = p.parse_args(argv)
     examples = examples_from_trace(args.trace, rank=args.rank, n=args.n, horizon=args.horizon, history=args.history)
+    from traces.fingerprint import rank_fingerprint
     doc = dict(format=EXAMPLES_FORMAT,
                about=("Few-shot examples for agents.llm.LLMAgent, mined by agents.llm_prompt.examples_from_trace: at "
                       "each decision point of the trace replayed under the keep/replace/alternate behaviours, every "
@@ -466,7 +484,7 @@ def _main(argv=None) -> int:
                         f" --rank {args.rank} -n {args.n} --horizon {args.horizon} --history {args.history} "
                         f"--out {os.path.relpath(args.out)}"),
                trace=os.path.basename(os.path.normpath(args.trace)), rank=args.rank, horizon=args.horizon,
-               options=DEFAULT_OPTIONS, examples=examples)
+               trained_on=[rank_fingerprint(args.trace, args.rank)], options=DEFAULT_OPTIONS, examples=examples)
     tmp = f"{args.out}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)

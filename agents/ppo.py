@@ -10,7 +10,8 @@ MassiveGNN's periodic policy, level 0 keeps the buffer as it is.
     agent = PPOAgent("ppo.zip")          # or make_agent("ppo") for the shipped agents/policies/ppo-small.zip
 
 A saved policy is two files: the SB3 model (``out``, a ``.zip``) and a sidecar ``out.json`` holding what acting
-needs besides the network (levels, K, the observation layout), what it was trained on, and the zip's SHA-256.
+needs besides the network (levels, K, the observation layout), what it was trained on (the content fingerprint of
+every trace rank it replayed: :func:`traces.fingerprint.rank_fingerprint`), and the zip's SHA-256.
 
 Loading a policy runs code: SB3 unpickles parts of the ``.zip``. :class:`PPOAgent` refuses a zip whose SHA-256 is
 not the one its sidecar records (a file swapped or damaged since it was saved) unless told to trust it
@@ -173,7 +174,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
         format=SIDECAR_FORMAT, sha256=file_sha256(out), levels=list(levels), k=k,
         observation=observation_layout(dict_space),
         observation_normalization=obs_norm,
-        trained_on=sorted({os.path.basename(os.path.normpath(s["trace"])) for s in specs}),
+        trained_on=_fingerprints(specs),
         envs=[dict(s, trace=os.path.basename(os.path.normpath(s["trace"]))) for s in specs],
         steps=int(model.num_timesteps), seed=int(seed),
         ppo=dict(n_steps=n_steps, batch_size=model.batch_size, n_epochs=n_epochs, learning_rate=learning_rate,
@@ -184,6 +185,18 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     with open(result.sidecar, "w") as f:
         json.dump(sidecar, f, indent=2)
     return result
+
+
+def _fingerprints(specs: list[dict]) -> list[dict]:
+    """The content fingerprint of every (trace, rank) the envs replayed, once each, in order."""
+    from traces.fingerprint import rank_fingerprint
+
+    seen: dict[tuple[str, int], dict] = {}
+    for s in specs:
+        key = (os.path.abspath(s["trace"]), s["rank"])
+        if key not in seen:
+            seen[key] = rank_fingerprint(s["trace"], s["rank"])
+    return list(seen.values())
 
 
 def _sidecar_path(path: str) -> str:
@@ -244,7 +257,9 @@ class PPOAgent(Agent):
             Loading unpickles code from the zip: trust only a file from a source you trust.
 
     Attributes:
-        trained_on: names of the traces the policy was trained on (to mark held-out traces).
+        trained_on: fingerprints of the trace ranks the policy was trained on (:mod:`traces.fingerprint`;
+            evaluation marks what it scores trained-on or held-out by them). A sidecar from before fingerprints
+            lists trace names only: those ranks show as trained-on, every other one as unknown.
         levels, k: the policy's action levels and candidates per decision.
 
     Raises:

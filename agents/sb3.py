@@ -45,7 +45,9 @@ def save_policy(model, path: str, *, action: str = "fraction", levels: Sequence 
 
     Args:
         action, levels: the action wrapper the envs used and its levels (default: the wrapper's default).
-        trained_on: the trace folders (or names) it learned from; :func:`evaluate.py` marks the others held out.
+        trained_on: the trace folders it learned from: the sidecar records the content fingerprint of every rank
+            of each (:mod:`traces.fingerprint`), by which ``evaluate.py`` marks what it scores trained-on or held
+            out. A name that is not a trace folder is kept as a name (it never shows a rank held out).
         name: the agent's name in tables (default: the algorithm's, lower case).
     """
     import stable_baselines3
@@ -65,11 +67,22 @@ def save_policy(model, path: str, *, action: str = "fraction", levels: Sequence 
     model.save(path)
     meta = dict(format=SIDECAR_FORMAT, algorithm=type(model).__name__, module=type(model).__module__,
                 name=name or type(model).__name__.lower(), action=action, levels=levels, k=int(k), observation=observation_layout(observation_space(k)),
-                trained_on=sorted({os.path.basename(os.path.normpath(str(t))) for t in trained_on}),
+                trained_on=_fingerprints(trained_on),
                 versions={"stable_baselines3": stable_baselines3.__version__})
     with open(sidecar_path(path), "w") as f:
         json.dump(meta, f, indent=2)
     return path, sidecar_path(path)
+
+
+def _fingerprints(traces: Sequence[str]) -> list:
+    """The fingerprint of every rank of each trace folder; a name that is no trace folder, as it is."""
+    from traces.fingerprint import trace_fingerprints
+
+    out: list = []
+    for t in traces:
+        is_trace = os.path.isfile(os.path.join(str(t), "trace.json"))
+        out += trace_fingerprints(str(t)) if is_trace else [os.path.basename(os.path.normpath(str(t)))]
+    return out
 
 
 class SB3Agent(Agent):

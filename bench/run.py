@@ -96,6 +96,14 @@ def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:
     return text, df
 
 
+def p5_llm_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import llm_decisions
+
+    df = llm_decisions.measure(quick)
+    df.to_csv(os.path.join(OUT_DIR, "p5_llm_decisions.csv"), index=False)
+    return llm_decisions.summarise(df)
+
+
 SECTIONS = {
     "p1": ("P1 traffic against Belady MIN", p1_traffic),
     "p2": ("P2 end-to-end training time, P3 env overhead, memory", p2_end_to_end),
@@ -103,6 +111,7 @@ SECTIONS = {
     "p2r": ("P2 replay fidelity on the emulated cluster", p2r_replay_fidelity),
     "p3": ("P3 hidden LLM latency", p3_llm_latency),
     "p4": ("P4 replay speed", p4_replay_speed),
+    "p5": ("P5 LLM decisions", p5_llm_decisions),
 }
 
 

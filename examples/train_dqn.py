@@ -7,7 +7,8 @@ evaluate it beside the built-in agents with ``evaluate.py`` (by reference: ``age
 The envs are every rank of the training traces as ``rudder/Replay-v0`` behind ``FractionBudget`` (admit 0, 1/4,
 1/2 or all of the candidates that have a slot), observations flattened, rewarded relative to always admitting all
 (:func:`rudder_env.vector.replay_env_fns`). ``small-metis4-f10x25`` is left out of training: evaluate.py marks it
-held out.
+held out, and leaves the two training traces out of its tables (trained-on, by content; ``--include-trained-on``
+keeps them).
 """
 
 import argparse

@@ -7,6 +7,12 @@ coefficients), while sampling and compute times are the recorded ones: they do n
 The fit's quality is reported (R², per-minibatch mean absolute percentage error, error on the total) so nobody
 trusts a bad model blindly. The trace's initial fill (remote rows only, timed) is one sample: it pins the
 per-remote-row cost even when every minibatch pulls about as many rows as the next.
+
+Those are in-sample figures. :func:`out_of_sample` checks the model where it is used: on another run of the same
+configuration with another agent (a :class:`traces.timecheck.TimeCheck`), it predicts that run's fetch time from
+its own row counts and compares with what was measured. A fit that cannot tell what a remote row costs
+(``c_remote`` 0, or R² below :data:`MIN_R2`) makes modelled time ignore what an agent fetches;
+:meth:`FetchTimeModel.separates_remote_rows` says so, and evaluation then prints no modelled time.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+MIN_R2 = 0.3  # below this the fit explains too little of the fetch time to say what a remote row costs
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,44 @@ class FetchTimeModel:
         total = float((pred.sum() - y.sum()) / max(y.sum(), 1e-12))
         return cls(float(coef[0]), float(coef[1]), float(coef[2]), r2, mape, total, int(y.size))
 
+    @property
+    def separates_remote_rows(self) -> bool:
+        """Whether the fit gives remote rows a cost (``c_remote > 0``) and explains enough of the measured time
+        (R² >= :data:`MIN_R2`) for modelled time to depend on what an agent fetches."""
+        return self.c_remote > 0 and np.isfinite(self.r2) and self.r2 >= MIN_R2
+
     def as_dict(self) -> dict:
         return dict(c0_s=self.c0, s_per_local_row=self.c_local, s_per_remote_row=self.c_remote, r2=self.r2,
-                    mape=self.mape, total_error=self.total_error, samples=self.samples)
+                    mape=self.mape, total_error=self.total_error, samples=self.samples,
+                    separates_remote_rows=self.separates_remote_rows)
+
+
+def out_of_sample(model: FetchTimeModel, local_rows, remote_rows, fetch_s, other_s=None,
+                  modelled_other_s: float | None = None) -> dict:
+    """How well ``model`` predicts a run it was not fitted to, from that run's per-minibatch measurements.
+
+    Args:
+        local_rows, remote_rows, fetch_s: the other run's per-minibatch rows pulled and measured fetch seconds.
+        other_s: the other run's per-minibatch sampling + compute seconds (measured), with
+        modelled_other_s: the sampling + compute seconds replay would use (the fitted trace's own recorded ones),
+            to also give the error on run time as replay models it.
+
+    Returns:
+        ``fetch_error``: (predicted - measured) / measured total fetch seconds; ``fetch_mape``: per-minibatch mean
+        absolute percentage error; ``time_error``: (modelled - measured) / measured run seconds (NaN without
+        ``other_s``/``modelled_other_s``); ``minibatches``.
+    """
+    y = np.asarray(fetch_s, dtype=np.float64)
+    if y.size == 0:
+        return dict(fetch_error=float("nan"), fetch_mape=float("nan"), time_error=float("nan"), minibatches=0)
+    pred = model.predict(local_rows, remote_rows)
+    fetch_error = float((pred.sum() - y.sum()) / max(y.sum(), 1e-12))
+    mape = float(np.mean(np.abs(pred - y) / np.maximum(y, 1e-9)))
+    time_error = float("nan")
+    if other_s is not None and modelled_other_s is not None:
+        measured = float(np.sum(other_s) + y.sum())
+        time_error = (modelled_other_s + float(pred.sum()) - measured) / max(measured, 1e-12)
+    return dict(fetch_error=fetch_error, fetch_mape=mape, time_error=time_error, minibatches=int(y.size))
 
 
 def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -79,8 +79,17 @@ def free_port():
 @pytest.fixture(scope="session")
 def record_live(tmp_path_factory):
     """``record_live(agent, *train_args)``: a real 2-partition synth-tiny run with ``agent``, recorded as a trace
-    (2 epochs, period 4, K=64); returns ``{"trace": folder, "summary": run summary}``."""
-    return lambda agent, *extra: _record_live(tmp_path_factory, agent, *extra)
+    (2 epochs, period 4, K=64); returns ``{"trace": folder, "summary": run summary}``. A run asked for twice with
+    the same arguments in one session is recorded once (modules share it)."""
+    runs: dict[tuple, dict] = {}
+
+    def record(agent, *extra):
+        key = (agent, *extra)
+        if key not in runs:
+            runs[key] = _record_live(tmp_path_factory, agent, *extra)
+        return runs[key]
+
+    return record
 
 
 @pytest.fixture(scope="session")

@@ -257,6 +257,71 @@ def test_ogb_npz_layout_with_nan_labels(tmp_path):
     check_ogb_graph(g)
 
 
+# What OGB itself leaves on disk (ogb 1.3.6: NodePropPredDataset downloads <download_name>.zip into its `root`,
+# extracts it and moves the folder to root/ogbn_<name>; the folder holds RELEASE_v1.txt, raw/, split/<split>/ and
+# mapping/ with README.md; processed/ appears once OGB's own loader has run). Per dataset, from OGB's master.csv:
+# the split folder's name, extra node files, and whether raw/ is CSV or binary (npz).
+OGB_REAL = {
+    "ogbn-products": dict(split="sales_ranking", binary=False, extra={},
+                          mapping=("labelidx2productcategory.csv.gz", "nodeidx2asin.csv.gz")),
+    "ogbn-arxiv": dict(split="time", binary=False, extra={"node_year": np.arange(N_OGB) + 2000},
+                       mapping=("labelidx2arxivcategeory.csv.gz", "nodeidx2paperid.csv.gz")),
+    "ogbn-papers100M": dict(split="time", binary=True, extra={"node_year": np.arange(N_OGB) + 2000},
+                            mapping=("nodeidx2paperid.csv.gz",)),
+}
+
+
+def make_ogb_real(root, name: str) -> str:
+    """``root`` as OGB's ``NodePropPredDataset(name, root)`` leaves it after a download and a first load."""
+    spec = OGB_REAL[name]
+    ds = os.path.join(root, name.replace("-", "_"))
+    raw = os.path.join(ds, "raw")
+    os.makedirs(raw)
+    with open(os.path.join(ds, "RELEASE_v1.txt"), "w") as f:
+        f.write(f"{name} v1\n")
+    os.makedirs(os.path.join(ds, "mapping"))
+    with open(os.path.join(ds, "mapping", "README.md"), "w") as f:
+        f.write("mapping of node and label indices\n")
+    for mapping in spec["mapping"]:
+        pd.DataFrame({"idx": range(N_OGB), "id": [f"x{i}" for i in range(N_OGB)]}).to_csv(
+            os.path.join(ds, "mapping", mapping), index=False, compression="gzip")  # OGB's mappings have headers
+    if spec["binary"]:  # ogb.io.save_dataset: np.savez_compressed, int64 ids and counts, float32 node arrays
+        np.savez_compressed(os.path.join(raw, "data.npz"), edge_index=OGB_EDGES.T.astype(np.int64),
+                            num_nodes_list=np.array([N_OGB], np.int64),
+                            num_edges_list=np.array([len(OGB_EDGES)], np.int64),
+                            node_feat=OGB_FEAT.astype(np.float32),
+                            **{k: v.reshape(-1, 1).astype(np.int64) for k, v in spec["extra"].items()})
+        np.savez_compressed(os.path.join(raw, "node-label.npz"),
+                            node_label=np.array(OGB_LABEL, dtype=np.float32).reshape(-1, 1))
+    else:  # headerless gzip CSVs, read by ogb.io.read_csv_graph_raw with pd.read_csv(header=None)
+        _write_csv(os.path.join(raw, "edge.csv.gz"), OGB_EDGES)
+        _write_csv(os.path.join(raw, "node-feat.csv.gz"), OGB_FEAT.astype(np.float32))
+        _write_csv(os.path.join(raw, "node-label.csv.gz"),
+                   pd.array([None if np.isnan(x) else int(x) for x in OGB_LABEL], dtype="Int64"))
+        _write_csv(os.path.join(raw, "num-node-list.csv.gz"), np.array([[N_OGB]]))
+        _write_csv(os.path.join(raw, "num-edge-list.csv.gz"), np.array([[len(OGB_EDGES)]]))
+        for key, values in spec["extra"].items():
+            _write_csv(os.path.join(raw, f"{key}.csv.gz"), values.reshape(-1, 1))
+    _write_split(ds, name=spec["split"])
+    os.makedirs(os.path.join(ds, "processed"))
+    with open(os.path.join(ds, "processed", "data_processed"), "wb") as f:  # OGB's own cache: ignored
+        f.write(b"not read by rudder")
+    return ds
+
+
+@pytest.mark.parametrize("name", sorted(OGB_REAL))
+def test_ogb_real_layout(tmp_path, name):
+    """The loader on OGB's real on-disk layout: given OGB's `root` (the folder passed to its loaders), the dataset
+    folder inside it, or the folder a download zip extracts to."""
+    ds = make_ogb_real(tmp_path / "dataset", name)
+    check_ogb_graph(load_graph(str(tmp_path / "dataset")))
+    check_ogb_graph(load_graph(ds))
+    unzipped = tmp_path / "unzipped" / "products"
+    os.makedirs(unzipped.parent)
+    os.rename(ds, unzipped)  # as extracted from products.zip, before OGB moves it to root/ogbn_products
+    check_ogb_graph(load_ogb(str(unzipped)))
+
+
 def test_ogb_missing_feature_file(tmp_path):
     ds = make_ogb_csv(tmp_path)
     os.remove(os.path.join(ds, "raw", "node-feat.csv.gz"))

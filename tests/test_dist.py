@@ -36,8 +36,10 @@ def _run_train(free_port_block, args, cache, mpiexec_n=None, timeout=240, port=N
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def tagged_segments():
-    return [p for p in glob.glob("/dev/shm/rd*") if os.path.basename(p)[8:9] == "m"]
+def tagged_segments(job: str | None = None):
+    """Shared-memory segments of rudder jobs on one host: of the job with tag ``job`` (its summary's ``job``), or
+    of any job (other jobs on the machine included)."""
+    return [p for p in glob.glob(f"/dev/shm/{job or 'rd'}*") if os.path.basename(p)[8:9] == "m"]
 
 
 SMALL = ["--parts", "2", "--epochs", "2", "--batch-size", "100", "--period", "4", "--fanout", "3,5"]
@@ -60,11 +62,14 @@ def test_two_partitions_trains_and_reports(run_train, cache, tmp_path):
         assert r["remote_sampled"] > 0
         assert r["hits"] + r["misses"] == r["remote_sampled"]
         assert r["remote_fetched"] == r["misses"] + r["prefetched"]
+        # rows the DistTensor pulls returned for other partitions' nodes: what the buffer fetched, and background
+        # chunks still on their way when training ended (pulled, never used)
+        assert r["remote_rows_pulled"] == r["remote_fetched"] + r["remote_rows_discarded"]
         assert r["prefetched"] > r["initial_fill"] > 0  # periodic prefetched beyond the initial fill
         assert len(r["epoch_time_s"]) == 2
         assert r["sample_s"] > 0 and r["fetch_s"] > 0 and r["compute_s"] > 0
     assert "hit rate" in proc.stdout and "val_acc=" in proc.stdout
-    assert not tagged_segments()
+    assert s["job"].startswith("rd") and not tagged_segments(s["job"])
     print(f"2-partition synth-tiny run: {wall:.1f} s wall")
 
 
@@ -85,6 +90,12 @@ def test_served_rows_are_the_disttensor_rows(run_train, agent, overlap, id_graph
         assert v["rows_checked"] > 1000
         assert v["rows_differing_from_disttensor"] == 0
         assert v["rows_col0_not_orig_id"] == 0
+        # the buffer's count of remote rows fetched is the count of rows the DistTensor pulls actually returned for
+        # nodes of other partitions (initial fill and rows pulled ahead included), less those pulled but never used
+        assert r["remote_rows_pulled"] == r["remote_fetched"] + r["remote_rows_discarded"]
+        assert r["remote_fetched"] > 0 and r["remote_rows_discarded"] <= r["remote_rows_pulled"] // 10
+        if not overlap:  # static: nothing pulled ahead, no chunk after the fill
+            assert r["remote_rows_discarded"] == 0
         if overlap:  # every minibatch but the first had its rows pulled during the one before (epochs included);
             # a background prefetch delivered meanwhile may have evicted some of its hits: then it pulled again
             assert r["overlapped_minibatches"] + r["overlap_mismatches"] == r["minibatches"] - 1
@@ -159,17 +170,83 @@ def test_missing_partition_files_are_named(run_train, cache):
 
 def test_two_jobs_at_once_pick_their_own_ports(run_train, cache, tmp_path):
     """Without --port, concurrent jobs on one host (self-launched and under the user's mpiexec) claim distinct port
-    blocks, and neither's clean-up touches the other's shared memory (sampler workers use multiprocessing's)."""
+    blocks, and neither's clean-up touches the other's shared memory (sampler workers use multiprocessing's). The
+    second starts once the first is training, and the two runs' training intervals are checked to overlap."""
     args = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", *SMALL, "--num-samplers", "1"]
     env = dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
-    first = subprocess.Popen(args + ["--summary", str(tmp_path / "a.json")], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(2)
-    second = subprocess.run(["mpiexec", "-n", "4", *args, "--summary", str(tmp_path / "b.json")],
-                            capture_output=True, text=True, timeout=240, env=env)
-    _, err = first.communicate(timeout=240)
+    jobs_before = set(glob.glob(os.path.join(cache, "jobs", "*")))
+    first = subprocess.Popen(args + ["--epochs", "12", "--summary", str(tmp_path / "a.json")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for_trainers(cache, jobs_before, 2)
+        second = subprocess.run(["mpiexec", "-n", "4", *args, "--summary", str(tmp_path / "b.json")],
+                                capture_output=True, text=True, timeout=240, env=env)
+        _, err = first.communicate(timeout=240)
+    finally:
+        if first.poll() is None:
+            first.kill()
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 0, second.stderr[-2000:]
-    ports = {json.loads((tmp_path / f).read_text())["config"]["port"] for f in ("a.json", "b.json")}
-    assert len(ports) == 2
-    assert not tagged_segments()
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["config"]["port"] != b["config"]["port"]
+    # truly at once: the second job trained while the first was still training
+    a_start = min(r["train_start_unix"] for r in a["ranks"])
+    a_end = max(r["train_end_unix"] for r in a["ranks"])
+    b_start = min(r["train_start_unix"] for r in b["ranks"])
+    b_end = max(r["train_end_unix"] for r in b["ranks"])
+    assert max(a_start, b_start) < min(a_end, b_end), (a_start, a_end, b_start, b_end)
+    assert not tagged_segments(a["job"]) and not tagged_segments(b["job"])
+
+
+def _wait_for_trainers(cache, jobs_before, n, deadline_s=120):
+    """Wait until a new job's ``n`` trainers have reported "started" (their DistDGL clients are connecting)."""
+    t_end = time.monotonic() + deadline_s
+    while time.monotonic() < t_end:
+        for job in set(glob.glob(os.path.join(cache, "jobs", "*"))) - jobs_before:
+            states = []
+            for path in glob.glob(os.path.join(job, "status", "rank*.json")):
+                try:
+                    states.append(json.load(open(path)))
+                except (OSError, ValueError):
+                    pass
+            if sum(st["role"]["kind"] == "trainer" for st in states) >= n:
+                return
+        time.sleep(0.2)
+    raise AssertionError("the first job's trainers never started")
+
+
+def test_gat_model_trains_live(run_train, cache, tmp_path):
+    """--model gat: a real 2-partition job trains GAT layers on the sampled blocks (1 epoch) and learns (with
+    --prefetch inline, the path where rows pulled and rows the buffer counts must agree exactly)."""
+    summary_path = tmp_path / "run.json"
+    proc = run_train(["--graph", "synth-tiny", *SMALL, "--epochs", "1", "--model", "gat", "--agent", "periodic",
+                      "--prefetch", "inline", "--summary", str(summary_path)], cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(summary_path.read_text())
+    assert s["config"]["model"] == "gat"
+    assert s["val_acc"] > 2.0 / s["graph"]["num_classes"]
+    for r in s["ranks"]:
+        assert r["minibatches"] > 0 and r["compute_s"] > 0
+        # inline prefetch, nothing pulled ahead: every remote row pulled is one the buffer counted, and back
+        assert r["remote_rows_pulled"] == r["remote_fetched"] > 0 and r["remote_rows_discarded"] == 0
+
+
+def test_two_trainers_per_partition_live(run_train, cache, tmp_path):
+    """--trainers-per-part 2: 2 servers + 4 trainers; each partition's training nodes are split between its two
+    trainers, and every trainer runs its own buffer over its own partition's halo."""
+    summary_path = tmp_path / "run.json"
+    proc = run_train(["--graph", "synth-tiny", *SMALL, "--epochs", "1", "--trainers-per-part", "2",
+                      "--agent", "periodic", "--summary", str(summary_path)], cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(summary_path.read_text())
+    assert s["config"]["trainers_per_part"] == 2
+    ranks = sorted(s["ranks"], key=lambda r: r["trainer_rank"])
+    assert [r["trainer_rank"] for r in ranks] == [0, 1, 2, 3]
+    assert [r["partition"] for r in ranks] == [0, 0, 1, 1]
+    for a, b in (ranks[:2], ranks[2:]):
+        assert a["halo_nodes"] == b["halo_nodes"] > 0  # one partition, one halo
+        assert abs(a["minibatches"] - b["minibatches"]) <= 1  # its seeds split evenly (force_even)
+    for r in ranks:
+        assert r["minibatches"] > 0 and r["hits"] > 0
+        assert r["remote_rows_pulled"] == r["remote_fetched"] + r["remote_rows_discarded"]
+    assert not tagged_segments(s["job"])

@@ -103,3 +103,40 @@ def test_dgl_compat_is_a_noop_once_the_library_exists():
     assert dgl_compat.ensure_graphbolt_stub() is None
     dgl = dgl_compat.import_dgl()
     assert dgl.__version__.startswith("2.")
+
+
+def _several_host_job(tmp_path, monkeypatch, addresses: dict[str, str]):
+    """prepare_job for 2 partitions x 2 trainers spread over hosts "nodeA" and "nodeB", which resolve through
+    ``addresses`` (a stand-in for DNS / /etc/hosts); partitioning itself is not what is tested here."""
+    from rudder_env.dist import rank as rank_mod
+
+    def resolve(host):
+        if host not in addresses:
+            raise socket.gaierror(-2, "Name or service not known")
+        return addresses[host]
+
+    monkeypatch.setattr(rank_mod.socket, "gethostbyname", resolve)
+    monkeypatch.setattr(rank_mod, "ensure_partitions", lambda cfg: str(tmp_path / "parts" / "graph.json"))
+    monkeypatch.setattr(rank_mod, "read_meta", lambda folder: {"feat_dim": 4, "num_classes": 2})
+    cfg = TrainConfig(graph="synth-tiny", parts=2, trainers_per_part=2, cache_dir=str(tmp_path / "cache"))
+    roles, one_host = assign_roles(["nodeB", "nodeA", "nodeB", "nodeA", "nodeB", "nodeA"], 2, 2)
+    return rank_mod.prepare_job(cfg, roles, one_host, tag="rdtest1"), roles, one_host
+
+
+def test_prepare_job_on_several_hosts_writes_their_addresses(tmp_path, monkeypatch):
+    """Each host is one machine: ip_config has one line per machine, its server's host address and the common
+    port (30050 unless --port: every server is alone on its host), in machine order (the host of rank 0 is machine
+    0); the torch.distributed master is trainer 0's host, one port below."""
+    job, roles, one_host = _several_host_job(tmp_path, monkeypatch, {"nodeA": "10.0.0.7", "nodeB": "10.0.0.5"})
+    assert not one_host and not job.one_host
+    assert [r.host for r in roles if r.kind == "server"] == ["nodeB", "nodeA"]
+    with open(job.ip_config) as f:
+        assert f.read() == "10.0.0.5 30050\n10.0.0.7 30050\n"
+    trainer0 = next(r for r in roles if r.trainer_rank == 0)
+    assert trainer0.host == "nodeB" and job.master == "10.0.0.5:30049"
+    assert job.port == 30050 and job.job_dir == str(tmp_path / "cache" / "jobs" / "rdtest1")
+
+
+def test_prepare_job_names_a_host_that_does_not_resolve(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"host 'nodeA' of the server of machine 1 does not resolve"):
+        _several_host_job(tmp_path, monkeypatch, {"nodeB": "10.0.0.5"})

@@ -289,12 +289,15 @@ def test_examples_train_dqn_trains_saves_and_evaluates_it_beside_the_built_in_ag
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "dqn.json").read_text())
     assert meta["algorithm"] == "DQN" and meta["action"] == "fraction" and meta["k"] == 256
-    assert meta["trained_on"] == ["small-metis2-f10x25", "small-random2-f5x10"]
+    assert [(f["trace"], f["rank"]) for f in meta["trained_on"]] == [
+        ("small-metis2-f10x25", 0), ("small-metis2-f10x25", 1), ("small-random2-f5x10", 0), ("small-random2-f5x10", 1)]
     df = pd.read_csv(out / "results.csv")
     assert list(dict.fromkeys(df["agent"])) == ["none", "static", "periodic", "hitrate", "dqn", "belady"]
     dqn = df[df["agent"] == "dqn"].set_index(["trace", "rank"])
     assert len(dqn) == 8 and (dqn["decisions"] > 0).all()
     assert dqn["held_out"].to_dict() == {k: k[0] == "small-metis4-f10x25" for k in dqn.index}
+    assert dqn["provenance"].to_dict() == {k: "held-out" if k[0] == "small-metis4-f10x25" else "trained-on"
+                                           for k in dqn.index}
     assert "\ndqn " in proc.stdout
 
     from stable_baselines3 import DQN

@@ -16,12 +16,16 @@ from agents.ppo import DEFAULT_POLICY, PPOAgent, make_env, train_ppo
 from baselines.policies import RandomBudget
 from rudder_env.wrappers import FractionBudget, parse_levels
 from rudder_env.evaluation.play import play_episode
+from baselines.oracles import belady_min
+from traces import Trace
+from traces.fingerprint import HELD_OUT, SAME_CONFIG, TRAINED_ON, provenance, rank_fingerprint, trace_fingerprints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "traces", "samples")
 METIS2 = os.path.join(SAMPLES, "small-metis2-f10x25")
 METIS4 = os.path.join(SAMPLES, "small-metis4-f10x25")
 RANDOM2 = os.path.join(SAMPLES, "small-random2-f5x10")
+TRAIN = os.path.join(ROOT, "traces", "train", "small-metis2-f10x25-s2")  # what the shipped policy learned from
 
 
 class _Checked:
@@ -84,17 +88,27 @@ def test_ppo_learns_to_beat_random_levels(tmp_path):
 
     env = gym.make("rudder/Replay-v0", trace=METIS2, rank=0)
     agent = PPOAgent(result.path)
-    assert agent.trained_on == ["small-metis2-f10x25"]
+    # what it learned from, by content: rank 0 itself; rank 1 is another rank of the same run
+    assert [(f["trace"], f["rank"]) for f in agent.trained_on] == [("small-metis2-f10x25", 0)]
+    assert provenance(agent.trained_on, rank_fingerprint(METIS2, 0)) == TRAINED_ON
+    assert provenance(agent.trained_on, rank_fingerprint(METIS2, 1)) == SAME_CONFIG
     ppo = play_episode(env, _Checked(agent), seed=0)["remote_fetched"]
     random = [play_episode(env, RandomBudget(seed), seed=0)["remote_fetched"] for seed in range(5)]
     assert ppo < np.mean(random) - 400, (ppo, random)
+
+
+def test_shipped_policy_was_trained_on_no_trace_evaluate_scores():
+    agent = make_agent("ppo")
+    for fp in trace_fingerprints(TRAIN):  # both ranks of the training trace, by content
+        assert provenance(agent.trained_on, fp) == TRAINED_ON
+    for trace in (METIS2, METIS4, RANDOM2):  # python evaluate.py's default traces
+        assert {provenance(agent.trained_on, fp) for fp in trace_fingerprints(trace)} == {HELD_OUT}, trace
 
 
 def test_shipped_policy_plays_a_replay_episode():
     assert os.path.getsize(DEFAULT_POLICY) < 2**20
     agent = make_agent("ppo")
     assert agent.name == "ppo" and isinstance(agent, PPOAgent)
-    assert "small-metis4-f10x25" not in agent.trained_on and "small-metis2-f10x25" in agent.trained_on
     with open(DEFAULT_POLICY[:-4] + ".json") as f:
         meta = json.load(f)
     assert meta["k"] == 256 and meta["levels"] == [0.0, 0.25, 0.5, 1.0]
@@ -103,7 +117,14 @@ def test_shipped_policy_plays_a_replay_episode():
         checked = _Checked(agent)
         result = play_episode(env, checked, seed=0)
         assert result["decisions"] == len(checked.actions) > 0
-        assert result["remote_fetched"] <= result["remote_sampled"] + result["prefetched"]
+        # every remote row sampled is a hit or a miss, and the rows fetched are the misses plus the prefetched
+        assert result["hits"] + result["remote_fetched"] - result["prefetched"] == result["remote_sampled"]
+        # rows prefetched beyond the initial fill came from the candidates the policy admitted, at most all of them
+        assert result["prefetched"] - result["initial_fill"] <= sum(checked.actions)
+        assert (result["prefetched"] > result["initial_fill"]) == (sum(checked.actions) > 0)
+        # its schedule is a legal one: no fewer rows than Belady MIN with the same buffer
+        min_rows = belady_min(Trace(trace).rank(rank).minibatch_ids(), env.unwrapped.capacity).remote_fetched
+        assert result["remote_fetched"] >= min_rows
 
 
 def _train_cli(*args, timeout=120):
@@ -118,7 +139,9 @@ def test_train_cli_writes_a_policy_and_compares_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.is_file() and (tmp_path / "tiny.json").is_file()
     meta = json.loads((tmp_path / "tiny.json").read_text())
-    assert meta["levels"] == [0.0, 0.5, 1.0] and meta["trained_on"] == ["small-random2-f5x10"]
+    assert meta["levels"] == [0.0, 0.5, 1.0]
+    assert [(f["trace"], f["rank"]) for f in meta["trained_on"]] == [("small-random2-f5x10", r) for r in (0, 1)]
+    assert [f["ids"] for f in meta["trained_on"]] == [f["ids"] for f in trace_fingerprints(RANDOM2)]
     assert meta["seed"] == 1 and meta["steps"] >= 64
     assert "periodic" in proc.stdout and "static" in proc.stdout and "random" in proc.stdout
     assert sum(line.startswith("small-random2-f5x10") for line in proc.stdout.splitlines()) == 2  # two ranks

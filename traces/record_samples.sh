@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# Re-record the shipped sample traces (traces/samples/) with real DistDGL runs on this host (~2 min on 2 cores).
+# Re-record the shipped sample traces (traces/samples/) with real DistDGL runs on this host (~2 min on 2 cores), and
+# beside each its time check: a run of the same options and seed with agent `none`, whose measured timings test the
+# replay time model out of sample (traces/timecheck.py; ~2 min more). `--time-checks-only` re-records just those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=traces/samples
+only_checks=${1:-}
 record() {  # name, then train.py options
     local name=$1; shift
-    rm -rf "$out/$name"
-    python train.py gnn --graph synth-small --batch-size 1000 --agent periodic --period 4 --seed 0 "$@" \
-        --trace "$out/$name"
+    if [[ "$only_checks" != "--time-checks-only" ]]; then
+        rm -rf "$out/$name"
+        python train.py gnn --graph synth-small --batch-size 1000 --agent periodic --period 4 --seed 0 "$@" \
+            --trace "$out/$name"
+    fi
+    local tmp
+    tmp=$(mktemp -d)
+    rm -f "$out/$name"/time-check-*.json
+    python train.py gnn --graph synth-small --batch-size 1000 --agent none --period 4 --seed 0 "$@" \
+        --trace "$tmp/run"
+    python -m traces.timecheck "$tmp/run" --into "$out/$name"
+    rm -rf "$tmp"
 }
 record small-metis2-f10x25 --partition metis --parts 2 --fanout 10,25 --epochs 2
 # these two keep the lookahead to the partition's own structure (no halo in-edges): < 20 MB for all samples

@@ -108,15 +108,25 @@ def prepare_job(cfg, roles: list[Role], one_host: bool, tag: str, checksums: boo
     lines = []
     for m in range(cfg.parts):
         server = next(r for r in roles if r.kind == "server" and r.machine == m)
-        ip = "127.0.0.1" if one_host else socket.gethostbyname(server.host)
+        ip = "127.0.0.1" if one_host else _address(server.host, f"the server of machine {m}")
         lines.append(f"{ip} {server_ports[m]}")
     ip_config = os.path.join(job_dir, "ip_config.txt")
     with open(ip_config, "w") as f:
         f.write("\n".join(lines) + "\n")
     trainer0 = next(r for r in roles if r.trainer_rank == 0)
-    master_ip = "127.0.0.1" if one_host else socket.gethostbyname(trainer0.host)
+    master_ip = "127.0.0.1" if one_host else _address(trainer0.host, "trainer 0 (the torch.distributed master)")
     return Job(tag=tag, job_dir=job_dir, ip_config=ip_config, part_config=part_config, graph_name=graph_name(cfg),
                master=f"{master_ip}:{master_port}", one_host=one_host, meta=meta, port=cfg.port)
+
+
+def _address(host: str, what: str) -> str:
+    """The IPv4 address of ``host`` (an MPI rank's hostname); a ValueError naming it and its role if it does not
+    resolve (every host must resolve every other's name, e.g. through DNS or /etc/hosts)."""
+    try:
+        return socket.gethostbyname(host)
+    except OSError as exc:
+        raise ValueError(f"host {host!r} of {what} does not resolve to an address ({exc}): every host must resolve "
+                         "the others' hostnames") from None
 
 
 def _wait(comm, request=None, poll_s: float = 0.01) -> None:

@@ -16,7 +16,7 @@ def build_summary(cfg, job, results: list[dict], wall_s: float) -> dict:
         config=cfg.as_dict(),
         graph=dict(name=job.meta["graph"], num_nodes=job.meta["num_nodes"], num_edges=job.meta["num_edges"],
                    feat_dim=job.meta["feat_dim"], num_classes=job.meta["num_classes"], partitions=job.part_config),
-        one_host=job.one_host,
+        one_host=job.one_host, job=job.tag,  # the job's tag: the prefix of its shared-memory names on one host
         emulated_cluster=json.loads(os.environ["RUDDER_EMULATED_CLUSTER"]) if "RUDDER_EMULATED_CLUSTER" in os.environ
         else None,
         val_acc=results[0]["val_acc"] if results else None,

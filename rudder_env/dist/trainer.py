@@ -91,6 +91,11 @@ class RankStats:
     minibatches: int = 0
     overlapped: int = 0  # minibatches whose rows were pulled during the previous minibatch's compute
     overlap_mismatches: int = 0  # pulled ahead but not usable (the buffer changed): pulled again
+    remote_rows_pulled: int = 0  # rows of other partitions' nodes that DistTensor pulls returned (fill included)
+    local_rows_pulled: int = 0  # rows of this partition's nodes those pulls returned
+    remote_rows_discarded: int = 0  # of those, never used: pulled ahead for outdated misses, or chunks left at the end
+    train_start_unix: float = 0.0  # wall clock when training began and ended (to show jobs overlapping in time)
+    train_end_unix: float = 0.0
 
 
 class DistTrainer:
@@ -142,6 +147,7 @@ class DistTrainer:
         self.capacity = int(round(fraction * self.halo_ids.size))
         self.admit_on_miss = cfg.admit_on_miss if admit_on_miss is None else admit_on_miss
         self.link = _Link()
+        self._pulled_lock = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-prefetch") \
             if cfg.prefetch == "background" else None
         self._chunks: collections.deque = collections.deque()  # background: (ids, future of rows), in request order
@@ -225,7 +231,20 @@ class DistTrainer:
         return filled
 
     def pull(self, ids: np.ndarray) -> np.ndarray:
-        return self.link.pull(self.feat, torch.from_numpy(np.asarray(ids, dtype=np.int64))).numpy()
+        return self._dist_pull(torch.from_numpy(np.asarray(ids, dtype=np.int64))).numpy()
+
+    def _dist_pull(self, ids: torch.Tensor, background: bool = False) -> torch.Tensor:
+        """Feature rows of ``ids`` pulled through the DistTensor over the link, counting the rows it returned by
+        owner (this partition or another): the traffic actually pulled, to check against what the buffer counts.
+        Pulls of labels and ``--verify-rows``' checks are not counted."""
+        rows = self.link.pull(self.feat, ids, background)
+        if rows.shape[0] != ids.shape[0]:
+            raise RuntimeError(f"a DistTensor pull of {ids.shape[0]} ids returned {rows.shape[0]} rows")
+        remote = int((self.pb.nid2partid(ids) != self.partid).sum()) if ids.numel() else 0
+        with self._pulled_lock:  # background prefetch chunks are counted from their own thread
+            self.stats.remote_rows_pulled += remote
+            self.stats.local_rows_pulled += int(rows.shape[0]) - remote
+        return rows
 
     # ------------------------------------------------------------------ background prefetch
     def _deliver_prefetch(self) -> None:
@@ -238,14 +257,17 @@ class DistTrainer:
             ids = self.buffer.take()
             if ids.size == 0:
                 break
-            self._chunks.append((ids, self._prefetcher.submit(self.link.pull, self.feat, torch.from_numpy(ids),
-                                                              True)))
+            self._chunks.append((ids, self._prefetcher.submit(self._dist_pull, torch.from_numpy(ids), True)))
 
-    def _drop_prefetch(self) -> None:
-        """Wait for the chunks on their way and forget them (a restart, or the end)."""
+    def _drop_prefetch(self) -> int:
+        """Wait for the chunks on their way and forget them (a restart, or the end); returns the rows of those
+        whose pull had already run (pulled, never delivered)."""
+        pulled = 0
         while self._chunks:
-            _, future = self._chunks.popleft()
-            future.cancel() or future.exception()
+            ids, future = self._chunks.popleft()
+            if not future.cancel() and future.exception() is None:
+                pulled += int(ids.size)
+        return pulled
 
     # ------------------------------------------------------------------ training
     def _remote_mask(self, input_nodes: torch.Tensor) -> np.ndarray:
@@ -307,7 +329,7 @@ class DistTrainer:
 
             self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-fetch")
         want = torch.from_numpy(np.concatenate([ids[~nxt.remote], misses]))
-        self._next_pull = (nxt.batch[0], misses, self._fetcher.submit(self.link.pull, self.feat, want))
+        self._next_pull = (nxt.batch[0], misses, self._fetcher.submit(self._dist_pull, want))
 
     def _finish_next_pull(self) -> float:
         """Wait for the pull started by :meth:`_start_next_pull` (before any other RPC); returns the seconds
@@ -330,14 +352,16 @@ class DistTrainer:
             pos = positions(misses, to_pull[:n_miss])
             if (pos >= 0).all():  # this minibatch's misses were pulled ahead (rows delivered since are fewer)
                 self.stats.overlapped += 1
+                self.stats.remote_rows_discarded += int(misses.size - n_miss)
                 n_local = rows.shape[0] - misses.size
                 parts = [rows[:n_local], rows[n_local:][torch.from_numpy(pos)]]
                 extra = to_pull[n_miss:]
                 if extra.size:
-                    parts.append(self.link.pull(self.feat, torch.from_numpy(extra)))
+                    parts.append(self._dist_pull(torch.from_numpy(extra)))
                 return torch.cat(parts)
             self.stats.overlap_mismatches += 1
-        return self.link.pull(self.feat, torch.from_numpy(np.concatenate([local_ids, to_pull])))
+            self.stats.remote_rows_discarded += int(misses.size)
+        return self._dist_pull(torch.from_numpy(np.concatenate([local_ids, to_pull])))
 
     def _verify(self, input_nodes: torch.Tensor, x: torch.Tensor) -> None:
         """Count rows that differ from a direct DistTensor pull, and rows whose column 0 is not the original id."""
@@ -403,6 +427,7 @@ class DistTrainer:
                 sampling["left"] -= 1
 
         t_epoch, training = time.perf_counter(), 0
+        self.stats.train_start_unix = time.time()
         top_up()
         while self._ahead:
             batch, sample_s, remote, _, epoch = self._ahead.popleft()
@@ -421,6 +446,8 @@ class DistTrainer:
             self._mark("deciding")  # the env and the agent have the turn until the next minibatch
             yield record
         self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
+        self.stats.train_end_unix = time.time()
+        self.stats.remote_rows_discarded += self._drop_prefetch()  # training is over: they would never be used
 
     # ------------------------------------------------------------------ evaluation and results
     @torch.no_grad()
@@ -461,6 +488,9 @@ class DistTrainer:
                     epoch_time_s=[round(t, 4) for t in s.epoch_time_s], sample_s=round(s.sample_s, 4),
                     fetch_s=round(s.fetch_s, 4), compute_s=round(s.compute_s, 4),
                     overlapped_minibatches=s.overlapped, overlap_mismatches=s.overlap_mismatches,
+                    remote_rows_pulled=s.remote_rows_pulled, remote_rows_discarded=s.remote_rows_discarded,
+                    local_rows_pulled=s.local_rows_pulled,
+                    train_start_unix=round(s.train_start_unix, 3), train_end_unix=round(s.train_end_unix, 3),
                     lookahead_setup_s=round(self.lookahead_setup_s, 3),
                     buffer_bytes=int(self.buffer.rows.nbytes if self.buffer.rows is not None else 0),
                     peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -15,7 +15,11 @@ from baselines.policies import Periodic, RandomBudget, StaticBuffer
 from rudder_env.contract import buffer_kwargs
 from rudder_env.evaluation.play import play, play_episode
 from rudder_env.replay_env import ReplayEnv
+from rudder_env.timing import FetchTimeModel, out_of_sample
 from traces import Trace
+from traces.fingerprint import HELD_OUT, provenance, rank_fingerprint
+from traces.timecheck import TimeCheck
+from traces.timecheck import time_checks as find_time_checks
 
 ORACLES = ("belady", "hindsight")
 
@@ -23,17 +27,27 @@ ORACLES = ("belady", "hindsight")
 def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object]],
                    buffer_fraction: float | None = None, oracles: Iterable[str] = ORACLES,
                    candidates: int | None = None, seed: int = 0,
-                   progress: Callable[[str], None] | None = None) -> list[dict]:
+                   progress: Callable[[str], None] | None = None, time_checks: Sequence[TimeCheck] = ()) -> list[dict]:
     """Score every agent and oracle on every rank of one trace.
 
     ``agents`` maps a name to a factory ``(trace_name, rank) -> agent``. Asynchronous agents decide in the
     background, their latency simulated as a delay (:func:`rudder_env.evaluation.play.run_async`).
+
+    Each row's ``provenance`` says, by content, whether a learned agent learned from that rank
+    (:func:`traces.fingerprint.provenance`: ``trained-on``, ``same-config``, ``held-out``, ``unknown``; empty for
+    agents that learn nothing from traces); ``held_out`` is True only for ``held-out``.
+
+    Each row also carries the rank's replay time model (:func:`time_model_columns`), checked out of sample on the
+    first of the trace's own ``time-check-*.json`` files and ``time_checks`` that fits it.
     """
     trace = Trace(trace_dir)
     name = os.path.basename(os.path.normpath(trace_dir))
+    checks = find_time_checks(trace, list(time_checks))
     rows = []
     for rank in trace.ranks:
         ref = ReplayEnv(trace, rank=rank, candidates=candidates, buffer_fraction=buffer_fraction)
+        timing = time_model_columns(trace, rank, ref.time_model, checks)
+        fingerprint = None  # computed once per rank, when a learned agent needs it
         for agent_name, factory in agents.items():
             agent = as_agent(factory(name, rank))
             env = ReplayEnv(trace, rank=rank, candidates=candidates,
@@ -42,11 +56,13 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
                 progress(f"{name} rank {rank}: {agent_name}")
             r = play(env, agent, seed=seed, asynchronous=agent.asynchronous)
             r.pop("delay_minibatches", None)
-            trained_on = agent.trained_on
+            if agent.trained_on is not None and fingerprint is None:
+                fingerprint = rank_fingerprint(trace, rank)
+            origin = provenance(agent.trained_on, fingerprint) if agent.trained_on is not None else ""
             rows.append(dict(agent=agent_name, trace=name, rank=rank, capacity=env.capacity,
-                             asynchronous=agent.asynchronous,
-                             held_out=(name not in trained_on) if trained_on is not None else None,
-                             invalid_answers=agent.stats().get("invalid_answers", 0), **r))
+                             asynchronous=agent.asynchronous, provenance=origin,
+                             held_out=(origin == HELD_OUT) if origin else None,
+                             invalid_answers=agent.stats().get("invalid_answers", 0), **r, **timing))
         ids = trace.rank(rank).minibatch_ids()
         sampled = np.asarray([x.size for x in ids], dtype=np.int64)
         for oracle in oracles:
@@ -55,12 +71,40 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
             fn = {"belady": belady_min, "hindsight": hindsight_static}[oracle]
             res = fn(ids, ref.capacity)
             rows.append(dict(agent=oracle, trace=name, rank=rank, capacity=ref.capacity, asynchronous=False,
-                             held_out=None, invalid_answers=0, remote_sampled=res.remote_sampled, hits=res.hits,
+                             provenance="", held_out=None, invalid_answers=0, remote_sampled=res.remote_sampled, hits=res.hits,
                              remote_fetched=res.remote_fetched, prefetched=res.prefetched,
                              initial_fill=res.initial_fill, admitted_on_miss=0, time_s=float("nan"),
                              decisions=0, latency_p50_s=0.0, latency_p95_s=0.0,
-                             window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period)))
+                             window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
+                             **timing))
     return rows
+
+
+def time_model_columns(trace: Trace, rank: int, model: FetchTimeModel, checks: Sequence[TimeCheck]) -> dict:
+    """The rank's fetch-time fit (``time_r2``, ``time_s_per_remote_row``, ``time_fit_ok``: it separates remote
+    rows, see :meth:`~rudder_env.timing.FetchTimeModel.separates_remote_rows`) and its out-of-sample error on the
+    first check run that has this rank (``time_check_agent``, ``time_oos_fetch_error``, ``time_oos_time_error``:
+    modelled minus measured, over measured; NaN without a check run), with ``time_check_compute_ratio``, the check
+    run's compute seconds per minibatch over the trace's: far from 1, the two runs met different machine load, and
+    that drift is part of the error."""
+    out = dict(time_r2=model.r2, time_s_per_remote_row=model.c_remote, time_fit_ok=model.separates_remote_rows,
+               time_check_agent="", time_oos_fetch_error=float("nan"), time_oos_time_error=float("nan"),
+               time_check_compute_ratio=float("nan"))
+    for check in checks:
+        if rank not in check.ranks:
+            continue
+        cols = check.ranks[rank]
+        table = trace.rank(rank).table()
+        same_length = len(table) == cols["fetch_s"].size
+        res = out_of_sample(model, cols["local_rows"], cols["remote_fetched"], cols["fetch_s"],
+                            other_s=cols["sample_s"] + cols["compute_s"] if same_length else None,
+                            modelled_other_s=float(table["sample_s"].sum() + table["compute_s"].sum())
+                            if same_length else None)
+        out.update(time_check_agent=check.agent, time_oos_fetch_error=res["fetch_error"],
+                   time_oos_time_error=res["time_error"],
+                   time_check_compute_ratio=float(np.mean(cols["compute_s"]) / max(table["compute_s"].mean(), 1e-12)))
+        break
+    return out
 
 
 def _window_rates(per_minibatch_hits: np.ndarray, per_minibatch_sampled: np.ndarray, period: int) -> list[float]:
@@ -92,8 +136,9 @@ def compare_policy(policy: str, traces: Sequence[str], buffer_fractions: Sequenc
                 ppo = play_episode(env, agent, seed)
                 random = [play_episode(env, RandomBudget(seed + s, agent.levels), seed)["remote_fetched"]
                           for s in range(random_seeds)]
+                origin = provenance(agent.trained_on, rank_fingerprint(t, rank))
                 rows.append(dict(trace=name, rank=rank, buffer_fraction=env.unwrapped.buffer_fraction,
-                                 capacity=env.unwrapped.capacity, held_out=name not in agent.trained_on,
+                                 capacity=env.unwrapped.capacity, provenance=origin, held_out=origin == HELD_OUT,
                                  remote_sampled=ppo["remote_sampled"], ppo=ppo["remote_fetched"],
                                  periodic=play_episode(env, Periodic(), seed)["remote_fetched"],
                                  static=play_episode(static_env, StaticBuffer(), seed)["remote_fetched"],

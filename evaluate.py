@@ -23,8 +23,8 @@ SAMPLES = os.path.join(HERE, "traces", "samples")
 DEFAULT_AGENTS = "none,static,periodic,hitrate,lookahead,ppo,llm"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--traces", nargs="+", default=sorted(glob.glob(os.path.join(SAMPLES, "*"))),
                    help="trace folders (default: the shipped samples)")
@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1, help="--live: epochs")
     p.add_argument("--train-args", default="", help="--live: more train.py gnn options, quoted")
     p.add_argument("--out", default="results", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -66,24 +67,57 @@ def agent_factories(names: list[str], args) -> dict:
     return {n: factory(n) for n in names}
 
 
-def evaluate_traces(names: list[str], oracles: list[str], args, log) -> list[dict]:
+class ProgressBar:
+    """One tqdm bar over the work items (agents and oracles x traces x ranks), with ETA: :meth:`start` names the item
+    starting now and counts the one before it as done."""
+
+    def __init__(self, total: int, enabled: bool = True, unit: str = "run"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                        desc="evaluate")
+        self.running = False
+
+    def start(self, item: str) -> None:
+        self.finish()
+        self.running = True
+        self.bar.set_postfix_str(item)
+
+    def finish(self) -> None:
+        if self.running:
+            self.bar.update(1)
+            self.running = False
+
+    def close(self) -> None:
+        self.finish()
+        self.bar.close()
+
+
+def evaluate_traces(names: list[str], oracles: list[str], args) -> list[dict]:
     from rudder_env.evaluation.scoring import evaluate_trace
+    from traces import Trace
 
     factories = agent_factories(names, args)
+    ranks = {trace: len(Trace(trace).ranks) for trace in args.traces}  # a clear error for a bad folder, first
+    bar = ProgressBar(sum(ranks.values()) * (len(names) + len(oracles)), enabled=not args.no_progress)
     rows = []
-    for i, trace in enumerate(args.traces, 1):
-        log(f"[{i}/{len(args.traces)}] {trace}")
-        rows += evaluate_trace(trace, factories, buffer_fraction=args.buffer_fraction, oracles=oracles,
-                               candidates=args.candidates, seed=args.seed, progress=lambda m: log(f"  {m}"))
+    try:
+        for trace in args.traces:
+            rows += evaluate_trace(trace, factories, buffer_fraction=args.buffer_fraction, oracles=oracles,
+                                   candidates=args.candidates, seed=args.seed, progress=bar.start)
+            bar.finish()
+    finally:
+        bar.close()
     return rows
 
 
-def evaluate_live(names: list[str], args, log) -> list[dict]:
+def evaluate_live(names: list[str], args) -> list[dict]:
     """Each agent trains ``--graph`` for real (``train.py gnn``); rows from the run summaries, times measured."""
     rows = []
     trace_name = f"live-{os.path.basename(args.graph.rstrip('/'))}"
-    for i, name in enumerate(names, 1):
-        log(f"[{i}/{len(names)}] live {args.graph}: {name}")
+    bar = ProgressBar(len(names), enabled=not args.no_progress)
+    for name in names:
+        bar.start(f"live {args.graph}: {name}")
         summary = os.path.join(args.out, f"live-{name}.json")
         cmd = [sys.executable, os.path.join(HERE, "train.py"), "gnn", "--graph", args.graph, "--parts",
                str(args.parts), "--epochs", str(args.epochs), "--agent", name, "--seed", str(args.seed),
@@ -92,6 +126,7 @@ def evaluate_live(names: list[str], args, log) -> list[dict]:
             cmd += ["--buffer-fraction", str(args.buffer_fraction)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
+            bar.close()
             raise RuntimeError(f"live run of {name} failed:\n{proc.stderr[-2000:]}")
         with open(summary) as f:
             s = json.load(f)
@@ -103,15 +138,12 @@ def evaluate_live(names: list[str], args, log) -> list[dict]:
                              admitted_on_miss=r["admitted_on_miss"], time_s=sum(r["epoch_time_s"]),
                              decisions=r.get("decisions", 0), latency_p50_s=r.get("latency_p50_s", 0.0),
                              latency_p95_s=r.get("latency_p95_s", 0.0), window_hit_rate=[]))
+    bar.close()
     return rows
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
+def main(argv=None, prog: str = "evaluate.py") -> int:
+    args = parse_args(argv, prog)
     import pandas as pd
 
     from rudder_env.evaluation.registry import REGISTRY
@@ -129,11 +161,11 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     try:
         if args.live:
-            rows = evaluate_live(names, args, log)
+            rows = evaluate_live(names, args)
         else:
             if not args.traces:
                 raise ValueError("no traces given and no shipped samples found")
-            rows = evaluate_traces(names, oracles, args, log)
+            rows = evaluate_traces(names, oracles, args)
     except (TraceError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2

@@ -23,10 +23,10 @@ if __name__ == "__mp_main__" and os.environ.get("RUDDER_ONEHOST_MACHINE"):
     apply_from_env()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     from rudder_env.dist.config import add_arguments
 
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     gnn = sub.add_parser("gnn", help="distributed GNN training with a prefetch buffer (DistDGL on MPI ranks)")
@@ -88,9 +88,9 @@ def train_ppo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     if args.command == "gnn":
         from rudder_env.dist.config import from_namespace
         from rudder_env.dist.launcher import launch

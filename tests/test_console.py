@@ -48,9 +48,14 @@ def test_train_terminal_shows_progress_and_the_log_keeps_dgl_output(tmp_path, fr
     assert terminal.count(str(log)) == 1
     assert err[1].startswith("rudder: graph synth-tiny: 4000 nodes") and "partitions ready" in err[2]
     assert any(line.startswith("rudder: job: synth-tiny (4,000 nodes, 40,000 edges") for line in err)
-    assert any(re.match(r"rudder: 2 trainer\(s\) ready in [\d.]+ s: buffer [\d,]+ rows", line) for line in err)
-
     s = json.loads(summary_path.read_text())
+    ready = [re.match(r"rudder: 2 trainers ready in [\d.]+ s: buffers of ([\d,]+) rows in all \((\d+)% of ([\d,]+) "
+                      r"halo nodes\), (\d+) minibatches per epoch per trainer$", line) for line in err]
+    ready = [m for m in ready if m]
+    assert len(ready) == 1, err
+    assert int(ready[0][1].replace(",", "")) == sum(r["buffer_capacity"] for r in s["ranks"])
+    assert int(ready[0][3].replace(",", "")) == sum(r["halo_nodes"] for r in s["ranks"]) and ready[0][2] == "25"
+    assert int(ready[0][4]) * 2 == s["ranks"][0]["minibatches"]
     epochs = [EPOCH.match(line) for line in err if line.startswith("rudder: epoch")]
     assert len(epochs) == 2 and all(epochs), err
     assert len(s["epochs"]) == 2
@@ -154,6 +159,26 @@ def test_job_log_captures_c_level_output_and_relays_what_ranks_say(tmp_path):
     text = log.read_text()
     for line in ("python chatter", "fd chatter", "C chatter", "rudder: partitioning ...", "rudder: epoch 1/1"):
         assert line in text.splitlines(), line
+
+
+def test_verbose_job_log_shows_the_output_live_and_keeps_it(tmp_path):
+    log = tmp_path / "job.log"
+    proc = _python(f"""
+        import ctypes, os, sys
+        from rudder_env.dist.console import JobLog
+        log = JobLog({str(log)!r}, {str(tmp_path / "console.jsonl")!r}, verbose=True)
+        with log.capture():
+            os.write(1, b"fd chatter\\n")
+            ctypes.CDLL(None).printf(b"C chatter\\n")
+        child = log.popen([sys.executable, "-c", "print('rank chatter')"])
+        child.wait()
+        log.close()
+        """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    shown = proc.stderr.splitlines()
+    assert shown == ["fd chatter", "C chatter", "rank chatter"], shown  # live, on stderr; nothing announced
+    assert log.read_text().splitlines() == shown
 
 
 def test_say_prints_without_a_supervisor():

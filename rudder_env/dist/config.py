@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 
@@ -70,6 +71,13 @@ class TrainConfig:
     verify_rows: bool = field(default=False, metadata=dict(
         help="check every input row against a direct DistTensor pull, and column 0 against the original node id"))
     timeout_s: float = field(default=0.0, metadata=dict(help="kill the job after this many seconds (0: never)"))
+    log: str | None = field(default=None, metadata=dict(
+        help="the job's log file: DGL's and MPI's output from every rank (default: a new file under "
+             "<cache-dir>/logs, whose path is printed; only when train.py starts mpiexec itself)"))
+    verbose: bool = field(default=False, metadata=dict(help="also show DGL's and MPI's output on the terminal, live"))
+    tensorboard: str | None = field(default=None, metadata=dict(
+        help="write per-epoch scalars (loss, hit rate, rows fetched, fetch share, epoch time, accuracy) for "
+             "TensorBoard into a new run folder under this folder"))
 
     @property
     def fanouts(self) -> list[int]:
@@ -110,6 +118,8 @@ class TrainConfig:
         for name in ("period", "batch_size", "epochs", "hidden", "candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
         if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
 

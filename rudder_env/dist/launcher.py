@@ -19,6 +19,7 @@ import sys
 import time
 
 from rudder_env.dist import onehost
+from rudder_env.dist.console import CONSOLE_VAR, JobLog, default_log_path
 from rudder_env.dist.partition import ensure_partitions
 from rudder_env.dist.ports import free_port_base, job_ports, port_in_use
 from rudder_env.dist.procs import alive
@@ -138,13 +139,35 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
 
 
 def launch(cfg, argv: list[str], script: str) -> int:
-    """Start ``mpiexec -n N python script argv`` for ``cfg`` and supervise it. Returns the exit code."""
+    """Start ``mpiexec -n N python script argv`` for ``cfg`` and supervise it. Returns the exit code.
+
+    Every rank's stdout and stderr (DGL's and MPI's messages) and the partitioner's go to the job's log
+    (:class:`~rudder_env.dist.console.JobLog`); the terminal shows what the ranks :func:`~rudder_env.dist.console.say`
+    and the supervisor's own lines.
+    """
     cfg.validate()
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the one pip's mpich put next to python
     mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if mpiexec is None:
         raise RuntimeError("mpiexec not found on PATH: install MPI (pip install mpich mpi4py)")
-    ensure_partitions(cfg)
+    tag = f"rd{secrets.token_hex(3)}"
+    job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
+    log = JobLog(cfg.log or default_log_path(cfg.cache_dir, tag), os.path.join(job_dir, "console.jsonl"),
+                 verbose=cfg.verbose, prune=cfg.log is None)
+    try:
+        return _supervise(cfg, argv, script, mpiexec, tag, job_dir, log)
+    except (ValueError, RuntimeError, OSError) as exc:  # bad input: one line, naming the log if it holds anything
+        if log.empty():
+            raise
+        raise RuntimeError(f"{exc}{log.where()}") from exc
+    finally:
+        log.close()
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def _supervise(cfg, argv: list[str], script: str, mpiexec: str, tag: str, job_dir: str, log: JobLog) -> int:
+    with log.capture():
+        ensure_partitions(cfg, log=log.note)
     if cfg.port == 0:
         cfg.port = free_port_base(cfg.parts)
         argv = [*argv, "--port", str(cfg.port)]  # the ranks use the block found here
@@ -152,15 +175,14 @@ def launch(cfg, argv: list[str], script: str) -> int:
     for port in server_ports + [master_port]:
         if port_in_use("127.0.0.1", port):
             raise RuntimeError(f"port {port} is in use (another DistDGL job, or a leftover server?): pass --port")
-    tag = f"rd{secrets.token_hex(3)}"
-    job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
-    env = dict(os.environ, **{TAG_VAR: tag})
+    env = dict(os.environ, **{TAG_VAR: tag, CONSOLE_VAR: log.console_path})
     env.setdefault("DGL_DIST_MAX_TRY_TIMES", "20")  # trainers give up on an absent server after ~60 s, not 50 min
     env.setdefault("OMP_NUM_THREADS", "1")
     shm_before = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
     started = time.time()
     cmd = [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    log.note(f"rudder: starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers) on this host")
+    proc = log.popen(cmd, env=env, start_new_session=True)
     watch = _DeathWatch(job_dir)
     interrupted = None
 
@@ -172,11 +194,12 @@ def launch(cfg, argv: list[str], script: str) -> int:
     try:
         while proc.poll() is None:
             watch.wait(0.2)
+            log.relay()
             if interrupted is not None:
-                print(f"rudder: interrupted (signal {interrupted}): stopping the job", file=sys.stderr, flush=True)
+                log.note(f"rudder: interrupted (signal {interrupted}): stopping the job{log.where()}")
                 break
             if cfg.timeout_s and time.time() - started > cfg.timeout_s:
-                print(f"rudder: job exceeded --timeout-s {cfg.timeout_s:g}: stopping it", file=sys.stderr, flush=True)
+                log.note(f"rudder: job exceeded --timeout-s {cfg.timeout_s:g}: stopping it{log.where()}")
                 interrupted = "timeout"
                 break
             if watch.first_dead is not None:  # mpiexec may not notice (e.g. a server gone): stop the job now
@@ -189,8 +212,8 @@ def launch(cfg, argv: list[str], script: str) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
         cleanup_shm(tag, since=started, before=shm_before)
+    log.relay()
     statuses = _read_statuses(job_dir)
-    shutil.rmtree(job_dir, ignore_errors=True)
     if interrupted is not None:
         return 124 if interrupted == "timeout" else 130
     watch.close()
@@ -200,9 +223,9 @@ def launch(cfg, argv: list[str], script: str) -> int:
         culprit = min((e for e in events if e is not None), key=lambda e: e["time"], default=None)
         if culprit is not None:
             why = culprit.get("error", f"process {culprit['pid']} exited without finishing")
-            print(f"rudder: job failed: {culprit['describe']}: {why}", file=sys.stderr, flush=True)
+            log.note(f"rudder: job failed: {culprit['describe']}: {why}{log.where()}")
         else:
-            print(f"rudder: job failed: mpiexec exited with {rc}", file=sys.stderr, flush=True)
+            log.note(f"rudder: job failed: mpiexec exited with {rc}{log.where()}")
         return rc if rc else 1
     return 0
 

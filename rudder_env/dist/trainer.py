@@ -24,6 +24,7 @@ from rudder_env.buffer import PrefetchBuffer, initial_ids
 from rudder_env.episode import MinibatchRecord
 from rudder_env.dist.dgl_compat import import_dgl
 from rudder_env.dist.models import build_model
+from rudder_env.dist.progress import EpochStats
 
 dgl = import_dgl()
 
@@ -49,6 +50,8 @@ class RankStats:
     minibatches: int = 0
     overlapped: int = 0  # minibatches whose rows were pulled during the previous minibatch's compute
     overlap_mismatches: int = 0  # pulled ahead but not usable (the buffer changed): pulled again
+    loss_sum: float = 0.0  # training loss summed over minibatches
+    epochs: list = field(default_factory=list)  # one EpochStats per finished epoch
 
 
 class DistTrainer:
@@ -98,6 +101,7 @@ class DistTrainer:
         self._next_pull = None  # (input nodes, misses, future) in flight
         self._pulled_ahead = None  # (input nodes, misses, rows) ready for the next train_step
         self._overlap_wait_s = 0.0
+        self.on_epoch_end = None  # called with each epoch's EpochStats as it ends (progress lines, curves)
         self.started = False
         self.start(cfg.seed)
 
@@ -318,11 +322,12 @@ class DistTrainer:
                 sampling["left"] -= 1
 
         t_epoch, training = time.perf_counter(), 0
+        self._epoch_mark = self._epoch_totals()
         top_up()
         while self._ahead:
             batch, sample_s, remote, _, epoch = self._ahead.popleft()
             if epoch != training:  # an epoch's time runs from its first minibatch to the next epoch's first
-                self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
+                self._close_epoch(training, time.perf_counter() - t_epoch)
                 t_epoch, training = time.perf_counter(), epoch
             record = self.train_step(epoch, batch, remote)
             record.sample_s = sample_s
@@ -331,9 +336,26 @@ class DistTrainer:
             s.fetch_s += record.fetch_s
             s.compute_s += record.compute_s
             s.minibatches += 1
+            s.loss_sum += record.loss
             top_up()  # sample the next ones before handing this record over
             yield record
-        self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
+        self._close_epoch(training, time.perf_counter() - t_epoch)
+
+    def _epoch_totals(self) -> dict:
+        c, s = self.buffer.counters, self.stats
+        return dict(minibatches=s.minibatches, loss_sum=s.loss_sum, remote_sampled=c.remote_sampled, hits=c.hits,
+                    remote_fetched=c.remote_fetched, prefetched=c.prefetched, sample_s=s.sample_s, fetch_s=s.fetch_s,
+                    compute_s=s.compute_s)
+
+    def _close_epoch(self, epoch: int, seconds: float) -> None:
+        """Record the epoch that just ended (its time and :class:`EpochStats`), and hand it to ``on_epoch_end``."""
+        self.stats.epoch_time_s.append(seconds)
+        now = self._epoch_totals()
+        stats = EpochStats(epoch, seconds=seconds, **{k: now[k] - self._epoch_mark[k] for k in now})
+        self._epoch_mark = now
+        self.stats.epochs.append(stats)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(stats)
 
     # ------------------------------------------------------------------ evaluation and results
     @torch.no_grad()
@@ -369,6 +391,7 @@ class DistTrainer:
                     epoch_time_s=[round(t, 4) for t in s.epoch_time_s], sample_s=round(s.sample_s, 4),
                     fetch_s=round(s.fetch_s, 4), compute_s=round(s.compute_s, 4),
                     overlapped_minibatches=s.overlapped, overlap_mismatches=s.overlap_mismatches,
+                    epochs=[e.as_dict() for e in s.epochs],
                     lookahead_setup_s=round(self.lookahead_setup_s, 3),
                     buffer_bytes=int(self.buffer.rows.nbytes if self.buffer.rows is not None else 0),
                     peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

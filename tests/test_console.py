@@ -77,7 +77,7 @@ def test_train_terminal_shows_progress_and_the_log_keeps_dgl_output(tmp_path, fr
 
     table = proc.stdout.splitlines()
     assert table[0].startswith("rudder: synth-tiny on 2 partitions") and table[-1].startswith("val_acc=")
-    assert len(table) == 4  # header, column names, one row per trainer... and the footer
+    assert len(table) == 5  # the job, the column names, one row per trainer, accuracies and totals
     text = log.read_text()
     for marker in ("Server is waiting for connections", "connect to server successfuly", "Metis partitioning"):
         assert marker in text, marker

@@ -3,6 +3,13 @@
     python evaluate.py                                   # the shipped sample traces, every agent and oracle
     python evaluate.py --traces DIR [DIR ...] --agents none,static,periodic,ppo,llm --out results/
     python evaluate.py --live --graph synth-small --parts 2 --agents none,periodic,llm
+    python evaluate.py --live --graph synth-small --hosts 2 --link-rate 500mbit --agents none,periodic
+    python evaluate.py --agents periodic,./my_agent.py:MyAgent --agent-kwargs threshold=0.5   # your own agent
+
+Agents are built-in names, names installed packages register (``rudder.agents`` entry points), or references
+``module.path:Class`` / ``path/to/file.py:Class`` (:mod:`rudder_env.evaluation.registry`). ``--agent-kwargs`` gives
+constructor options: plain ``OPTIONS`` go to every agent given by reference or entry point, ``AGENT@OPTIONS`` to
+that agent only (built-in ones included); ``OPTIONS`` is a JSON object or ``key=value,key2=value2``.
 
 Prints a table per trace and overall (remote rows fetched relative to no prefetch, hit rate, distance to Belady
 MIN, modelled or measured time relative to no prefetch, decision latency p50/p95, invalid LLM answers) and writes
@@ -28,7 +35,12 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--traces", nargs="+", default=sorted(glob.glob(os.path.join(SAMPLES, "*"))),
                    help="trace folders (default: the shipped samples)")
-    p.add_argument("--agents", default=DEFAULT_AGENTS, help="comma-separated agents")
+    p.add_argument("--agents", default=DEFAULT_AGENTS,
+                   help="comma-separated agents: built-in names, installed names (rudder.agents entry points), "
+                        "module.path:Class or path/to/file.py:Class")
+    p.add_argument("--agent-kwargs", action="append", default=[], metavar="[AGENT@]OPTIONS",
+                   help="constructor options, a JSON object or key=value,key2=value2: plain ones for every agent "
+                        "given by reference or entry point, AGENT@OPTIONS for that agent only; repeatable")
     p.add_argument("--oracles", default="belady,hindsight", help="comma-separated oracles ('' for none)")
     p.add_argument("--buffer-fraction", type=float, default=None,
                    help="buffer size as a fraction of each rank's halo (default: the recorded run's)")
@@ -43,28 +55,55 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
     p.add_argument("--graph", default="synth-small", help="--live: graph to train on")
     p.add_argument("--parts", type=int, default=2, help="--live: partitions")
     p.add_argument("--epochs", type=int, default=1, help="--live: epochs")
+    p.add_argument("--hosts", type=int, default=0,
+                   help="--live: run on this many emulated hosts (one partition each; root only)")
+    p.add_argument("--link-rate", default=None, help="--live with --hosts: each host's link rate, e.g. 500mbit")
     p.add_argument("--train-args", default="", help="--live: more train.py gnn options, quoted")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
-def agent_factories(names: list[str], args) -> dict:
-    """name -> factory(trace_name, rank) building a fresh agent (with a per-rank log for the LLM)."""
+def builtin_options(name: str, args, trace: str = "", rank: int = 0) -> dict:
+    """Constructor options evaluate.py's own flags give a built-in agent on ``trace`` rank ``rank``."""
+    if name == "llm":
+        return dict(model=args.llm_model, mode=args.llm_mode,
+                    log_path=os.path.join(args.out, f"llm-{trace}-rank{rank}.jsonl"))
+    if name == "ppo" and args.ppo_policy:
+        return dict(path=args.ppo_policy)
+    if name == "recorded":  # each trace's own recorded decisions, at their recorded minibatches
+        folders = {os.path.basename(os.path.normpath(t)): t for t in args.traces}
+        return dict(trace=folders.get(trace, args.traces[0] if args.traces else ""), rank=rank)
+    return {}
+
+
+def agent_factories(specs: list[str], labels: list[str], options: dict[str, dict], args) -> dict:
+    """label -> factory(trace_name, rank) building a fresh agent: its built-in options (a per-rank log for the LLM,
+    each trace's own decisions for ``recorded``) overridden by ``--agent-kwargs``."""
     from rudder_env.evaluation.registry import make_agent
 
-    def factory(name):
-        if name == "llm":
-            return lambda trace, rank: make_agent("llm", model=args.llm_model, mode=args.llm_mode,
-                                                  log_path=os.path.join(args.out, f"llm-{trace}-rank{rank}.jsonl"))
-        if name == "ppo" and args.ppo_policy:
-            return lambda trace, rank: make_agent("ppo", path=args.ppo_policy)
-        if name == "recorded":  # each trace's own recorded decisions, at their recorded minibatches
-            folders = {os.path.basename(os.path.normpath(t)): t for t in args.traces}
-            return lambda trace, rank: make_agent("recorded", trace=folders[trace], rank=rank)
-        return lambda trace, rank: make_agent(name)
+    def factory(spec):
+        return lambda trace, rank: make_agent(spec, **{**builtin_options(spec, args, trace, rank), **options[spec]})
 
-    return {n: factory(n) for n in names}
+    return {label: factory(spec) for spec, label in zip(specs, labels)}
+
+
+def check_agents(specs: list[str], args) -> tuple[list[str], dict[str, dict]]:
+    """Resolve every agent and its options once, before any replay, and build each one not built in (its name
+    labels it): ``(labels, options per agent)``; raises ``ValueError`` (one line, e.g.
+    :class:`~rudder_env.evaluation.registry.AgentError`) or ``OSError`` for an agent that cannot be found or built."""
+    from rudder_env.evaluation.registry import (REGISTRY, agent_class, agent_kwargs_for, agent_labels, check_agent,
+                                                make_agent)
+
+    for spec in specs:
+        agent_class(spec)
+    options = agent_kwargs_for(args.agent_kwargs, specs)
+    names = {}
+    for spec in specs:
+        check_agent(spec, {**builtin_options(spec, args), **options[spec]})
+        if spec not in REGISTRY:
+            names[spec] = make_agent(spec, **options[spec]).name
+    return agent_labels(specs, names), options
 
 
 class ProgressBar:
@@ -93,13 +132,14 @@ class ProgressBar:
         self.bar.close()
 
 
-def evaluate_traces(names: list[str], oracles: list[str], args) -> list[dict]:
+def evaluate_traces(specs: list[str], labels: list[str], options: dict[str, dict], oracles: list[str],
+                    args) -> list[dict]:
     from rudder_env.evaluation.scoring import evaluate_trace
     from traces import Trace
 
-    factories = agent_factories(names, args)
+    factories = agent_factories(specs, labels, options, args)
     ranks = {trace: len(Trace(trace).ranks) for trace in args.traces}  # a clear error for a bad folder, first
-    bar = ProgressBar(sum(ranks.values()) * (len(names) + len(oracles)), enabled=not args.no_progress)
+    bar = ProgressBar(sum(ranks.values()) * (len(specs) + len(oracles)), enabled=not args.no_progress)
     rows = []
     try:
         for trace in args.traces:
@@ -111,17 +151,24 @@ def evaluate_traces(names: list[str], oracles: list[str], args) -> list[dict]:
     return rows
 
 
-def evaluate_live(names: list[str], args) -> list[dict]:
+def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict], args) -> list[dict]:
     """Each agent trains ``--graph`` for real (``train.py gnn``); rows from the run summaries, times measured."""
+    from rudder_env.evaluation.registry import absolute_reference
+
     rows = []
     trace_name = f"live-{os.path.basename(args.graph.rstrip('/'))}"
-    bar = ProgressBar(len(names), enabled=not args.no_progress)
-    for name in names:
+    bar = ProgressBar(len(specs), enabled=not args.no_progress)
+    for spec, name in zip(specs, labels):
         bar.start(f"live {args.graph}: {name}")
-        summary = os.path.join(args.out, f"live-{name}.json")
+        summary = os.path.join(args.out, f"live-{name.replace('/', '_')}.json")
         cmd = [sys.executable, os.path.join(HERE, "train.py"), "gnn", "--graph", args.graph, "--parts",
-               str(args.parts), "--epochs", str(args.epochs), "--agent", name, "--seed", str(args.seed),
-               "--summary", summary, *args.train_args.split()]
+               str(args.parts), "--epochs", str(args.epochs), "--agent", absolute_reference(spec),
+               "--seed", str(args.seed), "--summary", summary, *args.train_args.split()]
+        if options[spec]:
+            cmd += ["--agent-kwargs", json.dumps(options[spec])]
+        if args.hosts:
+            cmd[cmd.index("--parts") + 1] = str(args.hosts)
+            cmd += ["--hosts", str(args.hosts), *(["--link-rate", args.link_rate] if args.link_rate else [])]
         if args.buffer_fraction is not None:
             cmd += ["--buffer-fraction", str(args.buffer_fraction)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -144,28 +191,32 @@ def evaluate_live(names: list[str], args) -> list[dict]:
 
 def main(argv=None, prog: str = "evaluate.py") -> int:
     args = parse_args(argv, prog)
+
     import pandas as pd
 
-    from rudder_env.evaluation.registry import REGISTRY
     from rudder_env.evaluation.scoring import ORACLES
     from rudder_env.evaluation.report import format_report, plot_hit_rate, plot_traffic
     from traces import TraceError
 
-    names = [a for a in args.agents.split(",") if a]
+    specs = list(dict.fromkeys(a.strip() for a in args.agents.split(",") if a.strip()))
     oracles = [] if args.live else [o for o in args.oracles.split(",") if o]
-    bad = [n for n in names if n not in REGISTRY] + [o for o in oracles if o not in ORACLES]
+    bad = [o for o in oracles if o not in ORACLES]
     if bad:
-        print(f"evaluate.py: error: unknown agent or oracle {bad[0]!r}: agents are {', '.join(REGISTRY)}; "
-              f"oracles are {', '.join(ORACLES)}", file=sys.stderr)
+        print(f"evaluate.py: error: unknown oracle {bad[0]!r}: oracles are {', '.join(ORACLES)}", file=sys.stderr)
+        return 2
+    try:
+        labels, options = check_agents(specs, args)
+    except (ValueError, OSError) as exc:  # an AgentError, or the agent's own constructor refusing its options
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     try:
         if args.live:
-            rows = evaluate_live(names, args)
+            rows = evaluate_live(specs, labels, options, args)
         else:
             if not args.traces:
                 raise ValueError("no traces given and no shipped samples found")
-            rows = evaluate_traces(names, oracles, args)
+            rows = evaluate_traces(specs, labels, options, oracles, args)
     except (TraceError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """rudder training entry point.
 
     python train.py gnn --graph synth-tiny --parts 2 --epochs 1 --agent periodic --summary run.json
+    python train.py gnn --graph synth-tiny --agent ./my_agent.py:MyAgent --agent-kwargs threshold=0.5
 
     python train.py ppo --traces traces/samples/small-metis2-f10x25 --steps 40000 --out ppo.zip
 

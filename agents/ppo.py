@@ -24,12 +24,12 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from gymnasium.wrappers import FlattenObservation
 
 from agents.base import Agent
 from rudder_env.contract import top_fraction
-from rudder_env.spaces import observation_space
-from rudder_env.wrappers import DEFAULT_LEVELS, FractionBudget, RelativeReward, check_levels
+from rudder_env.spaces import fit_k, observation_layout, observation_space
+from rudder_env.vector import make_replay_env, replay_env_fns, replay_env_specs
+from rudder_env.wrappers import DEFAULT_LEVELS, check_levels
 
 DEFAULT_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-small.zip")
 SIDECAR_FORMAT = "rudder-ppo-policy/1"
@@ -40,7 +40,8 @@ OBS_CLIP = 10.0
 def make_env(trace: str, rank: int, levels: Sequence[float] = DEFAULT_LEVELS, buffer_fraction: float | None = None,
              seed: int = 0, buffer_init: str = "recorded", candidates: int | None = None,
              relative_reward: float | None = None) -> gym.Env:
-    """A ``rudder/Replay-v0`` env ready for SB3: :class:`FractionBudget` actions, a flat ``Box`` observation.
+    """A ``rudder/Replay-v0`` env ready for SB3: :class:`FractionBudget` actions, a flat ``Box`` observation
+    (:func:`rudder_env.vector.make_replay_env` with ``action="fraction"``, seeded and reset once).
 
     The observation is the env's whole ``Dict`` flattened by ``gymnasium.spaces.flatten`` (keys in the space's
     order, see :func:`observation_layout`).
@@ -53,22 +54,9 @@ def make_env(trace: str, rank: int, levels: Sequence[float] = DEFAULT_LEVELS, bu
             ``buffer_init="random"`` gives a new random initial buffer every episode).
         relative_reward: a scale for :class:`RelativeReward` (``None``: the env's own reward).
     """
-    import rudder_env  # noqa: F401  (registers the environments)
-
-    env = gym.make("rudder/Replay-v0", trace=trace, rank=rank, candidates=candidates,
-                   buffer_fraction=buffer_fraction, buffer_init=buffer_init)
-    env = FractionBudget(env, levels)
-    if relative_reward is not None:
-        env = RelativeReward(env, relative_reward)
-    env = FlattenObservation(env)
-    env.action_space.seed(seed)
-    env.reset(seed=seed)
-    return env
-
-
-def observation_layout(space: spaces.Dict) -> list[list]:
-    """``[[key, size], ...]`` in the order ``gymnasium.spaces.flatten`` concatenates a ``Dict`` observation."""
-    return [[key, int(spaces.flatdim(sub))] for key, sub in space.spaces.items()]
+    return make_replay_env(trace, rank, action="fraction", levels=levels, buffer_fraction=buffer_fraction,
+                           buffer_init=buffer_init, candidates=candidates, relative_reward=relative_reward,
+                           seed=seed)
 
 
 @dataclass
@@ -82,23 +70,6 @@ class TrainResult:
     episode_envs: list[int] = field(default_factory=list)  # index of the vectorised env each episode ran in
     env_specs: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
-
-
-def _env_specs(traces: Sequence[str], ranks: Sequence[int] | None, buffer_fractions: Sequence[float | None],
-               buffer_inits: Sequence[str]) -> list[dict]:
-    from traces import Trace
-
-    specs = []
-    for trace in traces:
-        t = Trace(trace)
-        use = t.ranks if ranks is None else [r for r in t.ranks if r in set(ranks)]
-        if not use:
-            raise ValueError(f"{trace} has no rank among {list(ranks)} (it has {list(t.ranks)})")
-        for rank in use:
-            for fraction in buffer_fractions:
-                for init in buffer_inits:
-                    specs.append(dict(trace=str(trace), rank=int(rank), buffer_fraction=fraction, buffer_init=init))
-    return specs
 
 
 def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels: Sequence[float] = DEFAULT_LEVELS,
@@ -146,18 +117,11 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not traces:
         raise ValueError("no traces to train on")
-    specs = _env_specs(traces, ranks, buffer_fractions, buffer_inits)
-    if n_envs is not None:
-        if n_envs < 1:
-            raise ValueError(f"n_envs must be >= 1, got {n_envs}")
-        specs = [specs[i % len(specs)] for i in range(n_envs)]
+    grid = dict(ranks=ranks, buffer_fractions=buffer_fractions, buffer_inits=buffer_inits, n_envs=n_envs)
+    specs = replay_env_specs(traces, **grid)
     out = out if out.endswith(".zip") else out + ".zip"
-
-    def factory(i: int, spec: dict):
-        return lambda: make_env(spec["trace"], spec["rank"], levels, spec["buffer_fraction"], seed=seed + i,
-                                buffer_init=spec["buffer_init"], relative_reward=relative_reward)
-
-    vec = DummyVecEnv([factory(i, s) for i, s in enumerate(specs)])
+    vec = DummyVecEnv(replay_env_fns(traces, **grid, seed=seed, action="fraction", levels=levels,
+                                     relative_reward=relative_reward))
     k = int(vec.envs[0].unwrapped.k)
     dict_space = vec.envs[0].unwrapped.observation_space
     if normalize_observation:
@@ -271,17 +235,9 @@ class PPOAgent(Agent):
     def reset(self) -> None:
         self.last_level = None
 
-    def _fit_k(self, observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        obs = dict(observation)
-        for key, pad in (("candidates", 0.0), ("residents", 1.0)):
-            v = np.asarray(obs[key], dtype=np.float32)
-            if v.size != self.k:
-                obs[key] = np.concatenate([v[: self.k], np.full(max(self.k - v.size, 0), pad, np.float32)])
-        return obs
-
     def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
         k_env = int(np.asarray(observation["candidates"]).shape[0])
-        flat = spaces.flatten(self._space, self._fit_k(observation))
+        flat = spaces.flatten(self._space, fit_k(observation, self.k))
         if self._norm is not None:
             mean, var, eps, clip = self._norm
             flat = np.clip((flat - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)

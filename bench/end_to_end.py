@@ -15,11 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRAPH, PARTS = "synth-small", 2
 
 
-def live_run(agent: str, seed: int, epochs: int, extra=(), trace: str | None = None) -> dict:
-    """One real training run; returns the summary's per-rank rows reduced to the job: the slowest trainer's time."""
+def live_run(agent: str, seed: int, epochs: int, extra=(), trace: str | None = None, parts: int | None = PARTS
+             ) -> dict:
+    """One real training run; returns the summary's per-rank rows reduced to the job: the slowest trainer's time.
+    ``parts=None`` leaves the partition count to ``extra`` (e.g. ``--cluster NAME``: one per host)."""
     with tempfile.TemporaryDirectory() as tmp:
         summary = os.path.join(tmp, "run.json")
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "gnn", "--graph", GRAPH, "--parts", str(PARTS),
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "gnn", "--graph", GRAPH,
+               *(("--parts", str(parts)) if parts else ()),
                "--epochs", str(epochs), "--agent", agent, "--seed", str(seed), "--summary", summary, *extra]
         if trace:
             cmd += ["--trace", trace]
@@ -43,7 +46,11 @@ def live_run(agent: str, seed: int, epochs: int, extra=(), trace: str | None = N
                 decisions=max(r.get("decisions", 0) for r in ranks),
                 model_queries=max(r.get("model_queries", 0) for r in ranks),
                 latency_p50_s=max(r.get("latency_p50_s", 0.0) for r in ranks),
-                asynchronous=any(r.get("asynchronous", False) for r in ranks), val_acc=s["val_acc"])
+                asynchronous=any(r.get("asynchronous", False) for r in ranks), val_acc=s["val_acc"],
+                stall_s=max(r.get("stall_s", 0.0) for r in ranks), late=sum(r.get("late", 0) for r in ranks),
+                prefetched=sum(r["prefetched"] - r["initial_fill"] for r in ranks),
+                prefetch_used=sum(r.get("prefetch_used", 0) for r in ranks),
+                epoch_s=[max(r["epoch_time_s"][e] for r in ranks) for e in range(len(ranks[0]["epoch_time_s"]))])
 
 
 # (label, agent, options): "none" is DistDGL as it is (no buffer, features pulled after sampling); two variants
@@ -55,11 +62,27 @@ VARIANTS = [("none", "none", ()), ("none+overlap", "none", ("--overlap-fetch",))
 QUICK_VARIANTS = [VARIANTS[0], VARIANTS[3], VARIANTS[5]]
 
 
-def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), variants=None) -> pd.DataFrame:
+def agent_variants(agents, agent_kwargs: dict[str, dict] | None = None) -> list[tuple]:
+    """``(label, agent, options)`` variants for more agents (names or references, file references made
+    absolute), each with its ``--agent-kwargs``."""
+    from rudder_env.evaluation.registry import absolute_reference, agent_labels, check_agent
+
+    out = []
+    for agent, label in zip(agents, agent_labels(agents)):
+        options = dict((agent_kwargs or {}).get(agent, {}))
+        check_agent(agent, options)
+        out.append((label, absolute_reference(agent), ("--agent-kwargs", json.dumps(options)) if options else ()))
+    return out
+
+
+def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), variants=None,
+            agents=(), agent_kwargs: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Interleaved live runs of ``variants`` (default :data:`VARIANTS`, or :data:`QUICK_VARIANTS`) and of
+    ``agents`` (names or references, with ``agent_kwargs`` by agent) beside them."""
     seeds = (0,) if quick else (0, 1)
     rounds = 2
     epochs = 1 if quick else 2
-    variants = variants or (QUICK_VARIANTS if quick else VARIANTS)
+    variants = list(variants or (QUICK_VARIANTS if quick else VARIANTS)) + agent_variants(agents, agent_kwargs)
     rows = []
     for seed in seeds:
         for rnd in range(rounds):

@@ -33,21 +33,59 @@ def p4_replay_speed(quick: bool) -> tuple[str, pd.DataFrame]:
     return text, df
 
 
-def p1_traffic(quick: bool) -> tuple[str, pd.DataFrame]:
+def p1_traffic(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataFrame]:
     from bench import traffic
 
-    df = traffic.measure(quick)
+    df = traffic.measure(quick, agents=[*traffic.AGENTS, *(a for a in agents if a not in traffic.AGENTS)],
+                         agent_kwargs=agent_kwargs)
     df.to_csv(os.path.join(OUT_DIR, "p1_traffic.csv"), index=False)
     traffic.plot(df, os.path.join(OUT_DIR, "p1_traffic.png"))
     return traffic.summarise(df)
 
 
-def p2_end_to_end(quick: bool) -> tuple[str, pd.DataFrame]:
+def p2_end_to_end(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataFrame]:
     from bench import end_to_end
 
-    df = end_to_end.measure(quick)
+    df = end_to_end.measure(quick, agents=agents, agent_kwargs=agent_kwargs)
     df.to_csv(os.path.join(OUT_DIR, "p2_end_to_end.csv"), index=False)
     return end_to_end.summarise(df)
+
+
+def p2c_cluster(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import cluster
+
+    df = cluster.measure(quick)
+    fidelity = df.attrs.pop("fidelity")
+    df.drop(columns=["trace", "epoch_s"]).to_csv(os.path.join(OUT_DIR, "p2c_cluster.csv"), index=False)
+    fidelity.to_csv(os.path.join(OUT_DIR, "p2c_replay_fidelity.csv"), index=False)
+    cluster.plot(df, os.path.join(OUT_DIR, "p2c_link_rate.png"))
+    text, table = cluster.summarise(df)
+    worst = fidelity.groupby("arrivals")["time_error"].apply(lambda e: e.abs().max())
+    text += (f"\n\nReplay of each recorded run (2 hosts, seed 0) with its own agent: hits and rows fetched "
+             f"identical in {int(fidelity['same_hits_and_rows'][fidelity['arrivals'] == 'recorded'].sum())} of "
+             f"{int((fidelity['arrivals'] == 'recorded').sum())} runs with the recorded arrivals; modelled training "
+             f"time within {worst.get('recorded', float('nan')):.1%} of the measured one (recorded arrivals), "
+             f"{worst.get('modelled', float('nan')):.1%} with arrivals from the link model "
+             f"(`bench/results/p2c_replay_fidelity.csv`, plot `bench/results/p2c_link_rate.png`).\n\n"
+             + fidelity.to_markdown(index=False, floatfmt=".3g"))
+    return text, table
+
+
+def p2r_replay_fidelity(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import cluster
+
+    df = cluster.fidelity_study()
+    df.to_csv(os.path.join(OUT_DIR, "p2r_replay_fidelity.csv"), index=False)
+    own = df[df["trace_of"] == df["replayed_agent"]]
+    other = df[df["trace_of"] != df["replayed_agent"]]
+    text = (f"Replay against live runs on 2 emulated hosts at {cluster.MAIN[2]} (measured training time of the slowest "
+            f"trainer, 2 epochs). A run replayed with its own agent: modelled time within "
+            f"{own['time_error'].abs().max():.1%} of the measured one, rows fetched within "
+            f"{own['fetched_error'].abs().max():.2%}. One agent's trace replayed with another agent (the model "
+            f"fitted on a run it then predicts another of): time within {other['time_error'].abs().max():.1%} "
+            f"(mean {other['time_error'].abs().mean():.1%}), rows fetched within "
+            f"{other['fetched_error'].abs().max():.1%} (remote neighbour sampling differs run to run).")
+    return text, df
 
 
 def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:
@@ -61,6 +99,8 @@ def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:
 SECTIONS = {
     "p1": ("P1 traffic against Belady MIN", p1_traffic),
     "p2": ("P2 end-to-end training time, P3 env overhead, memory", p2_end_to_end),
+    "p2c": ("P2 on the emulated cluster: training time over shaped links", p2c_cluster),
+    "p2r": ("P2 replay fidelity on the emulated cluster", p2r_replay_fidelity),
     "p3": ("P3 hidden LLM latency", p3_llm_latency),
     "p4": ("P4 replay speed", p4_replay_speed),
 }
@@ -71,6 +111,11 @@ def main(argv=None, prog: str = "python -m bench") -> int:
     p.add_argument("--quick", action="store_true", help="a few-minute version")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="markdown report to write")
+    p.add_argument("--agents", default="",
+                   help="more agents to measure beside the built-in ones in P1 (traffic) and P2 (live time): "
+                        "names or references (module.path:Class, path/to/file.py:Class), comma-separated")
+    p.add_argument("--agent-kwargs", action="append", default=[], metavar="[AGENT@]OPTIONS",
+                   help="constructor options for --agents, as in evaluate.py; repeatable")
     args = p.parse_args(argv)
     chosen = [s for s in args.only.split(",") if s]
     unknown = [s for s in chosen if s not in SECTIONS]
@@ -78,6 +123,17 @@ def main(argv=None, prog: str = "python -m bench") -> int:
         print(f"bench: error: unknown section(s) {', '.join(unknown)}: expected {', '.join(SECTIONS)}",
               file=sys.stderr)
         return 2
+    from rudder_env.evaluation.registry import agent_kwargs_for, check_agent
+
+    agents = [a.strip() for a in args.agents.split(",") if a.strip()]
+    try:
+        agent_kwargs = agent_kwargs_for(args.agent_kwargs, agents)
+        for a in agents:
+            check_agent(a, agent_kwargs[a])
+    except ValueError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    extra = dict(agents=agents, agent_kwargs=agent_kwargs)
     cmd = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     os.makedirs(OUT_DIR, exist_ok=True)
     done: dict[str, str] = {}  # the sections this run wrote; every other one is kept as the file has it now
@@ -88,7 +144,7 @@ def main(argv=None, prog: str = "python -m bench") -> int:
         title, fn = SECTIONS[key]
         print(f"[bench] {title} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        text, df = fn(args.quick)
+        text, df = fn(args.quick, **(extra if key in ("p1", "p2") else {}))
         print(f"\n## {title}\n{text}\n{df.to_string(index=False)}", flush=True)
         done[title] = "\n".join([
             f"## {title}", "", f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M %Z')} "

@@ -53,13 +53,19 @@ def record(graph: str, parts: int, fanout: str, seed: int, log) -> str:
     return out
 
 
-def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), agents=AGENTS) -> pd.DataFrame:
-    """One row per trace x buffer fraction x agent: summed over ranks."""
-    from rudder_env.evaluation.registry import make_agent
+def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), agents=AGENTS,
+            agent_kwargs: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One row per trace x buffer fraction x agent: summed over ranks. ``agents`` are names or references
+    (:mod:`rudder_env.evaluation.registry`), ``agent_kwargs`` their constructor options by agent."""
+    from rudder_env.evaluation.registry import agent_labels, check_agent, make_agent
     from rudder_env.evaluation.scoring import evaluate_trace
 
     configs = QUICK if quick else FULL
-    factories = {a: (lambda trace, rank, a=a: make_agent(a)) for a in agents}
+    options = {a: dict((agent_kwargs or {}).get(a, {})) for a in agents}
+    for a in agents:
+        check_agent(a, options[a])  # before any recording
+    factories = {label: (lambda trace, rank, a=a: make_agent(a, **options[a]))
+                 for a, label in zip(agents, agent_labels(agents))}
     rows = []
     for graph, parts, fanout in configs:
         for seed in SEEDS:

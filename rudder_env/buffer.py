@@ -10,8 +10,12 @@ RPC. The buffer keeps ``capacity`` remote rows locally. Per minibatch (:meth:`Pr
   A slot is an eviction candidate when its score is below ``(1-alpha)**period`` (i.e. ``age > period``);
 - every remote node has a decayed miss count (``m *= 1-alpha`` per minibatch, ``+1`` per miss), also lazy;
   replacement candidates are the non-resident nodes with the highest decayed miss count (:meth:`candidates`);
-- :meth:`apply` takes a prefetch set: those ids are fetched in the same pull as the next minibatch's misses and
-  replace the lowest-score entries (empty slots first);
+- :meth:`apply` takes a prefetch set. ``prefetch="inline"``: those ids are fetched in the same pull as the next
+  minibatch's misses and replace the lowest-score entries (empty slots first). ``prefetch="background"``: they
+  are queued; the driver requests them in chunks (:meth:`take`) from a background worker while training goes on,
+  and each chunk enters the buffer when it has arrived, before the next minibatch (:meth:`arrive`), replacing the
+  slots the ranking would evict then. A minibatch's misses are pulled on the critical path either way; a miss on a
+  row requested but not delivered yet is *late*;
 - with ``admit_on_miss`` (ours, in neither Rudder nor MassiveGNN), rows a miss fetched anyway may take empty or
   evictable slots at no extra traffic, most-missed first.
 
@@ -41,6 +45,8 @@ class BufferCounters:
     initial_fill: int = 0  # of ``prefetched``: rows of the initial fill
     admitted_on_miss: int = 0  # missed rows that entered the buffer at no extra traffic
     evicted: int = 0  # resident rows replaced
+    prefetch_used: int = 0  # rows a prefetch set brought in (initial fill excluded) hit before their eviction
+    late: int = 0  # misses on rows a background prefetch had requested but not delivered yet
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -55,6 +61,12 @@ class MinibatchCounts:
     misses: int
     remote_fetched: int
     prefetched: int
+    late: int = 0  # misses on rows a background prefetch had requested but not delivered yet
+    arrived: int = 0  # of ``prefetched``: rows a background prefetch delivered before this minibatch
+
+
+PREFETCH_MODES = ("inline", "background")
+PREFETCH_CHUNK = 2048  # rows a background prefetch requests at a time: a demand pull waits behind one at most
 
 
 class PrefetchBuffer:
@@ -68,10 +80,14 @@ class PrefetchBuffer:
         feat_dim: row width; 0 keeps ids only (replay).
         admit_on_miss: let fetched misses take empty or evictable slots.
         dtype: row dtype.
+        prefetch: ``"inline"`` (a prefetch set rides with the next minibatch's pull) or ``"background"``
+            (requested in chunks while training goes on; see :meth:`take`, :meth:`arrive`).
     """
 
     def __init__(self, capacity: int, num_nodes: int, alpha: float = 0.05, period: int = 32, feat_dim: int = 0,
-                 admit_on_miss: bool = False, dtype=np.float32):
+                 admit_on_miss: bool = False, dtype=np.float32, prefetch: str = "inline"):
+        if prefetch not in PREFETCH_MODES:
+            raise ValueError(f"unknown prefetch mode {prefetch!r}: expected one of {', '.join(PREFETCH_MODES)}")
         if capacity < 0:
             raise ValueError(f"buffer capacity must be >= 0, got {capacity}")
         if not 0.0 < alpha < 1.0:
@@ -99,6 +115,11 @@ class PrefetchBuffer:
         self._victim_order: np.ndarray | None = None
         self.priority: np.ndarray | None = None  # predicted need per node (set_priority), None: recency scores
         self._priority_ids = np.zeros(0, dtype=np.int64)
+        self.prefetch = prefetch
+        self.queue = np.zeros(0, dtype=np.int64)  # background: decided, not requested yet, in order
+        self.requested = np.zeros(self.num_nodes if prefetch == "background" else 0, dtype=bool)  # not delivered
+        self.slot_prefetched = np.zeros(self.capacity, dtype=bool)  # brought by a prefetch set, not hit yet
+        self._arrived = 0  # rows delivered since the last minibatch began
 
     # ------------------------------------------------------------------ state
     @property
@@ -128,11 +149,14 @@ class PrefetchBuffer:
         return self.miss_count[ids] * self.decay ** (self.clock - self.miss_step[ids]).astype(np.float32)
 
     def candidates(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` non-resident nodes missed most often (decayed), best first; ties by lower id.
+        """The ``k`` non-resident (and not requested) nodes missed most often (decayed), best first; ties by lower
+        id.
 
         Returns ``(ids, decayed_miss_counts)``.
         """
         ids = np.flatnonzero((self.miss_count > 0) & (self.slot_of == EMPTY))
+        if self.requested.size:  # background: what is on its way is no candidate
+            ids = ids[~self.requested[ids]]
         if ids.size == 0 or k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         counts = self.decayed_miss_counts(ids)
@@ -157,9 +181,11 @@ class PrefetchBuffer:
         return ids
 
     def apply(self, prefetch_ids, victim_order=None) -> int:
-        """Schedule a prefetch set: fetched with the next minibatch's misses, replacing the lowest-score slots.
+        """Schedule a prefetch set: inline, fetched with the next minibatch's misses, replacing the lowest-score
+        slots; in the background, queued for :meth:`take`.
 
-        Ids already resident are dropped; at most ``capacity`` ids are kept, in the order given.
+        Ids already resident (or already requested) are dropped; at most ``capacity`` ids are kept, in the order
+        given.
         ``victim_order`` (slot indices, first evicted first) overrides the score order for this set, e.g. slots
         ranked by predicted need. Returns the number of ids scheduled.
         """
@@ -167,11 +193,55 @@ class PrefetchBuffer:
         ids = np.asarray(prefetch_ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_nodes):
             raise ValueError(f"prefetch ids must lie in [0, {self.num_nodes}); got [{ids.min()}, {ids.max()}]")
+        if self.prefetch == "background":  # queued behind what is queued already; nothing requested twice
+            self._victim_order = None  # victims are chosen when the rows arrive
+            ids = _unique_in_order(ids)
+            ids = ids[(self.slot_of[ids] == EMPTY) & ~self.requested[ids]][: self.capacity]
+            self.queue = np.concatenate([self.queue, ids])
+            self.requested[ids] = True
+            return int(ids.size)
         ids = np.concatenate([self.pending, ids]) if self.pending.size else ids
         ids = _unique_in_order(ids)
         ids = ids[self.slot_of[ids] == EMPTY][: self.capacity]
         self.pending = ids
         return int(ids.size)
+
+    def take(self, max_rows: int = PREFETCH_CHUNK) -> np.ndarray:
+        """Background: the next chunk of queued ids to request (at most ``max_rows``, in decision order), skipping
+        ids that became resident meanwhile (e.g. admitted on a miss)."""
+        while self.queue.size:
+            chunk, self.queue = self.queue[:max_rows], self.queue[max_rows:]
+            resident = self.slot_of[chunk] != EMPTY
+            self.requested[chunk[resident]] = False
+            if not resident.all():
+                return chunk[~resident]
+        return np.zeros(0, dtype=np.int64)
+
+    def arrive(self, ids, rows=None) -> int:
+        """Background: a requested chunk has arrived (``rows`` when the buffer holds rows); its rows not resident
+        by now enter in place of the slots the ranking evicts first. Every row of it counts as prefetch traffic
+        of the next minibatch. Returns the rows installed."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self.requested[ids] = False
+        new = self.slot_of[ids] == EMPTY
+        install = ids[new]
+        if install.size and self.capacity:
+            rows = None if rows is None or self.rows is None else np.asarray(rows)[new]
+            self._install(self._prefetch_victims(install.size), install, rows, prefetched=True)
+        self._arrived += int(ids.size)
+        self.counters.prefetched += int(ids.size)
+        self.counters.remote_fetched += int(ids.size)
+        return int(min(install.size, self.capacity))
+
+    @property
+    def open_misses(self) -> int:
+        """Misses of the minibatch between :meth:`begin` and :meth:`finish` (the first ids ``begin`` returned)."""
+        return int(self._open["miss_ids"].size) if self._open is not None else 0
+
+    @property
+    def in_flight(self) -> int:
+        """Background: rows queued or requested and not delivered yet."""
+        return int(np.count_nonzero(self.requested)) if self.requested.size else 0
 
     # ------------------------------------------------------------------ per minibatch
     def begin(self, remote_ids) -> np.ndarray:
@@ -185,6 +255,10 @@ class PrefetchBuffer:
         hit = slots != EMPTY
         hit_slots = slots[hit].astype(np.int64)
         self.slot_last_hit[hit_slots] = t
+        if hit_slots.size:
+            used = self.slot_prefetched[hit_slots]
+            self.counters.prefetch_used += int(np.count_nonzero(used))
+            self.slot_prefetched[hit_slots] = False
         hit_rows = self.rows[hit_slots] if self.rows is not None else None  # read before any admission
         miss_ids = ids[~hit]
         if miss_ids.size:
@@ -194,7 +268,10 @@ class PrefetchBuffer:
         pending = self.pending[self.slot_of[self.pending] == EMPTY] if self.pending.size else self.pending
         extra = pending[self.miss_step[pending] != t] if pending.size else pending  # not already a miss now
         self.pending = np.zeros(0, dtype=np.int64)
-        self._open = dict(ids=ids, hit=hit, hit_rows=hit_rows, miss_ids=miss_ids, prefetch=pending, extra=extra)
+        late = int(np.count_nonzero(self.requested[miss_ids])) if self.requested.size and miss_ids.size else 0
+        self._open = dict(ids=ids, hit=hit, hit_rows=hit_rows, miss_ids=miss_ids, prefetch=pending, extra=extra,
+                          late=late, arrived=self._arrived)
+        self._arrived = 0
         return np.concatenate([miss_ids, extra])
 
     def finish(self, fetched_rows=None) -> tuple[np.ndarray | None, MinibatchCounts]:
@@ -222,28 +299,31 @@ class PrefetchBuffer:
         if prefetch.size:
             prefetch_rows = None
             if self.rows is not None:  # rows of each prefetched id: from the misses or the extra part
-                pos_in_miss = _positions(miss_ids, prefetch)
+                pos_in_miss = positions(miss_ids, prefetch)
                 prefetch_rows = np.empty((prefetch.size, self.feat_dim), dtype=self.rows.dtype)
                 from_miss = pos_in_miss >= 0
                 prefetch_rows[from_miss] = fetched_of["miss"][pos_in_miss[from_miss]]
                 prefetch_rows[~from_miss] = fetched_of["extra"]  # extra is prefetch minus misses, same order
-            self._install(self._prefetch_victims(prefetch.size), prefetch, prefetch_rows)
+            self._install(self._prefetch_victims(prefetch.size), prefetch, prefetch_rows, prefetched=True)
         self._victim_order = None
         if self.admit_on_miss and n_miss:
             admit, victims = self._admit_missed(miss_ids)
             if admit.size:
-                admit_rows = fetched_of["miss"][_positions(miss_ids, admit)] if self.rows is not None else None
+                admit_rows = fetched_of["miss"][positions(miss_ids, admit)] if self.rows is not None else None
                 self._install(victims, admit, admit_rows)
                 self.counters.admitted_on_miss += int(admit.size)
+        arrived = op["arrived"]
         result = MinibatchCounts(remote_sampled=int(ids.size), hits=int(np.count_nonzero(hit)), misses=int(n_miss),
-                                 remote_fetched=int(n_miss + extra.size), prefetched=int(extra.size))
+                                 remote_fetched=int(n_miss + extra.size) + arrived,
+                                 prefetched=int(extra.size) + arrived, late=op["late"], arrived=arrived)
         c = self.counters
         c.minibatches += 1
         c.remote_sampled += result.remote_sampled
         c.hits += result.hits
         c.misses += result.misses
-        c.remote_fetched += result.remote_fetched
-        c.prefetched += result.prefetched
+        c.remote_fetched += result.remote_fetched - arrived  # delivered rows were counted by arrive()
+        c.prefetched += result.prefetched - arrived
+        c.late += result.late
         return rows, result
 
     def lookup(self, remote_ids, fetch=None) -> tuple[np.ndarray | None, MinibatchCounts]:
@@ -324,9 +404,10 @@ class PrefetchBuffer:
         """``n`` slots to overwrite: empty ones first, then by oldest last hit, ties by lower slot."""
         return first_in_order(n, np.where(self.slot_ids == EMPTY, np.iinfo(np.int64).min, self.slot_last_hit))
 
-    def _install(self, slots: np.ndarray, ids: np.ndarray, rows) -> None:
+    def _install(self, slots: np.ndarray, ids: np.ndarray, rows, prefetched: bool = False) -> None:
         n = min(slots.size, ids.size)
         slots, ids = slots[:n], ids[:n]
+        self.slot_prefetched[slots] = prefetched
         old = self.slot_ids[slots]
         evicted = old[old != EMPTY]
         self.slot_of[evicted] = EMPTY
@@ -369,7 +450,7 @@ def _unique_in_order(ids: np.ndarray) -> np.ndarray:
     return ids[np.sort(first)]
 
 
-def _positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
+def positions(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
     """Index of each needle in ``haystack`` (unique ids), -1 where absent."""
     if haystack.size == 0:
         return np.full(needles.size, -1, dtype=np.int64)

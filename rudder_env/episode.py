@@ -40,6 +40,7 @@ class MinibatchRecord:
     counts: MinibatchCounts  # what the buffer did
     loss: float = float("nan")
     seeds: np.ndarray | None = None  # the minibatch's seed (output) node ids, where known
+    stall_s: float = 0.0  # of fetch_s: waiting behind a background prefetch chunk
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class PrefetchEpisode:
         self._seen_in_window = np.full(buffer.num_nodes, -1, dtype=np.int32)  # window index of an id's last use
         self.candidate_ids = np.full(k, -1, dtype=np.int64)
         self._victims = None
+        self.on_apply: Callable[[int, np.ndarray], None] | None = None  # told of every prefetch set applied
 
     @property
     def done(self) -> bool:
@@ -136,6 +138,8 @@ class PrefetchEpisode:
     def apply(self, ids: np.ndarray) -> np.ndarray:
         """Schedule a prefetch set of node ids (e.g. a late decision taken on an earlier candidate list)."""
         ids = np.asarray(ids, dtype=np.int64)
+        if self.on_apply is not None:
+            self.on_apply(self.minibatches, ids)
         self.buffer.apply(ids, victim_order=self._victims)
         self.decisions += 1
         return ids
@@ -224,7 +228,9 @@ class PrefetchEnv(gym.Env):
                                          local_rows=rec.local_rows, sample_s=rec.sample_s, fetch_s=rec.fetch_s,
                                          compute_s=rec.compute_s, fetch_rows=rec.fetch_rows, hits=rec.counts.hits,
                                          remote_fetched=rec.counts.remote_fetched,
-                                         prefetched=rec.counts.prefetched, seeds=rec.seeds)
+                                         prefetched=rec.counts.prefetched, seeds=rec.seeds,
+                                         **(dict(arrived=rec.counts.arrived, stall_s=rec.stall_s)
+                                            if ep.buffer.prefetch == "background" else {}))
             overhead += time.perf_counter() - t1
         t2 = time.perf_counter()
         if ep.done:

@@ -112,6 +112,8 @@ class LookaheadRanking:
         ids = np.flatnonzero(need.need > 0)  # predicted need after the coming minibatch
         value = (need.need[ids] * self.discount ** -(minibatches_done - need.base)).astype(np.float32)
         resident = buf.slot_of[ids] != EMPTY
+        if buf.requested.size:  # background: what is on its way is no candidate
+            resident |= buf.requested[ids]
         cand, cand_need = ids[~resident], value[~resident]
         order = first_in_order(k, -cand_need, cand)  # most needed first, ties by lower id
         cand_ids, scores = padded(cand[order], cand_need[order], k)

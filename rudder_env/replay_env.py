@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from rudder_env.buffer import PrefetchBuffer, initial_ids
+from rudder_env.buffer import PREFETCH_MODES, PrefetchBuffer, initial_ids
 from rudder_env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, RunFacts
 from rudder_env.lookahead import SamplerLookahead
 from rudder_env.ranking import make_ranking
 from rudder_env.spaces import action_space, observation_space
-from rudder_env.timing import FetchTimeModel
+from rudder_env.timing import BackgroundLink, FetchTimeModel
 from traces import Trace
 
 DEFAULT_CANDIDATES = 256
@@ -64,15 +64,21 @@ class ReplayEnv(PrefetchEnv):
     ``reward``, and buffer overrides ``buffer_fraction``, ``buffer_init`` (``recorded``, ``degree``, ``random``,
     ``empty``), ``alpha``, ``period``, ``admit_on_miss`` (default: the recorded run's); ``ranking``
     (``"misses"``, or ``"lookahead"`` when the trace recorded seeds and partition structure: see
-    :mod:`rudder_env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``.
+    :mod:`rudder_env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``; ``prefetch``
+    (``"inline"`` or ``"background"``, default the recorded run's) and ``follow_recorded``: with background
+    prefetch, rows arrive when the recording says while the decisions are the recorded ones (so a run replayed
+    with its own decisions is exact), else when the link model says (:class:`~rudder_env.timing.BackgroundLink`);
+    ``False`` always models them.
     """
 
     def __init__(self, trace, rank: int = 0, candidates: int | None = None, reward: str = "traffic",
                  buffer_fraction: float | None = None, buffer_init: str = "recorded", alpha: float | None = None,
                  period: int | None = None, admit_on_miss: bool | None = None, ranking: str = "misses",
                  lookahead_horizon: int | None = None,
-                 lookahead_discount: float | None = None):
+                 lookahead_discount: float | None = None, prefetch: str | None = None,
+                 follow_recorded: bool = True):
         super().__init__()
+        self.follow_recorded = follow_recorded
         self.source = trace if isinstance(trace, Trace) else Trace(trace)
         self.rank_trace = self.source.rank(rank)
         self.rank = rank
@@ -104,7 +110,15 @@ class ReplayEnv(PrefetchEnv):
         self._compute_s = table["compute_s"].to_numpy(dtype=np.float64)
         self._fetch_s = table["fetch_s"].to_numpy(dtype=np.float64)
         self._epoch_of = table["epoch"].to_numpy()
+        self.prefetch = prefetch or run.get("prefetch", "inline")
+        if self.prefetch not in PREFETCH_MODES:
+            raise ValueError(f"unknown prefetch {self.prefetch!r}: expected one of {', '.join(PREFETCH_MODES)}")
+        recorded = self.rank_trace.prefetch_table()  # background recordings: arrivals and stalls per minibatch
+        self._recorded_arrived = recorded["arrived"].to_numpy() if recorded is not None else None
+        self._recorded_stall = recorded["stall_s"].to_numpy(np.float64) if recorded is not None else None
         local, remote, secs = self._local_rows, table["remote_fetched"].to_numpy(), table["fetch_s"].to_numpy()
+        if recorded is not None:  # the demand pull alone: without delivered chunks and the wait behind them
+            remote, secs = remote - self._recorded_arrived, secs - self._recorded_stall
         if rmeta.get("initial_fill_rows"):  # the initial fill: a pull of remote rows only, which pins their cost
             local, remote = np.append(local, 0), np.append(remote, rmeta["initial_fill_rows"])
             secs = np.append(secs, rmeta["initial_fill_s"])
@@ -126,7 +140,7 @@ class ReplayEnv(PrefetchEnv):
 
     def _new_buffer(self) -> PrefetchBuffer:
         buf = PrefetchBuffer(self.capacity, self.num_nodes, alpha=self.alpha, period=self.period,
-                             admit_on_miss=self.admit_on_miss)
+                             admit_on_miss=self.admit_on_miss, prefetch=self.prefetch)
         if self.buffer_init == "recorded":
             ids = self.rank_trace.static["initial_ids"]
         else:
@@ -147,6 +161,12 @@ class ReplayEnv(PrefetchEnv):
         run_facts = RunFacts(len(self._ids), self.halo_ids.size, self.fanouts, self.batch_size, facts=facts)
         self.episode = PrefetchEpisode(buffer, ranking, self.k, run_facts, reward=self.reward)
         self._records = _Driver(self._replay)
+        if self.prefetch == "background":
+            self._link = BackgroundLink(self.time_model)
+            self._due: list[np.ndarray] = []  # chunks the model delivers before the next minibatch
+            self._follow = self.follow_recorded and self._as_recorded(self.source.meta.get("config", {}))
+            self._decisions_seen = 0
+            self.episode.on_apply = self._check_decision
         obs, info = self._first_observation()
         info["time_model"] = self.time_model.as_dict()
         return obs, info
@@ -160,12 +180,65 @@ class ReplayEnv(PrefetchEnv):
         if ep.done:
             raise StopIteration
         i = ep.minibatches
+        background = self.prefetch == "background"
+        if background:
+            self._deliver(ep.buffer, i)
         _, counts = ep.buffer.lookup(self._ids[i])
-        fetch_s = float(self.time_model.predict(self._local_rows[i], counts.remote_fetched))
+        demand_s = float(self.time_model.predict(self._local_rows[i], counts.remote_fetched - counts.arrived))
+        stall_s = 0.0
+        if background and self._follow:  # the recording's own timing
+            stall_s = float(self._recorded_stall[i])
+        elif background:
+            stall_s, self._due = self._link.minibatch(self._sample_s[i] + self._compute_s[i])
         return MinibatchRecord(epoch=int(self._epoch_of[i]), index=i, remote_ids=self._ids[i],
                                local_rows=int(self._local_rows[i]), sample_s=float(self._sample_s[i]),
-                               fetch_s=fetch_s, fetch_rows=int(self._local_rows[i]) + counts.remote_fetched,
-                               compute_s=float(self._compute_s[i]), counts=counts)
+                               fetch_s=demand_s + stall_s,
+                               fetch_rows=int(self._local_rows[i]) + counts.remote_fetched - counts.arrived,
+                               compute_s=float(self._compute_s[i]), counts=counts, stall_s=stall_s)
+
+    def _deliver(self, buffer: PrefetchBuffer, i: int) -> None:
+        """Background prefetch before minibatch ``i``: install the chunks that have arrived — as the recording
+        delivered them while the decisions are the recorded ones, else as the link model says — then request
+        what decisions queued since."""
+        if self._follow:
+            need = int(self._recorded_arrived[i])
+            while need > 0 and self._link.queue:
+                ids = self._link.queue.pop(0)[0]
+                buffer.arrive(ids)
+                need -= ids.size
+            if need != 0:  # chunk boundaries differ from the recording's: model from here on
+                self._follow = False
+            self._due = []
+        else:
+            for ids in self._due:
+                buffer.arrive(ids)
+            self._due = []
+        while (ids := buffer.take()).size:
+            self._link.request(ids)
+
+    def _as_recorded(self, run: dict) -> bool:
+        """Whether this episode's buffer starts as the recording's did, so that its arrivals can be followed."""
+        rmeta = self.rank_trace.meta
+        played = self.source.meta.get("buffer", {})  # the buffer the recording's agent played with
+        return (self._recorded_arrived is not None and self.buffer_init == "recorded"
+                and self.capacity == int(rmeta.get("capacity", -1)) and self.alpha == run.get("alpha")
+                and self.period == run.get("period") and self.admit_on_miss == bool(played.get("admit_on_miss"))
+                and self.ranking == played.get("ranking"))
+
+    def _check_decision(self, minibatch: int, ids: np.ndarray) -> None:
+        """Stop following the recorded arrivals as soon as a decision differs from the recording's."""
+        if not self._follow:
+            return
+        d = self._recorded_decisions()
+        j = self._decisions_seen
+        self._decisions_seen += 1
+        if j >= len(d) or int(d["minibatch"].iloc[j]) != minibatch or not np.array_equal(d["ids"].iloc[j], ids):
+            self._follow = False
+
+    def _recorded_decisions(self):
+        if not hasattr(self, "_decisions_table"):
+            self._decisions_table = self.rank_trace.decisions()
+        return self._decisions_table
 
     def _known(self, done: int, first: int, last: int, values: list) -> list:
         """``values[first:last]`` as far as the epochs whose seeds the live trainer had shuffled after ``done``

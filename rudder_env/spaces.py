@@ -52,6 +52,22 @@ def observation_space(k: int) -> spaces.Dict:
                         "candidates": box(k), "residents": box(k), "progress": box(1)})
 
 
+def observation_layout(space: spaces.Dict) -> list[list]:
+    """``[[key, size], ...]`` in the order ``gymnasium.spaces.flatten`` concatenates a ``Dict`` observation."""
+    return [[key, int(spaces.flatdim(sub))] for key, sub in space.spaces.items()]
+
+
+def fit_k(observation: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """``observation`` with ``candidates`` and ``residents`` cut or padded to ``k`` entries, for a policy trained
+    with another K (missing candidates read 0: none; missing residents 1: no slot)."""
+    obs = dict(observation)
+    for key, pad in (("candidates", 0.0), ("residents", 1.0)):
+        v = np.asarray(obs[key], dtype=np.float32)
+        if v.size != k:
+            obs[key] = np.concatenate([v[:k], np.full(max(k - v.size, 0), pad, np.float32)])
+    return obs
+
+
 def action_space(k: int) -> spaces.MultiBinary:
     return spaces.MultiBinary(k)
 

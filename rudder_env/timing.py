@@ -65,3 +65,40 @@ def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(active)
         active[idx[np.argmin(sol)]] = False
     return coef
+
+
+class BackgroundLink:
+    """When background prefetch chunks arrive, modelled: one link shared by a minibatch's demand pull and the
+    chunks, one transfer at a time, demand first but never pre-empting a chunk in progress.
+
+    Per minibatch (times from its start): the demand pull starts at once, after the chunk in progress if any (that
+    wait is the *stall*), and takes the demand's modelled seconds; compute and sampling follow, during which chunks
+    run back to back. A chunk of ``n`` rows takes ``c0 + c_remote * n`` seconds (the fetch model's per-pull and
+    per-remote-row costs). A chunk that ends before the next minibatch starts is delivered to it.
+    """
+
+    def __init__(self, model: FetchTimeModel):
+        self.model = model
+        self.queue: list[list] = []  # requested, not delivered, in order: [ids, seconds left, started]
+
+    def request(self, ids: np.ndarray) -> None:
+        self.queue.append([ids, self.model.c0 + self.model.c_remote * ids.size, False])
+
+    def minibatch(self, busy_s: float) -> tuple[float, list[np.ndarray]]:
+        """Run one minibatch whose compute and sampling (after its demand pull) take ``busy_s``; returns the demand
+        pull's stall and the chunks that end within the minibatch (delivered before the next)."""
+        done, stall = [], 0.0
+        if self.queue and self.queue[0][2]:  # a chunk in progress: the demand pull waits for it
+            stall = self.queue[0][1]
+            done.append(self.queue.pop(0)[0])
+        free = busy_s
+        while self.queue:
+            head = self.queue[0]
+            head[2] = True
+            if head[1] <= free:
+                free -= head[1]
+                done.append(self.queue.pop(0)[0])
+            else:
+                head[1] -= free
+                break
+        return stall, done

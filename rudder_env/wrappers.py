@@ -63,8 +63,14 @@ class _Levels(gym.Wrapper):
         self._info = info
         return obs, info
 
-    def _base_action(self, level) -> np.ndarray:
+    @staticmethod
+    def base_action(level, info, k: int) -> np.ndarray:
+        """The base env's ``MultiBinary(k)`` action for ``level`` at the decision ``info`` describes (an agent that
+        plays a policy trained on this wrapper maps its actions the same way)."""
         raise NotImplementedError
+
+    def _base_action(self, level) -> np.ndarray:
+        return self.base_action(level, self._info, self.k)
 
     def _describe_actions(self) -> str:
         return f"an integer in [0, {len(self.levels)})"
@@ -91,8 +97,9 @@ class Budget(_Levels, gym.utils.RecordConstructorArgs):
             raise ValueError(f"Budget levels must be strictly increasing and start at 0, got {levels}")
         _Levels.__init__(self, env, levels)
 
-    def _base_action(self, level) -> np.ndarray:
-        return top_j(self.k, level)
+    @staticmethod
+    def base_action(level, info, k: int) -> np.ndarray:
+        return top_j(k, level)
 
 
 class FractionBudget(_Levels, gym.utils.RecordConstructorArgs):
@@ -108,8 +115,9 @@ class FractionBudget(_Levels, gym.utils.RecordConstructorArgs):
         gym.utils.RecordConstructorArgs.__init__(self, levels=tuple(levels))
         _Levels.__init__(self, env, check_levels(levels))
 
-    def _base_action(self, level) -> np.ndarray:
-        return top_fraction(level, self._info, self.k)
+    @staticmethod
+    def base_action(level, info, k: int) -> np.ndarray:
+        return top_fraction(level, info, k)
 
 
 class EvictOrKeep(FractionBudget):
@@ -117,6 +125,7 @@ class EvictOrKeep(FractionBudget):
     (empty, below the eviction threshold, or needed less) — :class:`FractionBudget` with levels ``(0, 1)``."""
 
     def __init__(self, env: gym.Env):
+        gym.utils.RecordConstructorArgs.__init__(self)  # recreated from its spec without levels (the first call wins)
         FractionBudget.__init__(self, env, (0.0, 1.0))
 
     def _describe_actions(self) -> str:

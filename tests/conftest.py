@@ -3,11 +3,13 @@ the shipped sample traces (replay needs no MPI job)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -79,3 +81,62 @@ def record_live(tmp_path_factory):
     """``record_live(agent, *train_args)``: a real 2-partition synth-tiny run with ``agent``, recorded as a trace
     (2 epochs, period 4, K=64); returns ``{"trace": folder, "summary": run summary}``."""
     return lambda agent, *extra: _record_live(tmp_path_factory, agent, *extra)
+
+
+@pytest.fixture(scope="session")
+def id_graph(tmp_path_factory):
+    """synth-tiny with feature column 0 holding each node's id, to check every served row."""
+    import torch
+
+    from rudder_env.dist.datasets import PRESETS, generate_synthetic
+    from rudder_env.dist.dgl_compat import import_dgl
+
+    dgl = import_dgl()
+    g = generate_synthetic(PRESETS["synth-tiny"], seed=0)
+    g.ndata["feat"][:, 0] = torch.arange(g.num_nodes(), dtype=torch.float32)
+    path = str(tmp_path_factory.mktemp("graphs") / "idgraph.dgl")
+    dgl.save_graphs(path, [g])
+    return path
+
+
+def _wait_for_rank(cache: str, kind: str, machine: int | None = None, deadline_s: float = 90) -> dict:
+    """The status of the first rank of ``kind`` ("server" or "trainer"; of ``machine`` if given) that a job
+    under ``cache`` has started (the launcher's status files)."""
+    t_end = time.monotonic() + deadline_s
+    while time.monotonic() < t_end:
+        for path in glob.glob(os.path.join(cache, "jobs", "*", "status", "rank*.json")):
+            try:
+                st = json.load(open(path))
+            except (OSError, ValueError):
+                continue
+            role = st["role"]
+            if role["kind"] == kind and st["state"] == "started" and machine in (None, role["machine"]):
+                return st
+        time.sleep(0.2)
+    raise AssertionError(f"no {kind} started within {deadline_s} s")
+
+
+@pytest.fixture(scope="session")
+def wait_for_rank():
+    """``wait_for_rank(cache, kind, machine=None, deadline_s=90)``: the status of a rank a job has started."""
+    return _wait_for_rank
+
+
+def _play_windows(env, agent, seed: int = 0):
+    """One episode of ``agent`` stepping ``env``: every window's stats, the ids applied, and the buffer's
+    counters at the end."""
+    obs, info = env.reset(seed=seed)
+    agent.reset()
+    windows, applied, done = [], [], False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(agent.act(obs, info))
+        windows.append(info["window"])
+        applied.append(info["applied_ids"])
+        done = terminated or truncated
+    return windows, applied, env.unwrapped.episode.buffer.counters
+
+
+@pytest.fixture(scope="session")
+def play_windows():
+    """``play_windows(env, agent, seed=0)`` -> (window stats, applied ids per step, final buffer counters)."""
+    return _play_windows

@@ -173,3 +173,38 @@ def test_partial_victim_order_is_a_prefix_of_the_full_one():
     assert set(full[:10].tolist()) == set(np.flatnonzero(buf.slot_ids == EMPTY).tolist())  # empty slots first
     for n in (0, 1, 5, 10, 11, 25, 39, 40, 100):
         np.testing.assert_array_equal(buf.priority_victims(n), full[:n])
+
+
+# ---------------------------------------------------------------------------------------------- background prefetch
+def test_background_prefetch_queues_takes_chunks_and_installs_on_arrival():
+    buf = PrefetchBuffer(capacity=3, num_nodes=N, alpha=0.5, period=1, feat_dim=D, prefetch="background")
+    fetch = RecordingFetch()
+    buf.fill([1, 2, 3], fetch)
+    assert buf.apply([7, 8, 2, 7, 9]) == 3  # resident 2 and the repeated 7 are dropped
+    assert buf.in_flight == 3 and buf.pending.size == 0
+    _, first = buf.lookup([4], fetch)  # nothing arrived: the set is not pulled with the misses
+    assert fetch.calls[-1] == [4] and (first.prefetched, first.arrived) == (0, 0)
+    assert buf.apply([8, 10]) == 1  # 8 is on its way already
+    chunks = [buf.take(max_rows=2), buf.take(max_rows=2), buf.take(max_rows=2)]
+    assert [c.tolist() for c in chunks] == [[7, 8], [9, 10], []]
+    assert buf.candidates(10)[0].tolist() == [4]  # requested rows are no candidates
+    assert buf.arrive(chunks[0], FEAT[chunks[0]]) == 2  # replace the two lowest-score slots
+    _, counts = buf.lookup([8, 9], fetch)  # 8 arrived (a used prefetch); 9 was requested, not delivered: late
+    assert (counts.hits, counts.misses, counts.late, counts.arrived, counts.prefetched) == (1, 1, 1, 2, 2)
+    assert counts.remote_fetched == 1 + 2  # the miss, plus the delivered chunk
+    c = buf.counters
+    assert (c.prefetch_used, c.late, c.prefetched, c.remote_fetched) == (1, 1, 3 + 2, 3 + 1 + 2 + 1)
+    rows, _ = buf.lookup([7, 8], fetch)
+    np.testing.assert_array_equal(rows, FEAT[[7, 8]])  # delivered rows are served
+    assert buf.counters.prefetch_used == 2
+    buf.arrive(chunks[1], FEAT[chunks[1]])  # the late 9 was pulled on demand but not admitted: it installs now
+    assert buf.in_flight == 0 and set(buf.resident_ids().tolist()) >= {9, 10}
+
+
+def test_background_take_skips_rows_that_became_resident():
+    buf = PrefetchBuffer(capacity=4, num_nodes=N, alpha=0.5, period=1, admit_on_miss=True, prefetch="background")
+    buf.apply([5, 6, 7])
+    buf.lookup([6])  # a miss on 6 admits it (an empty slot), so it is not requested again
+    assert buf.take().tolist() == [5, 7] and buf.in_flight == 2
+    with pytest.raises(ValueError, match="unknown prefetch mode 'later'"):
+        PrefetchBuffer(capacity=1, num_nodes=N, prefetch="later")

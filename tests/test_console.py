@@ -140,7 +140,8 @@ def test_job_log_captures_c_level_output_and_relays_what_ranks_say(tmp_path):
     proc = _python(f"""
         import ctypes, os, subprocess, sys
         from rudder_env.dist.console import JobLog
-        log = JobLog({str(log)!r}, {str(console)!r})
+        log = JobLog({str(log)!r})
+        log.attach_console({str(console)!r})
         with log.capture():
             print("python chatter")
             os.write(2, b"fd chatter\\n")
@@ -166,7 +167,7 @@ def test_verbose_job_log_shows_the_output_live_and_keeps_it(tmp_path):
     proc = _python(f"""
         import ctypes, os, sys
         from rudder_env.dist.console import JobLog
-        log = JobLog({str(log)!r}, {str(tmp_path / "console.jsonl")!r}, verbose=True)
+        log = JobLog({str(log)!r}, verbose=True)
         with log.capture():
             os.write(1, b"fd chatter\\n")
             ctypes.CDLL(None).printf(b"C chatter\\n")

@@ -22,22 +22,6 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def id_graph(tmp_path_factory):
-    """synth-tiny with feature column 0 holding each node's id, to check every served row."""
-    import torch
-
-    from rudder_env.dist.datasets import PRESETS, generate_synthetic
-    from rudder_env.dist.dgl_compat import import_dgl
-
-    dgl = import_dgl()
-    g = generate_synthetic(PRESETS["synth-tiny"], seed=0)
-    g.ndata["feat"][:, 0] = torch.arange(g.num_nodes(), dtype=torch.float32)
-    path = str(tmp_path_factory.mktemp("graphs") / "idgraph.dgl")
-    dgl.save_graphs(path, [g])
-    return path
-
-
-@pytest.fixture(scope="module")
 def run_train(free_port_block):
     """``run_train(args, cache, mpiexec_n=None, timeout=240, port=None)``: ``train.py gnn`` as a subprocess."""
     return lambda *a, **kw: _run_train(free_port_block, *a, **kw)
@@ -101,11 +85,12 @@ def test_served_rows_are_the_disttensor_rows(run_train, agent, overlap, id_graph
         assert v["rows_checked"] > 1000
         assert v["rows_differing_from_disttensor"] == 0
         assert v["rows_col0_not_orig_id"] == 0
-        assert r["overlap_mismatches"] == 0
-        if overlap:  # every minibatch but the first used rows pulled during the one before (epochs included)
-            assert r["overlapped_minibatches"] == r["minibatches"] - 1
+        if overlap:  # every minibatch but the first had its rows pulled during the one before (epochs included);
+            # a background prefetch delivered meanwhile may have evicted some of its hits: then it pulled again
+            assert r["overlapped_minibatches"] + r["overlap_mismatches"] == r["minibatches"] - 1
+            assert r["overlapped_minibatches"] > r["overlap_mismatches"]
         else:
-            assert r["overlapped_minibatches"] == 0
+            assert r["overlapped_minibatches"] == r["overlap_mismatches"] == 0
         if agent == "none":
             assert r["buffer_capacity"] == 0 and r["hits"] == 0 and r["remote_fetched"] == r["remote_sampled"]
         elif agent == "static":
@@ -116,29 +101,15 @@ def test_served_rows_are_the_disttensor_rows(run_train, agent, overlap, id_graph
             assert r["prefetched"] > r["initial_fill"] and r["evicted"] > 0
 
 
-def _pid_of(cache, kind, deadline_s=90):
-    t_end = time.monotonic() + deadline_s
-    while time.monotonic() < t_end:
-        for path in glob.glob(os.path.join(cache, "jobs", "*", "status", "rank*.json")):
-            try:
-                st = json.load(open(path))
-            except (OSError, ValueError):
-                continue
-            if st["role"]["kind"] == kind and st["state"] == "started":
-                return st
-        time.sleep(0.2)
-    raise AssertionError(f"no {kind} started")
-
-
 @pytest.mark.parametrize("victim", ["trainer", "server"])
-def test_a_dead_rank_ends_the_job_and_leaves_nothing(free_port_block, free_port, victim, cache):
+def test_a_dead_rank_ends_the_job_and_leaves_nothing(free_port_block, free_port, wait_for_rank, victim, cache):
     port = free_port_block()
     cmd = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", "--parts", "2", "--epochs", "500",
            "--batch-size", "50", "--port", str(port)]
     env = dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        st = _pid_of(cache, victim)
+        st = wait_for_rank(cache, victim)
         pids = [json.load(open(p))["pid"] for p in glob.glob(os.path.join(cache, "jobs", "*", "status", "*.json"))]
         time.sleep(3)  # let training start
         os.kill(st["pid"], signal.SIGKILL)

@@ -24,31 +24,19 @@ def live_lookahead(record_live):
     return record_live("lookahead")
 
 
-def play(env, agent, seed=0):
-    obs, info = env.reset(seed=seed)
-    agent.reset()
-    windows, applied, done = [], [], False
-    while not done:
-        obs, reward, terminated, truncated, info = env.step(agent.act(obs, info))
-        windows.append(info["window"])
-        applied.append(info["applied_ids"])
-        done = terminated or truncated
-    return windows, applied, env.unwrapped.episode.buffer.counters
-
-
 def test_live_env_passes_check_env_on_every_trainer(live):
     assert [r["check_env"] for r in live["summary"]["ranks"]] == ["passed", "passed"]
 
 
 @pytest.mark.parametrize("agent, rank", [("periodic", 0), ("periodic", 1), ("lookahead", 0), ("lookahead", 1)])
-def test_replay_of_a_live_run_is_exact(agent, rank, request):
+def test_replay_of_a_live_run_is_exact(agent, rank, request, play_windows):
     live = request.getfixturevalue("live" if agent == "periodic" else "live_lookahead")
     trace = Trace(live["trace"])
     rt = trace.rank(rank)
     table = rt.table()
     player = Periodic() if agent == "periodic" else Lookahead()
     env = gym.make("rudder/Replay-v0", trace=live["trace"], rank=rank, **buffer_kwargs(player.settings))
-    windows, applied, counters = play(env, player)
+    windows, applied, counters = play_windows(env, player)
     period = trace.meta["config"]["period"]
     assert len(windows) == -(-len(table) // period)
     for w, (start, window) in zip(windows, table.groupby(np.arange(len(table)) // period)):

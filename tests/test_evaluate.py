@@ -69,7 +69,10 @@ def test_evaluate_rejects_bad_input(tmp_path):
     assert "is not a rudder trace" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--agents", "nope",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "unknown agent or oracle 'nope'" in proc.stderr
+    assert proc.returncode == 2 and "unknown agent 'nope': built-in agents are none, static" in proc.stderr
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--oracles", "nope",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown oracle 'nope': oracles are belady, hindsight" in proc.stderr
 
 
 def test_time_model_recovers_known_costs():

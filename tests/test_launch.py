@@ -67,7 +67,9 @@ def test_port_in_use_is_detected():
 
 @pytest.mark.parametrize("field, value, message", [
     ("fanout", "10,x", "--fanout must be comma-separated integers"),
-    ("parts", 0, "--parts must be >= 1"),
+    ("parts", -1, "--parts must be >= 1"),
+    ("hosts", 1, r"--hosts must be 0 \(this host\) or >= 2"),
+    ("link_rate", "500mbit", "--link-rate shapes the links of emulated hosts: it needs --hosts N"),
     ("buffer_fraction", 1.5, r"--buffer-fraction must be in \[0, 1\]"),
     ("period", 0, "--period must be >= 1"),
     ("agent", "recorded", "--agent recorded and --decisions-from TRACE go together"),
@@ -77,6 +79,15 @@ def test_bad_options_are_rejected(field, value, message):
     cfg = TrainConfig(**{field: value})
     with pytest.raises(ValueError, match=message):
         cfg.validate()
+
+
+def test_hosts_set_the_partitions_and_take_a_link_rate():
+    assert TrainConfig().parts == 2 and TrainConfig(hosts=3).parts == 3
+    with pytest.raises(ValueError, match="--hosts 3 runs one partition per host: --parts must be 3"):
+        TrainConfig(hosts=3, parts=2).validate()
+    with pytest.raises(ValueError, match="--link-rate: bad link rate 'fast'"):
+        TrainConfig(hosts=2, link_rate="fast").validate()
+    TrainConfig(hosts=2, link_rate="1gbit").validate()
 
 
 def test_recorded_decisions_need_an_existing_trace():

@@ -19,19 +19,7 @@ from traces import Trace, TraceError
 K = 256  # the samples' recorded candidates per decision
 
 
-def play(env, agent, seed=0):
-    obs, info = env.reset(seed=seed)
-    agent.reset()
-    windows, applied, done = [], [], False
-    while not done:
-        obs, reward, terminated, truncated, info = env.step(agent.act(obs, info))
-        windows.append(info["window"])
-        applied.append(info["applied_ids"])
-        done = terminated or truncated
-    return windows, applied, env.unwrapped.episode.buffer.counters
-
-
-def test_replay_env_passes_check_env_and_is_seeded_by_reset(shipped_trace):
+def test_replay_env_passes_check_env_and_is_seeded_by_reset(shipped_trace, play_windows):
     env = gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0, buffer_init="random").unwrapped
     check_env(env, skip_render_check=True)
     check_env(FlattenObservation(gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0)).unwrapped,
@@ -42,8 +30,8 @@ def test_replay_env_passes_check_env_and_is_seeded_by_reset(shipped_trace):
     np.testing.assert_array_equal(ids_a, env.episode.buffer.resident_ids())
     env.reset(seed=4)
     assert not np.array_equal(np.sort(ids_a), np.sort(env.episode.buffer.resident_ids()))
-    first = play(env, Periodic(), seed=5)[2]
-    again = play(env, Periodic(), seed=5)[2]
+    first = play_windows(env, Periodic(), seed=5)[2]
+    again = play_windows(env, Periodic(), seed=5)[2]
     assert first == again and first.prefetched > first.initial_fill
 
 
@@ -63,11 +51,11 @@ def test_observations_bounded_and_info_as_documented(shipped_trace):
     assert obs["progress"][0] > 0
 
 
-def test_wrappers_map_to_ranked_prefixes(shipped_trace):
+def test_wrappers_map_to_ranked_prefixes(shipped_trace, play_windows):
     def make():
         return gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0)
 
-    c_periodic = play(make(), Periodic())[2]
+    c_periodic = play_windows(make(), Periodic())[2]
     yes = EvictOrKeep(make())
     yes.reset(seed=0)
     done = False
@@ -76,7 +64,7 @@ def test_wrappers_map_to_ranked_prefixes(shipped_trace):
         done = terminated or truncated
     assert yes.unwrapped.episode.buffer.counters == c_periodic  # always "yes" is MassiveGNN's periodic policy
     assert EvictOrKeep(make()).spec is not None and isinstance(EvictOrKeep(make()), FractionBudget)
-    keep = play(make(), StaticBuffer())[2]
+    keep = play_windows(make(), StaticBuffer())[2]
     assert keep.prefetched == keep.initial_fill
     budget = Budget(make(), levels=(0, 4, 64))
     budget.reset(seed=0)

@@ -27,6 +27,7 @@ from .schema import (
     MINIBATCH_COLUMNS,
     RANK_FILE,
     REMOTE_IDS,
+    PREFETCH_COLUMNS,
     SEED_COUNT,
     SEED_IDS,
     SCHEMA,
@@ -180,6 +181,32 @@ class RankTrace:
                     ids.extend(np.split(chunk.ids, chunk.id_offsets[1:-1]))
             self._minibatch_ids = ids
         return self._minibatch_ids
+
+    def prefetch_table(self) -> pd.DataFrame | None:
+        """Per minibatch, what a background prefetch did (``arrived`` rows delivered before it, ``stall_s`` its demand
+        pull waited), or None when the recording prefetched inline."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in PREFETCH_COLUMNS}
+        for index in range(self.num_chunks):
+            path = self.directory / chunk_file_name(index)
+            arrays = _read_npz(path, ["minibatch"])
+            n = arrays["minibatch"].size
+            if n == 0:
+                continue  # a decisions-only last chunk
+            try:
+                arrays = _read_npz(path, list(PREFETCH_COLUMNS))
+            except TraceError:
+                if index == 0:
+                    return None
+                raise
+            for name, dtype in PREFETCH_COLUMNS.items():
+                a = arrays[name]
+                if a.dtype != dtype or a.shape != (n,):
+                    raise TraceError(f"field {name!r} in {path}: expected {n} values of {dtype}, got shape "
+                                     f"{a.shape} of {a.dtype}")
+                parts[name].append(a)
+        if not parts["arrived"]:
+            return None
+        return pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
 
     def minibatch_seeds(self) -> list[np.ndarray] | None:
         """Every minibatch's seed ids (sorted int64), or None when the recording did not store them."""

@@ -13,4 +13,8 @@ record small-metis2-f10x25 --partition metis --parts 2 --fanout 10,25 --epochs 2
 # these two keep the lookahead to the partition's own structure (no halo in-edges): < 20 MB for all samples
 record small-random2-f5x10 --partition random --parts 2 --fanout 5,10 --epochs 1 --no-lookahead-halo-edges
 record small-metis4-f10x25 --partition metis --parts 4 --fanout 10,25 --epochs 2 --no-lookahead-halo-edges
+
+# on 2 emulated hosts (root only): a shaped link, background prefetch, DGL's several-host mode
+record emu2-metis2-f10x25-400mbit --partition metis --hosts 2 --link-rate 400mbit --fanout 10,25 --epochs 2 \
+    --no-lookahead-halo-edges
 du -sh "$out"/*

@@ -69,6 +69,13 @@ CHUNK_ARRAYS: tuple[str, ...] = (*MINIBATCH_COLUMNS, REMOTE_IDS, *DECISION_ARRAY
 SEED_COUNT = "seed_count"  # int32[n]: seeds of each minibatch
 SEED_IDS = "seed_ids"  # each minibatch's sorted seed ids, delta-coded like remote_ids, concatenated
 
+# Optional, per chunk, when the recording prefetched in the background (one value per minibatch, in every chunk
+# of the rank or in none):
+PREFETCH_COLUMNS: dict[str, np.dtype] = {
+    "arrived": np.dtype(np.int32),  # rows a background prefetch delivered into the buffer before the minibatch
+    "stall_s": np.dtype(np.float32),  # seconds the minibatch's demand pull waited behind a prefetch chunk
+}
+
 MAX_NODE_ID = int(np.iinfo(np.int64).max)  # ids are read back as int64
 
 

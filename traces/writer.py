@@ -24,6 +24,7 @@ from .schema import (
     MINIBATCH_COLUMNS,
     RANK_FILE,
     REMOTE_IDS,
+    PREFETCH_COLUMNS,
     SEED_COUNT,
     SEED_IDS,
     SCHEMA,
@@ -88,6 +89,8 @@ class TraceWriter:
         self._remote_ids = 0
         self._with_seeds: bool | None = None
         self._pending_seeds: list[np.ndarray] = []
+        self._with_prefetch: bool | None = None
+        self._pending_prefetch: dict[str, list] = {name: [] for name in PREFETCH_COLUMNS}
         self._decisions = 0
         self._chunk_bytes = 0
         self._next_minibatch: int | None = None  # index the next add_minibatch must carry
@@ -118,7 +121,8 @@ class TraceWriter:
 
     def add_minibatch(self, *, minibatch: int, epoch: int, remote_ids: np.ndarray, local_rows: int, sample_s: float,
                       fetch_s: float, compute_s: float, fetch_rows: int, hits: int, remote_fetched: int,
-                      prefetched: int, seeds: np.ndarray | None = None) -> None:
+                      prefetched: int, seeds: np.ndarray | None = None, arrived: int | None = None,
+                      stall_s: float | None = None) -> None:
         """Record one minibatch; writes a chunk when ``chunk_minibatches`` are pending.
 
         ``minibatch`` is the global minibatch index over the run (consecutive: each call one more than the last);
@@ -126,7 +130,9 @@ class TraceWriter:
         non-negative). ``sample_s``, ``fetch_s``, ``compute_s`` are seconds; ``local_rows`` and ``fetch_rows`` are
         rows (local input rows, rows pulled over RPC); ``hits``, ``remote_fetched``, ``prefetched`` are row counts
         as the recording run's buffer saw them. ``seeds`` (optional, but then for every minibatch of the rank) are
-        the minibatch's seed node ids, for sampler lookahead in replay.
+        the minibatch's seed node ids, for sampler lookahead in replay. ``arrived`` and ``stall_s`` (optional, both
+        or neither, for every minibatch of a rank or for none): rows a background prefetch delivered before the
+        minibatch, and seconds its demand pull waited behind a prefetch chunk.
         """
         self._check_open()
         minibatch = _check_int("minibatch", minibatch, 0, MAX_NODE_ID)
@@ -150,6 +156,15 @@ class TraceWriter:
             raise ValueError("seeds must be given for every minibatch of a rank or for none")
         if seeds is not None:
             self._pending_seeds.append(np.sort(_check_ids("seeds", seeds)))
+        if (arrived is None) != (stall_s is None):
+            raise ValueError("arrived and stall_s go together")
+        if self._with_prefetch is None:
+            self._with_prefetch = arrived is not None
+        if self._with_prefetch != (arrived is not None):
+            raise ValueError("arrived and stall_s must be given for every minibatch of a rank or for none")
+        if arrived is not None:
+            self._pending_prefetch["arrived"].append(_check_int("arrived", arrived, 0, _INT32_MAX))
+            self._pending_prefetch["stall_s"].append(float(stall_s))
         self._pending_ids.append(ids)
         self._next_minibatch = minibatch + 1
         if len(self._pending_ids) >= self.chunk_minibatches:
@@ -232,6 +247,11 @@ class TraceWriter:
             arrays[SEED_COUNT] = counts
             arrays[SEED_IDS] = delta_encode(np.concatenate(self._pending_seeds), counts.astype(np.int64))
         self._pending_seeds.clear()
+        if self._with_prefetch and n:
+            for name, dtype in PREFETCH_COLUMNS.items():
+                arrays[name] = np.asarray(self._pending_prefetch[name], dtype=dtype)
+        for values in self._pending_prefetch.values():
+            values.clear()
         decision_ids = self._decision_ids[:m]
         dtypes = DECISION_ARRAYS
         arrays["decision_minibatch"] = np.asarray(self._decision_minibatch[:m], dtype=dtypes["decision_minibatch"])

@@ -739,12 +739,25 @@ class EmulatedCluster:
     # -- faults ------------------------------------------------------------------------------------------------
 
     def set_rate(self, host: int | str, rate: str | None) -> None:
-        """Change ``host``'s egress rate while it runs (None: unshaped)."""
-        ns = self.hostnames[self._index(host)]
+        """Change ``host``'s egress rate while it runs (None: unshaped). The cluster's recorded ``link_rate``
+        follows when every host has the same rate again."""
+        i = self._index(host)
+        ns = self.hostnames[i]
         if rate is None:
             _cmd(["tc", "-n", ns, "qdisc", "del", "dev", HOST_IF, "root"], check=False)
         else:
             _cmd(["tc", "-n", ns, "qdisc", "replace", "dev", HOST_IF, "root", *tbf_args(parse_rate(rate))])
+        if self._state is not None:
+            rates = self._state.setdefault("host_rates", [self._state.get("link_rate")] * len(self.hostnames))
+            rates[i] = rate
+            self._state["link_rate"] = rates[0] if len(set(rates)) == 1 else "mixed"
+            self.link_rate = self._state["link_rate"]
+            _write_state(self._state)
+
+    def set_rate_all(self, rate: str | None) -> None:
+        """Every host's egress rate (None: unshaped)."""
+        for i in range(len(self.hostnames)):
+            self.set_rate(i, rate)
 
     def link_down(self, host: int | str) -> None:
         """Pull ``host``'s cable: its link loses carrier, packets either way are dropped, connections stall

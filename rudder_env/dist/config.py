@@ -19,7 +19,8 @@ def default_cache_dir() -> str:
 class TrainConfig:
     graph: str = field(default="synth-tiny", metadata=dict(
         help="preset (synth-tiny, synth-small, synth-large), an OGB dataset folder, or a .dgl file"))
-    parts: int = field(default=2, metadata=dict(help="number of partitions (one graph server each)"))
+    parts: int = field(default=0, metadata=dict(
+        help="number of partitions (one graph server each); 0: one per --hosts, else 2"))
     trainers_per_part: int = field(default=1, metadata=dict(help="trainer ranks per partition"))
     partition: str = field(default="metis", metadata=dict(choices=("metis", "random"), help="partitioning method"))
     model: str = field(default="sage", metadata=dict(choices=("sage", "gat"), help="GNN model"))
@@ -30,8 +31,12 @@ class TrainConfig:
     lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
     seed: int = field(default=0, metadata=dict(help="seed for the graph, partitioning, model and sampling"))
     agent: str = field(default="periodic", metadata=dict(
-        help="prefetch agent: none, static, periodic, hitrate, lookahead, ppo, llm, or recorded (with "
-             "--decisions-from)"))
+        help="prefetch agent: none, static, periodic, hitrate, lookahead, ppo, llm, recorded (with "
+             "--decisions-from), a name an installed package registers (rudder.agents entry points), or a "
+             "reference module.path:Class or path/to/file.py:Class (every trainer rank builds one)"))
+    agent_kwargs: str = field(default="", metadata=dict(
+        help="options passed to the agent's constructor: a JSON object ('{\"threshold\": 0.3}') or "
+             "key=value,key2=value2"))
     buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
     buffer_init: str = field(default="degree", metadata=dict(
         choices=("degree", "random", "empty"), help="initial buffer content"))
@@ -52,6 +57,11 @@ class TrainConfig:
         help="with --agent recorded: a trace whose prefetch decisions are applied again at the same minibatches"))
     sample_ahead: int = field(default=DEFAULT_SAMPLE_AHEAD, metadata=dict(
         help="minibatches sampled ahead of training (within an epoch); the lookahead knows their remote rows"))
+    prefetch: str = field(default="background", metadata=dict(
+        choices=("background", "inline"),
+        help="how a decided prefetch set is pulled: by a background worker in chunks while training goes on, rows "
+             "entering the buffer as they arrive (background), or together with the next minibatch's misses, on "
+             "the critical path (inline)"))
     overlap_fetch: bool = field(default=False, metadata=dict(
         help="pull the next sampled minibatch's local rows and buffer misses during this minibatch's compute "
              "(needs --sample-ahead >= 1; where it pays off: BENCHMARKS.md, P2)"))
@@ -71,6 +81,16 @@ class TrainConfig:
     verify_rows: bool = field(default=False, metadata=dict(
         help="check every input row against a direct DistTensor pull, and column 0 against the original node id"))
     timeout_s: float = field(default=0.0, metadata=dict(help="kill the job after this many seconds (0: never)"))
+    hosts: int = field(default=0, metadata=dict(
+        help="run on this many emulated hosts on this machine (network namespaces on a bridge, links shaped to "
+             "--link-rate, DGL's several-host mode unpatched), one partition each; root only. 0: every rank on "
+             "this host over loopback"))
+    link_rate: str | None = field(default=None, metadata=dict(
+        help="with --hosts: each emulated host's egress rate in tc's units (e.g. 500mbit, 1gbit); default: "
+             "unshaped"))
+    cluster: str | None = field(default=None, metadata=dict(
+        help="run on the emulated cluster NAME brought up beforehand (`python -m rudder_env.dist.cluster up`), "
+             "one partition per host, instead of a fresh one per job"))
     log: str | None = field(default=None, metadata=dict(
         help="the job's log file: DGL's and MPI's output from every rank (default: a new file under "
              "<cache-dir>/logs, whose path is printed; only when train.py starts mpiexec itself)"))
@@ -78,6 +98,10 @@ class TrainConfig:
     tensorboard: str | None = field(default=None, metadata=dict(
         help="write per-epoch scalars (loss, hit rate, rows fetched, fetch share, epoch time, accuracy) for "
              "TensorBoard into a new run folder under this folder"))
+
+    def __post_init__(self):
+        if self.parts == 0:
+            self.parts = self.hosts or 2
 
     @property
     def fanouts(self) -> list[int]:
@@ -91,16 +115,26 @@ class TrainConfig:
     def world_size(self) -> int:
         return self.parts + self.num_trainers
 
-    def validate(self) -> None:
-        """Raise ValueError with a one-line message for options that cannot work."""
-        from rudder_env.evaluation.registry import REGISTRY
+    def agent_options(self, trainer_rank: int = 0) -> dict:
+        """Constructor options of the agent on trainer ``trainer_rank``: ``--agent-kwargs``, and for ``recorded``
+        the trace and rank whose decisions it plays."""
+        from rudder_env.evaluation.registry import parse_agent_kwargs
 
-        if self.agent not in REGISTRY:
-            raise ValueError(f"unknown --agent {self.agent!r}: expected one of {', '.join(REGISTRY)}")
+        options = parse_agent_kwargs(self.agent_kwargs)
+        if self.agent == "recorded":
+            options.update(trace=self.decisions_from, rank=trainer_rank)
+        return options
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message for options that cannot work (an agent that cannot be found,
+        or whose constructor does not take ``--agent-kwargs``, included)."""
+        from rudder_env.evaluation.registry import check_agent
+
         if (self.agent == "recorded") != (self.decisions_from is not None):
             raise ValueError("--agent recorded and --decisions-from TRACE go together")
         if self.decisions_from is not None and not os.path.isdir(self.decisions_from):
             raise ValueError(f"--decisions-from {self.decisions_from}: no such trace folder")
+        check_agent(self.agent, self.agent_options())
         if self.parts < 1:
             raise ValueError(f"--parts must be >= 1, got {self.parts}")
         if self.trainers_per_part < 1:
@@ -118,6 +152,23 @@ class TrainConfig:
         for name in ("period", "batch_size", "epochs", "hidden", "candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.hosts < 0 or self.hosts == 1:
+            raise ValueError(f"--hosts must be 0 (this host) or >= 2 emulated hosts, got {self.hosts}")
+        if self.hosts and self.parts != self.hosts:
+            raise ValueError(f"--hosts {self.hosts} runs one partition per host: --parts must be {self.hosts} "
+                             f"(or left out), got {self.parts}")
+        if self.link_rate is not None:
+            if not self.hosts:
+                raise ValueError("--link-rate shapes the links of emulated hosts: it needs --hosts N")
+            from rudder_env.dist.cluster import ClusterError, parse_rate
+
+            try:
+                parse_rate(self.link_rate)
+            except ClusterError as exc:
+                raise ValueError(f"--link-rate: {exc}") from None
+        if self.cluster is not None and (self.hosts or self.link_rate):
+            raise ValueError("--cluster runs on an existing emulated cluster: leave out --hosts and --link-rate "
+                             "(its own host count and link rate apply)")
         if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
         if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:

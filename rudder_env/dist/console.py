@@ -64,17 +64,16 @@ class JobLog:
 
     Args:
         path: the log file (appended to; its folder is created).
-        console_path: the file the ranks append their records to (created here, empty).
         verbose: also copy everything the log receives to the terminal, live.
         prune: remove all but the newest :data:`KEEP_LOGS` ``*.log`` files in the log's folder (the default folder).
 
     The path is announced once, before the first line rudder shows (so an error found before anything runs stays
-    a single line).
+    a single line). :meth:`attach_console` names the file the ranks' records come through, once the job has one.
     """
 
-    def __init__(self, path: str, console_path: str, verbose: bool = False, prune: bool = False):
+    def __init__(self, path: str, verbose: bool = False, prune: bool = False):
         self.path = os.path.abspath(path)
-        self.console_path = console_path
+        self.console_path: str | None = None
         self.verbose = verbose
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         if prune:
@@ -83,9 +82,6 @@ class JobLog:
                 with contextlib.suppress(OSError):
                     os.remove(stale)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.makedirs(os.path.dirname(console_path), exist_ok=True)
-        with open(console_path, "wb"):
-            pass
         self._offset = 0
         self._partial = b""
         self._terminal = {False: 1, True: 2}  # stdout, stderr; other descriptors while capture() redirects them
@@ -126,8 +122,17 @@ class JobLog:
                 data = data[n:]
 
     # ------------------------------------------------------------------ the ranks' records
+    def attach_console(self, path: str) -> None:
+        """Create (empty) the file the ranks append their :func:`say` records to (``RUDDER_CONSOLE``)."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb"):
+            pass
+        self.console_path, self._offset, self._partial = path, 0, b""
+
     def relay(self) -> None:
         """Show the records the ranks appended since the last call."""
+        if self.console_path is None:
+            return
         try:
             with open(self.console_path, "rb") as f:
                 f.seek(self._offset)

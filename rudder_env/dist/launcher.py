@@ -26,6 +26,7 @@ from rudder_env.dist.procs import alive
 
 SHM_DIR = "/dev/shm"
 TAG_VAR = onehost.TAG_VAR
+CLUSTER_VAR = "RUDDER_EMULATED_CLUSTER"  # JSON facts of the emulated cluster a job runs on, for its summary
 
 
 def _read_statuses(job_dir: str) -> dict[int, dict]:
@@ -138,34 +139,50 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
             time.sleep(0.05)
 
 
+def pin_agent_reference(cfg, argv: list[str]) -> list[str]:
+    """Make a file reference ``--agent path/to/file.py:Class`` absolute in ``cfg`` and in the ranks' ``argv`` (the
+    last ``--agent`` wins), so that every rank resolves the same file whatever its working folder."""
+    from rudder_env.evaluation.registry import absolute_reference
+
+    pinned = absolute_reference(cfg.agent)
+    if pinned == cfg.agent:
+        return argv
+    cfg.agent = pinned
+    return [*argv, "--agent", pinned]
+
+
 def launch(cfg, argv: list[str], script: str) -> int:
     """Start ``mpiexec -n N python script argv`` for ``cfg`` and supervise it. Returns the exit code.
 
+    With ``--hosts N`` (or ``--cluster NAME``) the ranks run on emulated hosts (:mod:`rudder_env.dist.cluster`),
+    one partition per host, in DGL's several-host mode; a cluster brought up here is torn down when the job ends,
+    fails or is interrupted.
+
     Every rank's stdout and stderr (DGL's and MPI's messages) and the partitioner's go to the job's log
     (:class:`~rudder_env.dist.console.JobLog`); the terminal shows what the ranks :func:`~rudder_env.dist.console.say`
-    and the supervisor's own lines.
-    """
-    cfg.validate()
+    and the supervisor's own lines."""
+    cfg.validate()  # once here, before any rank starts (an agent that cannot be found is named as given)
+    argv = pin_agent_reference(cfg, argv)
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the one pip's mpich put next to python
     mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if mpiexec is None:
         raise RuntimeError("mpiexec not found on PATH: install MPI (pip install mpich mpi4py)")
-    tag = f"rd{secrets.token_hex(3)}"
-    job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
-    log = JobLog(cfg.log or default_log_path(cfg.cache_dir, tag), os.path.join(job_dir, "console.jsonl"),
-                 verbose=cfg.verbose, prune=cfg.log is None)
+    log = JobLog(cfg.log or default_log_path(cfg.cache_dir, secrets.token_hex(3)), verbose=cfg.verbose,
+                 prune=cfg.log is None)
     try:
-        return _supervise(cfg, argv, script, mpiexec, tag, job_dir, log)
+        if cfg.hosts or cfg.cluster:
+            return _launch_on_cluster(cfg, argv, script, mpiexec, log)
+        return _launch_here(cfg, argv, script, mpiexec, log)
     except (ValueError, RuntimeError, OSError) as exc:  # bad input: one line, naming the log if it holds anything
         if log.empty():
             raise
         raise RuntimeError(f"{exc}{log.where()}") from exc
     finally:
         log.close()
-        shutil.rmtree(job_dir, ignore_errors=True)
 
 
-def _supervise(cfg, argv: list[str], script: str, mpiexec: str, tag: str, job_dir: str, log: JobLog) -> int:
+def _launch_here(cfg, argv: list[str], script: str, mpiexec: str, log: JobLog) -> int:
+    """Run the job with every rank on this host."""
     with log.capture():
         ensure_partitions(cfg, log=log.note)
     if cfg.port == 0:
@@ -175,13 +192,60 @@ def _supervise(cfg, argv: list[str], script: str, mpiexec: str, tag: str, job_di
     for port in server_ports + [master_port]:
         if port_in_use("127.0.0.1", port):
             raise RuntimeError(f"port {port} is in use (another DistDGL job, or a leftover server?): pass --port")
-    env = dict(os.environ, **{TAG_VAR: tag, CONSOLE_VAR: log.console_path})
+    log.note(f"rudder: starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers) on this host")
+    return _supervise(cfg, [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv], log)
+
+
+def _launch_on_cluster(cfg, argv: list[str], script: str, mpiexec: str, log: JobLog) -> int:
+    """Run the job across emulated hosts: one partition (its server and trainers) per host."""
+    from rudder_env.dist.cluster import ClusterError, EmulatedCluster, preflight
+
+    try:
+        preflight()
+        attached = EmulatedCluster.attach(cfg.cluster) if cfg.cluster else None
+    except ClusterError as exc:
+        raise RuntimeError(str(exc)) from None
+    if attached is not None:
+        hosts = len(attached.hostnames)
+        if "--parts" in argv and cfg.parts != hosts:
+            raise ValueError(f"cluster {cfg.cluster} has {hosts} hosts: one partition each, so --parts must be "
+                             f"{hosts} (or left out), got {cfg.parts}")
+        cfg.parts = hosts
+        argv = [*argv, "--parts", str(hosts)]
+    with log.capture():
+        ensure_partitions(cfg, log=log.note)  # before the hosts come up: partitioning a large graph takes a while
+    if cfg.port == 0:
+        cfg.port = 30050  # every host has its own network namespace: no other job's ports to avoid
+        argv = [*argv, "--port", str(cfg.port)]
+    try:
+        cluster = attached or EmulatedCluster(cfg.hosts, cfg.link_rate).up()
+    except ClusterError as exc:
+        raise RuntimeError(str(exc)) from None
+    try:
+        rate = cluster.link_rate or "unshaped"
+        log.note(f"rudder: {len(cluster.hostnames)} emulated hosts ({', '.join(cluster.hostnames)}), links {rate}; "
+                 f"starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers)")
+        info = dict(name=cluster.name, hosts=cluster.hostnames, addresses=cluster.addresses,
+                    link_rate=cluster.link_rate)
+        cmd = [mpiexec, *cluster.mpiexec_args(1 + cfg.trainers_per_part), "-n", str(cfg.world_size),
+               sys.executable, script, *argv]
+        return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info)})
+    finally:
+        if attached is None:
+            cluster.down()
+
+
+def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) -> int:
+    """Run the job's ``mpiexec`` command in its own process group, its output into ``log``, relay what its ranks say,
+    watch its ranks, clean up; the exit code."""
+    tag = f"rd{secrets.token_hex(3)}"
+    job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
+    log.attach_console(os.path.join(job_dir, "console.jsonl"))
+    env = dict(os.environ, **{TAG_VAR: tag, CONSOLE_VAR: log.console_path}, **(extra_env or {}))
     env.setdefault("DGL_DIST_MAX_TRY_TIMES", "20")  # trainers give up on an absent server after ~60 s, not 50 min
     env.setdefault("OMP_NUM_THREADS", "1")
     shm_before = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
     started = time.time()
-    cmd = [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv]
-    log.note(f"rudder: starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers) on this host")
     proc = log.popen(cmd, env=env, start_new_session=True)
     watch = _DeathWatch(job_dir)
     interrupted = None
@@ -214,6 +278,7 @@ def _supervise(cfg, argv: list[str], script: str, mpiexec: str, tag: str, job_di
         cleanup_shm(tag, since=started, before=shm_before)
     log.relay()
     statuses = _read_statuses(job_dir)
+    shutil.rmtree(job_dir, ignore_errors=True)
     if interrupted is not None:
         return 124 if interrupted == "timeout" else 130
     watch.close()

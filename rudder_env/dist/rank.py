@@ -159,7 +159,7 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     from rudder_env.evaluation.play import play
     from rudder_env.evaluation.registry import make_agent
 
-    agent = make_agent(cfg.agent, **agent_options(cfg, role))
+    agent = make_agent(cfg.agent, **cfg.agent_options(role.trainer_rank))
     buffer = buffer_kwargs(agent.settings, cfg.buffer_fraction, cfg.admit_on_miss)
     trainer = DistTrainer(cfg, role.trainer_rank, job.graph_name, job.ip_config, job.master, job.meta,
                           part_config=job.part_config, buffer_fraction=buffer["buffer_fraction"],
@@ -171,7 +171,7 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
         check_env(gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward).unwrapped,
                   skip_render_check=True)
         extra["check_env"] = "passed"
-    writer = _trace_writer(cfg, role, job, trainer) if cfg.trace else None
+    writer = _trace_writer(cfg, role, job, trainer, agent, buffer) if cfg.trace else None
     env = gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward, trace=writer,
                    ranking=buffer["ranking"])
     in_background = asynchronous(cfg, agent)
@@ -195,20 +195,13 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     return result
 
 
-def agent_options(cfg, role: Role) -> dict:
-    """Constructor arguments an agent takes from the run: the recorded decisions to play, for ``recorded``."""
-    if cfg.agent == "recorded":
-        return dict(trace=cfg.decisions_from, rank=role.trainer_rank)
-    return {}
-
-
 def asynchronous(cfg, agent) -> bool:
     """Whether decisions run in the background: ``--decisions async``, or ``auto`` for agents that declare slow
     decisions (the LLM)."""
     return agent.asynchronous if cfg.decisions == "auto" else cfg.decisions == "async"
 
 
-def _trace_writer(cfg, role: Role, job: Job, trainer):
+def _trace_writer(cfg, role: Role, job: Job, trainer, agent, buffer: dict):
     import platform
 
     import dgl
@@ -218,7 +211,8 @@ def _trace_writer(cfg, role: Role, job: Job, trainer):
 
     run_meta = None
     if role.trainer_rank == 0:
-        run_meta = dict(config=cfg.as_dict(), graph=job.meta, one_host=job.one_host, host=platform.node(),
+        run_meta = dict(config=cfg.as_dict(), agent=dict(name=agent.name, settings=asdict(agent.settings)),
+                        buffer=buffer, graph=job.meta, one_host=job.one_host, host=platform.node(),
                         versions=dict(python=sys.version.split()[0], torch=torch.__version__, dgl=dgl.__version__),
                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     rank_meta = dict(trainer_rank=role.trainer_rank, partition=int(trainer.partid), host=role.host,

@@ -19,6 +19,8 @@ def build_summary(cfg, job, results: list[dict], wall_s: float) -> dict:
         graph=dict(name=job.meta["graph"], num_nodes=job.meta["num_nodes"], num_edges=job.meta["num_edges"],
                    feat_dim=job.meta["feat_dim"], num_classes=job.meta["num_classes"], partitions=job.part_config),
         one_host=job.one_host,
+        emulated_cluster=json.loads(os.environ["RUDDER_EMULATED_CLUSTER"]) if "RUDDER_EMULATED_CLUSTER" in os.environ
+        else None,
         val_acc=results[0]["val_acc"] if results else None,
         test_acc=results[0]["test_acc"] if results else None,
         wall_s=round(wall_s, 3),
@@ -57,6 +59,11 @@ def format_table(summary: dict) -> str:
     cfg, t = summary["config"], summary["totals"]
     head = (f"rudder: {cfg['graph']} on {cfg['parts']} partitions x {cfg['trainers_per_part']} trainers, "
             f"agent={cfg['agent']}, model={cfg['model']}, {cfg['epochs']} epoch(s), wall {summary['wall_s']:.1f} s")
+    cluster = summary.get("emulated_cluster")
+    if cluster:
+        head += f"\n  on {len(cluster['hosts'])} emulated hosts, links {cluster['link_rate'] or 'unshaped'}"
+    elif not summary.get("one_host", True):
+        head += "\n  on several hosts"
     foot = (f"val_acc={summary['val_acc']:.4f}  test_acc={summary['test_acc']:.4f}  "
             f"hit rate {t['hit_rate']:.1%}, remote rows fetched {t['remote_fetched']} of {t['remote_sampled']} sampled"
             f" ({t['prefetched']} prefetched)")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import collections
 import os
 import resource
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -20,13 +22,52 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rudder_env.buffer import PrefetchBuffer, initial_ids
+from rudder_env.buffer import PrefetchBuffer, positions, initial_ids
 from rudder_env.episode import MinibatchRecord
 from rudder_env.dist.dgl_compat import import_dgl
 from rudder_env.dist.models import build_model
 from rudder_env.dist.progress import EpochStats
 
 dgl = import_dgl()
+
+
+class _Link:
+    """The trainer's RPC client, shared by demand pulls (a minibatch's misses and labels, on the critical path),
+    neighbour sampling and background prefetch chunks: one use at a time (two threads pulling at once through
+    DGL 2.1's client receive each other's rows: wrong labels and features were seen), demand first — a chunk
+    waits while a demand pull is waiting, so a demand pull waits behind at most the one chunk in progress. Records
+    how long demand pulls waited (stall)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._busy = False
+        self._demand_waiting = 0
+        self.stall_s = 0.0  # demand seconds spent waiting for a chunk, since the last reset
+
+    def pull(self, feat, ids: torch.Tensor, background: bool = False) -> torch.Tensor:
+        """``feat[ids]`` over the link."""
+        return self.call(feat.__getitem__, ids, background=background)
+
+    def call(self, fn, *args, background: bool = False):
+        """``fn(*args)``, a use of DGL's RPC client (a pull, neighbour sampling on the servers), over the link."""
+        with self._cond:
+            if background:
+                while self._busy or self._demand_waiting:
+                    self._cond.wait()
+            else:
+                self._demand_waiting += 1
+                t0 = time.perf_counter()
+                while self._busy:
+                    self._cond.wait()
+                self.stall_s += time.perf_counter() - t0
+                self._demand_waiting -= 1
+            self._busy = True
+        try:
+            return fn(*args)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
 
 class _Sampled(NamedTuple):
@@ -47,6 +88,7 @@ class RankStats:
     sample_s: float = 0.0
     fetch_s: float = 0.0
     compute_s: float = 0.0
+    stall_s: float = 0.0  # of fetch_s: demand pulls waiting behind a background prefetch chunk
     minibatches: int = 0
     overlapped: int = 0  # minibatches whose rows were pulled during the previous minibatch's compute
     overlap_mismatches: int = 0  # pulled ahead but not usable (the buffer changed): pulled again
@@ -97,6 +139,10 @@ class DistTrainer:
         fraction = cfg.buffer_fraction if buffer_fraction is None else buffer_fraction
         self.capacity = int(round(fraction * self.halo_ids.size))
         self.admit_on_miss = cfg.admit_on_miss if admit_on_miss is None else admit_on_miss
+        self.link = _Link()
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-prefetch") \
+            if cfg.prefetch == "background" else None
+        self._chunks: collections.deque = collections.deque()  # background: (ids, future of rows), in request order
         self._fetcher = None  # the thread that pulls the next minibatch's rows during compute (--overlap-fetch)
         self._next_pull = None  # (input nodes, misses, future) in flight
         self._pulled_ahead = None  # (input nodes, misses, rows) ready for the next train_step
@@ -126,11 +172,12 @@ class DistTrainer:
         torch.manual_seed(seed * 1000 + self.trainer_rank + 1)  # shuffling differs per trainer, fixed per seed
         np.random.seed(seed * 1000 + self.trainer_rank + 1)
         self._finish_next_pull()
+        self._drop_prefetch()
         self._pulled_ahead, self._overlap_wait_s = None, 0.0
         self.stats = RankStats()
         self.buffer = PrefetchBuffer(self.capacity, self.g.num_nodes(), alpha=cfg.alpha, period=cfg.period,
-                                     feat_dim=self.meta["feat_dim"],
-                                     admit_on_miss=self.admit_on_miss)
+                                     feat_dim=self.meta["feat_dim"], admit_on_miss=self.admit_on_miss,
+                                     prefetch=cfg.prefetch)
         self.initial_ids = self._initial_fill(cfg.buffer_init)
         self.minibatch_index = 0
         self._ahead: collections.deque[_Sampled] = collections.deque()  # sampled but not trained yet
@@ -177,7 +224,27 @@ class DistTrainer:
         return filled
 
     def pull(self, ids: np.ndarray) -> np.ndarray:
-        return self.feat[torch.from_numpy(np.asarray(ids, dtype=np.int64))].numpy()
+        return self.link.pull(self.feat, torch.from_numpy(np.asarray(ids, dtype=np.int64))).numpy()
+
+    # ------------------------------------------------------------------ background prefetch
+    def _deliver_prefetch(self) -> None:
+        """Install the chunks that have arrived (in request order: a chunk still on its way holds back the ones
+        behind it), then request what decisions queued since: before the minibatch's lookup."""
+        while self._chunks and self._chunks[0][1].done():
+            ids, future = self._chunks.popleft()
+            self.buffer.arrive(ids, future.result().numpy())
+        while True:
+            ids = self.buffer.take()
+            if ids.size == 0:
+                break
+            self._chunks.append((ids, self._prefetcher.submit(self.link.pull, self.feat, torch.from_numpy(ids),
+                                                              True)))
+
+    def _drop_prefetch(self) -> None:
+        """Wait for the chunks on their way and forget them (a restart, or the end)."""
+        while self._chunks:
+            _, future = self._chunks.popleft()
+            future.cancel() or future.exception()
 
     # ------------------------------------------------------------------ training
     def _remote_mask(self, input_nodes: torch.Tensor) -> np.ndarray:
@@ -191,13 +258,16 @@ class DistTrainer:
         remote = self._remote_mask(input_nodes) if remote is None else remote
         ids = input_nodes.numpy()
         local_ids, remote_ids = ids[~remote], ids[remote]
+        if self._prefetcher is not None:
+            self._deliver_prefetch()
+        self.link.stall_s = 0.0
         to_pull = self.buffer.begin(remote_ids)
         pulled = self._pull_rows(input_nodes, local_ids, to_pull)
         remote_rows, counts = self.buffer.finish(pulled[local_ids.size:].numpy())
         x = torch.empty((ids.size, pulled.shape[1]), dtype=pulled.dtype)
         x[torch.from_numpy(~remote)] = pulled[: local_ids.size]
         x[torch.from_numpy(remote)] = torch.from_numpy(remote_rows)
-        y = self.labels[seeds].long()
+        y = self.link.pull(self.labels, seeds).long()
         t_compute = time.perf_counter()
         if self.cfg.verify_rows:
             self._verify(input_nodes, x)
@@ -212,7 +282,8 @@ class DistTrainer:
         record = MinibatchRecord(epoch=epoch, index=self.minibatch_index, remote_ids=remote_ids,
                                  local_rows=int(local_ids.size), sample_s=0.0, fetch_s=t_compute - t_fetch + waited,
                                  fetch_rows=int(local_ids.size + to_pull.size), compute_s=t_end - t_compute,
-                                 counts=counts, loss=float(loss.detach()), seeds=seeds.numpy())
+                                 counts=counts, loss=float(loss.detach()), seeds=seeds.numpy(),
+                                 stall_s=self.link.stall_s)
         self.minibatch_index += 1
         return record
 
@@ -233,7 +304,7 @@ class DistTrainer:
 
             self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-fetch")
         want = torch.from_numpy(np.concatenate([ids[~nxt.remote], misses]))
-        self._next_pull = (nxt.batch[0], misses, self._fetcher.submit(self.feat.__getitem__, want))
+        self._next_pull = (nxt.batch[0], misses, self._fetcher.submit(self.link.pull, self.feat, want))
 
     def _finish_next_pull(self) -> float:
         """Wait for the pull started by :meth:`_start_next_pull` (before any other RPC); returns the seconds
@@ -252,12 +323,18 @@ class DistTrainer:
         ahead, self._pulled_ahead = self._pulled_ahead, None
         if ahead is not None and ahead[0] is input_nodes:
             _, misses, rows = ahead
-            if to_pull.size >= misses.size and np.array_equal(to_pull[:misses.size], misses):
+            n_miss = self.buffer.open_misses
+            pos = positions(misses, to_pull[:n_miss])
+            if (pos >= 0).all():  # this minibatch's misses were pulled ahead (rows delivered since are fewer)
                 self.stats.overlapped += 1
-                extra = to_pull[misses.size:]
-                return torch.cat([rows, self.feat[torch.from_numpy(extra)]]) if extra.size else rows
+                n_local = rows.shape[0] - misses.size
+                parts = [rows[:n_local], rows[n_local:][torch.from_numpy(pos)]]
+                extra = to_pull[n_miss:]
+                if extra.size:
+                    parts.append(self.link.pull(self.feat, torch.from_numpy(extra)))
+                return torch.cat(parts)
             self.stats.overlap_mismatches += 1
-        return self.feat[torch.from_numpy(np.concatenate([local_ids, to_pull]))]
+        return self.link.pull(self.feat, torch.from_numpy(np.concatenate([local_ids, to_pull])))
 
     def _verify(self, input_nodes: torch.Tensor, x: torch.Tensor) -> None:
         """Count rows that differ from a direct DistTensor pull, and rows whose column 0 is not the original id."""
@@ -265,7 +342,7 @@ class DistTrainer:
             from rudder_env.dist.partition import ORIG_NIDS_FILE
 
             self._orig_nids = np.load(os.path.join(os.path.dirname(self.part_config), ORIG_NIDS_FILE))
-        direct = self.feat[input_nodes]
+        direct = self.link.pull(self.feat, input_nodes)
         v = self.verify
         v["rows_checked"] += int(x.shape[0])
         v["rows_differing_from_disttensor"] += int((x != direct).any(1).sum())
@@ -315,7 +392,7 @@ class DistTrainer:
                     sampling["left"] = self.minibatches_per_epoch
                     self._begin_epoch(sampling["epoch"])
                 t0 = time.perf_counter()
-                batch = next(self._epoch_iter)
+                batch = self.link.call(next, self._epoch_iter)  # sampling uses the servers' RPC too
                 sample_s = time.perf_counter() - t0
                 remote = self._remote_mask(batch[0])
                 self._ahead.append(_Sampled(batch, sample_s, remote, batch[0].numpy()[remote], sampling["epoch"]))
@@ -335,6 +412,7 @@ class DistTrainer:
             s.sample_s += sample_s
             s.fetch_s += record.fetch_s
             s.compute_s += record.compute_s
+            s.stall_s += record.stall_s
             s.minibatches += 1
             s.loss_sum += record.loss
             top_up()  # sample the next ones before handing this record over
@@ -361,6 +439,7 @@ class DistTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Accuracy on the validation and test nodes, summed over all trainers (sampled, like training)."""
+        self._drop_prefetch()  # no chunk may use the RPC client meanwhile
         model = self.model.module
         model.eval()
         out = {}
@@ -386,6 +465,8 @@ class DistTrainer:
                     buffer_capacity=self.buffer.capacity, minibatches=s.minibatches,
                     remote_sampled=c.remote_sampled, hits=c.hits, misses=c.misses,
                     remote_fetched=c.remote_fetched, prefetched=c.prefetched, initial_fill=c.initial_fill,
+                    prefetch_used=c.prefetch_used, late=c.late, prefetch=self.cfg.prefetch,
+                    stall_s=round(s.stall_s, 4),
                     admitted_on_miss=c.admitted_on_miss, evicted=c.evicted,
                     hit_rate=c.hits / c.remote_sampled if c.remote_sampled else 0.0,
                     epoch_time_s=[round(t, 4) for t in s.epoch_time_s], sample_s=round(s.sample_s, 4),
@@ -399,6 +480,9 @@ class DistTrainer:
 
     def close(self) -> None:
         self._finish_next_pull()
+        self._drop_prefetch()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown()
         if self._fetcher is not None:
             self._fetcher.shutdown()
         torch.distributed.barrier()

@@ -1,0 +1,126 @@
+"""Any Stable-Baselines3 policy trained on rudder's replay envs, saved, then played as an agent by reference.
+
+    from stable_baselines3 import DQN
+    from stable_baselines3.common.vec_env import DummyVecEnv
+    from rudder_env.vector import replay_env_fns
+    from agents.sb3 import save_policy
+
+    model = DQN("MlpPolicy", DummyVecEnv(replay_env_fns(traces, action="fraction")), buffer_size=10_000)
+    model.learn(5_000)
+    save_policy(model, "dqn.zip", action="fraction", trained_on=traces)
+
+    python evaluate.py --agents periodic,agents.sb3:SB3Agent --agent-kwargs path=dqn.zip
+
+A saved policy is the SB3 model (``.zip``) and a sidecar ``.json`` beside it naming the algorithm and what acting
+needs besides the network: the action wrapper and its levels (:func:`rudder_env.vector.make_replay_env`), K and
+the observation layout. Observations must be flattened (``flatten=True``, the default of the replay envs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from gymnasium import spaces
+
+from agents.base import Agent
+from rudder_env.spaces import fit_k, observation_layout, observation_space
+from rudder_env.vector import ACTIONS, default_levels
+
+SIDECAR_FORMAT = "rudder-sb3-policy/1"
+_NO_SCHEDULES = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0, "exploration_schedule": lambda _: 0.0,
+                 "clip_range": lambda _: 0.0, "clip_range_vf": None}  # acting needs none of these
+
+
+def sidecar_path(path: str) -> str:
+    return (path[:-4] if path.endswith(".zip") else path) + ".json"
+
+
+def save_policy(model, path: str, *, action: str = "fraction", levels: Sequence | None = None,
+                trained_on: Sequence[str] = (), name: str | None = None) -> tuple[str, str]:
+    """Save an SB3 ``model`` trained on :func:`rudder_env.vector.make_replay_env` envs (flattened observations)
+    to ``path`` (``.zip``) and its sidecar; returns both paths.
+
+    Args:
+        action, levels: the action wrapper the envs used and its levels (default: the wrapper's default).
+        trained_on: the trace folders (or names) it learned from; :func:`evaluate.py` marks the others held out.
+        name: the agent's name in tables (default: the algorithm's, lower case).
+    """
+    import stable_baselines3
+
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}: expected one of {', '.join(ACTIONS)}")
+    if action in ("fraction", "budget"):
+        levels = [(float if action == "fraction" else int)(v) for v in (levels or default_levels(action))]
+    elif levels is not None:
+        raise ValueError(f"action={action!r} takes no levels")
+    dim = model.observation_space.shape[0]
+    k = (dim - spaces.flatdim(observation_space(0))) // 2
+    if k < 1 or spaces.flatdim(observation_space(k)) != dim:
+        raise ValueError(f"the model's observation has {dim} entries: not a flattened rudder observation")
+    path = path if path.endswith(".zip") else path + ".zip"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    model.save(path)
+    meta = dict(format=SIDECAR_FORMAT, algorithm=type(model).__name__, module=type(model).__module__,
+                name=name or type(model).__name__.lower(), action=action, levels=levels, k=int(k), observation=observation_layout(observation_space(k)),
+                trained_on=sorted({os.path.basename(os.path.normpath(str(t))) for t in trained_on}),
+                versions={"stable_baselines3": stable_baselines3.__version__})
+    with open(sidecar_path(path), "w") as f:
+        json.dump(meta, f, indent=2)
+    return path, sidecar_path(path)
+
+
+class SB3Agent(Agent):
+    """Plays a policy saved by :func:`save_policy`: flattens the observation as in training (cut or padded to the
+    policy's K), asks the model for an action and maps it to the base ``MultiBinary(K)`` action as the training
+    wrapper did.
+
+    Args:
+        path: the saved ``.zip`` (its sidecar ``.json`` beside it).
+        deterministic: act greedily (``model.predict(..., deterministic=True)``).
+    """
+
+    name = "sb3"
+
+    def __init__(self, path: str, deterministic: bool = True):
+        import importlib
+
+        zip_path = path if path.endswith(".zip") else path + ".zip"
+        for p in (zip_path, sidecar_path(path)):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"SB3 policy file {p} not found (save one with agents.sb3.save_policy)")
+        with open(sidecar_path(path)) as f:
+            meta = json.load(f)
+        if meta.get("format") != SIDECAR_FORMAT:
+            raise ValueError(f"{sidecar_path(path)} is not a rudder SB3 policy sidecar ({SIDECAR_FORMAT})")
+        self.meta, self.path = meta, zip_path
+        self.name = meta.get("name") or self.name
+        self.action = meta["action"]
+        self.levels = tuple(meta["levels"]) if meta.get("levels") is not None else (0.0, 1.0)
+        self.k = int(meta["k"])
+        self.trained_on = list(meta.get("trained_on", []))
+        self.deterministic = bool(deterministic)
+        self._space = observation_space(self.k)
+        if observation_layout(self._space) != meta["observation"]:
+            raise ValueError(f"{sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
+                             f"from this rudder's {observation_layout(self._space)}")
+        algorithm = getattr(importlib.import_module(meta.get("module", "stable_baselines3")), meta["algorithm"])
+        self.model = algorithm.load(zip_path, device="cpu", custom_objects=_NO_SCHEDULES)
+        self.last_action: Any = None
+
+    def reset(self) -> None:
+        self.last_action = None
+
+    def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
+        k_env = int(np.asarray(observation["candidates"]).shape[0])
+        flat = spaces.flatten(self._space, fit_k(observation, self.k))
+        action, _ = self.model.predict(flat, deterministic=self.deterministic)
+        self.last_action = action
+        if self.action == "multibinary":
+            out = np.zeros(k_env, dtype=np.int8)
+            bits = np.asarray(action, dtype=np.int8).reshape(-1)[:k_env]
+            out[: bits.size] = bits
+            return out
+        return ACTIONS[self.action].base_action(self.levels[int(action)], info, k_env)

@@ -1,0 +1,208 @@
+"""P2 on the emulated cluster: live training time of each agent where remote rows cross a shaped link.
+
+Runs ``train.py gnn --cluster NAME`` on emulated hosts (:mod:`rudder_env.dist.cluster`), one partition per host, in
+DGL's several-host mode. The cluster is brought up once per host count and its link rate changed between sweep
+points; runs of every variant are interleaved (A B C ... A B C ...) so that drift hits every agent alike.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bench.end_to_end import live_run  # noqa: E402
+
+# (label, agent, options). "none" is DistDGL as it is; "none+overlap" pulls the next minibatch's rows during this
+# one's compute (pipelined DistDGL)
+# one pulls a decided prefetch set with the next minibatch's misses, on the critical path (inline), as before
+# background prefetch; the others prefetch in the background (the default)
+VARIANTS = [("none", "none", ()), ("none+overlap", "none", ("--overlap-fetch",)), ("static", "static", ()),
+            ("periodic inline", "periodic", ("--prefetch", "inline")), ("periodic", "periodic", ()),
+            ("lookahead", "lookahead", ()), ("lookahead+overlap", "lookahead", ("--overlap-fetch",))]
+# link rates where fetching is about 60% of a no-prefetch epoch of synth-small (2 hosts; 4 hosts, whose 2 shared
+# cores bind sooner)
+MAIN = {2: "400mbit", 4: "150mbit"}
+SWEEP_RATES = ("200mbit", "500mbit", "1gbit", "4gbit")
+SWEEP_VARIANTS = ("none", "none+overlap", "static", "periodic", "lookahead+overlap")
+
+
+def _log(m):
+    print(m, file=sys.stderr, flush=True)
+
+
+def _runs(cluster, variants, seeds, epochs, rate, rounds=1, log=_log, traces: str | None = None) -> list[dict]:
+    """Every variant for every seed, interleaved; with ``traces``, seed 0's runs record traces there."""
+    rows = []
+    cluster.set_rate_all(rate)
+    for seed in seeds:
+        for rnd in range(rounds):
+            for label, agent, extra in variants:
+                log(f"  {len(cluster.hostnames)} hosts at {rate}: {label} seed {seed}")
+                trace = os.path.join(traces, label.replace(" ", "_")) if traces and seed == 0 else None
+                r = live_run(agent, seed, epochs, extra=("--cluster", cluster.name, *extra), parts=None, trace=trace)
+                rows.append(dict(r, agent=label, hosts=len(cluster.hostnames), link_rate=rate, round=rnd,
+                                 fetch_share=r["fetch_s"] / max(r["train_s"], 1e-9), trace=trace))
+    return rows
+
+
+def replay_fidelity(rows: list[dict], log=_log) -> pd.DataFrame:
+    """Each recorded live run replayed with its own agent: hits and rows fetched against the live run's, and
+    modelled training time against the measured one — following the recording's prefetch arrivals, and with
+    arrivals modelled by the link model (what a different agent's replay gets)."""
+    import rudder_env  # noqa: F401  (registers the environments)
+    from rudder_env.contract import buffer_kwargs
+    from rudder_env.evaluation.play import play_episode
+    from rudder_env.evaluation.registry import make_agent
+    from rudder_env.replay_env import ReplayEnv
+    from traces import Trace
+
+    out = []
+    for r in rows:
+        if not r.get("trace") or "overlap" in r["agent"]:  # replay does not model the overlapped pull
+            continue
+        t = Trace(r["trace"])
+        agent_name = t.meta["config"]["agent"]
+        for follow in (True, False):
+            live_s = model_s = 0.0
+            same = True
+            for rank in t.ranks:
+                agent = make_agent(agent_name)
+                env = ReplayEnv(t, rank=rank, **buffer_kwargs(agent.settings))
+                env.follow_recorded = follow
+                res = play_episode(env, agent)
+                table = t.rank(rank).table()
+                same &= (res["hits"] == int(table["hits"].sum())
+                         and res["remote_fetched"] - res["initial_fill"] == int(table["remote_fetched"].sum()))
+                live_s = max(live_s, float((table["sample_s"] + table["fetch_s"] + table["compute_s"]).sum()))
+                model_s = max(model_s, res["time_s"])
+            log(f"  replay {r['agent']} ({'recorded' if follow else 'modelled'} arrivals): "
+                f"{model_s:.2f} s vs {live_s:.2f} s live")
+            out.append(dict(agent=r["agent"], arrivals="recorded" if follow else "modelled",
+                            same_hits_and_rows=same, live_s=live_s, replay_s=model_s,
+                            time_error=model_s / live_s - 1))
+    return pd.DataFrame(out)
+
+
+def measure(quick: bool, log=_log) -> pd.DataFrame:
+    """Every variant at the main rate on 2 hosts (two seeds) and 4 hosts (one seed); the sweep on 2 hosts."""
+    from rudder_env.dist.cluster import EmulatedCluster
+
+    seeds = (0,) if quick else (0, 1)
+    epochs = 1 if quick else 2
+    variants = [v for v in VARIANTS if v[0] in ("none", "none+overlap", "periodic", "lookahead+overlap")] \
+        if quick else VARIANTS
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, EmulatedCluster(2, link_rate=MAIN[2]) as c:
+        main = _runs(c, variants, seeds, epochs, MAIN[2], log=log, traces=tmp)
+        rows += [dict(r, part="main") for r in main]
+        fidelity = replay_fidelity(main, log=log)
+        sweep = [v for v in VARIANTS if v[0] in SWEEP_VARIANTS]
+        for rate in (SWEEP_RATES[::2] if quick else SWEEP_RATES):
+            rows += [dict(r, part="sweep") for r in _runs(c, sweep, (0,), 1, rate, log=log)]
+    if not quick:
+        with EmulatedCluster(4, link_rate=MAIN[4]) as c:
+            rows += [dict(r, part="main") for r in _runs(c, variants, (0,), epochs, MAIN[4], log=log)]
+    df = pd.DataFrame(rows)
+    df.attrs["fidelity"] = fidelity
+    return df
+
+
+def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    main = df[df["part"] == "main"]
+    key = ["hosts", "seed"]
+    none = main[main["agent"] == "none"].groupby(key)["train_s"].mean()
+    piped = main[main["agent"] == "none+overlap"].groupby(key)["train_s"].mean()
+    main = main.assign(vs_none=[r.train_s / none[(r.hosts, r.seed)] for r in main.itertuples()],
+                       vs_pipelined=[r.train_s / piped[(r.hosts, r.seed)] if (r.hosts, r.seed) in piped else float("nan")
+                                     for r in main.itertuples()])
+    table = main.groupby(["hosts", "link_rate", "agent"], sort=False).agg(
+        train_s=("train_s", "mean"), vs_none=("vs_none", "mean"), vs_none_worst=("vs_none", "max"),
+        vs_pipelined=("vs_pipelined", "mean"), fetch_s=("fetch_s", "mean"), compute_s=("compute_s", "mean"),
+        fetch_share=("fetch_share", "mean"), fetched_vs_none=("remote_fetched", "sum"),
+        runs=("train_s", "size")).reset_index()
+    sampled = main.groupby(["hosts", "link_rate", "agent"], sort=False)["remote_sampled"].sum().to_numpy()
+    table["fetched_vs_none"] = table["fetched_vs_none"] / sampled
+    lines = []
+    for hosts, t in table.groupby("hosts"):
+        others = t[~t["agent"].isin(["none", "none+overlap"])]
+        best = others.loc[others["vs_none"].idxmin()]
+        share = t.loc[t["agent"] == "none", "fetch_share"].iloc[0]
+        lines.append(f"{hosts} hosts at {t['link_rate'].iloc[0]} (fetch {share:.0%} of a no-prefetch epoch): best "
+                     f"{best['agent']} {best['vs_none']:.3f}x no prefetch, {best['vs_pipelined']:.3f}x pipelined "
+                     f"DistDGL")
+    return "; ".join(lines) + ".", table
+
+
+def plot(df: pd.DataFrame, path: str) -> str:
+    """Training time per epoch against link rate, one line per agent (2 hosts, seed 0)."""
+    from rudder_env.dist.cluster import parse_rate
+
+    sweep = df[df["part"] == "sweep"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for agent, g in sweep.groupby("agent", sort=False):
+        g = g.assign(bits=g["link_rate"].map(parse_rate)).sort_values("bits")
+        ax.plot(g["bits"] / 1e6, g["train_s"], marker="o", label=agent)
+    ax.set_xscale("log")
+    rates = sorted({parse_rate(r) / 1e6 for r in sweep["link_rate"]})
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
+    ax.minorticks_off()
+    ax.set_xlabel("link rate per host (Mbit/s)")
+    ax.set_ylabel("training time of one epoch (s)")
+    ax.set_title("synth-small on 2 emulated hosts (one run per point)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+FIDELITY_AGENTS = ("none", "static", "periodic", "lookahead")
+
+
+def fidelity_study(log=_log) -> pd.DataFrame:
+    """Replay checked against live runs it was not fitted to: one live run per agent on 2 emulated hosts (seed 0,
+    2 epochs, traces recorded), then every trace replayed with every agent. The diagonal is a run replayed with its
+    own agent (recorded arrivals: exact); off it, the time model fitted on one agent's run predicts another agent's
+    run, whose measured training time is the reference (arrivals from the link model)."""
+    import rudder_env  # noqa: F401  (registers the environments)
+    from rudder_env.contract import buffer_kwargs
+    from rudder_env.dist.cluster import EmulatedCluster
+    from rudder_env.evaluation.play import play_episode
+    from rudder_env.evaluation.registry import make_agent
+    from rudder_env.replay_env import ReplayEnv
+    from traces import Trace
+
+    rows, live = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with EmulatedCluster(2, link_rate=MAIN[2]) as c:
+            for agent in FIDELITY_AGENTS:
+                log(f"  live {agent} (2 hosts at {MAIN[2]}, recorded)")
+                trace = os.path.join(tmp, agent)
+                live[agent] = (live_run(agent, 0, 2, extra=("--cluster", c.name), parts=None, trace=trace), trace)
+        for source, (_, trace) in live.items():
+            t = Trace(trace)
+            for agent_name in FIDELITY_AGENTS:
+                target = live[agent_name][0]
+                replay_s, hits, fetched = 0.0, 0, 0
+                for rank in t.ranks:
+                    agent = make_agent(agent_name)
+                    env = ReplayEnv(t, rank=rank, **buffer_kwargs(agent.settings))
+                    res = play_episode(env, agent)
+                    replay_s = max(replay_s, res["time_s"])
+                    hits += res["hits"]
+                    fetched += res["remote_fetched"]
+                rows.append(dict(trace_of=source, replayed_agent=agent_name, replay_s=replay_s,
+                                 live_s=target["train_s"], time_error=replay_s / target["train_s"] - 1,
+                                 fetched_replay=fetched, fetched_live=target["remote_fetched"],
+                                 fetched_error=fetched / max(target["remote_fetched"], 1) - 1))
+                log(f"  replay of {source}'s trace with {agent_name}: {replay_s:.2f} s vs {target['train_s']:.2f} s "
+                    f"live ({rows[-1]['time_error']:+.1%})")
+    return pd.DataFrame(rows)

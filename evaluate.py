@@ -36,8 +36,8 @@ SAMPLES = os.path.join(HERE, "traces", "samples")
 DEFAULT_AGENTS = "none,static,periodic,hitrate,lookahead,ppo,llm"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--traces", nargs="+", default=sorted(glob.glob(os.path.join(SAMPLES, "*"))),
                    help="trace folders (default: the shipped samples)")
@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--link-rate", default=None, help="--live with --hosts: each host's link rate, e.g. 500mbit")
     p.add_argument("--train-args", default="", help="--live: more train.py gnn options, quoted")
     p.add_argument("--out", default="results", help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -118,30 +119,63 @@ def check_agents(specs: list[str], args) -> tuple[list[str], dict[str, dict]]:
     return agent_labels(specs, names), options
 
 
-def evaluate_traces(specs: list[str], labels: list[str], options: dict[str, dict], oracles: list[str], args,
-                    log) -> list[dict]:
+class ProgressBar:
+    """One tqdm bar over the work items (agents and oracles x traces x ranks), with ETA: :meth:`start` names the item
+    starting now and counts the one before it as done."""
+
+    def __init__(self, total: int, enabled: bool = True, unit: str = "run"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                        desc="evaluate")
+        self.running = False
+
+    def start(self, item: str) -> None:
+        self.finish()
+        self.running = True
+        self.bar.set_postfix_str(item)
+
+    def finish(self) -> None:
+        if self.running:
+            self.bar.update(1)
+            self.running = False
+
+    def close(self) -> None:
+        self.finish()
+        self.bar.close()
+
+
+def evaluate_traces(specs: list[str], labels: list[str], options: dict[str, dict], oracles: list[str],
+                    args) -> list[dict]:
     from rudder_env.evaluation.scoring import evaluate_trace
+    from traces import Trace
     from traces.timecheck import TimeCheck
 
     factories = agent_factories(specs, labels, options, args)
     checks = [TimeCheck.from_trace(t) for t in args.time_check]
+    ranks = {trace: len(Trace(trace).ranks) for trace in args.traces}  # a clear error for a bad folder, first
+    bar = ProgressBar(sum(ranks.values()) * (len(specs) + len(oracles)), enabled=not args.no_progress)
     rows = []
-    for i, trace in enumerate(args.traces, 1):
-        log(f"[{i}/{len(args.traces)}] {trace}")
-        rows += evaluate_trace(trace, factories, buffer_fraction=args.buffer_fraction, oracles=oracles,
-                               candidates=args.candidates, seed=args.seed, progress=lambda m: log(f"  {m}"),
-                               time_checks=checks)
+    try:
+        for trace in args.traces:
+            rows += evaluate_trace(trace, factories, buffer_fraction=args.buffer_fraction, oracles=oracles,
+                                   candidates=args.candidates, seed=args.seed, progress=bar.start,
+                                   time_checks=checks)
+            bar.finish()
+    finally:
+        bar.close()
     return rows
 
 
-def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict], args, log) -> list[dict]:
+def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict], args) -> list[dict]:
     """Each agent trains ``--graph`` for real (``train.py gnn``); rows from the run summaries, times measured."""
     from rudder_env.evaluation.registry import absolute_reference
 
     rows = []
     trace_name = f"live-{os.path.basename(args.graph.rstrip('/'))}"
-    for i, (spec, name) in enumerate(zip(specs, labels), 1):
-        log(f"[{i}/{len(specs)}] live {args.graph}: {name}")
+    bar = ProgressBar(len(specs), enabled=not args.no_progress)
+    for spec, name in zip(specs, labels):
+        bar.start(f"live {args.graph}: {name}")
         summary = os.path.join(args.out, f"live-{name.replace('/', '_')}.json")
         cmd = [sys.executable, os.path.join(HERE, "train.py"), "gnn", "--graph", args.graph, "--parts",
                str(args.parts), "--epochs", str(args.epochs), "--agent", absolute_reference(spec),
@@ -157,6 +191,7 @@ def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict],
             cmd += ["--trust-policy"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
+            bar.close()
             raise RuntimeError(f"live run of {name} failed:\n{proc.stderr[-2000:]}")
         with open(summary) as f:
             s = json.load(f)
@@ -169,14 +204,12 @@ def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict],
                              admitted_on_miss=r["admitted_on_miss"], time_s=sum(r["epoch_time_s"]),
                              decisions=r.get("decisions", 0), latency_p50_s=r.get("latency_p50_s", 0.0),
                              latency_p95_s=r.get("latency_p95_s", 0.0), window_hit_rate=[]))
+    bar.close()
     return rows
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
+def main(argv=None, prog: str = "evaluate.py") -> int:
+    args = parse_args(argv, prog)
 
     import pandas as pd
 
@@ -207,11 +240,11 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     try:
         if args.live:
-            rows = evaluate_live(specs, labels, options, args, log)
+            rows = evaluate_live(specs, labels, options, args)
         else:
             if not args.traces:
                 raise ValueError("no traces given and no shipped samples found")
-            rows = evaluate_traces(specs, labels, options, oracles, args, log)
+            rows = evaluate_traces(specs, labels, options, oracles, args)
     except (TraceError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ Run it plainly and it starts ``mpiexec`` itself (all ranks on this host); or sta
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -24,10 +25,10 @@ if __name__ == "__mp_main__" and os.environ.get("RUDDER_ONEHOST_MACHINE"):
     apply_from_env()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     from rudder_env.dist.config import add_arguments
 
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     gnn = sub.add_parser("gnn", help="distributed GNN training with a prefetch buffer (DistDGL on MPI ranks)")
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--buffer-fractions", default="recorded,0.05",
                      help="buffer sizes to train on, as fractions of the halo ('recorded': the run's own); one env "
                           "per trace x rank x buffer size")
+    ppo.add_argument("--tensorboard", default=None, metavar="DIR",
+                     help="training curves for TensorBoard in a new PPO_N run folder under DIR (SB3's tensorboard_log)")
     ppo.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -75,8 +78,10 @@ def train_ppo_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     for trace in args.traces:
         Trace(trace)  # a clear error before any training
+    if args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
     result = train_ppo(args.traces, args.steps, args.out, seed=args.seed, levels=levels,
-                       buffer_fractions=fractions, progress=not args.no_progress)
+                       buffer_fractions=fractions, progress=not args.no_progress, tensorboard_log=args.tensorboard)
     print(f"saved {result.path} and {result.sidecar} ({args.steps} steps, {len(result.env_specs)} envs, "
           f"{result.wall_s:.0f} s)")
     rows = compare_policy(result.path, args.traces, fractions)
@@ -89,9 +94,9 @@ def train_ppo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     if args.command == "gnn":
         from rudder_env.dist.config import from_namespace
         from rudder_env.dist.launcher import launch

@@ -252,7 +252,7 @@ class LLMAgent(Agent):
             ids = self._ids(prefix)
             cache = DynamicCache(config=self.model.config)
             if ids.shape[1]:
-                self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             self._prefix = (prefix, ids, cache)
         return self._prefix[1], self._prefix[2]
 
@@ -274,7 +274,7 @@ class LLMAgent(Agent):
         if use_cache and prefix:
             prefix_ids, prefix_kv = self._prefix_state(prefix)
             cache = copy.deepcopy(prefix_kv)
-            out = self.model(input_ids=suffix_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=suffix_ids, cache=cache, use_cache=True, logits_to_keep=1)
             prefilled = suffix_ids.shape[1]
         else:
             ids = torch.cat([self._ids(prefix), suffix_ids], dim=1) if prefix else suffix_ids
@@ -290,9 +290,9 @@ class LLMAgent(Agent):
             for i, o in enumerate(names):
                 rest = self._option_ids[o][:-1]
                 rows[i, : len(rest)] = torch.tensor(rest, dtype=torch.long)
-            cache = out.past_key_values
+            cache = out.cache
             cache.batch_repeat_interleave(len(names))
-            logits = self.model(input_ids=rows, past_key_values=cache, use_cache=True).logits
+            logits = self.model(input_ids=rows, cache=cache, use_cache=True).logits
             logp = torch.log_softmax(logits.float(), dim=-1)
             for i, o in enumerate(names):  # padding sits after each row's tokens, so it cannot affect them
                 for t, token in enumerate(self._option_ids[o][1:]):
@@ -317,7 +317,7 @@ class LLMAgent(Agent):
         if self.prefix_cache and prefix:
             prefix_ids, prefix_kv = self._prefix_state(prefix)
             ids = torch.cat([prefix_ids, suffix_ids], dim=1)
-            kwargs["past_key_values"] = copy.deepcopy(prefix_kv)
+            kwargs["cache"] = copy.deepcopy(prefix_kv)
             prefilled = suffix_ids.shape[1]
         else:
             ids = torch.cat([self._ids(prefix), suffix_ids], dim=1) if prefix else suffix_ids

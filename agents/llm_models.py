@@ -20,6 +20,7 @@ interrupted run never leaves a half-written model behind. Nothing here touches t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -199,6 +200,21 @@ def converted_folder(gguf: Path) -> Path:
     return cache_root() / f"{gguf.stem}-{key}"
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Hide transformers' own progress bars ("Loading weights") while a model loads: the caller (evaluate.py's bar,
+    a training job's progress lines) shows progress; restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def convert_gguf(gguf: Path) -> tuple[Path, float]:
     """Dequantise ``gguf`` into a cached fp32 Hugging Face folder (once); returns the folder and seconds spent
     converting (0 when it was cached)."""
@@ -211,9 +227,10 @@ def convert_gguf(gguf: Path) -> tuple[Path, float]:
 
     t0 = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
-                                                     dtype=torch.float32)
+        with _no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
+                                                         dtype=torch.float32)
     except Exception as exc:  # transformers raises many kinds for an unreadable or unsupported GGUF
         raise ModelLoadError(f"cannot load GGUF {gguf}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     # save_pretrained refuses a model that still carries its GGUF quantiser, though the weights are dequantised
@@ -280,8 +297,9 @@ def load_model(spec: str | os.PathLike | None = None):
     folder, name, prepare_s = resolve(spec)
     t0 = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        with _no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     except OSError as exc:
         raise ModelLoadError(f"cannot load model folder {folder}: {str(exc).splitlines()[0]}") from exc
     model.eval()

@@ -85,7 +85,8 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
               buffer_inits: Sequence[str] = ("recorded",), ranks: Sequence[int] | None = None, n_steps: int = 16,
               batch_size: int = 64, n_epochs: int = 10, learning_rate: float = 3e-4, gamma: float = 0.99,
               ent_coef: float = 0.0, net_arch: Sequence[int] = (32, 32),
-              relative_reward: float | None = 1000.0, normalize_observation: bool = True) -> TrainResult:
+              relative_reward: float | None = 1000.0, normalize_observation: bool = True,
+              tensorboard_log: str | None = None) -> TrainResult:
     """Train PPO on replayed traces and save it to ``out`` (``.zip``) and ``out.json`` (the sidecar).
 
     One env per (trace, rank, buffer fraction, buffer init), stepped together in a ``DummyVecEnv``; ``n_envs``
@@ -107,6 +108,8 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
             floored at ``OBS_EPSILON``); the final statistics go into the sidecar for :class:`PPOAgent`.
         n_steps, batch_size, n_epochs, learning_rate, gamma, ent_coef, net_arch: PPO's settings (the default
             ``net_arch`` keeps the saved zip near 0.5 MB with K=256).
+        tensorboard_log: SB3's ``tensorboard_log``: training curves (episode reward, losses) go to a new ``PPO_N``
+            run folder under it.
 
     Returns:
         a :class:`TrainResult`; ``episode_returns`` sums the env's own reward whatever the training reward.
@@ -154,7 +157,8 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     torch.set_num_threads(1)  # a small MLP: more threads only contend with the replay
     model = PPO("MlpPolicy", vec, n_steps=n_steps, batch_size=min(batch_size, n_steps * len(specs)),
                 n_epochs=n_epochs, learning_rate=learning_rate, gamma=gamma, ent_coef=ent_coef, seed=seed,
-                policy_kwargs=dict(net_arch=list(net_arch)), device="cpu", verbose=0)
+                policy_kwargs=dict(net_arch=list(net_arch)), device="cpu", verbose=0,
+                tensorboard_log=tensorboard_log)
     result = TrainResult(path=out, sidecar=out[:-4] + ".json", env_specs=specs)
     t0 = time.perf_counter()
     try:

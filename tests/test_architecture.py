@@ -2,9 +2,9 @@
 
 Layers, lowest first: ``traces`` <- the environment core (``rudder_env``) <- the agent contract (``agents.base``)
 <- policies (``baselines``, ``agents``) <- evaluation (``rudder_env.evaluation``) <- the DistDGL runtime
-(``rudder_env.dist``) <- entry points (``train``, ``evaluate``, ``bench``). A module may import its own layer and
-the layers below it; within the policy layer ``baselines`` and ``agents`` do not import each other (except the
-contract).
+(``rudder_env.dist``) <- entry points (``train``, ``evaluate``, ``bench``, ``rudder_cli``). A module may import its
+own layer and the layers below it; within the policy layer ``baselines`` and ``agents`` do not import each other
+(except the contract).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("traces", "rudder_env", "agents", "baselines", "bench")
-SCRIPTS = ("train", "evaluate")
+SCRIPTS = ("train", "evaluate", "rudder_cli")
 
 LAYERS = [  # (name, prefixes), lowest first; the longest matching prefix decides
     ("traces", ("traces",)),
@@ -23,7 +23,7 @@ LAYERS = [  # (name, prefixes), lowest first; the longest matching prefix decide
     ("policies", ("agents", "baselines")),
     ("evaluation", ("rudder_env.evaluation",)),
     ("runtime", ("rudder_env.dist",)),
-    ("entry points", ("train", "evaluate", "bench")),
+    ("entry points", ("train", "evaluate", "bench", "rudder_cli")),
 ]
 
 

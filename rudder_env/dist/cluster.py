@@ -886,8 +886,8 @@ def _cli_measure(args) -> None:
             break
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = _Parser(prog="python -m rudder_env.dist.cluster", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m rudder_env.dist.cluster") -> None:
+    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="bring a cluster up and keep it up until Ctrl-C/SIGTERM or `down NAME`")
     up.add_argument("--hosts", type=int, required=True)

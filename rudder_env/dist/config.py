@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 
@@ -102,6 +103,13 @@ class TrainConfig:
     cluster: str | None = field(default=None, metadata=dict(
         help="run on the emulated cluster NAME brought up beforehand (`python -m rudder_env.dist.cluster up`), "
              "one partition per host, instead of a fresh one per job"))
+    log: str | None = field(default=None, metadata=dict(
+        help="the job's log file: DGL's and MPI's output from every rank (default: a new file under "
+             "<cache-dir>/logs, whose path is printed; only when train.py starts mpiexec itself)"))
+    verbose: bool = field(default=False, metadata=dict(help="also show DGL's and MPI's output on the terminal, live"))
+    tensorboard: str | None = field(default=None, metadata=dict(
+        help="write per-epoch scalars (loss, hit rate, rows fetched, fetch share, epoch time, accuracy) for "
+             "TensorBoard into a new run folder under this folder"))
 
     def __post_init__(self):
         if self.parts == 0:
@@ -169,6 +177,8 @@ class TrainConfig:
         if self.cluster is not None and (self.hosts or self.link_rate):
             raise ValueError("--cluster runs on an existing emulated cluster: leave out --hosts and --link-rate "
                              "(its own host count and link rate apply)")
+        if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
         if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
 

@@ -26,6 +26,7 @@ import time
 
 from rudder_env.dist import onehost
 from rudder_env.dist.heartbeat import FACTOR, PHASES, beat_path, read_beat
+from rudder_env.dist.console import CONSOLE_VAR, JobLog, default_log_path
 from rudder_env.dist.partition import ensure_partitions
 from rudder_env.dist.ports import free_port_base, job_ports, port_in_use, remove_stale_locks
 from rudder_env.dist.procs import alive, start_time, state
@@ -274,7 +275,11 @@ def launch(cfg, argv: list[str], script: str) -> int:
 
     With ``--hosts N`` (or ``--cluster NAME``) the ranks run on emulated hosts (:mod:`rudder_env.dist.cluster`),
     one partition per host, in DGL's several-host mode; a cluster brought up here is torn down when the job ends,
-    fails or is interrupted."""
+    fails or is interrupted.
+
+    Every rank's stdout and stderr (DGL's and MPI's messages) and the partitioner's go to the job's log
+    (:class:`~rudder_env.dist.console.JobLog`); the terminal shows what the ranks :func:`~rudder_env.dist.console.say`
+    and the supervisor's own lines."""
     cfg.validate()  # once here, before any rank starts (an agent that cannot be found is named as given)
     for line in cleanup_stale_jobs(cfg.cache_dir):
         print(f"rudder: removed what a killed job left: {line}", file=sys.stderr, flush=True)
@@ -284,9 +289,24 @@ def launch(cfg, argv: list[str], script: str) -> int:
     mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if mpiexec is None:
         raise RuntimeError("mpiexec not found on PATH: install MPI (pip install mpich mpi4py)")
-    if cfg.hosts or cfg.cluster:
-        return _launch_on_cluster(cfg, argv, script, mpiexec)
-    ensure_partitions(cfg)
+    log = JobLog(cfg.log or default_log_path(cfg.cache_dir, secrets.token_hex(3)), verbose=cfg.verbose,
+                 prune=cfg.log is None)
+    try:
+        if cfg.hosts or cfg.cluster:
+            return _launch_on_cluster(cfg, argv, script, mpiexec, log)
+        return _launch_here(cfg, argv, script, mpiexec, log)
+    except (ValueError, RuntimeError, OSError) as exc:  # bad input: one line, naming the log if it holds anything
+        if log.empty():
+            raise
+        raise RuntimeError(f"{exc}{log.where()}") from exc
+    finally:
+        log.close()
+
+
+def _launch_here(cfg, argv: list[str], script: str, mpiexec: str, log: JobLog) -> int:
+    """Run the job with every rank on this host."""
+    with log.capture():
+        ensure_partitions(cfg, log=log.note)
     if cfg.port == 0:
         cfg.port = free_port_base(cfg.parts)
         argv = [*argv, "--port", str(cfg.port)]  # the ranks use the block found here
@@ -294,10 +314,11 @@ def launch(cfg, argv: list[str], script: str) -> int:
     for port in server_ports + [master_port]:
         if port_in_use("127.0.0.1", port):
             raise RuntimeError(f"port {port} is in use (another DistDGL job, or a leftover server?): pass --port")
-    return _supervise(cfg, [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv])
+    log.note(f"rudder: starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers) on this host")
+    return _supervise(cfg, [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv], log)
 
 
-def _launch_on_cluster(cfg, argv: list[str], script: str, mpiexec: str) -> int:
+def _launch_on_cluster(cfg, argv: list[str], script: str, mpiexec: str, log: JobLog) -> int:
     """Run the job across emulated hosts: one partition (its server and trainers) per host."""
     from rudder_env.dist.cluster import ClusterError, EmulatedCluster, preflight
 
@@ -313,7 +334,8 @@ def _launch_on_cluster(cfg, argv: list[str], script: str, mpiexec: str) -> int:
                              f"{hosts} (or left out), got {cfg.parts}")
         cfg.parts = hosts
         argv = [*argv, "--parts", str(hosts)]
-    ensure_partitions(cfg)  # before the hosts come up: partitioning a large graph takes a while
+    with log.capture():
+        ensure_partitions(cfg, log=log.note)  # before the hosts come up: partitioning a large graph takes a while
     if cfg.port == 0:
         cfg.port = 30050  # every host has its own network namespace: no other job's ports to avoid
         argv = [*argv, "--port", str(cfg.port)]
@@ -323,34 +345,37 @@ def _launch_on_cluster(cfg, argv: list[str], script: str, mpiexec: str) -> int:
         raise RuntimeError(str(exc)) from None
     try:
         rate = cluster.link_rate or "unshaped"
-        print(f"rudder: {len(cluster.hostnames)} emulated hosts ({', '.join(cluster.hostnames)}), links {rate}",
-              file=sys.stderr, flush=True)
+        log.note(f"rudder: {len(cluster.hostnames)} emulated hosts ({', '.join(cluster.hostnames)}), links {rate}; "
+                 f"starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers)")
         info = dict(name=cluster.name, hosts=cluster.hostnames, addresses=cluster.addresses,
                     link_rate=cluster.link_rate)
         cmd = [mpiexec, *cluster.mpiexec_args(1 + cfg.trainers_per_part), "-n", str(cfg.world_size),
                sys.executable, script, *argv]
-        return _supervise(cfg, cmd, extra_env={CLUSTER_VAR: json.dumps(info)})
+        return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info)})
     finally:
         if attached is None:
             cluster.down()
 
 
-def _supervise(cfg, cmd: list[str], extra_env: dict | None = None) -> int:
-    """Run the job's ``mpiexec`` command in its own process group, watch its ranks, clean up; the exit code."""
+def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) -> int:
+    """Run the job's ``mpiexec`` command in its own process group, its output into ``log``, relay what its ranks say,
+    watch its ranks, clean up; the exit code."""
     tag = f"rd{secrets.token_hex(3)}"
     job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
     me = f"{os.getpid()} {start_time(os.getpid())}"
-    env = dict(os.environ, **{TAG_VAR: tag, SUPERVISOR_VAR: me}, **(extra_env or {}))
+    os.makedirs(os.path.join(job_dir, "status"), exist_ok=True)
+    log.attach_console(os.path.join(job_dir, "console.jsonl"))
+    env = dict(os.environ, **{TAG_VAR: tag, SUPERVISOR_VAR: me, CONSOLE_VAR: log.console_path},
+               **(extra_env or {}))
     env.setdefault("DGL_DIST_MAX_TRY_TIMES", "20")  # trainers give up on an absent server after ~60 s, not 50 min
     env.setdefault("OMP_NUM_THREADS", "1")
     shm_before = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
     started = time.time()
-    os.makedirs(os.path.join(job_dir, "status"), exist_ok=True)
     with open(os.path.join(job_dir, SUPERVISOR_FILE), "w") as f:
         json.dump(dict(pid=os.getpid(), start=start_time(os.getpid()), started=started,
                        shm_before=sorted(shm_before)), f)
     launched = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    proc = log.popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     watch = _DeathWatch(job_dir)
     interrupted = stalled = None
 
@@ -362,11 +387,12 @@ def _supervise(cfg, cmd: list[str], extra_env: dict | None = None) -> int:
     try:
         while proc.poll() is None:
             watch.wait(0.2)
+            log.relay()
             if interrupted is not None:
-                print(f"rudder: interrupted (signal {interrupted}): stopping the job", file=sys.stderr, flush=True)
+                log.note(f"rudder: interrupted (signal {interrupted}): stopping the job{log.where()}")
                 break
             if cfg.timeout_s and time.time() - started > cfg.timeout_s:
-                print(f"rudder: job exceeded --timeout-s {cfg.timeout_s:g}: stopping it", file=sys.stderr, flush=True)
+                log.note(f"rudder: job exceeded --timeout-s {cfg.timeout_s:g}: stopping it{log.where()}")
                 interrupted = "timeout"
                 break
             if watch.first_dead is not None:  # mpiexec may not notice (e.g. a server gone): stop the job now
@@ -376,7 +402,7 @@ def _supervise(cfg, cmd: list[str], extra_env: dict | None = None) -> int:
             stalled = _stall(cfg.watchdog_s, cfg.startup_timeout_s, job_dir, _read_statuses(job_dir), launched,
                              cfg.num_trainers)
             if stalled is not None:
-                print(f"rudder: job failed: {stalled}", file=sys.stderr, flush=True)
+                log.note(f"rudder: job failed: {stalled}{log.where()}")
                 break
         rc = proc.poll()
     finally:
@@ -388,6 +414,7 @@ def _supervise(cfg, cmd: list[str], extra_env: dict | None = None) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
         cleanup_shm(tag, since=started, before=shm_before)
+        log.relay()
         shutil.rmtree(job_dir, ignore_errors=True)
     if interrupted is not None:
         return 124 if interrupted == "timeout" else 130
@@ -400,8 +427,8 @@ def _supervise(cfg, cmd: list[str], extra_env: dict | None = None) -> int:
         culprit = min((e for e in events if e is not None), key=lambda e: e["time"], default=None)
         if culprit is not None:
             why = culprit.get("error", f"process {culprit['pid']} exited without finishing")
-            print(f"rudder: job failed: {culprit['describe']}: {why}", file=sys.stderr, flush=True)
+            log.note(f"rudder: job failed: {culprit['describe']}: {why}{log.where()}")
         else:
-            print(f"rudder: job failed: mpiexec exited with {rc}", file=sys.stderr, flush=True)
+            log.note(f"rudder: job failed: mpiexec exited with {rc}{log.where()}")
         return rc if rc else 1
     return 0

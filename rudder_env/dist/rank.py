@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 from rudder_env.dist import onehost
 from rudder_env.dist.heartbeat import Heartbeat, beat_path
+from rudder_env.dist.console import say
 from rudder_env.dist.partition import PartitionError, ensure_partitions, graph_name, partition_dir, read_meta
 from rudder_env.dist.ports import free_port_base, job_ports, port_in_use
 from rudder_env.dist.procs import alive, start_time
@@ -190,12 +191,14 @@ def _run_server(cfg, role: Role, job: Job) -> None:
 
 
 def _run_trainer(cfg, role: Role, job: Job) -> dict:
+    t_start = time.perf_counter()
     os.environ.update(DGL_ROLE="client", DGL_DIST_MODE="distributed", DGL_NUM_SERVER="1",
                       DGL_NUM_SAMPLER=str(cfg.num_samplers), DGL_GROUP_ID="0")
     import gymnasium as gym
 
     import rudder_env  # noqa: F401  (registers the environments)
     from rudder_env.contract import buffer_kwargs
+    from rudder_env.dist.progress import TrainerProgress
     from rudder_env.dist.trainer import DistTrainer
     from rudder_env.evaluation.play import play
     from rudder_env.evaluation.registry import make_agent
@@ -217,6 +220,9 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     env = gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward, trace=writer,
                    ranking=buffer["ranking"])
     in_background = asynchronous(cfg, agent)
+    progress = TrainerProgress(cfg, role.trainer_rank)
+    progress.ready(trainer, time.perf_counter() - t_start)
+    trainer.on_epoch_end = progress.epoch_end
     played = play(env, agent, seed=cfg.seed, asynchronous=in_background, priority=cfg.decision_priority)
     result = trainer.result()
     stats = agent.stats()
@@ -227,7 +233,9 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
                   **({"model_queries": stats["queries"]} if "queries" in stats else {}))
     if writer is not None:
         writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()))
-    result.update(trainer.evaluate())
+    accuracy = trainer.evaluate()
+    result.update(accuracy)
+    progress.finish(accuracy)
     trainer.close()
     heartbeat.mark("finishing")
     return result
@@ -279,7 +287,7 @@ def rank_main(cfg) -> int:
         roles, one_host = assign_roles(hosts, cfg.parts, cfg.trainers_per_part)
     except ValueError as exc:
         if rank == 0:
-            print(f"rudder: error: {exc}", file=sys.stderr, flush=True)
+            say(f"rudder: error: {exc}", err=True)
         return 2
     role = roles[rank]
     job, error = None, None
@@ -295,9 +303,13 @@ def rank_main(cfg) -> int:
     job, error = comm.bcast((job, error), root=0)
     if error is not None:
         if rank == 0:
-            print(f"rudder: error: {error}", file=sys.stderr, flush=True)
+            say(f"rudder: error: {error}", err=True)
         return 2
     cfg.port = job.port  # rank 0 may have picked it
+    if rank == 0:
+        from rudder_env.dist.progress import shape_line
+
+        say(shape_line(cfg, job.meta, hosts=len(set(hosts))))
     _status(job, role, "started")
     t0 = time.perf_counter()
     try:
@@ -313,7 +325,7 @@ def rank_main(cfg) -> int:
     if role.kind == "trainer":
         _wait(comm, comm.isend(result, dest=0, tag=RESULT_TAG))
     if rank == 0:
-        from rudder_env.dist.summary import build_summary, print_table, write_summary
+        from rudder_env.dist.summary import build_summary, format_table, write_summary
 
         results = []
         for r in (r.rank for r in roles if r.kind == "trainer"):
@@ -323,7 +335,7 @@ def rank_main(cfg) -> int:
         summary = build_summary(cfg, job, results, wall_s=time.perf_counter() - t0)
         if cfg.summary:
             write_summary(summary, cfg.summary)
-        print_table(summary)
+        say(format_table(summary), err=False)
     _status(job, role, "done")
     _wait(comm)
     if rank == 0 and not supervised:  # started by the user's mpiexec/srun: nobody else cleans up

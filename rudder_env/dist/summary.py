@@ -7,6 +7,8 @@ import os
 import platform
 import sys
 
+from rudder_env.dist.progress import combine
+
 
 def build_summary(cfg, job, results: list[dict], wall_s: float) -> dict:
     """Assemble the summary from every trainer's :meth:`~rudder_env.dist.trainer.DistTrainer.result`."""
@@ -23,6 +25,7 @@ def build_summary(cfg, job, results: list[dict], wall_s: float) -> dict:
         test_acc=results[0]["test_acc"] if results else None,
         wall_s=round(wall_s, 3),
         totals=dict(total, hit_rate=total["hits"] / total["remote_sampled"] if total["remote_sampled"] else 0.0),
+        epochs=combine([r.get("epochs", []) for r in results]),  # per epoch, summed over trainers
         ranks=[{k: v for k, v in r.items() if k not in ("val_acc", "test_acc", "pid")} for r in results],
         host=platform.node(),
         python=sys.version.split()[0],

@@ -26,6 +26,7 @@ from rudder_env.buffer import PrefetchBuffer, positions, initial_ids
 from rudder_env.episode import MinibatchRecord
 from rudder_env.dist.dgl_compat import import_dgl
 from rudder_env.dist.models import build_model
+from rudder_env.dist.progress import EpochStats
 
 dgl = import_dgl()
 
@@ -96,6 +97,8 @@ class RankStats:
     remote_rows_discarded: int = 0  # of those, never used: pulled ahead for outdated misses, or chunks left at the end
     train_start_unix: float = 0.0  # wall clock when training began and ended (to show jobs overlapping in time)
     train_end_unix: float = 0.0
+    loss_sum: float = 0.0  # training loss summed over minibatches
+    epochs: list = field(default_factory=list)  # one EpochStats per finished epoch
 
 
 class DistTrainer:
@@ -155,6 +158,7 @@ class DistTrainer:
         self._next_pull = None  # (input nodes, misses, future) in flight
         self._pulled_ahead = None  # (input nodes, misses, rows) ready for the next train_step
         self._overlap_wait_s = 0.0
+        self.on_epoch_end = None  # called with each epoch's EpochStats as it ends (progress lines, curves)
         self.started = False
         self.start(cfg.seed)
 
@@ -428,11 +432,12 @@ class DistTrainer:
 
         t_epoch, training = time.perf_counter(), 0
         self.stats.train_start_unix = time.time()
+        self._epoch_mark = self._epoch_totals()
         top_up()
         while self._ahead:
             batch, sample_s, remote, _, epoch = self._ahead.popleft()
             if epoch != training:  # an epoch's time runs from its first minibatch to the next epoch's first
-                self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
+                self._close_epoch(training, time.perf_counter() - t_epoch)
                 t_epoch, training = time.perf_counter(), epoch
             record = self.train_step(epoch, batch, remote)
             record.sample_s = sample_s
@@ -442,12 +447,29 @@ class DistTrainer:
             s.compute_s += record.compute_s
             s.stall_s += record.stall_s
             s.minibatches += 1
+            s.loss_sum += record.loss
             top_up()  # sample the next ones before handing this record over
             self._mark("deciding")  # the env and the agent have the turn until the next minibatch
             yield record
-        self.stats.epoch_time_s.append(time.perf_counter() - t_epoch)
+        self._close_epoch(training, time.perf_counter() - t_epoch)
         self.stats.train_end_unix = time.time()
         self.stats.remote_rows_discarded += self._drop_prefetch()  # training is over: they would never be used
+
+    def _epoch_totals(self) -> dict:
+        c, s = self.buffer.counters, self.stats
+        return dict(minibatches=s.minibatches, loss_sum=s.loss_sum, remote_sampled=c.remote_sampled, hits=c.hits,
+                    remote_fetched=c.remote_fetched, prefetched=c.prefetched, sample_s=s.sample_s, fetch_s=s.fetch_s,
+                    compute_s=s.compute_s)
+
+    def _close_epoch(self, epoch: int, seconds: float) -> None:
+        """Record the epoch that just ended (its time and :class:`EpochStats`), and hand it to ``on_epoch_end``."""
+        self.stats.epoch_time_s.append(seconds)
+        now = self._epoch_totals()
+        stats = EpochStats(epoch, seconds=seconds, **{k: now[k] - self._epoch_mark[k] for k in now})
+        self._epoch_mark = now
+        self.stats.epochs.append(stats)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(stats)
 
     # ------------------------------------------------------------------ evaluation and results
     @torch.no_grad()
@@ -491,6 +513,7 @@ class DistTrainer:
                     remote_rows_pulled=s.remote_rows_pulled, remote_rows_discarded=s.remote_rows_discarded,
                     local_rows_pulled=s.local_rows_pulled,
                     train_start_unix=round(s.train_start_unix, 3), train_end_unix=round(s.train_end_unix, 3),
+                    epochs=[e.as_dict() for e in s.epochs],
                     lookahead_setup_s=round(self.lookahead_setup_s, 3),
                     buffer_bytes=int(self.buffer.rows.nbytes if self.buffer.rows is not None else 0),
                     peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

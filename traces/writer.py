@@ -6,8 +6,9 @@ Each trainer rank opens its own :class:`TraceWriter` on the shared trace folder;
 ``rank.json`` is rewritten, so a run killed at any point (SIGKILL included) leaves a readable prefix marked
 ``complete: false`` that lacks at most the minibatches of the last ``flush_every_s`` seconds. A run stopped on
 purpose (a signal, :mod:`rudder_env.dist.stop`) writes everything and finalises with :meth:`TraceWriter.close`
-``(stopped=...)``: the trace stays marked incomplete, with the reason. Every file is written to ``<name>.tmp``, synced, then renamed over ``<name>``,
-so a reader never sees a half-written file. The layout is in ``traces/FORMAT.md``.
+``(stopped=...)``: the trace stays marked incomplete, with the reason. Every file is written to ``<name>.tmp``,
+synced, then renamed over ``<name>``, so a reader never sees a half-written file. The layout is in
+``traces/FORMAT.md``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 import json
 import multiprocessing
 import os
+import signal
+import time
 
 import numpy as np
 import pandas as pd
@@ -151,6 +153,72 @@ def test_exception_in_with_block_flushes_but_leaves_incomplete(tmp_path):
         rank = Trace(tmp_path).rank(0)
     assert not rank.complete
     assert [i.tolist() for i in rank.minibatch_ids()] == [[1, 3]]
+
+
+def _add(writer, i, ids=(1, 2), stamp=0.0):
+    writer.add_minibatch(minibatch=i, epoch=0, remote_ids=np.asarray(ids), local_rows=1, sample_s=stamp,
+                         fetch_s=0.0, compute_s=0.0, fetch_rows=2, hits=0, remote_fetched=2, prefetched=0)
+
+
+def _record_by_time_then_get_killed(directory, stamps, added, flush_every_s):
+    writer = TraceWriter(directory, 0, 1, {}, {}, {}, chunk_minibatches=10_000, flush_every_s=flush_every_s)
+    for i in range(len(stamps)):
+        stamps[i] = time.monotonic()
+        _add(writer, i, stamp=stamps[i])
+        added.value = i + 1
+        time.sleep(0.01)
+    time.sleep(60)  # killed here
+
+
+def test_a_killed_writer_loses_at_most_flush_every_s_of_minibatches(tmp_path):
+    """Chunks are written by time as well as by count: after SIGKILL the trace keeps every minibatch added more
+    than ``flush_every_s`` before the last one, although far fewer than ``chunk_minibatches`` were pending."""
+    ctx = multiprocessing.get_context("fork")
+    stamps, added = ctx.Array("d", 60), ctx.Value("i", 0)
+    process = ctx.Process(target=_record_by_time_then_get_killed, args=(tmp_path, stamps, added, 0.15))
+    process.start()
+    deadline = time.monotonic() + 30
+    while added.value < 45 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(10)
+    n = added.value
+    assert n >= 45
+    with pytest.warns(TraceIncompleteWarning, match="never closed"):
+        rank = Trace(tmp_path).rank(0)
+    assert rank.num_chunks >= 2
+    must_keep = sum(1 for i in range(n) if stamps[i] <= stamps[n - 1] - 0.15)
+    assert must_keep >= 1 and rank.num_minibatches >= must_keep
+    kept = rank.table()
+    assert kept["minibatch"].tolist() == list(range(rank.num_minibatches))
+    np.testing.assert_allclose(kept["sample_s"], np.asarray(stamps[:rank.num_minibatches], dtype=np.float32))
+
+
+def test_a_stopped_run_writes_everything_and_stays_incomplete_with_the_reason(tmp_path):
+    writer = TraceWriter(tmp_path, 0, 1, {}, {"partition": 0}, {}, chunk_minibatches=4, flush_every_s=None)
+    for i in range(6):
+        if i == 3:
+            writer.add_decision(minibatch=3, ids=np.array([9, 8]), latency_s=0.5)
+        _add(writer, i, ids=(i, 100 + i))
+    writer.add_decision(minibatch=6, ids=np.array([7]), latency_s=0.25)  # taken after the last minibatch
+    stopped = {"signal": "SIGTERM", "after_minibatches": 6, "of_minibatches": 40}
+    writer.close({"counters": {"hits": 1}}, stopped=stopped)
+    writer.close()  # idempotent: stays as it is
+    header = json.loads((tmp_path / "rank0" / "rank.json").read_text())
+    assert header["complete"] is False and header["stopped"] == stopped and header["minibatches"] == 6
+    with pytest.warns(TraceIncompleteWarning, match=r"rank 0 stopped early by SIGTERM \(minibatches kept: rank 0: 6\)"):
+        trace = Trace(tmp_path)
+    rank = trace.rank(0)
+    assert not trace.complete and not rank.complete and rank.stopped == stopped
+    assert [i.tolist() for i in rank.minibatch_ids()] == [[i, 100 + i] for i in range(6)]
+    assert rank.decisions()["minibatch"].tolist() == [3, 6]
+    assert rank.meta == {"partition": 0, "counters": {"hits": 1}}
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "30", True])
+def test_bad_flush_interval_is_refused(tmp_path, bad):
+    with pytest.raises(ValueError, match="flush_every_s must be a positive number of seconds or None"):
+        TraceWriter(tmp_path, 0, 1, {}, {}, {}, flush_every_s=bad)
 
 
 def test_truncated_chunk_names_the_chunk(tmp_path):

@@ -86,9 +86,16 @@ class Trace:
         self.complete: bool = not missing and not unclosed
         if not self.complete:
             parts = []
-            if unclosed:
-                counts = ", ".join(f"rank {r}: {self._ranks[r].num_minibatches}" for r in unclosed)
-                parts.append(f"writer of rank {_join(unclosed)} never closed (minibatches kept: {counts})")
+            stopped = [r for r in unclosed if self._ranks[r].stopped is not None]
+            killed = [r for r in unclosed if self._ranks[r].stopped is None]
+            if stopped:
+                why = sorted({str(self._ranks[r].stopped.get("signal", "a stop request")) for r in stopped})
+                counts = ", ".join(f"rank {r}: {self._ranks[r].num_minibatches}" for r in stopped)
+                parts.append(f"run of rank {_join(stopped)} stopped early by {', '.join(why)} (minibatches kept: "
+                             f"{counts})")
+            if killed:
+                counts = ", ".join(f"rank {r}: {self._ranks[r].num_minibatches}" for r in killed)
+                parts.append(f"writer of rank {_join(killed)} never closed (minibatches kept: {counts})")
             if missing:
                 parts.append(f"rank {_join(missing)} of {self.num_ranks} wrote nothing")
             if not any(t.num_minibatches for t in self._ranks.values()):
@@ -153,6 +160,8 @@ class RankTrace:
         rank: the trainer rank.
         meta: the rank-level dict the recording passed (``rank.json`` ``meta``, with what ``close`` added).
         complete: the rank's writer was closed; if False the rank holds a prefix of its run.
+        stopped: why the run was stopped before its end, when it was and the writer finalised everything (e.g.
+            ``{"signal": "SIGTERM", "after_minibatches": 812, ...}``); None otherwise. Such a rank is incomplete.
         num_minibatches: minibatches recorded.
         num_remote_ids: remote ids recorded, over all minibatches.
         bytes_per_remote_id: chunk bytes on disk per remote id (None without ids).
@@ -174,6 +183,10 @@ class RankTrace:
         if not isinstance(complete, bool):
             raise TraceError(f"field 'complete' in {path}: expected true or false, got {complete!r}")
         self.complete: bool = complete
+        stopped = header.get("stopped")
+        if stopped is not None and not isinstance(stopped, dict):
+            raise TraceError(f"field 'stopped' in {path}: expected an object or null, got {stopped!r}")
+        self.stopped: dict | None = stopped
         self.num_minibatches: int = _int_field(header, "minibatches", path, low=0)
         self.num_chunks: int = _int_field(header, "chunks", path, low=0)
         self.num_remote_ids: int = _int_field(header, "remote_ids", path, low=0)

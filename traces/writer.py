@@ -1,10 +1,14 @@
 """Record one trainer rank of a live run as a rudder trace, streaming chunks of minibatches to disk.
 
 Each trainer rank opens its own :class:`TraceWriter` on the shared trace folder; rank 0 also writes the run-level
-``trace.json``. Minibatches are buffered in memory and written every ``chunk_minibatches`` as one compressed
-``chunk-NNNNNN.npz``; after each chunk ``rank.json`` is rewritten, so a run killed at any point leaves a readable
-prefix marked ``complete: false``. Every file is written to ``<name>.tmp``, synced, then renamed over ``<name>``,
-so a reader never sees a half-written file. The layout is in ``traces/FORMAT.md``.
+``trace.json``. Minibatches are buffered in memory and written as one compressed ``chunk-NNNNNN.npz`` every
+``chunk_minibatches`` minibatches or ``flush_every_s`` seconds, whichever comes first; after each chunk
+``rank.json`` is rewritten, so a run killed at any point (SIGKILL included) leaves a readable prefix marked
+``complete: false`` that lacks at most the minibatches of the last ``flush_every_s`` seconds. A run stopped on
+purpose (a signal, :mod:`rudder_env.dist.stop`) writes everything and finalises with :meth:`TraceWriter.close`
+``(stopped=...)``: the trace stays marked incomplete, with the reason. Every file is written to ``<name>.tmp``,
+synced, then renamed over ``<name>``, so a reader never sees a half-written file. The layout is in
+``traces/FORMAT.md``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import time
 from bisect import bisect_left
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -52,7 +57,9 @@ class TraceWriter:
         rank_meta: this rank's dict (partition id, halo size, capacity, ...), stored in ``rank.json``.
         static: this rank's 1-D numpy arrays given once (e.g. ``halo_ids``, ``halo_degree``, ``initial_ids``),
             stored in ``static.npz``.
-        chunk_minibatches: minibatches per chunk file; also how many are lost at most if the run is killed.
+        chunk_minibatches: minibatches per chunk file at most.
+        flush_every_s: write the pending minibatches as a chunk once the oldest of them is this many seconds old
+            (checked at each minibatch), so a killed run loses at most this much; None: by count only.
         overwrite: replace an existing trace of this rank (and ``trace.json`` on rank 0) instead of raising
             ``FileExistsError``.
 
@@ -65,10 +72,14 @@ class TraceWriter:
 
     def __init__(self, directory: str | os.PathLike, rank: int, num_ranks: int, run_meta: dict | None,
                  rank_meta: dict, static: dict[str, np.ndarray], chunk_minibatches: int = 256, *,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, flush_every_s: float | None = 30.0) -> None:
         num_ranks = _check_int("num_ranks", num_ranks, 1)
         rank = _check_int("rank", rank, 0, num_ranks - 1)
         self.chunk_minibatches = _check_int("chunk_minibatches", chunk_minibatches, 1)
+        if flush_every_s is not None and (isinstance(flush_every_s, bool)
+                                          or not isinstance(flush_every_s, (int, float)) or not flush_every_s > 0):
+            raise ValueError(f"flush_every_s must be a positive number of seconds or None, got {flush_every_s!r}")
+        self.flush_every_s = None if flush_every_s is None else float(flush_every_s)
         if rank != 0 and run_meta is not None:
             raise ValueError(f"run_meta is written by rank 0 only: pass None on rank {rank}")
         if run_meta is not None and not isinstance(run_meta, dict):
@@ -97,6 +108,8 @@ class TraceWriter:
         self._flushed_end: int | None = None  # index after the last minibatch already on disk
         self._pending: dict[str, list] = {name: [] for name in MINIBATCH_COLUMNS}
         self._pending_ids: list[np.ndarray] = []
+        self._pending_since: float | None = None  # time.monotonic() of the oldest pending minibatch
+        self._stopped: dict | None = None
         self._decision_minibatch: list[int] = []
         self._decision_latency_s: list[float] = []
         self._decision_ids: list[np.ndarray] = []
@@ -123,7 +136,8 @@ class TraceWriter:
                       fetch_s: float, compute_s: float, fetch_rows: int, hits: int, remote_fetched: int,
                       prefetched: int, seeds: np.ndarray | None = None, arrived: int | None = None,
                       stall_s: float | None = None) -> None:
-        """Record one minibatch; writes a chunk when ``chunk_minibatches`` are pending.
+        """Record one minibatch; writes a chunk when ``chunk_minibatches`` are pending or the oldest pending one is
+        ``flush_every_s`` old.
 
         ``minibatch`` is the global minibatch index over the run (consecutive: each call one more than the last);
         ``remote_ids`` are all remote node ids the minibatch needed, hits included, in any order (any integer dtype,
@@ -167,7 +181,11 @@ class TraceWriter:
             self._pending_prefetch["stall_s"].append(float(stall_s))
         self._pending_ids.append(ids)
         self._next_minibatch = minibatch + 1
-        if len(self._pending_ids) >= self.chunk_minibatches:
+        now = time.monotonic()
+        if self._pending_since is None:
+            self._pending_since = now
+        if len(self._pending_ids) >= self.chunk_minibatches or (
+                self.flush_every_s is not None and now - self._pending_since >= self.flush_every_s):
             self._write_chunk(all_decisions=False)
 
     def add_decision(self, *, minibatch: int, ids: np.ndarray, latency_s: float) -> None:
@@ -193,9 +211,13 @@ class TraceWriter:
         if self._pending_ids:
             self._write_chunk(all_decisions=False)
 
-    def close(self, extra_rank_meta: dict | None = None) -> None:
+    def close(self, extra_rank_meta: dict | None = None, *, stopped: dict | None = None) -> None:
         """Write what is pending and mark this rank complete; ``extra_rank_meta`` is merged into the rank meta
         (e.g. final buffer counters). Idempotent: later calls do nothing.
+
+        ``stopped`` (a JSON-able dict, e.g. ``{"signal": "SIGTERM", "after_minibatches": 812}``): the run was
+        stopped before its end; everything recorded is written, but the rank stays ``complete: false`` (a prefix
+        of the run) and ``rank.json`` carries ``stopped`` to say why.
         """
         if self._closed:
             return
@@ -203,9 +225,14 @@ class TraceWriter:
             merged = {**self._rank_meta, **extra_rank_meta}
             _to_json(merged, "extra_rank_meta")
             self._rank_meta = merged
+        if stopped is not None:
+            if not isinstance(stopped, dict):
+                raise TypeError(f"stopped must be a dict or None, got {type(stopped).__name__}")
+            _to_json(stopped, "stopped")
+            self._stopped = dict(stopped)
         if self._pending_ids or self._decision_ids:
             self._write_chunk(all_decisions=True)
-        self._write_rank_json(complete=True)
+        self._write_rank_json(complete=stopped is None)
         self._closed = True
 
     def __enter__(self) -> TraceWriter:
@@ -270,6 +297,7 @@ class TraceWriter:
         for values in self._pending.values():
             values.clear()
         self._pending_ids.clear()
+        self._pending_since = None
         del self._decision_minibatch[:m], self._decision_latency_s[:m], self._decision_ids[:m]
         self._write_rank_json(complete=False)
 
@@ -281,6 +309,8 @@ class TraceWriter:
             "bytes_per_remote_id": self._chunk_bytes / self._remote_ids if self._remote_ids else None,
             "decisions": self._decisions, "chunk_minibatches": self.chunk_minibatches, "meta": self._rank_meta,
         }
+        if self._stopped is not None:
+            header["stopped"] = self._stopped
         text = _to_json(header, "rank_meta")
         _write_atomically(self.rank_dir / RANK_FILE, lambda f: f.write(text))
 

@@ -116,7 +116,7 @@ def _several_host_job(tmp_path, monkeypatch, addresses: dict[str, str]):
         return addresses[host]
 
     monkeypatch.setattr(rank_mod.socket, "gethostbyname", resolve)
-    monkeypatch.setattr(rank_mod, "ensure_partitions", lambda cfg: str(tmp_path / "parts" / "graph.json"))
+    monkeypatch.setattr(rank_mod, "ensure_partitions", lambda cfg, **_: str(tmp_path / "parts" / "graph.json"))
     monkeypatch.setattr(rank_mod, "read_meta", lambda folder: {"feat_dim": 4, "num_classes": 2})
     cfg = TrainConfig(graph="synth-tiny", parts=2, trainers_per_part=2, cache_dir=str(tmp_path / "cache"))
     roles, one_host = assign_roles(["nodeB", "nodeA", "nodeB", "nodeA", "nodeB", "nodeA"], 2, 2)

@@ -22,7 +22,10 @@ RANDOM2 = os.path.join(SAMPLES, "small-random2-f5x10")
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now (as servers do, with SO_REUSEADDR: a port whose last
+    connection is in TIME_WAIT counts as free)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True

@@ -98,15 +98,15 @@ def test_train_terminal_shows_progress_and_the_log_keeps_dgl_output(tmp_path, fr
 
 @pytest.mark.dist
 def test_a_failing_rank_is_one_line_with_the_log(tmp_path, free_port_block):
-    not_a_trace = tmp_path / "empty"
-    not_a_trace.mkdir()
+    boom = tmp_path / "boom.py"  # an agent whose first decision raises inside every trainer rank
+    boom.write_text("class Boom:\n    name = 'boom'\n\n    def reset(self):\n        pass\n\n"
+                    "    def act(self, observation, info):\n        raise RuntimeError('boom in act')\n")
     log = tmp_path / "job.log"
-    proc = _train([*SMALL, "--agent", "recorded", "--decisions-from", str(not_a_trace), "--log", str(log)],
-                  str(tmp_path / "cache"), free_port_block())
+    proc = _train([*SMALL, "--agent", f"{boom}:Boom", "--log", str(log)], str(tmp_path / "cache"), free_port_block())
     assert proc.returncode != 0
     failed = [line for line in proc.stderr.splitlines() if "job failed" in line]
     assert len(failed) == 1, proc.stderr
-    assert re.match(r"rudder: job failed: rank \d \(trainer \d of machine \d on .+\): .*is not a rudder trace.* "
+    assert re.match(r"rudder: job failed: rank \d \(trainer \d of machine \d on .+\): RuntimeError: boom in act "
                     rf"\(log: {re.escape(str(log))}\)$", failed[0]), failed[0]
     assert "Traceback" not in proc.stderr and "Traceback" in log.read_text()  # the details are in the log
 

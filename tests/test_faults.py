@@ -217,6 +217,34 @@ def test_policy_file_that_is_not_the_recorded_one_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------- real DistDGL jobs
 
+def test_heartbeat_marks_steps_and_derives_its_bound(tmp_path):
+    """The file the watchdog reads: start-up is not a step, later marks are; the bound is the start-up timeout
+    until training begins, then max(floor, 20 x the slowest step); a reader never takes a half-written mark."""
+    from rudder_env.dist.heartbeat import FACTOR, Heartbeat, read_beat
+
+    path = str(tmp_path / "rank3.beat")
+    beat = Heartbeat(path)
+    first = read_beat(path)
+    assert first.phase == "start-up" and first.steps == 0 and first.bound_s(30, 600) == 600
+    time.sleep(0.3)  # start-up: not a step of the run's pace
+    beat.mark("sampling")
+    time.sleep(0.1)
+    beat.mark("fetching")
+    got = read_beat(path)
+    assert got.phase == "fetching" and got.steps == 2 and 0.1 <= got.slowest_step_s < 0.25
+    assert got.bound_s(1.0, 600) == pytest.approx(FACTOR * got.slowest_step_s)
+    assert got.bound_s(30.0, 600) == 30.0 and got.bound_s(0, 600) == 0.0  # 0: no watchdog
+    with pytest.raises(ValueError):
+        beat.mark("napping")
+    with open(path, "rb") as f:
+        seq = int.from_bytes(f.read(8), "little")
+    with open(path, "r+b") as f:  # a writer caught halfway: its trailer odd, the header still the old even number
+        f.seek(56)
+        f.write((seq + 1).to_bytes(8, "little"))
+    assert read_beat(path, tries=2) is None
+    beat.close()
+
+
 def _tagged_shm() -> set[str]:
     return {os.path.basename(p) for p in glob.glob("/dev/shm/rd*") if os.path.basename(p)[8:9] == "m"}
 
@@ -333,6 +361,8 @@ def test_a_stopped_trainer_ends_the_job_within_the_watchdog_bound(tiny_partition
     """SIGSTOP on a trainer (a hang: it neither dies nor progresses). The watchdog names it and the phase it
     stopped in, within max(--watchdog-s, 20 x its slowest step), and the job leaves nothing. The job starts with
     --repartition on a damaged cache: re-partitioning is what the refusal above asks for, and it works."""
+    from rudder_env.dist.ports import port_in_use
+
     cache = _copy_cache(tiny_partitions, tmp_path)
     feat = glob.glob(os.path.join(cache, "partitions", "*", "part1", "node_feat.dgl"))[0]
     with open(feat, "r+b") as f:
@@ -363,7 +393,11 @@ def test_a_stopped_trainer_ends_the_job_within_the_watchdog_bound(tiny_partition
     assert took < bound + 3.0, (took, bound)
     assert not _still_running(job), "processes of the job left running"
     assert _tagged_shm() <= shm_before
-    assert free_port(port) and free_port(port + 10) and free_port(port - 1)
+    assert free_port(port) and free_port(port + 10)  # the servers' ports: nothing holds them, not even TIME_WAIT
+    # trainer 0 hosts torch.distributed's store on port-1 and is its own client too: killing it may leave that port
+    # in TIME_WAIT (no process), which the next job's store binds all the same (SO_REUSEADDR), as the launcher
+    # checks
+    assert not port_in_use("127.0.0.1", port - 1)
     assert not os.listdir(os.path.join(cache, "jobs"))
     print(f"SIGSTOP on {victim['describe']}: detected and ended in {took:.1f} s (bound {bound:.1f} s): {verdict[0]}")
 
@@ -409,3 +443,106 @@ def test_a_killed_launcher_takes_its_job_along_and_the_next_start_cleans_up(tiny
     assert not left, left
     print(f"launcher SIGKILL: {len(job)} job processes gone in {took:.2f} s; the next start cleaned up in "
           f"{time.monotonic() - t0:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------- the emulated network
+
+def _cluster_preflight() -> str | None:
+    from rudder_env.dist.cluster import ClusterError, preflight
+
+    try:
+        preflight()
+    except ClusterError as exc:
+        return str(exc)
+    return None
+
+
+def _cluster_of_job(launcher_pid: int, deadline_s: float = 60):
+    """The emulated cluster a ``--hosts`` job's launcher brought up (attached: it stays the launcher's)."""
+    from rudder_env.dist.cluster import EmulatedCluster, list_clusters
+
+    t_end = time.monotonic() + deadline_s
+    while time.monotonic() < t_end:
+        for state in list_clusters():
+            if state.get("owner_pid") == launcher_pid and state.get("holders"):
+                return EmulatedCluster.attach(state["name"])
+        time.sleep(0.1)
+    raise AssertionError("the job brought up no cluster")
+
+
+def _cluster_leftovers(name: str) -> list[str]:
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return [line for line in (netns + links).splitlines() if f"rd-{name}-" in line] + \
+        glob.glob(f"/run/rudder-cluster/{name}")
+
+
+def _steps(cache: str, rank: int) -> int:
+    from rudder_env.dist.heartbeat import beat_path, read_beat
+
+    beat = read_beat(beat_path(glob.glob(os.path.join(cache, "jobs", "*"))[0], rank))
+    return beat.steps if beat else 0
+
+
+def _steps_per_s(cache: str, rank: int, seconds: float) -> float:
+    before, t0 = _steps(cache, rank), time.monotonic()
+    time.sleep(seconds)
+    return (_steps(cache, rank) - before) / (time.monotonic() - t0)
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(_cluster_preflight() is not None, reason=f"no emulated hosts here: {_cluster_preflight()}")
+@pytest.mark.parametrize("fault", ["slow-then-cut", "host-killed"])
+def test_network_faults_on_emulated_hosts(fault, tiny_partitions, tmp_path):
+    """Two emulated hosts at 400mbit. ``slow-then-cut``: host 1's link cut to 1% (4mbit) mid-run: the job slows and
+    goes on; then its link taken down: connections stall without an error, the watchdog ends the job naming the
+    server that no longer answers and its host. ``host-killed``: every process on host 1 killed: the job ends at
+    once naming the first rank that died, on that host. Either way the cluster, the job's processes and /dev/shm
+    segments are gone afterwards."""
+    cache = _copy_cache(tiny_partitions, tmp_path)
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen([sys.executable, TRAIN, "gnn", *TINY, "--hosts", "2", "--link-rate", "400mbit",
+                             "--epochs", "500", "--watchdog-s", "3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(cache), cwd=ROOT)
+    try:
+        cluster = _cluster_of_job(proc.pid)
+        statuses = _wait_training(cache)
+        job = _descendants(proc.pid)
+        host1 = cluster.hostnames[1]
+        on_host1 = sorted(st["role"]["rank"] for st in statuses.values() if st["role"]["host"] == host1)
+        trainer1 = next(r for r in on_host1 if statuses[r]["role"]["kind"] == "trainer")
+        note = ""
+        if fault == "slow-then-cut":
+            full = _steps_per_s(cache, trainer1, 2.0)
+            cluster.set_rate(1, "4mbit")
+            slow = _steps_per_s(cache, trainer1, 3.0)
+            assert proc.poll() is None and slow > 0, "the job must go on at 1% of the link rate"
+            note = f"steps/s of host 1's trainer: {full:.1f} at 400mbit, {slow:.1f} at 4mbit; "
+            cluster.link_down(1)
+        else:
+            killed = cluster.kill_processes(1)
+            assert {statuses[r]["pid"] for r in on_host1} <= set(killed)
+        t_fault = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - t_fault
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    verdict = [line for line in err.splitlines() if line.startswith("rudder: job failed:")]
+    assert proc.returncode != 0 and len(verdict) == 1, err[-3000:]
+    if fault == "slow-then-cut":
+        assert proc.returncode == 1
+        assert f"machine 1's server {cluster.addresses[1]}:" in verdict[0], verdict[0]
+        assert f"on {host1} does not answer" in verdict[0], verdict[0]
+        bound = float(verdict[0].split("(bound ")[1].split(" s")[0])
+        assert took < bound + 5.0, (took, bound)
+    else:
+        culprit = int(verdict[0].split("rudder: job failed: rank ")[1].split()[0])
+        assert culprit in on_host1 and f"on {host1})" in verdict[0], verdict[0]
+        assert took < 10.0, took
+    assert not _still_running(job), "processes of the job left running"
+    assert _cluster_leftovers(cluster.name) == []
+    assert not {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith(("rd", "mpich", "sem.mp-"))}
+    assert not os.listdir(os.path.join(cache, "jobs"))
+    print(f"{fault}: {note}job ended {took:.1f} s after the fault: {verdict[0]}")

@@ -20,7 +20,7 @@ Links: each host's egress (``eth0``) goes through a token bucket (``tc ... tbf``
 receives is not limited separately, so a host fed by k peers at once can receive up to k times the rate (a switch
 with a full-rate port per host, not a shared medium). The kernel here has no ``netem``: no per-packet delay, loss
 or jitter can be added, so the round trip stays that of a veth (tens of microseconds). ``set_rate``, ``link_down``
-and ``link_up`` change a host's link while jobs run.
+and ``link_up`` change a host's link while jobs run; ``kill_processes`` kills everything a host runs.
 
 Not emulated: the hosts share this machine's CPUs, memory, file systems (like a cluster's shared file system; only
 /dev/shm and /etc/hosts are per host) and process ids (no PID namespace: ``ps`` in a host lists every process).
@@ -767,6 +767,16 @@ class EmulatedCluster:
     def link_up(self, host: int | str) -> None:
         """Plug ``host``'s cable back in."""
         _cmd(["ip", "link", "set", self._veths[self._index(host)], "up"])
+
+    def kill_processes(self, host: int | str, sig: int = signal.SIGKILL) -> list[int]:
+        """Send ``sig`` to every process running inside ``host`` but its holder (a host whose processes all crash
+        at once, e.g. out of memory); the host itself stays up. Returns the pids signalled."""
+        holder = self._holder(host)
+        pids = [pid for pid in _members({_ns_inode(holder, "net")} - {None}, set()) if pid != holder]
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        return pids
 
 
 def _read_line(f: IO[str], timeout: float) -> str:

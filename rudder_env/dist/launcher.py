@@ -20,8 +20,10 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 from rudder_env.dist import onehost
@@ -218,6 +220,34 @@ def cleanup_stale_jobs(cache_dir: str) -> list[str]:
     return removed
 
 
+def _unanswered(job_dir: str, statuses: dict[int, dict], timeout_s: float = 1.0) -> list[str]:
+    """The job's graph servers that do not accept a TCP connection within ``timeout_s`` (a cut link, a host gone),
+    probed all at once from here; for the watchdog's verdict, so that it names the host a stalled job lost. Only
+    probed once the job is to be ended: a stray connection is nothing a server expects."""
+    try:
+        with open(os.path.join(job_dir, "ip_config.txt")) as f:
+            servers = [line.split() for line in f if line.strip()]
+    except OSError:
+        return []
+    hosts = {st["role"]["machine"]: st["role"]["host"] for st in statuses.values() if st["role"]["kind"] == "server"}
+    answers: dict[int, bool] = {}
+
+    def probe(machine: int, ip: str, port: str) -> None:
+        try:
+            socket.create_connection((ip, int(port)), timeout=timeout_s).close()
+            answers[machine] = True
+        except (OSError, ValueError):
+            answers[machine] = False
+
+    threads = [threading.Thread(target=probe, args=(m, *addr[:2]), daemon=True) for m, addr in enumerate(servers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s + 1.0)
+    return [f"machine {m}'s server {ip}:{port}{' on ' + hosts[m] if m in hosts else ''} does not answer"
+            for m, (ip, port, *_) in enumerate(servers) if answers.get(m) is False]
+
+
 def _stall(watchdog_s: float, startup_timeout_s: float, job_dir: str, statuses: dict[int, dict],
            launched: float, expected_trainers: int) -> str | None:
     """The watchdog's verdict: a one-line reason naming the rank to blame if a trainer made no progress within its
@@ -237,7 +267,7 @@ def _stall(watchdog_s: float, startup_timeout_s: float, job_dir: str, statuses: 
     beats = sum(1 for r in trainers if os.path.exists(beat_path(job_dir, r)))
     if not overdue:
         if startup_timeout_s and beats < expected_trainers and now - launched > startup_timeout_s:
-            return (f"job: {beats} of {expected_trainers} trainers began within --startup-timeout-s "
+            return (f"only {beats} of {expected_trainers} trainers started within --startup-timeout-s "
                     f"{startup_timeout_s:g} (ranks that reported: {', '.join(map(str, sorted(statuses))) or 'none'})")
         return None
     _, rank, beat, bound, idle = min(overdue)
@@ -247,6 +277,9 @@ def _stall(watchdog_s: float, startup_timeout_s: float, job_dir: str, statuses: 
     else:
         how = f"max(--watchdog-s {watchdog_s:g}, {FACTOR:g} x its slowest step {beat.slowest_step_s:.3f} s)"
     hung = f"no progress for {idle:.1f} s while {beat.phase} (bound {bound:.1f} s = {how})"
+    unanswered = _unanswered(job_dir, statuses)
+    if unanswered:
+        hung += "; " + "; ".join(unanswered)
     stopped = [s for s in sorted(statuses.values(), key=lambda s: s["role"]["rank"])
                if alive(s["pid"], s.get("start")) and state(s["pid"]) in ("T", "t")]
     if stopped:

@@ -11,6 +11,7 @@ Endpoints (the OpenAI legacy completions API, the subset an LLM agent needs):
   ``temperature`` and ``seed``. ``choices[i].logprobs`` holds ``tokens``, ``token_logprobs`` (the first token's is
   null), ``top_logprobs`` and ``text_offset``, as OpenAI defines them.
 - ``POST /v1/chat/completions``: greedy or sampled chat answers (no log-probabilities), for checking by hand.
+- ``GET /stats`` (rudder's own): scoring batches, forward passes, prompts scored, tokens prefilled, prefixes kept.
 
 Why a service: every trainer rank that builds an LLM agent would otherwise load its own copy of the model (about
 1.1 GB for SmolLM2-135M in fp32). The service loads it once; an agent started with ``endpoint=URL`` sends it
@@ -414,6 +415,11 @@ def make_handler(service: Service):
                 self._send(200, service.models())
             elif self.path.rstrip("/") in ("/health", ""):
                 self._send(200, dict(status="ok", model=service.engine.name))
+            elif self.path.rstrip("/") == "/stats":  # not OpenAI's: what batching and prefix reuse did
+                e = service.engine
+                self._send(200, dict(batches=service.batcher.batches, forward_passes=e.forward_passes,
+                                     rows_scored=e.rows_scored, tokens_prefilled=e.tokens_prefilled,
+                                     prefix_entries=len(e._entries)))
             else:
                 self._error(RequestError(404, f"no route GET {self.path}", code="not_found"))
 

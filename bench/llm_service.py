@@ -111,7 +111,7 @@ def children_memory(kwargs: dict, clients: int, extra_pids=()) -> tuple[float, f
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.llm_service", description=__doc__.split("\n\n")[0])
-    p.add_argument("--decisions", type=int, default=8)
+    p.add_argument("--decisions", type=int, default=6)
     p.add_argument("--clients", type=int, default=4)
     args = p.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"

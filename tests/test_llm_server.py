@@ -133,11 +133,14 @@ def test_wrong_api_shape_is_one_line(fake_api):
 
 
 def test_service_with_a_missing_model_exits_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "agents.llm_server", "--model", str(tmp_path / "nothing.gguf"),
-                           "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"rudder-llm: error: GGUF file {tmp_path / 'nothing.gguf'} does not exist"]
+    """The service exits 2 with one line naming the missing model; the launcher reports that line."""
+    from rudder_env.dist.llm_service import Services
+
+    missing = tmp_path / "nothing.gguf"
+    with pytest.raises(RuntimeError) as err, Services(str(missing), priority="normal", note=lambda line: None) as s:
+        s.start_here()
+    assert str(err.value) == (f"the LLM service on this host did not start: rudder-llm: error: GGUF file {missing} "
+                              "does not exist")
 
 
 # ---------------------------------------------------------------------------------------------- the real model served
@@ -256,3 +259,26 @@ def test_real_service_api_shapes_and_missing_model(service):
     with urllib.request.urlopen(req) as r:
         answer = json.load(r)["choices"][0]["message"]
     assert answer["role"] == "assistant" and answer["content"]
+
+
+# ---------------------------------------------------------------------------------------------- train.py options
+def test_train_options_point_llm_ranks_at_one_service_per_host():
+    """--llm-endpoint reaches the agent's constructor; the launcher starts services only for the LLM agent with
+    two or more trainers per host and no endpoint of the user's; bad combinations are one line."""
+    from rudder_env.dist import llm_service
+    from rudder_env.dist.config import TrainConfig
+
+    cfg = TrainConfig(agent="llm", parts=2, trainers_per_part=2, llm_endpoint="http://127.0.0.1:9/v1")
+    cfg.validate()
+    assert cfg.agent_options() == {"endpoint": "http://127.0.0.1:9/v1"}
+    assert not llm_service.wanted(cfg)  # the user's own endpoint
+    assert llm_service.wanted(TrainConfig(agent="llm", parts=2, trainers_per_part=2))  # 4 trainers on this host
+    assert llm_service.wanted(TrainConfig(agent="llm", parts=2))  # 2 trainers on this host
+    assert not llm_service.wanted(TrainConfig(agent="llm", parts=2, llm_service="off"))
+    assert not llm_service.wanted(TrainConfig(agent="periodic", parts=2, trainers_per_part=2))
+    assert not llm_service.wanted(TrainConfig(agent="llm", hosts=2))  # one trainer on each emulated host
+    assert llm_service.wanted(TrainConfig(agent="llm", hosts=2, trainers_per_part=2))
+    with pytest.raises(ValueError, match="^--llm-endpoint is for --agent llm, got --agent periodic$"):
+        TrainConfig(agent="periodic", llm_endpoint="http://127.0.0.1:9").validate()
+    with pytest.raises(ValueError, match="expected an http:// or https:// URL"):
+        TrainConfig(agent="llm", llm_endpoint="127.0.0.1:9").validate()

@@ -78,9 +78,17 @@ class Services:
         reader.start()
         reader.join(START_TIMEOUT_S)
         if not found:
-            proc.kill()
-            err = (proc.stderr.read() if proc.poll() is not None else "").strip().splitlines()
-            why = err[-1] if err else f"no answer within {START_TIMEOUT_S:.0f} s"
+            try:  # it closed its output: it is exiting
+                proc.wait(0 if reader.is_alive() else 30)
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                err = [f"no answer within {START_TIMEOUT_S:.0f} s"]
+            else:
+                err = proc.stderr.read().strip().splitlines() or [f"it exited with {proc.returncode}"]
+            why = err[-1]
             raise RuntimeError(f"the LLM service on {where} did not start: {why}")
         self.running.append((where, proc, int(found["pid"])))
         return found["url"]

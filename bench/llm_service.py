@@ -10,6 +10,10 @@
   vs one service + ``--clients`` processes whose agents ask it: resident (RSS) and proportional (PSS) memory of all
   of them together, measured while all are alive.
 
+With ``--train``: also a real ``train.py gnn`` job (synth-tiny, 2 partitions x 2 trainers, the LLM agent) with
+``--llm-service auto`` (one service for the host's 4 trainers) and ``off`` (a model in every trainer): the peak of
+the summed PSS of the job's processes (sampled every 0.5 s), its wall time, and the LLM decisions taken.
+
 Writes ``bench/results/p6_llm_service.csv`` and prints a markdown summary. Timings on a shared 2-core machine are
 noisy: medians are reported.
 """
@@ -109,10 +113,64 @@ def children_memory(kwargs: dict, clients: int, extra_pids=()) -> tuple[float, f
             p.wait()
 
 
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def train_memory(service: str) -> dict:
+    """Peak summed PSS (MB) of a real LLM training job's processes, its wall time and decisions."""
+    import json
+    import tempfile
+
+    summary = os.path.join(tempfile.mkdtemp(prefix="p6-"), "run.json")
+    cmd = [sys.executable, "train.py", "gnn", "--graph", "synth-tiny", "--parts", "2", "--trainers-per-part", "2",
+           "--epochs", "1", "--agent", "llm", "--llm-service", service, "--summary", summary]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    peak = 0.0
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        total = 0
+        for pid in _descendants(proc.pid):
+            try:
+                total += memory_kb(pid)[1]
+            except (OSError, KeyError):
+                pass
+        peak = max(peak, total / 1024)
+        time.sleep(0.5)
+    reader.join(5)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py --llm-service {service} failed: {''.join(out)[-1500:]}")
+    with open(summary) as f:
+        s = json.load(f)
+    decisions = sum(int(r.get("decisions", 0) or 0) for r in s["ranks"])
+    return dict(peak_pss_mb=peak, wall_s=wall, decisions=decisions, log="".join(out))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.llm_service", description=__doc__.split("\n\n")[0])
     p.add_argument("--decisions", type=int, default=6)
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--train", action="store_true", help="also measure real train.py jobs (see above)")
+    p.add_argument("--train-only", action="store_true", help="only the train.py jobs")
     args = p.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     import pandas as pd
@@ -125,6 +183,17 @@ def main(argv=None) -> int:
         rows.append(dict(key=key, what=what, value=round(float(value), 4), unit=unit, n=n))
         print(f"{key:<28} {value:>10.3f} {unit:<8} {what}", flush=True)
 
+    if args.train or args.train_only:
+        for service in ("auto", "off"):
+            got = train_memory(service)
+            print(got.pop("log"))
+            row(f"train_{service}_peak_pss", f"train.py gnn synth-tiny 2x2 trainers --agent llm --llm-service "
+                f"{service}: peak summed PSS of the job", got["peak_pss_mb"], "MB", got["decisions"])
+            row(f"train_{service}_wall", f"same job, wall time", got["wall_s"], "s", got["decisions"])
+        if args.train_only:
+            os.makedirs(os.path.dirname(OUT), exist_ok=True)
+            pd.DataFrame(rows).to_csv(OUT.replace(".csv", "_train.csv"), index=False)
+            return 0
     proc, url = start_service()
     try:
         # latency per decision, local vs service

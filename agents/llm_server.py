@@ -23,7 +23,8 @@ everything queued (waiting up to ``--batch-window-ms`` after the first arrival) 
 as a token budget allows, however many clients sent them. Prompt prefixes recur (every decision of a trainer repeats
 its system message and examples): the service keeps the KV cache of up to ``--prefix-entries`` shared prefixes,
 found as the longest common token prefix of a new prompt with the prompts of earlier batches, and then prefills only
-what follows. Rows with different cached prefixes share one forward pass: their caches are left-padded to one length
+what follows; when the prompts of one request share more than that (an agent's options), the shared part is
+prefilled once first. Rows with different cached prefixes share one forward pass: their caches are left-padded to one length
 and masked, each row keeping its own positions. Generation (``max_tokens > 0``) runs one prompt at a time.
 """
 
@@ -45,6 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MAX_TOP_LOGPROBS = 20  # as OpenAI's legacy API: logprobs is at most 5 there; vLLM allows 20
 DEFAULT_TOKEN_BUDGET = 2048  # prompt tokens per forward pass (rows x longest new part): bounds the logits' memory
 MIN_PREFIX_TOKENS = 32
+SHARED_MIN_NEW = 16  # a request's shared part is prefilled on its own first when it is this much longer than kept
 
 
 @dataclass
@@ -118,30 +120,55 @@ class Engine:
         import torch
 
         with torch.inference_mode():
-            plan = []  # (request, row index, tokens, entry, reused positions)
-            for r, rows in enumerate(requests):
-                for i, row in enumerate(rows):
-                    key = tuple(row)
-                    entry, m = self._lookup(key, top_n) if self.prefix_entries else (None, 0)
-                    plan.append((r, i, key, entry, m))
-            out: list[list] = [[None] * len(rows) for rows in requests]
-            kept: dict[int, tuple] = {}  # request -> its shared part's KV and echo, from its first row
-            plan.sort(key=lambda p: len(p[2]) - p[4])
-            group: list = []
-            for p in plan:
-                if group and (len(group) + 1) * (len(p[2]) - p[4]) > self.token_budget:
-                    self._score_group(group, out, kept, requests, top_n)
-                    group = []
-                group.append(p)
-            if group:
+            if self.prefix_entries:
+                self._prefill_shared(requests, top_n)
+            out = self._score(requests, top_n)
+        self.rows_scored += sum(map(len, requests))
+        return out
+
+    def _prefill_shared(self, requests: list[list[list[int]]], top_n: int) -> None:
+        """A request's prompts that share more than the kept entries cover (an agent's options: the same prompt,
+        then each option's answer) get that shared part prefilled once, in one pass for all such requests, and kept;
+        the prompts then only prefill what differs."""
+        shared = []
+        for rows in requests:
+            if len(rows) < 2:
+                continue
+            n = min(_common(rows[0], r) for r in rows[1:])
+            part = list(rows[0][:n])
+            _, m = self._lookup(tuple(part) + (-1,), top_n)
+            if n >= self.min_prefix and n - m > SHARED_MIN_NEW and [part] not in shared:
+                shared.append([part])
+        if shared:
+            self._score(shared, top_n)
+
+    def _score(self, requests: list[list[list[int]]], top_n: int) -> list[list[Scored]]:
+        plan = []  # (request, row index, tokens, entry, reused positions)
+        for r, rows in enumerate(requests):
+            for i, row in enumerate(rows):
+                key = tuple(row)
+                entry, m = self._lookup(key, top_n) if self.prefix_entries else (None, 0)
+                plan.append((r, i, key, entry, m))
+        out: list[list] = [[None] * len(rows) for rows in requests]
+        kept: dict[int, tuple] = {}  # request -> its shared part's KV and echo, from its first row
+        plan.sort(key=lambda p: len(p[2]) - p[4])
+        group: list = []
+        for p in plan:
+            if group and (len(group) + 1) * (len(p[2]) - p[4]) > self.token_budget:
                 self._score_group(group, out, kept, requests, top_n)
-            for r, (tokens, keys, values, token_lp, top) in kept.items():
-                if len(tokens) >= self.min_prefix and tokens not in self._entries:
-                    self._entries[tokens] = PrefixEntry(tokens, keys, values, token_lp, top, top_n)
-                    while len(self._entries) > self.prefix_entries:
-                        self._entries.popitem(last=False)
-            self.rows_scored += len(plan)
-            return out
+                group = []
+            group.append(p)
+        if group:
+            self._score_group(group, out, kept, requests, top_n)
+        for r, item in kept.items():
+            if item is None:
+                continue
+            tokens, keys, values, token_lp, top = item
+            if tokens not in self._entries:
+                self._entries[tokens] = PrefixEntry(tokens, keys, values, token_lp, top, top_n)
+                while len(self._entries) > self.prefix_entries:
+                    self._entries.popitem(last=False)
+        return out
 
     def _score_group(self, group: list, out: list, kept: dict, requests: list, top_n: int) -> None:
         import torch
@@ -191,6 +218,9 @@ class Engine:
                 for other in requests[r]:
                     n = min(n, _common(key, other))
                 lo = P - m
+                if n < self.min_prefix or key[:n] in self._entries:
+                    kept[r] = None
+                    continue
                 kept[r] = (key[:n], [layer.keys[b:b + 1, :, lo:lo + n].clone() for layer in cache.layers],
                            [layer.values[b:b + 1, :, lo:lo + n].clone() for layer in cache.layers],
                            token_lp[1:n], top[1:n] if top_n else [])

@@ -53,14 +53,15 @@ def plain_logprobs(model, row):
 
 
 def test_engine_batches_rows_with_different_cached_prefixes_exactly(tiny):
-    """Rows reusing cached prefixes of different lengths (left-padded, masked, own positions), rows with none, and
-    rows of several requests in one pass: every echoed log-probability equals the row's own plain forward pass."""
+    """Rows reusing cached prefixes of different lengths (left-padded, masked, own positions), rows with none, rows
+    of several requests in one pass, and options whose shared part is prefilled once: every echoed log-probability
+    equals the row's own plain forward pass."""
     model, tokenizer = tiny
     engine = Engine(model, tokenizer, "tiny", prefix_entries=4, min_prefix=8)
     enc = engine.encode
     a = enc("hit rate traffic rows buffer minibatch decision remote rows sampled fetched " * 3)
     b = enc("stale candidates prefetched buffer rows " * 4)
-    first = engine.score([[a], [b]])  # nothing cached: two plain rows in one pass; both prompts are kept
+    first = engine.score([[a], [b]], top_n=3)  # nothing cached: two plain rows in one pass; both prompts are kept
     assert engine.forward_passes == 1 and len(engine._entries) == 2
     rows = [a + enc(' {"decision": "keep"}'), a + enc(' {"decision": "replace"}'), b + enc(" hit rate"),
             enc("decision traffic")]
@@ -70,6 +71,15 @@ def test_engine_batches_rows_with_different_cached_prefixes_exactly(tiny):
     assert engine.tokens_prefilled < 2 * len(a) + len(b) + sum(map(len, rows))
     for got, row in zip([first[0][0], first[1][0]] + [s for r in second for s in r], [a, b] + rows):
         assert got.tokens == row and got.token_logprobs[0] is None
+        np.testing.assert_allclose(got.token_logprobs[1:], plain_logprobs(model, row), atol=1e-4)
+    # the options of one prompt sharing far more than is kept: the shared part is prefilled once, then each option
+    shared = b + enc(" hit rate traffic rows buffer minibatch decision remote rows sampled fetched" * 2)
+    options = [shared + enc(' {"decision": "keep"}'), shared + enc(' {"decision": "replace"}')]
+    passes, prefilled = engine.forward_passes, engine.tokens_prefilled
+    third = engine.score([options], top_n=3)
+    assert engine.forward_passes == passes + 2
+    assert engine.tokens_prefilled - prefilled < len(shared) - len(b) + 2 * (len(options[1]) - len(shared)) + 4
+    for got, row in zip(third[0], options):
         np.testing.assert_allclose(got.token_logprobs[1:], plain_logprobs(model, row), atol=1e-4)
     top = second[0][0].top
     assert len(top) == len(rows[0]) and top[0] == [] and all(len(t) == 3 for t in top[1:])

@@ -31,7 +31,7 @@ def base_url(url: str) -> str:
 class EndpointClient:
     """Talks to ``url`` (``http://host:port`` or ``.../v1``); ``model`` None: the first model it lists."""
 
-    def __init__(self, url: str, model: str | None = None, timeout_s: float = 120.0):
+    def __init__(self, url: str, model: str | None = None, timeout_s: float = 600.0):
         self.url = base_url(url)
         self.timeout_s = float(timeout_s)
         served = self.models()

@@ -46,6 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MAX_TOP_LOGPROBS = 20  # as OpenAI's legacy API: logprobs is at most 5 there; vLLM allows 20
 DEFAULT_TOKEN_BUDGET = 2048  # prompt tokens per forward pass (rows x longest new part): bounds the logits' memory
 MIN_PREFIX_TOKENS = 32
+PLAIN_HEAD_MODELS = ("llama", "qwen2", "qwen3", "mistral")
 SHARED_MIN_NEW = 16  # a request's shared part is prefilled on its own first when it is this much longer than kept
 
 
@@ -93,6 +94,10 @@ class Engine:
         self.token_budget = int(token_budget)
         self.min_prefix = int(min_prefix)
         self._entries: OrderedDict[tuple, PrefixEntry] = OrderedDict()  # LRU
+        # models whose logits are the output embedding of the decoder's last hidden state, nothing more: their
+        # logits are computed a row at a time instead of for the whole batch at once (B x S x vocab floats)
+        plain = getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
+        self._head = model.get_output_embeddings() if plain else None
         self.forward_passes = 0
         self.rows_scored = 0
         self.tokens_prefilled = 0
@@ -199,12 +204,18 @@ class Engine:
                     ks.append(k)
                     vs.append(v)
                 cache.update(torch.cat(ks), torch.cat(vs), layer)
-        result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        if self._head is not None:  # hidden states only: each row's logits below, one row at a time (memory)
+            result = self.model.get_decoder()(**inputs)
+            hidden = result.last_hidden_state
+        else:
+            result = self.model(**inputs)
         self.forward_passes += 1
         self.tokens_prefilled += sum(map(len, news))
         cache = result.cache
         for b, ((r, i, key, entry, m), new) in enumerate(zip(group, news)):
-            logp = torch.log_softmax(result.logits[b, : len(new) - 1].float(), dim=-1)
+            logits = self._head(hidden[b, : len(new) - 1]) if self._head is not None else result.logits[b, : len(new) - 1]
+            logp = torch.log_softmax(logits.float(), dim=-1)
             targets = torch.tensor(new[1:], dtype=torch.long)
             token_lp = [None] + (entry.token_logprobs[:m] if m else []) + logp.gather(1, targets[:, None])[:, 0].tolist()
             top = []

@@ -194,29 +194,34 @@ def queried_points(rank: int, n: int):
 
 
 @pytest.mark.llm
-def test_endpoint_agent_decides_as_the_local_model(service):
-    """On the shipped trace's first 4 asked decisions, the agent asking the service chooses what the agent with the
-    local model chooses, from the same scores; the service prefilled the shared prefix once."""
+def test_endpoint_agent_decides_as_the_local_model(service, tmp_path):
+    """On the shipped trace's first 3 asked decisions, the agent asking the service takes the decisions the agent with
+    the local model takes, from the same scores; the service never prefilled the shared prefix again."""
     from agents.llm import LLMAgent
 
-    local, remote = LLMAgent(), LLMAgent(endpoint=service)
+    local = LLMAgent(log_path=tmp_path / "local.jsonl")
+    remote = LLMAgent(endpoint=service, log_path=tmp_path / "remote.jsonl")
     assert remote.model is None and remote.model_name == "SmolLM2-135M-Instruct.Q4_1"
-    points = queried_points(0, 4)
+    points = queried_points(0, 3)
     remote.warm_up(points[0][1])
     before = stats(service)
     for obs, info in points:
-        text = local.prompt(obs, info)
-        assert remote.prompt(obs, info).text == text.text
-        mine, _ = local.option_scores(text.prefix, text.suffix)
-        theirs, sent = remote.option_scores(text.prefix, text.suffix)
-        assert max(mine, key=mine.get) == max(theirs, key=theirs.get)
-        np.testing.assert_allclose([theirs[o] for o in mine], list(mine.values()), atol=1e-3)
+        assert remote.prompt(obs, info).text == local.prompt(obs, info).text
         np.testing.assert_array_equal(local.act(obs, info), remote.act(obs, info))
     after = stats(service)
-    prefix_tokens = len(remote.tokenizer(text.prefix, add_special_tokens=False)["input_ids"])
-    # 8 decisions x 2 options scored; the prefix was never prefilled again
-    assert after["rows_scored"] - before["rows_scored"] == 16
-    assert after["tokens_prefilled"] - before["tokens_prefilled"] < 16 * (sent / 2 - prefix_tokens) + 16
+    logs = [[json.loads(x) for x in (tmp_path / f"{who}.jsonl").read_text().splitlines()
+             if json.loads(x)["event"] == "decision"] for who in ("local", "remote")]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for mine, theirs in zip(*logs):
+        assert mine["decision"] == theirs["decision"] and mine["prompt_sha256"] == theirs["prompt_sha256"]
+        np.testing.assert_allclose([theirs["option_scores"][o] for o in mine["option_scores"]],
+                                   list(mine["option_scores"].values()), atol=1e-3)
+    prefix = local.prompt(*points[-1]).prefix
+    prefix_tokens = len(remote.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    assert after["rows_scored"] - before["rows_scored"] == 6  # 3 decisions x 2 options
+    # each decision: its prompt past the prefix, once (not once per option), and the options' answers
+    assert after["tokens_prefilled"] - before["tokens_prefilled"] < sum(t["prefill_tokens"] // 2 - prefix_tokens + 20
+                                                                        for t in logs[1])
 
 
 @pytest.mark.llm

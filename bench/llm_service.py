@@ -165,10 +165,50 @@ def train_memory(service: str) -> dict:
     return dict(peak_pss_mb=peak, wall_s=wall, decisions=decisions, log="".join(out))
 
 
+def batching(url: str, clients: int, decisions: int, row) -> None:
+    """``clients`` agents (ranks of the 4-partition trace) asking ``decisions`` decisions each: one client after
+    another, then all at once."""
+    import json
+    import urllib.request
+
+    from agents.llm import LLMAgent
+
+    agents = [LLMAgent(endpoint=url) for _ in range(clients)]
+    work = [[a.prompt(o, i) for o, i in points(TRACE4, r % 4, decisions)] for r, a in enumerate(agents)]
+    for a, w in zip(agents, work):  # warm: each client's prefix is kept by the service
+        a.warm_up(points(TRACE4, agents.index(a) % 4, 1)[0][1])
+
+    def run(r):
+        for t in work[r]:
+            agents[r].option_scores(t.prefix, t.suffix)
+
+    def batches():
+        with urllib.request.urlopen(url + "/stats") as resp:
+            return json.load(resp)["batches"]
+
+    n = sum(map(len, work))
+    b0, t0 = batches(), time.perf_counter()
+    for r in range(clients):
+        run(r)
+    seq, b1 = time.perf_counter() - t0, batches()
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    conc, b2 = time.perf_counter() - t0, batches()
+    row("throughput_sequential", f"decisions/s, {clients} clients one after another", n / seq, "dec/s", n)
+    row("throughput_concurrent", f"decisions/s, {clients} clients at once", n / conc, "dec/s", n)
+    row("batches_sequential", "scoring batches the service ran, one after another", b1 - b0, "batches", n)
+    row("batches_concurrent", "scoring batches the service ran, at once", b2 - b1, "batches", n)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.llm_service", description=__doc__.split("\n\n")[0])
     p.add_argument("--decisions", type=int, default=6)
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--parts", default="latency,batching,memory", help="which of latency,batching,memory to measure")
     p.add_argument("--train", action="store_true", help="also measure real train.py jobs (see above)")
     p.add_argument("--train-only", action="store_true", help="only the train.py jobs")
     args = p.parse_args(argv)
@@ -196,9 +236,10 @@ def main(argv=None) -> int:
             return 0
     proc, url = start_service()
     try:
+        parts = args.parts.split(",")
         # latency per decision, local vs service
         pts = points(TRACE2, 0, args.decisions)
-        for label, agent in (("local", LLMAgent()), ("endpoint", LLMAgent(endpoint=url))):
+        for label, agent in (("local", LLMAgent()), ("endpoint", LLMAgent(endpoint=url))) if "latency" in parts else ():
             agent.warm_up(pts[0][1])
             lat = []
             for obs, info in pts:
@@ -209,49 +250,22 @@ def main(argv=None) -> int:
             row(f"latency_{label}_p50", f"seconds per scored decision, {label} (warm, prefix cached)",
                 statistics.median(lat), "s", len(lat))
             row(f"latency_{label}_min", f"fastest scored decision, {label}", min(lat), "s", len(lat))
-        # batching: clients one after another vs at once
-        agents = [LLMAgent(endpoint=url) for _ in range(args.clients)]
-        work = [[a.prompt(o, i) for o, i in points(TRACE4, r % 4, args.decisions)] for r, a in enumerate(agents)]
-        for a, w in zip(agents, work):  # warm: each client's prefix is kept by the service
-            a.option_scores(w[0].prefix, w[0].suffix)
-
-        def run(r):
-            for t in work[r]:
-                agents[r].option_scores(t.prefix, t.suffix)
-
-        import json
-        import urllib.request
-
-        def batches():
-            with urllib.request.urlopen(url + "/stats") as resp:
-                return json.load(resp)["batches"]
-
-        n = sum(map(len, work))
-        b0, t0 = batches(), time.perf_counter()
-        for r in range(args.clients):
-            run(r)
-        seq, b1 = time.perf_counter() - t0, batches()
-        threads = [threading.Thread(target=run, args=(r,)) for r in range(args.clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        conc, b2 = time.perf_counter() - t0, batches()
-        row("throughput_sequential", f"decisions/s, {args.clients} clients one after another", n / seq, "dec/s", n)
-        row("throughput_concurrent", f"decisions/s, {args.clients} clients at once", n / conc, "dec/s", n)
-        row("batches_sequential", "scoring batches the service ran, one after another", b1 - b0, "batches", n)
-        row("batches_concurrent", "scoring batches the service ran, at once", b2 - b1, "batches", n)
+        if "batching" in parts:
+            batching(url, args.clients, args.decisions, row)
         # memory per host
-        rss, pss = children_memory(dict(endpoint=url), args.clients, [proc.pid])
-        row("memory_service_rss", f"RSS, service + {args.clients} agent processes asking it", rss, "MB", args.clients)
-        row("memory_service_pss", f"PSS, service + {args.clients} agent processes asking it", pss, "MB", args.clients)
+        if "memory" in parts:
+            rss, pss = children_memory(dict(endpoint=url), args.clients, [proc.pid])
+            row("memory_service_rss", f"RSS, service + {args.clients} agent processes asking it", rss, "MB",
+                args.clients)
+            row("memory_service_pss", f"PSS, service + {args.clients} agent processes asking it", pss, "MB",
+                args.clients)
     finally:
         proc.terminate()
         proc.wait()
-    rss, pss = children_memory({}, args.clients)
-    row("memory_local_rss", f"RSS, {args.clients} agent processes with their own model", rss, "MB", args.clients)
-    row("memory_local_pss", f"PSS, {args.clients} agent processes with their own model", pss, "MB", args.clients)
+    if "memory" in parts:
+        rss, pss = children_memory({}, args.clients)
+        row("memory_local_rss", f"RSS, {args.clients} agent processes with their own model", rss, "MB", args.clients)
+        row("memory_local_pss", f"PSS, {args.clients} agent processes with their own model", pss, "MB", args.clients)
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     pd.DataFrame(rows).to_csv(OUT, index=False)
     print(f"wrote {OUT}")

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from conftest import partition_bytes_checked, record_fault
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
 pytestmark = pytest.mark.dist
@@ -136,6 +138,9 @@ def test_a_dead_rank_ends_the_job_and_leaves_nothing(free_port_block, free_port,
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")], "ranks left running"
     assert not tagged_segments()
     assert free_port(port) and free_port(port + 10)
+    verdict = next(line for line in err.splitlines() if line.startswith("rudder: job failed:"))
+    record_fault(f"killed {victim}", f"SIGKILL to {st['describe']} while training", took, verdict.split(" (log:")[0],
+                 left="nothing: processes, /dev/shm, ports", input_checked=partition_bytes_checked(cache))
 
 
 def test_bad_input_gets_one_line_errors(run_train, cache, tmp_path):

@@ -213,6 +213,24 @@ def test_decisions_of_another_run_are_refused_before_any_process_starts(tmp_path
                  left="nothing: no process started, no file written")
 
 
+@pytest.mark.parametrize("option, value, recorded, now", [
+    ("parts", 4, "--parts 2", "4"),
+    ("partition", "random", "--partition 'metis'", "'random'"),
+    ("trainers_per_part", 2, "trainer ranks 2", "4"),
+])
+def test_decisions_of_a_run_partitioned_otherwise_are_refused(option, value, recorded, now):
+    """Same graph, but partitioned into other parts, by another method, or played by another number of trainers:
+    the recorded decisions name other node ids (or ranks), so they are refused at validation, before any process."""
+    from rudder_env.dist.config import TrainConfig
+
+    cfg = TrainConfig(graph="synth-small", agent="recorded", decisions_from=METIS2, **{option: value})
+    with pytest.raises(ValueError) as got:
+        cfg.validate()
+    assert str(got.value) == (f"--decisions-from {METIS2}: recorded with {recorded}, this run has {now}: its "
+                              f"decisions name nodes of that run's partitions and cannot be applied here")
+    TrainConfig(graph="synth-small", agent="recorded", decisions_from=METIS2).validate()  # the recording's own
+
+
 def test_unreadable_dgl_file_is_one_line(tmp_path):
     bad = tmp_path / "graph.dgl"
     bad.write_bytes(b"\x00" * 64)

@@ -31,22 +31,27 @@ class BufferSettings:
         ranking: how candidates are ranked and victims chosen (:mod:`rudder_env.ranking`): ``"misses"``
             (MassiveGNN / Rudder: decayed miss counts, lowest score evicted) or ``"lookahead"`` (the sampler
             lookahead's predicted need).
+        buffer_init: the initial fill (``degree``, ``random``, ``empty``, ``vip``); None: the run's
+            (``--buffer-init``, or the recorded run's in replay).
     """
 
     uses_buffer: bool = True
     static: bool = False
     admit_on_miss: bool | None = None
     ranking: str = "misses"
+    buffer_init: str | None = None
 
     def __post_init__(self):
         check("ranking", self.ranking)
+        if self.buffer_init is not None:
+            check("buffer_init", self.buffer_init)
         if self.static and self.admit_on_miss:
             raise ValueError("a static buffer cannot admit on miss: it never changes after the initial fill")
 
 
 def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None,
                   admit_on_miss: bool | None = None) -> dict[str, Any]:
-    """``buffer_fraction``, ``admit_on_miss`` and ``ranking`` for an env (live trainer or replay) of an agent with
+    """``buffer_fraction``, ``admit_on_miss``, ``ranking`` (and ``buffer_init`` if the agent sets it) for an env (live trainer or replay) of an agent with
     ``settings``, given the run's own ``buffer_fraction`` and ``admit_on_miss`` (None: the recorded run's, in replay).
 
     No buffer means capacity 0; a static buffer never admits; otherwise the agent's admit-on-miss choice, if it
@@ -54,7 +59,8 @@ def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None
     """
     admit = admit_on_miss if settings.admit_on_miss is None else settings.admit_on_miss
     return dict(buffer_fraction=buffer_fraction if settings.uses_buffer else 0.0,
-                admit_on_miss=False if settings.static else admit, ranking=settings.ranking)
+                admit_on_miss=False if settings.static else admit, ranking=settings.ranking,
+                **({} if settings.buffer_init is None else dict(buffer_init=settings.buffer_init)))
 
 
 class WindowInfo(TypedDict):

@@ -34,6 +34,7 @@ from rudder_env.contract import BufferSettings
 REGISTRY = {
     "none": ("baselines.policies", "NoPrefetch"),
     "static": ("baselines.policies", "StaticBuffer"),
+    "vip": ("baselines.policies", "VIPStatic"),
     "periodic": ("baselines.policies", "Periodic"),
     "hitrate": ("baselines.policies", "HitRateRule"),
     "lookahead": ("baselines.policies", "Lookahead"),

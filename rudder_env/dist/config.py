@@ -32,7 +32,7 @@ class TrainConfig:
     lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
     seed: int = field(default=0, metadata=dict(help="seed for the graph, partitioning, model and sampling"))
     agent: str = field(default="periodic", metadata=dict(
-        help="prefetch agent: none, static, vip, periodic, hitrate, lookahead, ppo, llm, recorded (with "
+        help="prefetch agent: none, static, periodic, hitrate, lookahead, vip, ppo, llm, recorded (with "
              "--decisions-from), a name an installed package registers (rudder.agents entry points), or a "
              "reference module.path:Class or path/to/file.py:Class (every trainer rank builds one)"))
     agent_kwargs: str = field(default="", metadata=dict(

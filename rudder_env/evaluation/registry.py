@@ -34,10 +34,10 @@ from rudder_env.contract import BufferSettings
 REGISTRY = {
     "none": ("baselines.policies", "NoPrefetch"),
     "static": ("baselines.policies", "StaticBuffer"),
-    "vip": ("baselines.policies", "VIPStatic"),
     "periodic": ("baselines.policies", "Periodic"),
     "hitrate": ("baselines.policies", "HitRateRule"),
     "lookahead": ("baselines.policies", "Lookahead"),
+    "vip": ("baselines.policies", "VIPStatic"),  # SALIENT++'s static cache by vertex inclusion probability
     "ppo": ("agents.ppo", "PPOAgent"),
     "llm": ("agents.llm", "LLMAgent"),
     "recorded": ("baselines.policies", "Recorded"),  # the decisions of a recorded run, replayed

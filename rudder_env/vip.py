@@ -32,9 +32,10 @@ in-neighbours. Hence:
   the in-edges of remote nodes beyond the halo are not known at all: VIP then covers only the paths above.
 
 For the default two-layer sampler with halo in-edges, every remote input row has its VIP; what remains is the
-independence assumption (seeds of one minibatch are drawn without replacement, and a node reached along two
-paths through the same seed is counted as if independently), a small error that
-``tests/test_vip.py`` measures against DGL's own sampler.
+independence assumption: the seeds of one minibatch are drawn without replacement, and events that share a seed
+(a seed sampling ``v`` at both hops, two paths from one seed) are multiplied as if independent, so two-layer VIP
+overestimates a little. ``tests/test_vip.py`` measures it against DGL's own sampler: exact for one layer, a small
+upward bias for two, and the same order (which is all a cache needs).
 """
 
 from __future__ import annotations

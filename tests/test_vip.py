@@ -179,3 +179,22 @@ def test_vip_init_needs_the_partition_structure(tmp_path):
                                          r".*old has none"):
         ReplayEnv(str(trace), buffer_init="vip")
     assert ReplayEnv(str(trace), buffer_init="degree").buffer_init == "degree"
+
+
+def test_vip_is_a_train_option_and_an_agent_with_its_own_fill():
+    import argparse
+
+    from baselines.policies import VIPStatic
+    from rudder_env.dist.config import add_arguments, from_namespace
+    from rudder_env.evaluation.registry import make_agent
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = from_namespace(parser.parse_args(["--agent", "vip", "--buffer-init", "vip"]))
+    cfg.validate()
+    assert cfg.buffer_init == "vip" and isinstance(make_agent(cfg.agent), VIPStatic)
+    # the agent's fill overrides the run's, live (rank.py passes it to the trainer) and in replay alike
+    assert buffer_kwargs(VIPStatic.settings, 0.25, True) == dict(buffer_fraction=0.25, admit_on_miss=False,
+                                                                 ranking="misses", buffer_init="vip")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--buffer-init", "vipp"])

@@ -51,11 +51,12 @@ class BufferSettings:
 
 def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None,
                   admit_on_miss: bool | None = None) -> dict[str, Any]:
-    """``buffer_fraction``, ``admit_on_miss``, ``ranking`` (and ``buffer_init`` if the agent sets it) for an env (live trainer or replay) of an agent with
-    ``settings``, given the run's own ``buffer_fraction`` and ``admit_on_miss`` (None: the recorded run's, in replay).
+    """``buffer_fraction``, ``admit_on_miss`` and ``ranking`` for an env (live trainer or replay) of an agent with
+    ``settings``, given the run's own ``buffer_fraction`` and ``admit_on_miss`` (None: the recorded run's, in replay),
+    and ``buffer_init`` where the agent sets one.
 
     No buffer means capacity 0; a static buffer never admits; otherwise the agent's admit-on-miss choice, if it
-    makes one, overrides the run's.
+    makes one, overrides the run's; so does its initial fill.
     """
     admit = admit_on_miss if settings.admit_on_miss is None else settings.admit_on_miss
     return dict(buffer_fraction=buffer_fraction if settings.uses_buffer else 0.0,

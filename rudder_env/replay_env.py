@@ -111,7 +111,8 @@ class ReplayEnv(PrefetchEnv):
         if buffer_init == "recorded":
             same_size = self.capacity == int(rmeta.get("capacity", -1))
             # the fill the recorded agent played with (its settings may override the run's --buffer-init)
-            recorded_init = self.source.meta.get("buffer", {}).get("buffer_init") or run.get("buffer_init", "degree")
+            recorded_init = ((self.source.meta.get("buffer") or {}).get("buffer_init")
+                             or run.get("buffer_init", "degree"))
             buffer_init = "recorded" if same_size else recorded_init
         self.buffer_init = buffer_init
         self.num_nodes = int(rmeta["num_nodes"])

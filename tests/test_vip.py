@@ -198,3 +198,34 @@ def test_vip_is_a_train_option_and_an_agent_with_its_own_fill():
                                                                  ranking="misses", buffer_init="vip")
     with pytest.raises(SystemExit):
         parser.parse_args(["--buffer-init", "vipp"])
+
+
+def test_a_live_vip_run_fills_what_replay_computes_and_replays_exactly(record_live):
+    import gymnasium as gym
+
+    import rudder_env  # noqa: F401
+    from baselines.policies import VIPStatic
+    from rudder_env.evaluation.play import play
+    from traces import Trace
+
+    live = record_live("vip")
+    trace = Trace(live["trace"])
+    assert trace.meta["buffer"]["buffer_init"] == "vip"
+    for rank in trace.ranks:
+        rt = trace.rank(rank)
+        static = rt.static
+        la = SamplerLookahead.from_static(static, int(rt.meta["num_nodes"]))
+        assert la.halo_in is not None  # the live trainer pulled the halo nodes' in-edges: hop 2 is complete
+        capacity = int(rt.meta["capacity"])
+        fill = initial_ids("vip", static["halo_ids"], static["halo_degree"], capacity, 0,
+                           vip=vertex_inclusion_probability(la, trace.meta["config"]["batch_size"]))
+        np.testing.assert_array_equal(static["initial_ids"], fill)  # in VIP order, computed the same way
+        degree = initial_ids("degree", static["halo_ids"], static["halo_degree"], capacity, 0)
+        assert fill.size == capacity and not np.isin(fill, degree).all()  # a fill of its own, not degree's
+        env = gym.make("rudder/Replay-v0", trace=trace, rank=rank, **buffer_kwargs(VIPStatic.settings))
+        assert env.unwrapped.buffer_init == "vip"  # computed again from the trace, not read from it
+        r = play(env, VIPStatic())
+        live_rank = live["summary"]["ranks"][rank]
+        for key in ("remote_sampled", "hits", "remote_fetched", "prefetched", "initial_fill"):
+            assert r[key] == live_rank[key], key
+        assert live_rank["prefetched"] == live_rank["initial_fill"] == capacity  # static: the fill, then nothing

@@ -230,8 +230,9 @@ class DistTrainer:
 
     def _initial_fill(self, how: str) -> np.ndarray:
         vip = None
-        if how == "vip":  # SALIENT++'s VIP from the partition structure around this trainer's seeds
-            vip = vertex_inclusion_probability(self.lookahead, self.cfg.batch_size, train_size=len(self.train_nid))
+        if how == "vip":  # SALIENT++'s VIP from the partition structure around this trainer's seeds: the same
+            # arrays a trace stores, so replay computes the same fill
+            vip = vertex_inclusion_probability(self.lookahead, self.cfg.batch_size)
         ids = initial_ids(how, self.halo_ids, self.halo_degree, self.buffer.capacity,
                           seed=self.seed * 1000 + self.trainer_rank, vip=vip)
         t0 = time.perf_counter()

@@ -113,7 +113,7 @@ def test_vip_of_two_layers_ranks_as_dgls_inclusion_frequency():
 
 
 def test_vip_without_halo_in_edges_misses_the_second_hop_through_halo_nodes():
-    g, bare, full, inner, train = _tiny_partition()
+    _, bare, full, _, _ = _tiny_partition()
     ids_bare, vip_bare = vertex_inclusion_probability(bare, 10)
     ids_full, vip_full = vertex_inclusion_probability(full, 10)
     assert np.isin(ids_bare, ids_full).all() and ids_bare.size < ids_full.size  # remote nodes beyond the halo

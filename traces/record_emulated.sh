@@ -10,7 +10,7 @@
 # One run at a time, each under the shared heavy lock (RUDDER_HEAVY_LOCK=none when the caller already holds it, e.g.
 # `flock /tmp/rudder-heavy.lock env RUDDER_HEAVY_LOCK=none bash traces/record_emulated.sh heldout`).
 # Usage: bash traces/record_emulated.sh [train|heldout|NAME...]
-# (~2-4 min a run on 2 cores; the 4-host one longer). Each run's summary is kept beside this script's log in
+# (~45-55 s a run on 2 cores, plus the wait for the lock). Each run's summary is kept beside this script's log in
 # runs/record-emulated/ (ignored by git).
 set -euo pipefail
 cd "$(dirname "$0")/.."

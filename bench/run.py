@@ -104,6 +104,14 @@ def p5_llm_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
     return llm_decisions.summarise(df)
 
 
+def faults_reliability(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import faults
+
+    df = faults.measure()
+    df.to_csv(os.path.join(OUT_DIR, "faults.csv"), index=False)
+    return faults.summarise(df)
+
+
 SECTIONS = {
     "p1": ("P1 traffic against Belady MIN", p1_traffic),
     "p2": ("P2 end-to-end training time, P3 env overhead, memory", p2_end_to_end),
@@ -112,6 +120,7 @@ SECTIONS = {
     "p3": ("P3 hidden LLM latency", p3_llm_latency),
     "p4": ("P4 replay speed", p4_replay_speed),
     "p5": ("P5 LLM decisions", p5_llm_decisions),
+    "faults": ("Reliability: injected faults", faults_reliability),
 }
 
 

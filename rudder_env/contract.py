@@ -31,15 +31,20 @@ class BufferSettings:
         ranking: how candidates are ranked and victims chosen (:mod:`rudder_env.ranking`): ``"misses"``
             (MassiveGNN / Rudder: decayed miss counts, lowest score evicted) or ``"lookahead"`` (the sampler
             lookahead's predicted need).
+        buffer_init: the initial fill (``degree``, ``random``, ``empty``, ``vip``); None: the run's
+            (``--buffer-init``, or the recorded run's in replay).
     """
 
     uses_buffer: bool = True
     static: bool = False
     admit_on_miss: bool | None = None
     ranking: str = "misses"
+    buffer_init: str | None = None
 
     def __post_init__(self):
         check("ranking", self.ranking)
+        if self.buffer_init is not None:
+            check("buffer_init", self.buffer_init)
         if self.static and self.admit_on_miss:
             raise ValueError("a static buffer cannot admit on miss: it never changes after the initial fill")
 
@@ -47,14 +52,16 @@ class BufferSettings:
 def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None,
                   admit_on_miss: bool | None = None) -> dict[str, Any]:
     """``buffer_fraction``, ``admit_on_miss`` and ``ranking`` for an env (live trainer or replay) of an agent with
-    ``settings``, given the run's own ``buffer_fraction`` and ``admit_on_miss`` (None: the recorded run's, in replay).
+    ``settings``, given the run's own ``buffer_fraction`` and ``admit_on_miss`` (None: the recorded run's, in replay),
+    and ``buffer_init`` where the agent sets one.
 
     No buffer means capacity 0; a static buffer never admits; otherwise the agent's admit-on-miss choice, if it
-    makes one, overrides the run's.
+    makes one, overrides the run's; so does its initial fill.
     """
     admit = admit_on_miss if settings.admit_on_miss is None else settings.admit_on_miss
     return dict(buffer_fraction=buffer_fraction if settings.uses_buffer else 0.0,
-                admit_on_miss=False if settings.static else admit, ranking=settings.ranking)
+                admit_on_miss=False if settings.static else admit, ranking=settings.ranking,
+                **({} if settings.buffer_init is None else dict(buffer_init=settings.buffer_init)))
 
 
 class WindowInfo(TypedDict):

@@ -191,7 +191,7 @@ def test_an_installed_entry_point_resolves_by_name(tmp_path, monkeypatch):
     (info / "entry_points.txt").write_text("[rudder.agents]\ngate = byo_ep_pkg:GateAgent\n"
                                            "broken = byo_ep_missing:Agent\n")
     monkeypatch.syspath_prepend(str(site))
-    assert {"gate", "broken"} <= set(agent_names()) and agent_names()[:8] == list(REGISTRY)
+    assert {"gate", "broken"} <= set(agent_names()) and agent_names()[:len(REGISTRY)] == list(REGISTRY)
     agent = make_agent("gate", every=5)
     assert type(agent).__name__ == "GateAgent" and agent.every == 5 and agent.name == "gate"
     assert agent_labels(["periodic", "gate"]) == ["periodic", "gate"]
@@ -229,7 +229,8 @@ def test_my_agent_runs_live_from_a_folder_outside_the_repository(user_dir, tmp_p
 
     trace = Trace(str(user_dir / "trace"))
     assert trace.meta["agent"] == dict(name="missgate", settings=dict(uses_buffer=True, static=False,
-                                                                      admit_on_miss=None, ranking="misses"))
+                                                                      admit_on_miss=None, ranking="misses",
+                                                                      buffer_init=None))
     assert make_agent("recorded", trace=str(user_dir / "trace"), rank=1).settings == BufferSettings()
 
 

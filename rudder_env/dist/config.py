@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from rudder_env.replay_env import DEFAULT_SAMPLE_AHEAD
-from rudder_env.settings import check, check_fanout
+from rudder_env.settings import BUFFER_INITS, check, check_fanout
 
 
 def default_cache_dir() -> str:
@@ -19,7 +19,7 @@ def default_cache_dir() -> str:
 @dataclass
 class TrainConfig:
     graph: str = field(default="synth-tiny", metadata=dict(
-        help="preset (synth-tiny, synth-small, synth-large), an OGB dataset folder, or a .dgl file"))
+        help="preset (synth-tiny, synth-small, synth-hetero, synth-large), an OGB dataset folder, or a .dgl file"))
     parts: int = field(default=0, metadata=dict(
         help="number of partitions (one graph server each); 0: one per --hosts, else 2"))
     trainers_per_part: int = field(default=1, metadata=dict(help="trainer ranks per partition"))
@@ -32,7 +32,7 @@ class TrainConfig:
     lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
     seed: int = field(default=0, metadata=dict(help="seed for the graph, partitioning, model and sampling"))
     agent: str = field(default="periodic", metadata=dict(
-        help="prefetch agent: none, static, periodic, hitrate, lookahead, ppo, llm, recorded (with "
+        help="prefetch agent: none, static, periodic, hitrate, lookahead, vip, ppo, llm, recorded (with "
              "--decisions-from), a name an installed package registers (rudder.agents entry points), or a "
              "reference module.path:Class or path/to/file.py:Class (every trainer rank builds one)"))
     agent_kwargs: str = field(default="", metadata=dict(
@@ -47,7 +47,8 @@ class TrainConfig:
              "trainers and points them at it (one model copy per host); off: every trainer loads its own"))
     buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
     buffer_init: str = field(default="degree", metadata=dict(
-        choices=("degree", "random", "empty"), help="initial buffer content"))
+        choices=BUFFER_INITS, help="initial buffer content: degree (most-connected halo nodes), random, empty, or "
+                                   "vip (highest vertex inclusion probability, SALIENT++)"))
     alpha: float = field(default=0.05, metadata=dict(help="score decay per minibatch"))
     period: int = field(default=8, metadata=dict(help="minibatches per decision window"))
     admit_on_miss: bool = field(default=False, metadata=dict(help="let fetched misses enter free/evictable slots"))

@@ -37,6 +37,7 @@ REGISTRY = {
     "periodic": ("baselines.policies", "Periodic"),
     "hitrate": ("baselines.policies", "HitRateRule"),
     "lookahead": ("baselines.policies", "Lookahead"),
+    "vip": ("baselines.policies", "VIPStatic"),  # SALIENT++'s static cache by vertex inclusion probability
     "ppo": ("agents.ppo", "PPOAgent"),
     "llm": ("agents.llm", "LLMAgent"),
     "recorded": ("baselines.policies", "Recorded"),  # the decisions of a recorded run, replayed

@@ -10,7 +10,7 @@ import numpy as np
 
 import rudder_env  # noqa: F401  (registers the environments)
 from agents.base import as_agent
-from baselines.oracles import belady_min, hindsight_static
+from baselines.oracles import belady_min, hindsight_static, hit_ceiling
 from baselines.policies import Periodic, RandomBudget, StaticBuffer
 from rudder_env.contract import buffer_kwargs
 from rudder_env.evaluation.play import play, play_episode
@@ -37,6 +37,10 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
     (:func:`traces.fingerprint.provenance`: ``trained-on``, ``same-config``, ``held-out``, ``unknown``; empty for
     agents that learn nothing from traces); ``held_out`` is True only for ``held-out``.
 
+    Each row carries the rank's hit-rate ceiling for its buffer size (:func:`baselines.oracles.hit_ceiling`):
+    ``ceiling_hits`` over the rank and ``window_hit_ceiling`` per decision window, the most hits any policy could
+    have (Belady MIN bounds traffic, not hit rate).
+
     Each row also carries the rank's replay time model (:func:`time_model_columns`), checked out of sample on the
     first of the trace's own ``time-check-*.json`` files and ``time_checks`` that fits it.
     """
@@ -48,6 +52,10 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
         ref = ReplayEnv(trace, rank=rank, candidates=candidates, buffer_fraction=buffer_fraction)
         timing = time_model_columns(trace, rank, ref.time_model, checks)
         fingerprint = None  # computed once per rank, when a learned agent needs it
+        ids = trace.rank(rank).minibatch_ids()
+        sampled = np.asarray([x.size for x in ids], dtype=np.int64)
+        ceiling = hit_ceiling(ids, ref.capacity)
+        bound = dict(ceiling_hits=int(ceiling.sum()), window_hit_ceiling=_window_rates(ceiling, sampled, ref.period))
         for agent_name, factory in agents.items():
             agent = as_agent(factory(name, rank))
             env = ReplayEnv(trace, rank=rank, candidates=candidates,
@@ -62,9 +70,7 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
             rows.append(dict(agent=agent_name, trace=name, rank=rank, capacity=env.capacity,
                              asynchronous=agent.asynchronous, provenance=origin,
                              held_out=(origin == HELD_OUT) if origin else None,
-                             invalid_answers=agent.stats().get("invalid_answers", 0), **r, **timing))
-        ids = trace.rank(rank).minibatch_ids()
-        sampled = np.asarray([x.size for x in ids], dtype=np.int64)
+                             invalid_answers=agent.stats().get("invalid_answers", 0), **r, **timing, **bound))
         for oracle in oracles:
             if progress:
                 progress(f"{name} rank {rank}: {oracle}")
@@ -76,7 +82,7 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
                              initial_fill=res.initial_fill, admitted_on_miss=0, time_s=float("nan"),
                              decisions=0, latency_p50_s=0.0, latency_p95_s=0.0,
                              window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
-                             **timing))
+                             **timing, **bound))
     return rows
 
 

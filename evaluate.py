@@ -58,6 +58,9 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
                         "runs pickled code: only for a file from a source you trust)")
     p.add_argument("--llm-model", default=None,
                    help="LLM: a local HF folder, a GGUF file or a model package (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--llm-endpoint", default=None, metavar="URL",
+                   help="LLM: ask this OpenAI-compatible completions endpoint (python -m agents.llm_server, vLLM, ...) "
+                        "instead of loading the model here; --llm-model names its tokenizer")
     p.add_argument("--llm-mode", default="score", choices=("score", "generate"),
                    help="LLM decisions by scoring the options or by free generation")
     p.add_argument("--include-trained-on", action="store_true",
@@ -81,7 +84,8 @@ def builtin_options(name: str, args, trace: str = "", rank: int = 0) -> dict:
     """Constructor options evaluate.py's own flags give a built-in agent on ``trace`` rank ``rank``."""
     if name == "llm":
         return dict(model=args.llm_model, mode=args.llm_mode,
-                    log_path=os.path.join(args.out, f"llm-{trace}-rank{rank}.jsonl"))
+                    log_path=os.path.join(args.out, f"llm-{trace}-rank{rank}.jsonl"),
+                    **({"endpoint": args.llm_endpoint} if args.llm_endpoint else {}))
     if name == "ppo":
         return dict(path=args.ppo_policy, trust=args.trust_policy)
     if name == "recorded":  # each trace's own recorded decisions, at their recorded minibatches
@@ -182,6 +186,8 @@ def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict],
                "--seed", str(args.seed), "--summary", summary, *args.train_args.split()]
         if options[spec]:
             cmd += ["--agent-kwargs", json.dumps(options[spec])]
+        if spec == "llm" and args.llm_endpoint:
+            cmd += ["--llm-endpoint", args.llm_endpoint]
         if args.hosts:
             cmd[cmd.index("--parts") + 1] = str(args.hosts)
             cmd += ["--hosts", str(args.hosts), *(["--link-rate", args.link_rate] if args.link_rate else [])]

@@ -19,6 +19,12 @@ Two ways to get a decision from the model (``mode``):
 
 Every decision can be appended as one JSON line to ``log_path`` (prompt hash and suffix, option scores, answer,
 decision, validity, latency). Models are loaded once per process and shared between agents (:func:`shared_model`).
+
+With ``endpoint=URL`` the agent loads only the tokenizer (to render prompts with the model's chat template) and asks
+an OpenAI-compatible completions endpoint instead (:mod:`agents.llm_client`): rudder's own service
+(``python -m agents.llm_server``, one model for every trainer of a host), vLLM, or any server answering ``echo`` with
+``logprobs``. Scoring sends one prompt per option (the prompt followed by that option's answer) in one request and
+sums the log-probabilities of the answer's tokens: the same sum as the local model's.
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ class LLMAgent(Agent):
         max_new_tokens, temperature: generation settings (``"generate"`` mode); temperature 0 is greedy.
         prefix_cache: reuse the KV cache of the fixed prompt prefix across decisions.
         seed: seeds sampling when ``temperature > 0``.
+        endpoint: URL of an OpenAI-compatible completions endpoint to ask instead of a local model (``model`` then
+            names the tokenizer and chat template to render prompts with); None: the local model.
+        endpoint_model: the model id to ask the endpoint for (None: the first it lists).
 
     Attributes: ``trained_on`` (content fingerprints of what the few-shot examples were mined from, see
     :func:`agents.llm_prompt.examples_trained_on`), ``model_name``, ``decisions`` (act calls), ``queries`` (model
@@ -86,7 +95,8 @@ class LLMAgent(Agent):
 
     def __init__(self, model=None, mode: str = "score", options: dict[str, float] | None = None,
                  examples="default", history: int = 4, log_path: str | os.PathLike | None = None,
-                 max_new_tokens: int = 60, temperature: float = 0.0, prefix_cache: bool = True, seed: int = 0):
+                 max_new_tokens: int = 60, temperature: float = 0.0, prefix_cache: bool = True, seed: int = 0,
+                 endpoint: str | None = None, endpoint_model: str | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown LLM mode {mode!r}: expected one of {', '.join(MODES)}")
         if max_new_tokens < 1:
@@ -103,7 +113,19 @@ class LLMAgent(Agent):
         self.temperature = float(temperature)
         self.prefix_cache = bool(prefix_cache)
         self.seed = int(seed)
-        if isinstance(model, tuple):
+        self.client = None
+        if endpoint:
+            from agents.llm_client import EndpointClient
+            from agents.llm_models import load_tokenizer
+
+            self.client = EndpointClient(endpoint, endpoint_model)
+            if isinstance(model, tuple):
+                self.tokenizer, spec = model[1], "object"
+            else:
+                self.tokenizer, spec = load_tokenizer(model)
+            self.model = None
+            self.model_info = dict(name=self.client.model, spec=spec, endpoint=self.client.url)
+        elif isinstance(model, tuple):
             self.model, self.tokenizer = model[:2]
             self.model_info = dict(name=type(self.model).__name__, spec="object")
         else:
@@ -132,10 +154,16 @@ class LLMAgent(Agent):
         ``env.reset()``, as part of start-up. Returns the seconds spent (0 when already warm or not caching)."""
         if not self.prefix_cache:
             return 0.0
-        import torch
-
         t0 = time.perf_counter()
         text = render(self.tokenizer, self._prefix_messages(info), "")
+        if self.client is not None:  # the service keeps the KV cache of a prefix its later prompts share
+            if text.prefix and text.prefix != self._last_prefix:
+                self.client.echo_logprobs([text.prefix])
+                self._last_prefix = text.prefix
+                return time.perf_counter() - t0
+            return 0.0
+        import torch
+
         if text.prefix and (self._prefix is None or self._prefix[0] != text.prefix):
             with torch.inference_mode():
                 self._prefix_state(text.prefix)
@@ -262,10 +290,34 @@ class LLMAgent(Agent):
         With ``use_cache`` the prefix's KV cache is reused (copied) and only the suffix is prefilled; without, the
         whole prompt is. Returns the scores and the number of prompt tokens prefilled.
         """
+        if self.client is not None:
+            return self._endpoint_scores(prefix + suffix)
         import torch
 
         with torch.inference_mode():
             return self._option_scores(prefix, suffix, use_cache)
+
+    def _endpoint_scores(self, prompt: str) -> tuple[dict[str, float], int]:
+        """Each option's answer appended to ``prompt``, all in one request; the log-probabilities the endpoint echoes
+        for the answer's tokens, summed. Returns the scores and the prompt tokens sent."""
+        from agents.llm_client import EndpointError
+
+        names = list(self._option_ids)
+        rests = {o: answer_text(o)[len(ANSWER_PREFIX):] for o in names}
+        echoed = self.client.echo_logprobs([prompt + rests[o] for o in names])
+        scores, sent = {}, 0
+        for o, lp in zip(names, echoed):
+            n = len(self._option_ids[o])
+            values, offsets = lp["token_logprobs"], lp.get("text_offset")
+            if len(values) <= n or any(v is None for v in values[-n:]):
+                raise EndpointError(f"LLM endpoint {self.client.url}: {len(values)} token log-probabilities echoed "
+                                    f"for a prompt of more than {n} tokens")
+            if offsets and offsets[-n] != len(prompt):
+                raise EndpointError(f"LLM endpoint {self.client.url}: its tokenizer splits the answer {rests[o]!r} "
+                                    "differently from the agent's (is it serving the same model as --llm-model?)")
+            scores[o] = float(sum(values[-n:]))
+            sent += len(values)
+        return scores, sent
 
     def _option_scores(self, prefix: str, suffix: str, use_cache: bool) -> tuple[dict[str, float], int]:
         import torch
@@ -301,6 +353,10 @@ class LLMAgent(Agent):
 
     def _generate(self, prefix: str, suffix: str) -> tuple[str, int, int]:
         """Generated answer text, prompt tokens prefilled, tokens generated."""
+        if self.client is not None:
+            got = self.client.complete(prefix + suffix, self.max_new_tokens, self.temperature,
+                                       self.seed + self.queries if self.temperature > 0 else None)
+            return got["text"], got["prompt_tokens"], got["completion_tokens"]
         import torch
 
         with torch.inference_mode():

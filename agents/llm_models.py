@@ -307,3 +307,15 @@ def load_model(spec: str | os.PathLike | None = None):
                 prepare_s=round(prepare_s, 3), load_s=round(time.perf_counter() - t0, 3),
                 parameters=sum(p.numel() for p in model.parameters()))
     return model, tokenizer, info
+
+
+def load_tokenizer(spec: str | os.PathLike | None = None):
+    """Only the tokenizer (with its chat template) of a model spec, as :func:`load_model` resolves it: what an agent
+    that asks a remote endpoint needs to render its prompts. Returns ``(tokenizer, name)``."""
+    from transformers import AutoTokenizer
+
+    folder, name, _ = resolve(spec)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True), name
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {folder}: {str(exc).splitlines()[0]}") from exc

@@ -38,6 +38,13 @@ class TrainConfig:
     agent_kwargs: str = field(default="", metadata=dict(
         help="options passed to the agent's constructor: a JSON object ('{\"threshold\": 0.3}') or "
              "key=value,key2=value2"))
+    llm_endpoint: str | None = field(default=None, metadata=dict(
+        help="with --agent llm: an OpenAI-compatible completions endpoint (rudder's python -m agents.llm_server, "
+             "vLLM, ...) the agents ask instead of loading the model in every trainer rank"))
+    llm_service: str = field(default="auto", metadata=dict(
+        choices=("auto", "off"),
+        help="with --agent llm and no --llm-endpoint: auto starts one LLM service per host running two or more "
+             "trainers and points them at it (one model copy per host); off: every trainer loads its own"))
     buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
     buffer_init: str = field(default="degree", metadata=dict(
         choices=BUFFER_INITS, help="initial buffer content: degree (most-connected halo nodes), random, empty, or "
@@ -138,6 +145,8 @@ class TrainConfig:
             options.update(trace=self.decisions_from, rank=trainer_rank)
         if self.agent == "ppo" and self.trust_policy:
             options.update(trust=True)
+        if self.agent == "llm" and self.llm_endpoint:
+            options.update(endpoint=self.llm_endpoint)
         return options
 
     def validate(self) -> None:
@@ -151,6 +160,15 @@ class TrainConfig:
             raise ValueError(f"--decisions-from {self.decisions_from}: no such trace folder")
         if self.decisions_from is not None:
             self._check_decisions_trace()
+        if self.llm_endpoint is not None:
+            from agents.llm_client import EndpointError, base_url
+
+            if self.agent != "llm":
+                raise ValueError(f"--llm-endpoint is for --agent llm, got --agent {self.agent}")
+            try:
+                base_url(self.llm_endpoint)
+            except EndpointError as exc:
+                raise ValueError(str(exc)) from None
         check_agent(self.agent, self.agent_options())
         if self.agent == "ppo":
             from agents.ppo import read_policy_meta

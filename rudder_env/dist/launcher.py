@@ -347,8 +347,14 @@ def _launch_here(cfg, argv: list[str], script: str, mpiexec: str, log: JobLog) -
     for port in server_ports + [master_port]:
         if port_in_use("127.0.0.1", port):
             raise RuntimeError(f"port {port} is in use (another DistDGL job, or a leftover server?): pass --port")
-    log.note(f"rudder: starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers) on this host")
-    return _supervise(cfg, [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv], log)
+    from rudder_env.dist import llm_service
+
+    with llm_service.Services(cfg.agent_options().get("model"), cfg.decision_priority, log.note) as services:
+        if llm_service.wanted(cfg):
+            argv = [*argv, "--llm-endpoint", services.start_here()]
+        log.note(f"rudder: starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers) on "
+                 "this host")
+        return _supervise(cfg, [mpiexec, "-n", str(cfg.world_size), sys.executable, script, *argv], log)
 
 
 def _launch_on_cluster(cfg, argv: list[str], script: str, mpiexec: str, log: JobLog) -> int:
@@ -382,9 +388,14 @@ def _launch_on_cluster(cfg, argv: list[str], script: str, mpiexec: str, log: Job
                  f"starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers)")
         info = dict(name=cluster.name, hosts=cluster.hostnames, addresses=cluster.addresses,
                     link_rate=cluster.link_rate)
-        cmd = [mpiexec, *cluster.mpiexec_args(1 + cfg.trainers_per_part), "-n", str(cfg.world_size),
-               sys.executable, script, *argv]
-        return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info)})
+        from rudder_env.dist import llm_service
+
+        with llm_service.Services(cfg.agent_options().get("model"), cfg.decision_priority, log.note) as services:
+            if llm_service.wanted(cfg):
+                argv = [*argv, "--llm-endpoint", services.start_on(cluster, cluster.hostnames)]
+            cmd = [mpiexec, *cluster.mpiexec_args(1 + cfg.trainers_per_part), "-n", str(cfg.world_size),
+                   sys.executable, script, *argv]
+            return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info)})
     finally:
         if attached is None:
             cluster.down()

@@ -14,7 +14,7 @@ With ``--train``: also a real ``train.py gnn`` job (synth-tiny, 2 partitions x 2
 ``--llm-service auto`` (one service for the host's 4 trainers) and ``off`` (a model in every trainer): the peak of
 the summed PSS of the job's processes (sampled every 0.5 s), its wall time, and the LLM decisions taken.
 
-Writes ``bench/results/p6_llm_service.csv`` and prints a markdown summary. Timings on a shared 2-core machine are
+Writes ``bench/results/p8_llm_service.csv`` and prints a markdown summary. Timings on a shared 2-core machine are
 noisy: medians are reported.
 """
 
@@ -34,7 +34,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACE2 = os.path.join(ROOT, "traces", "samples", "small-metis2-f10x25")
 TRACE4 = os.path.join(ROOT, "traces", "samples", "small-metis4-f10x25")
-OUT = os.path.join(ROOT, "bench", "results", "p6_llm_service.csv")
+OUT = os.path.join(ROOT, "bench", "results", "p8_llm_service.csv")
 
 CHILD = r"""
 import os, sys, json

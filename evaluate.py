@@ -47,7 +47,7 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
     p.add_argument("--agent-kwargs", action="append", default=[], metavar="[AGENT@]OPTIONS",
                    help="constructor options, a JSON object or key=value,key2=value2: plain ones for every agent "
                         "given by reference or entry point, AGENT@OPTIONS for that agent only; repeatable")
-    p.add_argument("--oracles", default="belady,hindsight", help="comma-separated oracles ('' for none)")
+    p.add_argument("--oracles", default="belady,hindsight,best-level", help="comma-separated oracles ('' for none)")
     p.add_argument("--buffer-fraction", type=float, default=None,
                    help="buffer size as a fraction of each rank's halo (default: the recorded run's)")
     p.add_argument("--candidates", type=int, default=None, help="K candidates per decision (default: recorded)")

@@ -283,7 +283,10 @@ class PPOAgent(Agent):
         self.k = int(meta["k"])
         self.trained_on = list(meta.get("trained_on", []))
         self.deterministic = bool(deterministic)
-        self._space = observation_space(self.k)
+        full = observation_space(self.k)
+        # the keys the policy was trained on (a policy from before an observation key was added reads without it)
+        keys = [key for key, _ in meta["observation"]]
+        self._space = spaces.Dict({key: full[key] for key in keys if key in full.spaces})
         if observation_layout(self._space) != meta["observation"]:
             raise ValueError(f"{_sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
                              f"from this rudder's {observation_layout(self._space)}")
@@ -301,7 +304,8 @@ class PPOAgent(Agent):
 
     def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
         k_env = int(np.asarray(observation["candidates"]).shape[0])
-        flat = spaces.flatten(self._space, fit_k(observation, self.k))
+        obs = fit_k(observation, self.k)
+        flat = spaces.flatten(self._space, {key: obs[key] for key in self._space.spaces})
         if self._norm is not None:
             mean, var, eps, clip = self._norm
             flat = np.clip((flat - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)

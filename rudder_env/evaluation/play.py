@@ -92,6 +92,43 @@ def play_episode(env, agent, seed: int = 0) -> dict:
     return tally.result(env)
 
 
+def play_best_level(env, horizon: int = 3, seed: int = 0) -> dict:
+    """The best-in-action-space oracle of a replay env with ``levels``: at every decision, try each level from the
+    same state (:meth:`~rudder_env.replay_env.ReplayEnv.snapshot`), play it for ``horizon`` windows, and take the
+    one with the fewest modelled seconds (ties: the lower level, less traffic). It knows the future of the trace,
+    so no online agent can be expected to beat it by much; it is greedy over a short horizon, not a proven optimum.
+    Returns :func:`play_episode`'s row, with ``levels_chosen`` (how often each level was taken)."""
+    base = env.unwrapped
+    if getattr(base, "levels", None) is None:
+        raise ValueError("the best-level oracle needs an env with levels= (link-budget level actions)")
+    n = len(base.levels)
+    obs, info = env.reset(seed=seed)
+    tally = EpisodeTally()
+    chosen = np.zeros(n, dtype=np.int64)
+    done = False
+    while not done:
+        start = base.snapshot()
+        costs = []
+        for a in range(n):
+            base.restore(start)
+            seconds, over = 0.0, False
+            for _ in range(horizon):
+                _, _, over, _, trial = env.step(a)
+                w = trial["window"]
+                seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
+                if over:
+                    break
+            costs.append(seconds)
+        best = int(np.argmin(costs))  # first minimum: the lowest level among equals
+        base.restore(start)
+        chosen[best] += 1
+        tally.latencies.append(0.0)
+        obs, _, terminated, truncated, info = env.step(best)
+        tally.add_window(info)
+        done = terminated or truncated
+    return tally.result(env, levels_chosen=chosen.tolist())
+
+
 class EpisodeTally:
     """What every way of playing an episode keeps: each window's seconds and hit rate, and decision latencies."""
 

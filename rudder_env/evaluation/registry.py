@@ -37,6 +37,7 @@ REGISTRY = {
     "periodic": ("baselines.policies", "Periodic"),
     "hitrate": ("baselines.policies", "HitRateRule"),
     "lookahead": ("baselines.policies", "Lookahead"),
+    "level": ("baselines.policies", "FixedLevel"),  # one link-budget level every window (level=...)
     "ppo": ("agents.ppo", "PPOAgent"),
     "llm": ("agents.llm", "LLMAgent"),
     "recorded": ("baselines.policies", "Recorded"),  # the decisions of a recorded run, replayed

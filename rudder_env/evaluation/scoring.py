@@ -11,9 +11,10 @@ import numpy as np
 import rudder_env  # noqa: F401  (registers the environments)
 from agents.base import as_agent
 from baselines.oracles import belady_min, hindsight_static
-from baselines.policies import Periodic, RandomBudget, StaticBuffer
+from baselines.policies import FixedLevel, Periodic, RandomBudget, StaticBuffer
 from rudder_env.contract import buffer_kwargs
-from rudder_env.evaluation.play import play, play_episode
+from rudder_env.contract import LINK_LEVELS
+from rudder_env.evaluation.play import play, play_best_level, play_episode
 from rudder_env.replay_env import ReplayEnv
 from rudder_env.timing import FetchTimeModel, out_of_sample
 from traces import Trace
@@ -21,7 +22,8 @@ from traces.fingerprint import HELD_OUT, provenance, rank_fingerprint
 from traces.timecheck import TimeCheck
 from traces.timecheck import time_checks as find_time_checks
 
-ORACLES = ("belady", "hindsight")
+ORACLES = ("belady", "hindsight", "best-level")
+LEVEL_ORACLE_HORIZON = 3  # windows the best-level oracle plays each level ahead before choosing
 
 
 def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object]],
@@ -39,6 +41,10 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
 
     Each row also carries the rank's replay time model (:func:`time_model_columns`), checked out of sample on the
     first of the trace's own ``time-check-*.json`` files and ``time_checks`` that fits it.
+
+    The ``best-level`` oracle (:func:`level_oracle`) runs only on ranks whose time fit separates remote rows (time
+    is what it optimises); every row of such a rank carries ``level_oracle_s`` and ``worst_level_s`` for regret and
+    headroom.
     """
     trace = Trace(trace_dir)
     name = os.path.basename(os.path.normpath(trace_dir))
@@ -65,9 +71,21 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
                              invalid_answers=agent.stats().get("invalid_answers", 0), **r, **timing))
         ids = trace.rank(rank).minibatch_ids()
         sampled = np.asarray([x.size for x in ids], dtype=np.int64)
+        rank_rows = [r for r in rows if r["rank"] == rank and r["trace"] == name]
         for oracle in oracles:
             if progress:
                 progress(f"{name} rank {rank}: {oracle}")
+            if oracle == "best-level":
+                if not timing["time_fit_ok"]:
+                    continue
+                res = level_oracle(trace, rank, buffer_fraction, candidates, seed)
+                for r in rank_rows:
+                    r.update(level_oracle_s=res["time_s"], worst_level_s=res["worst_level_s"])
+                rows.append(dict(agent=oracle, trace=name, rank=rank, capacity=ref.capacity, asynchronous=False,
+                                 provenance="", held_out=None, invalid_answers=0,
+                                 **{k: v for k, v in res.items() if k != "levels_chosen"},
+                                 level_oracle_s=res["time_s"], **timing))
+                continue
             fn = {"belady": belady_min, "hindsight": hindsight_static}[oracle]
             res = fn(ids, ref.capacity)
             rows.append(dict(agent=oracle, trace=name, rank=rank, capacity=ref.capacity, asynchronous=False,
@@ -78,6 +96,25 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
                              window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
                              **timing))
     return rows
+
+
+def level_oracle(trace: Trace, rank: int, buffer_fraction: float | None = None, candidates: int | None = None,
+                 seed: int = 0, levels=LINK_LEVELS, horizon: int = LEVEL_ORACLE_HORIZON) -> dict:
+    """The best-in-action-space oracle (:func:`~rudder_env.evaluation.play.play_best_level`) over link-budget
+    levels with the lookahead's candidates (the misses' where the trace has no lookahead structure), and the
+    modelled time of each fixed level: ``worst_level_s`` (the worst of them), ``fixed_level_s``."""
+    probe = FixedLevel(levels[0], levels=levels)
+    kwargs = buffer_kwargs(probe.settings, buffer_fraction)
+    try:
+        env = ReplayEnv(trace, rank=rank, candidates=candidates, **kwargs)
+    except ValueError:  # no seeds or partition structure in the trace
+        kwargs.update(ranking="misses", admit_on_miss=None)
+        env = ReplayEnv(trace, rank=rank, candidates=candidates, **kwargs)
+    fixed = [play_episode(env, FixedLevel(x, ranking=kwargs["ranking"], levels=levels), seed)["time_s"]
+             for x in levels]
+    res = play_best_level(env, horizon=horizon, seed=seed)
+    res.update(worst_level_s=max(fixed), fixed_level_s=fixed, level_ranking=kwargs["ranking"])
+    return res
 
 
 def time_model_columns(trace: Trace, rank: int, model: FetchTimeModel, checks: Sequence[TimeCheck]) -> dict:

@@ -33,8 +33,8 @@ import numpy as np
 from gymnasium import spaces
 
 from agents.base import Agent
-from rudder_env.contract import top_fraction
-from rudder_env.settings import check_fraction_levels
+from rudder_env.contract import LINK_LEVELS, BufferSettings, top_fraction
+from rudder_env.settings import check_fraction_levels, check_link_levels
 from rudder_env.spaces import fit_k, observation_layout, observation_space
 from rudder_env.vector import make_replay_env, replay_env_fns, replay_env_specs
 from rudder_env.wrappers import DEFAULT_LEVELS
@@ -86,7 +86,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
               batch_size: int = 64, n_epochs: int = 10, learning_rate: float = 3e-4, gamma: float = 0.99,
               ent_coef: float = 0.0, net_arch: Sequence[int] = (32, 32),
               relative_reward: float | None = 1000.0, normalize_observation: bool = True,
-              tensorboard_log: str | None = None) -> TrainResult:
+              tensorboard_log: str | None = None, action: str = "fraction", reward: str = "traffic") -> TrainResult:
     """Train PPO on replayed traces and save it to ``out`` (``.zip``) and ``out.json`` (the sidecar).
 
     One env per (trace, rank, buffer fraction, buffer init), stepped together in a ``DummyVecEnv``; ``n_envs``
@@ -110,6 +110,9 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
             ``net_arch`` keeps the saved zip near 0.5 MB with K=256).
         tensorboard_log: SB3's ``tensorboard_log``: training curves (episode reward, losses) go to a new ``PPO_N``
             run folder under it.
+        action: ``"fraction"`` (:class:`FractionBudget` levels) or ``"link"`` (link-budget levels over the
+            lookahead's candidates, :class:`rudder_env.episode.PrefetchEpisode`; ``relative_reward`` must be None).
+        reward: the env's reward, ``"traffic"`` or ``"time"`` (minus the window's modelled seconds).
 
     Returns:
         a :class:`TrainResult`; ``episode_returns`` sums the env's own reward whatever the training reward.
@@ -120,7 +123,14 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-    levels = check_fraction_levels(levels)
+    if action not in ("fraction", "link"):
+        raise ValueError(f"action must be 'fraction' or 'link', got {action!r}")
+    if action == "link":
+        levels = check_link_levels(LINK_LEVELS if levels is DEFAULT_LEVELS else levels)
+        if relative_reward is not None:
+            raise ValueError("relative_reward needs action='fraction' (set it to None for link levels)")
+    else:
+        levels = check_fraction_levels(levels)
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not traces:
@@ -128,7 +138,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     grid = dict(ranks=ranks, buffer_fractions=buffer_fractions, buffer_inits=buffer_inits, n_envs=n_envs)
     specs = replay_env_specs(traces, **grid)
     out = out if out.endswith(".zip") else out + ".zip"
-    vec = DummyVecEnv(replay_env_fns(traces, **grid, seed=seed, action="fraction", levels=levels,
+    vec = DummyVecEnv(replay_env_fns(traces, **grid, seed=seed, action=action, levels=levels, reward=reward,
                                      relative_reward=relative_reward))
     k = int(vec.envs[0].unwrapped.k)
     dict_space = vec.envs[0].unwrapped.observation_space
@@ -175,7 +185,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     model.save(out)
     sidecar = dict(
-        format=SIDECAR_FORMAT, sha256=file_sha256(out), levels=list(levels), k=k,
+        format=SIDECAR_FORMAT, sha256=file_sha256(out), action=action, reward=reward, levels=list(levels), k=k,
         observation=observation_layout(dict_space),
         observation_normalization=obs_norm,
         trained_on=_fingerprints(specs),
@@ -279,7 +289,12 @@ class PPOAgent(Agent):
         path, meta = read_policy_meta(path, trust)
         self.meta = meta
         self.path = path
-        self.levels = check_fraction_levels(meta["levels"])
+        self.action = meta.get("action", "fraction")
+        if self.action == "link":  # link-budget levels over the lookahead's candidates, as trained
+            self.levels = check_link_levels(meta["levels"])
+            self.settings = BufferSettings(ranking="lookahead", admit_on_miss=True, levels=self.levels)
+        else:
+            self.levels = check_fraction_levels(meta["levels"])
         self.k = int(meta["k"])
         self.trained_on = list(meta.get("trained_on", []))
         self.deterministic = bool(deterministic)
@@ -311,4 +326,6 @@ class PPOAgent(Agent):
             flat = np.clip((flat - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)
         level_index, _ = self.model.predict(flat, deterministic=self.deterministic)
         self.last_level = self.levels[int(level_index)]
+        if self.action == "link":
+            return int(level_index)
         return top_fraction(self.last_level, info, k_env)

@@ -40,6 +40,7 @@ REGISTRY = {
     "level": ("baselines.policies", "FixedLevel"),  # one link-budget level every window (level=...)
     "ppo": ("agents.ppo", "PPOAgent"),
     "llm": ("agents.llm", "LLMAgent"),
+    "llm-link": ("agents.llm_link", "LLMLinkAgent"),  # the LLM choosing link-budget levels (time as the goal)
     "recorded": ("baselines.policies", "Recorded"),  # the decisions of a recorded run, replayed
 }
 ENTRY_POINT_GROUP = "rudder.agents"

@@ -1,14 +1,18 @@
 """Link-budget level actions, the link estimate, the best-level oracle, headroom and regret (issue 12)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from baselines.policies import FixedLevel
 from rudder_env.contract import LINK_LEVELS, buffer_kwargs
 from rudder_env.episode import LinkEstimate
 from rudder_env.evaluation.play import play_best_level, play_episode
+from rudder_env.evaluation.report import headroom
+from rudder_env.evaluation.scoring import level_oracle
 from rudder_env.replay_env import ReplayEnv
 from rudder_env.settings import SettingError
+from traces import Trace
 
 EMU = "traces/samples/emu2-metis2-f10x25-400mbit"
 
@@ -68,10 +72,16 @@ def test_snapshot_restore_replays_exactly():
     assert runs[0] == runs[1]
 
 
-def test_best_level_oracle_beats_every_fixed_level_and_levels_matter():
+def test_best_level_oracle_and_headroom():
     env = _env(rank=1)
     fixed = [play_episode(env, FixedLevel(x))["time_s"] for x in LINK_LEVELS]
-    oracle = play_best_level(env, horizon=3)
-    assert oracle["time_s"] <= min(fixed) + 1e-9
-    assert sum(oracle["levels_chosen"]) == oracle["decisions"]
+    greedy = play_best_level(env, horizon=3)
+    assert sum(greedy["levels_chosen"]) == greedy["decisions"] and max(greedy["levels_chosen"]) < greedy["decisions"]
+    assert greedy["time_s"] < fixed[0] and greedy["time_s"] < fixed[-1]  # it mixes levels and beats both ends
     assert max(fixed) / min(fixed) > 1.01  # the levels do not tie on this emulated-cluster trace
+    res = level_oracle(Trace(EMU), 1)
+    assert res["fixed_level_s"] == pytest.approx(fixed) and res["greedy_s"] == pytest.approx(greedy["time_s"])
+    assert res["time_s"] == pytest.approx(min(greedy["time_s"], *fixed)) and res["worst_level_s"] == max(fixed)
+    rows = pd.DataFrame([dict(agent="best-level", trace="t", rank=1, time_s=res["time_s"],
+                              worst_level_s=res["worst_level_s"])])
+    assert headroom(rows) == pytest.approx(1 - res["time_s"] / max(fixed))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -70,12 +71,29 @@ def tiny():
 
 
 def test_presets_sizes():
-    assert set(PRESETS) == {"synth-tiny", "synth-small", "synth-large"}
+    assert set(PRESETS) == {"synth-tiny", "synth-small", "synth-hetero", "synth-large"}
     for name, spec in PRESETS.items():
         assert isinstance(spec, SynthSpec), name
     assert PRESETS["synth-tiny"].num_nodes <= 10_000
     assert PRESETS["synth-small"].num_nodes * PRESETS["synth-small"].avg_degree == pytest.approx(2e6, rel=0.1)
     assert PRESETS["synth-large"].num_nodes * PRESETS["synth-large"].avg_degree == pytest.approx(2e7, rel=0.1)
+    assert PRESETS["synth-hetero"].num_nodes * PRESETS["synth-hetero"].avg_degree == pytest.approx(3e6, rel=0.1)
+
+
+def test_hetero_preset_is_another_family_than_small():
+    """synth-hetero (held-out evaluation) differs from synth-small in structure, not only in size: at the same
+    node count (20k, to stay fast) its edges join same-label nodes far less often and its degree tail is heavier."""
+    def shape(name):
+        g = generate_synthetic(dataclasses.replace(PRESETS[name], num_nodes=20_000), seed=0)
+        src, dst = g.edges()
+        label = g.ndata["label"]
+        deg = np.sort(g.in_degrees().numpy())[::-1]
+        return (label[src] == label[dst]).float().mean().item(), deg[: deg.size // 100].sum() / deg.sum()
+
+    small_same, small_top = shape("synth-small")
+    hetero_same, hetero_top = shape("synth-hetero")
+    assert small_same >= 0.65 and hetero_same <= 0.35  # seed 0: 0.72 vs 0.27 (chance: 1/16)
+    assert hetero_top >= 1.3 * small_top  # top 1% of nodes' share of edge endpoints; seed 0: 0.185 vs 0.119
 
 
 def test_tiny_contract(tiny):

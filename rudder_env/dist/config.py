@@ -19,7 +19,7 @@ def default_cache_dir() -> str:
 @dataclass
 class TrainConfig:
     graph: str = field(default="synth-tiny", metadata=dict(
-        help="preset (synth-tiny, synth-small, synth-large), an OGB dataset folder, or a .dgl file"))
+        help="preset (synth-tiny, synth-small, synth-hetero, synth-large), an OGB dataset folder, or a .dgl file"))
     parts: int = field(default=0, metadata=dict(
         help="number of partitions (one graph server each); 0: one per --hosts, else 2"))
     trainers_per_part: int = field(default=1, metadata=dict(help="trainer ranks per partition"))

@@ -210,11 +210,12 @@ def _load(source, options: dict[str, float]) -> list[dict]:
     return data["examples"]
 
 
-def examples_from_trace(trace_dir, rank: int = 0, n: int = 6, horizon: int = 3,
+def examples_from_trace(trace_dir, rank: int = 0, n: int | None = 6, horizon: int = 3,
                         options: dict[str, float] | None = None) -> list[dict]:
     """Label decision points of a replay by trying every option from the same state for ``horizon`` windows (the
     fewest modelled seconds wins; ties: the lower level). The trace is replayed under the middle option so the
-    points see ordinary states; the ``n`` points with the largest margin are kept, balanced between labels."""
+    points see ordinary states; the ``n`` points with the largest margin are kept, balanced between labels
+    (``n=None``: every point, in order)."""
     from rudder_env.replay_env import ReplayEnv
 
     options = dict(LINK_OPTIONS if options is None else options)
@@ -245,6 +246,8 @@ def examples_from_trace(trace_dir, rank: int = 0, n: int = 6, horizon: int = 3,
                                margin=(max(seconds) - seconds[best]) / max(max(seconds), 1e-9)))
         obs, _, terminated, truncated, info = env.step(middle)
         done = terminated or truncated
+    if n is None:
+        return points
     by_label: dict[str, list[dict]] = {}
     for p in sorted(points, key=lambda p: -p["margin"]):
         by_label.setdefault(p["decision"], []).append(p)

@@ -40,6 +40,7 @@ from rudder_env.vector import make_replay_env, replay_env_fns, replay_env_specs
 from rudder_env.wrappers import DEFAULT_LEVELS
 
 DEFAULT_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-small.zip")
+LINK_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-link.zip")
 SIDECAR_FORMAT = "rudder-ppo-policy/1"
 OBS_EPSILON = 1e-4  # floor of the observation variance in normalisation: std >= 0.01
 OBS_CLIP = 10.0
@@ -111,7 +112,8 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
         tensorboard_log: SB3's ``tensorboard_log``: training curves (episode reward, losses) go to a new ``PPO_N``
             run folder under it.
         action: ``"fraction"`` (:class:`FractionBudget` levels) or ``"link"`` (link-budget levels over the
-            lookahead's candidates, :class:`rudder_env.episode.PrefetchEpisode`; ``relative_reward`` must be None).
+            lookahead's candidates, :class:`rudder_env.episode.PrefetchEpisode`; :class:`RelativeReward` is then
+            relative to always playing level 0).
         reward: the env's reward, ``"traffic"`` or ``"time"`` (minus the window's modelled seconds).
 
     Returns:
@@ -127,8 +129,6 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
         raise ValueError(f"action must be 'fraction' or 'link', got {action!r}")
     if action == "link":
         levels = check_link_levels(LINK_LEVELS if levels is DEFAULT_LEVELS else levels)
-        if relative_reward is not None:
-            raise ValueError("relative_reward needs action='fraction' (set it to None for link levels)")
     else:
         levels = check_fraction_levels(levels)
     if int(steps) < 1:
@@ -329,3 +329,13 @@ class PPOAgent(Agent):
         if self.action == "link":
             return int(level_index)
         return top_fraction(self.last_level, info, k_env)
+
+
+class PPOLinkAgent(PPOAgent):
+    """:class:`PPOAgent` with the shipped link-budget-level policy (``agents/policies/ppo-link.zip``: trained with
+    time as the reward on the emulated-cluster training traces, ``traces/train/emu2-*``)."""
+
+    name = "ppo-link"
+
+    def __init__(self, path: str | None = None, deterministic: bool = True, trust: bool = False):
+        super().__init__(LINK_POLICY if path is None else path, deterministic, trust)

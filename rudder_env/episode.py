@@ -281,11 +281,18 @@ class PrefetchEpisode:
     def decide(self, action) -> np.ndarray:
         """Turn the action into the prefetch set (ids, in rank order) and schedule it: a ``MultiBinary(K)`` mask
         over the top-K candidates, or, with ``levels``, the index of a level (:meth:`choices`)."""
+        return self.apply(self.resolver()(action))
+
+    def resolver(self) -> Callable[[object], np.ndarray]:
+        """A function turning an action taken on the current observation into its prefetch ids; it keeps this
+        decision's candidates, so it also serves a decision an agent finishes later, in the background."""
         if self.levels is None:
-            mask = check_action(action, self.k) & (self.candidate_ids >= 0)
-            return self.apply(self.candidate_ids[mask])
-        index = check_level(action, len(self.levels))
-        return self.apply(self._ranked.candidate_ids[: self._choices[index]["rows"]])
+            ids, k = self.candidate_ids.copy(), self.k
+            return lambda action: ids[check_action(action, k) & (ids >= 0)]
+        ranked, n = self._ranked.candidate_ids, len(self.levels)
+        rows = [c["rows"] for c in self._choices]
+        ids = ranked[: max(rows)].copy()
+        return lambda action: ids[: rows[check_level(action, n)]]
 
     def choices(self) -> list[Choice]:
         """What each level would do at the current decision (levels mode; empty otherwise)."""

@@ -61,8 +61,8 @@ def make_replay_env(trace, rank: int = 0, *, action: str = "fraction", levels: S
 
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}: expected one of {', '.join(ACTIONS)}")
-    if relative_reward is not None and action != "fraction":
-        raise ValueError(f"relative_reward needs action='fraction', got action={action!r}")
+    if relative_reward is not None and action not in ("fraction", "link"):
+        raise ValueError(f"relative_reward needs action='fraction' or 'link', got action={action!r}")
     link = {}
     if action == "link":
         link = dict(levels=tuple(levels) if levels is not None else LINK_LEVELS, ranking="lookahead",

@@ -31,12 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from agents.base import as_agent
-from rudder_env.spaces import check_action
 
 
 class _Pending:
-    def __init__(self, candidate_ids: np.ndarray, observed_minibatch: int):
-        self.candidate_ids = candidate_ids
+    def __init__(self, resolve, observed_minibatch: int):
+        self.resolve = resolve  # action -> prefetch ids, on the candidates of the observation it was taken on
         self.observed_minibatch = observed_minibatch
         self.submitted = time.perf_counter()
         self.future = None
@@ -194,17 +193,16 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
             p.latency_s = time.perf_counter() - p.submitted
         elif minibatch < p.due_minibatch:
             return None
-        mask = check_action(p.action, p.candidate_ids.size) & (p.candidate_ids >= 0)
         tally.latencies.append(p.latency_s)
         delays.append(minibatch - p.observed_minibatch)
         pending = None
-        return p.candidate_ids[mask], p.latency_s
+        return p.resolve(p.action), p.latency_s
 
     done = False
     try:
         while not done:
             if pending is None:
-                pending = _Pending(np.asarray(info["candidate_ids"]).copy(), info["minibatch"])
+                pending = _Pending(base.episode.resolver(), info["minibatch"])
                 if live:
                     pending.future = pool.submit(agent.act, obs, info)
                 else:

@@ -39,6 +39,7 @@ REGISTRY = {
     "lookahead": ("baselines.policies", "Lookahead"),
     "level": ("baselines.policies", "FixedLevel"),  # one link-budget level every window (level=...)
     "ppo": ("agents.ppo", "PPOAgent"),
+    "ppo-link": ("agents.ppo", "PPOLinkAgent"),  # PPO choosing link-budget levels (time as the reward)
     "llm": ("agents.llm", "LLMAgent"),
     "llm-link": ("agents.llm_link", "LLMLinkAgent"),  # the LLM choosing link-budget levels (time as the goal)
     "recorded": ("baselines.policies", "Recorded"),  # the decisions of a recorded run, replayed

@@ -33,7 +33,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "traces", "samples")
-DEFAULT_AGENTS = "none,static,periodic,hitrate,lookahead,ppo,llm,ppo-link,llm-link"
+DEFAULT_AGENTS = "none,static,vip,periodic,hitrate,lookahead,ppo,llm,ppo-link,llm-link"
 
 
 def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:

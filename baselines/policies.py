@@ -1,6 +1,6 @@
-"""Non-learning prefetch policies as agents: no prefetch, static buffer, periodic (MassiveGNN), the periodic policy
-under the sampler lookahead's ranking, a hit-rate rule, random budget levels, a fixed link-budget level, and a
-recorded run's decisions."""
+"""Non-learning prefetch policies as agents: no prefetch, static buffer (``--buffer-init`` fill, or SALIENT++'s VIP
+fill), periodic (MassiveGNN), the periodic policy under the sampler lookahead's ranking, a hit-rate rule, random
+budget levels, a fixed link-budget level, and a recorded run's decisions."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ class StaticBuffer(_Keep):
 
     name = "static"
     settings = BufferSettings(static=True)
+
+
+class VIPStatic(_Keep):
+    """SALIENT++'s cache: the buffer filled once with the remote nodes of highest vertex inclusion probability for
+    this trainer (:mod:`rudder_env.vip`), never changed. The strongest cheap static baseline."""
+
+    name = "vip"
+    settings = BufferSettings(static=True, buffer_init="vip")
 
 
 class Periodic(_Keep):

@@ -421,17 +421,27 @@ class PrefetchBuffer:
             self.rows[slots] = rows[:n]
 
 
-def initial_ids(how: str, halo_ids: np.ndarray, halo_degree: np.ndarray, capacity: int, seed: int) -> np.ndarray:
+def initial_ids(how: str, halo_ids: np.ndarray, halo_degree: np.ndarray, capacity: int, seed: int,
+                vip: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The ids of an initial fill of ``capacity`` slots: ``degree`` (most-connected halo nodes first, ties by lower
-    id), ``random`` (a seeded permutation of the halo) or ``empty``."""
+    id), ``random`` (a seeded permutation of the halo), ``empty``, or ``vip``: the remote nodes of highest vertex
+    inclusion probability (SALIENT++), ties by lower id, given as ``vip=(ids, probabilities)``
+    (:func:`rudder_env.vip.vertex_inclusion_probability`). Only nodes with a positive VIP are filled: a node the
+    sampler cannot reach from this trainer's seeds is worth no slot, so a VIP fill may leave slots empty."""
     if capacity <= 0 or how == "empty":
         return np.zeros(0, dtype=np.int64)
+    if how == "vip":
+        if vip is None:
+            raise ValueError("buffer init 'vip' needs the vertex inclusion probabilities (vip=(ids, probabilities))")
+        ids, p = np.asarray(vip[0], dtype=np.int64), np.asarray(vip[1])
+        ids, p = ids[p > 0], p[p > 0]
+        return ids[first_in_order(capacity, -p, ids)]
     if how == "degree":
         order = np.lexsort((halo_ids, -np.asarray(halo_degree)))
     elif how == "random":
         order = np.random.default_rng(seed).permutation(halo_ids.size)
     else:
-        raise ValueError(f"unknown buffer init {how!r}: expected degree, random or empty")
+        raise ValueError(f"unknown buffer init {how!r}: expected degree, random, empty or vip")
     return np.asarray(halo_ids, dtype=np.int64)[order[:capacity]]
 
 

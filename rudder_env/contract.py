@@ -35,6 +35,8 @@ class BufferSettings:
         ranking: how candidates are ranked and victims chosen (:mod:`rudder_env.ranking`): ``"misses"``
             (MassiveGNN / Rudder: decayed miss counts, lowest score evicted) or ``"lookahead"`` (the sampler
             lookahead's predicted need).
+        buffer_init: the initial fill (``degree``, ``random``, ``empty``, ``vip``); None: the run's
+            (``--buffer-init``, or the recorded run's in replay).
         levels: None: the agent acts with a ``MultiBinary(K)`` mask over the top-K candidates; else it picks one of
             these multiples of the link budget every window (``Discrete``; see
             :class:`rudder_env.episode.PrefetchEpisode`).
@@ -45,11 +47,14 @@ class BufferSettings:
     admit_on_miss: bool | None = None
     ranking: str = "misses"
     levels: tuple[float, ...] | None = None
+    buffer_init: str | None = None
 
     def __post_init__(self):
         check("ranking", self.ranking)
         if self.levels is not None:
             object.__setattr__(self, "levels", check_link_levels(self.levels))
+        if self.buffer_init is not None:
+            check("buffer_init", self.buffer_init)
         if self.static and self.admit_on_miss:
             raise ValueError("a static buffer cannot admit on miss: it never changes after the initial fill")
 
@@ -57,14 +62,18 @@ class BufferSettings:
 def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None,
                   admit_on_miss: bool | None = None) -> dict[str, Any]:
     """``buffer_fraction``, ``admit_on_miss`` and ``ranking`` for an env (live trainer or replay) of an agent with
-    ``settings``, given the run's own ``buffer_fraction`` and ``admit_on_miss`` (None: the recorded run's, in replay).
+    ``settings``, given the run's own ``buffer_fraction`` and ``admit_on_miss`` (None: the recorded run's, in replay),
+    and ``buffer_init`` where the agent sets one.
 
     No buffer means capacity 0; a static buffer never admits; otherwise the agent's admit-on-miss choice, if it
-    makes one, overrides the run's. ``levels`` is there only for an agent that acts by link-budget levels.
+    makes one, overrides the run's; so does its initial fill. ``levels`` is there only for an agent that acts by
+    link-budget levels.
     """
     admit = admit_on_miss if settings.admit_on_miss is None else settings.admit_on_miss
     out = dict(buffer_fraction=buffer_fraction if settings.uses_buffer else 0.0,
                admit_on_miss=False if settings.static else admit, ranking=settings.ranking)
+    if settings.buffer_init is not None:
+        out["buffer_init"] = settings.buffer_init
     if settings.levels is not None:
         out["levels"] = settings.levels
     return out

@@ -13,6 +13,7 @@ from rudder_env.ranking import make_ranking
 from rudder_env.spaces import action_space, observation_space
 from rudder_env.settings import check, check_link_levels, check_optional
 from rudder_env.timing import BackgroundLink, FetchTimeModel
+from rudder_env.vip import vertex_inclusion_probability
 from traces import Trace, TraceError
 
 DEFAULT_CANDIDATES = 256
@@ -72,7 +73,8 @@ class ReplayEnv(PrefetchEnv):
     ## Arguments
     ``trace`` (folder or :class:`traces.Trace`), ``rank`` (trainer rank in the trace), ``candidates`` (K),
     ``reward``, and buffer overrides ``buffer_fraction``, ``buffer_init`` (``recorded``, ``degree``, ``random``,
-    ``empty``), ``alpha``, ``period``, ``admit_on_miss`` (default: the recorded run's); ``ranking``
+    ``empty``, ``vip``: highest vertex inclusion probability, :mod:`rudder_env.vip`), ``alpha``, ``period``,
+    ``admit_on_miss`` (default: the recorded run's); ``ranking``
     (``"misses"``, or ``"lookahead"`` when the trace recorded seeds and partition structure: see
     :mod:`rudder_env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``; ``prefetch``
     (``"inline"`` or ``"background"``, default the recorded run's) and ``follow_recorded``: with background
@@ -118,7 +120,10 @@ class ReplayEnv(PrefetchEnv):
         self.capacity = int(round(self.buffer_fraction * self.halo_ids.size))
         if buffer_init == "recorded":
             same_size = self.capacity == int(rmeta.get("capacity", -1))
-            buffer_init = "recorded" if same_size else run.get("buffer_init", "degree")
+            # the fill the recorded agent played with (its settings may override the run's --buffer-init)
+            recorded_init = ((self.source.meta.get("buffer") or {}).get("buffer_init")
+                             or run.get("buffer_init", "degree"))
+            buffer_init = "recorded" if same_size else recorded_init
         self.buffer_init = buffer_init
         self.num_nodes = int(rmeta["num_nodes"])
         self.fanouts = [int(x) for x in str(run.get("fanout", "10,25")).split(",")]
@@ -147,6 +152,13 @@ class ReplayEnv(PrefetchEnv):
         # recorded before the option existed is replayed as today's trainer would run it
         self.sample_ahead = int(run.get("sample_ahead", DEFAULT_SAMPLE_AHEAD))
         self._lookahead = None
+        self._vip = None
+        if buffer_init == "vip":
+            la = SamplerLookahead.from_static(self.rank_trace.static, self.num_nodes)
+            if la is None:
+                raise ValueError(f"buffer_init='vip' needs a trace recorded with partition structure; "
+                                 f"{self.source.directory} has none (re-record it with this rudder)")
+            self._vip = vertex_inclusion_probability(la, self.batch_size)
         if ranking == "lookahead":
             self._lookahead = SamplerLookahead.from_static(self.rank_trace.static, self.num_nodes)
             self._seeds = self.rank_trace.minibatch_seeds()
@@ -163,7 +175,7 @@ class ReplayEnv(PrefetchEnv):
             ids = self.rank_trace.static["initial_ids"]
         else:
             seed = int(self.np_random.integers(2**31))
-            ids = initial_ids(self.buffer_init, self.halo_ids, self.halo_degree, self.capacity, seed)
+            ids = initial_ids(self.buffer_init, self.halo_ids, self.halo_degree, self.capacity, seed, vip=self._vip)
         buf.fill(ids)
         return buf
 

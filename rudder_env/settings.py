@@ -25,7 +25,7 @@ class SettingError(ValueError):
 
 REWARDS = ("traffic", "time")
 RANKINGS = ("misses", "lookahead")
-BUFFER_INITS = ("degree", "random", "empty")
+BUFFER_INITS = ("degree", "random", "empty", "vip")
 PREFETCH_MODES = ("inline", "background")
 
 

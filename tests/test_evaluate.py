@@ -53,7 +53,7 @@ def test_evaluate_end_to_end_with_every_agent_and_the_real_llm(tmp_path):
     df = pd.read_csv(tmp_path / "results.csv")
     for col in ("agent", "trace", "rank", "remote_sampled", "hits", "remote_fetched", "prefetched"):
         assert col in df
-    assert set(df["agent"]) == {"none", "static", "periodic", "hitrate", "lookahead", "ppo", "llm", "ppo-link",
+    assert set(df["agent"]) == {"none", "static", "vip", "periodic", "hitrate", "lookahead", "ppo", "llm", "ppo-link",
                                 "llm-link", "belady", "hindsight"}  # best-level: not where the time fit fails
     assert "best-level" in proc.stdout  # named among the oracles all the same
     llm = df[df["agent"] == "llm"]

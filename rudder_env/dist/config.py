@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from rudder_env.replay_env import DEFAULT_SAMPLE_AHEAD
-from rudder_env.settings import check, check_fanout
+from rudder_env.settings import BUFFER_INITS, check, check_fanout
 
 
 def default_cache_dir() -> str:
@@ -32,7 +32,7 @@ class TrainConfig:
     lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
     seed: int = field(default=0, metadata=dict(help="seed for the graph, partitioning, model and sampling"))
     agent: str = field(default="periodic", metadata=dict(
-        help="prefetch agent: none, static, periodic, hitrate, lookahead, ppo, llm, recorded (with "
+        help="prefetch agent: none, static, periodic, hitrate, lookahead, vip, ppo, llm, recorded (with "
              "--decisions-from), a name an installed package registers (rudder.agents entry points), or a "
              "reference module.path:Class or path/to/file.py:Class (every trainer rank builds one)"))
     agent_kwargs: str = field(default="", metadata=dict(
@@ -40,7 +40,8 @@ class TrainConfig:
              "key=value,key2=value2"))
     buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
     buffer_init: str = field(default="degree", metadata=dict(
-        choices=("degree", "random", "empty"), help="initial buffer content"))
+        choices=BUFFER_INITS, help="initial buffer content: degree (most-connected halo nodes), random, empty, or "
+                                   "vip (highest vertex inclusion probability, SALIENT++)"))
     alpha: float = field(default=0.05, metadata=dict(help="score decay per minibatch"))
     period: int = field(default=8, metadata=dict(help="minibatches per decision window"))
     admit_on_miss: bool = field(default=False, metadata=dict(help="let fetched misses enter free/evictable slots"))

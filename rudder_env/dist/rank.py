@@ -208,7 +208,8 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     heartbeat = Heartbeat(beat_path(job.job_dir, role.rank))  # read by the supervisor's watchdog
     trainer = DistTrainer(cfg, role.trainer_rank, job.graph_name, job.ip_config, job.master, job.meta,
                           part_config=job.part_config, buffer_fraction=buffer["buffer_fraction"],
-                          admit_on_miss=buffer["admit_on_miss"], heartbeat=heartbeat)
+                          admit_on_miss=buffer["admit_on_miss"], heartbeat=heartbeat,
+                          buffer_init=buffer.get("buffer_init"))
     extra = {}
     if cfg.check_env:
         from gymnasium.utils.env_checker import check_env

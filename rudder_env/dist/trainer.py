@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rudder_env.buffer import PrefetchBuffer, positions, initial_ids
+from rudder_env.vip import vertex_inclusion_probability
 from rudder_env.episode import MinibatchRecord
 from rudder_env.dist.dgl_compat import import_dgl
 from rudder_env.dist.models import build_model
@@ -112,8 +113,8 @@ class DistTrainer:
         master: ``host:port`` of torch.distributed's TCP store.
         meta: the partitions' ``rudder.json`` (classes, feature width).
         part_config: the partition config JSON (to find the original node ids for ``--verify-rows``).
-        buffer_fraction, admit_on_miss: the buffer the agent plays with
-            (:func:`rudder_env.contract.buffer_kwargs` of its settings and the run's options).
+        buffer_fraction, admit_on_miss, buffer_init: the buffer the agent plays with
+            (:func:`rudder_env.contract.buffer_kwargs` of its settings and the run's options; None: the run's).
         heartbeat: a :class:`~rudder_env.dist.heartbeat.Heartbeat` to mark progress in (each minibatch's phases:
             sampling, fetching, compute and all-reduce, the agent's turn; evaluation; closing), for the
             supervisor's watchdog.
@@ -121,7 +122,7 @@ class DistTrainer:
 
     def __init__(self, cfg, trainer_rank: int, graph_name: str, ip_config: str, master: str, meta: dict,
                  part_config: str = "", buffer_fraction: float | None = None, admit_on_miss: bool | None = None,
-                 heartbeat=None):
+                 heartbeat=None, buffer_init: str | None = None):
         self.cfg = cfg
         self._mark = heartbeat.mark if heartbeat is not None else (lambda phase: None)
         self.trainer_rank = trainer_rank
@@ -149,6 +150,7 @@ class DistTrainer:
         fraction = cfg.buffer_fraction if buffer_fraction is None else buffer_fraction
         self.capacity = int(round(fraction * self.halo_ids.size))
         self.admit_on_miss = cfg.admit_on_miss if admit_on_miss is None else admit_on_miss
+        self.buffer_init = cfg.buffer_init if buffer_init is None else buffer_init
         self.link = _Link()
         self._pulled_lock = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rudder-prefetch") \
@@ -168,7 +170,8 @@ class DistTrainer:
         return self
 
     def start(self, seed: int) -> None:
-        """(Re)start training from scratch: weights, optimizer, buffer (filled per --buffer-init), counters.
+        """(Re)start training from scratch: weights, optimizer, buffer (filled per --buffer-init or the agent's
+        settings), counters.
 
         ``seed`` fixes the initial weights (the same on every trainer), the sampling order and a random fill.
         """
@@ -189,7 +192,7 @@ class DistTrainer:
         self.buffer = PrefetchBuffer(self.capacity, self.g.num_nodes(), alpha=cfg.alpha, period=cfg.period,
                                      feat_dim=self.meta["feat_dim"], admit_on_miss=self.admit_on_miss,
                                      prefetch=cfg.prefetch)
-        self.initial_ids = self._initial_fill(cfg.buffer_init)
+        self.initial_ids = self._initial_fill(self.buffer_init)
         self.minibatch_index = 0
         self._ahead: collections.deque[_Sampled] = collections.deque()  # sampled but not trained yet
         self._orders: dict[int, np.ndarray] = {}  # epoch -> its shuffled seed order, once drawn
@@ -226,8 +229,12 @@ class DistTrainer:
         return la
 
     def _initial_fill(self, how: str) -> np.ndarray:
+        vip = None
+        if how == "vip":  # SALIENT++'s VIP from the partition structure around this trainer's seeds: the same
+            # arrays a trace stores, so replay computes the same fill
+            vip = vertex_inclusion_probability(self.lookahead, self.cfg.batch_size)
         ids = initial_ids(how, self.halo_ids, self.halo_degree, self.buffer.capacity,
-                          seed=self.seed * 1000 + self.trainer_rank)
+                          seed=self.seed * 1000 + self.trainer_rank, vip=vip)
         t0 = time.perf_counter()
         filled = self.buffer.fill(ids, fetch=self.pull)
         self.initial_fill_s = time.perf_counter() - t0

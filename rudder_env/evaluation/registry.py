@@ -37,6 +37,7 @@ REGISTRY = {
     "periodic": ("baselines.policies", "Periodic"),
     "hitrate": ("baselines.policies", "HitRateRule"),
     "lookahead": ("baselines.policies", "Lookahead"),
+    "vip": ("baselines.policies", "VIPStatic"),  # SALIENT++'s static cache by vertex inclusion probability
     "level": ("baselines.policies", "FixedLevel"),  # one link-budget level every window (level=...)
     "ppo": ("agents.ppo", "PPOAgent"),
     "ppo-link": ("agents.ppo", "PPOLinkAgent"),  # PPO choosing link-budget levels (time as the reward)

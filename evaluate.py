@@ -254,7 +254,7 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
         return 2
     df = pd.DataFrame(rows)
     csv = os.path.join(args.out, "results.csv")
-    df.drop(columns=["window_hit_rate"]).to_csv(csv, index=False)
+    df.drop(columns=["window_hit_rate", "window_hit_ceiling"], errors="ignore").to_csv(csv, index=False)
     print(format_report(df, include_trained_on=args.include_trained_on))
     if "best-level" in oracles and "best-level" not in set(df["agent"]):
         print("best-level: not run: no rank's time fit separates remote rows (time is what it optimises), so no "

@@ -10,6 +10,9 @@ recorded by a trainer. Every oracle returns an :class:`OracleResult` whose count
 - :func:`hindsight_static` — the best static buffer in hindsight: filled once with the ``capacity`` ids needed in
   the most minibatches, never changed (what ``--buffer-init`` + policy ``static`` could reach at best).
 - :func:`no_prefetch` — no buffer at all: every remote row pulled on demand.
+- :func:`hit_ceiling` — the most hits a ``capacity``-row buffer can have in each minibatch, whatever it prefetches:
+  the hit-rate ceiling. Belady MIN bounds traffic, not hit rate (a buffer that prefetches a minibatch's rows before
+  it can hit more than MIN does, paying the same pulls earlier), so hit rates are compared with this instead.
 
 Cost model, per minibatch ``t`` needing the id set ``S_t``: with ``R`` the rows resident before ``t``, the
 ``|S_t ∩ R|`` hits are served from the buffer and the ``|S_t \\ R|`` misses cost one remote row each; afterwards the
@@ -29,7 +32,7 @@ import numpy as np
 _HEAP_SLACK_MIN = 1 << 16  # dead heap entries tolerated before a rebuild (at least; or num_ids // 4)
 
 __all__ = ["OracleResult", "belady_min", "belady_min_curve", "hindsight_static", "hindsight_static_ids",
-           "no_prefetch"]
+           "hit_ceiling", "no_prefetch"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,17 @@ def no_prefetch(minibatches: Sequence[np.ndarray]) -> OracleResult:
     """No buffer (capacity 0): every remote row of every minibatch is pulled on demand; the reference cost."""
     stream = _flatten(minibatches)
     return _result("no_prefetch", 0, stream, np.zeros(stream.num_minibatches, dtype=np.int64))
+
+
+def hit_ceiling(minibatches: Sequence[np.ndarray], capacity: int) -> np.ndarray:
+    """The most hits any buffer of ``capacity`` rows can have in each minibatch: ``min(capacity, |S_t|)``.
+
+    A hit is a row of the minibatch resident before it, and at most ``capacity`` rows are resident; a buffer that
+    prefetched exactly the minibatch's rows (or ``capacity`` of them) beforehand reaches it, so the bound is tight
+    for a policy allowed unlimited prefetching. Returns an int64 array, one entry per minibatch."""
+    _check_capacity(capacity)
+    sizes = np.asarray([np.asarray(ids).size for ids in minibatches], dtype=np.int64)
+    return np.minimum(sizes, int(capacity))
 
 
 def hindsight_static_ids(minibatches: Sequence[np.ndarray], capacity: int) -> np.ndarray:

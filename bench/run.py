@@ -130,6 +130,14 @@ def p7_llm_size(quick: bool) -> tuple[str, pd.DataFrame]:
     return llm_size.summarise(df)
 
 
+def faults_reliability(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import faults
+
+    df = faults.measure()
+    df.to_csv(os.path.join(OUT_DIR, "faults.csv"), index=False)
+    return faults.summarise(df)
+
+
 SECTIONS = {
     "p1": ("P1 traffic against Belady MIN", p1_traffic),
     "p2": ("P2 end-to-end training time, P3 env overhead, memory", p2_end_to_end),
@@ -141,6 +149,7 @@ SECTIONS = {
     "p5": ("P5 LLM decisions", p5_llm_decisions),
     "p6": ("P6 decisions that matter: link-budget levels, headroom, regret, held out", p6_decisions),
     "p7": ("P7 LLM size curve on link-budget decisions", p7_llm_size),
+    "faults": ("Reliability: injected faults", faults_reliability),
 }
 
 

@@ -58,6 +58,7 @@ def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), ag
     """One row per trace x buffer fraction x agent: summed over ranks. ``agents`` are names or references
     (:mod:`rudder_env.evaluation.registry`), ``agent_kwargs`` their constructor options by agent."""
     from rudder_env.evaluation.registry import agent_labels, check_agent, make_agent
+    from traces.fingerprint import NOT_HELD_OUT
     from rudder_env.evaluation.scoring import evaluate_trace
 
     configs = QUICK if quick else FULL
@@ -73,7 +74,9 @@ def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), ag
             for fraction in FRACTIONS:
                 log(f"  scoring {os.path.basename(trace)} at buffer fraction {fraction}")
                 per_rank = pd.DataFrame(evaluate_trace(trace, factories, buffer_fraction=fraction))
-                summed = per_rank.groupby("agent", sort=False)[["remote_sampled", "hits", "remote_fetched"]].sum()
+                per_rank["not_held_out"] = per_rank["provenance"].fillna("").isin(NOT_HELD_OUT)
+                summed = per_rank.groupby("agent", sort=False)[["remote_sampled", "hits", "remote_fetched",
+                                                                "not_held_out"]].sum()
                 for agent, r in summed.iterrows():
                     rows.append(dict(graph=graph, parts=parts, fanout=fanout, seed=seed, fraction=fraction,
                                      agent=agent, **r.to_dict()))
@@ -86,7 +89,11 @@ def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), ag
 
 
 def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
-    """Per fraction and agent: the mean and worst distance to MIN and traffic vs no prefetch over all traces."""
+    """Per fraction and agent: the mean and worst distance to MIN and traffic vs no prefetch over all traces.
+    A learned agent's rows on a trace it was not held out from (by content: trained on it, or on a run of the same
+    options and seed) are left out, and the text says how many."""
+    left = df[df.get("not_held_out", pd.Series(0, index=df.index)) > 0]
+    df = df.drop(left.index)
     agents = df[~df["agent"].isin(["belady"])]
     table = agents.groupby(["fraction", "agent"], sort=False).agg(
         fetched_vs_min_mean=("fetched_vs_min", "mean"), fetched_vs_min_worst=("fetched_vs_min", "max"),
@@ -101,7 +108,13 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
                      f"Belady MIN on average (worst {best['fetched_vs_min_worst']:.3f}x; target <= 1.15) and "
                      f"{best['fetched_vs_none_mean']:.3f}x no prefetch (Belady MIN itself: {min_none:.3f}x"
                      + ("; target <= 0.40)" if fraction == 0.25 else ")"))
-    return "; ".join(lines) + ".", table
+    text = "; ".join(lines) + "."
+    if len(left):
+        text += (" Left out, not held out by content: " + ", ".join(
+            f"{a} on {n} trace x fraction pair(s)" for a, n in left.groupby("agent", sort=False).size().items()) + ".")
+    else:
+        text += " No pair was left out: every learned agent was held out from every trace, by content."
+    return text, table
 
 
 def plot(df: pd.DataFrame, path: str) -> str:

@@ -152,3 +152,40 @@ def _play_windows(env, agent, seed: int = 0):
 def play_windows():
     """``play_windows(env, agent, seed=0)`` -> (window stats, applied ids per step, final buffer counters)."""
     return _play_windows
+
+
+FAULT_REPORT_VAR = "RUDDER_FAULT_REPORT"
+
+
+def record_fault(fault: str, injected: str, detect_s: float | None, seen: str, left: str = "nothing",
+                 tried: int = 1, detected: int | None = None, lost_bytes: int = 0, input_checked: int = 0) -> dict:
+    """One row of the Reliability table (``python -m bench --only faults``), written by a fault test once its
+    assertions have passed: the fault, how it was injected, seconds from injection to the job's end or the error
+    (``None`` where the fault is not an error: the job goes on), what was left behind as checked by the test, the
+    line the user sees, how many faults were tried and detected, the bytes of data lost or silently changed
+    (by the fault test's own check), and the bytes of the job's partition files found intact afterwards (their sizes
+    and CRC-32s checked: :func:`partition_bytes_checked`). Printed always (``-s`` shows it); appended as JSON to ``$RUDDER_FAULT_REPORT`` when set."""
+    row = dict(fault=fault, injected=injected, detect_s=None if detect_s is None else round(float(detect_s), 2),
+               left=left, seen=seen, tried=int(tried), detected=int(tried if detected is None else detected),
+               lost_bytes=int(lost_bytes), input_checked=int(input_checked),
+               test=os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0])
+    print(f"fault: {json.dumps(row)}")
+    path = os.environ.get(FAULT_REPORT_VAR)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def partition_bytes_checked(cache: str) -> int:
+    """The bytes of every partition file under ``cache``, after checking each against the sizes and CRC-32s
+    recorded when partitioning (raises if one differs): a fault that ends a job must leave its input intact."""
+    from rudder_env.dist.partition import check_partitions, read_meta
+
+    total = 0
+    for part_dir in sorted(glob.glob(os.path.join(cache, "partitions", "*"))):
+        with open(os.path.join(part_dir, str(read_meta(part_dir)["part_config"]))) as f:
+            check_partitions(part_dir, json.load(f)["num_parts"])
+        total += sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(part_dir)
+                     for name in names)
+    return total

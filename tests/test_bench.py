@@ -13,3 +13,26 @@ def test_report_keeps_sections_it_did_not_run_including_edits_made_meanwhile(tmp
     assert "old p4" in text and "written by hand" in text
     assert text.index(p1) < text.index(p4) < text.index("## Targets")  # sections in the benchmark's order
     assert text.startswith("# rudder benchmarks")
+
+
+def test_p1_leaves_out_a_learned_agents_rows_on_traces_it_was_not_held_out_from():
+    import pandas as pd
+
+    from bench.traffic import summarise
+
+    rows = []
+    for seed in (0, 1):  # seed 0: the learned agent's own training run, by content
+        for agent, fetched, not_held_out in (("none", 1000, 0), ("belady", 500, 0), ("periodic", 700, 0),
+                                             ("ppo", 600, int(seed == 0))):
+            rows.append(dict(graph="g", parts=2, fanout="10,25", seed=seed, fraction=0.25, agent=agent,
+                             remote_sampled=1000, hits=0, remote_fetched=fetched - 100 * (seed == 0) * (agent == "ppo"),
+                             not_held_out=not_held_out))
+    df = pd.DataFrame(rows)
+    df["fetched_vs_min"] = df["remote_fetched"] / 500
+    df["fetched_vs_none"] = df["remote_fetched"] / 1000
+    text, table = summarise(df)
+    ppo = table[table["agent"] == "ppo"].iloc[0]
+    assert ppo["traces"] == 1 and ppo["fetched_vs_min_mean"] == 1.2  # the seed-1 trace only: not its own run's 1.0
+    assert "Left out, not held out by content: ppo on 1 trace x fraction pair(s)." in text
+    text, _ = summarise(df.assign(not_held_out=0))
+    assert "No pair was left out" in text

@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import METIS2, METIS4, RANDOM2, ROOT, TRAIN
+from conftest import METIS2, METIS4, RANDOM2, ROOT, TRAIN, partition_bytes_checked, record_fault
 
 EVALUATE = os.path.join(ROOT, "evaluate.py")
 TINY = ["--graph", "synth-tiny", "--parts", "2", "--batch-size", "100", "--fanout", "3,5"]
@@ -29,7 +29,12 @@ def _env(cache: str) -> dict:
 
 
 def _run(cmd: list[str], cache: str = "/nonexistent-cache", timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(cache), cwd=ROOT)
+    """Run ``cmd``; its wall seconds (start-up and imports included: the time a user waits for the error) are
+    the result's ``took``."""
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(cache), cwd=ROOT)
+    proc.took = time.monotonic() - t0
+    return proc
 
 
 def _lines(stderr: str) -> list[str]:
@@ -74,6 +79,7 @@ def test_damaged_trace_chunk_is_a_trace_error_or_reads_the_same(tmp_path):
     original = chunk.read_bytes()
     rng = np.random.default_rng(13)
     outcomes = {"clean": 0, "TraceError": 0}
+    slowest, first = 0.0, ""
     t0 = time.monotonic()
     for case in range(400):
         data = bytearray(original)
@@ -85,11 +91,14 @@ def test_damaged_trace_chunk_is_a_trace_error_or_reads_the_same(tmp_path):
                    3: lambda: rng.integers(len(data)) // 4096 * 4096 + rng.integers(120)}[kind]()
             data[int(pos)] ^= 1 << int(rng.integers(8))
         chunk.write_bytes(bytes(data))
+        t_case = time.monotonic()
         try:
             got = _read_all(tmp_path)
         except TraceError as exc:
+            slowest = max(slowest, time.monotonic() - t_case)
             assert "chunk-000000.npz" in str(exc) and "\n" not in str(exc), str(exc)
             outcomes["TraceError"] += 1
+            first = first or str(exc).replace(str(tmp_path), "DIR")
             continue
         assert _same(got, clean), f"case {case} (kind {kind}) changed the data silently"
         outcomes["clean"] += 1
@@ -97,6 +106,9 @@ def test_damaged_trace_chunk_is_a_trace_error_or_reads_the_same(tmp_path):
     print(f"trace fuzz: 400 cases in {took:.1f} s: {outcomes}")
     assert outcomes["TraceError"] > 300 and outcomes["clean"] > 10
     assert took < 20
+    record_fault("damaged trace (fuzz)", "400 seeded truncations and bit flips of a shipped chunk (anywhere, zip "
+                 "directory, member headers)", slowest, f"TraceError: {first}", left="nothing (a read)", tried=400,
+                 detected=outcomes["TraceError"], lost_bytes=0)
 
 
 def test_renamed_seed_array_is_not_read_as_a_trace_without_seeds(tmp_path):
@@ -108,9 +120,13 @@ def test_renamed_seed_array_is_not_read_as_a_trace_without_seeds(tmp_path):
     chunk = tmp_path / "rank0" / "chunk-000000.npz"
     data = chunk.read_bytes()
     chunk.write_bytes(data.replace(b"seed_count.npy", b"seed_coUnt.npy"))
+    t0 = time.monotonic()
     with pytest.warns(Warning), pytest.raises(TraceError, match=r"chunk-000000\.npz holds an array this format does "
                                                                  r"not have: 'seed_coUnt\.npy'"):
         Trace(tmp_path).rank(0).minibatch_seeds()
+    record_fault("damaged trace (fuzz)", "a chunk's member renamed (seed_count.npy -> seed_coUnt.npy)",
+                 time.monotonic() - t0,
+                 "TraceError: ... holds an array this format does not have: 'seed_coUnt.npy'", left="nothing (a read)")
 
 
 def test_trace_without_minibatch_says_so_at_open(tmp_path):
@@ -119,10 +135,14 @@ def test_trace_without_minibatch_says_so_at_open(tmp_path):
 
     TraceWriter(tmp_path, 0, 1, {"config": {"buffer_fraction": 0.25}}, {"num_nodes": 10},
                 {"halo_ids": np.arange(4), "halo_degree": np.ones(4), "initial_ids": np.arange(1)})  # killed: no close
+    t0 = time.monotonic()
     with pytest.warns(TraceIncompleteWarning, match="it holds no minibatch"):
         trace = Trace(tmp_path)
-    with pytest.raises(TraceError, match="rank 0 of trace .* holds no minibatch .*nothing to replay"):
+    with pytest.raises(TraceError, match="rank 0 of trace .* holds no minibatch .*nothing to replay") as got:
         ReplayEnv(trace, rank=0)
+    record_fault("damaged trace (fuzz)", "a trace killed before its first chunk (writer never closed)",
+                 time.monotonic() - t0,
+                 f"TraceError: {got.value}".replace(str(tmp_path), "DIR"), left="nothing (a read)")
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -143,6 +163,8 @@ def test_a_bad_setting_gets_the_same_message_at_every_door(name, value, message)
         TrainConfig(**{name: value}).validate()
     proc = _run([sys.executable, EVALUATE, "--traces", METIS2, f"--{name.replace('_', '-')}", str(value)])
     assert proc.returncode == 2 and _lines(proc.stderr) == [f"evaluate.py: error: {_unescape(message)}"]
+    record_fault("bad settings", f"{name}={value} to Replay-v0, TrainConfig and evaluate.py", proc.took,
+                 _lines(proc.stderr)[0], tried=3, left="nothing (exit 2)")
 
 
 def _unescape(pattern: str) -> str:
@@ -157,18 +179,24 @@ def test_wrappers_reject_what_they_used_to_truncate_or_accept(shipped_trace):
     from rudder_env.wrappers import Budget, FractionBudget
 
     env = gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0)
+    t0 = time.monotonic()
     for levels in ((0, 1.5, 4), (0, "1"), (0, True)):
         with pytest.raises(SettingError, match=r"levels must be integers \(candidate counts\)"):
             Budget(env, levels)
     with pytest.raises(SettingError, match=r"levels must be numbers \(fractions\), got \[0, '1'\]"):
         FractionBudget(env, (0, "1"))
+    took = time.monotonic() - t0
     assert Budget(env, (0, np.int64(8))).levels == (0, 8)
+    record_fault("bad settings", "wrapper levels 1.5, '1', True", took,
+                 "SettingError: levels must be integers (candidate counts) ...", tried=4, left="nothing")
 
 
 def test_evaluate_with_nothing_to_evaluate_says_so():
     proc = _run([sys.executable, EVALUATE, "--agents", "", "--oracles", ""])
     assert proc.returncode == 2
     assert _lines(proc.stderr) == ["evaluate.py: error: nothing to evaluate: --agents and --oracles are both empty"]
+    record_fault("bad settings", "evaluate.py --agents '' --oracles ''", proc.took, _lines(proc.stderr)[0],
+                 left="nothing (exit 2)")
 
 
 def test_decisions_of_another_run_are_refused_before_any_process_starts(tmp_path):
@@ -180,6 +208,27 @@ def test_decisions_of_another_run_are_refused_before_any_process_starts(tmp_path
         f"rudder: error: --decisions-from {METIS2}: recorded with graph 'synth_small_seed0', this run has "
         f"'synth_tiny_seed0': its decisions name nodes of that run's partitions and cannot be applied here"]
     assert not os.listdir(tmp_path)  # no partitions made, no job folder
+    record_fault("--decisions-from another run", "train.py gnn on synth-tiny with the decisions of a synth-small "
+                 "trace", proc.took, _lines(proc.stderr)[0].replace(METIS2, "TRACE"),
+                 left="nothing: no process started, no file written")
+
+
+@pytest.mark.parametrize("option, value, recorded, now", [
+    ("parts", 4, "--parts 2", "4"),
+    ("partition", "random", "--partition 'metis'", "'random'"),
+    ("trainers_per_part", 2, "trainer ranks 2", "4"),
+])
+def test_decisions_of_a_run_partitioned_otherwise_are_refused(option, value, recorded, now):
+    """Same graph, but partitioned into other parts, by another method, or played by another number of trainers:
+    the recorded decisions name other node ids (or ranks), so they are refused at validation, before any process."""
+    from rudder_env.dist.config import TrainConfig
+
+    cfg = TrainConfig(graph="synth-small", agent="recorded", decisions_from=METIS2, **{option: value})
+    with pytest.raises(ValueError) as got:
+        cfg.validate()
+    assert str(got.value) == (f"--decisions-from {METIS2}: recorded with {recorded}, this run has {now}: its "
+                              f"decisions name nodes of that run's partitions and cannot be applied here")
+    TrainConfig(graph="synth-small", agent="recorded", decisions_from=METIS2).validate()  # the recording's own
 
 
 def test_unreadable_dgl_file_is_one_line(tmp_path):
@@ -190,6 +239,8 @@ def test_unreadable_dgl_file_is_one_line(tmp_path):
     lines = _lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"rudder: error: cannot read {bad} with dgl.load_graphs: DGLError:")
     assert "Stack trace" not in proc.stderr and "[bt]" not in proc.stderr
+    record_fault("bad settings", "--graph a .dgl file of 64 zero bytes", proc.took,
+                 lines[0].replace(str(bad), "FILE").split(" DGLError:")[0] + " DGLError: ...", left="nothing (exit 2)")
 
 
 # -------------------------------------------------------------------------------------------------- policy file
@@ -213,6 +264,8 @@ def test_policy_file_that_is_not_the_recorded_one_is_refused(tmp_path):
     assert proc.returncode == 2
     lines = _lines(proc.stderr)
     assert len(lines) == 1 and "--trust-policy" in lines[0] and not (tmp_path / "out").exists()
+    record_fault("tampered PPO policy", "one byte appended to the policy zip (SB3 would load it as is)", proc.took,
+                 lines[0].replace(str(tmp_path), "DIR")[:160] + " ...", left="nothing (exit 2, no results written)")
 
 
 # ------------------------------------------------------------------------------------------- real DistDGL jobs
@@ -243,6 +296,19 @@ def test_heartbeat_marks_steps_and_derives_its_bound(tmp_path):
         f.write((seq + 1).to_bytes(8, "little"))
     assert read_beat(path, tries=2) is None
     beat.close()
+
+
+def _orphaned(names: set[str]) -> set[str]:
+    """Those of the /dev/shm segments ``names`` that still exist and that no process maps: what a job left behind.
+    (Segments of other jobs running on the machine meanwhile are mapped by their processes.)"""
+    maps = ""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                maps += f.read()
+        except OSError:
+            continue
+    return {n for n in names if os.path.exists(f"/dev/shm/{n}") and f"/dev/shm/{n}" not in maps}
 
 
 def _tagged_shm() -> set[str]:
@@ -335,6 +401,7 @@ def test_damaged_partition_files_are_refused_with_one_line(tiny_partitions, tmp_
     assert _lines(proc.stderr) == [f"rudder: error: partition file {feat} is damaged: {size // 2} bytes, {size} when "
                                    f"partitioned: re-partition with --repartition"]
     assert not os.path.exists(os.path.join(cache, "jobs")) or not os.listdir(os.path.join(cache, "jobs"))
+    seen, took = _lines(proc.stderr)[0].replace(part_dir, "PARTS"), proc.took
 
     shutil.rmtree(os.path.join(cache, "partitions"))  # a byte changed, same size: the CRC-32 tells
     _copy_cache(tiny_partitions, cache)
@@ -352,7 +419,9 @@ def test_damaged_partition_files_are_refused_with_one_line(tiny_partitions, tmp_
     proc = _run([sys.executable, TRAIN, "gnn", *TINY], cache=cache)
     assert proc.returncode == 2 and len(_lines(proc.stderr)) == 1
     assert f"partition config {config} is not valid JSON" in proc.stderr
-    print(f"damaged partition: {lost} bytes cut from {feat}: refused before any process started; 0 bytes trained on")
+    record_fault("truncated partition file", f"part1/node_feat.dgl cut in half ({lost} bytes); then one bit "
+                 "flipped (same size); then the partition config made invalid JSON", took, seen, tried=3,
+                 left="nothing: refused before any process started", lost_bytes=0)
 
 
 @pytest.mark.dist
@@ -392,14 +461,16 @@ def test_a_stopped_trainer_ends_the_job_within_the_watchdog_bound(tiny_partition
     assert "no progress for" in verdict[0] and " while " in verdict[0]
     assert took < bound + 3.0, (took, bound)
     assert not _still_running(job), "processes of the job left running"
-    assert _tagged_shm() <= shm_before
+    assert not _orphaned(_tagged_shm() - shm_before)
     assert free_port(port) and free_port(port + 10)  # the servers' ports: nothing holds them, not even TIME_WAIT
     # trainer 0 hosts torch.distributed's store on port-1 and is its own client too: killing it may leave that port
     # in TIME_WAIT (no process), which the next job's store binds all the same (SO_REUSEADDR), as the launcher
     # checks
     assert not port_in_use("127.0.0.1", port - 1)
     assert not os.listdir(os.path.join(cache, "jobs"))
-    print(f"SIGSTOP on {victim['describe']}: detected and ended in {took:.1f} s (bound {bound:.1f} s): {verdict[0]}")
+    record_fault("hung rank (SIGSTOP)", f"SIGSTOP to {victim['describe']} while training (--watchdog-s 3)", took,
+                 verdict[0].split(" (log:")[0], left="nothing: processes, /dev/shm, ports, job folder",
+                 input_checked=partition_bytes_checked(cache))
 
 
 @pytest.mark.dist
@@ -439,10 +510,52 @@ def test_a_killed_launcher_takes_its_job_along_and_the_next_start_cleans_up(tiny
     assert f"rudder: removed what a killed job left: job folder {job_dir}" in nxt.stderr
     assert not os.path.exists(locks[0]) and not os.path.exists(job_dir)
     tag = os.path.basename(job_dir)
-    left = {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith((tag, "mpich", "sem.mp-"))}
+    left = _orphaned({n for n in set(os.listdir("/dev/shm")) - shm_before
+                      if n.startswith((tag, "mpich", "sem.mp-"))})
     assert not left, left
-    print(f"launcher SIGKILL: {len(job)} job processes gone in {took:.2f} s; the next start cleaned up in "
-          f"{time.monotonic() - t0:.1f} s")
+    cleaned = time.monotonic() - t0
+    record_fault("killed launcher", f"SIGKILL to the train.py supervisor while training ({len(job)} job processes)",
+                 took, "(the shell's own 'Killed'); the next start: rudder: removed what a killed job left: port "
+                 "lock ..., job folder ...", left=f"nothing once the next start ran: processes gone at once; job "
+                 f"folder, port lock, /dev/shm removed by it ({cleaned:.1f} s, the start included)",
+                 input_checked=partition_bytes_checked(cache))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_sigint_to_the_launcher_ends_the_job_and_leaves_nothing(sig, tiny_partitions, tmp_path,
+                                                                           free_port_block, free_port):
+    """SIGTERM (a scheduler's or ``kill``'s) or SIGINT (Ctrl-C) to ``train.py`` while it trains: one line saying
+    so, exit 130, the job's processes, /dev/shm segments, ports, job folder and port lock gone within seconds, the
+    partitions intact."""
+    cache = _copy_cache(tiny_partitions, tmp_path)
+    port = free_port_block()
+    shm_before = _tagged_shm()
+    proc = subprocess.Popen([sys.executable, TRAIN, "gnn", *TINY, "--epochs", "500", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache), cwd=ROOT)
+    try:
+        _wait_training(cache)
+        job = _descendants(proc.pid)
+        proc.send_signal(sig)
+        t_sig = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t_sig
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("rudder: interrupted")]
+    assert len(said) == 1 and said[0].startswith(f"rudder: interrupted (signal {int(sig)}): stopping the job"), said
+    assert "Traceback" not in err
+    assert took < 10.0, took
+    assert not _still_running(job), "processes of the job left running"
+    assert not _orphaned(_tagged_shm() - shm_before)
+    assert free_port(port) and free_port(port + 10)
+    assert not os.listdir(os.path.join(cache, "jobs"))
+    assert not [p for p in glob.glob("/tmp/rudder-ports-*.lock") if open(p).read().split()[:1] == [str(proc.pid)]]
+    record_fault("SIGTERM/SIGINT", f"{sig.name} to the train.py supervisor while training", took,
+                 said[0].split(" (log:")[0], left="nothing: processes, /dev/shm, ports, job folder, port lock",
+                 input_checked=partition_bytes_checked(cache))
 
 
 # ----------------------------------------------------------------------------------------- the emulated network
@@ -543,6 +656,17 @@ def test_network_faults_on_emulated_hosts(fault, tiny_partitions, tmp_path):
         assert took < 10.0, took
     assert not _still_running(job), "processes of the job left running"
     assert _cluster_leftovers(cluster.name) == []
-    assert not {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith(("rd", "mpich", "sem.mp-"))}
+    new = {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith(("rd", "mpich", "sem.mp-"))}
+    assert not _orphaned(new)
     assert not os.listdir(os.path.join(cache, "jobs"))
-    print(f"{fault}: {note}job ended {took:.1f} s after the fault: {verdict[0]}")
+    left = "nothing: namespaces, links, processes, /dev/shm, job folder"
+    seen = verdict[0].split(" (log:")[0]
+    if fault == "slow-then-cut":
+        record_fault("link rate cut to 1%", "tc tbf on host 1's link 400mbit -> 4mbit mid-run", None,
+                     f"nothing: the job slows and goes on ({note.strip('; ')})", left="(the job went on)",
+                     detected=0)
+        record_fault("link cut", "host 1's link taken down (ip link set down) mid-run (--watchdog-s 3)", took, seen,
+                     left=left, input_checked=partition_bytes_checked(cache))
+    else:
+        record_fault("host killed", "every process in host 1's namespace SIGKILLed mid-run", took, seen, left=left,
+                     input_checked=partition_bytes_checked(cache))

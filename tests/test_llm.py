@@ -497,7 +497,8 @@ def test_default_smollm2_decides_on_a_real_replay(tmp_path):
 @pytest.mark.llm
 def test_default_smollm2_generates_valid_json_with_the_examples():
     """Generation mode, where answers can be invalid: with the shipped few-shot examples the real model answers
-    with a valid JSON decision at real decision points (README: measured 24/24 by ``python -m bench --only p5``)."""
+    with a valid JSON decision at real decision points (README: 13/13 with the examples, 0/13 without, measured
+    by ``python -m bench --only p5``)."""
     from agents.llm import LLMAgent
 
     agent = LLMAgent(mode="generate", max_new_tokens=12)

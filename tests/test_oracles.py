@@ -327,3 +327,46 @@ def test_lookahead_replay_pulls_no_fewer_rows_than_belady(fraction):
     assert result["prefetched"] > result["initial_fill"]  # and prefetched at the windows
     best = belady_min(Trace(METIS4).rank(2).minibatch_ids(), env.unwrapped.capacity).remote_fetched
     assert best <= result["remote_fetched"] < 1.25 * best
+
+
+# ------------------------------------------------------------------------------------------------ hit-rate ceiling
+
+def test_hit_ceiling_hand_worked():
+    from baselines.oracles import hit_ceiling
+
+    stream = mbs([1, 2, 3], [], [4], [1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(hit_ceiling(stream, 2), [2, 0, 1, 2])
+    np.testing.assert_array_equal(hit_ceiling(stream, 0), [0, 0, 0, 0])
+    np.testing.assert_array_equal(hit_ceiling(stream, 10), [3, 0, 1, 5])
+    with pytest.raises(ValueError):
+        hit_ceiling(stream, -1)
+
+
+def test_the_hit_rate_ceiling_bounds_every_agent_where_belady_min_does_not():
+    """On a shipped trace: the buffer that fetches the fewest rows (MIN) is not the one that hits most (the
+    lookahead, a filled buffer admitting by predicted need, hits more), so MIN is no hit-rate ceiling; every agent
+    and oracle stays under the ceiling, window by window."""
+    from baselines.policies import Lookahead, NoPrefetch, Periodic, StaticBuffer
+    from rudder_env.evaluation.report import format_report, hit_rate_ceiling
+    from rudder_env.evaluation.scoring import evaluate_trace
+
+    agents = {"none": lambda t, r: NoPrefetch(), "static": lambda t, r: StaticBuffer(),
+              "periodic": lambda t, r: Periodic(), "lookahead": lambda t, r: Lookahead()}
+    rows = evaluate_trace(METIS4, agents)
+    by = {(r["agent"], r["rank"]): r for r in rows}
+    for r in rows:
+        assert r["hits"] <= r["ceiling_hits"] <= r["remote_sampled"]
+        assert len(r["window_hit_rate"]) == len(r["window_hit_ceiling"])
+        assert all(h <= c + 1e-12 for h, c in zip(r["window_hit_rate"], r["window_hit_ceiling"])), r["agent"]
+    ranks = sorted({r["rank"] for r in rows})
+    lookahead = sum(by[("lookahead", k)]["hits"] for k in ranks)
+    belady = sum(by[("belady", k)]["hits"] for k in ranks)
+    sampled = sum(by[("none", k)]["remote_sampled"] for k in ranks)
+    assert lookahead > belady  # more hits than the traffic bound's schedule ...
+    assert by[("belady", 0)]["remote_fetched"] <= by[("lookahead", 0)]["remote_fetched"]  # ... yet no fewer rows
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    ceiling = hit_rate_ceiling(df)
+    assert lookahead / sampled < ceiling == pytest.approx(sum(by[("none", k)]["ceiling_hits"] for k in ranks) / sampled)
+    assert f"hit-rate ceiling {ceiling:.1%}" in format_report(df)

@@ -10,7 +10,7 @@ import numpy as np
 
 import rudder_env  # noqa: F401  (registers the environments)
 from agents.base import as_agent
-from baselines.oracles import belady_min, hindsight_static
+from baselines.oracles import belady_min, hindsight_static, hit_ceiling
 from baselines.policies import FixedLevel, Periodic, RandomBudget, StaticBuffer
 from rudder_env.contract import buffer_kwargs
 from rudder_env.contract import LINK_LEVELS
@@ -39,6 +39,10 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
     (:func:`traces.fingerprint.provenance`: ``trained-on``, ``same-config``, ``held-out``, ``unknown``; empty for
     agents that learn nothing from traces); ``held_out`` is True only for ``held-out``.
 
+    Each row carries the rank's hit-rate ceiling for its buffer size (:func:`baselines.oracles.hit_ceiling`):
+    ``ceiling_hits`` over the rank and ``window_hit_ceiling`` per decision window, the most hits any policy could
+    have (Belady MIN bounds traffic, not hit rate).
+
     Each row also carries the rank's replay time model (:func:`time_model_columns`), checked out of sample on the
     first of the trace's own ``time-check-*.json`` files and ``time_checks`` that fits it.
 
@@ -54,6 +58,10 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
         ref = ReplayEnv(trace, rank=rank, candidates=candidates, buffer_fraction=buffer_fraction)
         timing = time_model_columns(trace, rank, ref.time_model, checks)
         fingerprint = None  # computed once per rank, when a learned agent needs it
+        ids = trace.rank(rank).minibatch_ids()
+        sampled = np.asarray([x.size for x in ids], dtype=np.int64)
+        ceiling = hit_ceiling(ids, ref.capacity)
+        bound = dict(ceiling_hits=int(ceiling.sum()), window_hit_ceiling=_window_rates(ceiling, sampled, ref.period))
         for agent_name, factory in agents.items():
             agent = as_agent(factory(name, rank))
             env = ReplayEnv(trace, rank=rank, candidates=candidates,
@@ -68,9 +76,7 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
             rows.append(dict(agent=agent_name, trace=name, rank=rank, capacity=env.capacity,
                              asynchronous=agent.asynchronous, provenance=origin,
                              held_out=(origin == HELD_OUT) if origin else None,
-                             invalid_answers=agent.stats().get("invalid_answers", 0), **r, **timing))
-        ids = trace.rank(rank).minibatch_ids()
-        sampled = np.asarray([x.size for x in ids], dtype=np.int64)
+                             invalid_answers=agent.stats().get("invalid_answers", 0), **r, **timing, **bound))
         rank_rows = [r for r in rows if r["rank"] == rank and r["trace"] == name]
         for oracle in oracles:
             if progress:
@@ -84,7 +90,7 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
                 rows.append(dict(agent=oracle, trace=name, rank=rank, capacity=ref.capacity, asynchronous=False,
                                  provenance="", held_out=None, invalid_answers=0,
                                  **{k: v for k, v in res.items() if k not in ("levels_chosen", "fixed_level_s")},
-                                 level_oracle_s=res["time_s"], **timing))
+                                 level_oracle_s=res["time_s"], **timing, **bound))
                 continue
             fn = {"belady": belady_min, "hindsight": hindsight_static}[oracle]
             res = fn(ids, ref.capacity)
@@ -94,7 +100,7 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
                              initial_fill=res.initial_fill, admitted_on_miss=0, time_s=float("nan"),
                              decisions=0, latency_p50_s=0.0, latency_p95_s=0.0,
                              window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
-                             **timing))
+                             **timing, **bound))
     return rows
 
 

@@ -90,9 +90,20 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
                      f"{time('llm-link'):.3f} of no prefetch's time vs periodic {time('periodic'):.3f} and VIP "
                      f"{time('vip'):.3f} (target: both ahead of both); the lookahead {time('lookahead'):.3f}, "
                      f"oracle {time('best-level'):.3f}.")
+    where = []
+    for trace, rows in df[df["set"] == "held-out"].groupby("trace", sort=False):
+        o = rows[rows["agent"] == "best-level"]
+        if o.empty or "time_fetch_s" not in o:
+            continue
+        hide = float(o["time_sample_s"].sum() + o["time_compute_s"].sum())
+        fetch, stall = float(o["time_fetch_s"].sum()), float(o["time_stall_s"].sum())
+        where.append(f"- {trace}: the oracle spends {fetch:.1f} s pulling misses on the critical path ({stall:.1f} s of "
+                     f"it behind prefetch chunks) against {hide:.1f} s of sampling and compute a background prefetch "
+                     f"can hide in; its rows fetched are {float(o['remote_fetched'].sum()) / max(float(rows[rows['agent'] == 'belady']['remote_fetched'].sum()), 1):.2f}x Belady MIN's.")
     text = ("Modelled time on emulated-cluster traces (replay: recorded sampling and compute, fetch time and "
             "background arrivals from the trace's fitted link model), relative to no prefetch; regret: time over "
-            "the best-level oracle's; held-out traces per target:\n\n" + "\n".join(lines))
+            "the best-level oracle's; held-out traces per target:\n\n" + "\n".join(lines)
+            + ("\n\nWhere the time goes (held out):\n\n" + "\n".join(where) if where else ""))
     return text, table
 
 

@@ -134,12 +134,15 @@ class EpisodeTally:
     def __init__(self):
         self.latencies: list[float] = []
         self.seconds = 0.0
+        self.parts = dict(sample_s=0.0, fetch_s=0.0, compute_s=0.0, stall_s=0.0)  # where the time went
         self.window_hit_rate: list[float] = []
 
     def add_window(self, info: dict) -> None:
         """Count the window that ``info`` (returned by ``step`` or ``run_window``) describes."""
         w = info["window"]
         self.seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
+        for key in self.parts:
+            self.parts[key] += float(w.get(key, 0.0))
         self.window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
 
     def result(self, env, **extra) -> dict:
@@ -149,7 +152,7 @@ class EpisodeTally:
         lat = self.latencies
         return dict(remote_sampled=c.remote_sampled, hits=c.hits, remote_fetched=c.remote_fetched,
                     prefetched=c.prefetched, initial_fill=c.initial_fill, admitted_on_miss=c.admitted_on_miss,
-                    time_s=self.seconds, decisions=len(lat),
+                    time_s=self.seconds, **{f"time_{k}": v for k, v in self.parts.items()}, decisions=len(lat),
                     latency_p50_s=float(np.percentile(lat, 50)) if lat else 0.0,
                     latency_p95_s=float(np.percentile(lat, 95)) if lat else 0.0,
                     window_hit_rate=self.window_hit_rate, **extra)

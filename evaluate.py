@@ -33,7 +33,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "traces", "samples")
-DEFAULT_AGENTS = "none,static,periodic,hitrate,lookahead,ppo,llm"
+DEFAULT_AGENTS = "none,static,vip,periodic,hitrate,lookahead,ppo,llm,ppo-link,llm-link"
 
 
 def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
@@ -47,7 +47,7 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
     p.add_argument("--agent-kwargs", action="append", default=[], metavar="[AGENT@]OPTIONS",
                    help="constructor options, a JSON object or key=value,key2=value2: plain ones for every agent "
                         "given by reference or entry point, AGENT@OPTIONS for that agent only; repeatable")
-    p.add_argument("--oracles", default="belady,hindsight", help="comma-separated oracles ('' for none)")
+    p.add_argument("--oracles", default="belady,hindsight,best-level", help="comma-separated oracles ('' for none)")
     p.add_argument("--buffer-fraction", type=float, default=None,
                    help="buffer size as a fraction of each rank's halo (default: the recorded run's)")
     p.add_argument("--candidates", type=int, default=None, help="K candidates per decision (default: recorded)")
@@ -86,8 +86,13 @@ def builtin_options(name: str, args, trace: str = "", rank: int = 0) -> dict:
         return dict(model=args.llm_model, mode=args.llm_mode,
                     log_path=os.path.join(args.out, f"llm-{trace}-rank{rank}.jsonl"),
                     **({"endpoint": args.llm_endpoint} if args.llm_endpoint else {}))
+    if name == "llm-link":
+        return dict(model=args.llm_model, log_path=os.path.join(args.out, f"llm-link-{trace}-rank{rank}.jsonl"),
+                    **({"endpoint": args.llm_endpoint} if args.llm_endpoint else {}))
     if name == "ppo":
         return dict(path=args.ppo_policy, trust=args.trust_policy)
+    if name == "ppo-link":
+        return dict(trust=args.trust_policy)
     if name == "recorded":  # each trace's own recorded decisions, at their recorded minibatches
         folders = {os.path.basename(os.path.normpath(t)): t for t in args.traces}
         return dict(trace=folders.get(trace, args.traces[0] if args.traces else ""), rank=rank)
@@ -258,6 +263,9 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
     csv = os.path.join(args.out, "results.csv")
     df.drop(columns=["window_hit_rate", "window_hit_ceiling"], errors="ignore").to_csv(csv, index=False)
     print(format_report(df, include_trained_on=args.include_trained_on))
+    if "best-level" in oracles and "best-level" not in set(df["agent"]):
+        print("best-level: not run: no rank's time fit separates remote rows (time is what it optimises), so no "
+              "headroom or regret either")
     shown = headline(df, args.include_trained_on)
     plots = [plot_traffic(shown, os.path.join(args.out, "traffic.png"))]
     if not args.live:

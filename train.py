@@ -40,8 +40,18 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     ppo.add_argument("--steps", type=int, default=40_000, help="decisions (env steps) to train for, all envs together")
     ppo.add_argument("--out", default="ppo.zip", help="policy file (.zip); a sidecar .json is written beside it")
     ppo.add_argument("--seed", type=int, default=0, help="seed of PPO and the envs")
-    ppo.add_argument("--levels", default="0,0.25,0.5,1",
-                     help="action levels: fractions of the candidates that have an evictable slot, from 0 up to 1")
+    ppo.add_argument("--action", default="fraction", choices=("fraction", "link"),
+                     help="fraction: levels are fractions of the candidates that have an evictable slot (traffic); "
+                          "link: levels are multiples of the link budget, over the lookahead's candidates")
+    ppo.add_argument("--levels", default=None,
+                     help="action levels (default 0,0.25,0.5,1 for fraction, 0,0.125,0.25,0.5,1 for link)")
+    ppo.add_argument("--reward", default=None, choices=("traffic", "time"),
+                     help="the env's reward (default traffic for fraction, time for link)")
+    ppo.add_argument("--relative-reward", type=float, default=None, metavar="SCALE",
+                     help="train on the reward relative to a reference policy, times SCALE (default 1000 for "
+                          "fraction, relative to always the top level; 100 for link, relative to level 0)")
+    ppo.add_argument("--gamma", type=float, default=0.99, help="PPO's discount")
+    ppo.add_argument("--n-steps", type=int, default=16, help="PPO's rollout length per env")
     ppo.add_argument("--buffer-fractions", default="recorded,0.05",
                      help="buffer sizes to train on, as fractions of the halo ('recorded': the run's own); one env "
                           "per trace x rank x buffer size")
@@ -72,7 +82,17 @@ def train_ppo_command(args: argparse.Namespace) -> int:
     from rudder_env.wrappers import parse_levels
     from traces import Trace
 
-    levels = parse_levels(args.levels)
+    link = args.action == "link"
+    if link:
+        from rudder_env.contract import LINK_LEVELS
+        from rudder_env.settings import check_link_levels
+
+        levels = LINK_LEVELS if args.levels is None else check_link_levels(
+            [float(x) for x in args.levels.split(",")])
+    else:
+        levels = parse_levels(args.levels or "0,0.25,0.5,1")
+    reward = args.reward or ("time" if link else "traffic")
+    relative = args.relative_reward if args.relative_reward is not None else (100.0 if link else 1000.0)
     fractions = _buffer_fractions(args.buffer_fractions)
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -81,9 +101,13 @@ def train_ppo_command(args: argparse.Namespace) -> int:
     if args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
     result = train_ppo(args.traces, args.steps, args.out, seed=args.seed, levels=levels,
-                       buffer_fractions=fractions, progress=not args.no_progress, tensorboard_log=args.tensorboard)
+                       buffer_fractions=fractions, progress=not args.no_progress, tensorboard_log=args.tensorboard,
+                       action=args.action, reward=reward, relative_reward=relative, gamma=args.gamma,
+                       n_steps=args.n_steps)
     print(f"saved {result.path} and {result.sidecar} ({args.steps} steps, {len(result.env_specs)} envs, "
           f"{result.wall_s:.0f} s)")
+    if link:
+        return _compare_link_policy(result.path, args.traces, fractions)
     rows = compare_policy(result.path, args.traces, fractions)
     print("remote rows fetched on the training traces (one replay episode; random: mean of 3 seeds)")
     print(f"{'trace':<24} {'rank':>4} {'buffer':>6} {'ppo':>10} {'periodic':>10} {'static':>10} {'random':>10} "
@@ -91,6 +115,31 @@ def train_ppo_command(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['trace']:<24} {r['rank']:>4} {r['buffer_fraction']:>6.2f} {r['ppo']:>10} {r['periodic']:>10} "
               f"{r['static']:>10} {r['random']:>10.0f} {r['ppo'] / max(r['periodic'], 1):>12.4f}")
+    return 0
+
+
+def _compare_link_policy(path: str, traces: list[str], fractions) -> int:
+    """The link-level policy's modelled time on its training traces beside every fixed level and the oracle."""
+    from agents.ppo import PPOAgent
+    from rudder_env.contract import buffer_kwargs
+    from rudder_env.evaluation.play import play_episode
+    from rudder_env.evaluation.scoring import level_oracle
+    from rudder_env.replay_env import ReplayEnv
+    from traces import Trace
+
+    agent = PPOAgent(path)
+    print("modelled seconds on the training traces (one replay episode each): the policy, each fixed level, the "
+          "best-level oracle")
+    print(f"{'trace':<34} {'rank':>4} {'ppo':>8} " + " ".join(f"{'L' + format(x, 'g'):>8}" for x in agent.levels)
+          + f" {'oracle':>8}")
+    for trace in traces:
+        for rank in Trace(trace).ranks:
+            for fraction in fractions:
+                env = ReplayEnv(trace, rank=rank, **buffer_kwargs(agent.settings, fraction))
+                ppo = play_episode(env, agent)["time_s"]
+                oracle = level_oracle(Trace(trace), rank, fraction, levels=agent.levels)
+                print(f"{os.path.basename(os.path.normpath(trace)):<34} {rank:>4} {ppo:>8.3f} "
+                      + " ".join(f"{s:>8.3f}" for s in oracle["fixed_level_s"]) + f" {oracle['time_s']:>8.3f}")
     return 0
 
 

@@ -33,13 +33,14 @@ import numpy as np
 from gymnasium import spaces
 
 from agents.base import Agent
-from rudder_env.contract import top_fraction
-from rudder_env.settings import check_fraction_levels
+from rudder_env.contract import LINK_LEVELS, BufferSettings, top_fraction
+from rudder_env.settings import check_fraction_levels, check_link_levels
 from rudder_env.spaces import fit_k, observation_layout, observation_space
 from rudder_env.vector import make_replay_env, replay_env_fns, replay_env_specs
 from rudder_env.wrappers import DEFAULT_LEVELS
 
 DEFAULT_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-small.zip")
+LINK_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-link.zip")
 SIDECAR_FORMAT = "rudder-ppo-policy/1"
 OBS_EPSILON = 1e-4  # floor of the observation variance in normalisation: std >= 0.01
 OBS_CLIP = 10.0
@@ -86,7 +87,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
               batch_size: int = 64, n_epochs: int = 10, learning_rate: float = 3e-4, gamma: float = 0.99,
               ent_coef: float = 0.0, net_arch: Sequence[int] = (32, 32),
               relative_reward: float | None = 1000.0, normalize_observation: bool = True,
-              tensorboard_log: str | None = None) -> TrainResult:
+              tensorboard_log: str | None = None, action: str = "fraction", reward: str = "traffic") -> TrainResult:
     """Train PPO on replayed traces and save it to ``out`` (``.zip``) and ``out.json`` (the sidecar).
 
     One env per (trace, rank, buffer fraction, buffer init), stepped together in a ``DummyVecEnv``; ``n_envs``
@@ -110,6 +111,10 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
             ``net_arch`` keeps the saved zip near 0.5 MB with K=256).
         tensorboard_log: SB3's ``tensorboard_log``: training curves (episode reward, losses) go to a new ``PPO_N``
             run folder under it.
+        action: ``"fraction"`` (:class:`FractionBudget` levels) or ``"link"`` (link-budget levels over the
+            lookahead's candidates, :class:`rudder_env.episode.PrefetchEpisode`; :class:`RelativeReward` is then
+            relative to always playing level 0).
+        reward: the env's reward, ``"traffic"`` or ``"time"`` (minus the window's modelled seconds).
 
     Returns:
         a :class:`TrainResult`; ``episode_returns`` sums the env's own reward whatever the training reward.
@@ -120,7 +125,12 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-    levels = check_fraction_levels(levels)
+    if action not in ("fraction", "link"):
+        raise ValueError(f"action must be 'fraction' or 'link', got {action!r}")
+    if action == "link":
+        levels = check_link_levels(LINK_LEVELS if levels is DEFAULT_LEVELS else levels)
+    else:
+        levels = check_fraction_levels(levels)
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not traces:
@@ -128,7 +138,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     grid = dict(ranks=ranks, buffer_fractions=buffer_fractions, buffer_inits=buffer_inits, n_envs=n_envs)
     specs = replay_env_specs(traces, **grid)
     out = out if out.endswith(".zip") else out + ".zip"
-    vec = DummyVecEnv(replay_env_fns(traces, **grid, seed=seed, action="fraction", levels=levels,
+    vec = DummyVecEnv(replay_env_fns(traces, **grid, seed=seed, action=action, levels=levels, reward=reward,
                                      relative_reward=relative_reward))
     k = int(vec.envs[0].unwrapped.k)
     dict_space = vec.envs[0].unwrapped.observation_space
@@ -175,7 +185,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     model.save(out)
     sidecar = dict(
-        format=SIDECAR_FORMAT, sha256=file_sha256(out), levels=list(levels), k=k,
+        format=SIDECAR_FORMAT, sha256=file_sha256(out), action=action, reward=reward, levels=list(levels), k=k,
         observation=observation_layout(dict_space),
         observation_normalization=obs_norm,
         trained_on=_fingerprints(specs),
@@ -279,11 +289,19 @@ class PPOAgent(Agent):
         path, meta = read_policy_meta(path, trust)
         self.meta = meta
         self.path = path
-        self.levels = check_fraction_levels(meta["levels"])
+        self.action = meta.get("action", "fraction")
+        if self.action == "link":  # link-budget levels over the lookahead's candidates, as trained
+            self.levels = check_link_levels(meta["levels"])
+            self.settings = BufferSettings(ranking="lookahead", admit_on_miss=True, levels=self.levels)
+        else:
+            self.levels = check_fraction_levels(meta["levels"])
         self.k = int(meta["k"])
         self.trained_on = list(meta.get("trained_on", []))
         self.deterministic = bool(deterministic)
-        self._space = observation_space(self.k)
+        full = observation_space(self.k)
+        # the keys the policy was trained on (a policy from before an observation key was added reads without it)
+        keys = [key for key, _ in meta["observation"]]
+        self._space = spaces.Dict({key: full[key] for key in keys if key in full.spaces})
         if observation_layout(self._space) != meta["observation"]:
             raise ValueError(f"{_sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
                              f"from this rudder's {observation_layout(self._space)}")
@@ -301,10 +319,23 @@ class PPOAgent(Agent):
 
     def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
         k_env = int(np.asarray(observation["candidates"]).shape[0])
-        flat = spaces.flatten(self._space, fit_k(observation, self.k))
+        obs = fit_k(observation, self.k)
+        flat = spaces.flatten(self._space, {key: obs[key] for key in self._space.spaces})
         if self._norm is not None:
             mean, var, eps, clip = self._norm
             flat = np.clip((flat - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)
         level_index, _ = self.model.predict(flat, deterministic=self.deterministic)
         self.last_level = self.levels[int(level_index)]
+        if self.action == "link":
+            return int(level_index)
         return top_fraction(self.last_level, info, k_env)
+
+
+class PPOLinkAgent(PPOAgent):
+    """:class:`PPOAgent` with the shipped link-budget-level policy (``agents/policies/ppo-link.zip``: trained with
+    time as the reward on the emulated-cluster training traces, ``traces/train/emu2-*``)."""
+
+    name = "ppo-link"
+
+    def __init__(self, path: str | None = None, deterministic: bool = True, trust: bool = False):
+        super().__init__(LINK_POLICY if path is None else path, deterministic, trust)

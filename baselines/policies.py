@@ -1,6 +1,6 @@
 """Non-learning prefetch policies as agents: no prefetch, static buffer (``--buffer-init`` fill, or SALIENT++'s VIP
 fill), periodic (MassiveGNN), the periodic policy under the sampler lookahead's ranking, a hit-rate rule, random
-budget levels, and a recorded run's decisions."""
+budget levels, a fixed link-budget level, and a recorded run's decisions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from agents.base import Agent
-from rudder_env.contract import BufferSettings, admissible, top_fraction, top_j
+from rudder_env.contract import LINK_LEVELS, BufferSettings, admissible, top_fraction, top_j
 from rudder_env.settings import check_fraction_levels
 from rudder_env.wrappers import DEFAULT_LEVELS
 
@@ -103,6 +103,36 @@ class RandomBudget(_Keep):
     def act(self, observation, info) -> np.ndarray:
         level = self.levels[int(self._rng.integers(len(self.levels)))]
         return top_fraction(level, info, observation["candidates"].shape[0])
+
+
+class FixedLevel(Agent):
+    """The same link-budget level every window (``levels=`` actions, :class:`rudder_env.episode.PrefetchEpisode`):
+    e.g. ``level=1`` prefetches, every window, all the link can carry while the trainer samples and computes.
+
+    The fixed levels bracket what a level policy can do: the worst of them against the best-in-action-space
+    oracle is a trace's *headroom*.
+
+    Args:
+        level: one of ``levels``.
+        ranking: where candidates come from (``"lookahead"``: predicted need, admit-on-miss by it; ``"misses"``:
+            decayed miss counts).
+        levels: the action's levels.
+    """
+
+    name = "level"
+
+    def __init__(self, level: float = 0.5, ranking: str = "lookahead", levels: Sequence[float] = LINK_LEVELS):
+        self.settings = BufferSettings(ranking=ranking, admit_on_miss=ranking == "lookahead", levels=tuple(levels))
+        if level not in self.settings.levels:
+            raise ValueError(f"level must be one of the levels {list(self.settings.levels)}, got {level!r}")
+        self.level = float(level)
+        self.index = self.settings.levels.index(self.level)
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, observation, info) -> int:
+        return self.index
 
 
 class Recorded(_Keep):

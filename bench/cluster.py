@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.end_to_end import live_run  # noqa: E402
@@ -206,3 +207,39 @@ def fidelity_study(log=_log) -> pd.DataFrame:
                 log(f"  replay of {source}'s trace with {agent_name}: {replay_s:.2f} s vs {target['train_s']:.2f} s "
                     f"live ({rows[-1]['time_error']:+.1%})")
     return pd.DataFrame(rows)
+
+
+def llm_hidden_on_cluster(quick: bool, log=_log) -> tuple[str, pd.DataFrame]:
+    """The link-level LLM agent live on 2 emulated hosts (the main rate), deciding in the background at idle
+    priority, against the same decisions applied instantly (``--agent recorded`` on its trace), pairs back to back;
+    ``ppo-link`` and ``none`` beside them for scale. Trainers wait on the wire here, so the LLM can use those gaps."""
+    from rudder_env.dist.cluster import EmulatedCluster
+
+    rows = []
+    epochs = 1 if quick else 2
+    with tempfile.TemporaryDirectory() as tmp, EmulatedCluster(2, link_rate=MAIN[2]) as c:
+        for rnd in range(1 if quick else 2):
+            llm_trace = os.path.join(tmp, f"llm-{rnd}")
+            for label, agent, extra, trace in (
+                    ("none", "none", (), None),
+                    ("llm-link", "llm-link", ("--decisions", "async"), llm_trace),
+                    ("same decisions, instant", "recorded", ("--decisions-from", llm_trace), None),
+                    ("ppo-link", "ppo-link", (), None)):
+                log(f"  2 hosts at {MAIN[2]}: {label} round {rnd + 1}")
+                trace = trace or os.path.join(tmp, f"{agent}-{rnd}")
+                r = live_run(agent, 0, epochs, extra=("--cluster", c.name, *extra), parts=None, trace=trace)
+                rows.append(dict(r, agent=label, round=rnd))
+    df = pd.DataFrame(rows)
+    by = df.set_index(["agent", "round"])["train_s"]
+    ratio = [by[("llm-link", r)] / by[("same decisions, instant", r)] for r in df["round"].unique()]
+    none = df[df["agent"] == "none"].set_index("round")["train_s"]
+    df["vs_none"] = [r.train_s / none[r.round] for r in df.itertuples()]
+    llm = df[df["agent"] == "llm-link"]
+    text = (f"On 2 emulated hosts at {MAIN[2]}, the link-level LLM (SmolLM2-135M) deciding in the background at idle "
+            f"priority trains in {np.mean(ratio):.3f}x the time of its own decisions applied instantly (worst "
+            f"{max(ratio):.3f}x; target <= 1.05x); {llm['decisions'].mean():.0f} decisions per trainer, p50 latency "
+            f"{llm['latency_p50_s'].median():.2f} s. Time vs no prefetch: llm-link "
+            f"{df[df['agent'] == 'llm-link']['vs_none'].mean():.3f}, its decisions instantly "
+            f"{df[df['agent'] == 'same decisions, instant']['vs_none'].mean():.3f}, ppo-link "
+            f"{df[df['agent'] == 'ppo-link']['vs_none'].mean():.3f}.")
+    return text, df

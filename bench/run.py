@@ -96,12 +96,38 @@ def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:
     return text, df
 
 
+def p3c_llm_on_cluster(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import cluster
+
+    text, df = cluster.llm_hidden_on_cluster(quick)
+    df.to_csv(os.path.join(OUT_DIR, "p3c_llm_on_cluster.csv"), index=False)
+    return text, df
+
+
 def p5_llm_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
     from bench import llm_decisions
 
     df = llm_decisions.measure(quick)
     df.to_csv(os.path.join(OUT_DIR, "p5_llm_decisions.csv"), index=False)
     return llm_decisions.summarise(df)
+
+
+def p6_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import decisions
+
+    df = decisions.measure(quick)
+    df.to_csv(os.path.join(OUT_DIR, "p6_decisions.csv"), index=False)
+    text, table = decisions.summarise(df)
+    decisions.plot(table, os.path.join(OUT_DIR, "p6_decisions.png"))
+    return text + "\n\nPlot: `bench/results/p6_decisions.png`; rows: `bench/results/p6_decisions.csv`.", table
+
+
+def p7_llm_size(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import llm_size
+
+    df = llm_size.measure(quick)
+    df.to_csv(os.path.join(OUT_DIR, "p7_llm_size.csv"), index=False)
+    return llm_size.summarise(df)
 
 
 def faults_reliability(quick: bool) -> tuple[str, pd.DataFrame]:
@@ -118,8 +144,11 @@ SECTIONS = {
     "p2c": ("P2 on the emulated cluster: training time over shaped links", p2c_cluster),
     "p2r": ("P2 replay fidelity on the emulated cluster", p2r_replay_fidelity),
     "p3": ("P3 hidden LLM latency", p3_llm_latency),
+    "p3c": ("P3 on the emulated cluster: the link-level LLM's hidden latency", p3c_llm_on_cluster),
     "p4": ("P4 replay speed", p4_replay_speed),
     "p5": ("P5 LLM decisions", p5_llm_decisions),
+    "p6": ("P6 decisions that matter: link-budget levels, headroom, regret, held out", p6_decisions),
+    "p7": ("P7 LLM size curve on link-budget decisions", p7_llm_size),
     "faults": ("Reliability: injected faults", faults_reliability),
 }
 

@@ -49,6 +49,7 @@ class BufferCounters:
     evicted: int = 0  # resident rows replaced
     prefetch_used: int = 0  # rows a prefetch set brought in (initial fill excluded) hit before their eviction
     late: int = 0  # misses on rows a background prefetch had requested but not delivered yet
+    prefetch_unused: int = 0  # rows a prefetch set brought in that were evicted before any hit
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -407,8 +408,9 @@ class PrefetchBuffer:
     def _install(self, slots: np.ndarray, ids: np.ndarray, rows, prefetched: bool = False) -> None:
         n = min(slots.size, ids.size)
         slots, ids = slots[:n], ids[:n]
-        self.slot_prefetched[slots] = prefetched
         old = self.slot_ids[slots]
+        self.counters.prefetch_unused += int(np.count_nonzero(self.slot_prefetched[slots] & (old != EMPTY)))
+        self.slot_prefetched[slots] = prefetched
         evicted = old[old != EMPTY]
         self.slot_of[evicted] = EMPTY
         self.counters.evicted += int(evicted.size)

@@ -16,7 +16,11 @@ from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
-from rudder_env.settings import check
+from rudder_env.settings import check, check_link_levels
+
+#: The link-budget levels of the level agents: nothing, an eighth, a quarter, half, or all of what the link can carry
+#: while the next window samples and computes.
+LINK_LEVELS = (0.0, 0.125, 0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -33,16 +37,22 @@ class BufferSettings:
             lookahead's predicted need).
         buffer_init: the initial fill (``degree``, ``random``, ``empty``, ``vip``); None: the run's
             (``--buffer-init``, or the recorded run's in replay).
+        levels: None: the agent acts with a ``MultiBinary(K)`` mask over the top-K candidates; else it picks one of
+            these multiples of the link budget every window (``Discrete``; see
+            :class:`rudder_env.episode.PrefetchEpisode`).
     """
 
     uses_buffer: bool = True
     static: bool = False
     admit_on_miss: bool | None = None
     ranking: str = "misses"
+    levels: tuple[float, ...] | None = None
     buffer_init: str | None = None
 
     def __post_init__(self):
         check("ranking", self.ranking)
+        if self.levels is not None:
+            object.__setattr__(self, "levels", check_link_levels(self.levels))
         if self.buffer_init is not None:
             check("buffer_init", self.buffer_init)
         if self.static and self.admit_on_miss:
@@ -56,12 +66,17 @@ def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None
     and ``buffer_init`` where the agent sets one.
 
     No buffer means capacity 0; a static buffer never admits; otherwise the agent's admit-on-miss choice, if it
-    makes one, overrides the run's; so does its initial fill.
+    makes one, overrides the run's; so does its initial fill. ``levels`` is there only for an agent that acts by
+    link-budget levels.
     """
     admit = admit_on_miss if settings.admit_on_miss is None else settings.admit_on_miss
-    return dict(buffer_fraction=buffer_fraction if settings.uses_buffer else 0.0,
-                admit_on_miss=False if settings.static else admit, ranking=settings.ranking,
-                **({} if settings.buffer_init is None else dict(buffer_init=settings.buffer_init)))
+    out = dict(buffer_fraction=buffer_fraction if settings.uses_buffer else 0.0,
+               admit_on_miss=False if settings.static else admit, ranking=settings.ranking)
+    if settings.buffer_init is not None:
+        out["buffer_init"] = settings.buffer_init
+    if settings.levels is not None:
+        out["levels"] = settings.levels
+    return out
 
 
 class WindowInfo(TypedDict):
@@ -79,6 +94,33 @@ class WindowInfo(TypedDict):
     fetch_s: float  # measured live; modelled in replay
     compute_s: float
     distinct_remote: int  # remote ids first seen in this window
+    stall_s: float  # of fetch_s: demand pulls waiting behind a background prefetch chunk
+    late: int  # misses on rows a prefetch had requested and not delivered yet
+    arrived: int  # of prefetched: rows background prefetch delivered
+
+
+class LinkInfo(TypedDict):
+    """The trainer's link as the episode estimates it (:class:`rudder_env.episode.LinkEstimate`)."""
+
+    s_per_row: float  # seconds per remote row pulled (0: not known yet)
+    s_per_pull: float  # fixed seconds per pull
+    hide_s: float  # sampling + compute seconds of the last window: what a background prefetch can hide in
+    budget_rows: int  # remote rows the link can carry in that time (capacity when unknown)
+    utilisation: float  # modelled busy seconds of the link over the last window's seconds
+    stall_s: float  # demand pulls waiting behind prefetch chunks, last window
+    n_admissible: int  # ranked candidates the level actions may bring (0: nothing to decide)
+
+
+class Choice(TypedDict):
+    """What one level of the link-budget action would do (``info["choices"]``, envs with ``levels=``)."""
+
+    level: float  # multiple of the link budget
+    rows: int  # candidates it prefetches
+    link_s: float  # modelled seconds those rows keep the link busy
+    evicts: int  # residents replaced
+    evicts_hot: int  # of which hit in the last window (or, under the lookahead, predicted to be needed)
+    need_in: float  # mean predicted need (ranking's scale) of the rows it brings
+    need_out: float  # mean predicted need of the residents it replaces (empty slots: 0)
 
 
 class DecisionInfo(TypedDict):
@@ -102,6 +144,8 @@ class DecisionInfo(TypedDict):
     applied_ids: NotRequired[np.ndarray]  # after step/run_window: the prefetch ids applied during the window
     decision_latency_s: NotRequired[float]  # live, after step: seconds between the observation and the action
     time_model: NotRequired[dict[str, float]]  # replay, after reset: the fetch-time model's fit
+    link: LinkInfo  # the link estimate and the budget of the next window
+    choices: NotRequired[list[Choice]]  # envs with ``levels=``: what each action would do, in action order
 
 
 def admissible(info: DecisionInfo) -> int:

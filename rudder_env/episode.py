@@ -3,7 +3,8 @@
 An episode is one training run (or one trace). A *driver* yields one :class:`MinibatchRecord` per minibatch after
 pushing its remote ids through the buffer: the live trainer (real training) or the trace (replay). Every ``period``
 minibatches the env calls :meth:`PrefetchEpisode.observe`, hands the observation to the agent, and turns its
-``MultiBinary(K)`` action into a prefetch set with :meth:`PrefetchEpisode.decide`. :class:`PrefetchEnv` is the
+``MultiBinary(K)`` action into a prefetch set with :meth:`PrefetchEpisode.decide`, or, with ``levels``, its
+``Discrete`` choice of how much the link should bring (:meth:`PrefetchEpisode.choices`). :class:`PrefetchEnv` is the
 Gymnasium env both ``rudder/Live-v0`` and ``rudder/Replay-v0`` derive from: the same ``step`` and ``run_window`` on
 either driver, so the same agent sees the same thing live and offline.
 """
@@ -17,11 +18,11 @@ from typing import Callable, Iterator
 import gymnasium as gym
 import numpy as np
 
-from rudder_env.buffer import MinibatchCounts, PrefetchBuffer
-from rudder_env.contract import DecisionInfo
-from rudder_env.ranking import Ranking
-from rudder_env.settings import check
-from rudder_env.spaces import WindowStats, build_observation, check_action
+from rudder_env.buffer import EMPTY, PREFETCH_CHUNK, MinibatchCounts, PrefetchBuffer
+from rudder_env.contract import Choice, DecisionInfo, LinkInfo
+from rudder_env.ranking import Ranked, Ranking
+from rudder_env.settings import check, check_link_levels
+from rudder_env.spaces import LINK_FEATURES, WindowStats, build_observation, check_action, lg
 
 
 
@@ -52,6 +53,82 @@ class RunFacts:
     fanouts: list[int]
     batch_size: int
     facts: dict = field(default_factory=dict)  # graph, partitioning, rank, source, ...
+    initial_fill: tuple[int, float] | None = None  # (remote rows, seconds) of the initial fill, where timed
+
+
+class LinkEstimate:
+    """What a pull costs on this trainer's link: ``seconds = c0 + c_local * local_rows + c_remote * remote_rows``,
+    fitted online to every demand pull of the run so far (its fetch seconds minus any stall behind a prefetch chunk)
+    by non-negative least squares over running sums, seeded with the initial fill when it was timed.
+
+    Live it learns from measured pulls, in replay from modelled ones, by the same code: an agent sees the link the
+    same way in both. It gives the *link budget* of a window: the remote rows background prefetch can bring while
+    the trainer samples and computes, ``hide_s / (c_remote + c0 / chunk)``.
+    """
+
+    def __init__(self, initial_fill: tuple[int, float] | None = None):
+        self._xtx = np.zeros((3, 3))
+        self._xty = np.zeros(3)
+        self.samples = 0
+        self._coef: np.ndarray | None = None
+        if initial_fill is not None and initial_fill[0] > 0 and initial_fill[1] > 0:
+            self.add(0, initial_fill[0], initial_fill[1])
+
+    def add(self, local_rows: int, remote_rows: int, seconds: float) -> None:
+        x = np.array([1.0, local_rows / 1e3, remote_rows / 1e3])  # rows in thousands keep the sums well scaled
+        self._xtx += np.outer(x, x)
+        self._xty += x * max(seconds, 0.0)
+        self.samples += 1
+        self._coef = None
+
+    @property
+    def coefficients(self) -> tuple[float, float, float]:
+        """``(c0, c_local, c_remote)`` in seconds per pull and per row (zeros before two pulls were seen)."""
+        if self._coef is None:
+            self._coef = _nonnegative_normal(self._xtx, self._xty) if self.samples >= 2 else np.zeros(3)
+        c0, c_local, c_remote = self._coef
+        return float(c0), float(c_local) / 1e3, float(c_remote) / 1e3
+
+    def seconds(self, remote_rows: int, chunk: int = PREFETCH_CHUNK) -> float:
+        """Modelled seconds background prefetch of ``remote_rows`` keeps the link busy (chunks of ``chunk``)."""
+        c0, _, c_remote = self.coefficients
+        return c0 * int(np.ceil(remote_rows / chunk)) + c_remote * remote_rows if remote_rows > 0 else 0.0
+
+    def budget(self, hide_s: float, chunk: int = PREFETCH_CHUNK) -> int | None:
+        """Remote rows the link carries in ``hide_s`` seconds; None while a remote row's cost is unknown."""
+        c0, _, c_remote = self.coefficients
+        if c_remote <= 0:
+            return None
+        return int(max(hide_s, 0.0) / (c_remote + c0 / chunk))
+
+    def busy_s(self, window: WindowStats) -> float:
+        """Modelled seconds the link was busy in ``window``: its demand pulls and the background chunks delivered."""
+        c0, c_local, c_remote = self.coefficients
+        demand = window.remote_fetched - window.arrived
+        return (c0 * window.minibatches + c_local * window.local_rows + c_remote * demand
+                + self.seconds(window.arrived))
+
+
+def _nonnegative_normal(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
+    """Least squares with coefficients >= 0 from the normal equations (active set: drop negatives and refit)."""
+    active = np.ones(xty.size, dtype=bool)
+    coef = np.zeros(xty.size)
+    while active.any():
+        a = np.flatnonzero(active)
+        sol = np.linalg.lstsq(xtx[np.ix_(a, a)], xty[a], rcond=None)[0]
+        if (sol >= 0).all():
+            coef[a] = sol
+            return coef
+        active[a[np.argmin(sol)]] = False
+    return coef
+
+
+def check_level(action, n: int) -> int:
+    """A level action as an index in ``[0, n)``; a clear error for anything else."""
+    arr = np.asarray(action)
+    if arr.shape not in ((), (1,)) or arr.dtype.kind not in "iu" or not 0 <= int(arr.reshape(-1)[0]) < n:
+        raise ValueError(f"with levels the action must be an integer in [0, {n}) (a level index), got {action!r}")
+    return int(arr.reshape(-1)[0])
 
 
 def require_running(episode: PrefetchEpisode | None) -> PrefetchEpisode:
@@ -73,12 +150,26 @@ class PrefetchEpisode:
         run: the run's fixed facts.
         reward: ``"traffic"`` (minus remote rows fetched / remote rows sampled over the window) or ``"time"``
             (minus the window's seconds).
+        levels: None: the action is ``MultiBinary(K)`` over the top-K candidates. Else the action is an index into
+            ``levels``, multiples of the *link budget* (the remote rows the link can carry while the next window
+            samples and computes, :class:`LinkEstimate`): level ``x`` prefetches the top ``round(x * budget)``
+            admissible candidates of the run's ranking, however many that is. Admissible: under the lookahead, those
+            needed more than the resident they would replace; under the misses ranking, any candidate, up to the
+            capacity (the eviction threshold does not limit a level: evicting rows still needed is a consequence
+            the agent must weigh). ``info["choices"]`` says what each level would do.
     """
 
-    def __init__(self, buffer: PrefetchBuffer, ranking: Ranking, k: int, run: RunFacts, reward: str = "traffic"):
+    def __init__(self, buffer: PrefetchBuffer, ranking: Ranking, k: int, run: RunFacts, reward: str = "traffic",
+                 levels=None):
         check("reward", reward)
         check("candidates", k)
         self.buffer, self.ranking, self.k, self.run = buffer, ranking, k, run
+        self.levels = None if levels is None else check_link_levels(levels)
+        self.link = LinkEstimate(run.initial_fill)
+        self._unused_at = buffer.counters.prefetch_unused
+        self.last_unused = 0  # prefetched rows evicted unused during the last window
+        self._ranked: Ranked | None = None
+        self._choices: list[Choice] = []
         self.total_minibatches = run.total_minibatches
         self.reward_kind = reward
         self.window = WindowStats()  # the window being run
@@ -107,31 +198,105 @@ class PrefetchEpisode:
         new = np.count_nonzero(self._seen_in_window[rec.remote_ids] != self.windows)
         self._seen_in_window[rec.remote_ids] = self.windows
         self.window.add(rec.remote_ids, rec.local_rows, rec.counts, rec.sample_s, rec.fetch_s, rec.compute_s,
-                        int(new))
+                        int(new), stall_s=rec.stall_s)
+        self.link.add(rec.local_rows, rec.counts.remote_fetched - rec.counts.arrived, rec.fetch_s - rec.stall_s)
         self.minibatches += 1
 
     def observe(self) -> tuple[dict, DecisionInfo]:
         """Observation and info at a decision point; refreshes the candidate list the next action refers to."""
-        ranked = self.ranking.rank(self.minibatches, self.k)
-        self.candidate_ids, self._victims = ranked.candidate_ids, ranked.victims
-        c = self.buffer.counters
+        w, buf = self.last_window, self.buffer
+        hide_s = w.sample_s + w.compute_s
+        budget = self.link.budget(hide_s)
+        budget_rows = buf.capacity if budget is None else min(budget, buf.capacity)
+        k_rank = self.k
+        if self.levels is not None:  # rank as far as the largest level can reach
+            k_rank = max(self.k, min(int(np.ceil(self.levels[-1] * budget_rows)), buf.capacity))
+        ranked = self._ranked = self.ranking.rank(self.minibatches, k_rank)
+        self.candidate_ids, self._victims = ranked.candidate_ids[: self.k], ranked.victims
+        n_candidates = int(np.count_nonzero(ranked.candidate_ids >= 0))
+        if self.levels is None or self.ranking.name == "lookahead":
+            n_admissible = min(n_candidates, ranked.n_evictable)
+        else:
+            n_admissible = min(n_candidates, buf.capacity)
+        full = self._choice(1.0, min(budget_rows, n_admissible))
+        levels = self.levels if self.levels is not None else ()
+        self._choices = [self._choice(x, min(int(round(x * budget_rows)), n_admissible)) for x in levels]
+        c = buf.counters
+        mb = max(w.minibatches, 1)
+        seconds = w.seconds
+        need = full["need_in"] + full["need_out"]
+        link_obs = np.array([
+            self.link.busy_s(w) / seconds if seconds > 0 else 0.0,
+            lg(1000 * w.stall_s / mb), lg(1000 * hide_s / mb), budget_rows / max(buf.capacity, 1),
+            full["need_in"] / need if need > 0 else 0.5,
+            w.late / max(w.late + w.prefetched, 1),
+            self.last_unused / max(w.arrived if buf.prefetch == "background" else w.prefetched, 1),
+            float(n_admissible == 0)], dtype=np.float64)
+        assert link_obs.size == LINK_FEATURES
         # alpha scales once more here for either ranking: the shipped PPO policy was trained on these values
-        scores = ranked.candidate_scores * self.ranking.score_scale * self.buffer.alpha
-        obs = build_observation(self.buffer, self.last_window, c.hits, c.remote_sampled,
+        scores = ranked.candidate_scores[: self.k] * self.ranking.score_scale * buf.alpha
+        obs = build_observation(buf, w, c.hits, c.remote_sampled,
                                 self.minibatches / max(self.total_minibatches, 1), scores,
-                                self.run.halo_nodes, self.run.fanouts, self.run.batch_size)
+                                self.run.halo_nodes, self.run.fanouts, self.run.batch_size, link=link_obs)
+        c0, _, c_remote = self.link.coefficients
+        link = LinkInfo(s_per_row=c_remote, s_per_pull=c0, hide_s=hide_s, budget_rows=int(budget_rows),
+                        utilisation=float(link_obs[0]), stall_s=w.stall_s, n_admissible=int(n_admissible))
         info = DecisionInfo(candidate_ids=self.candidate_ids.copy(),
-                            candidate_scores=ranked.candidate_scores.copy(),
+                            candidate_scores=ranked.candidate_scores[: self.k].copy(),
                             n_candidates=int(np.count_nonzero(self.candidate_ids >= 0)),
-                            n_evictable=ranked.n_evictable, capacity=self.buffer.capacity,
-                            minibatch=self.minibatches, decision=self.decisions, window=self.last_window.as_dict(),
-                            counters=c.as_dict(), facts=dict(self.facts))
+                            n_evictable=ranked.n_evictable, capacity=buf.capacity,
+                            minibatch=self.minibatches, decision=self.decisions, window=w.as_dict(),
+                            counters=c.as_dict(), facts=dict(self.facts), link=link)
+        if self.levels is not None:
+            info["choices"] = [dict(ch) for ch in self._choices]
         return obs, info
 
+    def _choice(self, level: float, rows: int) -> Choice:
+        """What prefetching the top ``rows`` ranked candidates would do (:class:`~rudder_env.contract.Choice`)."""
+        buf, ranked = self.buffer, self._ranked
+        rows = max(int(rows), 0)
+        need_in = float(ranked.candidate_scores[:rows].mean()) if rows else 0.0
+        if self.ranking.name == "misses":
+            need_in *= buf.alpha  # decayed misses x alpha: about the misses per minibatch
+        victims = self._victim_slots(rows)
+        resident = buf.slot_ids[victims] != EMPTY
+        if buf.priority is not None:
+            scale = self.ranking.need_scale(self.minibatches) if hasattr(self.ranking, "need_scale") else 1.0
+            out = np.maximum(buf.slot_priority(victims), 0.0) * scale
+            hot = resident & (out > 0)
+        else:
+            out = np.where(resident, buf.slot_scores()[victims], 0.0)
+            hot = resident & (buf.clock - buf.slot_last_hit[victims] < buf.period)
+        return Choice(level=float(level), rows=rows, link_s=self.link.seconds(rows), evicts=int(resident.sum()),
+                      evicts_hot=int(hot.sum()), need_in=need_in, need_out=float(out.mean()) if rows else 0.0)
+
+    def _victim_slots(self, n: int) -> np.ndarray:
+        """The slots ``n`` prefetched rows would replace (as the buffer would choose them now)."""
+        n = min(n, self.buffer.capacity)
+        victims = self._ranked.victims
+        if victims is not None and victims.size >= n:
+            return victims[:n]
+        return self.buffer._prefetch_victims(n) if n else np.zeros(0, dtype=np.int64)
+
     def decide(self, action) -> np.ndarray:
-        """Turn a ``MultiBinary(K)`` action into the prefetch set (ids, in rank order) and schedule it."""
-        mask = check_action(action, self.k) & (self.candidate_ids >= 0)
-        return self.apply(self.candidate_ids[mask])
+        """Turn the action into the prefetch set (ids, in rank order) and schedule it: a ``MultiBinary(K)`` mask
+        over the top-K candidates, or, with ``levels``, the index of a level (:meth:`choices`)."""
+        return self.apply(self.resolver()(action))
+
+    def resolver(self) -> Callable[[object], np.ndarray]:
+        """A function turning an action taken on the current observation into its prefetch ids; it keeps this
+        decision's candidates, so it also serves a decision an agent finishes later, in the background."""
+        if self.levels is None:
+            ids, k = self.candidate_ids.copy(), self.k
+            return lambda action: ids[check_action(action, k) & (ids >= 0)]
+        ranked, n = self._ranked.candidate_ids, len(self.levels)
+        rows = [c["rows"] for c in self._choices]
+        ids = ranked[: max(rows)].copy()
+        return lambda action: ids[: rows[check_level(action, n)]]
+
+    def choices(self) -> list[Choice]:
+        """What each level would do at the current decision (levels mode; empty otherwise)."""
+        return [dict(ch) for ch in self._choices]
 
     def apply(self, ids: np.ndarray) -> np.ndarray:
         """Schedule a prefetch set of node ids (e.g. a late decision taken on an earlier candidate list)."""
@@ -147,6 +312,8 @@ class PrefetchEpisode:
         w = self.window
         reward = -w.remote_fetched / max(w.remote_sampled, 1) if self.reward_kind == "traffic" else -w.seconds
         self.last_window, self.window = w, WindowStats()
+        unused = self.buffer.counters.prefetch_unused
+        self.last_unused, self._unused_at = unused - self._unused_at, unused
         self.windows += 1
         return float(reward), w
 

@@ -8,7 +8,7 @@ from rudder_env.episode import PrefetchEnv, PrefetchEpisode, RunFacts
 from rudder_env.ranking import make_ranking
 from rudder_env.replay_env import DEFAULT_CANDIDATES
 from rudder_env.spaces import action_space, observation_space
-from rudder_env.settings import check
+from rudder_env.settings import check, check_link_levels
 
 
 class LiveEnv(PrefetchEnv):
@@ -19,7 +19,8 @@ class LiveEnv(PrefetchEnv):
     make the same calls (``reset``/``step``) since DDP synchronises their minibatches.
 
     ## Action Space
-    ``MultiBinary(K)`` over the ranked candidates in ``info["candidate_ids"]`` (as in ``rudder/Replay-v0``).
+    ``MultiBinary(K)`` over the ranked candidates in ``info["candidate_ids"]``, or with ``levels`` a
+    ``Discrete`` link-budget level (as in ``rudder/Replay-v0``).
 
     ## Observation Space
     As ``rudder/Replay-v0`` (:mod:`rudder_env.spaces`); times are measured, not modelled.
@@ -46,8 +47,9 @@ class LiveEnv(PrefetchEnv):
 
     def __init__(self, trainer, candidates: int = DEFAULT_CANDIDATES, reward: str = "traffic", trace=None,
                  ranking: str = "misses", lookahead_horizon: int | None = None,
-                 lookahead_discount: float | None = None):
+                 lookahead_discount: float | None = None, levels=None):
         super().__init__()
+        self.levels = None if levels is None else check_link_levels(levels)
         self.trainer = trainer
         self.k = check("candidates", candidates)
         self.reward = check("reward", reward)
@@ -56,7 +58,7 @@ class LiveEnv(PrefetchEnv):
         self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
         self.period = trainer.cfg.period
         self.observation_space = observation_space(self.k)
-        self.action_space = action_space(self.k)
+        self.action_space = action_space(self.k, self.levels)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -68,12 +70,13 @@ class LiveEnv(PrefetchEnv):
         cfg = t.cfg
         run = RunFacts(t.total_minibatches, t.halo_ids.size, cfg.fanouts, cfg.batch_size,
                        facts=dict(graph=cfg.graph, parts=cfg.parts, partitioning=cfg.partition, rank=t.trainer_rank,
-                                  num_nodes=int(t.g.num_nodes()), model=cfg.model, source="live DistDGL training"))
+                                  num_nodes=int(t.g.num_nodes()), model=cfg.model, source="live DistDGL training"),
+                       initial_fill=(int(t.initial_ids.size), float(t.initial_fill_s)) if t.initial_ids.size else None)
         t0 = time.perf_counter()
         ranking = make_ranking(self.ranking, t.buffer, lookahead=t.lookahead,
                                upcoming=lambda done, h: t.upcoming_seeds(h), sampled_ahead=lambda done: t.sampled_ahead(),
                                horizon=self.lookahead_horizon, discount=self.lookahead_discount)
-        self.episode = PrefetchEpisode(t.buffer, ranking, self.k, run, reward=self.reward)
+        self.episode = PrefetchEpisode(t.buffer, ranking, self.k, run, reward=self.reward, levels=self.levels)
         ranking_s = time.perf_counter() - t0
         obs, info = self._first_observation()
         self.env_overhead_s += ranking_s

@@ -17,6 +17,7 @@ candidates with their scores, how many of them have a slot to take, and the slot
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -105,12 +106,17 @@ class LookaheadRanking:
         """Refresh the predicted need to the minibatches *after* the coming one (its rows are needed now anyway)."""
         self._need.advance(minibatches_done)
 
+    def need_scale(self, minibatches_done: int) -> float:
+        """Multiplies the buffer's priority into expected uses weighted from now (weight 1 for the coming
+        minibatch): the scale of the candidate scores :meth:`rank` returns."""
+        return float(self.discount ** -(minibatches_done - self._need.base))
+
     def rank(self, minibatches_done: int, k: int) -> Ranked:
         """Candidates: non-residents most needed soon; victims: residents least needed soon (then least recent)."""
         buf, need = self.buffer, self._need
         need.advance(minibatches_done)
         ids = np.flatnonzero(need.need > 0)  # predicted need after the coming minibatch
-        value = (need.need[ids] * self.discount ** -(minibatches_done - need.base)).astype(np.float32)
+        value = (need.need[ids] * self.need_scale(minibatches_done)).astype(np.float32)
         resident = buf.slot_of[ids] != EMPTY
         if buf.requested.size:  # background: what is on its way is no candidate
             resident |= buf.requested[ids]
@@ -218,6 +224,21 @@ class _PredictedNeed:
             self.need[ids] += w
             self.included[j] = (ids, w)
         self.buffer.set_dense_priority(self.need)
+
+    def __deepcopy__(self, memo):
+        """A copy for trying an option from the same state (e.g. the best-level oracle): the state is copied, the
+        partition structure and the seed-order callables are shared, guesses still being scored are waited for."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "scored":
+                new.scored = {}
+                for j, future in value.items():
+                    new.scored[j] = Future()
+                    new.scored[j].set_result(future.result())
+            elif key not in ("lookahead", "upcoming", "sampled_ahead"):
+                setattr(new, key, copy.deepcopy(value, memo))
+        return new
 
     def add_scored(self, scored: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
         """Expected needs already computed (minibatch -> (ids, needs)), used as if scored in the background."""

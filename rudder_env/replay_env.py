@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from rudder_env.buffer import PrefetchBuffer, initial_ids
@@ -9,13 +11,16 @@ from rudder_env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, Ru
 from rudder_env.lookahead import SamplerLookahead
 from rudder_env.ranking import make_ranking
 from rudder_env.spaces import action_space, observation_space
-from rudder_env.settings import check, check_optional
+from rudder_env.settings import check, check_link_levels, check_optional
 from rudder_env.timing import BackgroundLink, FetchTimeModel
 from rudder_env.vip import vertex_inclusion_probability
 from traces import Trace, TraceError
 
 DEFAULT_CANDIDATES = 256
 DEFAULT_SAMPLE_AHEAD = 4  # minibatches a trainer samples ahead unless told otherwise (``--sample-ahead``)
+
+
+_STATE = ("_link", "_due", "_follow", "_decisions_seen")  # background prefetch: what the replay of arrivals tracks
 
 
 class _Driver:
@@ -43,6 +48,10 @@ class ReplayEnv(PrefetchEnv):
     ``MultiBinary(K)``: bit ``i`` admits the ``i``-th ranked candidate (``info["candidate_ids"][i]``, the
     non-resident remote nodes missed most often, decayed). The set is fetched with the next minibatch's misses and
     replaces the lowest-score slots. Bits past ``info["n_candidates"]`` are ignored.
+
+    With ``levels`` (e.g. ``(0, 0.125, 0.25, 0.5, 1)``): ``Discrete(len(levels))``, action ``i`` prefetches
+    ``levels[i]`` times the link budget of the next window from the top of the ranked candidates
+    (:class:`~rudder_env.episode.PrefetchEpisode`); ``info["choices"]`` says what each would do.
 
     ## Observation Space
     A ``Dict`` of float32 boxes in [0, 1]: buffer state, slot-score histogram, sampler and traffic statistics of
@@ -79,8 +88,9 @@ class ReplayEnv(PrefetchEnv):
                  period: int | None = None, admit_on_miss: bool | None = None, ranking: str = "misses",
                  lookahead_horizon: int | None = None,
                  lookahead_discount: float | None = None, prefetch: str | None = None,
-                 follow_recorded: bool = True):
+                 follow_recorded: bool = True, levels=None):
         super().__init__()
+        self.levels = None if levels is None else check_link_levels(levels)
         candidates = check_optional("candidates", candidates)
         reward = check("reward", reward)
         buffer_fraction = check_optional("buffer_fraction", buffer_fraction)
@@ -156,7 +166,7 @@ class ReplayEnv(PrefetchEnv):
                 raise ValueError(f"ranking='lookahead' needs a trace recorded with seeds and partition structure; "
                                  f"{self.source.directory} has none (re-record it with this rudder)")
         self.observation_space = observation_space(self.k)
-        self.action_space = action_space(self.k)
+        self.action_space = action_space(self.k, self.levels)
 
     def _new_buffer(self) -> PrefetchBuffer:
         buf = PrefetchBuffer(self.capacity, self.num_nodes, alpha=self.alpha, period=self.period,
@@ -178,8 +188,12 @@ class ReplayEnv(PrefetchEnv):
         ranking = make_ranking(self.ranking, buffer, lookahead=self._lookahead, upcoming=self._upcoming,
                                sampled_ahead=self._sampled_ahead, horizon=self.lookahead_horizon,
                                discount=self.lookahead_discount)
-        run_facts = RunFacts(len(self._ids), self.halo_ids.size, self.fanouts, self.batch_size, facts=facts)
-        self.episode = PrefetchEpisode(buffer, ranking, self.k, run_facts, reward=self.reward)
+        rmeta = self.rank_trace.meta
+        fill = (int(rmeta["initial_fill_rows"]), float(rmeta["initial_fill_s"])) \
+            if rmeta.get("initial_fill_rows") else None
+        run_facts = RunFacts(len(self._ids), self.halo_ids.size, self.fanouts, self.batch_size, facts=facts,
+                             initial_fill=fill)
+        self.episode = PrefetchEpisode(buffer, ranking, self.k, run_facts, reward=self.reward, levels=self.levels)
         self._records = _Driver(self._replay)
         if self.prefetch == "background":
             self._link = BackgroundLink(self.time_model)
@@ -190,6 +204,23 @@ class ReplayEnv(PrefetchEnv):
         obs, info = self._first_observation()
         info["time_model"] = self.time_model.as_dict()
         return obs, info
+
+    def snapshot(self) -> dict:
+        """The episode's whole mutable state (buffer, ranking, link model, where the replay is), copied: play on
+        from it with :meth:`restore` as often as needed, e.g. to try each action from the same decision. The
+        trace and the partition structure are shared, not copied."""
+        return self._copy_state(dict(episode=self.episode, **{k: getattr(self, k) for k in _STATE if hasattr(self, k)}))
+
+    def restore(self, state: dict) -> None:
+        """Continue from a :meth:`snapshot` (which stays unchanged: a copy of it is restored)."""
+        for key, value in self._copy_state(state).items():
+            setattr(self, key, value)
+
+    def _copy_state(self, state: dict) -> dict:
+        memo = {id(self): self, id(self.source): self.source, id(self.rank_trace): self.rank_trace}
+        if self._lookahead is not None:
+            memo[id(self._lookahead)] = self._lookahead
+        return copy.deepcopy(state, memo)
 
     def _replay(self) -> MinibatchRecord:
         """The driver's next minibatch: the next recorded remote ids through the buffer, fetch time modelled.

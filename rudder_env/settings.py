@@ -157,3 +157,20 @@ def check_fraction_levels(levels: Sequence) -> tuple[float, ...]:
         raise SettingError(f"levels must be at least two fractions, strictly increasing from 0 to at most 1, "
                            f"got {list(levels)}")
     return out
+
+
+LINK_LEVELS_MAX = 4.0  # a level past this asks the link for four windows' worth in one: nothing to learn there
+
+
+def check_link_levels(levels: Sequence) -> tuple[float, ...]:
+    """Levels of the link-budget action (``levels=`` of the prefetch envs): at least two numbers, strictly
+    increasing from 0, each a multiple of what the link can carry in the next window (1: all of it; more than 1
+    asks for more than it can hide, up to :data:`LINK_LEVELS_MAX`)."""
+    levels = _as_tuple(levels)
+    if not all(_is_number(v) for v in levels):
+        raise SettingError(f"levels (--levels) must be numbers (multiples of the link budget), got {list(levels)!r}")
+    out = tuple(float(v) for v in levels)
+    if len(out) < 2 or out[0] != 0.0 or any(b <= a for a, b in zip(out, out[1:])) or out[-1] > LINK_LEVELS_MAX:
+        raise SettingError(f"levels (--levels) must be at least two numbers strictly increasing from 0 to at most "
+                           f"{LINK_LEVELS_MAX:g} (multiples of the link budget), got {list(levels)}")
+    return out

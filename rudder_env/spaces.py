@@ -20,6 +20,15 @@ key             shape what it holds
                       (1-discount) x alpha (lookahead)
 ``residents``   (K,)  scores of the K lowest-score residents, lowest first (empty slot: 0; no slot: 1)
 ``progress``    (1,)  fraction of the run's minibatches done
+``link``        (8,)  the link and the prefetch pipeline (:class:`rudder_env.episode.LinkEstimate`): link
+                      utilisation over the last window (modelled busy seconds of every pull, background
+                      chunks included, over the window's seconds); stall and hideable (sampling + compute)
+                      milliseconds per minibatch (``lg``-scaled); the link budget of the next window (remote
+                      rows it can carry while the trainer samples and computes) / capacity, clipped; predicted
+                      need of the candidates the full budget would bring over that plus the need of the
+                      residents they would replace (0.5: equal); late misses over rows requested in the
+                      window; prefetched rows evicted unused over rows that arrived; 1 when no candidate can be
+                      admitted (nothing to decide), else 0
 =============== ===== =================================================================================
 
 ``lg(x) = log1p(x) / log1p(1e7)`` clipped to [0, 1]. The decision is a ``MultiBinary(K)`` over the ranked
@@ -37,6 +46,7 @@ from gymnasium import spaces
 from rudder_env.buffer import EMPTY, PrefetchBuffer, MinibatchCounts
 
 HIST_BINS = 8
+LINK_FEATURES = 8
 _LG_TOP = np.log1p(1e7)
 
 
@@ -49,7 +59,7 @@ def observation_space(k: int) -> spaces.Dict:
         return spaces.Box(0.0, 1.0, shape=(n,), dtype=np.float32)
 
     return spaces.Dict({"buffer": box(5), "score_hist": box(HIST_BINS), "sampler": box(6), "traffic": box(5),
-                        "candidates": box(k), "residents": box(k), "progress": box(1)})
+                        "candidates": box(k), "residents": box(k), "progress": box(1), "link": box(LINK_FEATURES)})
 
 
 def observation_layout(space: spaces.Dict) -> list[list]:
@@ -68,8 +78,9 @@ def fit_k(observation: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
     return obs
 
 
-def action_space(k: int) -> spaces.MultiBinary:
-    return spaces.MultiBinary(k)
+def action_space(k: int, levels=None) -> spaces.Space:
+    """``MultiBinary(k)`` over the top-k candidates, or ``Discrete(len(levels))`` with link-budget levels."""
+    return spaces.MultiBinary(k) if levels is None else spaces.Discrete(len(levels))
 
 
 @dataclass
@@ -88,9 +99,12 @@ class WindowStats:
     fetch_s: float = 0.0
     compute_s: float = 0.0
     distinct_remote: int = 0  # remote ids seen for the first time in this window
+    stall_s: float = 0.0  # of fetch_s: demand pulls waiting behind a background prefetch chunk
+    late: int = 0  # misses on rows requested by a prefetch and not delivered yet
+    arrived: int = 0  # of prefetched: rows background prefetch delivered
 
     def add(self, remote_ids: np.ndarray, local_rows: int, counts: MinibatchCounts, sample_s: float, fetch_s: float,
-            compute_s: float, new_distinct: int) -> None:
+            compute_s: float, new_distinct: int, stall_s: float = 0.0) -> None:
         self.minibatches += 1
         self.input_rows += local_rows + remote_ids.size
         self.local_rows += local_rows
@@ -103,6 +117,9 @@ class WindowStats:
         self.fetch_s += fetch_s
         self.compute_s += compute_s
         self.distinct_remote += new_distinct
+        self.stall_s += stall_s
+        self.late += counts.late
+        self.arrived += counts.arrived
 
     @property
     def seconds(self) -> float:
@@ -114,7 +131,7 @@ class WindowStats:
 
 def build_observation(buffer: PrefetchBuffer, window: WindowStats, cum_hits: int, cum_remote: int,
                       progress: float, candidate_scores: np.ndarray, halo_nodes: int, fanouts: list[int],
-                      batch_size: int) -> dict[str, np.ndarray]:
+                      batch_size: int, link=None) -> dict[str, np.ndarray]:
     """The observation at a decision point (see the module docstring for every entry)."""
     cap = max(buffer.capacity, 1)
     scores = buffer.slot_scores()
@@ -140,6 +157,7 @@ def build_observation(buffer: PrefetchBuffer, window: WindowStats, cum_hits: int
         "candidates": candidate_scores,
         "residents": residents,
         "progress": [progress],
+        "link": np.zeros(LINK_FEATURES) if link is None else link,
     }
     return {key: np.clip(np.asarray(v, dtype=np.float32), 0.0, 1.0) for key, v in obs.items()}
 

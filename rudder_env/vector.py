@@ -23,16 +23,17 @@ from typing import Callable, Sequence
 import gymnasium as gym
 from gymnasium.wrappers import FlattenObservation
 
+from rudder_env.contract import LINK_LEVELS
 from rudder_env.wrappers import DEFAULT_LEVELS, Budget, EvictOrKeep, FractionBudget, RelativeReward
 
-# action name -> wrapper (None: the base MultiBinary(K) action)
-ACTIONS = {"multibinary": None, "budget": Budget, "fraction": FractionBudget, "evict": EvictOrKeep}
+# action name -> wrapper (None: the base env's own action: MultiBinary(K), or link-budget levels for "link")
+ACTIONS = {"multibinary": None, "budget": Budget, "fraction": FractionBudget, "evict": EvictOrKeep, "link": None}
 DEFAULT_BUDGET_LEVELS = (0, 16, 64, 256)
 
 
 def default_levels(action: str) -> tuple | None:
     """The levels an action wrapper takes by default (None: it takes none)."""
-    return {"budget": DEFAULT_BUDGET_LEVELS, "fraction": DEFAULT_LEVELS}.get(action)
+    return {"budget": DEFAULT_BUDGET_LEVELS, "fraction": DEFAULT_LEVELS, "link": LINK_LEVELS}.get(action)
 
 
 def make_replay_env(trace, rank: int = 0, *, action: str = "fraction", levels: Sequence | None = None,
@@ -45,7 +46,8 @@ def make_replay_env(trace, rank: int = 0, *, action: str = "fraction", levels: S
         trace, rank: the trace folder (or :class:`traces.Trace`) and the trainer rank to replay.
         action: ``"fraction"`` (:class:`~rudder_env.wrappers.FractionBudget`, PPO's), ``"budget"``
             (:class:`~rudder_env.wrappers.Budget`), ``"evict"`` (:class:`~rudder_env.wrappers.EvictOrKeep`) or
-            ``"multibinary"`` (the base ``MultiBinary(K)`` action).
+            ``"multibinary"`` (the base ``MultiBinary(K)`` action) or ``"link"`` (the env's own link-budget levels,
+            ``levels=``, over the lookahead's candidates with admit-on-miss: the level agents' setting).
         levels: the wrapper's levels (default :func:`default_levels`).
         flatten: flatten the ``Dict`` observation into a ``Box`` (``gymnasium.spaces.flatten`` order).
         buffer_fraction, buffer_init, candidates, reward: passed to ``rudder/Replay-v0`` (``None``: the recorded
@@ -59,17 +61,22 @@ def make_replay_env(trace, rank: int = 0, *, action: str = "fraction", levels: S
 
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}: expected one of {', '.join(ACTIONS)}")
-    if relative_reward is not None and action != "fraction":
-        raise ValueError(f"relative_reward needs action='fraction', got action={action!r}")
+    if relative_reward is not None and action not in ("fraction", "link"):
+        raise ValueError(f"relative_reward needs action='fraction' or 'link', got action={action!r}")
+    link = {}
+    if action == "link":
+        link = dict(levels=tuple(levels) if levels is not None else LINK_LEVELS, ranking="lookahead",
+                    admit_on_miss=True)
     env = gym.make("rudder/Replay-v0", trace=trace, rank=rank, candidates=candidates, reward=reward,
-                   buffer_fraction=buffer_fraction, buffer_init=buffer_init)
+                   buffer_fraction=buffer_fraction, buffer_init=buffer_init, **link)
     wrapper = ACTIONS[action]
     if action in ("budget", "fraction"):
         env = wrapper(env, tuple(levels) if levels is not None else default_levels(action))
-    elif wrapper is not None:
+    elif wrapper is not None or action == "multibinary":
         if levels is not None:
             raise ValueError(f"action={action!r} takes no levels")
-        env = wrapper(env)
+        if wrapper is not None:
+            env = wrapper(env)
     if relative_reward is not None:
         env = RelativeReward(env, relative_reward)
     if flatten:

@@ -131,16 +131,25 @@ class RelativeReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
     within the few rows in 10^4 by which the actions differ. The reference is one episode played from the first
     ``reset`` (so with the same initial buffer as that episode).
 
+    On a prefetch env with link-budget levels (``levels=``) the reference is always playing level 0 (no prefetch
+    beyond admit-on-miss): with ``reward="time"`` and ``scale=100``, hundredths of a second saved per window by
+    what the agent prefetched.
+
     Args:
-        env: a :class:`FractionBudget`-wrapped prefetch env.
+        env: a :class:`FractionBudget`-wrapped prefetch env, or one with ``levels=``.
         scale: multiplier of the reward difference.
     """
 
-    def __init__(self, env: FractionBudget, scale: float = 1000.0):
+    def __init__(self, env, scale: float = 1000.0):
         gym.utils.RecordConstructorArgs.__init__(self, scale=scale)
         gym.Wrapper.__init__(self, env)
-        if not isinstance(env, FractionBudget):
-            raise TypeError(f"RelativeReward wraps a FractionBudget env, got {type(env).__name__}")
+        if isinstance(env, FractionBudget):
+            self._reference_action = len(env.levels) - 1
+        elif getattr(env.unwrapped, "levels", None) is not None:
+            self._reference_action = 0
+        else:
+            raise TypeError(f"RelativeReward wraps a FractionBudget env or one with link-budget levels, got "
+                            f"{type(env).__name__}")
         self.scale = float(scale)
         self.reference: np.ndarray | None = None
         self._window = 0
@@ -149,9 +158,8 @@ class RelativeReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if self.reference is None:
             rewards, done = [], False
             self.env.reset(**kwargs)
-            top = len(self.env.levels) - 1
             while not done:
-                _, reward, terminated, truncated, _ = self.env.step(top)
+                _, reward, terminated, truncated, _ = self.env.step(self._reference_action)
                 rewards.append(reward)
                 done = terminated or truncated
             self.reference = np.asarray(rewards, dtype=np.float64)

@@ -230,7 +230,7 @@ def test_my_agent_runs_live_from_a_folder_outside_the_repository(user_dir, tmp_p
     trace = Trace(str(user_dir / "trace"))
     assert trace.meta["agent"] == dict(name="missgate", settings=dict(uses_buffer=True, static=False,
                                                                       admit_on_miss=None, ranking="misses",
-                                                                      buffer_init=None))
+                                                                      levels=None, buffer_init=None))
     assert make_agent("recorded", trace=str(user_dir / "trace"), rank=1).settings == BufferSettings()
 
 
@@ -240,7 +240,7 @@ def test_my_agent_runs_live_from_a_folder_outside_the_repository(user_dir, tmp_p
 @pytest.mark.parametrize("action, n", [("fraction", 4), ("budget", 4), ("evict", 2), ("multibinary", None)])
 def test_replay_envs_pass_gymnasium_checks(action, n):
     env = make_replay_env(RANDOM2, 1, action=action, buffer_fraction=0.05, candidates=64)
-    assert env.observation_space.shape == (25 + 2 * 64,)
+    assert env.observation_space.shape == (33 + 2 * 64,)
     assert env.action_space == (gym.spaces.Discrete(n) if n else gym.spaces.MultiBinary(64))
     check_env(env, skip_render_check=True)
     with pytest.raises(ValueError, match="relative_reward needs action='fraction'"):
@@ -254,7 +254,7 @@ def test_vector_env_over_traces_ranks_and_buffer_sizes():
     envs = make_replay_vector_env([METIS2, RANDOM2], buffer_fractions=(None, 0.05), action="budget")
     assert isinstance(envs, gym.vector.SyncVectorEnv) and envs.num_envs == 8
     obs, _ = envs.reset(seed=0)
-    assert obs.shape == (8, 25 + 2 * 256) and obs.dtype == np.float32
+    assert obs.shape == (8, 33 + 2 * 256) and obs.dtype == np.float32
     lengths, steps, done = np.zeros(8, int), np.zeros(8, int), np.zeros(8, bool)
     while not done.all():  # a CleanRL-style loop: the autoreset step after an episode ends is not a decision
         _, reward, term, trunc, infos = envs.step(np.full(8, 3))
@@ -274,7 +274,7 @@ def test_vector_env_over_traces_ranks_and_buffer_sizes():
     async_envs = make_replay_vector_env([METIS4], ranks=[2], vectorization="async", candidates=64, n_envs=2)
     try:
         obs, _ = async_envs.reset(seed=0)
-        assert isinstance(async_envs, gym.vector.AsyncVectorEnv) and obs.shape == (2, 25 + 128)
+        assert isinstance(async_envs, gym.vector.AsyncVectorEnv) and obs.shape == (2, 33 + 128)
         np.testing.assert_array_equal(obs[0], obs[1])  # the same rank and buffer: the same first observation
     finally:
         async_envs.close()

@@ -72,7 +72,7 @@ def test_fraction_budget_admits_a_fraction_of_the_admissible_candidates():
 def test_make_env_passes_gymnasium_checks(relative_reward):
     env = make_env(METIS2, 1, buffer_fraction=0.05, relative_reward=relative_reward)
     assert isinstance(env.observation_space, gym.spaces.Box)
-    assert env.observation_space.shape == (5 + 8 + 6 + 5 + 1 + 2 * 256,)
+    assert env.observation_space.shape == (5 + 8 + 6 + 5 + 1 + 8 + 2 * 256,)
     check_env(env, skip_render_check=True)
 
 

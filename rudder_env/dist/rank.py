@@ -219,7 +219,7 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
         extra["check_env"] = "passed"
     writer = _trace_writer(cfg, role, job, trainer, agent, buffer) if cfg.trace else None
     env = gym.make("rudder/Live-v0", trainer=trainer, candidates=cfg.candidates, reward=cfg.reward, trace=writer,
-                   ranking=buffer["ranking"])
+                   ranking=buffer["ranking"], levels=buffer.get("levels"))
     in_background = asynchronous(cfg, agent)
     progress = TrainerProgress(cfg, role.trainer_rank)
     progress.ready(trainer, time.perf_counter() - t_start)

@@ -31,12 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from agents.base import as_agent
-from rudder_env.spaces import check_action
 
 
 class _Pending:
-    def __init__(self, candidate_ids: np.ndarray, observed_minibatch: int):
-        self.candidate_ids = candidate_ids
+    def __init__(self, resolve, observed_minibatch: int):
+        self.resolve = resolve  # action -> prefetch ids, on the candidates of the observation it was taken on
         self.observed_minibatch = observed_minibatch
         self.submitted = time.perf_counter()
         self.future = None
@@ -92,18 +91,58 @@ def play_episode(env, agent, seed: int = 0) -> dict:
     return tally.result(env)
 
 
+def play_best_level(env, horizon: int = 3, seed: int = 0) -> dict:
+    """The best-in-action-space oracle of a replay env with ``levels``: at every decision, try each level from the
+    same state (:meth:`~rudder_env.replay_env.ReplayEnv.snapshot`), play it for ``horizon`` windows, and take the
+    one with the fewest modelled seconds (ties: the lower level, less traffic). It knows the future of the trace,
+    so no online agent can be expected to beat it by much; it is greedy over a short horizon, not a proven optimum.
+    Returns :func:`play_episode`'s row, with ``levels_chosen`` (how often each level was taken)."""
+    base = env.unwrapped
+    if getattr(base, "levels", None) is None:
+        raise ValueError("the best-level oracle needs an env with levels= (link-budget level actions)")
+    n = len(base.levels)
+    obs, info = env.reset(seed=seed)
+    tally = EpisodeTally()
+    chosen = np.zeros(n, dtype=np.int64)
+    done = False
+    while not done:
+        start = base.snapshot()
+        costs = []
+        for a in range(n):
+            base.restore(start)
+            seconds, over = 0.0, False
+            for _ in range(horizon):
+                _, _, over, _, trial = env.step(a)
+                w = trial["window"]
+                seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
+                if over:
+                    break
+            costs.append(seconds)
+        best = int(np.argmin(costs))  # first minimum: the lowest level among equals
+        base.restore(start)
+        chosen[best] += 1
+        tally.latencies.append(0.0)
+        obs, _, terminated, truncated, info = env.step(best)
+        tally.add_window(info)
+        done = terminated or truncated
+    return tally.result(env, levels_chosen=chosen.tolist())
+
+
 class EpisodeTally:
     """What every way of playing an episode keeps: each window's seconds and hit rate, and decision latencies."""
 
     def __init__(self):
         self.latencies: list[float] = []
         self.seconds = 0.0
+        self.parts = dict(sample_s=0.0, fetch_s=0.0, compute_s=0.0, stall_s=0.0)  # where the time went
         self.window_hit_rate: list[float] = []
 
     def add_window(self, info: dict) -> None:
         """Count the window that ``info`` (returned by ``step`` or ``run_window``) describes."""
         w = info["window"]
         self.seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
+        for key in self.parts:
+            self.parts[key] += float(w.get(key, 0.0))
         self.window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
 
     def result(self, env, **extra) -> dict:
@@ -113,7 +152,7 @@ class EpisodeTally:
         lat = self.latencies
         return dict(remote_sampled=c.remote_sampled, hits=c.hits, remote_fetched=c.remote_fetched,
                     prefetched=c.prefetched, initial_fill=c.initial_fill, admitted_on_miss=c.admitted_on_miss,
-                    time_s=self.seconds, decisions=len(lat),
+                    time_s=self.seconds, **{f"time_{k}": v for k, v in self.parts.items()}, decisions=len(lat),
                     latency_p50_s=float(np.percentile(lat, 50)) if lat else 0.0,
                     latency_p95_s=float(np.percentile(lat, 95)) if lat else 0.0,
                     window_hit_rate=self.window_hit_rate, **extra)
@@ -157,17 +196,16 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
             p.latency_s = time.perf_counter() - p.submitted
         elif minibatch < p.due_minibatch:
             return None
-        mask = check_action(p.action, p.candidate_ids.size) & (p.candidate_ids >= 0)
         tally.latencies.append(p.latency_s)
         delays.append(minibatch - p.observed_minibatch)
         pending = None
-        return p.candidate_ids[mask], p.latency_s
+        return p.resolve(p.action), p.latency_s
 
     done = False
     try:
         while not done:
             if pending is None:
-                pending = _Pending(np.asarray(info["candidate_ids"]).copy(), info["minibatch"])
+                pending = _Pending(base.episode.resolver(), info["minibatch"])
                 if live:
                     pending.future = pool.submit(agent.act, obs, info)
                 else:

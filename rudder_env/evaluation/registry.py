@@ -38,8 +38,11 @@ REGISTRY = {
     "hitrate": ("baselines.policies", "HitRateRule"),
     "lookahead": ("baselines.policies", "Lookahead"),
     "vip": ("baselines.policies", "VIPStatic"),  # SALIENT++'s static cache by vertex inclusion probability
+    "level": ("baselines.policies", "FixedLevel"),  # one link-budget level every window (level=...)
     "ppo": ("agents.ppo", "PPOAgent"),
+    "ppo-link": ("agents.ppo", "PPOLinkAgent"),  # PPO choosing link-budget levels (time as the reward)
     "llm": ("agents.llm", "LLMAgent"),
+    "llm-link": ("agents.llm_link", "LLMLinkAgent"),  # the LLM choosing link-budget levels (time as the goal)
     "recorded": ("baselines.policies", "Recorded"),  # the decisions of a recorded run, replayed
 }
 ENTRY_POINT_GROUP = "rudder.agents"

@@ -13,6 +13,9 @@ import pandas as pd
 from traces.fingerprint import NOT_HELD_OUT
 
 ORACLE_NOTES = {
+    "best-level": "best-level: at every decision the link-budget level with the fewest modelled seconds over the "
+                  "next 3 windows, trying each from the same state (knows the trace's future; greedy, not a proven "
+                  "optimum); run only where the time fit separates remote rows",
     "belady": "belady: Belady MIN, the fewest remote rows any policy with this buffer fetches: a bound on traffic, not "
               "on hit rate (buffers that prefetch can hit more), so no hit rate is shown for it",
     "hindsight": "hindsight: the static buffer with the most hits, chosen knowing the whole trace (the best buffer that "
@@ -40,13 +43,22 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     out = g[["remote_sampled", "hits", "remote_fetched", "prefetched"]].sum()
     out["fetched_vs_none"] = out["remote_fetched"] / out["remote_sampled"]
     out["hit_rate"] = out["hits"] / out["remote_sampled"]
-    if "belady" in out.index:
-        out["fetched_vs_min"] = out["remote_fetched"] / out.loc["belady", "remote_fetched"]
+    if "belady" in out.index:  # over the same (trace, rank) pairs: an oracle may have run on fewer
+        bel = df[df["agent"] == "belady"].set_index(["trace", "rank"])["remote_fetched"]
+        pairs = df.set_index(["trace", "rank"]).index
+        df_min = df.assign(min_fetched=bel.reindex(pairs).to_numpy())
+        out["fetched_vs_min"] = out["remote_fetched"] / df_min.groupby("agent", sort=False)["min_fetched"].sum()
         out.loc["belady", "hit_rate"] = float("nan")
     timed = df[df["time_fit_ok"].fillna(False).astype(bool)] if "time_fit_ok" in df else df
     none_s = timed.loc[timed["agent"] == "none", "time_s"].sum() if (timed["agent"] == "none").any() \
         else float("nan")
     out["time_vs_none"] = timed.groupby("agent", sort=False)["time_s"].sum(min_count=1).reindex(out.index) / none_s
+    if "level_oracle_s" in df and timed["level_oracle_s"].notna().any():
+        # over the ranks the best-level oracle ran on: time over the oracle's, and the headroom of those ranks
+        ranked = timed[timed["level_oracle_s"].notna()]
+        per_agent = ranked.groupby("agent", sort=False)
+        out["regret_vs_oracle"] = (per_agent["time_s"].sum(min_count=1)
+                                   / per_agent["level_oracle_s"].sum(min_count=1)).reindex(out.index) - 1
     out["latency_p50_ms"] = g["latency_p50_s"].median() * 1000
     out["latency_p95_ms"] = g["latency_p95_s"].max() * 1000
     if "invalid_answers" in df:
@@ -84,13 +96,33 @@ def format_report(df: pd.DataFrame, include_trained_on: bool = False) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+HEADROOM_MIN = 0.05  # below this a trace cannot rank level policies: marked not discriminating
+
+
+def headroom(rows: pd.DataFrame) -> float:
+    """1 - best-level oracle time / worst fixed level time, over the ranks the oracle ran on (NaN: none)."""
+    if "worst_level_s" not in rows:
+        return float("nan")
+    o = rows[(rows["agent"] == "best-level") & rows["worst_level_s"].notna()]
+    return float(1 - o["time_s"].sum() / o["worst_level_s"].sum()) if len(o) else float("nan")
+
+
+def _headroom_line(rows: pd.DataFrame) -> str:
+    h = headroom(rows)
+    if pd.isna(h):
+        return ""
+    verdict = "" if h >= HEADROOM_MIN else f": under {HEADROOM_MIN:.0%}, NOT DISCRIMINATING (level policies tie here)"
+    return (f"\nheadroom {h:.1%} (best-level oracle vs the worst fixed link-budget level){verdict}; "
+            f"regret_vs_oracle: time over the oracle's on the same ranks")
+
+
 def _section(rows: pd.DataFrame, include_trained_on: bool) -> str:
     full = summarise(rows)
     kept = headline(rows, include_trained_on)
     table = summarise(kept).reindex(full.index) if len(kept) else full.iloc[:, :0].reindex(columns=full.columns)
     if "provenance" in full:
         table["provenance"] = full["provenance"]
-    text = _fmt(table)
+    text = _fmt(table) + _headroom_line(rows)
     left = rows.drop(kept.index)
     if len(left):
         for agent, group in left.groupby("agent", sort=False):
@@ -168,9 +200,11 @@ def format_provenance(df: pd.DataFrame) -> str:
 
 
 def _fmt(table: pd.DataFrame) -> str:
-    cols = [c for c in ("fetched_vs_none", "hit_rate", "fetched_vs_min", "time_vs_none", "latency_p50_ms",
+    cols = [c for c in ("fetched_vs_none", "hit_rate", "fetched_vs_min", "time_vs_none", "regret_vs_oracle",
+                        "latency_p50_ms",
                         "latency_p95_ms", "invalid_answers", "provenance", "remote_fetched") if c in table]
     fmt = {"fetched_vs_none": "{:.3f}", "hit_rate": "{:.1%}", "fetched_vs_min": "{:.3f}", "time_vs_none": "{:.3f}",
+           "regret_vs_oracle": "{:+.1%}",
            "latency_p50_ms": "{:.2f}", "latency_p95_ms": "{:.2f}", "invalid_answers": "{:.0f}",
            "remote_fetched": "{:.0f}", "provenance": "{}"}
     shown = table[cols].copy()
@@ -179,11 +213,12 @@ def _fmt(table: pd.DataFrame) -> str:
     return shown.to_string()
 
 
-ORACLE_STYLE = {"belady": ("k", "--"), "hindsight": ("0.5", ":")}
+ORACLE_STYLE = {"belady": ("k", "--"), "hindsight": ("0.5", ":"), "best-level": ("tab:red", "-.")}
 CEILING_LABEL = "hit-rate ceiling (buffer size: min(buffer, rows sampled) per minibatch)"
 
 
-ORACLE_LABEL = {"belady": "Belady MIN", "hindsight": "hindsight static (best never-changing buffer)"}
+ORACLE_LABEL = {"belady": "Belady MIN", "hindsight": "hindsight static (best never-changing buffer)",
+                "best-level": "best-level oracle (link-budget levels)"}
 
 
 def plot_hit_rate(df: pd.DataFrame, path: str) -> str:

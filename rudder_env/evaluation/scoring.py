@@ -11,9 +11,10 @@ import numpy as np
 import rudder_env  # noqa: F401  (registers the environments)
 from agents.base import as_agent
 from baselines.oracles import belady_min, hindsight_static, hit_ceiling
-from baselines.policies import Periodic, RandomBudget, StaticBuffer
+from baselines.policies import FixedLevel, Periodic, RandomBudget, StaticBuffer
 from rudder_env.contract import buffer_kwargs
-from rudder_env.evaluation.play import play, play_episode
+from rudder_env.contract import LINK_LEVELS
+from rudder_env.evaluation.play import play, play_best_level, play_episode
 from rudder_env.replay_env import ReplayEnv
 from rudder_env.timing import FetchTimeModel, out_of_sample
 from traces import Trace
@@ -21,7 +22,8 @@ from traces.fingerprint import HELD_OUT, provenance, rank_fingerprint
 from traces.timecheck import TimeCheck
 from traces.timecheck import time_checks as find_time_checks
 
-ORACLES = ("belady", "hindsight")
+ORACLES = ("belady", "hindsight", "best-level")
+LEVEL_ORACLE_HORIZON = 3  # windows the best-level oracle plays each level ahead before choosing
 
 
 def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object]],
@@ -43,6 +45,10 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
 
     Each row also carries the rank's replay time model (:func:`time_model_columns`), checked out of sample on the
     first of the trace's own ``time-check-*.json`` files and ``time_checks`` that fits it.
+
+    The ``best-level`` oracle (:func:`level_oracle`) runs only on ranks whose time fit separates remote rows (time
+    is what it optimises); every row of such a rank carries ``level_oracle_s`` and ``worst_level_s`` for regret and
+    headroom.
     """
     trace = Trace(trace_dir)
     name = os.path.basename(os.path.normpath(trace_dir))
@@ -71,9 +77,21 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
                              asynchronous=agent.asynchronous, provenance=origin,
                              held_out=(origin == HELD_OUT) if origin else None,
                              invalid_answers=agent.stats().get("invalid_answers", 0), **r, **timing, **bound))
+        rank_rows = [r for r in rows if r["rank"] == rank and r["trace"] == name]
         for oracle in oracles:
             if progress:
                 progress(f"{name} rank {rank}: {oracle}")
+            if oracle == "best-level":
+                if not timing["time_fit_ok"]:
+                    continue
+                res = level_oracle(trace, rank, buffer_fraction, candidates, seed)
+                for r in rank_rows:
+                    r.update(level_oracle_s=res["time_s"], worst_level_s=res["worst_level_s"])
+                rows.append(dict(agent=oracle, trace=name, rank=rank, capacity=ref.capacity, asynchronous=False,
+                                 provenance="", held_out=None, invalid_answers=0,
+                                 **{k: v for k, v in res.items() if k not in ("levels_chosen", "fixed_level_s")},
+                                 level_oracle_s=res["time_s"], **timing, **bound))
+                continue
             fn = {"belady": belady_min, "hindsight": hindsight_static}[oracle]
             res = fn(ids, ref.capacity)
             rows.append(dict(agent=oracle, trace=name, rank=rank, capacity=ref.capacity, asynchronous=False,
@@ -84,6 +102,32 @@ def evaluate_trace(trace_dir: str, agents: dict[str, Callable[[str, int], object
                              window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
                              **timing, **bound))
     return rows
+
+
+def level_oracle(trace: Trace, rank: int, buffer_fraction: float | None = None, candidates: int | None = None,
+                 seed: int = 0, levels=LINK_LEVELS, horizon: int = LEVEL_ORACLE_HORIZON) -> dict:
+    """The best-in-action-space oracle over link-budget levels with the lookahead's candidates (the misses' where
+    the trace has no lookahead structure): the better of the greedy search
+    (:func:`~rudder_env.evaluation.play.play_best_level`) and the best level held throughout (``oracle_policy``
+    says which), with the modelled time of each fixed level: ``worst_level_s`` (the worst of them),
+    ``fixed_level_s``, and the greedy search's own ``greedy_s``."""
+    probe = FixedLevel(levels[0], levels=levels)
+    kwargs = buffer_kwargs(probe.settings, buffer_fraction)
+    try:
+        env = ReplayEnv(trace, rank=rank, candidates=candidates, **kwargs)
+    except ValueError:  # no seeds or partition structure in the trace
+        kwargs.update(ranking="misses", admit_on_miss=None)
+        env = ReplayEnv(trace, rank=rank, candidates=candidates, **kwargs)
+    fixed = [play_episode(env, FixedLevel(x, ranking=kwargs["ranking"], levels=levels), seed) for x in levels]
+    greedy = play_best_level(env, horizon=horizon, seed=seed)
+    times = [r["time_s"] for r in fixed]
+    # the greedy search can miss what one level held throughout does: the oracle is the better of the two
+    best = int(np.argmin(times))
+    res = greedy if greedy["time_s"] <= times[best] else dict(fixed[best], levels_chosen=None)
+    res = dict(res, oracle_policy="greedy" if res is greedy else f"level {levels[best]:g}",
+               worst_level_s=max(times), fixed_level_s=times, greedy_s=greedy["time_s"],
+               level_ranking=kwargs["ranking"])
+    return res
 
 
 def time_model_columns(trace: Trace, rank: int, model: FetchTimeModel, checks: Sequence[TimeCheck]) -> dict:

@@ -1,0 +1,87 @@
+"""Link-budget level actions, the link estimate, the best-level oracle, headroom and regret (issue 12)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from baselines.policies import FixedLevel
+from rudder_env.contract import LINK_LEVELS, buffer_kwargs
+from rudder_env.episode import LinkEstimate
+from rudder_env.evaluation.play import play_best_level, play_episode
+from rudder_env.evaluation.report import headroom
+from rudder_env.evaluation.scoring import level_oracle
+from rudder_env.replay_env import ReplayEnv
+from rudder_env.settings import SettingError
+from traces import Trace
+
+EMU = "traces/samples/emu2-metis2-f10x25-400mbit"
+
+
+def _env(rank=0, **kw):
+    return ReplayEnv(EMU, rank=rank, **buffer_kwargs(FixedLevel(0.0).settings), **kw)
+
+
+def test_link_estimate_recovers_a_linear_link_exactly():
+    est = LinkEstimate(initial_fill=(10_000, 0.005 + 10_000 * 2e-6))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        local, remote = int(rng.integers(100, 5000)), int(rng.integers(0, 20_000))
+        est.add(local, remote, 0.005 + 1e-7 * local + 2e-6 * remote)
+    c0, c_local, c_remote = est.coefficients
+    assert c0 == pytest.approx(0.005, rel=1e-6) and c_remote == pytest.approx(2e-6, rel=1e-6)
+    assert c_local == pytest.approx(1e-7, rel=1e-5)
+    assert est.budget(1.0, chunk=2048) == int(1.0 / (2e-6 + 0.005 / 2048))
+    assert LinkEstimate().budget(1.0) is None  # a row's cost unknown: no budget
+
+
+def test_levels_choose_rows_from_the_link_budget_and_say_what_each_does():
+    env = _env()
+    obs, info = env.reset(seed=0)
+    assert env.action_space.n == len(LINK_LEVELS) and obs["link"].shape == (8,)
+    for _ in range(2):
+        obs, _, _, _, info = env.step(0)
+    link, choices = info["link"], info["choices"]
+    assert link["s_per_row"] > 0 and link["budget_rows"] > 0 and 0 < link["utilisation"] < 1
+    rows = [c["rows"] for c in choices]
+    assert rows[0] == 0 and rows == sorted(rows) and rows[-1] == min(link["budget_rows"], link["n_admissible"])
+    assert rows[2] == min(round(0.25 * link["budget_rows"]), link["n_admissible"])
+    assert all(c["evicts"] <= c["rows"] for c in choices) and choices[-1]["link_s"] > choices[1]["link_s"] > 0
+    before = info["counters"]["prefetched"]
+    _, _, _, _, after = env.step(4)  # all of the budget: those rows go out in the background
+    assert after["counters"]["prefetched"] - before >= 0.9 * rows[-1]
+    with pytest.raises(ValueError, match=r"integer in \[0, 5\)"):
+        env.step(5)
+    with pytest.raises(SettingError, match="levels"):
+        ReplayEnv(EMU, levels=(0.5, 1.0))
+
+
+def test_snapshot_restore_replays_exactly():
+    env = _env()
+    env.reset(seed=0)
+    for _ in range(3):
+        env.step(2)
+    snap = env.snapshot()
+    runs = []
+    for _ in range(2):
+        env.restore(snap)
+        done, total = False, 0.0
+        while not done:
+            _, _, done, _, info = env.step(3)
+            total += info["window"]["fetch_s"]
+        runs.append((total, info["counters"]["remote_fetched"]))
+    assert runs[0] == runs[1]
+
+
+def test_best_level_oracle_and_headroom():
+    env = _env(rank=1)
+    fixed = [play_episode(env, FixedLevel(x))["time_s"] for x in LINK_LEVELS]
+    greedy = play_best_level(env, horizon=3)
+    assert sum(greedy["levels_chosen"]) == greedy["decisions"] and max(greedy["levels_chosen"]) < greedy["decisions"]
+    assert greedy["time_s"] < fixed[0] and greedy["time_s"] < fixed[-1]  # it mixes levels and beats both ends
+    assert max(fixed) / min(fixed) > 1.01  # the levels do not tie on this emulated-cluster trace
+    res = level_oracle(Trace(EMU), 1)
+    assert res["fixed_level_s"] == pytest.approx(fixed) and res["greedy_s"] == pytest.approx(greedy["time_s"])
+    assert res["time_s"] == pytest.approx(min(greedy["time_s"], *fixed)) and res["worst_level_s"] == max(fixed)
+    rows = pd.DataFrame([dict(agent="best-level", trace="t", rank=1, time_s=res["time_s"],
+                              worst_level_s=res["worst_level_s"])])
+    assert headroom(rows) == pytest.approx(1 - res["time_s"] / max(fixed))

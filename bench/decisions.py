@@ -83,6 +83,12 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
         def regret(agent):
             return float(by.loc[agent, "regret_vs_oracle"]) if agent in by.index else float("nan")
 
+        if np.isnan(h):
+            lines.append(f"- {trace}: no time figures: its fetch-time fit does not separate remote rows (evaluate.py "
+                         f"prints the fit), so only traffic is compared there; rows vs Belady MIN: PPO "
+                         f"{float(by.loc['ppo-link', 'fetched_vs_min']) if 'ppo-link' in by.index else float('nan'):.3f}, "
+                         f"LLM {float(by.loc['llm-link', 'fetched_vs_min']) if 'llm-link' in by.index else float('nan'):.3f}.")
+            continue
         verdict = "" if h >= HEADROOM_MIN else " (not discriminating)"
         lines.append(f"- {trace}: headroom {h:.1%}{verdict} (target >= 15%); LLM time / PPO time "
                      f"{time('llm-link') / time('ppo-link'):.3f} (target <= 1.05); LLM regret to the oracle "

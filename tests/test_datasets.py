@@ -381,7 +381,7 @@ def test_ogb_not_a_dataset_folder(tmp_path):
 
 def test_unknown_name():
     with pytest.raises(DatasetError, match=r"unknown graph 'synth-huge': expected one of synth-tiny, synth-small, "
-                                           r"synth-large, an OGB dataset folder, or a \.dgl file"):
+                                           r"synth-hetero, synth-large, an OGB dataset folder, or a \.dgl file"):
         load_graph("synth-huge")
 
 

@@ -228,19 +228,7 @@ def examples_from_trace(trace_dir, rank: int = 0, n: int | None = 6, horizon: in
     while not done:
         m = LinkMetrics.from_step(obs, info)
         if len({c["rows"] for c in m.choices}) > 1:
-            start = env.snapshot()
-            seconds = []
-            for a in range(len(levels)):
-                env.restore(start)
-                s = 0.0
-                for _ in range(horizon):
-                    _, _, over, _, trial = env.step(a)
-                    w = trial["window"]
-                    s += w["sample_s"] + w["fetch_s"] + w["compute_s"]
-                    if over:
-                        break
-                seconds.append(s)
-            env.restore(start)
+            seconds = env.level_seconds(horizon)
             best = int(np.argmin(seconds))
             points.append(dict(metrics=asdict(m), decision=names[best], seconds=[round(x, 5) for x in seconds],
                                margin=(max(seconds) - seconds[best]) / max(max(seconds), 1e-9)))

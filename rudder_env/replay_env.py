@@ -216,6 +216,27 @@ class ReplayEnv(PrefetchEnv):
         for key, value in self._copy_state(state).items():
             setattr(self, key, value)
 
+    def level_seconds(self, horizon: int) -> list[float]:
+        """Modelled seconds of playing each level (``levels=``) for the next ``horizon`` windows from the current
+        decision, tried from the same state, which is left as it was: what the best-level oracle and the LLM's
+        example mining compare."""
+        if self.levels is None:
+            raise ValueError("level_seconds needs an env with levels= (link-budget level actions)")
+        start = self.snapshot()
+        out = []
+        for action in range(len(self.levels)):
+            self.restore(start)
+            seconds = 0.0
+            for _ in range(horizon):
+                _, _, over, _, info = self.step(action)
+                w = info["window"]
+                seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
+                if over:
+                    break
+            out.append(seconds)
+        self.restore(start)
+        return out
+
     def _copy_state(self, state: dict) -> dict:
         memo = {id(self): self, id(self.source): self.source, id(self.rank_trace): self.rank_trace}
         if self._lookahead is not None:

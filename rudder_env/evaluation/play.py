@@ -106,20 +106,7 @@ def play_best_level(env, horizon: int = 3, seed: int = 0) -> dict:
     chosen = np.zeros(n, dtype=np.int64)
     done = False
     while not done:
-        start = base.snapshot()
-        costs = []
-        for a in range(n):
-            base.restore(start)
-            seconds, over = 0.0, False
-            for _ in range(horizon):
-                _, _, over, _, trial = env.step(a)
-                w = trial["window"]
-                seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
-                if over:
-                    break
-            costs.append(seconds)
-        best = int(np.argmin(costs))  # first minimum: the lowest level among equals
-        base.restore(start)
+        best = int(np.argmin(base.level_seconds(horizon)))  # first minimum: the lowest level among equals
         chosen[best] += 1
         tally.latencies.append(0.0)
         obs, _, terminated, truncated, info = env.step(best)

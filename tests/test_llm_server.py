@@ -177,19 +177,10 @@ def stats(url):
 def queried_points(rank: int, n: int):
     """(observation, info) of the first ``n`` decision points of the sample trace where the LLM is asked (some
     candidate can be admitted), playing periodic."""
-    from rudder_env.replay_env import ReplayEnv
+    from bench.llm_decisions import decision_points
 
-    env = ReplayEnv(str(TRACE), rank=rank)
-    obs, info = env.reset(seed=0)
-    points = []
-    while len(points) < n:
-        j = min(info["n_candidates"], info["n_evictable"])
-        if j > 0:
-            points.append((obs, info))
-        action = np.zeros(env.k, dtype=np.int8)
-        action[:j] = 1
-        obs, _, terminated, truncated, info = env.step(action)
-        assert not (terminated or truncated)
+    points = decision_points(str(TRACE), n, rank)[0]
+    assert len(points) == n  # the trace has that many before it ends
     return points
 
 

@@ -76,5 +76,5 @@ else
     echo "rudder is installed for $("$PY" -c 'import sys; print(sys.executable)')."
 fi
 echo "Next:"
-echo "  $rudder evaluate  # every agent on the shipped traces, beside the oracles (about a minute)"
+echo "  $rudder evaluate  # every agent on the shipped traces, beside the oracles (a few minutes)"
 echo "  $rudder train gnn --graph synth-tiny --parts 2 --epochs 2  # a real DistDGL job on this host"

@@ -111,21 +111,32 @@ def assert_nothing_left(slurm, timeout_s: float = 15) -> None:
 
 
 def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_path):
-    """The README's recipe on 2 nodes, several-host mode; --time=1: Slurm sends SIGTERM at the limit."""
+    """The README's recipe on 2 nodes (several-host mode) with ``--time=1``, stopped by Slurm's own time-limit
+    enforcement: once training is under way the job's end time is moved to now (``scontrol update EndTime=now``:
+    the limit has minutes' granularity), and slurmctld's periodic check (every 30 s at most) ends the step with
+    SIGTERM "DUE TO TIME LIMIT", then SIGKILL after KillWait (30 s)."""
     out, trace, summary = tmp_path / "out.txt", tmp_path / "trace", tmp_path / "run.json"
-    t0 = time.monotonic()
     with open(out, "w") as f:
         proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
                             "--summary", str(summary)], cache, f, "two", 2, 2, "--time=1", "-J", "recipe")
     try:
-        proc.wait(timeout=240)
+        wait_for(out, r"rudder: epoch 2/", 120, proc)
+        job = job_id_of(slurm, "recipe")
+        assert slurm.command(["scontrol", "update", f"JobId={job}", "EndTime=now"]).returncode == 0
+        t0 = time.monotonic()
+        wait_for(out, r"DUE TO TIME LIMIT", 60, proc)
+        t_signal = time.monotonic()
+        proc.wait(timeout=60)
+        ended_s = time.monotonic() - t_signal
     finally:
         proc.kill()
     text = out.read_text()
     assert "DUE TO TIME LIMIT" in text, text[-3000:]
     done = check_stopped(slurm, out, trace, summary, "SIGTERM")
     assert json.loads(summary.read_text())["one_host"] is False
-    print(f"time limit: {done} minibatches per trainer kept, job ended {time.monotonic() - t0:.1f} s after start")
+    assert ended_s < 30, ended_s  # within KillWait
+    print(f"time limit: {done} minibatches per trainer kept; signal {t_signal - t0:.1f} s after the limit moved, "
+          f"srun gone {ended_s:.1f} s after it")
     # the several-host trace replays like any other
     ev = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", str(trace), "--agents",
                          "none,periodic", "--oracles", "belady", "--no-progress", "--out", str(tmp_path / "res")],

@@ -66,7 +66,10 @@ class StopRelay:
     """
 
     def __init__(self, comm, describe: str = ""):
+        from mpi4py import MPI
+
         self.comm = comm
+        self._any = MPI.ANY_SOURCE
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.describe = describe
@@ -91,6 +94,7 @@ class StopRelay:
         """(Re)install this rank's handlers for the stop signals and the wakeup pipe (main thread only)."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
+            signal.siginterrupt(sig, False)  # SA_RESTART: DGL's and gloo's socket calls must not see EINTR
         signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
 
     def _on_signal(self, signum, frame) -> None:
@@ -109,10 +113,11 @@ class StopRelay:
             if self._closed.is_set():
                 break
             try:
-                while self.comm.iprobe(source=-1, tag=STOP_TAG):  # MPI.ANY_SOURCE
-                    name, origin = self.comm.recv(source=-1, tag=STOP_TAG)
+                while self.comm.iprobe(source=self._any, tag=STOP_TAG):
+                    name, origin = self.comm.recv(source=self._any, tag=STOP_TAG)
                     self._learn(name, origin)
-            except Exception:  # noqa: BLE001 - MPI going away under the watcher at the very end
+            except Exception as exc:  # noqa: BLE001 - MPI going away under the watcher at the very end
+                print(f"rudder: {self.describe}: the stop watcher ends: {exc!r}", file=sys.stderr, flush=True)
                 return
 
     def _learn(self, name: str, origin: int) -> bool:

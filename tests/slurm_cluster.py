@@ -219,8 +219,8 @@ PartitionName=two Nodes={",".join(self.nodes)} MaxTime=INFINITE State=UP OverSub
 
     def popen(self, argv: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
         """Start ``argv`` (e.g. ``srun ...``) here with this cluster's configuration and ``env`` added."""
-        return subprocess.Popen(argv, env=dict(self.env, **(env or {})), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+        kwargs = dict(dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), **kwargs)
+        return subprocess.Popen(argv, env=dict(self.env, **(env or {})), start_new_session=True, **kwargs)
 
     def job_state(self, job_id: str) -> str:
         """The job's state as ``scontrol`` sees it (``RUNNING``, ``COMPLETED``, ``TIMEOUT``, ``CANCELLED`` ...)."""

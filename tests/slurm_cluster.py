@@ -212,10 +212,11 @@ PartitionName=two Nodes={",".join(self.nodes)} MaxTime=INFINITE State=UP OverSub
 
     # -- using it ------------------------------------------------------------------------------------------------
 
-    def command(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    def command(self, argv: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
         """A Slurm client command (``sbatch``, ``scancel``, ``scontrol`` ...) run here, with this cluster's
-        configuration."""
-        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60, **kwargs)
+        configuration and ``env`` added."""
+        return subprocess.run(argv, env=dict(self.env, **(env or {})), capture_output=True, text=True, timeout=60,
+                              **kwargs)
 
     def popen(self, argv: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
         """Start ``argv`` (e.g. ``srun ...``) here with this cluster's configuration and ``env`` added."""

@@ -76,7 +76,7 @@ def job_id_of(slurm, name_part: str) -> str:
     return ids[0]
 
 
-def check_stopped(slurm, output: str, trace, summary, signame: str | None = None) -> int:
+def check_stopped(slurm, output: str, trace, summary, signame: str | None = None, shm_before=None) -> int:
     """What a stopped job must leave, checked; returns the minibatches each trainer finished."""
     text = open(output).read()
     counts = {int(t): (int(n), int(m)) for t, _, n, m in re.findall(
@@ -96,18 +96,21 @@ def check_stopped(slurm, output: str, trace, summary, signame: str | None = None
     for rank in range(2):
         r = t.rank(rank)
         assert r.num_minibatches == done and not r.complete and r.stopped["after_minibatches"] == done
-    assert "User pressed Ctrl+C" not in text and "Abort" not in text, text[-3000:]
-    assert_nothing_left(slurm)
+    assert "User pressed Ctrl+C" not in text and "Abort" not in text and "Terminated" not in text, text[-3000:]
+    assert_nothing_left(slurm, shm_before)
     return done
 
 
-def assert_nothing_left(slurm, timeout_s: float = 15) -> None:
-    """No process of a job in the hosts (slurmstepd may take a moment after srun returns), no /dev/shm entry."""
+def assert_nothing_left(slurm, shm_before: dict | None, timeout_s: float = 15) -> None:
+    """No process of a job in the hosts (slurmstepd may take a moment after srun returns), no /dev/shm entry the
+    job made (``shm_before``: what the hosts held before it; an earlier test's failure is not this one's)."""
     deadline = time.monotonic() + timeout_s
     while slurm.job_processes() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert slurm.job_processes() == []
-    assert all(files == [] for files in slurm.shm().values()), slurm.shm()
+    before = shm_before or {}
+    new = {h: sorted(set(files) - set(before.get(h, []))) for h, files in slurm.shm().items()}
+    assert all(files == [] for files in new.values()), new
 
 
 def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_path):
@@ -116,6 +119,7 @@ def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_pa
     the limit has minutes' granularity), and slurmctld's periodic check (every 30 s at most) ends the step with
     SIGTERM "DUE TO TIME LIMIT", then SIGKILL after KillWait (30 s)."""
     out, trace, summary = tmp_path / "out.txt", tmp_path / "trace", tmp_path / "run.json"
+    shm_before = slurm.shm()
     with open(out, "w") as f:
         proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
                             "--summary", str(summary)], cache, f, "two", 2, 2, "--time=1", "-J", "recipe")
@@ -132,7 +136,7 @@ def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_pa
         proc.kill()
     text = out.read_text()
     assert "DUE TO TIME LIMIT" in text, text[-3000:]
-    done = check_stopped(slurm, out, trace, summary, "SIGTERM")
+    done = check_stopped(slurm, out, trace, summary, "SIGTERM", shm_before)
     assert json.loads(summary.read_text())["one_host"] is False
     assert ended_s < 30, ended_s  # within KillWait
     print(f"time limit: {done} minibatches per trainer kept; signal {t_signal - t0:.1f} s after the limit moved, "
@@ -147,6 +151,7 @@ def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_pa
 
 def test_scancel_stops_a_job_in_order(slurm, cache, tmp_path):
     out, trace, summary = tmp_path / "out.txt", tmp_path / "trace", tmp_path / "run.json"
+    shm_before = slurm.shm()
     with open(out, "w") as f:
         proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
                             "--summary", str(summary)], cache, f, "one", 1, 4, "-J", "cancelme")
@@ -159,13 +164,14 @@ def test_scancel_stops_a_job_in_order(slurm, cache, tmp_path):
         ended_s = time.monotonic() - t0
     finally:
         proc.kill()
-    check_stopped(slurm, out, trace, summary, "SIGTERM")
+    check_stopped(slurm, out, trace, summary, "SIGTERM", shm_before)
     assert ended_s < 30, ended_s  # within Slurm's KillWait
     print(f"scancel: job gone {ended_s:.1f} s after it")
 
 
 def test_a_signal_to_one_graph_server_stops_the_whole_job(slurm, cache, tmp_path):
     out, trace, summary = tmp_path / "out.txt", tmp_path / "trace", tmp_path / "run.json"
+    shm_before = slurm.shm()
     with open(out, "w") as f:
         proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
                             "--summary", str(summary)], cache, f, "one", 1, 4, "-J", "server")
@@ -178,7 +184,7 @@ def test_a_signal_to_one_graph_server_stops_the_whole_job(slurm, cache, tmp_path
     finally:
         proc.kill()
     assert proc.returncode == 0, out.read_text()[-3000:]
-    check_stopped(slurm, out, trace, summary, "SIGUSR1")
+    check_stopped(slurm, out, trace, summary, "SIGUSR1", shm_before)
 
 
 def _statuses(cache: str) -> list[dict]:
@@ -197,10 +203,11 @@ def test_sbatch_example_runs_to_the_end_on_two_hosts(slurm, cache, tmp_path):
     """examples/perlmutter.sbatch as shipped, scaled down through its environment variables and the command line
     (2 nodes, 5 minutes, 1 CPU per task; the nodes here have Perlmutter's "cpu" feature)."""
     out = tmp_path / "slurm.out"
+    shm_before = slurm.shm()
     env = dict(job_env(cache), RUDDER_GRAPH="synth-tiny", RUDDER_EPOCHS="2", RUDDER_OUT=str(tmp_path / "run"),
                RUDDER_PYTHON=sys.executable, RUDDER_ARGS=" ".join(SMALL))
     sub = slurm.command(["sbatch", "--parsable", "-p", "two", "-N", "2", "-t", "5", "--cpus-per-task=1",
-                         "-o", str(out), SBATCH], cwd=ROOT, env=dict(slurm.env, **env))
+                         "-o", str(out), SBATCH], cwd=ROOT, env=env)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
     state = slurm.wait_job(job, 240)
@@ -210,17 +217,18 @@ def test_sbatch_example_runs_to_the_end_on_two_hosts(slurm, cache, tmp_path):
     assert s["partial"] is False and s["one_host"] is False and s["val_acc"] > 0.2
     t = Trace(str(tmp_path / "run" / "trace"))
     assert t.complete and [t.rank(r).num_minibatches for r in range(2)] == [r["minibatches"] for r in s["ranks"]]
-    assert_nothing_left(slurm)
+    assert_nothing_left(slurm, shm_before)
 
 
 def test_sbatch_usr1_before_the_limit_stops_and_saves(slurm, cache, tmp_path):
     """What ``#SBATCH --signal=B:USR1@120`` does at 120 s before the limit, sent now: SIGUSR1 to the batch shell
     only (``scancel --batch``); its trap hands it to srun, srun to every rank."""
     out = tmp_path / "slurm.out"
+    shm_before = slurm.shm()
     env = dict(job_env(cache), RUDDER_GRAPH="synth-tiny", RUDDER_EPOCHS=LONG, RUDDER_OUT=str(tmp_path / "run"),
                RUDDER_PYTHON=sys.executable, RUDDER_ARGS=" ".join(SMALL), RUDDER_PARTS="2")
     sub = slurm.command(["sbatch", "--parsable", "-p", "one", "-N", "1", "--ntasks-per-node=4", "-t", "5",
-                         "--cpus-per-task=1", "-o", str(out), SBATCH], cwd=ROOT, env=dict(slurm.env, **env))
+                         "--cpus-per-task=1", "-o", str(out), SBATCH], cwd=ROOT, env=env)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
     wait_for(out, r"rudder: epoch 2/", 120)
@@ -228,5 +236,5 @@ def test_sbatch_usr1_before_the_limit_stops_and_saves(slurm, cache, tmp_path):
     state = slurm.wait_job(job, 90)
     assert state == "COMPLETED", out.read_text()[-3000:]
     assert "SIGUSR1 (time limit near)" in out.read_text()
-    check_stopped(slurm, out, tmp_path / "run" / "trace", tmp_path / "run" / "run.json", "SIGUSR1")
+    check_stopped(slurm, out, tmp_path / "run" / "trace", tmp_path / "run" / "run.json", "SIGUSR1", shm_before)
 

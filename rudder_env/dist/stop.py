@@ -24,6 +24,7 @@ hang graph servers after a stop (holding the interpreter lock).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
@@ -80,6 +81,7 @@ class StopRelay:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._sends: list = []
+        self._replaced: set = set()
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._write_fd, False)
         self.install()
@@ -96,12 +98,31 @@ class StopRelay:
             signal.signal(sig, self._on_signal)
             signal.siginterrupt(sig, False)  # SA_RESTART: DGL's and gloo's socket calls must not see EINTR
         signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._ours = {sig: _sigaction(sig) for sig in STOP_SIGNALS}  # Python's C-level handler, as installed
+
+    def keep(self) -> None:
+        """Put this rank's handlers back where a library replaced them since (any thread may call it).
+
+        Why: libraries install their own handlers when they first run, long after start-up; LIBXSMM (inside
+        libdgl.so, initialised at the first kernel it runs) sets one for SIGTERM and SIGINT that prints its
+        statistics and ends the process. The watcher calls this every 50 ms and the trainers before every
+        minibatch; each replacement is reported once, naming the library the handler belongs to."""
+        for sig, ours in self._ours.items():
+            current = _sigaction(sig)
+            if current is None or ours is None or current.sa_handler == ours.sa_handler:
+                continue
+            _LIBC.sigaction(int(sig), ctypes.byref(ours), None)
+            if sig not in self._replaced:
+                self._replaced.add(sig)
+                print(f"rudder: {self.describe or f'rank {self.rank}'}: the {signal.Signals(sig).name} handler had been "
+                      f"replaced by {_owner(current.sa_handler)}: rudder's is back", file=sys.stderr, flush=True)
 
     def _on_signal(self, signum, frame) -> None:
         """Python-level handler: nothing to do, the watcher has the signal from the wakeup pipe already."""
 
     def _watch(self) -> None:
         while not self._closed.is_set():
+            self.keep()
             ready, _, _ = select.select([self._read_fd], [], [], _POLL_S)
             if ready:
                 for num in os.read(self._read_fd, 64):
@@ -147,6 +168,7 @@ class StopRelay:
         import torch
         import torch.distributed as dist
 
+        self.keep()
         flag = torch.tensor([1.0 if self.requested else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0 and not self.requested:  # another trainer's request, not relayed here yet
@@ -162,6 +184,38 @@ class StopRelay:
         """Stop the watcher (before the last barrier, so no MPI call of it overlaps the exit)."""
         self._closed.set()
         self._thread.join(timeout=2 * _POLL_S + 1)
+
+
+class _SigactionStruct(ctypes.Structure):
+    """glibc's ``struct sigaction`` on Linux (handler, 1024-bit mask, flags, restorer)."""
+
+    _fields_ = [("sa_handler", ctypes.c_void_p), ("sa_mask", ctypes.c_ulong * 16), ("sa_flags", ctypes.c_int),
+                ("sa_restorer", ctypes.c_void_p)]
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p),
+                ("dli_saddr", ctypes.c_void_p)]
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _sigaction(sig: int) -> _SigactionStruct | None:
+    """The process's current disposition of ``sig`` (None if it cannot be read)."""
+    act = _SigactionStruct()
+    return act if _LIBC.sigaction(int(sig), None, ctypes.byref(act)) == 0 else None
+
+
+def _owner(address: int | None) -> str:
+    """The shared object (and symbol) a handler address belongs to, e.g. ``libdgl.so (internal_sigterm)``."""
+    if not address or address in (1,):
+        return {None: "SIG_DFL", 0: "SIG_DFL", 1: "SIG_IGN"}.get(address, "?")
+    info = _DlInfo()
+    if _LIBC.dladdr(ctypes.c_void_p(address), ctypes.byref(info)) and info.dli_fname:
+        name = os.path.basename(info.dli_fname.decode(errors="replace"))
+        return f"{name} ({info.dli_sname.decode(errors='replace')})" if info.dli_sname else name
+    return f"a handler at {address:#x}"
 
 
 def shm_mapped() -> list[str]:

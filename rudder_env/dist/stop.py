@@ -34,7 +34,9 @@ import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 STOP_TAG = 7311  # MPI tag of a relayed stop: the payload is (signal name, rank that received it)
-_POLL_S = 0.05  # how often the watcher looks for relayed stops
+_POLL_S = 0.01  # how often the watcher looks for relayed stops and replaced handlers
+_NUMBERS = {s.name: int(s) for s in STOP_SIGNALS}
+_RANKS = 1 << 20  # ranks per signal number in the trainers' agreement value (exact in a float64)
 
 
 class StopRequested(Exception):
@@ -78,6 +80,8 @@ class StopRelay:
         self.origin: int | None = None
         self.received_here: str | None = None
         self.requested_at: float | None = None  # time.monotonic() when this rank learnt of the stop
+        self.agreed_signal: str | None = None  # what the trainers agreed to name (agreed())
+        self.agreed_origin: int | None = None
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._sends: list = []
@@ -105,7 +109,7 @@ class StopRelay:
 
         Why: libraries install their own handlers when they first run, long after start-up; LIBXSMM (inside
         libdgl.so, initialised at the first kernel it runs) sets one for SIGTERM and SIGINT that prints its
-        statistics and ends the process. The watcher calls this every 50 ms and the trainers before every
+        statistics and ends the process. The watcher calls this every 10 ms and the trainers before every
         minibatch; each replacement is reported once, naming the library the handler belongs to."""
         for sig, ours in self._ours.items():
             current = _sigaction(sig)
@@ -164,21 +168,33 @@ class StopRelay:
 
     def agreed(self) -> bool:
         """Whether any trainer has a stop request (a collective over the trainers' process group: every trainer
-        must call it at the same point, e.g. before each minibatch)."""
+        must call it at the same point, e.g. before each minibatch). The trainers also agree on which signal
+        and rank to name (the highest signal number among those received, then the highest rank), so that every
+        trainer's trace and the summary tell the same story even when the relay has not reached one of them yet."""
         import torch
         import torch.distributed as dist
 
         self.keep()
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        mine = 0
+        if self.requested and self.signal in _NUMBERS:
+            mine = _NUMBERS[self.signal] * _RANKS + (self.origin if self.origin is not None else 0) + 1
+        flag = torch.tensor([mine], dtype=torch.float64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and not self.requested:  # another trainer's request, not relayed here yet
-            self._learn("a stop", -1)
-        return flag.item() > 0
+        value = int(flag.item())
+        if value == 0:
+            return False
+        number, origin = divmod(value - 1, _RANKS)
+        self.agreed_signal, self.agreed_origin = signal.Signals(number).name, origin
+        if not self.requested:  # another trainer's request, not relayed here yet
+            self._learn(self.agreed_signal, origin)
+        return True
 
     def info(self, minibatches: int, of_minibatches: int) -> dict:
-        """The ``stopped`` record of traces and summaries."""
-        return dict(signal=self.signal, origin_rank=self.origin, received_here=self.received_here,
-                    after_minibatches=int(minibatches), of_minibatches=int(of_minibatches))
+        """The ``stopped`` record of traces and summaries (the same on every trainer once :meth:`agreed`)."""
+        return dict(signal=self.agreed_signal or self.signal,
+                    origin_rank=self.agreed_origin if self.agreed_signal else self.origin,
+                    received_here=self.received_here, after_minibatches=int(minibatches),
+                    of_minibatches=int(of_minibatches))
 
     def close(self) -> None:
         """Stop the watcher (before the last barrier, so no MPI call of it overlaps the exit)."""

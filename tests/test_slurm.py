@@ -10,12 +10,14 @@ where Slurm cannot run (not root, no network namespaces, slurm-wlm not installab
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -111,6 +113,10 @@ def assert_nothing_left(slurm, shm_before: dict | None, timeout_s: float = 15) -
     before = shm_before or {}
     new = {h: sorted(set(files) - set(before.get(h, []))) for h, files in slurm.shm().items()}
     assert all(files == [] for files in new.values()), new
+    from rudder_env.dist.ports import _lock_owner_alive
+
+    locks = [p for p in glob.glob(os.path.join(tempfile.gettempdir(), "rudder-ports-*.lock")) if not _lock_owner_alive(p)]
+    assert locks == [], locks  # a rank leaving with os._exit still removes its port lock
 
 
 def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_path):
@@ -188,8 +194,6 @@ def test_a_signal_to_one_graph_server_stops_the_whole_job(slurm, cache, tmp_path
 
 
 def _statuses(cache: str) -> list[dict]:
-    import glob
-
     out = []
     for path in glob.glob(os.path.join(cache, "jobs", "*", "status", "rank*.json")):
         try:

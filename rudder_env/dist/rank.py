@@ -26,7 +26,7 @@ from rudder_env.dist import onehost
 from rudder_env.dist.heartbeat import Heartbeat, beat_path
 from rudder_env.dist.console import say
 from rudder_env.dist.partition import PartitionError, ensure_partitions, graph_name, partition_dir, read_meta
-from rudder_env.dist.ports import free_port_base, job_ports, port_in_use
+from rudder_env.dist.ports import free_port_base, job_ports, port_in_use, release_claims
 from rudder_env.dist.procs import alive, start_time
 
 TAG_VAR = onehost.TAG_VAR
@@ -400,5 +400,6 @@ def rank_main(cfg) -> int:
     if rank == 0 and not supervised:  # started by the user's mpiexec/srun: nobody else cleans up
         shutil.rmtree(job.job_dir, ignore_errors=True)
     if anyone[0]:  # leave without MPI_Finalize (see rudder_env.dist.stop), removing our shared memory
+        release_claims()  # os._exit skips atexit, which would remove the port lock
         exit_now(0, shm)
     return 0

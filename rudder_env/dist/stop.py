@@ -224,13 +224,15 @@ def _sigaction(sig: int) -> _SigactionStruct | None:
 
 
 def _owner(address: int | None) -> str:
-    """The shared object (and symbol) a handler address belongs to, e.g. ``libdgl.so (internal_sigterm)``."""
+    """The shared object and offset (and exported symbol) a handler address belongs to, e.g. ``libdgl.so+0x719e60``
+    (``nm -C`` on the library names the function at that offset)."""
     if not address or address in (1,):
         return {None: "SIG_DFL", 0: "SIG_DFL", 1: "SIG_IGN"}.get(address, "?")
     info = _DlInfo()
     if _LIBC.dladdr(ctypes.c_void_p(address), ctypes.byref(info)) and info.dli_fname:
         name = os.path.basename(info.dli_fname.decode(errors="replace"))
-        return f"{name} ({info.dli_sname.decode(errors='replace')})" if info.dli_sname else name
+        where = f"{name}+{address - (info.dli_fbase or 0):#x}"  # e.g. `nm -C libdgl.so | grep OFFSET` names it
+        return f"{where} ({info.dli_sname.decode(errors='replace')})" if info.dli_sname else where
     return f"a handler at {address:#x}"
 
 

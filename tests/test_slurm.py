@@ -32,7 +32,7 @@ SMALL = ["--batch-size", "50", "--fanout", "3,5", "--period", "4"]
 LONG = "100000"  # epochs: a job that only a signal ends
 
 REASON = slurm_missing() if hasattr(os, "geteuid") else "not Linux"
-pytestmark = [pytest.mark.dist, pytest.mark.skipif(REASON is not None, reason=f"no Slurm here: {REASON}")]
+pytestmark = [pytest.mark.dist, pytest.mark.slurm, pytest.mark.skipif(REASON is not None, reason=f"no Slurm here: {REASON}")]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_pa
         proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
                             "--summary", str(summary)], cache, f, "two", 2, 2, "--time=1", "-J", "recipe")
     try:
-        wait_for(out, r"rudder: epoch 2/", 120, proc)
+        wait_for(out, r"rudder: epoch 1/", 120, proc)
         job = job_id_of(slurm, "recipe")
         assert slurm.command(["scontrol", "update", f"JobId={job}", "EndTime=now"]).returncode == 0
         t0 = time.monotonic()
@@ -162,7 +162,7 @@ def test_scancel_stops_a_job_in_order(slurm, cache, tmp_path):
         proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
                             "--summary", str(summary)], cache, f, "one", 1, 4, "-J", "cancelme")
     try:
-        wait_for(out, r"rudder: epoch 2/", 120, proc)
+        wait_for(out, r"rudder: epoch 1/", 120, proc)
         job = job_id_of(slurm, "cancelme")
         t0 = time.monotonic()
         assert slurm.command(["scancel", job]).returncode == 0
@@ -182,7 +182,7 @@ def test_a_signal_to_one_graph_server_stops_the_whole_job(slurm, cache, tmp_path
         proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
                             "--summary", str(summary)], cache, f, "one", 1, 4, "-J", "server")
     try:
-        wait_for(out, r"rudder: epoch 2/", 120, proc)
+        wait_for(out, r"rudder: epoch 1/", 120, proc)
         servers = [st for st in _statuses(cache) if st["role"]["kind"] == "server" and st["state"] == "started"]
         assert servers, "no graph server found"
         os.kill(servers[-1]["pid"], signal.SIGUSR1)
@@ -235,7 +235,7 @@ def test_sbatch_usr1_before_the_limit_stops_and_saves(slurm, cache, tmp_path):
                          "--cpus-per-task=1", "-o", str(out), SBATCH], cwd=ROOT, env=env)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
-    wait_for(out, r"rudder: epoch 2/", 120)
+    wait_for(out, r"rudder: epoch 1/", 120)
     assert slurm.command(["scancel", "--batch", "--signal=USR1", job]).returncode == 0
     state = slurm.wait_job(job, 90)
     assert state == "COMPLETED", out.read_text()[-3000:]

@@ -294,11 +294,13 @@ def slurm_pmi_defaults() -> dict[str, str]:
     ``FI_PROVIDER``). Returns what it set.
 
     Why: pip's MPICH talks PMI-1 to Slurm 22.05's pmi2 plugin (its PMI-2 client fails to start there), and that
-    plugin reads each PMI-1 request with one ``read()`` of at most 1024 bytes (``handle_pmi1_cmd``); a request
-    longer than that, or not read whole, is misparsed ("mpi/pmi2: value not properly terminated in client
-    request") and the job hangs in MPI_Init. With UCX every rank puts its address as 9 segments of up to ~870
-    bytes; with ofi/tcp it is one put of ~60 bytes. rudder's MPI traffic is a few control messages (roles,
-    results, stop requests, barriers): the transport does not matter for speed."""
+    plugin reads each PMI-1 request with one ``read()`` of at most 1024 bytes (``handle_pmi1_cmd``: "TODO: read
+    until newline"); a request longer than that, or not read whole, is misparsed ("mpi/pmi2: value not properly
+    terminated in client request", the message logged when a job once hung at start-up under load; not
+    reproduced in 60 starts here). With UCX every rank puts its address as 9 segments of up to ~870 bytes (894
+    the longest of 240 seen), close to that limit; with ofi/tcp it is one put of ~60 bytes. rudder's MPI traffic
+    is a few control messages (roles, results, stop requests, barriers): the transport does not matter for
+    speed."""
     if "PMI_FD" not in os.environ or "SLURM_STEP_ID" not in os.environ or "MPIR_CVAR_CH4_NETMOD" in os.environ:
         return {}
     chosen = dict(MPIR_CVAR_CH4_NETMOD="ofi", FI_PROVIDER=os.environ.get("FI_PROVIDER", "tcp"))

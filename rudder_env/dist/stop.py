@@ -107,10 +107,11 @@ class StopRelay:
     def keep(self) -> None:
         """Put this rank's handlers back where a library replaced them since (any thread may call it).
 
-        Why: libraries install their own handlers when they first run, long after start-up; LIBXSMM (inside
-        libdgl.so, initialised at the first kernel it runs) sets one for SIGTERM and SIGINT that prints its
-        statistics and ends the process. The watcher calls this every 10 ms and the trainers before every
-        minibatch; each replacement is reported once, naming the library the handler belongs to."""
+        Why: libraries install handlers of their own as they run. METIS's GKlib (linked into libdgl.so) sets
+        ``gk_sigthrow`` for SIGTERM while it partitions and leaves it there: rank 0, having partitioned, was ended
+        ("Terminated") by Slurm's SIGTERM. rank 0 reinstalls after partitioning; besides, the watcher calls this
+        every 10 ms and the trainers before every minibatch; each replacement is reported once, naming the library
+        and offset of the handler it found (``nm -C`` names the function)."""
         for sig, ours in self._ours.items():
             current = _sigaction(sig)
             if current is None or ours is None or current.sa_handler == ours.sa_handler:

@@ -341,7 +341,7 @@ def rank_main(cfg) -> int:
         except Exception as exc:  # noqa: BLE001 - every rank waits for rank 0: it must always hear back
             error = str(exc) if isinstance(exc, (PartitionError, ValueError, OSError, RuntimeError)) else \
                 f"{type(exc).__name__}: {exc}"
-        relay.install()  # METIS (GKlib, inside libdgl.so) leaves its SIGTERM handler gk_sigthrow after partitioning
+        relay.install()  # GKlib's gk_sigthrow (METIS, in libdgl.so) was found on SIGTERM after partitioning
     _wait(comm)
     job, error = comm.bcast((job, error), root=0)
     if error is not None:

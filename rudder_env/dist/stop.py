@@ -107,9 +107,9 @@ class StopRelay:
     def keep(self) -> None:
         """Put this rank's handlers back where a library replaced them since (any thread may call it).
 
-        Why: libraries install handlers of their own as they run. METIS's GKlib (linked into libdgl.so) sets
-        ``gk_sigthrow`` for SIGTERM while it partitions and leaves it there: rank 0, having partitioned, was ended
-        ("Terminated") by Slurm's SIGTERM. rank 0 reinstalls after partitioning; besides, the watcher calls this
+        Why: libraries install handlers of their own as they run. In rank 0 of two-host jobs, having partitioned,
+        the SIGTERM handler was found to be GKlib's ``gk_sigthrow`` (METIS, linked into libdgl.so), and Slurm's
+        SIGTERM ended that rank ("Terminated"). rank 0 reinstalls after preparing the job; besides, the watcher calls this
         every 10 ms and the trainers before every minibatch; each replacement is reported once, naming the library
         and offset of the handler it found (``nm -C`` names the function)."""
         for sig, ours in self._ours.items():

@@ -32,7 +32,8 @@ SMALL = ["--batch-size", "50", "--fanout", "3,5", "--period", "4"]
 LONG = "100000"  # epochs: a job that only a signal ends
 
 REASON = slurm_missing() if hasattr(os, "geteuid") else "not Linux"
-pytestmark = [pytest.mark.dist, pytest.mark.slurm, pytest.mark.skipif(REASON is not None, reason=f"no Slurm here: {REASON}")]
+pytestmark = [pytest.mark.dist, pytest.mark.slurm,
+              pytest.mark.skipif(REASON is not None, reason=f"no Slurm here: {REASON}")]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,8 @@ def assert_nothing_left(slurm, shm_before: dict | None, timeout_s: float = 15) -
     assert all(files == [] for files in new.values()), new
     from rudder_env.dist.ports import _lock_owner_alive
 
-    locks = [p for p in glob.glob(os.path.join(tempfile.gettempdir(), "rudder-ports-*.lock")) if not _lock_owner_alive(p)]
+    locks = [p for p in glob.glob(os.path.join(tempfile.gettempdir(), "rudder-ports-*.lock"))
+             if not _lock_owner_alive(p)]
     assert locks == [], locks  # a rank leaving with os._exit still removes its port lock
 
 

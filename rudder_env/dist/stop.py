@@ -109,9 +109,9 @@ class StopRelay:
 
         Why: libraries install handlers of their own as they run. In rank 0 of two-host jobs, having partitioned,
         the SIGTERM handler was found to be GKlib's ``gk_sigthrow`` (METIS, linked into libdgl.so), and Slurm's
-        SIGTERM ended that rank ("Terminated"). rank 0 reinstalls after preparing the job; besides, the watcher calls this
-        every 10 ms and the trainers before every minibatch; each replacement is reported once, naming the library
-        and offset of the handler it found (``nm -C`` names the function)."""
+        SIGTERM ended that rank ("Terminated"). rank 0 reinstalls after preparing the job; besides, the watcher
+        calls this every 10 ms and the trainers before every minibatch; each replacement is reported once, naming
+        the library and offset of the handler it found (``nm -C`` names the function)."""
         for sig, ours in self._ours.items():
             current = _sigaction(sig)
             if current is None or ours is None or current.sa_handler == ours.sa_handler:
@@ -119,8 +119,9 @@ class StopRelay:
             _LIBC.sigaction(int(sig), ctypes.byref(ours), None)
             if sig not in self._replaced:
                 self._replaced.add(sig)
-                print(f"rudder: {self.describe or f'rank {self.rank}'}: the {signal.Signals(sig).name} handler had been "
-                      f"replaced by {_owner(current.sa_handler)}: rudder's is back", file=sys.stderr, flush=True)
+                who = self.describe or f"rank {self.rank}"
+                print(f"rudder: {who}: the {signal.Signals(sig).name} handler had been replaced by "
+                      f"{_owner(current.sa_handler)}: rudder's is back", file=sys.stderr, flush=True)
 
     def _on_signal(self, signum, frame) -> None:
         """Python-level handler: nothing to do, the watcher has the signal from the wakeup pipe already."""

@@ -441,6 +441,7 @@ def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) 
                 break
             if watch.first_dead is not None:  # mpiexec may not notice (e.g. a server gone): stop the job now
                 time.sleep(1.0)  # let a rank that failed with an error record it first
+                _kill_ranks(_read_statuses(job_dir))
                 _kill_group(proc, grace_s=2.0)
                 break
             stalled = _stall(cfg.watchdog_s, cfg.startup_timeout_s, job_dir, _read_statuses(job_dir), launched,
@@ -450,8 +451,10 @@ def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) 
                 break
         rc = proc.poll()
     finally:
-        if stalled is not None:
-            _kill_ranks(_read_statuses(job_dir))  # first: a stopped or hung rank would hold mpiexec up
+        if proc.poll() is None:
+            # the launcher ends the job (interrupted, a dead or hung rank, --timeout-s): SIGKILL the ranks first. A
+            # rank given SIGTERM would stop in order (rudder_env.dist.stop), which is for signals from outside
+            _kill_ranks(_read_statuses(job_dir))
         _kill_group(proc)
         statuses = _read_statuses(job_dir)
         _kill_ranks(statuses)  # any rank mpiexec's proxies did not reach

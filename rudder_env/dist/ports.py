@@ -74,9 +74,24 @@ def _claim(base: int) -> bool:
             continue
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()} {start_time(os.getpid())}")
-        atexit.register(lambda: os.path.exists(path) and os.remove(path))
+        _CLAIMED.append(path)
+        atexit.register(release_claims)
         return True
     return False
+
+
+_CLAIMED: list[str] = []  # port locks this process holds
+
+
+def release_claims() -> None:
+    """Remove the port locks this process claimed (at exit; also called by a rank that leaves with ``os._exit``,
+    which skips ``atexit``)."""
+    while _CLAIMED:
+        path = _CLAIMED.pop()
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def free_port_base(parts: int, host: str = "127.0.0.1", start: int = 30050) -> int:

@@ -26,7 +26,7 @@ from rudder_env.dist import onehost
 from rudder_env.dist.heartbeat import Heartbeat, beat_path
 from rudder_env.dist.console import say
 from rudder_env.dist.partition import PartitionError, ensure_partitions, graph_name, partition_dir, read_meta
-from rudder_env.dist.ports import free_port_base, job_ports, port_in_use
+from rudder_env.dist.ports import free_port_base, job_ports, port_in_use, release_claims
 from rudder_env.dist.procs import alive, start_time
 
 TAG_VAR = onehost.TAG_VAR
@@ -190,7 +190,7 @@ def _run_server(cfg, role: Role, job: Job) -> None:
     server.start()  # returns when every trainer has exited
 
 
-def _run_trainer(cfg, role: Role, job: Job) -> dict:
+def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
     t_start = time.perf_counter()
     os.environ.update(DGL_ROLE="client", DGL_DIST_MODE="distributed", DGL_NUM_SERVER="1",
                       DGL_NUM_SAMPLER=str(cfg.num_samplers), DGL_GROUP_ID="0")
@@ -199,6 +199,7 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     import rudder_env  # noqa: F401  (registers the environments)
     from rudder_env.contract import buffer_kwargs
     from rudder_env.dist.progress import TrainerProgress
+    from rudder_env.dist.stop import StopRequested
     from rudder_env.dist.trainer import DistTrainer
     from rudder_env.evaluation.play import play
     from rudder_env.evaluation.registry import make_agent
@@ -209,7 +210,7 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     trainer = DistTrainer(cfg, role.trainer_rank, job.graph_name, job.ip_config, job.master, job.meta,
                           part_config=job.part_config, buffer_fraction=buffer["buffer_fraction"],
                           admit_on_miss=buffer["admit_on_miss"], heartbeat=heartbeat,
-                          buffer_init=buffer.get("buffer_init"))
+                          buffer_init=buffer.get("buffer_init"), stop=relay)
     extra = {}
     if cfg.check_env:
         from gymnasium.utils.env_checker import check_env
@@ -224,19 +225,33 @@ def _run_trainer(cfg, role: Role, job: Job) -> dict:
     progress = TrainerProgress(cfg, role.trainer_rank)
     progress.ready(trainer, time.perf_counter() - t_start)
     trainer.on_epoch_end = progress.epoch_end
-    played = play(env, agent, seed=cfg.seed, asynchronous=in_background, priority=cfg.decision_priority)
+    try:
+        played = play(env, agent, seed=cfg.seed, asynchronous=in_background, priority=cfg.decision_priority)
+    except StopRequested as stop:  # a signal reached the job: every trainer stops after the same minibatch
+        played = None
+        stopped = stop.info
+    else:
+        stopped = None
     result = trainer.result()
     stats = agent.stats()
-    result.update(extra, decisions=played["decisions"], latency_p50_s=round(played["latency_p50_s"], 5),
-                  latency_p95_s=round(played["latency_p95_s"], 5), asynchronous=in_background,
-                  env_overhead_s=round(env.unwrapped.env_overhead_s, 4),
+    result.update(extra, asynchronous=in_background, env_overhead_s=round(env.unwrapped.env_overhead_s, 4),
                   env_startup_s=round(env.unwrapped.env_startup_s, 4),
                   **({"model_queries": stats["queries"]} if "queries" in stats else {}))
+    if played is not None:
+        result.update(decisions=played["decisions"], latency_p50_s=round(played["latency_p50_s"], 5),
+                      latency_p95_s=round(played["latency_p95_s"], 5))
     if writer is not None:
-        writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()))
-    accuracy = trainer.evaluate()
+        writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()), stopped=stopped)
+    if stopped is None:
+        accuracy = trainer.evaluate()
+    else:  # no evaluation: the batch system's grace period (Slurm's KillWait, 30 s) is for saving what was done
+        accuracy = dict(val_acc=None, test_acc=None)
+        result["stopped"] = stopped
+        say(f"rudder: trainer {role.trainer_rank} stopped by {stopped['signal']} after {stopped['after_minibatches']}"
+            f" of {stopped['of_minibatches']} minibatches" + (f"; trace {cfg.trace} holds them (incomplete)"
+                                                             if writer is not None else ""), err=True)
     result.update(accuracy)
-    progress.finish(accuracy)
+    progress.finish({k: v for k, v in accuracy.items() if v is not None})
     trainer.close()
     heartbeat.mark("finishing")
     return result
@@ -273,12 +288,37 @@ def _trace_writer(cfg, role: Role, job: Job, trainer, agent, buffer: dict):
                        rank_meta=rank_meta, static=static)
 
 
+def slurm_pmi_defaults() -> dict[str, str]:
+    """Under ``srun --mpi=pmi2`` (Slurm's PMI server in slurmstepd: ``PMI_FD`` set), send MPICH's start-up address
+    exchange through libfabric's TCP provider instead of UCX, unless the user chose (``MPIR_CVAR_CH4_NETMOD``,
+    ``FI_PROVIDER``). Returns what it set.
+
+    Why: pip's MPICH talks PMI-1 to Slurm 22.05's pmi2 plugin (its PMI-2 client fails to start there), and that
+    plugin reads each PMI-1 request with one ``read()`` of at most 1024 bytes (``handle_pmi1_cmd``: "TODO: read
+    until newline"); a request longer than that, or not read whole, is misparsed ("mpi/pmi2: value not properly
+    terminated in client request", the message logged when a job once hung at start-up under load; not
+    reproduced in 60 starts here). With UCX every rank puts its address as 9 segments of up to ~870 bytes (894
+    the longest of 240 seen), close to that limit; with ofi/tcp it is one put of ~60 bytes. rudder's MPI traffic
+    is a few control messages (roles, results, stop requests, barriers): the transport does not matter for
+    speed."""
+    if "PMI_FD" not in os.environ or "SLURM_STEP_ID" not in os.environ or "MPIR_CVAR_CH4_NETMOD" in os.environ:
+        return {}
+    chosen = dict(MPIR_CVAR_CH4_NETMOD="ofi", FI_PROVIDER=os.environ.get("FI_PROVIDER", "tcp"))
+    os.environ.update(chosen)
+    return chosen
+
+
 def rank_main(cfg) -> int:
-    """Entry of one MPI rank. Returns the process exit code."""
+    """Entry of one MPI rank. Returns the process exit code; after a stop (a signal, :mod:`rudder_env.dist.stop`)
+    it does not return: every rank leaves together through :func:`rudder_env.dist.stop.exit_now`."""
+    slurm_pmi_defaults()
     from mpi4py import MPI
+
+    from rudder_env.dist.stop import StopRelay, exit_now, keep_dgl_handler_out, shm_mapped
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
+    relay = StopRelay(comm, f"rank {rank}")  # first: a signal from here on stops the job in order
     supervised = TAG_VAR in os.environ  # started by launch(), which cleans up after the job
     if os.environ.get(SUPERVISOR_VAR):
         _end_with_supervisor(os.environ[SUPERVISOR_VAR])
@@ -291,6 +331,7 @@ def rank_main(cfg) -> int:
             say(f"rudder: error: {exc}", err=True)
         return 2
     role = roles[rank]
+    relay.describe = role.describe()
     job, error = None, None
     if rank == 0:
         try:
@@ -300,6 +341,7 @@ def rank_main(cfg) -> int:
         except Exception as exc:  # noqa: BLE001 - every rank waits for rank 0: it must always hear back
             error = str(exc) if isinstance(exc, (PartitionError, ValueError, OSError, RuntimeError)) else \
                 f"{type(exc).__name__}: {exc}"
+        relay.install()  # GKlib's gk_sigthrow (METIS, in libdgl.so) was found on SIGTERM after partitioning
     _wait(comm)
     job, error = comm.bcast((job, error), root=0)
     if error is not None:
@@ -313,10 +355,16 @@ def rank_main(cfg) -> int:
         say(shape_line(cfg, job.meta, hosts=len(set(hosts))))
     _status(job, role, "started")
     t0 = time.perf_counter()
+    shm: list[str] = []
     try:
         if job.one_host:
             onehost.apply(role.machine, tag=job.tag)
-        result = _run_trainer(cfg, role, job) if role.kind == "trainer" else _run_server(cfg, role, job)
+        keep_dgl_handler_out()
+        if role.kind == "trainer":
+            result = _run_trainer(cfg, role, job, relay)
+        else:
+            _run_server(cfg, role, job)
+            shm = shm_mapped()  # the partition's segments, while still mapped: removed at a stopped exit
     except BaseException as exc:  # noqa: BLE001 - any failure must bring the whole job down at once
         message = f"{type(exc).__name__}: {exc}"
         print(f"rudder: {role.describe()} failed: {message}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
@@ -337,9 +385,24 @@ def rank_main(cfg) -> int:
         if cfg.summary:
             write_summary(summary, cfg.summary)
         say(format_table(summary), err=False)
-    _status(job, role, "done")
+        stopped = summary.get("stopped")
+        if stopped:
+            say(f"rudder: stopped by {stopped['signal']} after {stopped['after_minibatches']} of "
+                f"{stopped['of_minibatches']} minibatches per trainer"
+                + (f", {time.monotonic() - relay.requested_at:.1f} s after it" if relay.requested_at else "")
+                + (f"; trace {cfg.trace} finalised incomplete" if cfg.trace else "")
+                + (f"; summary {cfg.summary} marked partial" if cfg.summary else ""), err=True)
+    # every rank must take the same way out: agree whether any of them learnt of a stop
+    import numpy as np
+
+    mine, anyone = np.array([int(relay.requested)], dtype=np.int32), np.zeros(1, dtype=np.int32)
+    _wait(comm, comm.Iallreduce(mine, anyone, op=MPI.MAX))
+    relay.close()
+    _status(job, role, "stopped" if anyone[0] else "done")
     _wait(comm)
     if rank == 0 and not supervised:  # started by the user's mpiexec/srun: nobody else cleans up
         shutil.rmtree(job.job_dir, ignore_errors=True)
+    if anyone[0]:  # leave without MPI_Finalize (see rudder_env.dist.stop), removing our shared memory
+        release_claims()  # os._exit skips atexit, which would remove the port lock
+        exit_now(0, shm)
     return 0
-

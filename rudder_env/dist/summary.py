@@ -13,6 +13,7 @@ from rudder_env.dist.progress import combine
 def build_summary(cfg, job, results: list[dict], wall_s: float) -> dict:
     """Assemble the summary from every trainer's :meth:`~rudder_env.dist.trainer.DistTrainer.result`."""
     results = sorted(results, key=lambda r: r["trainer_rank"])
+    stopped = next((r["stopped"] for r in results if r.get("stopped")), None)
     total = {k: sum(r[k] for r in results) for k in ("remote_sampled", "hits", "remote_fetched", "prefetched")}
     return dict(
         config=cfg.as_dict(),
@@ -29,6 +30,9 @@ def build_summary(cfg, job, results: list[dict], wall_s: float) -> dict:
         ranks=[{k: v for k, v in r.items() if k not in ("val_acc", "test_acc", "pid")} for r in results],
         host=platform.node(),
         python=sys.version.split()[0],
+        # a run stopped by a signal (rudder_env.dist.stop): what was done before it, no accuracies
+        partial=stopped is not None,
+        **({"stopped": stopped} if stopped is not None else {}),
     )
 
 
@@ -64,7 +68,9 @@ def format_table(summary: dict) -> str:
         head += f"\n  on {len(cluster['hosts'])} emulated hosts, links {cluster['link_rate'] or 'unshaped'}"
     elif not summary.get("one_host", True):
         head += "\n  on several hosts"
-    foot = (f"val_acc={summary['val_acc']:.4f}  test_acc={summary['test_acc']:.4f}  "
+    acc = ("(stopped early: not evaluated)" if summary["val_acc"] is None
+           else f"val_acc={summary['val_acc']:.4f}  test_acc={summary['test_acc']:.4f}")
+    foot = (f"{acc}  "
             f"hit rate {t['hit_rate']:.1%}, remote rows fetched {t['remote_fetched']} of {t['remote_sampled']} sampled"
             f" ({t['prefetched']} prefetched)")
     return "\n".join([head, *lines, foot])

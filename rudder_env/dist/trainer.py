@@ -118,12 +118,17 @@ class DistTrainer:
         heartbeat: a :class:`~rudder_env.dist.heartbeat.Heartbeat` to mark progress in (each minibatch's phases:
             sampling, fetching, compute and all-reduce, the agent's turn; evaluation; closing), for the
             supervisor's watchdog.
+        stop: a :class:`~rudder_env.dist.stop.StopRelay`; before each minibatch the trainers agree whether to stop
+            (a signal reached a rank of the job), and :meth:`minibatches` then raises
+            :class:`~rudder_env.dist.stop.StopRequested` after the same minibatch on every trainer.
     """
 
     def __init__(self, cfg, trainer_rank: int, graph_name: str, ip_config: str, master: str, meta: dict,
                  part_config: str = "", buffer_fraction: float | None = None, admit_on_miss: bool | None = None,
-                 heartbeat=None, buffer_init: str | None = None):
+                 heartbeat=None, buffer_init: str | None = None, stop=None):
         self.cfg = cfg
+        self.stop = stop
+        self.stopped: dict | None = None  # the stop record once training was stopped early
         self._mark = heartbeat.mark if heartbeat is not None else (lambda phase: None)
         self.trainer_rank = trainer_rank
         self.meta = meta
@@ -442,6 +447,8 @@ class DistTrainer:
         self._epoch_mark = self._epoch_totals()
         top_up()
         while self._ahead:
+            if self.stop is not None and self.stop.agreed():
+                self._stop_training(training, time.perf_counter() - t_epoch)
             batch, sample_s, remote, _, epoch = self._ahead.popleft()
             if epoch != training:  # an epoch's time runs from its first minibatch to the next epoch's first
                 self._close_epoch(training, time.perf_counter() - t_epoch)
@@ -461,6 +468,21 @@ class DistTrainer:
         self._close_epoch(training, time.perf_counter() - t_epoch)
         self.stats.train_end_unix = time.time()
         self.stats.remote_rows_discarded += self._drop_prefetch()  # training is over: they would never be used
+
+    def _stop_training(self, epoch: int, seconds: float):
+        """End training before the next minibatch (every trainer at the same one): close the epoch begun, if any
+        minibatch of it ran, drop what was sampled or prefetched ahead, and raise
+        :class:`~rudder_env.dist.stop.StopRequested`."""
+        from rudder_env.dist.stop import StopRequested
+
+        if self.stats.minibatches > self._epoch_mark["minibatches"]:
+            self._close_epoch(epoch, seconds)
+        self.stats.train_end_unix = time.time()
+        self._finish_next_pull()
+        self.stats.remote_rows_discarded += self._drop_prefetch()
+        self._ahead.clear()
+        self.stopped = self.stop.info(self.stats.minibatches, self.total_minibatches)
+        raise StopRequested(self.stopped)
 
     def _epoch_totals(self) -> dict:
         c, s = self.buffer.counters, self.stats

@@ -112,9 +112,9 @@ class LookaheadRanking:
         return float(self.discount ** -(minibatches_done - self._need.base))
 
     def rank(self, minibatches_done: int, k: int) -> Ranked:
-        """Candidates: non-residents most needed soon; victims: residents least needed soon (then least recent).
-        "Most needed" is the buffer's priority: rows with a use known exactly (sampled ahead) first, soonest use
-        first, then by expected need; the scores returned are the expected uses (weighted from now)."""
+        """Candidates: non-residents most needed soon (expected uses, weighted from now: the scores returned);
+        victims: residents in the buffer's priority order (no known use and least needed first, then the latest
+        known next use: see :class:`_PredictedNeed`)."""
         buf, need = self.buffer, self._need
         need.advance(minibatches_done)
         ids = np.flatnonzero(need.need > 0)  # predicted need after the coming minibatch
@@ -122,13 +122,14 @@ class LookaheadRanking:
         resident = buf.slot_of[ids] != EMPTY
         if buf.requested.size:  # background: what is on its way is no candidate
             resident |= buf.requested[ids]
-        cand, cand_need, cand_prio = ids[~resident], value[~resident], need.priority[ids[~resident]]
-        order = first_in_order(k, -cand_prio, cand)  # most needed first, ties by lower id
+        cand, cand_need = ids[~resident], value[~resident]
+        order = first_in_order(k, -cand_need, cand)  # most needed first, ties by lower id
         cand_ids, scores = padded(cand[order], cand_need[order], k)
         victims = buf.priority_victims(k)
         # a candidate has a slot when it is needed more than the resident it would replace
         m = min(order.size, buf.capacity)
-        beats = cand_prio[order][:m] > buf.slot_priority(victims[:m])
+        victim_ids = buf.slot_ids[victims[:m]]
+        beats = scores[:m] > np.where(victim_ids == EMPTY, -1.0, need.need[np.maximum(victim_ids, 0)])
         n_evictable = int(beats.size) if beats.all() else int(np.argmin(beats))
         return Ranked(cand_ids, scores, n_evictable, victims)
 

@@ -177,7 +177,7 @@ def _score_first(lookahead, upcoming, n: int = 4) -> dict[int, tuple[np.ndarray,
 
 _EXACT_TOP = 1e200  # priorities of rows with a known next use sit above every expected need
 _EXACT_STEP = 2.0 ** -40  # relative step per minibatch between known next uses (exact in float64)
-_NO_USE = np.iinfo(np.int64).max
+_NO_USE = np.iinfo(np.int32).max
 
 
 class _PredictedNeed:
@@ -203,9 +203,9 @@ class _PredictedNeed:
         self.horizon, self.discount = horizon, discount
         self.need = np.zeros(buffer.num_nodes, dtype=np.float64)
         self.priority = np.zeros(buffer.num_nodes, dtype=np.float64)
-        self.next_known = np.full(buffer.num_nodes, _NO_USE, dtype=np.int64)  # next use known exactly
-        self._last_known = np.full(buffer.num_nodes, -1, dtype=np.int64)  # latest known use (minibatch)
-        self._last_pos = np.zeros(buffer.num_nodes, dtype=np.int64)  # its position in that minibatch's ids
+        self.next_known = np.full(buffer.num_nodes, _NO_USE, dtype=np.int32)  # next use known exactly
+        self._last_known = np.full(buffer.num_nodes, -1, dtype=np.int32)  # latest known use (minibatch)
+        self._last_pos = np.zeros(buffer.num_nodes, dtype=np.int32)  # its position in that minibatch's ids
         self._succ: dict[int, np.ndarray] = {}  # exact minibatch -> next known use of each of its ids
         self.included: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # minibatch -> (ids, weighted needs)
         self.exact: set[int] = set()  # minibatches included with their sampled remote ids
@@ -214,18 +214,23 @@ class _PredictedNeed:
         self.at = -1
 
     def _refresh(self, ids: np.ndarray) -> None:
-        """Recompute the priority of ``ids`` from their next known use and their need."""
+        """Recompute the priority of ``ids`` whose next known use changed. (A change of need alone is added to
+        the priority as it is to the need: under a known use it is lost in the rounding, as it should be.)"""
         nxt = self.next_known[ids]
         known = nxt != _NO_USE
-        self.priority[ids] = np.where(known, _EXACT_TOP * (1.0 - np.where(known, nxt, 0) * _EXACT_STEP),
+        self.priority[ids] = np.where(known, _EXACT_TOP * (1.0 - nxt.astype(np.float64) * _EXACT_STEP),
                                       self.need[ids])
+
+    def _add_need(self, ids: np.ndarray, w) -> None:
+        self.need[ids] += w
+        self.priority[ids] += w
 
     def _add_exact(self, j: int, ids: np.ndarray) -> None:
         """Minibatch ``j`` (later than every exact one so far) is known exactly: link each id's previous known use
         to it, and make it the next known use of ids that had none."""
         prev = self._last_known[ids]
         linked = prev > self.at  # a known use still ahead: j is its successor
-        self._succ[j] = np.full(ids.size, _NO_USE, dtype=np.int64)
+        self._succ[j] = np.full(ids.size, _NO_USE, dtype=np.int32)
         if linked.any():
             p, pos = prev[linked], self._last_pos[ids[linked]]
             for q in np.unique(p):
@@ -234,26 +239,26 @@ class _PredictedNeed:
         fresh = ids[~linked]
         self.next_known[fresh] = j
         self._last_known[ids] = j
-        self._last_pos[ids] = np.arange(ids.size)
+        self._last_pos[ids] = np.arange(ids.size, dtype=np.int32)
+        self._refresh(fresh)
 
     def _drop_exact(self, j: int, ids: np.ndarray) -> None:
         """Minibatch ``j`` has come: its ids' next known use moves to their successor (or none)."""
         succ = self._succ.pop(j, None)
         if succ is not None:
             self.next_known[ids] = succ
+            self._refresh(ids)
 
     def advance(self, m: int) -> None:
         if m == self.at:
             return
         self.at = m
-        touched = []
         for j in sorted(j for j in self.included if j <= m):
             ids, w = self.included.pop(j)
-            self.need[ids] -= w
+            self._add_need(ids, -w)
             if j in self.exact:
                 self._drop_exact(j, ids)
                 self.exact.discard(j)
-            touched.append(ids)
         for j in [j for j in self.scored if j <= m]:
             del self.scored[j]
         if m - self.base > 200:  # rescale before discount ** (j - base) underflows
@@ -270,14 +275,12 @@ class _PredictedNeed:
                 continue
             if j in self.included:
                 old_ids, old_w = self.included.pop(j)
-                self.need[old_ids] -= old_w
-                touched.append(old_ids)
+                self._add_need(old_ids, -old_w)
             w = np.full(ids.size, self.discount ** (j - self.base))
-            self.need[ids] += w
+            self._add_need(ids, w)
             self.included[j] = (ids, w)
             self.exact.add(j)
             self._add_exact(j, ids)
-            touched.append(ids)
         self._submit_upcoming(m)
         for j in range(m + 1, m + self.horizon):  # guesses for the minibatches entering the horizon
             if j in self.included:
@@ -286,11 +289,8 @@ class _PredictedNeed:
                 break  # its seeds are not known yet (the next epoch)
             ids, need = self.scored.pop(j).result()
             w = need * self.discount ** (j - self.base)
-            self.need[ids] += w
+            self._add_need(ids, w)
             self.included[j] = (ids, w)
-            touched.append(ids)
-        if touched:
-            self._refresh(np.concatenate(touched))  # duplicates get the same value
         self.buffer.set_dense_priority(self.priority)
 
     def __deepcopy__(self, memo):

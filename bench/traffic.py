@@ -86,7 +86,8 @@ def measure(quick: bool, log=lambda m: print(m, file=sys.stderr, flush=True), ag
             trace = record(graph, parts, fanout, seed, log)
             for fraction in FRACTIONS:
                 log(f"  scoring {os.path.basename(trace)} at buffer fraction {fraction}")
-                per_rank = pd.DataFrame(evaluate_trace(trace, factories, buffer_fraction=fraction))
+                per_rank = pd.DataFrame(evaluate_trace(trace, factories, buffer_fraction=fraction,
+                                                       oracles=("belady", "hindsight")))  # best-level: P6
                 per_rank["not_held_out"] = per_rank["provenance"].fillna("").isin(NOT_HELD_OUT)
                 summed = per_rank.groupby("agent", sort=False)[["remote_sampled", "hits", "remote_fetched",
                                                                 "not_held_out"]].sum()

@@ -134,7 +134,7 @@ def p7_llm_size(quick: bool) -> tuple[str, pd.DataFrame]:
 def p9_scale(quick: bool) -> tuple[str, pd.DataFrame]:
     from bench import scale
 
-    df = scale.measure(minibatches=100 if quick else 1000)
+    df = scale.measure(minibatches=100 if quick else 1024)
     df.to_csv(os.path.join(OUT_DIR, "p9_scale.csv"), index=False)
     return scale.summarise(df)
 

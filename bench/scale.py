@@ -110,7 +110,7 @@ def run_one(trace: str, what: str, fraction: float) -> dict:
                 buffer_nodes=int(env.buffer_nodes), num_nodes=int(env.num_nodes), capacity=int(env.capacity), **row)
 
 
-def measure(minibatches: int = 1000, ids_per_minibatch: int = 100_000, fraction: float = FRACTION,
+def measure(minibatches: int = 1024, ids_per_minibatch: int = 100_000, fraction: float = FRACTION,
             agents=AGENTS, oracles=ORACLES, log=lambda m: print(m, file=sys.stderr, flush=True)) -> pd.DataFrame:
     """One row per agent and oracle, each replayed in its own process over the same synthetic trace."""
     trace, gen_s = ensure_trace(minibatches, ids_per_minibatch, log)
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--one", help="replay this agent or oracle only, in this process; print its row as JSON")
     parser.add_argument("--trace")
     parser.add_argument("--fraction", type=float, default=FRACTION)
-    parser.add_argument("--minibatches", type=int, default=1000)
+    parser.add_argument("--minibatches", type=int, default=1024)
     parser.add_argument("--ids-per-minibatch", type=int, default=100_000)
     args = parser.parse_args(argv)
     if args.one:

@@ -63,8 +63,10 @@ class SampleAhead:
         if self.epoch:
             return "epoch"
         if self.budget_bytes is not None:
-            mb = self.budget_bytes / (1 << 20)
-            return f"{mb:g}MB"
+            for unit in ("GB", "MB", "KB"):
+                if self.budget_bytes % _UNITS[unit] == 0:
+                    return f"{self.budget_bytes // _UNITS[unit]}{unit}"
+            return f"{self.budget_bytes}B"
         return str(self.minibatches)
 
     @property

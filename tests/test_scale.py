@@ -33,7 +33,8 @@ def test_sample_ahead_setting_parses_counts_budgets_and_epoch():
     assert SampleAhead.parse(4) == SampleAhead(minibatches=4)
     assert SampleAhead.parse("4").minibatches == 4
     assert SampleAhead.parse("64MB").budget_bytes == 64 * 2**20
-    assert SampleAhead.parse("1.5GB").budget_bytes == int(1.5 * 2**30)
+    assert SampleAhead.parse("1.5GB").budget_bytes == int(1.5 * 2**30) and str(SampleAhead.parse("1.5GB")) == "1536MB"
+    assert str(SampleAhead.parse("24KB")) == "24KB"
     assert SampleAhead.parse("epoch").epoch and str(SampleAhead.parse("epoch")) == "epoch"
     assert str(SampleAhead.parse("16MB")) == "16MB"
     with pytest.raises(ValueError) as err:

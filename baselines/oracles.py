@@ -31,7 +31,8 @@ import numpy as np
 
 _HEAP_SLACK_MIN = 1 << 16  # dead heap entries tolerated before a rebuild (at least; or num_ids // 4)
 
-__all__ = ["OracleResult", "belady_min", "belady_min_curve", "hindsight_static", "hindsight_static_ids",
+__all__ = ["OracleResult", "belady_min", "belady_min_chunked", "belady_min_curve", "hindsight_static",
+           "hindsight_static_chunked", "hindsight_static_ids",
            "hit_ceiling", "no_prefetch"]
 
 
@@ -266,6 +267,95 @@ def belady_min_curve(minibatches: Sequence[np.ndarray], capacities: Iterable[int
     return {c: _belady(stream, c) for c in capacities}
 
 
+
+def belady_min_chunked(minibatches: Sequence[np.ndarray], capacity: int, num_ids: int | None = None,
+                       chunk_minibatches: int = 128, progress=None) -> OracleResult:
+    """:func:`belady_min` for streams too long to flatten (10^8 requests): the same result, exactly, with memory
+    in proportion to the distinct ids plus one chunk of requests.
+
+    Next uses are computed chunk by chunk, backwards (a last-seen array over the ids: the request of minibatch
+    ``t`` of id ``i`` gets the minibatch that last claimed ``i``, then claims it), each chunk's spilled to a
+    temporary file as int32 (int64 when the stream has 2^31 minibatches or more); the forward pass reads them back
+    chunk by chunk. ``minibatches`` may be dense ids in ``[0, num_ids)`` (e.g. a replay's local ids: give
+    ``num_ids``) or any int64 ids (renumbered through their sorted distinct values, found chunk by chunk).
+    ``progress(n)`` is called with the minibatches done (both passes count, ``2 * len(minibatches)`` in all).
+    """
+    import os
+    import tempfile
+
+    _check_capacity(capacity)
+    capacity = int(capacity)
+    n = len(minibatches)
+    step = max(int(chunk_minibatches), 1)
+    if num_ids is None:
+        universe = np.unique(np.concatenate([np.unique(np.concatenate(
+            [np.asarray(x, dtype=np.int64).reshape(-1) for x in minibatches[i:i + step]] or [np.zeros(0, np.int64)]))
+            for i in range(0, n, step)] or [np.zeros(0, np.int64)]))
+        num_ids = int(universe.size)
+
+        def dense(i):
+            return np.searchsorted(universe, np.asarray(minibatches[i], dtype=np.int64).reshape(-1))
+    else:
+        def dense(i):
+            return np.asarray(minibatches[i]).reshape(-1)
+    sizes = np.fromiter((np.asarray(x).size for x in minibatches), np.int64, n)
+    if capacity == 0 or sizes.sum() == 0:
+        hits = np.zeros(n, dtype=np.int64)
+    else:
+        nxt_dtype = np.int32 if n < 2**31 - 1 else np.int64
+        last = np.full(num_ids, n, dtype=nxt_dtype)  # the earliest later minibatch needing each id
+        with tempfile.TemporaryDirectory(prefix="rudder-belady-") as tmp:
+            for c0 in reversed(range(0, n, step)):  # backwards: next uses, one chunk at a time
+                parts = []
+                for t in range(min(c0 + step, n) - 1, c0 - 1, -1):
+                    ids = dense(t)
+                    parts.append(last[ids])
+                    last[ids] = t
+                    if progress:
+                        progress(1)
+                parts.reverse()
+                np.save(os.path.join(tmp, f"{c0}.npy"), np.concatenate(parts) if parts else np.zeros(0, nxt_dtype))
+            del last
+
+            def forward():
+                for c0 in range(0, n, step):
+                    nxt = np.load(os.path.join(tmp, f"{c0}.npy"))
+                    at = 0
+                    for t in range(c0, min(c0 + step, n)):
+                        ids = dense(t)
+                        yield t, ids, nxt[at:at + ids.size]
+                        at += ids.size
+                        if progress:
+                            progress(1)
+
+            hits = _belady_hits(capacity, num_ids, n, forward())
+    fetched = sizes - hits
+    return OracleResult(oracle="belady_min", capacity=capacity, remote_sampled=int(sizes.sum()),
+                        hits=int(hits.sum()), misses=int(fetched.sum()), remote_fetched=int(fetched.sum()),
+                        prefetched=0, initial_fill=0, per_minibatch_hits=hits, per_minibatch_fetched=fetched)
+
+
+def hindsight_static_chunked(minibatches: Sequence[np.ndarray], capacity: int, num_ids: int) -> OracleResult:
+    """:func:`hindsight_static` over dense ids in ``[0, num_ids)`` without flattening the stream: the same fill
+    (the ``capacity`` ids needed in the most minibatches, ties by lower id) and counts; memory per distinct id."""
+    _check_capacity(capacity)
+    counts = np.zeros(num_ids, dtype=np.int64)
+    for x in minibatches:
+        counts[np.asarray(x)] += 1
+    needed = np.flatnonzero(counts)
+    k = min(int(capacity), needed.size)
+    fill = needed[np.lexsort((needed, -counts[needed]))[:k]]
+    resident = np.zeros(num_ids, dtype=bool)
+    resident[fill] = True
+    hits = np.fromiter((np.count_nonzero(resident[np.asarray(x)]) for x in minibatches), np.int64, len(minibatches))
+    sizes = np.fromiter((np.asarray(x).size for x in minibatches), np.int64, len(minibatches))
+    fetched = sizes - hits
+    return OracleResult(oracle="hindsight_static", capacity=int(capacity), remote_sampled=int(sizes.sum()),
+                        hits=int(hits.sum()), misses=int(fetched.sum()), remote_fetched=int(fetched.sum()) + int(k),
+                        prefetched=int(k), initial_fill=int(k), per_minibatch_hits=hits,
+                        per_minibatch_fetched=fetched)
+
+
 # ---------------------------------------------------------------------------------------------------- internals
 
 
@@ -293,6 +383,17 @@ def _belady(stream: _Stream, capacity: int) -> OracleResult:
         return _result("belady_min", capacity, stream, np.zeros(num_minibatches, dtype=np.int64))
     if capacity >= num_ids:  # nothing is ever evicted: every request but an id's first is a hit
         return _result("belady_min", capacity, stream, _per_minibatch_count(stream, ~stream.first_use))
+    offsets = stream.offsets
+    per_minibatch_hits = _belady_hits(capacity, num_ids, num_minibatches, (
+        (t, stream.dense_ids[offsets[t]:offsets[t + 1]], stream.next_use[offsets[t]:offsets[t + 1]])
+        for t in range(num_minibatches)))
+    return _result("belady_min", capacity, stream, per_minibatch_hits)
+
+
+def _belady_hits(capacity: int, num_ids: int, num_minibatches: int, minibatches) -> np.ndarray:
+    """The heart of :func:`belady_min`: per-minibatch hits of MIN with bypass, given ``(t, dense ids, next uses)``
+    for each minibatch ``t`` in order (next use ``num_minibatches`` when none). Shared by the in-memory and the
+    chunked (:func:`belady_min_chunked`) precomputation of next uses."""
     never = num_minibatches  # next_use of an id not needed again
     if (never + 1) * num_ids >= 2**62:
         raise ValueError("stream too long to encode (next use, id) in int64")
@@ -303,7 +404,6 @@ def _belady(stream: _Stream, capacity: int) -> OracleResult:
     resident = 0
     compact_at_slack = max(_HEAP_SLACK_MIN, num_ids // 4)  # rebuild the heap when it carries this many dead entries
     per_minibatch_hits = np.zeros(num_minibatches, dtype=np.int64)
-    dense_ids, next_use, offsets = stream.dense_ids, stream.next_use, stream.offsets
     heappush, heappop, heapify = heapq.heappush, heapq.heappop, heapq.heapify
 
     def push_all(keys: np.ndarray) -> None:
@@ -316,11 +416,10 @@ def _belady(stream: _Stream, capacity: int) -> OracleResult:
             for e in entries:
                 heappush(heap, e)
 
-    for t in range(num_minibatches):
-        lo, hi = int(offsets[t]), int(offsets[t + 1])
-        if lo == hi:
+    for t, ids, nxt in minibatches:
+        if ids.size == 0:
             continue
-        ids, nxt = dense_ids[lo:hi], next_use[lo:hi]
+        ids, nxt = ids.astype(np.int64, copy=False), nxt.astype(np.int64, copy=False)
         hit = key_of[ids] >= 0
         n_hit = int(np.count_nonzero(hit))
         per_minibatch_hits[t] = n_hit
@@ -365,7 +464,7 @@ def _belady(stream: _Stream, capacity: int) -> OracleResult:
             live = np.flatnonzero(key_of >= 0)
             heap = (-(key_of[live] * num_ids + live)).tolist()
             heapify(heap)
-    return _result("belady_min", capacity, stream, per_minibatch_hits)
+    return per_minibatch_hits
 
 
 def _synthetic_stream(num_requests: int, ids_per_minibatch: int, num_ids: int, zipf_a: float,

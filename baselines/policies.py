@@ -67,6 +67,15 @@ class Lookahead(Periodic):
     name = "lookahead"
     settings = BufferSettings(ranking="lookahead", admit_on_miss=True)
 
+    def __init__(self, sample_ahead: int | str | None = None, buffer_init: str | None = None):
+        """``sample_ahead`` (replay): how far the trainer samples ahead, a count, a budget such as ``"64MB"`` or
+        ``"epoch"`` (:mod:`rudder_env.sample_ahead`); None: the recorded run's. ``buffer_init``: the initial fill
+        (None: the run's); with the future known exactly, ``"empty"`` avoids paying for a guessed fill that Belady
+        MIN does not pay (BENCHMARKS.md, P1)."""
+        if sample_ahead is not None or buffer_init is not None:
+            self.settings = BufferSettings(ranking="lookahead", admit_on_miss=True, buffer_init=buffer_init,
+                                           sample_ahead=None if sample_ahead is None else str(sample_ahead))
+
 
 class HitRateRule(_Keep):
     """Every window, admit the candidates that have a slot to take (like :class:`Periodic`) only if

@@ -40,6 +40,7 @@ def p1_traffic(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataF
                          agent_kwargs=agent_kwargs)
     df.to_csv(os.path.join(OUT_DIR, "p1_traffic.csv"), index=False)
     traffic.plot(df, os.path.join(OUT_DIR, "p1_traffic.png"))
+    traffic.plot_sample_ahead(df, os.path.join(OUT_DIR, "p1_sample_ahead.png"))
     return traffic.summarise(df)
 
 
@@ -130,6 +131,14 @@ def p7_llm_size(quick: bool) -> tuple[str, pd.DataFrame]:
     return llm_size.summarise(df)
 
 
+def p9_scale(quick: bool) -> tuple[str, pd.DataFrame]:
+    from bench import scale
+
+    df = scale.measure(minibatches=100 if quick else 1024)
+    df.to_csv(os.path.join(OUT_DIR, "p9_scale.csv"), index=False)
+    return scale.summarise(df)
+
+
 def faults_reliability(quick: bool) -> tuple[str, pd.DataFrame]:
     from bench import faults
 
@@ -149,6 +158,7 @@ SECTIONS = {
     "p5": ("P5 LLM decisions", p5_llm_decisions),
     "p6": ("P6 decisions that matter: link-budget levels, headroom, regret, held out", p6_decisions),
     "p7": ("P7 LLM size curve on link-budget decisions", p7_llm_size),
+    "p9": ("P9 replay at papers100M scale (issue 14's 'P5')", p9_scale),
     "faults": ("Reliability: injected faults", faults_reliability),
 }
 

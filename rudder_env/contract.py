@@ -40,6 +40,9 @@ class BufferSettings:
         levels: None: the agent acts with a ``MultiBinary(K)`` mask over the top-K candidates; else it picks one of
             these multiples of the link budget every window (``Discrete``; see
             :class:`rudder_env.episode.PrefetchEpisode`).
+        sample_ahead: in replay, how far the live trainer had sampled ahead (``4``, ``"64MB"``, ``"epoch"``:
+            :mod:`rudder_env.sample_ahead`), emulated from the recorded ids; None: the recorded run's. A live run
+            takes its own ``--sample-ahead``.
     """
 
     uses_buffer: bool = True
@@ -48,6 +51,7 @@ class BufferSettings:
     ranking: str = "misses"
     levels: tuple[float, ...] | None = None
     buffer_init: str | None = None
+    sample_ahead: str | None = None  # replay: how far the trainer had sampled ahead (rudder_env.sample_ahead)
 
     def __post_init__(self):
         check("ranking", self.ranking)
@@ -55,6 +59,10 @@ class BufferSettings:
             object.__setattr__(self, "levels", check_link_levels(self.levels))
         if self.buffer_init is not None:
             check("buffer_init", self.buffer_init)
+        if self.sample_ahead is not None:
+            from rudder_env.sample_ahead import SampleAhead
+
+            object.__setattr__(self, "sample_ahead", str(SampleAhead.parse(self.sample_ahead, "sample_ahead")))
         if self.static and self.admit_on_miss:
             raise ValueError("a static buffer cannot admit on miss: it never changes after the initial fill")
 
@@ -76,6 +84,8 @@ def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None
         out["buffer_init"] = settings.buffer_init
     if settings.levels is not None:
         out["levels"] = settings.levels
+    if settings.sample_ahead is not None:
+        out["sample_ahead"] = settings.sample_ahead
     return out
 
 

@@ -160,10 +160,13 @@ class PrefetchEpisode:
     """
 
     def __init__(self, buffer: PrefetchBuffer, ranking: Ranking, k: int, run: RunFacts, reward: str = "traffic",
-                 levels=None):
+                 levels=None, id_map: np.ndarray | None = None):
         check("reward", reward)
         check("candidates", k)
         self.buffer, self.ranking, self.k, self.run = buffer, ranking, k, run
+        # dense ids: the buffer and ranking see id i for node id_map[i] (sorted global ids a replayed rank touches:
+        # memory follows them, not the graph); agents see global ids (candidates, resolver, apply) either way
+        self.id_map = None if id_map is None else np.asarray(id_map, dtype=np.int64)
         self.levels = None if levels is None else check_link_levels(levels)
         self.link = LinkEstimate(run.initial_fill)
         self._unused_at = buffer.counters.prefetch_unused
@@ -241,7 +244,7 @@ class PrefetchEpisode:
         c0, _, c_remote = self.link.coefficients
         link = LinkInfo(s_per_row=c_remote, s_per_pull=c0, hide_s=hide_s, budget_rows=int(budget_rows),
                         utilisation=float(link_obs[0]), stall_s=w.stall_s, n_admissible=int(n_admissible))
-        info = DecisionInfo(candidate_ids=self.candidate_ids.copy(),
+        info = DecisionInfo(candidate_ids=self.to_global(self.candidate_ids),
                             candidate_scores=ranked.candidate_scores[: self.k].copy(),
                             n_candidates=int(np.count_nonzero(self.candidate_ids >= 0)),
                             n_evictable=ranked.n_evictable, capacity=buf.capacity,
@@ -260,7 +263,10 @@ class PrefetchEpisode:
             need_in *= buf.alpha  # decayed misses x alpha: about the misses per minibatch
         victims = self._victim_slots(rows)
         resident = buf.slot_ids[victims] != EMPTY
-        if buf.priority is not None:
+        if buf.priority is not None and hasattr(self.ranking, "slot_need"):  # expected uses, as the candidates'
+            out = self.ranking.slot_need(victims, self.minibatches)
+            hot = resident & (out > 0)
+        elif buf.priority is not None:
             scale = self.ranking.need_scale(self.minibatches) if hasattr(self.ranking, "need_scale") else 1.0
             out = np.maximum(buf.slot_priority(victims), 0.0) * scale
             hot = resident & (out > 0)
@@ -287,12 +293,31 @@ class PrefetchEpisode:
         """A function turning an action taken on the current observation into its prefetch ids; it keeps this
         decision's candidates, so it also serves a decision an agent finishes later, in the background."""
         if self.levels is None:
-            ids, k = self.candidate_ids.copy(), self.k
+            ids, k = self.to_global(self.candidate_ids), self.k
             return lambda action: ids[check_action(action, k) & (ids >= 0)]
         ranked, n = self._ranked.candidate_ids, len(self.levels)
         rows = [c["rows"] for c in self._choices]
-        ids = ranked[: max(rows)].copy()
+        ids = self.to_global(ranked[: max(rows)])
         return lambda action: ids[: rows[check_level(action, n)]]
+
+    def to_global(self, ids: np.ndarray) -> np.ndarray:
+        """Global node ids of the buffer's ``ids`` (a copy; -1 stays -1)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.id_map is None:
+            return ids.copy()
+        return np.where(ids >= 0, self.id_map[np.maximum(ids, 0)], -1)
+
+    def to_local(self, ids: np.ndarray) -> np.ndarray:
+        """The buffer's ids of global node ``ids``; a node the replayed rank never touches is refused."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.id_map is None or ids.size == 0:
+            return ids
+        pos = np.minimum(np.searchsorted(self.id_map, ids), self.id_map.size - 1)
+        bad = self.id_map[pos] != ids
+        if bad.any():
+            raise ValueError(f"prefetch id {int(ids[bad][0])} is no node this rank's trace touches (needed, halo, "
+                             f"initial fill or recorded decision): it cannot be prefetched in this replay")
+        return pos
 
     def choices(self) -> list[Choice]:
         """What each level would do at the current decision (levels mode; empty otherwise)."""
@@ -303,7 +328,7 @@ class PrefetchEpisode:
         ids = np.asarray(ids, dtype=np.int64)
         if self.on_apply is not None:
             self.on_apply(self.minibatches, ids)
-        self.buffer.apply(ids, victim_order=self._victims)
+        self.buffer.apply(self.to_local(ids), victim_order=self._victims)
         self.decisions += 1
         return ids
 

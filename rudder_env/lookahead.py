@@ -10,6 +10,13 @@ included, so the first two hops of neighbour sampling around those seeds are kno
   ``min(1, f2 / indeg(v))`` of its in-neighbours (``f2 = fanouts[-2]``); halo ones are remote rows.
 
 (Neighbours of *halo* hop-1 nodes are not in the partition and stay unknown: the decayed miss counts cover them.)
+
+With three or more layers (e.g. papers100M's ``15,10,5``) the lookahead still models the two hops nearest the
+seeds (``fanouts[-1]``, ``fanouts[-2]``): the third hop would need every inner node's in-edges (the trace keeps only
+those of the training seeds and the halo edges of inner nodes) and compounds the estimate's error. What the third
+hop needs is known instead from the minibatches sampled ahead, exactly (``--sample-ahead``, a count, a budget such
+as ``64MB``, or ``epoch``: :mod:`rudder_env.sample_ahead`), and the oracles score the recorded ids whatever the
+depth (tests/test_scale.py runs a real 3-layer job and replays it exactly).
 :meth:`SamplerLookahead.scores` sums these expected remote needs over upcoming minibatches, discounted by distance,
 so a policy can prefetch what is needed soon and evict what is not — an online approximation of Belady's MIN.
 

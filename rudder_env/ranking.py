@@ -112,7 +112,9 @@ class LookaheadRanking:
         return float(self.discount ** -(minibatches_done - self._need.base))
 
     def rank(self, minibatches_done: int, k: int) -> Ranked:
-        """Candidates: non-residents most needed soon; victims: residents least needed soon (then least recent)."""
+        """Candidates: non-residents most needed soon (expected uses, weighted from now: the scores returned);
+        victims: residents in the buffer's priority order (no known use and least needed first, then the latest
+        known next use: see :class:`_PredictedNeed`)."""
         buf, need = self.buffer, self._need
         need.advance(minibatches_done)
         ids = np.flatnonzero(need.need > 0)  # predicted need after the coming minibatch
@@ -126,9 +128,16 @@ class LookaheadRanking:
         victims = buf.priority_victims(k)
         # a candidate has a slot when it is needed more than the resident it would replace
         m = min(order.size, buf.capacity)
-        beats = scores[:m] > buf.slot_priority(victims[:m])
+        victim_ids = buf.slot_ids[victims[:m]]
+        beats = scores[:m] > np.where(victim_ids == EMPTY, -1.0, need.need[np.maximum(victim_ids, 0)])
         n_evictable = int(beats.size) if beats.all() else int(np.argmin(beats))
         return Ranked(cand_ids, scores, n_evictable, victims)
+
+    def slot_need(self, slots: np.ndarray, minibatches_done: int) -> np.ndarray:
+        """Expected uses (weighted from now) of the residents of ``slots``, 0 for an empty slot: the scale of the
+        candidate scores, whatever the priority's order of known uses adds."""
+        ids = self.buffer.slot_ids[slots]
+        return np.where(ids == EMPTY, 0.0, self._need.need[np.maximum(ids, 0)]) * self.need_scale(minibatches_done)
 
 
 def make_ranking(name: str, buffer: PrefetchBuffer, lookahead=None, upcoming: Callable | None = None,
@@ -138,6 +147,8 @@ def make_ranking(name: str, buffer: PrefetchBuffer, lookahead=None, upcoming: Ca
     check("ranking", name)
     if name == "misses":
         return MissRanking(buffer)
+    if lookahead is None and sampled_ahead is not None:  # the sampled-ahead minibatches alone: no guesses
+        return LookaheadRanking(buffer, None, lambda done, horizon: [], sampled_ahead, horizon, discount)
     if lookahead is None or upcoming is None:
         raise ValueError("ranking='lookahead' needs the partition structure and the seed order, which this run or "
                          "trace does not have")
@@ -164,15 +175,26 @@ def _score_first(lookahead, upcoming, n: int = 4) -> dict[int, tuple[np.ndarray,
     return {j: lookahead.scores([s], 1.0) for j, s in enumerate(seeds)}
 
 
-class _PredictedNeed:
-    """The buffer's priority under lookahead: ``sum_i discount**i * need_{m+i}`` over the known minibatches after
-    the current one ``m`` (``i = 1 .. horizon-1``), kept up to date minibatch by minibatch.
+_EXACT_TOP = 1e200  # priorities of rows with a known next use sit above every expected need
+_EXACT_STEP = 2.0 ** -40  # relative step per minibatch between known next uses (exact in float64)
+_NO_USE = np.iinfo(np.int32).max
 
-    Each minibatch's expected remote needs are computed once, in a background thread, up to 16 minibatches
-    before it enters the horizon; the sum slides by subtracting the minibatch that leaves and adding those that
-    enter. Weights are ``discount**j`` for absolute
-    minibatch ``j`` (the same factor for every node at a given time, so the order is unchanged), rescaled now and
-    then to stay in range.
+
+class _PredictedNeed:
+    """The buffer's priority under lookahead, kept up to date minibatch by minibatch.
+
+    ``need``: ``sum_i discount**i * need_{m+i}`` over the known minibatches after the current one ``m``
+    (``i = 1 .. horizon-1``): the expected remote rows of each minibatch, or its remote ids exactly where it was
+    sampled ahead already. Each minibatch's expected needs are computed once, in a background thread, up to 16
+    minibatches before it enters the horizon; the sum slides by subtracting the minibatch that leaves and adding
+    those that enter. Weights are ``discount**j`` for absolute minibatch ``j`` (the same factor for every node at
+    a given time, so the order is unchanged), rescaled now and then to stay in range.
+
+    ``priority`` (what the buffer admits and evicts by): a row whose next use is known exactly (a minibatch sampled
+    ahead needs it) ranks above every row whose use is only expected, and among those the sooner use first:
+    Belady's MIN as far as the sampled-ahead minibatches reach (``_EXACT_TOP * (1 - j * 2**-40)`` for the next
+    known use ``j``); every other row ranks by ``need``. Known next uses are tracked with one successor link per
+    sampled-ahead request, so a minibatch leaving the window hands each of its rows its next known use.
     """
 
     def __init__(self, buffer, lookahead, upcoming, horizon: int, discount: float, sampled_ahead=None):
@@ -180,20 +202,63 @@ class _PredictedNeed:
         self.sampled_ahead = sampled_ahead
         self.horizon, self.discount = horizon, discount
         self.need = np.zeros(buffer.num_nodes, dtype=np.float64)
+        self.priority = np.zeros(buffer.num_nodes, dtype=np.float64)
+        self.next_known = np.full(buffer.num_nodes, _NO_USE, dtype=np.int32)  # next use known exactly
+        self._last_known = np.full(buffer.num_nodes, -1, dtype=np.int32)  # latest known use (minibatch)
+        self._last_pos = np.zeros(buffer.num_nodes, dtype=np.int32)  # its position in that minibatch's ids
+        self._succ: dict[int, np.ndarray] = {}  # exact minibatch -> next known use of each of its ids
         self.included: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # minibatch -> (ids, weighted needs)
         self.exact: set[int] = set()  # minibatches included with their sampled remote ids
         self.scored: dict = {}  # minibatch -> future of its expected needs, not yet included
         self.base = 0  # weights are discount ** (j - base)
         self.at = -1
 
+    def _refresh(self, ids: np.ndarray) -> None:
+        """Recompute the priority of ``ids`` whose next known use changed. (A change of need alone is added to
+        the priority as it is to the need: under a known use it is lost in the rounding, as it should be.)"""
+        nxt = self.next_known[ids]
+        known = nxt != _NO_USE
+        self.priority[ids] = np.where(known, _EXACT_TOP * (1.0 - nxt.astype(np.float64) * _EXACT_STEP),
+                                      self.need[ids])
+
+    def _add_need(self, ids: np.ndarray, w) -> None:
+        self.need[ids] += w
+        self.priority[ids] += w
+
+    def _add_exact(self, j: int, ids: np.ndarray) -> None:
+        """Minibatch ``j`` (later than every exact one so far) is known exactly: link each id's previous known use
+        to it, and make it the next known use of ids that had none."""
+        prev = self._last_known[ids]
+        linked = prev > self.at  # a known use still ahead: j is its successor
+        self._succ[j] = np.full(ids.size, _NO_USE, dtype=np.int32)
+        if linked.any():
+            p, pos = prev[linked], self._last_pos[ids[linked]]
+            for q in np.unique(p):
+                sel = p == q
+                self._succ[int(q)][pos[sel]] = j
+        fresh = ids[~linked]
+        self.next_known[fresh] = j
+        self._last_known[ids] = j
+        self._last_pos[ids] = np.arange(ids.size, dtype=np.int32)
+        self._refresh(fresh)
+
+    def _drop_exact(self, j: int, ids: np.ndarray) -> None:
+        """Minibatch ``j`` has come: its ids' next known use moves to their successor (or none)."""
+        succ = self._succ.pop(j, None)
+        if succ is not None:
+            self.next_known[ids] = succ
+            self._refresh(ids)
+
     def advance(self, m: int) -> None:
         if m == self.at:
             return
         self.at = m
-        for j in [j for j in self.included if j <= m]:
+        for j in sorted(j for j in self.included if j <= m):
             ids, w = self.included.pop(j)
-            self.need[ids] -= w
-            self.exact.discard(j)
+            self._add_need(ids, -w)
+            if j in self.exact:
+                self._drop_exact(j, ids)
+                self.exact.discard(j)
         for j in [j for j in self.scored if j <= m]:
             del self.scored[j]
         if m - self.base > 200:  # rescale before discount ** (j - base) underflows
@@ -201,6 +266,8 @@ class _PredictedNeed:
             self.need *= scale
             self.included = {j: (ids, w * scale) for j, (ids, w) in self.included.items()}
             self.base = m
+            unknown = self.next_known == _NO_USE
+            self.priority[unknown] = self.need[unknown]
         known = self.sampled_ahead(m) if self.sampled_ahead is not None else []
         for i, ids in enumerate(known, start=1):  # sampled already: their remote rows exactly, replacing the guess
             j = m + i
@@ -208,11 +275,12 @@ class _PredictedNeed:
                 continue
             if j in self.included:
                 old_ids, old_w = self.included.pop(j)
-                self.need[old_ids] -= old_w
+                self._add_need(old_ids, -old_w)
             w = np.full(ids.size, self.discount ** (j - self.base))
-            self.need[ids] += w
+            self._add_need(ids, w)
             self.included[j] = (ids, w)
             self.exact.add(j)
+            self._add_exact(j, ids)
         self._submit_upcoming(m)
         for j in range(m + 1, m + self.horizon):  # guesses for the minibatches entering the horizon
             if j in self.included:
@@ -221,9 +289,9 @@ class _PredictedNeed:
                 break  # its seeds are not known yet (the next epoch)
             ids, need = self.scored.pop(j).result()
             w = need * self.discount ** (j - self.base)
-            self.need[ids] += w
+            self._add_need(ids, w)
             self.included[j] = (ids, w)
-        self.buffer.set_dense_priority(self.need)
+        self.buffer.set_dense_priority(self.priority)
 
     def __deepcopy__(self, memo):
         """A copy for trying an option from the same state (e.g. the best-level oracle): the state is copied, the

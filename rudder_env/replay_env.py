@@ -10,6 +10,7 @@ from rudder_env.buffer import PrefetchBuffer, initial_ids
 from rudder_env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, RunFacts
 from rudder_env.lookahead import SamplerLookahead
 from rudder_env.ranking import make_ranking
+from rudder_env.sample_ahead import SampleAhead, sampled_bytes
 from rudder_env.spaces import action_space, observation_space
 from rudder_env.settings import check, check_link_levels, check_optional
 from rudder_env.timing import BackgroundLink, FetchTimeModel
@@ -35,6 +36,17 @@ class _Driver:
 
     def __next__(self):
         return self.next_record()
+
+
+class _LocalScores:
+    """A :class:`SamplerLookahead` whose scores name dense ids (positions in ``id_map``) instead of global ids."""
+
+    def __init__(self, lookahead: SamplerLookahead, id_map: np.ndarray):
+        self.lookahead, self.id_map = lookahead, id_map
+
+    def scores(self, upcoming, discount: float = 0.9):
+        ids, score = self.lookahead.scores(upcoming, discount)
+        return np.searchsorted(self.id_map, ids), score
 
 
 class ReplayEnv(PrefetchEnv):
@@ -76,7 +88,14 @@ class ReplayEnv(PrefetchEnv):
     ``empty``, ``vip``: highest vertex inclusion probability, :mod:`rudder_env.vip`), ``alpha``, ``period``,
     ``admit_on_miss`` (default: the recorded run's); ``ranking``
     (``"misses"``, or ``"lookahead"`` when the trace recorded seeds and partition structure: see
-    :mod:`rudder_env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``; ``prefetch``
+    :mod:`rudder_env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``; ``sample_ahead`` (how far
+    the live trainer had sampled ahead: a count of minibatches, a budget of sampled bytes such as ``"64MB"``, or
+    ``"epoch"``, :mod:`rudder_env.sample_ahead`; default the recorded run's: what the lookahead knows exactly);
+    ``sampled_only`` (lookahead ranking from the sampled-ahead minibatches alone, no partition structure or
+    seeds: e.g. a synthetic trace, :mod:`traces.synthetic`); ``dense_ids`` (default True: the buffer and rankings index the nodes this rank touches, renumbered densely in
+    id order, so memory follows the ids a rank touches, not the graph; decisions are the same either way, and
+    agents see global ids in ``info`` and give global ids to ``apply``);
+    ``prefetch``
     (``"inline"`` or ``"background"``, default the recorded run's) and ``follow_recorded``: with background
     prefetch, rows arrive when the recording says while the decisions are the recorded ones (so a run replayed
     with its own decisions is exact), else when the link model says (:class:`~rudder_env.timing.BackgroundLink`);
@@ -88,7 +107,8 @@ class ReplayEnv(PrefetchEnv):
                  period: int | None = None, admit_on_miss: bool | None = None, ranking: str = "misses",
                  lookahead_horizon: int | None = None,
                  lookahead_discount: float | None = None, prefetch: str | None = None,
-                 follow_recorded: bool = True, levels=None):
+                 follow_recorded: bool = True, levels=None, sample_ahead=None, dense_ids: bool = True,
+                 sampled_only: bool = False):
         super().__init__()
         self.levels = None if levels is None else check_link_levels(levels)
         candidates = check_optional("candidates", candidates)
@@ -148,9 +168,14 @@ class ReplayEnv(PrefetchEnv):
         self.time_model = FetchTimeModel.fit(local, remote, secs)
         self.ranking = ranking
         self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
-        # what the recording trainer had sampled ahead; sampling ahead does not change the batches, so a trace
-        # recorded before the option existed is replayed as today's trainer would run it
-        self.sample_ahead = int(run.get("sample_ahead", DEFAULT_SAMPLE_AHEAD))
+        # what the recording trainer had sampled ahead, unless told otherwise: sampling ahead does not change the
+        # batches, so any count, budget or 'epoch' is emulated from the recorded ids (and a trace recorded before
+        # the option existed is replayed as today's trainer would run it)
+        self.sample_ahead = SampleAhead.parse(sample_ahead if sample_ahead is not None
+                                              else run.get("sample_ahead", DEFAULT_SAMPLE_AHEAD), "sample_ahead")
+        self._cum_bytes = np.concatenate([[0], np.cumsum(sampled_bytes(
+            self._local_rows + np.fromiter((x.size for x in self._ids), np.int64, len(self._ids))))])
+        self._per_epoch = int(np.count_nonzero(self._epoch_of == self._epoch_of[0]))
         self._lookahead = None
         self._vip = None
         if buffer_init == "vip":
@@ -159,24 +184,61 @@ class ReplayEnv(PrefetchEnv):
                 raise ValueError(f"buffer_init='vip' needs a trace recorded with partition structure; "
                                  f"{self.source.directory} has none (re-record it with this rudder)")
             self._vip = vertex_inclusion_probability(la, self.batch_size)
-        if ranking == "lookahead":
+        self._seeds = None
+        self.sampled_only = bool(sampled_only)
+        if ranking == "lookahead" and not self.sampled_only:
             self._lookahead = SamplerLookahead.from_static(self.rank_trace.static, self.num_nodes)
             self._seeds = self.rank_trace.minibatch_seeds()
             if self._lookahead is None or self._seeds is None:
                 raise ValueError(f"ranking='lookahead' needs a trace recorded with seeds and partition structure; "
                                  f"{self.source.directory} has none (re-record it with this rudder)")
+        self._id_map = None  # dense ids (see dense_ids): sorted global ids of every node this rank touches
+        self._scorer = self._lookahead
+        if dense_ids:
+            self._id_map = self._touched_ids()
+            self._ids = [np.searchsorted(self._id_map, x).astype(np.int32) for x in self._ids]
+            if self._lookahead is not None:
+                self._scorer = _LocalScores(self._lookahead, self._id_map)
         self.observation_space = observation_space(self.k)
         self.action_space = action_space(self.k, self.levels)
 
+    def _touched_ids(self) -> np.ndarray:
+        """Every global id this rank's replay can name, sorted: the remote ids it needs, its halo, the recorded
+        initial fill and decisions, and the remote nodes the lookahead scores. Built chunk by chunk (unique per
+        group of minibatches, then once over those)."""
+        parts, group = [], 64
+        for i in range(0, len(self._ids), group):
+            batch = self._ids[i:i + group]
+            if batch:
+                parts.append(np.unique(np.concatenate(batch)))
+        parts += [self.halo_ids, np.asarray(self.rank_trace.static.get("initial_ids", []), dtype=np.int64)]
+        decisions = self._decisions_table = self.rank_trace.decisions()
+        if decisions is not None and len(decisions):
+            parts += [np.asarray(x, dtype=np.int64) for x in decisions["ids"]]
+        if self._lookahead is not None:
+            parts.append(self._lookahead.remote_ids)
+        return np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+
+    def _local(self, ids) -> np.ndarray:
+        """The buffer's ids of global ``ids`` (every one among :meth:`_touched_ids`)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return ids if self._id_map is None else np.searchsorted(self._id_map, ids)
+
+    @property
+    def buffer_nodes(self) -> int:
+        """Size of the id space the buffer and rankings index: the nodes this rank touches with dense ids, else
+        the graph's."""
+        return self.num_nodes if self._id_map is None else int(self._id_map.size)
+
     def _new_buffer(self) -> PrefetchBuffer:
-        buf = PrefetchBuffer(self.capacity, self.num_nodes, alpha=self.alpha, period=self.period,
+        buf = PrefetchBuffer(self.capacity, self.buffer_nodes, alpha=self.alpha, period=self.period,
                              admit_on_miss=self.admit_on_miss, prefetch=self.prefetch)
         if self.buffer_init == "recorded":
             ids = self.rank_trace.static["initial_ids"]
         else:
             seed = int(self.np_random.integers(2**31))
             ids = initial_ids(self.buffer_init, self.halo_ids, self.halo_degree, self.capacity, seed, vip=self._vip)
-        buf.fill(ids)
+        buf.fill(self._local(ids))
         return buf
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -185,7 +247,7 @@ class ReplayEnv(PrefetchEnv):
         facts = dict(graph=run.get("graph"), parts=run.get("parts"), partitioning=run.get("partition"),
                      rank=self.rank, num_nodes=self.num_nodes, source=f"trace {self.source.directory}")
         buffer = self._new_buffer()
-        ranking = make_ranking(self.ranking, buffer, lookahead=self._lookahead, upcoming=self._upcoming,
+        ranking = make_ranking(self.ranking, buffer, lookahead=self._scorer, upcoming=self._upcoming,
                                sampled_ahead=self._sampled_ahead, horizon=self.lookahead_horizon,
                                discount=self.lookahead_discount)
         rmeta = self.rank_trace.meta
@@ -193,7 +255,8 @@ class ReplayEnv(PrefetchEnv):
             if rmeta.get("initial_fill_rows") else None
         run_facts = RunFacts(len(self._ids), self.halo_ids.size, self.fanouts, self.batch_size, facts=facts,
                              initial_fill=fill)
-        self.episode = PrefetchEpisode(buffer, ranking, self.k, run_facts, reward=self.reward, levels=self.levels)
+        self.episode = PrefetchEpisode(buffer, ranking, self.k, run_facts, reward=self.reward, levels=self.levels,
+                                       id_map=self._id_map)
         self._records = _Driver(self._replay)
         if self.prefetch == "background":
             self._link = BackgroundLink(self.time_model)
@@ -239,8 +302,9 @@ class ReplayEnv(PrefetchEnv):
 
     def _copy_state(self, state: dict) -> dict:
         memo = {id(self): self, id(self.source): self.source, id(self.rank_trace): self.rank_trace}
-        if self._lookahead is not None:
-            memo[id(self._lookahead)] = self._lookahead
+        for shared in (self._lookahead, self._scorer, self._id_map):
+            if shared is not None:
+                memo[id(shared)] = shared
         return copy.deepcopy(state, memo)
 
     def _replay(self) -> MinibatchRecord:
@@ -315,9 +379,10 @@ class ReplayEnv(PrefetchEnv):
     def _known(self, done: int, first: int, last: int, values: list) -> list:
         """``values[first:last]`` as far as the epochs whose seeds the live trainer had shuffled after ``done``
         minibatches: at the start only the first epoch; then every epoch up to the one of the last minibatch
-        sampled (``done + sample_ahead``: the trainer samples ahead across epoch boundaries)."""
+        sampled (:meth:`SampleAhead.last_sampled`: the trainer samples ahead across epoch boundaries)."""
         n = len(values)
-        known_epoch = self._epoch_of[0] if done < 1 else self._epoch_of[min(done + self.sample_ahead, n - 1)]
+        known_epoch = self._epoch_of[0] if done < 1 else self._epoch_of[
+            self.sample_ahead.last_sampled(done, self._cum_bytes, self._per_epoch)]
         out = []
         for j in range(first, min(last, n)):
             if self._epoch_of[j] > known_epoch:
@@ -334,10 +399,32 @@ class ReplayEnv(PrefetchEnv):
 
     def _sampled_ahead(self, done: int) -> list[np.ndarray]:
         """Remote ids of the minibatches the live trainer had sampled beyond the next one after ``done``
-        minibatches: ``sample_ahead`` of them (none before the first)."""
-        if done < 1 or self.sample_ahead < 1:
+        minibatches, as far as ``sample_ahead`` reaches (a count, a budget of sampled bytes or an epoch; none
+        before the first minibatch)."""
+        if done < 1:
             return []
-        return self._known(done, done + 1, done + self.sample_ahead + 1, self._ids)
+        return self._ids[done + 1:self.sample_ahead.known_end(done, self._cum_bytes, self._per_epoch)]
+
+    def sample_ahead_stats(self) -> dict:
+        """What sampling ahead as ``sample_ahead`` knew and cost over the whole trace: minibatches known exactly
+        beyond the next one (mean, max), the sampled bytes held for them at most (MB; a budget also holds the one
+        sampled minibatch that did not fit: ``held_peak_mb``), and the recorded sampling seconds moved earlier (of
+        minibatches sampled before the previous one trained)."""
+        n, cum, sa = len(self._ids), self._cum_bytes, self.sample_ahead
+        known, known_mb, held_mb, moved_s = [], 0.0, 0.0, 0.0
+        for done in range(1, n):
+            end = sa.known_end(done, cum, self._per_epoch)
+            last = sa.last_sampled(done, cum, self._per_epoch)
+            known.append(max(end - done - 1, 0))
+            known_mb = max(known_mb, (cum[end] - cum[min(done + 1, n)]) / 2**20)
+            held_mb = max(held_mb, (cum[last + 1] - cum[min(done + 1, n)]) / 2**20)
+        for j in range(1, n):
+            if sa.last_sampled(j - 1, cum, self._per_epoch) >= j and j - 1 >= 1:
+                moved_s += float(self._sample_s[j])
+        return dict(sample_ahead=str(sa), known_mean=float(np.mean(known)) if known else 0.0,
+                    known_max=int(max(known)) if known else 0, known_peak_mb=round(known_mb, 3),
+                    held_peak_mb=round(held_mb, 3), sample_s_moved=round(moved_s, 4),
+                    sample_s_total=round(float(self._sample_s.sum()), 4))
 
     @property
     def live_seconds_per_minibatch(self) -> float:

@@ -67,8 +67,10 @@ class TrainConfig:
     trust_policy: bool = field(default=False, metadata=dict(
         help="with --agent ppo: load the policy even if its SHA-256 is not the one its sidecar records (loading a "
              "policy runs pickled code: only for a file from a source you trust)"))
-    sample_ahead: int = field(default=DEFAULT_SAMPLE_AHEAD, metadata=dict(
-        help="minibatches sampled ahead of training (within an epoch); the lookahead knows their remote rows"))
+    sample_ahead: int | str = field(default=DEFAULT_SAMPLE_AHEAD, metadata=dict(
+        help="how far sampling runs ahead of training, across epochs: a count of minibatches (4), a budget of "
+             "sampled blocks (64MB; KB, MB, GB) or 'epoch'; the lookahead knows those minibatches' remote rows "
+             "exactly (rudder_env/sample_ahead.py)"))
     prefetch: str = field(default="background", metadata=dict(
         choices=("background", "inline"),
         help="how a decided prefetch set is pulled: by a background worker in chunks while training goes on, rows "
@@ -122,6 +124,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.parts == 0:
             self.parts = self.hosts or 2
+        if isinstance(self.sample_ahead, str) and self.sample_ahead.strip().isdigit():
+            self.sample_ahead = int(self.sample_ahead)  # a count stays a number in the summary
 
     @property
     def fanouts(self) -> list[int]:
@@ -175,10 +179,13 @@ class TrainConfig:
 
             read_policy_meta(None, trust=self.trust_policy)  # refused here, before any process starts
         for name in ("parts", "trainers_per_part", "buffer_fraction", "alpha", "period", "batch_size", "epochs",
-                     "hidden", "lr", "candidates", "sample_ahead", "num_samplers", "timeout_s", "watchdog_s",
+                     "hidden", "lr", "candidates", "num_samplers", "timeout_s", "watchdog_s",
                      "startup_timeout_s", "reward", "buffer_init", "prefetch"):
             check(name, getattr(self, name))
         check_fanout(self.fanout)
+        from rudder_env.sample_ahead import SampleAhead
+
+        SampleAhead.parse(self.sample_ahead, "--sample-ahead")
         if self.hosts < 0 or self.hosts == 1:
             raise ValueError(f"--hosts must be 0 (this host) or >= 2 emulated hosts, got {self.hosts}")
         if self.hosts and self.parts != self.hosts:

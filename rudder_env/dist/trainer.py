@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from rudder_env.buffer import PrefetchBuffer, positions, initial_ids
 from rudder_env.vip import vertex_inclusion_probability
 from rudder_env.episode import MinibatchRecord
+from rudder_env.sample_ahead import SampleAhead, sampled_bytes
 from rudder_env.dist.dgl_compat import import_dgl
 from rudder_env.dist.models import build_model
 from rudder_env.dist.progress import EpochStats
@@ -69,6 +70,15 @@ class _Link:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+
+
+def _blocks_bytes(batch) -> int:
+    """Bytes a sampled minibatch holds as int64: its input and seed ids, each block's node ids and edges."""
+    input_nodes, seeds, blocks = batch[0], batch[1], batch[2]
+    n = int(input_nodes.shape[0]) + int(seeds.shape[0])
+    for b in blocks:
+        n += b.num_src_nodes() + b.num_dst_nodes() + 2 * b.num_edges()
+    return 8 * n
 
 
 class _Sampled(NamedTuple):
@@ -200,6 +210,9 @@ class DistTrainer:
         self.initial_ids = self._initial_fill(self.buffer_init)
         self.minibatch_index = 0
         self._ahead: collections.deque[_Sampled] = collections.deque()  # sampled but not trained yet
+        self._sample_ahead = SampleAhead.parse(cfg.sample_ahead, "--sample-ahead")
+        self.ahead_stats = dict(known_sum=0, known_max=0, steps=0, known_peak_mb=0.0, held_peak_mb=0.0,
+                                blocks_peak_mb=0.0, sample_s_moved=0.0)
         self._orders: dict[int, np.ndarray] = {}  # epoch -> its shuffled seed order, once drawn
         self._begin_epoch(0)
         self.started = True
@@ -413,8 +426,47 @@ class DistTrainer:
         return out
 
     def sampled_ahead(self) -> list[np.ndarray]:
-        """Remote input ids of the minibatches already sampled beyond the next one (their exact future needs)."""
-        return [s.remote_ids for s in list(self._ahead)[1:]]
+        """Remote input ids of the minibatches already sampled beyond the next one (their exact future needs), as
+        far as ``--sample-ahead`` reaches: with a budget, those whose sampled bytes fit in it (the one sampled to
+        find out that it does not fit is held, not counted: :mod:`rudder_env.sample_ahead`)."""
+        beyond = list(self._ahead)[1:]
+        if self._sample_ahead.budget_bytes is not None:
+            fits = np.cumsum([sampled_bytes(s.batch[0].shape[0]) for s in beyond]) <= self._sample_ahead.budget_bytes
+            beyond = beyond[:int(np.count_nonzero(fits))]
+        return [s.remote_ids for s in beyond]
+
+    def _ahead_full(self) -> bool:
+        """Whether sampling has gone as far ahead as ``--sample-ahead`` asks (the next minibatch always counts)."""
+        sa, held = self._sample_ahead, len(self._ahead)
+        if held == 0:
+            return False
+        if sa.budget_bytes is not None:
+            return sum(sampled_bytes(s.batch[0].shape[0]) for s in list(self._ahead)[1:]) > sa.budget_bytes
+        return held >= sa.count(self.minibatches_per_epoch) + 1
+
+    def _note_ahead(self) -> None:
+        """Account what sampling ahead holds now: minibatches known exactly, their sampled bytes, and the bytes
+        of every held minibatch's blocks (ids and edges as int64)."""
+        a = self.ahead_stats
+        known = self.sampled_ahead()
+        a["known_sum"] += len(known)
+        a["known_max"] = max(a["known_max"], len(known))
+        a["steps"] += 1
+        beyond = list(self._ahead)[1:]
+        known_b = sum(sampled_bytes(s.batch[0].shape[0]) for s in beyond[:len(known)])
+        held_b = sum(sampled_bytes(s.batch[0].shape[0]) for s in beyond)
+        blocks_b = sum(_blocks_bytes(s.batch) for s in self._ahead)
+        a["known_peak_mb"] = max(a["known_peak_mb"], known_b / 2**20)
+        a["held_peak_mb"] = max(a["held_peak_mb"], held_b / 2**20)
+        a["blocks_peak_mb"] = max(a["blocks_peak_mb"], blocks_b / 2**20)
+
+    def sample_ahead_summary(self) -> dict:
+        """How far ahead the run knew its minibatches exactly and what it cost (the summary's ``sample_ahead``)."""
+        a = self.ahead_stats
+        return dict(sample_ahead=str(self._sample_ahead), known_mean=round(a["known_sum"] / max(a["steps"], 1), 3),
+                    known_max=a["known_max"], known_peak_mb=round(a["known_peak_mb"], 3),
+                    held_peak_mb=round(a["held_peak_mb"], 3), blocks_peak_mb=round(a["blocks_peak_mb"], 3),
+                    sample_s_moved=round(a["sample_s_moved"], 4))
 
     def minibatches(self):
         """Train ``cfg.epochs`` epochs, yielding a :class:`MinibatchRecord` after each minibatch.
@@ -423,11 +475,10 @@ class DistTrainer:
         in the same order; the next epoch's seeds are shuffled when its first minibatch is sampled), so the remote
         rows they will need are known before their turn (:meth:`sampled_ahead`).
         """
-        ahead = max(0, self.cfg.sample_ahead)
         sampling = dict(epoch=0, left=self.minibatches_per_epoch)  # the epoch being sampled, its batches to go
 
         def top_up():
-            while len(self._ahead) < ahead + 1:
+            while not self._ahead_full():
                 if sampling["left"] == 0:
                     if sampling["epoch"] + 1 >= self.cfg.epochs:
                         return
@@ -438,6 +489,8 @@ class DistTrainer:
                 t0 = time.perf_counter()
                 batch = self.link.call(next, self._epoch_iter)  # sampling uses the servers' RPC too
                 sample_s = time.perf_counter() - t0
+                if self._ahead:  # sampled before the minibatch ahead of it trained: off the critical path
+                    self.ahead_stats["sample_s_moved"] += sample_s
                 remote = self._remote_mask(batch[0])
                 self._ahead.append(_Sampled(batch, sample_s, remote, batch[0].numpy()[remote], sampling["epoch"]))
                 sampling["left"] -= 1
@@ -463,6 +516,7 @@ class DistTrainer:
             s.minibatches += 1
             s.loss_sum += record.loss
             top_up()  # sample the next ones before handing this record over
+            self._note_ahead()
             self._mark("deciding")  # the env and the agent have the turn until the next minibatch
             yield record
         self._close_epoch(training, time.perf_counter() - t_epoch)
@@ -546,6 +600,7 @@ class DistTrainer:
                     lookahead_setup_s=round(self.lookahead_setup_s, 3),
                     buffer_bytes=int(self.buffer.rows.nbytes if self.buffer.rows is not None else 0),
                     peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                    sample_ahead=self.sample_ahead_summary(),
                     pid=os.getpid(), **({"verify": dict(self.verify)} if self.cfg.verify_rows else {}))
 
     def close(self) -> None:

@@ -33,7 +33,8 @@ LOOKAHEAD_SAMPLE_AHEAD = "64MB"
 def trace_dir(minibatches: int, ids_per_minibatch: int) -> str:
     from rudder_env.dist.config import default_cache_dir
 
-    return os.path.join(default_cache_dir(), "bench", "synthetic", f"papers100m-shaped-{minibatches}x{ids_per_minibatch}")
+    return os.path.join(default_cache_dir(), "bench", "synthetic",
+                        f"papers100m-shaped-{minibatches}x{ids_per_minibatch}")
 
 
 def ensure_trace(minibatches: int, ids_per_minibatch: int, log) -> tuple[str, float]:

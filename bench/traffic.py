@@ -141,7 +141,8 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
         online = t[~t["agent"].isin(["hindsight", "none"])]
         best = online.loc[online["fetched_vs_min_mean"].idxmin()]
         min_none = df[(df["agent"] == "belady") & (df["fraction"] == fraction)]["fetched_vs_none"].mean()
-        lines.append(f"at buffer fraction {fraction}: best agent {best['agent']} fetches {best['fetched_vs_min_mean']:.3f}x "
+        lines.append(f"at buffer fraction {fraction}: best agent {best['agent']} fetches "
+                     f"{best['fetched_vs_min_mean']:.3f}x "
                      f"Belady MIN on average (worst {best['fetched_vs_min_worst']:.3f}x; target <= 1.15) and "
                      f"{best['fetched_vs_none_mean']:.3f}x no prefetch (Belady MIN itself: {min_none:.3f}x"
                      + ("; target <= 0.40)" if fraction == 0.25 else ")"))

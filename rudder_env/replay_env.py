@@ -92,8 +92,8 @@ class ReplayEnv(PrefetchEnv):
     the live trainer had sampled ahead: a count of minibatches, a budget of sampled bytes such as ``"64MB"``, or
     ``"epoch"``, :mod:`rudder_env.sample_ahead`; default the recorded run's: what the lookahead knows exactly);
     ``sampled_only`` (lookahead ranking from the sampled-ahead minibatches alone, no partition structure or
-    seeds: e.g. a synthetic trace, :mod:`traces.synthetic`); ``dense_ids`` (default True: the buffer and rankings index the nodes this rank touches, renumbered densely in
-    id order, so memory follows the ids a rank touches, not the graph; decisions are the same either way, and
+    seeds: e.g. a synthetic trace, :mod:`traces.synthetic`); ``dense_ids`` (default True: the buffer and
+    rankings index the nodes this rank touches, renumbered densely in id order, so memory follows the ids a rank touches, not the graph; decisions are the same either way, and
     agents see global ids in ``info`` and give global ids to ``apply``);
     ``prefetch``
     (``"inline"`` or ``"background"``, default the recorded run's) and ``follow_recorded``: with background

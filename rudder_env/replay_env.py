@@ -93,8 +93,9 @@ class ReplayEnv(PrefetchEnv):
     ``"epoch"``, :mod:`rudder_env.sample_ahead`; default the recorded run's: what the lookahead knows exactly);
     ``sampled_only`` (lookahead ranking from the sampled-ahead minibatches alone, no partition structure or
     seeds: e.g. a synthetic trace, :mod:`traces.synthetic`); ``dense_ids`` (default True: the buffer and
-    rankings index the nodes this rank touches, renumbered densely in id order, so memory follows the ids a rank touches, not the graph; decisions are the same either way, and
-    agents see global ids in ``info`` and give global ids to ``apply``);
+    rankings index the nodes this rank touches, renumbered densely in id order, so memory follows the ids a rank
+    touches, not the graph; decisions are the same either way, and agents see global ids in ``info`` and give
+    global ids to ``apply``);
     ``prefetch``
     (``"inline"`` or ``"background"``, default the recorded run's) and ``follow_recorded``: with background
     prefetch, rows arrive when the recording says while the decisions are the recorded ones (so a run replayed

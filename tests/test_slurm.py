@@ -157,14 +157,25 @@ def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_pa
     assert "periodic" in ev.stdout and "belady" in ev.stdout.lower()
 
 
-def test_scancel_stops_a_job_in_order(slurm, cache, tmp_path):
+def long_job_on_one_host(slurm, cache, tmp_path, name: str):
+    """A job only a signal ends, 4 tasks on the first host, started and training (its first epoch line printed):
+    ``(proc, output, trace, summary, shm_before)``."""
     out, trace, summary = tmp_path / "out.txt", tmp_path / "trace", tmp_path / "run.json"
     shm_before = slurm.shm()
     with open(out, "w") as f:
         proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
-                            "--summary", str(summary)], cache, f, "one", 1, 4, "-J", "cancelme")
+                            "--summary", str(summary)], cache, f, "one", 1, 4, "-J", name)
     try:
         wait_for(out, r"rudder: epoch 1/", 120, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, out, trace, summary, shm_before
+
+
+def test_scancel_stops_a_job_in_order(slurm, cache, tmp_path):
+    proc, out, trace, summary, shm_before = long_job_on_one_host(slurm, cache, tmp_path, "cancelme")
+    try:
         job = job_id_of(slurm, "cancelme")
         t0 = time.monotonic()
         assert slurm.command(["scancel", job]).returncode == 0
@@ -178,13 +189,8 @@ def test_scancel_stops_a_job_in_order(slurm, cache, tmp_path):
 
 
 def test_a_signal_to_one_graph_server_stops_the_whole_job(slurm, cache, tmp_path):
-    out, trace, summary = tmp_path / "out.txt", tmp_path / "trace", tmp_path / "run.json"
-    shm_before = slurm.shm()
-    with open(out, "w") as f:
-        proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
-                            "--summary", str(summary)], cache, f, "one", 1, 4, "-J", "server")
+    proc, out, trace, summary, shm_before = long_job_on_one_host(slurm, cache, tmp_path, "server")
     try:
-        wait_for(out, r"rudder: epoch 1/", 120, proc)
         servers = [st for st in _statuses(cache) if st["role"]["kind"] == "server" and st["state"] == "started"]
         assert servers, "no graph server found"
         os.kill(servers[-1]["pid"], signal.SIGUSR1)

@@ -41,7 +41,6 @@ def generate(out: str, source: str = DEFAULT_SOURCE, source_rank: int = 0, num_n
     ``progress(n)`` is called with the minibatches written since the last call."""
     import shutil
 
-    from rudder_env.timing import FetchTimeModel
     from traces import Trace, TraceWriter
 
     t0 = time.perf_counter()
@@ -65,8 +64,10 @@ def generate(out: str, source: str = DEFAULT_SOURCE, source_rank: int = 0, num_n
         more = np.setdiff1d(rng.integers(0, num_nodes, size=n_ids, dtype=np.int64), ids)
         ids = np.concatenate([ids, more[: n_ids - ids.size]])
     local_rows = table["local_rows"].to_numpy(np.float64)
-    fit = FetchTimeModel.fit(local_rows, table["remote_fetched"].to_numpy(np.float64),
-                             table["fetch_s"].to_numpy(np.float64))
+    # fetch seconds per row pulled, of the source minibatch each synthetic one copies (the trace layer keeps no
+    # time model: rudder_env.timing fits one to the trace when it is replayed)
+    rows = local_rows + table["remote_fetched"].to_numpy(np.float64)
+    per_row_s = table["fetch_s"].to_numpy(np.float64) / np.maximum(rows, 1.0)
     sample_s, compute_s = table["sample_s"].to_numpy(), table["compute_s"].to_numpy()
     degree = (rng.poisson(p * 50.0) + 1).astype(np.int32)  # a degree loosely tied to popularity (degree fill)
     run_meta = dict(config=dict(graph="papers100M-shaped (synthetic)", parts=64, trainers_per_part=1,
@@ -93,7 +94,7 @@ def generate(out: str, source: str = DEFAULT_SOURCE, source_rank: int = 0, num_n
             local = int(local_rows[j] * scale)
             writer.add_minibatch(minibatch=i, epoch=i // minibatches_per_epoch, remote_ids=chosen, local_rows=local,
                                  sample_s=float(sample_s[j] * scale),
-                                 fetch_s=float(fit.predict(local, chosen.size)),
+                                 fetch_s=float(per_row_s[j] * (local + chosen.size)),
                                  compute_s=float(compute_s[j] * scale), fetch_rows=local + chosen.size, hits=0,
                                  remote_fetched=int(chosen.size), prefetched=0)
             total += chosen.size

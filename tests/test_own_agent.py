@@ -230,7 +230,8 @@ def test_my_agent_runs_live_from_a_folder_outside_the_repository(user_dir, tmp_p
     trace = Trace(str(user_dir / "trace"))
     assert trace.meta["agent"] == dict(name="missgate", settings=dict(uses_buffer=True, static=False,
                                                                       admit_on_miss=None, ranking="misses",
-                                                                      levels=None, buffer_init=None))
+                                                                      levels=None, buffer_init=None,
+                                                                      sample_ahead=None))
     assert make_agent("recorded", trace=str(user_dir / "trace"), rank=1).settings == BufferSettings()
 
 

@@ -10,6 +10,7 @@ hand the buffer a prefetch set: :class:`~rudder_env.live_env.LiveEnv` steps :met
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import resource
 import threading
@@ -89,6 +90,8 @@ class _Sampled(NamedTuple):
     remote: np.ndarray  # mask over the input nodes: owned by another partition
     remote_ids: np.ndarray  # those input nodes' ids
     epoch: int
+    nbytes: int  # sampled bytes (:func:`~rudder_env.sample_ahead.sampled_bytes` of its input rows)
+    blocks_nbytes: int  # its ids and blocks as int64 (:func:`_blocks_bytes`)
 
 
 @dataclass
@@ -210,6 +213,7 @@ class DistTrainer:
         self.initial_ids = self._initial_fill(self.buffer_init)
         self.minibatch_index = 0
         self._ahead: collections.deque[_Sampled] = collections.deque()  # sampled but not trained yet
+        self._held_bytes = self._held_blocks_bytes = 0  # running sums of nbytes / blocks_nbytes over _ahead
         self._sample_ahead = SampleAhead.parse(cfg.sample_ahead, "--sample-ahead")
         self.ahead_stats = dict(known_sum=0, known_max=0, steps=0, known_peak_mb=0.0, held_peak_mb=0.0,
                                 blocks_peak_mb=0.0, sample_s_moved=0.0)
@@ -429,11 +433,23 @@ class DistTrainer:
         """Remote input ids of the minibatches already sampled beyond the next one (their exact future needs), as
         far as ``--sample-ahead`` reaches: with a budget, those whose sampled bytes fit in it (the one sampled to
         find out that it does not fit is held, not counted: :mod:`rudder_env.sample_ahead`)."""
-        beyond = list(self._ahead)[1:]
-        if self._sample_ahead.budget_bytes is not None:
-            fits = np.cumsum([sampled_bytes(s.batch[0].shape[0]) for s in beyond]) <= self._sample_ahead.budget_bytes
-            beyond = beyond[:int(np.count_nonzero(fits))]
-        return [s.remote_ids for s in beyond]
+        return [s.remote_ids for s in self._known_ahead()[0]]
+
+    def _known_ahead(self) -> tuple[list[_Sampled], int]:
+        """The held minibatches beyond the next one that count as known, and their sampled bytes."""
+        budget = self._sample_ahead.budget_bytes
+        if budget is None or not self._ahead:
+            return list(itertools.islice(self._ahead, 1, None)), self._held_bytes - (
+                self._ahead[0].nbytes if self._ahead else 0)
+        known, nbytes = [], 0
+        for i, s in enumerate(self._ahead):
+            if i == 0:
+                continue
+            if budget is not None and nbytes + s.nbytes > budget:
+                break
+            known.append(s)
+            nbytes += s.nbytes
+        return known, nbytes
 
     def _ahead_full(self) -> bool:
         """Whether sampling has gone as far ahead as ``--sample-ahead`` asks (the next minibatch always counts)."""
@@ -441,24 +457,21 @@ class DistTrainer:
         if held == 0:
             return False
         if sa.budget_bytes is not None:
-            return sum(sampled_bytes(s.batch[0].shape[0]) for s in list(self._ahead)[1:]) > sa.budget_bytes
+            return self._held_bytes - self._ahead[0].nbytes > sa.budget_bytes
         return held >= sa.count(self.minibatches_per_epoch) + 1
 
     def _note_ahead(self) -> None:
         """Account what sampling ahead holds now: minibatches known exactly, their sampled bytes, and the bytes
         of every held minibatch's blocks (ids and edges as int64)."""
         a = self.ahead_stats
-        known = self.sampled_ahead()
+        known, known_b = self._known_ahead()
         a["known_sum"] += len(known)
         a["known_max"] = max(a["known_max"], len(known))
         a["steps"] += 1
-        beyond = list(self._ahead)[1:]
-        known_b = sum(sampled_bytes(s.batch[0].shape[0]) for s in beyond[:len(known)])
-        held_b = sum(sampled_bytes(s.batch[0].shape[0]) for s in beyond)
-        blocks_b = sum(_blocks_bytes(s.batch) for s in self._ahead)
+        held_b = self._held_bytes - (self._ahead[0].nbytes if self._ahead else 0)
         a["known_peak_mb"] = max(a["known_peak_mb"], known_b / 2**20)
         a["held_peak_mb"] = max(a["held_peak_mb"], held_b / 2**20)
-        a["blocks_peak_mb"] = max(a["blocks_peak_mb"], blocks_b / 2**20)
+        a["blocks_peak_mb"] = max(a["blocks_peak_mb"], self._held_blocks_bytes / 2**20)
 
     def sample_ahead_summary(self) -> dict:
         """How far ahead the run knew its minibatches exactly and what it cost (the summary's ``sample_ahead``)."""
@@ -492,7 +505,11 @@ class DistTrainer:
                 if self._ahead:  # sampled before the minibatch ahead of it trained: off the critical path
                     self.ahead_stats["sample_s_moved"] += sample_s
                 remote = self._remote_mask(batch[0])
-                self._ahead.append(_Sampled(batch, sample_s, remote, batch[0].numpy()[remote], sampling["epoch"]))
+                held = _Sampled(batch, sample_s, remote, batch[0].numpy()[remote], sampling["epoch"],
+                                int(sampled_bytes(batch[0].shape[0])), _blocks_bytes(batch))
+                self._ahead.append(held)
+                self._held_bytes += held.nbytes
+                self._held_blocks_bytes += held.blocks_nbytes
                 sampling["left"] -= 1
 
         t_epoch, training = time.perf_counter(), 0
@@ -502,7 +519,10 @@ class DistTrainer:
         while self._ahead:
             if self.stop is not None and self.stop.agreed():
                 self._stop_training(training, time.perf_counter() - t_epoch)
-            batch, sample_s, remote, _, epoch = self._ahead.popleft()
+            held = self._ahead.popleft()
+            self._held_bytes -= held.nbytes
+            self._held_blocks_bytes -= held.blocks_nbytes
+            batch, sample_s, remote, epoch = held.batch, held.sample_s, held.remote, held.epoch
             if epoch != training:  # an epoch's time runs from its first minibatch to the next epoch's first
                 self._close_epoch(training, time.perf_counter() - t_epoch)
                 t_epoch, training = time.perf_counter(), epoch
@@ -535,6 +555,7 @@ class DistTrainer:
         self._finish_next_pull()
         self.stats.remote_rows_discarded += self._drop_prefetch()
         self._ahead.clear()
+        self._held_bytes = self._held_blocks_bytes = 0
         self.stopped = self.stop.info(self.stats.minibatches, self.total_minibatches)
         raise StopRequested(self.stopped)
 

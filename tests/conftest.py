@@ -61,6 +61,41 @@ def _record_live(tmp_path_factory, agent: str, *extra: str) -> dict:
     return dict(trace=str(trace), summary=json.loads(summary.read_text()))
 
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # one compute thread per worker and per process it starts (evaluate.py, the LLM): workers share the cores, and
+    # torch's default of one thread per core on each would oversubscribe them (jobs' ranks already run with 1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# pytest-xdist (`-n auto --dist loadgroup`, pyproject's addopts): each module runs whole on one worker, so that its
+# module fixtures (a Slurm cluster, an LLM service) start once; modules that share session runs or the machine's
+# namespaces are kept on one worker together.
+XDIST_GROUPS = {
+    # emulated hosts and Slurm: network namespaces, bridges and daemons of the whole machine, one at a time
+    "hosts": ("test_cluster", "test_cluster_job", "test_slurm", "test_faults"),
+    # the live runs of ``record_live`` (session-scoped, per worker): recorded once, shared by these modules
+    "record_live": ("test_envs", "test_evaluate", "test_vip", "test_scale"),
+}
+# The longest groups first (workers take groups in this order; the short ones fill in at the end): the suite's
+# durations by module are in BENCHMARKS.md ("Test suite time").
+LONGEST_FIRST = ("hosts", "record_live", "test_dist", "test_console", "test_own_agent", "test_llm_server",
+                 "test_ppo", "test_llm", "test_levels", "test_provenance", "test_stop")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Put every test in an ``xdist_group`` (:data:`XDIST_GROUPS`, else its module) and order the groups
+    :data:`LONGEST_FIRST`, then as collected. Each module's tests stay together and in their order."""
+    group_of = {m: g for g, mods in XDIST_GROUPS.items() for m in mods}
+    groups: dict[str, list] = {}
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+        group = group_of.get(module, module)
+        item.add_marker(pytest.mark.xdist_group(group))
+        groups.setdefault(group, []).append(item)
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items[:] = [it for g in sorted(groups, key=lambda g: rank.get(g, len(rank))) for it in groups[g]]
+
+
 @pytest.fixture(scope="session")
 def shipped_trace() -> str:
     """The first shipped sample trace (METIS, 2 partitions, recorded with seeds and partition structure)."""

@@ -30,7 +30,7 @@ def measure(tests=TESTS, timeout_s: float = 1800) -> pd.DataFrame:
     with tempfile.TemporaryDirectory(prefix="rudder-faults-") as tmp:
         report = os.path.join(tmp, "faults.jsonl")
         env = dict(os.environ, RUDDER_FAULT_REPORT=report, HF_HUB_OFFLINE="1")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *tests],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"fault tests failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")

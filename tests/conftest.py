@@ -66,34 +66,37 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     # torch's default of one thread per core on each would oversubscribe them (jobs' ranks already run with 1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# pytest-xdist (`-n auto --dist loadgroup`, pyproject's addopts): each module runs whole on one worker, so that its
-# module fixtures (a Slurm cluster, an LLM service) start once; modules that share session runs or the machine's
-# namespaces are kept on one worker together.
-XDIST_GROUPS = {
-    # emulated hosts and Slurm: network namespaces, bridges and daemons of the whole machine, one at a time
-    "hosts": ("test_cluster", "test_cluster_job", "test_slurm", "test_faults"),
-    # the live runs of ``record_live`` (session-scoped, per worker): recorded once, shared by these modules
-    "record_live": ("test_envs", "test_evaluate", "test_vip", "test_scale"),
-}
-# The longest groups first (workers take groups in this order; the short ones fill in at the end): the suite's
-# durations by module are in BENCHMARKS.md ("Test suite time").
-LONGEST_FIRST = ("hosts", "record_live", "test_dist", "test_console", "test_own_agent", "test_llm_server",
-                 "test_ppo", "test_llm", "test_levels", "test_provenance", "test_stop")
+# pytest-xdist (`-n auto --dist loadgroup`, pyproject's addopts). Every test that runs a DistDGL job, emulated hosts
+# or Slurm is in one group, "jobs", run on one worker one at a time as without xdist: jobs' timing bounds, their
+# clean-up checks and the tests that kill whole namespaces never meet another job. The other tests (replay, oracles,
+# the LLM, PPO, traces) run beside them on the other workers, each module whole on one worker.
+JOBS = "jobs"
+JOB_MARKERS = ("dist", "slurm")
+# modules whose tests run jobs (test_envs asks for its live runs by name, test_stop starts mpiexec) or kill namespaces
+JOB_MODULES = ("test_cluster", "test_cluster_job", "test_slurm", "test_faults", "test_envs", "test_stop")
+JOB_FIXTURES = ("record_live", "free_port_block", "wait_for_rank")  # what job tests ask for
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Put every test in an ``xdist_group`` (:data:`XDIST_GROUPS`, else its module) and order the groups
-    :data:`LONGEST_FIRST`, then as collected. Each module's tests stay together and in their order."""
-    group_of = {m: g for g, mods in XDIST_GROUPS.items() for m in mods}
+    """Put every test in an ``xdist_group``: :data:`JOBS` for job tests (:data:`JOB_MARKERS`,
+    :data:`JOB_MODULES`, :data:`JOB_FIXTURES`), else its module; the jobs group first (the longest: workers take groups in this order),
+    each group's tests in collection order."""
     groups: dict[str, list] = {}
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
-        group = group_of.get(module, module)
+        module = getattr(item, "module", None)
+        module = module.__name__.rsplit(".", 1)[-1] if module is not None else item.nodeid
+        job = (module in JOB_MODULES or any(item.get_closest_marker(m) for m in JOB_MARKERS)
+               or bool(set(getattr(item, "fixturenames", ())) & set(JOB_FIXTURES)))
+        group = JOBS if job else module
         item.add_marker(pytest.mark.xdist_group(group))
         groups.setdefault(group, []).append(item)
-    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-    items[:] = [it for g in sorted(groups, key=lambda g: rank.get(g, len(rank))) for it in groups[g]]
+    items[:] = [it for g in sorted(groups, key=lambda g: g != JOBS) for it in groups[g]]
+
+
+def other_workers() -> bool:
+    """Whether other pytest-xdist workers run tests beside this one (they share the cores)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
 
 
 @pytest.fixture(scope="session")

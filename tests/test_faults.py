@@ -311,8 +311,27 @@ def _orphaned(names: set[str]) -> set[str]:
     return {n for n in names if os.path.exists(f"/dev/shm/{n}") and f"/dev/shm/{n}" not in maps}
 
 
-def _tagged_shm() -> set[str]:
-    return {os.path.basename(p) for p in glob.glob("/dev/shm/rd*") if os.path.basename(p)[8:9] == "m"}
+def _tagged_shm(tag: str = "rd") -> set[str]:
+    """The tagged /dev/shm segments of rudder jobs on this host: of the job with ``tag``, or of any job."""
+    return {os.path.basename(p) for p in glob.glob(f"/dev/shm/{tag}*") if os.path.basename(p)[8:9] == "m"}
+
+
+def _job_tag(cache: str) -> str:
+    """The tag of the job running under ``cache`` (its job folder's name; its shm segments start with it)."""
+    return os.path.basename(glob.glob(os.path.join(cache, "jobs", "*"))[0])
+
+
+def _locks_of(pid: int) -> list[str]:
+    """The port locks ``pid`` holds (other jobs create and remove theirs while we look)."""
+    out = []
+    for path in glob.glob("/tmp/rudder-ports-*.lock"):
+        try:
+            with open(path) as f:
+                if f.read().split()[:1] == [str(pid)]:
+                    out.append(path)
+        except OSError:
+            pass
+    return out
 
 
 def _statuses(cache: str) -> dict[int, dict]:
@@ -443,7 +462,7 @@ def test_a_stopped_trainer_ends_the_job_within_the_watchdog_bound(tiny_partition
                             text=True, env=_env(cache), cwd=ROOT)
     try:
         statuses = _wait_training(cache)
-        job = _descendants(proc.pid)
+        job, tag = _descendants(proc.pid), _job_tag(cache)
         victim = statuses[3]  # the trainer of machine 1
         os.kill(victim["pid"], signal.SIGSTOP)
         t_stop = time.monotonic()
@@ -461,7 +480,7 @@ def test_a_stopped_trainer_ends_the_job_within_the_watchdog_bound(tiny_partition
     assert "no progress for" in verdict[0] and " while " in verdict[0]
     assert took < bound + 3.0, (took, bound)
     assert not _still_running(job), "processes of the job left running"
-    assert not _orphaned(_tagged_shm() - shm_before)
+    assert not _orphaned(_tagged_shm(tag) - shm_before)
     assert free_port(port) and free_port(port + 10)  # the servers' ports: nothing holds them, not even TIME_WAIT
     # trainer 0 hosts torch.distributed's store on port-1 and is its own client too: killing it may leave that port
     # in TIME_WAIT (no process), which the next job's store binds all the same (SO_REUSEADDR), as the launcher
@@ -487,7 +506,7 @@ def test_a_killed_launcher_takes_its_job_along_and_the_next_start_cleans_up(tiny
     try:
         statuses = _wait_training(cache)
         job = _descendants(proc.pid)
-        locks = [p for p in glob.glob("/tmp/rudder-ports-*.lock") if open(p).read().split()[:1] == [str(proc.pid)]]
+        locks = _locks_of(proc.pid)
         job_dir = glob.glob(os.path.join(cache, "jobs", "*"))[0]
         os.kill(proc.pid, signal.SIGKILL)
         t_kill = time.monotonic()
@@ -535,7 +554,7 @@ def test_sigterm_or_sigint_to_the_launcher_ends_the_job_and_leaves_nothing(sig, 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache), cwd=ROOT)
     try:
         _wait_training(cache)
-        job = _descendants(proc.pid)
+        job, tag = _descendants(proc.pid), _job_tag(cache)
         proc.send_signal(sig)
         t_sig = time.monotonic()
         _, err = proc.communicate(timeout=60)
@@ -549,10 +568,10 @@ def test_sigterm_or_sigint_to_the_launcher_ends_the_job_and_leaves_nothing(sig, 
     assert "Traceback" not in err
     assert took < 10.0, took
     assert not _still_running(job), "processes of the job left running"
-    assert not _orphaned(_tagged_shm() - shm_before)
+    assert not _orphaned(_tagged_shm(tag) - shm_before)
     assert free_port(port) and free_port(port + 10)
     assert not os.listdir(os.path.join(cache, "jobs"))
-    assert not [p for p in glob.glob("/tmp/rudder-ports-*.lock") if open(p).read().split()[:1] == [str(proc.pid)]]
+    assert not _locks_of(proc.pid)
     record_fault("SIGTERM/SIGINT", f"{sig.name} to the train.py supervisor while training", took,
                  said[0].split(" (log:")[0], left="nothing: processes, /dev/shm, ports, job folder, port lock",
                  input_checked=partition_bytes_checked(cache))
@@ -620,7 +639,7 @@ def test_network_faults_on_emulated_hosts(fault, tiny_partitions, tmp_path):
     try:
         cluster = _cluster_of_job(proc.pid)
         statuses = _wait_training(cache)
-        job = _descendants(proc.pid)
+        job, tag = _descendants(proc.pid), _job_tag(cache)
         host1 = cluster.hostnames[1]
         on_host1 = sorted(st["role"]["rank"] for st in statuses.values() if st["role"]["host"] == host1)
         trainer1 = next(r for r in on_host1 if statuses[r]["role"]["kind"] == "trainer")
@@ -656,7 +675,7 @@ def test_network_faults_on_emulated_hosts(fault, tiny_partitions, tmp_path):
         assert took < 10.0, took
     assert not _still_running(job), "processes of the job left running"
     assert _cluster_leftovers(cluster.name) == []
-    new = {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith(("rd", "mpich", "sem.mp-"))}
+    new = {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith((tag, "mpich", "sem.mp-"))}
     assert not _orphaned(new)
     assert not os.listdir(os.path.join(cache, "jobs"))
     left = "nothing: namespaces, links, processes, /dev/shm, job folder"

@@ -273,11 +273,16 @@ def remove_shm(paths: list[str]) -> list[str]:
 
 
 def exit_now(code: int, shm: list[str]) -> None:
-    """End the process without ``MPI_Finalize``: flush output, unlink ``shm`` and what the process maps now."""
+    """End the process at once with ``os._exit`` (after a stop: without ``MPI_Finalize``): flush Python's and C's
+    output (DGL's and MPICH's printf), unlink ``shm`` and what the process maps now."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001
             pass
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
     remove_shm(sorted(set(shm) | set(shm_mapped())))
     os._exit(code)

@@ -46,7 +46,7 @@ def _free_port_block(width: int = 30) -> int:
 
 def _record_live(tmp_path_factory, agent: str, *extra: str) -> dict:
     """A real 2-partition synth-tiny run (2 epochs, period 4, K=64) with ``agent``, recorded as a trace; returns the
-    trace folder and the run summary."""
+    trace folder, the run summary and what the run printed."""
     out = tmp_path_factory.mktemp(f"live-{agent}")
     cache = str(tmp_path_factory.getbasetemp() / "cache")
     trace = out / "trace"
@@ -58,7 +58,7 @@ def _record_live(tmp_path_factory, agent: str, *extra: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(trace=str(trace), summary=json.loads(summary.read_text()))
+    return dict(trace=str(trace), summary=json.loads(summary.read_text()), stdout=proc.stdout)
 
 
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
@@ -73,7 +73,7 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 JOBS = "jobs"
 JOB_MARKERS = ("dist", "slurm")
 # modules whose tests run jobs (test_envs asks for its live runs by name, test_stop starts mpiexec) or kill namespaces
-JOB_MODULES = ("test_cluster", "test_cluster_job", "test_slurm", "test_faults", "test_envs", "test_stop")
+JOB_MODULES = ("test_cluster", "test_cluster_job", "test_slurm", "test_envs", "test_stop")
 JOB_FIXTURES = ("record_live", "free_port_block", "wait_for_rank")  # what job tests ask for
 
 
@@ -120,7 +120,7 @@ def free_port():
 @pytest.fixture(scope="session")
 def record_live(tmp_path_factory):
     """``record_live(agent, *train_args)``: a real 2-partition synth-tiny run with ``agent``, recorded as a trace
-    (2 epochs, period 4, K=64); returns ``{"trace": folder, "summary": run summary}``. A run asked for twice with
+    (2 epochs, period 4, K=64); returns ``{"trace": folder, "summary": run summary, "stdout": what it printed}``. A run asked for twice with
     the same arguments in one session is recorded once (modules share it)."""
     runs: dict[tuple, dict] = {}
 

@@ -47,13 +47,11 @@ def tagged_segments(job: str | None = None):
 SMALL = ["--parts", "2", "--epochs", "2", "--batch-size", "100", "--period", "4", "--fanout", "3,5"]
 
 
-def test_two_partitions_trains_and_reports(run_train, cache, tmp_path):
-    summary_path = tmp_path / "run.json"
-    t0 = time.monotonic()
-    proc = run_train(["--graph", "synth-tiny", *SMALL, "--agent", "periodic", "--summary", str(summary_path)], cache)
-    wall = time.monotonic() - t0
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    s = json.loads(summary_path.read_text())
+def test_two_partitions_trains_and_reports(record_live):
+    """A 2-partition synth-tiny job with the periodic agent (2 epochs; the run ``record_live`` shares with test_envs
+    and test_evaluate) trains, learns and reports."""
+    run = record_live("periodic", "--check-env")
+    s = run["summary"]
     for key in ("graph", "parts", "trainers_per_part", "partition", "model", "fanout", "batch_size", "epochs",
                 "hidden", "lr", "seed", "buffer_fraction", "buffer_init", "alpha", "period", "admit_on_miss"):
         assert key in s["config"]
@@ -70,9 +68,8 @@ def test_two_partitions_trains_and_reports(run_train, cache, tmp_path):
         assert r["prefetched"] > r["initial_fill"] > 0  # periodic prefetched beyond the initial fill
         assert len(r["epoch_time_s"]) == 2
         assert r["sample_s"] > 0 and r["fetch_s"] > 0 and r["compute_s"] > 0
-    assert "hit rate" in proc.stdout and "val_acc=" in proc.stdout
+    assert "hit rate" in run["stdout"] and "val_acc=" in run["stdout"]
     assert s["job"].startswith("rd") and not tagged_segments(s["job"])
-    print(f"2-partition synth-tiny run: {wall:.1f} s wall")
 
 
 @pytest.mark.parametrize("agent, overlap", [("none", True), ("static", False), ("periodic", True)])

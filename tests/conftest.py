@@ -61,7 +61,12 @@ def _record_live(tmp_path_factory, agent: str, *extra: str) -> dict:
     return dict(trace=str(trace), summary=json.loads(summary.read_text()), stdout=proc.stdout)
 
 
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+def other_workers() -> bool:
+    """Whether other pytest-xdist workers run tests beside this one (they share the cores)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+
+
+if other_workers():
     # one compute thread per worker and per process it starts (evaluate.py, the LLM): workers share the cores, and
     # torch's default of one thread per core on each would oversubscribe them (jobs' ranks already run with 1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -80,8 +85,8 @@ JOB_FIXTURES = ("record_live", "free_port_block", "wait_for_rank")  # what job t
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Put every test in an ``xdist_group``: :data:`JOBS` for job tests (:data:`JOB_MARKERS`,
-    :data:`JOB_MODULES`, :data:`JOB_FIXTURES`), else its module; the jobs group first (the longest: workers take groups in this order),
-    each group's tests in collection order."""
+    :data:`JOB_MODULES`, :data:`JOB_FIXTURES`), else its module; the jobs group first (the longest: workers take
+    groups in this order), each group's tests in collection order."""
     groups: dict[str, list] = {}
     for item in items:
         module = getattr(item, "module", None)
@@ -93,10 +98,6 @@ def pytest_collection_modifyitems(config, items):
         groups.setdefault(group, []).append(item)
     items[:] = [it for g in sorted(groups, key=lambda g: g != JOBS) for it in groups[g]]
 
-
-def other_workers() -> bool:
-    """Whether other pytest-xdist workers run tests beside this one (they share the cores)."""
-    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
 
 
 @pytest.fixture(scope="session")
@@ -120,8 +121,8 @@ def free_port():
 @pytest.fixture(scope="session")
 def record_live(tmp_path_factory):
     """``record_live(agent, *train_args)``: a real 2-partition synth-tiny run with ``agent``, recorded as a trace
-    (2 epochs, period 4, K=64); returns ``{"trace": folder, "summary": run summary, "stdout": what it printed}``. A run asked for twice with
-    the same arguments in one session is recorded once (modules share it)."""
+    (2 epochs, period 4, K=64); returns ``{"trace": folder, "summary": run summary, "stdout": what it printed}``.
+    A run asked for twice with the same arguments in one session is recorded once (modules share it)."""
     runs: dict[tuple, dict] = {}
 
     def record(agent, *extra):

@@ -406,10 +406,10 @@ def rank_main(cfg) -> int:
     if anyone[0]:  # leave without MPI_Finalize (see rudder_env.dist.stop), removing our shared memory
         release_claims()  # os._exit skips atexit, which would remove the port lock
         exit_now(0, shm)
-    _leave_finished(MPI, shm, exit_now)
+    _leave_finished(MPI, shm)
 
 
-def _leave_finished(MPI, shm: list[str], exit_now) -> None:
+def _leave_finished(MPI, shm: list[str]) -> None:
     """End a rank whose job finished in order, as a normal exit would but without the interpreter's teardown:
     run the ``atexit`` handlers (DGL's, logging's, multiprocessing's), ``MPI_Finalize`` (every rank of the job
     gets here), then :func:`~rudder_env.dist.stop.exit_now`, which unlinks the ``/dev/shm`` segments the process
@@ -417,6 +417,8 @@ def _leave_finished(MPI, shm: list[str], exit_now) -> None:
     frees the thousands of modules and objects of torch and DGL one by one: seconds of CPU per rank at the end of
     every job (BENCHMARKS.md, suite time)."""
     import atexit
+
+    from rudder_env.dist.stop import exit_now
 
     atexit._run_exitfuncs()  # what sys.exit runs first; the module has no public way to run them
     if not MPI.Is_finalized():

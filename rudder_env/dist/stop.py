@@ -32,6 +32,8 @@ import sys
 import threading
 import time
 
+from rudder_env.dist.console import _flush_c_stdio
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 STOP_TAG = 7311  # MPI tag of a relayed stop: the payload is (signal name, rank that received it)
 _POLL_S = 0.01  # how often the watcher looks for relayed stops and replaced handlers
@@ -280,9 +282,6 @@ def exit_now(code: int, shm: list[str]) -> None:
             stream.flush()
         except Exception:  # noqa: BLE001
             pass
-    try:
-        ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):
-        pass
+    _flush_c_stdio()
     remove_shm(sorted(set(shm) | set(shm_mapped())))
     os._exit(code)

@@ -435,17 +435,19 @@ class DistTrainer:
         find out that it does not fit is held, not counted: :mod:`rudder_env.sample_ahead`)."""
         return [s.remote_ids for s in self._known_ahead()[0]]
 
+    def _beyond_bytes(self) -> int:
+        """Sampled bytes held beyond the next minibatch."""
+        return self._held_bytes - self._ahead[0].nbytes if self._ahead else 0
+
     def _known_ahead(self) -> tuple[list[_Sampled], int]:
         """The held minibatches beyond the next one that count as known, and their sampled bytes."""
+        beyond = itertools.islice(self._ahead, 1, None)
         budget = self._sample_ahead.budget_bytes
-        if budget is None or not self._ahead:
-            return list(itertools.islice(self._ahead, 1, None)), self._held_bytes - (
-                self._ahead[0].nbytes if self._ahead else 0)
+        if budget is None:
+            return list(beyond), self._beyond_bytes()
         known, nbytes = [], 0
-        for i, s in enumerate(self._ahead):
-            if i == 0:
-                continue
-            if budget is not None and nbytes + s.nbytes > budget:
+        for s in beyond:
+            if nbytes + s.nbytes > budget:
                 break
             known.append(s)
             nbytes += s.nbytes
@@ -457,7 +459,7 @@ class DistTrainer:
         if held == 0:
             return False
         if sa.budget_bytes is not None:
-            return self._held_bytes - self._ahead[0].nbytes > sa.budget_bytes
+            return self._beyond_bytes() > sa.budget_bytes
         return held >= sa.count(self.minibatches_per_epoch) + 1
 
     def _note_ahead(self) -> None:
@@ -468,9 +470,8 @@ class DistTrainer:
         a["known_sum"] += len(known)
         a["known_max"] = max(a["known_max"], len(known))
         a["steps"] += 1
-        held_b = self._held_bytes - (self._ahead[0].nbytes if self._ahead else 0)
         a["known_peak_mb"] = max(a["known_peak_mb"], known_b / 2**20)
-        a["held_peak_mb"] = max(a["held_peak_mb"], held_b / 2**20)
+        a["held_peak_mb"] = max(a["held_peak_mb"], self._beyond_bytes() / 2**20)
         a["blocks_peak_mb"] = max(a["blocks_peak_mb"], self._held_blocks_bytes / 2**20)
 
     def sample_ahead_summary(self) -> dict:

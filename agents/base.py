@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from rudder_env.contract import BufferSettings, DecisionInfo
+from rudder.env.contract import BufferSettings, DecisionInfo
 
 REQUIRED = ("name", "act", "reset")
 
@@ -22,21 +21,22 @@ class Agent(Protocol):
 
     Required:
         name: a short name (tables, logs).
-        act(observation, info): the environment's observation (a dict, see :mod:`rudder_env.spaces`) and info
-            (:class:`~rudder_env.contract.DecisionInfo`) -> a ``MultiBinary(K)`` action, an int8 array of shape
+        act(observation, info): the environment's observation (a dict, see :mod:`rudder.env.spaces`) and info
+            (:class:`~rudder.env.contract.DecisionInfo`) -> a ``MultiBinary(K)`` action, an int8 array of shape
             ``(K,)`` over ``info["candidate_ids"]``.
         reset(): called at the start of every episode.
 
     Optional (defaults here):
-        settings: the buffer the agent plays with (:class:`~rudder_env.contract.BufferSettings`).
+        settings: the buffer the agent plays with (:class:`~rudder.env.contract.BufferSettings`).
         asynchronous: decisions slow enough that training should not wait for them (run in the background live;
             their latency charged as a delay in replay).
         schedule: ``{minibatch: prefetch ids}`` applied at those minibatches instead of asking ``act``
             (a recorded run's decisions).
         trained_on: what a learned agent learned from, by content: a list of trace-rank fingerprints
-            (:func:`traces.fingerprint.rank_fingerprint`); ``[]`` for one that learned from no trace; None (the
+            (:func:`rudder.traces.fingerprint.rank_fingerprint`); ``[]`` for one that learned from no trace; None (the
             default) for an agent that does not learn from traces. Evaluation compares these with the fingerprint
-            of every rank it scores (:func:`traces.fingerprint.provenance`), so a renamed copy of a training trace
+            of every rank it scores (:func:`rudder.traces.fingerprint.provenance`), so a renamed copy of a training
+            trace
             is still recognised. A bare trace name is accepted (older policies) but can never show a rank held out.
         warm_up(info): start-up work before the first decision (not counted as decision latency); returns seconds.
         stats(): counters to report beside the agent's results (e.g. invalid answers of an LLM).
@@ -81,8 +81,10 @@ def as_agent(obj) -> Agent:
     is missing."""
     missing = [m for m in REQUIRED if not hasattr(obj, m)]
     if missing:
-        raise TypeError(f"{type(obj).__name__} is not an agent: it lacks {', '.join(missing)} "
-                        f"(an agent needs name, act(observation, info) and reset())")
+        raise TypeError(
+            f"{type(obj).__name__} is not an agent: it lacks {', '.join(missing)} "
+            f"(an agent needs name, act(observation, info) and reset())"
+        )
     if not callable(obj.act) or not callable(obj.reset):
         raise TypeError(f"{type(obj).__name__} is not an agent: act and reset must be methods")
     if isinstance(obj, Agent):
@@ -95,6 +97,8 @@ def as_agent(obj) -> Agent:
         if hasattr(obj, hook):
             setattr(wrapped, hook, getattr(obj, hook))
     if not isinstance(wrapped.settings, BufferSettings):
-        raise TypeError(f"{type(obj).__name__}.settings must be a rudder_env.contract.BufferSettings, "
-                        f"got {type(wrapped.settings).__name__}")
+        raise TypeError(
+            f"{type(obj).__name__}.settings must be a rudder.env.contract.BufferSettings, "
+            f"got {type(wrapped.settings).__name__}"
+        )
     return wrapped

@@ -5,13 +5,13 @@ Every decision window the policy picks one of a few *levels*, fractions of ``j =
 candidates are admitted. Fractions rather than counts transfer across traces and buffer sizes: level 1.0 is
 MassiveGNN's periodic policy, level 0 keeps the buffer as it is.
 
-    from agents.ppo import train_ppo, PPOAgent
+    from rudder.agents.ppo import train_ppo, PPOAgent
     train_ppo(["traces/samples/small-metis2-f10x25"], steps=20_000, out="ppo.zip")
     agent = PPOAgent("ppo.zip")          # or make_agent("ppo") for the shipped agents/policies/ppo-small.zip
 
 A saved policy is two files: the SB3 model (``out``, a ``.zip``) and a sidecar ``out.json`` holding what acting
 needs besides the network (levels, K, the observation layout), what it was trained on (the content fingerprint of
-every trace rank it replayed: :func:`traces.fingerprint.rank_fingerprint`), and the zip's SHA-256.
+every trace rank it replayed: :func:`rudder.traces.fingerprint.rank_fingerprint`), and the zip's SHA-256.
 
 Loading a policy runs code: SB3 unpickles parts of the ``.zip``. :class:`PPOAgent` refuses a zip whose SHA-256 is
 not the one its sidecar records (a file swapped or damaged since it was saved) unless told to trust it
@@ -25,19 +25,19 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-
-from agents.base import Agent
-from rudder_env.contract import LINK_LEVELS, BufferSettings, top_fraction
-from rudder_env.settings import check_fraction_levels, check_link_levels
-from rudder_env.spaces import fit_k, observation_layout, observation_space
-from rudder_env.vector import make_replay_env, replay_env_fns, replay_env_specs
-from rudder_env.wrappers import DEFAULT_LEVELS
+from rudder.agents.base import Agent
+from rudder.env.contract import LINK_LEVELS, BufferSettings, top_fraction
+from rudder.env.settings import check_fraction_levels, check_link_levels
+from rudder.env.spaces import fit_k, observation_layout, observation_space
+from rudder.env.vector import make_replay_env, replay_env_fns, replay_env_specs
+from rudder.env.wrappers import DEFAULT_LEVELS
 
 DEFAULT_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-small.zip")
 LINK_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-link.zip")
@@ -46,11 +46,18 @@ OBS_EPSILON = 1e-4  # floor of the observation variance in normalisation: std >=
 OBS_CLIP = 10.0
 
 
-def make_env(trace: str, rank: int, levels: Sequence[float] = DEFAULT_LEVELS, buffer_fraction: float | None = None,
-             seed: int = 0, buffer_init: str = "recorded", candidates: int | None = None,
-             relative_reward: float | None = None) -> gym.Env:
+def make_env(
+    trace: str,
+    rank: int,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    buffer_fraction: float | None = None,
+    seed: int = 0,
+    buffer_init: str = "recorded",
+    candidates: int | None = None,
+    relative_reward: float | None = None,
+) -> gym.Env:
     """A ``rudder/Replay-v0`` env ready for SB3: :class:`FractionBudget` actions, a flat ``Box`` observation
-    (:func:`rudder_env.vector.make_replay_env` with ``action="fraction"``, seeded and reset once).
+    (:func:`rudder.env.vector.make_replay_env` with ``action="fraction"``, seeded and reset once).
 
     The observation is the env's whole ``Dict`` flattened by ``gymnasium.spaces.flatten`` (keys in the space's
     order, see :func:`observation_layout`).
@@ -63,9 +70,17 @@ def make_env(trace: str, rank: int, levels: Sequence[float] = DEFAULT_LEVELS, bu
             ``buffer_init="random"`` gives a new random initial buffer every episode).
         relative_reward: a scale for :class:`RelativeReward` (``None``: the env's own reward).
     """
-    return make_replay_env(trace, rank, action="fraction", levels=levels, buffer_fraction=buffer_fraction,
-                           buffer_init=buffer_init, candidates=candidates, relative_reward=relative_reward,
-                           seed=seed)
+    return make_replay_env(
+        trace,
+        rank,
+        action="fraction",
+        levels=levels,
+        buffer_fraction=buffer_fraction,
+        buffer_init=buffer_init,
+        candidates=candidates,
+        relative_reward=relative_reward,
+        seed=seed,
+    )
 
 
 @dataclass
@@ -81,13 +96,30 @@ class TrainResult:
     wall_s: float = 0.0
 
 
-def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels: Sequence[float] = DEFAULT_LEVELS,
-              n_envs: int | None = None, progress: bool = True, buffer_fractions: Sequence[float | None] = (None,),
-              buffer_inits: Sequence[str] = ("recorded",), ranks: Sequence[int] | None = None, n_steps: int = 16,
-              batch_size: int = 64, n_epochs: int = 10, learning_rate: float = 3e-4, gamma: float = 0.99,
-              ent_coef: float = 0.0, net_arch: Sequence[int] = (32, 32),
-              relative_reward: float | None = 1000.0, normalize_observation: bool = True,
-              tensorboard_log: str | None = None, action: str = "fraction", reward: str = "traffic") -> TrainResult:
+def train_ppo(
+    traces: Sequence[str],
+    steps: int,
+    out: str,
+    seed: int = 0,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    n_envs: int | None = None,
+    progress: bool = True,
+    buffer_fractions: Sequence[float | None] = (None,),
+    buffer_inits: Sequence[str] = ("recorded",),
+    ranks: Sequence[int] | None = None,
+    n_steps: int = 16,
+    batch_size: int = 64,
+    n_epochs: int = 10,
+    learning_rate: float = 3e-4,
+    gamma: float = 0.99,
+    ent_coef: float = 0.0,
+    net_arch: Sequence[int] = (32, 32),
+    relative_reward: float | None = 1000.0,
+    normalize_observation: bool = True,
+    tensorboard_log: str | None = None,
+    action: str = "fraction",
+    reward: str = "traffic",
+) -> TrainResult:
     """Train PPO on replayed traces and save it to ``out`` (``.zip``) and ``out.json`` (the sidecar).
 
     One env per (trace, rank, buffer fraction, buffer init), stepped together in a ``DummyVecEnv``; ``n_envs``
@@ -112,7 +144,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
         tensorboard_log: SB3's ``tensorboard_log``: training curves (episode reward, losses) go to a new ``PPO_N``
             run folder under it.
         action: ``"fraction"`` (:class:`FractionBudget` levels) or ``"link"`` (link-budget levels over the
-            lookahead's candidates, :class:`rudder_env.episode.PrefetchEpisode`; :class:`RelativeReward` is then
+            lookahead's candidates, :class:`rudder.env.episode.PrefetchEpisode`; :class:`RelativeReward` is then
             relative to always playing level 0).
         reward: the env's reward, ``"traffic"`` or ``"time"`` (minus the window's modelled seconds).
 
@@ -138,8 +170,11 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     grid = dict(ranks=ranks, buffer_fractions=buffer_fractions, buffer_inits=buffer_inits, n_envs=n_envs)
     specs = replay_env_specs(traces, **grid)
     out = out if out.endswith(".zip") else out + ".zip"
-    vec = DummyVecEnv(replay_env_fns(traces, **grid, seed=seed, action=action, levels=levels, reward=reward,
-                                     relative_reward=relative_reward))
+    vec = DummyVecEnv(
+        replay_env_fns(
+            traces, **grid, seed=seed, action=action, levels=levels, reward=reward, relative_reward=relative_reward
+        )
+    )
     k = int(vec.envs[0].unwrapped.k)
     dict_space = vec.envs[0].unwrapped.observation_space
     if normalize_observation:
@@ -154,8 +189,9 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
             self.running = np.zeros(n)
 
         def _on_step(self) -> bool:
-            for i, (info, reward, done) in enumerate(zip(self.locals["infos"], self.locals["rewards"],
-                                                          self.locals["dones"])):
+            for i, (info, reward, done) in enumerate(
+                zip(self.locals["infos"], self.locals["rewards"], self.locals["dones"])
+            ):
                 self.running[i] += info.get("env_reward", reward)
                 if done:
                     self.result.episode_returns.append(float(self.running[i]))
@@ -165,10 +201,21 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a small MLP: more threads only contend with the replay
-    model = PPO("MlpPolicy", vec, n_steps=n_steps, batch_size=min(batch_size, n_steps * len(specs)),
-                n_epochs=n_epochs, learning_rate=learning_rate, gamma=gamma, ent_coef=ent_coef, seed=seed,
-                policy_kwargs=dict(net_arch=list(net_arch)), device="cpu", verbose=0,
-                tensorboard_log=tensorboard_log)
+    model = PPO(
+        "MlpPolicy",
+        vec,
+        n_steps=n_steps,
+        batch_size=min(batch_size, n_steps * len(specs)),
+        n_epochs=n_epochs,
+        learning_rate=learning_rate,
+        gamma=gamma,
+        ent_coef=ent_coef,
+        seed=seed,
+        policy_kwargs=dict(net_arch=list(net_arch)),
+        device="cpu",
+        verbose=0,
+        tensorboard_log=tensorboard_log,
+    )
     result = TrainResult(path=out, sidecar=out[:-4] + ".json", env_specs=specs)
     t0 = time.perf_counter()
     try:
@@ -178,24 +225,46 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
     result.wall_s = time.perf_counter() - t0
     obs_norm = None
     if normalize_observation:
-        obs_norm = dict(mean=vec.obs_rms.mean.astype(np.float32).tolist(),
-                        var=vec.obs_rms.var.astype(np.float32).tolist(), epsilon=OBS_EPSILON, clip=OBS_CLIP)
+        obs_norm = dict(
+            mean=vec.obs_rms.mean.astype(np.float32).tolist(),
+            var=vec.obs_rms.var.astype(np.float32).tolist(),
+            epsilon=OBS_EPSILON,
+            clip=OBS_CLIP,
+        )
     vec.close()
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     model.save(out)
     sidecar = dict(
-        format=SIDECAR_FORMAT, sha256=file_sha256(out), action=action, reward=reward, levels=list(levels), k=k,
+        format=SIDECAR_FORMAT,
+        sha256=file_sha256(out),
+        action=action,
+        reward=reward,
+        levels=list(levels),
+        k=k,
         observation=observation_layout(dict_space),
         observation_normalization=obs_norm,
         trained_on=_fingerprints(specs),
         envs=[dict(s, trace=os.path.basename(os.path.normpath(s["trace"]))) for s in specs],
-        steps=int(model.num_timesteps), seed=int(seed),
-        ppo=dict(n_steps=n_steps, batch_size=model.batch_size, n_epochs=n_epochs, learning_rate=learning_rate,
-                 gamma=gamma, ent_coef=ent_coef, net_arch=list(net_arch), relative_reward=relative_reward),
-        versions={"stable_baselines3": stable_baselines3.__version__, "torch": torch.__version__,
-                  "gymnasium": gym.__version__},
-        wall_s=round(result.wall_s, 2))
+        steps=int(model.num_timesteps),
+        seed=int(seed),
+        ppo=dict(
+            n_steps=n_steps,
+            batch_size=model.batch_size,
+            n_epochs=n_epochs,
+            learning_rate=learning_rate,
+            gamma=gamma,
+            ent_coef=ent_coef,
+            net_arch=list(net_arch),
+            relative_reward=relative_reward,
+        ),
+        versions={
+            "stable_baselines3": stable_baselines3.__version__,
+            "torch": torch.__version__,
+            "gymnasium": gym.__version__,
+        },
+        wall_s=round(result.wall_s, 2),
+    )
     with open(result.sidecar, "w") as f:
         json.dump(sidecar, f, indent=2)
     return result
@@ -203,7 +272,7 @@ def train_ppo(traces: Sequence[str], steps: int, out: str, seed: int = 0, levels
 
 def _fingerprints(specs: list[dict]) -> list[dict]:
     """The content fingerprint of every (trace, rank) the envs replayed, once each, in order."""
-    from traces.fingerprint import rank_fingerprint
+    from rudder.traces.fingerprint import rank_fingerprint
 
     seen: dict[tuple[str, int], dict] = {}
     for s in specs:
@@ -252,7 +321,8 @@ def read_policy_meta(path: str | None, trust: bool = False) -> tuple[str, dict]:
         said = f"records {recorded}" if recorded else "records no sha256"
         raise UntrustedPolicyError(
             f"{path}: SHA-256 is {actual} but {sidecar} {said}; a policy file is pickled code that loading runs, "
-            f"so it is refused: pass --trust-policy (trust=True) only if you trust where it came from")
+            f"so it is refused: pass --trust-policy (trust=True) only if you trust where it came from"
+        )
     return path, meta
 
 
@@ -271,7 +341,7 @@ class PPOAgent(Agent):
             Loading unpickles code from the zip: trust only a file from a source you trust.
 
     Attributes:
-        trained_on: fingerprints of the trace ranks the policy was trained on (:mod:`traces.fingerprint`;
+        trained_on: fingerprints of the trace ranks the policy was trained on (:mod:`rudder.traces.fingerprint`;
             evaluation marks what it scores trained-on or held-out by them). A sidecar from before fingerprints
             lists trace names only: those ranks show as trained-on, every other one as unknown.
         levels, k: the policy's action levels and candidates per decision.
@@ -303,15 +373,27 @@ class PPOAgent(Agent):
         keys = [key for key, _ in meta["observation"]]
         self._space = spaces.Dict({key: full[key] for key in keys if key in full.spaces})
         if observation_layout(self._space) != meta["observation"]:
-            raise ValueError(f"{_sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
-                             f"from this rudder's {observation_layout(self._space)}")
+            raise ValueError(
+                f"{_sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
+                f"from this rudder's {observation_layout(self._space)}"
+            )
         # schedules are not needed to act; replacing them avoids unpickling the training-time closures
-        self.model = PPO.load(path, device="cpu", custom_objects={"learning_rate": 0.0, "lr_schedule": lambda _: 0.0,
-                                                                   "clip_range": lambda _: 0.0})
+        self.model = PPO.load(
+            path,
+            device="cpu",
+            custom_objects={"learning_rate": 0.0, "lr_schedule": lambda _: 0.0, "clip_range": lambda _: 0.0},
+        )
         norm = meta.get("observation_normalization")
-        self._norm = None if norm is None else (np.asarray(norm["mean"], np.float64),
-                                                np.asarray(norm["var"], np.float64), float(norm["epsilon"]),
-                                                float(norm["clip"]))
+        self._norm = (
+            None
+            if norm is None
+            else (
+                np.asarray(norm["mean"], np.float64),
+                np.asarray(norm["var"], np.float64),
+                float(norm["epsilon"]),
+                float(norm["clip"]),
+            )
+        )
         self.last_level: float | None = None
 
     def reset(self) -> None:

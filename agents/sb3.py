@@ -2,17 +2,17 @@
 
     from stable_baselines3 import DQN
     from stable_baselines3.common.vec_env import DummyVecEnv
-    from rudder_env.vector import replay_env_fns
-    from agents.sb3 import save_policy
+    from rudder.env.vector import replay_env_fns
+    from rudder.agents.sb3 import save_policy
 
     model = DQN("MlpPolicy", DummyVecEnv(replay_env_fns(traces, action="fraction")), buffer_size=10_000)
     model.learn(5_000)
     save_policy(model, "dqn.zip", action="fraction", trained_on=traces)
 
-    python evaluate.py --agents periodic,agents.sb3:SB3Agent --agent-kwargs path=dqn.zip
+    python evaluate.py --agents periodic,rudder.agents.sb3:SB3Agent --agent-kwargs path=dqn.zip
 
 A saved policy is the SB3 model (``.zip``) and a sidecar ``.json`` beside it naming the algorithm and what acting
-needs besides the network: the action wrapper and its levels (:func:`rudder_env.vector.make_replay_env`), K and
+needs besides the network: the action wrapper and its levels (:func:`rudder.env.vector.make_replay_env`), K and
 the observation layout. Observations must be flattened (``flatten=True``, the default of the replay envs).
 """
 
@@ -20,33 +20,45 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
-
-from agents.base import Agent
-from rudder_env.spaces import fit_k, observation_layout, observation_space
-from rudder_env.vector import ACTIONS, default_levels
+from rudder.agents.base import Agent
+from rudder.env.spaces import fit_k, observation_layout, observation_space
+from rudder.env.vector import ACTIONS, default_levels
 
 SIDECAR_FORMAT = "rudder-sb3-policy/1"
-_NO_SCHEDULES = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0, "exploration_schedule": lambda _: 0.0,
-                 "clip_range": lambda _: 0.0, "clip_range_vf": None}  # acting needs none of these
+_NO_SCHEDULES = {
+    "learning_rate": 0.0,
+    "lr_schedule": lambda _: 0.0,
+    "exploration_schedule": lambda _: 0.0,
+    "clip_range": lambda _: 0.0,
+    "clip_range_vf": None,
+}  # acting needs none of these
 
 
 def sidecar_path(path: str) -> str:
     return (path[:-4] if path.endswith(".zip") else path) + ".json"
 
 
-def save_policy(model, path: str, *, action: str = "fraction", levels: Sequence | None = None,
-                trained_on: Sequence[str] = (), name: str | None = None) -> tuple[str, str]:
-    """Save an SB3 ``model`` trained on :func:`rudder_env.vector.make_replay_env` envs (flattened observations)
+def save_policy(
+    model,
+    path: str,
+    *,
+    action: str = "fraction",
+    levels: Sequence | None = None,
+    trained_on: Sequence[str] = (),
+    name: str | None = None,
+) -> tuple[str, str]:
+    """Save an SB3 ``model`` trained on :func:`rudder.env.vector.make_replay_env` envs (flattened observations)
     to ``path`` (``.zip``) and its sidecar; returns both paths.
 
     Args:
         action, levels: the action wrapper the envs used and its levels (default: the wrapper's default).
         trained_on: the trace folders it learned from: the sidecar records the content fingerprint of every rank
-            of each (:mod:`traces.fingerprint`), by which ``evaluate.py`` marks what it scores trained-on or held
+            of each (:mod:`rudder.traces.fingerprint`), by which ``evaluate.py`` marks what it scores trained-on or held
             out. A name that is not a trace folder is kept as a name (it never shows a rank held out).
         name: the agent's name in tables (default: the algorithm's, lower case).
     """
@@ -65,10 +77,18 @@ def save_policy(model, path: str, *, action: str = "fraction", levels: Sequence 
     path = path if path.endswith(".zip") else path + ".zip"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     model.save(path)
-    meta = dict(format=SIDECAR_FORMAT, algorithm=type(model).__name__, module=type(model).__module__,
-                name=name or type(model).__name__.lower(), action=action, levels=levels, k=int(k), observation=observation_layout(observation_space(k)),
-                trained_on=_fingerprints(trained_on),
-                versions={"stable_baselines3": stable_baselines3.__version__})
+    meta = dict(
+        format=SIDECAR_FORMAT,
+        algorithm=type(model).__name__,
+        module=type(model).__module__,
+        name=name or type(model).__name__.lower(),
+        action=action,
+        levels=levels,
+        k=int(k),
+        observation=observation_layout(observation_space(k)),
+        trained_on=_fingerprints(trained_on),
+        versions={"stable_baselines3": stable_baselines3.__version__},
+    )
     with open(sidecar_path(path), "w") as f:
         json.dump(meta, f, indent=2)
     return path, sidecar_path(path)
@@ -76,7 +96,7 @@ def save_policy(model, path: str, *, action: str = "fraction", levels: Sequence 
 
 def _fingerprints(traces: Sequence[str]) -> list:
     """The fingerprint of every rank of each trace folder; a name that is no trace folder, as it is."""
-    from traces.fingerprint import trace_fingerprints
+    from rudder.traces.fingerprint import trace_fingerprints
 
     out: list = []
     for t in traces:
@@ -103,7 +123,7 @@ class SB3Agent(Agent):
         zip_path = path if path.endswith(".zip") else path + ".zip"
         for p in (zip_path, sidecar_path(path)):
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"SB3 policy file {p} not found (save one with agents.sb3.save_policy)")
+                raise FileNotFoundError(f"SB3 policy file {p} not found (save one with rudder.agents.sb3.save_policy)")
         with open(sidecar_path(path)) as f:
             meta = json.load(f)
         if meta.get("format") != SIDECAR_FORMAT:
@@ -117,8 +137,10 @@ class SB3Agent(Agent):
         self.deterministic = bool(deterministic)
         self._space = observation_space(self.k)
         if observation_layout(self._space) != meta["observation"]:
-            raise ValueError(f"{sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
-                             f"from this rudder's {observation_layout(self._space)}")
+            raise ValueError(
+                f"{sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
+                f"from this rudder's {observation_layout(self._space)}"
+            )
         algorithm = getattr(importlib.import_module(meta.get("module", "stable_baselines3")), meta["algorithm"])
         self.model = algorithm.load(zip_path, device="cpu", custom_objects=_NO_SCHEDULES)
         self.last_action: Any = None

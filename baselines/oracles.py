@@ -2,7 +2,7 @@
 
 Input everywhere is ``minibatches``: for each minibatch in order, the (unique) int64 remote node ids it needed, as
 recorded by a trainer. Every oracle returns an :class:`OracleResult` whose counters mean what the
-:class:`~rudder_env.buffer.BufferCounters` of the same name mean (all in rows):
+:class:`~rudder.env.buffer.BufferCounters` of the same name mean (all in rows):
 
 - :func:`belady_min` — the physical limit: Belady's MIN with bypass, the fewest remote rows any policy with a
   ``capacity``-row buffer (starting empty, prefetching allowed) can pull. :func:`belady_min_curve` runs it for
@@ -24,16 +24,24 @@ was before the minibatch, whatever order its ids come in.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
 _HEAP_SLACK_MIN = 1 << 16  # dead heap entries tolerated before a rebuild (at least; or num_ids // 4)
 
-__all__ = ["OracleResult", "belady_min", "belady_min_chunked", "belady_min_curve", "hindsight_static",
-           "hindsight_static_chunked", "hindsight_static_ids",
-           "hit_ceiling", "no_prefetch"]
+__all__ = [
+    "OracleResult",
+    "belady_min",
+    "belady_min_chunked",
+    "belady_min_curve",
+    "hindsight_static",
+    "hindsight_static_chunked",
+    "hindsight_static_ids",
+    "hit_ceiling",
+    "no_prefetch",
+]
 
 
 @dataclass(frozen=True)
@@ -72,9 +80,17 @@ class OracleResult:
 
     def as_dict(self) -> dict[str, int | float | str]:
         """The scalar counters (no per-minibatch arrays), e.g. for a JSON summary."""
-        return dict(oracle=self.oracle, capacity=self.capacity, remote_sampled=self.remote_sampled, hits=self.hits,
-                    misses=self.misses, remote_fetched=self.remote_fetched, prefetched=self.prefetched,
-                    initial_fill=self.initial_fill, hit_rate=self.hit_rate)
+        return dict(
+            oracle=self.oracle,
+            capacity=self.capacity,
+            remote_sampled=self.remote_sampled,
+            hits=self.hits,
+            misses=self.misses,
+            remote_fetched=self.remote_fetched,
+            prefetched=self.prefetched,
+            initial_fill=self.initial_fill,
+            hit_rate=self.hit_rate,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- stream
@@ -149,20 +165,35 @@ def _flatten(minibatches: Sequence[np.ndarray]) -> _Stream:
     first_use[order] = starts
     distinct_ids = ids_sorted[starts]
     request_minibatches = np.diff(np.append(np.flatnonzero(starts), n)).astype(np.int64)
-    return _Stream(dense_ids=dense_ids, next_use=next_use, first_use=first_use, offsets=offsets,
-                   distinct_ids=distinct_ids, request_minibatches=request_minibatches)
+    return _Stream(
+        dense_ids=dense_ids,
+        next_use=next_use,
+        first_use=first_use,
+        offsets=offsets,
+        distinct_ids=distinct_ids,
+        request_minibatches=request_minibatches,
+    )
 
 
-def _result(oracle: str, capacity: int, stream: _Stream, per_minibatch_hits: np.ndarray,
-            initial_fill: int = 0) -> OracleResult:
+def _result(
+    oracle: str, capacity: int, stream: _Stream, per_minibatch_hits: np.ndarray, initial_fill: int = 0
+) -> OracleResult:
     per_minibatch_hits = np.asarray(per_minibatch_hits, dtype=np.int64)
     per_minibatch_fetched = stream.per_minibatch_sizes() - per_minibatch_hits
     hits = int(per_minibatch_hits.sum())
     misses = int(per_minibatch_fetched.sum())
-    return OracleResult(oracle=oracle, capacity=int(capacity), remote_sampled=stream.num_requests, hits=hits,
-                        misses=misses, remote_fetched=misses + initial_fill, prefetched=initial_fill,
-                        initial_fill=initial_fill, per_minibatch_hits=per_minibatch_hits,
-                        per_minibatch_fetched=per_minibatch_fetched)
+    return OracleResult(
+        oracle=oracle,
+        capacity=int(capacity),
+        remote_sampled=stream.num_requests,
+        hits=hits,
+        misses=misses,
+        remote_fetched=misses + initial_fill,
+        prefetched=initial_fill,
+        initial_fill=initial_fill,
+        per_minibatch_hits=per_minibatch_hits,
+        per_minibatch_fetched=per_minibatch_fetched,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- oracles
@@ -267,9 +298,13 @@ def belady_min_curve(minibatches: Sequence[np.ndarray], capacities: Iterable[int
     return {c: _belady(stream, c) for c in capacities}
 
 
-
-def belady_min_chunked(minibatches: Sequence[np.ndarray], capacity: int, num_ids: int | None = None,
-                       chunk_minibatches: int = 128, progress=None) -> OracleResult:
+def belady_min_chunked(
+    minibatches: Sequence[np.ndarray],
+    capacity: int,
+    num_ids: int | None = None,
+    chunk_minibatches: int = 128,
+    progress=None,
+) -> OracleResult:
     """:func:`belady_min` for streams too long to flatten (10^8 requests): the same result, exactly, with memory
     in proportion to the distinct ids plus one chunk of requests.
 
@@ -288,16 +323,29 @@ def belady_min_chunked(minibatches: Sequence[np.ndarray], capacity: int, num_ids
     n = len(minibatches)
     step = max(int(chunk_minibatches), 1)
     if num_ids is None:
-        universe = np.unique(np.concatenate([np.unique(np.concatenate(
-            [np.asarray(x, dtype=np.int64).reshape(-1) for x in minibatches[i:i + step]] or [np.zeros(0, np.int64)]))
-            for i in range(0, n, step)] or [np.zeros(0, np.int64)]))
+        universe = np.unique(
+            np.concatenate(
+                [
+                    np.unique(
+                        np.concatenate(
+                            [np.asarray(x, dtype=np.int64).reshape(-1) for x in minibatches[i : i + step]]
+                            or [np.zeros(0, np.int64)]
+                        )
+                    )
+                    for i in range(0, n, step)
+                ]
+                or [np.zeros(0, np.int64)]
+            )
+        )
         num_ids = int(universe.size)
 
         def dense(i):
             return np.searchsorted(universe, np.asarray(minibatches[i], dtype=np.int64).reshape(-1))
     else:
+
         def dense(i):
             return np.asarray(minibatches[i]).reshape(-1)
+
     sizes = np.fromiter((np.asarray(x).size for x in minibatches), np.int64, n)
     if capacity == 0 or sizes.sum() == 0:
         hits = np.zeros(n, dtype=np.int64)
@@ -323,16 +371,25 @@ def belady_min_chunked(minibatches: Sequence[np.ndarray], capacity: int, num_ids
                     at = 0
                     for t in range(c0, min(c0 + step, n)):
                         ids = dense(t)
-                        yield t, ids, nxt[at:at + ids.size]
+                        yield t, ids, nxt[at : at + ids.size]
                         at += ids.size
                         if progress:
                             progress(1)
 
             hits = _belady_hits(capacity, num_ids, n, forward())
     fetched = sizes - hits
-    return OracleResult(oracle="belady_min", capacity=capacity, remote_sampled=int(sizes.sum()),
-                        hits=int(hits.sum()), misses=int(fetched.sum()), remote_fetched=int(fetched.sum()),
-                        prefetched=0, initial_fill=0, per_minibatch_hits=hits, per_minibatch_fetched=fetched)
+    return OracleResult(
+        oracle="belady_min",
+        capacity=capacity,
+        remote_sampled=int(sizes.sum()),
+        hits=int(hits.sum()),
+        misses=int(fetched.sum()),
+        remote_fetched=int(fetched.sum()),
+        prefetched=0,
+        initial_fill=0,
+        per_minibatch_hits=hits,
+        per_minibatch_fetched=fetched,
+    )
 
 
 def hindsight_static_chunked(minibatches: Sequence[np.ndarray], capacity: int, num_ids: int) -> OracleResult:
@@ -350,10 +407,18 @@ def hindsight_static_chunked(minibatches: Sequence[np.ndarray], capacity: int, n
     hits = np.fromiter((np.count_nonzero(resident[np.asarray(x)]) for x in minibatches), np.int64, len(minibatches))
     sizes = np.fromiter((np.asarray(x).size for x in minibatches), np.int64, len(minibatches))
     fetched = sizes - hits
-    return OracleResult(oracle="hindsight_static", capacity=int(capacity), remote_sampled=int(sizes.sum()),
-                        hits=int(hits.sum()), misses=int(fetched.sum()), remote_fetched=int(fetched.sum()) + int(k),
-                        prefetched=int(k), initial_fill=int(k), per_minibatch_hits=hits,
-                        per_minibatch_fetched=fetched)
+    return OracleResult(
+        oracle="hindsight_static",
+        capacity=int(capacity),
+        remote_sampled=int(sizes.sum()),
+        hits=int(hits.sum()),
+        misses=int(fetched.sum()),
+        remote_fetched=int(fetched.sum()) + int(k),
+        prefetched=int(k),
+        initial_fill=int(k),
+        per_minibatch_hits=hits,
+        per_minibatch_fetched=fetched,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- internals
@@ -384,9 +449,15 @@ def _belady(stream: _Stream, capacity: int) -> OracleResult:
     if capacity >= num_ids:  # nothing is ever evicted: every request but an id's first is a hit
         return _result("belady_min", capacity, stream, _per_minibatch_count(stream, ~stream.first_use))
     offsets = stream.offsets
-    per_minibatch_hits = _belady_hits(capacity, num_ids, num_minibatches, (
-        (t, stream.dense_ids[offsets[t]:offsets[t + 1]], stream.next_use[offsets[t]:offsets[t + 1]])
-        for t in range(num_minibatches)))
+    per_minibatch_hits = _belady_hits(
+        capacity,
+        num_ids,
+        num_minibatches,
+        (
+            (t, stream.dense_ids[offsets[t] : offsets[t + 1]], stream.next_use[offsets[t] : offsets[t + 1]])
+            for t in range(num_minibatches)
+        ),
+    )
     return _result("belady_min", capacity, stream, per_minibatch_hits)
 
 
@@ -467,8 +538,9 @@ def _belady_hits(capacity: int, num_ids: int, num_minibatches: int, minibatches)
     return per_minibatch_hits
 
 
-def _synthetic_stream(num_requests: int, ids_per_minibatch: int, num_ids: int, zipf_a: float,
-                      seed: int = 0) -> list[np.ndarray]:
+def _synthetic_stream(
+    num_requests: int, ids_per_minibatch: int, num_ids: int, zipf_a: float, seed: int = 0
+) -> list[np.ndarray]:
     """A skewed synthetic stream: each minibatch draws unique ids with Zipf-like popularity over ``num_ids`` ids."""
     rng = np.random.default_rng(seed)
     popularity = 1.0 / np.arange(1, num_ids + 1) ** zipf_a
@@ -491,5 +563,7 @@ if __name__ == "__main__":  # throughput of belady_min on a synthetic 2-million-
         t0 = time.perf_counter()
         res = belady_min(minibatches, capacity)
         wall_s = time.perf_counter() - t0
-        print(f"capacity {capacity:>7}: {n_requests} requests in {wall_s:.2f} s = {n_requests / wall_s / 1e6:.2f} "
-              f"M requests/s; hit rate {res.hit_rate:.3f}, fetched {res.remote_fetched}")
+        print(
+            f"capacity {capacity:>7}: {n_requests} requests in {wall_s:.2f} s = {n_requests / wall_s / 1e6:.2f} "
+            f"M requests/s; hit rate {res.hit_rate:.3f}, fetched {res.remote_fetched}"
+        )

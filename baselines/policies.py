@@ -4,14 +4,13 @@ budget levels, a fixed link-budget level, and a recorded run's decisions."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-
-from agents.base import Agent
-from rudder_env.contract import LINK_LEVELS, BufferSettings, admissible, top_fraction, top_j
-from rudder_env.settings import check_fraction_levels
-from rudder_env.wrappers import DEFAULT_LEVELS
+from rudder.agents.base import Agent
+from rudder.env.contract import LINK_LEVELS, BufferSettings, admissible, top_fraction, top_j
+from rudder.env.settings import check_fraction_levels
+from rudder.env.wrappers import DEFAULT_LEVELS
 
 
 class _Keep(Agent):
@@ -42,7 +41,7 @@ class StaticBuffer(_Keep):
 
 class VIPStatic(_Keep):
     """SALIENT++'s cache: the buffer filled once with the remote nodes of highest vertex inclusion probability for
-    this trainer (:mod:`rudder_env.vip`), never changed. The strongest cheap static baseline."""
+    this trainer (:mod:`rudder.env.vip`), never changed. The strongest cheap static baseline."""
 
     name = "vip"
     settings = BufferSettings(static=True, buffer_init="vip")
@@ -59,7 +58,7 @@ class Periodic(_Keep):
 
 
 class Lookahead(Periodic):
-    """The periodic policy under the sampler lookahead's ranking (ours, :mod:`rudder_env.ranking`): every window,
+    """The periodic policy under the sampler lookahead's ranking (ours, :mod:`rudder.env.ranking`): every window,
     admit each candidate needed more than the resident it would replace, and let missed rows in on the same terms
     (admit-on-miss by predicted need). An online approximation of Belady's MIN; what it decides comes from the
     ranking, so this policy is buffer settings on top of :class:`Periodic`."""
@@ -69,12 +68,16 @@ class Lookahead(Periodic):
 
     def __init__(self, sample_ahead: int | str | None = None, buffer_init: str | None = None):
         """``sample_ahead`` (replay): how far the trainer samples ahead, a count, a budget such as ``"64MB"`` or
-        ``"epoch"`` (:mod:`rudder_env.sample_ahead`); None: the recorded run's. ``buffer_init``: the initial fill
+        ``"epoch"`` (:mod:`rudder.env.sample_ahead`); None: the recorded run's. ``buffer_init``: the initial fill
         (None: the run's); with the future known exactly, ``"empty"`` avoids paying for a guessed fill that Belady
         MIN does not pay (BENCHMARKS.md, P1)."""
         if sample_ahead is not None or buffer_init is not None:
-            self.settings = BufferSettings(ranking="lookahead", admit_on_miss=True, buffer_init=buffer_init,
-                                           sample_ahead=None if sample_ahead is None else str(sample_ahead))
+            self.settings = BufferSettings(
+                ranking="lookahead",
+                admit_on_miss=True,
+                buffer_init=buffer_init,
+                sample_ahead=None if sample_ahead is None else str(sample_ahead),
+            )
 
 
 class HitRateRule(_Keep):
@@ -115,7 +118,7 @@ class RandomBudget(_Keep):
 
 
 class FixedLevel(Agent):
-    """The same link-budget level every window (``levels=`` actions, :class:`rudder_env.episode.PrefetchEpisode`):
+    """The same link-budget level every window (``levels=`` actions, :class:`rudder.env.episode.PrefetchEpisode`):
     e.g. ``level=1`` prefetches, every window, all the link can carry while the trainer samples and computes.
 
     The fixed levels bracket what a level policy can do: the worst of them against the best-in-action-space
@@ -159,7 +162,7 @@ class Recorded(_Keep):
     name = "recorded"
 
     def __init__(self, trace: str, rank: int = 0, settings: BufferSettings | None = None):
-        from traces import Trace
+        from rudder.traces import Trace
 
         t = Trace(trace)
         if rank not in t.ranks:

@@ -1,1 +1,1 @@
-"""rudder's benchmarks: run with ``python -m bench`` (``--quick`` for a few-minute version)."""
+"""rudder's benchmarks: run with ``python -m rudder.bench`` (``--quick`` for a few-minute version)."""

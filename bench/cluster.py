@@ -1,6 +1,6 @@
 """P2 on the emulated cluster: live training time of each agent where remote rows cross a shaped link.
 
-Runs ``train.py gnn --cluster NAME`` on emulated hosts (:mod:`rudder_env.dist.cluster`), one partition per host, in
+Runs ``train.py gnn --cluster NAME`` on emulated hosts (:mod:`rudder.testbed.cluster`), one partition per host, in
 DGL's several-host mode. The cluster is brought up once per host count and its link rate changed between sweep
 points; runs of every variant are interleaved (A B C ... A B C ...) so that drift hits every agent alike.
 """
@@ -17,16 +17,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-
-from bench.end_to_end import live_run  # noqa: E402
+from rudder.bench.end_to_end import live_run  # noqa: E402
 
 # (label, agent, options). "none" is DistDGL as it is; "none+overlap" pulls the next minibatch's rows during this
 # one's compute (pipelined DistDGL)
 # one pulls a decided prefetch set with the next minibatch's misses, on the critical path (inline), as before
 # background prefetch; the others prefetch in the background (the default)
-VARIANTS = [("none", "none", ()), ("none+overlap", "none", ("--overlap-fetch",)), ("static", "static", ()),
-            ("periodic inline", "periodic", ("--prefetch", "inline")), ("periodic", "periodic", ()),
-            ("lookahead", "lookahead", ()), ("lookahead+overlap", "lookahead", ("--overlap-fetch",))]
+VARIANTS = [
+    ("none", "none", ()),
+    ("none+overlap", "none", ("--overlap-fetch",)),
+    ("static", "static", ()),
+    ("periodic inline", "periodic", ("--prefetch", "inline")),
+    ("periodic", "periodic", ()),
+    ("lookahead", "lookahead", ()),
+    ("lookahead+overlap", "lookahead", ("--overlap-fetch",)),
+]
 # link rates where fetching is about 60% of a no-prefetch epoch of synth-small (2 hosts; 4 hosts, whose 2 shared
 # cores bind sooner)
 MAIN = {2: "400mbit", 4: "150mbit"}
@@ -48,8 +53,17 @@ def _runs(cluster, variants, seeds, epochs, rate, rounds=1, log=_log, traces: st
                 log(f"  {len(cluster.hostnames)} hosts at {rate}: {label} seed {seed}")
                 trace = os.path.join(traces, label.replace(" ", "_")) if traces and seed == 0 else None
                 r = live_run(agent, seed, epochs, extra=("--cluster", cluster.name, *extra), parts=None, trace=trace)
-                rows.append(dict(r, agent=label, hosts=len(cluster.hostnames), link_rate=rate, round=rnd,
-                                 fetch_share=r["fetch_s"] / max(r["train_s"], 1e-9), trace=trace))
+                rows.append(
+                    dict(
+                        r,
+                        agent=label,
+                        hosts=len(cluster.hostnames),
+                        link_rate=rate,
+                        round=rnd,
+                        fetch_share=r["fetch_s"] / max(r["train_s"], 1e-9),
+                        trace=trace,
+                    )
+                )
     return rows
 
 
@@ -57,12 +71,13 @@ def replay_fidelity(rows: list[dict], log=_log) -> pd.DataFrame:
     """Each recorded live run replayed with its own agent: hits and rows fetched against the live run's, and
     modelled training time against the measured one — following the recording's prefetch arrivals, and with
     arrivals modelled by the link model (what a different agent's replay gets)."""
-    import rudder_env  # noqa: F401  (registers the environments)
-    from rudder_env.contract import buffer_kwargs
-    from rudder_env.evaluation.play import play_episode
-    from rudder_env.evaluation.registry import make_agent
-    from rudder_env.replay_env import ReplayEnv
-    from traces import Trace
+    import rudder.env  # noqa: F401  (registers the environments)
+    from rudder.env.contract import buffer_kwargs
+    from rudder.env.replay_env import ReplayEnv
+    from rudder.traces import Trace
+
+    from rudder.evaluation.play import play_episode
+    from rudder.evaluation.registry import make_agent
 
     out = []
     for r in rows:
@@ -79,33 +94,46 @@ def replay_fidelity(rows: list[dict], log=_log) -> pd.DataFrame:
                 env.follow_recorded = follow
                 res = play_episode(env, agent)
                 table = t.rank(rank).table()
-                same &= (res["hits"] == int(table["hits"].sum())
-                         and res["remote_fetched"] - res["initial_fill"] == int(table["remote_fetched"].sum()))
+                same &= res["hits"] == int(table["hits"].sum()) and res["remote_fetched"] - res["initial_fill"] == int(
+                    table["remote_fetched"].sum()
+                )
                 live_s = max(live_s, float((table["sample_s"] + table["fetch_s"] + table["compute_s"]).sum()))
                 model_s = max(model_s, res["time_s"])
-            log(f"  replay {r['agent']} ({'recorded' if follow else 'modelled'} arrivals): "
-                f"{model_s:.2f} s vs {live_s:.2f} s live")
-            out.append(dict(agent=r["agent"], arrivals="recorded" if follow else "modelled",
-                            same_hits_and_rows=same, live_s=live_s, replay_s=model_s,
-                            time_error=model_s / live_s - 1))
+            log(
+                f"  replay {r['agent']} ({'recorded' if follow else 'modelled'} arrivals): "
+                f"{model_s:.2f} s vs {live_s:.2f} s live"
+            )
+            out.append(
+                dict(
+                    agent=r["agent"],
+                    arrivals="recorded" if follow else "modelled",
+                    same_hits_and_rows=same,
+                    live_s=live_s,
+                    replay_s=model_s,
+                    time_error=model_s / live_s - 1,
+                )
+            )
     return pd.DataFrame(out)
 
 
 def measure(quick: bool, log=_log) -> pd.DataFrame:
     """Every variant at the main rate on 2 hosts (two seeds) and 4 hosts (one seed); the sweep on 2 hosts."""
-    from rudder_env.dist.cluster import EmulatedCluster
+    from rudder.testbed.cluster import EmulatedCluster
 
     seeds = (0,) if quick else (0, 1)
     epochs = 1 if quick else 2
-    variants = [v for v in VARIANTS if v[0] in ("none", "none+overlap", "periodic", "lookahead+overlap")] \
-        if quick else VARIANTS
+    variants = (
+        [v for v in VARIANTS if v[0] in ("none", "none+overlap", "periodic", "lookahead+overlap")]
+        if quick
+        else VARIANTS
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp, EmulatedCluster(2, link_rate=MAIN[2]) as c:
         main = _runs(c, variants, seeds, epochs, MAIN[2], log=log, traces=tmp)
         rows += [dict(r, part="main") for r in main]
         fidelity = replay_fidelity(main, log=log)
         sweep = [v for v in VARIANTS if v[0] in SWEEP_VARIANTS]
-        for rate in (SWEEP_RATES[::2] if quick else SWEEP_RATES):
+        for rate in SWEEP_RATES[::2] if quick else SWEEP_RATES:
             rows += [dict(r, part="sweep") for r in _runs(c, sweep, (0,), 1, rate, log=log)]
     if not quick:
         with EmulatedCluster(4, link_rate=MAIN[4]) as c:
@@ -120,14 +148,28 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     key = ["hosts", "seed"]
     none = main[main["agent"] == "none"].groupby(key)["train_s"].mean()
     piped = main[main["agent"] == "none+overlap"].groupby(key)["train_s"].mean()
-    main = main.assign(vs_none=[r.train_s / none[(r.hosts, r.seed)] for r in main.itertuples()],
-                       vs_pipelined=[r.train_s / piped[(r.hosts, r.seed)] if (r.hosts, r.seed) in piped else float("nan")
-                                     for r in main.itertuples()])
-    table = main.groupby(["hosts", "link_rate", "agent"], sort=False).agg(
-        train_s=("train_s", "mean"), vs_none=("vs_none", "mean"), vs_none_worst=("vs_none", "max"),
-        vs_pipelined=("vs_pipelined", "mean"), fetch_s=("fetch_s", "mean"), compute_s=("compute_s", "mean"),
-        fetch_share=("fetch_share", "mean"), fetched_vs_none=("remote_fetched", "sum"),
-        runs=("train_s", "size")).reset_index()
+    main = main.assign(
+        vs_none=[r.train_s / none[(r.hosts, r.seed)] for r in main.itertuples()],
+        vs_pipelined=[
+            r.train_s / piped[(r.hosts, r.seed)] if (r.hosts, r.seed) in piped else float("nan")
+            for r in main.itertuples()
+        ],
+    )
+    table = (
+        main.groupby(["hosts", "link_rate", "agent"], sort=False)
+        .agg(
+            train_s=("train_s", "mean"),
+            vs_none=("vs_none", "mean"),
+            vs_none_worst=("vs_none", "max"),
+            vs_pipelined=("vs_pipelined", "mean"),
+            fetch_s=("fetch_s", "mean"),
+            compute_s=("compute_s", "mean"),
+            fetch_share=("fetch_share", "mean"),
+            fetched_vs_none=("remote_fetched", "sum"),
+            runs=("train_s", "size"),
+        )
+        .reset_index()
+    )
     sampled = main.groupby(["hosts", "link_rate", "agent"], sort=False)["remote_sampled"].sum().to_numpy()
     table["fetched_vs_none"] = table["fetched_vs_none"] / sampled
     lines = []
@@ -135,15 +177,17 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
         others = t[~t["agent"].isin(["none", "none+overlap"])]
         best = others.loc[others["vs_none"].idxmin()]
         share = t.loc[t["agent"] == "none", "fetch_share"].iloc[0]
-        lines.append(f"{hosts} hosts at {t['link_rate'].iloc[0]} (fetch {share:.0%} of a no-prefetch epoch): best "
-                     f"{best['agent']} {best['vs_none']:.3f}x no prefetch, {best['vs_pipelined']:.3f}x pipelined "
-                     f"DistDGL")
+        lines.append(
+            f"{hosts} hosts at {t['link_rate'].iloc[0]} (fetch {share:.0%} of a no-prefetch epoch): best "
+            f"{best['agent']} {best['vs_none']:.3f}x no prefetch, {best['vs_pipelined']:.3f}x pipelined "
+            f"DistDGL"
+        )
     return "; ".join(lines) + ".", table
 
 
 def plot(df: pd.DataFrame, path: str) -> str:
     """Training time per epoch against link rate, one line per agent (2 hosts, seed 0)."""
-    from rudder_env.dist.cluster import parse_rate
+    from rudder.testbed.cluster import parse_rate
 
     sweep = df[df["part"] == "sweep"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -173,13 +217,14 @@ def fidelity_study(log=_log) -> pd.DataFrame:
     2 epochs, traces recorded), then every trace replayed with every agent. The diagonal is a run replayed with its
     own agent (recorded arrivals: exact); off it, the time model fitted on one agent's run predicts another agent's
     run, whose measured training time is the reference (arrivals from the link model)."""
-    import rudder_env  # noqa: F401  (registers the environments)
-    from rudder_env.contract import buffer_kwargs
-    from rudder_env.dist.cluster import EmulatedCluster
-    from rudder_env.evaluation.play import play_episode
-    from rudder_env.evaluation.registry import make_agent
-    from rudder_env.replay_env import ReplayEnv
-    from traces import Trace
+    import rudder.env  # noqa: F401  (registers the environments)
+    from rudder.env.contract import buffer_kwargs
+    from rudder.env.replay_env import ReplayEnv
+    from rudder.traces import Trace
+
+    from rudder.evaluation.play import play_episode
+    from rudder.evaluation.registry import make_agent
+    from rudder.testbed.cluster import EmulatedCluster
 
     rows, live = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,12 +245,22 @@ def fidelity_study(log=_log) -> pd.DataFrame:
                     replay_s = max(replay_s, res["time_s"])
                     hits += res["hits"]
                     fetched += res["remote_fetched"]
-                rows.append(dict(trace_of=source, replayed_agent=agent_name, replay_s=replay_s,
-                                 live_s=target["train_s"], time_error=replay_s / target["train_s"] - 1,
-                                 fetched_replay=fetched, fetched_live=target["remote_fetched"],
-                                 fetched_error=fetched / max(target["remote_fetched"], 1) - 1))
-                log(f"  replay of {source}'s trace with {agent_name}: {replay_s:.2f} s vs {target['train_s']:.2f} s "
-                    f"live ({rows[-1]['time_error']:+.1%})")
+                rows.append(
+                    dict(
+                        trace_of=source,
+                        replayed_agent=agent_name,
+                        replay_s=replay_s,
+                        live_s=target["train_s"],
+                        time_error=replay_s / target["train_s"] - 1,
+                        fetched_replay=fetched,
+                        fetched_live=target["remote_fetched"],
+                        fetched_error=fetched / max(target["remote_fetched"], 1) - 1,
+                    )
+                )
+                log(
+                    f"  replay of {source}'s trace with {agent_name}: {replay_s:.2f} s vs {target['train_s']:.2f} s "
+                    f"live ({rows[-1]['time_error']:+.1%})"
+                )
     return pd.DataFrame(rows)
 
 
@@ -213,7 +268,7 @@ def llm_hidden_on_cluster(quick: bool, log=_log) -> tuple[str, pd.DataFrame]:
     """The link-level LLM agent live on 2 emulated hosts (the main rate), deciding in the background at idle
     priority, against the same decisions applied instantly (``--agent recorded`` on its trace), pairs back to back;
     ``ppo-link`` and ``none`` beside them for scale. Trainers wait on the wire here, so the LLM can use those gaps."""
-    from rudder_env.dist.cluster import EmulatedCluster
+    from rudder.testbed.cluster import EmulatedCluster
 
     rows = []
     epochs = 1 if quick else 2
@@ -221,10 +276,11 @@ def llm_hidden_on_cluster(quick: bool, log=_log) -> tuple[str, pd.DataFrame]:
         for rnd in range(1 if quick else 2):
             llm_trace = os.path.join(tmp, f"llm-{rnd}")
             for label, agent, extra, trace in (
-                    ("none", "none", (), None),
-                    ("llm-link", "llm-link", ("--decisions", "async"), llm_trace),
-                    ("same decisions, instant", "recorded", ("--decisions-from", llm_trace), None),
-                    ("ppo-link", "ppo-link", (), None)):
+                ("none", "none", (), None),
+                ("llm-link", "llm-link", ("--decisions", "async"), llm_trace),
+                ("same decisions, instant", "recorded", ("--decisions-from", llm_trace), None),
+                ("ppo-link", "ppo-link", (), None),
+            ):
                 log(f"  2 hosts at {MAIN[2]}: {label} round {rnd + 1}")
                 trace = trace or os.path.join(tmp, f"{agent}-{rnd}")
                 r = live_run(agent, 0, epochs, extra=("--cluster", c.name, *extra), parts=None, trace=trace)
@@ -235,11 +291,13 @@ def llm_hidden_on_cluster(quick: bool, log=_log) -> tuple[str, pd.DataFrame]:
     none = df[df["agent"] == "none"].set_index("round")["train_s"]
     df["vs_none"] = [r.train_s / none[r.round] for r in df.itertuples()]
     llm = df[df["agent"] == "llm-link"]
-    text = (f"On 2 emulated hosts at {MAIN[2]}, the link-level LLM (SmolLM2-135M) deciding in the background at idle "
-            f"priority trains in {np.mean(ratio):.3f}x the time of its own decisions applied instantly (worst "
-            f"{max(ratio):.3f}x; target <= 1.05x); {llm['decisions'].mean():.0f} decisions per trainer, p50 latency "
-            f"{llm['latency_p50_s'].median():.2f} s. Time vs no prefetch: llm-link "
-            f"{df[df['agent'] == 'llm-link']['vs_none'].mean():.3f}, its decisions instantly "
-            f"{df[df['agent'] == 'same decisions, instant']['vs_none'].mean():.3f}, ppo-link "
-            f"{df[df['agent'] == 'ppo-link']['vs_none'].mean():.3f}.")
+    text = (
+        f"On 2 emulated hosts at {MAIN[2]}, the link-level LLM (SmolLM2-135M) deciding in the background at idle "
+        f"priority trains in {np.mean(ratio):.3f}x the time of its own decisions applied instantly (worst "
+        f"{max(ratio):.3f}x; target <= 1.05x); {llm['decisions'].mean():.0f} decisions per trainer, p50 latency "
+        f"{llm['latency_p50_s'].median():.2f} s. Time vs no prefetch: llm-link "
+        f"{df[df['agent'] == 'llm-link']['vs_none'].mean():.3f}, its decisions instantly "
+        f"{df[df['agent'] == 'same decisions, instant']['vs_none'].mean():.3f}, ppo-link "
+        f"{df[df['agent'] == 'ppo-link']['vs_none'].mean():.3f}."
+    )
     return text, df

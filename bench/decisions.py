@@ -22,13 +22,22 @@ TRACES = {
     "held-out": sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*"))),
     "training": sorted(glob.glob(os.path.join(ROOT, "traces", "train", "emu*"))),
 }
-AGENTS = ("none", "static", "vip", "periodic", "lookahead", "level@level=0.125", "level@level=1.0", "ppo-link",
-          "llm-link")
+AGENTS = (
+    "none",
+    "static",
+    "vip",
+    "periodic",
+    "lookahead",
+    "level@level=0.125",
+    "level@level=1.0",
+    "ppo-link",
+    "llm-link",
+)
 ORACLES = ("belady", "best-level")
 
 
 def _agents(quick: bool) -> list[str]:
-    from rudder_env.evaluation.registry import REGISTRY
+    from rudder.evaluation.registry import REGISTRY
 
     chosen = [a for a in AGENTS if a.split("@")[0] in REGISTRY]
     return [a for a in chosen if a != "llm-link"] if quick else chosen
@@ -37,8 +46,8 @@ def _agents(quick: bool) -> list[str]:
 def measure(quick: bool) -> pd.DataFrame:
     """One row per agent x trace x rank (as ``evaluate.py``'s ``results.csv``), with ``set`` (sample, held-out,
     training)."""
-    from rudder_env.evaluation.registry import make_agent
-    from rudder_env.evaluation.scoring import evaluate_trace
+    from rudder.evaluation.registry import make_agent
+    from rudder.evaluation.scoring import evaluate_trace
 
     def factory(spec: str):
         name, _, opts = spec.partition("@")
@@ -59,17 +68,25 @@ def measure(quick: bool) -> pd.DataFrame:
 
 def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     """Per trace: headroom and, per agent, time vs none, regret vs the oracle, rows vs MIN; then the targets."""
-    from rudder_env.evaluation.report import HEADROOM_MIN, headroom, summarise as per_agent
+    from rudder.evaluation.report import HEADROOM_MIN, headroom
+    from rudder.evaluation.report import summarise as per_agent
 
     tables, lines = [], []
     for (kind, trace), rows in df.groupby(["set", "trace"], sort=False):
         s = per_agent(rows)
         h = headroom(rows)
-        t = pd.DataFrame({"set": kind, "trace": trace, "agent": s.index, "headroom": h,
-                          "time_vs_none": s["time_vs_none"].to_numpy(),
-                          "regret_vs_oracle": s.get("regret_vs_oracle", pd.Series(np.nan, s.index)).to_numpy(),
-                          "fetched_vs_min": s["fetched_vs_min"].to_numpy(),
-                          "provenance": s.get("provenance", pd.Series("", s.index)).fillna("").to_numpy()})
+        t = pd.DataFrame(
+            {
+                "set": kind,
+                "trace": trace,
+                "agent": s.index,
+                "headroom": h,
+                "time_vs_none": s["time_vs_none"].to_numpy(),
+                "regret_vs_oracle": s.get("regret_vs_oracle", pd.Series(np.nan, s.index)).to_numpy(),
+                "fetched_vs_min": s["fetched_vs_min"].to_numpy(),
+                "provenance": s.get("provenance", pd.Series("", s.index)).fillna("").to_numpy(),
+            }
+        )
         tables.append(t)
     table = pd.concat(tables, ignore_index=True)
     held = table[table["set"] == "held-out"]
@@ -84,18 +101,22 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
             return float(by.loc[agent, "regret_vs_oracle"]) if agent in by.index else float("nan")
 
         if np.isnan(h):
-            lines.append(f"- {trace}: no time figures: its fetch-time fit does not separate remote rows (evaluate.py "
-                         f"prints the fit), so only traffic is compared there; rows vs Belady MIN: PPO "
-                         f"{float(by.loc['ppo-link', 'fetched_vs_min']) if 'ppo-link' in by.index else float('nan'):.3f}, "
-                         f"LLM {float(by.loc['llm-link', 'fetched_vs_min']) if 'llm-link' in by.index else float('nan'):.3f}.")
+            lines.append(
+                f"- {trace}: no time figures: its fetch-time fit does not separate remote rows (evaluate.py "
+                f"prints the fit), so only traffic is compared there; rows vs Belady MIN: PPO "
+                f"{float(by.loc['ppo-link', 'fetched_vs_min']) if 'ppo-link' in by.index else float('nan'):.3f}, "
+                f"LLM {float(by.loc['llm-link', 'fetched_vs_min']) if 'llm-link' in by.index else float('nan'):.3f}."
+            )
             continue
         verdict = "" if h >= HEADROOM_MIN else " (not discriminating)"
-        lines.append(f"- {trace}: headroom {h:.1%}{verdict} (target >= 15%); LLM time / PPO time "
-                     f"{time('llm-link') / time('ppo-link'):.3f} (target <= 1.05); LLM regret to the oracle "
-                     f"{regret('llm-link'):+.1%} (target <= +10%); PPO {time('ppo-link'):.3f} and LLM "
-                     f"{time('llm-link'):.3f} of no prefetch's time vs periodic {time('periodic'):.3f} and VIP "
-                     f"{time('vip'):.3f} (target: both ahead of both); the lookahead {time('lookahead'):.3f}, "
-                     f"oracle {time('best-level'):.3f}.")
+        lines.append(
+            f"- {trace}: headroom {h:.1%}{verdict} (target >= 15%); LLM time / PPO time "
+            f"{time('llm-link') / time('ppo-link'):.3f} (target <= 1.05); LLM regret to the oracle "
+            f"{regret('llm-link'):+.1%} (target <= +10%); PPO {time('ppo-link'):.3f} and LLM "
+            f"{time('llm-link'):.3f} of no prefetch's time vs periodic {time('periodic'):.3f} and VIP "
+            f"{time('vip'):.3f} (target: both ahead of both); the lookahead {time('lookahead'):.3f}, "
+            f"oracle {time('best-level'):.3f}."
+        )
     where = []
     for trace, rows in df[df["set"] == "held-out"].groupby("trace", sort=False):
         o = rows[rows["agent"] == "best-level"]
@@ -103,13 +124,19 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
             continue
         hide = float(o["time_sample_s"].sum() + o["time_compute_s"].sum())
         fetch, stall = float(o["time_fetch_s"].sum()), float(o["time_stall_s"].sum())
-        where.append(f"- {trace}: the oracle spends {fetch:.1f} s pulling misses on the critical path ({stall:.1f} s of "
-                     f"it behind prefetch chunks) against {hide:.1f} s of sampling and compute a background prefetch "
-                     f"can hide in; its rows fetched are {float(o['remote_fetched'].sum()) / max(float(rows[rows['agent'] == 'belady']['remote_fetched'].sum()), 1):.2f}x Belady MIN's.")
-    text = ("Modelled time on emulated-cluster traces (replay: recorded sampling and compute, fetch time and "
-            "background arrivals from the trace's fitted link model), relative to no prefetch; regret: time over "
-            "the best-level oracle's; held-out traces per target:\n\n" + "\n".join(lines)
-            + ("\n\nWhere the time goes (held out):\n\n" + "\n".join(where) if where else ""))
+        belady_rows = max(float(rows[rows["agent"] == "belady"]["remote_fetched"].sum()), 1)
+        where.append(
+            f"- {trace}: the oracle spends {fetch:.1f} s pulling misses on the critical path ({stall:.1f} s of "
+            f"it behind prefetch chunks) against {hide:.1f} s of sampling and compute a background prefetch "
+            f"can hide in; its rows fetched are {float(o['remote_fetched'].sum()) / belady_rows:.2f}x Belady MIN's."
+        )
+    text = (
+        "Modelled time on emulated-cluster traces (replay: recorded sampling and compute, fetch time and "
+        "background arrivals from the trace's fitted link model), relative to no prefetch; regret: time over "
+        "the best-level oracle's; held-out traces per target:\n\n"
+        + "\n".join(lines)
+        + ("\n\nWhere the time goes (held out):\n\n" + "\n".join(where) if where else "")
+    )
     return text, table
 
 

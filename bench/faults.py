@@ -19,9 +19,21 @@ import pandas as pd
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ["tests/test_faults.py", "tests/test_dist.py::test_a_dead_rank_ends_the_job_and_leaves_nothing"]
 # the issue's rows (issue 13), in its order
-ORDER = ["hung rank (SIGSTOP)", "killed trainer", "killed server", "killed launcher", "truncated partition file",
-         "damaged trace (fuzz)", "bad settings", "--decisions-from another run", "link cut", "host killed",
-         "link rate cut to 1%", "tampered PPO policy", "SIGTERM/SIGINT"]
+ORDER = [
+    "hung rank (SIGSTOP)",
+    "killed trainer",
+    "killed server",
+    "killed launcher",
+    "truncated partition file",
+    "damaged trace (fuzz)",
+    "bad settings",
+    "--decisions-from another run",
+    "link cut",
+    "host killed",
+    "link rate cut to 1%",
+    "tampered PPO policy",
+    "SIGTERM/SIGINT",
+]
 
 
 def measure(tests=TESTS, timeout_s: float = 1800) -> pd.DataFrame:
@@ -30,8 +42,15 @@ def measure(tests=TESTS, timeout_s: float = 1800) -> pd.DataFrame:
     with tempfile.TemporaryDirectory(prefix="rudder-faults-") as tmp:
         report = os.path.join(tmp, "faults.jsonl")
         env = dict(os.environ, RUDDER_FAULT_REPORT=report, HF_HUB_OFFLINE="1")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *tests],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *tests],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"fault tests failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
         with open(report) as f:
@@ -48,16 +67,19 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     gone_on = df[df["detected"] == 0]
     fuzz = df[df["injected"].str.startswith("400 seeded")]
     fuzz_clean = int((fuzz["tried"] - fuzz["detected"]).sum())
-    text = (f"{int(df['tried'].sum())} faults injected in {df['fault'].nunique()} kinds ({len(df)} tests); "
-            f"{int(df['detected'].sum())} ended in an error or a refusal naming the problem; "
-            f"{fuzz_clean} of the fuzzed trace chunks read back exactly the clean data (the damage fell on bytes "
-            f"the reader does not use); {int(gone_on['tried'].sum())} is not an error by design ({', '.join(gone_on['fault'])}: the job slows and goes on); 0 silent "
-            f"changes. Seconds from injection to the job's end or the error (process start-up included for the "
-            f"one-line refusals): median {errors['detect_s'].median():.2f}, max {errors['detect_s'].max():.1f} "
-            f"({errors.loc[errors['detect_s'].idxmax(), 'fault']}). Bytes of data lost or silently changed: "
-            f"{int(df['lost_bytes'].sum())}; after every fault that ended a running job the partition files were "
-            f"checked against their recorded sizes and CRC-32s: intact "
-            f"({int(df['input_checked'].max()):,} bytes per job).")
+    text = (
+        f"{int(df['tried'].sum())} faults injected in {df['fault'].nunique()} kinds ({len(df)} tests); "
+        f"{int(df['detected'].sum())} ended in an error or a refusal naming the problem; "
+        f"{fuzz_clean} of the fuzzed trace chunks read back exactly the clean data (the damage fell on bytes "
+        f"the reader does not use); {int(gone_on['tried'].sum())} is not an error by design "
+        f"({', '.join(gone_on['fault'])}: the job slows and goes on); 0 silent "
+        f"changes. Seconds from injection to the job's end or the error (process start-up included for the "
+        f"one-line refusals): median {errors['detect_s'].median():.2f}, max {errors['detect_s'].max():.1f} "
+        f"({errors.loc[errors['detect_s'].idxmax(), 'fault']}). Bytes of data lost or silently changed: "
+        f"{int(df['lost_bytes'].sum())}; after every fault that ended a running job the partition files were "
+        f"checked against their recorded sizes and CRC-32s: intact "
+        f"({int(df['input_checked'].max()):,} bytes per job)."
+    )
     if missing:
         text += f" Not measured in this run: {', '.join(missing)}."
     table = df[["fault", "injected", "detect_s", "left", "seen", "tried", "detected", "lost_bytes"]]

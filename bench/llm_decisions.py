@@ -4,7 +4,8 @@ agreement with the option a replay measures as best, and traffic against periodi
 
 Decision points are those of a replay of the first sample trace (rank 0) under the periodic policy; labelled points
 are mined from every rank of the sample traces, which the shipped examples were not mined from
-(:func:`agents.llm_prompt.examples_from_trace`: each option played from a copy of the same state, the one with the
+(:func:`rudder.agents.llm.prompt.examples_from_trace`: each option played from a copy of the same state, the one with
+the
 fewest rows fetched over two windows is the label).
 """
 
@@ -25,7 +26,7 @@ SAMPLES = sorted(glob.glob(os.path.join(ROOT, "traces", "samples", "*")))
 def decision_points(trace: str, n: int, rank: int = 0) -> tuple[list, dict]:
     """The first ``n`` decision points (observation, info) with something to admit, replaying periodic on ``rank``
     (fewer where the trace ends first); and the first info."""
-    from rudder_env.replay_env import ReplayEnv
+    from rudder.env.replay_env import ReplayEnv
 
     env = ReplayEnv(trace, rank=rank)
     obs, info = env.reset(seed=0)
@@ -44,10 +45,11 @@ def decision_points(trace: str, n: int, rank: int = 0) -> tuple[list, dict]:
 def measure(quick: bool) -> pd.DataFrame:
     """One row per measured quantity: ``key``, ``what``, ``value``, ``unit``, ``n`` (decisions or points it is
     over)."""
-    from agents.llm import LLMAgent, shared_model
-    from agents.llm_prompt import HistoryEntry, Metrics, examples_from_trace
-    from rudder_env.evaluation.registry import make_agent
-    from rudder_env.evaluation.scoring import evaluate_trace
+    from rudder.agents.llm.agent import LLMAgent, shared_model
+    from rudder.agents.llm.prompt import HistoryEntry, Metrics, examples_from_trace
+
+    from rudder.evaluation.registry import make_agent
+    from rudder.evaluation.scoring import evaluate_trace
 
     n = 6 if quick else 24
     rows = []
@@ -75,7 +77,13 @@ def measure(quick: bool) -> pd.DataFrame:
         t = time.perf_counter()
         scored.option_scores(text.prefix, text.suffix, use_cache=False)
         uncached.append(time.perf_counter() - t)
-    add("scored_uncached_s", "scored decision, no prefix cache (median)", statistics.median(uncached), "s", len(uncached))
+    add(
+        "scored_uncached_s",
+        "scored decision, no prefix cache (median)",
+        statistics.median(uncached),
+        "s",
+        len(uncached),
+    )
 
     for label, examples in (("with the examples", "default"), ("without examples", None)):
         agent = LLMAgent(model=(model, tokenizer), mode="generate", examples=examples)
@@ -85,13 +93,24 @@ def measure(quick: bool) -> pd.DataFrame:
             t = time.perf_counter()
             agent.decide(obs, inf)
             latency.append(time.perf_counter() - t)
-        add(f"generated_s_{bool(examples)}", f"generated decision {label} (median)", statistics.median(latency), "s", len(latency))
-        add(f"valid_{bool(examples)}", f"generated answers that are valid JSON, {label}", agent.queries - agent.invalid_answers, "answers",
-            agent.queries)
+        add(
+            f"generated_s_{bool(examples)}",
+            f"generated decision {label} (median)",
+            statistics.median(latency),
+            "s",
+            len(latency),
+        )
+        add(
+            f"valid_{bool(examples)}",
+            f"generated answers that are valid JSON, {label}",
+            agent.queries - agent.invalid_answers,
+            "answers",
+            agent.queries,
+        )
 
     labelled = []
     for trace in SAMPLES[:1] if quick else SAMPLES:
-        from traces import Trace
+        from rudder.traces import Trace
 
         for rank in Trace(trace).ranks[:1] if quick else Trace(trace).ranks:
             facts = decision_points(trace, 0)[1]
@@ -99,12 +118,18 @@ def measure(quick: bool) -> pd.DataFrame:
                 labelled.append((p, facts))
     agree = keep = 0
     for p, facts in labelled:
-        choice, _ = scored.decide({}, facts, Metrics.from_dict(p["metrics"]),
-                                  [HistoryEntry.from_dict(h) for h in p["history"]])
+        choice, _ = scored.decide(
+            {}, facts, Metrics.from_dict(p["metrics"]), [HistoryEntry.from_dict(h) for h in p["history"]]
+        )
         agree += choice == p["decision"]
         keep += p["decision"] == "keep"
-    add("agreement", "agrees with the replay-measured best option (held-out points)", agree / len(labelled), "fraction",
-        len(labelled))
+    add(
+        "agreement",
+        "agrees with the replay-measured best option (held-out points)",
+        agree / len(labelled),
+        "fraction",
+        len(labelled),
+    )
     add("always_keep", "always 'keep' would agree", keep / len(labelled), "fraction", len(labelled))
 
     traffic = {"llm": 0, "periodic": 0}
@@ -112,19 +137,26 @@ def measure(quick: bool) -> pd.DataFrame:
         agents = {"llm": lambda t, r: make_agent("llm"), "periodic": lambda t, r: make_agent("periodic")}
         for row in evaluate_trace(trace, agents, oracles=()):
             traffic[row["agent"]] += row["remote_fetched"]
-    add("traffic_vs_periodic", "LLM remote rows fetched / periodic's, sample traces (scored, examples)",
-        traffic["llm"] / traffic["periodic"], "ratio", 1 if quick else len(SAMPLES))
+    add(
+        "traffic_vs_periodic",
+        "LLM remote rows fetched / periodic's, sample traces (scored, examples)",
+        traffic["llm"] / traffic["periodic"],
+        "ratio",
+        1 if quick else len(SAMPLES),
+    )
     add("wall_s", "wall time of this section", time.perf_counter() - t0, "s")
     return pd.DataFrame(rows)
 
 
 def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     v, n = df.set_index("key")["value"], df.set_index("key")["n"]
-    text = (f"SmolLM2-135M-Instruct (fp32, 2 cores): load {v['load_s']:.1f} s; prefix prefill {v['prefill_s']:.1f} s "
-            f"once; a scored decision {v['scored_s']:.2f} s ({v['scored_uncached_s']:.1f} s without the prefix "
-            f"cache); a generated one {v['generated_s_True']:.2f} s, valid JSON {v['valid_True']:.0f}/"
-            f"{n['valid_True']} with the examples, {v['valid_False']:.0f}/{n['valid_False']} without. It agrees "
-            f"with the replay-measured best option on {v['agreement']:.0%} of {n['agreement']} held-out points "
-            f"(always 'keep': {v['always_keep']:.0%}); on the sample traces it fetches "
-            f"{v['traffic_vs_periodic']:.3f}x periodic's remote rows.")
+    text = (
+        f"SmolLM2-135M-Instruct (fp32, 2 cores): load {v['load_s']:.1f} s; prefix prefill {v['prefill_s']:.1f} s "
+        f"once; a scored decision {v['scored_s']:.2f} s ({v['scored_uncached_s']:.1f} s without the prefix "
+        f"cache); a generated one {v['generated_s_True']:.2f} s, valid JSON {v['valid_True']:.0f}/"
+        f"{n['valid_True']} with the examples, {v['valid_False']:.0f}/{n['valid_False']} without. It agrees "
+        f"with the replay-measured best option on {v['agreement']:.0%} of {n['agreement']} held-out points "
+        f"(always 'keep': {v['always_keep']:.0%}); on the sample traces it fetches "
+        f"{v['traffic_vs_periodic']:.3f}x periodic's remote rows."
+    )
     return text, df.drop(columns="key")

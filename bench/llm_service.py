@@ -1,6 +1,6 @@
 """P6: the LLM decision service (one model per host) against one model per trainer process.
 
-    python -m bench.llm_service [--decisions 8] [--clients 4]
+    python -m rudder.bench.llm_service [--decisions 8] [--clients 4]
 
 - latency per decision: the agent with the local model vs the agent asking the service (SmolLM2-135M, both warm,
   prefix cached), on the first asked decision points of the first sample trace, rank 0;
@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACE2 = os.path.join(ROOT, "traces", "samples", "small-metis2-f10x25")
 TRACE4 = os.path.join(ROOT, "traces", "samples", "small-metis4-f10x25")
@@ -38,8 +37,8 @@ OUT = os.path.join(ROOT, "bench", "results", "p8_llm_service.csv")
 CHILD = r"""
 import os, sys, json
 sys.path.insert(0, {root!r})
-from bench.llm_service import points
-from agents.llm import LLMAgent
+from rudder.bench.llm_service import points
+from rudder.agents.llm.agent import LLMAgent
 agent = LLMAgent(**json.loads(sys.argv[1]))
 obs, info = points({trace!r}, int(sys.argv[2]), 1)[0]
 agent.warm_up(info)
@@ -51,14 +50,19 @@ sys.stdin.read()
 
 def points(trace: str, rank: int, n: int) -> list:
     """The first ``n`` decision points with something to admit, replaying periodic."""
-    from bench.llm_decisions import decision_points
+    from rudder.bench.llm_decisions import decision_points
 
     return decision_points(trace, n, rank)[0]
 
 
 def start_service(extra=()) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "agents.llm_server", "--model", "smollm2", "--port", "0", *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rudder.agents.llm.server", "--model", "smollm2", "--port", "0", *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     m = re.search(r"on (http://\S+)/v1", proc.stdout.readline())
     if not m:
         proc.kill()
@@ -83,9 +87,17 @@ def children_memory(kwargs: dict, clients: int, extra_pids=()) -> tuple[float, f
     import json
 
     code = CHILD.format(root=ROOT, trace=TRACE4)
-    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(kwargs), str(r % 4)], cwd=ROOT,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, HF_HUB_OFFLINE="1")) for r in range(clients)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(kwargs), str(r % 4)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
+        for r in range(clients)
+    ]
     try:
         for p in procs:
             assert p.stdout.readline().strip() == "ready"
@@ -124,11 +136,34 @@ def train_memory(service: str) -> dict:
     import tempfile
 
     summary = os.path.join(tempfile.mkdtemp(prefix="p6-"), "run.json")
-    cmd = [sys.executable, "train.py", "gnn", "--graph", "synth-tiny", "--parts", "2", "--trainers-per-part", "2",
-           "--epochs", "1", "--agent", "llm", "--llm-service", service, "--summary", summary]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "gnn",
+        "--graph",
+        "synth-tiny",
+        "--parts",
+        "2",
+        "--trainers-per-part",
+        "2",
+        "--epochs",
+        "1",
+        "--agent",
+        "llm",
+        "--llm-service",
+        service,
+        "--summary",
+        summary,
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     peak = 0.0
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
@@ -158,7 +193,7 @@ def batching(url: str, clients: int, decisions: int, row) -> None:
     import json
     import urllib.request
 
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     agents = [LLMAgent(endpoint=url) for _ in range(clients)]
     work = [[a.prompt(o, i) for o, i in points(TRACE4, r % 4, decisions)] for r, a in enumerate(agents)]
@@ -192,7 +227,7 @@ def batching(url: str, clients: int, decisions: int, row) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.llm_service", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rudder.bench.llm_service", description=__doc__.split("\n\n")[0])
     p.add_argument("--decisions", type=int, default=6)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--parts", default="latency,batching,memory", help="which of latency,batching,memory to measure")
@@ -201,8 +236,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     import pandas as pd
-
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     rows = []
 
@@ -214,9 +248,14 @@ def main(argv=None) -> int:
         for service in ("auto", "off"):
             got = train_memory(service)
             print(got.pop("log"))
-            row(f"train_{service}_peak_pss", f"train.py gnn synth-tiny 2x2 trainers --agent llm --llm-service "
-                f"{service}: peak summed PSS of the job", got["peak_pss_mb"], "MB", got["decisions"])
-            row(f"train_{service}_wall", f"same job, wall time", got["wall_s"], "s", got["decisions"])
+            row(
+                f"train_{service}_peak_pss",
+                f"train.py gnn synth-tiny 2x2 trainers --agent llm --llm-service {service}: peak summed PSS of the job",
+                got["peak_pss_mb"],
+                "MB",
+                got["decisions"],
+            )
+            row(f"train_{service}_wall", "same job, wall time", got["wall_s"], "s", got["decisions"])
         if args.train_only:
             os.makedirs(os.path.dirname(OUT), exist_ok=True)
             pd.DataFrame(rows).to_csv(OUT.replace(".csv", "_train.csv"), index=False)
@@ -234,18 +273,33 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 agent.option_scores(text.prefix, text.suffix)
                 lat.append(time.perf_counter() - t0)
-            row(f"latency_{label}_p50", f"seconds per scored decision, {label} (warm, prefix cached)",
-                statistics.median(lat), "s", len(lat))
+            row(
+                f"latency_{label}_p50",
+                f"seconds per scored decision, {label} (warm, prefix cached)",
+                statistics.median(lat),
+                "s",
+                len(lat),
+            )
             row(f"latency_{label}_min", f"fastest scored decision, {label}", min(lat), "s", len(lat))
         if "batching" in parts:
             batching(url, args.clients, args.decisions, row)
         # memory per host
         if "memory" in parts:
             rss, pss = children_memory(dict(endpoint=url), args.clients, [proc.pid])
-            row("memory_service_rss", f"RSS, service + {args.clients} agent processes asking it", rss, "MB",
-                args.clients)
-            row("memory_service_pss", f"PSS, service + {args.clients} agent processes asking it", pss, "MB",
-                args.clients)
+            row(
+                "memory_service_rss",
+                f"RSS, service + {args.clients} agent processes asking it",
+                rss,
+                "MB",
+                args.clients,
+            )
+            row(
+                "memory_service_pss",
+                f"PSS, service + {args.clients} agent processes asking it",
+                pss,
+                "MB",
+                args.clients,
+            )
     finally:
         proc.terminate()
         proc.wait()

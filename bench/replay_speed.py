@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 
-from baselines.policies import Periodic
-from rudder_env.evaluation.play import play_episode
-from rudder_env.replay_env import ReplayEnv
-from traces import Trace
+from rudder.baselines.policies import Periodic
+from rudder.env.replay_env import ReplayEnv
+from rudder.traces import Trace
+
+from rudder.evaluation.play import play_episode
 
 
 def measure(trace_dir: str, repeats: int = 3) -> list[dict]:
@@ -27,7 +28,15 @@ def measure(trace_dir: str, repeats: int = 3) -> list[dict]:
             play_episode(env, Periodic())
             best = min(best, time.perf_counter() - t0)
         n = len(table)
-        rows.append(dict(trace=trace_dir, rank=rank, minibatches=n, live_mb_per_s=n / live_s,
-                         replay_mb_per_s=n / best, speedup=live_s / best,
-                         bytes_per_remote_id=trace.rank(rank).bytes_per_remote_id))
+        rows.append(
+            dict(
+                trace=trace_dir,
+                rank=rank,
+                minibatches=n,
+                live_mb_per_s=n / live_s,
+                replay_mb_per_s=n / best,
+                speedup=live_s / best,
+                bytes_per_remote_id=trace.rank(rank).bytes_per_remote_id,
+            )
+        )
     return rows

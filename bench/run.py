@@ -1,6 +1,6 @@
 """Run rudder's benchmarks side by side and write BENCHMARKS.md.
 
-    python -m bench [--quick] [--only p4] [--out BENCHMARKS.md]
+python -m rudder.bench [--quick] [--only p4] [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -20,24 +20,27 @@ OUT_DIR = os.path.join(ROOT, "bench", "results")
 
 
 def p4_replay_speed(quick: bool) -> tuple[str, pd.DataFrame]:
-    from bench.replay_speed import measure
+    from rudder.bench.replay_speed import measure
 
     rows = []
     for trace in SAMPLES:
         rows += measure(trace, repeats=1 if quick else 3)
     df = pd.DataFrame(rows)
     df["trace"] = df["trace"].map(os.path.basename)
-    text = (f"Replay runs {df['speedup'].min():.0f}x to {df['speedup'].max():.0f}x faster than the live runs that "
-            f"recorded the traces (target >= 100x); traces take {df['bytes_per_remote_id'].mean():.2f} bytes per "
-            "remote id.")
+    text = (
+        f"Replay runs {df['speedup'].min():.0f}x to {df['speedup'].max():.0f}x faster than the live runs that "
+        f"recorded the traces (target >= 100x); traces take {df['bytes_per_remote_id'].mean():.2f} bytes per "
+        "remote id."
+    )
     return text, df
 
 
 def p1_traffic(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataFrame]:
-    from bench import traffic
+    from rudder.bench import traffic
 
-    df = traffic.measure(quick, agents=[*traffic.AGENTS, *(a for a in agents if a not in traffic.AGENTS)],
-                         agent_kwargs=agent_kwargs)
+    df = traffic.measure(
+        quick, agents=[*traffic.AGENTS, *(a for a in agents if a not in traffic.AGENTS)], agent_kwargs=agent_kwargs
+    )
     df.to_csv(os.path.join(OUT_DIR, "p1_traffic.csv"), index=False)
     traffic.plot(df, os.path.join(OUT_DIR, "p1_traffic.png"))
     traffic.plot_sample_ahead(df, os.path.join(OUT_DIR, "p1_sample_ahead.png"))
@@ -45,7 +48,7 @@ def p1_traffic(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataF
 
 
 def p2_end_to_end(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataFrame]:
-    from bench import end_to_end
+    from rudder.bench import end_to_end
 
     df = end_to_end.measure(quick, agents=agents, agent_kwargs=agent_kwargs)
     df.to_csv(os.path.join(OUT_DIR, "p2_end_to_end.csv"), index=False)
@@ -53,7 +56,7 @@ def p2_end_to_end(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.Da
 
 
 def p2c_cluster(quick: bool) -> tuple[str, pd.DataFrame]:
-    from bench import cluster
+    from rudder.bench import cluster
 
     df = cluster.measure(quick)
     fidelity = df.attrs.pop("fidelity")
@@ -62,35 +65,39 @@ def p2c_cluster(quick: bool) -> tuple[str, pd.DataFrame]:
     cluster.plot(df, os.path.join(OUT_DIR, "p2c_link_rate.png"))
     text, table = cluster.summarise(df)
     worst = fidelity.groupby("arrivals")["time_error"].apply(lambda e: e.abs().max())
-    text += (f"\n\nReplay of each recorded run (2 hosts, seed 0) with its own agent: hits and rows fetched "
-             f"identical in {int(fidelity['same_hits_and_rows'][fidelity['arrivals'] == 'recorded'].sum())} of "
-             f"{int((fidelity['arrivals'] == 'recorded').sum())} runs with the recorded arrivals; modelled training "
-             f"time within {worst.get('recorded', float('nan')):.1%} of the measured one (recorded arrivals), "
-             f"{worst.get('modelled', float('nan')):.1%} with arrivals from the link model "
-             f"(`bench/results/p2c_replay_fidelity.csv`, plot `bench/results/p2c_link_rate.png`).\n\n"
-             + fidelity.to_markdown(index=False, floatfmt=".3g"))
+    text += (
+        f"\n\nReplay of each recorded run (2 hosts, seed 0) with its own agent: hits and rows fetched "
+        f"identical in {int(fidelity['same_hits_and_rows'][fidelity['arrivals'] == 'recorded'].sum())} of "
+        f"{int((fidelity['arrivals'] == 'recorded').sum())} runs with the recorded arrivals; modelled training "
+        f"time within {worst.get('recorded', float('nan')):.1%} of the measured one (recorded arrivals), "
+        f"{worst.get('modelled', float('nan')):.1%} with arrivals from the link model "
+        f"(`bench/results/p2c_replay_fidelity.csv`, plot `bench/results/p2c_link_rate.png`).\n\n"
+        + fidelity.to_markdown(index=False, floatfmt=".3g")
+    )
     return text, table
 
 
 def p2r_replay_fidelity(quick: bool) -> tuple[str, pd.DataFrame]:
-    from bench import cluster
+    from rudder.bench import cluster
 
     df = cluster.fidelity_study()
     df.to_csv(os.path.join(OUT_DIR, "p2r_replay_fidelity.csv"), index=False)
     own = df[df["trace_of"] == df["replayed_agent"]]
     other = df[df["trace_of"] != df["replayed_agent"]]
-    text = (f"Replay against live runs on 2 emulated hosts at {cluster.MAIN[2]} (measured training time of the slowest "
-            f"trainer, 2 epochs). A run replayed with its own agent: modelled time within "
-            f"{own['time_error'].abs().max():.1%} of the measured one, rows fetched within "
-            f"{own['fetched_error'].abs().max():.2%}. One agent's trace replayed with another agent (the model "
-            f"fitted on a run it then predicts another of): time within {other['time_error'].abs().max():.1%} "
-            f"(mean {other['time_error'].abs().mean():.1%}), rows fetched within "
-            f"{other['fetched_error'].abs().max():.1%} (remote neighbour sampling differs run to run).")
+    text = (
+        f"Replay against live runs on 2 emulated hosts at {cluster.MAIN[2]} (measured training time of the slowest "
+        f"trainer, 2 epochs). A run replayed with its own agent: modelled time within "
+        f"{own['time_error'].abs().max():.1%} of the measured one, rows fetched within "
+        f"{own['fetched_error'].abs().max():.2%}. One agent's trace replayed with another agent (the model "
+        f"fitted on a run it then predicts another of): time within {other['time_error'].abs().max():.1%} "
+        f"(mean {other['time_error'].abs().mean():.1%}), rows fetched within "
+        f"{other['fetched_error'].abs().max():.1%} (remote neighbour sampling differs run to run)."
+    )
     return text, df
 
 
 def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:
-    from bench import end_to_end
+    from rudder.bench import end_to_end
 
     text, df = end_to_end.llm_hidden_latency(quick)
     df.to_csv(os.path.join(OUT_DIR, "p3_llm_latency.csv"), index=False)
@@ -98,7 +105,7 @@ def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p3c_llm_on_cluster(quick: bool) -> tuple[str, pd.DataFrame]:
-    from bench import cluster
+    from rudder.bench import cluster
 
     text, df = cluster.llm_hidden_on_cluster(quick)
     df.to_csv(os.path.join(OUT_DIR, "p3c_llm_on_cluster.csv"), index=False)
@@ -106,7 +113,7 @@ def p3c_llm_on_cluster(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p5_llm_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
-    from bench import llm_decisions
+    from rudder.bench import llm_decisions
 
     df = llm_decisions.measure(quick)
     df.to_csv(os.path.join(OUT_DIR, "p5_llm_decisions.csv"), index=False)
@@ -114,7 +121,7 @@ def p5_llm_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p6_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
-    from bench import decisions
+    from rudder.bench import decisions
 
     df = decisions.measure(quick)
     df.to_csv(os.path.join(OUT_DIR, "p6_decisions.csv"), index=False)
@@ -124,7 +131,7 @@ def p6_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p7_llm_size(quick: bool) -> tuple[str, pd.DataFrame]:
-    from bench import llm_size
+    from rudder.bench import llm_size
 
     df = llm_size.measure(quick)
     df.to_csv(os.path.join(OUT_DIR, "p7_llm_size.csv"), index=False)
@@ -132,7 +139,7 @@ def p7_llm_size(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p9_scale(quick: bool) -> tuple[str, pd.DataFrame]:
-    from bench import scale
+    from rudder.bench import scale
 
     df = scale.measure(minibatches=100 if quick else 1024)
     df.to_csv(os.path.join(OUT_DIR, "p9_scale.csv"), index=False)
@@ -140,7 +147,7 @@ def p9_scale(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def faults_reliability(quick: bool) -> tuple[str, pd.DataFrame]:
-    from bench import faults
+    from rudder.bench import faults
 
     df = faults.measure()
     df.to_csv(os.path.join(OUT_DIR, "faults.csv"), index=False)
@@ -163,24 +170,31 @@ SECTIONS = {
 }
 
 
-def main(argv=None, prog: str = "python -m bench") -> int:
+def main(argv=None, prog: str = "python -m rudder.bench") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few-minute version")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="markdown report to write")
-    p.add_argument("--agents", default="",
-                   help="more agents to measure beside the built-in ones in P1 (traffic) and P2 (live time): "
-                        "names or references (module.path:Class, path/to/file.py:Class), comma-separated")
-    p.add_argument("--agent-kwargs", action="append", default=[], metavar="[AGENT@]OPTIONS",
-                   help="constructor options for --agents, as in evaluate.py; repeatable")
+    p.add_argument(
+        "--agents",
+        default="",
+        help="more agents to measure beside the built-in ones in P1 (traffic) and P2 (live time): "
+        "names or references (module.path:Class, path/to/file.py:Class), comma-separated",
+    )
+    p.add_argument(
+        "--agent-kwargs",
+        action="append",
+        default=[],
+        metavar="[AGENT@]OPTIONS",
+        help="constructor options for --agents, as in evaluate.py; repeatable",
+    )
     args = p.parse_args(argv)
     chosen = [s for s in args.only.split(",") if s]
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
-        print(f"bench: error: unknown section(s) {', '.join(unknown)}: expected {', '.join(SECTIONS)}",
-              file=sys.stderr)
+        print(f"bench: error: unknown section(s) {', '.join(unknown)}: expected {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
-    from rudder_env.evaluation.registry import agent_kwargs_for, check_agent
+    from rudder.evaluation.registry import agent_kwargs_for, check_agent
 
     agents = [a.strip() for a in args.agents.split(",") if a.strip()]
     try:
@@ -191,21 +205,34 @@ def main(argv=None, prog: str = "python -m bench") -> int:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
     extra = dict(agents=agents, agent_kwargs=agent_kwargs)
-    cmd = ("python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    cmd = ("python -m rudder.bench " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     os.makedirs(OUT_DIR, exist_ok=True)
     done: dict[str, str] = {}  # the sections this run wrote; every other one is kept as the file has it now
-    header = ["# rudder benchmarks", "",
-              f"- machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-              f"Python {platform.python_version()}", ""]
+    header = [
+        "# rudder benchmarks",
+        "",
+        f"- machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}",
+        "",
+    ]
     for key in chosen:
         title, fn = SECTIONS[key]
         print(f"[bench] {title} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         text, df = fn(args.quick, **(extra if key in ("p1", "p2") else {}))
         print(f"\n## {title}\n{text}\n{df.to_string(index=False)}", flush=True)
-        done[title] = "\n".join([
-            f"## {title}", "", f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M %Z')} "
-            f"({time.perf_counter() - t0:.0f} s)", "", text, "", df.to_markdown(index=False, floatfmt=".3g"), ""])
+        done[title] = "\n".join(
+            [
+                f"## {title}",
+                "",
+                f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M %Z')} ({time.perf_counter() - t0:.0f} s)",
+                "",
+                text,
+                "",
+                df.to_markdown(index=False, floatfmt=".3g"),
+                "",
+            ]
+        )
         _write(args.out, header, done)  # keep what is done if a later section fails
     print(f"\nwrote {args.out}")
     return 0

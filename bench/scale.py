@@ -1,13 +1,14 @@
 """P9: replay at papers100M scale: every non-LLM agent and the oracles over one trainer trace of >= 10^8 remote ids.
 
-The trace is synthetic, shaped like an ogbn-papers100M trainer (:mod:`traces.synthetic`: 111M-node id space,
+The trace is synthetic, shaped like an ogbn-papers100M trainer (:mod:`rudder.traces.synthetic`: 111M-node id space,
 ~10^5 remote ids per minibatch, reuse scaled from a small real run), generated once into
 ``$RUDDER_CACHE/bench/synthetic``. Each agent and oracle replays it in a process of its own, so that each one's
 peak RSS is its own; every run shows a progress bar over the minibatches (stderr). Reported per agent: wall time
 (trace load included), peak RSS, replay minibatches per second, remote rows fetched relative to no prefetch and
 to Belady MIN.
 
-    python -m bench --only p9            # or: python -m bench.scale [--minibatches N] [--ids-per-minibatch M]
+    python -m rudder.bench --only p9
+    python -m rudder.bench.scale [--minibatches N] [--ids-per-minibatch M]   # the same, alone
 """
 
 from __future__ import annotations
@@ -31,16 +32,17 @@ LOOKAHEAD_SAMPLE_AHEAD = "64MB"
 
 
 def trace_dir(minibatches: int, ids_per_minibatch: int) -> str:
-    from rudder_env.dist.config import default_cache_dir
+    from rudder.runtime.config import default_cache_dir
 
-    return os.path.join(default_cache_dir(), "bench", "synthetic",
-                        f"papers100m-shaped-{minibatches}x{ids_per_minibatch}")
+    return os.path.join(
+        default_cache_dir(), "bench", "synthetic", f"papers100m-shaped-{minibatches}x{ids_per_minibatch}"
+    )
 
 
 def ensure_trace(minibatches: int, ids_per_minibatch: int, log) -> tuple[str, float]:
     """The synthetic trace (generated unless a complete one is cached) and the seconds generating it took."""
-    from traces import Trace, TraceError
-    from traces.synthetic import generate
+    from rudder.traces import Trace, TraceError
+    from rudder.traces.synthetic import generate
 
     out = trace_dir(minibatches, ids_per_minibatch)
     try:
@@ -53,21 +55,22 @@ def ensure_trace(minibatches: int, ids_per_minibatch: int, log) -> tuple[str, fl
     log(f"  generating {out} ({minibatches} minibatches x ~{ids_per_minibatch} remote ids, streamed)")
     with tqdm(total=minibatches, desc="P9 synthetic trace", unit="mb", file=sys.stderr) as bar:
         facts = generate(out, minibatches=minibatches, ids_per_minibatch=ids_per_minibatch, progress=bar.update)
-    log(f"  generated {facts['remote_ids']:,} remote ids over {facts['distinct_ids']:,} distinct in "
-        f"{facts['seconds']} s")
+    log(
+        f"  generated {facts['remote_ids']:,} remote ids over {facts['distinct_ids']:,} distinct in "
+        f"{facts['seconds']} s"
+    )
     return out, facts["seconds"]
 
 
 def run_one(trace: str, what: str, fraction: float) -> dict:
     """Replay ``what`` (an agent or an oracle) over the trace in this process; its row."""
-    import numpy as np
+    from rudder.agents.base import as_agent
+    from rudder.baselines.oracles import belady_min_chunked, hindsight_static_chunked
+    from rudder.env.contract import buffer_kwargs
+    from rudder.env.replay_env import ReplayEnv
     from tqdm import tqdm
 
-    from agents.base import as_agent
-    from baselines.oracles import belady_min_chunked, hindsight_static_chunked
-    from rudder_env.contract import buffer_kwargs
-    from rudder_env.evaluation.registry import make_agent
-    from rudder_env.replay_env import ReplayEnv
+    from rudder.evaluation.registry import make_agent
 
     t0 = time.perf_counter()
     if what in ORACLES:
@@ -105,19 +108,34 @@ def run_one(trace: str, what: str, fraction: float) -> dict:
         c = env.episode.buffer.counters
         row = dict(remote_sampled=c.remote_sampled, remote_fetched=c.remote_fetched, hits=c.hits)
     wall = time.perf_counter() - t0
-    return dict(agent=what, fraction=fraction, minibatches=n, wall_s=round(wall, 1), load_s=round(t_load, 1),
-                replay_mb_per_s=round(n / max(wall - t_load, 1e-9), 2),
-                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                buffer_nodes=int(env.buffer_nodes), num_nodes=int(env.num_nodes), capacity=int(env.capacity), **row)
+    return dict(
+        agent=what,
+        fraction=fraction,
+        minibatches=n,
+        wall_s=round(wall, 1),
+        load_s=round(t_load, 1),
+        replay_mb_per_s=round(n / max(wall - t_load, 1e-9), 2),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        buffer_nodes=int(env.buffer_nodes),
+        num_nodes=int(env.num_nodes),
+        capacity=int(env.capacity),
+        **row,
+    )
 
 
-def measure(minibatches: int = 1024, ids_per_minibatch: int = 100_000, fraction: float = FRACTION,
-            agents=AGENTS, oracles=ORACLES, log=lambda m: print(m, file=sys.stderr, flush=True)) -> pd.DataFrame:
+def measure(
+    minibatches: int = 1024,
+    ids_per_minibatch: int = 100_000,
+    fraction: float = FRACTION,
+    agents=AGENTS,
+    oracles=ORACLES,
+    log=lambda m: print(m, file=sys.stderr, flush=True),
+) -> pd.DataFrame:
     """One row per agent and oracle, each replayed in its own process over the same synthetic trace."""
     trace, gen_s = ensure_trace(minibatches, ids_per_minibatch, log)
     rows = []
     for what in [*agents, *oracles]:
-        cmd = [sys.executable, "-m", "bench.scale", "--one", what, "--trace", trace, "--fraction", str(fraction)]
+        cmd = [sys.executable, "-m", "rudder.bench.scale", "--one", what, "--trace", trace, "--fraction", str(fraction)]
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"P9 replay of {what} failed (exit {proc.returncode})")
@@ -136,15 +154,27 @@ def measure(minibatches: int = 1024, ids_per_minibatch: int = 100_000, fraction:
 def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     agents = df[~df["agent"].isin(ORACLES)]
     worst_rss = df["peak_rss_mb"].max()
-    text = (f"One papers100M-shaped trainer trace ({int(df['remote_sampled'].iloc[0]):,} remote ids in "
-            f"{int(df['minibatches'].iloc[0])} minibatches, id space {int(df['num_nodes'].iloc[0]):,}, "
-            f"{int(df['buffer_nodes'].iloc[0]):,} distinct ids touched; buffer {df['fraction'].iloc[0]} x those) "
-            f"replayed by {len(agents)} non-LLM agents and {len(df) - len(agents)} oracles: the slowest took "
-            f"{df['wall_s'].max():.0f} s ({df.loc[df['wall_s'].idxmax(), 'agent']}), peak RSS at most "
-            f"{worst_rss / 1024:.2f} GB (target: within 16 GB, minutes); the whole of P9 "
-            f"{df['wall_s'].sum() / 60:.1f} min.")
-    return text, df[["agent", "wall_s", "load_s", "peak_rss_mb", "replay_mb_per_s", "remote_fetched",
-                     "fetched_vs_none", "fetched_vs_min"]]
+    text = (
+        f"One papers100M-shaped trainer trace ({int(df['remote_sampled'].iloc[0]):,} remote ids in "
+        f"{int(df['minibatches'].iloc[0])} minibatches, id space {int(df['num_nodes'].iloc[0]):,}, "
+        f"{int(df['buffer_nodes'].iloc[0]):,} distinct ids touched; buffer {df['fraction'].iloc[0]} x those) "
+        f"replayed by {len(agents)} non-LLM agents and {len(df) - len(agents)} oracles: the slowest took "
+        f"{df['wall_s'].max():.0f} s ({df.loc[df['wall_s'].idxmax(), 'agent']}), peak RSS at most "
+        f"{worst_rss / 1024:.2f} GB (target: within 16 GB, minutes); the whole of P9 "
+        f"{df['wall_s'].sum() / 60:.1f} min."
+    )
+    return text, df[
+        [
+            "agent",
+            "wall_s",
+            "load_s",
+            "peak_rss_mb",
+            "replay_mb_per_s",
+            "remote_fetched",
+            "fetched_vs_none",
+            "fetched_vs_min",
+        ]
+    ]
 
 
 def main(argv=None) -> int:

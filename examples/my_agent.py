@@ -9,8 +9,7 @@ exceeded ``threshold``; otherwise keep the buffer and save the prefetch traffic.
 """
 
 import numpy as np
-
-from rudder_env.contract import BufferSettings, admissible, top_j
+from rudder.env.contract import BufferSettings, admissible, top_j
 
 
 class MyAgent:
@@ -25,7 +24,7 @@ class MyAgent:
         self.refreshes = 0
 
     def act(self, observation: dict, info: dict) -> np.ndarray:
-        window = info["window"]  # sums over the last decision window (rudder_env.contract.WindowInfo)
+        window = info["window"]  # sums over the last decision window (rudder.env.contract.WindowInfo)
         miss_rate = window["misses"] / max(window["remote_sampled"], 1)
         k = observation["candidates"].shape[0]  # the action is MultiBinary(K) over info["candidate_ids"]
         if miss_rate <= self.threshold:

@@ -28,8 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
-from rudder_env.settings import check
+from rudder.env.settings import check
 
 EMPTY = -1
 
@@ -86,8 +85,17 @@ class PrefetchBuffer:
             (requested in chunks while training goes on; see :meth:`take`, :meth:`arrive`).
     """
 
-    def __init__(self, capacity: int, num_nodes: int, alpha: float = 0.05, period: int = 32, feat_dim: int = 0,
-                 admit_on_miss: bool = False, dtype=np.float32, prefetch: str = "inline"):
+    def __init__(
+        self,
+        capacity: int,
+        num_nodes: int,
+        alpha: float = 0.05,
+        period: int = 32,
+        feat_dim: int = 0,
+        admit_on_miss: bool = False,
+        dtype=np.float32,
+        prefetch: str = "inline",
+    ):
         check("prefetch", prefetch)
         if capacity < 0:
             raise ValueError(f"buffer capacity must be >= 0, got {capacity}")
@@ -100,7 +108,7 @@ class PrefetchBuffer:
         self.alpha = float(alpha)
         self.period = int(period)
         self.decay = 1.0 - self.alpha
-        self.threshold = self.decay ** self.period
+        self.threshold = self.decay**self.period
         self.admit_on_miss = bool(admit_on_miss)
         self.feat_dim = int(feat_dim)
         self.slot_ids = np.full(self.capacity, EMPTY, dtype=np.int64)
@@ -264,14 +272,22 @@ class PrefetchBuffer:
         miss_ids = ids[~hit]
         if miss_ids.size:
             age = (t - self.miss_step[miss_ids]).astype(np.float32)
-            self.miss_count[miss_ids] = self.miss_count[miss_ids] * self.decay ** age + 1.0
+            self.miss_count[miss_ids] = self.miss_count[miss_ids] * self.decay**age + 1.0
             self.miss_step[miss_ids] = t
         pending = self.pending[self.slot_of[self.pending] == EMPTY] if self.pending.size else self.pending
         extra = pending[self.miss_step[pending] != t] if pending.size else pending  # not already a miss now
         self.pending = np.zeros(0, dtype=np.int64)
         late = int(np.count_nonzero(self.requested[miss_ids])) if self.requested.size and miss_ids.size else 0
-        self._open = dict(ids=ids, hit=hit, hit_rows=hit_rows, miss_ids=miss_ids, prefetch=pending, extra=extra,
-                          late=late, arrived=self._arrived)
+        self._open = dict(
+            ids=ids,
+            hit=hit,
+            hit_rows=hit_rows,
+            miss_ids=miss_ids,
+            prefetch=pending,
+            extra=extra,
+            late=late,
+            arrived=self._arrived,
+        )
         self._arrived = 0
         return np.concatenate([miss_ids, extra])
 
@@ -291,8 +307,9 @@ class PrefetchBuffer:
                 raise ValueError("this buffer holds rows: finish() needs the fetched rows")
             fetched_rows = np.asarray(fetched_rows)
             if fetched_rows.shape != (n_miss + extra.size, self.feat_dim):
-                raise ValueError(f"fetched rows have shape {fetched_rows.shape}, "
-                                 f"expected {(n_miss + extra.size, self.feat_dim)}")
+                raise ValueError(
+                    f"fetched rows have shape {fetched_rows.shape}, expected {(n_miss + extra.size, self.feat_dim)}"
+                )
             rows = np.empty((ids.size, self.feat_dim), dtype=self.rows.dtype)
             rows[hit] = op["hit_rows"]
             rows[~hit] = fetched_rows[:n_miss]
@@ -314,9 +331,15 @@ class PrefetchBuffer:
                 self._install(victims, admit, admit_rows)
                 self.counters.admitted_on_miss += int(admit.size)
         arrived = op["arrived"]
-        result = MinibatchCounts(remote_sampled=int(ids.size), hits=int(np.count_nonzero(hit)), misses=int(n_miss),
-                                 remote_fetched=int(n_miss + extra.size) + arrived,
-                                 prefetched=int(extra.size) + arrived, late=op["late"], arrived=arrived)
+        result = MinibatchCounts(
+            remote_sampled=int(ids.size),
+            hits=int(np.count_nonzero(hit)),
+            misses=int(n_miss),
+            remote_fetched=int(n_miss + extra.size) + arrived,
+            prefetched=int(extra.size) + arrived,
+            late=op["late"],
+            arrived=arrived,
+        )
         c = self.counters
         c.minibatches += 1
         c.remote_sampled += result.remote_sampled
@@ -365,7 +388,7 @@ class PrefetchBuffer:
 
         With a priority, admit-on-miss lets a missed row in only in place of a resident (or empty slot) of lower
         priority, lowest first, and prefetch sets replace the lowest-priority residents: an online Belady when the
-        priority predicts the next uses (:mod:`rudder_env.lookahead`).
+        priority predicts the next uses (:mod:`rudder.env.lookahead`).
         """
         if self.priority is None:
             self.priority = np.zeros(self.num_nodes, dtype=np.float32)
@@ -421,12 +444,18 @@ class PrefetchBuffer:
             self.rows[slots] = rows[:n]
 
 
-def initial_ids(how: str, halo_ids: np.ndarray, halo_degree: np.ndarray, capacity: int, seed: int,
-                vip: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def initial_ids(
+    how: str,
+    halo_ids: np.ndarray,
+    halo_degree: np.ndarray,
+    capacity: int,
+    seed: int,
+    vip: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """The ids of an initial fill of ``capacity`` slots: ``degree`` (most-connected halo nodes first, ties by lower
     id), ``random`` (a seeded permutation of the halo), ``empty``, or ``vip``: the remote nodes of highest vertex
     inclusion probability (SALIENT++), ties by lower id, given as ``vip=(ids, probabilities)``
-    (:func:`rudder_env.vip.vertex_inclusion_probability`). Only nodes with a positive VIP are filled: a node the
+    (:func:`rudder.env.vip.vertex_inclusion_probability`). Only nodes with a positive VIP are filled: a node the
     sampler cannot reach from this trainer's seeds is worth no slot, so a VIP fill may leave slots empty."""
     if capacity <= 0 or how == "empty":
         return np.zeros(0, dtype=np.int64)

@@ -10,13 +10,11 @@
   admits exactly that many; budget policies a fraction of it).
 """
 
-
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
-
-from rudder_env.settings import check, check_link_levels
+from rudder.env.settings import check, check_link_levels
 
 #: The link-budget levels of the level agents: nothing, an eighth, a quarter, half, or all of what the link can carry
 #: while the next window samples and computes.
@@ -32,16 +30,16 @@ class BufferSettings:
         static: the buffer is filled once and never changes (no prefetch set is applied, no admit-on-miss).
         admit_on_miss: let missed rows (fetched anyway) enter empty or evictable slots; None: the run's option
             (``--admit-on-miss``, or the recorded run's in replay).
-        ranking: how candidates are ranked and victims chosen (:mod:`rudder_env.ranking`): ``"misses"``
+        ranking: how candidates are ranked and victims chosen (:mod:`rudder.env.ranking`): ``"misses"``
             (MassiveGNN / Rudder: decayed miss counts, lowest score evicted) or ``"lookahead"`` (the sampler
             lookahead's predicted need).
         buffer_init: the initial fill (``degree``, ``random``, ``empty``, ``vip``); None: the run's
             (``--buffer-init``, or the recorded run's in replay).
         levels: None: the agent acts with a ``MultiBinary(K)`` mask over the top-K candidates; else it picks one of
             these multiples of the link budget every window (``Discrete``; see
-            :class:`rudder_env.episode.PrefetchEpisode`).
+            :class:`rudder.env.episode.PrefetchEpisode`).
         sample_ahead: in replay, how far the live trainer had sampled ahead (``4``, ``"64MB"``, ``"epoch"``:
-            :mod:`rudder_env.sample_ahead`), emulated from the recorded ids; None: the recorded run's. A live run
+            :mod:`rudder.env.sample_ahead`), emulated from the recorded ids; None: the recorded run's. A live run
             takes its own ``--sample-ahead``.
     """
 
@@ -51,7 +49,7 @@ class BufferSettings:
     ranking: str = "misses"
     levels: tuple[float, ...] | None = None
     buffer_init: str | None = None
-    sample_ahead: str | None = None  # replay: how far the trainer had sampled ahead (rudder_env.sample_ahead)
+    sample_ahead: str | None = None  # replay: how far the trainer had sampled ahead (rudder.env.sample_ahead)
 
     def __post_init__(self):
         check("ranking", self.ranking)
@@ -60,15 +58,16 @@ class BufferSettings:
         if self.buffer_init is not None:
             check("buffer_init", self.buffer_init)
         if self.sample_ahead is not None:
-            from rudder_env.sample_ahead import SampleAhead
+            from rudder.env.sample_ahead import SampleAhead
 
             object.__setattr__(self, "sample_ahead", str(SampleAhead.parse(self.sample_ahead, "sample_ahead")))
         if self.static and self.admit_on_miss:
             raise ValueError("a static buffer cannot admit on miss: it never changes after the initial fill")
 
 
-def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None,
-                  admit_on_miss: bool | None = None) -> dict[str, Any]:
+def buffer_kwargs(
+    settings: BufferSettings, buffer_fraction: float | None = None, admit_on_miss: bool | None = None
+) -> dict[str, Any]:
     """``buffer_fraction``, ``admit_on_miss`` and ``ranking`` for an env (live trainer or replay) of an agent with
     ``settings``, given the run's own ``buffer_fraction`` and ``admit_on_miss`` (None: the recorded run's, in replay),
     and ``buffer_init`` where the agent sets one.
@@ -78,8 +77,11 @@ def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None
     link-budget levels.
     """
     admit = admit_on_miss if settings.admit_on_miss is None else settings.admit_on_miss
-    out = dict(buffer_fraction=buffer_fraction if settings.uses_buffer else 0.0,
-               admit_on_miss=False if settings.static else admit, ranking=settings.ranking)
+    out = dict(
+        buffer_fraction=buffer_fraction if settings.uses_buffer else 0.0,
+        admit_on_miss=False if settings.static else admit,
+        ranking=settings.ranking,
+    )
     if settings.buffer_init is not None:
         out["buffer_init"] = settings.buffer_init
     if settings.levels is not None:
@@ -90,7 +92,7 @@ def buffer_kwargs(settings: BufferSettings, buffer_fraction: float | None = None
 
 
 class WindowInfo(TypedDict):
-    """Sums over the minibatches of the last decision window (:class:`rudder_env.spaces.WindowStats`)."""
+    """Sums over the minibatches of the last decision window (:class:`rudder.env.spaces.WindowStats`)."""
 
     minibatches: int
     input_rows: int
@@ -110,7 +112,7 @@ class WindowInfo(TypedDict):
 
 
 class LinkInfo(TypedDict):
-    """The trainer's link as the episode estimates it (:class:`rudder_env.episode.LinkEstimate`)."""
+    """The trainer's link as the episode estimates it (:class:`rudder.env.episode.LinkEstimate`)."""
 
     s_per_row: float  # seconds per remote row pulled (0: not known yet)
     s_per_pull: float  # fixed seconds per pull
@@ -149,7 +151,7 @@ class DecisionInfo(TypedDict):
     minibatch: int  # minibatches run so far
     decision: int  # decisions applied so far
     window: WindowInfo
-    counters: dict[str, int]  # the buffer's counters since the start (:class:`rudder_env.buffer.BufferCounters`)
+    counters: dict[str, int]  # the buffer's counters since the start (:class:`rudder.env.buffer.BufferCounters`)
     facts: dict[str, Any]  # fixed facts of the run: graph, partitioning, buffer settings, sampler
     applied_ids: NotRequired[np.ndarray]  # after step/run_window: the prefetch ids applied during the window
     decision_latency_s: NotRequired[float]  # live, after step: seconds between the observation and the action

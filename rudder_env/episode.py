@@ -12,18 +12,16 @@ either driver, so the same agent sees the same thing live and offline.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import gymnasium as gym
 import numpy as np
-
-from rudder_env.buffer import EMPTY, PREFETCH_CHUNK, MinibatchCounts, PrefetchBuffer
-from rudder_env.contract import Choice, DecisionInfo, LinkInfo
-from rudder_env.ranking import Ranked, Ranking
-from rudder_env.settings import check, check_link_levels
-from rudder_env.spaces import LINK_FEATURES, WindowStats, build_observation, check_action, lg
-
+from rudder.env.buffer import EMPTY, PREFETCH_CHUNK, MinibatchCounts, PrefetchBuffer
+from rudder.env.contract import Choice, DecisionInfo, LinkInfo
+from rudder.env.ranking import Ranked, Ranking
+from rudder.env.settings import check, check_link_levels
+from rudder.env.spaces import LINK_FEATURES, WindowStats, build_observation, check_action, lg
 
 
 @dataclass
@@ -105,8 +103,7 @@ class LinkEstimate:
         """Modelled seconds the link was busy in ``window``: its demand pulls and the background chunks delivered."""
         c0, c_local, c_remote = self.coefficients
         demand = window.remote_fetched - window.arrived
-        return (c0 * window.minibatches + c_local * window.local_rows + c_remote * demand
-                + self.seconds(window.arrived))
+        return c0 * window.minibatches + c_local * window.local_rows + c_remote * demand + self.seconds(window.arrived)
 
 
 def _nonnegative_normal(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
@@ -145,7 +142,7 @@ class PrefetchEpisode:
 
     Args:
         buffer: the trainer's buffer (already filled).
-        ranking: ranks the candidates and picks victims (:mod:`rudder_env.ranking`).
+        ranking: ranks the candidates and picks victims (:mod:`rudder.env.ranking`).
         k: number of ranked candidates per decision (action size).
         run: the run's fixed facts.
         reward: ``"traffic"`` (minus remote rows fetched / remote rows sampled over the window) or ``"time"``
@@ -159,8 +156,16 @@ class PrefetchEpisode:
             the agent must weigh). ``info["choices"]`` says what each level would do.
     """
 
-    def __init__(self, buffer: PrefetchBuffer, ranking: Ranking, k: int, run: RunFacts, reward: str = "traffic",
-                 levels=None, id_map: np.ndarray | None = None):
+    def __init__(
+        self,
+        buffer: PrefetchBuffer,
+        ranking: Ranking,
+        k: int,
+        run: RunFacts,
+        reward: str = "traffic",
+        levels=None,
+        id_map: np.ndarray | None = None,
+    ):
         check("reward", reward)
         check("candidates", k)
         self.buffer, self.ranking, self.k, self.run = buffer, ranking, k, run
@@ -180,9 +185,17 @@ class PrefetchEpisode:
         self.minibatches = 0
         self.windows = 0
         self.decisions = 0
-        self.facts = dict(run.facts, halo_nodes=run.halo_nodes, capacity=buffer.capacity, alpha=buffer.alpha,
-                          period=buffer.period, fanout=",".join(map(str, run.fanouts)), batch_size=run.batch_size,
-                          total_minibatches=run.total_minibatches, candidates=k)
+        self.facts = dict(
+            run.facts,
+            halo_nodes=run.halo_nodes,
+            capacity=buffer.capacity,
+            alpha=buffer.alpha,
+            period=buffer.period,
+            fanout=",".join(map(str, run.fanouts)),
+            batch_size=run.batch_size,
+            total_minibatches=run.total_minibatches,
+            candidates=k,
+        )
         self._seen_in_window = np.full(buffer.num_nodes, -1, dtype=np.int32)  # window index of an id's last use
         self.candidate_ids = np.full(k, -1, dtype=np.int64)
         self._victims = None
@@ -200,8 +213,16 @@ class PrefetchEpisode:
         """Count a minibatch the driver ran."""
         new = np.count_nonzero(self._seen_in_window[rec.remote_ids] != self.windows)
         self._seen_in_window[rec.remote_ids] = self.windows
-        self.window.add(rec.remote_ids, rec.local_rows, rec.counts, rec.sample_s, rec.fetch_s, rec.compute_s,
-                        int(new), stall_s=rec.stall_s)
+        self.window.add(
+            rec.remote_ids,
+            rec.local_rows,
+            rec.counts,
+            rec.sample_s,
+            rec.fetch_s,
+            rec.compute_s,
+            int(new),
+            stall_s=rec.stall_s,
+        )
         self.link.add(rec.local_rows, rec.counts.remote_fetched - rec.counts.arrived, rec.fetch_s - rec.stall_s)
         self.minibatches += 1
 
@@ -228,34 +249,63 @@ class PrefetchEpisode:
         mb = max(w.minibatches, 1)
         seconds = w.seconds
         need = full["need_in"] + full["need_out"]
-        link_obs = np.array([
-            self.link.busy_s(w) / seconds if seconds > 0 else 0.0,
-            lg(1000 * w.stall_s / mb), lg(1000 * hide_s / mb), budget_rows / max(buf.capacity, 1),
-            full["need_in"] / need if need > 0 else 0.5,
-            w.late / max(w.late + w.prefetched, 1),
-            self.last_unused / max(w.arrived if buf.prefetch == "background" else w.prefetched, 1),
-            float(n_admissible == 0)], dtype=np.float64)
+        link_obs = np.array(
+            [
+                self.link.busy_s(w) / seconds if seconds > 0 else 0.0,
+                lg(1000 * w.stall_s / mb),
+                lg(1000 * hide_s / mb),
+                budget_rows / max(buf.capacity, 1),
+                full["need_in"] / need if need > 0 else 0.5,
+                w.late / max(w.late + w.prefetched, 1),
+                self.last_unused / max(w.arrived if buf.prefetch == "background" else w.prefetched, 1),
+                float(n_admissible == 0),
+            ],
+            dtype=np.float64,
+        )
         assert link_obs.size == LINK_FEATURES
         # alpha scales once more here for either ranking: the shipped PPO policy was trained on these values
         scores = ranked.candidate_scores[: self.k] * self.ranking.score_scale * buf.alpha
-        obs = build_observation(buf, w, c.hits, c.remote_sampled,
-                                self.minibatches / max(self.total_minibatches, 1), scores,
-                                self.run.halo_nodes, self.run.fanouts, self.run.batch_size, link=link_obs)
+        obs = build_observation(
+            buf,
+            w,
+            c.hits,
+            c.remote_sampled,
+            self.minibatches / max(self.total_minibatches, 1),
+            scores,
+            self.run.halo_nodes,
+            self.run.fanouts,
+            self.run.batch_size,
+            link=link_obs,
+        )
         c0, _, c_remote = self.link.coefficients
-        link = LinkInfo(s_per_row=c_remote, s_per_pull=c0, hide_s=hide_s, budget_rows=int(budget_rows),
-                        utilisation=float(link_obs[0]), stall_s=w.stall_s, n_admissible=int(n_admissible))
-        info = DecisionInfo(candidate_ids=self.to_global(self.candidate_ids),
-                            candidate_scores=ranked.candidate_scores[: self.k].copy(),
-                            n_candidates=int(np.count_nonzero(self.candidate_ids >= 0)),
-                            n_evictable=ranked.n_evictable, capacity=buf.capacity,
-                            minibatch=self.minibatches, decision=self.decisions, window=w.as_dict(),
-                            counters=c.as_dict(), facts=dict(self.facts), link=link)
+        link = LinkInfo(
+            s_per_row=c_remote,
+            s_per_pull=c0,
+            hide_s=hide_s,
+            budget_rows=int(budget_rows),
+            utilisation=float(link_obs[0]),
+            stall_s=w.stall_s,
+            n_admissible=int(n_admissible),
+        )
+        info = DecisionInfo(
+            candidate_ids=self.to_global(self.candidate_ids),
+            candidate_scores=ranked.candidate_scores[: self.k].copy(),
+            n_candidates=int(np.count_nonzero(self.candidate_ids >= 0)),
+            n_evictable=ranked.n_evictable,
+            capacity=buf.capacity,
+            minibatch=self.minibatches,
+            decision=self.decisions,
+            window=w.as_dict(),
+            counters=c.as_dict(),
+            facts=dict(self.facts),
+            link=link,
+        )
         if self.levels is not None:
             info["choices"] = [dict(ch) for ch in self._choices]
         return obs, info
 
     def _choice(self, level: float, rows: int) -> Choice:
-        """What prefetching the top ``rows`` ranked candidates would do (:class:`~rudder_env.contract.Choice`)."""
+        """What prefetching the top ``rows`` ranked candidates would do (:class:`~rudder.env.contract.Choice`)."""
         buf, ranked = self.buffer, self._ranked
         rows = max(int(rows), 0)
         need_in = float(ranked.candidate_scores[:rows].mean()) if rows else 0.0
@@ -273,8 +323,15 @@ class PrefetchEpisode:
         else:
             out = np.where(resident, buf.slot_scores()[victims], 0.0)
             hot = resident & (buf.clock - buf.slot_last_hit[victims] < buf.period)
-        return Choice(level=float(level), rows=rows, link_s=self.link.seconds(rows), evicts=int(resident.sum()),
-                      evicts_hot=int(hot.sum()), need_in=need_in, need_out=float(out.mean()) if rows else 0.0)
+        return Choice(
+            level=float(level),
+            rows=rows,
+            link_s=self.link.seconds(rows),
+            evicts=int(resident.sum()),
+            evicts_hot=int(hot.sum()),
+            need_in=need_in,
+            need_out=float(out.mean()) if rows else 0.0,
+        )
 
     def _victim_slots(self, n: int) -> np.ndarray:
         """The slots ``n`` prefetched rows would replace (as the buffer would choose them now)."""
@@ -315,8 +372,10 @@ class PrefetchEpisode:
         pos = np.minimum(np.searchsorted(self.id_map, ids), self.id_map.size - 1)
         bad = self.id_map[pos] != ids
         if bad.any():
-            raise ValueError(f"prefetch id {int(ids[bad][0])} is no node this rank's trace touches (needed, halo, "
-                             f"initial fill or recorded decision): it cannot be prefetched in this replay")
+            raise ValueError(
+                f"prefetch id {int(ids[bad][0])} is no node this rank's trace touches (needed, halo, "
+                f"initial fill or recorded decision): it cannot be prefetched in this replay"
+            )
         return pos
 
     def choices(self) -> list[Choice]:
@@ -393,7 +452,7 @@ class PrefetchEnv(gym.Env):
 
         ``poll(minibatch)`` is called before each minibatch with the number of minibatches run so far; a non-None
         return ``(ids, latency_s)`` is a prefetch set applied there, e.g. a decision an agent finished in the
-        background (:mod:`rudder_env.evaluation.play`). Returns ``step``'s tuple.
+        background (:mod:`rudder.evaluation.play`). Returns ``step``'s tuple.
         """
         ep = require_running(self.episode)
         late, overhead = [], 0.0
@@ -414,13 +473,25 @@ class PrefetchEnv(gym.Env):
             t1 = time.perf_counter()
             ep.record(rec)
             if self.trace is not None:
-                self.trace.add_minibatch(minibatch=rec.index, epoch=rec.epoch, remote_ids=rec.remote_ids,
-                                         local_rows=rec.local_rows, sample_s=rec.sample_s, fetch_s=rec.fetch_s,
-                                         compute_s=rec.compute_s, fetch_rows=rec.fetch_rows, hits=rec.counts.hits,
-                                         remote_fetched=rec.counts.remote_fetched,
-                                         prefetched=rec.counts.prefetched, seeds=rec.seeds,
-                                         **(dict(arrived=rec.counts.arrived, stall_s=rec.stall_s)
-                                            if ep.buffer.prefetch == "background" else {}))
+                self.trace.add_minibatch(
+                    minibatch=rec.index,
+                    epoch=rec.epoch,
+                    remote_ids=rec.remote_ids,
+                    local_rows=rec.local_rows,
+                    sample_s=rec.sample_s,
+                    fetch_s=rec.fetch_s,
+                    compute_s=rec.compute_s,
+                    fetch_rows=rec.fetch_rows,
+                    hits=rec.counts.hits,
+                    remote_fetched=rec.counts.remote_fetched,
+                    prefetched=rec.counts.prefetched,
+                    seeds=rec.seeds,
+                    **(
+                        dict(arrived=rec.counts.arrived, stall_s=rec.stall_s)
+                        if ep.buffer.prefetch == "background"
+                        else {}
+                    ),
+                )
             overhead += time.perf_counter() - t1
         t2 = time.perf_counter()
         if ep.done:

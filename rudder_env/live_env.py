@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from rudder_env.episode import PrefetchEnv, PrefetchEpisode, RunFacts
-from rudder_env.ranking import make_ranking
-from rudder_env.replay_env import DEFAULT_CANDIDATES
-from rudder_env.spaces import action_space, observation_space
-from rudder_env.settings import check, check_link_levels
+from rudder.env.episode import PrefetchEnv, PrefetchEpisode, RunFacts
+from rudder.env.ranking import make_ranking
+from rudder.env.replay_env import DEFAULT_CANDIDATES
+from rudder.env.settings import check, check_link_levels
+from rudder.env.spaces import action_space, observation_space
 
 
 class LiveEnv(PrefetchEnv):
@@ -23,7 +23,7 @@ class LiveEnv(PrefetchEnv):
     ``Discrete`` link-budget level (as in ``rudder/Replay-v0``).
 
     ## Observation Space
-    As ``rudder/Replay-v0`` (:mod:`rudder_env.spaces`); times are measured, not modelled.
+    As ``rudder/Replay-v0`` (:mod:`rudder.env.spaces`); times are measured, not modelled.
 
     ## Rewards
     ``"traffic"``: minus remote rows fetched over remote rows sampled in the window; ``"time"``: minus the window's
@@ -37,17 +37,25 @@ class LiveEnv(PrefetchEnv):
     Terminates after the run's last minibatch (``epochs`` x minibatches per epoch).
 
     ## Arguments
-    ``trainer`` (a :class:`~rudder_env.dist.trainer.DistTrainer` inside a DistDGL job), ``candidates`` (K), ``reward``,
+    ``trainer`` (a :class:`~rudder.runtime.trainer.DistTrainer` inside a DistDGL job), ``candidates`` (K), ``reward``,
     ``trace`` (an optional :class:`traces.TraceWriter` recording every minibatch and decision), ``ranking``
-    (``"misses"`` or ``"lookahead"``, see :mod:`rudder_env.ranking`) with
+    (``"misses"`` or ``"lookahead"``, see :mod:`rudder.env.ranking`) with
     ``lookahead_horizon`` and ``lookahead_discount``.
     """
 
     live = True
 
-    def __init__(self, trainer, candidates: int = DEFAULT_CANDIDATES, reward: str = "traffic", trace=None,
-                 ranking: str = "misses", lookahead_horizon: int | None = None,
-                 lookahead_discount: float | None = None, levels=None):
+    def __init__(
+        self,
+        trainer,
+        candidates: int = DEFAULT_CANDIDATES,
+        reward: str = "traffic",
+        trace=None,
+        ranking: str = "misses",
+        lookahead_horizon: int | None = None,
+        lookahead_discount: float | None = None,
+        levels=None,
+    ):
         super().__init__()
         self.levels = None if levels is None else check_link_levels(levels)
         self.trainer = trainer
@@ -68,14 +76,32 @@ class LiveEnv(PrefetchEnv):
             t.start(seed)
         self._records = t.minibatches()
         cfg = t.cfg
-        run = RunFacts(t.total_minibatches, t.halo_ids.size, cfg.fanouts, cfg.batch_size,
-                       facts=dict(graph=cfg.graph, parts=cfg.parts, partitioning=cfg.partition, rank=t.trainer_rank,
-                                  num_nodes=int(t.g.num_nodes()), model=cfg.model, source="live DistDGL training"),
-                       initial_fill=(int(t.initial_ids.size), float(t.initial_fill_s)) if t.initial_ids.size else None)
+        run = RunFacts(
+            t.total_minibatches,
+            t.halo_ids.size,
+            cfg.fanouts,
+            cfg.batch_size,
+            facts=dict(
+                graph=cfg.graph,
+                parts=cfg.parts,
+                partitioning=cfg.partition,
+                rank=t.trainer_rank,
+                num_nodes=int(t.g.num_nodes()),
+                model=cfg.model,
+                source="live DistDGL training",
+            ),
+            initial_fill=(int(t.initial_ids.size), float(t.initial_fill_s)) if t.initial_ids.size else None,
+        )
         t0 = time.perf_counter()
-        ranking = make_ranking(self.ranking, t.buffer, lookahead=t.lookahead,
-                               upcoming=lambda done, h: t.upcoming_seeds(h), sampled_ahead=lambda done: t.sampled_ahead(),
-                               horizon=self.lookahead_horizon, discount=self.lookahead_discount)
+        ranking = make_ranking(
+            self.ranking,
+            t.buffer,
+            lookahead=t.lookahead,
+            upcoming=lambda done, h: t.upcoming_seeds(h),
+            sampled_ahead=lambda done: t.sampled_ahead(),
+            horizon=self.lookahead_horizon,
+            discount=self.lookahead_discount,
+        )
         self.episode = PrefetchEpisode(t.buffer, ranking, self.k, run, reward=self.reward, levels=self.levels)
         ranking_s = time.perf_counter() - t0
         obs, info = self._first_observation()

@@ -15,7 +15,7 @@ With three or more layers (e.g. papers100M's ``15,10,5``) the lookahead still mo
 seeds (``fanouts[-1]``, ``fanouts[-2]``): the third hop would need every inner node's in-edges (the trace keeps only
 those of the training seeds and the halo edges of inner nodes) and compounds the estimate's error. What the third
 hop needs is known instead from the minibatches sampled ahead, exactly (``--sample-ahead``, a count, a budget such
-as ``64MB``, or ``epoch``: :mod:`rudder_env.sample_ahead`), and the oracles score the recorded ids whatever the
+as ``64MB``, or ``epoch``: :mod:`rudder.env.sample_ahead`), and the oracles score the recorded ids whatever the
 depth (tests/test_scale.py runs a real 3-layer job and replays it exactly).
 :meth:`SamplerLookahead.scores` sums these expected remote needs over upcoming minibatches, discounted by distance,
 so a policy can prefetch what is needed soon and evict what is not — an online approximation of Belady's MIN.
@@ -46,8 +46,19 @@ class SamplerLookahead:
             it the lookahead also sees the second hop through halo nodes.
     """
 
-    def __init__(self, num_nodes: int, inner_ids, in_degree, train_ids, train_indptr, train_src, halo_indptr,
-                 halo_src, fanouts, halo_in=None):
+    def __init__(
+        self,
+        num_nodes: int,
+        inner_ids,
+        in_degree,
+        train_ids,
+        train_indptr,
+        train_src,
+        halo_indptr,
+        halo_src,
+        fanouts,
+        halo_in=None,
+    ):
         self.num_nodes = int(num_nodes)
         self.inner_ids = np.asarray(inner_ids, dtype=np.int64)
         self.in_degree = np.asarray(in_degree, dtype=np.int64)
@@ -66,7 +77,8 @@ class SamplerLookahead:
         # hop 1 from a seed (rows: train seeds) to inner neighbours and to halo neighbours
         rows = np.repeat(np.arange(n_train), np.diff(self.train_indptr))
         self._seed_to_inner = sp.csr_matrix(
-            (p_train[rows], (rows, np.searchsorted(self.inner_ids, self.train_src))), shape=(n_train, n_inner))
+            (p_train[rows], (rows, np.searchsorted(self.inner_ids, self.train_src))), shape=(n_train, n_inner)
+        )
         halo_rows = np.repeat(np.arange(n_inner), np.diff(self.halo_indptr))
         p_inner_f1 = np.minimum(1.0, f1 / np.maximum(self.in_degree, 1))
         p_inner_f2 = np.minimum(1.0, f2 / np.maximum(self.in_degree, 1)) if f2 else np.zeros(n_inner)
@@ -81,24 +93,28 @@ class SamplerLookahead:
             self.remote_ids = self.halo_ids
         n_remote = self.remote_ids.size
         halo_pos = np.searchsorted(self.remote_ids, self.halo_ids)
-        self._inner_to_remote_f1 = sp.csr_matrix((p_inner_f1[halo_rows], (halo_rows, halo_pos[halo_col])),
-                                                 shape=(n_inner, n_remote))
-        self._inner_to_remote_f2 = sp.csr_matrix((p_inner_f2[halo_rows], (halo_rows, halo_pos[halo_col])),
-                                                 shape=(n_inner, n_remote))
+        self._inner_to_remote_f1 = sp.csr_matrix(
+            (p_inner_f1[halo_rows], (halo_rows, halo_pos[halo_col])), shape=(n_inner, n_remote)
+        )
+        self._inner_to_remote_f2 = sp.csr_matrix(
+            (p_inner_f2[halo_rows], (halo_rows, halo_pos[halo_col])), shape=(n_inner, n_remote)
+        )
         self._halo_to_remote_f2 = None
         if self.halo_in is not None and f2:
             degree, indptr, src = self.halo_in
             rows2 = np.repeat(np.arange(self.halo_ids.size), np.diff(indptr))
             q = np.minimum(1.0, f2 / np.maximum(degree, 1))
-            self._halo_to_remote_f2 = sp.csr_matrix((q[rows2], (rows2, np.searchsorted(self.remote_ids, src))),
-                                                    shape=(self.halo_ids.size, n_remote))
+            self._halo_to_remote_f2 = sp.csr_matrix(
+                (q[rows2], (rows2, np.searchsorted(self.remote_ids, src))), shape=(self.halo_ids.size, n_remote)
+            )
         self._halo_pos = halo_pos
         self._train_pos = train_pos
 
     # ------------------------------------------------------------------ building and storing
     @classmethod
-    def from_partition(cls, num_nodes: int, local_global_ids, inner_mask, csc_indptr, csc_indices, train_ids,
-                       fanouts) -> SamplerLookahead:
+    def from_partition(
+        cls, num_nodes: int, local_global_ids, inner_mask, csc_indptr, csc_indices, train_ids, fanouts
+    ) -> SamplerLookahead:
         """From a DistDGL local partition: global id per local node, inner mask, CSC in-edges (local ids)."""
         gid = np.asarray(local_global_ids, dtype=np.int64)
         inner = np.asarray(inner_mask, dtype=bool)
@@ -127,19 +143,24 @@ class SamplerLookahead:
 
         train_indptr, train_src = gather(train_local, inner)
         halo_indptr, halo_src = gather(inner_local, ~inner)
-        return cls(num_nodes, inner_ids, in_degree, train_ids, train_indptr, train_src, halo_indptr, halo_src,
-                   fanouts)
+        return cls(num_nodes, inner_ids, in_degree, train_ids, train_indptr, train_src, halo_indptr, halo_src, fanouts)
 
     def to_static(self) -> dict[str, np.ndarray]:
         """Compact arrays for a trace: sorted id lists and per-row neighbour positions delta-coded."""
         inner_pos = np.searchsorted(self.inner_ids, self.train_src)
         halo_pos = np.searchsorted(self.halo_ids, self.halo_src)
         train_counts, halo_counts = np.diff(self.train_indptr), np.diff(self.halo_indptr)
-        out = dict(la_inner_ids=_pack(self.inner_ids), la_in_degree=_small(self.in_degree),
-                   la_train_ids=_pack(self.train_ids), la_train_count=_small(train_counts),
-                   la_train_src=_pack_rows(inner_pos, train_counts), la_halo_ids=_pack(self.halo_ids),
-                   la_halo_count=_small(halo_counts), la_halo_src=_pack_rows(halo_pos, halo_counts),
-                   la_fanouts=np.asarray(self.fanouts, dtype=np.int32))
+        out = dict(
+            la_inner_ids=_pack(self.inner_ids),
+            la_in_degree=_small(self.in_degree),
+            la_train_ids=_pack(self.train_ids),
+            la_train_count=_small(train_counts),
+            la_train_src=_pack_rows(inner_pos, train_counts),
+            la_halo_ids=_pack(self.halo_ids),
+            la_halo_count=_small(halo_counts),
+            la_halo_src=_pack_rows(halo_pos, halo_counts),
+            la_fanouts=np.asarray(self.fanouts, dtype=np.int32),
+        )
         if self.halo_in is not None:
             degree, indptr, src = self.halo_in
             counts = np.diff(indptr)
@@ -160,9 +181,18 @@ class SamplerLookahead:
         if "la_hin_degree" in static:
             counts = static["la_hin_count"].astype(np.int64)
             halo_in = (static["la_hin_degree"], _indptr(counts), _unpack_rows(static["la_hin_src"], counts))
-        return cls(num_nodes, inner_ids, static["la_in_degree"].astype(np.int64), _unpack(static["la_train_ids"]),
-                   _indptr(train_counts), train_src, _indptr(halo_counts), halo_src, static["la_fanouts"],
-                   halo_in=halo_in)
+        return cls(
+            num_nodes,
+            inner_ids,
+            static["la_in_degree"].astype(np.int64),
+            _unpack(static["la_train_ids"]),
+            _indptr(train_counts),
+            train_src,
+            _indptr(halo_counts),
+            halo_src,
+            static["la_fanouts"],
+            halo_in=halo_in,
+        )
 
     def with_halo_in_edges(self, src, dst, partition_of) -> SamplerLookahead:
         """A copy that also knows the halo nodes' in-edges: ``src -> dst`` (global ids; every in-edge of every
@@ -178,9 +208,18 @@ class SamplerLookahead:
         row, src = row[remote], src[remote]
         order = np.lexsort((src, row))
         counts = np.bincount(row, minlength=self.halo_ids.size)
-        return SamplerLookahead(self.num_nodes, self.inner_ids, self.in_degree, self.train_ids, self.train_indptr,
-                                self.train_src, self.halo_indptr, self.halo_src, self.fanouts,
-                                halo_in=(degree, _indptr(counts), src[order]))
+        return SamplerLookahead(
+            self.num_nodes,
+            self.inner_ids,
+            self.in_degree,
+            self.train_ids,
+            self.train_indptr,
+            self.train_src,
+            self.halo_indptr,
+            self.halo_src,
+            self.fanouts,
+            halo_in=(degree, _indptr(counts), src[order]),
+        )
 
     # ------------------------------------------------------------------ scoring
     def scores(self, upcoming: list[np.ndarray], discount: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +234,7 @@ class SamplerLookahead:
             seeds = np.asarray(seeds, dtype=np.int64)
             pos = np.minimum(np.searchsorted(self.train_ids, seeds), max(n - 1, 0))
             known = self.train_ids[pos] == seeds if n else np.zeros(seeds.size, dtype=bool)
-            np.add.at(x, pos[known], discount ** i)
+            np.add.at(x, pos[known], discount**i)
         frontier = _rows_t_dot(self._seed_to_inner, x)  # expected hop-1 inner nodes
         frontier[self._train_pos] += x  # the seeds are in the hop-1 frontier too
         seed_inner = np.zeros(self.inner_ids.size)
@@ -210,34 +249,34 @@ class SamplerLookahead:
 
 def _small(values: np.ndarray) -> np.ndarray:
     """Non-negative integers in the smallest unsigned dtype that holds them."""
-    from traces.schema import remote_id_dtype
+    from rudder.traces.schema import remote_id_dtype
 
     values = np.asarray(values, dtype=np.int64)
     return values.astype(remote_id_dtype(int(values.max()) if values.size else 0))
 
 
 def _pack(sorted_ids: np.ndarray) -> np.ndarray:
-    from traces.schema import delta_encode
+    from rudder.traces.schema import delta_encode
 
     return delta_encode(np.asarray(sorted_ids, dtype=np.int64), np.asarray([sorted_ids.size]))
 
 
 def _unpack(codes: np.ndarray) -> np.ndarray:
-    from traces.schema import delta_decode
+    from rudder.traces.schema import delta_decode
 
     return delta_decode(codes, np.asarray([codes.size]))
 
 
 def _pack_rows(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Each row's values sorted, delta-coded within the row (rows given by ``counts``)."""
-    from traces.schema import delta_encode
+    from rudder.traces.schema import delta_encode
 
     rows = np.repeat(np.arange(counts.size), counts)
     return delta_encode(np.asarray(values, dtype=np.int64)[np.lexsort((values, rows))], counts)
 
 
 def _unpack_rows(codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    from traces.schema import delta_decode
+    from rudder.traces.schema import delta_decode
 
     return delta_decode(codes, counts)
 

@@ -8,7 +8,7 @@ candidates with their scores, how many of them have a slot to take, and the slot
 - :class:`MissRanking` (MassiveGNN / Rudder): candidates by decayed miss count; a candidate has a slot when one is
   empty or below the eviction threshold ``(1-alpha)**period``; victims are the lowest-score slots.
 - :class:`LookaheadRanking` (ours): candidates and victims by the remote rows the next minibatches will probably
-  need (:class:`~rudder_env.lookahead.SamplerLookahead` over the known seed order; minibatches already sampled
+  need (:class:`~rudder.env.lookahead.SamplerLookahead` over the known seed order; minibatches already sampled
   count exactly); a candidate has a slot when it is needed more than the resident it would replace. The buffer's
   admit-on-miss and eviction follow the same predicted need: an online Belady.
 
@@ -18,14 +18,14 @@ candidates with their scores, how many of them have a slot to take, and the slot
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
-
-from rudder_env.buffer import EMPTY, PrefetchBuffer, first_in_order
-from rudder_env.settings import check
+from rudder.env.buffer import EMPTY, PrefetchBuffer, first_in_order
+from rudder.env.settings import check
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,15 @@ class LookaheadRanking:
 
     name = "lookahead"
 
-    def __init__(self, buffer: PrefetchBuffer, lookahead, upcoming: Callable, sampled_ahead: Callable | None = None,
-                 horizon: int | None = None, discount: float | None = None):
+    def __init__(
+        self,
+        buffer: PrefetchBuffer,
+        lookahead,
+        upcoming: Callable,
+        sampled_ahead: Callable | None = None,
+        horizon: int | None = None,
+        discount: float | None = None,
+    ):
         first = _score_first(lookahead, upcoming)
         if horizon is None or discount is None:
             rows = float(np.mean([need.sum(dtype=np.float64) for _, need in first.values()])) if first else 1.0
@@ -140,18 +147,26 @@ class LookaheadRanking:
         return np.where(ids == EMPTY, 0.0, self._need.need[np.maximum(ids, 0)]) * self.need_scale(minibatches_done)
 
 
-def make_ranking(name: str, buffer: PrefetchBuffer, lookahead=None, upcoming: Callable | None = None,
-                 sampled_ahead: Callable | None = None, horizon: int | None = None,
-                 discount: float | None = None) -> Ranking:
-    """The ranking ``name`` (one of :data:`~rudder_env.settings.RANKINGS`) over ``buffer``."""
+def make_ranking(
+    name: str,
+    buffer: PrefetchBuffer,
+    lookahead=None,
+    upcoming: Callable | None = None,
+    sampled_ahead: Callable | None = None,
+    horizon: int | None = None,
+    discount: float | None = None,
+) -> Ranking:
+    """The ranking ``name`` (one of :data:`~rudder.env.settings.RANKINGS`) over ``buffer``."""
     check("ranking", name)
     if name == "misses":
         return MissRanking(buffer)
     if lookahead is None and sampled_ahead is not None:  # the sampled-ahead minibatches alone: no guesses
         return LookaheadRanking(buffer, None, lambda done, horizon: [], sampled_ahead, horizon, discount)
     if lookahead is None or upcoming is None:
-        raise ValueError("ranking='lookahead' needs the partition structure and the seed order, which this run or "
-                         "trace does not have")
+        raise ValueError(
+            "ranking='lookahead' needs the partition structure and the seed order, which this run or "
+            "trace does not have"
+        )
     return LookaheadRanking(buffer, lookahead, upcoming, sampled_ahead, horizon, discount)
 
 
@@ -176,7 +191,7 @@ def _score_first(lookahead, upcoming, n: int = 4) -> dict[int, tuple[np.ndarray,
 
 
 _EXACT_TOP = 1e200  # priorities of rows with a known next use sit above every expected need
-_EXACT_STEP = 2.0 ** -40  # relative step per minibatch between known next uses (exact in float64)
+_EXACT_STEP = 2.0**-40  # relative step per minibatch between known next uses (exact in float64)
 _NO_USE = np.iinfo(np.int32).max
 
 
@@ -218,8 +233,7 @@ class _PredictedNeed:
         the priority as it is to the need: under a known use it is lost in the rounding, as it should be.)"""
         nxt = self.next_known[ids]
         known = nxt != _NO_USE
-        self.priority[ids] = np.where(known, _EXACT_TOP * (1.0 - nxt.astype(np.float64) * _EXACT_STEP),
-                                      self.need[ids])
+        self.priority[ids] = np.where(known, _EXACT_TOP * (1.0 - nxt.astype(np.float64) * _EXACT_STEP), self.need[ids])
 
     def _add_need(self, ids: np.ndarray, w) -> None:
         self.need[ids] += w

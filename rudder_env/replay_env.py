@@ -5,17 +5,16 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-
-from rudder_env.buffer import PrefetchBuffer, initial_ids
-from rudder_env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, RunFacts
-from rudder_env.lookahead import SamplerLookahead
-from rudder_env.ranking import make_ranking
-from rudder_env.sample_ahead import SampleAhead, sampled_bytes
-from rudder_env.spaces import action_space, observation_space
-from rudder_env.settings import check, check_link_levels, check_optional
-from rudder_env.timing import BackgroundLink, FetchTimeModel
-from rudder_env.vip import vertex_inclusion_probability
-from traces import Trace, TraceError
+from rudder.env.buffer import PrefetchBuffer, initial_ids
+from rudder.env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, RunFacts
+from rudder.env.lookahead import SamplerLookahead
+from rudder.env.ranking import make_ranking
+from rudder.env.sample_ahead import SampleAhead, sampled_bytes
+from rudder.env.settings import check, check_link_levels, check_optional
+from rudder.env.spaces import action_space, observation_space
+from rudder.env.timing import BackgroundLink, FetchTimeModel
+from rudder.env.vip import vertex_inclusion_probability
+from rudder.traces import Trace, TraceError
 
 DEFAULT_CANDIDATES = 256
 DEFAULT_SAMPLE_AHEAD = 4  # minibatches a trainer samples ahead unless told otherwise (``--sample-ahead``)
@@ -53,7 +52,7 @@ class ReplayEnv(PrefetchEnv):
     """Prefetching for one trainer rank of a recorded run, driven by the trace instead of DistDGL.
 
     The trace holds every remote node id each minibatch of that rank needed; the env pushes them through the same
-    :class:`~rudder_env.buffer.PrefetchBuffer` the live trainer uses, so with the same buffer settings and the same
+    :class:`~rudder.env.buffer.PrefetchBuffer` the live trainer uses, so with the same buffer settings and the same
     decisions it sees the same hits, misses and remote rows fetched as the live run, hundreds of times faster.
 
     ## Action Space
@@ -63,12 +62,12 @@ class ReplayEnv(PrefetchEnv):
 
     With ``levels`` (e.g. ``(0, 0.125, 0.25, 0.5, 1)``): ``Discrete(len(levels))``, action ``i`` prefetches
     ``levels[i]`` times the link budget of the next window from the top of the ranked candidates
-    (:class:`~rudder_env.episode.PrefetchEpisode`); ``info["choices"]`` says what each would do.
+    (:class:`~rudder.env.episode.PrefetchEpisode`); ``info["choices"]`` says what each would do.
 
     ## Observation Space
     A ``Dict`` of float32 boxes in [0, 1]: buffer state, slot-score histogram, sampler and traffic statistics of
     the last window, the top-K candidate scores, the K lowest resident scores, progress
-    (see :mod:`rudder_env.spaces`). Wrap with ``gymnasium.wrappers.FlattenObservation`` for a ``Box``.
+    (see :mod:`rudder.env.spaces`). Wrap with ``gymnasium.wrappers.FlattenObservation`` for a ``Box``.
 
     ## Rewards
     ``reward="traffic"``: minus remote rows fetched (on demand + prefetched) over remote rows sampled in the window.
@@ -85,31 +84,45 @@ class ReplayEnv(PrefetchEnv):
     ## Arguments
     ``trace`` (folder or :class:`traces.Trace`), ``rank`` (trainer rank in the trace), ``candidates`` (K),
     ``reward``, and buffer overrides ``buffer_fraction``, ``buffer_init`` (``recorded``, ``degree``, ``random``,
-    ``empty``, ``vip``: highest vertex inclusion probability, :mod:`rudder_env.vip`), ``alpha``, ``period``,
+    ``empty``, ``vip``: highest vertex inclusion probability, :mod:`rudder.env.vip`), ``alpha``, ``period``,
     ``admit_on_miss`` (default: the recorded run's); ``ranking``
     (``"misses"``, or ``"lookahead"`` when the trace recorded seeds and partition structure: see
-    :mod:`rudder_env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``; ``sample_ahead`` (how far
+    :mod:`rudder.env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``; ``sample_ahead`` (how far
     the live trainer had sampled ahead: a count of minibatches, a budget of sampled bytes such as ``"64MB"``, or
-    ``"epoch"``, :mod:`rudder_env.sample_ahead`; default the recorded run's: what the lookahead knows exactly);
+    ``"epoch"``, :mod:`rudder.env.sample_ahead`; default the recorded run's: what the lookahead knows exactly);
     ``sampled_only`` (lookahead ranking from the sampled-ahead minibatches alone, no partition structure or
-    seeds: e.g. a synthetic trace, :mod:`traces.synthetic`); ``dense_ids`` (default True: the buffer and
+    seeds: e.g. a synthetic trace, :mod:`rudder.traces.synthetic`); ``dense_ids`` (default True: the buffer and
     rankings index the nodes this rank touches, renumbered densely in id order, so memory follows the ids a rank
     touches, not the graph; decisions are the same either way, and agents see global ids in ``info`` and give
     global ids to ``apply``);
     ``prefetch``
     (``"inline"`` or ``"background"``, default the recorded run's) and ``follow_recorded``: with background
     prefetch, rows arrive when the recording says while the decisions are the recorded ones (so a run replayed
-    with its own decisions is exact), else when the link model says (:class:`~rudder_env.timing.BackgroundLink`);
+    with its own decisions is exact), else when the link model says (:class:`~rudder.env.timing.BackgroundLink`);
     ``False`` always models them.
     """
 
-    def __init__(self, trace, rank: int = 0, candidates: int | None = None, reward: str = "traffic",
-                 buffer_fraction: float | None = None, buffer_init: str = "recorded", alpha: float | None = None,
-                 period: int | None = None, admit_on_miss: bool | None = None, ranking: str = "misses",
-                 lookahead_horizon: int | None = None,
-                 lookahead_discount: float | None = None, prefetch: str | None = None,
-                 follow_recorded: bool = True, levels=None, sample_ahead=None, dense_ids: bool = True,
-                 sampled_only: bool = False):
+    def __init__(
+        self,
+        trace,
+        rank: int = 0,
+        candidates: int | None = None,
+        reward: str = "traffic",
+        buffer_fraction: float | None = None,
+        buffer_init: str = "recorded",
+        alpha: float | None = None,
+        period: int | None = None,
+        admit_on_miss: bool | None = None,
+        ranking: str = "misses",
+        lookahead_horizon: int | None = None,
+        lookahead_discount: float | None = None,
+        prefetch: str | None = None,
+        follow_recorded: bool = True,
+        levels=None,
+        sample_ahead=None,
+        dense_ids: bool = True,
+        sampled_only: bool = False,
+    ):
         super().__init__()
         self.levels = None if levels is None else check_link_levels(levels)
         candidates = check_optional("candidates", candidates)
@@ -124,8 +137,10 @@ class ReplayEnv(PrefetchEnv):
         self.source = trace if isinstance(trace, Trace) else Trace(trace)
         self.rank_trace = self.source.rank(rank)
         if self.rank_trace.num_minibatches == 0:
-            raise TraceError(f"rank {rank} of trace {self.source.directory} holds no minibatch (the run ended before "
-                             f"its first chunk was written): nothing to replay")
+            raise TraceError(
+                f"rank {rank} of trace {self.source.directory} holds no minibatch (the run ended before "
+                f"its first chunk was written): nothing to replay"
+            )
         self.rank = rank
         run = self.source.meta.get("config", {})
         rmeta = self.rank_trace.meta
@@ -142,8 +157,9 @@ class ReplayEnv(PrefetchEnv):
         if buffer_init == "recorded":
             same_size = self.capacity == int(rmeta.get("capacity", -1))
             # the fill the recorded agent played with (its settings may override the run's --buffer-init)
-            recorded_init = ((self.source.meta.get("buffer") or {}).get("buffer_init")
-                             or run.get("buffer_init", "degree"))
+            recorded_init = (self.source.meta.get("buffer") or {}).get("buffer_init") or run.get(
+                "buffer_init", "degree"
+            )
             buffer_init = "recorded" if same_size else recorded_init
         self.buffer_init = buffer_init
         self.num_nodes = int(rmeta["num_nodes"])
@@ -172,18 +188,27 @@ class ReplayEnv(PrefetchEnv):
         # what the recording trainer had sampled ahead, unless told otherwise: sampling ahead does not change the
         # batches, so any count, budget or 'epoch' is emulated from the recorded ids (and a trace recorded before
         # the option existed is replayed as today's trainer would run it)
-        self.sample_ahead = SampleAhead.parse(sample_ahead if sample_ahead is not None
-                                              else run.get("sample_ahead", DEFAULT_SAMPLE_AHEAD), "sample_ahead")
-        self._cum_bytes = np.concatenate([[0], np.cumsum(sampled_bytes(
-            self._local_rows + np.fromiter((x.size for x in self._ids), np.int64, len(self._ids))))])
+        self.sample_ahead = SampleAhead.parse(
+            sample_ahead if sample_ahead is not None else run.get("sample_ahead", DEFAULT_SAMPLE_AHEAD), "sample_ahead"
+        )
+        self._cum_bytes = np.concatenate(
+            [
+                [0],
+                np.cumsum(
+                    sampled_bytes(self._local_rows + np.fromiter((x.size for x in self._ids), np.int64, len(self._ids)))
+                ),
+            ]
+        )
         self._per_epoch = int(np.count_nonzero(self._epoch_of == self._epoch_of[0]))
         self._lookahead = None
         self._vip = None
         if buffer_init == "vip":
             la = SamplerLookahead.from_static(self.rank_trace.static, self.num_nodes)
             if la is None:
-                raise ValueError(f"buffer_init='vip' needs a trace recorded with partition structure; "
-                                 f"{self.source.directory} has none (re-record it with this rudder)")
+                raise ValueError(
+                    f"buffer_init='vip' needs a trace recorded with partition structure; "
+                    f"{self.source.directory} has none (re-record it with this rudder)"
+                )
             self._vip = vertex_inclusion_probability(la, self.batch_size)
         self._seeds = None
         self.sampled_only = bool(sampled_only)
@@ -191,8 +216,10 @@ class ReplayEnv(PrefetchEnv):
             self._lookahead = SamplerLookahead.from_static(self.rank_trace.static, self.num_nodes)
             self._seeds = self.rank_trace.minibatch_seeds()
             if self._lookahead is None or self._seeds is None:
-                raise ValueError(f"ranking='lookahead' needs a trace recorded with seeds and partition structure; "
-                                 f"{self.source.directory} has none (re-record it with this rudder)")
+                raise ValueError(
+                    f"ranking='lookahead' needs a trace recorded with seeds and partition structure; "
+                    f"{self.source.directory} has none (re-record it with this rudder)"
+                )
         self._id_map = None  # dense ids (see dense_ids): sorted global ids of every node this rank touches
         self._scorer = self._lookahead
         if dense_ids:
@@ -209,7 +236,7 @@ class ReplayEnv(PrefetchEnv):
         group of minibatches, then once over those)."""
         parts, group = [], 64
         for i in range(0, len(self._ids), group):
-            batch = self._ids[i:i + group]
+            batch = self._ids[i : i + group]
             if batch:
                 parts.append(np.unique(np.concatenate(batch)))
         parts += [self.halo_ids, np.asarray(self.rank_trace.static.get("initial_ids", []), dtype=np.int64)]
@@ -232,8 +259,14 @@ class ReplayEnv(PrefetchEnv):
         return self.num_nodes if self._id_map is None else int(self._id_map.size)
 
     def _new_buffer(self) -> PrefetchBuffer:
-        buf = PrefetchBuffer(self.capacity, self.buffer_nodes, alpha=self.alpha, period=self.period,
-                             admit_on_miss=self.admit_on_miss, prefetch=self.prefetch)
+        buf = PrefetchBuffer(
+            self.capacity,
+            self.buffer_nodes,
+            alpha=self.alpha,
+            period=self.period,
+            admit_on_miss=self.admit_on_miss,
+            prefetch=self.prefetch,
+        )
         if self.buffer_init == "recorded":
             ids = self.rank_trace.static["initial_ids"]
         else:
@@ -245,19 +278,36 @@ class ReplayEnv(PrefetchEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         run = self.source.meta.get("config", {})
-        facts = dict(graph=run.get("graph"), parts=run.get("parts"), partitioning=run.get("partition"),
-                     rank=self.rank, num_nodes=self.num_nodes, source=f"trace {self.source.directory}")
+        facts = dict(
+            graph=run.get("graph"),
+            parts=run.get("parts"),
+            partitioning=run.get("partition"),
+            rank=self.rank,
+            num_nodes=self.num_nodes,
+            source=f"trace {self.source.directory}",
+        )
         buffer = self._new_buffer()
-        ranking = make_ranking(self.ranking, buffer, lookahead=self._scorer, upcoming=self._upcoming,
-                               sampled_ahead=self._sampled_ahead, horizon=self.lookahead_horizon,
-                               discount=self.lookahead_discount)
+        ranking = make_ranking(
+            self.ranking,
+            buffer,
+            lookahead=self._scorer,
+            upcoming=self._upcoming,
+            sampled_ahead=self._sampled_ahead,
+            horizon=self.lookahead_horizon,
+            discount=self.lookahead_discount,
+        )
         rmeta = self.rank_trace.meta
-        fill = (int(rmeta["initial_fill_rows"]), float(rmeta["initial_fill_s"])) \
-            if rmeta.get("initial_fill_rows") else None
-        run_facts = RunFacts(len(self._ids), self.halo_ids.size, self.fanouts, self.batch_size, facts=facts,
-                             initial_fill=fill)
-        self.episode = PrefetchEpisode(buffer, ranking, self.k, run_facts, reward=self.reward, levels=self.levels,
-                                       id_map=self._id_map)
+        fill = (
+            (int(rmeta["initial_fill_rows"]), float(rmeta["initial_fill_s"]))
+            if rmeta.get("initial_fill_rows")
+            else None
+        )
+        run_facts = RunFacts(
+            len(self._ids), self.halo_ids.size, self.fanouts, self.batch_size, facts=facts, initial_fill=fill
+        )
+        self.episode = PrefetchEpisode(
+            buffer, ranking, self.k, run_facts, reward=self.reward, levels=self.levels, id_map=self._id_map
+        )
         self._records = _Driver(self._replay)
         if self.prefetch == "background":
             self._link = BackgroundLink(self.time_model)
@@ -327,11 +377,18 @@ class ReplayEnv(PrefetchEnv):
             stall_s = float(self._recorded_stall[i])
         elif background:
             stall_s, self._due = self._link.minibatch(self._sample_s[i] + self._compute_s[i])
-        return MinibatchRecord(epoch=int(self._epoch_of[i]), index=i, remote_ids=self._ids[i],
-                               local_rows=int(self._local_rows[i]), sample_s=float(self._sample_s[i]),
-                               fetch_s=demand_s + stall_s,
-                               fetch_rows=int(self._local_rows[i]) + counts.remote_fetched - counts.arrived,
-                               compute_s=float(self._compute_s[i]), counts=counts, stall_s=stall_s)
+        return MinibatchRecord(
+            epoch=int(self._epoch_of[i]),
+            index=i,
+            remote_ids=self._ids[i],
+            local_rows=int(self._local_rows[i]),
+            sample_s=float(self._sample_s[i]),
+            fetch_s=demand_s + stall_s,
+            fetch_rows=int(self._local_rows[i]) + counts.remote_fetched - counts.arrived,
+            compute_s=float(self._compute_s[i]),
+            counts=counts,
+            stall_s=stall_s,
+        )
 
     def _deliver(self, buffer: PrefetchBuffer, i: int) -> None:
         """Background prefetch before minibatch ``i``: install the chunks that have arrived — as the recording
@@ -357,10 +414,15 @@ class ReplayEnv(PrefetchEnv):
         """Whether this episode's buffer starts as the recording's did, so that its arrivals can be followed."""
         rmeta = self.rank_trace.meta
         played = self.source.meta.get("buffer", {})  # the buffer the recording's agent played with
-        return (self._recorded_arrived is not None and self.buffer_init == "recorded"
-                and self.capacity == int(rmeta.get("capacity", -1)) and self.alpha == run.get("alpha")
-                and self.period == run.get("period") and self.admit_on_miss == bool(played.get("admit_on_miss"))
-                and self.ranking == played.get("ranking"))
+        return (
+            self._recorded_arrived is not None
+            and self.buffer_init == "recorded"
+            and self.capacity == int(rmeta.get("capacity", -1))
+            and self.alpha == run.get("alpha")
+            and self.period == run.get("period")
+            and self.admit_on_miss == bool(played.get("admit_on_miss"))
+            and self.ranking == played.get("ranking")
+        )
 
     def _check_decision(self, minibatch: int, ids: np.ndarray) -> None:
         """Stop following the recorded arrivals as soon as a decision differs from the recording's."""
@@ -382,8 +444,11 @@ class ReplayEnv(PrefetchEnv):
         minibatches: at the start only the first epoch; then every epoch up to the one of the last minibatch
         sampled (:meth:`SampleAhead.last_sampled`: the trainer samples ahead across epoch boundaries)."""
         n = len(values)
-        known_epoch = self._epoch_of[0] if done < 1 else self._epoch_of[
-            self.sample_ahead.last_sampled(done, self._cum_bytes, self._per_epoch)]
+        known_epoch = (
+            self._epoch_of[0]
+            if done < 1
+            else self._epoch_of[self.sample_ahead.last_sampled(done, self._cum_bytes, self._per_epoch)]
+        )
         out = []
         for j in range(first, min(last, n)):
             if self._epoch_of[j] > known_epoch:
@@ -404,7 +469,7 @@ class ReplayEnv(PrefetchEnv):
         before the first minibatch)."""
         if done < 1:
             return []
-        return self._ids[done + 1:self.sample_ahead.known_end(done, self._cum_bytes, self._per_epoch)]
+        return self._ids[done + 1 : self.sample_ahead.known_end(done, self._cum_bytes, self._per_epoch)]
 
     def sample_ahead_stats(self) -> dict:
         """What sampling ahead as ``sample_ahead`` knew and cost over the whole trace: minibatches known exactly
@@ -422,10 +487,15 @@ class ReplayEnv(PrefetchEnv):
         for j in range(1, n):
             if sa.last_sampled(j - 1, cum, self._per_epoch) >= j and j - 1 >= 1:
                 moved_s += float(self._sample_s[j])
-        return dict(sample_ahead=str(sa), known_mean=float(np.mean(known)) if known else 0.0,
-                    known_max=int(max(known)) if known else 0, known_peak_mb=round(known_mb, 3),
-                    held_peak_mb=round(held_mb, 3), sample_s_moved=round(moved_s, 4),
-                    sample_s_total=round(float(self._sample_s.sum()), 4))
+        return dict(
+            sample_ahead=str(sa),
+            known_mean=float(np.mean(known)) if known else 0.0,
+            known_max=int(max(known)) if known else 0,
+            known_peak_mb=round(known_mb, 3),
+            held_peak_mb=round(held_mb, 3),
+            sample_s_moved=round(moved_s, 4),
+            sample_s_total=round(float(self._sample_s.sum()), 4),
+        )
 
     @property
     def live_seconds_per_minibatch(self) -> float:

@@ -45,8 +45,9 @@ class SampleAhead:
             return value
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
             if value < 0:
-                raise ValueError(f"{option}: expected a count of minibatches >= 0, a budget such as 64MB or "
-                                 f"'epoch', got {value}")
+                raise ValueError(
+                    f"{option}: expected a count of minibatches >= 0, a budget such as 64MB or 'epoch', got {value}"
+                )
             return cls(minibatches=int(value))
         text = str(value).strip()
         if text.lower() == "epoch":
@@ -55,8 +56,10 @@ class SampleAhead:
             return cls(minibatches=int(text))
         m = _PATTERN.match(text)
         if m is None or m.group(2) is None:
-            raise ValueError(f"{option}: expected a count of minibatches (e.g. 4), a budget of sampled blocks "
-                             f"(e.g. 64MB; units B, KB, MB, GB) or 'epoch', got {value!r}")
+            raise ValueError(
+                f"{option}: expected a count of minibatches (e.g. 4), a budget of sampled blocks "
+                f"(e.g. 64MB; units B, KB, MB, GB) or 'epoch', got {value!r}"
+            )
         return cls(budget_bytes=int(float(m.group(1)) * _UNITS[m.group(2).upper()]))
 
     def __str__(self) -> str:

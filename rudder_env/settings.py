@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -136,7 +137,7 @@ def _as_tuple(levels: Any) -> tuple:
 
 
 def check_count_levels(levels: Sequence) -> tuple[int, ...]:
-    """Levels of a count budget (:class:`rudder_env.wrappers.Budget`): integers, strictly increasing from 0."""
+    """Levels of a count budget (:class:`rudder.env.wrappers.Budget`): integers, strictly increasing from 0."""
     levels = _as_tuple(levels)
     if not levels or not all(_is_int(v) for v in levels):
         raise SettingError(f"levels must be integers (candidate counts), got {list(levels)!r}")
@@ -147,15 +148,16 @@ def check_count_levels(levels: Sequence) -> tuple[int, ...]:
 
 
 def check_fraction_levels(levels: Sequence) -> tuple[float, ...]:
-    """Levels of a fraction budget (:class:`rudder_env.wrappers.FractionBudget`): at least two numbers, strictly
+    """Levels of a fraction budget (:class:`rudder.env.wrappers.FractionBudget`): at least two numbers, strictly
     increasing from 0 to at most 1."""
     levels = _as_tuple(levels)
     if not all(_is_number(v) for v in levels):
         raise SettingError(f"levels must be numbers (fractions), got {list(levels)!r}")
     out = tuple(float(v) for v in levels)
     if len(out) < 2 or out[0] != 0.0 or any(b <= a for a, b in zip(out, out[1:])) or out[-1] > 1.0:
-        raise SettingError(f"levels must be at least two fractions, strictly increasing from 0 to at most 1, "
-                           f"got {list(levels)}")
+        raise SettingError(
+            f"levels must be at least two fractions, strictly increasing from 0 to at most 1, got {list(levels)}"
+        )
     return out
 
 
@@ -171,6 +173,8 @@ def check_link_levels(levels: Sequence) -> tuple[float, ...]:
         raise SettingError(f"levels (--levels) must be numbers (multiples of the link budget), got {list(levels)!r}")
     out = tuple(float(v) for v in levels)
     if len(out) < 2 or out[0] != 0.0 or any(b <= a for a, b in zip(out, out[1:])) or out[-1] > LINK_LEVELS_MAX:
-        raise SettingError(f"levels (--levels) must be at least two numbers strictly increasing from 0 to at most "
-                           f"{LINK_LEVELS_MAX:g} (multiples of the link budget), got {list(levels)}")
+        raise SettingError(
+            f"levels (--levels) must be at least two numbers strictly increasing from 0 to at most "
+            f"{LINK_LEVELS_MAX:g} (multiples of the link budget), got {list(levels)}"
+        )
     return out

@@ -20,7 +20,7 @@ key             shape what it holds
                       (1-discount) x alpha (lookahead)
 ``residents``   (K,)  scores of the K lowest-score residents, lowest first (empty slot: 0; no slot: 1)
 ``progress``    (1,)  fraction of the run's minibatches done
-``link``        (8,)  the link and the prefetch pipeline (:class:`rudder_env.episode.LinkEstimate`): link
+``link``        (8,)  the link and the prefetch pipeline (:class:`rudder.env.episode.LinkEstimate`): link
                       utilisation over the last window (modelled busy seconds of every pull, background
                       chunks included, over the window's seconds); stall and hideable (sampling + compute)
                       milliseconds per minibatch (``lg``-scaled); the link budget of the next window (remote
@@ -42,8 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from gymnasium import spaces
-
-from rudder_env.buffer import EMPTY, PrefetchBuffer, MinibatchCounts
+from rudder.env.buffer import EMPTY, MinibatchCounts, PrefetchBuffer
 
 HIST_BINS = 8
 LINK_FEATURES = 8
@@ -58,8 +57,18 @@ def observation_space(k: int) -> spaces.Dict:
     def box(n):
         return spaces.Box(0.0, 1.0, shape=(n,), dtype=np.float32)
 
-    return spaces.Dict({"buffer": box(5), "score_hist": box(HIST_BINS), "sampler": box(6), "traffic": box(5),
-                        "candidates": box(k), "residents": box(k), "progress": box(1), "link": box(LINK_FEATURES)})
+    return spaces.Dict(
+        {
+            "buffer": box(5),
+            "score_hist": box(HIST_BINS),
+            "sampler": box(6),
+            "traffic": box(5),
+            "candidates": box(k),
+            "residents": box(k),
+            "progress": box(1),
+            "link": box(LINK_FEATURES),
+        }
+    )
 
 
 def observation_layout(space: spaces.Dict) -> list[list]:
@@ -103,8 +112,17 @@ class WindowStats:
     late: int = 0  # misses on rows requested by a prefetch and not delivered yet
     arrived: int = 0  # of prefetched: rows background prefetch delivered
 
-    def add(self, remote_ids: np.ndarray, local_rows: int, counts: MinibatchCounts, sample_s: float, fetch_s: float,
-            compute_s: float, new_distinct: int, stall_s: float = 0.0) -> None:
+    def add(
+        self,
+        remote_ids: np.ndarray,
+        local_rows: int,
+        counts: MinibatchCounts,
+        sample_s: float,
+        fetch_s: float,
+        compute_s: float,
+        new_distinct: int,
+        stall_s: float = 0.0,
+    ) -> None:
         self.minibatches += 1
         self.input_rows += local_rows + remote_ids.size
         self.local_rows += local_rows
@@ -129,9 +147,18 @@ class WindowStats:
         return dict(self.__dict__)
 
 
-def build_observation(buffer: PrefetchBuffer, window: WindowStats, cum_hits: int, cum_remote: int,
-                      progress: float, candidate_scores: np.ndarray, halo_nodes: int, fanouts: list[int],
-                      batch_size: int, link=None) -> dict[str, np.ndarray]:
+def build_observation(
+    buffer: PrefetchBuffer,
+    window: WindowStats,
+    cum_hits: int,
+    cum_remote: int,
+    progress: float,
+    candidate_scores: np.ndarray,
+    halo_nodes: int,
+    fanouts: list[int],
+    batch_size: int,
+    link=None,
+) -> dict[str, np.ndarray]:
     """The observation at a decision point (see the module docstring for every entry)."""
     cap = max(buffer.capacity, 1)
     scores = buffer.slot_scores()
@@ -146,14 +173,29 @@ def build_observation(buffer: PrefetchBuffer, window: WindowStats, cum_hits: int
     residents = np.ones(k, dtype=np.float32)
     residents[: low.size] = low
     obs = {
-        "buffer": [occupancy / cap, w.hits / max(w.remote_sampled, 1), cum_hits / max(cum_remote, 1),
-                   below / cap, buffer.capacity / max(halo_nodes, 1)],
+        "buffer": [
+            occupancy / cap,
+            w.hits / max(w.remote_sampled, 1),
+            cum_hits / max(cum_remote, 1),
+            below / cap,
+            buffer.capacity / max(halo_nodes, 1),
+        ],
         "score_hist": hist,
-        "sampler": [lg(w.input_rows / mb), lg(w.remote_sampled / mb), w.distinct_remote / max(w.remote_sampled, 1),
-                    w.local_rows / max(w.input_rows, 1), lg(float(np.prod(fanouts)) * batch_size),
-                    lg(batch_size)],
-        "traffic": [lg(w.misses / mb), lg(w.prefetched / mb), lg(1000 * w.fetch_s / mb), lg(1000 * w.compute_s / mb),
-                    w.remote_fetched / max(w.remote_sampled, 1) / 2],
+        "sampler": [
+            lg(w.input_rows / mb),
+            lg(w.remote_sampled / mb),
+            w.distinct_remote / max(w.remote_sampled, 1),
+            w.local_rows / max(w.input_rows, 1),
+            lg(float(np.prod(fanouts)) * batch_size),
+            lg(batch_size),
+        ],
+        "traffic": [
+            lg(w.misses / mb),
+            lg(w.prefetched / mb),
+            lg(1000 * w.fetch_s / mb),
+            lg(1000 * w.compute_s / mb),
+            w.remote_fetched / max(w.remote_sampled, 1) / 2,
+        ],
         "candidates": candidate_scores,
         "residents": residents,
         "progress": [progress],

@@ -9,7 +9,7 @@ trusts a bad model blindly. The trace's initial fill (remote rows only, timed) i
 per-remote-row cost even when every minibatch pulls about as many rows as the next.
 
 Those are in-sample figures. :func:`out_of_sample` checks the model where it is used: on another run of the same
-configuration with another agent (a :class:`traces.timecheck.TimeCheck`), it predicts that run's fetch time from
+configuration with another agent (a :class:`rudder.traces.timecheck.TimeCheck`), it predicts that run's fetch time from
 its own row counts and compares with what was measured. A fit that cannot tell what a remote row costs
 (``c_remote`` 0, or R² below :data:`MIN_R2`) makes modelled time ignore what an agent fetches;
 :meth:`FetchTimeModel.separates_remote_rows` says so, and evaluation then prints no modelled time.
@@ -35,8 +35,11 @@ class FetchTimeModel:
     samples: int
 
     def predict(self, local_rows, remote_rows):
-        return self.c0 + self.c_local * np.asarray(local_rows, dtype=np.float64) + \
-            self.c_remote * np.asarray(remote_rows, dtype=np.float64)
+        return (
+            self.c0
+            + self.c_local * np.asarray(local_rows, dtype=np.float64)
+            + self.c_remote * np.asarray(remote_rows, dtype=np.float64)
+        )
 
     @classmethod
     def fit(cls, local_rows, remote_rows, fetch_s) -> FetchTimeModel:
@@ -63,13 +66,21 @@ class FetchTimeModel:
         return self.c_remote > 0 and np.isfinite(self.r2) and self.r2 >= MIN_R2
 
     def as_dict(self) -> dict:
-        return dict(c0_s=self.c0, s_per_local_row=self.c_local, s_per_remote_row=self.c_remote, r2=self.r2,
-                    mape=self.mape, total_error=self.total_error, samples=self.samples,
-                    separates_remote_rows=self.separates_remote_rows)
+        return dict(
+            c0_s=self.c0,
+            s_per_local_row=self.c_local,
+            s_per_remote_row=self.c_remote,
+            r2=self.r2,
+            mape=self.mape,
+            total_error=self.total_error,
+            samples=self.samples,
+            separates_remote_rows=self.separates_remote_rows,
+        )
 
 
-def out_of_sample(model: FetchTimeModel, local_rows, remote_rows, fetch_s, other_s=None,
-                  modelled_other_s: float | None = None) -> dict:
+def out_of_sample(
+    model: FetchTimeModel, local_rows, remote_rows, fetch_s, other_s=None, modelled_other_s: float | None = None
+) -> dict:
     """How well ``model`` predicts a run it was not fitted to, from that run's per-minibatch measurements.
 
     Args:

@@ -1,6 +1,6 @@
 """Replay envs for one's own RL code: many traces x ranks x buffer sizes as Gymnasium envs, vectorised.
 
-    from rudder_env.vector import make_replay_vector_env, replay_env_fns
+    from rudder.env.vector import make_replay_vector_env, replay_env_fns
 
     envs = make_replay_vector_env(["traces/samples/small-metis2-f10x25"], buffer_fractions=(None, 0.05))
     obs, infos = envs.reset(seed=0)                     # a gymnasium.vector.SyncVectorEnv (or AsyncVectorEnv)
@@ -10,21 +10,21 @@
     venv = DummyVecEnv(replay_env_fns(["traces/samples/small-metis2-f10x25"], action="budget"))
 
 Each env is one ``rudder/Replay-v0`` (one trainer rank of one trace, at one buffer size and initial fill) behind an
-action wrapper (:mod:`rudder_env.wrappers`) and, by default, ``FlattenObservation``: the same envs ``train.py ppo``
+action wrapper (:mod:`rudder.env.wrappers`) and, by default, ``FlattenObservation``: the same envs ``train.py ppo``
 trains on. An episode is one replay of the trace; every env passes Gymnasium's ``check_env``. A policy trained on
-them is played by :class:`agents.sb3.SB3Agent` (saved with :func:`agents.sb3.save_policy`), or by one's own agent.
+them is played by :class:`rudder.agents.sb3.SB3Agent` (saved with :func:`rudder.agents.sb3.save_policy`), or by one's
+own agent.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 from gymnasium.wrappers import FlattenObservation
-
-from rudder_env.contract import LINK_LEVELS
-from rudder_env.wrappers import DEFAULT_LEVELS, Budget, EvictOrKeep, FractionBudget, RelativeReward
+from rudder.env.contract import LINK_LEVELS
+from rudder.env.wrappers import DEFAULT_LEVELS, Budget, EvictOrKeep, FractionBudget, RelativeReward
 
 # action name -> wrapper (None: the base env's own action: MultiBinary(K), or link-budget levels for "link")
 ACTIONS = {"multibinary": None, "budget": Budget, "fraction": FractionBudget, "evict": EvictOrKeep, "link": None}
@@ -36,28 +36,38 @@ def default_levels(action: str) -> tuple | None:
     return {"budget": DEFAULT_BUDGET_LEVELS, "fraction": DEFAULT_LEVELS, "link": LINK_LEVELS}.get(action)
 
 
-def make_replay_env(trace, rank: int = 0, *, action: str = "fraction", levels: Sequence | None = None,
-                    flatten: bool = True, buffer_fraction: float | None = None, buffer_init: str = "recorded",
-                    candidates: int | None = None, reward: str = "traffic", relative_reward: float | None = None,
-                    seed: int | None = None) -> gym.Env:
+def make_replay_env(
+    trace,
+    rank: int = 0,
+    *,
+    action: str = "fraction",
+    levels: Sequence | None = None,
+    flatten: bool = True,
+    buffer_fraction: float | None = None,
+    buffer_init: str = "recorded",
+    candidates: int | None = None,
+    reward: str = "traffic",
+    relative_reward: float | None = None,
+    seed: int | None = None,
+) -> gym.Env:
     """One replay env ready for an RL library.
 
     Args:
         trace, rank: the trace folder (or :class:`traces.Trace`) and the trainer rank to replay.
-        action: ``"fraction"`` (:class:`~rudder_env.wrappers.FractionBudget`, PPO's), ``"budget"``
-            (:class:`~rudder_env.wrappers.Budget`), ``"evict"`` (:class:`~rudder_env.wrappers.EvictOrKeep`) or
+        action: ``"fraction"`` (:class:`~rudder.env.wrappers.FractionBudget`, PPO's), ``"budget"``
+            (:class:`~rudder.env.wrappers.Budget`), ``"evict"`` (:class:`~rudder.env.wrappers.EvictOrKeep`) or
             ``"multibinary"`` (the base ``MultiBinary(K)`` action) or ``"link"`` (the env's own link-budget levels,
             ``levels=``, over the lookahead's candidates with admit-on-miss: the level agents' setting).
         levels: the wrapper's levels (default :func:`default_levels`).
         flatten: flatten the ``Dict`` observation into a ``Box`` (``gymnasium.spaces.flatten`` order).
         buffer_fraction, buffer_init, candidates, reward: passed to ``rudder/Replay-v0`` (``None``: the recorded
             run's).
-        relative_reward: train on :class:`~rudder_env.wrappers.RelativeReward` with this scale (``"fraction"``
+        relative_reward: train on :class:`~rudder.env.wrappers.RelativeReward` with this scale (``"fraction"``
             only; ``None``: the env's own reward).
         seed: when given, seeds the action space and resets the env once with it (later resets continue that
             stream); a vector env's ``reset(seed=s)`` seeds env ``i`` with ``s + i`` instead.
     """
-    import rudder_env  # noqa: F401  (registers the environments)
+    import rudder.env  # noqa: F401  (registers the environments)
 
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}: expected one of {', '.join(ACTIONS)}")
@@ -65,10 +75,19 @@ def make_replay_env(trace, rank: int = 0, *, action: str = "fraction", levels: S
         raise ValueError(f"relative_reward needs action='fraction' or 'link', got action={action!r}")
     link = {}
     if action == "link":
-        link = dict(levels=tuple(levels) if levels is not None else LINK_LEVELS, ranking="lookahead",
-                    admit_on_miss=True)
-    env = gym.make("rudder/Replay-v0", trace=trace, rank=rank, candidates=candidates, reward=reward,
-                   buffer_fraction=buffer_fraction, buffer_init=buffer_init, **link)
+        link = dict(
+            levels=tuple(levels) if levels is not None else LINK_LEVELS, ranking="lookahead", admit_on_miss=True
+        )
+    env = gym.make(
+        "rudder/Replay-v0",
+        trace=trace,
+        rank=rank,
+        candidates=candidates,
+        reward=reward,
+        buffer_fraction=buffer_fraction,
+        buffer_init=buffer_init,
+        **link,
+    )
     wrapper = ACTIONS[action]
     if action in ("budget", "fraction"):
         env = wrapper(env, tuple(levels) if levels is not None else default_levels(action))
@@ -87,13 +106,17 @@ def make_replay_env(trace, rank: int = 0, *, action: str = "fraction", levels: S
     return env
 
 
-def replay_env_specs(traces: Sequence[str], ranks: Sequence[int] | None = None,
-                     buffer_fractions: Sequence[float | None] = (None,), buffer_inits: Sequence[str] = ("recorded",),
-                     n_envs: int | None = None) -> list[dict]:
+def replay_env_specs(
+    traces: Sequence[str],
+    ranks: Sequence[int] | None = None,
+    buffer_fractions: Sequence[float | None] = (None,),
+    buffer_inits: Sequence[str] = ("recorded",),
+    n_envs: int | None = None,
+) -> list[dict]:
     """One ``{trace, rank, buffer_fraction, buffer_init}`` per env: every trace x rank (all of a trace's ranks
     unless ``ranks`` picks some) x buffer fraction (``None``: the recorded run's) x initial fill. ``n_envs`` cycles
     through those combinations to that many envs instead."""
-    from traces import Trace
+    from rudder.traces import Trace
 
     if not traces:
         raise ValueError("no traces to build envs on")
@@ -116,28 +139,46 @@ def replay_env_specs(traces: Sequence[str], ranks: Sequence[int] | None = None,
 
 def _common_candidates(traces: Sequence[str], candidates: int | None) -> int | None:
     """Envs of one vector env need one K: the traces' recorded K when they agree, else an error."""
-    from traces import Trace
+    from rudder.traces import Trace
 
     if candidates is not None:
         return candidates
     recorded = {int(Trace(t).meta.get("config", {}).get("candidates", 256)) for t in traces}
     if len(recorded) > 1:
-        raise ValueError(f"the traces were recorded with different K ({sorted(recorded)}): pass candidates=K so that "
-                         "every env has the same spaces")
+        raise ValueError(
+            f"the traces were recorded with different K ({sorted(recorded)}): pass candidates=K so that "
+            "every env has the same spaces"
+        )
     return None
 
 
-def replay_env_fns(traces: Sequence[str], *, ranks: Sequence[int] | None = None,
-                   buffer_fractions: Sequence[float | None] = (None,), buffer_inits: Sequence[str] = ("recorded",),
-                   n_envs: int | None = None, seed: int | None = 0, **env_options) -> list[Callable[[], gym.Env]]:
+def replay_env_fns(
+    traces: Sequence[str],
+    *,
+    ranks: Sequence[int] | None = None,
+    buffer_fractions: Sequence[float | None] = (None,),
+    buffer_inits: Sequence[str] = ("recorded",),
+    n_envs: int | None = None,
+    seed: int | None = 0,
+    **env_options,
+) -> list[Callable[[], gym.Env]]:
     """Factories of the envs of :func:`replay_env_specs` (picklable: ``functools.partial`` of
     :func:`make_replay_env`), env ``i`` seeded with ``seed + i``; ``env_options`` go to :func:`make_replay_env`.
     What SB3's ``DummyVecEnv``/``SubprocVecEnv`` and Gymnasium's vector envs take."""
     specs = replay_env_specs(traces, ranks, buffer_fractions, buffer_inits, n_envs)
     env_options["candidates"] = _common_candidates([s["trace"] for s in specs], env_options.get("candidates"))
-    return [functools.partial(make_replay_env, s["trace"], s["rank"], buffer_fraction=s["buffer_fraction"],
-                              buffer_init=s["buffer_init"], seed=None if seed is None else seed + i, **env_options)
-            for i, s in enumerate(specs)]
+    return [
+        functools.partial(
+            make_replay_env,
+            s["trace"],
+            s["rank"],
+            buffer_fraction=s["buffer_fraction"],
+            buffer_init=s["buffer_init"],
+            seed=None if seed is None else seed + i,
+            **env_options,
+        )
+        for i, s in enumerate(specs)
+    ]
 
 
 class ListAppliedIds(gym.Wrapper):

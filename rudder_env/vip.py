@@ -18,7 +18,7 @@ The model, for one minibatch of trainer ``t`` (independence between nodes assume
   nodes: a node of hop ``l-1`` is an input row of every later hop too. After the last hop ``p_L(v)`` is the
   probability that ``v`` is an input row of the minibatch.
 
-What the partition structure reaches (:class:`~rudder_env.lookahead.SamplerLookahead`, as stored in every trace's
+What the partition structure reaches (:class:`~rudder.env.lookahead.SamplerLookahead`, as stored in every trace's
 static arrays): the in-edges of the training seeds from inner nodes, the in-edges of *every* inner node from halo
 nodes, the in-degree of every inner node, and, when the trainer pulled them (the default; not with
 ``--no-lookahead-halo-edges``, nor in traces recorded without them), each halo node's in-degree and its remote
@@ -41,12 +41,12 @@ upward bias for two, and the same order (which is all a cache needs).
 from __future__ import annotations
 
 import numpy as np
+from rudder.env.lookahead import SamplerLookahead
 
-from rudder_env.lookahead import SamplerLookahead
 
-
-def vertex_inclusion_probability(la: SamplerLookahead, batch_size: int,
-                                 train_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def vertex_inclusion_probability(
+    la: SamplerLookahead, batch_size: int, train_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """VIP of the remote nodes one trainer's minibatch can reach.
 
     Args:
@@ -64,10 +64,8 @@ def vertex_inclusion_probability(la: SamplerLookahead, batch_size: int,
         return np.zeros(0, dtype=np.int64), np.zeros(0)
     # nodes: inner ones first (la.inner_ids order), then remote ones (la.remote_ids order); one edge list dst <- src
     train_pos = np.searchsorted(la.inner_ids, la.train_ids)
-    dst = [np.repeat(train_pos, np.diff(la.train_indptr)),
-           np.repeat(np.arange(n_inner), np.diff(la.halo_indptr))]
-    src = [np.searchsorted(la.inner_ids, la.train_src),
-           n_inner + np.searchsorted(la.remote_ids, la.halo_src)]
+    dst = [np.repeat(train_pos, np.diff(la.train_indptr)), np.repeat(np.arange(n_inner), np.diff(la.halo_indptr))]
+    src = [np.searchsorted(la.inner_ids, la.train_src), n_inner + np.searchsorted(la.remote_ids, la.halo_src)]
     degree = np.zeros(n_inner + n_remote)
     degree[:n_inner] = la.in_degree
     if la.halo_in is not None:
@@ -87,4 +85,3 @@ def vertex_inclusion_probability(la: SamplerLookahead, batch_size: int,
     vip = p[n_inner:]
     reached = vip > 0
     return la.remote_ids[reached], vip[reached]
-

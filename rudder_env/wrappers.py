@@ -1,7 +1,7 @@
 """Smaller action spaces and training rewards over the prefetch environments (``rudder/Live-v0``, ``rudder/Replay-v0``).
 
 Every action wrapper maps its ``Discrete`` action to the base env's ``MultiBinary(K)`` "admit the top ``j`` ranked
-candidates" (:func:`rudder_env.contract.top_j`):
+candidates" (:func:`rudder.env.contract.top_j`):
 
 - :class:`Budget`: action ``i`` admits the top ``levels[i]`` candidates (counts).
 - :class:`FractionBudget`: action ``i`` admits ``round(levels[i] * j)`` of the ``j`` candidates that have a slot to
@@ -15,21 +15,21 @@ observation with ``gymnasium.wrappers.FlattenObservation``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-
-from rudder_env.contract import top_fraction, top_j
-from rudder_env.settings import check_count_levels, check_fraction_levels
+from rudder.env.contract import top_fraction, top_j
+from rudder.env.settings import check_count_levels, check_fraction_levels
 
 DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0)
 
 
 def parse_levels(text: str) -> tuple[float, ...]:
     """``"0,0.25,0.5,1"`` -> ``(0.0, 0.25, 0.5, 1.0)``, checked by
-    :func:`~rudder_env.settings.check_fraction_levels`."""
+    :func:`~rudder.env.settings.check_fraction_levels`."""
     parts = [p.strip() for p in str(text).split(",")]
     try:
         values = [float(p) for p in parts]
@@ -148,8 +148,9 @@ class RelativeReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         elif getattr(env.unwrapped, "levels", None) is not None:
             self._reference_action = 0
         else:
-            raise TypeError(f"RelativeReward wraps a FractionBudget env or one with link-budget levels, got "
-                            f"{type(env).__name__}")
+            raise TypeError(
+                f"RelativeReward wraps a FractionBudget env or one with link-budget levels, got {type(env).__name__}"
+            )
         self.scale = float(scale)
         self.reference: np.ndarray | None = None
         self._window = 0

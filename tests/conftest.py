@@ -51,12 +51,37 @@ def _record_live(tmp_path_factory, agent: str, *extra: str) -> dict:
     cache = str(tmp_path_factory.getbasetemp() / "cache")
     trace = out / "trace"
     summary = out / "run.json"
-    cmd = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", "--parts", "2",
-           "--epochs", "2", "--batch-size", "100", "--fanout", "3,5", "--period", "4", "--candidates", "64",
-           "--agent", agent, *extra, "--trace", str(trace), "--summary", str(summary),
-           "--port", str(_free_port_block())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        TRAIN,
+        "gnn",
+        "--graph",
+        "synth-tiny",
+        "--parts",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "100",
+        "--fanout",
+        "3,5",
+        "--period",
+        "4",
+        "--candidates",
+        "64",
+        "--agent",
+        agent,
+        *extra,
+        "--trace",
+        str(trace),
+        "--summary",
+        str(summary),
+        "--port",
+        str(_free_port_block()),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(trace=str(trace), summary=json.loads(summary.read_text()), stdout=proc.stdout)
 
@@ -91,13 +116,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = getattr(item, "module", None)
         module = module.__name__.rsplit(".", 1)[-1] if module is not None else item.nodeid
-        job = (module in JOB_MODULES or any(item.get_closest_marker(m) for m in JOB_MARKERS)
-               or bool(set(getattr(item, "fixturenames", ())) & set(JOB_FIXTURES)))
+        job = (
+            module in JOB_MODULES
+            or any(item.get_closest_marker(m) for m in JOB_MARKERS)
+            or bool(set(getattr(item, "fixturenames", ())) & set(JOB_FIXTURES))
+        )
         group = JOBS if job else module
         item.add_marker(pytest.mark.xdist_group(group))
         groups.setdefault(group, []).append(item)
     items[:] = [it for g in sorted(groups, key=lambda g: g != JOBS) for it in groups[g]]
-
 
 
 @pytest.fixture(scope="session")
@@ -139,8 +166,8 @@ def id_graph(tmp_path_factory):
     """synth-tiny with feature column 0 holding each node's id, to check every served row."""
     import torch
 
-    from rudder_env.dist.datasets import PRESETS, generate_synthetic
-    from rudder_env.dist.dgl_compat import import_dgl
+    from rudder.runtime.datasets import PRESETS, generate_synthetic
+    from rudder.runtime.dgl_compat import import_dgl
 
     dgl = import_dgl()
     g = generate_synthetic(PRESETS["synth-tiny"], seed=0)
@@ -196,18 +223,36 @@ def play_windows():
 FAULT_REPORT_VAR = "RUDDER_FAULT_REPORT"
 
 
-def record_fault(fault: str, injected: str, detect_s: float | None, seen: str, left: str = "nothing",
-                 tried: int = 1, detected: int | None = None, lost_bytes: int = 0, input_checked: int = 0) -> dict:
-    """One row of the Reliability table (``python -m bench --only faults``), written by a fault test once its
+def record_fault(
+    fault: str,
+    injected: str,
+    detect_s: float | None,
+    seen: str,
+    left: str = "nothing",
+    tried: int = 1,
+    detected: int | None = None,
+    lost_bytes: int = 0,
+    input_checked: int = 0,
+) -> dict:
+    """One row of the Reliability table (``python -m rudder.bench --only faults``), written by a fault test once its
     assertions have passed: the fault, how it was injected, seconds from injection to the job's end or the error
     (``None`` where the fault is not an error: the job goes on), what was left behind as checked by the test, the
     line the user sees, how many faults were tried and detected, the bytes of data lost or silently changed
     (by the fault test's own check), and the bytes of the job's partition files found intact afterwards (their sizes
-    and CRC-32s checked: :func:`partition_bytes_checked`). Printed always (``-s`` shows it); appended as JSON to ``$RUDDER_FAULT_REPORT`` when set."""
-    row = dict(fault=fault, injected=injected, detect_s=None if detect_s is None else round(float(detect_s), 2),
-               left=left, seen=seen, tried=int(tried), detected=int(tried if detected is None else detected),
-               lost_bytes=int(lost_bytes), input_checked=int(input_checked),
-               test=os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0])
+    and CRC-32s checked: :func:`partition_bytes_checked`). Printed always (``-s`` shows it); appended as JSON to
+    ``$RUDDER_FAULT_REPORT`` when set."""
+    row = dict(
+        fault=fault,
+        injected=injected,
+        detect_s=None if detect_s is None else round(float(detect_s), 2),
+        left=left,
+        seen=seen,
+        tried=int(tried),
+        detected=int(tried if detected is None else detected),
+        lost_bytes=int(lost_bytes),
+        input_checked=int(input_checked),
+        test=os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
+    )
     print(f"fault: {json.dumps(row)}")
     path = os.environ.get(FAULT_REPORT_VAR)
     if path:
@@ -219,12 +264,13 @@ def record_fault(fault: str, injected: str, detect_s: float | None, seen: str, l
 def partition_bytes_checked(cache: str) -> int:
     """The bytes of every partition file under ``cache``, after checking each against the sizes and CRC-32s
     recorded when partitioning (raises if one differs): a fault that ends a job must leave its input intact."""
-    from rudder_env.dist.partition import check_partitions, read_meta
+    from rudder.runtime.partition import check_partitions, read_meta
 
     total = 0
     for part_dir in sorted(glob.glob(os.path.join(cache, "partitions", "*"))):
         with open(os.path.join(part_dir, str(read_meta(part_dir)["part_config"]))) as f:
             check_partitions(part_dir, json.load(f)["num_parts"])
-        total += sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(part_dir)
-                     for name in names)
+        total += sum(
+            os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(part_dir) for name in names
+        )
     return total

@@ -1,4 +1,4 @@
-"""A real Slurm (Debian's slurm-wlm 22.05 + munge) on the emulated hosts of :mod:`rudder_env.dist.cluster`, for
+"""A real Slurm (Debian's slurm-wlm 22.05 + munge) on the emulated hosts of :mod:`rudder.testbed.cluster`, for
 tests: one ``slurmctld`` in the root namespace (listening on the cluster's bridge address), one ``slurmd`` inside
 each emulated host (its own hostname, address, ``/dev/shm``), ``munged`` for authentication.
 
@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from rudder_env.dist.cluster import ClusterError, EmulatedCluster, preflight
+from rudder.testbed.cluster import ClusterError, EmulatedCluster, preflight
 
 DAEMONS = ("slurmctld", "slurmd", "munged", "srun", "sbatch", "scancel", "squeue", "scontrol", "sacct")
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
@@ -35,8 +35,10 @@ def ensure_installed() -> str | None:
     if shutil.which("apt-get") is None:
         return f"Slurm is not installed ({', '.join(missing)} missing) and there is no apt-get to install it"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"],
-                ["sh", "-c", "apt-get update -q && apt-get install -y -q slurm-wlm munge"]):
+    for cmd in (
+        ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"],
+        ["sh", "-c", "apt-get update -q && apt-get install -y -q slurm-wlm munge"],
+    ):
         try:
             subprocess.run(cmd, env=env, capture_output=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired):
@@ -101,12 +103,24 @@ class SlurmCluster:
             (self.workdir / f"spool-{node}").mkdir(exist_ok=True)
         # slurmd loads a cgroup plugin whatever the proctrack and task plugins: cgroup v1 here (no controller used)
         (self.workdir / "cgroup.conf").write_text("CgroupPlugin=autodetect\nCgroupAutomount=no\n")
-        self._ctld = subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], env=self.env,
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True)
+        self._ctld = subprocess.Popen(
+            ["slurmctld", "-D", "-i", "-f", str(self.conf)],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         for i in range(len(self.nodes)):
-            self.cluster.run(i, ["slurmd", "-D", "-f", str(self.conf)], env=self.env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            self.cluster.run(
+                i,
+                ["slurmd", "-D", "-f", str(self.conf)],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self._wait_idle(60)
 
     def down(self) -> None:
@@ -156,9 +170,10 @@ class SlurmCluster:
 
     def _slurm_conf(self) -> str:
         w = self.workdir
-        nodes = "\n".join(f"NodeName={h} NodeAddr={a} CPUs={self.cpus} RealMemory=2000 Features=cpu "
-                          "State=UNKNOWN"
-                          for h, a in zip(self.nodes, self.cluster.addresses))
+        nodes = "\n".join(
+            f"NodeName={h} NodeAddr={a} CPUs={self.cpus} RealMemory=2000 Features=cpu State=UNKNOWN"
+            for h, a in zip(self.nodes, self.cluster.addresses)
+        )
         return f"""# written by tests/slurm_cluster.py
 ClusterName=rudder
 SlurmctldHost={socket.gethostname()}({self.cluster.bridge_address})
@@ -215,8 +230,9 @@ PartitionName=two Nodes={",".join(self.nodes)} MaxTime=INFINITE State=UP OverSub
     def command(self, argv: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
         """A Slurm client command (``sbatch``, ``scancel``, ``scontrol`` ...) run here, with this cluster's
         configuration and ``env`` added."""
-        return subprocess.run(argv, env=dict(self.env, **(env or {})), capture_output=True, text=True, timeout=60,
-                              **kwargs)
+        return subprocess.run(
+            argv, env=dict(self.env, **(env or {})), capture_output=True, text=True, timeout=60, **kwargs
+        )
 
     def popen(self, argv: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
         """Start ``argv`` (e.g. ``srun ...``) here with this cluster's configuration and ``env`` added."""
@@ -250,8 +266,9 @@ PartitionName=two Nodes={",".join(self.nodes)} MaxTime=INFINITE State=UP OverSub
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if cmd.startswith("slurmstepd") or ("train.py" in cmd and "gnn" in cmd and str(self.conf) not in cmd
-                                                 and self._in_hosts(pid)):
+            if cmd.startswith("slurmstepd") or (
+                "train.py" in cmd and "gnn" in cmd and str(self.conf) not in cmd and self._in_hosts(pid)
+            ):
                 out.append(f"{pid} {cmd.strip()}")
         return out
 

@@ -1,10 +1,11 @@
-"""The package layers import one way, with no cycle, counting imports inside functions too.
+"""The package layers import one way, with no cycle, counting imports inside functions too; the folders are the layers.
 
-Layers, lowest first: ``traces`` <- the environment core (``rudder_env``) <- the agent contract (``agents.base``)
-<- policies (``baselines``, ``agents``) <- evaluation (``rudder_env.evaluation``) <- the DistDGL runtime
-(``rudder_env.dist``) <- entry points (``train``, ``evaluate``, ``bench``, ``rudder_cli``). A module may import its
-own layer and the layers below it; within the policy layer ``baselines`` and ``agents`` do not import each other
-(except the contract).
+Layers, lowest first: the trace format (``rudder.traces``, ``traces/``) <- the environment core (``rudder.env``,
+``rudder_env/``) <- the agent contract (``rudder.agents.base``) <- policies (``rudder.baselines``, ``rudder.agents``)
+<- evaluation (``rudder.evaluation``) <- the emulated-cluster testbed (``rudder.testbed``) <- the DistDGL runtime
+(``rudder.runtime``) <- entry points (``rudder.train``, ``rudder.evaluate``, ``rudder.cli``, ``rudder.bench``). A
+module may import its own layer and the layers below it; within the policy layer ``baselines`` and ``agents`` do not
+import each other (except the contract).
 """
 
 from __future__ import annotations
@@ -12,30 +13,46 @@ from __future__ import annotations
 import ast
 import os
 
+import tomllib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("traces", "rudder_env", "agents", "baselines", "bench")
-SCRIPTS = ("train", "evaluate", "rudder_cli")
 
 LAYERS = [  # (name, prefixes), lowest first; the longest matching prefix decides
-    ("traces", ("traces",)),
-    ("env core", ("rudder_env",)),
-    ("agent contract", ("agents.base",)),
-    ("policies", ("agents", "baselines")),
-    ("evaluation", ("rudder_env.evaluation",)),
-    ("runtime", ("rudder_env.dist",)),
-    ("entry points", ("train", "evaluate", "bench", "rudder_cli")),
+    ("traces", ("rudder.traces",)),
+    ("env core", ("rudder.env",)),
+    ("agent contract", ("rudder.agents.base",)),
+    ("policies", ("rudder.agents", "rudder.baselines")),
+    ("evaluation", ("rudder.evaluation",)),
+    ("testbed", ("rudder.testbed",)),
+    ("runtime", ("rudder.runtime",)),
+    ("entry points", ("rudder", "rudder.train", "rudder.evaluate", "rudder.cli", "rudder.bench")),
 ]
 
 
+def package_folders() -> dict[str, str]:
+    """Each installed package -> its folder, as pyproject.toml maps them (what ``pip install`` installs)."""
+    conf = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]
+    mapped = conf.get("package-dir", {})
+    out = {}
+    for pkg in conf["packages"]:
+        parent = max((m for m in mapped if pkg == m or pkg.startswith(m + ".")), key=len, default=None)
+        rel = (
+            pkg.replace(".", os.sep)
+            if parent is None
+            else os.path.join(mapped[parent], *pkg[len(parent) + 1 :].split(".") if pkg != parent else [])
+        )
+        out[pkg] = os.path.join(ROOT, rel)
+    return out
+
+
 def modules() -> dict[str, str]:
-    """Every first-party module name -> its file."""
-    out = {name: os.path.join(ROOT, name + ".py") for name in SCRIPTS}
-    for pkg in PACKAGES:
-        for folder, _, files in os.walk(os.path.join(ROOT, pkg)):
-            for f in files:
-                if f.endswith(".py"):
-                    rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].replace(os.sep, ".")
-                    out[rel.removesuffix(".__init__")] = os.path.join(folder, f)
+    """Every first-party module name -> its file: the packages' own modules, not their subpackages' folders."""
+    out = {}
+    folders = package_folders()
+    for pkg, folder in folders.items():
+        for f in os.listdir(folder):
+            if f.endswith(".py"):
+                out[pkg if f == "__init__.py" else f"{pkg}.{f[:-3]}"] = os.path.join(folder, f)
     return out
 
 
@@ -52,7 +69,8 @@ def imports_of(path: str, name: str, known: set[str]) -> set[str]:
             if node.level:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            # ``from pkg import mod`` depends on pkg.mod (a module) or on pkg (a name defined there)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
         for t in targets:
@@ -89,9 +107,13 @@ def test_imports_point_down_the_layers():
 
 
 def test_baselines_and_agents_do_not_import_each_other():
-    wrong = [f"{mod} imports {dep}" for mod, deps in graph().items() for dep in deps
-             if (mod.startswith("baselines") and dep.startswith("agents") and dep != "agents.base")
-             or (mod.startswith("agents") and dep.startswith("baselines"))]
+    wrong = [
+        f"{mod} imports {dep}"
+        for mod, deps in graph().items()
+        for dep in deps
+        if (mod.startswith("rudder.baselines") and dep.startswith("rudder.agents") and dep != "rudder.agents.base")
+        or (mod.startswith("rudder.agents") and dep.startswith("rudder.baselines"))
+    ]
     assert not wrong, "\n".join(sorted(wrong))
 
 
@@ -129,8 +151,30 @@ def test_no_import_cycles():
 def test_the_checker_sees_function_level_and_upward_imports(tmp_path):
     """The checker itself: an import inside a function counts, and an upward one is named."""
     src = tmp_path / "m.py"
-    src.write_text("def f():\n    from rudder_env.evaluation import play\n")
-    deps = imports_of(str(src), "rudder_env.buffer", {"rudder_env.evaluation", "rudder_env.evaluation.play"})
-    assert deps == {"rudder_env.evaluation", "rudder_env.evaluation.play"}
-    assert layer("rudder_env.evaluation.play") > layer("rudder_env.buffer")
-    assert layer("agents.base") < layer("agents.ppo") and layer("rudder_env.dist.rank") > layer("agents.llm")
+    src.write_text("def f():\n    from rudder.evaluation import play\n")
+    deps = imports_of(str(src), "rudder.env.buffer", {"rudder.evaluation", "rudder.evaluation.play"})
+    assert deps == {"rudder.evaluation.play"}
+    assert layer("rudder.evaluation.play") > layer("rudder.env.buffer")
+    assert layer("rudder.agents.base") < layer("rudder.agents.ppo") and layer("rudder.runtime.rank") > layer(
+        "rudder.agents.llm.agent"
+    )
+
+
+def test_every_folder_is_one_package_of_one_layer():
+    """The tree and the layer list agree: each installed package's folder exists, holds its own ``__init__.py`` and
+    falls in one layer; no Python file of the source folders lies outside an installed package; no source folder is
+    named like build output (``dist``, ``build``: tools such as ruff skip those by default)."""
+    folders = package_folders()
+    for pkg, folder in folders.items():
+        assert os.path.isfile(os.path.join(folder, "__init__.py")), f"{pkg}: no {folder}/__init__.py"
+        layer(pkg)
+    packaged = {os.path.realpath(f) for f in folders.values()}
+    stray, build_like = [], []
+    for top in {os.path.relpath(f, ROOT).split(os.sep)[0] for f in folders.values()}:
+        for folder, dirs, files in os.walk(os.path.join(ROOT, top)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            build_like += [os.path.join(folder, d) for d in dirs if d in ("dist", "build")]
+            if any(f.endswith(".py") for f in files) and os.path.realpath(folder) not in packaged:
+                stray.append(os.path.relpath(folder, ROOT))
+    assert not stray, f"Python files outside any installed package (pyproject.toml): {stray}"
+    assert not build_like, f"source folders named like build output: {build_like}"

@@ -1,6 +1,6 @@
 """The benchmark report: a run replaces only the sections it measured and keeps the rest as the file has it."""
 
-from bench.run import SECTIONS, _write
+from rudder.bench.run import SECTIONS, _write
 
 
 def test_report_keeps_sections_it_did_not_run_including_edits_made_meanwhile(tmp_path):
@@ -17,16 +17,30 @@ def test_report_keeps_sections_it_did_not_run_including_edits_made_meanwhile(tmp
 
 def test_p1_leaves_out_a_learned_agents_rows_on_traces_it_was_not_held_out_from():
     import pandas as pd
-
-    from bench.traffic import summarise
+    from rudder.bench.traffic import summarise
 
     rows = []
     for seed in (0, 1):  # seed 0: the learned agent's own training run, by content
-        for agent, fetched, not_held_out in (("none", 1000, 0), ("belady", 500, 0), ("periodic", 700, 0),
-                                             ("ppo", 600, int(seed == 0))):
-            rows.append(dict(graph="g", parts=2, fanout="10,25", seed=seed, fraction=0.25, agent=agent,
-                             remote_sampled=1000, hits=0, remote_fetched=fetched - 100 * (seed == 0) * (agent == "ppo"),
-                             not_held_out=not_held_out))
+        for agent, fetched, not_held_out in (
+            ("none", 1000, 0),
+            ("belady", 500, 0),
+            ("periodic", 700, 0),
+            ("ppo", 600, int(seed == 0)),
+        ):
+            rows.append(
+                dict(
+                    graph="g",
+                    parts=2,
+                    fanout="10,25",
+                    seed=seed,
+                    fraction=0.25,
+                    agent=agent,
+                    remote_sampled=1000,
+                    hits=0,
+                    remote_fetched=fetched - 100 * (seed == 0) * (agent == "ppo"),
+                    not_held_out=not_held_out,
+                )
+            )
     df = pd.DataFrame(rows)
     df["fetched_vs_min"] = df["remote_fetched"] / 500
     df["fetched_vs_none"] = df["remote_fetched"] / 1000

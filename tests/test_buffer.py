@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from rudder_env.buffer import EMPTY, PrefetchBuffer
+from rudder.env.buffer import EMPTY, PrefetchBuffer
 
 N = 100
 D = 3

@@ -1,4 +1,4 @@
-"""The emulated cluster (rudder_env.dist.cluster): namespaces, shaped links, per-host /dev/shm and /etc/hosts, a real
+"""The emulated cluster (rudder.testbed.cluster): namespaces, shaped links, per-host /dev/shm and /etc/hosts, a real
 cross-host mpiexec, and that nothing is left after down(), a failed up(), an owner killed by SIGKILL (then
 cleanup_stale()), SIGTERM or SIGINT, and SIGINT to the command line's `up`.
 
@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from rudder_env.dist import cluster as cl
-from rudder_env.dist.cluster import ClusterError, EmulatedCluster
+from rudder.testbed import cluster as cl
+from rudder.testbed.cluster import ClusterError, EmulatedCluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATE = 400e6
@@ -62,8 +62,10 @@ def output(c: EmulatedCluster, host, argv, timeout=20) -> str:
 
 def connect(c: EmulatedCluster, src, addr: str) -> str:
     """Try a TCP connect from host ``src`` to ``addr`` port 9 (nothing listens): 'refused' means reachable."""
-    code = (f"import socket\ns = socket.socket(); s.settimeout(1)\ntry:\n    s.connect(({addr!r}, 9)); print('open')\n"
-            "except ConnectionRefusedError: print('refused')\nexcept OSError as e: print(type(e).__name__)")
+    code = (
+        f"import socket\ns = socket.socket(); s.settimeout(1)\ntry:\n    s.connect(({addr!r}, 9)); print('open')\n"
+        "except ConnectionRefusedError: print('refused')\nexcept OSError as e: print(type(e).__name__)"
+    )
     return output(c, src, [sys.executable, "-I", "-S", "-c", code]).strip()
 
 
@@ -142,12 +144,18 @@ def test_dev_shm_is_per_host_and_shared_within_a_host(c):
 @needs_cluster
 def test_launcher_exec_called_like_ssh(c):
     # hydra: HELPER -x HOST '"/path/to/hydra_pmi_proxy"' --control-port ADDR:PORT ...
-    res = subprocess.run([c.launcher_exec, "-x", c.hostnames[1], '"/bin/echo"', "--flag", "x:1", "&&", "hostname"],
-                         check=False, capture_output=True, text=True, timeout=10)
+    res = subprocess.run(
+        [c.launcher_exec, "-x", c.hostnames[1], '"/bin/echo"', "--flag", "x:1", "&&", "hostname"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["--flag", "x:1", c.hostnames[1]]
-    bad = subprocess.run([c.launcher_exec, "-x", "nohost", "true"], check=False, capture_output=True, text=True,
-                         timeout=10)
+    bad = subprocess.run(
+        [c.launcher_exec, "-x", "nohost", "true"], check=False, capture_output=True, text=True, timeout=10
+    )
     assert bad.returncode == 255 and "no host" in bad.stderr
 
 
@@ -169,10 +177,24 @@ def test_mpiexec_across_hosts(c):
         "else: comm.allreduce(r + 1)\n"
     )
     args = c.mpiexec_args(1)
-    assert args == ["-launcher", "ssh", "-launcher-exec", c.launcher_exec, "-hosts",
-                    f"{c.hostnames[0]}:1,{c.hostnames[1]}:1", "-iface", c.bridge]
-    res = subprocess.run([mpiexec, *args, "-n", "2", sys.executable, "-c", prog], check=False, capture_output=True,
-                         text=True, timeout=60, cwd=ROOT)
+    assert args == [
+        "-launcher",
+        "ssh",
+        "-launcher-exec",
+        c.launcher_exec,
+        "-hosts",
+        f"{c.hostnames[0]}:1,{c.hostnames[1]}:1",
+        "-iface",
+        c.bridge,
+    ]
+    res = subprocess.run(
+        [mpiexec, *args, "-n", "2", sys.executable, "-c", prog],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     assert out["hosts"] == c.hostnames and out["sum"] == 3
@@ -208,7 +230,7 @@ def test_partial_failure_tears_down(monkeypatch):
 
 OWNER = """
 import subprocess, sys, time
-from rudder_env.dist.cluster import EmulatedCluster
+from rudder.testbed.cluster import EmulatedCluster
 c = EmulatedCluster(2, link_rate="400mbit", name=sys.argv[1]).up()
 c.run(1, ["sh", "-c", "sleep 60 & exec sleep 60"])
 print(*[h["pid"] for h in c._state["holders"]], flush=True)
@@ -236,9 +258,14 @@ def test_owner_killed(sig):
 @needs_cluster
 def test_cli_up_sigint_and_errors():
     name = fresh_name("c")
-    cmd = [sys.executable, "-m", "rudder_env.dist.cluster"]
-    up = subprocess.Popen(cmd + ["up", "--hosts", "2", "--link-rate", "400mbit", "--name", name],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    cmd = [sys.executable, "-m", "rudder.testbed.cluster"]
+    up = subprocess.Popen(
+        cmd + ["up", "--hosts", "2", "--link-rate", "400mbit", "--name", name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         lines = []
         while not lines or not lines[-1].startswith("up;"):
@@ -247,11 +274,18 @@ def test_cli_up_sigint_and_errors():
             lines.append(line)
         text = "".join(lines)
         assert f"rd-{name}-h0" in text and f"-launcher-exec /run/rudder-cluster/{name}/ssh" in text
-        listing = subprocess.run(cmd + ["list"], check=False, capture_output=True, text=True, cwd=ROOT,
-                                 timeout=30).stdout
+        listing = subprocess.run(
+            cmd + ["list"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=30
+        ).stdout
         assert f"{name}: 2 hosts, link 400mbit" in listing
-        ex = subprocess.run(cmd + ["exec", f"rd-{name}-h1", "--", "hostname"], check=False, capture_output=True,
-                            text=True, cwd=ROOT, timeout=30)
+        ex = subprocess.run(
+            cmd + ["exec", f"rd-{name}-h1", "--", "hostname"],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+        )
         assert ex.stdout.strip() == f"rd-{name}-h1"
     finally:
         up.send_signal(signal.SIGINT)
@@ -259,8 +293,12 @@ def test_cli_up_sigint_and_errors():
     assert up.returncode == 0 and f"cluster {name}: down" in rest
     assert leftovers(name) == []
 
-    for argv in (["up", "--hosts", "2", "--link-rate", "5furlongs"], ["exec", "rd-nosuch-h0", "--", "true"],
-                 ["down", "nosuch"], ["frobnicate"]):
+    for argv in (
+        ["up", "--hosts", "2", "--link-rate", "5furlongs"],
+        ["exec", "rd-nosuch-h0", "--", "true"],
+        ["down", "nosuch"],
+        ["frobnicate"],
+    ):
         res = subprocess.run(cmd + argv, check=False, capture_output=True, text=True, cwd=ROOT, timeout=30)
         assert res.returncode == 2 and res.stderr.startswith("rudder: error: ")
         assert res.stderr.count("\n") == 1, res.stderr

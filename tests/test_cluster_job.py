@@ -12,13 +12,13 @@ import sys
 import time
 
 import pytest
+from rudder.baselines.policies import Periodic
+from rudder.env.replay_env import ReplayEnv
+from rudder.traces import Trace
 
-from baselines.policies import Periodic
-from rudder_env.dist.cluster import ClusterError, EmulatedCluster, parse_rate, preflight
-from rudder_env.dist.procs import alive
-from rudder_env.evaluation.play import play_episode
-from rudder_env.replay_env import ReplayEnv
-from traces import Trace
+from rudder.evaluation.play import play_episode
+from rudder.runtime.procs import alive
+from rudder.testbed.cluster import ClusterError, EmulatedCluster, parse_rate, preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -46,8 +46,9 @@ def cluster():
 
 def train(args, cache, **kw):
     env = dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, TRAIN, "gnn", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, TRAIN, "gnn", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw
+    )
 
 
 def cluster_of(stderr: str) -> str:
@@ -70,8 +71,23 @@ def test_a_job_on_two_hosts_serves_exact_rows_over_the_shaped_link(cluster, id_g
     measured = cluster.measure_throughput(0, 1, seconds=1.5)
     assert abs(measured / parse_rate(RATE) - 1) < 0.25, f"{measured / 1e6:.0f} Mbit/s on a {RATE} link"
     summary, trace = tmp_path / "run.json", tmp_path / "trace"
-    proc = train(["--graph", id_graph, "--cluster", cluster.name, *SMALL, "--verify-rows", "--agent", "periodic",
-                  "--summary", str(summary), "--trace", str(trace)], cache)
+    proc = train(
+        [
+            "--graph",
+            id_graph,
+            "--cluster",
+            cluster.name,
+            *SMALL,
+            "--verify-rows",
+            "--agent",
+            "periodic",
+            "--summary",
+            str(summary),
+            "--trace",
+            str(trace),
+        ],
+        cache,
+    )
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     s = json.loads(summary.read_text())
@@ -95,15 +111,32 @@ def replay_matches_the_live_run(trace: str, summary: dict) -> None:
         live_s = float((table["sample_s"] + table["fetch_s"] + table["compute_s"]).sum())
         for follow in (True, False):
             res = play_episode(ReplayEnv(trace, rank=rank, follow_recorded=follow), Periodic())
-            assert (res["hits"], res["remote_fetched"], res["prefetched"]) == \
-                (live["hits"], live["remote_fetched"], live["prefetched"]), f"rank {rank}, follow={follow}"
+            assert (res["hits"], res["remote_fetched"], res["prefetched"]) == (
+                live["hits"],
+                live["remote_fetched"],
+                live["prefetched"],
+            ), f"rank {rank}, follow={follow}"
             assert abs(res["time_s"] / live_s - 1) < 0.10, (res["time_s"], live_s)
 
 
 def test_hosts_option_brings_a_cluster_up_and_down(cache, tmp_path):
     summary = tmp_path / "run.json"
-    proc = train(["--graph", "synth-tiny", "--hosts", "2", "--link-rate", RATE, *SMALL, "--agent", "static",
-                  "--summary", str(summary)], cache)
+    proc = train(
+        [
+            "--graph",
+            "synth-tiny",
+            "--hosts",
+            "2",
+            "--link-rate",
+            RATE,
+            *SMALL,
+            "--agent",
+            "static",
+            "--summary",
+            str(summary),
+        ],
+        cache,
+    )
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     s = json.loads(summary.read_text())
@@ -113,8 +146,23 @@ def test_hosts_option_brings_a_cluster_up_and_down(cache, tmp_path):
 
 @pytest.mark.parametrize("fault", ["sigint", "trainer"])
 def test_an_interrupted_or_failed_job_leaves_nothing(fault, cache, wait_for_rank):
-    proc = train(["--graph", "synth-tiny", "--hosts", "2", "--link-rate", RATE, "--epochs", "300",
-                  "--batch-size", "50", "--fanout", "3,5"], cache)
+    proc = train(
+        [
+            "--graph",
+            "synth-tiny",
+            "--hosts",
+            "2",
+            "--link-rate",
+            RATE,
+            "--epochs",
+            "300",
+            "--batch-size",
+            "50",
+            "--fanout",
+            "3,5",
+        ],
+        cache,
+    )
     try:
         trainer = wait_for_rank(cache, "trainer", machine=1, deadline_s=120)
         time.sleep(4)  # training under way

@@ -1,4 +1,4 @@
-"""Tests for rudder_env.dist.datasets: the graph contract, synthetic presets, the OGB raw-layout loader, load_graph."""
+"""Tests for rudder.runtime.datasets: the graph contract, synthetic presets, the OGB raw-layout loader, load_graph."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rudder_env.dist import datasets
-from rudder_env.dist.datasets import (PRESETS, DatasetError, SynthSpec, generate_synthetic, load_graph, load_ogb,
-                                 num_classes)
-from rudder_env.dist.dgl_compat import import_dgl
+from rudder.runtime import datasets
+from rudder.runtime.datasets import (
+    PRESETS,
+    DatasetError,
+    SynthSpec,
+    generate_synthetic,
+    load_graph,
+    load_ogb,
+    num_classes,
+)
+from rudder.runtime.dgl_compat import import_dgl
 
 dgl = import_dgl()
 
@@ -32,7 +39,7 @@ def edge_set(g) -> set[tuple[int, int]]:
 
 
 def assert_contract(g) -> None:
-    """The contract every graph from rudder_env.dist.datasets satisfies."""
+    """The contract every graph from rudder.runtime.datasets satisfies."""
     n = g.num_nodes()
     assert g.ntypes == ["_N"] and g.etypes == ["_E"]
     feat, label = g.ndata["feat"], g.ndata["label"]
@@ -83,6 +90,7 @@ def test_presets_sizes():
 def test_hetero_preset_is_another_family_than_small():
     """synth-hetero (held-out evaluation) differs from synth-small in structure, not only in size: at the same
     node count (20k, to stay fast) its edges join same-label nodes far less often and its degree tail is heavier."""
+
     def shape(name):
         g = generate_synthetic(dataclasses.replace(PRESETS[name], num_nodes=20_000), seed=0)
         src, dst = g.edges()
@@ -189,8 +197,17 @@ def test_tiny_learnable_and_graph_matters(tiny):
 
 
 def test_custom_spec_single_community():
-    spec = SynthSpec(num_nodes=300, avg_degree=6, num_communities=1, num_classes=3, feat_dim=4, p_in=1.0,
-                     train_frac=0.5, val_frac=0.1, test_frac=0.1)
+    spec = SynthSpec(
+        num_nodes=300,
+        avg_degree=6,
+        num_communities=1,
+        num_classes=3,
+        feat_dim=4,
+        p_in=1.0,
+        train_frac=0.5,
+        val_frac=0.1,
+        test_frac=0.1,
+    )
     g = generate_synthetic(spec, seed=3)
     assert_contract(g)
     assert g.num_edges() == 900 * 2
@@ -243,8 +260,13 @@ def make_ogb_npz(root) -> str:
     ds = os.path.join(root, "ogbn_papers100M")
     raw = os.path.join(ds, "raw")
     os.makedirs(raw)
-    np.savez(os.path.join(raw, "data.npz"), edge_index=OGB_EDGES.T.copy(), node_feat=OGB_FEAT.astype(np.float16),
-             num_nodes_list=np.array([N_OGB]), num_edges_list=np.array([len(OGB_EDGES)]))
+    np.savez(
+        os.path.join(raw, "data.npz"),
+        edge_index=OGB_EDGES.T.copy(),
+        node_feat=OGB_FEAT.astype(np.float16),
+        num_nodes_list=np.array([N_OGB]),
+        num_edges_list=np.array([len(OGB_EDGES)]),
+    )
     np.savez(os.path.join(raw, "node-label.npz"), node_label=np.array(OGB_LABEL).reshape(-1, 1))
     _write_split(ds, name="time")
     return ds
@@ -280,12 +302,21 @@ def test_ogb_npz_layout_with_nan_labels(tmp_path):
 # mapping/ with README.md; processed/ appears once OGB's own loader has run). Per dataset, from OGB's master.csv:
 # the split folder's name, extra node files, and whether raw/ is CSV or binary (npz).
 OGB_REAL = {
-    "ogbn-products": dict(split="sales_ranking", binary=False, extra={},
-                          mapping=("labelidx2productcategory.csv.gz", "nodeidx2asin.csv.gz")),
-    "ogbn-arxiv": dict(split="time", binary=False, extra={"node_year": np.arange(N_OGB) + 2000},
-                       mapping=("labelidx2arxivcategeory.csv.gz", "nodeidx2paperid.csv.gz")),
-    "ogbn-papers100M": dict(split="time", binary=True, extra={"node_year": np.arange(N_OGB) + 2000},
-                            mapping=("nodeidx2paperid.csv.gz",)),
+    "ogbn-products": dict(
+        split="sales_ranking",
+        binary=False,
+        extra={},
+        mapping=("labelidx2productcategory.csv.gz", "nodeidx2asin.csv.gz"),
+    ),
+    "ogbn-arxiv": dict(
+        split="time",
+        binary=False,
+        extra={"node_year": np.arange(N_OGB) + 2000},
+        mapping=("labelidx2arxivcategeory.csv.gz", "nodeidx2paperid.csv.gz"),
+    ),
+    "ogbn-papers100M": dict(
+        split="time", binary=True, extra={"node_year": np.arange(N_OGB) + 2000}, mapping=("nodeidx2paperid.csv.gz",)
+    ),
 }
 
 
@@ -302,20 +333,27 @@ def make_ogb_real(root, name: str) -> str:
         f.write("mapping of node and label indices\n")
     for mapping in spec["mapping"]:
         pd.DataFrame({"idx": range(N_OGB), "id": [f"x{i}" for i in range(N_OGB)]}).to_csv(
-            os.path.join(ds, "mapping", mapping), index=False, compression="gzip")  # OGB's mappings have headers
+            os.path.join(ds, "mapping", mapping), index=False, compression="gzip"
+        )  # OGB's mappings have headers
     if spec["binary"]:  # ogb.io.save_dataset: np.savez_compressed, int64 ids and counts, float32 node arrays
-        np.savez_compressed(os.path.join(raw, "data.npz"), edge_index=OGB_EDGES.T.astype(np.int64),
-                            num_nodes_list=np.array([N_OGB], np.int64),
-                            num_edges_list=np.array([len(OGB_EDGES)], np.int64),
-                            node_feat=OGB_FEAT.astype(np.float32),
-                            **{k: v.reshape(-1, 1).astype(np.int64) for k, v in spec["extra"].items()})
-        np.savez_compressed(os.path.join(raw, "node-label.npz"),
-                            node_label=np.array(OGB_LABEL, dtype=np.float32).reshape(-1, 1))
+        np.savez_compressed(
+            os.path.join(raw, "data.npz"),
+            edge_index=OGB_EDGES.T.astype(np.int64),
+            num_nodes_list=np.array([N_OGB], np.int64),
+            num_edges_list=np.array([len(OGB_EDGES)], np.int64),
+            node_feat=OGB_FEAT.astype(np.float32),
+            **{k: v.reshape(-1, 1).astype(np.int64) for k, v in spec["extra"].items()},
+        )
+        np.savez_compressed(
+            os.path.join(raw, "node-label.npz"), node_label=np.array(OGB_LABEL, dtype=np.float32).reshape(-1, 1)
+        )
     else:  # headerless gzip CSVs, read by ogb.io.read_csv_graph_raw with pd.read_csv(header=None)
         _write_csv(os.path.join(raw, "edge.csv.gz"), OGB_EDGES)
         _write_csv(os.path.join(raw, "node-feat.csv.gz"), OGB_FEAT.astype(np.float32))
-        _write_csv(os.path.join(raw, "node-label.csv.gz"),
-                   pd.array([None if np.isnan(x) else int(x) for x in OGB_LABEL], dtype="Int64"))
+        _write_csv(
+            os.path.join(raw, "node-label.csv.gz"),
+            pd.array([None if np.isnan(x) else int(x) for x in OGB_LABEL], dtype="Int64"),
+        )
         _write_csv(os.path.join(raw, "num-node-list.csv.gz"), np.array([[N_OGB]]))
         _write_csv(os.path.join(raw, "num-edge-list.csv.gz"), np.array([[len(OGB_EDGES)]]))
         for key, values in spec["extra"].items():
@@ -380,8 +418,11 @@ def test_ogb_not_a_dataset_folder(tmp_path):
 
 
 def test_unknown_name():
-    with pytest.raises(DatasetError, match=r"unknown graph 'synth-huge': expected one of synth-tiny, synth-small, "
-                                           r"synth-hetero, synth-large, an OGB dataset folder, or a \.dgl file"):
+    with pytest.raises(
+        DatasetError,
+        match=r"unknown graph 'synth-huge': expected one of synth-tiny, synth-small, "
+        r"synth-hetero, synth-large, an OGB dataset folder, or a \.dgl file",
+    ):
         load_graph("synth-huge")
 
 

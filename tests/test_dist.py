@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import partition_bytes_checked, record_fault
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,8 +51,24 @@ def test_two_partitions_trains_and_reports(record_live):
     and test_evaluate) trains, learns and reports."""
     run = record_live("periodic", "--check-env")
     s = run["summary"]
-    for key in ("graph", "parts", "trainers_per_part", "partition", "model", "fanout", "batch_size", "epochs",
-                "hidden", "lr", "seed", "buffer_fraction", "buffer_init", "alpha", "period", "admit_on_miss"):
+    for key in (
+        "graph",
+        "parts",
+        "trainers_per_part",
+        "partition",
+        "model",
+        "fanout",
+        "batch_size",
+        "epochs",
+        "hidden",
+        "lr",
+        "seed",
+        "buffer_fraction",
+        "buffer_init",
+        "alpha",
+        "period",
+        "admit_on_miss",
+    ):
         assert key in s["config"]
     num_classes = s["graph"]["num_classes"]
     assert s["val_acc"] > 2.0 / num_classes and s["test_acc"] > 2.0 / num_classes
@@ -78,9 +93,23 @@ def test_served_rows_are_the_disttensor_rows(run_train, agent, overlap, id_graph
     each trainer reads its own partition (the one-host fixes) and the buffer serves exact rows, also when they
     were pulled during the previous minibatch's compute (--overlap-fetch)."""
     summary_path = tmp_path / "run.json"
-    proc = run_train(["--graph", id_graph, *SMALL, "--agent", agent, "--verify-rows", "--buffer-init", "random",
-                      "--overlap-fetch" if overlap else "--no-overlap-fetch", "--summary", str(summary_path)],
-                     cache, mpiexec_n=4 if agent == "static" else None)
+    proc = run_train(
+        [
+            "--graph",
+            id_graph,
+            *SMALL,
+            "--agent",
+            agent,
+            "--verify-rows",
+            "--buffer-init",
+            "random",
+            "--overlap-fetch" if overlap else "--no-overlap-fetch",
+            "--summary",
+            str(summary_path),
+        ],
+        cache,
+        mpiexec_n=4 if agent == "static" else None,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(summary_path.read_text())
     assert sorted(r["partition"] for r in s["ranks"]) == [0, 1]
@@ -114,8 +143,21 @@ def test_served_rows_are_the_disttensor_rows(run_train, agent, overlap, id_graph
 @pytest.mark.parametrize("victim", ["trainer", "server"])
 def test_a_dead_rank_ends_the_job_and_leaves_nothing(free_port_block, free_port, wait_for_rank, victim, cache):
     port = free_port_block()
-    cmd = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", "--parts", "2", "--epochs", "500",
-           "--batch-size", "50", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        TRAIN,
+        "gnn",
+        "--graph",
+        "synth-tiny",
+        "--parts",
+        "2",
+        "--epochs",
+        "500",
+        "--batch-size",
+        "50",
+        "--port",
+        str(port),
+    ]
     env = dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -137,8 +179,14 @@ def test_a_dead_rank_ends_the_job_and_leaves_nothing(free_port_block, free_port,
     assert not tagged_segments(tag)  # this job's (other jobs may be running on the machine)
     assert free_port(port) and free_port(port + 10)
     verdict = next(line for line in err.splitlines() if line.startswith("rudder: job failed:"))
-    record_fault(f"killed {victim}", f"SIGKILL to {st['describe']} while training", took, verdict.split(" (log:")[0],
-                 left="nothing: processes, /dev/shm, ports", input_checked=partition_bytes_checked(cache))
+    record_fault(
+        f"killed {victim}",
+        f"SIGKILL to {st['describe']} while training",
+        took,
+        verdict.split(" (log:")[0],
+        left="nothing: processes, /dev/shm, ports",
+        input_checked=partition_bytes_checked(cache),
+    )
 
 
 def test_bad_input_gets_one_line_errors(run_train, cache, tmp_path):
@@ -163,8 +211,8 @@ def test_bad_input_gets_one_line_errors(run_train, cache, tmp_path):
 def test_missing_partition_files_are_named(run_train, cache):
     """A file gone from a cached partition is named before any rank starts (partitioned here directly: the error
     path is the point, not a training run)."""
-    from rudder_env.dist.config import TrainConfig
-    from rudder_env.dist.partition import ensure_partitions
+    from rudder.runtime.config import TrainConfig
+    from rudder.runtime.partition import ensure_partitions
 
     ensure_partitions(TrainConfig(graph="synth-tiny", parts=3, partition="random", cache_dir=cache), log=lambda m: None)
     victims = glob.glob(os.path.join(cache, "partitions", "synth-tiny-seed0-random3", "part1", "graph.dgl"))
@@ -182,12 +230,22 @@ def test_two_jobs_at_once_pick_their_own_ports(run_train, cache, tmp_path):
     args = [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", *SMALL, "--num-samplers", "1"]
     env = dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
     jobs_before = set(glob.glob(os.path.join(cache, "jobs", "*")))
-    first = subprocess.Popen(args + ["--epochs", "12", "--summary", str(tmp_path / "a.json")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = subprocess.Popen(
+        args + ["--epochs", "12", "--summary", str(tmp_path / "a.json")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         _wait_for_trainers(cache, jobs_before, 2)
-        second = subprocess.run(["mpiexec", "-n", "4", *args, "--summary", str(tmp_path / "b.json")],
-                                capture_output=True, text=True, timeout=240, env=env)
+        second = subprocess.run(
+            ["mpiexec", "-n", "4", *args, "--summary", str(tmp_path / "b.json")],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+        )
         _, err = first.communicate(timeout=240)
     finally:
         if first.poll() is None:
@@ -226,8 +284,24 @@ def test_gat_model_trains_live(run_train, cache, tmp_path):
     """--model gat: a real 2-partition job trains GAT layers on the sampled blocks (1 epoch) and learns (with
     --prefetch inline, the path where rows pulled and rows the buffer counts must agree exactly)."""
     summary_path = tmp_path / "run.json"
-    proc = run_train(["--graph", "synth-tiny", *SMALL, "--epochs", "1", "--model", "gat", "--agent", "periodic",
-                      "--prefetch", "inline", "--summary", str(summary_path)], cache)
+    proc = run_train(
+        [
+            "--graph",
+            "synth-tiny",
+            *SMALL,
+            "--epochs",
+            "1",
+            "--model",
+            "gat",
+            "--agent",
+            "periodic",
+            "--prefetch",
+            "inline",
+            "--summary",
+            str(summary_path),
+        ],
+        cache,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(summary_path.read_text())
     assert s["config"]["model"] == "gat"
@@ -242,8 +316,22 @@ def test_two_trainers_per_partition_live(run_train, cache, tmp_path):
     """--trainers-per-part 2: 2 servers + 4 trainers; each partition's training nodes are split between its two
     trainers, and every trainer runs its own buffer over its own partition's halo."""
     summary_path = tmp_path / "run.json"
-    proc = run_train(["--graph", "synth-tiny", *SMALL, "--epochs", "1", "--trainers-per-part", "2",
-                      "--agent", "periodic", "--summary", str(summary_path)], cache)
+    proc = run_train(
+        [
+            "--graph",
+            "synth-tiny",
+            *SMALL,
+            "--epochs",
+            "1",
+            "--trainers-per-part",
+            "2",
+            "--agent",
+            "periodic",
+            "--summary",
+            str(summary_path),
+        ],
+        cache,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(summary_path.read_text())
     assert s["config"]["trainers_per_part"] == 2

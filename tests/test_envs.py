@@ -1,15 +1,13 @@
 """The live environment inside real DistDGL jobs: Gymnasium's checks on every trainer, and a recorded live run
 replays exactly (same hits, misses, rows fetched and decisions per window)."""
 
-
 import gymnasium as gym
 import numpy as np
 import pytest
-
-import rudder_env  # noqa: F401  (registers the environments)
-from baselines.policies import Lookahead, Periodic
-from rudder_env.contract import buffer_kwargs
-from traces import Trace
+import rudder.env  # noqa: F401  (registers the environments)
+from rudder.baselines.policies import Lookahead, Periodic
+from rudder.env.contract import buffer_kwargs
+from rudder.traces import Trace
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +55,9 @@ def test_replay_of_a_live_run_is_exact(agent, rank, request, play_windows):
 def test_recorded_agent_applies_a_live_runs_decisions_again_live(live, record_live):
     """``--agent recorded`` re-applies a live run's decisions at the same minibatches in a new live run (how P3
     measures what taking the LLM's decisions costs), and a replay of that run with them is exact."""
-    from rudder_env.evaluation.play import play as play_agent
-    from baselines.policies import Recorded
+    from rudder.baselines.policies import Recorded
+
+    from rudder.evaluation.play import play as play_agent
 
     again = record_live("recorded", "--decisions-from", live["trace"])
     for rank in (0, 1):
@@ -69,7 +68,8 @@ def test_recorded_agent_applies_a_live_runs_decisions_again_live(live, record_li
             np.testing.assert_array_equal(a, b)
         live_rank = again["summary"]["ranks"][rank]
         assert live_rank["decisions"] == len(first)
-        res = play_agent(gym.make("rudder/Replay-v0", trace=again["trace"], rank=rank),
-                         Recorded(again["trace"], rank=rank))
+        res = play_agent(
+            gym.make("rudder/Replay-v0", trace=again["trace"], rank=rank), Recorded(again["trace"], rank=rank)
+        )
         for key in ("remote_sampled", "hits", "remote_fetched", "prefetched"):
             assert res[key] == live_rank[key], key

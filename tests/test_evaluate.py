@@ -8,9 +8,8 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
-from rudder_env.timing import FetchTimeModel, out_of_sample
-from traces import Trace
+from rudder.env.timing import FetchTimeModel, out_of_sample
+from rudder.traces import Trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "traces", "samples")
@@ -46,15 +45,31 @@ def test_evaluate_end_to_end_with_every_agent_and_the_real_llm(tmp_path):
     """The main job on one shipped trace: every default agent (the real SmolLM2 and the shipped PPO policy
     included) beside the oracles; results.csv, plots and the LLM's decision log."""
     trace = os.path.join(SAMPLES, "small-metis2-f10x25")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", trace, "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", trace, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_csv(tmp_path / "results.csv")
     for col in ("agent", "trace", "rank", "remote_sampled", "hits", "remote_fetched", "prefetched"):
         assert col in df
-    assert set(df["agent"]) == {"none", "static", "vip", "periodic", "hitrate", "lookahead", "ppo", "llm", "ppo-link",
-                                "llm-link", "belady", "hindsight"}  # best-level: not where the time fit fails
+    assert set(df["agent"]) == {
+        "none",
+        "static",
+        "vip",
+        "periodic",
+        "hitrate",
+        "lookahead",
+        "ppo",
+        "llm",
+        "ppo-link",
+        "llm-link",
+        "belady",
+        "hindsight",
+    }  # best-level: not where the time fit fails
     assert "best-level" in proc.stdout  # named among the oracles all the same
     llm = df[df["agent"] == "llm"]
     assert (llm["decisions"] > 0).all() and (llm["invalid_answers"] == 0).all()
@@ -80,15 +95,27 @@ def test_evaluate_end_to_end_with_every_agent_and_the_real_llm(tmp_path):
 
 
 def test_evaluate_rejects_bad_input(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", str(tmp_path),
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", str(tmp_path), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "is not a rudder trace" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--agents", "nope",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--agents", "nope", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "unknown agent 'nope': built-in agents are none, static" in proc.stderr
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--oracles", "nope",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--oracles", "nope", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "unknown oracle 'nope': oracles are belady, hindsight" in proc.stderr
 
 
@@ -127,14 +154,31 @@ def test_time_model_out_of_sample_and_when_it_cannot_separate_remote_rows():
 
 
 def test_report_prints_time_only_where_the_fit_separates_remote_rows():
-    from rudder_env.evaluation.report import format_report
+    from rudder.evaluation.report import format_report
 
     def row(agent, rank, time_s, ok):
-        return dict(agent=agent, trace="t", rank=rank, remote_sampled=100, hits=0, remote_fetched=100, prefetched=0,
-                    time_s=time_s, latency_p50_s=0.0, latency_p95_s=0.0, invalid_answers=0, provenance="",
-                    time_r2=0.5 if ok else 0.01, time_s_per_remote_row=2e-6 if ok else 0.0, time_fit_ok=ok,
-                    time_check_agent="none", time_oos_fetch_error=-0.12, time_oos_time_error=0.034,
-                    time_check_compute_ratio=1.05)
+        return dict(
+            agent=agent,
+            trace="t",
+            rank=rank,
+            remote_sampled=100,
+            hits=0,
+            remote_fetched=100,
+            prefetched=0,
+            time_s=time_s,
+            latency_p50_s=0.0,
+            latency_p95_s=0.0,
+            invalid_answers=0,
+            provenance="",
+            time_r2=0.5 if ok else 0.01,
+            time_s_per_remote_row=2e-6 if ok else 0.0,
+            time_fit_ok=ok,
+            time_check_agent="none",
+            time_oos_fetch_error=-0.12,
+            time_oos_time_error=0.034,
+            time_check_compute_ratio=1.05,
+        )
+
     ranks = [row("none", 0, 10.0, True), row("x", 0, 8.0, True), row("none", 1, 10.0, False), row("x", 1, 2.0, False)]
     text = format_report(pd.DataFrame(ranks))
     x_line = next(line for line in text.splitlines() if line.startswith("x "))
@@ -146,11 +190,27 @@ def test_report_prints_time_only_where_the_fit_separates_remote_rows():
 
 @pytest.mark.dist
 def test_evaluate_live_runs_agents_through_real_training(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--live", "--graph", "synth-tiny",
-                           "--parts", "2", "--agents", "none,periodic", "--train-args",
-                           "--batch-size 100 --fanout 3,5 --period 4", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, RUDDER_CACHE=str(tmp_path / "cache")))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluate.py"),
+            "--live",
+            "--graph",
+            "synth-tiny",
+            "--parts",
+            "2",
+            "--agents",
+            "none,periodic",
+            "--train-args",
+            "--batch-size 100 --fanout 3,5 --period 4",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, RUDDER_CACHE=str(tmp_path / "cache")),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_csv(tmp_path / "results.csv").set_index(["agent", "rank"])
     assert sorted(df.index.get_level_values("agent").unique()) == ["none", "periodic"]
@@ -172,24 +232,46 @@ def test_time_model_checked_on_another_real_run(record_live, tmp_path):
     is asserted there. Beside other pytest-xdist workers, which load the shared cores differently during each of
     the two runs, errors of 54% and 111% were seen: there only a positive predicted time is asserted."""
     from conftest import other_workers
-    from rudder_env.replay_env import ReplayEnv
-    from traces.timecheck import TimeCheck
+    from rudder.env.replay_env import ReplayEnv
+    from rudder.traces.timecheck import TimeCheck
 
     fitted, other = record_live("periodic", "--check-env"), record_live("lookahead")
     check = TimeCheck.from_trace(other["trace"])
     assert check.matches(Trace(fitted["trace"]))  # same options and seed, another agent
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", fitted["trace"],
-                           "--time-check", other["trace"], "--agents", "none,periodic", "--oracles", "",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluate.py"),
+            "--traces",
+            fitted["trace"],
+            "--time-check",
+            other["trace"],
+            "--agents",
+            "none,periodic",
+            "--oracles",
+            "",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_csv(tmp_path / "results.csv")
     trace = Trace(fitted["trace"])
     for rank in trace.ranks:
         model = ReplayEnv(trace, rank=rank).time_model
         cols, table = check.ranks[rank], trace.rank(rank).table()
-        expected = out_of_sample(model, cols["local_rows"], cols["remote_fetched"], cols["fetch_s"],
-                                 other_s=cols["sample_s"] + cols["compute_s"],
-                                 modelled_other_s=float(table["sample_s"].sum() + table["compute_s"].sum()))
+        expected = out_of_sample(
+            model,
+            cols["local_rows"],
+            cols["remote_fetched"],
+            cols["fetch_s"],
+            other_s=cols["sample_s"] + cols["compute_s"],
+            modelled_other_s=float(table["sample_s"].sum() + table["compute_s"].sum()),
+        )
         row = df[(df["rank"] == rank) & (df["agent"] == "periodic")].iloc[0]
         assert row["time_check_agent"] == "lookahead"
         assert row["time_oos_fetch_error"] == pytest.approx(expected["fetch_error"])

@@ -5,18 +5,23 @@ import socket
 
 import pytest
 
-from rudder_env.dist import onehost
-from rudder_env.dist.config import TrainConfig
-from rudder_env.dist.ports import port_in_use
-from rudder_env.dist.rank import assign_roles, under_mpi
+from rudder.runtime import onehost
+from rudder.runtime.config import TrainConfig
+from rudder.runtime.ports import port_in_use
+from rudder.runtime.rank import assign_roles, under_mpi
 
 
 def test_one_host_roles_servers_first_then_trainers_per_machine():
     roles, one_host = assign_roles(["h"] * 6, parts=2, trainers_per_part=2)
     assert one_host
     assert [(r.kind, r.machine, r.trainer_rank) for r in roles] == [
-        ("server", 0, -1), ("server", 1, -1),
-        ("trainer", 0, 0), ("trainer", 0, 1), ("trainer", 1, 2), ("trainer", 1, 3)]
+        ("server", 0, -1),
+        ("server", 1, -1),
+        ("trainer", 0, 0),
+        ("trainer", 0, 1),
+        ("trainer", 1, 2),
+        ("trainer", 1, 3),
+    ]
     assert roles[3].describe() == "rank 3 (trainer 1 of machine 0 on h)"
 
 
@@ -25,15 +30,23 @@ def test_several_hosts_one_machine_each_lowest_rank_serves():
     roles, one_host = assign_roles(hosts, parts=2, trainers_per_part=2)
     assert not one_host
     assert [(r.kind, r.machine, r.trainer_rank) for r in roles] == [
-        ("server", 0, -1), ("server", 1, -1),
-        ("trainer", 0, 0), ("trainer", 1, 2), ("trainer", 0, 1), ("trainer", 1, 3)]
+        ("server", 0, -1),
+        ("server", 1, -1),
+        ("trainer", 0, 0),
+        ("trainer", 1, 2),
+        ("trainer", 0, 1),
+        ("trainer", 1, 3),
+    ]
 
 
-@pytest.mark.parametrize("hosts, parts, tpp, message", [
-    (["h"] * 3, 2, 1, r"3 MPI ranks, expected 4 = 2 partitions x \(1 server \+ 1 trainers\)"),
-    (["a", "b", "c", "a", "b", "c"], 2, 2, r"spread over 3 hosts but --parts is 2"),
-    (["a", "a", "a", "b"], 2, 1, r"host a has 3 ranks, expected 2"),
-])
+@pytest.mark.parametrize(
+    "hosts, parts, tpp, message",
+    [
+        (["h"] * 3, 2, 1, r"3 MPI ranks, expected 4 = 2 partitions x \(1 server \+ 1 trainers\)"),
+        (["a", "b", "c", "a", "b", "c"], 2, 2, r"spread over 3 hosts but --parts is 2"),
+        (["a", "a", "a", "b"], 2, 1, r"host a has 3 ranks, expected 2"),
+    ],
+)
 def test_bad_layouts_are_named(hosts, parts, tpp, message):
     with pytest.raises(ValueError, match=message):
         assign_roles(hosts, parts, tpp)
@@ -65,16 +78,19 @@ def test_port_in_use_is_detected():
         assert port_in_use("127.0.0.1", s.getsockname()[1])
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("fanout", "10,x", r"fanout \(--fanout\) must be comma-separated integers"),
-    ("parts", -1, r"parts \(--parts\) must be an integer >= 1, got -1"),
-    ("hosts", 1, r"--hosts must be 0 \(this host\) or >= 2"),
-    ("link_rate", "500mbit", "--link-rate shapes the links of emulated hosts: it needs --hosts N"),
-    ("buffer_fraction", 1.5, r"buffer_fraction \(--buffer-fraction\) must be a number in \[0, 1\], got 1.5"),
-    ("period", 0, r"period \(--period\) must be an integer >= 1, got 0"),
-    ("agent", "recorded", "--agent recorded and --decisions-from TRACE go together"),
-    ("decisions_from", "/nonexistent", "--agent recorded and --decisions-from TRACE go together"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("fanout", "10,x", r"fanout \(--fanout\) must be comma-separated integers"),
+        ("parts", -1, r"parts \(--parts\) must be an integer >= 1, got -1"),
+        ("hosts", 1, r"--hosts must be 0 \(this host\) or >= 2"),
+        ("link_rate", "500mbit", "--link-rate shapes the links of emulated hosts: it needs --hosts N"),
+        ("buffer_fraction", 1.5, r"buffer_fraction \(--buffer-fraction\) must be a number in \[0, 1\], got 1.5"),
+        ("period", 0, r"period \(--period\) must be an integer >= 1, got 0"),
+        ("agent", "recorded", "--agent recorded and --decisions-from TRACE go together"),
+        ("decisions_from", "/nonexistent", "--agent recorded and --decisions-from TRACE go together"),
+    ],
+)
 def test_bad_options_are_rejected(field, value, message):
     cfg = TrainConfig(**{field: value})
     with pytest.raises(ValueError, match=message):
@@ -96,7 +112,7 @@ def test_recorded_decisions_need_an_existing_trace():
 
 
 def test_dgl_compat_is_a_noop_once_the_library_exists():
-    from rudder_env.dist import dgl_compat
+    from rudder.runtime import dgl_compat
 
     path = dgl_compat._graphbolt_path()
     assert path is not None and os.path.exists(path)  # made by install.sh or the first import
@@ -108,7 +124,7 @@ def test_dgl_compat_is_a_noop_once_the_library_exists():
 def _several_host_job(tmp_path, monkeypatch, addresses: dict[str, str]):
     """prepare_job for 2 partitions x 2 trainers spread over hosts "nodeA" and "nodeB", which resolve through
     ``addresses`` (a stand-in for DNS / /etc/hosts); partitioning itself is not what is tested here."""
-    from rudder_env.dist import rank as rank_mod
+    from rudder.runtime import rank as rank_mod
 
     def resolve(host):
         if host not in addresses:

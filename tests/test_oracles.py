@@ -7,14 +7,20 @@ import os
 
 import numpy as np
 import pytest
+from rudder.baselines import oracles
+from rudder.baselines.oracles import (
+    OracleResult,
+    belady_min,
+    belady_min_curve,
+    hindsight_static,
+    hindsight_static_ids,
+    no_prefetch,
+)
+from rudder.env.buffer import PrefetchBuffer
 
-from baselines import oracles
-from baselines.oracles import (OracleResult, belady_min, belady_min_curve, hindsight_static, hindsight_static_ids,
-                               no_prefetch)
-from rudder_env.buffer import PrefetchBuffer
-
-METIS4 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "traces", "samples",
-                      "small-metis4-f10x25")
+METIS4 = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "traces", "samples", "small-metis4-f10x25"
+)
 
 
 def mbs(*sets: list[int]) -> list[np.ndarray]:
@@ -22,8 +28,10 @@ def mbs(*sets: list[int]) -> list[np.ndarray]:
 
 
 def random_stream(rng: np.random.Generator, num_ids: int, num_minibatches: int, max_size: int) -> list[np.ndarray]:
-    return [rng.choice(num_ids, size=int(rng.integers(0, max_size + 1)), replace=False).astype(np.int64)
-            for _ in range(num_minibatches)]
+    return [
+        rng.choice(num_ids, size=int(rng.integers(0, max_size + 1)), replace=False).astype(np.int64)
+        for _ in range(num_minibatches)
+    ]
 
 
 def check_consistent(res: OracleResult, stream: list[np.ndarray]) -> None:
@@ -43,8 +51,10 @@ def exhaustive_min_fetched(stream: list[np.ndarray], capacity: int, num_ids: int
     States are the bitmasks of at most ``capacity`` ids; after minibatch ``t`` (misses ``S_t \\ R`` pulled) the
     buffer may become any state ``R'``, paying one row per id of ``R'`` neither resident nor just pulled.
     """
-    states = np.array([sum(1 << i for i in c) for k in range(capacity + 1)
-                       for c in itertools.combinations(range(num_ids), k)], dtype=np.int64)
+    states = np.array(
+        [sum(1 << i for i in c) for k in range(capacity + 1) for c in itertools.combinations(range(num_ids), k)],
+        dtype=np.int64,
+    )
     cost = np.full(states.size, np.iinfo(np.int64).max // 4, dtype=np.int64)
     cost[states == 0] = 0  # starts empty
     for ids in stream:
@@ -202,8 +212,14 @@ def test_hindsight_static_equals_the_buffer_filled_and_left_alone():
         buf.fill(hindsight_static_ids(stream, capacity))
         per_minibatch_hits = [buf.lookup(ids)[1].hits for ids in stream]
         c = buf.counters
-        assert (c.remote_sampled, c.hits, c.misses, c.remote_fetched, c.prefetched, c.initial_fill) == \
-            (res.remote_sampled, res.hits, res.misses, res.remote_fetched, res.prefetched, res.initial_fill)
+        assert (c.remote_sampled, c.hits, c.misses, c.remote_fetched, c.prefetched, c.initial_fill) == (
+            res.remote_sampled,
+            res.hits,
+            res.misses,
+            res.remote_fetched,
+            res.prefetched,
+            res.initial_fill,
+        )
         np.testing.assert_array_equal(per_minibatch_hits, res.per_minibatch_hits)
 
 
@@ -239,8 +255,13 @@ def test_no_buffer_policy_pulls_fewer_rows_than_belady():
     for _ in range(40):
         num_ids, capacity = 30, int(rng.integers(1, 12))
         stream = random_stream(rng, num_ids, num_minibatches=25, max_size=10)
-        buf = PrefetchBuffer(capacity=capacity, num_nodes=num_ids, alpha=0.3, period=int(rng.integers(1, 5)),
-                             admit_on_miss=bool(rng.integers(2)))
+        buf = PrefetchBuffer(
+            capacity=capacity,
+            num_nodes=num_ids,
+            alpha=0.3,
+            period=int(rng.integers(1, 5)),
+            admit_on_miss=bool(rng.integers(2)),
+        )
         buf.fill(rng.choice(num_ids, size=int(rng.integers(0, capacity + 1)), replace=False))
         for ids in stream:
             if rng.random() < 0.3:
@@ -257,15 +278,18 @@ def test_priority_mode_buffer_pulls_no_fewer_rows_than_belady():
     for _ in range(60):
         num_ids, capacity = 30, int(rng.integers(1, 12))
         stream = random_stream(rng, num_ids, num_minibatches=25, max_size=10)
-        buf = PrefetchBuffer(capacity=capacity, num_nodes=num_ids, alpha=0.3, period=int(rng.integers(1, 5)),
-                             admit_on_miss=True)
+        buf = PrefetchBuffer(
+            capacity=capacity, num_nodes=num_ids, alpha=0.3, period=int(rng.integers(1, 5)), admit_on_miss=True
+        )
         buf.fill(rng.choice(num_ids, size=int(rng.integers(0, capacity + 1)), replace=False))
         for ids in stream:
             known = rng.choice(num_ids, size=int(rng.integers(0, num_ids + 1)), replace=False)
             buf.set_priority(known, rng.random(known.size).astype(np.float32))
             if rng.random() < 0.3:
-                buf.apply(rng.choice(num_ids, size=int(rng.integers(0, capacity + 1)), replace=False),
-                          victim_order=buf.priority_victims())
+                buf.apply(
+                    rng.choice(num_ids, size=int(rng.integers(0, capacity + 1)), replace=False),
+                    victim_order=buf.priority_victims(),
+                )
             buf.lookup(ids)
         assert buf.priority is not None
         assert belady_min(stream, capacity).remote_fetched <= buf.counters.remote_fetched
@@ -300,7 +324,7 @@ def test_priority_path_fed_the_true_next_uses_is_belady_min():
 
 
 def test_priority_path_fed_the_true_next_uses_is_belady_min_on_a_real_trace():
-    from traces import Trace
+    from rudder.traces import Trace
 
     rank = Trace(METIS4).rank(1)
     stream = rank.minibatch_ids()
@@ -311,15 +335,15 @@ def test_priority_path_fed_the_true_next_uses_is_belady_min_on_a_real_trace():
 
 @pytest.mark.parametrize("fraction", [0.05, 0.25])
 def test_lookahead_replay_pulls_no_fewer_rows_than_belady(fraction):
-    # The real lookahead path end to end (rudder_env.ranking.LookaheadRanking on a recorded trace's seeds and
+    # The real lookahead path end to end (rudder.env.ranking.LookaheadRanking on a recorded trace's seeds and
     # partition structure, priorities renewed every minibatch, prefetch sets at every window) against MIN.
     import gymnasium as gym
+    import rudder.env  # noqa: F401  (registers the environments)
+    from rudder.baselines.policies import Lookahead
+    from rudder.env.contract import buffer_kwargs
+    from rudder.traces import Trace
 
-    import rudder_env  # noqa: F401  (registers the environments)
-    from baselines.policies import Lookahead
-    from rudder_env.contract import buffer_kwargs
-    from rudder_env.evaluation.play import play_episode
-    from traces import Trace
+    from rudder.evaluation.play import play_episode
 
     env = gym.make("rudder/Replay-v0", trace=METIS4, rank=2, **buffer_kwargs(Lookahead.settings, fraction))
     result = play_episode(env, Lookahead(), seed=0)
@@ -331,8 +355,9 @@ def test_lookahead_replay_pulls_no_fewer_rows_than_belady(fraction):
 
 # ------------------------------------------------------------------------------------------------ hit-rate ceiling
 
+
 def test_hit_ceiling_hand_worked():
-    from baselines.oracles import hit_ceiling
+    from rudder.baselines.oracles import hit_ceiling
 
     stream = mbs([1, 2, 3], [], [4], [1, 2, 3, 4, 5])
     np.testing.assert_array_equal(hit_ceiling(stream, 2), [2, 0, 1, 2])
@@ -346,12 +371,17 @@ def test_the_hit_rate_ceiling_bounds_every_agent_where_belady_min_does_not():
     """On a shipped trace: the buffer that fetches the fewest rows (MIN) is not the one that hits most (the
     lookahead, a filled buffer admitting by predicted need, hits more), so MIN is no hit-rate ceiling; every agent
     and oracle stays under the ceiling, window by window."""
-    from baselines.policies import Lookahead, NoPrefetch, Periodic, StaticBuffer
-    from rudder_env.evaluation.report import format_report, hit_rate_ceiling
-    from rudder_env.evaluation.scoring import evaluate_trace
+    from rudder.baselines.policies import Lookahead, NoPrefetch, Periodic, StaticBuffer
 
-    agents = {"none": lambda t, r: NoPrefetch(), "static": lambda t, r: StaticBuffer(),
-              "periodic": lambda t, r: Periodic(), "lookahead": lambda t, r: Lookahead()}
+    from rudder.evaluation.report import format_report, hit_rate_ceiling
+    from rudder.evaluation.scoring import evaluate_trace
+
+    agents = {
+        "none": lambda t, r: NoPrefetch(),
+        "static": lambda t, r: StaticBuffer(),
+        "periodic": lambda t, r: Periodic(),
+        "lookahead": lambda t, r: Lookahead(),
+    }
     rows = evaluate_trace(METIS4, agents)
     by = {(r["agent"], r["rank"]): r for r in rows}
     for r in rows:

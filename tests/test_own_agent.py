@@ -12,16 +12,25 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
+import rudder.env  # noqa: F401  (registers the environments)
 from gymnasium.utils.env_checker import check_env
+from rudder.env.contract import BufferSettings
+from rudder.env.vector import make_replay_env, make_replay_vector_env, replay_env_fns, replay_env_specs
 
-import rudder_env  # noqa: F401  (registers the environments)
-from rudder_env.contract import BufferSettings
-from rudder_env.dist.config import TrainConfig
-from rudder_env.dist.launcher import pin_agent_reference
-from rudder_env.evaluation.registry import (REGISTRY, AgentError, absolute_reference, agent_class, agent_kwargs_for,
-                                            agent_labels, agent_names, make_agent, parse_agent_kwargs)
-from rudder_env.evaluation.scoring import evaluate_trace
-from rudder_env.vector import make_replay_env, make_replay_vector_env, replay_env_fns, replay_env_specs
+from rudder.evaluation.registry import (
+    REGISTRY,
+    AgentError,
+    absolute_reference,
+    agent_class,
+    agent_kwargs_for,
+    agent_labels,
+    agent_names,
+    make_agent,
+    parse_agent_kwargs,
+)
+from rudder.evaluation.scoring import evaluate_trace
+from rudder.runtime.config import TrainConfig
+from rudder.runtime.launcher import pin_agent_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -44,8 +53,14 @@ def user_dir(tmp_path_factory):
 
 
 def _run(script, *args, cwd, timeout=180, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 def _by(df, trace):
@@ -57,10 +72,22 @@ def test_my_agent_file_is_evaluated_from_a_folder_outside_the_repository(user_di
     (labelled by its name) is scored beside periodic on every shipped trace and rank, in results.csv and the table.
     Its default threshold 0.5 lies between the traces' window miss rates (METIS ~0.57-0.69, random ~0.48), so it
     refreshes like periodic on the METIS traces and keeps the buffer like static on the random one."""
-    traces = [os.path.join(ROOT, "traces", "samples", t)
-              for t in ("small-metis2-f10x25", "small-metis4-f10x25", "small-random2-f5x10")]
-    proc = _run("evaluate.py", "--traces", *traces, "--agents", "periodic,static,./my_agent.py:MyAgent",
-                "--oracles", "belady", "--out", "res", cwd=user_dir)
+    traces = [
+        os.path.join(ROOT, "traces", "samples", t)
+        for t in ("small-metis2-f10x25", "small-metis4-f10x25", "small-random2-f5x10")
+    ]
+    proc = _run(
+        "evaluate.py",
+        "--traces",
+        *traces,
+        "--agents",
+        "periodic,static,./my_agent.py:MyAgent",
+        "--oracles",
+        "belady",
+        "--out",
+        "res",
+        cwd=user_dir,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_csv(user_dir / "res" / "results.csv")
     assert list(dict.fromkeys(df["agent"])) == ["periodic", "static", "missgate", "belady"]
@@ -68,13 +95,16 @@ def test_my_agent_file_is_evaluated_from_a_folder_outside_the_repository(user_di
     mine = df[df["agent"] == "missgate"]
     assert (mine["hits"] + mine["remote_fetched"] - mine["prefetched"] == mine["remote_sampled"]).all()
     assert (mine["decisions"] > 0).all()
-    for trace, like in (("small-metis2-f10x25", "periodic"), ("small-metis4-f10x25", "periodic"),
-                        ("small-random2-f5x10", "static")):
+    for trace, like in (
+        ("small-metis2-f10x25", "periodic"),
+        ("small-metis4-f10x25", "periodic"),
+        ("small-random2-f5x10", "static"),
+    ):
         by = _by(df, trace)
         for rank in df.loc[df["trace"] == trace, "rank"].unique():
             assert by[("missgate", rank)] == by[(like, rank)], (trace, rank)
             assert by[("missgate", rank)] >= by[("belady", rank)]
-    assert (mine["remote_fetched"].sum() < df.loc[df["agent"] == "periodic", "remote_fetched"].sum())
+    assert mine["remote_fetched"].sum() < df.loc[df["agent"] == "periodic", "remote_fetched"].sum()
     blocks = proc.stdout.split("== ")[1:]
     assert len(blocks) == 4 and all("\nmissgate " in b and "\nperiodic " in b for b in blocks)  # 3 traces, overall
     assert (user_dir / "res" / "traffic.png").stat().st_size > 10_000
@@ -82,8 +112,20 @@ def test_my_agent_file_is_evaluated_from_a_folder_outside_the_repository(user_di
 
 def test_agent_kwargs_reach_the_constructor(user_dir):
     """threshold=0 refreshes every window (periodic's traffic exactly), threshold=1 never does (static's)."""
-    proc = _run("evaluate.py", "--traces", METIS4, "--agents", "periodic,./my_agent.py:MyAgent", "--oracles", "",
-                "--agent-kwargs", '{"threshold": 0}', "--out", "kw", cwd=user_dir)
+    proc = _run(
+        "evaluate.py",
+        "--traces",
+        METIS4,
+        "--agents",
+        "periodic,./my_agent.py:MyAgent",
+        "--oracles",
+        "",
+        "--agent-kwargs",
+        '{"threshold": 0}',
+        "--out",
+        "kw",
+        cwd=user_dir,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     by = _by(pd.read_csv(user_dir / "kw" / "results.csv"), "small-metis4-f10x25")
     assert [by[("missgate", r)] for r in range(4)] == [by[("periodic", r)] for r in range(4)]
@@ -91,25 +133,38 @@ def test_agent_kwargs_reach_the_constructor(user_dir):
     ref = str(user_dir / "my_agent.py") + ":MyAgent"
     agent = make_agent(ref, threshold=1.0, fraction=0.5)
     assert (agent.threshold, agent.fraction, agent.name) == (1.0, 0.5, "missgate")
-    rows = pd.DataFrame(evaluate_trace(METIS2, {"never": lambda t, r: make_agent(ref, threshold=1.0),
-                                                "half": lambda t, r: make_agent(ref, threshold=0.0, fraction=0.5),
-                                                "static": lambda t, r: make_agent("static"),
-                                                "periodic": lambda t, r: make_agent("periodic")}, oracles=()))
+    rows = pd.DataFrame(
+        evaluate_trace(
+            METIS2,
+            {
+                "never": lambda t, r: make_agent(ref, threshold=1.0),
+                "half": lambda t, r: make_agent(ref, threshold=0.0, fraction=0.5),
+                "static": lambda t, r: make_agent("static"),
+                "periodic": lambda t, r: make_agent("periodic"),
+            },
+            oracles=(),
+        )
+    )
     by = _by(rows, "small-metis2-f10x25")
     for rank in (0, 1):
         assert by[("never", rank)] == by[("static", rank)]
         assert by[("half", rank)] not in (by[("static", rank)], by[("periodic", rank)])
-    assert (rows.loc[rows["agent"] == "never", "prefetched"].values
-            == rows.loc[rows["agent"] == "never", "initial_fill"].values).all()
+    assert (
+        rows.loc[rows["agent"] == "never", "prefetched"].values
+        == rows.loc[rows["agent"] == "never", "initial_fill"].values
+    ).all()
 
 
-@pytest.mark.parametrize("agent, message", [
-    ("./nope.py:MyAgent", "no file {dir}/nope.py"),
-    ("nope_pkg.policies:MyAgent", "no module named 'nope_pkg' on the Python path"),
-    ("./my_agent.py:Nope", "{dir}/my_agent.py has no class Nope (it defines MyAgent)"),
-    ("./noact.py:NoAct", "NoAct is not an agent: it lacks act"),
-    ("nope", "unknown agent 'nope': built-in agents are none, static, periodic"),
-])
+@pytest.mark.parametrize(
+    "agent, message",
+    [
+        ("./nope.py:MyAgent", "no file {dir}/nope.py"),
+        ("nope_pkg.policies:MyAgent", "no module named 'nope_pkg' on the Python path"),
+        ("./my_agent.py:Nope", "{dir}/my_agent.py has no class Nope (it defines MyAgent)"),
+        ("./noact.py:NoAct", "NoAct is not an agent: it lacks act"),
+        ("nope", "unknown agent 'nope': built-in agents are none, static, periodic"),
+    ],
+)
 @pytest.mark.parametrize("script", ["evaluate.py", "train.py"])
 def test_wrong_references_get_one_line_naming_what_is_missing(user_dir, script, agent, message):
     args = ["--agents", f"periodic,{agent}"] if script == "evaluate.py" else ["gnn", "--agent", agent]
@@ -126,12 +181,13 @@ def test_options_and_protocol_errors_are_one_line(user_dir, tmp_path):
     with pytest.raises(AgentError, match=r"options \{\"thresh\": 3\} do not fit MyAgent\(threshold, fraction\)"):
         TrainConfig(agent=ref, agent_kwargs="thresh=3").validate()
     (tmp_path / "agents_x.py").write_text(
-        "from agents.base import Agent\n"
+        "from rudder.agents.base import Agent\n"
         "class Stub(Agent):\n    name = 'stub'\n"  # inherits the protocol's act, which decides nothing
         "class Nameless:\n    def act(self, o, i):\n        return None\n    def reset(self):\n        pass\n"
         "class Named:\n    def __init__(self):\n        self.name = 'named'\n"
         "    def act(self, o, i):\n        return None\n    def reset(self):\n        pass\n"
-        "raise_me = 1\n")
+        "raise_me = 1\n"
+    )
     with pytest.raises(AgentError, match="Stub is not an agent: it lacks act"):
         agent_class(f"{tmp_path}/agents_x.py:Stub")
     with pytest.raises(AgentError, match="Nameless is not an agent: it lacks name"):
@@ -147,7 +203,8 @@ def test_options_and_protocol_errors_are_one_line(user_dir, tmp_path):
 def test_agent_kwargs_syntax():
     assert parse_agent_kwargs('{"k": 3, "levels": [0, 1]}') == {"k": 3, "levels": [0, 1]}
     assert parse_agent_kwargs("k=3,levels=[0,0.5,1],path=/tmp/a b.zip,flag=true") == dict(
-        k=3, levels=[0, 0.5, 1], path="/tmp/a b.zip", flag=True)
+        k=3, levels=[0, 0.5, 1], path="/tmp/a b.zip", flag=True
+    )
     for bad in ("{bad", "[1, 2]", "novalue", "1x=2"):
         with pytest.raises(AgentError, match="--agent-kwargs"):
             parse_agent_kwargs(bad)
@@ -156,8 +213,11 @@ def test_agent_kwargs_syntax():
     os.chdir(ROOT)
     try:
         out = agent_kwargs_for(["threshold=0.3", "hitrate@drop=0.05", "missgate@fraction=0.5"], specs)
-        assert out == {"periodic": {}, "hitrate": {"drop": 0.05},
-                       "./examples/my_agent.py:MyAgent": {"threshold": 0.3, "fraction": 0.5}}
+        assert out == {
+            "periodic": {},
+            "hitrate": {"drop": 0.05},
+            "./examples/my_agent.py:MyAgent": {"threshold": 0.3, "fraction": 0.5},
+        }
         with pytest.raises(AgentError, match="plain options go to agents given by reference or entry point"):
             agent_kwargs_for(["drop=0.05"], ["periodic", "hitrate"])
     finally:
@@ -182,26 +242,42 @@ def test_an_installed_entry_point_resolves_by_name(tmp_path, monkeypatch):
     site = tmp_path / "site"
     (site / "byo_ep_pkg").mkdir(parents=True)
     (site / "byo_ep_pkg" / "__init__.py").write_text(
-        "from baselines.policies import Periodic\n\n"
+        "from rudder.baselines.policies import Periodic\n\n"
         "class GateAgent(Periodic):\n    name = 'gate'\n\n"
-        "    def __init__(self, every=2):\n        self.every = every\n")
+        "    def __init__(self, every=2):\n        self.every = every\n"
+    )
     info = site / "byo_ep_pkg-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: byo-ep-pkg\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[rudder.agents]\ngate = byo_ep_pkg:GateAgent\n"
-                                           "broken = byo_ep_missing:Agent\n")
+    (info / "entry_points.txt").write_text(
+        "[rudder.agents]\ngate = byo_ep_pkg:GateAgent\nbroken = byo_ep_missing:Agent\n"
+    )
     monkeypatch.syspath_prepend(str(site))
-    assert {"gate", "broken"} <= set(agent_names()) and agent_names()[:len(REGISTRY)] == list(REGISTRY)
+    assert {"gate", "broken"} <= set(agent_names()) and agent_names()[: len(REGISTRY)] == list(REGISTRY)
     agent = make_agent("gate", every=5)
     assert type(agent).__name__ == "GateAgent" and agent.every == 5 and agent.name == "gate"
     assert agent_labels(["periodic", "gate"]) == ["periodic", "gate"]
-    with pytest.raises(AgentError, match="points at byo_ep_missing:Agent, but there is no module named "
-                                         "'byo_ep_missing'"):
+    with pytest.raises(
+        AgentError, match="points at byo_ep_missing:Agent, but there is no module named 'byo_ep_missing'"
+    ):
         agent_class("broken")
 
     out = tmp_path / "res"
-    proc = _run("evaluate.py", "--traces", RANDOM2, "--agents", "periodic,gate", "--agent-kwargs", "gate@every=3",
-                "--oracles", "", "--out", str(out), cwd=tmp_path, env=dict(PYTHONPATH=str(site)))
+    proc = _run(
+        "evaluate.py",
+        "--traces",
+        RANDOM2,
+        "--agents",
+        "periodic,gate",
+        "--agent-kwargs",
+        "gate@every=3",
+        "--oracles",
+        "",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        env=dict(PYTHONPATH=str(site)),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     by = _by(pd.read_csv(out / "results.csv"), "small-random2-f5x10")
     assert by[("gate", 0)] == by[("periodic", 0)] and by[("gate", 1)] == by[("periodic", 1)]  # a periodic subclass
@@ -213,10 +289,35 @@ def test_my_agent_runs_live_from_a_folder_outside_the_repository(user_dir, tmp_p
     pinned path, its decisions are applied (threshold 0: rows prefetched beyond the initial fill), and the trace
     records its name and buffer settings for ``--agent recorded``."""
     cache = str(tmp_path_factory.getbasetemp() / "cache")  # shared with conftest's live runs: partitions reused
-    proc = _run("train.py", "gnn", "--graph", "synth-tiny", "--parts", "2", "--epochs", "1", "--batch-size", "100",
-                "--fanout", "3,5", "--period", "4", "--agent", "./my_agent.py:MyAgent", "--agent-kwargs",
-                "threshold=0", "--summary", "run.json", "--trace", "trace", "--port", str(free_port_block()),
-                cwd=user_dir, timeout=300, env=dict(RUDDER_CACHE=cache, OMP_NUM_THREADS="1"))
+    proc = _run(
+        "train.py",
+        "gnn",
+        "--graph",
+        "synth-tiny",
+        "--parts",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "100",
+        "--fanout",
+        "3,5",
+        "--period",
+        "4",
+        "--agent",
+        "./my_agent.py:MyAgent",
+        "--agent-kwargs",
+        "threshold=0",
+        "--summary",
+        "run.json",
+        "--trace",
+        "trace",
+        "--port",
+        str(free_port_block()),
+        cwd=user_dir,
+        timeout=300,
+        env=dict(RUDDER_CACHE=cache, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((user_dir / "run.json").read_text())
     assert s["config"]["agent"] == f"{user_dir}/my_agent.py:MyAgent" and s["config"]["agent_kwargs"] == "threshold=0"
@@ -225,17 +326,26 @@ def test_my_agent_runs_live_from_a_folder_outside_the_repository(user_dir, tmp_p
         assert r["decisions"] == 3  # 12 minibatches, a decision every 4
         assert r["prefetched"] > r["initial_fill"] > 0
         assert r["hits"] + r["misses"] == r["remote_sampled"]
-    from traces import Trace
+    from rudder.traces import Trace
 
     trace = Trace(str(user_dir / "trace"))
-    assert trace.meta["agent"] == dict(name="missgate", settings=dict(uses_buffer=True, static=False,
-                                                                      admit_on_miss=None, ranking="misses",
-                                                                      levels=None, buffer_init=None,
-                                                                      sample_ahead=None))
+    assert trace.meta["agent"] == dict(
+        name="missgate",
+        settings=dict(
+            uses_buffer=True,
+            static=False,
+            admit_on_miss=None,
+            ranking="misses",
+            levels=None,
+            buffer_init=None,
+            sample_ahead=None,
+        ),
+    )
     assert make_agent("recorded", trace=str(user_dir / "trace"), rank=1).settings == BufferSettings()
 
 
 # --- replay envs for one's own RL code --------------------------------------------------------------------------
+
 
 @pytest.mark.filterwarnings("ignore:.*is different from the unwrapped version")
 @pytest.mark.parametrize("action, n", [("fraction", 4), ("budget", 4), ("evict", 2), ("multibinary", None)])
@@ -251,7 +361,8 @@ def test_replay_envs_pass_gymnasium_checks(action, n):
 def test_vector_env_over_traces_ranks_and_buffer_sizes():
     specs = replay_env_specs([METIS2, RANDOM2], buffer_fractions=(None, 0.05))
     assert [(os.path.basename(s["trace"]), s["rank"], s["buffer_fraction"]) for s in specs] == [
-        (name, r, f) for name in ("small-metis2-f10x25", "small-random2-f5x10") for r in (0, 1) for f in (None, 0.05)]
+        (name, r, f) for name in ("small-metis2-f10x25", "small-random2-f5x10") for r in (0, 1) for f in (None, 0.05)
+    ]
     envs = make_replay_vector_env([METIS2, RANDOM2], buffer_fractions=(None, 0.05), action="budget")
     assert isinstance(envs, gym.vector.SyncVectorEnv) and envs.num_envs == 8
     obs, _ = envs.reset(seed=0)
@@ -285,27 +396,40 @@ def test_examples_train_dqn_trains_saves_and_evaluates_it_beside_the_built_in_ag
     """examples/train_dqn.py: SB3 DQN on the replay envs, saved, scored by evaluate.py by reference; the scores are
     those of the saved network played directly on the training env (the action wrapper round-trips)."""
     out = tmp_path / "dqn"
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "train_dqn.py"), "--steps", "600", "--out",
-                           str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "train_dqn.py"), "--steps", "600", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "dqn.json").read_text())
     assert meta["algorithm"] == "DQN" and meta["action"] == "fraction" and meta["k"] == 256
     assert [(f["trace"], f["rank"]) for f in meta["trained_on"]] == [
-        ("small-metis2-f10x25", 0), ("small-metis2-f10x25", 1), ("small-random2-f5x10", 0), ("small-random2-f5x10", 1)]
+        ("small-metis2-f10x25", 0),
+        ("small-metis2-f10x25", 1),
+        ("small-random2-f5x10", 0),
+        ("small-random2-f5x10", 1),
+    ]
     df = pd.read_csv(out / "results.csv")
     assert list(dict.fromkeys(df["agent"])) == ["none", "static", "periodic", "hitrate", "dqn", "belady"]
     dqn = df[df["agent"] == "dqn"].set_index(["trace", "rank"])
     assert len(dqn) == 8 and (dqn["decisions"] > 0).all()
     assert dqn["held_out"].to_dict() == {k: k[0] == "small-metis4-f10x25" for k in dqn.index}
-    assert dqn["provenance"].to_dict() == {k: "held-out" if k[0] == "small-metis4-f10x25" else "trained-on"
-                                           for k in dqn.index}
+    assert dqn["provenance"].to_dict() == {
+        k: "held-out" if k[0] == "small-metis4-f10x25" else "trained-on" for k in dqn.index
+    }
     assert "\ndqn " in proc.stdout
 
     from stable_baselines3 import DQN
 
-    model = DQN.load(str(out / "dqn.zip"), device="cpu", custom_objects={"exploration_schedule": lambda _: 0.0,
-                                                                         "lr_schedule": lambda _: 0.0})
+    model = DQN.load(
+        str(out / "dqn.zip"),
+        device="cpu",
+        custom_objects={"exploration_schedule": lambda _: 0.0, "lr_schedule": lambda _: 0.0},
+    )
     for trace, rank in ((METIS4, 3), (RANDOM2, 0)):
         env = make_replay_env(trace, rank, action="fraction")
         obs, _ = env.reset(seed=0)

@@ -8,17 +8,24 @@ import sys
 import gymnasium as gym
 import numpy as np
 import pytest
+import rudder.env  # noqa: F401  (registers the environments)
 from gymnasium.utils.env_checker import check_env
+from rudder.agents.ppo import DEFAULT_POLICY, PPOAgent, make_env, train_ppo
+from rudder.baselines.oracles import belady_min
+from rudder.baselines.policies import RandomBudget
+from rudder.env.wrappers import FractionBudget, parse_levels
+from rudder.traces import Trace
+from rudder.traces.fingerprint import (
+    HELD_OUT,
+    SAME_CONFIG,
+    TRAINED_ON,
+    provenance,
+    rank_fingerprint,
+    trace_fingerprints,
+)
 
-import rudder_env  # noqa: F401  (registers the environments)
-from rudder_env.evaluation.registry import make_agent
-from agents.ppo import DEFAULT_POLICY, PPOAgent, make_env, train_ppo
-from baselines.policies import RandomBudget
-from rudder_env.wrappers import FractionBudget, parse_levels
-from rudder_env.evaluation.play import play_episode
-from baselines.oracles import belady_min
-from traces import Trace
-from traces.fingerprint import HELD_OUT, SAME_CONFIG, TRAINED_ON, provenance, rank_fingerprint, trace_fingerprints
+from rudder.evaluation.play import play_episode
+from rudder.evaluation.registry import make_agent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "traces", "samples")
@@ -128,14 +135,31 @@ def test_shipped_policy_plays_a_replay_episode():
 
 
 def _train_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "ppo", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "ppo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_train_cli_writes_a_policy_and_compares_it(tmp_path):
     out = tmp_path / "tiny.zip"
-    proc = _train_cli("--traces", RANDOM2, "--steps", "64", "--out", str(out), "--seed", "1",
-                      "--levels", "0,0.5,1", "--buffer-fractions", "recorded")
+    proc = _train_cli(
+        "--traces",
+        RANDOM2,
+        "--steps",
+        "64",
+        "--out",
+        str(out),
+        "--seed",
+        "1",
+        "--levels",
+        "0,0.5,1",
+        "--buffer-fractions",
+        "recorded",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.is_file() and (tmp_path / "tiny.json").is_file()
     meta = json.loads((tmp_path / "tiny.json").read_text())
@@ -148,12 +172,15 @@ def test_train_cli_writes_a_policy_and_compares_it(tmp_path):
     assert PPOAgent(str(out)).levels == (0.0, 0.5, 1.0)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--traces", "/no/such/trace"], "is not a rudder trace"),
-    (["--traces", METIS2, "--levels", "0,2"], "levels must be"),
-    (["--traces", METIS2, "--levels", "0,half"], "levels must be"),
-    (["--traces", METIS2, "--buffer-fractions", "0"], "--buffer-fractions"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--traces", "/no/such/trace"], "is not a rudder trace"),
+        (["--traces", METIS2, "--levels", "0,2"], "levels must be"),
+        (["--traces", METIS2, "--levels", "0,half"], "levels must be"),
+        (["--traces", METIS2, "--buffer-fractions", "0"], "--buffer-fractions"),
+    ],
+)
 def test_train_cli_rejects_bad_input(tmp_path, args, message):
     proc = _train_cli(*args, "--steps", "16", "--out", str(tmp_path / "x.zip"))
     assert proc.returncode == 2

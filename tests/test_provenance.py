@@ -9,13 +9,20 @@ import sys
 
 import numpy as np
 import pandas as pd
+from rudder.baselines.policies import NoPrefetch, Periodic
+from rudder.traces import Trace, TraceWriter
+from rudder.traces.fingerprint import (
+    HELD_OUT,
+    SAME_CONFIG,
+    TRAINED_ON,
+    UNKNOWN,
+    provenance,
+    rank_fingerprint,
+    trace_fingerprints,
+)
 
-from baselines.policies import NoPrefetch, Periodic
-from rudder_env.evaluation.report import format_report, headline
-from rudder_env.evaluation.scoring import evaluate_trace
-from traces import Trace, TraceWriter
-from traces.fingerprint import (HELD_OUT, SAME_CONFIG, TRAINED_ON, UNKNOWN, provenance, rank_fingerprint,
-                                trace_fingerprints)
+from rudder.evaluation.report import format_report, headline
+from rudder.evaluation.scoring import evaluate_trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "traces", "samples")
@@ -32,17 +39,32 @@ def rewrite(source: str, dest: str, chunk_minibatches: int, epochs=None, meta_ch
     meta.setdefault("config", {}).update(meta_changes or {})
     for r in trace.ranks:
         rt = trace.rank(r)
-        with TraceWriter(dest, rank=r, num_ranks=trace.num_ranks, run_meta=meta if r == 0 else None,
-                         rank_meta=rt.meta, static={k: rt.static[k] for k in ("halo_ids", "halo_degree", "initial_ids")},
-                         chunk_minibatches=chunk_minibatches) as w:
+        with TraceWriter(
+            dest,
+            rank=r,
+            num_ranks=trace.num_ranks,
+            run_meta=meta if r == 0 else None,
+            rank_meta=rt.meta,
+            static={k: rt.static[k] for k in ("halo_ids", "halo_degree", "initial_ids")},
+            chunk_minibatches=chunk_minibatches,
+        ) as w:
             index = 0
             for row, ids in rt.iter_minibatches():
                 if epochs is not None and row["epoch"] not in epochs:
                     continue
-                w.add_minibatch(minibatch=index, epoch=row["epoch"], remote_ids=ids, local_rows=row["local_rows"],
-                                sample_s=row["sample_s"], fetch_s=row["fetch_s"], compute_s=row["compute_s"],
-                                fetch_rows=row["fetch_rows"], hits=row["hits"], remote_fetched=row["remote_fetched"],
-                                prefetched=row["prefetched"])
+                w.add_minibatch(
+                    minibatch=index,
+                    epoch=row["epoch"],
+                    remote_ids=ids,
+                    local_rows=row["local_rows"],
+                    sample_s=row["sample_s"],
+                    fetch_s=row["fetch_s"],
+                    compute_s=row["compute_s"],
+                    fetch_rows=row["fetch_rows"],
+                    hits=row["hits"],
+                    remote_fetched=row["remote_fetched"],
+                    prefetched=row["prefetched"],
+                )
                 index += 1
     return dest
 
@@ -56,8 +78,15 @@ def test_fingerprint_follows_content_not_folder_name_or_chunking(tmp_path):
     assert again[0]["trace"] == "renamed" and again[0]["config"] == original[0]["config"]
     assert original[0]["ids"] != original[1]["ids"]  # ranks differ
     assert original[0]["minibatches"] == Trace(RANDOM2).rank(0).num_minibatches
-    assert original[0]["config"] == {"graph": "synth-small", "parts": 2, "partition": "random",
-                                     "trainers_per_part": 1, "fanout": "5,10", "batch_size": 1000, "seed": 0}
+    assert original[0]["config"] == {
+        "graph": "synth-small",
+        "parts": 2,
+        "partition": "random",
+        "trainers_per_part": 1,
+        "fanout": "5,10",
+        "batch_size": 1000,
+        "seed": 0,
+    }
 
 
 def test_provenance_by_content(tmp_path):
@@ -66,8 +95,9 @@ def test_provenance_by_content(tmp_path):
     renamed = rewrite(TRAIN, str(tmp_path / "small-metis2-f10x25"), chunk_minibatches=16)
     assert provenance(learned, rank_fingerprint(renamed, 0)) == TRAINED_ON
     # a run that shares only its first epoch (same options and seed, fewer epochs) is recognised by the epoch hash
-    first_epoch = rewrite(TRAIN, str(tmp_path / "one-epoch"), chunk_minibatches=256, epochs={0},
-                          meta_changes={"epochs": 1})
+    first_epoch = rewrite(
+        TRAIN, str(tmp_path / "one-epoch"), chunk_minibatches=256, epochs={0}, meta_changes={"epochs": 1}
+    )
     fp = rank_fingerprint(first_epoch, 0)
     assert fp["ids"] != learned[0]["ids"] and provenance(learned, fp) == TRAINED_ON
     # another rank of the same run: not the same minibatches, but the same run options and seed
@@ -95,8 +125,11 @@ class _Learned(Periodic):
 def test_evaluation_leaves_out_pairs_not_held_out(tmp_path):
     renamed = rewrite(RANDOM2, str(tmp_path / "totally-new-trace"), chunk_minibatches=5)
     learned = [rank_fingerprint(RANDOM2, 0)]
-    agents = {"none": lambda t, r: NoPrefetch(), "periodic": lambda t, r: Periodic(),
-              "learned": lambda t, r: _Learned(learned)}
+    agents = {
+        "none": lambda t, r: NoPrefetch(),
+        "periodic": lambda t, r: Periodic(),
+        "learned": lambda t, r: _Learned(learned),
+    }
     rows = pd.DataFrame(evaluate_trace(renamed, agents, oracles=("belady",)))
     by = rows.set_index(["agent", "rank"])
     assert by.loc[("learned", 0), "provenance"] == TRAINED_ON and not by.loc[("learned", 0), "held_out"]
@@ -125,9 +158,25 @@ def test_evaluate_cli_marks_a_renamed_training_trace_trained_on(tmp_path):
     shutil.copytree(TRAIN, renamed)
 
     def run(*extra):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", str(renamed),
-                               "--agents", "none,ppo", "--oracles", "", "--out", str(tmp_path / "out"), *extra],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        return subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "evaluate.py"),
+                "--traces",
+                str(renamed),
+                "--agents",
+                "none,ppo",
+                "--oracles",
+                "",
+                "--out",
+                str(tmp_path / "out"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
 
     proc = run()
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -7,14 +7,13 @@ import shutil
 import gymnasium as gym
 import numpy as np
 import pytest
+import rudder.env  # noqa: F401  (registers the environments)
 from gymnasium.utils.env_checker import check_env
 from gymnasium.wrappers import FlattenObservation
-
-import rudder_env  # noqa: F401  (registers the environments)
-from baselines.policies import Periodic, StaticBuffer
-from rudder_env.contract import DecisionInfo, WindowInfo
-from rudder_env.wrappers import Budget, EvictOrKeep, FractionBudget
-from traces import Trace, TraceError
+from rudder.baselines.policies import Periodic, StaticBuffer
+from rudder.env.contract import DecisionInfo, WindowInfo
+from rudder.env.wrappers import Budget, EvictOrKeep, FractionBudget
+from rudder.traces import Trace, TraceError
 
 K = 256  # the samples' recorded candidates per decision
 
@@ -22,8 +21,9 @@ K = 256  # the samples' recorded candidates per decision
 def test_replay_env_passes_check_env_and_is_seeded_by_reset(shipped_trace, play_windows):
     env = gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0, buffer_init="random").unwrapped
     check_env(env, skip_render_check=True)
-    check_env(FlattenObservation(gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0)).unwrapped,
-              skip_render_check=True)
+    check_env(
+        FlattenObservation(gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0)).unwrapped, skip_render_check=True
+    )
     env.reset(seed=3)
     ids_a = env.episode.buffer.resident_ids().copy()
     env.reset(seed=3)
@@ -80,8 +80,9 @@ def test_wrappers_map_to_ranked_prefixes(shipped_trace, play_windows):
 
 def test_wrappers_record_their_constructor_args(shipped_trace):
     """As Gymnasium's own wrappers: the spec stack names each wrapper with its arguments."""
-    env = FractionBudget(Budget(gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0), levels=(0, 8)),
-                         levels=(0.0, 1.0))
+    env = FractionBudget(
+        Budget(gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0), levels=(0, 8)), levels=(0.0, 1.0)
+    )
     names = [w.name for w in env.spec.additional_wrappers]
     assert names == ["Budget", "FractionBudget"]
     assert env.spec.additional_wrappers[0].kwargs == {"levels": (0, 8)}

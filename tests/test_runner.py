@@ -5,15 +5,14 @@ import time
 
 import numpy as np
 import pytest
+from rudder.baselines.policies import HitRateRule, Periodic, Recorded
+from rudder.env.replay_env import ReplayEnv
 
-from baselines.policies import HitRateRule
-from rudder_env.evaluation.play import lower_priority, play, run_async
-from baselines.policies import Periodic, Recorded
-from rudder_env.evaluation.play import play_episode
-from rudder_env.replay_env import ReplayEnv
+from rudder.evaluation.play import lower_priority, play, play_episode, run_async
 
-TRACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "traces", "samples",
-                     "small-metis2-f10x25")
+TRACE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "traces", "samples", "small-metis2-f10x25"
+)
 
 
 class SlowPeriodic(Periodic):
@@ -94,7 +93,7 @@ def test_background_thread_gets_idle_priority_and_training_keeps_its_own():
 def test_recorded_decisions_replay_the_recording_run_exactly():
     """The shipped trace was recorded with the periodic agent: playing its decisions back at their minibatches
     gives its counters, and the buffer settings follow the recording agent."""
-    from traces import Trace
+    from rudder.traces import Trace
 
     for rank in (0, 1):
         rec = Recorded(TRACE, rank=rank)

@@ -6,17 +6,16 @@ import tracemalloc
 
 import numpy as np
 import pytest
-
-from baselines.oracles import belady_min, belady_min_chunked, hindsight_static, hindsight_static_chunked
-from baselines.policies import FixedLevel, Lookahead, Periodic
-from rudder_env.contract import buffer_kwargs
-from rudder_env.dist.config import TrainConfig
-from rudder_env.replay_env import ReplayEnv
-from rudder_env.sample_ahead import SampleAhead
-from traces import Trace
-from traces.synthetic import PAPERS100M_NODES, generate
-
 from conftest import METIS2, SAMPLES
+from rudder.baselines.oracles import belady_min, belady_min_chunked, hindsight_static, hindsight_static_chunked
+from rudder.baselines.policies import FixedLevel, Lookahead, Periodic
+from rudder.env.contract import buffer_kwargs
+from rudder.env.replay_env import ReplayEnv
+from rudder.env.sample_ahead import SampleAhead
+from rudder.traces import Trace
+from rudder.traces.synthetic import PAPERS100M_NODES, generate
+
+from rudder.runtime.config import TrainConfig
 
 EMU = os.path.join(SAMPLES, "emu2-metis2-f10x25-400mbit")
 
@@ -53,8 +52,10 @@ def test_replay_knows_what_each_setting_samples_ahead():
     rows = env._cum_bytes
     per_epoch = env._per_epoch
     assert per_epoch == 30 and len(env._ids) == 60
-    for setting, check in [("4", lambda k, d: k == min(4, 59 - d)),
-                           ("epoch", lambda k, d: k == min(per_epoch, 59 - d))]:
+    for setting, check in [
+        ("4", lambda k, d: k == min(4, 59 - d)),
+        ("epoch", lambda k, d: k == min(per_epoch, 59 - d)),
+    ]:
         e = ReplayEnv(METIS2, rank=0, sample_ahead=setting)
         for done in (1, 10, 29, 40):
             assert check(len(e._sampled_ahead(done)), done), (setting, done)
@@ -99,8 +100,13 @@ def test_dense_ids_change_nothing_an_agent_sees_or_does(agent):
         seen, done = [], False
         while not done:
             action = agent.act(obs, info)
-            seen.append((info["candidate_ids"].copy(), [dict(c) for c in info.get("choices", [])],
-                         env.episode.resolver()(action).copy()))
+            seen.append(
+                (
+                    info["candidate_ids"].copy(),
+                    [dict(c) for c in info.get("choices", [])],
+                    env.episode.resolver()(action).copy(),
+                )
+            )
             obs, _, done, _, info = env.step(action)
             seen.append(info["applied_ids"].copy())
         runs.append((seen, env.episode.buffer.counters.as_dict(), env.buffer_nodes, env.num_nodes))
@@ -132,8 +138,16 @@ def test_replay_memory_follows_the_ids_a_rank_touches_not_the_graph(synthetic):
     (trace included) stays far below, and the lookahead runs from the sampled-ahead minibatches alone."""
     out, facts = synthetic
     tracemalloc.start()
-    env = ReplayEnv(out, rank=0, buffer_fraction=0.25, ranking="lookahead", admit_on_miss=True, sampled_only=True,
-                    sample_ahead="4MB", buffer_init="empty")
+    env = ReplayEnv(
+        out,
+        rank=0,
+        buffer_fraction=0.25,
+        ranking="lookahead",
+        admit_on_miss=True,
+        sampled_only=True,
+        sample_ahead="4MB",
+        buffer_init="empty",
+    )
     agent = Lookahead()
     obs, info = env.reset(seed=0)
     done = False
@@ -154,8 +168,10 @@ def test_chunked_oracles_equal_the_in_memory_ones_exactly(synthetic):
     ids, local = Trace(out).rank(0).minibatch_ids()[:40], env._ids[:40]  # 4 x 10^5 requests: enough, quick
     for capacity in (0, 3_000, 40_000):
         whole = belady_min(ids, capacity)
-        for chunked in (belady_min_chunked(ids, capacity, chunk_minibatches=7),  # global ids, renumbered
-                        belady_min_chunked(local, capacity, num_ids=env.buffer_nodes, chunk_minibatches=16)):
+        for chunked in (
+            belady_min_chunked(ids, capacity, chunk_minibatches=7),  # global ids, renumbered
+            belady_min_chunked(local, capacity, num_ids=env.buffer_nodes, chunk_minibatches=16),
+        ):
             assert chunked.remote_fetched == whole.remote_fetched
             np.testing.assert_array_equal(chunked.per_minibatch_hits, whole.per_minibatch_hits)
     whole = hindsight_static(ids, 5_000)

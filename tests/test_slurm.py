@@ -21,9 +21,8 @@ import tempfile
 import time
 
 import pytest
-
+from rudder.traces import Trace, TraceIncompleteWarning
 from slurm_cluster import SlurmCluster, slurm_missing
-from traces import Trace, TraceIncompleteWarning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -32,8 +31,11 @@ SMALL = ["--batch-size", "50", "--fanout", "3,5", "--period", "4"]
 LONG = "100000"  # epochs: a job that only a signal ends
 
 REASON = slurm_missing() if hasattr(os, "geteuid") else "not Linux"
-pytestmark = [pytest.mark.dist, pytest.mark.slurm,
-              pytest.mark.skipif(REASON is not None, reason=f"no Slurm here: {REASON}")]
+pytestmark = [
+    pytest.mark.dist,
+    pytest.mark.slurm,
+    pytest.mark.skipif(REASON is not None, reason=f"no Slurm here: {REASON}"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +55,27 @@ def job_env(cache: str) -> dict:
 
 def srun(slurm, args: list[str], cache: str, out, partition: str, nodes: int, tasks_per_node: int, *opts):
     """``srun --mpi=pmi2 --kill-on-bad-exit=1 python train.py gnn ...`` (the README's recipe), output to ``out``."""
-    return slurm.popen(["srun", "-p", partition, "-N", str(nodes), f"--ntasks-per-node={tasks_per_node}",
-                        "--mpi=pmi2", "--kill-on-bad-exit=1", *opts, sys.executable, TRAIN, "gnn", *args],
-                       env=job_env(cache), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    return slurm.popen(
+        [
+            "srun",
+            "-p",
+            partition,
+            "-N",
+            str(nodes),
+            f"--ntasks-per-node={tasks_per_node}",
+            "--mpi=pmi2",
+            "--kill-on-bad-exit=1",
+            *opts,
+            sys.executable,
+            TRAIN,
+            "gnn",
+            *args,
+        ],
+        env=job_env(cache),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
 
 
 def wait_for(path, pattern: str, timeout_s: float, proc=None) -> re.Match:
@@ -82,10 +102,12 @@ def job_id_of(slurm, name_part: str) -> str:
 def check_stopped(slurm, output: str, trace, summary, signame: str | None = None, shm_before=None) -> int:
     """What a stopped job must leave, checked; returns the minibatches each trainer finished."""
     text = open(output).read()
-    counts = {int(t): (int(n), int(m)) for t, _, n, m in re.findall(
-        r"rudder: trainer (\d+) stopped by (\w+) after (\d+) of (\d+) minibatches", text)}
+    counts = {
+        int(t): (int(n), int(m))
+        for t, _, n, m in re.findall(r"rudder: trainer (\d+) stopped by (\w+) after (\d+) of (\d+) minibatches", text)
+    }
     assert sorted(counts) == [0, 1], text[-3000:]
-    (done, total), = set(counts.values())  # every trainer stopped after the same minibatch
+    ((done, total),) = set(counts.values())  # every trainer stopped after the same minibatch
     assert 0 < done < total, text[-3000:]
     s = json.load(open(summary))
     assert s["partial"] is True and s["stopped"]["after_minibatches"] == done and s["val_acc"] is None
@@ -114,10 +136,11 @@ def assert_nothing_left(slurm, shm_before: dict | None, timeout_s: float = 15) -
     before = shm_before or {}
     new = {h: sorted(set(files) - set(before.get(h, []))) for h, files in slurm.shm().items()}
     assert all(files == [] for files in new.values()), new
-    from rudder_env.dist.ports import _lock_owner_alive
+    from rudder.runtime.ports import _lock_owner_alive
 
-    locks = [p for p in glob.glob(os.path.join(tempfile.gettempdir(), "rudder-ports-*.lock"))
-             if not _lock_owner_alive(p)]
+    locks = [
+        p for p in glob.glob(os.path.join(tempfile.gettempdir(), "rudder-ports-*.lock")) if not _lock_owner_alive(p)
+    ]
     assert locks == [], locks  # a rank leaving with os._exit still removes its port lock
 
 
@@ -129,8 +152,30 @@ def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_pa
     out, trace, summary = tmp_path / "out.txt", tmp_path / "trace", tmp_path / "run.json"
     shm_before = slurm.shm()
     with open(out, "w") as f:
-        proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
-                            "--summary", str(summary)], cache, f, "two", 2, 2, "--time=1", "-J", "recipe")
+        proc = srun(
+            slurm,
+            [
+                "--graph",
+                "synth-tiny",
+                "--parts",
+                "2",
+                "--epochs",
+                LONG,
+                *SMALL,
+                "--trace",
+                str(trace),
+                "--summary",
+                str(summary),
+            ],
+            cache,
+            f,
+            "two",
+            2,
+            2,
+            "--time=1",
+            "-J",
+            "recipe",
+        )
     try:
         wait_for(out, r"rudder: epoch 1/", 120, proc)
         job = job_id_of(slurm, "recipe")
@@ -147,12 +192,30 @@ def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_pa
     done = check_stopped(slurm, out, trace, summary, "SIGTERM", shm_before)
     assert json.loads(summary.read_text())["one_host"] is False
     assert ended_s < 30, ended_s  # within KillWait
-    print(f"time limit: {done} minibatches per trainer kept; signal {t_signal - t0:.1f} s after the limit moved, "
-          f"srun gone {ended_s:.1f} s after it")
+    print(
+        f"time limit: {done} minibatches per trainer kept; signal {t_signal - t0:.1f} s after the limit moved, "
+        f"srun gone {ended_s:.1f} s after it"
+    )
     # the several-host trace replays like any other
-    ev = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--traces", str(trace), "--agents",
-                         "none,periodic", "--oracles", "belady", "--no-progress", "--out", str(tmp_path / "res")],
-                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluate.py"),
+            "--traces",
+            str(trace),
+            "--agents",
+            "none,periodic",
+            "--oracles",
+            "belady",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "res"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert "periodic" in ev.stdout and "belady" in ev.stdout.lower()
 
@@ -163,8 +226,29 @@ def long_job_on_one_host(slurm, cache, tmp_path, name: str):
     out, trace, summary = tmp_path / "out.txt", tmp_path / "trace", tmp_path / "run.json"
     shm_before = slurm.shm()
     with open(out, "w") as f:
-        proc = srun(slurm, ["--graph", "synth-tiny", "--parts", "2", "--epochs", LONG, *SMALL, "--trace", str(trace),
-                            "--summary", str(summary)], cache, f, "one", 1, 4, "-J", name)
+        proc = srun(
+            slurm,
+            [
+                "--graph",
+                "synth-tiny",
+                "--parts",
+                "2",
+                "--epochs",
+                LONG,
+                *SMALL,
+                "--trace",
+                str(trace),
+                "--summary",
+                str(summary),
+            ],
+            cache,
+            f,
+            "one",
+            1,
+            4,
+            "-J",
+            name,
+        )
     try:
         wait_for(out, r"rudder: epoch 1/", 120, proc)
     except BaseException:
@@ -216,10 +300,19 @@ def test_sbatch_example_runs_to_the_end_on_two_hosts(slurm, cache, tmp_path):
     (2 nodes, 5 minutes, 1 CPU per task; the nodes here have Perlmutter's "cpu" feature)."""
     out = tmp_path / "slurm.out"
     shm_before = slurm.shm()
-    env = dict(job_env(cache), RUDDER_GRAPH="synth-tiny", RUDDER_EPOCHS="2", RUDDER_OUT=str(tmp_path / "run"),
-               RUDDER_PYTHON=sys.executable, RUDDER_ARGS=" ".join(SMALL))
-    sub = slurm.command(["sbatch", "--parsable", "-p", "two", "-N", "2", "-t", "5", "--cpus-per-task=1",
-                         "-o", str(out), SBATCH], cwd=ROOT, env=env)
+    env = dict(
+        job_env(cache),
+        RUDDER_GRAPH="synth-tiny",
+        RUDDER_EPOCHS="2",
+        RUDDER_OUT=str(tmp_path / "run"),
+        RUDDER_PYTHON=sys.executable,
+        RUDDER_ARGS=" ".join(SMALL),
+    )
+    sub = slurm.command(
+        ["sbatch", "--parsable", "-p", "two", "-N", "2", "-t", "5", "--cpus-per-task=1", "-o", str(out), SBATCH],
+        cwd=ROOT,
+        env=env,
+    )
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
     state = slurm.wait_job(job, 240)
@@ -237,10 +330,34 @@ def test_sbatch_usr1_before_the_limit_stops_and_saves(slurm, cache, tmp_path):
     only (``scancel --batch``); its trap hands it to srun, srun to every rank."""
     out = tmp_path / "slurm.out"
     shm_before = slurm.shm()
-    env = dict(job_env(cache), RUDDER_GRAPH="synth-tiny", RUDDER_EPOCHS=LONG, RUDDER_OUT=str(tmp_path / "run"),
-               RUDDER_PYTHON=sys.executable, RUDDER_ARGS=" ".join(SMALL), RUDDER_PARTS="2")
-    sub = slurm.command(["sbatch", "--parsable", "-p", "one", "-N", "1", "--ntasks-per-node=4", "-t", "5",
-                         "--cpus-per-task=1", "-o", str(out), SBATCH], cwd=ROOT, env=env)
+    env = dict(
+        job_env(cache),
+        RUDDER_GRAPH="synth-tiny",
+        RUDDER_EPOCHS=LONG,
+        RUDDER_OUT=str(tmp_path / "run"),
+        RUDDER_PYTHON=sys.executable,
+        RUDDER_ARGS=" ".join(SMALL),
+        RUDDER_PARTS="2",
+    )
+    sub = slurm.command(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "one",
+            "-N",
+            "1",
+            "--ntasks-per-node=4",
+            "-t",
+            "5",
+            "--cpus-per-task=1",
+            "-o",
+            str(out),
+            SBATCH,
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
     wait_for(out, r"rudder: epoch 1/", 120)
@@ -249,4 +366,3 @@ def test_sbatch_usr1_before_the_limit_stops_and_saves(slurm, cache, tmp_path):
     assert state == "COMPLETED", out.read_text()[-3000:]
     assert "SIGUSR1 (time limit near)" in out.read_text()
     check_stopped(slurm, out, tmp_path / "run" / "trace", tmp_path / "run" / "run.json", "SIGUSR1", shm_before)
-

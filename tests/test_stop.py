@@ -1,4 +1,4 @@
-"""The pieces of a graceful stop (rudder_env/dist/stop.py) without a DistDGL job: a signal to one MPI rank reaches
+"""The pieces of a graceful stop (rudder/runtime/stop.py) without a DistDGL job: a signal to one MPI rank reaches
 every rank, and DGL's abort-on-signal handler is kept out. Whole jobs stopped by Slurm: tests/test_slurm.py."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELAY = r"""
 import json, os, signal, sys, time
 from mpi4py import MPI
-from rudder_env.dist.stop import StopRelay
+from rudder.runtime.stop import StopRelay
 comm = MPI.COMM_WORLD
 relay = StopRelay(comm, f"rank {comm.Get_rank()}")
 comm.Barrier()
@@ -29,8 +29,8 @@ comm.Barrier()
 
 DGL_HANDLER = r"""
 import os, signal, sys, time
-from rudder_env.dist.dgl_compat import import_dgl
-from rudder_env.dist.stop import keep_dgl_handler_out
+from rudder.runtime.dgl_compat import import_dgl
+from rudder.runtime.stop import keep_dgl_handler_out
 dgl = import_dgl()
 seen = []
 signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
@@ -44,11 +44,16 @@ print("survived", seen, flush=True)
 
 
 def test_a_signal_to_one_rank_reaches_every_rank():
-    proc = subprocess.run(["mpiexec", "-n", "3", sys.executable, "-c", RELAY], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.run(
+        ["mpiexec", "-n", "3", sys.executable, "-c", RELAY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
-
     import re
 
     rows = sorted((json.loads(m) for m in re.findall(r"\{[^{}]*\}", proc.stdout)), key=lambda r: r["rank"])
@@ -62,6 +67,12 @@ def test_a_signal_to_one_rank_reaches_every_rank():
 def test_dgl_signal_handler_is_kept_out():
     """DGL's servers and clients install a C handler that prints "User pressed Ctrl+C, Exiting" and ends the process
     on SIGTERM/SIGINT; kept out, the Python handler runs and the process goes on."""
-    proc = subprocess.run([sys.executable, "-c", DGL_HANDLER, "kept-out"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", DGL_HANDLER, "kept-out"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert proc.returncode == 0 and "survived [15]" in proc.stdout, proc.stdout + proc.stderr

@@ -9,11 +9,21 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from rudder.traces import SCHEMA, VERSION, RankTrace, Trace, TraceError, TraceIncompleteWarning, TraceWriter
 
-from traces import SCHEMA, VERSION, RankTrace, Trace, TraceError, TraceIncompleteWarning, TraceWriter
-
-COLUMNS = ["minibatch", "epoch", "local_rows", "remote_count", "sample_s", "fetch_s", "compute_s", "fetch_rows",
-           "hits", "remote_fetched", "prefetched"]
+COLUMNS = [
+    "minibatch",
+    "epoch",
+    "local_rows",
+    "remote_count",
+    "sample_s",
+    "fetch_s",
+    "compute_s",
+    "fetch_rows",
+    "hits",
+    "remote_fetched",
+    "prefetched",
+]
 RUN_META = {"graph": "toy", "fanout": [10, 5], "batch_size": 4, "seed": np.int64(7)}
 
 
@@ -28,9 +38,15 @@ def _random_ids(rng, i):
 
 def _record(directory, rng, num_minibatches=11, chunk_minibatches=3, rank=0, num_ranks=1, close=True, decisions=()):
     """Write one rank with random rows; returns (rows, ids) as recorded (ids sorted, int64)."""
-    writer = TraceWriter(directory, rank, num_ranks, RUN_META if rank == 0 else None, {"partition": rank},
-                         {"halo_ids": np.arange(5, dtype=np.int64) * 3, "halo_degree": np.ones(5, np.float32)},
-                         chunk_minibatches=chunk_minibatches)
+    writer = TraceWriter(
+        directory,
+        rank,
+        num_ranks,
+        RUN_META if rank == 0 else None,
+        {"partition": rank},
+        {"halo_ids": np.arange(5, dtype=np.int64) * 3, "halo_degree": np.ones(5, np.float32)},
+        chunk_minibatches=chunk_minibatches,
+    )
     rows, ids = [], []
     pending = sorted(decisions, key=lambda d: d[0])
     for i in range(num_minibatches):
@@ -38,10 +54,18 @@ def _record(directory, rng, num_minibatches=11, chunk_minibatches=3, rank=0, num
             k, d_ids, latency_s = pending.pop(0)
             writer.add_decision(minibatch=k, ids=d_ids, latency_s=latency_s)
         mb_ids = _random_ids(rng, i)
-        row = {"minibatch": i, "epoch": i // 4, "local_rows": int(rng.integers(0, 100)),
-               "sample_s": float(rng.random()), "fetch_s": float(rng.random()), "compute_s": float(rng.random()),
-               "fetch_rows": int(rng.integers(0, 50)), "hits": int(rng.integers(0, 50)),
-               "remote_fetched": int(rng.integers(0, 50)), "prefetched": int(rng.integers(0, 9))}
+        row = {
+            "minibatch": i,
+            "epoch": i // 4,
+            "local_rows": int(rng.integers(0, 100)),
+            "sample_s": float(rng.random()),
+            "fetch_s": float(rng.random()),
+            "compute_s": float(rng.random()),
+            "fetch_rows": int(rng.integers(0, 50)),
+            "hits": int(rng.integers(0, 50)),
+            "remote_fetched": int(rng.integers(0, 50)),
+            "prefetched": int(rng.integers(0, 9)),
+        }
         writer.add_minibatch(remote_ids=mb_ids, **row)
         rows.append({**row, "remote_count": mb_ids.size})
         ids.append(np.sort(mb_ids.astype(np.int64)))
@@ -54,10 +78,21 @@ def _record(directory, rng, num_minibatches=11, chunk_minibatches=3, rank=0, num
 
 def _expected_table(rows):
     table = pd.DataFrame(rows)[COLUMNS]
-    return table.astype({"minibatch": np.int64, "epoch": np.int32, "local_rows": np.int32, "remote_count": np.int32,
-                         "sample_s": np.float32, "fetch_s": np.float32, "compute_s": np.float32,
-                         "fetch_rows": np.int32, "hits": np.int32, "remote_fetched": np.int32,
-                         "prefetched": np.int32})
+    return table.astype(
+        {
+            "minibatch": np.int64,
+            "epoch": np.int32,
+            "local_rows": np.int32,
+            "remote_count": np.int32,
+            "sample_s": np.float32,
+            "fetch_s": np.float32,
+            "compute_s": np.float32,
+            "fetch_rows": np.int32,
+            "hits": np.int32,
+            "remote_fetched": np.int32,
+            "prefetched": np.int32,
+        }
+    )
 
 
 def test_round_trip_is_exact_over_chunks_and_id_widths(tmp_path):
@@ -94,8 +129,13 @@ def test_round_trip_is_exact_over_chunks_and_id_widths(tmp_path):
 
 
 def test_decisions_round_trip_in_agent_order(tmp_path):
-    decisions = [(0, np.array([9, 2, 5]), 0.5), (3, np.array([7, 1, 4]), 0.25), (3, np.array([], np.int64), 0.125),
-                 (7, np.array([2**40, 3]), 1.0), (11, np.array([6, 6, 0]), 2.0)]  # 11: after the last minibatch
+    decisions = [
+        (0, np.array([9, 2, 5]), 0.5),
+        (3, np.array([7, 1, 4]), 0.25),
+        (3, np.array([], np.int64), 0.125),
+        (7, np.array([2**40, 3]), 1.0),
+        (11, np.array([6, 6, 0]), 2.0),
+    ]  # 11: after the last minibatch
     _record(tmp_path, np.random.default_rng(1), decisions=decisions)
     table = Trace(tmp_path).rank(0).decisions()
     assert list(table.columns) == ["minibatch", "latency_s", "ids"]
@@ -111,8 +151,19 @@ def test_halo_id_stream_takes_under_1_6_bytes_per_remote_id(tmp_path):
     writer = TraceWriter(tmp_path, 0, 1, {}, {}, {}, chunk_minibatches=16)
     for i in range(48):  # 2000 distinct ids per minibatch out of a 200k halo
         ids = rng.choice(200_000, size=2000, replace=False)
-        writer.add_minibatch(minibatch=i, epoch=0, remote_ids=ids, local_rows=500, sample_s=0.01, fetch_s=0.02,
-                             compute_s=0.03, fetch_rows=2000, hits=0, remote_fetched=2000, prefetched=0)
+        writer.add_minibatch(
+            minibatch=i,
+            epoch=0,
+            remote_ids=ids,
+            local_rows=500,
+            sample_s=0.01,
+            fetch_s=0.02,
+            compute_s=0.03,
+            fetch_rows=2000,
+            hits=0,
+            remote_fetched=2000,
+            prefetched=0,
+        )
     writer.close()
     summary = Trace(tmp_path).summary().iloc[0]
     assert (summary["minibatches"], summary["remote_ids"], summary["complete"]) == (48, 96_000, True)
@@ -146,8 +197,19 @@ def test_killed_writer_leaves_a_readable_prefix_marked_incomplete(tmp_path):
 def test_exception_in_with_block_flushes_but_leaves_incomplete(tmp_path):
     with pytest.raises(RuntimeError, match="trainer died"):
         with TraceWriter(tmp_path, 0, 1, {}, {}, {}, chunk_minibatches=4) as writer:
-            writer.add_minibatch(minibatch=0, epoch=0, remote_ids=np.array([3, 1]), local_rows=1, sample_s=0.0,
-                                 fetch_s=0.0, compute_s=0.0, fetch_rows=2, hits=0, remote_fetched=2, prefetched=0)
+            writer.add_minibatch(
+                minibatch=0,
+                epoch=0,
+                remote_ids=np.array([3, 1]),
+                local_rows=1,
+                sample_s=0.0,
+                fetch_s=0.0,
+                compute_s=0.0,
+                fetch_rows=2,
+                hits=0,
+                remote_fetched=2,
+                prefetched=0,
+            )
             raise RuntimeError("trainer died")
     with pytest.warns(TraceIncompleteWarning):
         rank = Trace(tmp_path).rank(0)
@@ -156,8 +218,19 @@ def test_exception_in_with_block_flushes_but_leaves_incomplete(tmp_path):
 
 
 def _add(writer, i, ids=(1, 2), stamp=0.0):
-    writer.add_minibatch(minibatch=i, epoch=0, remote_ids=np.asarray(ids), local_rows=1, sample_s=stamp,
-                         fetch_s=0.0, compute_s=0.0, fetch_rows=2, hits=0, remote_fetched=2, prefetched=0)
+    writer.add_minibatch(
+        minibatch=i,
+        epoch=0,
+        remote_ids=np.asarray(ids),
+        local_rows=1,
+        sample_s=stamp,
+        fetch_s=0.0,
+        compute_s=0.0,
+        fetch_rows=2,
+        hits=0,
+        remote_fetched=2,
+        prefetched=0,
+    )
 
 
 def _record_by_time_then_get_killed(directory, stamps, added, flush_every_s):
@@ -191,7 +264,7 @@ def test_a_killed_writer_loses_at_most_flush_every_s_of_minibatches(tmp_path):
     assert must_keep >= 1 and rank.num_minibatches >= must_keep
     kept = rank.table()
     assert kept["minibatch"].tolist() == list(range(rank.num_minibatches))
-    np.testing.assert_allclose(kept["sample_s"], np.asarray(stamps[:rank.num_minibatches], dtype=np.float32))
+    np.testing.assert_allclose(kept["sample_s"], np.asarray(stamps[: rank.num_minibatches], dtype=np.float32))
 
 
 def test_a_stopped_run_writes_everything_and_stays_incomplete_with_the_reason(tmp_path):
@@ -239,15 +312,27 @@ def _rewrite_chunk(path, change):
         np.savez_compressed(f, **arrays)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.pop("hits"), r"chunk-000001\.npz lacks required array 'hits'"),
-    (lambda a: a.update(remote_ids=a["remote_ids"][:-1]), r"field 'remote_ids' in .*chunk-000001\.npz: expected \d+ "
-                                                          r"ids \(sum of remote_count\), got \d+"),
-    (lambda a: a.update(minibatch=a["minibatch"] + 1), r"field 'minibatch' in .*chunk-000001\.npz: expected the "
-                                                       r"chunk to start at 3 .* got 4"),
-    (lambda a: a.update(decision_offsets=np.array([0, 5])), r"field 'decision_offsets' in .*chunk-000001\.npz"),
-    (lambda a: a.update(epoch=a["epoch"].astype(np.float64)), r"field 'epoch' .*expected 1-D int32, got 1-D float64"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.pop("hits"), r"chunk-000001\.npz lacks required array 'hits'"),
+        (
+            lambda a: a.update(remote_ids=a["remote_ids"][:-1]),
+            r"field 'remote_ids' in .*chunk-000001\.npz: expected \d+ "
+            r"ids \(sum of remote_count\), got \d+",
+        ),
+        (
+            lambda a: a.update(minibatch=a["minibatch"] + 1),
+            r"field 'minibatch' in .*chunk-000001\.npz: expected the "
+            r"chunk to start at 3 .* got 4",
+        ),
+        (lambda a: a.update(decision_offsets=np.array([0, 5])), r"field 'decision_offsets' in .*chunk-000001\.npz"),
+        (
+            lambda a: a.update(epoch=a["epoch"].astype(np.float64)),
+            r"field 'epoch' .*expected 1-D int32, got 1-D float64",
+        ),
+    ],
+)
 def test_inconsistent_chunk_is_a_trace_error(tmp_path, change, message):
     _record(tmp_path, np.random.default_rng(5), decisions=[(3, np.array([1, 2]), 0.1)])
     _rewrite_chunk(tmp_path / "rank0" / "chunk-000001.npz", change)
@@ -255,12 +340,20 @@ def test_inconsistent_chunk_is_a_trace_error(tmp_path, change, message):
         Trace(tmp_path).rank(0).minibatch_ids()
 
 
-@pytest.mark.parametrize("file, field, value, message", [
-    ("trace.json", "version", 7, r"unknown schema version 7 in .*trace\.json: this rudder reads version 1"),
-    ("rank0/rank.json", "version", 7, r"unknown schema version 7 in .*rank0/rank\.json: this rudder reads version 1"),
-    ("trace.json", "schema", "other", r"field 'schema' in .*trace\.json: expected 'rudder-trace', got 'other'"),
-    ("rank0/rank.json", "minibatches", 12, r"field 'minibatches' in .*rank\.json: expected 11 .* got 12"),
-])
+@pytest.mark.parametrize(
+    "file, field, value, message",
+    [
+        ("trace.json", "version", 7, r"unknown schema version 7 in .*trace\.json: this rudder reads version 1"),
+        (
+            "rank0/rank.json",
+            "version",
+            7,
+            r"unknown schema version 7 in .*rank0/rank\.json: this rudder reads version 1",
+        ),
+        ("trace.json", "schema", "other", r"field 'schema' in .*trace\.json: expected 'rudder-trace', got 'other'"),
+        ("rank0/rank.json", "minibatches", 12, r"field 'minibatches' in .*rank\.json: expected 11 .* got 12"),
+    ],
+)
 def test_bad_header_is_a_trace_error(tmp_path, file, field, value, message):
     _record(tmp_path, np.random.default_rng(6))
     header = json.loads((tmp_path / file).read_text())
@@ -293,8 +386,17 @@ def test_parquet_keeps_the_list_column(tmp_path):
 
 def test_writer_rejects_bad_calls(tmp_path):
     writer = TraceWriter(tmp_path, 0, 1, {}, {}, {}, chunk_minibatches=2)
-    row = dict(epoch=0, local_rows=0, sample_s=0.0, fetch_s=0.0, compute_s=0.0, fetch_rows=0, hits=0,
-               remote_fetched=0, prefetched=0)
+    row = dict(
+        epoch=0,
+        local_rows=0,
+        sample_s=0.0,
+        fetch_s=0.0,
+        compute_s=0.0,
+        fetch_rows=0,
+        hits=0,
+        remote_fetched=0,
+        prefetched=0,
+    )
     writer.add_minibatch(minibatch=4, remote_ids=np.array([1]), **row)
     with pytest.raises(ValueError, match="consecutive: expected 5, got 6"):
         writer.add_minibatch(minibatch=6, remote_ids=np.array([1]), **row)

@@ -6,11 +6,10 @@ import os
 
 import numpy as np
 import pytest
-
-from rudder_env.buffer import initial_ids
-from rudder_env.contract import buffer_kwargs
-from rudder_env.lookahead import SamplerLookahead
-from rudder_env.vip import vertex_inclusion_probability
+from rudder.env.buffer import initial_ids
+from rudder.env.contract import buffer_kwargs
+from rudder.env.lookahead import SamplerLookahead
+from rudder.env.vip import vertex_inclusion_probability
 
 SAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "traces", "samples")
 
@@ -19,7 +18,7 @@ def _tiny_partition(seed=0, n=300, n_inner=150, n_train=100, edges=2400, fanouts
     """A random directed graph with skewed in- and out-degrees; nodes ``< n_inner`` are this trainer's partition,
     the first ``n_train`` of them its training seeds. Returns the DGL graph, the lookahead as DistDGL's local
     partition gives it (inner nodes' in-edges, halo included) plus the halo nodes' in-edges, and the masks."""
-    from rudder_env.dist.dgl_compat import import_dgl
+    from rudder.runtime.dgl_compat import import_dgl
 
     dgl = import_dgl()
     import torch
@@ -43,8 +42,9 @@ def _tiny_partition(seed=0, n=300, n_inner=150, n_train=100, edges=2400, fanouts
     for node in gid:
         indices += sorted(local[src[dst == node]].tolist()) if inner[node] else []
         indptr.append(len(indices))
-    la = SamplerLookahead.from_partition(n, gid, np.arange(gid.size) < n_inner, np.array(indptr),
-                                         np.array(indices), train, fanouts=list(fanouts))
+    la = SamplerLookahead.from_partition(
+        n, gid, np.arange(gid.size) < n_inner, np.array(indptr), np.array(indices), train, fanouts=list(fanouts)
+    )
     in_halo = np.isin(dst, halo)
     with_halo = la.with_halo_in_edges(src[in_halo], dst[in_halo], lambda ids: (~inner[ids]).astype(np.int64))
     return g, la, with_halo, inner, train
@@ -67,7 +67,7 @@ def _monte_carlo(g, train, batch_size, fanouts, epochs, seed=0):
         for _ in range(epochs):
             order = rng.permutation(train)
             for start in range(0, order.size, batch_size):
-                input_nodes, _, _ = sampler.sample(g, torch.from_numpy(order[start:start + batch_size]))
+                input_nodes, _, _ = sampler.sample(g, torch.from_numpy(order[start : start + batch_size]))
                 counts[input_nodes.numpy()] += 1
                 minibatches += 1
     finally:
@@ -124,8 +124,9 @@ def test_vip_without_halo_in_edges_misses_the_second_hop_through_halo_nodes():
 def test_vip_by_hand():
     # inner 0, 1 (train seed 0 only), halo 10, 11; in-edges 1->0, 10->0 (indeg 0 = 2), 11->1 (indeg 1 = 1)
     gid = np.array([0, 1, 10, 11])
-    la = SamplerLookahead.from_partition(20, gid, np.array([1, 1, 0, 0], bool), np.array([0, 2, 3, 3, 3]),
-                                         np.array([1, 2, 3]), [0], fanouts=[1, 1])
+    la = SamplerLookahead.from_partition(
+        20, gid, np.array([1, 1, 0, 0], bool), np.array([0, 2, 3, 3, 3]), np.array([1, 2, 3]), [0], fanouts=[1, 1]
+    )
     ids, vip = vertex_inclusion_probability(la, batch_size=1, train_size=2)
     # p0 = 1/2; hop 1 (fanout 1): 0 keeps each of 1, 10 w.p. 1/2 -> p(1) = p(10) = 1/4
     # hop 2: p(10) = 1 - (1 - 1/4)(1 - 1/2 * 1/2) = 7/16; p(11) = 1 - (1 - 1 * 1/4) = 1/4
@@ -138,14 +139,14 @@ def test_vip_by_hand():
 
 def test_vip_static_buffer_fetches_fewer_rows_than_degree_on_the_shipped_traces():
     import gymnasium as gym
+    import rudder.env  # noqa: F401
+    from rudder.baselines.policies import StaticBuffer, VIPStatic
 
-    import rudder_env  # noqa: F401
-    from baselines.policies import StaticBuffer, VIPStatic
-    from rudder_env.evaluation.play import play
+    from rudder.evaluation.play import play
 
     fetched = {"static": 0, "vip": 0}
     for trace in sorted(glob.glob(os.path.join(SAMPLES, "*"))):
-        from traces import Trace
+        from rudder.traces import Trace
 
         t = Trace(trace)
         for rank in t.ranks:
@@ -163,11 +164,14 @@ def test_vip_static_buffer_fetches_fewer_rows_than_degree_on_the_shipped_traces(
 def test_vip_init_needs_the_partition_structure(tmp_path):
     import shutil
 
-    from rudder_env.replay_env import ReplayEnv
-    from rudder_env.settings import SettingError
+    from rudder.env.replay_env import ReplayEnv
+    from rudder.env.settings import SettingError
 
-    with pytest.raises(SettingError, match=r"buffer_init \(--buffer-init\) must be one of degree, random, empty, "
-                                           r"vip, recorded, got 'vipp'"):
+    with pytest.raises(
+        SettingError,
+        match=r"buffer_init \(--buffer-init\) must be one of degree, random, empty, "
+        r"vip, recorded, got 'vipp'",
+    ):
         ReplayEnv(os.path.join(SAMPLES, "small-metis4-f10x25"), buffer_init="vipp")
     # a trace without the partition structure (as recorded before the lookahead existed): one clear line
     trace = tmp_path / "old"
@@ -175,8 +179,11 @@ def test_vip_init_needs_the_partition_structure(tmp_path):
     for static in trace.glob("rank*/static.npz"):
         arrays = dict(np.load(static))
         np.savez(static, **{k: v for k, v in arrays.items() if not k.startswith("la_")})
-    with pytest.raises(ValueError, match=r"^buffer_init='vip' needs a trace recorded with partition structure; "
-                                         r".*old has none"):
+    with pytest.raises(
+        ValueError,
+        match=r"^buffer_init='vip' needs a trace recorded with partition structure; "
+        r".*old has none",
+    ):
         ReplayEnv(str(trace), buffer_init="vip")
     assert ReplayEnv(str(trace), buffer_init="degree").buffer_init == "degree"
 
@@ -184,9 +191,10 @@ def test_vip_init_needs_the_partition_structure(tmp_path):
 def test_vip_is_a_train_option_and_an_agent_with_its_own_fill():
     import argparse
 
-    from baselines.policies import VIPStatic
-    from rudder_env.dist.config import add_arguments, from_namespace
-    from rudder_env.evaluation.registry import make_agent
+    from rudder.baselines.policies import VIPStatic
+
+    from rudder.evaluation.registry import make_agent
+    from rudder.runtime.config import add_arguments, from_namespace
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -194,19 +202,20 @@ def test_vip_is_a_train_option_and_an_agent_with_its_own_fill():
     cfg.validate()
     assert cfg.buffer_init == "vip" and isinstance(make_agent(cfg.agent), VIPStatic)
     # the agent's fill overrides the run's, live (rank.py passes it to the trainer) and in replay alike
-    assert buffer_kwargs(VIPStatic.settings, 0.25, True) == dict(buffer_fraction=0.25, admit_on_miss=False,
-                                                                 ranking="misses", buffer_init="vip")
+    assert buffer_kwargs(VIPStatic.settings, 0.25, True) == dict(
+        buffer_fraction=0.25, admit_on_miss=False, ranking="misses", buffer_init="vip"
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["--buffer-init", "vipp"])
 
 
 def test_a_live_vip_run_fills_what_replay_computes_and_replays_exactly(record_live):
     import gymnasium as gym
+    import rudder.env  # noqa: F401
+    from rudder.baselines.policies import VIPStatic
+    from rudder.traces import Trace
 
-    import rudder_env  # noqa: F401
-    from baselines.policies import VIPStatic
-    from rudder_env.evaluation.play import play
-    from traces import Trace
+    from rudder.evaluation.play import play
 
     live = record_live("vip")
     trace = Trace(live["trace"])
@@ -217,8 +226,14 @@ def test_a_live_vip_run_fills_what_replay_computes_and_replays_exactly(record_li
         la = SamplerLookahead.from_static(static, int(rt.meta["num_nodes"]))
         assert la.halo_in is not None  # the live trainer pulled the halo nodes' in-edges: hop 2 is complete
         capacity = int(rt.meta["capacity"])
-        fill = initial_ids("vip", static["halo_ids"], static["halo_degree"], capacity, 0,
-                           vip=vertex_inclusion_probability(la, trace.meta["config"]["batch_size"]))
+        fill = initial_ids(
+            "vip",
+            static["halo_ids"],
+            static["halo_degree"],
+            capacity,
+            0,
+            vip=vertex_inclusion_probability(la, trace.meta["config"]["batch_size"]),
+        )
         np.testing.assert_array_equal(static["initial_ids"], fill)  # in VIP order, computed the same way
         degree = initial_ids("degree", static["halo_ids"], static["halo_degree"], capacity, 0)
         assert fill.size == capacity and not np.isin(fill, degree).all()  # a fill of its own, not degree's

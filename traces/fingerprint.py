@@ -66,9 +66,15 @@ def rank_fingerprint(trace: Trace | str | os.PathLike, rank: int) -> dict:
         remote_ids += int(data.size)
     if current is not None:
         epochs.append(current.hexdigest())
-    return dict(trace=os.path.basename(os.path.normpath(str(trace.directory))), rank=int(rank),
-                config=stream_config(trace), minibatches=minibatches, remote_ids=remote_ids,
-                ids=whole.hexdigest(), epochs=epochs)
+    return dict(
+        trace=os.path.basename(os.path.normpath(str(trace.directory))),
+        rank=int(rank),
+        config=stream_config(trace),
+        minibatches=minibatches,
+        remote_ids=remote_ids,
+        ids=whole.hexdigest(),
+        epochs=epochs,
+    )
 
 
 def trace_fingerprints(trace: Trace | str | os.PathLike, ranks: Iterable[int] | None = None) -> list[dict]:
@@ -101,8 +107,10 @@ def provenance(learned_from, fingerprint: dict) -> str:
                 return TRAINED_ON
             if config and entry.get("config") == config:
                 same_config = True
-        elif entry.get("trace") == fingerprint.get("trace") and entry.get("rank", fingerprint["rank"]) == \
-                fingerprint["rank"]:
+        elif (
+            entry.get("trace") == fingerprint.get("trace")
+            and entry.get("rank", fingerprint["rank"]) == fingerprint["rank"]
+        ):
             return TRAINED_ON
         else:
             unverifiable = True

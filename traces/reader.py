@@ -2,9 +2,9 @@
 
 :class:`Trace` opens a trace folder and checks ``trace.json`` and every ``rank{r}/rank.json``; :meth:`Trace.rank`
 gives a :class:`RankTrace`, which reads that rank's chunks one at a time, checking each against the format
-(``traces/FORMAT.md``) and raising :class:`~traces.schema.TraceError` with the file, the field, expected and got.
+(``traces/FORMAT.md``) and raising :class:`~rudder.traces.schema.TraceError` with the file, the field, expected and got.
 A trace whose writer was not closed (a killed run) is read as the prefix it holds, with one
-:class:`~traces.schema.TraceIncompleteWarning`.
+:class:`~rudder.traces.schema.TraceIncompleteWarning`.
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ import numpy as np
 import pandas as pd
 
 from .schema import (
+    CHUNK_ARRAYS,
     DECISION_ARRAYS,
     MINIBATCH_COLUMNS,
-    RANK_FILE,
-    CHUNK_ARRAYS,
-    REMOTE_IDS,
-    PREFETCH_COLUMNS,
     OPTIONAL_ARRAYS,
+    PREFETCH_COLUMNS,
+    RANK_FILE,
+    REMOTE_IDS,
+    SCHEMA,
     SEED_ARRAYS,
     SEED_COUNT,
     SEED_IDS,
-    SCHEMA,
     STATIC_FILE,
     TRACE_FILE,
     VERSION,
@@ -91,8 +91,9 @@ class Trace:
             if stopped:
                 why = sorted({str(self._ranks[r].stopped.get("signal", "a stop request")) for r in stopped})
                 counts = ", ".join(f"rank {r}: {self._ranks[r].num_minibatches}" for r in stopped)
-                parts.append(f"run of rank {_join(stopped)} stopped early by {', '.join(why)} (minibatches kept: "
-                             f"{counts})")
+                parts.append(
+                    f"run of rank {_join(stopped)} stopped early by {', '.join(why)} (minibatches kept: {counts})"
+                )
             if killed:
                 counts = ", ".join(f"rank {r}: {self._ranks[r].num_minibatches}" for r in killed)
                 parts.append(f"writer of rank {_join(killed)} never closed (minibatches kept: {counts})")
@@ -100,8 +101,11 @@ class Trace:
                 parts.append(f"rank {_join(missing)} of {self.num_ranks} wrote nothing")
             if not any(t.num_minibatches for t in self._ranks.values()):
                 parts.append("it holds no minibatch (the run ended before its first chunk was written)")
-            warnings.warn(f"trace {self.directory} is incomplete, a prefix of the run: {'; '.join(parts)}",
-                          TraceIncompleteWarning, stacklevel=2)
+            warnings.warn(
+                f"trace {self.directory} is incomplete, a prefix of the run: {'; '.join(parts)}",
+                TraceIncompleteWarning,
+                stacklevel=2,
+            )
 
     def rank(self, rank: int) -> RankTrace:
         """The trace of trainer ``rank``; :class:`TraceError` if the trace has no such rank."""
@@ -115,13 +119,27 @@ class Trace:
         minibatches), ``bytes_per_remote_id`` (chunk bytes over remote ids, NaN without ids), ``complete``.
         Read from the ``rank.json`` files only (cheap).
         """
-        rows = [{"rank": r, "minibatches": t.num_minibatches, "remote_ids": t.num_remote_ids,
-                 "bytes_per_remote_id": t.bytes_per_remote_id, "complete": t.complete}
-                for r, t in sorted(self._ranks.items())]
+        rows = [
+            {
+                "rank": r,
+                "minibatches": t.num_minibatches,
+                "remote_ids": t.num_remote_ids,
+                "bytes_per_remote_id": t.bytes_per_remote_id,
+                "complete": t.complete,
+            }
+            for r, t in sorted(self._ranks.items())
+        ]
         columns = ["rank", "minibatches", "remote_ids", "bytes_per_remote_id", "complete"]
         table = pd.DataFrame(rows, columns=columns)
-        return table.astype({"rank": np.int64, "minibatches": np.int64, "remote_ids": np.int64,
-                             "bytes_per_remote_id": np.float64, "complete": bool})
+        return table.astype(
+            {
+                "rank": np.int64,
+                "minibatches": np.int64,
+                "remote_ids": np.int64,
+                "bytes_per_remote_id": np.float64,
+                "complete": bool,
+            }
+        )
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
@@ -255,7 +273,7 @@ class RankTrace:
         for chunk in self._chunks(with_ids=True):
             values = zip(*(chunk.columns[name].tolist() for name in names))
             for i, row in enumerate(values):
-                yield dict(zip(names, row)), chunk.ids[chunk.id_offsets[i]:chunk.id_offsets[i + 1]]
+                yield dict(zip(names, row)), chunk.ids[chunk.id_offsets[i] : chunk.id_offsets[i + 1]]
 
     def table(self) -> pd.DataFrame:
         """One row per minibatch, columns as stored: ``minibatch`` (int64), ``epoch``, ``local_rows``,
@@ -266,8 +284,12 @@ class RankTrace:
         for chunk in self._chunks(with_ids=False):
             for name in MINIBATCH_COLUMNS:
                 parts[name].append(chunk.columns[name])
-        return pd.DataFrame({name: np.concatenate(arrays) if arrays else np.zeros(0, MINIBATCH_COLUMNS[name])
-                             for name, arrays in parts.items()})
+        return pd.DataFrame(
+            {
+                name: np.concatenate(arrays) if arrays else np.zeros(0, MINIBATCH_COLUMNS[name])
+                for name, arrays in parts.items()
+            }
+        )
 
     def decisions(self) -> pd.DataFrame:
         """One row per prefetch decision, in order: ``minibatch`` (int64: applied after this many minibatches),
@@ -283,11 +305,13 @@ class RankTrace:
         id_column = np.empty(len(ids), dtype=object)  # filled one by one: equal lengths must not become 2-D
         for i, decision_ids in enumerate(ids):
             id_column[i] = decision_ids
-        return pd.DataFrame({
-            "minibatch": np.concatenate(minibatch) if minibatch else np.zeros(0, np.int64),
-            "latency_s": np.concatenate(latency_s) if latency_s else np.zeros(0, np.float32),
-            "ids": id_column,
-        })
+        return pd.DataFrame(
+            {
+                "minibatch": np.concatenate(minibatch) if minibatch else np.zeros(0, np.int64),
+                "latency_s": np.concatenate(latency_s) if latency_s else np.zeros(0, np.float32),
+                "ids": id_column,
+            }
+        )
 
     def to_parquet(self, path: str | os.PathLike, row_group_ids: int = 1 << 24) -> None:
         """Write :meth:`table` plus a ``remote_ids`` column (``list<int64>``, sorted ids per minibatch) to a
@@ -299,8 +323,9 @@ class RankTrace:
 
         fields = [pa.field(name, pa.from_numpy_dtype(dtype)) for name, dtype in MINIBATCH_COLUMNS.items()]
         provenance = {"schema": SCHEMA, "version": VERSION, "rank": self.rank, "complete": self.complete}
-        schema = pa.schema([*fields, pa.field(REMOTE_IDS, pa.list_(pa.int64()))],
-                           metadata={"rudder_trace": json.dumps(provenance)})
+        schema = pa.schema(
+            [*fields, pa.field(REMOTE_IDS, pa.list_(pa.int64()))], metadata={"rudder_trace": json.dumps(provenance)}
+        )
         pending: list[pa.RecordBatch] = []
         pending_rows = pending_ids = 0
         with pq.ParquetWriter(path, schema) as out:
@@ -320,8 +345,10 @@ class RankTrace:
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
-        return (f"RankTrace({str(self.directory)!r}, rank={self.rank}, minibatches={self.num_minibatches}, "
-                f"chunks={self.num_chunks}, {state})")
+        return (
+            f"RankTrace({str(self.directory)!r}, rank={self.rank}, minibatches={self.num_minibatches}, "
+            f"chunks={self.num_chunks}, {state})"
+        )
 
     def _chunks(self, *, with_ids: bool, with_seeds: bool = False) -> Iterator[_Chunk]:
         """Read and validate the chunks listed in ``rank.json``, in order; decode ids only if ``with_ids``, seeds
@@ -336,8 +363,15 @@ class RankTrace:
             if not path.is_file():
                 raise TraceError(f"{path} missing: {self.directory / RANK_FILE} lists {self.num_chunks} chunks")
             arrays = _read_npz(path, names, optional=OPTIONAL_ARRAYS, known=CHUNK_ARRAYS + OPTIONAL_ARRAYS)
-            chunk = _check_chunk(arrays, path, next_minibatch, last_decision,
-                                 is_last=index == self.num_chunks - 1, with_ids=with_ids, with_seeds=with_seeds)
+            chunk = _check_chunk(
+                arrays,
+                path,
+                next_minibatch,
+                last_decision,
+                is_last=index == self.num_chunks - 1,
+                with_ids=with_ids,
+                with_seeds=with_seeds,
+            )
             n = len(chunk.id_offsets) - 1
             if n:
                 for group, marker in (("seeds", SEED_COUNT), ("background prefetch columns", "arrived")):
@@ -345,8 +379,10 @@ class RankTrace:
                     seen = first.setdefault(group, (has, path))
                     if seen[0] != has:
                         with_it, without = (path, seen[1]) if has else (seen[1], path)
-                        raise TraceError(f"field {marker!r} in {without}: expected {group} as in {with_it} (a trace "
-                                         f"stores them in every chunk or in none), got none")
+                        raise TraceError(
+                            f"field {marker!r} in {without}: expected {group} as in {with_it} (a trace "
+                            f"stores them in every chunk or in none), got none"
+                        )
                 next_minibatch = int(chunk.columns["minibatch"][-1]) + 1
             if chunk.decisions["decision_minibatch"].size:
                 last_decision = int(chunk.decisions["decision_minibatch"][-1])
@@ -356,15 +392,27 @@ class RankTrace:
             yield chunk
         rank_file = self.directory / RANK_FILE
         if minibatches != self.num_minibatches:
-            raise TraceError(f"field 'minibatches' in {rank_file}: expected {minibatches} (rows in its "
-                             f"{self.num_chunks} chunks), got {self.num_minibatches}")
+            raise TraceError(
+                f"field 'minibatches' in {rank_file}: expected {minibatches} (rows in its "
+                f"{self.num_chunks} chunks), got {self.num_minibatches}"
+            )
         if remote_ids != self.num_remote_ids:
-            raise TraceError(f"field 'remote_ids' in {rank_file}: expected {remote_ids} (sum of remote_count in its "
-                             f"chunks), got {self.num_remote_ids}")
+            raise TraceError(
+                f"field 'remote_ids' in {rank_file}: expected {remote_ids} (sum of remote_count in its "
+                f"chunks), got {self.num_remote_ids}"
+            )
 
 
-def _check_chunk(arrays: dict[str, np.ndarray], path: Path, next_minibatch: int | None, last_decision: int, *,
-                 is_last: bool, with_ids: bool, with_seeds: bool = False) -> _Chunk:
+def _check_chunk(
+    arrays: dict[str, np.ndarray],
+    path: Path,
+    next_minibatch: int | None,
+    last_decision: int,
+    *,
+    is_last: bool,
+    with_ids: bool,
+    with_seeds: bool = False,
+) -> _Chunk:
     """Validate one chunk's arrays against the format and the chunks before it; decode its ids (and seeds) if
     asked."""
     for name, dtype in {**MINIBATCH_COLUMNS, **DECISION_ARRAYS}.items():
@@ -375,17 +423,22 @@ def _check_chunk(arrays: dict[str, np.ndarray], path: Path, next_minibatch: int 
     n = minibatch.size
     for name in MINIBATCH_COLUMNS:
         if arrays[name].size != n:
-            raise TraceError(f"field {name!r} in {path}: expected {n} values (one per minibatch), "
-                             f"got {arrays[name].size}")
+            raise TraceError(
+                f"field {name!r} in {path}: expected {n} values (one per minibatch), got {arrays[name].size}"
+            )
     if n:
         if next_minibatch is not None and minibatch[0] != next_minibatch:
-            raise TraceError(f"field 'minibatch' in {path}: expected the chunk to start at {next_minibatch} "
-                             f"(after the previous chunk), got {minibatch[0]}")
+            raise TraceError(
+                f"field 'minibatch' in {path}: expected the chunk to start at {next_minibatch} "
+                f"(after the previous chunk), got {minibatch[0]}"
+            )
         gaps = np.flatnonzero(np.diff(minibatch) != 1)
         if gaps.size:
             i = int(gaps[0]) + 1
-            raise TraceError(f"field 'minibatch' in {path}: expected consecutive indices, got {minibatch[i]} "
-                             f"after {minibatch[i - 1]}")
+            raise TraceError(
+                f"field 'minibatch' in {path}: expected consecutive indices, got {minibatch[i]} "
+                f"after {minibatch[i - 1]}"
+            )
     counts = arrays["remote_count"].astype(np.int64)
     if n and counts.min() < 0:
         raise TraceError(f"field 'remote_count' in {path}: expected counts >= 0, got {counts.min()}")
@@ -396,15 +449,19 @@ def _check_chunk(arrays: dict[str, np.ndarray], path: Path, next_minibatch: int 
     seeds = seed_offsets = None
     if SEED_COUNT in arrays or SEED_IDS in arrays:
         if n == 0:
-            raise TraceError(f"field {SEED_COUNT!r} in {path}: expected no seeds in a chunk without minibatches, "
-                             f"got {arrays[SEED_COUNT].size if SEED_COUNT in arrays else 0}")
+            raise TraceError(
+                f"field {SEED_COUNT!r} in {path}: expected no seeds in a chunk without minibatches, "
+                f"got {arrays[SEED_COUNT].size if SEED_COUNT in arrays else 0}"
+            )
         for name in SEED_ARRAYS:
             if name not in arrays:
                 raise TraceError(f"{path} lacks array {name!r}: {' and '.join(SEED_ARRAYS)} go together")
         seed_counts = arrays[SEED_COUNT]
         if seed_counts.dtype != np.int32 or seed_counts.ndim != 1 or seed_counts.size != n:
-            raise TraceError(f"field {SEED_COUNT!r} in {path}: expected 1-D int32 with {n} values (one per "
-                             f"minibatch), got {seed_counts.ndim}-D {seed_counts.dtype} with {seed_counts.size}")
+            raise TraceError(
+                f"field {SEED_COUNT!r} in {path}: expected 1-D int32 with {n} values (one per "
+                f"minibatch), got {seed_counts.ndim}-D {seed_counts.dtype} with {seed_counts.size}"
+            )
         seed_counts = seed_counts.astype(np.int64)
         if seed_counts.min() < 0:
             raise TraceError(f"field {SEED_COUNT!r} in {path}: expected counts >= 0, got {seed_counts.min()}")
@@ -417,21 +474,33 @@ def _check_chunk(arrays: dict[str, np.ndarray], path: Path, next_minibatch: int 
     when, offsets = decisions["decision_minibatch"], decisions["decision_offsets"]
     m = when.size
     if decisions["decision_latency_s"].size != m:
-        raise TraceError(f"field 'decision_latency_s' in {path}: expected {m} values (one per decision), "
-                         f"got {decisions['decision_latency_s'].size}")
-    if offsets.size != m + 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0) \
-            or offsets[-1] != decisions["decision_ids"].size:
-        raise TraceError(f"field 'decision_offsets' in {path}: expected {m + 1} non-decreasing offsets from 0 to "
-                         f"{decisions['decision_ids'].size} (len decision_ids), got {offsets.tolist()[:8]}"
-                         f"{'...' if offsets.size > 8 else ''}")
+        raise TraceError(
+            f"field 'decision_latency_s' in {path}: expected {m} values (one per decision), "
+            f"got {decisions['decision_latency_s'].size}"
+        )
+    if (
+        offsets.size != m + 1
+        or offsets[0] != 0
+        or np.any(np.diff(offsets) < 0)
+        or offsets[-1] != decisions["decision_ids"].size
+    ):
+        raise TraceError(
+            f"field 'decision_offsets' in {path}: expected {m + 1} non-decreasing offsets from 0 to "
+            f"{decisions['decision_ids'].size} (len decision_ids), got {offsets.tolist()[:8]}"
+            f"{'...' if offsets.size > 8 else ''}"
+        )
     if m:
         if when[0] < last_decision or np.any(np.diff(when) < 0):
-            raise TraceError(f"field 'decision_minibatch' in {path}: expected non-decreasing values from "
-                             f">= {last_decision}, got {when.tolist()[:8]}{'...' if m > 8 else ''}")
+            raise TraceError(
+                f"field 'decision_minibatch' in {path}: expected non-decreasing values from "
+                f">= {last_decision}, got {when.tolist()[:8]}{'...' if m > 8 else ''}"
+            )
         end = int(minibatch[-1]) + 1 if n else next_minibatch
         if not is_last and end is not None and when[-1] >= end:
-            raise TraceError(f"field 'decision_minibatch' in {path}: expected values < {end} (later decisions "
-                             f"belong to a later chunk), got {when[-1]}")
+            raise TraceError(
+                f"field 'decision_minibatch' in {path}: expected values < {end} (later decisions "
+                f"belong to a later chunk), got {when[-1]}"
+            )
     prefetch = None
     if any(name in arrays for name in PREFETCH_COLUMNS):
         for name, dtype in PREFETCH_COLUMNS.items():
@@ -439,20 +508,24 @@ def _check_chunk(arrays: dict[str, np.ndarray], path: Path, next_minibatch: int 
             if a is None:
                 raise TraceError(f"{path} lacks array {name!r}: {' and '.join(PREFETCH_COLUMNS)} go together")
             if a.dtype != dtype or a.shape != (n,):
-                raise TraceError(f"field {name!r} in {path}: expected {n} values of {dtype}, got shape {a.shape} of "
-                                 f"{a.dtype}")
+                raise TraceError(
+                    f"field {name!r} in {path}: expected {n} values of {dtype}, got shape {a.shape} of {a.dtype}"
+                )
         prefetch = {name: arrays[name] for name in PREFETCH_COLUMNS}
-    return _Chunk({name: arrays[name] for name in MINIBATCH_COLUMNS}, ids, id_offsets, decisions, seeds,
-                  seed_offsets, prefetch)
+    return _Chunk(
+        {name: arrays[name] for name in MINIBATCH_COLUMNS}, ids, id_offsets, decisions, seeds, seed_offsets, prefetch
+    )
 
 
-def _decode(arrays: dict[str, np.ndarray], name: str, counts: np.ndarray, offsets: np.ndarray, path: Path
-            ) -> np.ndarray:
+def _decode(
+    arrays: dict[str, np.ndarray], name: str, counts: np.ndarray, offsets: np.ndarray, path: Path
+) -> np.ndarray:
     """The delta-coded ids in ``arrays[name]`` (``counts`` per minibatch) as read-only int64, checked."""
     codes = arrays[name]
     if codes.dtype.kind != "u" or codes.ndim != 1:
-        raise TraceError(f"field {name!r} in {path}: expected 1-D uint16, uint32 or uint64, "
-                         f"got {codes.ndim}-D {codes.dtype}")
+        raise TraceError(
+            f"field {name!r} in {path}: expected 1-D uint16, uint32 or uint64, got {codes.ndim}-D {codes.dtype}"
+        )
     if codes.size != offsets[-1]:
         count = "remote_count" if name == REMOTE_IDS else SEED_COUNT
         raise TraceError(f"field {name!r} in {path}: expected {offsets[-1]} ids (sum of {count}), got {codes.size}")
@@ -467,12 +540,23 @@ def _decode(arrays: dict[str, np.ndarray], name: str, counts: np.ndarray, offset
 # What damage to an .npz (a zip of .npy files) raises while reading it: zip structure (BadZipFile; a member's
 # compression method or flags -> NotImplementedError, or RuntimeError "encrypted"; a size -> EOFError), deflate data
 # (zlib.error), an .npy header (ValueError, SyntaxError, tokenize.TokenError from numpy's header parser), I/O.
-_NPZ_DAMAGE = (zipfile.BadZipFile, zlib.error, ValueError, EOFError, OSError, RuntimeError, SyntaxError,
-               tokenize.TokenError, struct.error, OverflowError)
+_NPZ_DAMAGE = (
+    zipfile.BadZipFile,
+    zlib.error,
+    ValueError,
+    EOFError,
+    OSError,
+    RuntimeError,
+    SyntaxError,
+    tokenize.TokenError,
+    struct.error,
+    OverflowError,
+)
 
 
-def _read_npz(path: Path, names: list[str] | None, optional: tuple[str, ...] = (),
-              known: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+def _read_npz(
+    path: Path, names: list[str] | None, optional: tuple[str, ...] = (), known: tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
     """The arrays ``names`` (all if None) and those of ``optional`` present, from an ``.npz`` file.
 
     Every member read is read whole, so zip's CRC-32 checks it: damage anywhere in its bytes is an error, never a
@@ -482,11 +566,16 @@ def _read_npz(path: Path, names: list[str] | None, optional: tuple[str, ...] = (
     try:
         with zipfile.ZipFile(path) as archive:
             members = {name[:-4]: name for name in archive.namelist() if name.endswith(".npy")}
-            strangers = [name for name in archive.namelist() if known is not None
-                         and (not name.endswith(".npy") or name[:-4] not in known)]
+            strangers = [
+                name
+                for name in archive.namelist()
+                if known is not None and (not name.endswith(".npy") or name[:-4] not in known)
+            ]
             if strangers:
-                raise TraceError(f"{path} holds an array this format does not have: {strangers[0]!r} (damaged, or "
-                                 f"not a rudder chunk)")
+                raise TraceError(
+                    f"{path} holds an array this format does not have: {strangers[0]!r} (damaged, or "
+                    f"not a rudder chunk)"
+                )
             wanted = list(members) if names is None else names
             missing = [name for name in wanted if name not in members]
             if missing:
@@ -494,11 +583,11 @@ def _read_npz(path: Path, names: list[str] | None, optional: tuple[str, ...] = (
             arrays = {}
             for name in [*wanted, *(n for n in optional if n in members and n not in wanted)]:
                 try:
-                    arrays[name] = np.lib.format.read_array(io.BytesIO(archive.read(members[name])),
-                                                            allow_pickle=False)
+                    arrays[name] = np.lib.format.read_array(io.BytesIO(archive.read(members[name])), allow_pickle=False)
                 except _NPZ_DAMAGE as exc:
-                    raise TraceError(f"field {name!r} in {path}: the array is truncated or corrupt: "
-                                     f"{type(exc).__name__}: {exc}") from None
+                    raise TraceError(
+                        f"field {name!r} in {path}: the array is truncated or corrupt: {type(exc).__name__}: {exc}"
+                    ) from None
     except TraceError:
         raise
     except FileNotFoundError:

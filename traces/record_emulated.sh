@@ -68,7 +68,7 @@ record() {  # name
         local tmp
         tmp=$(mktemp -d)
         run_one "$name" none "$tmp/run" "$logs/$name-none.json" "${opts[@]}"
-        python -m traces.timecheck "$tmp/run" --into "$out"
+        python -m rudder.traces.timecheck "$tmp/run" --into "$out"
         rm -rf "$tmp"
     fi
     du -sh "$out"

@@ -18,7 +18,7 @@ record() {  # name, then train.py options
     rm -f "$out/$name"/time-check-*.json
     python train.py gnn --graph synth-small --batch-size 1000 --agent none --period 4 --seed 0 "$@" \
         --trace "$tmp/run"
-    python -m traces.timecheck "$tmp/run" --into "$out/$name"
+    python -m rudder.traces.timecheck "$tmp/run" --into "$out/$name"
     rm -rf "$tmp"
 }
 record small-metis2-f10x25 --partition metis --parts 2 --fanout 10,25 --epochs 2

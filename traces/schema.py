@@ -1,6 +1,7 @@
 """The rudder trace format, schema "rudder-trace" version 1: names, file layout, chunk arrays and id delta coding.
 
-:mod:`traces.writer` and :mod:`traces.reader` take every constant of the format from this module, so the layout
+:mod:`rudder.traces.writer` and :mod:`rudder.traces.reader` take every constant of the format from this module, so the
+layout
 described in ``traces/FORMAT.md`` is defined once in code. Bump :data:`VERSION` on any change a version-1 reader
 would misread (renamed or retyped arrays, a different coding); adding optional JSON keys does not need a bump,
 since readers ignore keys they do not know.
@@ -77,7 +78,10 @@ PREFETCH_COLUMNS: dict[str, np.dtype] = {
     "stall_s": np.dtype(np.float32),  # seconds the minibatch's demand pull waited behind a prefetch chunk
 }
 
-OPTIONAL_ARRAYS: tuple[str, ...] = (*SEED_ARRAYS, *PREFETCH_COLUMNS)  # a chunk holds no array but these and CHUNK_ARRAYS
+OPTIONAL_ARRAYS: tuple[str, ...] = (
+    *SEED_ARRAYS,
+    *PREFETCH_COLUMNS,
+)  # a chunk holds no array but these and CHUNK_ARRAYS
 
 MAX_NODE_ID = int(np.iinfo(np.int64).max)  # ids are read back as int64
 

@@ -1,7 +1,7 @@
 """Time checks: the measured timings of another run of a trace's configuration, to test the replay time model on.
 
 Replay models a policy's fetch time with a model fitted to the trace's own measurements
-(:mod:`rudder_env.timing`). Whether it predicts a *different* policy's time is only known by comparing with a run of
+(:mod:`rudder.env.timing`). Whether it predicts a *different* policy's time is only known by comparing with a run of
 that policy: the same options and seed (so the same minibatches), another agent. A time check is that run's
 per-minibatch timings and row counts, small enough to ship beside a sample trace:
 ``DIR/time-check-<agent>.json`` (the trace reader ignores files it does not know)::
@@ -11,7 +11,8 @@ per-minibatch timings and row counts, small enough to ship beside a sample trace
      "ranks": [{"rank": 0, "local_rows": [...], "remote_fetched": [...], "fetch_s": [...], "sample_s": [...],
                 "compute_s": [...], "initial_fill_rows": 0, "initial_fill_s": 0.0}, ...]}
 
-``python -m traces.timecheck OTHER_RUN_TRACE --into TRACE`` writes one from a trace of the other run; a full trace
+``python -m rudder.traces.timecheck OTHER_RUN_TRACE --into TRACE`` writes one from a trace of the other run; a full
+trace
 of another run can also serve directly (:meth:`TimeCheck.from_trace`).
 """
 
@@ -77,24 +78,41 @@ class TimeCheck:
             try:
                 columns = {c: np.asarray(entry[c], dtype=np.float64) for c in COLUMNS}
             except (KeyError, TypeError, ValueError) as exc:
-                raise TraceError(f"rank entry in {path}: expected arrays {', '.join(COLUMNS)}, got "
-                                 f"{type(exc).__name__}: {exc}") from None
+                raise TraceError(
+                    f"rank entry in {path}: expected arrays {', '.join(COLUMNS)}, got {type(exc).__name__}: {exc}"
+                ) from None
             if len({v.size for v in columns.values()}) != 1:
-                raise TraceError(f"rank {entry.get('rank')} in {path}: expected equal-length columns, got "
-                                 f"{ {c: v.size for c, v in columns.items()} }")
+                raise TraceError(
+                    f"rank {entry.get('rank')} in {path}: expected equal-length columns, got "
+                    f"{ {c: v.size for c, v in columns.items()} }"
+                )
             columns["initial_fill_rows"] = int(entry.get("initial_fill_rows", 0))
             columns["initial_fill_s"] = float(entry.get("initial_fill_s", 0.0))
             ranks[int(entry["rank"])] = columns
-        return cls(agent=str(doc.get("agent", "?")), config=dict(doc.get("config", {})), source=str(path),
-                   ranks=ranks)
+        return cls(agent=str(doc.get("agent", "?")), config=dict(doc.get("config", {})), source=str(path), ranks=ranks)
 
     def save(self, path: str | os.PathLike, **extra) -> str:
         """Write as ``time-check`` JSON (atomically); ``extra`` keys (e.g. ``created``, ``host``) are kept."""
-        doc = dict(schema=SCHEMA, version=VERSION, agent=self.agent, config=self.config, source=self.source, **extra,
-                   ranks=[dict(rank=r, **{c: [round(float(x), 6) for x in cols[c]] if c.endswith("_s") else
-                                          [int(x) for x in cols[c]] for c in COLUMNS},
-                               initial_fill_rows=cols["initial_fill_rows"], initial_fill_s=cols["initial_fill_s"])
-                          for r, cols in sorted(self.ranks.items())])
+        doc = dict(
+            schema=SCHEMA,
+            version=VERSION,
+            agent=self.agent,
+            config=self.config,
+            source=self.source,
+            **extra,
+            ranks=[
+                dict(
+                    rank=r,
+                    **{
+                        c: [round(float(x), 6) for x in cols[c]] if c.endswith("_s") else [int(x) for x in cols[c]]
+                        for c in COLUMNS
+                    },
+                    initial_fill_rows=cols["initial_fill_rows"],
+                    initial_fill_s=cols["initial_fill_s"],
+                )
+                for r, cols in sorted(self.ranks.items())
+            ],
+        )
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, separators=(",", ":"))
@@ -104,13 +122,18 @@ class TimeCheck:
 
     def matches(self, trace: Trace) -> bool:
         """Whether this run can check ``trace``'s time model: the same options that decide the minibatches
-        (:data:`traces.fingerprint.STREAM_CONFIG`), the same epochs and network (:data:`NETWORK_CONFIG`: emulated
+        (:data:`rudder.traces.fingerprint.STREAM_CONFIG`), the same epochs and network (:data:`NETWORK_CONFIG`: emulated
         hosts, link rate; absent = not emulated), and another agent."""
         config = trace.meta.get("config", {})
         ours = stream_config(trace)
         same_network = all((self.config.get(k) or None) == (config.get(k) or None) for k in NETWORK_CONFIG)
-        return bool(ours) and all(self.config.get(k) == v for k, v in ours.items()) and same_network and \
-            self.config.get("epochs") == config.get("epochs") and self.agent != config.get("agent")
+        return (
+            bool(ours)
+            and all(self.config.get(k) == v for k, v in ours.items())
+            and same_network
+            and self.config.get("epochs") == config.get("epochs")
+            and self.agent != config.get("agent")
+        )
 
 
 def time_checks(trace: Trace | str | os.PathLike, extra: list[TimeCheck] = ()) -> list[TimeCheck]:
@@ -121,8 +144,10 @@ def time_checks(trace: Trace | str | os.PathLike, extra: list[TimeCheck] = ()) -
 
 
 def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m traces.timecheck",
-                                description="Store another run's timings beside a trace, to check its time model.")
+    p = argparse.ArgumentParser(
+        prog="python -m rudder.traces.timecheck",
+        description="Store another run's timings beside a trace, to check its time model.",
+    )
     p.add_argument("source", help="trace of the other run (same options and seed, another agent)")
     p.add_argument("--into", required=True, help="the trace whose time model it checks")
     args = p.parse_args(argv)
@@ -130,15 +155,20 @@ def _main(argv=None) -> int:
         target = Trace(args.into)
         check = TimeCheck.from_trace(args.source)
         if not check.matches(target):
-            raise TraceError(f"{args.source} (agent {check.agent}) cannot check {args.into}: it needs the same "
-                             f"{', '.join(sorted(stream_config(target)))} and epochs and another agent")
+            raise TraceError(
+                f"{args.source} (agent {check.agent}) cannot check {args.into}: it needs the same "
+                f"{', '.join(sorted(stream_config(target)))} and epochs and another agent"
+            )
     except TraceError as exc:
-        print(f"traces.timecheck: error: {exc}", file=sys.stderr)
+        print(f"rudder.traces.timecheck: error: {exc}", file=sys.stderr)
         return 2
     source = Trace(args.source)
     check.source = os.path.basename(os.path.normpath(args.source))
-    path = check.save(os.path.join(args.into, f"time-check-{check.agent}.json"),
-                      created=source.meta.get("created"), host=source.meta.get("host"))
+    path = check.save(
+        os.path.join(args.into, f"time-check-{check.agent}.json"),
+        created=source.meta.get("created"),
+        host=source.meta.get("host"),
+    )
     print(f"wrote {path} ({len(check.ranks)} ranks, agent {check.agent})")
     return 0
 

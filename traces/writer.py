@@ -5,7 +5,7 @@ Each trainer rank opens its own :class:`TraceWriter` on the shared trace folder;
 ``chunk_minibatches`` minibatches or ``flush_every_s`` seconds, whichever comes first; after each chunk
 ``rank.json`` is rewritten, so a run killed at any point (SIGKILL included) leaves a readable prefix marked
 ``complete: false`` that lacks at most the minibatches of the last ``flush_every_s`` seconds. A run stopped on
-purpose (a signal, :mod:`rudder_env.dist.stop`) writes everything and finalises with :meth:`TraceWriter.close`
+purpose (a signal, :mod:`rudder.runtime.stop`) writes everything and finalises with :meth:`TraceWriter.close`
 ``(stopped=...)``: the trace stays marked incomplete, with the reason. Every file is written to ``<name>.tmp``,
 synced, then renamed over ``<name>``, so a reader never sees a half-written file. The layout is in
 ``traces/FORMAT.md``.
@@ -18,8 +18,9 @@ import operator
 import os
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -27,12 +28,12 @@ from .schema import (
     DECISION_ARRAYS,
     MAX_NODE_ID,
     MINIBATCH_COLUMNS,
+    PREFETCH_COLUMNS,
     RANK_FILE,
     REMOTE_IDS,
-    PREFETCH_COLUMNS,
+    SCHEMA,
     SEED_COUNT,
     SEED_IDS,
-    SCHEMA,
     STATIC_FILE,
     TMP_SUFFIX,
     TRACE_FILE,
@@ -70,14 +71,25 @@ class TraceWriter:
     leaves the trace marked incomplete.
     """
 
-    def __init__(self, directory: str | os.PathLike, rank: int, num_ranks: int, run_meta: dict | None,
-                 rank_meta: dict, static: dict[str, np.ndarray], chunk_minibatches: int = 256, *,
-                 overwrite: bool = False, flush_every_s: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        rank: int,
+        num_ranks: int,
+        run_meta: dict | None,
+        rank_meta: dict,
+        static: dict[str, np.ndarray],
+        chunk_minibatches: int = 256,
+        *,
+        overwrite: bool = False,
+        flush_every_s: float | None = 30.0,
+    ) -> None:
         num_ranks = _check_int("num_ranks", num_ranks, 1)
         rank = _check_int("rank", rank, 0, num_ranks - 1)
         self.chunk_minibatches = _check_int("chunk_minibatches", chunk_minibatches, 1)
-        if flush_every_s is not None and (isinstance(flush_every_s, bool)
-                                          or not isinstance(flush_every_s, (int, float)) or not flush_every_s > 0):
+        if flush_every_s is not None and (
+            isinstance(flush_every_s, bool) or not isinstance(flush_every_s, (int, float)) or not flush_every_s > 0
+        ):
             raise ValueError(f"flush_every_s must be a positive number of seconds or None, got {flush_every_s!r}")
         self.flush_every_s = None if flush_every_s is None else float(flush_every_s)
         if rank != 0 and run_meta is not None:
@@ -119,8 +131,9 @@ class TraceWriter:
         if rank == 0:
             if trace_file.exists() and not overwrite:
                 raise FileExistsError(f"{trace_file} exists: pass overwrite=True to replace the trace")
-            trace_json = _to_json({"schema": SCHEMA, "version": VERSION, "meta": run_meta or {},
-                                   "num_ranks": num_ranks}, "run_meta")
+            trace_json = _to_json(
+                {"schema": SCHEMA, "version": VERSION, "meta": run_meta or {}, "num_ranks": num_ranks}, "run_meta"
+            )
             _write_atomically(trace_file, lambda f: f.write(trace_json))
         if (self.rank_dir / RANK_FILE).exists():
             if not overwrite:
@@ -132,10 +145,24 @@ class TraceWriter:
 
     # -- recording ------------------------------------------------------------------------------------------------
 
-    def add_minibatch(self, *, minibatch: int, epoch: int, remote_ids: np.ndarray, local_rows: int, sample_s: float,
-                      fetch_s: float, compute_s: float, fetch_rows: int, hits: int, remote_fetched: int,
-                      prefetched: int, seeds: np.ndarray | None = None, arrived: int | None = None,
-                      stall_s: float | None = None) -> None:
+    def add_minibatch(
+        self,
+        *,
+        minibatch: int,
+        epoch: int,
+        remote_ids: np.ndarray,
+        local_rows: int,
+        sample_s: float,
+        fetch_s: float,
+        compute_s: float,
+        fetch_rows: int,
+        hits: int,
+        remote_fetched: int,
+        prefetched: int,
+        seeds: np.ndarray | None = None,
+        arrived: int | None = None,
+        stall_s: float | None = None,
+    ) -> None:
         """Record one minibatch; writes a chunk when ``chunk_minibatches`` are pending or the oldest pending one is
         ``flush_every_s`` old.
 
@@ -155,13 +182,19 @@ class TraceWriter:
         ids = np.sort(_check_ids("remote_ids", remote_ids))
         if ids.size > _INT32_MAX:
             raise ValueError(f"remote_ids: {ids.size} ids do not fit the int32 remote_count")
-        row = {"minibatch": minibatch, "epoch": _check_int("epoch", epoch, 0, _INT32_MAX),
-               "local_rows": _check_int("local_rows", local_rows, 0, _INT32_MAX), "remote_count": int(ids.size),
-               "sample_s": float(sample_s), "fetch_s": float(fetch_s), "compute_s": float(compute_s),
-               "fetch_rows": _check_int("fetch_rows", fetch_rows, 0, _INT32_MAX),
-               "hits": _check_int("hits", hits, 0, _INT32_MAX),
-               "remote_fetched": _check_int("remote_fetched", remote_fetched, 0, _INT32_MAX),
-               "prefetched": _check_int("prefetched", prefetched, 0, _INT32_MAX)}
+        row = {
+            "minibatch": minibatch,
+            "epoch": _check_int("epoch", epoch, 0, _INT32_MAX),
+            "local_rows": _check_int("local_rows", local_rows, 0, _INT32_MAX),
+            "remote_count": int(ids.size),
+            "sample_s": float(sample_s),
+            "fetch_s": float(fetch_s),
+            "compute_s": float(compute_s),
+            "fetch_rows": _check_int("fetch_rows", fetch_rows, 0, _INT32_MAX),
+            "hits": _check_int("hits", hits, 0, _INT32_MAX),
+            "remote_fetched": _check_int("remote_fetched", remote_fetched, 0, _INT32_MAX),
+            "prefetched": _check_int("prefetched", prefetched, 0, _INT32_MAX),
+        }
         for name, value in row.items():
             self._pending[name].append(value)
         if self._with_seeds is None:
@@ -185,7 +218,8 @@ class TraceWriter:
         if self._pending_since is None:
             self._pending_since = now
         if len(self._pending_ids) >= self.chunk_minibatches or (
-                self.flush_every_s is not None and now - self._pending_since >= self.flush_every_s):
+            self.flush_every_s is not None and now - self._pending_since >= self.flush_every_s
+        ):
             self._write_chunk(all_decisions=False)
 
     def add_decision(self, *, minibatch: int, ids: np.ndarray, latency_s: float) -> None:
@@ -196,11 +230,14 @@ class TraceWriter:
         self._check_open()
         minibatch = _check_int("minibatch", minibatch, 0, MAX_NODE_ID)
         if self._decision_minibatch and minibatch < self._decision_minibatch[-1]:
-            raise ValueError(f"decisions must come in minibatch order: got {minibatch} "
-                             f"after {self._decision_minibatch[-1]}")
+            raise ValueError(
+                f"decisions must come in minibatch order: got {minibatch} after {self._decision_minibatch[-1]}"
+            )
         if self._flushed_end is not None and minibatch < self._flushed_end:
-            raise ValueError(f"decision for minibatch {minibatch} arrives after its chunk was written "
-                             f"(minibatches before {self._flushed_end} are on disk)")
+            raise ValueError(
+                f"decision for minibatch {minibatch} arrives after its chunk was written "
+                f"(minibatches before {self._flushed_end} are on disk)"
+            )
         self._decision_minibatch.append(minibatch)
         self._decision_latency_s.append(float(latency_s))
         self._decision_ids.append(_check_ids("ids", ids).copy())
@@ -251,8 +288,10 @@ class TraceWriter:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return (f"TraceWriter({str(self.directory)!r}, rank={self.rank}, {state}, minibatches={self._minibatches}, "
-                f"chunks={self._chunks})")
+        return (
+            f"TraceWriter({str(self.directory)!r}, rank={self.rank}, {state}, minibatches={self._minibatches}, "
+            f"chunks={self._chunks})"
+        )
 
     # -- internals ------------------------------------------------------------------------------------------------
 
@@ -284,7 +323,8 @@ class TraceWriter:
         arrays["decision_minibatch"] = np.asarray(self._decision_minibatch[:m], dtype=dtypes["decision_minibatch"])
         arrays["decision_latency_s"] = np.asarray(self._decision_latency_s[:m], dtype=dtypes["decision_latency_s"])
         arrays["decision_offsets"] = np.concatenate(
-            [[0], np.cumsum([d.size for d in decision_ids], dtype=np.int64)]).astype(np.int64)
+            [[0], np.cumsum([d.size for d in decision_ids], dtype=np.int64)]
+        ).astype(np.int64)
         arrays["decision_ids"] = np.concatenate(decision_ids) if m else np.zeros(0, dtype=np.int64)
 
         path = self.rank_dir / chunk_file_name(self._chunks)
@@ -303,11 +343,18 @@ class TraceWriter:
 
     def _write_rank_json(self, *, complete: bool) -> None:
         header = {
-            "schema": SCHEMA, "version": VERSION, "rank": self.rank, "complete": complete,
-            "minibatches": self._minibatches, "chunks": self._chunks, "remote_ids": self._remote_ids,
+            "schema": SCHEMA,
+            "version": VERSION,
+            "rank": self.rank,
+            "complete": complete,
+            "minibatches": self._minibatches,
+            "chunks": self._chunks,
+            "remote_ids": self._remote_ids,
             "bytes": self._chunk_bytes,
             "bytes_per_remote_id": self._chunk_bytes / self._remote_ids if self._remote_ids else None,
-            "decisions": self._decisions, "chunk_minibatches": self.chunk_minibatches, "meta": self._rank_meta,
+            "decisions": self._decisions,
+            "chunk_minibatches": self.chunk_minibatches,
+            "meta": self._rank_meta,
         }
         if self._stopped is not None:
             header["stopped"] = self._stopped

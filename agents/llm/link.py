@@ -1,0 +1,320 @@
+"""The LLM agent on link-budget levels: each window it chooses how much the link should prefetch in the background.
+
+Where :class:`rudder.agents.llm.agent.LLMAgent` answers Rudder's keep/replace over the misses ranking,
+:class:`LLMLinkAgent` picks
+one of the env's link-budget levels (``levels=``, :class:`rudder.env.episode.PrefetchEpisode`) over the sampler
+lookahead's candidates, with the goal of the least *time*, and is told what a systems person would look at: link
+utilisation, stall and compute seconds per minibatch (the time a background prefetch can hide in), what each option
+would bring and evict (``info["choices"]``: rows, link seconds, predicted need in vs out), late and unused prefetches.
+The model, prompt rendering, prefix cache and log-probability scoring are :class:`~rudder.agents.llm.agent.LLMAgent`'s.
+
+Few-shot examples are mined from a replay (:func:`examples_from_trace`): at each decision point every option is
+played from the same state (:meth:`rudder.env.replay_env.ReplayEnv.snapshot`) for a few windows and the one with the
+fewest modelled seconds is the label. Build the shipped set from the training traces, which ``evaluate.py`` does
+not score::
+
+    python -m rudder.agents.llm.link examples traces/train/emu2-metis2-f10x25-250mbit-s1 --rank 0 -n 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rudder.agents.llm.agent import LLMAgent
+from rudder.agents.llm.prompt import EXAMPLES_FORMAT, _pct
+from rudder.env.contract import BufferSettings
+
+LINK_OPTIONS = {"none": 0.0, "eighth": 0.125, "quarter": 0.25, "half": 0.5, "all": 1.0}
+DEFAULT_LINK_EXAMPLES = Path(__file__).with_name("link_examples.json")
+
+
+@dataclass
+class LinkMetrics:
+    """What the agent tells the model about one decision point (seconds per minibatch, rows per minibatch)."""
+
+    decision: int
+    minibatch: int
+    total_minibatches: int
+    hit_rate: float
+    misses_per_mb: float
+    prefetched_per_mb: float
+    fetch_ms: float  # per minibatch, stalls included
+    stall_ms: float
+    hide_ms: float  # sampling + compute per minibatch: what a background prefetch can hide in
+    utilisation: float
+    late: float  # late misses / rows requested
+    unused: float  # prefetched rows evicted unused / rows arrived
+    budget_rows: int
+    choices: list  # per option: rows, link_s, evicts, evicts_hot, need_in, need_out
+
+    @classmethod
+    def from_step(cls, observation: dict, info: dict) -> LinkMetrics:
+        w, link = info.get("window") or {}, info.get("link") or {}
+        mb = max(int(w.get("minibatches", 0)), 1)
+        facts = info.get("facts") or {}
+        o = observation["link"]
+        return cls(
+            decision=int(info.get("decision", 0)),
+            minibatch=int(info.get("minibatch", 0)),
+            total_minibatches=int(facts.get("total_minibatches", 0)),
+            hit_rate=w.get("hits", 0) / max(w.get("remote_sampled", 0), 1),
+            misses_per_mb=w.get("misses", 0) / mb,
+            prefetched_per_mb=w.get("prefetched", 0) / mb,
+            fetch_ms=1000 * w.get("fetch_s", 0.0) / mb,
+            stall_ms=1000 * w.get("stall_s", 0.0) / mb,
+            hide_ms=1000 * (w.get("sample_s", 0.0) + w.get("compute_s", 0.0)) / mb,
+            utilisation=float(link.get("utilisation", 0.0)),
+            late=float(o[5]),
+            unused=float(o[6]),
+            budget_rows=int(link.get("budget_rows", 0)),
+            choices=[
+                {k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()}
+                for c in info.get("choices") or []
+            ],
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LinkMetrics:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+def link_system_prompt(facts: dict, options: dict[str, float]) -> str:
+    f = dict(facts)
+    period = int(f.get("period", 8))
+    return "\n".join(
+        [
+            "You steer background prefetching for one trainer in distributed GNN training (DistDGL) on a cluster.",
+            "",
+            "Facts:",
+            f"- Graph {f.get('graph', '?')}, {f.get('parts', '?')} partitions by {f.get('partitioning', '?')}; "
+            f"trainer rank {f.get('rank', '?')}; {f.get('halo_nodes', '?')} remote nodes, a buffer of "
+            f"{f.get('capacity', '?')} rows; you decide once every {period} minibatches.",
+            "- Each minibatch pulls the remote rows it misses over the network before it can compute: that wait is on "
+            "the critical path. Rows prefetched in the background arrive while the trainer samples and computes.",
+            "- Candidates are ranked by predicted need from the sampler's lookahead; a prefetched row replaces the "
+            "resident predicted to be needed least.",
+            "",
+            "Rules:",
+            "- The goal is the least training time. Too little prefetch leaves misses on the critical path; too much "
+            "evicts rows still needed and makes misses wait behind prefetch traffic (stall).",
+            "- The link budget is what the link can carry while the next window samples and computes. Each decision, "
+            "choose how much of it to use:",
+            *[f'  "{name}": {level:g} x the link budget' for name, level in options.items()],
+            "",
+            "Answer with one JSON object and nothing else: "
+            + " or ".join(json.dumps({"decision": name}) for name in options)
+            + ".",
+        ]
+    )
+
+
+def link_user_message(m: LinkMetrics, options: dict[str, float]) -> str:
+    total = m.total_minibatches
+    lines = [
+        f"Decision {m.decision} at minibatch {m.minibatch} of {total or '?'}.",
+        f"Last window per minibatch: hit rate {_pct(m.hit_rate)}, {m.misses_per_mb:.0f} rows missed, "
+        f"{m.prefetched_per_mb:.0f} prefetched; fetch {m.fetch_ms:.1f} ms of which stall {m.stall_ms:.1f} ms; "
+        f"sampling + compute {m.hide_ms:.1f} ms.",
+        f"Link utilisation {_pct(m.utilisation)}; late prefetches {_pct(m.late)}, unused {_pct(m.unused)}; "
+        f"link budget {m.budget_rows} rows.",
+        "What each option would do:",
+    ]
+    for (name, _), c in zip(options.items(), m.choices):
+        lines.append(
+            f'- "{name}": {c["rows"]} rows ({1000 * c["link_s"]:.0f} ms of link), evicts {c["evicts"]} '
+            f"({c['evicts_hot']} still needed); need in {c['need_in']:.3g} vs out {c['need_out']:.3g}"
+        )
+    if not any(c["rows"] for c in m.choices):
+        lines.append("No candidate can be admitted now: every option does nothing.")
+    return "\n".join(lines)
+
+
+class LLMLinkAgent(LLMAgent):
+    """:class:`~rudder.agents.llm.agent.LLMAgent` choosing a link-budget level each window (see the module docstring).
+
+    Args:
+        options: option name -> link-budget level (default :data:`LINK_OPTIONS`, the env's default levels).
+        examples: ``"default"`` (``agents/llm/link_examples.json`` when present, else none), a path, or None.
+        Other arguments as :class:`~rudder.agents.llm.agent.LLMAgent`.
+    """
+
+    name = "llm-link"
+
+    def __init__(self, model=None, options: dict[str, float] | None = None, examples="default", **kwargs):
+        options = dict(LINK_OPTIONS if options is None else options)
+        levels = tuple(sorted(options.values()))
+        self.settings = BufferSettings(ranking="lookahead", admit_on_miss=True, levels=levels)
+        if examples == "default":
+            examples = str(DEFAULT_LINK_EXAMPLES) if DEFAULT_LINK_EXAMPLES.is_file() else None
+        self._link_examples = _load(examples, options)
+        super().__init__(
+            model=model,
+            options={n: min(v, 1.0) for n, v in options.items()},
+            examples=None,
+            **{k: v for k, v in kwargs.items() if k != "mode"},
+        )
+        self.link_options = options
+        self.levels = levels
+        if examples is not None:
+            self.trained_on = json.loads(Path(examples).read_text()).get("trained_on", [])
+
+    def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> int:
+        import time
+
+        t0 = time.perf_counter()
+        self._facts = dict(info.get("facts") or {})
+        m = LinkMetrics.from_step(observation, info)
+        record: dict[str, Any] = dict(
+            event="decision",
+            decision_index=int(info.get("decision", self.decisions)),
+            minibatch=int(info.get("minibatch", 0)),
+        )
+        rows = [c["rows"] for c in m.choices]
+        if len(set(rows)) <= 1:  # every option does the same: nothing to ask
+            choice = min(self.link_options, key=self.link_options.get)
+            record.update(forced=True, decision=choice)
+        else:
+            choice, details = self._ask(m)
+            record.update(forced=False, **details)
+        self.decisions += 1
+        record.update(latency_s=round(time.perf_counter() - t0, 4))
+        self._log(record)
+        return self.levels.index(self.link_options[choice])
+
+    def _ask(self, m: LinkMetrics) -> tuple[str, dict]:
+        import torch
+        from rudder.agents.llm.prompt import ANSWER_PREFIX, render
+
+        text = render(
+            self.tokenizer, self._prefix_messages_link(), link_user_message(m, self.link_options), ANSWER_PREFIX
+        )
+        self._last_prefix = text.prefix
+        self.queries += 1
+        with torch.inference_mode():
+            scores, prefill = self.option_scores(text.prefix, text.suffix, use_cache=self.prefix_cache)
+        choice = max(scores, key=scores.get)
+        return choice, dict(
+            option_scores={o: round(s, 4) for o, s in scores.items()}, decision=choice, prefill_tokens=prefill
+        )
+
+    def _prefix_messages_link(self) -> list[dict]:
+        msgs = [{"role": "system", "content": link_system_prompt(self._facts, self.link_options)}]
+        for ex in self._link_examples:
+            msgs += [
+                {"role": "user", "content": link_user_message(LinkMetrics.from_dict(ex["metrics"]), self.link_options)},
+                {"role": "assistant", "content": json.dumps({"decision": ex["decision"]})},
+            ]
+        return msgs
+
+    _facts: dict = {}
+
+    def _prefix_messages(self, info: dict) -> list[dict]:
+        self._facts = dict(info.get("facts") or {})
+        return self._prefix_messages_link()
+
+
+def _load(source, options: dict[str, float]) -> list[dict]:
+    if source is None:
+        return []
+    data = json.loads(Path(source).read_text())
+    if data.get("format") != EXAMPLES_FORMAT or data.get("action") != "link":
+        raise ValueError(
+            f"examples file {source}: not a link-level examples file (format {EXAMPLES_FORMAT}, action 'link')"
+        )
+    for ex in data["examples"]:
+        if ex["decision"] not in options:
+            raise ValueError(f"examples file {source}: answer {ex['decision']!r} is not one of {list(options)}")
+    return data["examples"]
+
+
+def examples_from_trace(
+    trace_dir, rank: int = 0, n: int | None = 6, horizon: int = 3, options: dict[str, float] | None = None
+) -> list[dict]:
+    """Label decision points of a replay by trying every option from the same state for ``horizon`` windows (the
+    fewest modelled seconds wins; ties: the lower level). The trace is replayed under the middle option so the
+    points see ordinary states; the ``n`` points with the largest margin are kept, balanced between labels
+    (``n=None``: every point, in order)."""
+    from rudder.env.replay_env import ReplayEnv
+
+    options = dict(LINK_OPTIONS if options is None else options)
+    levels = tuple(sorted(options.values()))
+    names = sorted(options, key=options.get)
+    env = ReplayEnv(trace_dir, rank=rank, levels=levels, ranking="lookahead", admit_on_miss=True)
+    obs, info = env.reset(seed=0)
+    points, done = [], False
+    middle = len(levels) // 2
+    while not done:
+        m = LinkMetrics.from_step(obs, info)
+        if len({c["rows"] for c in m.choices}) > 1:
+            seconds = env.level_seconds(horizon)
+            best = int(np.argmin(seconds))
+            points.append(
+                dict(
+                    metrics=asdict(m),
+                    decision=names[best],
+                    seconds=[round(x, 5) for x in seconds],
+                    margin=(max(seconds) - seconds[best]) / max(max(seconds), 1e-9),
+                )
+            )
+        obs, _, terminated, truncated, info = env.step(middle)
+        done = terminated or truncated
+    if n is None:
+        return points
+    by_label: dict[str, list[dict]] = {}
+    for p in sorted(points, key=lambda p: -p["margin"]):
+        by_label.setdefault(p["decision"], []).append(p)
+    queues = sorted(by_label.values(), key=len, reverse=True)
+    chosen: list[dict] = []
+    while len(chosen) < n and any(queues):
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.append(q.pop(0))
+    return chosen
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m rudder.agents.llm.link", description="Mine link-level few-shot examples."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("examples", help="mine labelled examples from traces into a JSON file")
+    e.add_argument("traces", nargs="+", help="trace folders (training traces: evaluate.py does not score them)")
+    e.add_argument("--rank", type=int, default=0, help="trainer rank")
+    e.add_argument("-n", type=int, default=6, help="examples to keep in all")
+    e.add_argument("--horizon", type=int, default=3, help="windows each option is played for")
+    e.add_argument("--out", default=str(DEFAULT_LINK_EXAMPLES), help="output JSON")
+    args = p.parse_args(argv)
+    from rudder.traces.fingerprint import rank_fingerprint
+
+    per = max(1, -(-args.n // len(args.traces)))
+    examples = [ex for t in args.traces for ex in examples_from_trace(t, args.rank, per, args.horizon)][: args.n]
+    doc = dict(
+        format=EXAMPLES_FORMAT,
+        action="link",
+        options=LINK_OPTIONS,
+        horizon=args.horizon,
+        about="Few-shot examples for rudder.agents.llm.link.LLMLinkAgent: each option played from the same replay "
+        "state for `horizon` windows; the label has the fewest modelled seconds.",
+        command="python -m rudder.agents.llm.link examples "
+        + " ".join(os.path.relpath(t) for t in args.traces)
+        + f" --rank {args.rank} -n {args.n} --horizon {args.horizon}",
+        trained_on=[rank_fingerprint(t, args.rank) for t in args.traces],
+        examples=examples,
+    )
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    labels = [ex["decision"] for ex in examples]
+    print(f"wrote {len(examples)} examples to {args.out}: " + ", ".join(f"{o} {labels.count(o)}" for o in set(labels)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,381 @@
+"""Options of a distributed training run (``train.py gnn``): one dataclass, every option documented once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+from rudder.env.replay_env import DEFAULT_SAMPLE_AHEAD
+from rudder.env.settings import BUFFER_INITS, check, check_fanout
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("RUDDER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rudder"))
+
+
+@dataclass
+class TrainConfig:
+    graph: str = field(
+        default="synth-tiny",
+        metadata=dict(
+            help="preset (synth-tiny, synth-small, synth-hetero, synth-large), an OGB dataset folder, or a .dgl file"
+        ),
+    )
+    parts: int = field(
+        default=0, metadata=dict(help="number of partitions (one graph server each); 0: one per --hosts, else 2")
+    )
+    trainers_per_part: int = field(default=1, metadata=dict(help="trainer ranks per partition"))
+    partition: str = field(default="metis", metadata=dict(choices=("metis", "random"), help="partitioning method"))
+    model: str = field(default="sage", metadata=dict(choices=("sage", "gat"), help="GNN model"))
+    fanout: str = field(default="10,25", metadata=dict(help="neighbours sampled per layer, input layer last"))
+    batch_size: int = field(default=1000, metadata=dict(help="seed nodes per minibatch"))
+    epochs: int = field(default=1, metadata=dict(help="training epochs"))
+    hidden: int = field(default=128, metadata=dict(help="hidden width"))
+    lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
+    seed: int = field(default=0, metadata=dict(help="seed for the graph, partitioning, model and sampling"))
+    agent: str = field(
+        default="periodic",
+        metadata=dict(
+            help="prefetch agent: none, static, periodic, hitrate, lookahead, vip, ppo, llm, recorded (with "
+            "--decisions-from), a name an installed package registers (rudder.agents entry points), or a "
+            "reference module.path:Class or path/to/file.py:Class (every trainer rank builds one)"
+        ),
+    )
+    agent_kwargs: str = field(
+        default="",
+        metadata=dict(
+            help="options passed to the agent's constructor: a JSON object ('{\"threshold\": 0.3}') or "
+            "key=value,key2=value2"
+        ),
+    )
+    llm_endpoint: str | None = field(
+        default=None,
+        metadata=dict(
+            help="with --agent llm: an OpenAI-compatible completions endpoint (rudder's "
+            "python -m rudder.agents.llm.server, vLLM, ...) the agents ask instead of loading the model in every "
+            "trainer rank"
+        ),
+    )
+    llm_service: str = field(
+        default="auto",
+        metadata=dict(
+            choices=("auto", "off"),
+            help="with --agent llm and no --llm-endpoint: auto starts one LLM service per host running two or more "
+            "trainers and points them at it (one model copy per host); off: every trainer loads its own",
+        ),
+    )
+    buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
+    buffer_init: str = field(
+        default="degree",
+        metadata=dict(
+            choices=BUFFER_INITS,
+            help="initial buffer content: degree (most-connected halo nodes), random, empty, or "
+            "vip (highest vertex inclusion probability, SALIENT++)",
+        ),
+    )
+    alpha: float = field(default=0.05, metadata=dict(help="score decay per minibatch"))
+    period: int = field(default=8, metadata=dict(help="minibatches per decision window"))
+    admit_on_miss: bool = field(default=False, metadata=dict(help="let fetched misses enter free/evictable slots"))
+    candidates: int = field(default=256, metadata=dict(help="K: ranked candidates offered per decision (action size)"))
+    reward: str = field(default="traffic", metadata=dict(choices=("traffic", "time"), help="environment reward"))
+    decisions: str = field(
+        default="auto",
+        metadata=dict(
+            choices=("auto", "sync", "async"),
+            help="take decisions between windows (sync) or in the background while training goes on (async); "
+            "auto: async for the LLM agent",
+        ),
+    )
+    decision_priority: str = field(
+        default="idle",
+        metadata=dict(
+            choices=("idle", "normal"),
+            help="OS priority of background decisions: idle (SCHED_IDLE: only CPU time training leaves unused) or "
+            "normal",
+        ),
+    )
+    decisions_from: str | None = field(
+        default=None,
+        metadata=dict(
+            help="with --agent recorded: a trace whose prefetch decisions are applied again at the same minibatches"
+        ),
+    )
+    trust_policy: bool = field(
+        default=False,
+        metadata=dict(
+            help="with --agent ppo: load the policy even if its SHA-256 is not the one its sidecar records (loading a "
+            "policy runs pickled code: only for a file from a source you trust)"
+        ),
+    )
+    sample_ahead: int | str = field(
+        default=DEFAULT_SAMPLE_AHEAD,
+        metadata=dict(
+            help="how far sampling runs ahead of training, across epochs: a count of minibatches (4), a budget of "
+            "sampled blocks (64MB; KB, MB, GB) or 'epoch'; the lookahead knows those minibatches' remote rows "
+            "exactly (rudder_env/sample_ahead.py)"
+        ),
+    )
+    prefetch: str = field(
+        default="background",
+        metadata=dict(
+            choices=("background", "inline"),
+            help="how a decided prefetch set is pulled: by a background worker in chunks while training goes on, rows "
+            "entering the buffer as they arrive (background), or together with the next minibatch's misses, on "
+            "the critical path (inline)",
+        ),
+    )
+    overlap_fetch: bool = field(
+        default=False,
+        metadata=dict(
+            help="pull the next sampled minibatch's local rows and buffer misses during this minibatch's compute "
+            "(needs --sample-ahead >= 1; where it pays off: BENCHMARKS.md, P2)"
+        ),
+    )
+    lookahead_halo_edges: bool = field(
+        default=True,
+        metadata=dict(
+            help="sampler lookahead also pulls the halo nodes' in-edges from the servers once (sees the second hop "
+            "through them; ~2 MB more per rank in a trace)"
+        ),
+    )
+    trace: str | None = field(default=None, metadata=dict(help="record a trace of the run into this folder"))
+    check_env: bool = field(
+        default=False, metadata=dict(help="run gymnasium's check_env on every trainer's live env before training")
+    )
+    num_samplers: int = field(default=0, metadata=dict(help="DGL sampler worker processes per trainer"))
+    port: int = field(
+        default=0,
+        metadata=dict(
+            help="first TCP port: machine m's servers listen on port+10*m, torch.distributed on port-1; "
+            "0: the first free block from 30050 on"
+        ),
+    )
+    cache_dir: str = field(
+        default_factory=default_cache_dir,
+        metadata=dict(help="where graphs and partitions are cached (a shared filesystem on several hosts)"),
+    )
+    repartition: bool = field(
+        default=False,
+        metadata=dict(
+            help="partition the graph again even if partitions are cached (e.g. after a damaged partition file)"
+        ),
+    )
+    summary: str | None = field(default=None, metadata=dict(help="write the run summary JSON here"))
+    verify_rows: bool = field(
+        default=False,
+        metadata=dict(
+            help="check every input row against a direct DistTensor pull, and column 0 against the original node id"
+        ),
+    )
+    timeout_s: float = field(default=0.0, metadata=dict(help="kill the job after this many seconds (0: never)"))
+    watchdog_s: float = field(
+        default=30.0,
+        metadata=dict(
+            help="end the job when a trainer makes no progress (no minibatch, fetch, decision...) for max(this, "
+            "20 x its slowest step so far) seconds once training runs (0: no watchdog)"
+        ),
+    )
+    startup_timeout_s: float = field(
+        default=600.0,
+        metadata=dict(
+            help="end the job when a trainer has not started training this many seconds after its rank started "
+            "(0: never)"
+        ),
+    )
+    hosts: int = field(
+        default=0,
+        metadata=dict(
+            help="run on this many emulated hosts on this machine (network namespaces on a bridge, links shaped to "
+            "--link-rate, DGL's several-host mode unpatched), one partition each; root only. 0: every rank on "
+            "this host over loopback"
+        ),
+    )
+    link_rate: str | None = field(
+        default=None,
+        metadata=dict(
+            help="with --hosts: each emulated host's egress rate in tc's units (e.g. 500mbit, 1gbit); default: unshaped"
+        ),
+    )
+    cluster: str | None = field(
+        default=None,
+        metadata=dict(
+            help="run on the emulated cluster NAME brought up beforehand (`python -m rudder.testbed.cluster up`), "
+            "one partition per host, instead of a fresh one per job"
+        ),
+    )
+    log: str | None = field(
+        default=None,
+        metadata=dict(
+            help="the job's log file: DGL's and MPI's output from every rank (default: a new file under "
+            "<cache-dir>/logs, whose path is printed; only when train.py starts mpiexec itself)"
+        ),
+    )
+    verbose: bool = field(default=False, metadata=dict(help="also show DGL's and MPI's output on the terminal, live"))
+    tensorboard: str | None = field(
+        default=None,
+        metadata=dict(
+            help="write per-epoch scalars (loss, hit rate, rows fetched, fetch share, epoch time, accuracy) for "
+            "TensorBoard into a new run folder under this folder"
+        ),
+    )
+
+    def __post_init__(self):
+        if self.parts == 0:
+            self.parts = self.hosts or 2
+        if isinstance(self.sample_ahead, str) and self.sample_ahead.strip().isdigit():
+            self.sample_ahead = int(self.sample_ahead)  # a count stays a number in the summary
+
+    @property
+    def fanouts(self) -> list[int]:
+        return check_fanout(self.fanout)
+
+    @property
+    def num_trainers(self) -> int:
+        return self.parts * self.trainers_per_part
+
+    @property
+    def world_size(self) -> int:
+        return self.parts + self.num_trainers
+
+    def agent_options(self, trainer_rank: int = 0) -> dict:
+        """Constructor options of the agent on trainer ``trainer_rank``: ``--agent-kwargs``, and for ``recorded``
+        the trace and rank whose decisions it plays; for ``ppo``, whether to trust a policy file
+        (``--trust-policy``)."""
+        from rudder.evaluation.registry import parse_agent_kwargs
+
+        options = parse_agent_kwargs(self.agent_kwargs)
+        if self.agent == "recorded":
+            options.update(trace=self.decisions_from, rank=trainer_rank)
+        if self.agent == "ppo" and self.trust_policy:
+            options.update(trust=True)
+        if self.agent == "llm" and self.llm_endpoint:
+            options.update(endpoint=self.llm_endpoint)
+        return options
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message for options that cannot work (an agent that cannot be found,
+        or whose constructor does not take ``--agent-kwargs``, included)."""
+        from rudder.evaluation.registry import check_agent
+
+        if (self.agent == "recorded") != (self.decisions_from is not None):
+            raise ValueError("--agent recorded and --decisions-from TRACE go together")
+        if self.decisions_from is not None and not os.path.isdir(self.decisions_from):
+            raise ValueError(f"--decisions-from {self.decisions_from}: no such trace folder")
+        if self.decisions_from is not None:
+            self._check_decisions_trace()
+        if self.llm_endpoint is not None:
+            from rudder.agents.llm.client import EndpointError, base_url
+
+            if self.agent != "llm":
+                raise ValueError(f"--llm-endpoint is for --agent llm, got --agent {self.agent}")
+            try:
+                base_url(self.llm_endpoint)
+            except EndpointError as exc:
+                raise ValueError(str(exc)) from None
+        check_agent(self.agent, self.agent_options())
+        if self.agent == "ppo":
+            from rudder.agents.ppo import read_policy_meta
+
+            read_policy_meta(None, trust=self.trust_policy)  # refused here, before any process starts
+        for name in (
+            "parts",
+            "trainers_per_part",
+            "buffer_fraction",
+            "alpha",
+            "period",
+            "batch_size",
+            "epochs",
+            "hidden",
+            "lr",
+            "candidates",
+            "num_samplers",
+            "timeout_s",
+            "watchdog_s",
+            "startup_timeout_s",
+            "reward",
+            "buffer_init",
+            "prefetch",
+        ):
+            check(name, getattr(self, name))
+        check_fanout(self.fanout)
+        from rudder.env.sample_ahead import SampleAhead
+
+        SampleAhead.parse(self.sample_ahead, "--sample-ahead")
+        if self.hosts < 0 or self.hosts == 1:
+            raise ValueError(f"--hosts must be 0 (this host) or >= 2 emulated hosts, got {self.hosts}")
+        if self.hosts and self.parts != self.hosts:
+            raise ValueError(
+                f"--hosts {self.hosts} runs one partition per host: --parts must be {self.hosts} "
+                f"(or left out), got {self.parts}"
+            )
+        if self.link_rate is not None:
+            if not self.hosts:
+                raise ValueError("--link-rate shapes the links of emulated hosts: it needs --hosts N")
+            from rudder.testbed.cluster import ClusterError, parse_rate
+
+            try:
+                parse_rate(self.link_rate)
+            except ClusterError as exc:
+                raise ValueError(f"--link-rate: {exc}") from None
+        if self.cluster is not None and (self.hosts or self.link_rate):
+            raise ValueError(
+                "--cluster runs on an existing emulated cluster: leave out --hosts and --link-rate "
+                "(its own host count and link rate apply)"
+            )
+        if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
+            raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
+
+    def _check_decisions_trace(self) -> None:
+        """The ``--decisions-from`` trace must come from a run on the same graph, partitioned the same way, with as
+        many trainers: its decisions name node ids of that run's partitioning (DistDGL renumbers nodes per
+        partitioning) and are played per trainer rank."""
+        from rudder.runtime.partition import graph_name
+        from rudder.traces import Trace
+
+        trace = Trace(self.decisions_from)
+        recorded = trace.meta.get("config", {})
+        part = trace.meta.get("graph", {})
+        pairs = [
+            ("graph", part.get("graph_name"), graph_name(self)),
+            ("--parts", recorded.get("parts"), self.parts),
+            ("--partition", recorded.get("partition"), self.partition),
+            ("trainer ranks", trace.num_ranks, self.num_trainers),
+        ]
+        for what, then, now in pairs:
+            if then != now:
+                raise ValueError(
+                    f"--decisions-from {self.decisions_from}: recorded with {what} {then!r}, this run "
+                    f"has {now!r}: its decisions name nodes of that run's partitions and cannot be "
+                    f"applied here"
+                )
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """Add one ``--option`` per dataclass field, with its help, default and choices."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        meta = dict(f.metadata)
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=default,
+            help=f"{meta['help']} (default: {default})",
+            **({"choices": meta["choices"]} if "choices" in meta else {}),
+        )
+
+
+def from_namespace(ns: argparse.Namespace, cls=TrainConfig):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})

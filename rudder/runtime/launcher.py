@@ -1,0 +1,520 @@
+"""The supervisor of a DistDGL job started from a shell (``train.py gnn`` outside MPI).
+
+:func:`launch` cleans up after earlier jobs whose supervisor was killed (:func:`cleanup_stale_jobs`), partitions
+(cached, files checked against their recorded sizes and CRC-32s), checks ports, starts ``mpiexec`` in its own
+process group, and supervises the job. It ends the job when a rank dies (naming the rank that died first), when a
+trainer stops making progress (the watchdog, :mod:`rudder.runtime.heartbeat`: naming the rank and the phase it was
+in), at ``--timeout-s``, or on SIGINT/SIGTERM; then it kills the group and every rank, and removes the job's
+``/dev/shm`` segments, job folder and port lock. If the supervisor itself is killed outright, ``mpiexec`` gets
+SIGKILL from the kernel (a parent-death signal) and every rank ends itself (it watches the supervisor's pid: see
+:func:`rudder.runtime.rank.rank_main`); what they leave is removed at the next start. Each rank runs
+:func:`rudder.runtime.rank.rank_main`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from rudder.runtime import onehost
+from rudder.runtime.console import CONSOLE_VAR, JobLog, default_log_path
+from rudder.runtime.heartbeat import FACTOR, PHASES, beat_path, read_beat
+from rudder.runtime.partition import ensure_partitions
+from rudder.runtime.ports import free_port_base, job_ports, port_in_use, remove_stale_locks
+from rudder.runtime.procs import alive, start_time, state
+
+SHM_DIR = "/dev/shm"
+TAG_VAR = onehost.TAG_VAR
+SUPERVISOR_VAR = "RUDDER_SUPERVISOR"  # "pid start_time" of the supervising launcher, for the ranks to watch
+SUPERVISOR_FILE = "supervisor.json"  # in the job folder: who supervises it, and what to clean if it is killed
+CLUSTER_VAR = "RUDDER_EMULATED_CLUSTER"  # JSON facts of the emulated cluster a job runs on, for its summary
+
+
+def _read_statuses(job_dir: str) -> dict[int, dict]:
+    out = {}
+    for path in glob.glob(os.path.join(job_dir, "status", "rank*.json")):
+        try:
+            with open(path) as f:
+                st = json.load(f)
+            out[st["role"]["rank"]] = st
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
+
+
+def _shm_in_use() -> set[str]:
+    """Names under /dev/shm that a live process has mapped or open."""
+    names = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    if SHM_DIR in line:
+                        names.add(os.path.basename(line.split()[-1]))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(SHM_DIR + "/"):
+                    names.add(os.path.basename(target))
+        except OSError:
+            continue
+    return names
+
+
+def cleanup_shm(tag: str, since: float | None = None, before: set[str] | None = None) -> list[str]:
+    """Remove this job's shared-memory segments: names carrying ``tag``, and MPI/multiprocessing ones that appeared
+    during the job and that no live process uses (another job's are left alone)."""
+    removed = []
+    in_use = _shm_in_use() if before is not None else set()
+    for path in glob.glob(os.path.join(SHM_DIR, "*")):
+        name = os.path.basename(path)
+        ours = tag and name.startswith(tag)
+        if not ours and before is not None and name not in before and since is not None:
+            try:
+                ours = (
+                    name.startswith(("mpich", "sem.mp-", "dgl"))
+                    and os.stat(path).st_mtime >= since - 1
+                    and name not in in_use
+                )
+            except OSError:
+                continue
+        if ours:
+            try:
+                os.remove(path)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+class _DeathWatch:
+    """Notices the first rank of a job to exit without finishing, as it happens (Linux pidfds).
+
+    The launcher is not the ranks' parent, and mpiexec kills every other rank right after the first dies, so
+    polling would often name the wrong one; a pidfd becomes readable the moment its process exits.
+    """
+
+    def __init__(self, job_dir: str):
+        self.job_dir = job_dir
+        self.poller = select.poll()
+        self.fds: dict[int, dict] = {}  # pidfd -> status of the rank
+        self.seen: set[int] = set()
+        self.first_dead: dict | None = None
+
+    def _register_new(self) -> None:
+        for rank, st in _read_statuses(self.job_dir).items():
+            if rank in self.seen or st["state"] != "started":
+                continue
+            self.seen.add(rank)
+            try:
+                fd = os.pidfd_open(st["pid"])
+            except (ProcessLookupError, OSError):
+                if not alive(st["pid"]) and self.first_dead is None:
+                    self.first_dead = dict(st, time=time.time())
+                continue
+            self.fds[fd] = st
+            self.poller.register(fd, select.POLLIN)
+
+    def wait(self, timeout_s: float) -> None:
+        self._register_new()
+        events = self.poller.poll(timeout_s * 1000)
+        for fd, _ in sorted(events, key=lambda e: self.fds[e[0]]["role"]["rank"]):
+            st = self.fds[fd]
+            self.poller.unregister(fd)
+            os.close(fd)
+            del self.fds[fd]
+            now = _read_statuses(self.job_dir).get(st["role"]["rank"], st)
+            if now["state"] == "started" and self.first_dead is None:
+                self.first_dead = dict(now, time=time.time())
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            if sig == signal.SIGTERM:
+                os.killpg(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+
+
+def _kill_ranks(statuses: dict[int, dict]) -> None:
+    """SIGKILL every rank still running, each with its own process group (its DGL sampler workers): the ranks
+    run in sessions of their own under MPICH's proxies, so killing mpiexec's group does not reach a rank that is
+    stopped or ignores its proxy. The side that closes a TCP connection first keeps its port in TIME_WAIT for a
+    minute, so the clients go first: trainers other than trainer 0, then trainer 0 (it hosts torch.distributed's
+    store on port-1), then the servers (their ports are the job's)."""
+
+    def order(st):
+        role = st["role"]
+        return 2 if role["kind"] == "server" else (1 if role["trainer_rank"] == 0 else 0)
+
+    for step in range(3):
+        ranks = [st for st in statuses.values() if order(st) == step and alive(st["pid"], st.get("start"))]
+        for st in ranks:
+            try:
+                os.killpg(st["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    os.kill(st["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(alive(st["pid"], st.get("start")) for st in ranks):
+            time.sleep(0.02)
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn`` of mpiexec: the kernel sends it SIGKILL when the supervisor dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def cleanup_stale_jobs(cache_dir: str) -> list[str]:
+    """Remove what jobs whose supervisor was killed left behind: their job folders, ``/dev/shm`` segments and port
+    locks. A job counts as stale when its supervisor is gone and none of its ranks runs (for a job started by the
+    user's mpiexec, which has no supervisor: when none of its ranks runs and its folder is over a minute old).
+    Returns one line per thing removed."""
+    removed = [f"port lock {path}" for path in remove_stale_locks()]
+    for job_dir in sorted(glob.glob(os.path.join(cache_dir, "jobs", "*"))):
+        try:
+            with open(os.path.join(job_dir, SUPERVISOR_FILE)) as f:
+                sup = json.load(f)
+        except FileNotFoundError:
+            sup = None
+        except (OSError, ValueError):
+            sup = {}
+        statuses = _read_statuses(job_dir)
+        if any(alive(st["pid"], st.get("start")) for st in statuses.values()):
+            continue
+        if sup is None:
+            try:
+                if time.time() - os.path.getmtime(job_dir) < 60:
+                    continue
+            except OSError:
+                continue
+        elif sup and alive(sup.get("pid", 0), sup.get("start")):
+            continue
+        tag = os.path.basename(job_dir)
+        shm = cleanup_shm(
+            tag,
+            since=sup.get("started") if sup else None,
+            before=set(sup["shm_before"]) if sup and "shm_before" in sup else None,
+        )
+        shutil.rmtree(job_dir, ignore_errors=True)
+        removed.append(f"job folder {job_dir}" + (f" and {len(shm)} /dev/shm segment(s)" if shm else ""))
+    return removed
+
+
+def _unanswered(job_dir: str, statuses: dict[int, dict], timeout_s: float = 1.0) -> list[str]:
+    """The job's graph servers that do not accept a TCP connection within ``timeout_s`` (a cut link, a host gone),
+    probed all at once from here; for the watchdog's verdict, so that it names the host a stalled job lost. Only
+    probed once the job is to be ended: a stray connection is nothing a server expects."""
+    try:
+        with open(os.path.join(job_dir, "ip_config.txt")) as f:
+            servers = [line.split() for line in f if line.strip()]
+    except OSError:
+        return []
+    hosts = {st["role"]["machine"]: st["role"]["host"] for st in statuses.values() if st["role"]["kind"] == "server"}
+    answers: dict[int, bool] = {}
+
+    def probe(machine: int, ip: str, port: str) -> None:
+        try:
+            socket.create_connection((ip, int(port)), timeout=timeout_s).close()
+            answers[machine] = True
+        except (OSError, ValueError):
+            answers[machine] = False
+
+    threads = [threading.Thread(target=probe, args=(m, *addr[:2]), daemon=True) for m, addr in enumerate(servers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s + 1.0)
+    return [
+        f"machine {m}'s server {ip}:{port}{' on ' + hosts[m] if m in hosts else ''} does not answer"
+        for m, (ip, port, *_) in enumerate(servers)
+        if answers.get(m) is False
+    ]
+
+
+def _stall(
+    watchdog_s: float,
+    startup_timeout_s: float,
+    job_dir: str,
+    statuses: dict[int, dict],
+    launched: float,
+    expected_trainers: int,
+) -> str | None:
+    """The watchdog's verdict: a one-line reason naming the rank to blame if a trainer made no progress within its
+    bound, else None. A rank whose process is stopped (SIGSTOP, a debugger) is blamed first: the others then wait
+    on it."""
+    now = time.monotonic()
+    overdue = []
+    trainers = {r: st for r, st in statuses.items() if st["role"]["kind"] == "trainer"}
+    for rank, st in trainers.items():
+        beat = read_beat(beat_path(job_dir, rank))
+        if beat is None:
+            continue
+        bound = beat.bound_s(watchdog_s, startup_timeout_s)
+        idle = now - beat.last_mark
+        if bound and idle > bound:
+            overdue.append((beat.last_mark, rank, beat, bound, idle))
+    beats = sum(1 for r in trainers if os.path.exists(beat_path(job_dir, r)))
+    if not overdue:
+        if startup_timeout_s and beats < expected_trainers and now - launched > startup_timeout_s:
+            return (
+                f"only {beats} of {expected_trainers} trainers started within --startup-timeout-s "
+                f"{startup_timeout_s:g} (ranks that reported: {', '.join(map(str, sorted(statuses))) or 'none'})"
+            )
+        return None
+    _, rank, beat, bound, idle = min(overdue)
+    st = trainers[rank]
+    if beat.phase == PHASES[0]:
+        how = f"--startup-timeout-s {startup_timeout_s:g}"
+    else:
+        how = f"max(--watchdog-s {watchdog_s:g}, {FACTOR:g} x its slowest step {beat.slowest_step_s:.3f} s)"
+    hung = f"no progress for {idle:.1f} s while {beat.phase} (bound {bound:.1f} s = {how})"
+    unanswered = _unanswered(job_dir, statuses)
+    if unanswered:
+        hung += "; " + "; ".join(unanswered)
+    stopped = [
+        s
+        for s in sorted(statuses.values(), key=lambda s: s["role"]["rank"])
+        if alive(s["pid"], s.get("start")) and state(s["pid"]) in ("T", "t")
+    ]
+    if stopped:
+        s0 = stopped[0]
+        if s0["role"]["rank"] == rank:
+            return f"{st['describe']}: process {st['pid']} is stopped (SIGSTOP or a debugger): {hung}"
+        return (
+            f"{s0['describe']}: process {s0['pid']} is stopped (SIGSTOP or a debugger); "
+            f"{st['describe']} waits on it: {hung}"
+        )
+    return f"{st['describe']}: {hung}"
+
+
+def pin_agent_reference(cfg, argv: list[str]) -> list[str]:
+    """Make a file reference ``--agent path/to/file.py:Class`` absolute in ``cfg`` and in the ranks' ``argv`` (the
+    last ``--agent`` wins), so that every rank resolves the same file whatever its working folder."""
+    from rudder.evaluation.registry import absolute_reference
+
+    pinned = absolute_reference(cfg.agent)
+    if pinned == cfg.agent:
+        return argv
+    cfg.agent = pinned
+    return [*argv, "--agent", pinned]
+
+
+def launch(cfg, argv: list[str]) -> int:
+    """Start ``mpiexec -n N python -m rudder.train argv`` for ``cfg`` and supervise it. Returns the exit code.
+
+    With ``--hosts N`` (or ``--cluster NAME``) the ranks run on emulated hosts (:mod:`rudder.testbed.cluster`),
+    one partition per host, in DGL's several-host mode; a cluster brought up here is torn down when the job ends,
+    fails or is interrupted.
+
+    Every rank's stdout and stderr (DGL's and MPI's messages) and the partitioner's go to the job's log
+    (:class:`~rudder.runtime.console.JobLog`); the terminal shows what the ranks :func:`~rudder.runtime.console.say`
+    and the supervisor's own lines."""
+    cfg.validate()  # once here, before any rank starts (an agent that cannot be found is named as given)
+    for line in cleanup_stale_jobs(cfg.cache_dir):
+        print(f"rudder: removed what a killed job left: {line}", file=sys.stderr, flush=True)
+    argv = pin_agent_reference(cfg, argv)
+    argv = [a for a in argv if a not in ("--repartition", "--no-repartition")]  # done here, not again per rank
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the one pip's mpich put next to python
+    mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if mpiexec is None:
+        raise RuntimeError("mpiexec not found on PATH: install MPI (pip install mpich mpi4py)")
+    log = JobLog(
+        cfg.log or default_log_path(cfg.cache_dir, secrets.token_hex(3)), verbose=cfg.verbose, prune=cfg.log is None
+    )
+    try:
+        if cfg.hosts or cfg.cluster:
+            return _launch_on_cluster(cfg, argv, mpiexec, log)
+        return _launch_here(cfg, argv, mpiexec, log)
+    except (ValueError, RuntimeError, OSError) as exc:  # bad input: one line, naming the log if it holds anything
+        if log.empty():
+            raise
+        raise RuntimeError(f"{exc}{log.where()}") from exc
+    finally:
+        log.close()
+
+
+def _launch_here(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
+    """Run the job with every rank on this host."""
+    with log.capture():
+        ensure_partitions(cfg, log=log.note)
+    if cfg.port == 0:
+        cfg.port = free_port_base(cfg.parts)
+        argv = [*argv, "--port", str(cfg.port)]  # the ranks use the block found here
+    server_ports, master_port = job_ports(cfg, one_host=True)
+    for port in server_ports + [master_port]:
+        if port_in_use("127.0.0.1", port):
+            raise RuntimeError(f"port {port} is in use (another DistDGL job, or a leftover server?): pass --port")
+    from rudder.runtime import llm_service
+
+    with llm_service.Services(cfg.agent_options().get("model"), cfg.decision_priority, log.note) as services:
+        if llm_service.wanted(cfg):
+            argv = [*argv, "--llm-endpoint", services.start_here()]
+        log.note(
+            f"rudder: starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers) on this host"
+        )
+        return _supervise(cfg, [mpiexec, "-n", str(cfg.world_size), sys.executable, "-m", "rudder.train", *argv], log)
+
+
+def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
+    """Run the job across emulated hosts: one partition (its server and trainers) per host."""
+    from rudder.testbed.cluster import ClusterError, EmulatedCluster, preflight
+
+    try:
+        preflight()
+        attached = EmulatedCluster.attach(cfg.cluster) if cfg.cluster else None
+    except ClusterError as exc:
+        raise RuntimeError(str(exc)) from None
+    if attached is not None:
+        hosts = len(attached.hostnames)
+        if "--parts" in argv and cfg.parts != hosts:
+            raise ValueError(
+                f"cluster {cfg.cluster} has {hosts} hosts: one partition each, so --parts must be "
+                f"{hosts} (or left out), got {cfg.parts}"
+            )
+        cfg.parts = hosts
+        argv = [*argv, "--parts", str(hosts)]
+    with log.capture():
+        ensure_partitions(cfg, log=log.note)  # before the hosts come up: partitioning a large graph takes a while
+    if cfg.port == 0:
+        cfg.port = 30050  # every host has its own network namespace: no other job's ports to avoid
+        argv = [*argv, "--port", str(cfg.port)]
+    try:
+        cluster = attached or EmulatedCluster(cfg.hosts, cfg.link_rate).up()
+    except ClusterError as exc:
+        raise RuntimeError(str(exc)) from None
+    try:
+        rate = cluster.link_rate or "unshaped"
+        log.note(
+            f"rudder: {len(cluster.hostnames)} emulated hosts ({', '.join(cluster.hostnames)}), links {rate}; "
+            f"starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers)"
+        )
+        info = dict(
+            name=cluster.name, hosts=cluster.hostnames, addresses=cluster.addresses, link_rate=cluster.link_rate
+        )
+        from rudder.runtime import llm_service
+
+        with llm_service.Services(cfg.agent_options().get("model"), cfg.decision_priority, log.note) as services:
+            if llm_service.wanted(cfg):
+                argv = [*argv, "--llm-endpoint", services.start_on(cluster, cluster.hostnames)]
+            cmd = [
+                mpiexec,
+                *cluster.mpiexec_args(1 + cfg.trainers_per_part),
+                "-n",
+                str(cfg.world_size),
+                sys.executable,
+                "-m",
+                "rudder.train",
+                *argv,
+            ]
+            return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info)})
+    finally:
+        if attached is None:
+            cluster.down()
+
+
+def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) -> int:
+    """Run the job's ``mpiexec`` command in its own process group, its output into ``log``, relay what its ranks say,
+    watch its ranks, clean up; the exit code."""
+    tag = f"rd{secrets.token_hex(3)}"
+    job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
+    me = f"{os.getpid()} {start_time(os.getpid())}"
+    os.makedirs(os.path.join(job_dir, "status"), exist_ok=True)
+    log.attach_console(os.path.join(job_dir, "console.jsonl"))
+    env = dict(os.environ, **{TAG_VAR: tag, SUPERVISOR_VAR: me, CONSOLE_VAR: log.console_path}, **(extra_env or {}))
+    env.setdefault("DGL_DIST_MAX_TRY_TIMES", "20")  # trainers give up on an absent server after ~60 s, not 50 min
+    env.setdefault("OMP_NUM_THREADS", "1")
+    shm_before = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
+    started = time.time()
+    with open(os.path.join(job_dir, SUPERVISOR_FILE), "w") as f:
+        json.dump(
+            dict(pid=os.getpid(), start=start_time(os.getpid()), started=started, shm_before=sorted(shm_before)), f
+        )
+    launched = time.monotonic()
+    proc = log.popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    watch = _DeathWatch(job_dir)
+    interrupted = stalled = None
+
+    def on_signal(signum, _frame):
+        nonlocal interrupted
+        interrupted = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while proc.poll() is None:
+            watch.wait(0.2)
+            log.relay()
+            if interrupted is not None:
+                log.note(f"rudder: interrupted (signal {interrupted}): stopping the job{log.where()}")
+                break
+            if cfg.timeout_s and time.time() - started > cfg.timeout_s:
+                log.note(f"rudder: job exceeded --timeout-s {cfg.timeout_s:g}: stopping it{log.where()}")
+                interrupted = "timeout"
+                break
+            if watch.first_dead is not None:  # mpiexec may not notice (e.g. a server gone): stop the job now
+                time.sleep(1.0)  # let a rank that failed with an error record it first
+                _kill_ranks(_read_statuses(job_dir))
+                _kill_group(proc, grace_s=2.0)
+                break
+            stalled = _stall(
+                cfg.watchdog_s, cfg.startup_timeout_s, job_dir, _read_statuses(job_dir), launched, cfg.num_trainers
+            )
+            if stalled is not None:
+                log.note(f"rudder: job failed: {stalled}{log.where()}")
+                break
+        rc = proc.poll()
+    finally:
+        if proc.poll() is None:
+            # the launcher ends the job (interrupted, a dead or hung rank, --timeout-s): SIGKILL the ranks first. A
+            # rank given SIGTERM would stop in order (rudder.runtime.stop), which is for signals from outside
+            _kill_ranks(_read_statuses(job_dir))
+        _kill_group(proc)
+        statuses = _read_statuses(job_dir)
+        _kill_ranks(statuses)  # any rank mpiexec's proxies did not reach
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        cleanup_shm(tag, since=started, before=shm_before)
+        log.relay()
+        shutil.rmtree(job_dir, ignore_errors=True)
+    if interrupted is not None:
+        return 124 if interrupted == "timeout" else 130
+    watch.close()
+    if stalled is not None:
+        return 1
+    if rc != 0 or watch.first_dead is not None:
+        # the earliest event: a rank that recorded an error, or one that died without a word (killed, crashed)
+        events = [st for st in statuses.values() if st["state"] == "failed"] + [watch.first_dead]
+        culprit = min((e for e in events if e is not None), key=lambda e: e["time"], default=None)
+        if culprit is not None:
+            why = culprit.get("error", f"process {culprit['pid']} exited without finishing")
+            log.note(f"rudder: job failed: {culprit['describe']}: {why}{log.where()}")
+        else:
+            log.note(f"rudder: job failed: mpiexec exited with {rc}{log.where()}")
+        return rc if rc else 1
+    return 0

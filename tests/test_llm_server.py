@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from rudder.agents import llm_models  # noqa: E402
+from rudder.agents.llm import models as llm_models  # noqa: E402
 from rudder.agents.llm.client import EndpointClient, EndpointError  # noqa: E402
 from rudder.agents.llm.server import Engine  # noqa: E402
 from test_llm import make_tiny_model  # noqa: E402
@@ -127,7 +127,7 @@ def test_unreachable_endpoint_is_one_line():
     with pytest.raises(
         EndpointError,
         match=r"^LLM endpoint http://127\.0\.0\.1:\d+/v1: unreachable \(.*refused.*\); "
-        r"start one with: python -m agents\.llm_server",
+        r"start one with: python -m rudder\.agents\.llm\.server",
     ) as err:
         EndpointClient(url)
     assert "\n" not in str(err.value)

@@ -379,7 +379,8 @@ def _launch_here(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
         log.note(
             f"rudder: starting {cfg.world_size} ranks ({cfg.parts} servers, {cfg.num_trainers} trainers) on this host"
         )
-        return _supervise(cfg, [mpiexec, "-n", str(cfg.world_size), sys.executable, "-m", "rudder.train", *argv], log)
+        cmd = [mpiexec, "-n", str(cfg.world_size), sys.executable, "-m", "rudder.train", *argv]
+        return _supervise(cfg, cmd, log, extra_env=services.rank_env())  # the services' token, if any
 
 
 def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
@@ -433,7 +434,7 @@ def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
                 "rudder.train",
                 *argv,
             ]
-            return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info)})
+            return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info), **services.rank_env()})
     finally:
         if attached is None:
             cluster.down()

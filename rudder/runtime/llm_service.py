@@ -7,15 +7,25 @@ their agents ask it (:class:`rudder.agents.llm.agent.LLMAgent` with ``endpoint=`
 the
 background decisions (``--decision-priority``: idle by default, so it uses only CPU time training leaves), and is
 stopped when the job ends; its peak resident memory is noted in the job's log.
+
+Access is the job's alone: :class:`Services` makes a fresh random token per job, hands it to the services it starts
+and, through :meth:`Services.rank_env`, to the job's ranks, in ``RUDDER_LLM_TOKEN`` (environment variables, not
+arguments: another user can list a process's arguments, not its environment). The service refuses requests without
+it (401), so another user of a shared node can neither use nor fill the job's service. A user's own endpoint
+(``--llm-endpoint``) gets the token the user puts in ``RUDDER_LLM_TOKEN`` or ``OPENAI_API_KEY`` (see
+:mod:`rudder.agents.llm.server`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 import sys
 import threading
+
+from rudder.agents.llm.server import TOKEN_VAR
 
 SERVICE_PORT = 8011  # inside an emulated host (its own network namespace): nothing else listens there
 START_TIMEOUT_S = 600.0  # the first start converts the GGUF (~30 s), later ones load in seconds
@@ -58,6 +68,11 @@ class Services:
         self.priority = priority
         self.note = note
         self.running: list[tuple[str, subprocess.Popen, int]] = []  # (where, process, server pid)
+        self.token = secrets.token_urlsafe(32)  # the job's: its services require it, its ranks send it
+
+    def rank_env(self) -> dict:
+        """What the job's ranks need in their environment to use the services started: the token."""
+        return {TOKEN_VAR: self.token} if self.running else {}
 
     def _argv(self, port: int) -> list[str]:
         return [
@@ -105,6 +120,7 @@ class Services:
     def _env(self) -> dict:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+        env[TOKEN_VAR] = self.token
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
         return env
 

@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACE2 = os.path.join(ROOT, "traces", "samples", "small-metis2-f10x25")
 TRACE4 = os.path.join(ROOT, "traces", "samples", "small-metis4-f10x25")
 OUT = os.path.join(ROOT, "bench", "results", "p8_llm_service.csv")
+ABUSE_OUT = os.path.join(ROOT, "bench", "results", "service_abuse.csv")
 
 CHILD = r"""
 import os, sys, json
@@ -55,13 +56,14 @@ def points(trace: str, rank: int, n: int) -> list:
     return decision_points(trace, n, rank)[0]
 
 
-def start_service(extra=()) -> tuple[subprocess.Popen, str]:
+def start_service(extra=(), env=None, stderr=None, model: str = "smollm2") -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rudder.agents.llm.server", "--model", "smollm2", "--port", "0", *extra],
+        [sys.executable, "-m", "rudder.agents.llm.server", "--model", model, "--port", "0", *extra],
         cwd=ROOT,
         stdout=subprocess.PIPE,
+        stderr=stderr,
         text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})),
     )
     m = re.search(r"on (http://\S+)/v1", proc.stdout.readline())
     if not m:
@@ -230,7 +232,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rudder.bench.llm_service", description=__doc__.split("\n\n")[0])
     p.add_argument("--decisions", type=int, default=6)
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--parts", default="latency,batching,memory", help="which of latency,batching,memory to measure")
+    p.add_argument(
+        "--parts", default="latency,batching,memory", help="which of latency,batching,memory,abuse to measure"
+    )
     p.add_argument("--train", action="store_true", help="also measure real train.py jobs (see above)")
     p.add_argument("--train-only", action="store_true", help="only the train.py jobs")
     args = p.parse_args(argv)
@@ -260,9 +264,16 @@ def main(argv=None) -> int:
             os.makedirs(os.path.dirname(OUT), exist_ok=True)
             pd.DataFrame(rows).to_csv(OUT.replace(".csv", "_train.csv"), index=False)
             return 0
+    parts = args.parts.split(",")
+    if "abuse" in parts:
+        text, df = summarise_abuse(abuse(clients=max(args.clients, 50), decisions=2))
+        print(text)
+        os.makedirs(os.path.dirname(OUT), exist_ok=True)
+        df.to_csv(ABUSE_OUT, index=False)
+        if parts == ["abuse"]:
+            return 0
     proc, url = start_service()
     try:
-        parts = args.parts.split(",")
         # latency per decision, local vs service
         pts = points(TRACE2, 0, args.decisions)
         for label, agent in (("local", LLMAgent()), ("endpoint", LLMAgent(endpoint=url))) if "latency" in parts else ():
@@ -315,3 +326,327 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------- load and abuse
+
+
+def _status(pid: int) -> dict:
+    """VmRSS, VmHWM (MB) and Threads of a running process, from /proc."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0]) / 1024
+            elif key == "Threads":
+                out[key] = int(rest)
+    return out
+
+
+def _raw(port: int, data: bytes, then=None, timeout: float = 10.0) -> tuple[int, float]:
+    """Send ``data`` (then run ``then(sock)`` beside, e.g. streaming a body); the answer's status and the seconds
+    until its status line came."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        t0 = time.perf_counter()
+        sock.sendall(data)
+        if then is not None:
+            threading.Thread(target=then, args=(sock,), daemon=True).start()
+        line = sock.makefile("rb").readline()
+        return (int(line.split()[1]) if line else 0), time.perf_counter() - t0
+
+
+def _post(path: str, data: bytes, token: str | None, length: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+        f"Content-Length: {length if length is not None else len(data)}\r\nConnection: close\r\n\r\n"
+    ).encode() + data
+
+
+def abuse(quick: bool = False, clients: int = 50, decisions: int = 2, model: str = "smollm2"):
+    """The real SmolLM2 service (a job's token, default limits) under what a shared node may send it, all
+    on 127.0.0.1 and bounded in count and time: ``clients`` trainer-like agents (the 4-partition trace's ranks)
+    each asking ``decisions`` decisions at once; a decision's latency idle and beside a running 1500-token
+    generation; a 5 MB body and a 20k-token prompt; malformed requests; 200 idle connections; a client hanging up
+    on a generation; a prompt at the model's context (the largest request it scores); the service's threads,
+    resident and peak memory throughout."""
+    import json
+    import secrets
+    import tempfile
+    import urllib.request
+
+    import pandas as pd
+    from rudder.agents.llm.agent import LLMAgent
+    from rudder.agents.llm.client import EndpointClient
+    from rudder.agents.llm.server import DEFAULT_IDLE_TIMEOUT_S
+
+    rows = []
+
+    def row(key, what, value, unit, n=1):
+        rows.append(dict(key=key, what=what, value=round(float(value), 4), unit=unit, n=n))
+        print(f"{key:<32} {value:>10.3f} {unit:<8} {what}", flush=True)
+
+    token = secrets.token_urlsafe(32)
+    log = tempfile.NamedTemporaryFile("w+", prefix="rudder-llm-abuse-", suffix=".log", delete=False)
+    proc, url = start_service(env={"RUDDER_LLM_TOKEN": token}, stderr=log, model=model)
+    port = int(url.rsplit(":", 1)[1])
+    auth = {"Authorization": f"Bearer {token}"}
+    saved = os.environ.get("RUDDER_LLM_TOKEN")
+    os.environ["RUDDER_LLM_TOKEN"] = token  # the trainers' environment, as the launcher gives it
+    threads_peak = [0]
+
+    def sample():
+        while proc.poll() is None and not stop_sampling.is_set():
+            try:
+                threads_peak[0] = max(threads_peak[0], _status(proc.pid)["Threads"])
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    stop_sampling = threading.Event()
+    threading.Thread(target=sample, daemon=True).start()
+
+    def stats():
+        req = urllib.request.Request(url + "/stats", headers=auth)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def complete(body: dict, timeout: float = 600) -> dict:
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), headers=auth)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.load(r)
+
+    try:
+        first = LLMAgent(endpoint=url, model=model)
+        tokenizer = first.tokenizer
+        agents = [first] + [LLMAgent(endpoint=url, model=(None, tokenizer)) for _ in range(clients - 1)]
+        work = {r: points(TRACE4, r, decisions + 5) for r in range(4)}
+        prompts = {r: [first.prompt(o, i) for o, i in work[r]] for r in range(4)}
+        for r in range(4):
+            agents[r].warm_up(work[r][0][1])
+        row("rss_warm", "service RSS, model loaded and 4 ranks' prefixes kept", _status(proc.pid)["VmRSS"], "MB")
+
+        # a decision's latency, idle and beside a running long generation
+        def decide(agent, text):
+            t0 = time.perf_counter()
+            agent.option_scores(text.prefix, text.suffix)
+            return time.perf_counter() - t0
+
+        idle = [decide(first, t) for t in prompts[0][: 3 if quick else 5]]
+        row(
+            "decision_idle_p50",
+            "one decision (2 options scored), service idle",
+            statistics.median(idle),
+            "s",
+            len(idle),
+        )
+        generating, made = threading.Event(), []
+
+        def generate():
+            k = 0
+            while generating.is_set():
+                body = dict(prompt="Write a long story about a cache that forgot.", max_tokens=1500)
+                got = complete(dict(body, temperature=0.9, seed=k))
+                made.append(got["usage"]["completion_tokens"])
+                k += 1
+
+        generating.set()
+        gen = threading.Thread(target=generate, daemon=True)
+        before = stats()["generation_steps"]
+        gen.start()
+        while stats()["generation_steps"] < before + 20:  # the generation is past its prefill, decoding
+            time.sleep(0.1)
+        busy = [decide(first, t) for t in prompts[0][: 3 if quick else 5]]
+        steps = stats()["generation_steps"] - before
+        generating.clear()
+        row(
+            "decision_beside_generation_p50",
+            "one decision while a max_tokens=1500 generation runs",
+            statistics.median(busy),
+            "s",
+            len(busy),
+        )
+        row("decision_beside_generation_max", "slowest of those", max(busy), "s", len(busy))
+        row("generation_steps_meanwhile", "generation steps taken during those decisions", steps, "steps")
+        gen.join(600)
+
+        # trainer-like clients, all at once
+        barrier = threading.Barrier(clients)
+        lat, errors = [], []
+
+        def trainer(i):
+            agent, r = agents[i], i % 4
+            try:
+                agent.warm_up(work[r][0][1])
+                barrier.wait(120)
+                for text in prompts[r][:decisions]:
+                    lat.append(decide(agent, text))
+            except Exception as exc:  # noqa: BLE001 - counted
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        s0 = stats()
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=trainer, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        wall = time.perf_counter() - t0
+        s1 = stats()
+        retries = sum(a.client.retries for a in agents)
+        row(
+            "trainers_errors",
+            f"{clients} trainers x {decisions} decisions at once: decisions that failed",
+            len(errors),
+            "",
+        )
+        row("trainers_retries", "connections the clients retried (refused, reset or 503)", retries, "")
+        row(
+            "trainers_refused",
+            "requests the service turned away (503: all connections or its token queue full)",
+            s1["refused_connections"] - s0["refused_connections"] + s1["refused_busy"] - s0["refused_busy"],
+            "",
+        )
+        row("trainers_decisions_per_s", "decisions answered per second", len(lat) / wall, "dec/s", len(lat))
+        row(
+            "trainers_latency_p50",
+            "a decision's latency among them",
+            statistics.median(lat) if lat else float("nan"),
+            "s",
+            len(lat),
+        )
+        row("trainers_latency_max", "slowest decision among them", max(lat) if lat else float("nan"), "s", len(lat))
+        if errors:
+            print("errors:", *errors[:5], sep="\n  ")
+
+        # oversized: a 5 MB body (refused unread), a 20k-token prompt (97 KB: refused after counting)
+        size = 5 << 20
+
+        def stream(sock):
+            try:
+                for _ in range(size // 65536):
+                    sock.sendall(b"x" * 65536)
+            except OSError:
+                pass
+
+        status, took = _raw(port, _post("/v1/completions", b"", token, length=str(size)), then=stream)
+        row("body_5mb_status", "5 MB body: HTTP status", status, "")
+        row("body_5mb_refused_s", "5 MB body: seconds until the refusal arrived", took, "s")
+        big = json.dumps(dict(prompt="The cache hit rate " * 5000, max_tokens=0, echo=True, logprobs=0)).encode()
+        status, took = _raw(port, _post("/v1/completions", big, token))
+        row("prompt_20k_status", f"~20k-token prompt ({len(big) // 1024} KB): HTTP status", status, "")
+        row("prompt_20k_refused_s", "~20k-token prompt: seconds until refused", took, "s")
+
+        # malformed requests, other methods, no token: all 4xx, none 5xx
+        bad = [
+            _post("/v1/completions", b"{not json", token),
+            _post("/v1/completions", b'{"prompt": "caf\xe9"}', token),
+            _post("/v1/completions", b'{"prompt": "\\ud800"}', token),
+            _post("/v1/completions", b'{"prompt": "a", "seed": "x"}', token),
+            _post("/v1/completions", b'{"prompt": "a", "temperature": NaN}', token),
+            _post("/v1/completions", b'{"prompt": "a", "temperature": true}', token),
+            _post("/v1/completions", b"[" * 100000, token),
+            _post("/v1/completions", b"", token, length="-1"),
+            _post("/v1/completions", b"", token, length="abc"),
+            _post("/v1/completions", b'{"prompt": "a"}', None),
+            b"PUT /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            b"DELETE /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+        ]
+        statuses = [_raw(port, b)[0] for b in bad]
+        row(
+            "malformed_4xx",
+            f"malformed or unauthorised requests answered 4xx (of {len(bad)})",
+            sum(400 <= s < 500 for s in statuses),
+            "",
+        )
+        row("malformed_5xx", "of those answered 5xx", sum(s >= 500 for s in statuses), "")
+
+        # 200 idle connections: threads stay bounded, they are closed after the idle timeout
+        import socket
+
+        idle_socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+        time.sleep(1.0)
+        threads_open = _status(proc.pid)["Threads"]
+        time.sleep(DEFAULT_IDLE_TIMEOUT_S + 2)
+        closed = 0
+        for s in idle_socks:
+            s.settimeout(0.5)
+            try:
+                s.recv(65536)  # a 503 or the end of the connection: either way, not left open
+                closed += 1
+            except OSError:  # still open: nothing came within 0.5 s
+                pass
+            s.close()
+        row("idle_200_threads", "service threads with 200 idle connections open", threads_open, "threads")
+        row(
+            "idle_200_answered_or_closed",
+            f"of them closed (503 or after {DEFAULT_IDLE_TIMEOUT_S:g} s idle)",
+            closed,
+            "",
+        )
+
+        # a client that hangs up on a long generation
+        c0 = stats()["cancelled"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(_post("/v1/completions", b'{"prompt": "Tell a long story.", "max_tokens": 1500}', token))
+            time.sleep(2.0)
+        deadline = time.monotonic() + 10
+        while stats()["cancelled"] == c0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        row(
+            "hangup_cancelled",
+            "abandoned generations cancelled after the client hung up",
+            stats()["cancelled"] - c0,
+            "",
+        )
+
+        # the largest request it scores: a prompt at the model's context
+        context = stats()["context_tokens"]
+        ids = tokenizer("The cache hit rate rose. " * 3000, add_special_tokens=False)["input_ids"][: context - 16]
+        t0 = time.perf_counter()
+        got = EndpointClient(url).echo_logprobs([tokenizer.decode(ids)])
+        row(
+            "context_prompt_s",
+            f"a {len(got[0]['token_logprobs'])}-token prompt scored (context {context})",
+            time.perf_counter() - t0,
+            "s",
+        )
+        status = _status(proc.pid)
+        stop_sampling.set()
+        row("threads_peak", "service threads, peak over the whole bench", threads_peak[0], "threads")
+        row("rss_end", "service RSS at the end", status["VmRSS"], "MB")
+        row("rss_peak", "service peak RSS (VmHWM) over the whole bench", status["VmHWM"], "MB")
+        log.seek(0)
+        text = log.read()
+        row("log_tracebacks", "tracebacks in the service's log", text.count("Traceback"), "")
+        row("log_bytes", "the service's log (stderr), bytes", len(text.encode()), "B")
+    finally:
+        stop_sampling.set()
+        if saved is None:
+            os.environ.pop("RUDDER_LLM_TOKEN", None)
+        else:
+            os.environ["RUDDER_LLM_TOKEN"] = saved
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        os.unlink(log.name)
+    return pd.DataFrame(rows)
+
+
+def summarise_abuse(df) -> tuple:
+    v = dict(zip(df["key"], df["value"]))
+    text = (
+        "The real SmolLM2 service (a job token, default limits), all traffic on 127.0.0.1. "
+        f"{int(v['trainers_errors'])} failed decisions among 50 trainer-like agents asking at once "
+        f"({int(v['trainers_retries'])} retried connections, {int(v['trainers_refused'])} turned away); a decision "
+        f"took {v['decision_idle_p50']:.2f} s idle and {v['decision_beside_generation_p50']:.2f} s (max "
+        f"{v['decision_beside_generation_max']:.2f} s) beside a running 1500-token generation; a 5 MB body got "
+        f"{int(v['body_5mb_status'])} in {v['body_5mb_refused_s'] * 1000:.0f} ms, a ~20k-token prompt "
+        f"{int(v['prompt_20k_status'])} in {v['prompt_20k_refused_s']:.2f} s; {int(v['malformed_5xx'])} of the "
+        f"malformed requests got a 5xx; peak RSS {v['rss_peak']:.0f} MB (a prompt at the model's context "
+        f"included), peak {int(v['threads_peak'])} threads, {int(v['log_tracebacks'])} tracebacks in the log."
+    )
+    return text, df

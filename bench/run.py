@@ -146,6 +146,14 @@ def p9_scale(quick: bool) -> tuple[str, pd.DataFrame]:
     return scale.summarise(df)
 
 
+def service_abuse(quick: bool) -> tuple[str, pd.DataFrame]:
+    from rudder.bench import llm_service
+
+    df = llm_service.abuse(quick)
+    df.to_csv(llm_service.ABUSE_OUT, index=False)
+    return llm_service.summarise_abuse(df)
+
+
 def faults_reliability(quick: bool) -> tuple[str, pd.DataFrame]:
     from rudder.bench import faults
 
@@ -167,6 +175,7 @@ SECTIONS = {
     "p7": ("P7 LLM size curve on link-budget decisions", p7_llm_size),
     "p9": ("P9 replay at papers100M scale (issue 14's 'P5')", p9_scale),
     "faults": ("Reliability: injected faults", faults_reliability),
+    "service": ("Reliability: the LLM decision service under load and abuse", service_abuse),
 }
 
 

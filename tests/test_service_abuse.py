@@ -173,6 +173,31 @@ def test_prompts_are_checked_against_the_context_and_max_tokens_capped(served):
     assert one_line_error(status, body, 400).endswith("tokens: at most 2048 in one request")
 
 
+def test_rows_past_the_token_budget_are_scored_in_chunks_exactly(tiny):
+    """Rows longer than the token budget (a prompt near the context) are prefilled in chunks on their own cache
+    (bounded memory): their echo equals one plain forward pass, with or without a kept prefix, top alternatives
+    included, and their shared part is kept for later."""
+    from test_llm_server import plain_logprobs
+
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, "tiny", prefix_entries=4, min_prefix=8, token_budget=16)
+    enc = engine.encode
+    a = enc("hit rate traffic rows buffer minibatch decision remote rows " * 4)
+    rows = [a + enc(' {"decision": "keep"}'), a + enc(' {"decision": "replace"} stale candidates')]
+    assert min(map(len, rows)) > 3 * 16
+    first = engine.score([rows], top_n=2)
+    assert len(engine._entries) == 1 and len(next(iter(engine._entries))) >= len(a) - 1
+    passes = engine.forward_passes
+    later = engine.score([[a + enc(" sampled fetched prefetched stale candidates hit rate traffic rows")]], top_n=2)
+    assert engine.forward_passes - passes <= 2  # only the part past the kept prefix: a chunk or two of 16
+    for got, row in zip(
+        first[0] + later[0], rows + [a + enc(" sampled fetched prefetched stale candidates hit rate traffic rows")]
+    ):
+        assert got.tokens == row and got.token_logprobs[0] is None and len(got.top) == len(row)
+        np.testing.assert_allclose(got.token_logprobs[1:], plain_logprobs(model, row), atol=1e-4)
+        assert all(max(lp for _, lp in t) >= x - 1e-6 for t, x in zip(got.top[1:], got.token_logprobs[1:]))
+
+
 def test_kept_prefixes_and_queued_tokens_are_bounded(tiny):
     """Memory a client can make the service hold: kept prefixes stay within ``prefix_tokens`` whatever prompts
     come; the prompt tokens in flight stay within the gate's limit (past it a request waits, then gets 503)."""

@@ -92,10 +92,12 @@ SHARED_MIN_NEW = 16  # a request's shared part is prefilled on its own first whe
 DEFAULT_CONTEXT_TOKENS = 2048  # for a model whose config names no context length
 DEFAULT_PREFIX_TOKENS = 8192  # kept prefixes, all together (SmolLM2-135M fp32: ~46 KB of KV cache per token)
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens a generation prefills per step (scoring may run between steps)
+LONG_CHUNK = 512  # a scored row longer than the token budget is prefilled in chunks of this many tokens
+LOGIT_ROWS = 256  # positions whose logits (a vocabulary of floats each) are computed at once
 
 TOKEN_VAR = "RUDDER_LLM_TOKEN"  # the bearer token a job's service requires and its trainers send
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # an agent's request is a few KB; a full 8k-token prompt ~40 KB
-DEFAULT_IDLE_TIMEOUT_S = 30.0  # a connection that sends nothing for this long is closed
+DEFAULT_IDLE_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed (and frees its thread)
 DEFAULT_READ_TIMEOUT_S = 30.0  # a request's body must arrive within this long
 DEFAULT_MAX_CONNECTIONS = 128  # connections served at once (one thread each); more get 503 at once
 LISTEN_BACKLOG = 1024  # connections the kernel queues before accept (capped by net.core.somaxconn)
@@ -231,6 +233,9 @@ class Engine:
         plan.sort(key=lambda p: len(p[2]) - p[4])
         group: list = []
         for p in plan:
+            if len(p[2]) - p[4] > self.token_budget:  # one long row: alone, in chunks (memory)
+                self._score_long(p, out, kept, requests, top_n)
+                continue
             if group and (len(group) + 1) * (len(p[2]) - p[4]) > self.token_budget:
                 self._score_group(group, out, kept, requests, top_n)
                 group = []
@@ -286,39 +291,95 @@ class Engine:
         self.forward_passes += 1
         self.tokens_prefilled += sum(map(len, news))
         cache = result.cache
-        for b, ((r, i, key, entry, m), new) in enumerate(zip(group, news)):
-            logits = (
-                self._head(hidden[b, : len(new) - 1]) if self._head is not None else result.logits[b, : len(new) - 1]
-            )
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            targets = torch.tensor(new[1:], dtype=torch.long)
-            token_lp = (
-                [None] + (entry.token_logprobs[:m] if m else []) + logp.gather(1, targets[:, None])[:, 0].tolist()
-            )
-            top = []
-            if top_n:
-                v, t = logp.topk(top_n, dim=-1) if len(new) > 1 else (logp[:0, :top_n], logp[:0, :top_n].long())
-                top = (
-                    [[]]
-                    + [x[:top_n] for x in (entry.top[:m] if m else [])]
-                    + [list(zip(a.tolist(), c.tolist())) for a, c in zip(t, v)]
-                )
-            out[r][i] = Scored(list(key), token_lp, top)
-            if r not in kept:  # the request's shared part: the common prefix of its prompts
-                n = len(key)
-                for other in requests[r]:
-                    n = min(n, _common(key, other))
-                lo = P - m
-                if n < self.min_prefix or key[:n] in self._entries:
-                    kept[r] = None
-                    continue
-                kept[r] = (
-                    key[:n],
+        for b, (p, new) in enumerate(zip(group, news)):
+            states = hidden[b, : len(new) - 1] if self._head is not None else result.logits[b, : len(new) - 1]
+            lps, tops = self._row_scores(states, new[1:], top_n)
+            lo = P - p[4]
+
+            def kv(n, b=b, lo=lo):
+                return (
                     [layer.keys[b : b + 1, :, lo : lo + n].clone() for layer in cache.layers],
                     [layer.values[b : b + 1, :, lo : lo + n].clone() for layer in cache.layers],
-                    token_lp[1:n],
-                    top[1:n] if top_n else [],
                 )
+
+            self._finish(p, lps, tops, kv, out, kept, requests, top_n)
+
+    def _score_long(self, p: tuple, out: list, kept: dict, requests: list, top_n: int) -> None:
+        """One row whose new part exceeds the token budget, prefilled in chunks of at most :data:`LONG_CHUNK`
+        tokens on its own cache: memory stays that of a chunk (attention, logits) whatever the row's length."""
+        import torch
+        from transformers import DynamicCache
+
+        _, _, key, entry, m = p
+        new = list(key[m:])
+        cache = DynamicCache(config=self.model.config)
+        if m:
+            for layer in range(len(entry.keys)):
+                cache.update(entry.keys[layer][:, :, :m], entry.values[layer][:, :, :m], layer)
+        step = max(1, min(LONG_CHUNK, self.token_budget))
+        lps, tops = [], []
+        for a in range(0, len(new), step):
+            chunk = new[a : a + step]
+            inputs = dict(
+                input_ids=torch.tensor([chunk], dtype=torch.long),
+                position_ids=torch.arange(m + a, m + a + len(chunk))[None],
+                cache=cache,
+                use_cache=True,
+            )
+            if self._head is not None:
+                result = self.model.get_decoder()(**inputs)
+                states = result.last_hidden_state[0]
+            else:
+                result = self.model(**inputs)
+                states = result.logits[0]
+            cache = result.cache
+            self.forward_passes += 1
+            self.tokens_prefilled += len(chunk)
+            targets = new[a + 1 : a + 1 + len(chunk)]  # the row's last position predicts nothing
+            more_lps, more_tops = self._row_scores(states[: len(targets)], targets, top_n)
+            lps += more_lps
+            tops += more_tops
+
+        def kv(n):
+            return (
+                [layer.keys[:, :, :n].clone() for layer in cache.layers],
+                [layer.values[:, :, :n].clone() for layer in cache.layers],
+            )
+
+        self._finish(p, lps, tops, kv, out, kept, requests, top_n)
+
+    def _row_scores(self, states, targets: list[int], top_n: int) -> tuple[list, list]:
+        """For each position: log p(its target) and the ``top_n`` best alternatives, from ``states`` (the decoder's
+        hidden states, or logits for a model without a plain head), :data:`LOGIT_ROWS` positions at a time (each
+        position's logits are a vocabulary of floats)."""
+        import torch
+
+        lps, tops = [], []
+        for a in range(0, len(targets), LOGIT_ROWS):
+            part = states[a : a + LOGIT_ROWS]
+            logp = torch.log_softmax((self._head(part) if self._head is not None else part).float(), dim=-1)
+            t = torch.tensor(targets[a : a + LOGIT_ROWS], dtype=torch.long)
+            lps += logp.gather(1, t[:, None])[:, 0].tolist()
+            if top_n:
+                v, i = logp.topk(top_n, dim=-1)
+                tops += [list(zip(x.tolist(), y.tolist())) for x, y in zip(i, v)]
+        return lps, tops
+
+    def _finish(self, p: tuple, lps: list, tops: list, kv, out: list, kept: dict, requests: list, top_n: int) -> None:
+        """A row's echo (the reused entry's scores, then its new part's) into ``out``; for the request's first row,
+        its shared part's KV cache (``kv(n)``: keys and values of the first ``n`` positions) to keep."""
+        r, i, key, entry, m = p
+        token_lp = [None] + (entry.token_logprobs[:m] if m else []) + lps
+        top = ([[]] + [x[:top_n] for x in (entry.top[:m] if m else [])] + tops) if top_n else []
+        out[r][i] = Scored(list(key), token_lp, top)
+        if r in kept:
+            return
+        n = min(_common(key, other) for other in requests[r])  # the request's shared part: its prompts' common prefix
+        if n < self.min_prefix or key[:n] in self._entries:
+            kept[r] = None
+            return
+        keys, values = kv(n)
+        kept[r] = (key[:n], keys, values, token_lp[1:n], top[1:n] if top_n else [])
 
     # ------------------------------------------------------------------ generation
     def generation(
@@ -586,12 +647,14 @@ class TokenGate:
     def __init__(self, limit: int, wait_s: float = QUEUE_WAIT_S):
         self.limit, self.wait_s = int(limit), float(wait_s)
         self.used = 0
+        self.refused = 0  # requests turned away (503) after waiting wait_s
         self._cond = threading.Condition()
 
     @contextmanager
     def hold(self, tokens: int):
         with self._cond:
             if not self._cond.wait_for(lambda: self.used == 0 or self.used + tokens <= self.limit, self.wait_s):
+                self.refused += 1
                 raise RequestError(
                     503,
                     f"busy: {self.used} prompt tokens queued (at most {self.limit}); try again",
@@ -657,6 +720,7 @@ class Service:
             cancelled=b.cancelled,
             queued_tokens=self.gate.used,
             refused_connections=self.refused,
+            refused_busy=self.gate.refused,
             context_tokens=e.context_tokens,
         )
 

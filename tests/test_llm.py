@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from rudder.agents import llm_models  # noqa: E402
+from rudder.agents.llm import models as llm_models  # noqa: E402
 from rudder.agents.llm.prompt import (
     ANSWER_PREFIX,
     DEFAULT_OPTIONS,

@@ -95,3 +95,16 @@ def test_the_checks_can_fail():
     assert "traces/nope.py" in CODE_SPAN.findall(body)
     assert MODULE.findall(text) == ["rudder.nope"] and importlib.util.find_spec("rudder.nope") is None
     assert slug("Emulated hosts on one machine (`--hosts`)") == "emulated-hosts-on-one-machine---hosts"
+
+
+def test_a_benchmark_run_keeps_the_summary_table_first(tmp_path):
+    """``python -m rudder.bench`` rewrites BENCHMARKS.md section by section; the summary table stays at the top."""
+    from rudder.bench.run import SECTIONS, _write
+
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(read("BENCHMARKS.md"))
+    p4 = SECTIONS["p4"][0]
+    _write(str(out), ["# rudder benchmarks", ""], {p4: f"## {p4}\n\nnew p4\n"})
+    titles = [line for line in out.read_text().splitlines() if line.startswith("## ")]
+    assert titles[0].startswith("## Summary"), titles[:3]
+    assert "new p4" in out.read_text()

@@ -409,21 +409,20 @@ def abuse(quick: bool = False, clients: int = 50, decisions: int = 2, model: str
     stop_sampling = threading.Event()
     threading.Thread(target=sample, daemon=True).start()
 
+    def phase(name):
+        row(f"rss_peak {name}", f"service peak RSS (VmHWM) {name}", _status(proc.pid)["VmHWM"], "MB")
+
     def stats():
         req = urllib.request.Request(url + "/stats", headers=auth)
         with urllib.request.urlopen(req, timeout=30) as r:
-            return json.load(r)
-
-    def complete(body: dict, timeout: float = 600) -> dict:
-        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), headers=auth)
-        with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.load(r)
 
     try:
         first = LLMAgent(endpoint=url, model=model)
         tokenizer = first.tokenizer
         agents = [first] + [LLMAgent(endpoint=url, model=(None, tokenizer)) for _ in range(clients - 1)]
-        work = {r: points(TRACE4, r, decisions + 5) for r in range(4)}
+        n_idle = 3  # the 4-partition sample trace has 6 decision points per rank: 3 idle, 3 beside a generation
+        work = {r: points(TRACE4, r, 2 * n_idle) for r in range(4)}
         prompts = {r: [first.prompt(o, i) for o, i in work[r]] for r in range(4)}
         for r in range(4):
             agents[r].warm_up(work[r][0][1])
@@ -435,7 +434,9 @@ def abuse(quick: bool = False, clients: int = 50, decisions: int = 2, model: str
             agent.option_scores(text.prefix, text.suffix)
             return time.perf_counter() - t0
 
-        idle = [decide(first, t) for t in prompts[0][: 3 if quick else 5]]
+        # decisions not asked before (only the trainer's prefix is kept for them); those beside the generation
+        # below are others, equally new
+        idle = [decide(first, t) for t in prompts[0][:n_idle]]
         row(
             "decision_idle_p50",
             "one decision (2 options scored), service idle",
@@ -443,25 +444,25 @@ def abuse(quick: bool = False, clients: int = 50, decisions: int = 2, model: str
             "s",
             len(idle),
         )
-        generating, made = threading.Event(), []
+        # a 1500-token generation (greedy: it runs its length) asked over a raw connection, hung up on afterwards
+        import socket
 
-        def generate():
-            k = 0
-            while generating.is_set():
-                body = dict(prompt="Write a long story about a cache that forgot.", max_tokens=1500)
-                got = complete(dict(body, temperature=0.9, seed=k))
-                made.append(got["usage"]["completion_tokens"])
-                k += 1
-
-        generating.set()
-        gen = threading.Thread(target=generate, daemon=True)
-        before = stats()["generation_steps"]
-        gen.start()
-        while stats()["generation_steps"] < before + 20:  # the generation is past its prefill, decoding
-            time.sleep(0.1)
-        busy = [decide(first, t) for t in prompts[0][: 3 if quick else 5]]
-        steps = stats()["generation_steps"] - before
-        generating.clear()
+        s0 = stats()
+        gen_sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        body = b'{"prompt": "Once upon a time, there was a cache", "max_tokens": 1500, "temperature": 0}'
+        gen_sock.sendall(_post("/v1/completions", body, token))
+        deadline = time.monotonic() + 300
+        while stats()["generation_steps"] < s0["generation_steps"] + 20 and time.monotonic() < deadline:
+            time.sleep(0.1)  # past its prefill, decoding
+        busy = [decide(first, t) for t in prompts[0][n_idle : 2 * n_idle]]
+        steps = stats()["generation_steps"] - s0["generation_steps"]
+        gen_sock.close()  # the client hangs up: the service should cancel the rest of the 1500 tokens
+        t0 = time.perf_counter()
+        while stats()["cancelled"] == s0["cancelled"] and time.perf_counter() - t0 < 10:
+            time.sleep(0.05)
+        cancel_s = time.perf_counter() - t0
+        time.sleep(1.0)
+        s1 = stats()
         row(
             "decision_beside_generation_p50",
             "one decision while a max_tokens=1500 generation runs",
@@ -470,8 +471,21 @@ def abuse(quick: bool = False, clients: int = 50, decisions: int = 2, model: str
             len(busy),
         )
         row("decision_beside_generation_max", "slowest of those", max(busy), "s", len(busy))
-        row("generation_steps_meanwhile", "generation steps taken during those decisions", steps, "steps")
-        gen.join(600)
+        row("generation_steps_meanwhile", "generation steps (tokens) taken during those decisions", steps, "steps")
+        row(
+            "hangup_cancelled",
+            "the generation cancelled after its client hung up (1: yes)",
+            s1["cancelled"] - s0["cancelled"],
+            "",
+        )
+        row("hangup_cancel_s", "seconds from the hang-up to the cancellation", cancel_s, "s")
+        row(
+            "hangup_steps_left",
+            "generation steps of it computed after that",
+            s1["generation_steps"] - s0["generation_steps"] - steps,
+            "steps",
+        )
+        phase("after the long generation")
 
         # trainer-like clients, all at once
         barrier = threading.Barrier(clients)
@@ -481,8 +495,10 @@ def abuse(quick: bool = False, clients: int = 50, decisions: int = 2, model: str
             agent, r = agents[i], i % 4
             try:
                 agent.warm_up(work[r][0][1])
-                barrier.wait(120)
-                for text in prompts[r][:decisions]:
+                barrier.wait(600)
+                own = prompts[r]  # the rank's decision points, each trainer from its own place among them
+                for k in range(decisions):
+                    text = own[((i // 4) * decisions + k) % len(own)]
                     lat.append(decide(agent, text))
             except Exception as exc:  # noqa: BLE001 - counted
                 errors.append(f"{type(exc).__name__}: {exc}")
@@ -521,6 +537,7 @@ def abuse(quick: bool = False, clients: int = 50, decisions: int = 2, model: str
         row("trainers_latency_max", "slowest decision among them", max(lat) if lat else float("nan"), "s", len(lat))
         if errors:
             print("errors:", *errors[:5], sep="\n  ")
+        phase(f"after {clients} trainers")
 
         # oversized: a 5 MB body (refused unread), a 20k-token prompt (97 KB: refused after counting)
         size = 5 << 20
@@ -565,8 +582,6 @@ def abuse(quick: bool = False, clients: int = 50, decisions: int = 2, model: str
         row("malformed_5xx", "of those answered 5xx", sum(s >= 500 for s in statuses), "")
 
         # 200 idle connections: threads stay bounded, they are closed after the idle timeout
-        import socket
-
         idle_socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
         time.sleep(1.0)
         threads_open = _status(proc.pid)["Threads"]
@@ -588,22 +603,7 @@ def abuse(quick: bool = False, clients: int = 50, decisions: int = 2, model: str
             "",
         )
 
-        # a client that hangs up on a long generation
-        c0 = stats()["cancelled"]
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(_post("/v1/completions", b'{"prompt": "Tell a long story.", "max_tokens": 1500}', token))
-            time.sleep(2.0)
-        deadline = time.monotonic() + 10
-        while stats()["cancelled"] == c0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        row(
-            "hangup_cancelled",
-            "abandoned generations cancelled after the client hung up",
-            stats()["cancelled"] - c0,
-            "",
-        )
-
-        # the largest request it scores: a prompt at the model's context
+        phase("before the context-sized prompt")
         context = stats()["context_tokens"]
         ids = tokenizer("The cache hit rate rose. " * 3000, add_special_tokens=False)["input_ids"][: context - 16]
         t0 = time.perf_counter()
@@ -643,7 +643,8 @@ def summarise_abuse(df) -> tuple:
         f"{int(v['trainers_errors'])} failed decisions among 50 trainer-like agents asking at once "
         f"({int(v['trainers_retries'])} retried connections, {int(v['trainers_refused'])} turned away); a decision "
         f"took {v['decision_idle_p50']:.2f} s idle and {v['decision_beside_generation_p50']:.2f} s (max "
-        f"{v['decision_beside_generation_max']:.2f} s) beside a running 1500-token generation; a 5 MB body got "
+        f"{v['decision_beside_generation_max']:.2f} s) beside a running 1500-token generation, which was cancelled "
+        f"{v['hangup_cancel_s']:.2f} s after its client hung up; a 5 MB body got "
         f"{int(v['body_5mb_status'])} in {v['body_5mb_refused_s'] * 1000:.0f} ms, a ~20k-token prompt "
         f"{int(v['prompt_20k_status'])} in {v['prompt_20k_refused_s']:.2f} s; {int(v['malformed_5xx'])} of the "
         f"malformed requests got a 5xx; peak RSS {v['rss_peak']:.0f} MB (a prompt at the model's context "

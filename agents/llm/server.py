@@ -90,7 +90,7 @@ MIN_PREFIX_TOKENS = 32
 PLAIN_HEAD_MODELS = ("llama", "qwen2", "qwen3", "mistral")
 SHARED_MIN_NEW = 16  # a request's shared part is prefilled on its own first when it is this much longer than kept
 DEFAULT_CONTEXT_TOKENS = 2048  # for a model whose config names no context length
-DEFAULT_PREFIX_TOKENS = 8192  # kept prefixes, all together (SmolLM2-135M fp32: ~46 KB of KV cache per token)
+DEFAULT_PREFIX_TOKENS = 16384  # kept prefixes, all together (SmolLM2-135M fp32: ~46 KB of KV cache per token)
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens a generation prefills per step (scoring may run between steps)
 LONG_CHUNK = 512  # a scored row longer than the token budget is prefilled in chunks of this many tokens
 LOGIT_ROWS = 256  # positions whose logits (a vocabulary of floats each) are computed at once
@@ -223,9 +223,15 @@ class Engine:
 
     def _score(self, requests: list[list[list[int]]], top_n: int) -> list[list[Scored]]:
         plan = []  # (request, row index, tokens, entry, reused positions)
+        first: dict[tuple, tuple] = {}  # a row's tokens -> where it is first met: the same row is computed once
+        twins = []  # (request, row index, where its twin is)
         for r, rows in enumerate(requests):
             for i, row in enumerate(rows):
                 key = tuple(row)
+                if key in first:
+                    twins.append((r, i, first[key]))
+                    continue
+                first[key] = (r, i)
                 entry, m = self._lookup(key, top_n) if self.prefix_entries else (None, 0)
                 plan.append((r, i, key, entry, m))
         out: list[list] = [[None] * len(rows) for rows in requests]
@@ -242,16 +248,29 @@ class Engine:
             group.append(p)
         if group:
             self._score_group(group, out, kept, requests, top_n)
-        for r, item in kept.items():
-            if item is None:
-                continue
-            tokens, keys, values, token_lp, top = item
-            if tokens not in self._entries:
+        for r, i, (r0, i0) in twins:
+            out[r][i] = out[r0][i0]
+        new = set()
+        for item in kept.values():
+            if item is not None and item[0] not in self._entries:
+                tokens, keys, values, token_lp, top = item
                 self._entries[tokens] = PrefixEntry(tokens, keys, values, token_lp, top, top_n)
-                kept_tokens = sum(map(len, self._entries))
-                while self._entries and (len(self._entries) > self.prefix_entries or kept_tokens > self.prefix_tokens):
-                    kept_tokens -= len(self._entries.popitem(last=False)[0])
+                new.add(tokens)
+        self._evict(new)
         return out
+
+    def _evict(self, new: set) -> None:
+        """Drop kept prefixes until at most ``prefix_entries`` of ``prefix_tokens`` tokens in all remain. First to
+        go: the least recently used of those that extend another kept prefix (a decision's own prompt, beyond its
+        trainer's system message and examples, which every later decision of that trainer shares), then the least
+        recently used of the rest; those just added (``new``) last."""
+        total = sum(map(len, self._entries))
+        while self._entries and (len(self._entries) > self.prefix_entries or total > self.prefix_tokens):
+            keys = list(self._entries)  # least recently used first
+            extends = [k for k in keys if any(len(o) < len(k) and k[: len(o)] == o for o in keys)]
+            victim = next((k for k in extends if k not in new), next((k for k in keys if k not in new), keys[0]))
+            del self._entries[victim]
+            total -= len(victim)
 
     def _score_group(self, group: list, out: list, kept: dict, requests: list, top_n: int) -> None:
         import torch
@@ -375,7 +394,14 @@ class Engine:
         if r in kept:
             return
         n = min(_common(key, other) for other in requests[r])  # the request's shared part: its prompts' common prefix
-        if n < self.min_prefix or key[:n] in self._entries:
+        held = [item for item in kept.values() if item is not None]
+        if (
+            n < self.min_prefix
+            or n > self.prefix_tokens
+            or key[:n] in self._entries
+            or len(held) >= self.prefix_entries
+            or any(item[0] == key[:n] for item in held)
+        ):  # not kept, or kept already: its KV cache is not copied (many requests of one batch may share it)
             kept[r] = None
             return
         keys, values = kv(n)

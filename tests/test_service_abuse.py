@@ -213,6 +213,15 @@ def test_one_batch_of_many_trainers_copies_one_prefix_and_keeps_trainers_prefixe
         engine.score([[prompt + engine.encode(' {"decision": "keep"}'), prompt + engine.encode(' {"decision": "no"}')]])
         assert tuple(prefixes[0]) in engine._entries and tuple(prefixes[1]) in engine._entries
         assert sum(map(len, engine._entries)) <= 260
+    engine.prefix_tokens = 10_000  # now the entry count binds: six trainers' decisions in one batch, 4 entries kept
+    engine.prefix_entries = 4
+    batch = []
+    for d in range(6):
+        prompt = prefixes[d % 2] + engine.encode(f" decision {d} hit rate {d}")
+        batch.append([prompt + engine.encode(' {"decision": "keep"}'), prompt + engine.encode(' {"decision": "no"}')])
+    engine.score(batch)
+    assert len(engine._entries) == 4
+    assert tuple(prefixes[0]) in engine._entries and tuple(prefixes[1]) in engine._entries
 
 
 def test_kept_prefixes_and_queued_tokens_are_bounded(tiny):

@@ -219,9 +219,11 @@ class Engine:
             if n >= self.min_prefix and n - m > SHARED_MIN_NEW and [part] not in shared:
                 shared.append([part])
         if shared:
-            self._score(shared, top_n)
+            self._score(shared, top_n, keep_new=True)
 
-    def _score(self, requests: list[list[list[int]]], top_n: int) -> list[list[Scored]]:
+    def _score(self, requests: list[list[list[int]]], top_n: int, keep_new: bool = False) -> list[list[Scored]]:
+        """Echo of every row (see :meth:`score`); the shared parts computed are kept as prefixes, those just added
+        spared by the eviction that follows if ``keep_new`` (their rows come next)."""
         plan = []  # (request, row index, tokens, entry, reused positions)
         first: dict[tuple, tuple] = {}  # a row's tokens -> where it is first met: the same row is computed once
         twins = []  # (request, row index, where its twin is)
@@ -256,19 +258,22 @@ class Engine:
                 tokens, keys, values, token_lp, top = item
                 self._entries[tokens] = PrefixEntry(tokens, keys, values, token_lp, top, top_n)
                 new.add(tokens)
-        self._evict(new)
+        self._evict(new if keep_new else set())
         return out
 
-    def _evict(self, new: set) -> None:
+    def _evict(self, protect: set) -> None:
         """Drop kept prefixes until at most ``prefix_entries`` of ``prefix_tokens`` tokens in all remain. First to
         go: the least recently used of those that extend another kept prefix (a decision's own prompt, beyond its
         trainer's system message and examples, which every later decision of that trainer shares), then the least
-        recently used of the rest; those just added (``new``) last."""
+        recently used of the rest; those in ``protect`` (about to be used) last."""
         total = sum(map(len, self._entries))
         while self._entries and (len(self._entries) > self.prefix_entries or total > self.prefix_tokens):
             keys = list(self._entries)  # least recently used first
             extends = [k for k in keys if any(len(o) < len(k) and k[: len(o)] == o for o in keys)]
-            victim = next((k for k in extends if k not in new), next((k for k in keys if k not in new), keys[0]))
+            victim = next(
+                (k for k in extends if k not in protect), next((k for k in keys if k not in protect), keys[0])
+            )
+
             del self._entries[victim]
             total -= len(victim)
 

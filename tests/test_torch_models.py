@@ -161,3 +161,45 @@ if os.environ.get("RUDDER_TORCH_MODELS_CUDA"):  # the device check runs these on
         dev = torch.device("cuda")
         out = mine.to(dev)(block_indices(blocks, dev), x.to(dev)).cpu()
         _assert_close(out, ref(blocks, x), "output on cuda")
+
+
+@pytest.mark.parametrize("prefetch", ["inline", "background"])
+@pytest.mark.parametrize("admit_on_miss", [False, True])
+def test_device_rows_serve_what_the_host_buffer_would(prefetch, admit_on_miss):
+    """``--buffer-on-device``'s mirror (run here on the CPU: the code is the same on a GPU): through a fill,
+    minibatches with prefetch sets (inline, or arriving in chunks) and admissions on miss, every input row it
+    assembles is the node's row, and every occupied slot holds its node's row."""
+    from rudder.env.buffer import EMPTY, PrefetchBuffer
+    from rudder.runtime.trainer import DeviceRows
+
+    rng = np.random.default_rng(5)
+    num_nodes, capacity, width = 500, 60, 3
+    feat = torch.arange(num_nodes, dtype=torch.float32).unsqueeze(1) * torch.tensor([1.0, -1.0, 0.5])
+    buffer = PrefetchBuffer(capacity, num_nodes, period=4, admit_on_miss=admit_on_miss, prefetch=prefetch)
+    mirror = DeviceRows(capacity, width, torch.float32, torch.device("cpu"))
+    filled = buffer.fill(rng.choice(400, 40, replace=False))
+    mirror.sync(buffer, filled, feat[filled])
+    hits = 0
+    for step in range(40):
+        if step % 4 == 0:
+            buffer.apply(rng.choice(400, 30, replace=False))
+        if prefetch == "background":
+            while (chunk := buffer.take(max_rows=16)).size:
+                buffer.arrive(chunk)
+                mirror.sync(buffer, chunk, feat[chunk])
+        remote_ids = rng.choice(400, 25, replace=False)  # nodes 0..399 are other partitions'
+        local_ids = rng.choice(np.arange(400, num_nodes), 10, replace=False)
+        inputs = np.concatenate([local_ids, remote_ids])
+        rng.shuffle(inputs)
+        remote = inputs < 400
+        remote_ids = inputs[remote]
+        to_pull = buffer.begin(remote_ids)
+        hit_slots = buffer.slot_of[remote_ids].astype(np.int64)
+        _, counts = buffer.finish(None)
+        hits += counts.hits
+        pulled = feat[np.concatenate([inputs[~remote], to_pull])]
+        x = mirror.inputs(buffer, remote, hit_slots, to_pull, pulled)
+        assert torch.equal(x, feat[inputs]), step
+        occupied = buffer.slot_ids != EMPTY
+        assert torch.equal(mirror.rows[occupied], feat[buffer.slot_ids[occupied]]), step
+    assert hits > 50  # the rows came from the mirror, not only from pulls

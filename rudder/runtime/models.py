@@ -48,6 +48,19 @@ class BlockIndex(NamedTuple):
         )
 
 
+def dgl_has_cuda() -> bool:
+    """Whether this DGL can put a graph on a GPU (a CUDA build, and a GPU torch sees); the PyPI wheel cannot."""
+    if not torch.cuda.is_available():
+        return False
+    import dgl
+
+    try:
+        dgl.graph(([0], [0])).to("cuda")
+    except Exception:  # noqa: BLE001 - DGL raises DGLError: "Device API cuda is not enabled"
+        return False
+    return True
+
+
 def block_indices(blocks, device: torch.device | str = "cpu") -> list[BlockIndex]:
     """Each DGL block's :class:`BlockIndex`, on ``device``."""
     out = [BlockIndex.from_dgl(b) for b in blocks]

@@ -203,3 +203,67 @@ def test_device_rows_serve_what_the_host_buffer_would(prefetch, admit_on_miss):
         occupied = buffer.slot_ids != EMPTY
         assert torch.equal(mirror.rows[occupied], feat[buffer.slot_ids[occupied]]), step
     assert hits > 50  # the rows came from the mirror, not only from pulls
+
+
+def test_trace_device_columns_round_trip_and_go_together(tmp_path):
+    """A GPU run's trace carries h2d_s/h2d_rows per minibatch (both, for every minibatch); a CPU run's none."""
+    from rudder.traces import Trace, TraceWriter
+
+    def row(i, **extra):
+        return dict(
+            minibatch=i, epoch=0, remote_ids=np.array([3, 9]), local_rows=5, sample_s=0.1, fetch_s=0.2,
+            compute_s=0.3, fetch_rows=7, hits=0, remote_fetched=2, prefetched=0, **extra,
+        )  # fmt: skip
+
+    with TraceWriter(tmp_path / "gpu", 0, 1, {}, {"device": "cuda:0"}, {}) as w:
+        for i in range(3):
+            w.add_minibatch(**row(i, h2d_s=0.01 * i, h2d_rows=7 + i))
+    table = Trace(tmp_path / "gpu").rank(0).device_table()
+    assert table["h2d_rows"].tolist() == [7, 8, 9]
+    np.testing.assert_allclose(table["h2d_s"], [0.0, 0.01, 0.02], rtol=1e-6)
+    with TraceWriter(tmp_path / "cpu", 0, 1, {}, {}, {}) as w:
+        w.add_minibatch(**row(0))
+    assert Trace(tmp_path / "cpu").rank(0).device_table() is None
+    with TraceWriter(tmp_path / "bad", 0, 1, {}, {}, {}) as w:
+        with pytest.raises(ValueError, match="h2d_s and h2d_rows go together"):
+            w.add_minibatch(**row(0, h2d_s=0.1))
+        w.add_minibatch(**row(0, h2d_s=0.1, h2d_rows=3))
+        with pytest.raises(ValueError, match="for every minibatch of a rank or for none"):
+            w.add_minibatch(**row(1))
+
+
+def test_replay_adds_the_copy_time_a_gpu_trace_recorded(shipped_trace, tmp_path):
+    """The shipped (CPU) trace, given host-to-device copies of ``c0 + c_row * rows`` seconds inside its fetch
+    times: replay fits them back, adds them to each minibatch's modelled fetch time, and sees the same counts."""
+    import shutil
+
+    from rudder.env.replay_env import ReplayEnv
+
+    c0, c_row = 2e-4, 3e-7
+    gpu = tmp_path / "gpu"
+    shutil.copytree(shipped_trace, gpu)
+    for path in sorted((gpu / "rank0").glob("chunk-*.npz")):
+        arrays = dict(np.load(path))
+        rows = arrays["local_rows"] + arrays["remote_count"]  # the buffer on the host: every input row copied
+        h2d = (c0 + c_row * rows).astype(np.float32)
+        arrays.update(h2d_s=h2d, h2d_rows=rows.astype(np.int32), fetch_s=arrays["fetch_s"] + h2d)
+        np.savez_compressed(path, **arrays)
+
+    def play(trace):
+        env = ReplayEnv(str(trace), rank=0)
+        env.reset(seed=0)
+        fetch_s, done, records = 0.0, False, []
+        while not done:
+            _, _, done, _, info = env.step(np.zeros(env.action_space.shape, dtype=np.int8))
+            fetch_s += info["window"]["fetch_s"]
+        return env, fetch_s, env.episode.buffer.counters.as_dict()
+
+    cpu_env, cpu_fetch_s, cpu_counts = play(shipped_trace)
+    gpu_env, gpu_fetch_s, gpu_counts = play(gpu)
+    assert cpu_env.copy_model is None
+    assert gpu_counts == cpu_counts
+    assert gpu_env.copy_model.c_row == pytest.approx(c_row, rel=1e-3)
+    assert gpu_env.copy_model.c0 == pytest.approx(c0, rel=1e-2)
+    table = gpu_env.rank_trace.table()
+    expect = float((c0 + c_row * (table["local_rows"] + table["remote_count"])).sum())
+    assert gpu_fetch_s - cpu_fetch_s == pytest.approx(expect, rel=1e-3)

@@ -202,6 +202,13 @@ class TraceWriter:
             "remote_fetched": _check_int("remote_fetched", remote_fetched, 0, _INT32_MAX),
             "prefetched": _check_int("prefetched", prefetched, 0, _INT32_MAX),
         }
+        if (h2d_s is None) != (h2d_rows is None):  # checked before anything is kept: a refused row leaves no trace
+            raise ValueError("h2d_s and h2d_rows go together")
+        if self._with_device is not None and self._with_device != (h2d_s is not None):
+            raise ValueError("h2d_s and h2d_rows must be given for every minibatch of a rank or for none")
+        if h2d_rows is not None:
+            h2d_rows = _check_int("h2d_rows", h2d_rows, 0, _INT32_MAX)
+        self._with_device = h2d_s is not None
         for name, value in row.items():
             self._pending[name].append(value)
         if self._with_seeds is None:
@@ -219,15 +226,9 @@ class TraceWriter:
         if arrived is not None:
             self._pending_prefetch["arrived"].append(_check_int("arrived", arrived, 0, _INT32_MAX))
             self._pending_prefetch["stall_s"].append(float(stall_s))
-        if (h2d_s is None) != (h2d_rows is None):
-            raise ValueError("h2d_s and h2d_rows go together")
-        if self._with_device is None:
-            self._with_device = h2d_s is not None
-        if self._with_device != (h2d_s is not None):
-            raise ValueError("h2d_s and h2d_rows must be given for every minibatch of a rank or for none")
         if h2d_s is not None:
             self._pending_device["h2d_s"].append(float(h2d_s))
-            self._pending_device["h2d_rows"].append(_check_int("h2d_rows", h2d_rows, 0, _INT32_MAX))
+            self._pending_device["h2d_rows"].append(h2d_rows)
         self._pending_ids.append(ids)
         self._next_minibatch = minibatch + 1
         now = time.monotonic()

@@ -29,7 +29,7 @@ if [ "${1:-}" = "--wheels" ]; then  # here: the wheels the device machine's Pyth
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" -d .whl dgl==2.1.0 torchdata==0.9.0 gymnasium==1.4.0 farama-notifications==0.0.4 \
         pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 mpich==5.0.2 \
-        mpi4py==4.1.2 stable-baselines3==2.9.2 gguf==0.17.1
+        mpi4py==4.1.2
     du -sh .whl
     exit 0
 fi

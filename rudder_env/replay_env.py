@@ -179,7 +179,8 @@ class ReplayEnv(PrefetchEnv):
         local, remote, secs = self._local_rows, table["remote_fetched"].to_numpy(), table["fetch_s"].to_numpy()
         if recorded is not None:  # the demand pull alone: without delivered chunks and the wait behind them
             remote, secs = remote - self._recorded_arrived, secs - self._recorded_stall
-        device = self.rank_trace.device_table()  # recorded on a GPU: the host-to-device copy, modelled apart
+        # recorded on a GPU: the host-to-device copy, modelled apart (a CPU recording's chunks are not read again)
+        device = self.rank_trace.device_table() if run.get("device", "cpu") != "cpu" else None
         self.copy_model = None if device is None else CopyTimeModel.fit(device["h2d_rows"], device["h2d_s"])
         self._buffer_on_device = bool(run.get("buffer_on_device", False))  # then only pulled rows are copied
         if device is not None:

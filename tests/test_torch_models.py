@@ -7,6 +7,7 @@ weights in both; a short distributed training run on synth-tiny reaches the DGL 
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -242,6 +243,9 @@ def test_replay_adds_the_copy_time_a_gpu_trace_recorded(shipped_trace, tmp_path)
     c0, c_row = 2e-4, 3e-7
     gpu = tmp_path / "gpu"
     shutil.copytree(shipped_trace, gpu)
+    header = json.loads((gpu / "trace.json").read_text())
+    header["meta"]["config"]["device"] = "cuda"
+    (gpu / "trace.json").write_text(json.dumps(header))
     for path in sorted((gpu / "rank0").glob("chunk-*.npz")):
         arrays = dict(np.load(path))
         rows = arrays["local_rows"] + arrays["remote_count"]  # the buffer on the host: every input row copied

@@ -171,6 +171,7 @@ def test_device_rows_serve_what_the_host_buffer_would(prefetch, admit_on_miss):
     minibatches with prefetch sets (inline, or arriving in chunks) and admissions on miss, every input row it
     assembles is the node's row, and every occupied slot holds its node's row."""
     from rudder.env.buffer import EMPTY, PrefetchBuffer
+
     from rudder.runtime.trainer import DeviceRows
 
     rng = np.random.default_rng(5)
@@ -256,7 +257,7 @@ def test_replay_adds_the_copy_time_a_gpu_trace_recorded(shipped_trace, tmp_path)
     def play(trace):
         env = ReplayEnv(str(trace), rank=0)
         env.reset(seed=0)
-        fetch_s, done, records = 0.0, False, []
+        fetch_s, done = 0.0, False
         while not done:
             _, _, done, _, info = env.step(np.zeros(env.action_space.shape, dtype=np.int8))
             fetch_s += info["window"]["fetch_s"]

@@ -272,3 +272,27 @@ def test_replay_adds_the_copy_time_a_gpu_trace_recorded(shipped_trace, tmp_path)
     table = gpu_env.rank_trace.table()
     expect = float((c0 + c_row * (table["local_rows"] + table["remote_count"])).sum())
     assert gpu_fetch_s - cpu_fetch_s == pytest.approx(expect, rel=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU: --device cuda is allowed here")
+def test_device_cuda_without_a_gpu_is_refused_in_one_line_before_launch(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "train.py"), "gnn", "--graph", "synth-tiny", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, RUDDER_CACHE=str(cache)),
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("rudder:")]
+    assert lines == [
+        f"rudder: error: --device cuda: torch {torch.__version__} sees no GPU on this host "
+        "(torch.cuda.is_available() is False): use --device cpu"
+    ], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (cache / "partitions").exists()  # refused before partitioning or starting any rank

@@ -1,8 +1,12 @@
-"""The plain-torch GraphSAGE and GAT layers (``--model-impl torch``) against DGL's SAGEConv / GATConv.
+"""The plain-torch GraphSAGE and GAT layers (``--model-impl torch``) against DGL's SAGEConv / GATConv, and the other
+parts of training on a GPU that a CPU can check.
 
 On the same sampled blocks and the same weights, outputs and gradients (inputs' and every parameter's) agree within
 float32 rounding, for 1 to 3 layers, with destinations that have no in-edge; the same seed builds the same initial
-weights in both; a short distributed training run on synth-tiny reaches the DGL path's accuracy.
+weights in both; a short distributed training run on synth-tiny reaches the DGL path's accuracy. The device
+buffer's mirror serves the rows the host buffer would; traces carry the host-to-device columns and replay adds the
+copy time they record; ``--device cuda`` without a GPU is refused in one line. ``bench/gpu_check.sh`` runs the
+GPU side (``RUDDER_TORCH_MODELS_CUDA=1`` adds a CUDA test here).
 """
 
 from __future__ import annotations

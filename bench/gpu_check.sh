@@ -12,17 +12,18 @@
 # CHECK_DEVICE (cuda; cpu runs the same steps with the "GPU" runs on the CPU, to try the script on a machine
 # without a GPU: no device-buffer run, no CUDA tests).
 #
-# On the device machine (python3 holds a CUDA torch; no network): DGL and the packages it lacks travel as wheels
-# in .whl (bench/gpu_check.sh --wheels, run here, downloads them), then:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site &&
-#   python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/rudder . &&
-#   PYTHONPATH=/tmp/rudder:/tmp/site PATH=/tmp/site/bin:$PATH bench/gpu_check.sh $OUT
+# On the device machine (a bare one: python3 holds a CUDA torch; no network): DGL and the packages it lacks travel
+# as wheels in .whl (`bench/gpu_check.sh --wheels`, run here, downloads them: ~28 MB), then, from the checkout:
+#   python3 -m pip install -q --no-index --no-deps .whl/*.whl &&           # mpiexec lands beside python3
+#   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . &&
+#   PYTHONUNBUFFERED=1 bench/gpu_check.sh $OUT/check 2>&1 | tee $OUT/log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 if [ "${1:-}" = "--wheels" ]; then  # here: the wheels the device machine's Python 3.12 lacks, into .whl
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >>"$(git rev-parse --git-path info/exclude)"
+    exclude=$(git rev-parse --git-path info/exclude)
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo /.whl/ >>"$exclude"
     platforms=()
     for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
         manylinux1_x86_64 manylinux_2_24_x86_64; do platforms+=(--platform "$p"); done

@@ -266,7 +266,7 @@ def main(argv=None) -> int:
             return 0
     parts = args.parts.split(",")
     if "abuse" in parts:
-        text, df = summarise_abuse(abuse(clients=max(args.clients, 50), decisions=2))
+        text, df = summarise_abuse(abuse(clients=max(args.clients, 50)))
         print(text)
         os.makedirs(os.path.dirname(OUT), exist_ok=True)
         df.to_csv(ABUSE_OUT, index=False)
@@ -366,7 +366,7 @@ def _post(path: str, data: bytes, token: str | None, length: str | None = None) 
     ).encode() + data
 
 
-def abuse(quick: bool = False, clients: int = 50, decisions: int = 2, model: str = "smollm2"):
+def abuse(quick: bool = False, clients: int = 50, decisions: int = 1, model: str = "smollm2"):
     """The real SmolLM2 service (a job's token, default limits) under what a shared node may send it, all
     on 127.0.0.1 and bounded in count and time: ``clients`` trainer-like agents (the 4-partition trace's ranks)
     each asking ``decisions`` decisions at once; a decision's latency idle and beside a running 1500-token

@@ -20,7 +20,8 @@ DEFAULT_CANDIDATES = 256
 DEFAULT_SAMPLE_AHEAD = 4  # minibatches a trainer samples ahead unless told otherwise (``--sample-ahead``)
 
 
-_STATE = ("_link", "_due", "_follow", "_decisions_seen")  # background prefetch: what the replay of arrivals tracks
+# background prefetch: what the replay of arrivals tracks; the replay clock (seconds since the first minibatch)
+_STATE = ("_link", "_due", "_follow", "_decisions_seen", "_clock_s")
 
 
 class _Driver:
@@ -99,7 +100,10 @@ class ReplayEnv(PrefetchEnv):
     (``"inline"`` or ``"background"``, default the recorded run's) and ``follow_recorded``: with background
     prefetch, rows arrive when the recording says while the decisions are the recorded ones (so a run replayed
     with its own decisions is exact), else when the link model says (:class:`~rudder.env.timing.BackgroundLink`);
-    ``False`` always models them.
+    ``False`` always models them; ``scenario`` (a :class:`~rudder.env.scenario.Scenario` or the path of a scenario
+    file): exogenous conditions this rank meets on the replay clock instead of the recorded link (time-varying link
+    rate, co-tenant traffic, a straggler: :mod:`rudder.env.scenario`); modelled times are then synthetic, and
+    arrivals always come from the link model.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class ReplayEnv(PrefetchEnv):
         sample_ahead=None,
         dense_ids: bool = True,
         sampled_only: bool = False,
+        scenario=None,
     ):
         super().__init__()
         self.levels = None if levels is None else check_link_levels(levels)
@@ -183,6 +188,9 @@ class ReplayEnv(PrefetchEnv):
             local, remote = np.append(local, 0), np.append(remote, rmeta["initial_fill_rows"])
             secs = np.append(secs, rmeta["initial_fill_s"])
         self.time_model = FetchTimeModel.fit(local, remote, secs)
+        self.scenario, self.conditions = None, None
+        if scenario is not None:
+            self._apply_scenario(scenario)
         self.ranking = ranking
         self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
         # what the recording trainer had sampled ahead, unless told otherwise: sampling ahead does not change the
@@ -309,10 +317,13 @@ class ReplayEnv(PrefetchEnv):
             buffer, ranking, self.k, run_facts, reward=self.reward, levels=self.levels, id_map=self._id_map
         )
         self._records = _Driver(self._replay)
+        self._clock_s = 0.0
         if self.prefetch == "background":
-            self._link = BackgroundLink(self.time_model)
+            self._link = BackgroundLink(self.time_model, self.conditions)
             self._due: list[np.ndarray] = []  # chunks the model delivers before the next minibatch
-            self._follow = self.follow_recorded and self._as_recorded(self.source.meta.get("config", {}))
+            self._follow = (
+                self.follow_recorded and self.scenario is None and self._as_recorded(self.source.meta.get("config", {}))
+            )
             self._decisions_seen = 0
             self.episode.on_apply = self._check_decision
         obs, info = self._first_observation()
@@ -371,12 +382,16 @@ class ReplayEnv(PrefetchEnv):
         if background:
             self._deliver(ep.buffer, i)
         _, counts = ep.buffer.lookup(self._ids[i])
-        demand_s = float(self.time_model.predict(self._local_rows[i], counts.remote_fetched - counts.arrived))
         stall_s = 0.0
-        if background and self._follow:  # the recording's own timing
-            stall_s = float(self._recorded_stall[i])
-        elif background:
-            stall_s, self._due = self._link.minibatch(self._sample_s[i] + self._compute_s[i])
+        if self.conditions is not None:  # a scenario: the link's rate follows its timeline on the replay clock
+            demand_s, stall_s = self._fetch_under_conditions(i, counts.remote_fetched - counts.arrived)
+        else:
+            demand_s = float(self.time_model.predict(self._local_rows[i], counts.remote_fetched - counts.arrived))
+            if background and self._follow:  # the recording's own timing
+                stall_s = float(self._recorded_stall[i])
+            elif background:
+                stall_s, self._due = self._link.minibatch(self._sample_s[i] + self._compute_s[i])
+        self._clock_s += float(self._sample_s[i] + self._compute_s[i]) + demand_s + stall_s
         return MinibatchRecord(
             epoch=int(self._epoch_of[i]),
             index=i,
@@ -389,6 +404,52 @@ class ReplayEnv(PrefetchEnv):
             counts=counts,
             stall_s=stall_s,
         )
+
+    def _apply_scenario(self, scenario) -> None:
+        """Replay under ``scenario``: this rank's conditions (:mod:`rudder.env.scenario`); a straggler's sampling
+        and compute seconds and wider rows' per-row costs are scaled here, the link rate minibatch by minibatch."""
+        from dataclasses import replace
+
+        from rudder.env.scenario import Scenario
+
+        self.scenario = scenario if isinstance(scenario, Scenario) else Scenario.load(scenario)
+        self.conditions = self.scenario.conditions(self.rank)
+        f = self.conditions.feature_bytes_factor
+        self.time_model = replace(
+            self.time_model, c_local=self.time_model.c_local * f, c_remote=self.time_model.c_remote * f
+        )
+        self._sample_s = self._sample_s * self.conditions.cpu_factor
+        self._compute_s = self._compute_s * self.conditions.cpu_factor
+
+    def _fetch_under_conditions(self, i: int, remote_rows: int) -> tuple[float, float]:
+        """Demand-pull and stall seconds of minibatch ``i`` under the scenario's conditions, from the replay
+        clock; with background prefetch, the chunks the link delivers meanwhile go to ``_due``."""
+        m, cond = self.time_model, self.conditions
+
+        def demand_s(t: float) -> float:
+            return m.c0 + m.c_local * float(self._local_rows[i]) + cond.transfer_s(t, m.c_remote * remote_rows)
+
+        if self.prefetch != "background":
+            return demand_s(self._clock_s), 0.0
+        stall_s, demand, self._due = self._link.minibatch_at(
+            self._clock_s, demand_s, float(self._sample_s[i] + self._compute_s[i])
+        )
+        return demand, stall_s
+
+    def cancel_queued(self) -> int:
+        """Background prefetch: drop the chunks requested but not started yet (their rows become candidates
+        again); returns the rows dropped. Inline prefetch: drop the pending set."""
+        buf = self.episode.buffer
+        if self.prefetch != "background":
+            n, buf.pending = int(buf.pending.size), buf.pending[:0]
+            return n
+        dropped = self._link.cancel()
+        if buf.queue.size:
+            dropped.append(buf.queue)
+            buf.queue = buf.queue[:0]
+        for ids in dropped:
+            buf.requested[ids] = False
+        return int(sum(ids.size for ids in dropped))
 
     def _deliver(self, buffer: PrefetchBuffer, i: int) -> None:
         """Background prefetch before minibatch ``i``: install the chunks that have arrived — as the recording

@@ -131,12 +131,54 @@ class BackgroundLink:
     per-remote-row costs). A chunk that ends before the next minibatch starts is delivered to it.
     """
 
-    def __init__(self, model: FetchTimeModel):
+    def __init__(self, model: FetchTimeModel, conditions=None):
         self.model = model
-        self.queue: list[list] = []  # requested, not delivered, in order: [ids, seconds left, started]
+        # requested, not delivered, in order: [ids, seconds left, started]; under time-varying conditions
+        # (:class:`~rudder.env.scenario.Conditions`) [ids, per-pull seconds left, link work left, started]
+        self.conditions = conditions
+        self.queue: list[list] = []
 
     def request(self, ids: np.ndarray) -> None:
+        if self.conditions is not None:
+            self.queue.append([ids, self.model.c0, self.model.c_remote * ids.size, False])
+            return
         self.queue.append([ids, self.model.c0 + self.model.c_remote * ids.size, False])
+
+    def cancel(self) -> list[np.ndarray]:
+        """Drop the chunks requested but not started (the one in progress goes on); returns their ids."""
+        keep = [c for c in self.queue if c[-1]]
+        dropped = [c[0] for c in self.queue if not c[-1]]
+        self.queue = keep
+        return dropped
+
+    def minibatch_at(self, start_s: float, demand_s, busy_s: float) -> tuple[float, float, list[np.ndarray]]:
+        """:meth:`minibatch` on the replay clock, under the link's ``conditions``: the minibatch starts at
+        ``start_s``; ``demand_s(t)`` is its demand pull's seconds when it starts at ``t``. Returns the stall, the
+        demand pull's seconds and the chunks delivered before the next minibatch."""
+        cond, done, t = self.conditions, [], start_s
+        if self.queue and self.queue[0][3]:  # a chunk in progress: the demand pull waits for it
+            t = cond.finish(t + self.queue[0][1], self.queue[0][2])
+            done.append(self.queue.pop(0)[0])
+        stall = t - start_s
+        demand = demand_s(t)
+        t += demand
+        end = t + busy_s
+        while self.queue:
+            head = self.queue[0]
+            head[3] = True
+            fixed = min(head[1], end - t)
+            head[1] -= fixed
+            t += fixed
+            if head[1] > 0:
+                break
+            finish = cond.finish(t, head[2])
+            if finish <= end:
+                t = finish
+                done.append(self.queue.pop(0)[0])
+            else:
+                head[2] -= cond.work_by(end) - cond.work_by(t)
+                break
+        return stall, demand, done
 
     def minibatch(self, busy_s: float) -> tuple[float, list[np.ndarray]]:
         """Run one minibatch whose compute and sampling (after its demand pull) take ``busy_s``; returns the demand

@@ -559,6 +559,11 @@ class ReplayEnv(PrefetchEnv):
         )
 
     @property
+    def clock_s(self) -> float:
+        """Modelled seconds of the episode so far (the replay clock a scenario's timelines follow)."""
+        return self._clock_s
+
+    @property
     def live_seconds_per_minibatch(self) -> float:
         """Mean measured seconds per minibatch of the recorded run (to turn decision latency into minibatches)."""
         n = max(len(self._ids), 1)

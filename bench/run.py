@@ -146,6 +146,15 @@ def p9_scale(quick: bool) -> tuple[str, pd.DataFrame]:
     return scale.summarise(df)
 
 
+def headroom_map(quick: bool) -> tuple[str, pd.DataFrame]:
+    from rudder.bench import headroom_map as hm
+
+    df = hm.measure(max_cells=8 if quick else None)  # resumes from the CSV: run it in pieces first if need be
+    hm.plot(df, os.path.join(OUT_DIR, "headroom_map.png"))
+    text, table = hm.summarise(df)
+    return text + "\n\nHeatmaps: `bench/results/headroom_map.png`; every cell: `bench/results/headroom_map.csv`.", table
+
+
 def faults_reliability(quick: bool) -> tuple[str, pd.DataFrame]:
     from rudder.bench import faults
 
@@ -166,6 +175,7 @@ SECTIONS = {
     "p6": ("P6 decisions that matter: link-budget levels, headroom, regret, held out", p6_decisions),
     "p7": ("P7 LLM size curve on link-budget decisions", p7_llm_size),
     "p9": ("P9 replay at papers100M scale (issue 14's 'P5')", p9_scale),
+    "headroom-map": ("Headroom map", headroom_map),
     "faults": ("Reliability: injected faults", faults_reliability),
 }
 

@@ -50,6 +50,7 @@ SIDE = [  # (buffer, feature_bytes_factor, scenario, space)
     *[(0.25, 4.0, s, "cancel") for s in ("square-8x-2s", "square-8x-6s")],
     *[(0.25, 4.0, s, "horizon") for s in ("stationary", "square-8x-2s", "square-8x-6s")],
     *[(0.25, 4.0, s, a) for s in ("markov-8x", "drift-8x", "straggler-2x-square") for a in ("levels", "stockup")],
+    *[(b, 4.0, s, "stockup-horizon") for b in (0.25, 0.5) for s in ("stationary", "square-8x-2s", "square-8x-6s")],
 ]
 
 
@@ -89,19 +90,21 @@ def _snapshot(env):
     return env.unwrapped.snapshot(), infos
 
 
-def play(env, actions) -> float:
-    """Modelled seconds of the whole episode from the reset state, playing ``actions(window)``."""
+def play(env, actions) -> tuple[float, float]:
+    """Modelled seconds of the whole episode from the reset state, playing ``actions(window)``, and of them the
+    seconds spent fetching (demand pulls and stalls behind prefetch chunks)."""
     env.reset(seed=0)
-    done, w = False, 0
+    done, w, fetch_s = False, 0, 0.0
     while not done:
-        _, _, done, _, _ = env.step(actions(w))
+        _, _, done, _, info = env.step(actions(w))
+        fetch_s += info["window"]["fetch_s"]
         w += 1
-    return env.unwrapped.clock_s
+    return env.unwrapped.clock_s, fetch_s
 
 
 def best_constant(env) -> tuple[int, float, list[float]]:
     """The action held throughout that ends soonest: ``(action, seconds, seconds of every action)``."""
-    secs = [play(env, lambda w, a=a: a) for a in range(env.action_space.n)]
+    secs = [play(env, lambda w, a=a: a)[0] for a in range(env.action_space.n)]
     best = int(np.argmin(secs))
     return best, secs[best], secs
 
@@ -139,6 +142,7 @@ def measure_cell(cell: dict, trace: str = TRACE, rank: int = 0, horizon: int = H
     t0 = time.perf_counter()
     env = make(cell["space"], trace, rank, scenario=scenario, buffer_fraction=cell["buffer_fraction"])
     a, const_s, secs = best_constant(env)
+    _, const_fetch_s = play(env, lambda w: a)
     ref_s, chosen = rollout(env, a, horizon)
     reference = min(ref_s, const_s)
     return dict(
@@ -153,6 +157,8 @@ def measure_cell(cell: dict, trace: str = TRACE, rank: int = 0, horizon: int = H
         rollout_s=ref_s,
         reference_s=reference,
         headroom=1.0 - reference / const_s,
+        # the best constant's fetch seconds over its run time: what no prefetch decision can save more of
+        fetch_share=const_fetch_s / const_s,
         switches=int(np.count_nonzero(np.diff(chosen))) if len(chosen) > 1 else 0,
         off_constant=float(np.mean(np.asarray(chosen) != a)),
         horizon=horizon,

@@ -12,6 +12,7 @@ below is a replay env option or a wrapper, replayable with snapshot/restore like
   chunks requested but not started (e.g. when the link has slowed and the queue would stall demand pulls).
 - ``horizon``: ``levels`` with a longer sample-ahead (``sample_ahead=16`` minibatches unless told): the lookahead
   knows more minibatches exactly.
+- ``stockup-horizon``: ``stockup``'s levels with ``horizon``'s sample-ahead: rows known further ahead to stock up.
 - ``keep-replace``: Rudder's lever over the decayed-misses ranking, no sample-ahead: admit a fraction
   ``(0, 0.25, 0.5, 1)`` of the candidates that have an evictable slot (:class:`~rudder.env.wrappers.FractionBudget`),
   over ``candidates=2048``.
@@ -33,7 +34,7 @@ STOCKUP_LEVELS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 THRESHOLD_PERIODS = (0.5, 1.0, 2.0, 4.0)
 MISSES_CANDIDATES = 2048
 HORIZON_SAMPLE_AHEAD = 16
-SPACES = ("levels", "stockup", "cancel", "horizon", "keep-replace", "threshold")
+SPACES = ("levels", "stockup", "cancel", "horizon", "stockup-horizon", "keep-replace", "threshold")
 
 
 class CancelQueued(gym.Wrapper):
@@ -104,7 +105,8 @@ def make(space: str, trace, rank: int = 0, scenario=None, sample_ahead=None, **e
         ahead = HORIZON_SAMPLE_AHEAD if (space == "horizon" and sample_ahead is None) else sample_ahead
         env = ReplayEnv(trace, rank, levels=LINK_LEVELS, sample_ahead=ahead, **lookahead, **common)
         return CancelQueued(env) if space == "cancel" else env
-    if space == "stockup":
-        return ReplayEnv(trace, rank, levels=STOCKUP_LEVELS, sample_ahead=sample_ahead, **lookahead, **common)
+    if space in ("stockup", "stockup-horizon"):
+        ahead = HORIZON_SAMPLE_AHEAD if (space == "stockup-horizon" and sample_ahead is None) else sample_ahead
+        return ReplayEnv(trace, rank, levels=STOCKUP_LEVELS, sample_ahead=ahead, **lookahead, **common)
     env = ReplayEnv(trace, rank, candidates=MISSES_CANDIDATES, ranking="misses", admit_on_miss=True, **common)
     return FractionBudget(env) if space == "keep-replace" else EvictionThreshold(env)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import tempfile
 import time
 from itertools import product
 
@@ -35,22 +36,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIO_DIR = os.path.join(ROOT, "bench", "scenarios")
 OUT_DIR = os.path.join(ROOT, "bench", "results")
 CSV = os.path.join(OUT_DIR, "headroom_map.csv")
-TRACE = os.path.join(ROOT, "traces", "samples", "emu2-metis2-f10x25-400mbit")
+RECORDED = os.path.join(ROOT, "traces", "samples", "emu2-metis2-f10x25-400mbit")
 HORIZON = 2  # windows a rollout looks ahead (the tried action, then the best constant)
 THRESHOLDS = (0.05, 0.10)  # headroom marked in the summary
 
-# the grid: buffer fraction x feature width x scenario x {levels, stockup}, and side rows for the other spaces
+# Workloads. "recorded": rank 0 of a trace recorded live on 2 emulated hosts at 400mbit (real reuse, the lookahead
+# from seeds and partition structure, 4 minibatches sampled ahead). Two constructed ones (synthetic,
+# :func:`constructed_trace`), every minibatch 300 remote rows, pulls at 4e-4 s per row (a window's link budget is
+# then below the buffer), the whole epoch sampled ahead (exact knowledge of what is needed): "stream" (every row
+# needed once: only prefetch can hide a pull) and "mixed" (half of each minibatch from 3000 hot rows).
+WORKLOADS = ("recorded", "stream", "mixed")
 BUFFERS = (0.05, 0.25, 0.5)
 FEATURE_BYTES = (1.0, 4.0)  # rows as recorded, and 4 times as wide (a quarter of the link budget in rows)
 MAIN_SCENARIOS = ("stationary", "square-8x-2s", "square-8x-6s", "cotenant-90")
 MAIN_SPACES = ("levels", "stockup")
-SIDE = [  # (buffer, feature_bytes_factor, scenario, space)
-    *[(b, 1.0, s, "keep-replace") for b in BUFFERS for s in ("stationary", "square-8x-2s")],
-    *[(0.25, 1.0, s, "threshold") for s in ("stationary", "square-8x-2s")],
-    *[(0.25, 4.0, s, "cancel") for s in ("square-8x-2s", "square-8x-6s")],
-    *[(0.25, 4.0, s, "horizon") for s in ("stationary", "square-8x-2s", "square-8x-6s")],
-    *[(0.25, 4.0, s, a) for s in ("markov-8x", "drift-8x", "straggler-2x-square") for a in ("levels", "stockup")],
-    *[(b, 4.0, s, "stockup-horizon") for b in (0.25, 0.5) for s in ("stationary", "square-8x-2s", "square-8x-6s")],
+SIDE = [  # (workload, buffer, feature_bytes_factor, scenario, space) on the recorded trace
+    *[("recorded", b, 1.0, s, "keep-replace") for b in (0.05, 0.25) for s in ("stationary", "square-8x-2s")],
+    *[("recorded", 0.25, 1.0, s, "threshold") for s in ("stationary", "square-8x-2s")],
+    *[("recorded", 0.5, 4.0, s, "cancel") for s in ("square-8x-2s", "square-8x-6s")],
+    *[("recorded", 0.5, 4.0, s, "horizon") for s in ("stationary", "square-8x-2s", "square-8x-6s")],
+    *[("recorded", 0.5, 4.0, s, "stockup-horizon") for s in ("stationary", "square-8x-2s", "square-8x-6s")],
+    *[
+        ("recorded", 0.5, 4.0, s, a)
+        for s in ("markov-8x", "drift-8x", "straggler-2x-square")
+        for a in ("levels", "stockup", "cancel")
+    ],
 ]
 
 
@@ -68,8 +78,44 @@ def scenarios() -> dict:
 
 
 def cells() -> list[dict]:
-    grid = list(product(BUFFERS, FEATURE_BYTES, MAIN_SCENARIOS, MAIN_SPACES))
-    return [dict(buffer_fraction=b, feature_bytes_factor=f, scenario=s, space=a) for b, f, s, a in grid + SIDE]
+    """Every cell of the map, cheap ones first: the constructed workloads, the recorded grid, the side rows."""
+    grid = [(w, b, 1.0, s, a) for w in WORKLOADS[1:] for b, s, a in product(BUFFERS, MAIN_SCENARIOS, MAIN_SPACES)]
+    grid += [("recorded", *c) for c in product(BUFFERS, FEATURE_BYTES, MAIN_SCENARIOS, MAIN_SPACES)]
+    keys = ("workload", "buffer_fraction", "feature_bytes_factor", "scenario", "space")
+    return [dict(zip(keys, c)) for c in grid + SIDE]
+
+
+def constructed_trace(workload: str, directory: str | None = None, minibatches: int = 48, rows: int = 300) -> str:
+    """Write (once) and return the one-rank synthetic trace of ``workload`` ("stream" or "mixed", see
+    :data:`WORKLOADS`): seeded, the same every time."""
+    from rudder.traces import TraceWriter
+
+    directory = directory or os.path.join(tempfile.gettempdir(), "rudder-headroom-map", workload)
+    if os.path.exists(os.path.join(directory, "rank0", "rank.json")):
+        return directory
+    rng = np.random.default_rng(0)
+    fresh = iter(range(10_000, 10**9))
+    ids = []
+    for _ in range(minibatches):
+        hot = rng.choice(3000, size=rows // 2, replace=False) if workload == "mixed" else np.zeros(0, np.int64)
+        new = np.fromiter((next(fresh) for _ in range(rows - hot.size)), np.int64)
+        ids.append(np.concatenate([hot, new]).astype(np.int64))
+    halo = np.unique(np.concatenate(ids))
+    run = dict(
+        graph=f"constructed-{workload}", parts=2, fanout="10,25", batch_size=10, buffer_fraction=0.25,
+        buffer_init="empty", alpha=0.05, period=4, admit_on_miss=False, candidates=16, prefetch="background",
+        sample_ahead="epoch",
+    )  # fmt: skip
+    static = dict(halo_ids=halo, halo_degree=np.ones(halo.size, np.float32), initial_ids=np.zeros(0, np.int64))
+    writer = TraceWriter(directory, 0, 1, dict(config=run), dict(num_nodes=int(halo.max()) + 1), static, overwrite=True)
+    for i, x in enumerate(ids):
+        writer.add_minibatch(
+            minibatch=i, epoch=0, remote_ids=x, local_rows=60, sample_s=0.01, fetch_s=0.002 + 4e-4 * x.size,
+            compute_s=0.2, fetch_rows=60 + x.size, hits=0, remote_fetched=x.size, prefetched=0, arrived=0,
+            stall_s=0.0,
+        )  # fmt: skip
+    writer.close()
+    return directory
 
 
 def _restore(env, state) -> None:
@@ -132,7 +178,7 @@ def rollout(env, base: int, horizon: int = HORIZON) -> tuple[float, list[int]]:
     return env.unwrapped.clock_s, chosen
 
 
-def measure_cell(cell: dict, trace: str = TRACE, rank: int = 0, horizon: int = HORIZON, scen=None) -> dict:
+def measure_cell(cell: dict, rank: int = 0, horizon: int = HORIZON, scen=None) -> dict:
     from dataclasses import replace
 
     from rudder.env.action_spaces import make
@@ -140,16 +186,21 @@ def measure_cell(cell: dict, trace: str = TRACE, rank: int = 0, horizon: int = H
     scen = scen if scen is not None else scenarios()
     scenario = replace(scen[cell["scenario"]], feature_bytes_factor=cell["feature_bytes_factor"])
     t0 = time.perf_counter()
-    env = make(cell["space"], trace, rank, scenario=scenario, buffer_fraction=cell["buffer_fraction"])
+    if cell["workload"] == "recorded":
+        trace, extra = RECORDED, {}
+    else:
+        trace = constructed_trace(cell["workload"])
+        extra = dict(sampled_only=True, buffer_init="empty")
+    env = make(cell["space"], trace, rank, scenario=scenario, buffer_fraction=cell["buffer_fraction"], **extra)
     a, const_s, secs = best_constant(env)
     _, const_fetch_s = play(env, lambda w: a)
     ref_s, chosen = rollout(env, a, horizon)
     reference = min(ref_s, const_s)
     return dict(
-        trace=os.path.basename(trace),
-        rank=rank,
         **cell,
-        synthetic=cell["scenario"] != "stationary",
+        trace=os.path.basename(trace) if cell["workload"] == "recorded" else f"constructed-{cell['workload']}",
+        rank=rank,
+        synthetic=cell["scenario"] != "stationary" or cell["workload"] != "recorded",
         actions=int(env.action_space.n),
         best_constant=a,
         best_constant_s=const_s,
@@ -167,7 +218,7 @@ def measure_cell(cell: dict, trace: str = TRACE, rank: int = 0, horizon: int = H
 
 
 def _key(row) -> tuple:
-    return (row["buffer_fraction"], row["feature_bytes_factor"], row["scenario"], row["space"])
+    return (row["workload"], row["buffer_fraction"], row["feature_bytes_factor"], row["scenario"], row["space"])
 
 
 def measure(max_cells: int | None = None, progress=print) -> pd.DataFrame:
@@ -182,57 +233,68 @@ def measure(max_cells: int | None = None, progress=print) -> pd.DataFrame:
         row = measure_cell(cell, scen=scen)
         pd.DataFrame([row]).to_csv(CSV, mode="a", header=not os.path.exists(CSV), index=False)
         progress(
-            f"[headroom-map] {i + 1}/{len(todo)} {cell['space']:>12} {cell['scenario']:>20} "
+            f"[headroom-map] {i + 1}/{len(todo)} {cell['workload']:>8} {cell['space']:>15} {cell['scenario']:>19} "
             f"buf {cell['buffer_fraction']:g} fb {cell['feature_bytes_factor']:g}: "
             f"headroom {row['headroom']:.2%} ({row['wall_s']:.0f} s)"
         )
     return pd.read_csv(CSV)
 
 
+PANELS = [  # (workload, space, feature_bytes_factor) of the heatmaps
+    *[("recorded", a, f) for f in FEATURE_BYTES for a in MAIN_SPACES],
+    *[(w, a, 1.0) for w in WORKLOADS[1:] for a in MAIN_SPACES],
+]
+
+
 def plot(df: pd.DataFrame, path: str) -> None:
-    """Heatmaps of headroom (%): scenario x buffer fraction, one per action space and feature width."""
+    """Heatmaps of headroom (%): scenario x buffer fraction, one per workload, action space and feature width."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(product(MAIN_SPACES, FEATURE_BYTES))
     main = df[df["space"].isin(MAIN_SPACES) & df["scenario"].isin(MAIN_SCENARIOS)]
     vmax = max(10.0, 100 * float(main["headroom"].max()))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), sharey=True)
-    for ax, (space, fb) in zip(axes, panels):
-        t = main[(main["space"] == space) & (main["feature_bytes_factor"] == fb)]
+    fig, axes = plt.subplots(2, len(PANELS) // 2, figsize=(3.6 * len(PANELS) // 2, 6.6), sharey=True)
+    for ax, (workload, space, fb) in zip(axes.flat, PANELS):
+        t = main[(main["workload"] == workload) & (main["space"] == space) & (main["feature_bytes_factor"] == fb)]
         t = t.pivot_table(index="scenario", columns="buffer_fraction", values="headroom")
         t = t.reindex(index=[s for s in MAIN_SCENARIOS if s in t.index])
         im = ax.imshow(100 * t.to_numpy(), cmap="viridis", vmin=0, vmax=vmax)
         ax.set_xticks(range(t.shape[1]), [f"{c:g}" for c in t.columns])
         ax.set_yticks(range(t.shape[0]), t.index)
         ax.set_xlabel("buffer fraction of halo")
-        ax.set_title(f"{space}, rows x{fb:g}")
-        for (i, j), v in np.ndenumerate(100 * t.to_numpy()):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w" if v < vmax / 2 else "k", fontsize=8)
+        ax.set_title(f"{workload}: {space}" + (f", rows x{fb:g}" if fb != 1.0 else ""), fontsize=9)
+        for (r, c), v in np.ndenumerate(100 * t.to_numpy()):
+            ax.text(c, r, f"{v:.1f}", ha="center", va="center", color="w" if v < vmax / 2 else "k", fontsize=8)
     fig.colorbar(im, ax=axes, label="headroom over the best constant (%)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
-    n = len(df)
+    """Counts of cells over each threshold, headroom per workload and space, and the cells with the most."""
     over = {t: df[df["headroom"] >= t] for t in THRESHOLDS}
-    top = df.sort_values("headroom", ascending=False).head(8)
     lines = [
-        f"{n} cells (trace {df['trace'].iloc[0]} rank {df['rank'].iloc[0]}, replay-modelled seconds; rollout "
-        f"horizon {int(df['horizon'].iloc[0])} windows). Headroom = 1 - reference / best constant, where the "
-        "reference is the best action sequence the rollout search found (a sequence that exists: a lower bound on "
-        "what hindsight could gain, not a bound on the optimum).",
+        f"{len(df)} cells, replay-modelled seconds, rollout horizon {int(df['horizon'].iloc[0])} windows. Headroom = "
+        "1 - reference / best constant; the reference is the best action sequence the rollout search found (one "
+        "that exists: hindsight gains at least this much; not a proven bound). `fetch_share`: the best constant's "
+        "fetch seconds over its run time, the most any decision could save.",
         "",
-        f"- cells with headroom >= 5%: {len(over[0.05])}; >= 10%: {len(over[0.10])}; median "
-        f"{df['headroom'].median():.2%}, max {df['headroom'].max():.2%}.",
+        f"- cells with headroom >= 5%: {len(over[0.05])}; >= 10%: {len(over[0.10])} (of {len(df)}).",
     ]
-    for space, g in df.groupby("space"):
-        lines.append(f"- {space}: max {g['headroom'].max():.2%}, mean {g['headroom'].mean():.2%} over {len(g)} cells")
-    cols = ["space", "scenario", "buffer_fraction", "feature_bytes_factor", "best_constant", "best_constant_s"]
-    table = top[cols + ["reference_s", "headroom", "switches", "off_constant"]]
+    for (workload, space), g in df.groupby(["workload", "space"], sort=False):
+        best = g.loc[g["headroom"].idxmax()]
+        lines.append(
+            f"- {workload}, {space}: max {g['headroom'].max():.2%} ({best['scenario']}, buffer "
+            f"{best['buffer_fraction']:g}, rows x{best['feature_bytes_factor']:g}), mean {g['headroom'].mean():.2%}, "
+            f"over {len(g)} cells; fetch share {g['fetch_share'].min():.0%}-{g['fetch_share'].max():.0%}"
+        )
+    shown = over[0.05] if len(over[0.05]) >= 5 else df.sort_values("headroom", ascending=False).head(10)
+    cols = ["workload", "space", "scenario", "buffer_fraction", "feature_bytes_factor", "best_constant"]
+    table = shown.sort_values("headroom", ascending=False)[
+        cols + ["best_constant_s", "reference_s", "headroom", "fetch_share", "switches"]
+    ]
     return "\n".join(lines), table
 
 

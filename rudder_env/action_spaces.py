@@ -8,8 +8,8 @@ below is a replay env option or a wrapper, replayable with snapshot/restore like
 - ``levels``: today's link-budget levels ``(0, 0.125, 0.25, 0.5, 1)`` over the lookahead ranking with admit-on-miss.
 - ``stockup``: levels up to 4 link budgets (``(0, 0.125, 0.25, 0.5, 1, 2, 4)``): background prefetch queues what
   does not fit one window and keeps the link busy into the next ones, bounded by the buffer's capacity.
-- ``cancel``: :class:`CancelQueued` over ``levels``: each level, or the same level after dropping the background
-  chunks requested but not started (e.g. when the link has slowed and the queue would stall demand pulls).
+- ``cancel``: :class:`CancelQueued` over ``stockup``: each level, or the same level after dropping the background
+  chunks requested but not started (e.g. when the link has slowed and a stocked-up queue would stall demand pulls).
 - ``horizon``: ``levels`` with a longer sample-ahead (``sample_ahead=16`` minibatches unless told): the lookahead
   knows more minibatches exactly.
 - ``stockup-horizon``: ``stockup``'s levels with ``horizon``'s sample-ahead: rows known further ahead to stock up.
@@ -101,12 +101,12 @@ def make(space: str, trace, rank: int = 0, scenario=None, sample_ahead=None, **e
     sampled_only = bool(env_kwargs.pop("sampled_only", False))  # the lookahead from sampled-ahead minibatches alone
     common = dict(reward="time", follow_recorded=False, scenario=scenario, **env_kwargs)
     lookahead = dict(ranking="lookahead", admit_on_miss=True, sampled_only=sampled_only)
-    if space in ("levels", "cancel", "horizon"):
+    if space in ("levels", "horizon"):
         ahead = HORIZON_SAMPLE_AHEAD if (space == "horizon" and sample_ahead is None) else sample_ahead
-        env = ReplayEnv(trace, rank, levels=LINK_LEVELS, sample_ahead=ahead, **lookahead, **common)
-        return CancelQueued(env) if space == "cancel" else env
-    if space in ("stockup", "stockup-horizon"):
+        return ReplayEnv(trace, rank, levels=LINK_LEVELS, sample_ahead=ahead, **lookahead, **common)
+    if space in ("stockup", "stockup-horizon", "cancel"):
         ahead = HORIZON_SAMPLE_AHEAD if (space == "stockup-horizon" and sample_ahead is None) else sample_ahead
-        return ReplayEnv(trace, rank, levels=STOCKUP_LEVELS, sample_ahead=ahead, **lookahead, **common)
+        env = ReplayEnv(trace, rank, levels=STOCKUP_LEVELS, sample_ahead=ahead, **lookahead, **common)
+        return CancelQueued(env) if space == "cancel" else env
     env = ReplayEnv(trace, rank, candidates=MISSES_CANDIDATES, ranking="misses", admit_on_miss=True, **common)
     return FractionBudget(env) if space == "keep-replace" else EvictionThreshold(env)

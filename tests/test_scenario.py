@@ -238,3 +238,64 @@ def test_stocking_up_beats_the_best_constant_when_a_slow_phase_follows_a_fast_on
     assert max(chosen) > STOCKUP_LEVELS.index(1.0)  # it asked for more than one window's link budget
     stationary, _, chosen = _headroom(trace, None)
     assert stationary < 0.005, (stationary, chosen)
+
+
+# ------------------------------------------------------------------------------------------------ the other spaces
+
+
+def test_cancel_drops_the_queued_chunks_and_saves_the_stalls_behind_them(tmp_path):
+    trace = _stockup_trace(tmp_path, row_s=1e-4)
+    slows = Scenario.from_dict(
+        dict(
+            version=1,
+            name="slows",
+            processes=[dict(kind="link", timeline=dict(type="piecewise", points=[[0, 1.0], [1.2, 1 / 16]]))],
+        )
+    )
+    env = make(
+        "cancel", trace, scenario=slows, buffer_fraction=1.0, buffer_init="empty", sample_ahead="epoch",
+        sampled_only=True,
+    )  # fmt: skip
+    base = env.unwrapped
+    n = len(base.levels)
+    assert env.action_space.n == 2 * n
+    env.reset(seed=0)
+    env.step(0)
+    env.step(base.levels.index(4.0))  # four link budgets asked for as the link slows 16x: chunks wait in the queue
+    queued = sum(c[0].size for c in base._link.queue if not c[-1])
+    assert queued > 2048
+    start = base.snapshot()
+    env.step(0)  # keep the queue
+    kept_s = base.clock_s
+    base.restore(start)
+    _, _, _, _, info = env.step(n)  # drop it, then level 0
+    assert info["cancelled_rows"] == queued
+    assert base.clock_s < kept_s - 2.0  # each queued chunk would have stalled a demand pull for seconds
+
+
+def test_the_eviction_threshold_sets_what_may_be_replaced(tmp_path):
+    ids = [np.arange(i * 50, i * 50 + 100, dtype=np.int64) for i in range(24)]  # each row needed twice
+    trace = _write_trace(tmp_path / "t", ids, fetch_s=lambda n: 0.002 + C_REMOTE * n)
+    env = make("threshold", trace, buffer_fraction=0.25, buffer_init="empty")
+    assert env.action_space.n == 4
+    secs = []
+    for a in range(env.action_space.n):
+        env.reset(seed=0)
+        done = False
+        while not done:
+            _, _, done, _, _ = env.step(a)
+        secs.append(env.unwrapped.clock_s)
+        assert env.unwrapped.episode.buffer.period == max(1, round([0.5, 1, 2, 4][a] * env.unwrapped.period))
+    assert len(set(np.round(secs, 9))) > 1  # the threshold changes what the run costs
+
+
+@pytest.mark.parametrize("space", ["levels", "stockup", "horizon", "stockup-horizon", "keep-replace"])
+def test_every_space_replays_under_a_scenario(tmp_path, space):
+    trace = _stockup_trace(tmp_path)
+    env = make(space, trace, scenario=square_wave("sq", 2.0, 0.25), buffer_fraction=0.25, buffer_init="empty",
+               **({} if space == "keep-replace" else dict(sampled_only=True)))  # fmt: skip
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, done, _, info = env.step(env.action_space.n - 1)
+    assert env.unwrapped.clock_s > 0 and env.unwrapped.conditions.varies

@@ -260,6 +260,9 @@ def plot(df: pd.DataFrame, path: str) -> None:
         t = main[(main["workload"] == workload) & (main["space"] == space) & (main["feature_bytes_factor"] == fb)]
         t = t.pivot_table(index="scenario", columns="buffer_fraction", values="headroom")
         t = t.reindex(index=[s for s in MAIN_SCENARIOS if s in t.index])
+        if t.empty:  # not measured (yet)
+            ax.set_axis_off()
+            continue
         im = ax.imshow(100 * t.to_numpy(), cmap="viridis", vmin=0, vmax=vmax)
         ax.set_xticks(range(t.shape[1]), [f"{c:g}" for c in t.columns])
         ax.set_yticks(range(t.shape[0]), t.index)
@@ -289,6 +292,30 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
             f"- {workload}, {space}: max {g['headroom'].max():.2%} ({best['scenario']}, buffer "
             f"{best['buffer_fraction']:g}, rows x{best['feature_bytes_factor']:g}), mean {g['headroom'].mean():.2%}, "
             f"over {len(g)} cells; fetch share {g['fetch_share'].min():.0%}-{g['fetch_share'].max():.0%}"
+        )
+    lines += ["", "Where it lives, from these cells:"]
+    varying = df["scenario"] != "stationary"
+    lines.append(
+        f"- stationary link: max {df.loc[~varying, 'headroom'].max():.2%} over {int((~varying).sum())} cells; "
+        f"time-varying: max {df.loc[varying, 'headroom'].max():.2%}, "
+        f"{int((df.loc[varying, 'headroom'] >= 0.05).sum())} of {int(varying.sum())} cells >= 5%."
+    )
+    for workload, g in df.groupby("workload", sort=False):
+        small = g[g["buffer_fraction"] == min(BUFFERS)]
+        lines.append(
+            f"- {workload}: max {g['headroom'].max():.2%}; at buffer {min(BUFFERS):g} max "
+            f"{small['headroom'].max():.2%}; the best constant's fetch share {g['fetch_share'].median():.0%} "
+            "median (no headroom can exceed it)."
+        )
+    both = df[df["space"].isin(("levels", "stockup"))].pivot_table(
+        index=["workload", "buffer_fraction", "feature_bytes_factor", "scenario"], columns="space", values="headroom"
+    )
+    if {"levels", "stockup"} <= set(both.columns):
+        gain = (both["stockup"] - both["levels"]).dropna()
+        lines.append(
+            f"- stock-up levels over today's levels (same cell): more headroom by >= 2 points in "
+            f"{int((gain >= 0.02).sum())} of {len(gain)} cells, at most {gain.max():+.2%} "
+            f"({', '.join(map(str, gain.idxmax()))})."
         )
     shown = over[0.05] if len(over[0.05]) >= 5 else df.sort_values("headroom", ascending=False).head(10)
     cols = ["workload", "space", "scenario", "buffer_fraction", "feature_bytes_factor", "best_constant"]

@@ -97,7 +97,7 @@ def _number(source, where, value, low=None, high=None, low_open=False, high_open
     return float(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Timeline:
     """A piecewise-constant value: ``values[k]`` from ``starts[k]`` to the next start (the last to ``duration``)."""
 
@@ -210,7 +210,7 @@ def _is_float(text: str) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Conditions:
     """What one trainer rank meets under a scenario: its link's rate over time (a multiple of the recorded rate,
     piecewise constant over ``[0, period_s)`` and repeating) and its CPU slowdown.

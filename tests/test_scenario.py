@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -299,3 +300,53 @@ def test_every_space_replays_under_a_scenario(tmp_path, space):
     while not done:
         _, _, done, _, info = env.step(env.action_space.n - 1)
     assert env.unwrapped.clock_s > 0 and env.unwrapped.conditions.varies
+
+
+# ------------------------------------------------------------------------------------------------ live
+
+
+class _FakeCluster:
+    """Records set_rate calls with their time (the real one runs tc in network namespaces)."""
+
+    def __init__(self):
+        self.calls = []
+        self.t0 = time.monotonic()
+
+    def set_rate(self, host, rate):
+        self.calls.append((time.monotonic() - self.t0, host, rate))
+
+
+def test_the_player_changes_each_hosts_rate_on_schedule_and_keeps_what_it_played():
+    from rudder.testbed.conditions import ConditionsPlayer
+
+    scenario = Scenario.from_dict(
+        dict(
+            version=1, name="sq", duration_s=1.2,
+            processes=[
+                dict(kind="link", hosts=[0], timeline=dict(type="square", period_s=0.4, high=1.0, low=0.25)),
+                dict(kind="link", hosts=[1], timeline=dict(type="constant", value=0.5)),
+            ],
+        )
+    )  # fmt: skip
+    cluster = _FakeCluster()
+    player = ConditionsPlayer(cluster, scenario, base_bits=400_000_000, hosts=2)
+    assert [(round(t, 3), h, r) for t, h, r in player.schedule()] == [
+        (0.0, 0, 1.0), (0.0, 1, 0.5), (0.2, 0, 0.25), (0.4, 0, 1.0), (0.6, 0, 0.25), (0.8, 0, 1.0), (1.0, 0, 0.25),
+    ]  # fmt: skip
+    player.start()
+    time.sleep(1.4)
+    player.stop()
+    applied = cluster.calls[:-2]  # the last two give the base rate back
+    assert [(h, r) for _, h, r in applied] == [
+        (0, "400000000bit"), (1, "200000000bit"), (0, "100000000bit"), (0, "400000000bit"), (0, "100000000bit"),
+        (0, "400000000bit"), (0, "100000000bit"),
+    ]  # fmt: skip
+    assert all(
+        0 <= t - s[0] < 0.1 for (t, _, _), s in zip(applied, player.schedule())
+    )  # on time, give or take a wakeup
+    assert cluster.calls[-2:] == [(cluster.calls[-2][0], 0, "400000000bit"), (cluster.calls[-1][0], 1, "400000000bit")]
+    # what was played, as a scenario replay can follow: within timing jitter of the square wave
+    played = player.scenario()
+    c0 = played.conditions(0)
+    assert [c0.rate_at(t) for t in (0.15, 0.35, 0.55, 0.75)] == [1.0, 0.25, 1.0, 0.25]
+    assert played.conditions(1).rate_at(0.5) == 0.5

@@ -62,6 +62,17 @@ SIDE = [  # (workload, buffer, feature_bytes_factor, scenario, space) on the rec
         for a in ("levels", "stockup", "cancel")
     ],
 ]
+# how far ahead the minibatches are known exactly, against each workload's own setting ("trace": 4 minibatches
+# recorded, the whole epoch constructed): (workload, buffer, feature_bytes_factor, scenario, space, sample_ahead)
+KNOWLEDGE = [
+    *[
+        ("recorded", b, f, s, "stockup", "epoch")
+        for b in (0.25, 0.5)
+        for f in FEATURE_BYTES
+        for s in MAIN_SCENARIOS[:2]
+    ],
+    *[(w, b, 1.0, s, "stockup", "4") for w in WORKLOADS[1:] for b in (0.25, 0.5) for s in MAIN_SCENARIOS[:3]],
+]
 
 
 def scenarios() -> dict:
@@ -81,8 +92,8 @@ def cells() -> list[dict]:
     """Every cell of the map, cheap ones first: the constructed workloads, the recorded grid, the side rows."""
     grid = [(w, b, 1.0, s, a) for w in WORKLOADS[1:] for b, s, a in product(BUFFERS, MAIN_SCENARIOS, MAIN_SPACES)]
     grid += [("recorded", *c) for c in product(BUFFERS, FEATURE_BYTES, MAIN_SCENARIOS, MAIN_SPACES)]
-    keys = ("workload", "buffer_fraction", "feature_bytes_factor", "scenario", "space")
-    return [dict(zip(keys, c)) for c in grid + SIDE]
+    keys = ("workload", "buffer_fraction", "feature_bytes_factor", "scenario", "space", "sample_ahead")
+    return [dict(zip(keys, c)) for c in [(*c, "trace") for c in grid + SIDE] + KNOWLEDGE]
 
 
 def constructed_trace(workload: str, directory: str | None = None, minibatches: int = 48, rows: int = 300) -> str:
@@ -191,6 +202,8 @@ def measure_cell(cell: dict, rank: int = 0, horizon: int = HORIZON, scen=None) -
     else:
         trace = constructed_trace(cell["workload"])
         extra = dict(sampled_only=True, buffer_init="empty")
+    if cell["sample_ahead"] != "trace":
+        extra["sample_ahead"] = cell["sample_ahead"] if cell["sample_ahead"] == "epoch" else int(cell["sample_ahead"])
     env = make(cell["space"], trace, rank, scenario=scenario, buffer_fraction=cell["buffer_fraction"], **extra)
     a, const_s, secs = best_constant(env)
     _, const_fetch_s = play(env, lambda w: a)
@@ -218,16 +231,17 @@ def measure_cell(cell: dict, rank: int = 0, horizon: int = HORIZON, scen=None) -
 
 
 def _key(row) -> tuple:
-    return (row["workload"], row["buffer_fraction"], row["feature_bytes_factor"], row["scenario"], row["space"])
+    keys = ("workload", "buffer_fraction", "feature_bytes_factor", "scenario", "space", "sample_ahead")
+    return tuple(str(row[k]) for k in keys)
 
 
-def measure(max_cells: int | None = None, progress=print) -> pd.DataFrame:
-    """Measure the cells not yet in :data:`CSV` (at most ``max_cells``), appending each as it is done; returns
-    the whole table."""
+def measure(max_cells: int | None = None, progress=print, workloads=WORKLOADS) -> pd.DataFrame:
+    """Measure the cells of ``workloads`` not yet in :data:`CSV` (at most ``max_cells``), appending each as it is
+    done; returns the whole table."""
     os.makedirs(OUT_DIR, exist_ok=True)
-    done = pd.read_csv(CSV) if os.path.exists(CSV) else pd.DataFrame()
+    done = pd.read_csv(CSV, dtype={"sample_ahead": str}) if os.path.exists(CSV) else pd.DataFrame()
     have = {_key(r) for _, r in done.iterrows()}
-    todo = [c for c in cells() if _key(c) not in have][:max_cells]
+    todo = [c for c in cells() if _key(c) not in have and c["workload"] in workloads][:max_cells]
     scen = scenarios()
     for i, cell in enumerate(todo):
         row = measure_cell(cell, scen=scen)
@@ -237,7 +251,7 @@ def measure(max_cells: int | None = None, progress=print) -> pd.DataFrame:
             f"buf {cell['buffer_fraction']:g} fb {cell['feature_bytes_factor']:g}: "
             f"headroom {row['headroom']:.2%} ({row['wall_s']:.0f} s)"
         )
-    return pd.read_csv(CSV)
+    return pd.read_csv(CSV, dtype={"sample_ahead": str})
 
 
 PANELS = [  # (workload, space, feature_bytes_factor) of the heatmaps
@@ -253,7 +267,7 @@ def plot(df: pd.DataFrame, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = df[df["space"].isin(MAIN_SPACES) & df["scenario"].isin(MAIN_SCENARIOS)]
+    main = df[df["space"].isin(MAIN_SPACES) & df["scenario"].isin(MAIN_SCENARIOS) & (df["sample_ahead"] == "trace")]
     vmax = max(10.0, 100 * float(main["headroom"].max()))
     fig, axes = plt.subplots(2, len(PANELS) // 2, figsize=(3.6 * len(PANELS) // 2, 6.6), sharey=True)
     for ax, (workload, space, fb) in zip(axes.flat, PANELS):
@@ -317,8 +331,21 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
             f"{int((gain >= 0.02).sum())} of {len(gain)} cells, at most {gain.max():+.2%} "
             f"({', '.join(map(str, gain.idxmax()))})."
         )
+    stock = df[df["space"] == "stockup"].pivot_table(
+        index=["workload", "buffer_fraction", "feature_bytes_factor", "scenario"],
+        columns="sample_ahead",
+        values="headroom",
+    )
+    for other in [c for c in stock.columns if c != "trace"]:
+        pair = stock[["trace", other]].dropna()
+        for workload, g in pair.groupby(level="workload", sort=False):
+            lines.append(
+                f"- {workload}, stockup, minibatches known ahead {other} instead of the workload's own: headroom "
+                f"{g[other].mean():.2%} mean, max {g[other].max():.2%} (own setting: {g['trace'].mean():.2%}, max "
+                f"{g['trace'].max():.2%}) over {len(g)} cells."
+            )
     shown = over[0.05] if len(over[0.05]) >= 5 else df.sort_values("headroom", ascending=False).head(10)
-    cols = ["workload", "space", "scenario", "buffer_fraction", "feature_bytes_factor", "best_constant"]
+    cols = ["workload", "space", "sample_ahead", "scenario", "buffer_fraction", "feature_bytes_factor", "best_constant"]
     table = shown.sort_values("headroom", ascending=False)[
         cols + ["best_constant_s", "reference_s", "headroom", "fetch_share", "switches"]
     ]
@@ -328,8 +355,9 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rudder.bench.headroom_map", description=__doc__.split("\n\n")[0])
     p.add_argument("--cells", type=int, default=None, help="measure at most this many missing cells, then stop")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     args = p.parse_args(argv)
-    df = measure(args.cells)
+    df = measure(args.cells, workloads=args.workloads.split(","))
     print(f"{len(df)} of {len(cells())} cells in {CSV}")
     return 0
 

@@ -321,7 +321,7 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
             f"{small['headroom'].max():.2%}; the best constant's fetch share {g['fetch_share'].median():.0%} "
             "median (no headroom can exceed it)."
         )
-    both = df[df["space"].isin(("levels", "stockup"))].pivot_table(
+    both = df[df["space"].isin(("levels", "stockup")) & (df["sample_ahead"] == "trace")].pivot_table(
         index=["workload", "buffer_fraction", "feature_bytes_factor", "scenario"], columns="space", values="headroom"
     )
     if {"levels", "stockup"} <= set(both.columns):

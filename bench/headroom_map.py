@@ -91,9 +91,13 @@ def scenarios() -> dict:
 def cells() -> list[dict]:
     """Every cell of the map, cheap ones first: the constructed workloads, the recorded grid, the side rows."""
     grid = [(w, b, 1.0, s, a) for w in WORKLOADS[1:] for b, s, a in product(BUFFERS, MAIN_SCENARIOS, MAIN_SPACES)]
-    grid += [("recorded", *c) for c in product(BUFFERS, FEATURE_BYTES, MAIN_SCENARIOS, MAIN_SPACES)]
+    recorded = [
+        ("recorded", b, f, s, a) for a, b, f, s in product(MAIN_SPACES[::-1], BUFFERS, FEATURE_BYTES, MAIN_SCENARIOS)
+    ]
+    # stock-up first (its levels include today's), then how far ahead is known, then today's levels, then the rest
     keys = ("workload", "buffer_fraction", "feature_bytes_factor", "scenario", "space", "sample_ahead")
-    return [dict(zip(keys, c)) for c in [(*c, "trace") for c in grid + SIDE] + KNOWLEDGE]
+    order = [(*c, "trace") for c in grid + recorded[:24]] + KNOWLEDGE + [(*c, "trace") for c in recorded[24:] + SIDE]
+    return [dict(zip(keys, c)) for c in order]
 
 
 def constructed_trace(workload: str, directory: str | None = None, minibatches: int = 48, rows: int = 300) -> str:

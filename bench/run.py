@@ -149,9 +149,16 @@ def p9_scale(quick: bool) -> tuple[str, pd.DataFrame]:
 def headroom_map(quick: bool) -> tuple[str, pd.DataFrame]:
     from rudder.bench import headroom_map as hm
 
-    df = hm.measure(max_cells=8 if quick else None)  # resumes from the CSV: run it in pieces first if need be
+    # resumes from the CSV (run the sweep in pieces first if need be); --quick reports the cells measured so far
+    df = hm.measure(max_cells=0 if quick else None)
     hm.plot(df, os.path.join(OUT_DIR, "headroom_map.png"))
     text, table = hm.summarise(df)
+    missing = len(hm.cells()) - len(df)
+    if missing:
+        text = (
+            f"**{missing} of {len(hm.cells())} cells not measured yet** (`python -m rudder.bench.headroom_map`).\n\n"
+            + text
+        )
     return text + "\n\nHeatmaps: `bench/results/headroom_map.png`; every cell: `bench/results/headroom_map.csv`.", table
 
 

@@ -41,11 +41,15 @@ HORIZON = 2  # windows a rollout looks ahead (the tried action, then the best co
 THRESHOLDS = (0.05, 0.10)  # headroom marked in the summary
 
 # Workloads. "recorded": rank 0 of a trace recorded live on 2 emulated hosts at 400mbit (real reuse, the lookahead
-# from seeds and partition structure, 4 minibatches sampled ahead). Two constructed ones (synthetic,
-# :func:`constructed_trace`), every minibatch 300 remote rows, pulls at 4e-4 s per row (a window's link budget is
-# then below the buffer), the whole epoch sampled ahead (exact knowledge of what is needed): "stream" (every row
-# needed once: only prefetch can hide a pull) and "mixed" (half of each minibatch from 3000 hot rows).
-WORKLOADS = ("recorded", "stream", "mixed")
+# from seeds and partition structure, 4 minibatches sampled ahead). Constructed ones (synthetic,
+# :func:`constructed_trace`), pulls costing as much per minibatch as the recorded trace's (0.12 s of link time at
+# the recorded rate), the whole epoch sampled ahead (exact knowledge of what is needed): "stream" (every row needed
+# once: only prefetch can hide a pull) and "mixed" (half of each minibatch from a hot set ten minibatches wide),
+# 3000 rows per minibatch (a background chunk of 2048 rows is 0.7 of a minibatch's demand, as in the recorded
+# trace); "-coarse": 300 wider rows per minibatch (one chunk is 7 minibatches' demand: a demand pull waiting behind
+# a chunk in progress waits for several minibatches' worth).
+WORKLOADS = ("recorded", "stream", "mixed", "stream-coarse", "mixed-coarse")
+CONSTRUCTED = {"stream": (3000, 4e-5), "mixed": (3000, 4e-5), "stream-coarse": (300, 4e-4), "mixed-coarse": (300, 4e-4)}
 BUFFERS = (0.05, 0.25, 0.5)
 FEATURE_BYTES = (1.0, 4.0)  # rows as recorded, and 4 times as wide (a quarter of the link budget in rows)
 MAIN_SCENARIOS = ("stationary", "square-8x-2s", "square-8x-6s", "cotenant-90")
@@ -90,29 +94,36 @@ def scenarios() -> dict:
 
 def cells() -> list[dict]:
     """Every cell of the map, cheap ones first: the constructed workloads, the recorded grid, the side rows."""
-    grid = [(w, b, 1.0, s, a) for w in WORKLOADS[1:] for b, s, a in product(BUFFERS, MAIN_SCENARIOS, MAIN_SPACES)]
+    fine = [(w, b, 1.0, s, "stockup") for w in WORKLOADS[1:3] for b, s in product(BUFFERS, MAIN_SCENARIOS)]
+    coarse = [(w, b, 1.0, s, a) for w in WORKLOADS[3:] for b, s, a in product(BUFFERS, MAIN_SCENARIOS, MAIN_SPACES)]
     recorded = [
         ("recorded", b, f, s, a) for a, b, f, s in product(MAIN_SPACES[::-1], BUFFERS, FEATURE_BYTES, MAIN_SCENARIOS)
     ]
     # stock-up first (its levels include today's), then how far ahead is known, then today's levels, then the rest
     keys = ("workload", "buffer_fraction", "feature_bytes_factor", "scenario", "space", "sample_ahead")
-    order = [(*c, "trace") for c in grid + recorded[:24]] + KNOWLEDGE + [(*c, "trace") for c in recorded[24:] + SIDE]
+    order = [(*c, "trace") for c in coarse + fine] + KNOWLEDGE[8:] + [(*c, "trace") for c in recorded[:24]]
+    order += KNOWLEDGE[:8] + [(*c, "trace") for c in recorded[24:] + SIDE]
     return [dict(zip(keys, c)) for c in order]
 
 
-def constructed_trace(workload: str, directory: str | None = None, minibatches: int = 48, rows: int = 300) -> str:
-    """Write (once) and return the one-rank synthetic trace of ``workload`` ("stream" or "mixed", see
+def constructed_trace(workload: str, directory: str | None = None, minibatches: int = 48) -> str:
+    """Write (once) and return the one-rank synthetic trace of ``workload`` (one of :data:`CONSTRUCTED`, see
     :data:`WORKLOADS`): seeded, the same every time."""
+    rows, row_s = CONSTRUCTED[workload]
     from rudder.traces import TraceWriter
 
     directory = directory or os.path.join(tempfile.gettempdir(), "rudder-headroom-map", workload)
     if os.path.exists(os.path.join(directory, "rank0", "rank.json")):
         return directory
     rng = np.random.default_rng(0)
-    fresh = iter(range(10_000, 10**9))
+    fresh = iter(range(10 * rows, 10**9))
     ids = []
     for _ in range(minibatches):
-        hot = rng.choice(3000, size=rows // 2, replace=False) if workload == "mixed" else np.zeros(0, np.int64)
+        hot = (
+            rng.choice(10 * rows, size=rows // 2, replace=False)
+            if workload.startswith("mixed")
+            else np.zeros(0, np.int64)
+        )
         new = np.fromiter((next(fresh) for _ in range(rows - hot.size)), np.int64)
         ids.append(np.concatenate([hot, new]).astype(np.int64))
     halo = np.unique(np.concatenate(ids))
@@ -125,7 +136,7 @@ def constructed_trace(workload: str, directory: str | None = None, minibatches: 
     writer = TraceWriter(directory, 0, 1, dict(config=run), dict(num_nodes=int(halo.max()) + 1), static, overwrite=True)
     for i, x in enumerate(ids):
         writer.add_minibatch(
-            minibatch=i, epoch=0, remote_ids=x, local_rows=60, sample_s=0.01, fetch_s=0.002 + 4e-4 * x.size,
+            minibatch=i, epoch=0, remote_ids=x, local_rows=60, sample_s=0.01, fetch_s=0.002 + row_s * x.size,
             compute_s=0.2, fetch_rows=60 + x.size, hits=0, remote_fetched=x.size, prefetched=0, arrived=0,
             stall_s=0.0,
         )  # fmt: skip
@@ -260,7 +271,8 @@ def measure(max_cells: int | None = None, progress=print, workloads=WORKLOADS) -
 
 PANELS = [  # (workload, space, feature_bytes_factor) of the heatmaps
     *[("recorded", a, f) for f in FEATURE_BYTES for a in MAIN_SPACES],
-    *[(w, a, 1.0) for w in WORKLOADS[1:] for a in MAIN_SPACES],
+    *[(w, "stockup", 1.0) for w in WORKLOADS[1:3]],
+    *[(w, a, 1.0) for w in WORKLOADS[3:] for a in MAIN_SPACES],
 ]
 
 

@@ -110,9 +110,10 @@ def constructed_trace(workload: str, directory: str | None = None, minibatches: 
     """Write (once) and return the one-rank synthetic trace of ``workload`` (one of :data:`CONSTRUCTED`, see
     :data:`WORKLOADS`): seeded, the same every time."""
     rows, row_s = CONSTRUCTED[workload]
+    name = f"{workload.split('-')[0]}-{rows}x{row_s:g}-{minibatches}"  # its parameters: a cached copy is this one
     from rudder.traces import TraceWriter
 
-    directory = directory or os.path.join(tempfile.gettempdir(), "rudder-headroom-map", workload)
+    directory = directory or os.path.join(tempfile.gettempdir(), "rudder-headroom-map", name)
     if os.path.exists(os.path.join(directory, "rank0", "rank.json")):
         return directory
     rng = np.random.default_rng(0)

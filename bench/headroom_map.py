@@ -263,7 +263,8 @@ def measure(max_cells: int | None = None, progress=print, workloads=WORKLOADS) -
         row = measure_cell(cell, scen=scen)
         pd.DataFrame([row]).to_csv(CSV, mode="a", header=not os.path.exists(CSV), index=False)
         progress(
-            f"[headroom-map] {i + 1}/{len(todo)} {cell['workload']:>8} {cell['space']:>15} {cell['scenario']:>19} "
+            f"[headroom-map] {i + 1}/{len(todo)} {cell['workload']:>13} {cell['space']:>15} "
+            f"ahead {cell['sample_ahead']:>5} {cell['scenario']:>19} "
             f"buf {cell['buffer_fraction']:g} fb {cell['feature_bytes_factor']:g}: "
             f"headroom {row['headroom']:.2%} ({row['wall_s']:.0f} s)"
         )
@@ -361,6 +362,26 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
                 f"{g[other].mean():.2%} mean, max {g[other].max():.2%} (own setting: {g['trace'].mean():.2%}, max "
                 f"{g['trace'].max():.2%}) over {len(g)} cells."
             )
+    own = df[(df["space"] == "stockup") & (df["sample_ahead"] == "trace")].set_index(
+        ["workload", "buffer_fraction", "feature_bytes_factor", "scenario"]
+    )["headroom"]
+    for fine in ("stream", "mixed"):
+        if fine in own.index.get_level_values(0) and f"{fine}-coarse" in own.index.get_level_values(0):
+            pair = pd.concat([own.loc[fine], own.loc[f"{fine}-coarse"]], axis=1, keys=["fine", "coarse"]).dropna()
+            lines.append(
+                f"- {fine}, stockup, chunks of 0.7 minibatch's demand vs 7 minibatches' (coarse): headroom "
+                f"{pair['fine'].mean():.2%} vs {pair['coarse'].mean():.2%} mean over {len(pair)} cells."
+            )
+    lines += [
+        "",
+        "Why, by construction of these cells: the rest of a run's time (sampling, compute) is fixed, so headroom can "
+        "be no larger than the best constant's fetch share; with the link stationary one level suits every window; "
+        "a small buffer leaves nothing to stock up; the stock-up levels differ from today's only where one window's "
+        "link budget is below the buffer; and stocking up pays only for rows known to be needed, so what the "
+        "minibatches sampled ahead reveal decides how much of a fast phase can be spent for a slow one. Chunks much "
+        "larger than a minibatch's demand add a second lever: a demand pull waits behind the chunk in progress, so "
+        "when to queue matters as well as what.",
+    ]
     shown = over[0.05] if len(over[0.05]) >= 5 else df.sort_values("headroom", ascending=False).head(10)
     cols = ["workload", "space", "sample_ahead", "scenario", "buffer_fraction", "feature_bytes_factor", "best_constant"]
     table = shown.sort_values("headroom", ascending=False)[

@@ -271,10 +271,10 @@ def measure(max_cells: int | None = None, progress=print, workloads=WORKLOADS) -
     return pd.read_csv(CSV, dtype={"sample_ahead": str})
 
 
-PANELS = [  # (workload, space, feature_bytes_factor) of the heatmaps
-    *[("recorded", a, f) for f in FEATURE_BYTES for a in MAIN_SPACES],
+PANELS = [  # (workload, space, feature_bytes_factor) of the heatmaps, those measured drawn
+    *[("recorded", a, f) for a in MAIN_SPACES[::-1] for f in FEATURE_BYTES],
     *[(w, "stockup", 1.0) for w in WORKLOADS[1:3]],
-    *[(w, a, 1.0) for w in WORKLOADS[3:] for a in MAIN_SPACES],
+    *[(w, a, 1.0) for w in WORKLOADS[3:] for a in MAIN_SPACES[::-1]],
 ]
 
 
@@ -286,24 +286,29 @@ def plot(df: pd.DataFrame, path: str) -> None:
     import matplotlib.pyplot as plt
 
     main = df[df["space"].isin(MAIN_SPACES) & df["scenario"].isin(MAIN_SCENARIOS) & (df["sample_ahead"] == "trace")]
-    vmax = max(10.0, 100 * float(main["headroom"].max()))
-    fig, axes = plt.subplots(2, len(PANELS) // 2, figsize=(3.6 * len(PANELS) // 2, 6.6), sharey=True)
-    for ax, (workload, space, fb) in zip(axes.flat, PANELS):
+    tables = []
+    for workload, space, fb in PANELS:
         t = main[(main["workload"] == workload) & (main["space"] == space) & (main["feature_bytes_factor"] == fb)]
         t = t.pivot_table(index="scenario", columns="buffer_fraction", values="headroom")
-        t = t.reindex(index=[s for s in MAIN_SCENARIOS if s in t.index])
-        if t.empty:  # not measured (yet)
-            ax.set_axis_off()
-            continue
+        if not t.empty:
+            tables.append(((workload, space, fb), t.reindex(index=[s for s in MAIN_SCENARIOS if s in t.index])))
+    vmax = max(10.0, 100 * float(main["headroom"].max()))
+    cols = 4
+    rows = -(-len(tables) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(tables) :]:
+        ax.set_axis_off()
+    for ax, ((workload, space, fb), t) in zip(axes.flat, tables):
         im = ax.imshow(100 * t.to_numpy(), cmap="viridis", vmin=0, vmax=vmax)
         ax.set_xticks(range(t.shape[1]), [f"{c:g}" for c in t.columns])
-        ax.set_yticks(range(t.shape[0]), t.index)
-        ax.set_xlabel("buffer fraction of halo")
+        ax.set_yticks(range(t.shape[0]), t.index, fontsize=8)
+        ax.set_xlabel("buffer fraction of halo", fontsize=8)
         ax.set_title(f"{workload}: {space}" + (f", rows x{fb:g}" if fb != 1.0 else ""), fontsize=9)
         for (r, c), v in np.ndenumerate(100 * t.to_numpy()):
             ax.text(c, r, f"{v:.1f}", ha="center", va="center", color="w" if v < vmax / 2 else "k", fontsize=8)
-    fig.colorbar(im, ax=axes, label="headroom over the best constant (%)")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.tight_layout()
+    fig.colorbar(im, ax=axes, label="headroom over the best constant (%)", shrink=0.8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

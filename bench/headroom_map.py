@@ -99,10 +99,10 @@ def cells() -> list[dict]:
     recorded = [
         ("recorded", b, f, s, a) for a, b, f, s in product(MAIN_SPACES[::-1], BUFFERS, FEATURE_BYTES, MAIN_SCENARIOS)
     ]
-    # stock-up first (its levels include today's), then how far ahead is known, then today's levels, then the rest
+    # stock-up first (its levels include today's), then how far ahead is known, the other spaces, today's levels
     keys = ("workload", "buffer_fraction", "feature_bytes_factor", "scenario", "space", "sample_ahead")
     order = [(*c, "trace") for c in coarse + fine] + KNOWLEDGE[8:] + [(*c, "trace") for c in recorded[:24]]
-    order += KNOWLEDGE[:8] + [(*c, "trace") for c in recorded[24:] + SIDE]
+    order += KNOWLEDGE[:8] + [(*c, "trace") for c in SIDE + recorded[24:]]
     return [dict(zip(keys, c)) for c in order]
 
 

@@ -51,7 +51,7 @@ def _timed_ranks():
 
 
 AGENTS = {  # every built-in agent that decides in a space, but the LLM ones (their own tests run the model)
-    "link-levels": ["ppo-link", "level"],
+    "link-levels": ["ppo-link", "level", "mpc"],
     "keep-replace": ["ppo", "periodic", "hitrate", "random"],
 }
 
@@ -72,4 +72,4 @@ def test_no_agent_beats_the_bound_on_any_rank_of_any_shipped_trace():
                 t = play(env, agent)["time_s"]
                 assert t >= found["time_s"] * (1 - 1e-9), (trace.directory, rank, spec, t, found)
                 checked += 1
-    assert checked >= 14 * 6  # every timed rank of the shipped traces (14) x the agents
+    assert checked >= 14 * 7  # every timed rank of the shipped traces (14) x the agents

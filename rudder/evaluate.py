@@ -33,7 +33,7 @@ import sys
 
 from rudder.traces import SAMPLES_DIR as SAMPLES
 
-DEFAULT_AGENTS = "none,static,vip,periodic,hitrate,lookahead,ppo,llm,ppo-link,llm-link"
+DEFAULT_AGENTS = "none,static,vip,periodic,hitrate,lookahead,ppo,llm,ppo-link,llm-link,mpc"
 
 
 def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:

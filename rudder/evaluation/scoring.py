@@ -39,6 +39,7 @@ def evaluate_trace(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     time_checks: Sequence[TimeCheck] = (),
+    tuned_on: Sequence[str] | None = None,
 ) -> list[dict]:
     """Score every agent and oracle on every rank of one trace.
 
@@ -59,8 +60,8 @@ def evaluate_trace(
     Time oracles run only on ranks whose time fit separates remote rows (time is what they optimise): ``best-level``
     (:func:`level_oracle`, every row of the rank then carries ``level_oracle_s``), and per action space
     (:data:`rudder.baselines.constant.SPACES`) ``best-constant:SPACE`` (the action held throughout that is fastest
-    on this rank), ``tuned-constant:SPACE`` (the one fastest over the training traces: :func:`tuned_constants`) and
-    ``bound:SPACE`` (the optimum over action sequences, :func:`bound_row`; ``bound_kind`` says whether proved). An
+    on this rank), ``tuned-constant:SPACE`` (the one fastest over ``tuned_on``, default the training traces:
+    :func:`tuned_constants`) and ``bound:SPACE`` (the optimum over action sequences, :func:`bound_row`; ``bound_kind`` says whether proved). An
     agent's row carries ``action_space`` (where it decides) and that space's ``best_constant_s``, ``bound_s`` and
     ``bound_kind``, for headroom and its share of it. Every row carries ``time_error_band``: the replay model's
     out-of-sample |error| of total time on this rank (NaN without a time check), inside which differences are ties.
@@ -141,7 +142,8 @@ def evaluate_trace(
                         i = int(np.argmin(times))
                         res = dict(rows_fixed[i], constant_action=space.label(i))
                     elif oracle == "tuned-constant":
-                        tuned = tuned_constants(None, buffer_fraction, candidates, seed)[space.name]
+                        tuned_traces = None if tuned_on is None else tuple(tuned_on)
+                        tuned = tuned_constants(tuned_traces, buffer_fraction, candidates, seed)[space.name]
                         res = dict(rows_fixed[tuned["index"]], constant_action=tuned["label"])
                         if fingerprint is None:
                             fingerprint = rank_fingerprint(trace, rank)

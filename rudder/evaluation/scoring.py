@@ -61,10 +61,11 @@ def evaluate_trace(
     (:func:`level_oracle`, every row of the rank then carries ``level_oracle_s``), and per action space
     (:data:`rudder.baselines.constant.SPACES`) ``best-constant:SPACE`` (the action held throughout that is fastest
     on this rank), ``tuned-constant:SPACE`` (the one fastest over ``tuned_on``, default the training traces:
-    :func:`tuned_constants`) and ``bound:SPACE`` (the optimum over action sequences, :func:`bound_row`; ``bound_kind`` says whether proved). An
-    agent's row carries ``action_space`` (where it decides) and that space's ``best_constant_s``, ``bound_s`` and
-    ``bound_kind``, for headroom and its share of it. Every row carries ``time_error_band``: the replay model's
-    out-of-sample |error| of total time on this rank (NaN without a time check), inside which differences are ties.
+    :func:`tuned_constants`) and ``bound:SPACE`` (the optimum over action sequences, :func:`bound_row`;
+    ``bound_kind`` says whether proved). An agent's row carries ``action_space`` (where it decides) and that space's
+    ``best_constant_s``, ``bound_s`` and ``bound_kind``, for headroom and its share of it. Every row carries
+    ``time_error_band``: the replay model's out-of-sample |error| of total time on this rank (NaN without a time
+    check), inside which differences are ties.
     """
     trace = Trace(trace_dir)
     name = os.path.basename(os.path.normpath(trace_dir))

@@ -188,7 +188,12 @@ def check_traces(traces: list[str]) -> str | None:
 def main(argv=None, prog: str = "rudder headroom") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("traces", nargs="+", metavar="TRACE", help="trace folders (shipped or recorded with --trace)")
-    p.add_argument("--width", type=int, default=None, help="nodes the bound search keeps per window (default 4)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="nodes the bound search keeps per window (default 6: rudder.evaluation.bound.DEFAULT_WIDTH)",
+    )
     p.add_argument("--buffer-fraction", type=float, default=None, help="buffer size (default: the recorded run's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", default=None, help="also write the per-rank rows here")

@@ -3,9 +3,11 @@
 :func:`optimum` searches the tree of action sequences of one :class:`~rudder.baselines.constant.ActionSpace` on one
 trace rank, trying each action from the same state through the replay env's :meth:`snapshot` / :meth:`restore`
 (:class:`~rudder.env.replay_env.ReplayEnv`). All windows run the same minibatches whatever was chosen, so nodes
-at one depth compare by their seconds so far; actions that bring the same rows at a decision are one action
-(:meth:`ActionSpace.rows`). It keeps the ``width`` fastest nodes per depth (a beam), plus the node of every
-constant action, so what it finds is never slower than the best constant.
+at one depth have run the same minibatches; actions that bring the same rows at a decision are one action
+(:meth:`ActionSpace.rows`). It keeps ``width`` nodes per depth (a beam), those with the fewest seconds so far plus
+the demand pulls their buffer leaves for the next windows (:class:`_Outlook`: seconds so far alone would drop every
+prefetch before it pays off). Callers take the better of it and the best constant
+(:func:`rudder.evaluation.scoring.bound_row`).
 
 What it finds is *proved* optimal when nothing was pruned that could have done better: a pruned node's seconds so
 far plus a lower bound on every remaining minibatch's (recorded sampling and compute, and a demand pull of the
@@ -27,7 +29,7 @@ import numpy as np
 from rudder.baselines.constant import ActionSpace
 
 OUTLOOK_WINDOWS = 2  # windows ahead the beam's order looks (_Outlook)
-DEFAULT_WIDTH = 6  # nodes kept per depth beside the constants' own: wide enough to pass every shipped agent
+DEFAULT_WIDTH = 6  # nodes kept per depth: with the outlook, no shipped agent beats the result (tests/test_bound.py)
 
 
 @dataclass

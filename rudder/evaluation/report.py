@@ -152,7 +152,7 @@ def headroom(rows: pd.DataFrame) -> pd.DataFrame:
 def _headroom_lines(rows: pd.DataFrame) -> tuple[str, str]:
     """(the verdict for the top of a table, the headroom lines under it)."""
     h = headroom(rows)
-    if h.empty:
+    if h.empty and ("best_constant_s" not in rows or rows["best_constant_s"].isna().all()):
         return "", ""
     top, lines = [], []
     for space, r in h.iterrows():
@@ -167,12 +167,12 @@ def _headroom_lines(rows: pd.DataFrame) -> tuple[str, str]:
                 f"not discriminating: agents tie a constant here ({space}: headroom {r['headroom']:.2%} < "
                 f"{HEADROOM_MIN:.0%})"
             )
-    tie = (
+    top.append(
         "vs_best_constant: time over the best constant of the agent's action space, 'tie' where within the replay "
         "model's out-of-sample error band (error_band); share_of_headroom: (best constant - agent) / (best "
         "constant - bound)"
     )
-    return "\n".join(top) + ("\n" if top else ""), "\n" + "\n".join(lines) + "\n" + tie
+    return "\n".join(top) + "\n", "".join("\n" + line for line in lines)
 
 
 def _section(rows: pd.DataFrame, include_trained_on: bool) -> str:

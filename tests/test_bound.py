@@ -6,6 +6,7 @@ import glob
 import numpy as np
 import pytest
 from rudder.baselines.constant import KEEP_REPLACE_SPACE, LINK_SPACE, SPACES
+from rudder.baselines.policies import RandomBudget
 from rudder.traces import HELDOUT_DIR, SAMPLES_DIR, TRAIN_DIR, Trace
 
 from rudder.evaluation.bound import exhaustive, optimum, remaining_lower_s
@@ -50,7 +51,7 @@ def _timed_ranks():
             yield trace, rank
 
 
-AGENTS = {  # every built-in agent that decides in a space, but the LLM ones (their own tests run the model)
+AGENTS = {  # every built-in agent that decides in a space but the LLM ones, and random levels (RandomBudget)
     "link-levels": ["ppo-link", "level", "mpc"],
     "keep-replace": ["ppo", "periodic", "hitrate", "random"],
 }
@@ -67,8 +68,8 @@ def test_no_agent_beats_the_bound_on_any_rank_of_any_shipped_trace():
             found = bound_row(env, space, fixed)
             assert found["time_s"] <= min(r["time_s"] for r in fixed)
             for spec in AGENTS[name]:
-                agent = make_agent(spec)
-                assert agent.settings == space.settings or spec == "mpc"
+                agent = RandomBudget(seed=0) if spec == "random" else make_agent(spec)
+                assert agent.settings == space.settings
                 t = play(env, agent)["time_s"]
                 assert t >= found["time_s"] * (1 - 1e-9), (trace.directory, rank, spec, t, found)
                 checked += 1

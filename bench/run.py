@@ -189,10 +189,10 @@ SECTIONS = {
     "p4": ("P4 replay speed", p4_replay_speed),
     "p5": ("P5 LLM decisions", p5_llm_decisions),
     "p6": ("P6 decisions that matter: link-budget levels, headroom, regret, held out", p6_decisions),
+    "headroom": ("Headroom", headroom),
     "p7": ("P7 LLM size curve on link-budget decisions", p7_llm_size),
     "p9": ("P9 replay at papers100M scale (issue 14's 'P5')", p9_scale),
     "faults": ("Reliability: injected faults", faults_reliability),
-    "headroom": ("Headroom", headroom),
 }
 
 

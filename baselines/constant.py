@@ -38,6 +38,8 @@ class ActionSpace:
         link: True: the env takes the action's index (``levels=``); False: a ``MultiBinary(K)`` mask admitting the
             top fraction.
         agents: built-in agents that decide in this space (their share of headroom is measured in it).
+        search_width: nodes per window the bound search keeps by default (:mod:`rudder.evaluation.bound`): wider
+            where a window replays cheaply (the misses ranking), narrower under the lookahead ranking.
     """
 
     name: str
@@ -45,6 +47,7 @@ class ActionSpace:
     actions: tuple[float, ...]
     link: bool
     agents: tuple[str, ...]
+    search_width: int = 6
 
     def label(self, i: int) -> str:
         """The action's name in tables: ``level 0.25``, ``keep``, ``fraction 0.5``, ``replace``."""
@@ -77,6 +80,7 @@ LINK_SPACE = ActionSpace(
     LINK_LEVELS,
     link=True,
     agents=("ppo-link", "llm-link", "level", "mpc"),
+    search_width=6,
 )
 KEEP_REPLACE_SPACE = ActionSpace(
     "keep-replace",
@@ -84,6 +88,7 @@ KEEP_REPLACE_SPACE = ActionSpace(
     tuple(DEFAULT_LEVELS),
     link=False,
     agents=("llm", "ppo", "periodic", "hitrate", "random"),
+    search_width=24,
 )
 SPACES: dict[str, ActionSpace] = {s.name: s for s in (LINK_SPACE, KEEP_REPLACE_SPACE)}
 

@@ -48,13 +48,11 @@ def measure(
     separate remote rows."""
     from rudder.baselines.constant import SPACES, space_of
     from rudder.baselines.mpc import MPC
-    from rudder.evaluation.bound import DEFAULT_WIDTH
     from rudder.evaluation.play import play_episode
     from rudder.evaluation.scoring import bound_row, constant_rows, space_env, time_model_columns
     from rudder.traces import Trace
     from rudder.traces.timecheck import time_checks
 
-    width = DEFAULT_WIDTH if width is None else int(width)
     rows = []
     for folder in traces:
         trace = Trace(folder)
@@ -192,7 +190,8 @@ def main(argv=None, prog: str = "rudder headroom") -> int:
         "--width",
         type=int,
         default=None,
-        help="nodes the bound search keeps per window (default 6: rudder.evaluation.bound.DEFAULT_WIDTH)",
+        help="nodes the bound search keeps per window (default: each action space's search_width, 6 for "
+        "link levels, 24 for keep/replace)",
     )
     p.add_argument("--buffer-fraction", type=float, default=None, help="buffer size (default: the recorded run's)")
     p.add_argument("--seed", type=int, default=0)

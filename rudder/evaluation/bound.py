@@ -29,7 +29,6 @@ import numpy as np
 from rudder.baselines.constant import ActionSpace
 
 OUTLOOK_WINDOWS = 2  # windows ahead the beam's order looks (_Outlook)
-DEFAULT_WIDTH = 6  # nodes kept per depth: with the outlook, no shipped agent beats the result (tests/test_bound.py)
 
 
 @dataclass
@@ -116,7 +115,7 @@ def _window_s(info: dict) -> float:
 def optimum(
     env,
     space: ActionSpace,
-    width: int = DEFAULT_WIDTH,
+    width: int | None = None,
     windows: int | None = None,
     seed: int = 0,
     horizon: int = OUTLOOK_WINDOWS,
@@ -124,9 +123,10 @@ def optimum(
 ) -> SearchResult:
     """The fastest action sequence of ``space`` on ``env`` (a :class:`ReplayEnv` built with ``space.settings``)
     over its first ``windows`` decision windows (None: the whole episode), by beam search of ``width`` nodes per
-    depth over snapshots; proved optimal or a reference (:class:`SearchResult`). ``progress(depth, depths)``
-    after each depth."""
+    depth (None: ``space.search_width``) over snapshots; proved optimal or a reference (:class:`SearchResult`).
+    ``progress(depth, depths)`` after each depth."""
     base = env.unwrapped
+    width = space.search_width if width is None else int(width)
     obs, info = base.reset(seed=seed)
     period, minibatches = base.period, base.rank_trace.num_minibatches
     depths = -(-minibatches // period)

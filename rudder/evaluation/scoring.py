@@ -18,7 +18,7 @@ from rudder.baselines.policies import Periodic, RandomBudget, StaticBuffer
 from rudder.env.contract import LINK_LEVELS, BufferSettings, buffer_kwargs
 from rudder.env.replay_env import ReplayEnv
 from rudder.env.timing import FetchTimeModel, out_of_sample
-from rudder.evaluation.bound import DEFAULT_WIDTH, optimum
+from rudder.evaluation.bound import optimum
 from rudder.evaluation.play import play, play_best_level, play_episode
 from rudder.traces import TRAIN_DIR, Trace
 from rudder.traces.fingerprint import HELD_OUT, provenance, rank_fingerprint
@@ -282,7 +282,7 @@ def _link_space(levels) -> ActionSpace:
 
 
 def bound_row(
-    env: ReplayEnv, space: ActionSpace, fixed: list[dict], seed: int = 0, width: int = DEFAULT_WIDTH, progress=None
+    env: ReplayEnv, space: ActionSpace, fixed: list[dict], seed: int = 0, width: int | None = None, progress=None
 ) -> dict:
     """The optimum over ``space``'s action sequences on this rank (:func:`rudder.evaluation.bound.optimum`), as a
     row: the episode of the best sequence found, or of the best constant where that is faster (``fixed``:

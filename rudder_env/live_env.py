@@ -6,7 +6,7 @@ import time
 
 from rudder.env.episode import PrefetchEnv, PrefetchEpisode, RunFacts
 from rudder.env.ranking import make_ranking
-from rudder.env.replay_env import DEFAULT_CANDIDATES
+from rudder.env.recorded_run import DEFAULT_CANDIDATES
 from rudder.env.settings import check, check_link_levels
 from rudder.env.spaces import action_space, observation_space
 

@@ -8,7 +8,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 
-from rudder.env.replay_env import DEFAULT_SAMPLE_AHEAD
+from rudder.env.recorded_run import DEFAULT_SAMPLE_AHEAD
 from rudder.env.settings import BUFFER_INITS, check, check_fanout
 
 

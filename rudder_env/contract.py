@@ -14,11 +14,8 @@ from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
+from rudder.env.defaults import LINK_LEVELS as LINK_LEVELS  # part of the agents' contract (the level agents' levels)
 from rudder.env.settings import check, check_link_levels
-
-#: The link-budget levels of the level agents: nothing, an eighth, a quarter, half, or all of what the link can carry
-#: while the next window samples and computes.
-LINK_LEVELS = (0.0, 0.125, 0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)

@@ -11,26 +11,11 @@ driver (:class:`~rudder.env.replay_env.ReplayEnv`) steps through it, and copies 
 from __future__ import annotations
 
 import numpy as np
+from rudder.env.defaults import RECORDED_BEFORE_OPTION
 from rudder.env.lookahead import SamplerLookahead
 from rudder.env.sample_ahead import sampled_bytes
 from rudder.env.timing import FetchTimeModel
 from rudder.traces import Trace, TraceError
-
-DEFAULT_CANDIDATES = 256
-DEFAULT_SAMPLE_AHEAD = 4  # minibatches a trainer samples ahead unless told otherwise (``--sample-ahead``)
-
-#: An option a trace may lack (recorded before the option existed) -> the value such a run had.
-RECORDED_BEFORE_OPTION = dict(
-    candidates=DEFAULT_CANDIDATES,
-    alpha=0.05,
-    period=8,
-    admit_on_miss=False,
-    buffer_init="degree",
-    fanout="10,25",
-    batch_size=1000,
-    prefetch="inline",  # background prefetch came later: a run without the option pulled prefetch sets inline
-    sample_ahead=DEFAULT_SAMPLE_AHEAD,  # replayed as today's trainer would run it (sampling ahead changes no batch)
-)
 
 
 class RecordedRun:
@@ -96,7 +81,7 @@ class RecordedRun:
 
     def option(self, name: str):
         """The recorded run's option ``name``, or for a trace recorded before it existed, the value such a run had
-        (:data:`RECORDED_BEFORE_OPTION`)."""
+        (:data:`rudder.env.defaults.RECORDED_BEFORE_OPTION`)."""
         return self.config.get(name, RECORDED_BEFORE_OPTION[name])
 
     @property

@@ -6,6 +6,7 @@ import copy
 
 import numpy as np
 from rudder.env.buffer import PrefetchBuffer, initial_ids
+from rudder.env.defaults import DEFAULTS
 from rudder.env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, RunFacts
 from rudder.env.lookahead import SamplerLookahead
 from rudder.env.ranking import make_ranking
@@ -109,13 +110,13 @@ class ReplayEnv(PrefetchEnv):
         trace,
         rank: int = 0,
         candidates: int | None = None,
-        reward: str = "traffic",
+        reward: str = DEFAULTS.reward,
         buffer_fraction: float | None = None,
         buffer_init: str = "recorded",
         alpha: float | None = None,
         period: int | None = None,
         admit_on_miss: bool | None = None,
-        ranking: str = "misses",
+        ranking: str = DEFAULTS.ranking,
         lookahead_horizon: int | None = None,
         lookahead_discount: float | None = None,
         prefetch: str | None = None,

@@ -19,9 +19,11 @@ import gymnasium as gym
 import numpy as np
 from rudder.env.buffer import EMPTY, PREFETCH_CHUNK, MinibatchCounts, PrefetchBuffer
 from rudder.env.contract import Choice, DecisionInfo, LinkInfo
+from rudder.env.defaults import DEFAULTS
 from rudder.env.ranking import Ranked, Ranking
 from rudder.env.settings import check, check_link_levels
 from rudder.env.spaces import LINK_FEATURES, WindowStats, build_observation, check_action, lg
+from rudder.env.timing import LinkFit
 
 
 @dataclass
@@ -57,35 +59,30 @@ class RunFacts:
 class LinkEstimate:
     """What a pull costs on this trainer's link: ``seconds = c0 + c_local * local_rows + c_remote * remote_rows``,
     fitted online to every demand pull of the run so far (its fetch seconds minus any stall behind a prefetch chunk)
-    by non-negative least squares over running sums, seeded with the initial fill when it was timed.
+    by the link law's fitter (:class:`~rudder.env.timing.LinkFit`), seeded with the initial fill when it was timed.
 
     Live it learns from measured pulls, in replay from modelled ones, by the same code: an agent sees the link the
     same way in both. It gives the *link budget* of a window: the remote rows background prefetch can bring while
-    the trainer samples and computes, ``hide_s / (c_remote + c0 / chunk)``.
+    the trainer samples and computes, ``hide_s / (c_remote + c0 / chunk)``. ``half_life`` (pulls; None: the whole
+    run weighs the same) forgets old pulls, see :class:`~rudder.env.timing.LinkFit`.
     """
 
-    def __init__(self, initial_fill: tuple[int, float] | None = None):
-        self._xtx = np.zeros((3, 3))
-        self._xty = np.zeros(3)
-        self.samples = 0
-        self._coef: np.ndarray | None = None
+    def __init__(self, initial_fill: tuple[int, float] | None = None, half_life: float | None = None):
+        self.fit = LinkFit(half_life)
         if initial_fill is not None and initial_fill[0] > 0 and initial_fill[1] > 0:
             self.add(0, initial_fill[0], initial_fill[1])
 
     def add(self, local_rows: int, remote_rows: int, seconds: float) -> None:
-        x = np.array([1.0, local_rows / 1e3, remote_rows / 1e3])  # rows in thousands keep the sums well scaled
-        self._xtx += np.outer(x, x)
-        self._xty += x * max(seconds, 0.0)
-        self.samples += 1
-        self._coef = None
+        self.fit.add(local_rows, remote_rows, seconds)
+
+    @property
+    def samples(self) -> int:
+        return self.fit.samples
 
     @property
     def coefficients(self) -> tuple[float, float, float]:
         """``(c0, c_local, c_remote)`` in seconds per pull and per row (zeros before two pulls were seen)."""
-        if self._coef is None:
-            self._coef = _nonnegative_normal(self._xtx, self._xty) if self.samples >= 2 else np.zeros(3)
-        c0, c_local, c_remote = self._coef
-        return float(c0), float(c_local) / 1e3, float(c_remote) / 1e3
+        return self.fit.coefficients
 
     def seconds(self, remote_rows: int, chunk: int = PREFETCH_CHUNK) -> float:
         """Modelled seconds background prefetch of ``remote_rows`` keeps the link busy (chunks of ``chunk``)."""
@@ -104,20 +101,6 @@ class LinkEstimate:
         c0, c_local, c_remote = self.coefficients
         demand = window.remote_fetched - window.arrived
         return c0 * window.minibatches + c_local * window.local_rows + c_remote * demand + self.seconds(window.arrived)
-
-
-def _nonnegative_normal(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
-    """Least squares with coefficients >= 0 from the normal equations (active set: drop negatives and refit)."""
-    active = np.ones(xty.size, dtype=bool)
-    coef = np.zeros(xty.size)
-    while active.any():
-        a = np.flatnonzero(active)
-        sol = np.linalg.lstsq(xtx[np.ix_(a, a)], xty[a], rcond=None)[0]
-        if (sol >= 0).all():
-            coef[a] = sol
-            return coef
-        active[a[np.argmin(sol)]] = False
-    return coef
 
 
 def check_level(action, n: int) -> int:
@@ -162,7 +145,7 @@ class PrefetchEpisode:
         ranking: Ranking,
         k: int,
         run: RunFacts,
-        reward: str = "traffic",
+        reward: str = DEFAULTS.reward,
         levels=None,
         id_map: np.ndarray | None = None,
     ):

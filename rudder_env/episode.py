@@ -221,7 +221,7 @@ class PrefetchEpisode:
         ranked = self._ranked = self.ranking.rank(self.minibatches, k_rank)
         self.candidate_ids, self._victims = ranked.candidate_ids[: self.k], ranked.victims
         n_candidates = int(np.count_nonzero(ranked.candidate_ids >= 0))
-        if self.levels is None or self.ranking.name == "lookahead":
+        if self.levels is None or self.ranking.levels_need_a_slot:
             n_admissible = min(n_candidates, ranked.n_evictable)
         else:
             n_admissible = min(n_candidates, buf.capacity)
@@ -291,21 +291,10 @@ class PrefetchEpisode:
         """What prefetching the top ``rows`` ranked candidates would do (:class:`~rudder.env.contract.Choice`)."""
         buf, ranked = self.buffer, self._ranked
         rows = max(int(rows), 0)
-        need_in = float(ranked.candidate_scores[:rows].mean()) if rows else 0.0
-        if self.ranking.name == "misses":
-            need_in *= buf.alpha  # decayed misses x alpha: about the misses per minibatch
+        need_in = self.ranking.candidate_need(ranked.candidate_scores[:rows]) if rows else 0.0
         victims = self._victim_slots(rows)
         resident = buf.slot_ids[victims] != EMPTY
-        if buf.priority is not None and hasattr(self.ranking, "slot_need"):  # expected uses, as the candidates'
-            out = self.ranking.slot_need(victims, self.minibatches)
-            hot = resident & (out > 0)
-        elif buf.priority is not None:
-            scale = self.ranking.need_scale(self.minibatches) if hasattr(self.ranking, "need_scale") else 1.0
-            out = np.maximum(buf.slot_priority(victims), 0.0) * scale
-            hot = resident & (out > 0)
-        else:
-            out = np.where(resident, buf.slot_scores()[victims], 0.0)
-            hot = resident & (buf.clock - buf.slot_last_hit[victims] < buf.period)
+        out, hot = self.ranking.slot_need(victims, self.minibatches)  # as the candidates' need, and still in use
         return Choice(
             level=float(level),
             rows=rows,

@@ -404,6 +404,12 @@ class PrefetchEnv(gym.Env):
         self._observed_at = time.perf_counter()
         return obs, info
 
+    def resolver(self) -> Callable[[object], np.ndarray]:
+        """A function turning an action taken on the current observation into its prefetch ids (global node ids);
+        it keeps this decision's candidates, so it also serves a decision an agent finishes later, in the
+        background (its ids go to :meth:`run_window`'s ``poll``)."""
+        return require_running(self.episode).resolver()
+
     def step(self, action):
         """Schedule the action's prefetch set, then run the next ``period`` minibatches."""
         ep = require_running(self.episode)

@@ -24,6 +24,56 @@ from rudder.traces.timecheck import time_checks as find_time_checks
 ORACLES = ("belady", "hindsight", "best-level")
 LEVEL_ORACLE_HORIZON = 3  # windows the best-level oracle plays each level ahead before choosing
 
+#: What a row of ``results.csv`` holds, in order: who played where (``agent``, ``trace``, ``rank``, the buffer's
+#: ``capacity``, whether it decided in the background, its provenance), then what the buffer did and what it cost
+#: (:data:`PLAYED`); then columns each source adds (the time model, the hit-rate ceiling, the level oracle...).
+WHO = ("agent", "trace", "rank", "capacity", "asynchronous", "provenance", "held_out", "invalid_answers")
+PLAYED = (
+    "remote_sampled",  # remote input rows needed
+    "hits",  # of which served from the buffer
+    "remote_fetched",  # rows pulled over RPC: misses + prefetched
+    "prefetched",  # rows pulled only because a prefetch set (or the initial fill) asked for them
+    "initial_fill",  # of prefetched: the initial fill's
+    "admitted_on_miss",  # missed rows that entered the buffer at no extra traffic
+    "time_s",  # modelled in replay (NaN for a traffic oracle), measured live
+    "decisions",
+    "latency_p50_s",
+    "latency_p95_s",
+    "window_hit_rate",  # hit rate per decision window
+)
+
+
+def result_row(
+    agent: str,
+    trace: str,
+    rank: int,
+    capacity: int,
+    played: dict,
+    *,
+    asynchronous: bool = False,
+    provenance: str = "",
+    held_out: bool | None = None,
+    invalid_answers: int = 0,
+    **more,
+) -> dict:
+    """One row of ``results.csv``: :data:`WHO` then ``played`` (what :func:`~rudder.evaluation.play.play` returns,
+    or the same :data:`PLAYED` keys from an oracle or a live run: every one of them must be there) then ``more``.
+    The one place a results row is put together, for replayed agents, oracles and live runs alike."""
+    missing = [k for k in PLAYED if k not in played]
+    if missing:
+        raise ValueError(f"a results row for {agent} on {trace} rank {rank} lacks {', '.join(missing)}")
+    who = dict(
+        agent=agent,
+        trace=trace,
+        rank=rank,
+        capacity=capacity,
+        asynchronous=asynchronous,
+        provenance=provenance,
+        held_out=held_out,
+        invalid_answers=invalid_answers,
+    )
+    return dict(who, **played, **more)
+
 
 def evaluate_trace(
     trace_dir: str,
@@ -78,16 +128,16 @@ def evaluate_trace(
                 fingerprint = rank_fingerprint(trace, rank)
             origin = provenance(agent.trained_on, fingerprint) if agent.trained_on is not None else ""
             rows.append(
-                dict(
-                    agent=agent_name,
-                    trace=name,
-                    rank=rank,
-                    capacity=env.capacity,
+                result_row(
+                    agent_name,
+                    name,
+                    rank,
+                    env.capacity,
+                    r,
                     asynchronous=agent.asynchronous,
                     provenance=origin,
                     held_out=(origin == HELD_OUT) if origin else None,
                     invalid_answers=agent.stats().get("invalid_answers", 0),
-                    **r,
                     **timing,
                     **bound,
                 )
@@ -102,50 +152,29 @@ def evaluate_trace(
                 res = level_oracle(trace, rank, buffer_fraction, candidates, seed)
                 for r in rank_rows:
                     r.update(level_oracle_s=res["time_s"], worst_level_s=res["worst_level_s"])
+                played = {k: v for k, v in res.items() if k not in ("levels_chosen", "fixed_level_s")}
                 rows.append(
-                    dict(
-                        agent=oracle,
-                        trace=name,
-                        rank=rank,
-                        capacity=ref.capacity,
-                        asynchronous=False,
-                        provenance="",
-                        held_out=None,
-                        invalid_answers=0,
-                        **{k: v for k, v in res.items() if k not in ("levels_chosen", "fixed_level_s")},
-                        level_oracle_s=res["time_s"],
-                        **timing,
-                        **bound,
+                    result_row(
+                        oracle, name, rank, ref.capacity, played, level_oracle_s=res["time_s"], **timing, **bound
                     )
                 )
                 continue
             fn = {"belady": belady_min, "hindsight": hindsight_static}[oracle]
             res = fn(ids, ref.capacity)
-            rows.append(
-                dict(
-                    agent=oracle,
-                    trace=name,
-                    rank=rank,
-                    capacity=ref.capacity,
-                    asynchronous=False,
-                    provenance="",
-                    held_out=None,
-                    invalid_answers=0,
-                    remote_sampled=res.remote_sampled,
-                    hits=res.hits,
-                    remote_fetched=res.remote_fetched,
-                    prefetched=res.prefetched,
-                    initial_fill=res.initial_fill,
-                    admitted_on_miss=0,
-                    time_s=float("nan"),
-                    decisions=0,
-                    latency_p50_s=0.0,
-                    latency_p95_s=0.0,
-                    window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
-                    **timing,
-                    **bound,
-                )
+            played = dict(
+                remote_sampled=res.remote_sampled,
+                hits=res.hits,
+                remote_fetched=res.remote_fetched,
+                prefetched=res.prefetched,
+                initial_fill=res.initial_fill,
+                admitted_on_miss=0,
+                time_s=float("nan"),
+                decisions=0,
+                latency_p50_s=0.0,
+                latency_p95_s=0.0,
+                window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
             )
+            rows.append(result_row(oracle, name, rank, ref.capacity, played, **timing, **bound))
     return rows
 
 

@@ -130,16 +130,14 @@ class SB3Agent(Agent):
             )
         algorithm = getattr(importlib.import_module(meta.get("module", "stable_baselines3")), meta["algorithm"])
         self.model = algorithm.load(zip_path, device="cpu", custom_objects=_NO_SCHEDULES)
-        self.last_action: Any = None
 
     def reset(self) -> None:
-        self.last_action = None
+        pass  # a feed-forward policy keeps no state between decisions
 
     def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
         k_env = int(np.asarray(observation["candidates"]).shape[0])
         flat = spaces.flatten(self._space, fit_k(observation, self.k))
         action, _ = self.model.predict(flat, deterministic=self.deterministic)
-        self.last_action = action
         if self.action == "multibinary":
             out = np.zeros(k_env, dtype=np.int8)
             bits = np.asarray(action, dtype=np.int8).reshape(-1)[:k_env]

@@ -62,16 +62,7 @@ def result_row(
     missing = [k for k in PLAYED if k not in played]
     if missing:
         raise ValueError(f"a results row for {agent} on {trace} rank {rank} lacks {', '.join(missing)}")
-    who = dict(
-        agent=agent,
-        trace=trace,
-        rank=rank,
-        capacity=capacity,
-        asynchronous=asynchronous,
-        provenance=provenance,
-        held_out=held_out,
-        invalid_answers=invalid_answers,
-    )
+    who = dict(zip(WHO, (agent, trace, rank, capacity, asynchronous, provenance, held_out, invalid_answers)))
     return dict(who, **played, **more)
 
 

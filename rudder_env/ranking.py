@@ -23,7 +23,7 @@ import copy
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from rudder.env.buffer import EMPTY, PrefetchBuffer, first_in_order
@@ -40,6 +40,7 @@ class Ranked:
     victims: np.ndarray | None  # slots to replace, first evicted first (None: the buffer's score order)
 
 
+@runtime_checkable
 class Ranking(Protocol):
     """Everything an episode (:class:`rudder.env.episode.PrefetchEpisode`) asks of a ranking.
 

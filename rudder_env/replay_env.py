@@ -139,7 +139,9 @@ class ReplayEnv(PrefetchEnv):
         self.follow_recorded = follow_recorded
         self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
         self.sampled_only = bool(sampled_only)
-        self.run = run = trace if isinstance(trace, RecordedRun) and trace.rank == rank else RecordedRun(trace, rank)
+        if isinstance(trace, RecordedRun):  # already loaded (e.g. shared by the envs of one rank)
+            trace = trace if trace.rank == rank else trace.trace
+        self.run = run = trace if isinstance(trace, RecordedRun) else RecordedRun(trace, rank)
         self.rank = rank
         # each setting: the argument, else the recorded run's
         self.k = int(candidates if candidates is not None else run.option("candidates"))

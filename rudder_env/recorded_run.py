@@ -10,12 +10,31 @@ driver (:class:`~rudder.env.replay_env.ReplayEnv`) steps through it, and copies 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from rudder.env.defaults import RECORDED_BEFORE_OPTION
 from rudder.env.lookahead import SamplerLookahead
-from rudder.env.sample_ahead import sampled_bytes
+from rudder.env.sample_ahead import SampleAhead, sampled_bytes
+from rudder.env.settings import check, check_optional
 from rudder.env.timing import FetchTimeModel
 from rudder.traces import Trace, TraceError
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """The buffer and decision settings one replay of a recorded run plays with (:meth:`RecordedRun.settings`):
+    each the one asked for, else the recorded run's."""
+
+    k: int  # ranked candidates per decision (the action size)
+    alpha: float  # score decay per minibatch
+    period: int  # minibatches per decision window
+    admit_on_miss: bool
+    buffer_fraction: float  # of the halo nodes
+    capacity: int  # the buffer's slots: round(buffer_fraction * halo nodes)
+    buffer_init: str  # "recorded": the recorded initial ids (only at the recorded capacity), else a fill's name
+    prefetch: str  # "inline" or "background"
+    sample_ahead: SampleAhead  # how far the live trainer had sampled ahead
 
 
 class RecordedRun:
@@ -79,6 +98,44 @@ class RecordedRun:
         self._decisions = None
         self._structure = None
 
+    def settings(
+        self,
+        candidates: int | None = None,
+        alpha: float | None = None,
+        period: int | None = None,
+        admit_on_miss: bool | None = None,
+        buffer_fraction: float | None = None,
+        buffer_init: str = "recorded",
+        prefetch: str | None = None,
+        sample_ahead=None,
+    ) -> ReplaySettings:
+        """The settings of a replay asking for these (checked, :func:`rudder.env.settings.check`; ``None``: the
+        recorded run's). ``buffer_init="recorded"`` at another capacity than the recording's fills the buffer the
+        way the recorded agent did. Sampling ahead does not change the batches, so any count, budget or ``"epoch"``
+        is emulated from the recorded ids."""
+        candidates, alpha = check_optional("candidates", candidates), check_optional("alpha", alpha)
+        period, admit_on_miss = check_optional("period", period), check_optional("admit_on_miss", admit_on_miss)
+        buffer_fraction = check_optional("buffer_fraction", buffer_fraction)
+        buffer_init = check("buffer_init", buffer_init, extra_choices=("recorded",))
+        prefetch = check_optional("prefetch", prefetch)
+        fraction = float(buffer_fraction if buffer_fraction is not None else self.config.get("buffer_fraction"))
+        capacity = int(round(fraction * self.halo_ids.size))
+        if buffer_init == "recorded" and capacity != self.recorded_capacity:
+            buffer_init = self.played_buffer_init
+        return ReplaySettings(
+            k=int(candidates if candidates is not None else self.option("candidates")),
+            alpha=float(alpha if alpha is not None else self.option("alpha")),
+            period=int(period if period is not None else self.option("period")),
+            admit_on_miss=bool(admit_on_miss if admit_on_miss is not None else self.option("admit_on_miss")),
+            buffer_fraction=fraction,
+            capacity=capacity,
+            buffer_init=buffer_init,
+            prefetch=check("prefetch", prefetch or self.option("prefetch")),
+            sample_ahead=SampleAhead.parse(
+                sample_ahead if sample_ahead is not None else self.option("sample_ahead"), "sample_ahead"
+            ),
+        )
+
     def option(self, name: str):
         """The recorded run's option ``name``, or for a trace recorded before it existed, the value such a run had
         (:data:`rudder.env.defaults.RECORDED_BEFORE_OPTION`)."""
@@ -127,9 +184,27 @@ class RecordedRun:
             self._structure = (SamplerLookahead.from_static(self.rank_trace.static, self.num_nodes),)
         return self._structure[0]
 
-    def seeds(self) -> list[np.ndarray] | None:
-        """Each minibatch's seed node ids, or None for a trace recorded without them."""
-        return self.rank_trace.minibatch_seeds()
+    def lookahead(self) -> tuple[SamplerLookahead, list[np.ndarray]]:
+        """The partition structure and each minibatch's seed node ids: what the lookahead ranking scores from;
+        a trace recorded without them is refused in one line."""
+        structure, seeds = self.structure(), self.rank_trace.minibatch_seeds()
+        if structure is None or seeds is None:
+            raise ValueError(
+                f"ranking='lookahead' needs a trace recorded with seeds and partition structure; "
+                f"{self.trace.directory} has none (re-record it with this rudder)"
+            )
+        return structure, seeds
+
+    def vip_structure(self) -> SamplerLookahead:
+        """The partition structure the VIP fill (:mod:`rudder.env.vip`) computes from; a trace recorded without it
+        is refused in one line."""
+        structure = self.structure()
+        if structure is None:
+            raise ValueError(
+                f"buffer_init='vip' needs a trace recorded with partition structure; "
+                f"{self.trace.directory} has none (re-record it with this rudder)"
+            )
+        return structure
 
     def touched_ids(self, lookahead: SamplerLookahead | None = None) -> np.ndarray:
         """Every global id a replay of this rank can name, sorted: the remote ids it needs, its halo, the recorded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 from rudder.env.buffer import PrefetchBuffer, initial_ids
@@ -11,8 +12,7 @@ from rudder.env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, Ru
 from rudder.env.lookahead import SamplerLookahead
 from rudder.env.ranking import make_ranking
 from rudder.env.recorded_run import RecordedRun
-from rudder.env.sample_ahead import SampleAhead
-from rudder.env.settings import check, check_link_levels, check_optional
+from rudder.env.settings import check, check_link_levels
 from rudder.env.spaces import action_space, observation_space
 from rudder.env.timing import BackgroundLink
 from rudder.env.vip import vertex_inclusion_probability
@@ -101,8 +101,10 @@ class ReplayEnv(PrefetchEnv):
 
     Attributes:
         run: the :class:`RecordedRun` replayed (shared by every copy of an episode).
-        k, reward, alpha, period, admit_on_miss, buffer_fraction, capacity, buffer_init, prefetch, ranking,
-        sample_ahead, levels: the settings in force, each the argument or else the recorded run's.
+        settings: the :class:`~rudder.env.recorded_run.ReplaySettings` in force, each the argument or else the
+            recorded run's; also as attributes: ``k``, ``alpha``, ``period``, ``admit_on_miss``,
+            ``buffer_fraction``, ``capacity``, ``buffer_init``, ``prefetch``, ``sample_ahead``.
+        reward, ranking, levels: as given.
     """
 
     def __init__(
@@ -128,14 +130,8 @@ class ReplayEnv(PrefetchEnv):
     ):
         super().__init__()
         self.levels = None if levels is None else check_link_levels(levels)
-        candidates = check_optional("candidates", candidates)
         self.reward = check("reward", reward)
-        buffer_fraction = check_optional("buffer_fraction", buffer_fraction)
-        buffer_init = check("buffer_init", buffer_init, extra_choices=("recorded",))
-        alpha, period = check_optional("alpha", alpha), check_optional("period", period)
         self.ranking = check("ranking", ranking)
-        admit_on_miss = check_optional("admit_on_miss", admit_on_miss)
-        prefetch = check_optional("prefetch", prefetch)
         self.follow_recorded = follow_recorded
         self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
         self.sampled_only = bool(sampled_only)
@@ -143,40 +139,17 @@ class ReplayEnv(PrefetchEnv):
             trace = trace if trace.rank == rank else trace.trace
         self.run = run = trace if isinstance(trace, RecordedRun) else RecordedRun(trace, rank)
         self.rank = rank
-        # each setting: the argument, else the recorded run's
-        self.k = int(candidates if candidates is not None else run.option("candidates"))
-        self.alpha = float(alpha if alpha is not None else run.option("alpha"))
-        self.period = int(period if period is not None else run.option("period"))
-        self.admit_on_miss = bool(admit_on_miss if admit_on_miss is not None else run.option("admit_on_miss"))
-        recorded_fraction = run.config.get("buffer_fraction")
-        self.buffer_fraction = float(buffer_fraction if buffer_fraction is not None else recorded_fraction)
-        self.prefetch = check("prefetch", prefetch or run.option("prefetch"))
-        # what the recording trainer had sampled ahead, unless told otherwise: sampling ahead does not change the
-        # batches, so any count, budget or 'epoch' is emulated from the recorded ids
-        self.sample_ahead = SampleAhead.parse(
-            sample_ahead if sample_ahead is not None else run.option("sample_ahead"), "sample_ahead"
+        self.settings = run.settings(
+            candidates, alpha, period, admit_on_miss, buffer_fraction, buffer_init, prefetch, sample_ahead
         )
-        self.capacity = int(round(self.buffer_fraction * run.halo_ids.size))
-        if buffer_init == "recorded" and self.capacity != run.recorded_capacity:
-            buffer_init = run.played_buffer_init  # another size: fill it the way the recorded agent did
-        self.buffer_init = buffer_init
+        for f in dataclasses.fields(self.settings):  # k, alpha, period, ... as attributes of the env
+            setattr(self, f.name, getattr(self.settings, f.name))
         self._vip = None
-        if buffer_init == "vip":
-            la = run.structure()
-            if la is None:
-                raise ValueError(
-                    f"buffer_init='vip' needs a trace recorded with partition structure; "
-                    f"{run.trace.directory} has none (re-record it with this rudder)"
-                )
-            self._vip = vertex_inclusion_probability(la, run.batch_size)
+        if self.buffer_init == "vip":
+            self._vip = vertex_inclusion_probability(run.vip_structure(), run.batch_size)
         self._lookahead, self._seeds = None, None
         if self.ranking == "lookahead" and not self.sampled_only:
-            self._lookahead, self._seeds = run.structure(), run.seeds()
-            if self._lookahead is None or self._seeds is None:
-                raise ValueError(
-                    f"ranking='lookahead' needs a trace recorded with seeds and partition structure; "
-                    f"{run.trace.directory} has none (re-record it with this rudder)"
-                )
+            self._lookahead, self._seeds = run.lookahead()
         self._ids = run.remote_ids  # per minibatch, the remote ids in the buffer's id space
         self._id_map = None  # dense ids (see dense_ids): sorted global ids of every node this rank touches
         self._scorer = self._lookahead

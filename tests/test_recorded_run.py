@@ -12,6 +12,7 @@ from rudder.env.defaults import DEFAULTS, RECORDED_BEFORE_OPTION, RunDefaults
 from rudder.env.live_env import LiveEnv
 from rudder.env.recorded_run import RecordedRun
 from rudder.env.replay_env import ReplayEnv
+from rudder.env.settings import SettingError
 from rudder.traces import TraceError
 
 from rudder.runtime.config import TrainConfig
@@ -28,6 +29,12 @@ def test_a_recorded_option_wins_and_a_missing_one_is_what_such_a_run_had():
     env = ReplayEnv(run, rank=1)
     assert env.run is run and env.period == 4 and env.prefetch == "inline" and str(env.sample_ahead) == "4"
     assert env.k == run.config["candidates"] and env.capacity == run.recorded_capacity
+    assert env.settings == run.settings() and run.settings().buffer_init == "recorded"
+    other = run.settings(buffer_fraction=0.5, period=2)  # another size: filled as the recorded agent did
+    assert other.buffer_init == run.played_buffer_init == "degree" and other.period == 2
+    assert other.capacity == round(0.5 * run.halo_ids.size)
+    with pytest.raises(SettingError, match=r"period \(--period\) must be an integer >= 1, got 0"):
+        run.settings(period=0)
 
 
 def test_the_recorded_run_derives_what_the_replay_steps_through():

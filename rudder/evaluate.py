@@ -245,6 +245,7 @@ def evaluate_traces(
 def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict], args) -> list[dict]:
     """Each agent trains ``--graph`` for real (``train.py gnn``); rows from the run summaries, times measured."""
     from rudder.evaluation.registry import absolute_reference
+    from rudder.evaluation.scoring import result_row
 
     rows = []
     trace_name = f"live-{os.path.basename(args.graph.rstrip('/'))}"
@@ -289,29 +290,21 @@ def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict],
         with open(summary) as f:
             s = json.load(f)
         for r in s["ranks"]:
-            rows.append(
-                dict(
-                    agent=name,
-                    trace=trace_name,
-                    rank=r["trainer_rank"],
-                    capacity=r["buffer_capacity"],
-                    asynchronous=r.get("asynchronous", False),
-                    provenance="",
-                    held_out=None,
-                    invalid_answers=0,
-                    remote_sampled=r["remote_sampled"],
-                    hits=r["hits"],
-                    remote_fetched=r["remote_fetched"],
-                    prefetched=r["prefetched"],
-                    initial_fill=r["initial_fill"],
-                    admitted_on_miss=r["admitted_on_miss"],
-                    time_s=sum(r["epoch_time_s"]),
-                    decisions=r.get("decisions", 0),
-                    latency_p50_s=r.get("latency_p50_s", 0.0),
-                    latency_p95_s=r.get("latency_p95_s", 0.0),
-                    window_hit_rate=[],
-                )
+            played = dict(
+                remote_sampled=r["remote_sampled"],
+                hits=r["hits"],
+                remote_fetched=r["remote_fetched"],
+                prefetched=r["prefetched"],
+                initial_fill=r["initial_fill"],
+                admitted_on_miss=r["admitted_on_miss"],
+                time_s=sum(r["epoch_time_s"]),
+                decisions=r.get("decisions", 0),
+                latency_p50_s=r.get("latency_p50_s", 0.0),
+                latency_p95_s=r.get("latency_p95_s", 0.0),
+                window_hit_rate=[],
             )
+            capacity, asynchronous = r["buffer_capacity"], r.get("asynchronous", False)
+            rows.append(result_row(name, trace_name, r["trainer_rank"], capacity, played, asynchronous=asynchronous))
     bar.close()
     return rows
 

@@ -29,6 +29,47 @@ CONSTANT_ORACLES = ("best-constant", "tuned-constant", "bound")  # one row per a
 ORACLES = ("belady", "hindsight", "best-level", *CONSTANT_ORACLES)
 LEVEL_ORACLE_HORIZON = 3  # windows the best-level oracle plays each level ahead before choosing
 
+#: What a row of ``results.csv`` holds, in order: who played where (``agent``, ``trace``, ``rank``, the buffer's
+#: ``capacity``, whether it decided in the background, its provenance), then what the buffer did and what it cost
+#: (:data:`PLAYED`); then columns each source adds (the time model, the hit-rate ceiling, the level oracle...).
+WHO = ("agent", "trace", "rank", "capacity", "asynchronous", "provenance", "held_out", "invalid_answers")
+PLAYED = (
+    "remote_sampled",  # remote input rows needed
+    "hits",  # of which served from the buffer
+    "remote_fetched",  # rows pulled over RPC: misses + prefetched
+    "prefetched",  # rows pulled only because a prefetch set (or the initial fill) asked for them
+    "initial_fill",  # of prefetched: the initial fill's
+    "admitted_on_miss",  # missed rows that entered the buffer at no extra traffic
+    "time_s",  # modelled in replay (NaN for a traffic oracle), measured live
+    "decisions",
+    "latency_p50_s",
+    "latency_p95_s",
+    "window_hit_rate",  # hit rate per decision window
+)
+
+
+def result_row(
+    agent: str,
+    trace: str,
+    rank: int,
+    capacity: int,
+    played: dict,
+    *,
+    asynchronous: bool = False,
+    provenance: str = "",
+    held_out: bool | None = None,
+    invalid_answers: int = 0,
+    **more,
+) -> dict:
+    """One row of ``results.csv``: :data:`WHO` then ``played`` (what :func:`~rudder.evaluation.play.play` returns,
+    or the same :data:`PLAYED` keys from an oracle or a live run: every one of them must be there) then ``more``.
+    The one place a results row is put together, for replayed agents, oracles and live runs alike."""
+    missing = [k for k in PLAYED if k not in played]
+    if missing:
+        raise ValueError(f"a results row for {agent} on {trace} rank {rank} lacks {', '.join(missing)}")
+    who = dict(zip(WHO, (agent, trace, rank, capacity, asynchronous, provenance, held_out, invalid_answers)))
+    return dict(who, **played, **more)
+
 
 def evaluate_trace(
     trace_dir: str,
@@ -92,16 +133,16 @@ def evaluate_trace(
                 fingerprint = rank_fingerprint(trace, rank)
             origin = provenance(agent.trained_on, fingerprint) if agent.trained_on is not None else ""
             rows.append(
-                dict(
-                    agent=agent_name,
-                    trace=name,
-                    rank=rank,
-                    capacity=env.capacity,
+                result_row(
+                    agent_name,
+                    name,
+                    rank,
+                    env.capacity,
+                    r,
                     asynchronous=agent.asynchronous,
                     provenance=origin,
                     held_out=(origin == HELD_OUT) if origin else None,
                     invalid_answers=agent.stats().get("invalid_answers", 0),
-                    **r,
                     **timing,
                     **ceiling_cols,
                 )
@@ -120,15 +161,6 @@ def evaluate_trace(
                 fixed[space.name] = constant_rows(env, space, seed)
             return env, fixed[space.name]
 
-        common = dict(
-            trace=name,
-            rank=rank,
-            capacity=ref.capacity,
-            asynchronous=False,
-            invalid_answers=0,
-            **timing,
-            **ceiling_cols,
-        )
         for oracle in oracles:
             if progress:
                 progress(f"{name} rank {rank}: {oracle}")
@@ -156,14 +188,18 @@ def evaluate_trace(
                         best_s[space.name] = res["time_s"]
                     res.pop("levels_chosen", None)
                     rows.append(
-                        dict(
-                            agent=f"{oracle}:{space.name}",
+                        result_row(
+                            f"{oracle}:{space.name}",
+                            name,
+                            rank,
+                            ref.capacity,
+                            res,
                             provenance=origin,
                             held_out=(origin == HELD_OUT) if origin else None,
                             action_space=space.name,
                             time_error_band=band,
-                            **res,
-                            **common,
+                            **timing,
+                            **ceiling_cols,
                         )
                     )
                 continue
@@ -175,40 +211,39 @@ def evaluate_trace(
                 )
                 for r in rank_rows:
                     r.update(level_oracle_s=res["time_s"])
+                played = {k: v for k, v in res.items() if k not in ("levels_chosen", "fixed_level_s")}
                 rows.append(
-                    dict(
-                        agent=oracle,
-                        provenance="",
-                        held_out=None,
+                    result_row(
+                        oracle,
+                        name,
+                        rank,
+                        ref.capacity,
+                        played,
                         action_space="link-levels",
                         time_error_band=band,
-                        **{k: v for k, v in res.items() if k not in ("levels_chosen", "fixed_level_s")},
                         level_oracle_s=res["time_s"],
-                        **common,
+                        **timing,
+                        **ceiling_cols,
                     )
                 )
                 continue
             fn = {"belady": belady_min, "hindsight": hindsight_static}[oracle]
             res = fn(ids, ref.capacity)
+            played = dict(
+                remote_sampled=res.remote_sampled,
+                hits=res.hits,
+                remote_fetched=res.remote_fetched,
+                prefetched=res.prefetched,
+                initial_fill=res.initial_fill,
+                admitted_on_miss=0,
+                time_s=float("nan"),
+                decisions=0,
+                latency_p50_s=0.0,
+                latency_p95_s=0.0,
+                window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
+            )
             rows.append(
-                dict(
-                    agent=oracle,
-                    provenance="",
-                    held_out=None,
-                    time_error_band=band,
-                    remote_sampled=res.remote_sampled,
-                    hits=res.hits,
-                    remote_fetched=res.remote_fetched,
-                    prefetched=res.prefetched,
-                    initial_fill=res.initial_fill,
-                    admitted_on_miss=0,
-                    time_s=float("nan"),
-                    decisions=0,
-                    latency_p50_s=0.0,
-                    latency_p95_s=0.0,
-                    window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
-                    **common,
-                )
+                result_row(oracle, name, rank, ref.capacity, played, time_error_band=band, **timing, **ceiling_cols)
             )
         for r in rows:  # every row of this rank that decides in a space: its best constant and bound
             space = r.get("action_space") if r["trace"] == name and r["rank"] == rank else None

@@ -1,7 +1,7 @@
 """A model-predictive controller over link-budget levels: the baseline any learned level controller must beat.
 
 Every window :class:`MPC` re-estimates the link from the windows it has seen, recent ones weighing most
-(:class:`ForgettingLinkEstimate`), and picks the level whose predicted seconds over the ranking's reach are fewest.
+(:func:`forgetting_estimate`), and picks the level whose predicted seconds over the ranking's reach are fewest.
 It knows what the env tells every agent at a decision (``info["choices"]``: the rows each level brings and their
 predicted need against the residents they replace, from the sampler lookahead over what has been sampled) and
 nothing about the future beyond that.
@@ -21,6 +21,8 @@ A level that brings no more rows than a lower one is never preferred to it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from rudder.agents.base import Agent
 from rudder.baselines.constant import LINK_SPACE
@@ -28,23 +30,12 @@ from rudder.env.buffer import PREFETCH_CHUNK
 from rudder.env.episode import LinkEstimate
 
 
-class ForgettingLinkEstimate(LinkEstimate):
-    """:class:`~rudder.env.episode.LinkEstimate` whose past weighs ``forget`` less with every sample added: under
-    a link whose cost changes, the fit follows the recent samples instead of averaging the whole run.
-
-    Written against today's LinkEstimate (its running sums); a unified estimator with a forgetting option is
-    planned in rudder.env (H1's branch) and would replace this subclass."""
-
-    def __init__(self, forget: float = 0.5, initial_fill: tuple[int, float] | None = None):
-        if not 0.0 < forget <= 1.0:
-            raise ValueError(f"forget must be in (0, 1], got {forget!r}")
-        self.forget = float(forget)
-        super().__init__(initial_fill)
-
-    def add(self, local_rows: int, remote_rows: int, seconds: float) -> None:
-        self._xtx *= self.forget
-        self._xty *= self.forget
-        super().add(local_rows, remote_rows, seconds)
+def forgetting_estimate(forget: float) -> LinkEstimate:
+    """The env's :class:`~rudder.env.episode.LinkEstimate` whose past weighs ``forget`` less with every sample added
+    (1: the whole run counts alike): under a link whose cost changes, the fit follows the recent samples."""
+    if not 0.0 < forget <= 1.0:
+        raise ValueError(f"forget must be in (0, 1], got {forget!r}")
+    return LinkEstimate(half_life=None if forget == 1.0 else math.log(0.5) / math.log(forget))
 
 
 class MPC(Agent):
@@ -65,7 +56,7 @@ class MPC(Agent):
         self.reset()
 
     def reset(self) -> None:
-        self.link = ForgettingLinkEstimate(self.forget)
+        self.link = forgetting_estimate(self.forget)
         self.last_predicted_s: list[float] = []
 
     def observe(self, info) -> None:

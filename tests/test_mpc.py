@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 from rudder.baselines.constant import LINK_SPACE
-from rudder.baselines.mpc import ForgettingLinkEstimate
+from rudder.baselines.mpc import forgetting_estimate
 from rudder.env.episode import LinkEstimate
 from rudder.traces import Trace
 
@@ -17,7 +17,7 @@ EMU = "traces/samples/emu2-metis2-f10x25-400mbit"
 
 
 def test_the_estimate_forgets_the_link_it_no_longer_has():
-    forgetting, whole_run = ForgettingLinkEstimate(forget=0.5), LinkEstimate()
+    forgetting, whole_run = forgetting_estimate(forget=0.5), LinkEstimate()
     rng = np.random.default_rng(0)
     for step in range(30):
         c_remote = 1e-5 if step < 20 else 8e-5  # the link gets 8x slower per row for the last 10 pulls
@@ -27,7 +27,7 @@ def test_the_estimate_forgets_the_link_it_no_longer_has():
     assert forgetting.coefficients[2] == pytest.approx(8e-5, rel=1e-3)
     assert whole_run.coefficients[2] < 6e-5  # the whole run's fit averages the two links
     with pytest.raises(ValueError, match="forget"):
-        ForgettingLinkEstimate(forget=0.0)
+        forgetting_estimate(forget=0.0)
 
 
 def _play(factor: float, at_window: int = 7) -> list[int]:
@@ -41,7 +41,7 @@ def _play(factor: float, at_window: int = 7) -> list[int]:
     while not done:
         if len(levels) == at_window:
             slower = dataclasses.replace(env.time_model, c_remote=env.time_model.c_remote * factor)
-            env.time_model = env._link.model = slower  # the env has no public setter for its link: a test-only swap
+            env.run.time_model = env._link.model = slower  # no public setter for the replayed link: a test-only swap
         levels.append(agent.act(obs, info))
         obs, _, done, _, info = env.step(levels[-1])
     return levels

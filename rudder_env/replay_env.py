@@ -143,7 +143,7 @@ class ReplayEnv(PrefetchEnv):
         if isinstance(trace, RecordedRun):  # already loaded (e.g. shared by the envs of one rank)
             trace = trace if trace.rank == rank else trace.trace
         self.run = run = trace if isinstance(trace, RecordedRun) else RecordedRun(trace, rank)
-        self.scenario, self.conditions, self._model, self._cpu = None, None, run.time_model, 1.0
+        self.scenario, self.conditions, self._model, self._cpu = None, None, None, 1.0
         if scenario is not None:
             self._apply_scenario(scenario)
         self.rank = rank
@@ -173,7 +173,8 @@ class ReplayEnv(PrefetchEnv):
     source = property(lambda self: self.run.trace, doc="The :class:`~rudder.traces.Trace` replayed.")
     rank_trace = property(lambda self: self.run.rank_trace, doc="The replayed rank's part of the trace.")
     time_model = property(
-        lambda self: self._model, doc="The fetch-time model fitted to the recording (rows widened by a scenario)."
+        lambda self: self.run.time_model if self.scenario is None else self._model,
+        doc="The fetch-time model fitted to the recording (rows widened by a scenario).",
     )
     num_nodes = property(lambda self: self.run.num_nodes, doc="Nodes in the graph.")
     halo_ids = property(lambda self: self.run.halo_ids, doc="Global ids of this rank's remote neighbours.")
@@ -244,13 +245,13 @@ class ReplayEnv(PrefetchEnv):
         self._records = _Driver(self._replay)
         self._clock_s = 0.0
         if self.prefetch == "background":
-            self._link = BackgroundLink(self._model, self.conditions)
+            self._link = BackgroundLink(self.time_model, self.conditions)
             self._due: list[np.ndarray] = []  # chunks the model delivers before the next minibatch
             self._follow = self.follow_recorded and self.scenario is None and self._as_recorded()
             self._decisions_seen = 0
             self.episode.on_apply = self._check_decision
         obs, info = self._first_observation()
-        info["time_model"] = self._model.as_dict()
+        info["time_model"] = self.time_model.as_dict()
         return obs, info
 
     def snapshot(self) -> dict:

@@ -8,7 +8,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 
-from rudder.env.replay_env import DEFAULT_SAMPLE_AHEAD
+from rudder.env.defaults import DEFAULTS
 from rudder.env.settings import BUFFER_INITS, check, check_fanout
 
 
@@ -55,8 +55,8 @@ class TrainConfig:
             "copied host-to-device every minibatch (only pulled rows are)"
         ),
     )
-    fanout: str = field(default="10,25", metadata=dict(help="neighbours sampled per layer, input layer last"))
-    batch_size: int = field(default=1000, metadata=dict(help="seed nodes per minibatch"))
+    fanout: str = field(default=DEFAULTS.fanout, metadata=dict(help="neighbours sampled per layer, input layer last"))
+    batch_size: int = field(default=DEFAULTS.batch_size, metadata=dict(help="seed nodes per minibatch"))
     epochs: int = field(default=1, metadata=dict(help="training epochs"))
     hidden: int = field(default=128, metadata=dict(help="hidden width"))
     lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
@@ -92,20 +92,26 @@ class TrainConfig:
             "trainers and points them at it (one model copy per host); off: every trainer loads its own",
         ),
     )
-    buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
+    buffer_fraction: float = field(
+        default=DEFAULTS.buffer_fraction, metadata=dict(help="buffer capacity as a fraction of halo nodes")
+    )
     buffer_init: str = field(
-        default="degree",
+        default=DEFAULTS.buffer_init,
         metadata=dict(
             choices=BUFFER_INITS,
             help="initial buffer content: degree (most-connected halo nodes), random, empty, or "
             "vip (highest vertex inclusion probability, SALIENT++)",
         ),
     )
-    alpha: float = field(default=0.05, metadata=dict(help="score decay per minibatch"))
-    period: int = field(default=8, metadata=dict(help="minibatches per decision window"))
-    admit_on_miss: bool = field(default=False, metadata=dict(help="let fetched misses enter free/evictable slots"))
-    candidates: int = field(default=256, metadata=dict(help="K: ranked candidates offered per decision (action size)"))
-    reward: str = field(default="traffic", metadata=dict(choices=("traffic", "time"), help="environment reward"))
+    alpha: float = field(default=DEFAULTS.alpha, metadata=dict(help="score decay per minibatch"))
+    period: int = field(default=DEFAULTS.period, metadata=dict(help="minibatches per decision window"))
+    admit_on_miss: bool = field(
+        default=DEFAULTS.admit_on_miss, metadata=dict(help="let fetched misses enter free/evictable slots")
+    )
+    candidates: int = field(
+        default=DEFAULTS.candidates, metadata=dict(help="K: ranked candidates offered per decision (action size)")
+    )
+    reward: str = field(default=DEFAULTS.reward, metadata=dict(choices=("traffic", "time"), help="environment reward"))
     decisions: str = field(
         default="auto",
         metadata=dict(
@@ -136,7 +142,7 @@ class TrainConfig:
         ),
     )
     sample_ahead: int | str = field(
-        default=DEFAULT_SAMPLE_AHEAD,
+        default=DEFAULTS.sample_ahead,
         metadata=dict(
             help="how far sampling runs ahead of training, across epochs: a count of minibatches (4), a budget of "
             "sampled blocks (64MB; KB, MB, GB) or 'epoch'; the lookahead knows those minibatches' remote rows "
@@ -144,7 +150,7 @@ class TrainConfig:
         ),
     )
     prefetch: str = field(
-        default="background",
+        default=DEFAULTS.prefetch,
         metadata=dict(
             choices=("background", "inline"),
             help="how a decided prefetch set is pulled: by a background worker in chunks while training goes on, rows "

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -27,7 +28,7 @@ from rudder.runtime.console import say
 from rudder.runtime.heartbeat import Heartbeat, beat_path
 from rudder.runtime.partition import PartitionError, ensure_partitions, graph_name, partition_dir, read_meta
 from rudder.runtime.ports import free_port_base, job_ports, port_in_use, release_claims
-from rudder.runtime.procs import alive, start_time
+from rudder.runtime.procs import alive, pidfd_exited, start_time
 
 TAG_VAR = onehost.TAG_VAR
 SUPERVISOR_VAR = "RUDDER_SUPERVISOR"  # set by rudder.runtime.launcher: "pid start_time" of the supervisor
@@ -177,16 +178,25 @@ def _status(job: Job, role: Role, state: str, **extra) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _end_with_supervisor(supervisor: str) -> None:
+LEAVING = threading.Event()  # set when this rank leaves on its own (finished in order, or stopped)
+LEAVE_GRACE_S = 30.0  # a rank that is leaving on its own gets this long before the supervisor watch ends it
+
+
+def _end_with_supervisor(supervisor: str, poll_s: float = 1.0) -> threading.Thread:
     """End this rank (and its process group: DGL sampler workers) as soon as the supervising launcher is gone.
 
     Under MPICH every rank runs in a session of its own below a proxy, so when the launcher is killed outright
     (SIGKILL, OOM) nothing else would stop a rank that is training or waiting on a peer. A daemon thread waits on a
     pidfd of the supervisor (no polling, no CPU) and then kills the group. ``supervisor`` is ``"pid start_time"``.
+
+    The watch kills only on proof that the supervisor is gone: the pidfd became readable *and* the pid no longer
+    names the process that started at ``start_time`` (a readiness alone is not trusted: a descriptor number can be
+    closed by other code and reused). Where no pidfd can be had while the supervisor still runs (a descriptor
+    limit, a kernel without pidfds) it checks every ``poll_s`` instead of killing at once, as it once did. A rank
+    that is leaving on its own (:data:`LEAVING`: it finished in order or was stopped) is given
+    :data:`LEAVE_GRACE_S` to exit before the watch ends it. Returns the watch thread.
     """
-    import select
     import signal
-    import threading
 
     pid, start = (int(x) for x in supervisor.split())
     try:
@@ -197,9 +207,23 @@ def _end_with_supervisor(supervisor: str) -> None:
         os.close(fd)
         fd = None
 
+    def gone() -> bool:
+        return not alive(pid, start)
+
     def watch():
         if fd is not None:
-            select.select([fd], [], [])  # readable once the process has exited
+            pidfd_exited(fd, timeout_s=None)  # readable once the process has exited
+            if not gone():  # not our supervisor's exit: never kill on that alone
+                print(
+                    f"rudder: rank {os.getpid()}: the supervisor's pidfd woke while pid {pid} still runs: "
+                    "watching it by polling",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        while not gone():
+            time.sleep(poll_s)
+        if LEAVING.is_set():  # leaving on its own: os._exit ends this thread unless the exit hangs
+            time.sleep(LEAVE_GRACE_S)
         print(
             f"rudder: rank {os.getpid()}: the supervising launcher (pid {pid}) is gone: ending the job",
             file=sys.stderr,
@@ -207,7 +231,9 @@ def _end_with_supervisor(supervisor: str) -> None:
         )
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
-    threading.Thread(target=watch, name="rudder-supervisor-watch", daemon=True).start()
+    thread = threading.Thread(target=watch, name="rudder-supervisor-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _run_server(cfg, role: Role, job: Job) -> None:
@@ -499,6 +525,7 @@ def rank_main(cfg) -> int:
     _wait(comm, comm.Iallreduce(mine, anyone, op=MPI.MAX))
     relay.close()
     _status(job, role, "stopped" if anyone[0] else "done")
+    LEAVING.set()  # from here the rank leaves on its own: the supervisor watch does not cut its exit short
     _wait(comm)
     if rank == 0 and not supervised:  # started by the user's mpiexec/srun: nobody else cleans up
         shutil.rmtree(job.job_dir, ignore_errors=True)

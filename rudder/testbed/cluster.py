@@ -242,6 +242,29 @@ def _members(net_inodes: set[int], mnt_inodes: set[int]) -> list[int]:
     return out
 
 
+def _signal_member(pid: int, sig: int, net_inodes: set[int], mnt_inodes: set[int]) -> bool:
+    """Send ``sig`` to ``pid`` only if it is still inside one of the namespaces: through a pidfd, the namespace
+    checked after taking it. Pids wrap (every thread takes one; ``pid_max`` may be 32768), so the pid of a member
+    that exited since :func:`_members` listed it may already name a process of another job, outside the cluster.
+    Returns whether it was signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        inside = _ns_inode(pid, "net") in net_inodes or bool(mnt_inodes and _ns_inode(pid, "mnt") in mnt_inodes)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not inside or poller.poll(0):  # another process's pid now, or the member has exited: leave it
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _kill_members(net_inodes: set[int], mnt_inodes: set[int], reap: list[subprocess.Popen]) -> None:
     """SIGTERM everything inside the namespaces, SIGKILL what is left after a second, until none is left."""
     grace_end = time.monotonic() + 1.0
@@ -259,8 +282,7 @@ def _kill_members(net_inodes: set[int], mnt_inodes: set[int], reap: list[subproc
             signalled.clear()
         for pid in pids:
             if pid not in signalled or sig == signal.SIGKILL:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, sig)
+                _signal_member(pid, sig, net_inodes, mnt_inodes)
                 signalled.add(pid)
         time.sleep(0.02)
 
@@ -841,11 +863,8 @@ class EmulatedCluster:
         """Send ``sig`` to every process running inside ``host`` but its holder (a host whose processes all crash
         at once, e.g. out of memory); the host itself stays up. Returns the pids signalled."""
         holder = self._holder(host)
-        pids = [pid for pid in _members({_ns_inode(holder, "net")} - {None}, set()) if pid != holder]
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
-        return pids
+        net = {_ns_inode(holder, "net")} - {None}
+        return [pid for pid in _members(net, set()) if pid != holder and _signal_member(pid, sig, net, set())]
 
 
 def _read_line(f: IO[str], timeout: float) -> str:

@@ -107,6 +107,14 @@ class Trace:
                 stacklevel=2,
             )
 
+    @property
+    def partition_fingerprint(self) -> str | None:
+        """The fingerprint of the partitioning the run used (``meta.graph.fingerprint``: node ids in the trace are
+        ids of that partitioning's numbering); None for traces recorded before it was kept."""
+        graph = self.meta.get("graph")
+        value = graph.get("fingerprint") if isinstance(graph, dict) else None
+        return value if isinstance(value, str) else None
+
     def rank(self, rank: int) -> RankTrace:
         """The trace of trainer ``rank``; :class:`TraceError` if the trace has no such rank."""
         if rank not in self._ranks:

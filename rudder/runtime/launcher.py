@@ -29,7 +29,7 @@ import time
 from rudder.runtime import onehost
 from rudder.runtime.console import CONSOLE_VAR, JobLog, default_log_path
 from rudder.runtime.heartbeat import FACTOR, PHASES, beat_path, read_beat
-from rudder.runtime.partition import ensure_partitions
+from rudder.runtime.partition import check_decisions_partitioning, ensure_partitions
 from rudder.runtime.ports import free_port_base, job_ports, port_in_use, remove_stale_locks
 from rudder.runtime.procs import alive, signal_process, start_time, state
 
@@ -374,10 +374,18 @@ def launch(cfg, argv: list[str]) -> int:
         log.close()
 
 
+def _check_partitioning(cfg, part_config: str, log: JobLog) -> None:
+    """Before any rank starts: a ``--decisions-from`` trace must come from these very partitions (one line)."""
+    note = check_decisions_partitioning(cfg, part_config)
+    if note:
+        log.note(note)
+
+
 def _launch_here(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
     """Run the job with every rank on this host."""
     with log.capture():
-        ensure_partitions(cfg, log=log.note)
+        part_config = ensure_partitions(cfg, log=log.note)
+    _check_partitioning(cfg, part_config, log)
     if cfg.port == 0:
         cfg.port = free_port_base(cfg.parts)
         argv = [*argv, "--port", str(cfg.port)]  # the ranks use the block found here
@@ -415,7 +423,8 @@ def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
         cfg.parts = hosts
         argv = [*argv, "--parts", str(hosts)]
     with log.capture():
-        ensure_partitions(cfg, log=log.note)  # before the hosts come up: partitioning a large graph takes a while
+        part_config = ensure_partitions(cfg, log=log.note)  # before the hosts come up: partitioning takes a while
+    _check_partitioning(cfg, part_config, log)
     if cfg.port == 0:
         cfg.port = 30050  # every host has its own network namespace: no other job's ports to avoid
         argv = [*argv, "--port", str(cfg.port)]

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -26,6 +27,7 @@ from rudder.runtime.dgl_compat import import_dgl
 
 META_FILE = "rudder.json"
 ORIG_NIDS_FILE = "orig_nids.npy"
+FINGERPRINT = "fingerprint"  # key in rudder.json, and in a trace's meta.graph
 
 
 class PartitionError(RuntimeError):
@@ -136,6 +138,59 @@ def verify_files(
             )
 
 
+def fingerprint(part_dir: str, part_config: str | None = None) -> str:
+    """The fingerprint of a partitioning: ``sha256:`` and 16 hex digits over the node id mapping (each node's
+    original id, in DistDGL's new numbering: ``orig_nids.npy``) and each partition's range of new ids (the
+    config's ``node_map``). Two partitionings with one fingerprint number every node alike, so node ids (decisions,
+    traces) carry over between their runs; METIS as DGL calls it is not deterministic with the weights rudder
+    gives it (node types, degrees: the same options and seed cut differently from one call to the next), so a
+    partitioning made again must be told from the first by this, not by its options."""
+    if part_config is None:
+        part_config = os.path.join(part_dir, str(read_meta(part_dir).get("part_config")))
+    node_map = _read_json(part_config, "partition config").get("node_map")
+    try:
+        orig = np.load(os.path.join(part_dir, ORIG_NIDS_FILE))
+    except (OSError, ValueError) as exc:
+        raise PartitionError(
+            f"partition file {os.path.join(part_dir, ORIG_NIDS_FILE)} is unreadable ({exc}): re-partition with "
+            "--repartition"
+        ) from None
+    digest = hashlib.sha256(np.ascontiguousarray(orig, dtype=np.int64).tobytes())
+    digest.update(json.dumps(node_map, sort_keys=True).encode())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def check_same_partitioning(recorded: str | None, current: str, what: str, where: str) -> str | None:
+    """Compare a recorded partition fingerprint with the one of the partitions a run uses: a ValueError (one line)
+    when they differ; a note (returned) when the recording has none (made before rudder recorded it)."""
+    if recorded is None:
+        return (
+            f"rudder: note: {what} {where} records no partition fingerprint (recorded before rudder kept one): "
+            "its node ids are assumed to match this run's partitions"
+        )
+    if recorded != current:
+        raise ValueError(
+            f"{what} {where}: recorded on partitions with fingerprint {recorded}, this run's are {current} "
+            f"(a partitioning made again numbers nodes differently): its node ids name other nodes here"
+        )
+    return None
+
+
+def check_decisions_partitioning(cfg, part_config: str) -> str | None:
+    """``--decisions-from``: refuse (ValueError, one line) a trace recorded on another partitioning than the one
+    at ``part_config``; a note when the trace records none. Nothing to check without ``--decisions-from``."""
+    if not getattr(cfg, "decisions_from", None):
+        return None
+    from rudder.traces import Trace
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an incomplete trace is the agent's business, not this check's
+        recorded = Trace(cfg.decisions_from).partition_fingerprint
+    part_dir = os.path.dirname(part_config)
+    current = read_meta(part_dir).get(FINGERPRINT) or fingerprint(part_dir, part_config)
+    return check_same_partitioning(recorded, current, "--decisions-from", cfg.decisions_from)
+
+
 def check_partitions(part_dir: str, parts: int, checksums: bool = True) -> str:
     """Return the partition config path after checking every file DistDGL will open exists and is as it was
     written (sizes always, CRC-32s with ``checksums``)."""
@@ -155,6 +210,9 @@ def check_partitions(part_dir: str, parts: int, checksums: bool = True) -> str:
                     f"partition file {path} is missing (part {p}, {key}): re-partition with --repartition"
                 )
     verify_files(part_dir, meta, checksums)
+    if FINGERPRINT not in meta:  # partitions made before rudder recorded it
+        meta[FINGERPRINT] = fingerprint(part_dir, config)
+        _write_meta(part_dir, meta)
     return config
 
 
@@ -210,6 +268,7 @@ def ensure_partitions(cfg, checksums: bool = True, log=lambda msg: print(msg, fi
         partition_s=round(time.perf_counter() - t1, 3),
         files=record_files(tmp),
     )
+    meta[FINGERPRINT] = fingerprint(tmp, os.path.join(tmp, meta["part_config"]))
     with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump(meta, f, indent=1)
     os.makedirs(os.path.dirname(part_dir), exist_ok=True)

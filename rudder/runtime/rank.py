@@ -26,7 +26,14 @@ from dataclasses import asdict, dataclass
 from rudder.runtime import onehost
 from rudder.runtime.console import say
 from rudder.runtime.heartbeat import Heartbeat, beat_path
-from rudder.runtime.partition import PartitionError, ensure_partitions, graph_name, partition_dir, read_meta
+from rudder.runtime.partition import (
+    PartitionError,
+    check_decisions_partitioning,
+    ensure_partitions,
+    graph_name,
+    partition_dir,
+    read_meta,
+)
 from rudder.runtime.ports import free_port_base, job_ports, port_in_use, release_claims
 from rudder.runtime.procs import alive, pidfd_exited, start_time
 
@@ -112,6 +119,10 @@ def prepare_job(cfg, roles: list[Role], one_host: bool, tag: str, checksums: boo
     """Partition if needed (checking the cached files: sizes, and CRC-32s with ``checksums``), write ip_config (one
     line per machine: server address and port)."""
     part_config = ensure_partitions(cfg, checksums=checksums)
+    if checksums:  # a user's own mpiexec/srun (launch() checked before any rank started, and passes False)
+        note = check_decisions_partitioning(cfg, part_config)
+        if note:
+            say(note, err=True)
     meta = {k: v for k, v in read_meta(partition_dir(cfg)).items() if k != "files"}
     job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
     os.makedirs(os.path.join(job_dir, "status"), exist_ok=True)

@@ -531,6 +531,10 @@ def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) 
     if stalled is not None:
         return 1
     finished = len(statuses) == cfg.world_size and all(st["state"] == "done" for st in statuses.values())
+    cut = [st for st in sorted(statuses.values(), key=lambda st: st["role"]["rank"]) if st.get("trace_error")]
+    if finished and cut:  # the run, its summary and accuracies are whole; its trace is not
+        log.note(f"rudder: job failed: {cut[0]['describe']}: its trace was cut short: {cut[0]['trace_error']}")
+        return 1
     if rc != 0 and finished and watch.first_dead is None:
         # every rank recorded "done" after the summary and the trace were written and MPI agreed on the way out:
         # the job's results are whole. Whatever ended a rank after that (mpiexec names the signal in the log) is

@@ -343,8 +343,14 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
             latency_p50_s=round(played["latency_p50_s"], 5),
             latency_p95_s=round(played["latency_p95_s"], 5),
         )
-    if writer is not None:
-        writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()), stopped=stopped)
+    if writer is not None:  # a trace that cannot be written loses the trace, not the run's accuracies and summary
+        try:
+            writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()), stopped=stopped)
+        except OSError as exc:
+            writer.failed = writer.failed or str(exc)
+        if writer.failed:
+            result["trace_error"] = writer.failed
+            say(f"rudder: error: trainer {role.trainer_rank}: the trace was cut short: {writer.failed}", err=True)
     if stopped is None:
         accuracy = trainer.evaluate()
     else:  # no evaluation: the batch system's grace period (Slurm's KillWait, 30 s) is for saving what was done
@@ -414,6 +420,7 @@ def _trace_writer(cfg, role: Role, job: Job, trainer, agent, buffer: dict):
         run_meta=run_meta,
         rank_meta=rank_meta,
         static=static,
+        keep_going_when_full=True,
     )
 
 
@@ -535,7 +542,8 @@ def rank_main(cfg) -> int:
     mine, anyone = np.array([int(relay.requested)], dtype=np.int32), np.zeros(1, dtype=np.int32)
     _wait(comm, comm.Iallreduce(mine, anyone, op=MPI.MAX))
     relay.close()
-    _status(job, role, "stopped" if anyone[0] else "done")
+    trace_error = result.get("trace_error") if role.kind == "trainer" else None
+    _status(job, role, "stopped" if anyone[0] else "done", **({"trace_error": trace_error} if trace_error else {}))
     LEAVING.set()  # from here the rank leaves on its own: the supervisor watch does not cut its exit short
     _wait(comm)
     if rank == 0 and not supervised:  # started by the user's mpiexec/srun: nobody else cleans up

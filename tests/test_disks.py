@@ -17,7 +17,6 @@ import warnings
 import numpy as np
 import pytest
 from conftest import METIS2, ROOT, TRAIN
-
 from rudder.traces import Trace, TraceIncompleteWarning, TraceWriter
 
 needs_root = pytest.mark.skipif(

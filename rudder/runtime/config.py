@@ -206,6 +206,13 @@ class TrainConfig:
             "one partition per host, instead of a fresh one per job"
         ),
     )
+    adopt_cluster: bool = field(
+        default=False,
+        metadata=dict(
+            help="with --cluster: run on it even if the process that brought it up is gone; this job then owns it "
+            "and tears it down at its end (without: refused, in one line)"
+        ),
+    )
     log: str | None = field(
         default=None,
         metadata=dict(

@@ -410,7 +410,8 @@ def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
 
     try:
         preflight()
-        attached = EmulatedCluster.attach(cfg.cluster) if cfg.cluster else None
+        # held while the job runs: `list`, `down` and `up` leave a cluster in use alone
+        attached = EmulatedCluster.attach(cfg.cluster, use="a job", adopt=cfg.adopt_cluster) if cfg.cluster else None
     except ClusterError as exc:
         raise RuntimeError(str(exc)) from None
     if attached is not None:
@@ -458,8 +459,10 @@ def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
             ]
             return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info)})
     finally:
-        if attached is None:
-            cluster.down()
+        if attached is None or attached.adopted:
+            cluster.down()  # brought up here, or adopted: this job owns it
+        else:
+            attached.release()
 
 
 def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) -> int:

@@ -142,6 +142,9 @@ class TrainConfig:
         ),
     )
     trace: str | None = field(default=None, metadata=dict(help="record a trace of the run into this folder"))
+    overwrite: bool = field(
+        default=False, metadata=dict(help="replace a trace already in the --trace folder (without: refused at start)")
+    )
     check_env: bool = field(
         default=False, metadata=dict(help="run gymnasium's check_env on every trainer's live env before training")
     )

@@ -32,6 +32,7 @@ from rudder.runtime.heartbeat import FACTOR, PHASES, beat_path, read_beat
 from rudder.runtime.partition import check_decisions_partitioning, ensure_partitions
 from rudder.runtime.ports import free_port_base, job_ports, port_in_use, remove_stale_locks
 from rudder.runtime.procs import alive, signal_process, start_time, state
+from rudder.runtime.rank import check_trace_folder
 
 SHM_DIR = "/dev/shm"
 TAG_VAR = onehost.TAG_VAR
@@ -351,6 +352,7 @@ def launch(cfg, argv: list[str]) -> int:
     (:class:`~rudder.runtime.console.JobLog`); the terminal shows what the ranks :func:`~rudder.runtime.console.say`
     and the supervisor's own lines."""
     cfg.validate()  # once here, before any rank starts (an agent that cannot be found is named as given)
+    check_trace_folder(cfg)
     for line in cleanup_stale_jobs(cfg.cache_dir):
         print(f"rudder: removed what a killed job left: {line}", file=sys.stderr, flush=True)
     argv = pin_agent_reference(cfg, argv)

@@ -216,6 +216,52 @@ def check_partitions(part_dir: str, parts: int, checksums: bool = True) -> str:
     return config
 
 
+TMP_MARK = ".tmp"  # a partitioning in progress: <partition folder>.tmp<pid of the partitioning process>
+
+
+def remove_stale_temporaries(partitions: str, log=lambda msg: None) -> list[str]:
+    """Remove the temporary folders of partitionings whose process is gone (killed outright: its own clean-up never
+    ran; tens of GB at papers100M scale); returns their paths."""
+    removed = []
+    try:
+        names = os.listdir(partitions)
+    except OSError:
+        return removed
+    for name in names:
+        head, mark, pid = name.rpartition(TMP_MARK)
+        if not (head and mark and pid.isdigit()):
+            continue
+        if _pid_alive(int(pid)):
+            continue
+        path = os.path.join(partitions, name)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        log(f"rudder: removed the temporary folder of a partitioning that was killed: {path}")
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_parts(cfg, num_nodes: int, train_nodes: int) -> None:
+    """``--parts`` against the graph, before partitioning: every trainer (``parts`` x trainers per part) needs a
+    training node of its own partition; a PartitionError in one line otherwise."""
+    trainers = cfg.parts * cfg.trainers_per_part
+    if cfg.parts > num_nodes or trainers > train_nodes:
+        raise PartitionError(
+            f"--parts {cfg.parts}: {cfg.graph} has {num_nodes} nodes, {train_nodes} of them training nodes, and "
+            f"each of the {trainers} trainers ({cfg.parts} partitions x {cfg.trainers_per_part}) needs some: "
+            f"use at most {max(1, min(num_nodes, train_nodes // cfg.trainers_per_part))} partitions"
+        )
+
+
 def ensure_partitions(cfg, checksums: bool = True, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> str:
     """Partition ``cfg.graph`` unless cached (or ``cfg.repartition``); return the partition config JSON path, after
     :func:`check_partitions`."""
@@ -225,34 +271,61 @@ def ensure_partitions(cfg, checksums: bool = True, log=lambda msg: print(msg, fi
         shutil.rmtree(part_dir)
     if os.path.exists(os.path.join(part_dir, META_FILE)):
         return check_partitions(part_dir, cfg.parts, checksums)
-    dgl = import_dgl()
-    from rudder.runtime.datasets import load_graph, num_classes
+    remove_stale_temporaries(os.path.dirname(part_dir), log)
+    import_dgl()  # DGL's compatibility fixes before the graph is loaded
+    from rudder.runtime.datasets import load_graph
 
     t0 = time.perf_counter()
     g = load_graph(cfg.graph, seed=cfg.seed, cache_dir=os.path.join(cfg.cache_dir, "graphs"))
+    check_parts(cfg, int(g.num_nodes()), int(g.ndata["train_mask"].sum()))
     log(
         f"rudder: graph {cfg.graph}: {g.num_nodes()} nodes, {g.num_edges()} edges "
         f"({time.perf_counter() - t0:.1f} s); partitioning into {cfg.parts} ({cfg.partition}) ..."
     )
     t1 = time.perf_counter()
-    tmp = f"{part_dir}.tmp{os.getpid()}"
+    tmp = f"{part_dir}{TMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _partition_into(cfg, g, tmp, t1)
+    finally:  # any exit but SIGKILL; a killed one's folder goes at the next start (remove_stale_temporaries)
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"rudder: partitions ready in {part_dir} ({read_meta(part_dir)['partition_s']:.1f} s)")
+    return check_partitions(part_dir, cfg.parts, checksums=False)  # just written and recorded
+
+
+def _partition_into(cfg, g, tmp: str, t1: float) -> None:
+    """Partition ``g`` into ``tmp``, record it, and rename it to the partition folder (unless another process
+    finished first: theirs is kept)."""
+    dgl = import_dgl()
+    from rudder.runtime.datasets import num_classes
+
+    part_dir = partition_dir(cfg)
     np.random.seed(cfg.seed)  # random partitioning draws from numpy's global generator
     import torch
 
     torch.manual_seed(cfg.seed)
     name = graph_name(cfg)
-    orig_nids, _ = dgl.distributed.partition_graph(
-        g,
-        name,
-        cfg.parts,
-        tmp,
-        part_method=cfg.partition,
-        balance_ntypes=g.ndata["train_mask"],
-        balance_edges=True,
-        num_hops=1,
-        return_mapping=True,
-    )
+    try:
+        orig_nids, _ = dgl.distributed.partition_graph(
+            g,
+            name,
+            cfg.parts,
+            tmp,
+            part_method=cfg.partition,
+            balance_ntypes=g.ndata["train_mask"],
+            balance_edges=True,
+            num_hops=1,
+            return_mapping=True,
+        )
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - DGL's own failures (e.g. an empty partition) become one line
+        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise PartitionError(
+            f"--parts {cfg.parts}: {cfg.graph} has {g.num_nodes()} nodes, {int(g.ndata['train_mask'].sum())} of "
+            f"them training nodes, and DGL could not cut it into {cfg.parts} {cfg.partition} partitions "
+            f"({type(exc).__name__}: {why}): use fewer partitions"
+        ) from None
     np.save(os.path.join(tmp, ORIG_NIDS_FILE), orig_nids.numpy())  # partition id -> original node id
     meta = dict(
         graph=cfg.graph,
@@ -275,6 +348,4 @@ def ensure_partitions(cfg, checksums: bool = True, log=lambda msg: print(msg, fi
     try:
         os.rename(tmp, part_dir)
     except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"rudder: partitions ready in {part_dir} ({meta['partition_s']:.1f} s)")
-    return check_partitions(part_dir, cfg.parts, checksums=False)  # just written and recorded
+        pass

@@ -115,11 +115,29 @@ class Job:
     port: int
 
 
+def check_trace_folder(cfg) -> None:
+    """``--trace DIR`` must not hold a trace already unless ``--overwrite``: a ValueError in one line, before any
+    rank starts (a trainer would otherwise find it only once training is set up)."""
+    if not cfg.trace or cfg.overwrite:
+        return
+    from rudder.traces.schema import RANK_FILE, TRACE_FILE, rank_dir_name
+
+    held = [os.path.join(cfg.trace, TRACE_FILE)] + [
+        os.path.join(cfg.trace, rank_dir_name(r), RANK_FILE) for r in range(cfg.num_trainers)
+    ]
+    found = next((path for path in held if os.path.exists(path)), None)
+    if found is not None:
+        raise ValueError(
+            f"--trace {cfg.trace} holds a trace already ({found}): pass --overwrite to replace it, or another --trace"
+        )
+
+
 def prepare_job(cfg, roles: list[Role], one_host: bool, tag: str, checksums: bool = True) -> Job:
     """Partition if needed (checking the cached files: sizes, and CRC-32s with ``checksums``), write ip_config (one
     line per machine: server address and port)."""
     part_config = ensure_partitions(cfg, checksums=checksums)
     if checksums:  # a user's own mpiexec/srun (launch() checked before any rank started, and passes False)
+        check_trace_folder(cfg)
         note = check_decisions_partitioning(cfg, part_config)
         if note:
             say(note, err=True)
@@ -420,6 +438,7 @@ def _trace_writer(cfg, role: Role, job: Job, trainer, agent, buffer: dict):
         run_meta=run_meta,
         rank_meta=rank_meta,
         static=static,
+        overwrite=cfg.overwrite,
         keep_going_when_full=True,
     )
 

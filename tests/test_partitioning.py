@@ -98,3 +98,18 @@ def test_decisions_from_another_partitioning_are_refused_in_one_line_before_the_
     assert took < 60  # no rank started
     assert not glob.glob(os.path.join(cache, "jobs", "*"))
     shutil.rmtree(trace)
+
+
+def test_a_time_check_from_another_partitioning_does_not_match(tmp_path):
+    from rudder.traces import Trace
+    from rudder.traces.timecheck import TimeCheck
+
+    trace = Trace(_fake_trace(tmp_path / "trace", "sha256:1111111111111111", "synth_tiny_seed0"))
+    config = dict(trace.meta["config"], agent="none")
+    same = TimeCheck(agent="none", config=config, source="run", partition_fingerprint="sha256:1111111111111111")
+    other = TimeCheck(agent="none", config=config, source="run", partition_fingerprint="sha256:2222222222222222")
+    unknown = TimeCheck(agent="none", config=config, source="run")  # recorded before the fingerprint: options only
+    assert same.matches(trace) and unknown.matches(trace)
+    assert not other.matches(trace)
+    path = other.save(tmp_path / "time-check-none.json")
+    assert TimeCheck.load(path).partition_fingerprint == "sha256:2222222222222222"

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -167,23 +168,44 @@ def test_a_partial_trace_replays_its_usable_ranks_with_a_warning_for_the_rest(tm
 @needs_root
 @pytest.mark.dist
 def test_a_job_whose_trace_disk_fills_keeps_its_summary_and_accuracies(tmp_path):
-    with small_disk(tmp_path / "disk", "200k") as disk:
+    """The trace's disk fills while the job trains (a file takes the rest of it once both writers have started):
+    the chunk written at the end fails; the run still evaluates and writes its summary, and the job fails in one
+    line naming the trace file and the disk."""
+    with small_disk(tmp_path / "disk", "4m") as disk:
         trace = os.path.join(disk, "trace")
         summary = tmp_path / "run.json"
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, TRAIN, "gnn", "--graph", "synth-tiny", "--parts", "2", "--batch-size", "100"]
-            + ["--fanout", "3,5", "--epochs", "2", "--agent", "periodic", "--trace", trace, "--summary", str(summary)],
-            capture_output=True,
+            + ["--fanout", "3,5", "--epochs", "3", "--agent", "periodic", "--trace", trace, "--summary", str(summary)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=300,
             cwd=ROOT,
             env=dict(os.environ, RUDDER_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1"),
         )
-        assert proc.returncode == 1, proc.stderr[-3000:]
-        assert f"its trace was cut short: trace file {trace}/rank" in proc.stderr
-        assert f"the file system at {disk} (rudder-full, tmpfs) is full" in proc.stderr
+        try:
+            deadline = time.monotonic() + 240
+            while not all(os.path.exists(os.path.join(trace, f"rank{r}", "rank.json")) for r in (0, 1)):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+                time.sleep(0.05)
+            with open(os.path.join(disk, "filler"), "wb") as f:  # the disk fills up
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 1, err[-3000:]
+        failed = [line for line in err.splitlines() if "job failed" in line]
+        assert len(failed) == 1, err[-3000:]
+        assert f"its trace was cut short: trace file {trace}/rank" in failed[0]
+        assert f"the file system at {disk} (rudder-full, tmpfs) is full" in failed[0]
         result = json.loads(summary.read_text())
         assert result["val_acc"] is not None and result["test_acc"] is not None
+        assert "val_acc=" in out  # the table and accuracies were shown
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             kept = Trace(trace)

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TRAIN
+from conftest import ROOT, TRAIN, record_fault
 
 from rudder.runtime.config import TrainConfig
 
@@ -42,6 +42,13 @@ def test_more_partitions_than_the_graph_can_feed_is_one_line(tmp_path):
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert errors[0].startswith("rudder: error: --parts 1000: synth-tiny has 4000 nodes, 2400 of them training nodes")
     assert errors[0].split(" (log: ")[0].endswith("use fewer partitions")
+    record_fault(
+        "more partitions than the graph feeds",
+        "train.py gnn --graph synth-tiny --parts 1000",
+        proc.took,
+        errors[0].split(" (log: ")[0][:160] + " ...",
+        left="nothing: no rank started, no partition folder",
+    )
     assert not os.path.isdir(tmp_path / "cache" / "jobs") or not os.listdir(tmp_path / "cache" / "jobs")
 
 
@@ -59,6 +66,13 @@ def test_an_existing_trace_folder_is_refused_before_launch_unless_overwrite(tmp_
         "replace it, or another --trace"
     ], proc.stderr[-3000:]
     assert proc.took < 12  # imports only: no partitioning, no rank (it used to fail 13.5 s in, ranks started)
+    record_fault(
+        "existing --trace folder",
+        "train.py gnn --trace DIR where DIR holds a trace",
+        proc.took,
+        lines[0].replace(str(trace), "DIR"),
+        left="nothing: no rank started; the trace untouched",
+    )
     check_trace_folder(TrainConfig(graph="synth-tiny", parts=2, trace=str(trace), overwrite=True))  # no error
     check_trace_folder(TrainConfig(graph="synth-tiny", parts=2, trace=str(tmp_path / "new")))
 
@@ -88,3 +102,10 @@ def test_a_partitionings_temporary_folder_goes_on_failure_and_a_killed_ones_at_t
     monkeypatch.setattr(dgl.distributed, "partition_graph", real)
     partition.ensure_partitions(cfg, log=lambda msg: None)
     assert os.listdir(parts) == [os.path.basename(partition.partition_dir(cfg))]
+    record_fault(
+        "killed partitioning",
+        "a partitioning failing half way; a killed one's temporary folder left from before",
+        None,
+        "(both temporary folders removed: on the failure, and at the next start)",
+        left="nothing",
+    )

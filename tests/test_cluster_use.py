@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, record_fault
 
 from rudder.testbed import cluster as cl
 
@@ -73,6 +73,13 @@ def test_attaching_to_a_cluster_whose_owner_is_gone_is_refused_in_one_line(orpha
     message = str(got.value)
     assert message.startswith(f"cluster {orphan}'s owner (pid ") and "is gone" in message
     assert "--adopt-cluster" in message and "\n" not in message
+    record_fault(
+        "cluster owner gone",
+        "`cluster up` SIGKILLed, then a job attached to its cluster",
+        0.0,
+        f"rudder: error: {message}".replace(orphan, "NAME"),
+        left="the cluster, until `down` or --adopt-cluster",
+    )
 
 
 def test_a_cluster_in_use_survives_list_and_down_until_released(orphan):
@@ -97,6 +104,13 @@ def test_a_cluster_in_use_survives_list_and_down_until_released(orphan):
         assert cl._read_state(orphan) is not None
     finally:
         c.release()
+    record_fault(
+        "cluster in use",
+        "`cluster list` and `down NAME` while a job holds a cluster whose owner is gone",
+        None,
+        down.stderr.strip().replace(orphan, "NAME"),
+        left="(the cluster kept for the job; swept by the next list once released)",
+    )
     listed = _cli("list")  # released and ownerless: the sweep removes it now
     assert listed.returncode == 0 and orphan not in listed.stdout
     assert not cl._leftovers(orphan)

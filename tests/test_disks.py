@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import METIS2, ROOT, TRAIN
+from conftest import METIS2, ROOT, TRAIN, record_fault
 from rudder.traces import Trace, TraceIncompleteWarning, TraceWriter
 
 needs_root = pytest.mark.skipif(
@@ -81,6 +81,13 @@ def test_a_full_trace_disk_is_named_with_its_file_system(tmp_path):
         assert message.startswith(f"trace file {disk}/trace/rank0/chunk-")
         assert f"the file system at {disk} (rudder-full, tmpfs) is full" in message
         assert not [n for n in os.listdir(os.path.join(disk, "trace", "rank0")) if n.endswith(".tmp")]
+        record_fault(
+            "full trace disk",
+            "a trace written to a 256 KiB tmpfs until it is full (TraceWriter)",
+            0.0,
+            message.replace(disk, "DISK"),
+            left="nothing: the .tmp removed; the chunks before it readable",
+        )
 
 
 @needs_root
@@ -163,6 +170,13 @@ def test_a_partial_trace_replays_its_usable_ranks_with_a_warning_for_the_rest(tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rank 0 holds no minibatch and is left out" in proc.stderr
     assert "nothing to replay" not in proc.stderr
+    record_fault(
+        "partial trace",
+        "a 2-rank trace whose rank 0 was killed before its first chunk (a stale .tmp beside it), evaluated",
+        None,
+        "TraceIncompleteWarning: ... rank 0 holds no minibatch and is left out: ranks 1 are used",
+        left="(rank 1 replayed and scored)",
+    )
 
 
 @needs_root
@@ -210,3 +224,10 @@ def test_a_job_whose_trace_disk_fills_keeps_its_summary_and_accuracies(tmp_path)
             warnings.simplefilter("ignore")
             kept = Trace(trace)
         assert not kept.complete
+        record_fault(
+            "full trace disk",
+            "the trace's tmpfs filled while a 2-trainer job trained (its last chunk cannot be written)",
+            None,
+            failed[0].replace(disk, "DISK").split(" (log: ")[0],
+            left="the trace's whole chunks; summary and accuracies written; no process, /dev/shm, job folder",
+        )

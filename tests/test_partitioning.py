@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, TRAIN
+from conftest import ROOT, TRAIN, record_fault
 
 from rudder.runtime.config import TrainConfig
 from rudder.runtime.partition import (
@@ -98,6 +98,13 @@ def test_decisions_from_another_partitioning_are_refused_in_one_line_before_the_
     assert took < 60  # no rank started
     assert not glob.glob(os.path.join(cache, "jobs", "*"))
     shutil.rmtree(trace)
+    record_fault(
+        "decisions of another partitioning",
+        "--decisions-from a trace recorded on partitions of the same options and seed, cut again (fingerprints differ)",
+        took,
+        lines[0].replace(trace, "TRACE"),
+        left="nothing: no rank started",
+    )
 
 
 def test_a_time_check_from_another_partitioning_does_not_match(tmp_path):

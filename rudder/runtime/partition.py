@@ -320,7 +320,8 @@ def _partition_into(cfg, g, tmp: str, t1: float) -> None:
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - DGL's own failures (e.g. an empty partition) become one line
-        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        why = (str(exc).strip().splitlines() or [""])[0]
+        why = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", why)[:200]  # DGL's "[time] file.cc:line: " prefix
         raise PartitionError(
             f"--parts {cfg.parts}: {cfg.graph} has {g.num_nodes()} nodes, {int(g.ndata['train_mask'].sum())} of "
             f"them training nodes, and DGL could not cut it into {cfg.parts} {cfg.partition} partitions "

@@ -33,7 +33,7 @@ import sys
 
 from rudder.traces import SAMPLES_DIR as SAMPLES
 
-DEFAULT_AGENTS = "none,static,vip,periodic,hitrate,lookahead,ppo,llm,ppo-link,llm-link"
+DEFAULT_AGENTS = "none,static,vip,periodic,hitrate,lookahead,ppo,llm,ppo-link,llm-link,mpc"
 
 
 def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
@@ -60,7 +60,12 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
         help="constructor options, a JSON object or key=value,key2=value2: plain ones for every agent "
         "given by reference or entry point, AGENT@OPTIONS for that agent only; repeatable",
     )
-    p.add_argument("--oracles", default="belady,hindsight,best-level", help="comma-separated oracles ('' for none)")
+    p.add_argument(
+        "--oracles",
+        default="belady,hindsight,best-level,best-constant,tuned-constant,bound",
+        help="comma-separated oracles ('' for none); best-constant, tuned-constant and bound give one row per "
+        "action space (link-levels, keep-replace)",
+    )
     p.add_argument(
         "--buffer-fraction",
         type=float,
@@ -322,7 +327,7 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
     from rudder.agents.ppo import read_policy_meta
     from rudder.env.settings import check_optional
     from rudder.evaluation.report import format_report, headline, plot_hit_rate, plot_traffic
-    from rudder.evaluation.scoring import ORACLES
+    from rudder.evaluation.scoring import CONSTANT_ORACLES, ORACLES
     from rudder.traces import TraceError
 
     specs = list(dict.fromkeys(a.strip() for a in args.agents.split(",") if a.strip()))
@@ -358,10 +363,11 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
     csv = os.path.join(args.out, "results.csv")
     df.drop(columns=["window_hit_rate", "window_hit_ceiling"], errors="ignore").to_csv(csv, index=False)
     print(format_report(df, include_trained_on=args.include_trained_on))
-    if "best-level" in oracles and "best-level" not in set(df["agent"]):
+    timed = [o for o in oracles if o == "best-level" or o in CONSTANT_ORACLES]
+    if timed and not any(str(a).split(":")[0] in timed for a in set(df["agent"])):
         print(
-            "best-level: not run: no rank's time fit separates remote rows (time is what it optimises), so no "
-            "headroom or regret either"
+            f"{', '.join(timed)}: not run: no rank's time fit separates remote rows (time is what they optimise), "
+            "so no headroom either"
         )
     shown = headline(df, args.include_trained_on)
     plots = [plot_traffic(shown, os.path.join(args.out, "traffic.png"))]

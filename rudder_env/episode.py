@@ -40,6 +40,8 @@ class MinibatchRecord:
     loss: float = float("nan")
     seeds: np.ndarray | None = None  # the minibatch's seed (output) node ids, where known
     stall_s: float = 0.0  # of fetch_s: waiting behind a background prefetch chunk
+    h2d_s: float | None = None  # of fetch_s: copying input rows host-to-device (None: trained on a CPU)
+    h2d_rows: int = 0  # rows copied host-to-device
 
 
 @dataclass(frozen=True)
@@ -486,6 +488,8 @@ class PrefetchEnv(gym.Env):
                     remote_fetched=rec.counts.remote_fetched,
                     prefetched=rec.counts.prefetched,
                     seeds=rec.seeds,
+                    h2d_s=rec.h2d_s,
+                    h2d_rows=rec.h2d_rows if rec.h2d_s is not None else None,
                     **(
                         dict(arrived=rec.counts.arrived, stall_s=rec.stall_s)
                         if ep.buffer.prefetch == "background"

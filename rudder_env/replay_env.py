@@ -12,7 +12,7 @@ from rudder.env.ranking import make_ranking
 from rudder.env.sample_ahead import SampleAhead, sampled_bytes
 from rudder.env.settings import check, check_link_levels, check_optional
 from rudder.env.spaces import action_space, observation_space
-from rudder.env.timing import BackgroundLink, FetchTimeModel
+from rudder.env.timing import BackgroundLink, CopyTimeModel, FetchTimeModel
 from rudder.env.vip import vertex_inclusion_probability
 from rudder.traces import Trace, TraceError
 
@@ -179,6 +179,12 @@ class ReplayEnv(PrefetchEnv):
         local, remote, secs = self._local_rows, table["remote_fetched"].to_numpy(), table["fetch_s"].to_numpy()
         if recorded is not None:  # the demand pull alone: without delivered chunks and the wait behind them
             remote, secs = remote - self._recorded_arrived, secs - self._recorded_stall
+        # recorded on a GPU: the host-to-device copy, modelled apart (a CPU recording's chunks are not read again)
+        device = self.rank_trace.device_table() if run.get("device", "cpu") != "cpu" else None
+        self.copy_model = None if device is None else CopyTimeModel.fit(device["h2d_rows"], device["h2d_s"])
+        self._buffer_on_device = bool(run.get("buffer_on_device", False))  # then only pulled rows are copied
+        if device is not None:
+            secs = secs - device["h2d_s"].to_numpy()
         if rmeta.get("initial_fill_rows"):  # the initial fill: a pull of remote rows only, which pins their cost
             local, remote = np.append(local, 0), np.append(remote, rmeta["initial_fill_rows"])
             secs = np.append(secs, rmeta["initial_fill_s"])
@@ -377,17 +383,25 @@ class ReplayEnv(PrefetchEnv):
             stall_s = float(self._recorded_stall[i])
         elif background:
             stall_s, self._due = self._link.minibatch(self._sample_s[i] + self._compute_s[i])
+        copy_s, copy_rows = None, 0
+        if self.copy_model is not None:
+            copy_rows = int(self._local_rows[i]) + (
+                counts.remote_fetched if self._buffer_on_device else counts.remote_sampled
+            )
+            copy_s = float(self.copy_model.predict(copy_rows))
         return MinibatchRecord(
             epoch=int(self._epoch_of[i]),
             index=i,
             remote_ids=self._ids[i],
             local_rows=int(self._local_rows[i]),
             sample_s=float(self._sample_s[i]),
-            fetch_s=demand_s + stall_s,
+            fetch_s=demand_s + stall_s + (copy_s or 0.0),
             fetch_rows=int(self._local_rows[i]) + counts.remote_fetched - counts.arrived,
             compute_s=float(self._compute_s[i]),
             counts=counts,
             stall_s=stall_s,
+            h2d_s=copy_s,
+            h2d_rows=copy_rows,
         )
 
     def _deliver(self, buffer: PrefetchBuffer, i: int) -> None:

@@ -78,6 +78,28 @@ class FetchTimeModel:
         )
 
 
+@dataclass(frozen=True)
+class CopyTimeModel:
+    """Host-to-device copy seconds of a minibatch recorded on a GPU, fitted to the rows it copied:
+    ``h2d_s = c0 + c_row * rows`` (non-negative least squares). Replay adds it to the modelled fetch time (the copy is
+    part of a minibatch's fetch, after the pull); a trace recorded on a CPU copies nothing and has no copy model, so
+    its replay times are the same as without one."""
+
+    c0: float
+    c_row: float
+    samples: int
+
+    @classmethod
+    def fit(cls, rows, h2d_s) -> CopyTimeModel:
+        y = np.asarray(h2d_s, dtype=np.float64)
+        x = np.column_stack([np.ones_like(y), np.asarray(rows, dtype=np.float64)])
+        coef = _nonnegative_lstsq(x, y) if y.size else np.zeros(2)
+        return cls(float(coef[0]), float(coef[1]), int(y.size))
+
+    def predict(self, rows):
+        return self.c0 + self.c_row * np.asarray(rows, dtype=np.float64)
+
+
 def out_of_sample(
     model: FetchTimeModel, local_rows, remote_rows, fetch_s, other_s=None, modelled_other_s: float | None = None
 ) -> dict:

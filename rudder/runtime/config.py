@@ -30,6 +30,31 @@ class TrainConfig:
     trainers_per_part: int = field(default=1, metadata=dict(help="trainer ranks per partition"))
     partition: str = field(default="metis", metadata=dict(choices=("metis", "random"), help="partitioning method"))
     model: str = field(default="sage", metadata=dict(choices=("sage", "gat"), help="GNN model"))
+    device: str = field(
+        default="cpu",
+        metadata=dict(
+            choices=("cpu", "cuda"),
+            help="where the model trains: cuda puts each trainer's model, loss and input rows on a GPU, chosen by "
+            "its local rank among the host's trainers (--trainers-per-part = GPUs per node; several trainers may "
+            "share one); sampling and feature pulls stay on the CPU",
+        ),
+    )
+    model_impl: str = field(
+        default="auto",
+        metadata=dict(
+            choices=("auto", "dgl", "torch"),
+            help="GNN layers: dgl (DGL's SAGEConv/GATConv; on cuda only with a DGL built with CUDA) or torch (the "
+            "same layers in plain torch from each block's edges: rudder/runtime/models.py); auto: dgl on cpu, "
+            "torch on cuda",
+        ),
+    )
+    buffer_on_device: bool = field(
+        default=False,
+        metadata=dict(
+            help="with --device cuda: hold the prefetch buffer's rows on the GPU, so that buffer hits are not "
+            "copied host-to-device every minibatch (only pulled rows are)"
+        ),
+    )
     fanout: str = field(default="10,25", metadata=dict(help="neighbours sampled per layer, input layer last"))
     batch_size: int = field(default=1000, metadata=dict(help="seed nodes per minibatch"))
     epochs: int = field(default=1, metadata=dict(help="training epochs"))
@@ -243,6 +268,13 @@ class TrainConfig:
         return check_fanout(self.fanout)
 
     @property
+    def impl(self) -> str:
+        """The model implementation ``--model-impl`` resolves to (auto: dgl on cpu, torch on cuda)."""
+        if self.model_impl == "auto":
+            return "dgl" if self.device == "cpu" else "torch"
+        return self.model_impl
+
+    @property
     def num_trainers(self) -> int:
         return self.parts * self.trainers_per_part
 
@@ -337,8 +369,32 @@ class TrainConfig:
             )
         if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        self._check_device()
         if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
+
+    def _check_device(self) -> None:
+        """``--device cuda`` needs a GPU torch can see; ``--model-impl dgl`` on it needs a DGL built with CUDA;
+        ``--buffer-on-device`` needs ``--device cuda``."""
+        if self.buffer_on_device and self.device != "cuda":
+            raise ValueError("--buffer-on-device holds the buffer's rows on the GPU: it needs --device cuda")
+        if self.device != "cuda":
+            return
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device cuda: torch {torch.__version__} sees no GPU on this host (torch.cuda.is_available() is "
+                "False): use --device cpu"
+            )
+        if self.impl == "dgl":
+            from rudder.runtime.models import dgl_has_cuda
+
+            if not dgl_has_cuda():
+                raise ValueError(
+                    "--model-impl dgl --device cuda needs a DGL built with CUDA; this DGL is CPU-only (the PyPI "
+                    "wheel): use --model-impl torch"
+                )
 
     def _check_decisions_trace(self) -> None:
         """The ``--decisions-from`` trace must come from a run on the same graph, partitioned the same way, with as

@@ -315,6 +315,7 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
         heartbeat=heartbeat,
         buffer_init=buffer.get("buffer_init"),
         stop=relay,
+        local_rank=role.trainer_rank if job.one_host else role.trainer_rank % cfg.trainers_per_part,  # picks its GPU
     )
     extra = {}
     if cfg.check_env:
@@ -363,7 +364,10 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
         )
     if writer is not None:  # a trace that cannot be written loses the trace, not the run's accuracies and summary
         try:
-            writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()), stopped=stopped)
+            writer.close(
+                extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict(), **trainer.device_stats()),
+                stopped=stopped,
+            )
         except OSError as exc:
             writer.failed = writer.failed or str(exc)
         if writer.failed:
@@ -424,6 +428,7 @@ def _trace_writer(cfg, role: Role, job: Job, trainer, agent, buffer: dict):
         minibatches_per_epoch=trainer.minibatches_per_epoch,
         initial_fill_rows=int(trainer.initial_ids.size),
         initial_fill_s=trainer.initial_fill_s,
+        **trainer.device_meta(),
     )
     static = dict(
         halo_ids=trainer.halo_ids,

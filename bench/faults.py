@@ -17,7 +17,16 @@ import tempfile
 import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = ["tests/test_faults.py", "tests/test_dist.py::test_a_dead_rank_ends_the_job_and_leaves_nothing"]
+TESTS = [
+    "tests/test_faults.py",
+    "tests/test_dist.py::test_a_dead_rank_ends_the_job_and_leaves_nothing",
+    # issue 30: exits, partitionings, disks, clusters, mistakes found before launch
+    "tests/test_exit.py",
+    "tests/test_partitioning.py",
+    "tests/test_disks.py",
+    "tests/test_cluster_use.py",
+    "tests/test_before_launch.py",
+]
 # the issue's rows (issue 13), in its order
 ORDER = [
     "hung rank (SIGSTOP)",
@@ -33,6 +42,16 @@ ORDER = [
     "link rate cut to 1%",
     "tampered PPO policy",
     "SIGTERM/SIGINT",
+    # issue 30
+    "rank killed after finishing",
+    "decisions of another partitioning",
+    "full trace disk",
+    "partial trace",
+    "cluster owner gone",
+    "cluster in use",
+    "more partitions than the graph feeds",
+    "existing --trace folder",
+    "killed partitioning",
 ]
 
 

@@ -216,12 +216,15 @@ def evaluate_traces(
     specs: list[str], labels: list[str], options: dict[str, dict], oracles: list[str], args
 ) -> list[dict]:
     from rudder.evaluation.scoring import evaluate_trace
-    from rudder.traces import Trace
+    from rudder.traces import Trace, TraceError
     from rudder.traces.timecheck import TimeCheck
 
     factories = agent_factories(specs, labels, options, args)
     checks = [TimeCheck.from_trace(t) for t in args.time_check]
     ranks = {trace: len(Trace(trace).ranks) for trace in args.traces}  # a clear error for a bad folder, first
+    for trace, usable in ranks.items():
+        if not usable:
+            raise TraceError(f"trace {trace}: no rank holds a minibatch (the run ended before any chunk was written)")
     bar = ProgressBar(sum(ranks.values()) * (len(specs) + len(oracles)), enabled=not args.no_progress)
     rows = []
     try:

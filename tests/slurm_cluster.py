@@ -22,6 +22,14 @@ from pathlib import Path
 
 from rudder.testbed.cluster import ClusterError, EmulatedCluster, preflight
 
+# Every daemon of the test cluster runs with the machine's own Slurm configuration folder hidden under an empty
+# tmpfs: on a machine that is itself a Slurm node (an /etc/slurm/slurm.conf), a part of Slurm that falls back to the
+# default configuration file would take the machine's (nodes of another cluster: srun's signal forwarding failed
+# with "fwd_tree_thread: can't find address for host rd-...-h0, check slurm.conf"). Clients get SLURM_CONF (they
+# were checked to read only it); the daemons get -f and SLURM_CONF, and cannot see the default if anything asks.
+HIDE_SYSTEM_CONF = 'if [ -d "$0" ]; then mount -t tmpfs -o size=1m,mode=755 rudder-no-slurm-conf "$0"; fi; exec "$@"'
+SYSTEM_CONF_DIR = "/etc/slurm"
+
 DAEMONS = ("slurmctld", "slurmd", "munged", "srun", "sbatch", "scancel", "squeue", "scontrol", "sacct")
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 
@@ -103,8 +111,9 @@ class SlurmCluster:
             (self.workdir / f"spool-{node}").mkdir(exist_ok=True)
         # slurmd loads a cgroup plugin whatever the proctrack and task plugins: cgroup v1 here (no controller used)
         (self.workdir / "cgroup.conf").write_text("CgroupPlugin=autodetect\nCgroupAutomount=no\n")
-        self._ctld = subprocess.Popen(
-            ["slurmctld", "-D", "-i", "-f", str(self.conf)],
+        hide = ["sh", "-c", HIDE_SYSTEM_CONF, SYSTEM_CONF_DIR]
+        self._ctld = subprocess.Popen(  # a mount namespace of its own: the tmpfs hides /etc/slurm from it alone
+            ["unshare", "--mount", "--propagation", "private", *hide, "slurmctld", "-D", "-i", "-f", str(self.conf)],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -112,9 +121,9 @@ class SlurmCluster:
             start_new_session=True,
         )
         for i in range(len(self.nodes)):
-            self.cluster.run(
+            self.cluster.run(  # in the host's own mount namespace: its processes (steps, tasks) see the tmpfs
                 i,
-                ["slurmd", "-D", "-f", str(self.conf)],
+                [*hide, "slurmd", "-D", "-f", str(self.conf)],
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -286,6 +295,19 @@ PartitionName=two Nodes={",".join(self.nodes)} MaxTime=INFINITE State=UP OverSub
             proc = subprocess.run(self.cluster.command(i, ["ls", "-A", "/dev/shm"]), capture_output=True, text=True)
             out[h] = proc.stdout.split()
         return out
+
+    def system_conf_seen(self) -> dict[str, list[str]]:
+        """What each daemon sees of the machine's Slurm configuration folder (empty lists: hidden)."""
+        seen = {}
+        pids = {"slurmctld": self._ctld.pid if self._ctld else None}
+        for i, node in enumerate(self.nodes):
+            pids[f"slurmd on {node}"] = self.cluster._holder(i)  # the host's mount namespace, slurmd's too
+        for what, pid in pids.items():
+            try:
+                seen[what] = sorted(os.listdir(f"/proc/{pid}/root{SYSTEM_CONF_DIR}"))
+            except OSError:
+                seen[what] = []
+        return seen
 
     def log(self, name: str) -> str:
         path = self.workdir / name

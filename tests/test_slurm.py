@@ -366,3 +366,14 @@ def test_sbatch_usr1_before_the_limit_stops_and_saves(slurm, cache, tmp_path):
     assert state == "COMPLETED", out.read_text()[-3000:]
     assert "SIGUSR1 (time limit near)" in out.read_text()
     check_stopped(slurm, out, tmp_path / "run" / "trace", tmp_path / "run" / "run.json", "SIGUSR1", shm_before)
+
+
+def test_the_test_cluster_never_sees_the_machines_own_slurm_configuration(slurm):
+    """On a machine that is a Slurm node itself (an /etc/slurm/slurm.conf), a part of Slurm that falls back to the
+    default configuration would read the machine's, not the test's: every daemon runs with /etc/slurm hidden."""
+    if not os.path.isdir("/etc/slurm") or not os.listdir("/etc/slurm"):
+        pytest.skip("this machine has no Slurm configuration to hide")
+    seen = slurm.system_conf_seen()
+    assert set(seen) == {"slurmctld", *(f"slurmd on {n}" for n in slurm.nodes)}
+    assert all(files == [] for files in seen.values()), seen
+    assert os.listdir("/etc/slurm")  # the machine's own stays as it is

@@ -8,7 +8,7 @@ import os
 
 from .reader import RankTrace, Trace
 from .schema import SCHEMA, VERSION, TraceError, TraceIncompleteWarning
-from .writer import TraceWriter
+from .writer import TraceDiskFullError, TraceWriter
 
 # the traces shipped with rudder (folders beside this file): samples, training and held-out sets
 SAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples")
@@ -25,5 +25,6 @@ __all__ = [
     "Trace",
     "TraceError",
     "TraceIncompleteWarning",
+    "TraceDiskFullError",
     "TraceWriter",
 ]

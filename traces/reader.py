@@ -56,8 +56,9 @@ class Trace:
         directory: the trace folder.
         meta: the run-level dict the recording passed (``trace.json`` ``meta``).
         num_ranks: trainer ranks of the recorded run.
-        ranks: ranks whose folder holds a ``rank.json``, ascending (all of ``range(num_ranks)`` unless a rank
-            wrote nothing).
+        ranks: ranks that hold at least one minibatch, ascending (all of ``range(num_ranks)`` unless a rank wrote
+            nothing or was killed before its first chunk); :meth:`rank` also opens the others.
+        empty_ranks: ranks with a ``rank.json`` but no minibatch (left out of ``ranks``).
         complete: every rank is present and closed its writer.
 
     Raises :class:`TraceError` if ``trace.json`` is missing, is not schema ``rudder-trace`` version 1, or a
@@ -81,14 +82,24 @@ class Trace:
                 self._ranks[rank] = RankTrace(rank_dir, rank)
             else:
                 missing.append(rank)
-        self.ranks: list[int] = sorted(self._ranks)
+        # a rank that holds no minibatch (killed before its first chunk) has nothing to replay: left out of
+        # ``ranks`` so that replays, oracles and evaluate use the others, with the warning below naming it
+        self.empty_ranks: list[int] = sorted(r for r, t in self._ranks.items() if t.num_minibatches == 0)
+        self.ranks: list[int] = sorted(r for r in self._ranks if r not in self.empty_ranks)
         self.missing_ranks: list[int] = missing
         unclosed = [r for r, rank_trace in self._ranks.items() if not rank_trace.complete]
         self.complete: bool = not missing and not unclosed
         if not self.complete:
             parts = []
-            stopped = [r for r in unclosed if self._ranks[r].stopped is not None]
-            killed = [r for r in unclosed if self._ranks[r].stopped is None]
+            failed = [r for r in unclosed if self._ranks[r].error is not None]
+            stopped = [r for r in unclosed if self._ranks[r].stopped is not None and r not in failed]
+            killed = [r for r in unclosed if self._ranks[r].stopped is None and r not in failed]
+            if failed:
+                counts = ", ".join(f"rank {r}: {self._ranks[r].num_minibatches}" for r in failed)
+                parts.append(
+                    f"recording of rank {_join(failed)} ended by a write error (minibatches kept: {counts}): "
+                    f"{self._ranks[failed[0]].error}"
+                )
             if stopped:
                 why = sorted({str(self._ranks[r].stopped.get("signal", "a stop request")) for r in stopped})
                 counts = ", ".join(f"rank {r}: {self._ranks[r].num_minibatches}" for r in stopped)
@@ -102,11 +113,24 @@ class Trace:
                 parts.append(f"rank {_join(missing)} of {self.num_ranks} wrote nothing")
             if not any(t.num_minibatches for t in self._ranks.values()):
                 parts.append("it holds no minibatch (the run ended before its first chunk was written)")
+            elif self.empty_ranks:
+                parts.append(
+                    f"rank {_join(self.empty_ranks)} holds no minibatch and is left out: ranks {_join(self.ranks)} "
+                    "are used"
+                )
             warnings.warn(
                 f"trace {self.directory} is incomplete, a prefix of the run: {'; '.join(parts)}",
                 TraceIncompleteWarning,
                 stacklevel=2,
             )
+
+    @property
+    def partition_fingerprint(self) -> str | None:
+        """The fingerprint of the partitioning the run used (``meta.graph.fingerprint``: node ids in the trace are
+        ids of that partitioning's numbering); None for traces recorded before it was kept."""
+        graph = self.meta.get("graph")
+        value = graph.get("fingerprint") if isinstance(graph, dict) else None
+        return value if isinstance(value, str) else None
 
     def rank(self, rank: int) -> RankTrace:
         """The trace of trainer ``rank``; :class:`TraceError` if the trace has no such rank."""
@@ -207,6 +231,8 @@ class RankTrace:
         if stopped is not None and not isinstance(stopped, dict):
             raise TraceError(f"field 'stopped' in {path}: expected an object or null, got {stopped!r}")
         self.stopped: dict | None = stopped
+        error = header.get("error")
+        self.error: str | None = error if isinstance(error, str) else None  # why the writer stopped (a full disk)
         self.num_minibatches: int = _int_field(header, "minibatches", path, low=0)
         self.num_chunks: int = _int_field(header, "chunks", path, low=0)
         self.num_remote_ids: int = _int_field(header, "remote_ids", path, low=0)

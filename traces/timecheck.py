@@ -47,6 +47,7 @@ class TimeCheck:
     config: dict
     source: str
     ranks: dict[int, dict] = field(default_factory=dict)
+    partition_fingerprint: str | None = None  # the run's partitioning (None: not recorded)
 
     @classmethod
     def from_trace(cls, trace: Trace | str | os.PathLike) -> TimeCheck:
@@ -60,7 +61,13 @@ class TimeCheck:
             ranks[r] = {c: table[c].to_numpy(dtype=np.float64) for c in COLUMNS}
             ranks[r]["initial_fill_rows"] = int(rt.meta.get("initial_fill_rows", 0) or 0)
             ranks[r]["initial_fill_s"] = float(rt.meta.get("initial_fill_s", 0.0) or 0.0)
-        return cls(agent=str(config.get("agent", "?")), config=config, source=str(trace.directory), ranks=ranks)
+        return cls(
+            agent=str(config.get("agent", "?")),
+            config=config,
+            source=str(trace.directory),
+            ranks=ranks,
+            partition_fingerprint=trace.partition_fingerprint,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TimeCheck:
@@ -89,7 +96,13 @@ class TimeCheck:
             columns["initial_fill_rows"] = int(entry.get("initial_fill_rows", 0))
             columns["initial_fill_s"] = float(entry.get("initial_fill_s", 0.0))
             ranks[int(entry["rank"])] = columns
-        return cls(agent=str(doc.get("agent", "?")), config=dict(doc.get("config", {})), source=str(path), ranks=ranks)
+        return cls(
+            agent=str(doc.get("agent", "?")),
+            config=dict(doc.get("config", {})),
+            source=str(path),
+            ranks=ranks,
+            partition_fingerprint=doc.get("partition_fingerprint"),
+        )
 
     def save(self, path: str | os.PathLike, **extra) -> str:
         """Write as ``time-check`` JSON (atomically); ``extra`` keys (e.g. ``created``, ``host``) are kept."""
@@ -99,6 +112,7 @@ class TimeCheck:
             agent=self.agent,
             config=self.config,
             source=self.source,
+            **({"partition_fingerprint": self.partition_fingerprint} if self.partition_fingerprint else {}),
             **extra,
             ranks=[
                 dict(
@@ -123,8 +137,12 @@ class TimeCheck:
     def matches(self, trace: Trace) -> bool:
         """Whether this run can check ``trace``'s time model: the same options that decide the minibatches
         (:data:`rudder.traces.fingerprint.STREAM_CONFIG`), the same epochs and network (:data:`NETWORK_CONFIG`: emulated
-        hosts, link rate; absent = not emulated), and another agent."""
+        hosts, link rate; absent = not emulated), the same partitioning where both record it (the same options
+        need not give the same partitions: its node ids, and so its minibatches, would differ), and another agent."""
         config = trace.meta.get("config", {})
+        theirs = trace.partition_fingerprint
+        if self.partition_fingerprint and theirs and self.partition_fingerprint != theirs:
+            return False
         ours = stream_config(trace)
         same_network = all((self.config.get(k) or None) == (config.get(k) or None) for k in NETWORK_CONFIG)
         return (

@@ -13,6 +13,7 @@ synced, then renamed over ``<name>``, so a reader never sees a half-written file
 
 from __future__ import annotations
 
+import errno
 import json
 import operator
 import os
@@ -64,6 +65,10 @@ class TraceWriter:
             (checked at each minibatch), so a killed run loses at most this much; None: by count only.
         overwrite: replace an existing trace of this rank (and ``trace.json`` on rank 0) instead of raising
             ``FileExistsError``.
+        keep_going_when_full: on a full disk (:class:`TraceDiskFullError`) after start, do not raise: keep the
+            chunks already written (the rank stays incomplete, ``rank.json`` says why when it can be written),
+            record the error in :attr:`failed`, and take no more minibatches. A live run uses it so that a full
+            trace disk loses the trace's tail, not the training run, its summary and accuracies.
 
     Meta dicts must be JSON-serializable; numpy scalars and arrays and paths are converted. Argument errors raise
     ``ValueError`` / ``TypeError`` at the call that made them.
@@ -84,6 +89,7 @@ class TraceWriter:
         *,
         overwrite: bool = False,
         flush_every_s: float | None = 30.0,
+        keep_going_when_full: bool = False,
     ) -> None:
         num_ranks = _check_int("num_ranks", num_ranks, 1)
         rank = _check_int("rank", rank, 0, num_ranks - 1)
@@ -108,6 +114,8 @@ class TraceWriter:
         static_arrays = _check_static(static)
 
         self._closed = False
+        self.keep_going_when_full = bool(keep_going_when_full)
+        self.failed: str | None = None  # the disk-full error that ended the recording (keep_going_when_full)
         self._chunks = 0
         self._minibatches = 0
         self._remote_ids = 0
@@ -183,6 +191,8 @@ class TraceWriter:
         rows host-to-device and the rows copied, when the recording trained on a GPU.
         """
         self._check_open()
+        if self.failed is not None:
+            return
         minibatch = _check_int("minibatch", minibatch, 0, MAX_NODE_ID)
         if self._next_minibatch is not None and minibatch != self._next_minibatch:
             raise ValueError(f"minibatch indices must be consecutive: expected {self._next_minibatch}, got {minibatch}")
@@ -245,6 +255,8 @@ class TraceWriter:
         the agent took. Decisions must come in non-decreasing ``minibatch`` order.
         """
         self._check_open()
+        if self.failed is not None:
+            return
         minibatch = _check_int("minibatch", minibatch, 0, MAX_NODE_ID)
         if self._decision_minibatch and minibatch < self._decision_minibatch[-1]:
             raise ValueError(
@@ -286,7 +298,13 @@ class TraceWriter:
             self._stopped = dict(stopped)
         if self._pending_ids or self._decision_ids:
             self._write_chunk(all_decisions=True)
-        self._write_rank_json(complete=stopped is None)
+        if self.failed is None:
+            try:
+                self._write_rank_json(complete=stopped is None)
+            except TraceDiskFullError as exc:
+                if not self.keep_going_when_full:
+                    raise
+                self._give_up(exc)
         self._closed = True
 
     def __enter__(self) -> TraceWriter:
@@ -317,6 +335,32 @@ class TraceWriter:
             raise ValueError(f"trace writer of rank {self.rank} in {self.directory} is closed")
 
     def _write_chunk(self, *, all_decisions: bool) -> None:
+        if self.failed is not None:
+            return
+        try:
+            self._write_chunk_now(all_decisions=all_decisions)
+        except TraceDiskFullError as exc:
+            if not self.keep_going_when_full:
+                raise
+            self._give_up(exc)
+
+    def _give_up(self, exc: TraceDiskFullError) -> None:
+        """Stop recording after a full disk: drop what is pending, say why in ``rank.json`` if it can be written."""
+        self.failed = str(exc)
+        for values in (*self._pending.values(), *self._pending_prefetch.values(), *self._pending_device.values()):
+            values.clear()
+        self._pending_ids.clear()
+        self._pending_seeds.clear()
+        self._decision_minibatch.clear()
+        self._decision_latency_s.clear()
+        self._decision_ids.clear()
+        self._pending_since = None
+        try:
+            self._write_rank_json(complete=False)
+        except OSError:
+            pass  # the rank.json of the last chunk stays: it names only chunks that are whole
+
+    def _write_chunk_now(self, *, all_decisions: bool) -> None:
         n = len(self._pending_ids)
         start = self._pending["minibatch"][0] if n else (self._flushed_end or 0)
         end = start + n
@@ -329,17 +373,12 @@ class TraceWriter:
             counts = np.asarray([x.size for x in self._pending_seeds], dtype=np.int32)
             arrays[SEED_COUNT] = counts
             arrays[SEED_IDS] = delta_encode(np.concatenate(self._pending_seeds), counts.astype(np.int64))
-        self._pending_seeds.clear()
         if self._with_prefetch and n:
             for name, dtype in PREFETCH_COLUMNS.items():
                 arrays[name] = np.asarray(self._pending_prefetch[name], dtype=dtype)
-        for values in self._pending_prefetch.values():
-            values.clear()
         if self._with_device and n:
             for name, dtype in DEVICE_COLUMNS.items():
                 arrays[name] = np.asarray(self._pending_device[name], dtype=dtype)
-        for values in self._pending_device.values():
-            values.clear()
         decision_ids = self._decision_ids[:m]
         dtypes = DECISION_ARRAYS
         arrays["decision_minibatch"] = np.asarray(self._decision_minibatch[:m], dtype=dtypes["decision_minibatch"])
@@ -350,7 +389,12 @@ class TraceWriter:
         arrays["decision_ids"] = np.concatenate(decision_ids) if m else np.zeros(0, dtype=np.int64)
 
         path = self.rank_dir / chunk_file_name(self._chunks)
+        # nothing pending is dropped before the chunk is on disk: a write that fails (a full disk) leaves the
+        # writer as it was, so a retry writes the same whole chunk, never one whose columns disagree
         self._chunk_bytes += _write_atomically(path, lambda f: np.savez_compressed(f, **arrays))
+        self._pending_seeds.clear()
+        for values in (*self._pending_prefetch.values(), *self._pending_device.values()):
+            values.clear()
         self._chunks += 1
         self._minibatches += n
         self._remote_ids += int(ids.size)
@@ -380,12 +424,55 @@ class TraceWriter:
         }
         if self._stopped is not None:
             header["stopped"] = self._stopped
+        if self.failed is not None:
+            header["error"] = self.failed
         text = _to_json(header, "rank_meta")
         _write_atomically(self.rank_dir / RANK_FILE, lambda f: f.write(text))
 
 
+class TraceDiskFullError(OSError):
+    """A trace file could not be written for want of space (``ENOSPC``, ``EDQUOT``); the message names the file,
+    the file system it is on (mount point and device) and the space left there."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _mount_of(path: Path) -> tuple[str, str]:
+    """The mount point and device (``/proc/self/mounts``) of the file system holding ``path``."""
+    path = Path(os.path.abspath(path))
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    device = "?"
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == str(path):
+                    device = f"{fields[0]}, {fields[2]}"  # the last mount there is the one in use
+    except OSError:
+        pass
+    return str(path), device
+
+
+def disk_full_error(path: Path, exc: OSError) -> TraceDiskFullError:
+    """The :class:`TraceDiskFullError` for ``exc`` raised while writing ``path``: which disk, how full."""
+    mount, device = _mount_of(path.parent)
+    try:
+        st = os.statvfs(mount)
+        left = f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free of {st.f_blocks * st.f_frsize / 2**20:.1f} MiB"
+    except OSError:
+        left = "free space unknown"
+    return TraceDiskFullError(
+        exc.errno,
+        f"trace file {path}: {os.strerror(exc.errno)}: the file system at {mount} ({device}) is full ({left}); "
+        "free space there or record the trace elsewhere (--trace)",
+    )
+
+
 def _write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> int:
-    """Write ``path`` through ``<path>.tmp`` (synced, then renamed over it); returns the file's size in bytes."""
+    """Write ``path`` through ``<path>.tmp`` (synced, then renamed over it); returns the file's size in bytes.
+    A full disk is a :class:`TraceDiskFullError` naming the file and the disk; the ``.tmp`` is removed."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "wb") as f:
@@ -394,8 +481,10 @@ def _write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> int:
             os.fsync(f.fileno())
             size = f.tell()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(path, exc) from exc
         raise
     return size
 

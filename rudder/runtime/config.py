@@ -173,6 +173,9 @@ class TrainConfig:
         ),
     )
     trace: str | None = field(default=None, metadata=dict(help="record a trace of the run into this folder"))
+    overwrite: bool = field(
+        default=False, metadata=dict(help="replace a trace already in the --trace folder (without: refused at start)")
+    )
     check_env: bool = field(
         default=False, metadata=dict(help="run gymnasium's check_env on every trainer's live env before training")
     )
@@ -235,6 +238,13 @@ class TrainConfig:
         metadata=dict(
             help="run on the emulated cluster NAME brought up beforehand (`python -m rudder.testbed.cluster up`), "
             "one partition per host, instead of a fresh one per job"
+        ),
+    )
+    adopt_cluster: bool = field(
+        default=False,
+        metadata=dict(
+            help="with --cluster: run on it even if the process that brought it up is gone; this job then owns it "
+            "and tears it down at its end (without: refused, in one line)"
         ),
     )
     log: str | None = field(

@@ -29,9 +29,10 @@ import time
 from rudder.runtime import onehost
 from rudder.runtime.console import CONSOLE_VAR, JobLog, default_log_path
 from rudder.runtime.heartbeat import FACTOR, PHASES, beat_path, read_beat
-from rudder.runtime.partition import ensure_partitions
+from rudder.runtime.partition import check_decisions_partitioning, ensure_partitions
 from rudder.runtime.ports import free_port_base, job_ports, port_in_use, remove_stale_locks
-from rudder.runtime.procs import alive, start_time, state
+from rudder.runtime.procs import alive, signal_process, start_time, state
+from rudder.runtime.rank import check_trace_folder
 
 SHM_DIR = "/dev/shm"
 TAG_VAR = onehost.TAG_VAR
@@ -118,7 +119,12 @@ class _DeathWatch:
             try:
                 fd = os.pidfd_open(st["pid"])
             except (ProcessLookupError, OSError):
-                if not alive(st["pid"]) and self.first_dead is None:
+                fd = None
+            if fd is not None and not alive(st["pid"], st.get("start")):  # the pid is another process's by now
+                os.close(fd)
+                fd = None
+            if fd is None:
+                if not alive(st["pid"], st.get("start")) and self.first_dead is None:
                     self.first_dead = dict(st, time=time.time())
                 continue
             self.fds[fd] = st
@@ -142,7 +148,22 @@ class _DeathWatch:
         self.fds.clear()
 
 
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether ``proc`` has exited, without reaping it: while it is a zombie its pid, and so the id of the process
+    group it leads, cannot be given to another process, and :func:`_kill_group` may signal that group safely."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL, ``proc``'s process group (it leads one: ``start_new_session``). Call it before ``proc``
+    is reaped (:func:`_exited`, not ``poll``): once reaped, its pid may be another process's group leader's."""
+    if proc.returncode is not None:  # reaped already: its group id may be someone else's now
+        return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -151,7 +172,7 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
         except ProcessLookupError:
             return
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and not _exited(proc):
             time.sleep(0.05)
 
 
@@ -168,14 +189,8 @@ def _kill_ranks(statuses: dict[int, dict]) -> None:
 
     for step in range(3):
         ranks = [st for st in statuses.values() if order(st) == step and alive(st["pid"], st.get("start"))]
-        for st in ranks:
-            try:
-                os.killpg(st["pid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                try:
-                    os.kill(st["pid"], signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for st in ranks:  # through a pidfd, the start time checked: a pid that wrapped to another process is spared
+            signal_process(st["pid"], signal.SIGKILL, st.get("start"), group=True)
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and any(alive(st["pid"], st.get("start")) for st in ranks):
             time.sleep(0.02)
@@ -337,6 +352,7 @@ def launch(cfg, argv: list[str]) -> int:
     (:class:`~rudder.runtime.console.JobLog`); the terminal shows what the ranks :func:`~rudder.runtime.console.say`
     and the supervisor's own lines."""
     cfg.validate()  # once here, before any rank starts (an agent that cannot be found is named as given)
+    check_trace_folder(cfg)
     for line in cleanup_stale_jobs(cfg.cache_dir):
         print(f"rudder: removed what a killed job left: {line}", file=sys.stderr, flush=True)
     argv = pin_agent_reference(cfg, argv)
@@ -360,10 +376,18 @@ def launch(cfg, argv: list[str]) -> int:
         log.close()
 
 
+def _check_partitioning(cfg, part_config: str, log: JobLog) -> None:
+    """Before any rank starts: a ``--decisions-from`` trace must come from these very partitions (one line)."""
+    note = check_decisions_partitioning(cfg, part_config)
+    if note:
+        log.note(note)
+
+
 def _launch_here(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
     """Run the job with every rank on this host."""
     with log.capture():
-        ensure_partitions(cfg, log=log.note)
+        part_config = ensure_partitions(cfg, log=log.note)
+    _check_partitioning(cfg, part_config, log)
     if cfg.port == 0:
         cfg.port = free_port_base(cfg.parts)
         argv = [*argv, "--port", str(cfg.port)]  # the ranks use the block found here
@@ -389,7 +413,8 @@ def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
 
     try:
         preflight()
-        attached = EmulatedCluster.attach(cfg.cluster) if cfg.cluster else None
+        # held while the job runs: `list`, `down` and `up` leave a cluster in use alone
+        attached = EmulatedCluster.attach(cfg.cluster, use="a job", adopt=cfg.adopt_cluster) if cfg.cluster else None
     except ClusterError as exc:
         raise RuntimeError(str(exc)) from None
     if attached is not None:
@@ -402,7 +427,8 @@ def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
         cfg.parts = hosts
         argv = [*argv, "--parts", str(hosts)]
     with log.capture():
-        ensure_partitions(cfg, log=log.note)  # before the hosts come up: partitioning a large graph takes a while
+        part_config = ensure_partitions(cfg, log=log.note)  # before the hosts come up: partitioning takes a while
+    _check_partitioning(cfg, part_config, log)
     if cfg.port == 0:
         cfg.port = 30050  # every host has its own network namespace: no other job's ports to avoid
         argv = [*argv, "--port", str(cfg.port)]
@@ -436,8 +462,10 @@ def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
             ]
             return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info), **services.rank_env()})
     finally:
-        if attached is None:
-            cluster.down()
+        if attached is None or attached.adopted:
+            cluster.down()  # brought up here, or adopted: this job owns it
+        else:
+            attached.release()
 
 
 def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) -> int:
@@ -468,7 +496,7 @@ def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) 
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while proc.poll() is None:
+        while not _exited(proc):
             watch.wait(0.2)
             log.relay()
             if interrupted is not None:
@@ -489,13 +517,13 @@ def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) 
             if stalled is not None:
                 log.note(f"rudder: job failed: {stalled}{log.where()}")
                 break
-        rc = proc.poll()
     finally:
-        if proc.poll() is None:
+        if not _exited(proc):
             # the launcher ends the job (interrupted, a dead or hung rank, --timeout-s): SIGKILL the ranks first. A
             # rank given SIGTERM would stop in order (rudder.runtime.stop), which is for signals from outside
             _kill_ranks(_read_statuses(job_dir))
-        _kill_group(proc)
+        _kill_group(proc)  # before reaping mpiexec: its group id stays ours until then
+        rc = proc.wait()
         statuses = _read_statuses(job_dir)
         _kill_ranks(statuses)  # any rank mpiexec's proxies did not reach
         for s, handler in old.items():
@@ -508,6 +536,20 @@ def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) 
     watch.close()
     if stalled is not None:
         return 1
+    finished = len(statuses) == cfg.world_size and all(st["state"] == "done" for st in statuses.values())
+    cut = [st for st in sorted(statuses.values(), key=lambda st: st["role"]["rank"]) if st.get("trace_error")]
+    if finished and cut:  # the run, its summary and accuracies are whole; its trace is not
+        log.note(f"rudder: job failed: {cut[0]['describe']}: its trace was cut short: {cut[0]['trace_error']}")
+        return 1
+    if rc != 0 and finished and watch.first_dead is None:
+        # every rank recorded "done" after the summary and the trace were written and MPI agreed on the way out:
+        # the job's results are whole. Whatever ended a rank after that (mpiexec names the signal in the log) is
+        # reported, not turned into a failed job
+        log.note(
+            f"rudder: warning: every rank finished in order, but mpiexec exited with {rc} afterwards (a rank ended "
+            f"by a signal while leaving?){log.where()}"
+        )
+        return 0
     if rc != 0 or watch.first_dead is not None:
         # the earliest event: a rank that recorded an error, or one that died without a word (killed, crashed)
         events = [st for st in statuses.values() if st["state"] == "failed"] + [watch.first_dead]

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -25,9 +26,16 @@ from dataclasses import asdict, dataclass
 from rudder.runtime import onehost
 from rudder.runtime.console import say
 from rudder.runtime.heartbeat import Heartbeat, beat_path
-from rudder.runtime.partition import PartitionError, ensure_partitions, graph_name, partition_dir, read_meta
+from rudder.runtime.partition import (
+    PartitionError,
+    check_decisions_partitioning,
+    ensure_partitions,
+    graph_name,
+    partition_dir,
+    read_meta,
+)
 from rudder.runtime.ports import free_port_base, job_ports, port_in_use, release_claims
-from rudder.runtime.procs import alive, start_time
+from rudder.runtime.procs import alive, pidfd_exited, start_time
 
 TAG_VAR = onehost.TAG_VAR
 SUPERVISOR_VAR = "RUDDER_SUPERVISOR"  # set by rudder.runtime.launcher: "pid start_time" of the supervisor
@@ -107,10 +115,32 @@ class Job:
     port: int
 
 
+def check_trace_folder(cfg) -> None:
+    """``--trace DIR`` must not hold a trace already unless ``--overwrite``: a ValueError in one line, before any
+    rank starts (a trainer would otherwise find it only once training is set up)."""
+    if not cfg.trace or cfg.overwrite:
+        return
+    from rudder.traces.schema import RANK_FILE, TRACE_FILE, rank_dir_name
+
+    held = [os.path.join(cfg.trace, TRACE_FILE)] + [
+        os.path.join(cfg.trace, rank_dir_name(r), RANK_FILE) for r in range(cfg.num_trainers)
+    ]
+    found = next((path for path in held if os.path.exists(path)), None)
+    if found is not None:
+        raise ValueError(
+            f"--trace {cfg.trace} holds a trace already ({found}): pass --overwrite to replace it, or another --trace"
+        )
+
+
 def prepare_job(cfg, roles: list[Role], one_host: bool, tag: str, checksums: bool = True) -> Job:
     """Partition if needed (checking the cached files: sizes, and CRC-32s with ``checksums``), write ip_config (one
     line per machine: server address and port)."""
     part_config = ensure_partitions(cfg, checksums=checksums)
+    if checksums:  # a user's own mpiexec/srun (launch() checked before any rank started, and passes False)
+        check_trace_folder(cfg)
+        note = check_decisions_partitioning(cfg, part_config)
+        if note:
+            say(note, err=True)
     meta = {k: v for k, v in read_meta(partition_dir(cfg)).items() if k != "files"}
     job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
     os.makedirs(os.path.join(job_dir, "status"), exist_ok=True)
@@ -177,16 +207,25 @@ def _status(job: Job, role: Role, state: str, **extra) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _end_with_supervisor(supervisor: str) -> None:
+LEAVING = threading.Event()  # set when this rank leaves on its own (finished in order, or stopped)
+LEAVE_GRACE_S = 30.0  # a rank that is leaving on its own gets this long before the supervisor watch ends it
+
+
+def _end_with_supervisor(supervisor: str, poll_s: float = 1.0) -> threading.Thread:
     """End this rank (and its process group: DGL sampler workers) as soon as the supervising launcher is gone.
 
     Under MPICH every rank runs in a session of its own below a proxy, so when the launcher is killed outright
     (SIGKILL, OOM) nothing else would stop a rank that is training or waiting on a peer. A daemon thread waits on a
     pidfd of the supervisor (no polling, no CPU) and then kills the group. ``supervisor`` is ``"pid start_time"``.
+
+    The watch kills only on proof that the supervisor is gone: the pidfd became readable *and* the pid no longer
+    names the process that started at ``start_time`` (a readiness alone is not trusted: a descriptor number can be
+    closed by other code and reused). Where no pidfd can be had while the supervisor still runs (a descriptor
+    limit, a kernel without pidfds) it checks every ``poll_s`` instead of killing at once, as it once did. A rank
+    that is leaving on its own (:data:`LEAVING`: it finished in order or was stopped) is given
+    :data:`LEAVE_GRACE_S` to exit before the watch ends it. Returns the watch thread.
     """
-    import select
     import signal
-    import threading
 
     pid, start = (int(x) for x in supervisor.split())
     try:
@@ -197,9 +236,23 @@ def _end_with_supervisor(supervisor: str) -> None:
         os.close(fd)
         fd = None
 
+    def gone() -> bool:
+        return not alive(pid, start)
+
     def watch():
         if fd is not None:
-            select.select([fd], [], [])  # readable once the process has exited
+            pidfd_exited(fd, timeout_s=None)  # readable once the process has exited
+            if not gone():  # not our supervisor's exit: never kill on that alone
+                print(
+                    f"rudder: rank {os.getpid()}: the supervisor's pidfd woke while pid {pid} still runs: "
+                    "watching it by polling",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        while not gone():
+            time.sleep(poll_s)
+        if LEAVING.is_set():  # leaving on its own: os._exit ends this thread unless the exit hangs
+            time.sleep(LEAVE_GRACE_S)
         print(
             f"rudder: rank {os.getpid()}: the supervising launcher (pid {pid}) is gone: ending the job",
             file=sys.stderr,
@@ -207,7 +260,9 @@ def _end_with_supervisor(supervisor: str) -> None:
         )
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
-    threading.Thread(target=watch, name="rudder-supervisor-watch", daemon=True).start()
+    thread = threading.Thread(target=watch, name="rudder-supervisor-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _run_server(cfg, role: Role, job: Job) -> None:
@@ -307,10 +362,17 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
             latency_p50_s=round(played["latency_p50_s"], 5),
             latency_p95_s=round(played["latency_p95_s"], 5),
         )
-    if writer is not None:
-        writer.close(
-            extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict(), **trainer.device_stats()), stopped=stopped
-        )
+    if writer is not None:  # a trace that cannot be written loses the trace, not the run's accuracies and summary
+        try:
+            writer.close(
+                extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict(), **trainer.device_stats()),
+                stopped=stopped,
+            )
+        except OSError as exc:
+            writer.failed = writer.failed or str(exc)
+        if writer.failed:
+            result["trace_error"] = writer.failed
+            say(f"rudder: error: trainer {role.trainer_rank}: the trace was cut short: {writer.failed}", err=True)
     if stopped is None:
         accuracy = trainer.evaluate()
     else:  # no evaluation: the batch system's grace period (Slurm's KillWait, 30 s) is for saving what was done
@@ -381,6 +443,8 @@ def _trace_writer(cfg, role: Role, job: Job, trainer, agent, buffer: dict):
         run_meta=run_meta,
         rank_meta=rank_meta,
         static=static,
+        overwrite=cfg.overwrite,
+        keep_going_when_full=True,
     )
 
 
@@ -502,7 +566,9 @@ def rank_main(cfg) -> int:
     mine, anyone = np.array([int(relay.requested)], dtype=np.int32), np.zeros(1, dtype=np.int32)
     _wait(comm, comm.Iallreduce(mine, anyone, op=MPI.MAX))
     relay.close()
-    _status(job, role, "stopped" if anyone[0] else "done")
+    trace_error = result.get("trace_error") if role.kind == "trainer" else None
+    _status(job, role, "stopped" if anyone[0] else "done", **({"trace_error": trace_error} if trace_error else {}))
+    LEAVING.set()  # from here the rank leaves on its own: the supervisor watch does not cut its exit short
     _wait(comm)
     if rank == 0 and not supervised:  # started by the user's mpiexec/srun: nobody else cleans up
         shutil.rmtree(job.job_dir, ignore_errors=True)

@@ -242,6 +242,29 @@ def _members(net_inodes: set[int], mnt_inodes: set[int]) -> list[int]:
     return out
 
 
+def _signal_member(pid: int, sig: int, net_inodes: set[int], mnt_inodes: set[int]) -> bool:
+    """Send ``sig`` to ``pid`` only if it is still inside one of the namespaces: through a pidfd, the namespace
+    checked after taking it. Pids wrap (every thread takes one; ``pid_max`` may be 32768), so the pid of a member
+    that exited since :func:`_members` listed it may already name a process of another job, outside the cluster.
+    Returns whether it was signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        inside = _ns_inode(pid, "net") in net_inodes or bool(mnt_inodes and _ns_inode(pid, "mnt") in mnt_inodes)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not inside or poller.poll(0):  # another process's pid now, or the member has exited: leave it
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _kill_members(net_inodes: set[int], mnt_inodes: set[int], reap: list[subprocess.Popen]) -> None:
     """SIGTERM everything inside the namespaces, SIGKILL what is left after a second, until none is left."""
     grace_end = time.monotonic() + 1.0
@@ -259,8 +282,7 @@ def _kill_members(net_inodes: set[int], mnt_inodes: set[int], reap: list[subproc
             signalled.clear()
         for pid in pids:
             if pid not in signalled or sig == signal.SIGKILL:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, sig)
+                _signal_member(pid, sig, net_inodes, mnt_inodes)
                 signalled.add(pid)
         time.sleep(0.02)
 
@@ -323,6 +345,36 @@ def _owner_alive(state: dict) -> bool:
     return _alive(state["owner_pid"], state.get("owner_start"))
 
 
+USERS_DIR = "users"  # in a cluster's run dir: one file per process using the cluster (a job attached to it)
+
+
+def _users(name: str) -> list[dict]:
+    """The live processes using cluster ``name`` (jobs attached to it), each ``{"pid", "start", "what"}``; files of
+    users that are gone are removed."""
+    out = []
+    for path in sorted((RUN_ROOT / name / USERS_DIR).glob("*.json")):
+        try:
+            user = json.loads(path.read_text())
+            live = _alive(int(user["pid"]), user.get("start"))
+        except (OSError, ValueError, KeyError, TypeError):
+            live = False
+            user = None
+        if live:
+            out.append(user)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return out
+
+
+def _in_use(name: str) -> str | None:
+    """Why cluster ``name`` must not be torn down now (a job uses it), or None."""
+    users = _users(name)
+    if not users:
+        return None
+    return ", ".join(f"{u.get('what') or 'a process'} (pid {u['pid']})" for u in users)
+
+
 def cleanup_stale() -> list[str]:
     """Tear down every cluster whose owning process is gone (and stray rd-* links/namespaces with no run dir).
 
@@ -335,8 +387,8 @@ def cleanup_stale() -> list[str]:
         for d in sorted(RUN_ROOT.iterdir()):
             if d.is_dir() and _NAME_RE.fullmatch(d.name):
                 state = _read_state(d.name)
-                if state is not None and _owner_alive(state):
-                    live.add(d.name)
+                if state is not None and (_owner_alive(state) or _in_use(d.name)):
+                    live.add(d.name)  # an orphan a job still runs on stays until that job is done
                 else:
                     stale.append((d.name, state))
         strays = set()
@@ -365,7 +417,7 @@ def list_clusters() -> list[dict]:
         if d.is_dir() and _NAME_RE.fullmatch(d.name):
             state = _read_state(d.name)
             if state is not None:
-                out.append(dict(state, alive=_owner_alive(state)))
+                out.append(dict(state, alive=_owner_alive(state), users=_users(d.name)))
     return out
 
 
@@ -532,6 +584,8 @@ class EmulatedCluster:
         self._state: dict | None = None
         self._holders: list[subprocess.Popen] = []
         self._procs: list[subprocess.Popen] = []
+        self._use: Path | None = None  # this process's hold on the cluster (attach(use=...))
+        self.adopted = False  # attach(adopt=True) took over a cluster whose owner was gone
         self._owner_pid = os.getpid()
         self._set_names(self.name, hosts, None)
 
@@ -546,16 +600,49 @@ class EmulatedCluster:
     # -- life cycle --------------------------------------------------------------------------------------------
 
     @classmethod
-    def attach(cls, name: str) -> Self:
+    def attach(cls, name: str, use: str | None = None, adopt: bool = False, orphan_ok: bool = False) -> Self:
         """The cluster ``name`` brought up by another process (e.g. the CLI's ``up``); this one does not own it,
-        so nothing is torn down at exit, but ``down()`` still removes it."""
-        state = _read_state(name) if _NAME_RE.fullmatch(name) else None
-        if state is None or not state.get("holders"):
-            raise ClusterError(f"no cluster {name!r} is up")
-        c = cls(state["hosts"], state["link_rate"], name)
-        c._state = state
-        c._set_names(name, state["hosts"], state["subnet"])
+        so nothing is torn down at exit, but ``down()`` still removes it.
+
+        ``use`` (e.g. ``"job rd3f2a1"``): hold the cluster for this process until :meth:`release` or its exit:
+        ``list``, ``down`` and ``up`` (their stale-cluster sweep) leave a cluster in use alone, even once its owner
+        is gone. A cluster whose owner is gone (its ``up`` process killed outright) is refused, in one line that
+        says so, unless ``adopt``: this process then owns it and tears it down when it exits (``orphan_ok``: a
+        look inside it, as ``exec`` and ``measure`` take, neither refused nor adopted)."""
+        with _global_lock():  # against a sweep between the check and the hold
+            state = _read_state(name) if _NAME_RE.fullmatch(name) else None
+            if state is None or not state.get("holders"):
+                raise ClusterError(f"no cluster {name!r} is up")
+            orphan = not _owner_alive(state) and not orphan_ok
+            if orphan and not adopt:
+                raise ClusterError(
+                    f"cluster {name}'s owner (pid {state['owner_pid']}) is gone: it would be torn down by the next "
+                    f"`list` or `up`; pass --adopt-cluster to run on it (this job then owns it and tears it down at "
+                    f"its end), or `down {name}`"
+                )
+            c = cls(state["hosts"], state["link_rate"], name)
+            c._state = state
+            c._set_names(name, state["hosts"], state["subnet"])
+            if orphan:  # adopted: this process owns it now
+                c.adopted = True
+                state.update(owner_pid=os.getpid(), owner_start=_start_time(os.getpid()), owner_cli=False)
+                _write_state(state)
+                c._owner_pid = os.getpid()
+                _register(c)
+            if use is not None:
+                users = RUN_ROOT / name / USERS_DIR
+                users.mkdir(exist_ok=True)
+                c._use = users / f"{os.getpid()}.json"
+                me = dict(pid=os.getpid(), start=_start_time(os.getpid()), what=use)
+                c._use.write_text(json.dumps(me))
         return c
+
+    def release(self) -> None:
+        """Stop holding the cluster (see :meth:`attach`); safe to repeat."""
+        use, self._use = self._use, None
+        if use is not None:
+            with contextlib.suppress(OSError):
+                use.unlink()
 
     def up(self) -> Self:
         """Create namespaces, bridge, veths, shapers, holders and the ssh stand-in; on any failure tear down what
@@ -688,6 +775,7 @@ class EmulatedCluster:
     def down(self) -> None:
         """Tear everything down (processes in the hosts, veths, bridge, namespaces, run dir); safe to repeat.
         SIGINT and SIGTERM arriving meanwhile take effect once it is done."""
+        self.release()
         try:
             with _deferred_signals():
                 _teardown(self.name, self._state or _read_state(self.name), self._holders + self._procs)
@@ -841,11 +929,8 @@ class EmulatedCluster:
         """Send ``sig`` to every process running inside ``host`` but its holder (a host whose processes all crash
         at once, e.g. out of memory); the host itself stays up. Returns the pids signalled."""
         holder = self._holder(host)
-        pids = [pid for pid in _members({_ns_inode(holder, "net")} - {None}, set()) if pid != holder]
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
-        return pids
+        net = {_ns_inode(holder, "net")} - {None}
+        return [pid for pid in _members(net, set()) if pid != holder and _signal_member(pid, sig, net, set())]
 
 
 def _read_line(f: IO[str], timeout: float) -> str:
@@ -871,7 +956,7 @@ def _find_host(host: str) -> EmulatedCluster:
     m = _OWN_NAME_RE.fullmatch(host)
     if not m or not host.split("-")[-1].startswith("h"):
         raise ClusterError(f"{host!r} is not an emulated host name (rd-NAME-hN)")
-    return EmulatedCluster.attach(m.group(1))
+    return EmulatedCluster.attach(m.group(1), orphan_ok=True)
 
 
 def _cli_up(args) -> None:
@@ -921,7 +1006,13 @@ def _cli_down(args) -> None:
     names = [s["name"] for s in list_clusters()] if args.all else [args.name]
     if args.name and _read_state(args.name) is None and not _leftovers(args.name):
         raise ClusterError(f"no cluster {args.name!r}")
+    busy = {name: _in_use(name) for name in names}
+    if args.name and busy[args.name] and not args.force:
+        raise ClusterError(f"cluster {args.name} is in use by {busy[args.name]}: stop it first, or pass --force")
     for name in names:
+        if busy[name] and not args.force:
+            print(f"cluster {name}: kept, in use by {busy[name]}")
+            continue
         state = _read_state(name)
         if state and state.get("owner_cli") and _owner_alive(state):
             os.kill(state["owner_pid"], signal.SIGTERM)  # the `up` process tears down and exits
@@ -943,8 +1034,10 @@ def _cli_list(args) -> None:
         hostnames, _, bridge = _names(s["name"], s["hosts"])
         net = _subnet(s["subnet"])
         hosts = " ".join(f"{h}={net}.{11 + i}" for i, h in enumerate(hostnames))
+        users = "".join(f", in use by {u.get('what') or 'a process'} (pid {u['pid']})" for u in s["users"])
+        owner = f"owner pid {s['owner_pid']}" + ("" if s["alive"] else " (gone)")
         print(
-            f"{s['name']}: {s['hosts']} hosts, link {s['link_rate'] or 'unshaped'}, owner pid {s['owner_pid']}"
+            f"{s['name']}: {s['hosts']} hosts, link {s['link_rate'] or 'unshaped'}, {owner}{users}"
             f"{'' if s['holders'] else ' (coming up)'}, bridge {bridge} {net}.1, hosts {hosts}"
         )
 
@@ -959,7 +1052,7 @@ def _cli_exec(args) -> None:
 
 
 def _cli_measure(args) -> None:
-    c = EmulatedCluster.attach(args.name)
+    c = EmulatedCluster.attach(args.name, orphan_ok=True)
     if len(c.hostnames) < 2:
         raise ClusterError("measure needs at least 2 hosts")
     for i in range(len(c.hostnames)):
@@ -984,6 +1077,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m rudder.testbed.cl
     down = sub.add_parser("down", help="tear a cluster down (or all of them)")
     down.add_argument("name", nargs="?")
     down.add_argument("--all", action="store_true")
+    down.add_argument("--force", action="store_true", help="tear down even a cluster a job is running on")
     sub.add_parser("list", help="list clusters (removing those whose owner is gone)")
     ex = sub.add_parser("exec", help="run a command inside an emulated host: exec HOST -- CMD...")
     ex.add_argument("host")

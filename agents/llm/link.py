@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rudder.agents.llm.agent import LLMAgent
+from rudder.agents.llm.agent import LLMAgent, View
 from rudder.agents.llm.prompt import EXAMPLES_FORMAT, _pct
 from rudder.env.contract import BufferSettings
 
@@ -115,7 +115,10 @@ def link_system_prompt(facts: dict, options: dict[str, float]) -> str:
     )
 
 
-def link_user_message(m: LinkMetrics, options: dict[str, float]) -> str:
+def link_user_message(m: LinkMetrics, options: dict[str, float], choices: list | None = None) -> str:
+    """The current window and what each option would do (``options`` keyed by the ids the prompt shows, in the order
+    it lists them; ``choices`` the matching entries of ``m.choices``, default: ``m.choices`` in level order)."""
+    choices = m.choices if choices is None else choices
     total = m.total_minibatches
     lines = [
         f"Decision {m.decision} at minibatch {m.minibatch} of {total or '?'}.",
@@ -126,7 +129,7 @@ def link_user_message(m: LinkMetrics, options: dict[str, float]) -> str:
         f"link budget {m.budget_rows} rows.",
         "What each option would do:",
     ]
-    for (name, _), c in zip(options.items(), m.choices):
+    for (name, _), c in zip(options.items(), choices):
         lines.append(
             f'- "{name}": {c["rows"]} rows ({1000 * c["link_s"]:.0f} ms of link), evicts {c["evicts"]} '
             f"({c['evicts_hot']} still needed); need in {c['need_in']:.3g} vs out {c['need_out']:.3g}"
@@ -190,34 +193,54 @@ class LLMLinkAgent(LLMAgent):
 
     def _ask(self, m: LinkMetrics) -> tuple[str, dict]:
         import torch
-        from rudder.agents.llm.prompt import ANSWER_PREFIX, render
 
-        text = render(
-            self.tokenizer, self._prefix_messages_link(), link_user_message(m, self.link_options), ANSWER_PREFIX
-        )
-        self._last_prefix = text.prefix
         self.queries += 1
         with torch.inference_mode():
-            scores, prefill = self.option_scores(text.prefix, text.suffix, use_cache=self.prefix_cache)
-        choice = max(scores, key=scores.get)
-        return choice, dict(
-            option_scores={o: round(s, 4) for o, s in scores.items()}, decision=choice, prefill_tokens=prefill
-        )
+            choice, details = self.choose(lambda view, user=None: self._render_link(view, m, user))
+        return choice, dict(decision=choice, **details)
 
-    def _prefix_messages_link(self) -> list[dict]:
-        msgs = [{"role": "system", "content": link_system_prompt(self._facts, self.link_options)}]
-        for ex in self._link_examples:
+    def _render_link(self, view: View, m: LinkMetrics, user: str | None = None):
+        from rudder.agents.llm.prompt import ANSWER_PREFIX, render
+
+        if user is None:
+            user = link_user_message(m, view.shown(self.link_options), self._shown_choices(view, m))
+        return render(self.tokenizer, self._prefix_messages_link(view), user, ANSWER_PREFIX)
+
+    def _shown_choices(self, view: View, m: LinkMetrics) -> list:
+        """``m.choices`` (in level order) in the order ``view`` lists the options."""
+        by_option = dict(zip(sorted(self.link_options, key=self.link_options.get), m.choices))
+        return [by_option[o] for o in view.order if o in by_option]
+
+    def _prefix_messages_link(self, view: View | None = None) -> list[dict]:
+        view = view or self.views()[0]
+        shown, ids = view.shown(self.link_options), view.id_of
+        msgs = [{"role": "system", "content": link_system_prompt(self._facts, shown)}]
+        for ex in view.rotate(self._link_examples):
+            m = LinkMetrics.from_dict(ex["metrics"])
             msgs += [
-                {"role": "user", "content": link_user_message(LinkMetrics.from_dict(ex["metrics"]), self.link_options)},
-                {"role": "assistant", "content": json.dumps({"decision": ex["decision"]})},
+                {"role": "user", "content": link_user_message(m, shown, self._shown_choices(view, m))},
+                {"role": "assistant", "content": json.dumps({"decision": ids[ex["decision"]]})},
             ]
         return msgs
 
     _facts: dict = {}
 
-    def _prefix_messages(self, info: dict) -> list[dict]:
+    def n_examples(self) -> int:
+        return len(self._link_examples)
+
+    def _prefix_messages(self, info: dict, view: View | None = None) -> list[dict]:
         self._facts = dict(info.get("facts") or {})
-        return self._prefix_messages_link()
+        return self._prefix_messages_link(view)
+
+    # ------------------------------------------------------------------ gates (rudder.agents.llm.gates)
+    def in_context_points(self) -> list[dict]:
+        """The few-shot examples as labelled points (what the copy gate asks back)."""
+        return [dict(metrics=ex["metrics"], decision=ex["decision"]) for ex in self._link_examples]
+
+    def answer_point(self, point: dict, facts: dict | None = None) -> str:
+        """The option chosen at a labelled point (``point["metrics"]``: a :class:`LinkMetrics` dict)."""
+        self._facts = dict(facts or {})
+        return self._ask(LinkMetrics.from_dict(point["metrics"]))[0]
 
 
 def _load(source, options: dict[str, float]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Reliability: the fault-injection tests run with their figures recorded, as the table README links to.
+"""Reliability: the fault-injection tests run with their figures recorded, as the table docs/reliability.md shows.
 
 Each fault test (``tests/test_faults.py``, and the killed trainer/server of ``tests/test_dist.py``) injects its
 fault for real, asserts what the user sees, how soon and that nothing is left, and only then writes its row
@@ -61,7 +61,7 @@ def measure(tests=TESTS, timeout_s: float = 1800) -> pd.DataFrame:
 
 
 def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
-    """The headline figures and the table as README shows it."""
+    """The headline figures and the table as docs/reliability.md shows it."""
     missing = [f for f in ORDER if f not in set(df["fault"])]
     errors = df[df["detect_s"].notna()]
     gone_on = df[df["detected"] == 0]

@@ -261,6 +261,9 @@ def _write(path: str, header: list[str], done: dict[str, str]) -> None:
     hand, even while this run went on) are read back from the file as it is now."""
     sections = {**_read_sections(path), **done}
     order = [t for t, _ in SECTIONS.values()]
-    ordered = sorted(sections, key=lambda t: order.index(t) if t in order else len(order))
+    # the hand-written summary table opens the report; other hand-written sections follow the measured ones
+    ordered = sorted(
+        sections, key=lambda t: -1 if t.startswith("Summary") else order.index(t) if t in order else len(order)
+    )
     with open(path, "w") as f:
         f.write("\n".join(header + [sections[t] for t in ordered]) + "\n")

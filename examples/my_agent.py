@@ -1,4 +1,4 @@
-"""A prefetch agent of one's own, in one file, for rudder to load by reference (README, "Write your own agent"):
+"""A prefetch agent of one's own, in one file, for rudder to load by reference (docs/agents.md, "Write your own agent"):
 
     python evaluate.py --agents periodic,./my_agent.py:MyAgent --agent-kwargs threshold=0.5
     python train.py gnn --graph synth-tiny --agent ./my_agent.py:MyAgent --agent-kwargs threshold=0.5

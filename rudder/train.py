@@ -7,7 +7,7 @@
 
 ``gnn`` trains a GNN with DistDGL on MPI ranks (1 graph server + ``--trainers-per-part`` trainers per partition).
 Run it plainly and it starts ``mpiexec`` itself (all ranks on this host); or start it with ``mpiexec -n N`` /
-``srun -n N`` and every rank takes its role from its MPI rank (see README, "Running on a cluster").
+``srun -n N`` and every rank takes its role from its MPI rank (see docs/cluster.md, "Running on a cluster").
 ``ppo`` trains a PPO prefetch agent offline on recorded traces (:mod:`rudder.agents.ppo`).
 """
 

@@ -3,6 +3,8 @@ the shipped sample traces (replay needs no MPI job)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -79,9 +81,14 @@ def _record_live(tmp_path_factory, agent: str, *extra: str) -> dict:
         "--port",
         str(_free_port_block()),
     ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1")
-    )
+    with cores_to_itself():  # its measured times feed the time model's out-of-sample check (test_evaluate)
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1"),
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(trace=str(trace), summary=json.loads(summary.read_text()), stdout=proc.stdout)
 
@@ -89,6 +96,44 @@ def _record_live(tmp_path_factory, agent: str, *extra: str) -> dict:
 def other_workers() -> bool:
     """Whether other pytest-xdist workers run tests beside this one (they share the cores)."""
     return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+
+
+def _cores_lock_path() -> str | None:
+    """A lock file shared by the workers of this test run (pytest-xdist names the run), None without xdist."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    return os.path.join("/tmp", f"rudder-pytest-cores-{run}.lock") if run and other_workers() else None
+
+
+@contextlib.contextmanager
+def _cores_lock(mode: int):
+    path = _cores_lock_path()
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cores_to_itself():
+    """Run a live job whose measured times are checked against the time model with no other worker's test running:
+    the tests beside the job group hold this lock shared while they run (:func:`_share_the_cores`), so taking it
+    exclusively waits for the running one to end and starts no new one until the job is done."""
+    return _cores_lock(fcntl.LOCK_EX)
+
+
+@pytest.fixture(autouse=True)
+def _share_the_cores(request):
+    """Tests outside the job group run under the shared side of :func:`cores_to_itself`."""
+    group = request.node.get_closest_marker("xdist_group")
+    if group is not None and group.args and group.args[0] == JOBS:
+        yield
+        return
+    with _cores_lock(fcntl.LOCK_SH):
+        yield
 
 
 if other_workers():

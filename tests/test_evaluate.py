@@ -226,12 +226,11 @@ def test_time_model_checked_on_another_real_run(record_live, tmp_path):
     model fitted to one predicts the other's measured time, evaluate.py reports that error per rank, and hides
     modelled time where the fit cannot separate remote rows.
 
-    Measured on this 2-core host (synth-tiny, ~150 remote rows of 100 floats per minibatch): fetch time is mostly
-    per-call cost and machine noise (R² ~ 0; stalls of tens of ms), so fits rarely separate remote rows; run-time
-    errors out of sample were 6-41% in either direction with the suite in one process: that bound (|error| < 50%)
-    is asserted there. Beside other pytest-xdist workers, which load the shared cores differently during each of
-    the two runs, errors of 54% and 111% were seen: there only a positive predicted time is asserted."""
-    from conftest import other_workers
+    On a small host (synth-tiny, ~150 remote rows of 100 floats per minibatch) fetch time is mostly per-call cost
+    and machine noise (R² ~ 0), so fits rarely separate remote rows; the out-of-sample run-time error stays within
+    the bound asserted (|error| < 50%) with the suite in one process and also under pytest-xdist: both live runs are
+    recorded with no other worker's test running (conftest's ``cores_to_itself``), since beside other workers the
+    error can exceed the bound (BENCHMARKS.md, "Test suite time")."""
     from rudder.env.replay_env import ReplayEnv
     from rudder.traces.timecheck import TimeCheck
 
@@ -277,10 +276,7 @@ def test_time_model_checked_on_another_real_run(record_live, tmp_path):
         assert row["time_oos_fetch_error"] == pytest.approx(expected["fetch_error"])
         assert row["time_oos_time_error"] == pytest.approx(expected["time_error"])
         assert row["time_oos_fetch_error"] != pytest.approx(model.total_error)  # not the in-sample error
-        if other_workers():
-            assert row["time_oos_time_error"] > -1.0  # a positive predicted time
-        else:
-            assert abs(row["time_oos_time_error"]) < 0.5
+        assert abs(row["time_oos_time_error"]) < 0.5
         assert bool(row["time_fit_ok"]) == model.separates_remote_rows
     shown = [line for line in proc.stdout.splitlines() if line.startswith("periodic ")][0].split()[3]
     assert (shown == "-") == (not df["time_fit_ok"].any())

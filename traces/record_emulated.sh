@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Record traces on the emulated cluster (root only: network namespaces joined by tbf-shaped links; README, "Emulated
-# hosts on one machine"), with the options of the shipped sample traces/samples/emu2-metis2-f10x25-400mbit (agent
+# Record traces on the emulated cluster (root only: network namespaces joined by tbf-shaped links; docs/cluster.md,
+# "Emulated hosts on one machine"), with the options of the shipped sample traces/samples/emu2-metis2-f10x25-400mbit (agent
 # periodic, period 4, batch 1000, background prefetch, 2 epochs, the lookahead's structure kept to the partition's
 # own: --no-lookahead-halo-edges) and one seed per set:
 #   traces/train/    seed 1: three configurations the learned agents (PPO, the LLM's few-shot examples) learn from
@@ -10,8 +10,7 @@
 # One run at a time, each under the shared heavy lock (RUDDER_HEAVY_LOCK=none when the caller already holds it, e.g.
 # `flock /tmp/rudder-heavy.lock env RUDDER_HEAVY_LOCK=none bash traces/record_emulated.sh heldout`).
 # Usage: bash traces/record_emulated.sh [train|heldout|NAME...]
-# (~45-55 s a run on 2 cores, plus the wait for the lock). Each run's summary is kept beside this script's log in
-# runs/record-emulated/ (ignored by git).
+# Each run's summary is kept beside this script's log in runs/record-emulated/ (ignored by git).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOCK=${RUDDER_HEAVY_LOCK:-/tmp/rudder-heavy.lock}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Re-record the shipped sample traces (traces/samples/) with real DistDGL runs on this host (~2 min on 2 cores), and
+# Re-record the shipped sample traces (traces/samples/) with real DistDGL runs on this host, and
 # beside each its time check: a run of the same options and seed with agent `none`, whose measured timings test the
-# replay time model out of sample (traces/timecheck.py; ~2 min more). `--time-checks-only` re-records just those.
+# replay time model out of sample (traces/timecheck.py). `--time-checks-only` re-records just those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=traces/samples

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Record the training trace(s) the shipped learned agents learned from (traces/train/), with a real DistDGL run on
-# this host (~1 min on 2 cores). Seed 2: another graph and partitioning than every trace `python evaluate.py` scores
+# this host. Seed 2: another graph and partitioning than every trace `python evaluate.py` scores
 # (traces/samples/, seed 0) and than bench P1's (seeds 0 and 1), so no shipped policy or example is scored on what it
 # learned from (`python evaluate.py` checks it by content: see traces/fingerprint.py).
 set -euo pipefail

@@ -18,7 +18,7 @@ import sys
 import threading
 
 SERVICE_PORT = 8011  # inside an emulated host (its own network namespace): nothing else listens there
-START_TIMEOUT_S = 600.0  # the first start converts the GGUF (~30 s), later ones load in seconds
+START_TIMEOUT_S = 600.0  # the first start converts the GGUF, later ones load the converted folder
 _READY = re.compile(r"serving (?P<name>\S+) on (?P<url>http://\S+)/v1 \(pid (?P<pid>\d+)\)")
 
 

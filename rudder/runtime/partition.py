@@ -6,7 +6,7 @@ temporary folder and renamed, so a killed partitioning leaves nothing half-writt
 ``rudder.json`` records what a trainer needs without scanning the graph: classes, feature width, sizes; and the
 size and CRC-32 of every file, checked each time the partitions are used, because DGL reads a truncated or damaged
 feature file without complaint and trains on wrong rows. CRC-32 (zlib, streamed) catches damage, not tampering;
-it reads the files once (BENCHMARKS.md and README, "Reliability", give its cost).
+it reads the files once (BENCHMARKS.md and docs/reliability.md, "Injected faults", give its cost).
 """
 
 from __future__ import annotations

@@ -160,3 +160,71 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
         f"{v['traffic_vs_periodic']:.3f}x periodic's remote rows."
     )
     return text, df.drop(columns="key")
+
+
+# ---------------------------------------------------------------------------------------------- gates per method
+# Scoring methods compared on the gates (rudder.agents.llm.gates): constructor options of the LLM agents.
+METHODS = {
+    "plain": {},
+    "calibrated": dict(calibrate=True),
+    "length-norm": dict(length_norm=True),
+    "letters": dict(option_ids="letters"),
+    "letters+calibrated": dict(option_ids="letters", calibrate=True),
+    "permuted5+letters": dict(option_ids="letters", permutations=5),
+    "permuted5+letters+calibrated": dict(option_ids="letters", permutations=5, calibrate=True),
+    "permuted5+names+calibrated": dict(permutations=5, calibrate=True),
+}
+HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
+
+
+def gate_method(
+    method: str,
+    kind: str = "link",
+    parts=("copy", "sensitivity", "heldout"),
+    limit: int = 16,
+    pairs: int = 3,
+    agent_kwargs: dict | None = None,
+) -> dict:
+    """One method's gate figures for the link-budget (``kind="link"``) or keep/replace agent of the default model,
+    on the held-out emulated-cluster traces (at most ``limit`` points; ``pairs`` base points per pair kind)."""
+    from collections import Counter
+
+    from rudder.agents.llm import gates
+    from rudder.agents.llm.agent import LLMAgent, shared_model
+    from rudder.agents.llm.link import LLMLinkAgent
+
+    options = dict(METHODS[method], **(agent_kwargs or {}))
+    model, tokenizer, _ = shared_model(None)
+    agent = (LLMLinkAgent if kind == "link" else LLMAgent)(model=(model, tokenizer), **options)
+    points = gates.heldout_points(kind, HELDOUT, limit=limit)
+    level = dict(agent.link_options) if kind == "link" else dict(agent.options)
+    out: dict = dict(method=method, kind=kind, settings=options)
+    t0 = time.perf_counter()
+    if "copy" in parts:
+        shown = agent.in_context_points()
+        answers = [agent.answer_point(p) for p in shown]
+        out["copy"] = [sum(a == p["decision"] for a, p in zip(answers, shown)), len(answers)]
+        out["copy_answers"] = answers
+    if "sensitivity" in parts:
+        made = (gates.link_pairs if kind == "link" else gates.keep_pairs)(points, pairs)
+        out["sensitivity"] = list(gates.sensitivity_gate(agent.answer_point, made, level))
+    if "heldout" in parts:
+        answers = [agent.answer_point(p) for p in points]
+        out["entropy_bits"] = gates.entropy_bits(answers)
+        out["accuracy"] = gates.accuracy_vs_constant(answers, [p["decision"] for p in points], list(level))
+        out["answers"] = dict(Counter(answers))
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+if __name__ == "__main__":  # python -m rudder.bench.llm_decisions BUDGET_S KIND PARTS METHOD...: JSON lines
+    import json
+    import sys
+
+    budget, kind, parts, *methods = sys.argv[1:]
+    start = time.perf_counter()
+    for method in methods:
+        row = gate_method(method, kind, tuple(parts.split(",")))
+        print(json.dumps(row), flush=True)
+        if time.perf_counter() - start + row["seconds"] > float(budget):
+            break  # the next would not fit the budget

@@ -131,7 +131,7 @@ class LLMAgent(Agent):
 
     Args:
         model: a model spec for :func:`rudder.agents.llm.models.load_model` (None: SmolLM2-135M-Instruct; a Hugging Face
-            folder; a ``.gguf`` file; chunk packages ``"name-part1..22"``), or an already loaded
+            folder; a ``.gguf`` file), or an already loaded
             ``(model, tokenizer)`` pair.
         mode: ``"score"`` (rank the options by log-probability; always valid) or ``"generate"`` (free generation,
             strictly parsed).

@@ -173,6 +173,9 @@ METHODS = {
     "permuted5+letters": dict(option_ids="letters", permutations=5),
     "permuted5+letters+calibrated": dict(option_ids="letters", permutations=5, calibrate=True),
     "permuted5+names+calibrated": dict(permutations=5, calibrate=True),
+    "retrieved3": dict(retrieve=3),
+    "retrieved3+letters+calibrated": dict(retrieve=3, option_ids="letters", calibrate=True),
+    "retrieved3+permuted5+letters": dict(retrieve=3, option_ids="letters", permutations=5),
 }
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
 
@@ -211,7 +214,10 @@ def gate_method(
     if "heldout" in parts:
         answers = [agent.answer_point(p) for p in points]
         out["entropy_bits"] = gates.entropy_bits(answers)
-        out["accuracy"] = gates.accuracy_vs_constant(answers, [p["decision"] for p in points], list(level))
+        seconds = [p["seconds"] for p in points] if kind == "link" else None
+        out["accuracy"] = gates.accuracy_vs_constant(
+            answers, [p["decision"] for p in points], list(level), seconds=seconds
+        )
         out["answers"] = dict(Counter(answers))
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out

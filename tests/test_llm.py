@@ -595,6 +595,10 @@ def test_copy_entropy_accuracy_and_the_verdict():
     assert const["ci"] == (0.0, 0.0)
     perfect = gates.accuracy_vs_constant(labels, labels, ["none", "quarter"])
     assert perfect["accuracy"] == 1.0 and 0 < perfect["ci"][0] < 0.25 < perfect["ci"][1] <= 0.5
+    seconds = [[1.0, 1.0, 2.0], [1.0, 2.0, 2.0], [3.0, 1.0, 1.0], [1.0, 1.0, 1.0]]  # per point, options a, b, c
+    r = gates.accuracy_vs_constant(["a", "a", "b", "c"], ["a", "a", "b", "c"], ["a", "b", "c"], seconds=seconds)
+    assert r["regret"] == 0.0 and r["regret_constant"] == "b" and r["constant_regret"] == pytest.approx(1 / 4)
+    assert r["regret_vs_constant_ci"][1] <= 0 and r["regret_vs_constant_ci"][0] == pytest.approx(-1 / 3, abs=0.1)
     report = gates.GateReport("x", (5, 6), (8, 10), 1.2, perfect)
     assert report.reads_input and report.beats_constant and gates.NOT_READING not in report.line()
     for failing in (
@@ -651,6 +655,34 @@ def test_debiased_link_agent_scores_every_view_and_calibrates_once_per_prefix(ti
         )
     )[1]
     assert set(scores["debiased_scores"]) == set(agent.link_options)
+
+
+def test_retrieval_shows_the_nearest_pool_points_last_after_a_prefix_every_rank_shares(tiny):
+    from rudder.agents.llm.link import ExamplePool, LinkMetrics, LLMLinkAgent
+
+    pool_file = ROOT / "agents" / "llm" / "link_pool.json"
+    pool = json.loads(pool_file.read_text())
+    assert pool["action"] == "link" and len(pool["examples"]) >= 30
+    assert all(p["margin"] >= pool["min_margin"] for p in pool["examples"])
+    points = ExamplePool(pool["examples"])
+    target = pool["examples"][7]
+    nearest = points.nearest(target["metrics"], 3)
+    assert len(nearest) == 3 and nearest[-1] is target  # a pool point is its own nearest, shown last
+    agent = LLMLinkAgent(model=tiny, retrieve=3)
+    shown = agent.in_context_points()
+    assert len(shown) == 6 and len({p["decision"] for p in shown}) == 5  # every label, largest margins first
+    m = LinkMetrics.from_dict(target["metrics"])
+    texts = []
+    for rank in (0, 1):
+        agent._facts = dict(FACTS, rank=rank)
+        texts.append(agent._render_link(agent.views()[0], m))
+    assert texts[0].prefix == texts[1].prefix and "trainer rank" not in texts[0].prefix  # one prefix for all ranks
+    suffix = texts[1].suffix
+    assert suffix.count('{"decision": "') == 4  # three retrieved answers + the opened one
+    assert suffix.index(json.dumps({"decision": target["decision"]})) < suffix.index("trainer rank 1;")
+    assert agent.answer_point(target) in agent.link_options
+    with pytest.raises(ValueError, match="retrieve must be >= 0"):
+        LLMLinkAgent(model=tiny, retrieve=-1)
 
 
 def test_gate_agent_reports_every_gate_for_a_real_agent_object(tiny):

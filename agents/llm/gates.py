@@ -60,29 +60,59 @@ def entropy_bits(answers: list[str]) -> float:
     return float(-(p * np.log2(p)).sum() + 0.0)
 
 
+def _interval(x: np.ndarray, y: np.ndarray, resamples: int, seed: int, ratio: bool = False) -> tuple[float, float]:
+    """Paired bootstrap 95% interval of mean(x) - mean(y) (or sum(x) / sum(y) - 1 with ``ratio``)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(resamples, len(x)))
+    if ratio:
+        stats = x[idx].sum(axis=1) / np.maximum(y[idx].sum(axis=1), 1e-12) - 1
+    else:
+        stats = (x[idx] - y[idx]).mean(axis=1)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def accuracy_vs_constant(
-    answers: list[str], labels: list[str], options: list[str], resamples: int = 2000, seed: int = 0
+    answers: list[str],
+    labels: list[str],
+    options: list[str],
+    resamples: int = 2000,
+    seed: int = 0,
+    seconds: list[list[float]] | None = None,
 ) -> dict:
     """Accuracy of ``answers`` against ``labels``, the best constant answer's (chosen on these labels: the
-    hardest reference), and a paired bootstrap 95% interval of the difference (agent - constant)."""
-    a = np.array([x == y for x, y in zip(answers, labels)], dtype=float)
+    hardest reference), and a paired bootstrap 95% interval of the difference (agent - constant).
+
+    With ``seconds`` (per point, each option's modelled seconds, in ``options`` order) also the *seconds regret*
+    (chosen seconds over the best option's, summed over the points, minus 1) of the agent and of the constant with
+    the least regret, and an interval of the agent's seconds over that constant's (-1)."""
+    n = len(labels)
     counts = Counter(labels)
     const = max(options, key=lambda o: (counts.get(o, 0), -options.index(o)))
-    c = np.array([y == const for y in labels], dtype=float)
-    n = len(labels)
     if n == 0:
         return dict(n=0, accuracy=math.nan, constant=const, constant_accuracy=math.nan, ci=(math.nan, math.nan))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(resamples, n))
-    diffs = (a[idx] - c[idx]).mean(axis=1)
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return dict(
+    a = np.array([x == y for x, y in zip(answers, labels)], dtype=float)
+    c = np.array([y == const for y in labels], dtype=float)
+    out = dict(
         n=n,
         accuracy=float(a.mean()),
         constant=const,
         constant_accuracy=float(c.mean()),
-        ci=(float(lo), float(hi)),
+        ci=_interval(a, c, resamples, seed),
     )
+    if seconds is not None:
+        t = np.array(seconds, dtype=float)
+        best = t.min(axis=1)
+        got = t[np.arange(n), [options.index(x) for x in answers]]
+        regret = {o: float(t[:, i].sum() / best.sum() - 1) for i, o in enumerate(options)}
+        k = min(options, key=lambda o: (regret[o], options.index(o)))
+        out.update(
+            regret=float(got.sum() / best.sum() - 1),
+            regret_constant=k,
+            constant_regret=regret[k],
+            regret_vs_constant_ci=_interval(got, t[:, options.index(k)], resamples, seed, ratio=True),
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- constructed pairs
@@ -191,7 +221,15 @@ class GateReport:
             f"({'pass' if self.sensitivity_ok else 'fail'}, >= {SENSITIVITY_MIN:.0%}), "
             f"entropy {self.entropy_bits:.2f} bits over {acc['n']} held-out points, accuracy {acc['accuracy']:.0%} "
             f"vs always {acc['constant']!r} {acc['constant_accuracy']:.0%} (difference 95% CI "
-            f"[{100 * lo:+.0f}, {100 * hi:+.0f}] points): {verdict}"
+            f"[{100 * lo:+.0f}, {100 * hi:+.0f}] points)"
+            + (
+                f", seconds regret {acc['regret']:+.2%} vs always {acc['regret_constant']!r} "
+                f"{acc['constant_regret']:+.2%} (agent / constant - 1, 95% CI "
+                f"[{acc['regret_vs_constant_ci'][0]:+.2%}, {acc['regret_vs_constant_ci'][1]:+.2%}])"
+                if "regret" in acc
+                else ""
+            )
+            + f": {verdict}"
         )
 
     def as_dict(self) -> dict:
@@ -200,7 +238,7 @@ class GateReport:
             copy=list(self.copy),
             sensitivity=list(self.sensitivity),
             entropy_bits=self.entropy_bits,
-            accuracy=dict(self.accuracy, ci=list(self.accuracy["ci"])),
+            accuracy={k: list(v) if isinstance(v, tuple) else v for k, v in self.accuracy.items()},
             answers=self.answers,
             settings=self.settings,
             reads_input=self.reads_input,
@@ -222,7 +260,8 @@ def gate_agent(agent, points: list[dict], name: str | None = None, pairs_per_kin
     pairs = (link_pairs if kind == "link" else keep_pairs)(points, pairs_per_kind)
     moved = sensitivity_gate(answer, pairs, level)
     answers = [answer(p) for p in points]
-    acc = accuracy_vs_constant(answers, [p["decision"] for p in points], list(level))
+    seconds = [p["seconds"] for p in points] if points and all("seconds" in p for p in points) else None
+    acc = accuracy_vs_constant(answers, [p["decision"] for p in points], list(level), seconds=seconds)
     return GateReport(
         agent=name or getattr(agent, "name", type(agent).__name__),
         copy=copied,

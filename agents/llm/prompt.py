@@ -263,8 +263,11 @@ class PromptText:
         return self.prefix + self.suffix
 
 
-def render(tokenizer, prefix_messages: list[dict], user: str, answer_prefix: str = "") -> PromptText:
-    """Render ``prefix_messages + [user]`` with the tokenizer's chat template and open the assistant turn.
+def render(
+    tokenizer, prefix_messages: list[dict], user: str, answer_prefix: str = "", middle: list[dict] | None = None
+) -> PromptText:
+    """Render ``prefix_messages + middle + [user]`` with the tokenizer's chat template and open the assistant turn;
+    ``middle`` (e.g. examples retrieved for this decision) belongs to the suffix, not the cached prefix.
 
     Falls back to an empty prefix (no cache reuse, same prompt) if the template does not render the prefix messages
     as a prefix of the whole chat.
@@ -272,7 +275,9 @@ def render(tokenizer, prefix_messages: list[dict], user: str, answer_prefix: str
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template: the LLM agent needs an instruct/chat model")
     full = tokenizer.apply_chat_template(
-        prefix_messages + [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        prefix_messages + list(middle or []) + [{"role": "user", "content": user}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     prefix = tokenizer.apply_chat_template(prefix_messages, tokenize=False) if prefix_messages else ""
     if not full.startswith(prefix):

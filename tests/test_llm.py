@@ -104,9 +104,14 @@ def make_tiny_model(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_folder(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
     """(model, tokenizer) of the tiny Llama, loaded through load_model (the Hugging Face folder path)."""
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    folder = tiny_folder
     model, tokenizer, info = llm_models.load_model(folder)
     assert info["folder"] == str(folder) and info["prepare_s"] == 0.0
     return model, tokenizer
@@ -685,6 +690,24 @@ def test_retrieval_shows_the_nearest_pool_points_last_after_a_prefix_every_rank_
         LLMLinkAgent(model=tiny, retrieve=-1)
 
 
+def test_evaluate_prints_the_gates_of_every_llm_agent(tiny_folder, tmp_path, capsys):
+    """evaluate.py ends with one gate line per LLM agent (none for the others) and writes llm_gates.json."""
+    from rudder.evaluate import main
+
+    trace = ROOT / "traces" / "samples" / "emu2-metis2-f10x25-400mbit"
+    args = ["--traces", str(trace), "--agents", "none,llm-link", "--llm-model", str(tiny_folder), "--oracles", ""]
+    assert main(args + ["--llm-gates", "4", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("- ")]
+    assert "LLM gates (copy" in out and len(lines) == 1 and lines[0].startswith("- llm-link: copy ")
+    assert "sensitivity " in lines[0] and "held-out points" in lines[0] and "seconds regret" in lines[0]
+    (report,) = json.loads((tmp_path / "llm_gates.json").read_text())
+    assert report["agent"] == "llm-link" and report["accuracy"]["n"] == 4 and report["copy"][1] == 6
+    assert lines[0].endswith("reads its input") != (not report["reads_input"])
+    assert main(args + ["--llm-gates", "0", "--out", str(tmp_path / "off"), "--no-progress"]) == 0
+    assert "LLM gates" not in capsys.readouterr().out and not (tmp_path / "off" / "llm_gates.json").exists()
+
+
 def test_gate_agent_reports_every_gate_for_a_real_agent_object(tiny):
     from rudder.agents.llm import gates
     from rudder.agents.llm.link import LLMLinkAgent
@@ -791,6 +814,57 @@ def test_default_smollm2_decides_on_a_real_replay(tmp_path):
     uncached, _ = agent.option_scores(text.prefix, text.suffix, use_cache=False)
     cached, _ = agent.option_scores(text.prefix, text.suffix, use_cache=True)
     np.testing.assert_allclose([cached[o] for o in scores], [uncached[o] for o in scores], atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def real_link_agent():
+    from rudder.agents.llm.link import LLMLinkAgent
+
+    return LLMLinkAgent()  # the default: SmolLM2-135M-Instruct, plain scoring, the shipped examples
+
+
+@pytest.mark.llm
+def test_real_model_copy_gate(real_link_agent):
+    """The copy gate on the real default model: asked about its own six in-context points (text and label in its
+    prompt) it answers "eighth" at five of them and reproduces 2 of 6 (BENCHMARKS "LLM gates"): it fails the gate
+    (>= 5 of 6) and its report says so."""
+    from rudder.agents.llm import gates
+
+    shown = real_link_agent.in_context_points()
+    answers = [real_link_agent.answer_point(p) for p in shown]
+    assert [p["decision"] for p in shown] == ["quarter", "half", "half", "all", "none", "eighth"]
+    assert answers == ["quarter", "eighth", "eighth", "eighth", "eighth", "eighth"]
+    copied = gates.copy_gate(lambda p: answers[shown.index(p)], shown)
+    assert copied == (2, 6)
+    report = gates.GateReport("llm-link", copied, (6, 6), 1.0, gates.accuracy_vs_constant(["a"], ["a"], ["a"]))
+    assert not report.copy_ok and report.line().endswith(gates.NOT_READING)
+
+
+@pytest.mark.llm
+def test_real_model_sensitivity_gate(real_link_agent):
+    """The sensitivity gate on the real default model: a link 16x slower per row, or every eviction of a row still
+    needed, does not move its answer (0 of 2 pairs; BENCHMARKS: 0 of 6 on three points)."""
+    from rudder.agents.llm import gates
+
+    points = gates.heldout_points("link", [str(p) for p in sorted((ROOT / "traces" / "heldout").glob("emu*"))], 16)
+    pairs = gates.link_pairs(points, 1)
+    answers = [(real_link_agent.answer_point(a), real_link_agent.answer_point(b)) for a, b, _ in pairs]
+    assert answers == [("eighth", "eighth")] * 2
+    assert gates.sensitivity_gate(real_link_agent.answer_point, pairs, real_link_agent.link_options) == (0, 2)
+
+
+@pytest.mark.llm
+def test_real_model_entropy_and_accuracy_against_the_best_constant(real_link_agent):
+    """Held-out labelled points: the real default answers one option everywhere (entropy 0), which the report
+    prints as not reading its input, beside its accuracy and seconds regret against the best constant answer."""
+    from rudder.agents.llm import gates
+
+    points = gates.heldout_points("link", [str(p) for p in sorted((ROOT / "traces" / "heldout").glob("emu*"))], 4)
+    report = gates.gate_agent(real_link_agent, points, "llm-link", pairs_per_kind=1)
+    assert report.answers == {"eighth": 4} and report.entropy_bits == 0.0
+    assert report.accuracy["n"] == 4 and report.accuracy["regret_constant"] == "eighth"
+    assert report.accuracy["regret"] == report.accuracy["constant_regret"]  # it *is* the constant
+    assert not report.reads_input and report.line().endswith(": does not read its input")
 
 
 @pytest.mark.llm

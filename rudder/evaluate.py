@@ -109,7 +109,7 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
     p.add_argument(
         "--llm-gates",
         type=int,
-        default=16,
+        default=12,
         metavar="N",
         help="LLM agents: run the gates (rudder.agents.llm.gates: copy, sensitivity, entropy, accuracy vs the best "
         "constant answer) on up to N held-out points of the traces, print them and write llm_gates.json (0: skip)",

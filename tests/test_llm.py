@@ -636,13 +636,15 @@ def test_views_permute_options_ids_and_examples_evenly():
 def test_debiased_link_agent_scores_every_view_and_calibrates_once_per_prefix(tiny):
     from rudder.agents.llm.link import LLMLinkAgent
 
-    plain = LLMLinkAgent(model=tiny, examples=str(LINK_EXAMPLES))
+    plain = LLMLinkAgent(model=tiny, examples=str(LINK_EXAMPLES), retrieve=0)
     choice, details = plain._ask(
         __import__("rudder.agents.llm.link", fromlist=["x"]).LinkMetrics.from_dict(link_point()["metrics"])
     )
     raw = details["option_scores"]
     assert choice == max(raw, key=raw.get)  # one view, no calibration: the plain argmax
-    agent = LLMLinkAgent(model=tiny, examples=str(LINK_EXAMPLES), option_ids="letters", permutations=5, calibrate=True)
+    agent = LLMLinkAgent(
+        model=tiny, examples=str(LINK_EXAMPLES), retrieve=0, option_ids="letters", permutations=5, calibrate=True
+    )
     assert agent.debias == dict(calibrate=True, permutations=5, option_ids="letters", length_norm=False)
     view = agent.views()[1]  # options listed from "eighth", answered with letters, examples rotated by one
     msgs = agent._prefix_messages_link(view)
@@ -712,7 +714,7 @@ def test_gate_agent_reports_every_gate_for_a_real_agent_object(tiny):
     from rudder.agents.llm import gates
     from rudder.agents.llm.link import LLMLinkAgent
 
-    agent = LLMLinkAgent(model=tiny, examples=str(LINK_EXAMPLES))
+    agent = LLMLinkAgent(model=tiny, examples=str(LINK_EXAMPLES), retrieve=0)
     pts = [link_point(hit_rate=h) for h in (0.2, 0.4, 0.6)]
     report = gates.gate_agent(agent, pts, "tiny", pairs_per_kind=2)
     assert report.copy[1] == 6 and report.sensitivity[1] == 4 and report.accuracy["n"] == 3

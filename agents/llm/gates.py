@@ -273,7 +273,7 @@ def gate_agent(agent, points: list[dict], name: str | None = None, pairs_per_kin
     )
 
 
-def gate_section(agents: list[tuple[str, object]], traces: list[str], limit: int = 16, pairs: int = 4, out=None) -> str:
+def gate_section(agents: list[tuple[str, object]], traces: list[str], limit: int = 12, pairs: int = 3, out=None) -> str:
     """The gates of every ``(label, agent)`` on up to ``limit`` held-out points of ``traces`` (``pairs`` base
     points per pair kind), as lines to print; with ``out``, the figures also go to that JSON file."""
     import json

@@ -195,9 +195,11 @@ class LLMLinkAgent(LLMAgent):
     Args:
         options: option name -> link-budget level (default :data:`LINK_OPTIONS`, the env's default levels).
         examples: ``"default"`` (``agents/llm/link_examples.json`` when present, else none), a path, or None.
-        retrieve: 0 (the fixed examples) or k: each decision shows the k labelled points of ``pool`` nearest to its
-            state as examples, the nearest last, after the shared system prompt (so every rank shares that prefix)
-            and before the rank's facts and the question.
+        retrieve: k (default 3): each decision shows the k labelled points of ``pool`` nearest to its state as
+            examples, the nearest last, after the shared system prompt (so every rank shares that prefix) and
+            before the rank's facts and the question; 0: the fixed ``examples`` instead. The default because it is
+            the only method measured that passes the copy gate and answers differently at different states
+            (BENCHMARKS.md, "LLM gates"); it still fails the sensitivity gate.
         pool: the labelled points to retrieve from: ``"default"`` (``agents/llm/link_pool.json``) or a path.
         Other arguments as :class:`~rudder.agents.llm.agent.LLMAgent`.
     """
@@ -209,7 +211,7 @@ class LLMLinkAgent(LLMAgent):
         model=None,
         options: dict[str, float] | None = None,
         examples="default",
-        retrieve: int = 0,
+        retrieve: int = 3,
         pool="default",
         **kwargs,
     ):
@@ -223,8 +225,9 @@ class LLMLinkAgent(LLMAgent):
             raise ValueError(f"retrieve must be >= 0, got {retrieve}")
         self.retrieve = int(retrieve)
         self.pool = None
+        pool_file = str(DEFAULT_LINK_POOL) if pool == "default" else pool
         if self.retrieve:
-            self.pool = ExamplePool(_load(str(DEFAULT_LINK_POOL) if pool == "default" else pool, options))
+            self.pool = ExamplePool(_load(pool_file, options))
         super().__init__(
             model=model,
             options={n: min(v, 1.0) for n, v in options.items()},
@@ -233,8 +236,9 @@ class LLMLinkAgent(LLMAgent):
         )
         self.link_options = options
         self.levels = levels
-        if examples is not None:
-            self.trained_on = json.loads(Path(examples).read_text()).get("trained_on", [])
+        shown = pool_file if self.retrieve else examples  # what the prompts' examples were mined from
+        if shown is not None:
+            self.trained_on = json.loads(Path(shown).read_text()).get("trained_on", [])
 
     def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> int:
         import time

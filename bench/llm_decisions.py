@@ -180,6 +180,28 @@ METHODS = {
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
 
 
+class NearestLabel:
+    """No LLM: the label of the nearest pool point (``k=1``) or the majority of the ``k`` nearest (ties: the
+    nearer), over the link agent's retrieval pool: what the retrieval agent would answer if it only copied."""
+
+    def __init__(self, k: int = 1):
+        import json
+
+        from rudder.agents.llm.link import DEFAULT_LINK_POOL, LINK_OPTIONS, ExamplePool, LLMLinkAgent
+
+        self.k, self.link_options, self.options = k, dict(LINK_OPTIONS), dict(LINK_OPTIONS)
+        self.retrieve, self.pool = 3, ExamplePool(json.loads(DEFAULT_LINK_POOL.read_text())["examples"])
+        self.in_context_points = lambda: LLMLinkAgent.in_context_points(self)
+        self.debias = {}
+
+    def answer_point(self, point: dict) -> str:
+        from collections import Counter
+
+        near = self.pool.nearest(point["metrics"], self.k)
+        votes = Counter(p["decision"] for p in near)
+        return next(p["decision"] for p in reversed(near) if votes[p["decision"]] == max(votes.values()))
+
+
 def gate_method(
     method: str,
     kind: str = "link",
@@ -196,9 +218,12 @@ def gate_method(
     from rudder.agents.llm.agent import LLMAgent, shared_model
     from rudder.agents.llm.link import LLMLinkAgent
 
-    options = dict(METHODS[method], **(agent_kwargs or {}))
-    model, tokenizer, _ = shared_model(None)
-    agent = (LLMLinkAgent if kind == "link" else LLMAgent)(model=(model, tokenizer), **options)
+    if method.startswith("nearest"):  # nearest1, nearest3: no model
+        options, agent = {}, NearestLabel(int(method[len("nearest") :]))
+    else:
+        options = dict(METHODS[method], **(agent_kwargs or {}))
+        model, tokenizer, _ = shared_model(None)
+        agent = (LLMLinkAgent if kind == "link" else LLMAgent)(model=(model, tokenizer), **options)
     points = gates.heldout_points(kind, HELDOUT, limit=limit)
     level = dict(agent.link_options) if kind == "link" else dict(agent.options)
     out: dict = dict(method=method, kind=kind, settings=options)

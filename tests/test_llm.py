@@ -818,55 +818,70 @@ def test_default_smollm2_decides_on_a_real_replay(tmp_path):
     np.testing.assert_allclose([cached[o] for o in scores], [uncached[o] for o in scores], atol=2e-3)
 
 
+HELDOUT_EMU = [str(p) for p in sorted((ROOT / "traces" / "heldout").glob("emu*"))]
+
+
 @pytest.fixture(scope="module")
 def real_link_agent():
     from rudder.agents.llm.link import LLMLinkAgent
 
-    return LLMLinkAgent()  # the default: SmolLM2-135M-Instruct, plain scoring, the shipped examples
+    return LLMLinkAgent()  # the default: SmolLM2-135M-Instruct, 3 examples retrieved per decision
 
 
 @pytest.mark.llm
 def test_real_model_copy_gate(real_link_agent):
-    """The copy gate on the real default model: asked about its own six in-context points (text and label in its
-    prompt) it answers "eighth" at five of them and reproduces 2 of 6 (BENCHMARKS "LLM gates"): it fails the gate
-    (>= 5 of 6) and its report says so."""
+    """The copy gate on the real default model: asked about six labelled points each of which retrieval shows it
+    (as the nearest example, last), it reproduces 5 of 6 (BENCHMARKS "LLM gates"); with the fixed examples instead
+    it answers "eighth" at five of its six and reproduces 2 (measured there too, not repeated here: 30 s)."""
     from rudder.agents.llm import gates
 
     shown = real_link_agent.in_context_points()
     answers = [real_link_agent.answer_point(p) for p in shown]
-    assert [p["decision"] for p in shown] == ["quarter", "half", "half", "all", "none", "eighth"]
-    assert answers == ["quarter", "eighth", "eighth", "eighth", "eighth", "eighth"]
+    assert [p["decision"] for p in shown] == ["none", "eighth", "quarter", "half", "all", "none"]
+    assert answers == ["none", "eighth", "quarter", "all", "all", "none"]
     copied = gates.copy_gate(lambda p: answers[shown.index(p)], shown)
-    assert copied == (2, 6)
-    report = gates.GateReport("llm-link", copied, (6, 6), 1.0, gates.accuracy_vs_constant(["a"], ["a"], ["a"]))
-    assert not report.copy_ok and report.line().endswith(gates.NOT_READING)
+    assert copied == (5, 6)
+    passing = gates.GateReport("llm-link", copied, (5, 6), 1.0, gates.accuracy_vs_constant(["a"], ["a"], ["a"]))
+    assert passing.copy_ok and passing.reads_input
 
 
 @pytest.mark.llm
 def test_real_model_sensitivity_gate(real_link_agent):
-    """The sensitivity gate on the real default model: a link 16x slower per row, or every eviction of a row still
-    needed, does not move its answer (0 of 2 pairs; BENCHMARKS: 0 of 6 on three points)."""
+    """The sensitivity gate on the real default model: three held-out points, each as a pair with the link 16x
+    slower vs faster per row and as a pair with every vs no eviction of a row still needed. Measured: it moves the
+    expected way in 3 of the 6 (the eviction pairs; the link-time pairs do not move), under the 80% the gate asks:
+    the agent is reported as not reading its input."""
     from rudder.agents.llm import gates
 
-    points = gates.heldout_points("link", [str(p) for p in sorted((ROOT / "traces" / "heldout").glob("emu*"))], 16)
-    pairs = gates.link_pairs(points, 1)
-    answers = [(real_link_agent.answer_point(a), real_link_agent.answer_point(b)) for a, b, _ in pairs]
-    assert answers == [("eighth", "eighth")] * 2
-    assert gates.sensitivity_gate(real_link_agent.answer_point, pairs, real_link_agent.link_options) == (0, 2)
+    points = gates.heldout_points("link", HELDOUT_EMU, 16)
+    pairs = gates.link_pairs(points, 3)
+    moved = gates.sensitivity_gate(real_link_agent.answer_point, pairs, real_link_agent.link_options)
+    assert moved == (3, 6)
+    report = gates.GateReport("llm-link", (5, 6), moved, 1.0, gates.accuracy_vs_constant(["a"], ["a"], ["a"]))
+    assert not report.sensitivity_ok and report.line().endswith(": does not read its input")
 
 
 @pytest.mark.llm
 def test_real_model_entropy_and_accuracy_against_the_best_constant(real_link_agent):
-    """Held-out labelled points: the real default answers one option everywhere (entropy 0), which the report
-    prints as not reading its input, beside its accuracy and seconds regret against the best constant answer."""
+    """Held-out labelled points: the real default's answers vary with the state (entropy > 0, unlike the fixed
+    examples' "eighth" everywhere), and its accuracy and seconds regret come with the best constant answer's and a
+    bootstrap interval."""
     from rudder.agents.llm import gates
 
-    points = gates.heldout_points("link", [str(p) for p in sorted((ROOT / "traces" / "heldout").glob("emu*"))], 4)
-    report = gates.gate_agent(real_link_agent, points, "llm-link", pairs_per_kind=1)
-    assert report.answers == {"eighth": 4} and report.entropy_bits == 0.0
-    assert report.accuracy["n"] == 4 and report.accuracy["regret_constant"] == "eighth"
-    assert report.accuracy["regret"] == report.accuracy["constant_regret"]  # it *is* the constant
-    assert not report.reads_input and report.line().endswith(": does not read its input")
+    points = gates.heldout_points("link", HELDOUT_EMU, 16)[:6]
+    answers = [real_link_agent.answer_point(p) for p in points]
+    seconds = [p["seconds"] for p in points]
+    acc = gates.accuracy_vs_constant(
+        answers, [p["decision"] for p in points], list(real_link_agent.link_options), seconds=seconds
+    )
+    assert answers == EXPECTED_HELDOUT_ANSWERS, answers
+    assert gates.entropy_bits(answers) > 0.9
+    assert acc["n"] == 6 and acc["ci"][0] <= acc["accuracy"] - acc["constant_accuracy"] <= acc["ci"][1]
+    lo, hi = acc["regret_vs_constant_ci"]
+    assert lo - 1e-9 <= (1 + acc["regret"]) / (1 + acc["constant_regret"]) - 1 <= hi + 1e-9
+
+
+EXPECTED_HELDOUT_ANSWERS = None  # pinned below after the first measured run
 
 
 @pytest.mark.llm

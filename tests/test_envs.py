@@ -49,7 +49,10 @@ def test_replay_of_a_live_run_is_exact(agent, rank, request, play_windows):
     live_rank = live["summary"]["ranks"][rank]
     for key in ("remote_sampled", "hits", "remote_fetched", "prefetched"):
         assert getattr(counters, key) == live_rank[key], key
-    assert live_rank["prefetched"] > live_rank["initial_fill"] or live_rank["admitted_on_miss"] > 0  # it mattered
+    # it mattered: rows entered the buffer by the agent's prefetch decisions, beyond the initial fill (admissions
+    # on a miss, which any admitting agent makes, do not count)
+    assert sum(len(ids) for ids in applied) > 0
+    assert live_rank["prefetched"] > live_rank["initial_fill"]
 
 
 def test_recorded_agent_applies_a_live_runs_decisions_again_live(live, record_live):

@@ -47,6 +47,8 @@ def endpoint_models() -> list[tuple[str, dict]]:
             raise ValueError(f"RUDDER_P7_ENDPOINTS entry {entry!r}: expected label|URL|tokenizer folder")
         out.append((parts[0], dict(endpoint=parts[1], model=parts[2])))
     return out
+
+
 MIN_MARGIN = 0.005  # points where the options differ by less than this share of the time are left out
 
 

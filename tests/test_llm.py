@@ -684,6 +684,7 @@ def test_retrieval_shows_the_nearest_pool_points_last_after_a_prefix_every_rank_
         agent._facts = dict(FACTS, rank=rank)
         texts.append(agent._render_link(agent.views()[0], m))
     assert texts[0].prefix == texts[1].prefix and "trainer rank" not in texts[0].prefix  # one prefix for all ranks
+    assert agent.warm_up({"facts": FACTS}) > 0 and agent._prefix[0] == texts[0].prefix  # warm-up prefills that one
     suffix = texts[1].suffix
     assert suffix.count('{"decision": "') == 4  # three retrieved answers + the opened one
     assert suffix.index(json.dumps({"decision": target["decision"]})) < suffix.index("trainer rank 1;")

@@ -288,8 +288,7 @@ class LLMLinkAgent(LLMAgent):
                     {"role": "assistant", "content": json.dumps({"decision": ids[ex["decision"]]})},
                 ]
             user = f"{rank_facts(self._facts)}\n{user}"
-        system = [{"role": "system", "content": link_system_prompt(None, shown)}]
-        return render(self.tokenizer, system, user, ANSWER_PREFIX, middle=middle)
+        return render(self.tokenizer, self._prefix_messages_link(view), user, ANSWER_PREFIX, middle=middle)
 
     def _shown_choices(self, view: View, m: LinkMetrics) -> list:
         """``m.choices`` (in level order) in the order ``view`` lists the options."""
@@ -297,8 +296,12 @@ class LLMLinkAgent(LLMAgent):
         return [by_option[o] for o in view.order if o in by_option]
 
     def _prefix_messages_link(self, view: View | None = None) -> list[dict]:
+        """The cached part of the chat: the system message and the fixed examples; with retrieval only the system
+        message, without the rank's facts (every rank shares it)."""
         view = view or self.views()[0]
         shown, ids = view.shown(self.link_options), view.id_of
+        if self.retrieve:
+            return [{"role": "system", "content": link_system_prompt(None, shown)}]
         msgs = [{"role": "system", "content": link_system_prompt(self._facts, shown)}]
         for ex in view.rotate(self._link_examples):
             m = LinkMetrics.from_dict(ex["metrics"])

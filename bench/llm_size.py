@@ -158,6 +158,11 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
             f"{r['latency_p50_s']:.2f} s per decision (median, prefix cached), loaded in {r['load_s']:.0f} s, "
             f"peak RSS {r['peak_rss_mb'] / 1024:.1f} GB; chose {r['chose']}."
         )
+    lines.append(
+        "Only the default model is loaded here (weights pinned by SHA-256); larger models are measured through an "
+        "OpenAI-compatible endpoint serving the publisher's weights (vLLM, llama.cpp server) on a GPU node: "
+        "RUDDER_P7_ENDPOINTS='label|URL|tokenizer folder' (bench/llm_size.py)."
+    )
     return "\n".join(lines), df
 
 

@@ -165,18 +165,19 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
 # ---------------------------------------------------------------------------------------------- gates per method
 # Scoring methods compared on the gates (rudder.agents.llm.gates): constructor options of the LLM agents.
 METHODS = {
-    "plain": {},
-    "calibrated": dict(calibrate=True),
-    "length-norm": dict(length_norm=True),
-    "letters": dict(option_ids="letters"),
-    "letters+calibrated": dict(option_ids="letters", calibrate=True),
-    "permuted5+letters": dict(option_ids="letters", permutations=5),
-    "permuted5+letters+calibrated": dict(option_ids="letters", permutations=5, calibrate=True),
-    "permuted5+names+calibrated": dict(permutations=5, calibrate=True),
+    "plain": dict(retrieve=0),
+    "calibrated": dict(retrieve=0, calibrate=True),
+    "length-norm": dict(retrieve=0, length_norm=True),
+    "letters": dict(retrieve=0, option_ids="letters"),
+    "letters+calibrated": dict(retrieve=0, option_ids="letters", calibrate=True),
+    "permuted5+letters": dict(retrieve=0, option_ids="letters", permutations=5),
+    "permuted5+letters+calibrated": dict(retrieve=0, option_ids="letters", permutations=5, calibrate=True),
+    "permuted5+names+calibrated": dict(retrieve=0, permutations=5, calibrate=True),
     "retrieved3": dict(retrieve=3),
+    "retrieved3+letters": dict(retrieve=3, option_ids="letters"),
     "retrieved3+letters+calibrated": dict(retrieve=3, option_ids="letters", calibrate=True),
     "retrieved3+permuted5+letters": dict(retrieve=3, option_ids="letters", permutations=5),
-}
+}  # "retrieve" is the link agent's (the keep/replace agent has fixed examples only)
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
 
 
@@ -222,6 +223,8 @@ def gate_method(
         options, agent = {}, NearestLabel(int(method[len("nearest") :]))
     else:
         options = dict(METHODS[method], **(agent_kwargs or {}))
+        if kind != "link":
+            options.pop("retrieve", None)
         model, tokenizer, _ = shared_model(None)
         agent = (LLMLinkAgent if kind == "link" else LLMAgent)(model=(model, tokenizer), **options)
     points = gates.heldout_points(kind, HELDOUT, limit=limit)

@@ -9,9 +9,10 @@ MassiveGNN's periodic policy, level 0 keeps the buffer as it is.
     train_ppo(["traces/samples/small-metis2-f10x25"], steps=20_000, out="ppo.zip")
     agent = PPOAgent("ppo.zip")          # or make_agent("ppo") for the shipped agents/policies/ppo-small.zip
 
-A saved policy is two files: the SB3 model (``out``, a ``.zip``) and a sidecar ``out.json`` holding what acting
-needs besides the network (levels, K, the observation layout), what it was trained on (the content fingerprint of
-every trace rank it replayed: :func:`rudder.traces.fingerprint.rank_fingerprint`), and the zip's SHA-256.
+A saved policy is the SB3 model (``out``, a ``.zip``) and a sidecar ``out.json`` in rudder's one policy-file format
+(:mod:`rudder.agents.policy_file`): what acting needs besides the network (levels, K, the observation layout and
+its normalisation), what it was trained on (the content fingerprint of every trace rank it replayed), the zip's
+SHA-256, and PPO's settings.
 
 Loading a policy runs code: SB3 unpickles parts of the ``.zip``. :class:`PPOAgent` refuses a zip whose SHA-256 is
 not the one its sidecar records (a file swapped or damaged since it was saved) unless told to trust it
@@ -21,8 +22,6 @@ authenticate the pair: load policies only from sources you trust.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -33,6 +32,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from rudder.agents.base import Agent
+from rudder.agents.policy_file import UntrustedPolicyError as UntrustedPolicyError  # raised by PPOAgent
+from rudder.agents.policy_file import file_sha256 as file_sha256
+from rudder.agents.policy_file import read_policy, save_policy_files, sidecar_path
 from rudder.env.contract import LINK_LEVELS, BufferSettings, top_fraction
 from rudder.env.settings import check_fraction_levels, check_link_levels
 from rudder.env.spaces import fit_k, observation_layout, observation_space
@@ -41,7 +43,6 @@ from rudder.env.wrappers import DEFAULT_LEVELS
 
 DEFAULT_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-small.zip")
 LINK_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies", "ppo-link.zip")
-SIDECAR_FORMAT = "rudder-ppo-policy/1"
 OBS_EPSILON = 1e-4  # floor of the observation variance in normalisation: std >= 0.01
 OBS_CLIP = 10.0
 
@@ -233,11 +234,9 @@ def train_ppo(
         )
     vec.close()
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    model.save(out)
     sidecar = dict(
-        format=SIDECAR_FORMAT,
-        sha256=file_sha256(out),
+        algorithm="PPO",
+        module="stable_baselines3",
         action=action,
         reward=reward,
         levels=list(levels),
@@ -265,8 +264,7 @@ def train_ppo(
         },
         wall_s=round(result.wall_s, 2),
     )
-    with open(result.sidecar, "w") as f:
-        json.dump(sidecar, f, indent=2)
+    save_policy_files(model, out, sidecar)
     return result
 
 
@@ -282,48 +280,11 @@ def _fingerprints(specs: list[dict]) -> list[dict]:
     return list(seen.values())
 
 
-def _sidecar_path(path: str) -> str:
-    return (path[:-4] if path.endswith(".zip") else path) + ".json"
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class UntrustedPolicyError(ValueError):
-    """A policy zip whose SHA-256 is not the one its sidecar records (loading it would unpickle unknown code)."""
-
-
 def read_policy_meta(path: str | None, trust: bool = False) -> tuple[str, dict]:
-    """``(zip path, sidecar dict)`` of the policy at ``path`` (default: the shipped one), after checking that both
-    files exist, the sidecar is rudder's, and the zip's SHA-256 is the one it records (unless ``trust``). Cheap (it
-    hashes the zip and loads nothing): :class:`PPOAgent` calls it, and ``train.py`` before any process starts."""
-    path = path or DEFAULT_POLICY
-    path = path if path.endswith(".zip") else path + ".zip"
-    sidecar = _sidecar_path(path)
-    for p in (path, sidecar):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"PPO policy file {p} not found (train one with: python train.py ppo)")
-    try:
-        with open(sidecar) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{sidecar} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
-        raise ValueError(f"{sidecar} is not a rudder PPO sidecar ({SIDECAR_FORMAT})")
-    recorded, actual = meta.get("sha256"), file_sha256(path)
-    if recorded != actual and not trust:
-        said = f"records {recorded}" if recorded else "records no sha256"
-        raise UntrustedPolicyError(
-            f"{path}: SHA-256 is {actual} but {sidecar} {said}; a policy file is pickled code that loading runs, "
-            f"so it is refused: pass --trust-policy (trust=True) only if you trust where it came from"
-        )
-    return path, meta
+    """``(zip path, sidecar dict)`` of the PPO policy at ``path`` (default: the shipped one), checked by
+    :func:`rudder.agents.policy_file.read_policy` (both files there, a rudder sidecar, the zip's SHA-256 the recorded
+    one unless ``trust``). Cheap: :class:`PPOAgent` calls it, and ``train.py`` before any process starts."""
+    return read_policy(path or DEFAULT_POLICY, trust, hint="train one with: python train.py ppo")
 
 
 class PPOAgent(Agent):
@@ -374,7 +335,7 @@ class PPOAgent(Agent):
         self._space = spaces.Dict({key: full[key] for key in keys if key in full.spaces})
         if observation_layout(self._space) != meta["observation"]:
             raise ValueError(
-                f"{_sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
+                f"{sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
                 f"from this rudder's {observation_layout(self._space)}"
             )
         # schedules are not needed to act; replacing them avoids unpickling the training-time closures

@@ -11,14 +11,15 @@
 
     python evaluate.py --agents periodic,rudder.agents.sb3:SB3Agent --agent-kwargs path=dqn.zip
 
-A saved policy is the SB3 model (``.zip``) and a sidecar ``.json`` beside it naming the algorithm and what acting
-needs besides the network: the action wrapper and its levels (:func:`rudder.env.vector.make_replay_env`), K and
-the observation layout. Observations must be flattened (``flatten=True``, the default of the replay envs).
+A saved policy is the SB3 model (``.zip``) and a sidecar ``.json`` beside it in rudder's one policy-file format
+(:mod:`rudder.agents.policy_file`, as PPO's): the algorithm, the zip's SHA-256 (checked before loading, which runs
+pickled code), and what acting needs besides the network: the action wrapper and its levels
+(:func:`rudder.env.vector.make_replay_env`), K and the observation layout. Observations must be flattened
+(``flatten=True``, the default of the replay envs).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -26,10 +27,10 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 from rudder.agents.base import Agent
+from rudder.agents.policy_file import read_policy, save_policy_files
 from rudder.env.spaces import fit_k, observation_layout, observation_space
 from rudder.env.vector import ACTIONS, default_levels
 
-SIDECAR_FORMAT = "rudder-sb3-policy/1"
 _NO_SCHEDULES = {
     "learning_rate": 0.0,
     "lr_schedule": lambda _: 0.0,
@@ -37,10 +38,6 @@ _NO_SCHEDULES = {
     "clip_range": lambda _: 0.0,
     "clip_range_vf": None,
 }  # acting needs none of these
-
-
-def sidecar_path(path: str) -> str:
-    return (path[:-4] if path.endswith(".zip") else path) + ".json"
 
 
 def save_policy(
@@ -74,11 +71,7 @@ def save_policy(
     k = (dim - spaces.flatdim(observation_space(0))) // 2
     if k < 1 or spaces.flatdim(observation_space(k)) != dim:
         raise ValueError(f"the model's observation has {dim} entries: not a flattened rudder observation")
-    path = path if path.endswith(".zip") else path + ".zip"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    model.save(path)
     meta = dict(
-        format=SIDECAR_FORMAT,
         algorithm=type(model).__name__,
         module=type(model).__module__,
         name=name or type(model).__name__.lower(),
@@ -87,11 +80,10 @@ def save_policy(
         k=int(k),
         observation=observation_layout(observation_space(k)),
         trained_on=_fingerprints(trained_on),
+        observation_normalization=None,
         versions={"stable_baselines3": stable_baselines3.__version__},
     )
-    with open(sidecar_path(path), "w") as f:
-        json.dump(meta, f, indent=2)
-    return path, sidecar_path(path)
+    return save_policy_files(model, path, meta)
 
 
 def _fingerprints(traces: Sequence[str]) -> list:
@@ -113,21 +105,16 @@ class SB3Agent(Agent):
     Args:
         path: the saved ``.zip`` (its sidecar ``.json`` beside it).
         deterministic: act greedily (``model.predict(..., deterministic=True)``).
+        trust: load the zip even if its SHA-256 is not the one its sidecar records (or the sidecar records none, as
+            one saved before the format was shared): loading unpickles code, trust only a source you trust.
     """
 
     name = "sb3"
 
-    def __init__(self, path: str, deterministic: bool = True):
+    def __init__(self, path: str, deterministic: bool = True, trust: bool = False):
         import importlib
 
-        zip_path = path if path.endswith(".zip") else path + ".zip"
-        for p in (zip_path, sidecar_path(path)):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"SB3 policy file {p} not found (save one with rudder.agents.sb3.save_policy)")
-        with open(sidecar_path(path)) as f:
-            meta = json.load(f)
-        if meta.get("format") != SIDECAR_FORMAT:
-            raise ValueError(f"{sidecar_path(path)} is not a rudder SB3 policy sidecar ({SIDECAR_FORMAT})")
+        zip_path, meta = read_policy(path, trust, hint="save one with rudder.agents.sb3.save_policy")
         self.meta, self.path = meta, zip_path
         self.name = meta.get("name") or self.name
         self.action = meta["action"]
@@ -138,21 +125,19 @@ class SB3Agent(Agent):
         self._space = observation_space(self.k)
         if observation_layout(self._space) != meta["observation"]:
             raise ValueError(
-                f"{sidecar_path(path)}: the policy's observation layout {meta['observation']} differs "
+                f"{zip_path}: the policy's observation layout {meta['observation']} differs "
                 f"from this rudder's {observation_layout(self._space)}"
             )
         algorithm = getattr(importlib.import_module(meta.get("module", "stable_baselines3")), meta["algorithm"])
         self.model = algorithm.load(zip_path, device="cpu", custom_objects=_NO_SCHEDULES)
-        self.last_action: Any = None
 
     def reset(self) -> None:
-        self.last_action = None
+        pass  # a feed-forward policy keeps no state between decisions
 
     def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
         k_env = int(np.asarray(observation["candidates"]).shape[0])
         flat = spaces.flatten(self._space, fit_k(observation, self.k))
         action, _ = self.model.predict(flat, deterministic=self.deterministic)
-        self.last_action = action
         if self.action == "multibinary":
             out = np.zeros(k_env, dtype=np.int8)
             bits = np.asarray(action, dtype=np.int8).reshape(-1)[:k_env]

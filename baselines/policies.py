@@ -121,8 +121,8 @@ class FixedLevel(Agent):
     """The same link-budget level every window (``levels=`` actions, :class:`rudder.env.episode.PrefetchEpisode`):
     e.g. ``level=1`` prefetches, every window, all the link can carry while the trainer samples and computes.
 
-    The fixed levels bracket what a level policy can do: the worst of them against the best-in-action-space
-    oracle is a trace's *headroom*.
+    The best of the fixed levels is the constant a level policy must beat; headroom is measured from it to the optimum
+    over level sequences (:mod:`rudder.evaluation.bound`), never from the worst level.
 
     Args:
         level: one of ``levels``.

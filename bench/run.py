@@ -130,6 +130,31 @@ def p6_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
     return text + "\n\nPlot: `bench/results/p6_decisions.png`; rows: `bench/results/p6_decisions.csv`.", table
 
 
+def headroom(quick: bool) -> tuple[str, pd.DataFrame]:
+    from rudder.headroom import measure, overall
+
+    if quick:  # the smallest shipped trace whose time fit separates remote rows
+        traces = [os.path.join(ROOT, "traces", "samples", "small-random2-f5x10")]
+    else:
+        traces = [
+            t
+            for d in ("samples", "train", "heldout")
+            for t in sorted(glob.glob(os.path.join(ROOT, "traces", d, "*", "")))
+        ]
+    df = measure(traces, progress=lambda text: print(f"[bench] {text}", file=sys.stderr, flush=True))
+    df.to_csv(os.path.join(OUT_DIR, "headroom.csv"), index=False)
+    table = overall(df)
+    kinds = set(table["kind"])
+    text = (
+        "Per trace and action space, summed over the ranks whose time fit separates remote rows: the best constant "
+        "(one action held throughout, fastest in hindsight per rank), the optimum over action sequences within the "
+        f"replay model ({'proved: a bound' if kinds == {'bound'} else 'not proved everywhere: a reference'}), "
+        "headroom = 1 - bound / best constant, MPC's share of it, and the replay model's out-of-sample error band. "
+        "Per rank: `bench/results/headroom.csv`; any trace: `rudder headroom TRACE...`."
+    )
+    return text, table
+
+
 def p7_llm_size(quick: bool) -> tuple[str, pd.DataFrame]:
     from rudder.bench import llm_size
 
@@ -164,6 +189,7 @@ SECTIONS = {
     "p4": ("P4 replay speed", p4_replay_speed),
     "p5": ("P5 LLM decisions", p5_llm_decisions),
     "p6": ("P6 decisions that matter: link-budget levels, headroom, regret, held out", p6_decisions),
+    "headroom": ("Headroom", headroom),
     "p7": ("P7 LLM size curve on link-budget decisions", p7_llm_size),
     "p9": ("P9 replay at papers100M scale (issue 14's 'P5')", p9_scale),
     "faults": ("Reliability: injected faults", faults_reliability),

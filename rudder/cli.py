@@ -5,6 +5,7 @@
     rudder evaluate                                              # = python evaluate.py ...
     rudder cluster up --hosts 4 --link-rate 1gbit                # = python -m rudder.testbed.cluster ...
     rudder bench --quick                                         # = python -m rudder.bench ...
+    rudder headroom traces/heldout/*                             # = python -m rudder.headroom ...
 
 Each command takes the same options as the script it stands for (``rudder COMMAND --help``). Installed by
 ``pip install -e .`` (``install.sh``) as a console script; the scripts themselves keep working as before.
@@ -19,6 +20,7 @@ COMMANDS = {
     "evaluate": "score prefetching agents against each other and the oracles on recorded traces (or live)",
     "cluster": "emulated multi-host cluster on this machine (network namespaces): up, down, list, exec, measure",
     "bench": "run the benchmarks side by side and write BENCHMARKS.md",
+    "headroom": "per trace: the best constant action, the bound over action sequences, headroom, MPC's share",
 }
 
 
@@ -50,6 +52,10 @@ def run(command: str, argv: list[str]) -> int:
         from rudder.bench.run import main
 
         return main(argv, prog=prog)
+    if command == "headroom":
+        from rudder import headroom
+
+        return headroom.main(argv, prog=prog)
     raise KeyError(command)
 
 

@@ -33,7 +33,7 @@ import sys
 
 from rudder.traces import SAMPLES_DIR as SAMPLES
 
-DEFAULT_AGENTS = "none,static,vip,periodic,hitrate,lookahead,ppo,llm,ppo-link,llm-link"
+DEFAULT_AGENTS = "none,static,vip,periodic,hitrate,lookahead,ppo,llm,ppo-link,llm-link,mpc"
 
 
 def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
@@ -60,7 +60,12 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
         help="constructor options, a JSON object or key=value,key2=value2: plain ones for every agent "
         "given by reference or entry point, AGENT@OPTIONS for that agent only; repeatable",
     )
-    p.add_argument("--oracles", default="belady,hindsight,best-level", help="comma-separated oracles ('' for none)")
+    p.add_argument(
+        "--oracles",
+        default="belady,hindsight,best-level,best-constant,tuned-constant,bound",
+        help="comma-separated oracles ('' for none); best-constant, tuned-constant and bound give one row per "
+        "action space (link-levels, keep-replace)",
+    )
     p.add_argument(
         "--buffer-fraction",
         type=float,
@@ -266,6 +271,7 @@ def llm_gates(specs: list[str], labels: list[str], options: dict[str, dict], arg
 def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict], args) -> list[dict]:
     """Each agent trains ``--graph`` for real (``train.py gnn``); rows from the run summaries, times measured."""
     from rudder.evaluation.registry import absolute_reference
+    from rudder.evaluation.scoring import result_row
 
     rows = []
     trace_name = f"live-{os.path.basename(args.graph.rstrip('/'))}"
@@ -310,29 +316,21 @@ def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict],
         with open(summary) as f:
             s = json.load(f)
         for r in s["ranks"]:
-            rows.append(
-                dict(
-                    agent=name,
-                    trace=trace_name,
-                    rank=r["trainer_rank"],
-                    capacity=r["buffer_capacity"],
-                    asynchronous=r.get("asynchronous", False),
-                    provenance="",
-                    held_out=None,
-                    invalid_answers=0,
-                    remote_sampled=r["remote_sampled"],
-                    hits=r["hits"],
-                    remote_fetched=r["remote_fetched"],
-                    prefetched=r["prefetched"],
-                    initial_fill=r["initial_fill"],
-                    admitted_on_miss=r["admitted_on_miss"],
-                    time_s=sum(r["epoch_time_s"]),
-                    decisions=r.get("decisions", 0),
-                    latency_p50_s=r.get("latency_p50_s", 0.0),
-                    latency_p95_s=r.get("latency_p95_s", 0.0),
-                    window_hit_rate=[],
-                )
+            played = dict(
+                remote_sampled=r["remote_sampled"],
+                hits=r["hits"],
+                remote_fetched=r["remote_fetched"],
+                prefetched=r["prefetched"],
+                initial_fill=r["initial_fill"],
+                admitted_on_miss=r["admitted_on_miss"],
+                time_s=sum(r["epoch_time_s"]),
+                decisions=r.get("decisions", 0),
+                latency_p50_s=r.get("latency_p50_s", 0.0),
+                latency_p95_s=r.get("latency_p95_s", 0.0),
+                window_hit_rate=[],
             )
+            capacity, asynchronous = r["buffer_capacity"], r.get("asynchronous", False)
+            rows.append(result_row(name, trace_name, r["trainer_rank"], capacity, played, asynchronous=asynchronous))
     bar.close()
     return rows
 
@@ -345,7 +343,7 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
     from rudder.agents.ppo import read_policy_meta
     from rudder.env.settings import check_optional
     from rudder.evaluation.report import format_report, headline, plot_hit_rate, plot_traffic
-    from rudder.evaluation.scoring import ORACLES
+    from rudder.evaluation.scoring import CONSTANT_ORACLES, ORACLES
     from rudder.traces import TraceError
 
     specs = list(dict.fromkeys(a.strip() for a in args.agents.split(",") if a.strip()))
@@ -385,10 +383,11 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
         gates = llm_gates(specs, labels, options, args)
         if gates:
             print(gates)
-    if "best-level" in oracles and "best-level" not in set(df["agent"]):
+    timed = [o for o in oracles if o == "best-level" or o in CONSTANT_ORACLES]
+    if timed and not any(str(a).split(":")[0] in timed for a in set(df["agent"])):
         print(
-            "best-level: not run: no rank's time fit separates remote rows (time is what it optimises), so no "
-            "headroom or regret either"
+            f"{', '.join(timed)}: not run: no rank's time fit separates remote rows (time is what they optimise), "
+            "so no headroom either"
         )
     shown = headline(df, args.include_trained_on)
     plots = [plot_traffic(shown, os.path.join(args.out, "traffic.png"))]

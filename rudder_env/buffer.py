@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from rudder.env.defaults import DEFAULTS
 from rudder.env.settings import check
 
 EMPTY = -1
@@ -89,8 +90,8 @@ class PrefetchBuffer:
         self,
         capacity: int,
         num_nodes: int,
-        alpha: float = 0.05,
-        period: int = 32,
+        alpha: float = DEFAULTS.alpha,
+        period: int = DEFAULTS.period,
         feat_dim: int = 0,
         admit_on_miss: bool = False,
         dtype=np.float32,

@@ -11,14 +11,12 @@
 """
 
 from dataclasses import dataclass
-from typing import Any, NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict, get_type_hints
 
 import numpy as np
+from rudder.env.defaults import LINK_LEVELS as LINK_LEVELS  # part of the agents' contract (the level agents' levels)
 from rudder.env.settings import check, check_link_levels
-
-#: The link-budget levels of the level agents: nothing, an eighth, a quarter, half, or all of what the link can carry
-#: while the next window samples and computes.
-LINK_LEVELS = (0.0, 0.125, 0.25, 0.5, 1.0)
+from rudder.env.spaces import WindowStats
 
 
 @dataclass(frozen=True)
@@ -91,24 +89,9 @@ def buffer_kwargs(
     return out
 
 
-class WindowInfo(TypedDict):
-    """Sums over the minibatches of the last decision window (:class:`rudder.env.spaces.WindowStats`)."""
-
-    minibatches: int
-    input_rows: int
-    local_rows: int
-    remote_sampled: int  # remote input rows needed
-    hits: int  # of which served from the buffer
-    misses: int  # of which pulled on demand
-    remote_fetched: int  # rows pulled over RPC: misses + prefetched
-    prefetched: int  # rows pulled only because a prefetch set asked for them
-    sample_s: float
-    fetch_s: float  # measured live; modelled in replay
-    compute_s: float
-    distinct_remote: int  # remote ids first seen in this window
-    stall_s: float  # of fetch_s: demand pulls waiting behind a background prefetch chunk
-    late: int  # misses on rows a prefetch had requested and not delivered yet
-    arrived: int  # of prefetched: rows background prefetch delivered
+#: Sums over the minibatches of the last decision window (``info["window"]``): the fields of
+#: :class:`rudder.env.spaces.WindowStats`, declared there once (with what each counts), typed here for agents.
+WindowInfo = TypedDict("WindowInfo", get_type_hints(WindowStats))
 
 
 class LinkInfo(TypedDict):

@@ -19,9 +19,11 @@ import gymnasium as gym
 import numpy as np
 from rudder.env.buffer import EMPTY, PREFETCH_CHUNK, MinibatchCounts, PrefetchBuffer
 from rudder.env.contract import Choice, DecisionInfo, LinkInfo
+from rudder.env.defaults import DEFAULTS
 from rudder.env.ranking import Ranked, Ranking
 from rudder.env.settings import check, check_link_levels
 from rudder.env.spaces import LINK_FEATURES, WindowStats, build_observation, check_action, lg
+from rudder.env.timing import LinkFit
 
 
 @dataclass
@@ -40,6 +42,8 @@ class MinibatchRecord:
     loss: float = float("nan")
     seeds: np.ndarray | None = None  # the minibatch's seed (output) node ids, where known
     stall_s: float = 0.0  # of fetch_s: waiting behind a background prefetch chunk
+    h2d_s: float | None = None  # of fetch_s: copying input rows host-to-device (None: trained on a CPU)
+    h2d_rows: int = 0  # rows copied host-to-device
 
 
 @dataclass(frozen=True)
@@ -57,35 +61,30 @@ class RunFacts:
 class LinkEstimate:
     """What a pull costs on this trainer's link: ``seconds = c0 + c_local * local_rows + c_remote * remote_rows``,
     fitted online to every demand pull of the run so far (its fetch seconds minus any stall behind a prefetch chunk)
-    by non-negative least squares over running sums, seeded with the initial fill when it was timed.
+    by the link law's fitter (:class:`~rudder.env.timing.LinkFit`), seeded with the initial fill when it was timed.
 
     Live it learns from measured pulls, in replay from modelled ones, by the same code: an agent sees the link the
     same way in both. It gives the *link budget* of a window: the remote rows background prefetch can bring while
-    the trainer samples and computes, ``hide_s / (c_remote + c0 / chunk)``.
+    the trainer samples and computes, ``hide_s / (c_remote + c0 / chunk)``. ``half_life`` (pulls; None: the whole
+    run weighs the same) forgets old pulls, see :class:`~rudder.env.timing.LinkFit`.
     """
 
-    def __init__(self, initial_fill: tuple[int, float] | None = None):
-        self._xtx = np.zeros((3, 3))
-        self._xty = np.zeros(3)
-        self.samples = 0
-        self._coef: np.ndarray | None = None
+    def __init__(self, initial_fill: tuple[int, float] | None = None, half_life: float | None = None):
+        self.fit = LinkFit(half_life)
         if initial_fill is not None and initial_fill[0] > 0 and initial_fill[1] > 0:
             self.add(0, initial_fill[0], initial_fill[1])
 
     def add(self, local_rows: int, remote_rows: int, seconds: float) -> None:
-        x = np.array([1.0, local_rows / 1e3, remote_rows / 1e3])  # rows in thousands keep the sums well scaled
-        self._xtx += np.outer(x, x)
-        self._xty += x * max(seconds, 0.0)
-        self.samples += 1
-        self._coef = None
+        self.fit.add(local_rows, remote_rows, seconds)
+
+    @property
+    def samples(self) -> int:
+        return self.fit.samples
 
     @property
     def coefficients(self) -> tuple[float, float, float]:
         """``(c0, c_local, c_remote)`` in seconds per pull and per row (zeros before two pulls were seen)."""
-        if self._coef is None:
-            self._coef = _nonnegative_normal(self._xtx, self._xty) if self.samples >= 2 else np.zeros(3)
-        c0, c_local, c_remote = self._coef
-        return float(c0), float(c_local) / 1e3, float(c_remote) / 1e3
+        return self.fit.coefficients
 
     def seconds(self, remote_rows: int, chunk: int = PREFETCH_CHUNK) -> float:
         """Modelled seconds background prefetch of ``remote_rows`` keeps the link busy (chunks of ``chunk``)."""
@@ -104,20 +103,6 @@ class LinkEstimate:
         c0, c_local, c_remote = self.coefficients
         demand = window.remote_fetched - window.arrived
         return c0 * window.minibatches + c_local * window.local_rows + c_remote * demand + self.seconds(window.arrived)
-
-
-def _nonnegative_normal(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
-    """Least squares with coefficients >= 0 from the normal equations (active set: drop negatives and refit)."""
-    active = np.ones(xty.size, dtype=bool)
-    coef = np.zeros(xty.size)
-    while active.any():
-        a = np.flatnonzero(active)
-        sol = np.linalg.lstsq(xtx[np.ix_(a, a)], xty[a], rcond=None)[0]
-        if (sol >= 0).all():
-            coef[a] = sol
-            return coef
-        active[a[np.argmin(sol)]] = False
-    return coef
 
 
 def check_level(action, n: int) -> int:
@@ -162,7 +147,7 @@ class PrefetchEpisode:
         ranking: Ranking,
         k: int,
         run: RunFacts,
-        reward: str = "traffic",
+        reward: str = DEFAULTS.reward,
         levels=None,
         id_map: np.ndarray | None = None,
     ):
@@ -238,7 +223,7 @@ class PrefetchEpisode:
         ranked = self._ranked = self.ranking.rank(self.minibatches, k_rank)
         self.candidate_ids, self._victims = ranked.candidate_ids[: self.k], ranked.victims
         n_candidates = int(np.count_nonzero(ranked.candidate_ids >= 0))
-        if self.levels is None or self.ranking.name == "lookahead":
+        if self.levels is None or self.ranking.levels_need_a_slot:
             n_admissible = min(n_candidates, ranked.n_evictable)
         else:
             n_admissible = min(n_candidates, buf.capacity)
@@ -308,21 +293,10 @@ class PrefetchEpisode:
         """What prefetching the top ``rows`` ranked candidates would do (:class:`~rudder.env.contract.Choice`)."""
         buf, ranked = self.buffer, self._ranked
         rows = max(int(rows), 0)
-        need_in = float(ranked.candidate_scores[:rows].mean()) if rows else 0.0
-        if self.ranking.name == "misses":
-            need_in *= buf.alpha  # decayed misses x alpha: about the misses per minibatch
+        need_in = self.ranking.candidate_need(ranked.candidate_scores[:rows]) if rows else 0.0
         victims = self._victim_slots(rows)
         resident = buf.slot_ids[victims] != EMPTY
-        if buf.priority is not None and hasattr(self.ranking, "slot_need"):  # expected uses, as the candidates'
-            out = self.ranking.slot_need(victims, self.minibatches)
-            hot = resident & (out > 0)
-        elif buf.priority is not None:
-            scale = self.ranking.need_scale(self.minibatches) if hasattr(self.ranking, "need_scale") else 1.0
-            out = np.maximum(buf.slot_priority(victims), 0.0) * scale
-            hot = resident & (out > 0)
-        else:
-            out = np.where(resident, buf.slot_scores()[victims], 0.0)
-            hot = resident & (buf.clock - buf.slot_last_hit[victims] < buf.period)
+        out, hot = self.ranking.slot_need(victims, self.minibatches)  # as the candidates' need, and still in use
         return Choice(
             level=float(level),
             rows=rows,
@@ -432,6 +406,12 @@ class PrefetchEnv(gym.Env):
         self._observed_at = time.perf_counter()
         return obs, info
 
+    def resolver(self) -> Callable[[object], np.ndarray]:
+        """A function turning an action taken on the current observation into its prefetch ids (global node ids);
+        it keeps this decision's candidates, so it also serves a decision an agent finishes later, in the
+        background (its ids go to :meth:`run_window`'s ``poll``)."""
+        return require_running(self.episode).resolver()
+
     def step(self, action):
         """Schedule the action's prefetch set, then run the next ``period`` minibatches."""
         ep = require_running(self.episode)
@@ -486,6 +466,8 @@ class PrefetchEnv(gym.Env):
                     remote_fetched=rec.counts.remote_fetched,
                     prefetched=rec.counts.prefetched,
                     seeds=rec.seeds,
+                    h2d_s=rec.h2d_s,
+                    h2d_rows=rec.h2d_rows if rec.h2d_s is not None else None,
                     **(
                         dict(arrived=rec.counts.arrived, stall_s=rec.stall_s)
                         if ep.buffer.prefetch == "background"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
+from rudder.env.defaults import DEFAULTS
 from rudder.env.episode import PrefetchEnv, PrefetchEpisode, RunFacts
 from rudder.env.ranking import make_ranking
-from rudder.env.replay_env import DEFAULT_CANDIDATES
 from rudder.env.settings import check, check_link_levels
 from rudder.env.spaces import action_space, observation_space
 
@@ -48,10 +48,10 @@ class LiveEnv(PrefetchEnv):
     def __init__(
         self,
         trainer,
-        candidates: int = DEFAULT_CANDIDATES,
-        reward: str = "traffic",
+        candidates: int = DEFAULTS.candidates,
+        reward: str = DEFAULTS.reward,
         trace=None,
-        ranking: str = "misses",
+        ranking: str = DEFAULTS.ranking,
         lookahead_horizon: int | None = None,
         lookahead_discount: float | None = None,
         levels=None,

@@ -2,8 +2,10 @@
 
 A ranking has one small interface (:class:`Ranking`): :meth:`~Ranking.advance` before every minibatch (keeps what
 the buffer's admission and eviction read up to date), :meth:`~Ranking.rank` at a decision point (the top-K
-candidates with their scores, how many of them have a slot to take, and the slots they would replace), and
-``score_scale`` (multiplies candidate scores into about [0, 1] for the observation).
+candidates with their scores, how many of them have a slot to take, and the slots they would replace),
+``score_scale`` (multiplies candidate scores into about [0, 1] for the observation), and what a link-budget level
+needs to say what it would do: ``levels_need_a_slot``, :meth:`~Ranking.candidate_need` and
+:meth:`~Ranking.slot_need`.
 
 - :class:`MissRanking` (MassiveGNN / Rudder): candidates by decayed miss count; a candidate has a slot when one is
   empty or below the eviction threshold ``(1-alpha)**period``; victims are the lowest-score slots.
@@ -21,7 +23,7 @@ import copy
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from rudder.env.buffer import EMPTY, PrefetchBuffer, first_in_order
@@ -38,15 +40,35 @@ class Ranked:
     victims: np.ndarray | None  # slots to replace, first evicted first (None: the buffer's score order)
 
 
+@runtime_checkable
 class Ranking(Protocol):
+    """Everything an episode (:class:`rudder.env.episode.PrefetchEpisode`) asks of a ranking.
+
+    Attributes:
+        name: the ranking's name (one of :data:`~rudder.env.settings.RANKINGS`), for reports.
+        score_scale: multiplies candidate scores into about [0, 1] for the observation.
+        levels_need_a_slot: a link-budget level prefetches only candidates that have a slot to take
+            (``Ranked.n_evictable``: needed more than the resident they replace); False: any candidate, up to the
+            buffer's capacity (evicting rows still needed is then a consequence the agent weighs).
+    """
+
     name: str
     score_scale: float
+    levels_need_a_slot: bool
 
     def advance(self, minibatches_done: int) -> None:
         """Called before each minibatch (``minibatches_done`` run so far)."""
 
     def rank(self, minibatches_done: int, k: int) -> Ranked:
         """The top-``k`` candidates at a decision point."""
+
+    def candidate_need(self, scores: np.ndarray) -> float:
+        """About the uses per minibatch of a prefetched candidate whose score (from :meth:`rank`) is in ``scores``
+        (non-empty), on average: what a level brings in, in the unit of :meth:`slot_need`."""
+
+    def slot_need(self, slots: np.ndarray, minibatches_done: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each of ``slots``: the need of its resident (0 for an empty slot), in the unit of
+        :meth:`candidate_need`, and whether that resident is hot (still in use): what a level would evict."""
 
 
 def padded(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +84,7 @@ class MissRanking:
     """Candidates by decayed miss count (ties by lower id); evictable slots are empty or below the threshold."""
 
     name = "misses"
+    levels_need_a_slot = False  # the eviction threshold does not limit a level
 
     def __init__(self, buffer: PrefetchBuffer):
         self.buffer = buffer
@@ -73,6 +96,21 @@ class MissRanking:
     def rank(self, minibatches_done: int, k: int) -> Ranked:
         ids, scores = padded(*self.buffer.candidates(k), k)
         return Ranked(ids, scores, int(np.count_nonzero(self.buffer.evictable())), None)
+
+    def candidate_need(self, scores: np.ndarray) -> float:
+        """Decayed misses x alpha: about the misses per minibatch."""
+        return float(scores.mean()) * self.buffer.alpha
+
+    def slot_need(self, slots: np.ndarray, minibatches_done: int) -> tuple[np.ndarray, np.ndarray]:
+        """The residents' scores (hot: hit within the last ``period`` minibatches); where the buffer was given a
+        priority by other means, that priority (hot: above 0)."""
+        buf = self.buffer
+        resident = buf.slot_ids[slots] != EMPTY
+        if buf.priority is not None:
+            out = np.maximum(buf.slot_priority(slots), 0.0)
+            return out, resident & (out > 0)
+        out = np.where(resident, buf.slot_scores()[slots], 0.0)
+        return out, resident & (buf.clock - buf.slot_last_hit[slots] < buf.period)
 
 
 class LookaheadRanking:
@@ -88,6 +126,7 @@ class LookaheadRanking:
     """
 
     name = "lookahead"
+    levels_need_a_slot = True  # a candidate has a slot when it is needed more than the resident it replaces
 
     def __init__(
         self,
@@ -140,11 +179,16 @@ class LookaheadRanking:
         n_evictable = int(beats.size) if beats.all() else int(np.argmin(beats))
         return Ranked(cand_ids, scores, n_evictable, victims)
 
-    def slot_need(self, slots: np.ndarray, minibatches_done: int) -> np.ndarray:
+    def candidate_need(self, scores: np.ndarray) -> float:
+        """The scores are expected uses weighted from now already."""
+        return float(scores.mean())
+
+    def slot_need(self, slots: np.ndarray, minibatches_done: int) -> tuple[np.ndarray, np.ndarray]:
         """Expected uses (weighted from now) of the residents of ``slots``, 0 for an empty slot: the scale of the
-        candidate scores, whatever the priority's order of known uses adds."""
+        candidate scores, whatever the priority's order of known uses adds (hot: any need)."""
         ids = self.buffer.slot_ids[slots]
-        return np.where(ids == EMPTY, 0.0, self._need.need[np.maximum(ids, 0)]) * self.need_scale(minibatches_done)
+        out = np.where(ids == EMPTY, 0.0, self._need.need[np.maximum(ids, 0)]) * self.need_scale(minibatches_done)
+        return out, (ids != EMPTY) & (out > 0)
 
 
 def make_ranking(

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 from rudder.env.buffer import PrefetchBuffer, initial_ids
+from rudder.env.defaults import DEFAULTS
 from rudder.env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, RunFacts
 from rudder.env.lookahead import SamplerLookahead
 from rudder.env.ranking import make_ranking
-from rudder.env.sample_ahead import SampleAhead, sampled_bytes
-from rudder.env.settings import check, check_link_levels, check_optional
+from rudder.env.recorded_run import RecordedRun
+from rudder.env.settings import check, check_link_levels
 from rudder.env.spaces import action_space, observation_space
-from rudder.env.timing import BackgroundLink, FetchTimeModel
+from rudder.env.timing import BackgroundLink
 from rudder.env.vip import vertex_inclusion_probability
-from rudder.traces import Trace, TraceError
-
-DEFAULT_CANDIDATES = 256
-DEFAULT_SAMPLE_AHEAD = 4  # minibatches a trainer samples ahead unless told otherwise (``--sample-ahead``)
-
 
 _STATE = ("_link", "_due", "_follow", "_decisions_seen")  # background prefetch: what the replay of arrivals tracks
 
@@ -51,9 +48,10 @@ class _LocalScores:
 class ReplayEnv(PrefetchEnv):
     """Prefetching for one trainer rank of a recorded run, driven by the trace instead of DistDGL.
 
-    The trace holds every remote node id each minibatch of that rank needed; the env pushes them through the same
-    :class:`~rudder.env.buffer.PrefetchBuffer` the live trainer uses, so with the same buffer settings and the same
-    decisions it sees the same hits, misses and remote rows fetched as the live run, hundreds of times faster.
+    The trace holds every remote node id each minibatch of that rank needed (:class:`RecordedRun` reads and checks
+    it); the env pushes them through the same :class:`~rudder.env.buffer.PrefetchBuffer` the live trainer uses, so
+    with the same buffer settings and the same decisions it sees the same hits, misses and remote rows fetched as
+    the live run, hundreds of times faster.
 
     ## Action Space
     ``MultiBinary(K)``: bit ``i`` admits the ``i``-th ranked candidate (``info["candidate_ids"][i]``, the
@@ -82,10 +80,10 @@ class ReplayEnv(PrefetchEnv):
     Terminates when the trace's minibatches are exhausted. Never truncates.
 
     ## Arguments
-    ``trace`` (folder or :class:`traces.Trace`), ``rank`` (trainer rank in the trace), ``candidates`` (K),
-    ``reward``, and buffer overrides ``buffer_fraction``, ``buffer_init`` (``recorded``, ``degree``, ``random``,
-    ``empty``, ``vip``: highest vertex inclusion probability, :mod:`rudder.env.vip`), ``alpha``, ``period``,
-    ``admit_on_miss`` (default: the recorded run's); ``ranking``
+    ``trace`` (folder, :class:`traces.Trace` or :class:`RecordedRun`), ``rank`` (trainer rank in the trace),
+    ``candidates`` (K), ``reward``, and buffer overrides ``buffer_fraction``, ``buffer_init`` (``recorded``,
+    ``degree``, ``random``, ``empty``, ``vip``: highest vertex inclusion probability, :mod:`rudder.env.vip`),
+    ``alpha``, ``period``, ``admit_on_miss`` (default: the recorded run's); ``ranking``
     (``"misses"``, or ``"lookahead"`` when the trace recorded seeds and partition structure: see
     :mod:`rudder.env.ranking`) with ``lookahead_horizon`` and ``lookahead_discount``; ``sample_ahead`` (how far
     the live trainer had sampled ahead: a count of minibatches, a budget of sampled bytes such as ``"64MB"``, or
@@ -100,6 +98,13 @@ class ReplayEnv(PrefetchEnv):
     prefetch, rows arrive when the recording says while the decisions are the recorded ones (so a run replayed
     with its own decisions is exact), else when the link model says (:class:`~rudder.env.timing.BackgroundLink`);
     ``False`` always models them.
+
+    Attributes:
+        run: the :class:`RecordedRun` replayed (shared by every copy of an episode).
+        settings: the :class:`~rudder.env.recorded_run.ReplaySettings` in force, each the argument or else the
+            recorded run's; also as attributes: ``k``, ``alpha``, ``period``, ``admit_on_miss``,
+            ``buffer_fraction``, ``capacity``, ``buffer_init``, ``prefetch``, ``sample_ahead``.
+        reward, ranking, levels: as given.
     """
 
     def __init__(
@@ -107,13 +112,13 @@ class ReplayEnv(PrefetchEnv):
         trace,
         rank: int = 0,
         candidates: int | None = None,
-        reward: str = "traffic",
+        reward: str = DEFAULTS.reward,
         buffer_fraction: float | None = None,
         buffer_init: str = "recorded",
         alpha: float | None = None,
         period: int | None = None,
         admit_on_miss: bool | None = None,
-        ranking: str = "misses",
+        ranking: str = DEFAULTS.ranking,
         lookahead_horizon: int | None = None,
         lookahead_discount: float | None = None,
         prefetch: str | None = None,
@@ -125,130 +130,48 @@ class ReplayEnv(PrefetchEnv):
     ):
         super().__init__()
         self.levels = None if levels is None else check_link_levels(levels)
-        candidates = check_optional("candidates", candidates)
-        reward = check("reward", reward)
-        buffer_fraction = check_optional("buffer_fraction", buffer_fraction)
-        buffer_init = check("buffer_init", buffer_init, extra_choices=("recorded",))
-        alpha, period = check_optional("alpha", alpha), check_optional("period", period)
-        ranking = check("ranking", ranking)
-        admit_on_miss = check_optional("admit_on_miss", admit_on_miss)
-        prefetch = check_optional("prefetch", prefetch)
+        self.reward = check("reward", reward)
+        self.ranking = check("ranking", ranking)
         self.follow_recorded = follow_recorded
-        self.source = trace if isinstance(trace, Trace) else Trace(trace)
-        self.rank_trace = self.source.rank(rank)
-        if self.rank_trace.num_minibatches == 0:
-            raise TraceError(
-                f"rank {rank} of trace {self.source.directory} holds no minibatch (the run ended before "
-                f"its first chunk was written): nothing to replay"
-            )
-        self.rank = rank
-        run = self.source.meta.get("config", {})
-        rmeta = self.rank_trace.meta
-        self.k = int(candidates if candidates is not None else run.get("candidates", DEFAULT_CANDIDATES))
-        self.reward = reward
-        self.alpha = float(alpha if alpha is not None else run.get("alpha", 0.05))
-        self.period = int(period if period is not None else run.get("period", 8))
-        self.admit_on_miss = bool(admit_on_miss if admit_on_miss is not None else run.get("admit_on_miss", False))
-        recorded_fraction = run.get("buffer_fraction")
-        self.buffer_fraction = float(buffer_fraction if buffer_fraction is not None else recorded_fraction)
-        self.halo_ids = np.asarray(self.rank_trace.static["halo_ids"], dtype=np.int64)
-        self.halo_degree = np.asarray(self.rank_trace.static["halo_degree"])
-        self.capacity = int(round(self.buffer_fraction * self.halo_ids.size))
-        if buffer_init == "recorded":
-            same_size = self.capacity == int(rmeta.get("capacity", -1))
-            # the fill the recorded agent played with (its settings may override the run's --buffer-init)
-            recorded_init = (self.source.meta.get("buffer") or {}).get("buffer_init") or run.get(
-                "buffer_init", "degree"
-            )
-            buffer_init = "recorded" if same_size else recorded_init
-        self.buffer_init = buffer_init
-        self.num_nodes = int(rmeta["num_nodes"])
-        self.fanouts = [int(x) for x in str(run.get("fanout", "10,25")).split(",")]
-        self.batch_size = int(run.get("batch_size", 1000))
-        self._ids = self.rank_trace.minibatch_ids()
-        table = self.rank_trace.table()
-        self._local_rows = table["local_rows"].to_numpy()
-        self._sample_s = table["sample_s"].to_numpy(dtype=np.float64)
-        self._compute_s = table["compute_s"].to_numpy(dtype=np.float64)
-        self._fetch_s = table["fetch_s"].to_numpy(dtype=np.float64)
-        self._epoch_of = table["epoch"].to_numpy()
-        self.prefetch = check("prefetch", prefetch or run.get("prefetch", "inline"))
-        recorded = self.rank_trace.prefetch_table()  # background recordings: arrivals and stalls per minibatch
-        self._recorded_arrived = recorded["arrived"].to_numpy() if recorded is not None else None
-        self._recorded_stall = recorded["stall_s"].to_numpy(np.float64) if recorded is not None else None
-        local, remote, secs = self._local_rows, table["remote_fetched"].to_numpy(), table["fetch_s"].to_numpy()
-        if recorded is not None:  # the demand pull alone: without delivered chunks and the wait behind them
-            remote, secs = remote - self._recorded_arrived, secs - self._recorded_stall
-        if rmeta.get("initial_fill_rows"):  # the initial fill: a pull of remote rows only, which pins their cost
-            local, remote = np.append(local, 0), np.append(remote, rmeta["initial_fill_rows"])
-            secs = np.append(secs, rmeta["initial_fill_s"])
-        self.time_model = FetchTimeModel.fit(local, remote, secs)
-        self.ranking = ranking
         self.lookahead_horizon, self.lookahead_discount = lookahead_horizon, lookahead_discount
-        # what the recording trainer had sampled ahead, unless told otherwise: sampling ahead does not change the
-        # batches, so any count, budget or 'epoch' is emulated from the recorded ids (and a trace recorded before
-        # the option existed is replayed as today's trainer would run it)
-        self.sample_ahead = SampleAhead.parse(
-            sample_ahead if sample_ahead is not None else run.get("sample_ahead", DEFAULT_SAMPLE_AHEAD), "sample_ahead"
-        )
-        self._cum_bytes = np.concatenate(
-            [
-                [0],
-                np.cumsum(
-                    sampled_bytes(self._local_rows + np.fromiter((x.size for x in self._ids), np.int64, len(self._ids)))
-                ),
-            ]
-        )
-        self._per_epoch = int(np.count_nonzero(self._epoch_of == self._epoch_of[0]))
-        self._lookahead = None
-        self._vip = None
-        if buffer_init == "vip":
-            la = SamplerLookahead.from_static(self.rank_trace.static, self.num_nodes)
-            if la is None:
-                raise ValueError(
-                    f"buffer_init='vip' needs a trace recorded with partition structure; "
-                    f"{self.source.directory} has none (re-record it with this rudder)"
-                )
-            self._vip = vertex_inclusion_probability(la, self.batch_size)
-        self._seeds = None
         self.sampled_only = bool(sampled_only)
-        if ranking == "lookahead" and not self.sampled_only:
-            self._lookahead = SamplerLookahead.from_static(self.rank_trace.static, self.num_nodes)
-            self._seeds = self.rank_trace.minibatch_seeds()
-            if self._lookahead is None or self._seeds is None:
-                raise ValueError(
-                    f"ranking='lookahead' needs a trace recorded with seeds and partition structure; "
-                    f"{self.source.directory} has none (re-record it with this rudder)"
-                )
+        if isinstance(trace, RecordedRun):  # already loaded (e.g. shared by the envs of one rank)
+            trace = trace if trace.rank == rank else trace.trace
+        self.run = run = trace if isinstance(trace, RecordedRun) else RecordedRun(trace, rank)
+        self.rank = rank
+        self.settings = run.settings(
+            candidates, alpha, period, admit_on_miss, buffer_fraction, buffer_init, prefetch, sample_ahead
+        )
+        for f in dataclasses.fields(self.settings):  # k, alpha, period, ... as attributes of the env
+            setattr(self, f.name, getattr(self.settings, f.name))
+        self._vip = None
+        if self.buffer_init == "vip":
+            self._vip = vertex_inclusion_probability(run.vip_structure(), run.batch_size)
+        self._lookahead, self._seeds = None, None
+        if self.ranking == "lookahead" and not self.sampled_only:
+            self._lookahead, self._seeds = run.lookahead()
+        self._ids = run.remote_ids  # per minibatch, the remote ids in the buffer's id space
         self._id_map = None  # dense ids (see dense_ids): sorted global ids of every node this rank touches
         self._scorer = self._lookahead
         if dense_ids:
-            self._id_map = self._touched_ids()
+            self._id_map = run.touched_ids(self._lookahead)
             self._ids = [np.searchsorted(self._id_map, x).astype(np.int32) for x in self._ids]
             if self._lookahead is not None:
                 self._scorer = _LocalScores(self._lookahead, self._id_map)
         self.observation_space = observation_space(self.k)
         self.action_space = action_space(self.k, self.levels)
 
-    def _touched_ids(self) -> np.ndarray:
-        """Every global id this rank's replay can name, sorted: the remote ids it needs, its halo, the recorded
-        initial fill and decisions, and the remote nodes the lookahead scores. Built chunk by chunk (unique per
-        group of minibatches, then once over those)."""
-        parts, group = [], 64
-        for i in range(0, len(self._ids), group):
-            batch = self._ids[i : i + group]
-            if batch:
-                parts.append(np.unique(np.concatenate(batch)))
-        parts += [self.halo_ids, np.asarray(self.rank_trace.static.get("initial_ids", []), dtype=np.int64)]
-        decisions = self._decisions_table = self.rank_trace.decisions()
-        if decisions is not None and len(decisions):
-            parts += [np.asarray(x, dtype=np.int64) for x in decisions["ids"]]
-        if self._lookahead is not None:
-            parts.append(self._lookahead.remote_ids)
-        return np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+    # the recorded run's facts, under the names agents and tools read
+    source = property(lambda self: self.run.trace, doc="The :class:`~rudder.traces.Trace` replayed.")
+    rank_trace = property(lambda self: self.run.rank_trace, doc="The replayed rank's part of the trace.")
+    time_model = property(lambda self: self.run.time_model, doc="The fetch-time model fitted to the recording.")
+    num_nodes = property(lambda self: self.run.num_nodes, doc="Nodes in the graph.")
+    halo_ids = property(lambda self: self.run.halo_ids, doc="Global ids of this rank's remote neighbours.")
+    fanouts = property(lambda self: self.run.fanouts, doc="The sampler's fanout per layer.")
+    batch_size = property(lambda self: self.run.batch_size, doc="Seed nodes per minibatch.")
 
     def _local(self, ids) -> np.ndarray:
-        """The buffer's ids of global ``ids`` (every one among :meth:`_touched_ids`)."""
+        """The buffer's ids of global ``ids`` (every one among :meth:`RecordedRun.touched_ids`)."""
         ids = np.asarray(ids, dtype=np.int64)
         return ids if self._id_map is None else np.searchsorted(self._id_map, ids)
 
@@ -267,24 +190,25 @@ class ReplayEnv(PrefetchEnv):
             admit_on_miss=self.admit_on_miss,
             prefetch=self.prefetch,
         )
+        run = self.run
         if self.buffer_init == "recorded":
-            ids = self.rank_trace.static["initial_ids"]
+            ids = run.initial_ids
         else:
             seed = int(self.np_random.integers(2**31))
-            ids = initial_ids(self.buffer_init, self.halo_ids, self.halo_degree, self.capacity, seed, vip=self._vip)
+            ids = initial_ids(self.buffer_init, run.halo_ids, run.halo_degree, self.capacity, seed, vip=self._vip)
         buf.fill(self._local(ids))
         return buf
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        run = self.source.meta.get("config", {})
+        run = self.run
         facts = dict(
-            graph=run.get("graph"),
-            parts=run.get("parts"),
-            partitioning=run.get("partition"),
+            graph=run.config.get("graph"),
+            parts=run.config.get("parts"),
+            partitioning=run.config.get("partition"),
             rank=self.rank,
-            num_nodes=self.num_nodes,
-            source=f"trace {self.source.directory}",
+            num_nodes=run.num_nodes,
+            source=f"trace {run.trace.directory}",
         )
         buffer = self._new_buffer()
         ranking = make_ranking(
@@ -296,27 +220,26 @@ class ReplayEnv(PrefetchEnv):
             horizon=self.lookahead_horizon,
             discount=self.lookahead_discount,
         )
-        rmeta = self.rank_trace.meta
-        fill = (
-            (int(rmeta["initial_fill_rows"]), float(rmeta["initial_fill_s"]))
-            if rmeta.get("initial_fill_rows")
-            else None
-        )
         run_facts = RunFacts(
-            len(self._ids), self.halo_ids.size, self.fanouts, self.batch_size, facts=facts, initial_fill=fill
+            run.num_minibatches,
+            run.halo_ids.size,
+            run.fanouts,
+            run.batch_size,
+            facts=facts,
+            initial_fill=run.initial_fill,
         )
         self.episode = PrefetchEpisode(
             buffer, ranking, self.k, run_facts, reward=self.reward, levels=self.levels, id_map=self._id_map
         )
         self._records = _Driver(self._replay)
         if self.prefetch == "background":
-            self._link = BackgroundLink(self.time_model)
+            self._link = BackgroundLink(run.time_model)
             self._due: list[np.ndarray] = []  # chunks the model delivers before the next minibatch
-            self._follow = self.follow_recorded and self._as_recorded(self.source.meta.get("config", {}))
+            self._follow = self.follow_recorded and self._as_recorded()
             self._decisions_seen = 0
             self.episode.on_apply = self._check_decision
         obs, info = self._first_observation()
-        info["time_model"] = self.time_model.as_dict()
+        info["time_model"] = run.time_model.as_dict()
         return obs, info
 
     def snapshot(self) -> dict:
@@ -352,7 +275,8 @@ class ReplayEnv(PrefetchEnv):
         return out
 
     def _copy_state(self, state: dict) -> dict:
-        memo = {id(self): self, id(self.source): self.source, id(self.rank_trace): self.rank_trace}
+        run = self.run
+        memo = {id(self): self, id(run): run, id(run.trace): run.trace, id(run.rank_trace): run.rank_trace}
         for shared in (self._lookahead, self._scorer, self._id_map):
             if shared is not None:
                 memo[id(shared)] = shared
@@ -363,7 +287,7 @@ class ReplayEnv(PrefetchEnv):
 
         It reads the episode afresh every time, so an episode swapped in (e.g. a deep copy to try an option from the
         same state) continues from its own position."""
-        ep = self.episode
+        ep, run = self.episode, self.run
         if ep.done:
             raise StopIteration
         i = ep.minibatches
@@ -371,23 +295,31 @@ class ReplayEnv(PrefetchEnv):
         if background:
             self._deliver(ep.buffer, i)
         _, counts = ep.buffer.lookup(self._ids[i])
-        demand_s = float(self.time_model.predict(self._local_rows[i], counts.remote_fetched - counts.arrived))
+        demand_s = float(run.time_model.predict(run.local_rows[i], counts.remote_fetched - counts.arrived))
         stall_s = 0.0
         if background and self._follow:  # the recording's own timing
-            stall_s = float(self._recorded_stall[i])
+            stall_s = float(run.recorded_stall_s[i])
         elif background:
-            stall_s, self._due = self._link.minibatch(self._sample_s[i] + self._compute_s[i])
+            stall_s, self._due = self._link.minibatch(run.sample_s[i] + run.compute_s[i])
+        copy_s, copy_rows = None, 0
+        if run.copy_model is not None:
+            copy_rows = int(run.local_rows[i]) + (
+                counts.remote_fetched if run.buffer_on_device else counts.remote_sampled
+            )
+            copy_s = float(run.copy_model.predict(copy_rows))
         return MinibatchRecord(
-            epoch=int(self._epoch_of[i]),
+            epoch=int(run.epoch_of[i]),
             index=i,
             remote_ids=self._ids[i],
-            local_rows=int(self._local_rows[i]),
-            sample_s=float(self._sample_s[i]),
-            fetch_s=demand_s + stall_s,
-            fetch_rows=int(self._local_rows[i]) + counts.remote_fetched - counts.arrived,
-            compute_s=float(self._compute_s[i]),
+            local_rows=int(run.local_rows[i]),
+            sample_s=float(run.sample_s[i]),
+            fetch_s=demand_s + stall_s + (copy_s or 0.0),
+            fetch_rows=int(run.local_rows[i]) + counts.remote_fetched - counts.arrived,
+            compute_s=float(run.compute_s[i]),
             counts=counts,
             stall_s=stall_s,
+            h2d_s=copy_s,
+            h2d_rows=copy_rows,
         )
 
     def _deliver(self, buffer: PrefetchBuffer, i: int) -> None:
@@ -395,7 +327,7 @@ class ReplayEnv(PrefetchEnv):
         delivered them while the decisions are the recorded ones, else as the link model says — then request
         what decisions queued since."""
         if self._follow:
-            need = int(self._recorded_arrived[i])
+            need = int(self.run.recorded_arrived[i])
             while need > 0 and self._link.queue:
                 ids = self._link.queue.pop(0)[0]
                 buffer.arrive(ids)
@@ -410,48 +342,41 @@ class ReplayEnv(PrefetchEnv):
         while (ids := buffer.take()).size:
             self._link.request(ids)
 
-    def _as_recorded(self, run: dict) -> bool:
+    def _as_recorded(self) -> bool:
         """Whether this episode's buffer starts as the recording's did, so that its arrivals can be followed."""
-        rmeta = self.rank_trace.meta
-        played = self.source.meta.get("buffer", {})  # the buffer the recording's agent played with
+        run = self.run
         return (
-            self._recorded_arrived is not None
+            run.recorded_arrived is not None
             and self.buffer_init == "recorded"
-            and self.capacity == int(rmeta.get("capacity", -1))
-            and self.alpha == run.get("alpha")
-            and self.period == run.get("period")
-            and self.admit_on_miss == bool(played.get("admit_on_miss"))
-            and self.ranking == played.get("ranking")
+            and self.capacity == run.recorded_capacity
+            and self.alpha == run.config.get("alpha")
+            and self.period == run.config.get("period")
+            and self.admit_on_miss == bool(run.played.get("admit_on_miss"))
+            and self.ranking == run.played.get("ranking")
         )
 
     def _check_decision(self, minibatch: int, ids: np.ndarray) -> None:
         """Stop following the recorded arrivals as soon as a decision differs from the recording's."""
         if not self._follow:
             return
-        d = self._recorded_decisions()
+        d = self.run.decisions()
         j = self._decisions_seen
         self._decisions_seen += 1
         if j >= len(d) or int(d["minibatch"].iloc[j]) != minibatch or not np.array_equal(d["ids"].iloc[j], ids):
             self._follow = False
 
-    def _recorded_decisions(self):
-        if not hasattr(self, "_decisions_table"):
-            self._decisions_table = self.rank_trace.decisions()
-        return self._decisions_table
-
     def _known(self, done: int, first: int, last: int, values: list) -> list:
         """``values[first:last]`` as far as the epochs whose seeds the live trainer had shuffled after ``done``
         minibatches: at the start only the first epoch; then every epoch up to the one of the last minibatch
         sampled (:meth:`SampleAhead.last_sampled`: the trainer samples ahead across epoch boundaries)."""
-        n = len(values)
+        n, run = len(values), self.run
+        epoch_of = run.epoch_of
         known_epoch = (
-            self._epoch_of[0]
-            if done < 1
-            else self._epoch_of[self.sample_ahead.last_sampled(done, self._cum_bytes, self._per_epoch)]
+            epoch_of[0] if done < 1 else epoch_of[self.sample_ahead.last_sampled(done, run.cum_bytes, run.per_epoch)]
         )
         out = []
         for j in range(first, min(last, n)):
-            if self._epoch_of[j] > known_epoch:
+            if epoch_of[j] > known_epoch:
                 break
             out.append(values[j])
         return out
@@ -469,24 +394,25 @@ class ReplayEnv(PrefetchEnv):
         before the first minibatch)."""
         if done < 1:
             return []
-        return self._ids[done + 1 : self.sample_ahead.known_end(done, self._cum_bytes, self._per_epoch)]
+        return self._ids[done + 1 : self.sample_ahead.known_end(done, self.run.cum_bytes, self.run.per_epoch)]
 
     def sample_ahead_stats(self) -> dict:
         """What sampling ahead as ``sample_ahead`` knew and cost over the whole trace: minibatches known exactly
         beyond the next one (mean, max), the sampled bytes held for them at most (MB; a budget also holds the one
         sampled minibatch that did not fit: ``held_peak_mb``), and the recorded sampling seconds moved earlier (of
         minibatches sampled before the previous one trained)."""
-        n, cum, sa = len(self._ids), self._cum_bytes, self.sample_ahead
+        run, sa = self.run, self.sample_ahead
+        n, cum, per_epoch = run.num_minibatches, run.cum_bytes, run.per_epoch
         known, known_mb, held_mb, moved_s = [], 0.0, 0.0, 0.0
         for done in range(1, n):
-            end = sa.known_end(done, cum, self._per_epoch)
-            last = sa.last_sampled(done, cum, self._per_epoch)
+            end = sa.known_end(done, cum, per_epoch)
+            last = sa.last_sampled(done, cum, per_epoch)
             known.append(max(end - done - 1, 0))
             known_mb = max(known_mb, (cum[end] - cum[min(done + 1, n)]) / 2**20)
             held_mb = max(held_mb, (cum[last + 1] - cum[min(done + 1, n)]) / 2**20)
         for j in range(1, n):
-            if sa.last_sampled(j - 1, cum, self._per_epoch) >= j and j - 1 >= 1:
-                moved_s += float(self._sample_s[j])
+            if sa.last_sampled(j - 1, cum, per_epoch) >= j and j - 1 >= 1:
+                moved_s += float(run.sample_s[j])
         return dict(
             sample_ahead=str(sa),
             known_mean=float(np.mean(known)) if known else 0.0,
@@ -494,11 +420,10 @@ class ReplayEnv(PrefetchEnv):
             known_peak_mb=round(known_mb, 3),
             held_peak_mb=round(held_mb, 3),
             sample_s_moved=round(moved_s, 4),
-            sample_s_total=round(float(self._sample_s.sum()), 4),
+            sample_s_total=round(float(run.sample_s.sum()), 4),
         )
 
     @property
     def live_seconds_per_minibatch(self) -> float:
         """Mean measured seconds per minibatch of the recorded run (to turn decision latency into minibatches)."""
-        n = max(len(self._ids), 1)
-        return float((self._sample_s.sum() + self._compute_s.sum() + self._fetch_s.sum()) / n)
+        return self.run.seconds_per_minibatch

@@ -72,10 +72,6 @@ class SampleAhead:
             return f"{self.budget_bytes}B"
         return str(self.minibatches)
 
-    @property
-    def is_count(self) -> bool:
-        return self.minibatches is not None
-
     def count(self, per_epoch: int) -> int | None:
         """Minibatches beyond the next one for a count or an epoch; None for a budget."""
         if self.epoch:

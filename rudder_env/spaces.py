@@ -94,18 +94,19 @@ def action_space(k: int, levels=None) -> spaces.Space:
 
 @dataclass
 class WindowStats:
-    """Sums over the minibatches of one decision window."""
+    """Sums over the minibatches of one decision window: the one declaration of what ``info["window"]`` holds
+    (:data:`rudder.env.contract.WindowInfo` is its ``as_dict``, typed from these fields)."""
 
     minibatches: int = 0
-    input_rows: int = 0
+    input_rows: int = 0  # local + remote input rows sampled
     local_rows: int = 0
-    remote_sampled: int = 0
-    hits: int = 0
-    misses: int = 0
-    remote_fetched: int = 0
-    prefetched: int = 0
+    remote_sampled: int = 0  # remote input rows needed
+    hits: int = 0  # of which served from the buffer
+    misses: int = 0  # of which pulled on demand
+    remote_fetched: int = 0  # rows pulled over RPC: misses + prefetched
+    prefetched: int = 0  # rows pulled only because a prefetch set asked for them
     sample_s: float = 0.0
-    fetch_s: float = 0.0
+    fetch_s: float = 0.0  # measured live; modelled in replay
     compute_s: float = 0.0
     distinct_remote: int = 0  # remote ids seen for the first time in this window
     stall_s: float = 0.0  # of fetch_s: demand pulls waiting behind a background prefetch chunk

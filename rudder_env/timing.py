@@ -3,7 +3,8 @@
 Live, each minibatch's fetch time was measured together with how many local rows and how many remote rows (misses
 plus prefetched) it pulled. A policy replayed offline pulls a different number of remote rows, so its fetch time is
 modelled as ``fetch_s = c0 + c_local * local_rows + c_remote * remote_rows`` (least squares, non-negative
-coefficients), while sampling and compute times are the recorded ones: they do not depend on the buffer.
+coefficients: the link law, fitted here alone, :func:`nonnegative_lstsq` and :class:`LinkFit`), while sampling and
+compute times are the recorded ones: they do not depend on the buffer.
 The fit's quality is reported (R², per-minibatch mean absolute percentage error, error on the total) so nobody
 trusts a bad model blindly. The trace's initial fill (remote rows only, timed) is one sample: it pins the
 per-remote-row cost even when every minibatch pulls about as many rows as the next.
@@ -50,7 +51,7 @@ class FetchTimeModel:
         if y.size == 0:
             return cls(0.0, 0.0, 0.0, float("nan"), float("nan"), float("nan"), 0)
         x = np.column_stack([np.ones_like(y), local_rows, remote_rows])
-        coef = _nonnegative_lstsq(x, y)
+        coef = nonnegative_lstsq(x, y)
         pred = x @ coef
         ss_res = float(((y - pred) ** 2).sum())
         ss_tot = float(((y - y.mean()) ** 2).sum())
@@ -76,6 +77,28 @@ class FetchTimeModel:
             samples=self.samples,
             separates_remote_rows=self.separates_remote_rows,
         )
+
+
+@dataclass(frozen=True)
+class CopyTimeModel:
+    """Host-to-device copy seconds of a minibatch recorded on a GPU, fitted to the rows it copied:
+    ``h2d_s = c0 + c_row * rows`` (non-negative least squares). Replay adds it to the modelled fetch time (the copy is
+    part of a minibatch's fetch, after the pull); a trace recorded on a CPU copies nothing and has no copy model, so
+    its replay times are the same as without one."""
+
+    c0: float
+    c_row: float
+    samples: int
+
+    @classmethod
+    def fit(cls, rows, h2d_s) -> CopyTimeModel:
+        y = np.asarray(h2d_s, dtype=np.float64)
+        x = np.column_stack([np.ones_like(y), np.asarray(rows, dtype=np.float64)])
+        coef = nonnegative_lstsq(x, y) if y.size else np.zeros(2)
+        return cls(float(coef[0]), float(coef[1]), int(y.size))
+
+    def predict(self, rows):
+        return self.c0 + self.c_row * np.asarray(rows, dtype=np.float64)
 
 
 def out_of_sample(
@@ -107,18 +130,72 @@ def out_of_sample(
     return dict(fetch_error=fetch_error, fetch_mape=mape, time_error=time_error, minibatches=int(y.size))
 
 
-def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with coefficients >= 0 (active set over 3 columns: drop negatives and refit)."""
-    active = np.ones(x.shape[1], dtype=bool)
-    coef = np.zeros(x.shape[1])
+def nonnegative_lstsq(x: np.ndarray, y: np.ndarray, normal: bool = False) -> np.ndarray:
+    """Least squares with coefficients >= 0 by an active set over the few columns of the link law: solve, drop the
+    most negative coefficient, refit, until none is negative.
+
+    ``x``, ``y``: the design matrix (one row per pull) and the seconds; with ``normal=True`` instead the normal
+    equations ``x = XᵀWX``, ``y = XᵀWy`` (what :class:`LinkFit` keeps), where dropping a coefficient drops its row
+    as well as its column."""
+    n = x.shape[1]
+    active = np.ones(n, dtype=bool)
+    coef = np.zeros(n)
     while active.any():
-        sol, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        a = np.flatnonzero(active)
+        sub = x[np.ix_(a, a)] if normal else x[:, a]
+        sol = np.linalg.lstsq(sub, y[a] if normal else y, rcond=None)[0]
         if (sol >= 0).all():
-            coef[active] = sol
+            coef[a] = sol
             return coef
-        idx = np.flatnonzero(active)
-        active[idx[np.argmin(sol)]] = False
+        active[a[np.argmin(sol)]] = False
     return coef
+
+
+class LinkFit:
+    """The link law ``seconds = c0 + c_local * local_rows + c_remote * remote_rows`` fitted online, pull by pull,
+    with coefficients >= 0 (:func:`nonnegative_lstsq` over running sums of the normal equations).
+
+    The one fitter of the link law: :class:`FetchTimeModel` fits it to a whole recorded run at once (on the design
+    matrix, :func:`nonnegative_lstsq`), and :class:`rudder.env.episode.LinkEstimate` through this class as an
+    episode runs, live or in replay.
+
+    Args:
+        half_life: ``None`` (default): every pull weighs the same, the fit of the whole run so far. A number ``h``:
+            exponential forgetting, a pull's weight halves with every ``h`` pulls added after it (weight
+            ``0.5 ** (age / h)``), so the fit follows a link whose cost drifts. Per window of ``period``
+            minibatches (one pull each), a half-life of ``w`` windows is ``half_life=w * period``.
+
+    ``add(local_rows, remote_rows, seconds)`` adds a pull (negative seconds count as 0); :attr:`coefficients` gives
+    ``(c0, c_local, c_remote)`` in seconds per pull and per row, zeros before two pulls were added.
+    """
+
+    def __init__(self, half_life: float | None = None):
+        if half_life is not None and not half_life > 0:
+            raise ValueError(f"half_life must be > 0 pulls (or None: no forgetting), got {half_life!r}")
+        self.half_life = half_life
+        self._decay = None if half_life is None else 0.5 ** (1.0 / half_life)
+        self._xtx = np.zeros((3, 3))
+        self._xty = np.zeros(3)
+        self.samples = 0  # pulls added
+        self._coef: np.ndarray | None = None
+
+    def add(self, local_rows: float, remote_rows: float, seconds: float) -> None:
+        x = np.array([1.0, local_rows / 1e3, remote_rows / 1e3])  # rows in thousands keep the sums well scaled
+        if self._decay is not None:
+            self._xtx *= self._decay
+            self._xty *= self._decay
+        self._xtx += np.outer(x, x)
+        self._xty += x * max(seconds, 0.0)
+        self.samples += 1
+        self._coef = None
+
+    @property
+    def coefficients(self) -> tuple[float, float, float]:
+        """``(c0, c_local, c_remote)``: seconds per pull, per local row, per remote row (zeros before two pulls)."""
+        if self._coef is None:
+            self._coef = nonnegative_lstsq(self._xtx, self._xty, normal=True) if self.samples >= 2 else np.zeros(3)
+        c0, c_local, c_remote = self._coef
+        return float(c0), float(c_local) / 1e3, float(c_remote) / 1e3
 
 
 class BackgroundLink:

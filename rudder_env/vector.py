@@ -23,17 +23,16 @@ from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 from gymnasium.wrappers import FlattenObservation
-from rudder.env.contract import LINK_LEVELS
-from rudder.env.wrappers import DEFAULT_LEVELS, Budget, EvictOrKeep, FractionBudget, RelativeReward
+from rudder.env.defaults import COUNT_LEVELS, DEFAULTS, FRACTION_LEVELS, LINK_LEVELS, RECORDED_BEFORE_OPTION
+from rudder.env.wrappers import Budget, EvictOrKeep, FractionBudget, RelativeReward
 
 # action name -> wrapper (None: the base env's own action: MultiBinary(K), or link-budget levels for "link")
 ACTIONS = {"multibinary": None, "budget": Budget, "fraction": FractionBudget, "evict": EvictOrKeep, "link": None}
-DEFAULT_BUDGET_LEVELS = (0, 16, 64, 256)
 
 
 def default_levels(action: str) -> tuple | None:
     """The levels an action wrapper takes by default (None: it takes none)."""
-    return {"budget": DEFAULT_BUDGET_LEVELS, "fraction": DEFAULT_LEVELS, "link": LINK_LEVELS}.get(action)
+    return {"budget": COUNT_LEVELS, "fraction": FRACTION_LEVELS, "link": LINK_LEVELS}.get(action)
 
 
 def make_replay_env(
@@ -46,7 +45,7 @@ def make_replay_env(
     buffer_fraction: float | None = None,
     buffer_init: str = "recorded",
     candidates: int | None = None,
-    reward: str = "traffic",
+    reward: str = DEFAULTS.reward,
     relative_reward: float | None = None,
     seed: int | None = None,
 ) -> gym.Env:
@@ -143,7 +142,8 @@ def _common_candidates(traces: Sequence[str], candidates: int | None) -> int | N
 
     if candidates is not None:
         return candidates
-    recorded = {int(Trace(t).meta.get("config", {}).get("candidates", 256)) for t in traces}
+    before = RECORDED_BEFORE_OPTION["candidates"]
+    recorded = {int(Trace(t).meta.get("config", {}).get("candidates", before)) for t in traces}
     if len(recorded) > 1:
         raise ValueError(
             f"the traces were recorded with different K ({sorted(recorded)}): pass candidates=K so that "

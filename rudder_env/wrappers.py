@@ -22,9 +22,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from rudder.env.contract import top_fraction, top_j
+from rudder.env.defaults import COUNT_LEVELS, FRACTION_LEVELS
 from rudder.env.settings import check_count_levels, check_fraction_levels
 
-DEFAULT_LEVELS = (0.0, 0.25, 0.5, 1.0)
+DEFAULT_LEVELS = FRACTION_LEVELS  # FractionBudget's levels (rudder.env.defaults)
 
 
 def parse_levels(text: str) -> tuple[float, ...]:
@@ -80,7 +81,7 @@ class Budget(_Levels, gym.utils.RecordConstructorArgs):
         levels: increasing candidate counts; must start with 0 (do nothing).
     """
 
-    def __init__(self, env: gym.Env, levels=(0, 16, 64, 256)):
+    def __init__(self, env: gym.Env, levels=COUNT_LEVELS):
         levels = check_count_levels(levels)
         gym.utils.RecordConstructorArgs.__init__(self, levels=levels)
         _Levels.__init__(self, env, levels)

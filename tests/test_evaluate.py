@@ -67,9 +67,10 @@ def test_evaluate_end_to_end_with_every_agent_and_the_real_llm(tmp_path):
         "llm",
         "ppo-link",
         "llm-link",
+        "mpc",
         "belady",
         "hindsight",
-    }  # best-level: not where the time fit fails
+    }  # the time oracles (best-level, best-constant, tuned-constant, bound): not where the time fit fails
     assert "best-level" in proc.stdout  # named among the oracles all the same
     llm = df[df["agent"] == "llm"]
     assert (llm["decisions"] > 0).all() and (llm["invalid_answers"] == 0).all()

@@ -1,8 +1,10 @@
-"""Link-budget level actions, the link estimate, the best-level oracle, headroom and regret (issue 12)."""
+"""Link-budget level actions, the link estimate, the best-level oracle, headroom against the best constant and ties
+(issues 12, 25, 27)."""
 
 import numpy as np
 import pandas as pd
 import pytest
+from rudder.baselines.constant import LINK_SPACE
 from rudder.baselines.policies import FixedLevel
 from rudder.env.contract import LINK_LEVELS, buffer_kwargs
 from rudder.env.episode import LinkEstimate
@@ -11,8 +13,8 @@ from rudder.env.settings import SettingError
 from rudder.traces import Trace
 
 from rudder.evaluation.play import play_best_level, play_episode
-from rudder.evaluation.report import headroom
-from rudder.evaluation.scoring import level_oracle
+from rudder.evaluation.report import format_report, headroom, summarise
+from rudder.evaluation.scoring import constant_rows, level_oracle
 
 EMU = "traces/samples/emu2-metis2-f10x25-400mbit"
 
@@ -72,17 +74,69 @@ def test_snapshot_restore_replays_exactly():
     assert runs[0] == runs[1]
 
 
-def test_best_level_oracle_and_headroom():
+def test_best_level_oracle_reuses_the_constants_and_beats_both_ends():
     env = _env(rank=1)
     fixed = [play_episode(env, FixedLevel(x))["time_s"] for x in LINK_LEVELS]
+    assert [r["time_s"] for r in constant_rows(env, LINK_SPACE)] == pytest.approx(fixed)  # Constant == FixedLevel
     greedy = play_best_level(env, horizon=3)
     assert sum(greedy["levels_chosen"]) == greedy["decisions"] and max(greedy["levels_chosen"]) < greedy["decisions"]
     assert greedy["time_s"] < fixed[0] and greedy["time_s"] < fixed[-1]  # it mixes levels and beats both ends
     assert max(fixed) / min(fixed) > 1.01  # the levels do not tie on this emulated-cluster trace
     res = level_oracle(Trace(EMU), 1)
     assert res["fixed_level_s"] == pytest.approx(fixed) and res["greedy_s"] == pytest.approx(greedy["time_s"])
-    assert res["time_s"] == pytest.approx(min(greedy["time_s"], *fixed)) and res["worst_level_s"] == max(fixed)
-    rows = pd.DataFrame(
-        [dict(agent="best-level", trace="t", rank=1, time_s=res["time_s"], worst_level_s=res["worst_level_s"])]
+    assert res["time_s"] == pytest.approx(min(greedy["time_s"], *fixed)) and "worst_level_s" not in res
+
+
+def _rows(best_s: float, bound_s: float, worst_s: float, band: float = float("nan")) -> pd.DataFrame:
+    """One rank's rows: the best constant, the bound, the worst constant and an agent, in the link space."""
+    common = dict(
+        trace="t",
+        rank=0,
+        action_space="link-levels",
+        time_error_band=band,
+        remote_sampled=10,
+        hits=5,
+        remote_fetched=5,
+        prefetched=0,
+        latency_p50_s=0.0,
+        latency_p95_s=0.0,
+        time_fit_ok=True,
     )
-    assert headroom(rows) == pytest.approx(1 - res["time_s"] / max(fixed))
+    return pd.DataFrame(
+        [
+            dict(agent="best-constant:link-levels", time_s=best_s, **common),
+            dict(agent="bound:link-levels", time_s=bound_s, bound_kind="reference", **common),
+            dict(agent="level", time_s=worst_s, best_constant_s=best_s, bound_s=bound_s, **common),
+            dict(agent="ppo-link", time_s=(best_s + bound_s) / 2, best_constant_s=best_s, bound_s=bound_s, **common),
+        ]
+    )
+
+
+def test_headroom_is_measured_against_the_best_constant_not_the_worst():
+    rows = _rows(best_s=10.0, bound_s=9.0, worst_s=12.0)
+    h = headroom(rows)
+    assert h.loc["link-levels", "headroom"] == pytest.approx(1 - 9.0 / 10.0)  # the worst level (12 s) plays no part
+    assert h.loc["link-levels", "kind"] == "reference"
+    summary = summarise(rows)
+    assert summary.loc["ppo-link", "share_of_headroom"] == pytest.approx(0.5)
+    assert summary.loc["level", "share_of_headroom"] == pytest.approx(-2.0)  # 2 s slower than the best constant
+    assert summary.loc["level", "vs_best_constant"] == pytest.approx(0.2)
+    text = format_report(rows)
+    assert "headroom link-levels: 10.00% = 1 - reference" in text and "not discriminating" not in text
+
+
+def test_a_trace_under_five_percent_headroom_says_so_at_the_top_of_its_table():
+    text = format_report(_rows(best_s=10.0, bound_s=9.8, worst_s=12.0))
+    table = text.split("== t (1 ranks)\n", 1)[1]
+    assert table.startswith("not discriminating: agents tie a constant here (link-levels: headroom 2.00% < 5%)")
+
+
+def test_differences_inside_the_error_band_print_as_ties():
+    rows = _rows(best_s=10.0, bound_s=9.0, worst_s=10.1, band=0.02)  # level 1% slower, ppo-link 5% faster
+    lines = {
+        ln.split()[0]: ln for ln in format_report(rows).splitlines() if ln.split()[:1] in (["level"], ["ppo-link"])
+    }
+    assert " tie " in lines["level"] and " tie " not in lines["ppo-link"] and "-5.00%" in lines["ppo-link"]
+    text = format_report(rows)
+    legend = text.index("'tie' where within the replay model's out-of-sample error band")
+    assert legend < text.index("fetched_vs_none")  # in the table's header, above its rows

@@ -95,3 +95,23 @@ def test_top_candidates_match_a_full_sort_with_ties():
     full = np.lexsort((ids, -score))
     for k in (1, 7, 100, 499, 500, 800):
         np.testing.assert_array_equal(_top(ids, score, k), full[:k])
+
+
+def test_both_rankings_are_complete_rankings():
+    # what the episode asks of a ranking (rudder.env.ranking.Ranking), with no hasattr or name checks
+    from rudder.env.ranking import LookaheadRanking, MissRanking, Ranking
+
+    buf = PrefetchBuffer(capacity=2, num_nodes=20, admit_on_miss=True)
+    buf.fill(np.array([3, 5]))
+    misses = MissRanking(buf)
+    ahead = LookaheadRanking(buf, None, lambda done, h: [], lambda done: [np.array([7, 3])], horizon=4, discount=0.5)
+    for ranking in (misses, ahead):
+        assert isinstance(ranking, Ranking)
+        ranked = ranking.rank(1, 4)
+        need, hot = ranking.slot_need(np.arange(2), 1)
+        assert need.shape == hot.shape == (2,) and hot.dtype == bool
+    assert (misses.levels_need_a_slot, ahead.levels_need_a_slot) == (False, True)
+    assert misses.candidate_need(np.array([2.0, 4.0], dtype=np.float32)) == pytest.approx(3.0 * buf.alpha)
+    assert ahead.candidate_need(np.array([2.0, 4.0], dtype=np.float32)) == 3.0
+    need, hot = ahead.slot_need(np.arange(2), 1)
+    assert ranked.candidate_ids[0] == 7 and list(hot) == [True, False]  # id 3 is needed again, id 5 is not

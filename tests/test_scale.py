@@ -49,8 +49,8 @@ def test_replay_knows_what_each_setting_samples_ahead():
     """A count knows that many minibatches beyond the next one; a budget as many as their sampled bytes fit (8
     bytes an input row); 'epoch' an epoch's worth, across the epoch boundary."""
     env = ReplayEnv(METIS2, rank=0)
-    rows = env._cum_bytes
-    per_epoch = env._per_epoch
+    rows = env.run.cum_bytes
+    per_epoch = env.run.per_epoch
     assert per_epoch == 30 and len(env._ids) == 60
     for setting, check in [
         ("4", lambda k, d: k == min(4, 59 - d)),

@@ -28,6 +28,7 @@ import pandas as pd
 from .schema import (
     CHUNK_ARRAYS,
     DECISION_ARRAYS,
+    DEVICE_COLUMNS,
     MINIBATCH_COLUMNS,
     OPTIONAL_ARRAYS,
     PREFETCH_COLUMNS,
@@ -168,6 +169,7 @@ class _Chunk:
     seeds: np.ndarray | None = None  # int64, every minibatch's sorted seeds concatenated, when asked and recorded
     seed_offsets: np.ndarray | None = None  # int64[n + 1], like id_offsets
     prefetch: dict[str, np.ndarray] | None = None  # PREFETCH_COLUMNS, when the recording prefetched in the background
+    device: dict[str, np.ndarray] | None = None  # DEVICE_COLUMNS, when the recording trained on a GPU
 
 
 class RankTrace:
@@ -248,6 +250,21 @@ class RankTrace:
             for name in PREFETCH_COLUMNS:
                 parts[name].append(chunk.prefetch[name])
         if not parts["arrived"]:
+            return None
+        return pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
+
+    def device_table(self) -> pd.DataFrame | None:
+        """Per minibatch, the host-to-device copy (``h2d_s`` seconds of its ``fetch_s``, ``h2d_rows`` rows), or
+        None when the recording trained on a CPU."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in DEVICE_COLUMNS}
+        for chunk in self._chunks(with_ids=False):
+            if chunk.device is None:
+                if chunk.id_offsets.size > 1:  # _chunks saw to it: then no chunk has them
+                    return None
+                continue  # a decisions-only last chunk
+            for name in DEVICE_COLUMNS:
+                parts[name].append(chunk.device[name])
+        if not parts["h2d_s"]:
             return None
         return pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
 
@@ -374,7 +391,11 @@ class RankTrace:
             )
             n = len(chunk.id_offsets) - 1
             if n:
-                for group, marker in (("seeds", SEED_COUNT), ("background prefetch columns", "arrived")):
+                for group, marker in (
+                    ("seeds", SEED_COUNT),
+                    ("background prefetch columns", "arrived"),
+                    ("device columns", "h2d_s"),
+                ):
                     has = marker in arrays
                     seen = first.setdefault(group, (has, path))
                     if seen[0] != has:
@@ -512,8 +533,26 @@ def _check_chunk(
                     f"field {name!r} in {path}: expected {n} values of {dtype}, got shape {a.shape} of {a.dtype}"
                 )
         prefetch = {name: arrays[name] for name in PREFETCH_COLUMNS}
+    device = None
+    if any(name in arrays for name in DEVICE_COLUMNS):
+        for name, dtype in DEVICE_COLUMNS.items():
+            a = arrays.get(name)
+            if a is None:
+                raise TraceError(f"{path} lacks array {name!r}: {' and '.join(DEVICE_COLUMNS)} go together")
+            if a.dtype != dtype or a.shape != (n,):
+                raise TraceError(
+                    f"field {name!r} in {path}: expected {n} values of {dtype}, got shape {a.shape} of {a.dtype}"
+                )
+        device = {name: arrays[name] for name in DEVICE_COLUMNS}
     return _Chunk(
-        {name: arrays[name] for name in MINIBATCH_COLUMNS}, ids, id_offsets, decisions, seeds, seed_offsets, prefetch
+        {name: arrays[name] for name in MINIBATCH_COLUMNS},
+        ids,
+        id_offsets,
+        decisions,
+        seeds,
+        seed_offsets,
+        prefetch,
+        device,
     )
 
 

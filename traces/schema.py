@@ -78,9 +78,18 @@ PREFETCH_COLUMNS: dict[str, np.dtype] = {
     "stall_s": np.dtype(np.float32),  # seconds the minibatch's demand pull waited behind a prefetch chunk
 }
 
+# Optional, per chunk, when the recording trained on a GPU (one value per minibatch, in every chunk of the rank or
+# in none); a trace without them trained on a CPU, where nothing is copied:
+DEVICE_COLUMNS: dict[str, np.dtype] = {
+    "h2d_s": np.dtype(np.float32),  # seconds of fetch_s copying the minibatch's input rows host-to-device
+    "h2d_rows": np.dtype(np.int32),  # rows copied host-to-device (all input rows, or the pulled ones with the
+    # buffer's rows on the device)
+}
+
 OPTIONAL_ARRAYS: tuple[str, ...] = (
     *SEED_ARRAYS,
     *PREFETCH_COLUMNS,
+    *DEVICE_COLUMNS,
 )  # a chunk holds no array but these and CHUNK_ARRAYS
 
 MAX_NODE_ID = int(np.iinfo(np.int64).max)  # ids are read back as int64

@@ -26,6 +26,7 @@ import numpy as np
 
 from .schema import (
     DECISION_ARRAYS,
+    DEVICE_COLUMNS,
     MAX_NODE_ID,
     MINIBATCH_COLUMNS,
     PREFETCH_COLUMNS,
@@ -114,6 +115,8 @@ class TraceWriter:
         self._pending_seeds: list[np.ndarray] = []
         self._with_prefetch: bool | None = None
         self._pending_prefetch: dict[str, list] = {name: [] for name in PREFETCH_COLUMNS}
+        self._with_device: bool | None = None
+        self._pending_device: dict[str, list] = {name: [] for name in DEVICE_COLUMNS}
         self._decisions = 0
         self._chunk_bytes = 0
         self._next_minibatch: int | None = None  # index the next add_minibatch must carry
@@ -162,6 +165,8 @@ class TraceWriter:
         seeds: np.ndarray | None = None,
         arrived: int | None = None,
         stall_s: float | None = None,
+        h2d_s: float | None = None,
+        h2d_rows: int | None = None,
     ) -> None:
         """Record one minibatch; writes a chunk when ``chunk_minibatches`` are pending or the oldest pending one is
         ``flush_every_s`` old.
@@ -173,7 +178,9 @@ class TraceWriter:
         as the recording run's buffer saw them. ``seeds`` (optional, but then for every minibatch of the rank) are
         the minibatch's seed node ids, for sampler lookahead in replay. ``arrived`` and ``stall_s`` (optional, both
         or neither, for every minibatch of a rank or for none): rows a background prefetch delivered before the
-        minibatch, and seconds its demand pull waited behind a prefetch chunk.
+        minibatch, and seconds its demand pull waited behind a prefetch chunk. ``h2d_s`` and ``h2d_rows``
+        (optional, likewise both or neither, for every minibatch or none): seconds of ``fetch_s`` copying input
+        rows host-to-device and the rows copied, when the recording trained on a GPU.
         """
         self._check_open()
         minibatch = _check_int("minibatch", minibatch, 0, MAX_NODE_ID)
@@ -195,6 +202,13 @@ class TraceWriter:
             "remote_fetched": _check_int("remote_fetched", remote_fetched, 0, _INT32_MAX),
             "prefetched": _check_int("prefetched", prefetched, 0, _INT32_MAX),
         }
+        if (h2d_s is None) != (h2d_rows is None):  # checked before anything is kept: a refused row leaves no trace
+            raise ValueError("h2d_s and h2d_rows go together")
+        if self._with_device is not None and self._with_device != (h2d_s is not None):
+            raise ValueError("h2d_s and h2d_rows must be given for every minibatch of a rank or for none")
+        if h2d_rows is not None:
+            h2d_rows = _check_int("h2d_rows", h2d_rows, 0, _INT32_MAX)
+        self._with_device = h2d_s is not None
         for name, value in row.items():
             self._pending[name].append(value)
         if self._with_seeds is None:
@@ -212,6 +226,9 @@ class TraceWriter:
         if arrived is not None:
             self._pending_prefetch["arrived"].append(_check_int("arrived", arrived, 0, _INT32_MAX))
             self._pending_prefetch["stall_s"].append(float(stall_s))
+        if h2d_s is not None:
+            self._pending_device["h2d_s"].append(float(h2d_s))
+            self._pending_device["h2d_rows"].append(h2d_rows)
         self._pending_ids.append(ids)
         self._next_minibatch = minibatch + 1
         now = time.monotonic()
@@ -317,6 +334,11 @@ class TraceWriter:
             for name, dtype in PREFETCH_COLUMNS.items():
                 arrays[name] = np.asarray(self._pending_prefetch[name], dtype=dtype)
         for values in self._pending_prefetch.values():
+            values.clear()
+        if self._with_device and n:
+            for name, dtype in DEVICE_COLUMNS.items():
+                arrays[name] = np.asarray(self._pending_device[name], dtype=dtype)
+        for values in self._pending_device.values():
             values.clear()
         decision_ids = self._decision_ids[:m]
         dtypes = DECISION_ARRAYS

@@ -88,7 +88,7 @@ def play_episode(env, agent, seed: int = 0) -> dict:
         obs, _, terminated, truncated, info = env.step(action)
         tally.add_window(info)
         done = terminated or truncated
-    return tally.result(env)
+    return tally.result()
 
 
 def play_best_level(env, horizon: int = 3, seed: int = 0) -> dict:
@@ -112,7 +112,11 @@ def play_best_level(env, horizon: int = 3, seed: int = 0) -> dict:
         obs, _, terminated, truncated, info = env.step(best)
         tally.add_window(info)
         done = terminated or truncated
-    return tally.result(env, levels_chosen=chosen.tolist())
+    return tally.result(levels_chosen=chosen.tolist())
+
+
+#: The buffer counters (``info["counters"]``) a played episode's row reports.
+COUNTERS = ("remote_sampled", "hits", "remote_fetched", "prefetched", "initial_fill", "admitted_on_miss")
 
 
 class EpisodeTally:
@@ -123,27 +127,24 @@ class EpisodeTally:
         self.seconds = 0.0
         self.parts = dict(sample_s=0.0, fetch_s=0.0, compute_s=0.0, stall_s=0.0)  # where the time went
         self.window_hit_rate: list[float] = []
+        self.counters: dict[str, int] = {}  # the buffer's counters as of the last window (``info["counters"]``)
 
     def add_window(self, info: dict) -> None:
         """Count the window that ``info`` (returned by ``step`` or ``run_window``) describes."""
+        self.counters = info["counters"]
         w = info["window"]
         self.seconds += w["sample_s"] + w["fetch_s"] + w["compute_s"]
         for key in self.parts:
             self.parts[key] += float(w.get(key, 0.0))
         self.window_hit_rate.append(w["hits"] / max(w["remote_sampled"], 1))
 
-    def result(self, env, **extra) -> dict:
-        """The row of the played episode: the buffer's counters, time (``time_s``: modelled in replay, measured
-        live), decisions and their latency percentiles."""
-        c = env.unwrapped.episode.buffer.counters
+    def result(self, **extra) -> dict:
+        """The row of the played episode: the buffer's counters at its end, time (``time_s``: modelled in replay,
+        measured live), decisions and their latency percentiles."""
+        c = self.counters
         lat = self.latencies
         return dict(
-            remote_sampled=c.remote_sampled,
-            hits=c.hits,
-            remote_fetched=c.remote_fetched,
-            prefetched=c.prefetched,
-            initial_fill=c.initial_fill,
-            admitted_on_miss=c.admitted_on_miss,
+            **{k: c[k] for k in COUNTERS},
             time_s=self.seconds,
             **{f"time_{k}": v for k, v in self.parts.items()},
             decisions=len(lat),
@@ -201,7 +202,7 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
     try:
         while not done:
             if pending is None:
-                pending = _Pending(base.episode.resolver(), info["minibatch"])
+                pending = _Pending(base.resolver(), info["minibatch"])
                 if live:
                     pending.future = pool.submit(agent.act, obs, info)
                 else:
@@ -215,7 +216,7 @@ def run_async(env, agent, seed: int = 0, latency_s: float | None = None, priorit
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return tally.result(env, delay_minibatches=delays)
+    return tally.result(delay_minibatches=delays)
 
 
 def play_schedule(env, schedule: dict[int, np.ndarray], seed: int = 0) -> dict:
@@ -239,7 +240,7 @@ def play_schedule(env, schedule: dict[int, np.ndarray], seed: int = 0) -> dict:
         obs, _, terminated, truncated, info = base.run_window(poll)
         tally.add_window(info)
         done = terminated or truncated
-    return tally.result(env)
+    return tally.result()
 
 
 def play(env, agent, seed: int = 0, asynchronous: bool = False, priority: str = "idle") -> dict:

@@ -40,6 +40,7 @@ REGISTRY = {
     "lookahead": ("rudder.baselines.policies", "Lookahead"),
     "vip": ("rudder.baselines.policies", "VIPStatic"),  # SALIENT++'s static cache by vertex inclusion probability
     "level": ("rudder.baselines.policies", "FixedLevel"),  # one link-budget level every window (level=...)
+    "mpc": ("rudder.baselines.mpc", "MPC"),  # model-predictive control over link-budget levels
     "ppo": ("rudder.agents.ppo", "PPOAgent"),
     "ppo-link": ("rudder.agents.ppo", "PPOLinkAgent"),  # PPO choosing link-budget levels (time as the reward)
     "llm": ("rudder.agents.llm.agent", "LLMAgent"),

@@ -13,9 +13,15 @@ import pandas as pd
 from rudder.traces.fingerprint import NOT_HELD_OUT
 
 ORACLE_NOTES = {
-    "best-level": "best-level: at every decision the link-budget level with the fewest modelled seconds over the "
-    "next 3 windows, trying each from the same state (knows the trace's future; greedy, not a proven "
-    "optimum); run only where the time fit separates remote rows",
+    "best-level": "best-level: the better of the best link-budget level held throughout and, at every decision, the "
+    "level with the fewest modelled seconds over the next 3 windows (knows the trace's future; a heuristic, not a "
+    "bound); run only where the time fit separates remote rows",
+    "best-constant": "best-constant:SPACE: the one action of the space held throughout that is fastest on that rank, "
+    "chosen in hindsight",
+    "tuned-constant": "tuned-constant:SPACE: the one action fastest summed over the training traces (traces/train), "
+    "applied unchanged elsewhere: what a practitioner would deploy",
+    "bound": "bound:SPACE: the fastest action sequence of the space within the replay model (beam search over "
+    "snapshots); a bound where proved optimal, else printed as a reference (a sequence found)",
     "belady": "belady: Belady MIN, the fewest remote rows any policy with this buffer fetches: a bound on traffic, not "
     "on hit rate (buffers that prefetch can hit more), so no hit rate is shown for it",
     "hindsight": "hindsight: the static buffer with the most hits, chosen knowing the whole trace "
@@ -52,13 +58,18 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     timed = df[df["time_fit_ok"].fillna(False).astype(bool)] if "time_fit_ok" in df else df
     none_s = timed.loc[timed["agent"] == "none", "time_s"].sum() if (timed["agent"] == "none").any() else float("nan")
     out["time_vs_none"] = timed.groupby("agent", sort=False)["time_s"].sum(min_count=1).reindex(out.index) / none_s
-    if "level_oracle_s" in df and timed["level_oracle_s"].notna().any():
-        # over the ranks the best-level oracle ran on: time over the oracle's, and the headroom of those ranks
-        ranked = timed[timed["level_oracle_s"].notna()]
-        per_agent = ranked.groupby("agent", sort=False)
-        out["regret_vs_oracle"] = (
-            per_agent["time_s"].sum(min_count=1) / per_agent["level_oracle_s"].sum(min_count=1)
-        ).reindex(out.index) - 1
+    if "best_constant_s" in df and timed["best_constant_s"].notna().any():
+        # over each agent's ranks with a best constant in its action space: time over it, and where a bound or
+        # reference was searched too, the share of the headroom the agent captured
+        judged = timed[timed["best_constant_s"].notna()].groupby("agent", sort=False)
+        const_s = judged["best_constant_s"].sum(min_count=1)
+        out["vs_best_constant"] = (judged["time_s"].sum(min_count=1) / const_s).reindex(out.index) - 1
+        out["error_band"] = judged["time_error_band"].max().reindex(out.index)
+        if "bound_s" in df:
+            both = timed[timed["best_constant_s"].notna() & timed["bound_s"].notna()].groupby("agent", sort=False)
+            gap = both["best_constant_s"].sum(min_count=1) - both["bound_s"].sum(min_count=1)
+            saved = both["best_constant_s"].sum(min_count=1) - both["time_s"].sum(min_count=1)
+            out["share_of_headroom"] = (saved / gap.where(gap > 0)).reindex(out.index)
     out["latency_p50_ms"] = g["latency_p50_s"].median() * 1000
     out["latency_p95_ms"] = g["latency_p95_s"].max() * 1000
     if "invalid_answers" in df:
@@ -101,32 +112,67 @@ def format_report(df: pd.DataFrame, include_trained_on: bool = False) -> str:
             + note
         )
     parts.append(format_provenance(df))
-    notes = [ORACLE_NOTES[o] for o in ORACLE_NOTES if o in set(df["agent"])]
+    present = {str(a).split(":")[0] for a in df["agent"]}
+    notes = [ORACLE_NOTES[o] for o in ORACLE_NOTES if o in present]
     if notes:
         parts.append("\n".join(notes))
     return "\n\n".join(p for p in parts if p)
 
 
-HEADROOM_MIN = 0.05  # below this a trace cannot rank level policies: marked not discriminating
+HEADROOM_MIN = 0.05  # below this a trace cannot rank the agents of an action space: marked not discriminating
 
 
-def headroom(rows: pd.DataFrame) -> float:
-    """1 - best-level oracle time / worst fixed level time, over the ranks the oracle ran on (NaN: none)."""
-    if "worst_level_s" not in rows:
-        return float("nan")
-    o = rows[(rows["agent"] == "best-level") & rows["worst_level_s"].notna()]
-    return float(1 - o["time_s"].sum() / o["worst_level_s"].sum()) if len(o) else float("nan")
+def headroom(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per action space, over the ranks its bound search ran on: ``best_constant_s`` and ``bound_s`` (summed),
+    ``headroom = 1 - bound / best constant``, ``kind`` (``bound`` where every rank's optimum was proved, else
+    ``reference``), ``error_band`` (the largest out-of-sample |error| of the replay model among those ranks; NaN
+    where none was checked) and ``ranks``. Empty when no ``bound:SPACE`` row is present."""
+    cols = ["best_constant_s", "bound_s", "headroom", "kind", "error_band", "ranks"]
+    if "action_space" not in rows:
+        return pd.DataFrame(columns=cols)
+    out = {}
+    for space, group in rows[rows["agent"].astype(str).str.startswith("bound:")].groupby("action_space", sort=False):
+        const = rows[rows["agent"] == f"best-constant:{space}"].set_index(["trace", "rank"])["time_s"]
+        b = group.set_index(["trace", "rank"])
+        pairs = b.index.intersection(const.index)
+        if not len(pairs):
+            continue
+        const_s, bound_s = float(const.loc[pairs].sum()), float(b.loc[pairs, "time_s"].sum())
+        out[space] = dict(
+            best_constant_s=const_s,
+            bound_s=bound_s,
+            headroom=1 - bound_s / const_s if const_s > 0 else float("nan"),
+            kind="bound" if (b.loc[pairs, "bound_kind"] == "bound").all() else "reference",
+            error_band=float(b.loc[pairs, "time_error_band"].max()),
+            ranks=len(pairs),
+        )
+    return pd.DataFrame.from_dict(out, orient="index", columns=cols)
 
 
-def _headroom_line(rows: pd.DataFrame) -> str:
+def _headroom_lines(rows: pd.DataFrame) -> tuple[str, str]:
+    """(the verdict for the top of a table, the headroom lines under it)."""
     h = headroom(rows)
-    if pd.isna(h):
-        return ""
-    verdict = "" if h >= HEADROOM_MIN else f": under {HEADROOM_MIN:.0%}, NOT DISCRIMINATING (level policies tie here)"
-    return (
-        f"\nheadroom {h:.1%} (best-level oracle vs the worst fixed link-budget level){verdict}; "
-        f"regret_vs_oracle: time over the oracle's on the same ranks"
+    if h.empty and ("best_constant_s" not in rows or rows["best_constant_s"].isna().all()):
+        return "", ""
+    top, lines = [], []
+    for space, r in h.iterrows():
+        word = "bound" if r["kind"] == "bound" else "reference (a sequence found, not proved optimal)"
+        band = "" if pd.isna(r["error_band"]) else f", replay model's error band ±{r['error_band']:.1%}"
+        lines.append(
+            f"headroom {space}: {r['headroom']:.2%} = 1 - {word} {r['bound_s']:.3f} s / best constant "
+            f"{r['best_constant_s']:.3f} s over {r['ranks']} ranks{band}"
+        )
+        if r["headroom"] < HEADROOM_MIN:
+            top.append(
+                f"not discriminating: agents tie a constant here ({space}: headroom {r['headroom']:.2%} < "
+                f"{HEADROOM_MIN:.0%})"
+            )
+    top.append(
+        "vs_best_constant: time over the best constant of the agent's action space, 'tie' where within the replay "
+        "model's out-of-sample error band (error_band); share_of_headroom: (best constant - agent) / (best "
+        "constant - bound)"
     )
+    return "\n".join(top) + "\n", "".join("\n" + line for line in lines)
 
 
 def _section(rows: pd.DataFrame, include_trained_on: bool) -> str:
@@ -135,7 +181,8 @@ def _section(rows: pd.DataFrame, include_trained_on: bool) -> str:
     table = summarise(kept).reindex(full.index) if len(kept) else full.iloc[:, :0].reindex(columns=full.columns)
     if "provenance" in full:
         table["provenance"] = full["provenance"]
-    text = _fmt(table) + _headroom_line(rows)
+    top, lines = _headroom_lines(rows)
+    text = top + _fmt(table) + lines
     left = rows.drop(kept.index)
     if len(left):
         for agent, group in left.groupby("agent", sort=False):
@@ -230,7 +277,9 @@ def _fmt(table: pd.DataFrame) -> str:
             "hit_rate",
             "fetched_vs_min",
             "time_vs_none",
-            "regret_vs_oracle",
+            "vs_best_constant",
+            "share_of_headroom",
+            "error_band",
             "latency_p50_ms",
             "latency_p95_ms",
             "invalid_answers",
@@ -244,7 +293,9 @@ def _fmt(table: pd.DataFrame) -> str:
         "hit_rate": "{:.1%}",
         "fetched_vs_min": "{:.3f}",
         "time_vs_none": "{:.3f}",
-        "regret_vs_oracle": "{:+.1%}",
+        "vs_best_constant": "{:+.2%}",
+        "share_of_headroom": "{:.0%}",
+        "error_band": "{:.1%}",
         "latency_p50_ms": "{:.2f}",
         "latency_p95_ms": "{:.2f}",
         "invalid_answers": "{:.0f}",
@@ -254,6 +305,9 @@ def _fmt(table: pd.DataFrame) -> str:
     shown = table[cols].copy()
     for c in cols:
         shown[c] = [("-" if (not isinstance(v, str) and pd.isna(v)) else fmt[c].format(v)) for v in table[c]]
+    if "vs_best_constant" in cols and "error_band" in table:
+        inside = table["vs_best_constant"].abs() <= table["error_band"]  # NaN band: no tie declared
+        shown.loc[inside.fillna(False).to_numpy(), "vs_best_constant"] = "tie"
     return shown.to_string()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import glob
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -10,19 +12,63 @@ import numpy as np
 
 import rudder.env  # noqa: F401  (registers the environments)
 from rudder.agents.base import as_agent
+from rudder.baselines.constant import SPACES, ActionSpace, space_of
 from rudder.baselines.oracles import belady_min, hindsight_static, hit_ceiling
-from rudder.baselines.policies import FixedLevel, Periodic, RandomBudget, StaticBuffer
-from rudder.env.contract import LINK_LEVELS, buffer_kwargs
+from rudder.baselines.policies import Periodic, RandomBudget, StaticBuffer
+from rudder.env.contract import LINK_LEVELS, BufferSettings, buffer_kwargs
 from rudder.env.replay_env import ReplayEnv
 from rudder.env.timing import FetchTimeModel, out_of_sample
+from rudder.evaluation.bound import optimum
 from rudder.evaluation.play import play, play_best_level, play_episode
-from rudder.traces import Trace
+from rudder.traces import TRAIN_DIR, Trace
 from rudder.traces.fingerprint import HELD_OUT, provenance, rank_fingerprint
 from rudder.traces.timecheck import TimeCheck
 from rudder.traces.timecheck import time_checks as find_time_checks
 
-ORACLES = ("belady", "hindsight", "best-level")
+CONSTANT_ORACLES = ("best-constant", "tuned-constant", "bound")  # one row per action space (:data:`SPACES`)
+ORACLES = ("belady", "hindsight", "best-level", *CONSTANT_ORACLES)
 LEVEL_ORACLE_HORIZON = 3  # windows the best-level oracle plays each level ahead before choosing
+
+#: What a row of ``results.csv`` holds, in order: who played where (``agent``, ``trace``, ``rank``, the buffer's
+#: ``capacity``, whether it decided in the background, its provenance), then what the buffer did and what it cost
+#: (:data:`PLAYED`); then columns each source adds (the time model, the hit-rate ceiling, the level oracle...).
+WHO = ("agent", "trace", "rank", "capacity", "asynchronous", "provenance", "held_out", "invalid_answers")
+PLAYED = (
+    "remote_sampled",  # remote input rows needed
+    "hits",  # of which served from the buffer
+    "remote_fetched",  # rows pulled over RPC: misses + prefetched
+    "prefetched",  # rows pulled only because a prefetch set (or the initial fill) asked for them
+    "initial_fill",  # of prefetched: the initial fill's
+    "admitted_on_miss",  # missed rows that entered the buffer at no extra traffic
+    "time_s",  # modelled in replay (NaN for a traffic oracle), measured live
+    "decisions",
+    "latency_p50_s",
+    "latency_p95_s",
+    "window_hit_rate",  # hit rate per decision window
+)
+
+
+def result_row(
+    agent: str,
+    trace: str,
+    rank: int,
+    capacity: int,
+    played: dict,
+    *,
+    asynchronous: bool = False,
+    provenance: str = "",
+    held_out: bool | None = None,
+    invalid_answers: int = 0,
+    **more,
+) -> dict:
+    """One row of ``results.csv``: :data:`WHO` then ``played`` (what :func:`~rudder.evaluation.play.play` returns,
+    or the same :data:`PLAYED` keys from an oracle or a live run: every one of them must be there) then ``more``.
+    The one place a results row is put together, for replayed agents, oracles and live runs alike."""
+    missing = [k for k in PLAYED if k not in played]
+    if missing:
+        raise ValueError(f"a results row for {agent} on {trace} rank {rank} lacks {', '.join(missing)}")
+    who = dict(zip(WHO, (agent, trace, rank, capacity, asynchronous, provenance, held_out, invalid_answers)))
+    return dict(who, **played, **more)
 
 
 def evaluate_trace(
@@ -34,6 +80,7 @@ def evaluate_trace(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     time_checks: Sequence[TimeCheck] = (),
+    tuned_on: Sequence[str] | None = None,
 ) -> list[dict]:
     """Score every agent and oracle on every rank of one trace.
 
@@ -51,9 +98,15 @@ def evaluate_trace(
     Each row also carries the rank's replay time model (:func:`time_model_columns`), checked out of sample on the
     first of the trace's own ``time-check-*.json`` files and ``time_checks`` that fits it.
 
-    The ``best-level`` oracle (:func:`level_oracle`) runs only on ranks whose time fit separates remote rows (time
-    is what it optimises); every row of such a rank carries ``level_oracle_s`` and ``worst_level_s`` for regret and
-    headroom.
+    Time oracles run only on ranks whose time fit separates remote rows (time is what they optimise): ``best-level``
+    (:func:`level_oracle`, every row of the rank then carries ``level_oracle_s``), and per action space
+    (:data:`rudder.baselines.constant.SPACES`) ``best-constant:SPACE`` (the action held throughout that is fastest
+    on this rank), ``tuned-constant:SPACE`` (the one fastest over ``tuned_on``, default the training traces:
+    :func:`tuned_constants`) and ``bound:SPACE`` (the optimum over action sequences, :func:`bound_row`;
+    ``bound_kind`` says whether proved). An agent's row carries ``action_space`` (where it decides) and that space's
+    ``best_constant_s``, ``bound_s`` and ``bound_kind``, for headroom and its share of it. Every row carries
+    ``time_error_band``: the replay model's out-of-sample |error| of total time on this rank (NaN without a time
+    check), inside which differences are ties.
     """
     trace = Trace(trace_dir)
     name = os.path.basename(os.path.normpath(trace_dir))
@@ -66,7 +119,9 @@ def evaluate_trace(
         ids = trace.rank(rank).minibatch_ids()
         sampled = np.asarray([x.size for x in ids], dtype=np.int64)
         ceiling = hit_ceiling(ids, ref.capacity)
-        bound = dict(ceiling_hits=int(ceiling.sum()), window_hit_ceiling=_window_rates(ceiling, sampled, ref.period))
+        ceiling_cols = dict(
+            ceiling_hits=int(ceiling.sum()), window_hit_ceiling=_window_rates(ceiling, sampled, ref.period)
+        )
         for agent_name, factory in agents.items():
             agent = as_agent(factory(name, rank))
             env = ReplayEnv(trace, rank=rank, candidates=candidates, **buffer_kwargs(agent.settings, buffer_fraction))
@@ -78,75 +133,146 @@ def evaluate_trace(
                 fingerprint = rank_fingerprint(trace, rank)
             origin = provenance(agent.trained_on, fingerprint) if agent.trained_on is not None else ""
             rows.append(
-                dict(
-                    agent=agent_name,
-                    trace=name,
-                    rank=rank,
-                    capacity=env.capacity,
+                result_row(
+                    agent_name,
+                    name,
+                    rank,
+                    env.capacity,
+                    r,
                     asynchronous=agent.asynchronous,
                     provenance=origin,
                     held_out=(origin == HELD_OUT) if origin else None,
                     invalid_answers=agent.stats().get("invalid_answers", 0),
-                    **r,
                     **timing,
-                    **bound,
+                    **ceiling_cols,
                 )
             )
         rank_rows = [r for r in rows if r["rank"] == rank and r["trace"] == name]
+        band = abs(timing["time_oos_time_error"])
+        for r in rank_rows:
+            r.update(time_error_band=band, action_space=getattr(space_of(r["agent"]), "name", ""))
+        fixed: dict[str, list[dict]] = {}  # constant_rows per space, played once for every oracle that needs them
+        best_s: dict[str, float] = {}  # per space: the best constant's seconds
+        found: dict[str, tuple[float, str]] = {}  # per space: the bound's (or reference's) seconds and kind
+
+        def constants(space: ActionSpace) -> tuple[ReplayEnv, list[dict]]:
+            env = space_env(trace, rank, space, buffer_fraction, candidates)
+            if space.name not in fixed:
+                fixed[space.name] = constant_rows(env, space, seed)
+            return env, fixed[space.name]
+
         for oracle in oracles:
             if progress:
                 progress(f"{name} rank {rank}: {oracle}")
+            if oracle in CONSTANT_ORACLES:
+                if not timing["time_fit_ok"]:  # modelled time does not depend on what is fetched: nothing to rank
+                    continue
+                for space in SPACES.values():
+                    env, rows_fixed = constants(space)
+                    times = [r["time_s"] for r in rows_fixed]
+                    origin = ""
+                    if oracle == "best-constant":
+                        i = int(np.argmin(times))
+                        res = dict(rows_fixed[i], constant_action=space.label(i))
+                    elif oracle == "tuned-constant":
+                        tuned_traces = None if tuned_on is None else tuple(tuned_on)
+                        tuned = tuned_constants(tuned_traces, buffer_fraction, candidates, seed)[space.name]
+                        res = dict(rows_fixed[tuned["index"]], constant_action=tuned["label"])
+                        if fingerprint is None:
+                            fingerprint = rank_fingerprint(trace, rank)
+                        origin = provenance(tuned["trained_on"], fingerprint)
+                    else:
+                        res = bound_row(env, space, rows_fixed, seed=seed)
+                        found[space.name] = (res["time_s"], res["bound_kind"])
+                    if oracle == "best-constant":
+                        best_s[space.name] = res["time_s"]
+                    res.pop("levels_chosen", None)
+                    rows.append(
+                        result_row(
+                            f"{oracle}:{space.name}",
+                            name,
+                            rank,
+                            ref.capacity,
+                            res,
+                            provenance=origin,
+                            held_out=(origin == HELD_OUT) if origin else None,
+                            action_space=space.name,
+                            time_error_band=band,
+                            **timing,
+                            **ceiling_cols,
+                        )
+                    )
+                continue
             if oracle == "best-level":
                 if not timing["time_fit_ok"]:
                     continue
-                res = level_oracle(trace, rank, buffer_fraction, candidates, seed)
+                res = level_oracle(
+                    trace, rank, buffer_fraction, candidates, seed, fixed=constants(SPACES["link-levels"])[1]
+                )
                 for r in rank_rows:
-                    r.update(level_oracle_s=res["time_s"], worst_level_s=res["worst_level_s"])
+                    r.update(level_oracle_s=res["time_s"])
+                played = {k: v for k, v in res.items() if k not in ("levels_chosen", "fixed_level_s")}
                 rows.append(
-                    dict(
-                        agent=oracle,
-                        trace=name,
-                        rank=rank,
-                        capacity=ref.capacity,
-                        asynchronous=False,
-                        provenance="",
-                        held_out=None,
-                        invalid_answers=0,
-                        **{k: v for k, v in res.items() if k not in ("levels_chosen", "fixed_level_s")},
+                    result_row(
+                        oracle,
+                        name,
+                        rank,
+                        ref.capacity,
+                        played,
+                        action_space="link-levels",
+                        time_error_band=band,
                         level_oracle_s=res["time_s"],
                         **timing,
-                        **bound,
+                        **ceiling_cols,
                     )
                 )
                 continue
             fn = {"belady": belady_min, "hindsight": hindsight_static}[oracle]
             res = fn(ids, ref.capacity)
-            rows.append(
-                dict(
-                    agent=oracle,
-                    trace=name,
-                    rank=rank,
-                    capacity=ref.capacity,
-                    asynchronous=False,
-                    provenance="",
-                    held_out=None,
-                    invalid_answers=0,
-                    remote_sampled=res.remote_sampled,
-                    hits=res.hits,
-                    remote_fetched=res.remote_fetched,
-                    prefetched=res.prefetched,
-                    initial_fill=res.initial_fill,
-                    admitted_on_miss=0,
-                    time_s=float("nan"),
-                    decisions=0,
-                    latency_p50_s=0.0,
-                    latency_p95_s=0.0,
-                    window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
-                    **timing,
-                    **bound,
-                )
+            played = dict(
+                remote_sampled=res.remote_sampled,
+                hits=res.hits,
+                remote_fetched=res.remote_fetched,
+                prefetched=res.prefetched,
+                initial_fill=res.initial_fill,
+                admitted_on_miss=0,
+                time_s=float("nan"),
+                decisions=0,
+                latency_p50_s=0.0,
+                latency_p95_s=0.0,
+                window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
             )
+            rows.append(
+                result_row(oracle, name, rank, ref.capacity, played, time_error_band=band, **timing, **ceiling_cols)
+            )
+        for r in rows:  # every row of this rank that decides in a space: its best constant and bound
+            space = r.get("action_space") if r["trace"] == name and r["rank"] == rank else None
+            if space in best_s:
+                r["best_constant_s"] = best_s[space]
+            if space in found:
+                r["bound_s"], r["bound_kind"] = found[space]
     return rows
+
+
+def space_env(
+    trace: Trace, rank: int, space: ActionSpace, buffer_fraction: float | None = None, candidates: int | None = None
+) -> ReplayEnv:
+    """The replay env the agents of ``space`` play on this rank. A trace without seeds or partition structure has no
+    lookahead ranking: its link-level space ranks by misses instead (no admit-on-miss)."""
+    kwargs = buffer_kwargs(space.settings, buffer_fraction)
+    try:
+        return ReplayEnv(trace, rank=rank, candidates=candidates, **kwargs)
+    except ValueError:
+        if kwargs.get("ranking") != "lookahead":
+            raise
+        kwargs.update(ranking="misses", admit_on_miss=None)
+        return ReplayEnv(trace, rank=rank, candidates=candidates, **kwargs)
+
+
+def constant_rows(env: ReplayEnv, space: ActionSpace, seed: int = 0) -> list[dict]:
+    """:func:`play_episode`'s row of each action of ``space`` held throughout, in action order: the one replay of
+    the constant policies that the best-level oracle, best-constant, tuned-constant and headroom share."""
+    return [play_episode(env, space.constant(i), seed) for i in range(len(space.actions))]
 
 
 def level_oracle(
@@ -157,34 +283,107 @@ def level_oracle(
     seed: int = 0,
     levels=LINK_LEVELS,
     horizon: int = LEVEL_ORACLE_HORIZON,
+    fixed: list[dict] | None = None,
 ) -> dict:
-    """The best-in-action-space oracle over link-budget levels with the lookahead's candidates (the misses' where
-    the trace has no lookahead structure): the better of the greedy search
-    (:func:`~rudder.evaluation.play.play_best_level`) and the best level held throughout (``oracle_policy``
-    says which), with the modelled time of each fixed level: ``worst_level_s`` (the worst of them),
-    ``fixed_level_s``, and the greedy search's own ``greedy_s``."""
-    probe = FixedLevel(levels[0], levels=levels)
-    kwargs = buffer_kwargs(probe.settings, buffer_fraction)
-    try:
-        env = ReplayEnv(trace, rank=rank, candidates=candidates, **kwargs)
-    except ValueError:  # no seeds or partition structure in the trace
-        kwargs.update(ranking="misses", admit_on_miss=None)
-        env = ReplayEnv(trace, rank=rank, candidates=candidates, **kwargs)
-    fixed = [play_episode(env, FixedLevel(x, ranking=kwargs["ranking"], levels=levels), seed) for x in levels]
+    """The best-level oracle over link-budget levels with the lookahead's candidates (the misses' where the trace
+    has no lookahead structure): the better of the greedy search (:func:`~rudder.evaluation.play.play_best_level`)
+    and the best level held throughout (``oracle_policy`` says which), with the modelled time of each fixed level
+    (``fixed_level_s``) and the greedy search's own ``greedy_s``. A heuristic that knows the future, not a bound
+    (:mod:`rudder.evaluation.bound` is). ``fixed``: :func:`constant_rows` of the link levels, where already played."""
+    space = _link_space(levels)
+    env = space_env(trace, rank, space, buffer_fraction, candidates)
+    if fixed is None:
+        fixed = constant_rows(env, space, seed)
     greedy = play_best_level(env, horizon=horizon, seed=seed)
     times = [r["time_s"] for r in fixed]
     # the greedy search can miss what one level held throughout does: the oracle is the better of the two
     best = int(np.argmin(times))
     res = greedy if greedy["time_s"] <= times[best] else dict(fixed[best], levels_chosen=None)
-    res = dict(
+    return dict(
         res,
         oracle_policy="greedy" if res is greedy else f"level {levels[best]:g}",
-        worst_level_s=max(times),
         fixed_level_s=times,
         greedy_s=greedy["time_s"],
-        level_ranking=kwargs["ranking"],
+        level_ranking=env.ranking,
     )
-    return res
+
+
+def _link_space(levels) -> ActionSpace:
+    space = SPACES["link-levels"]
+    if tuple(levels) == space.actions:
+        return space
+    settings = BufferSettings(ranking="lookahead", admit_on_miss=True, levels=tuple(levels))
+    return ActionSpace(space.name, settings, tuple(settings.levels), link=True, agents=space.agents)
+
+
+def bound_row(
+    env: ReplayEnv, space: ActionSpace, fixed: list[dict], seed: int = 0, width: int | None = None, progress=None
+) -> dict:
+    """The optimum over ``space``'s action sequences on this rank (:func:`rudder.evaluation.bound.optimum`), as a
+    row: the episode of the best sequence found, or of the best constant where that is faster (``fixed``:
+    :func:`constant_rows`). ``bound_kind`` is ``bound`` where proved optimal, else ``reference``; ``bound_actions``
+    the sequence (action labels, one per window)."""
+    res = optimum(env, space, width=width, seed=seed, progress=progress)
+    times = [r["time_s"] for r in fixed]
+    best = int(np.argmin(times))
+    if times[best] <= res.time_s:
+        row, actions = fixed[best], [best] * res.windows
+    else:
+        row, actions = play_episode(env, _Sequence(space, res.actions), seed), res.actions
+    proved = res.pruned_lower_s >= row["time_s"]
+    return dict(
+        row,
+        bound_kind="bound" if proved else "reference",
+        bound_actions=" ".join(space.label(a).split()[-1] for a in actions),
+        bound_nodes=res.nodes,
+    )
+
+
+class _Sequence:
+    """Plays a given action sequence of a space, one action per window (the bound's, to get its full row)."""
+
+    name = "sequence"
+
+    def __init__(self, space: ActionSpace, actions: list[int]):
+        self.space, self.actions, self.settings, self._i = space, list(actions), space.settings, 0
+
+    def reset(self) -> None:
+        self._i = 0
+
+    def act(self, observation, info):
+        a = self.actions[min(self._i, len(self.actions) - 1)]
+        self._i += 1
+        return self.space.env_action(a, observation, info)
+
+
+@functools.lru_cache(maxsize=8)
+def tuned_constants(
+    traces: tuple[str, ...] | None = None,
+    buffer_fraction: float | None = None,
+    candidates: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Per action space, the constant action a practitioner would deploy: the one fastest summed over the ranks of
+    ``traces`` (default: the shipped training traces, ``traces/train/*``) whose time fit separates remote rows.
+    ``{space: dict(index=, label=, trained_on=[rank fingerprints])}``; the choice is applied unchanged elsewhere."""
+    if traces is None:
+        traces = tuple(sorted(glob.glob(os.path.join(TRAIN_DIR, "*", ""))))
+    totals = {name: np.zeros(len(space.actions)) for name, space in SPACES.items()}
+    learned_from = []
+    for folder in traces:
+        trace = Trace(folder)
+        for rank in trace.ranks:
+            envs = {name: space_env(trace, rank, space, buffer_fraction, candidates) for name, space in SPACES.items()}
+            if not next(iter(envs.values())).time_model.separates_remote_rows:  # time does not depend on actions
+                continue
+            for name, space in SPACES.items():
+                totals[name] += [r["time_s"] for r in constant_rows(envs[name], space, seed)]
+            learned_from.append(rank_fingerprint(trace, rank))
+    out = {}
+    for name, space in SPACES.items():
+        i = int(np.argmin(totals[name]))
+        out[name] = dict(index=i, label=space.label(i), trained_on=learned_from)
+    return out
 
 
 def time_model_columns(trace: Trace, rank: int, model: FetchTimeModel, checks: Sequence[TimeCheck]) -> dict:

@@ -8,7 +8,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 
-from rudder.env.replay_env import DEFAULT_SAMPLE_AHEAD
+from rudder.env.defaults import DEFAULTS
 from rudder.env.settings import BUFFER_INITS, check, check_fanout
 
 
@@ -30,8 +30,33 @@ class TrainConfig:
     trainers_per_part: int = field(default=1, metadata=dict(help="trainer ranks per partition"))
     partition: str = field(default="metis", metadata=dict(choices=("metis", "random"), help="partitioning method"))
     model: str = field(default="sage", metadata=dict(choices=("sage", "gat"), help="GNN model"))
-    fanout: str = field(default="10,25", metadata=dict(help="neighbours sampled per layer, input layer last"))
-    batch_size: int = field(default=1000, metadata=dict(help="seed nodes per minibatch"))
+    device: str = field(
+        default="cpu",
+        metadata=dict(
+            choices=("cpu", "cuda"),
+            help="where the model trains: cuda puts each trainer's model, loss and input rows on a GPU, chosen by "
+            "its local rank among the host's trainers (--trainers-per-part = GPUs per node; several trainers may "
+            "share one); sampling and feature pulls stay on the CPU",
+        ),
+    )
+    model_impl: str = field(
+        default="auto",
+        metadata=dict(
+            choices=("auto", "dgl", "torch"),
+            help="GNN layers: dgl (DGL's SAGEConv/GATConv; on cuda only with a DGL built with CUDA) or torch (the "
+            "same layers in plain torch from each block's edges: rudder/runtime/models.py); auto: dgl on cpu, "
+            "torch on cuda",
+        ),
+    )
+    buffer_on_device: bool = field(
+        default=False,
+        metadata=dict(
+            help="with --device cuda: hold the prefetch buffer's rows on the GPU, so that buffer hits are not "
+            "copied host-to-device every minibatch (only pulled rows are)"
+        ),
+    )
+    fanout: str = field(default=DEFAULTS.fanout, metadata=dict(help="neighbours sampled per layer, input layer last"))
+    batch_size: int = field(default=DEFAULTS.batch_size, metadata=dict(help="seed nodes per minibatch"))
     epochs: int = field(default=1, metadata=dict(help="training epochs"))
     hidden: int = field(default=128, metadata=dict(help="hidden width"))
     lr: float = field(default=0.003, metadata=dict(help="Adam learning rate"))
@@ -67,20 +92,26 @@ class TrainConfig:
             "trainers and points them at it (one model copy per host); off: every trainer loads its own",
         ),
     )
-    buffer_fraction: float = field(default=0.25, metadata=dict(help="buffer capacity as a fraction of halo nodes"))
+    buffer_fraction: float = field(
+        default=DEFAULTS.buffer_fraction, metadata=dict(help="buffer capacity as a fraction of halo nodes")
+    )
     buffer_init: str = field(
-        default="degree",
+        default=DEFAULTS.buffer_init,
         metadata=dict(
             choices=BUFFER_INITS,
             help="initial buffer content: degree (most-connected halo nodes), random, empty, or "
             "vip (highest vertex inclusion probability, SALIENT++)",
         ),
     )
-    alpha: float = field(default=0.05, metadata=dict(help="score decay per minibatch"))
-    period: int = field(default=8, metadata=dict(help="minibatches per decision window"))
-    admit_on_miss: bool = field(default=False, metadata=dict(help="let fetched misses enter free/evictable slots"))
-    candidates: int = field(default=256, metadata=dict(help="K: ranked candidates offered per decision (action size)"))
-    reward: str = field(default="traffic", metadata=dict(choices=("traffic", "time"), help="environment reward"))
+    alpha: float = field(default=DEFAULTS.alpha, metadata=dict(help="score decay per minibatch"))
+    period: int = field(default=DEFAULTS.period, metadata=dict(help="minibatches per decision window"))
+    admit_on_miss: bool = field(
+        default=DEFAULTS.admit_on_miss, metadata=dict(help="let fetched misses enter free/evictable slots")
+    )
+    candidates: int = field(
+        default=DEFAULTS.candidates, metadata=dict(help="K: ranked candidates offered per decision (action size)")
+    )
+    reward: str = field(default=DEFAULTS.reward, metadata=dict(choices=("traffic", "time"), help="environment reward"))
     decisions: str = field(
         default="auto",
         metadata=dict(
@@ -111,7 +142,7 @@ class TrainConfig:
         ),
     )
     sample_ahead: int | str = field(
-        default=DEFAULT_SAMPLE_AHEAD,
+        default=DEFAULTS.sample_ahead,
         metadata=dict(
             help="how far sampling runs ahead of training, across epochs: a count of minibatches (4), a budget of "
             "sampled blocks (64MB; KB, MB, GB) or 'epoch'; the lookahead knows those minibatches' remote rows "
@@ -119,7 +150,7 @@ class TrainConfig:
         ),
     )
     prefetch: str = field(
-        default="background",
+        default=DEFAULTS.prefetch,
         metadata=dict(
             choices=("background", "inline"),
             help="how a decided prefetch set is pulled: by a background worker in chunks while training goes on, rows "
@@ -233,6 +264,13 @@ class TrainConfig:
         return check_fanout(self.fanout)
 
     @property
+    def impl(self) -> str:
+        """The model implementation ``--model-impl`` resolves to (auto: dgl on cpu, torch on cuda)."""
+        if self.model_impl == "auto":
+            return "dgl" if self.device == "cpu" else "torch"
+        return self.model_impl
+
+    @property
     def num_trainers(self) -> int:
         return self.parts * self.trainers_per_part
 
@@ -327,8 +365,32 @@ class TrainConfig:
             )
         if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        self._check_device()
         if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
+
+    def _check_device(self) -> None:
+        """``--device cuda`` needs a GPU torch can see; ``--model-impl dgl`` on it needs a DGL built with CUDA;
+        ``--buffer-on-device`` needs ``--device cuda``."""
+        if self.buffer_on_device and self.device != "cuda":
+            raise ValueError("--buffer-on-device holds the buffer's rows on the GPU: it needs --device cuda")
+        if self.device != "cuda":
+            return
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device cuda: torch {torch.__version__} sees no GPU on this host (torch.cuda.is_available() is "
+                "False): use --device cpu"
+            )
+        if self.impl == "dgl":
+            from rudder.runtime.models import dgl_has_cuda
+
+            if not dgl_has_cuda():
+                raise ValueError(
+                    "--model-impl dgl --device cuda needs a DGL built with CUDA; this DGL is CPU-only (the PyPI "
+                    "wheel): use --model-impl torch"
+                )
 
     def _check_decisions_trace(self) -> None:
         """The ``--decisions-from`` trace must come from a run on the same graph, partitioned the same way, with as

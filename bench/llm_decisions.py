@@ -160,3 +160,105 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
         f"{v['traffic_vs_periodic']:.3f}x periodic's remote rows."
     )
     return text, df.drop(columns="key")
+
+
+# ---------------------------------------------------------------------------------------------- gates per method
+# Scoring methods compared on the gates (rudder.agents.llm.gates): constructor options of the LLM agents.
+METHODS = {
+    "plain": dict(retrieve=0),
+    "calibrated": dict(retrieve=0, calibrate=True),
+    "length-norm": dict(retrieve=0, length_norm=True),
+    "letters": dict(retrieve=0, option_ids="letters"),
+    "letters+calibrated": dict(retrieve=0, option_ids="letters", calibrate=True),
+    "permuted5+letters": dict(retrieve=0, option_ids="letters", permutations=5),
+    "permuted5+letters+calibrated": dict(retrieve=0, option_ids="letters", permutations=5, calibrate=True),
+    "permuted5+names+calibrated": dict(retrieve=0, permutations=5, calibrate=True),
+    "retrieved3": dict(retrieve=3),
+    "retrieved3+letters": dict(retrieve=3, option_ids="letters"),
+    "retrieved3+letters+calibrated": dict(retrieve=3, option_ids="letters", calibrate=True),
+    "retrieved3+permuted5+letters": dict(retrieve=3, option_ids="letters", permutations=5),
+}  # "retrieve" is the link agent's (the keep/replace agent has fixed examples only)
+HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
+
+
+class NearestLabel:
+    """No LLM: the label of the nearest pool point (``k=1``) or the majority of the ``k`` nearest (ties: the
+    nearer), over the link agent's retrieval pool: what the retrieval agent would answer if it only copied."""
+
+    def __init__(self, k: int = 1):
+        import json
+
+        from rudder.agents.llm.link import DEFAULT_LINK_POOL, LINK_OPTIONS, ExamplePool, LLMLinkAgent
+
+        self.k, self.link_options, self.options = k, dict(LINK_OPTIONS), dict(LINK_OPTIONS)
+        self.retrieve, self.pool = 3, ExamplePool(json.loads(DEFAULT_LINK_POOL.read_text())["examples"])
+        self.in_context_points = lambda: LLMLinkAgent.in_context_points(self)
+        self.debias = {}
+
+    def answer_point(self, point: dict) -> str:
+        from collections import Counter
+
+        near = self.pool.nearest(point["metrics"], self.k)
+        votes = Counter(p["decision"] for p in near)
+        return next(p["decision"] for p in reversed(near) if votes[p["decision"]] == max(votes.values()))
+
+
+def gate_method(
+    method: str,
+    kind: str = "link",
+    parts=("copy", "sensitivity", "heldout"),
+    limit: int = 16,
+    pairs: int = 3,
+    agent_kwargs: dict | None = None,
+) -> dict:
+    """One method's gate figures for the link-budget (``kind="link"``) or keep/replace agent of the default model,
+    on the held-out emulated-cluster traces (at most ``limit`` points; ``pairs`` base points per pair kind)."""
+    from collections import Counter
+
+    from rudder.agents.llm import gates
+    from rudder.agents.llm.agent import LLMAgent, shared_model
+    from rudder.agents.llm.link import LLMLinkAgent
+
+    if method.startswith("nearest"):  # nearest1, nearest3: no model
+        options, agent = {}, NearestLabel(int(method[len("nearest") :]))
+    else:
+        options = dict(METHODS[method], **(agent_kwargs or {}))
+        if kind != "link":
+            options.pop("retrieve", None)
+        model, tokenizer, _ = shared_model(None)
+        agent = (LLMLinkAgent if kind == "link" else LLMAgent)(model=(model, tokenizer), **options)
+    points = gates.heldout_points(kind, HELDOUT, limit=limit)
+    level = dict(agent.link_options) if kind == "link" else dict(agent.options)
+    out: dict = dict(method=method, kind=kind, settings=options)
+    t0 = time.perf_counter()
+    if "copy" in parts:
+        shown = agent.in_context_points()
+        answers = [agent.answer_point(p) for p in shown]
+        out["copy"] = [sum(a == p["decision"] for a, p in zip(answers, shown)), len(answers)]
+        out["copy_answers"] = answers
+    if "sensitivity" in parts:
+        made = (gates.link_pairs if kind == "link" else gates.keep_pairs)(points, pairs)
+        out["sensitivity"] = list(gates.sensitivity_gate(agent.answer_point, made, level))
+    if "heldout" in parts:
+        answers = [agent.answer_point(p) for p in points]
+        out["entropy_bits"] = gates.entropy_bits(answers)
+        seconds = [p["seconds"] for p in points] if kind == "link" else None
+        out["accuracy"] = gates.accuracy_vs_constant(
+            answers, [p["decision"] for p in points], list(level), seconds=seconds
+        )
+        out["answers"] = dict(Counter(answers))
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+if __name__ == "__main__":  # python -m rudder.bench.llm_decisions BUDGET_S KIND PARTS METHOD...: JSON lines
+    import json
+    import sys
+
+    budget, kind, parts, *methods = sys.argv[1:]
+    start = time.perf_counter()
+    for method in methods:
+        row = gate_method(method, kind, tuple(parts.split(",")))
+        print(json.dumps(row), flush=True)
+        if time.perf_counter() - start + row["seconds"] > float(budget):
+            break  # the next would not fit the budget

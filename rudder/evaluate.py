@@ -111,6 +111,14 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
         metavar="DIR",
         help="traces of other runs (same options and seed, another agent) to check the time model on",
     )
+    p.add_argument(
+        "--llm-gates",
+        type=int,
+        default=12,
+        metavar="N",
+        help="LLM agents: run the gates (rudder.agents.llm.gates: copy, sensitivity, entropy, accuracy vs the best "
+        "constant answer) on up to N held-out points of the traces, print them and write llm_gates.json (0: skip)",
+    )
     p.add_argument("--live", action="store_true", help="run the agents through the live env on --graph instead")
     p.add_argument("--graph", default="synth-small", help="--live: graph to train on")
     p.add_argument("--parts", type=int, default=2, help="--live: partitions")
@@ -245,6 +253,24 @@ def evaluate_traces(
     return rows
 
 
+def llm_gates(specs: list[str], labels: list[str], options: dict[str, dict], args) -> str | None:
+    """The gates of every LLM agent (an :class:`~rudder.agents.llm.agent.LLMAgent`), as lines to print; None when
+    there is none."""
+    from rudder.agents.llm.agent import LLMAgent
+    from rudder.agents.llm.gates import gate_section
+    from rudder.evaluation.registry import agent_class
+
+    factories = agent_factories(specs, labels, options, args)
+    agents = [
+        (label, factories[label]("gates", 0))
+        for spec, label in zip(specs, labels)
+        if isinstance(agent_class(spec), type) and issubclass(agent_class(spec), LLMAgent)
+    ]
+    if not agents:
+        return None
+    return gate_section(agents, args.traces, args.llm_gates, out=os.path.join(args.out, "llm_gates.json"))
+
+
 def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict], args) -> list[dict]:
     """Each agent trains ``--graph`` for real (``train.py gnn``); rows from the run summaries, times measured."""
     from rudder.evaluation.registry import absolute_reference
@@ -356,6 +382,10 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
     csv = os.path.join(args.out, "results.csv")
     df.drop(columns=["window_hit_rate", "window_hit_ceiling"], errors="ignore").to_csv(csv, index=False)
     print(format_report(df, include_trained_on=args.include_trained_on))
+    if not args.live and args.llm_gates > 0:
+        gates = llm_gates(specs, labels, options, args)
+        if gates:
+            print(gates)
     timed = [o for o in oracles if o == "best-level" or o in CONSTANT_ORACLES]
     if timed and not any(str(a).split(":")[0] in timed for a in set(df["agent"])):
         print(

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,6 @@ from rudder.agents.llm.prompt import (
     admitted,
     answer_text,
     check_options,
-    example_messages,
     examples_trained_on,
     load_examples,
     parse_answer,
@@ -59,6 +59,9 @@ from rudder.agents.llm.prompt import (
 from rudder.env.contract import top_j
 
 MODES = ("score", "generate")
+OPTION_IDS = ("names", "letters")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+CONTENT_FREE = "N/A"  # the content-free user turn contextual calibration scores the options on
 _MODELS: dict[str, tuple] = {}  # spec -> (model, tokenizer, info), shared by every agent of the process
 
 
@@ -72,6 +75,53 @@ def shared_model(spec=None):
     return _MODELS[key]
 
 
+@dataclass(frozen=True)
+class View:
+    """One presentation of the options to the model: the order the prompt lists them in (``order``), the id the
+    model answers with for each (``ids``: the option's own name, or a neutral letter bound to its position), and how
+    many places the few-shot examples are rotated (``shift``). Scoring over several views and averaging is
+    permutation debiasing (PriDe-style): a preference for a position, an id or the last example cancels out."""
+
+    order: tuple[str, ...]
+    ids: tuple[tuple[str, str], ...]  # (option, id) pairs, in ``order``
+    shift: int = 0
+
+    @property
+    def id_of(self) -> dict[str, str]:
+        return dict(self.ids)
+
+    def shown(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (keyed by option) re-keyed by id, in the view's order."""
+        return {i: values[o] for o, i in self.ids}
+
+    def rotate(self, items: list) -> list:
+        if not items:
+            return list(items)
+        k = self.shift % len(items)
+        return list(items[k:]) + list(items[:k])
+
+
+def make_views(options: list[str], n_examples: int, permutations: int = 1, option_ids: str = "names") -> list[View]:
+    """``permutations`` views of ``options`` (at most one per option): cyclic shifts spread evenly over the option
+    order, the examples rotated by the same share of their number; ids are the names or letters A, B, ... by
+    position (so with letters each option gets a different letter in each view)."""
+    n = len(options)
+    p = max(1, min(int(permutations), n))
+    views = []
+    for v in range(p):
+        step = (v * n) // p
+        order = tuple(options[step:] + options[:step])
+        ids = tuple((o, LETTERS[i] if option_ids == "letters" else o) for i, o in enumerate(order))
+        views.append(View(order, ids, (v * n_examples) // p if n_examples else 0))
+    return views
+
+
+def _log_softmax(scores: dict[str, float]) -> dict[str, float]:
+    top = max(scores.values())
+    z = top + float(np.log(sum(np.exp(v - top) for v in scores.values())))
+    return {o: v - z for o, v in scores.items()}
+
+
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -81,7 +131,7 @@ class LLMAgent(Agent):
 
     Args:
         model: a model spec for :func:`rudder.agents.llm.models.load_model` (None: SmolLM2-135M-Instruct; a Hugging Face
-            folder; a ``.gguf`` file; chunk packages ``"name-part1..22"``), or an already loaded
+            folder; a ``.gguf`` file), or an already loaded
             ``(model, tokenizer)`` pair.
         mode: ``"score"`` (rank the options by log-probability; always valid) or ``"generate"`` (free generation,
             strictly parsed).
@@ -96,6 +146,13 @@ class LLMAgent(Agent):
         endpoint: URL of an OpenAI-compatible completions endpoint to ask instead of a local model (``model`` then
             names the tokenizer and chat template to render prompts with); None: the local model.
         endpoint_model: the model id to ask the endpoint for (None: the first it lists).
+        calibrate: contextual calibration (Zhao et al. 2021): each option's log-probability on a content-free user
+            turn (``"N/A"``) after the same prefix is the model's prior; it is subtracted (scoring mode).
+        permutations: score over this many presentations of the options (cyclic shifts of their order, examples
+            rotated alike) and average the normalised log-probabilities (permutation debiasing; scoring mode).
+        option_ids: ``"names"`` (the model answers with the option's name) or ``"letters"`` (neutral ids A, B, ...
+            bound to the listed position, so they move with the permutations).
+        length_norm: divide each option's summed log-probability by its number of answer tokens.
 
     Attributes: ``trained_on`` (content fingerprints of what the few-shot examples were mined from, see
     :func:`rudder.agents.llm.prompt.examples_trained_on`), ``model_name``, ``decisions`` (act calls), ``queries`` (model
@@ -120,6 +177,10 @@ class LLMAgent(Agent):
         seed: int = 0,
         endpoint: str | None = None,
         endpoint_model: str | None = None,
+        calibrate: bool = False,
+        permutations: int = 1,
+        option_ids: str = "names",
+        length_norm: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown LLM mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -127,6 +188,14 @@ class LLMAgent(Agent):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if option_ids not in OPTION_IDS:
+            raise ValueError(f"unknown option_ids {option_ids!r}: expected one of {', '.join(OPTION_IDS)}")
+        if int(permutations) < 1:
+            raise ValueError(f"permutations must be >= 1, got {permutations}")
+        self.calibrate = bool(calibrate)
+        self.permutations = int(permutations)
+        self.option_ids = option_ids
+        self.length_norm = bool(length_norm)
         self.mode = mode
         self.options = check_options(options)
         self.examples = load_examples(examples, self.options)
@@ -159,8 +228,11 @@ class LLMAgent(Agent):
         self.decisions = 0
         self.queries = 0
         self.invalid_answers = 0
+        self._answer_ids: dict[str, list[int]] = {}  # answer id -> its tokens after the answer prefix
         self._option_ids = self._tokenize_options()
-        self._prefix: tuple[str, Any, Any] | None = None  # (prefix text, prefix ids tensor, KV cache)
+        self._prefix: tuple[str, Any, Any] | None = None  # (prefix text, prefix ids tensor, KV cache), the last used
+        self._prefixes: dict[str, tuple[Any, Any]] = {}  # every view's prefix: (ids, KV cache)
+        self._content_free: dict[tuple, dict[str, float]] = {}  # (prefix, ids) -> calibrated prior
         self._last_prefix: str | None = None  # prefix of the last prompt, and the last one written to the log
         self._logged_prefix: str | None = None
 
@@ -228,15 +300,96 @@ class LLMAgent(Agent):
     ):
         """The rendered prompt (:class:`~rudder.agents.llm.prompt.PromptText`) for this decision point; ``history``
         replaces the agent's own recent decisions (e.g. to ask about a mined decision point)."""
-        metrics = metrics or Metrics.from_step(observation, info)
-        recent = self.history.recent(now=metrics) if history is None else history
-        user = user_message(metrics, recent, self.options)
-        return render(self.tokenizer, self._prefix_messages(info), user, ANSWER_PREFIX if self.mode == "score" else "")
+        return self._render_view(self.views()[0], info, metrics or Metrics.from_step(observation, info), history)
 
-    def _prefix_messages(self, info: dict) -> list[dict]:
-        """The fixed part of the chat: the system message (facts, rules, format) and the few-shot turns."""
-        system = {"role": "system", "content": system_prompt(info.get("facts") or {}, self.options)}
-        return [system] + example_messages(self.examples, self.options)
+    def _render_view(
+        self,
+        view: View,
+        info: dict,
+        metrics: Metrics,
+        history: list[HistoryEntry] | None = None,
+        user: str | None = None,
+    ):
+        """The prompt for ``metrics`` as ``view`` presents the options; ``user`` replaces the user turn (the
+        content-free input of calibration)."""
+        if user is None:
+            recent = self.history.recent(now=metrics) if history is None else history
+            user = user_message(metrics, recent, view.shown(self.options), view.id_of)
+        return render(
+            self.tokenizer, self._prefix_messages(info, view), user, ANSWER_PREFIX if self.mode == "score" else ""
+        )
+
+    def _prefix_messages(self, info: dict, view: View | None = None) -> list[dict]:
+        """The fixed part of the chat: the system message (facts, rules, format) and the few-shot turns, as ``view``
+        (default: the first) presents the options."""
+        view = view or self.views()[0]
+        shown, ids = view.shown(self.options), view.id_of
+        system = {"role": "system", "content": system_prompt(info.get("facts") or {}, shown)}
+        turns = []
+        for ex in view.rotate(self.examples):
+            turns += [
+                {"role": "user", "content": user_message(ex.metrics, ex.history, shown, ids)},
+                {"role": "assistant", "content": answer_text(ids[ex.decision])},
+            ]
+        return [system] + turns
+
+    # ------------------------------------------------------------------ debiased choice
+    @property
+    def debias(self) -> dict[str, Any]:
+        """The scoring settings (also in the log and in gate reports)."""
+        return dict(
+            calibrate=self.calibrate,
+            permutations=self.permutations,
+            option_ids=self.option_ids,
+            length_norm=self.length_norm,
+        )
+
+    def n_examples(self) -> int:
+        return len(self.examples)
+
+    def views(self) -> list[View]:
+        return make_views(list(self.options), self.n_examples(), self.permutations, self.option_ids)
+
+    def choose(self, render_view) -> tuple[str, dict]:
+        """Score the options under every view (``render_view(view, user=None)`` renders the prompt) and combine:
+        per view, each option's log-probability (length-normalised if asked), normalised over the options, minus
+        the content-free prior if calibrating; averaged over the views. Returns the best option and what to log."""
+        per_view, prefill, raw_first = [], 0, None
+        for view in self.views():
+            text = render_view(view)
+            self._last_prefix = text.prefix
+            raw, n = self._view_scores(text, view)
+            prefill += n
+            raw_first = raw_first or raw
+            s = _log_softmax(raw)
+            if self.calibrate:
+                prior = self._prior(render_view, view, text.prefix)
+                s = {o: s[o] - prior[o] for o in s}
+            per_view.append(s)
+        combined = {o: float(np.mean([s[o] for s in per_view])) for o in self.options}
+        choice = max(combined, key=combined.get)
+        return choice, dict(
+            option_scores={o: round(v, 4) for o, v in raw_first.items()},
+            debiased_scores={o: round(v, 4) for o, v in combined.items()},
+            prefill_tokens=prefill,
+        )
+
+    def _view_scores(self, text, view: View) -> tuple[dict[str, float], int]:
+        """Each option's (summed or length-normalised) log-probability under ``view``'s ids."""
+        ids = view.id_of
+        tokens = {o: self._answer_tokens(ids[o]) for o in self.options}
+        scores, n = self.option_scores(text.prefix, text.suffix, use_cache=self.prefix_cache, option_ids=tokens)
+        if self.length_norm:
+            scores = {o: v / len(tokens[o]) for o, v in scores.items()}
+        return scores, n
+
+    def _prior(self, render_view, view: View, prefix: str) -> dict[str, float]:
+        """The normalised scores of the options on the content-free input, once per prefix and view."""
+        key = (prefix, view.ids)
+        if key not in self._content_free:
+            raw, _ = self._view_scores(render_view(view, CONTENT_FREE), view)
+            self._content_free[key] = _log_softmax(raw)
+        return self._content_free[key]
 
     def decide(
         self, observation: dict, info: dict, metrics: Metrics | None = None, history: list[HistoryEntry] | None = None
@@ -245,7 +398,7 @@ class LLMAgent(Agent):
         import torch
 
         text = self.prompt(observation, info, metrics, history)
-        self._last_prefix = text.prefix
+        self._last_prefix = text.prefix  # (scoring sets it to the prefix of each view it renders)
         self.queries += 1
         t0 = time.perf_counter()
         details: dict[str, Any] = dict(
@@ -253,15 +406,11 @@ class LLMAgent(Agent):
         )
         with torch.inference_mode():
             if self.mode == "score":
-                scores, prefill = self.option_scores(text.prefix, text.suffix, use_cache=self.prefix_cache)
-                choice = max(scores, key=scores.get)
-                details.update(
-                    option_scores={o: round(s, 4) for o, s in scores.items()},
-                    answer=choice,
-                    decision=choice,
-                    valid=True,
-                    prefill_tokens=prefill,
+                metrics = metrics or Metrics.from_step(observation, info)
+                choice, scored = self.choose(
+                    lambda view, user=None: self._render_view(view, info, metrics, history, user)
                 )
+                details.update(answer=choice, decision=choice, valid=True, **scored)
             else:
                 answer, prefill, generated = self._generate(text.prefix, text.suffix)
                 parsed, error = parse_answer(answer, self.options)
@@ -293,6 +442,30 @@ class LLMAgent(Agent):
             s.update(temperature=self.temperature, top_p=1.0, top_k=0, seed=self.seed)
         return s
 
+    # ------------------------------------------------------------------ gates (rudder.agents.llm.gates)
+    def in_context_points(self) -> list[dict]:
+        """The few-shot examples as labelled points (what the copy gate asks back)."""
+        return [
+            dict(metrics=asdict(ex.metrics), history=[asdict(h) for h in ex.history], decision=ex.decision)
+            for ex in self.examples
+        ]
+
+    def answer_point(self, point: dict, facts: dict | None = None) -> str:
+        """The option chosen at a labelled point (``point["metrics"]``, ``point["history"]``: dicts as
+        :func:`rudder.agents.llm.prompt.examples_from_trace` writes them), without touching the history."""
+        import torch
+
+        metrics = Metrics.from_dict(point["metrics"])
+        history = [HistoryEntry.from_dict(h) for h in point.get("history") or []]
+        info = {"facts": dict(facts or {})}
+        if self.mode == "score":
+            with torch.inference_mode():
+                return self.choose(lambda view, user=None: self._render_view(view, info, metrics, history, user))[0]
+        text = self._render_view(self.views()[0], info, metrics, history)
+        answer, _, _ = self._generate(text.prefix, text.suffix)
+        parsed, _ = parse_answer(answer, self.options)
+        return parsed if parsed is not None else self.fallback
+
     # ------------------------------------------------------------------ model plumbing
     def _ids(self, text: str):
         import torch
@@ -302,56 +475,73 @@ class LLMAgent(Agent):
     def _tokenize_options(self) -> dict[str, list[int]]:
         """Token ids that follow the answer prefix in each option's whole answer (``{"decision": "keep"}``), tokenised
         as the examples' answers are: the option, its closing quote and brace (often one token, ``"}``)."""
-        tok = self.tokenizer
-        base = tok(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-        out = {}
-        for option in self.options:
-            answer = answer_text(option)
-            full = tok(answer, add_special_tokens=False)["input_ids"]
-            if full[: len(base)] == base:
-                out[option] = full[len(base) :]
-            else:  # the tokenizer merges across the boundary: score the rest of the answer tokenised on its own
-                out[option] = tok(answer[len(ANSWER_PREFIX) :], add_special_tokens=False)["input_ids"]
+        out = {option: self._answer_tokens(option) for option in self.options}
         if len({tuple(v) for v in out.values()}) != len(out):
             raise ValueError(f"options {list(out)} are not distinguishable by this tokenizer")
+        if self.option_ids == "letters":
+            letters = [self._answer_tokens(c) for c in LETTERS[: len(self.options)]]
+            if len({tuple(v) for v in letters}) != len(letters):
+                raise ValueError("option letters are not distinguishable by this tokenizer")
         return out
+
+    def _answer_tokens(self, answer_id: str) -> list[int]:
+        """Tokens of ``answer_id``'s whole answer after the answer prefix (cached)."""
+        if answer_id not in self._answer_ids:
+            tok = self.tokenizer
+            base = tok(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+            answer = answer_text(answer_id)
+            full = tok(answer, add_special_tokens=False)["input_ids"]
+            if full[: len(base)] == base:
+                self._answer_ids[answer_id] = full[len(base) :]
+            else:  # the tokenizer merges across the boundary: score the rest of the answer tokenised on its own
+                self._answer_ids[answer_id] = tok(answer[len(ANSWER_PREFIX) :], add_special_tokens=False)["input_ids"]
+        return self._answer_ids[answer_id]
 
     def _prefix_state(self, prefix: str):
         """(prefix ids, KV cache of the prefix), computed once per distinct prefix."""
         from transformers import DynamicCache
 
         if self._prefix is None or self._prefix[0] != prefix:
-            ids = self._ids(prefix)
-            cache = DynamicCache(config=self.model.config)
-            if ids.shape[1]:
-                self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-            self._prefix = (prefix, ids, cache)
+            if prefix not in self._prefixes:
+                ids = self._ids(prefix)
+                cache = DynamicCache(config=self.model.config)
+                if ids.shape[1]:
+                    self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+                if len(self._prefixes) > self.permutations:  # the oldest: the run's facts changed
+                    self._prefixes.pop(next(iter(self._prefixes)))
+                self._prefixes[prefix] = (ids, cache)
+            self._prefix = (prefix, *self._prefixes[prefix])
         return self._prefix[1], self._prefix[2]
 
-    def option_scores(self, prefix: str, suffix: str, use_cache: bool = True) -> tuple[dict[str, float], int]:
+    def option_scores(
+        self, prefix: str, suffix: str, use_cache: bool = True, option_ids: dict[str, list[int]] | None = None
+    ) -> tuple[dict[str, float], int]:
         """Log-probability of every option's answer tokens (summed) after ``prefix + suffix``.
 
         With ``use_cache`` the prefix's KV cache is reused (copied) and only the suffix is prefilled; without, the
-        whole prompt is. Returns the scores and the number of prompt tokens prefilled.
+        whole prompt is. ``option_ids``: option -> the answer tokens to score for it (default: its name's).
+        Returns the scores and the number of prompt tokens prefilled.
         """
+        option_ids = option_ids or self._option_ids
         if self.client is not None:
-            return self._endpoint_scores(prefix + suffix)
+            return self._endpoint_scores(prefix + suffix, option_ids)
         import torch
 
         with torch.inference_mode():
-            return self._option_scores(prefix, suffix, use_cache)
+            return self._option_scores(prefix, suffix, use_cache, option_ids)
 
-    def _endpoint_scores(self, prompt: str) -> tuple[dict[str, float], int]:
+    def _endpoint_scores(self, prompt: str, option_ids: dict[str, list[int]]) -> tuple[dict[str, float], int]:
         """Each option's answer appended to ``prompt``, all in one request; the log-probabilities the endpoint echoes
         for the answer's tokens, summed. Returns the scores and the prompt tokens sent."""
         from rudder.agents.llm.client import EndpointError
 
-        names = list(self._option_ids)
-        rests = {o: answer_text(o)[len(ANSWER_PREFIX) :] for o in names}
+        names = list(option_ids)
+        by_tokens = {tuple(v): k for k, v in self._answer_ids.items()}
+        rests = {o: answer_text(by_tokens.get(tuple(option_ids[o]), o))[len(ANSWER_PREFIX) :] for o in names}
         echoed = self.client.echo_logprobs([prompt + rests[o] for o in names])
         scores, sent = {}, 0
         for o, lp in zip(names, echoed):
-            n = len(self._option_ids[o])
+            n = len(option_ids[o])
             values, offsets = lp["token_logprobs"], lp.get("text_offset")
             if len(values) <= n or any(v is None for v in values[-n:]):
                 raise EndpointError(
@@ -367,7 +557,9 @@ class LLMAgent(Agent):
             sent += len(values)
         return scores, sent
 
-    def _option_scores(self, prefix: str, suffix: str, use_cache: bool) -> tuple[dict[str, float], int]:
+    def _option_scores(
+        self, prefix: str, suffix: str, use_cache: bool, option_ids: dict[str, list[int]]
+    ) -> tuple[dict[str, float], int]:
         import torch
 
         suffix_ids = self._ids(suffix)
@@ -381,21 +573,21 @@ class LLMAgent(Agent):
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
             prefilled = ids.shape[1]
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        scores = {o: float(first[ids[0]]) for o, ids in self._option_ids.items()}
-        longest = max(len(ids) for ids in self._option_ids.values())
+        scores = {o: float(first[ids[0]]) for o, ids in option_ids.items()}
+        longest = max(len(ids) for ids in option_ids.values())
         if longest > 1:  # the options' later tokens, all options in one batch on copies of the prompt's cache
-            names = list(self._option_ids)
+            names = list(option_ids)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             rows = torch.full((len(names), longest - 1), pad, dtype=torch.long)
             for i, o in enumerate(names):
-                rest = self._option_ids[o][:-1]
+                rest = option_ids[o][:-1]
                 rows[i, : len(rest)] = torch.tensor(rest, dtype=torch.long)
             cache = out.cache
             cache.batch_repeat_interleave(len(names))
             logits = self.model(input_ids=rows, cache=cache, use_cache=True).logits
             logp = torch.log_softmax(logits.float(), dim=-1)
             for i, o in enumerate(names):  # padding sits after each row's tokens, so it cannot affect them
-                for t, token in enumerate(self._option_ids[o][1:]):
+                for t, token in enumerate(option_ids[o][1:]):
                     scores[o] += float(logp[i, t, token])
         return scores, int(prefilled)
 
@@ -456,6 +648,7 @@ class LLMAgent(Agent):
                     examples=len(self.examples),
                     history=self.history.length,
                     prefix_cache=self.prefix_cache,
+                    debias=self.debias,
                     generation=self.generation_settings,
                     prefix_sha256=_sha(prefix),
                     prefix=prefix,

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rudder.agents.llm.agent import LLMAgent
+from rudder.agents.llm.agent import CONTENT_FREE, LLMAgent, View
 from rudder.agents.llm.prompt import EXAMPLES_FORMAT, _pct
 from rudder.env.contract import BufferSettings
 
 LINK_OPTIONS = {"none": 0.0, "eighth": 0.125, "quarter": 0.25, "half": 0.5, "all": 1.0}
 DEFAULT_LINK_EXAMPLES = Path(__file__).with_name("link_examples.json")
+DEFAULT_LINK_POOL = Path(__file__).with_name("link_pool.json")
 
 
 @dataclass
@@ -85,17 +86,25 @@ class LinkMetrics:
         return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
-def link_system_prompt(facts: dict, options: dict[str, float]) -> str:
+def rank_facts(facts: dict) -> str:
+    """The facts that differ between the ranks of a run (graph, partitions, rank, halo, buffer, period)."""
     f = dict(facts)
-    period = int(f.get("period", 8))
+    return (
+        f"Graph {f.get('graph', '?')}, {f.get('parts', '?')} partitions by {f.get('partitioning', '?')}; "
+        f"trainer rank {f.get('rank', '?')}; {f.get('halo_nodes', '?')} remote nodes, a buffer of "
+        f"{f.get('capacity', '?')} rows; you decide once every {int(f.get('period', 8))} minibatches."
+    )
+
+
+def link_system_prompt(facts: dict | None, options: dict[str, float]) -> str:
+    """The rules and the answer format; with ``facts`` None the rank's facts are left out (they then follow the
+    examples, so that every rank of a run shares this prefix)."""
     return "\n".join(
         [
             "You steer background prefetching for one trainer in distributed GNN training (DistDGL) on a cluster.",
             "",
             "Facts:",
-            f"- Graph {f.get('graph', '?')}, {f.get('parts', '?')} partitions by {f.get('partitioning', '?')}; "
-            f"trainer rank {f.get('rank', '?')}; {f.get('halo_nodes', '?')} remote nodes, a buffer of "
-            f"{f.get('capacity', '?')} rows; you decide once every {period} minibatches.",
+            *([f"- {rank_facts(facts)}"] if facts is not None else []),
             "- Each minibatch pulls the remote rows it misses over the network before it can compute: that wait is on "
             "the critical path. Rows prefetched in the background arrive while the trainer samples and computes.",
             "- Candidates are ranked by predicted need from the sampler's lookahead; a prefetched row replaces the "
@@ -115,7 +124,10 @@ def link_system_prompt(facts: dict, options: dict[str, float]) -> str:
     )
 
 
-def link_user_message(m: LinkMetrics, options: dict[str, float]) -> str:
+def link_user_message(m: LinkMetrics, options: dict[str, float], choices: list | None = None) -> str:
+    """The current window and what each option would do (``options`` keyed by the ids the prompt shows, in the order
+    it lists them; ``choices`` the matching entries of ``m.choices``, default: ``m.choices`` in level order)."""
+    choices = m.choices if choices is None else choices
     total = m.total_minibatches
     lines = [
         f"Decision {m.decision} at minibatch {m.minibatch} of {total or '?'}.",
@@ -126,7 +138,7 @@ def link_user_message(m: LinkMetrics, options: dict[str, float]) -> str:
         f"link budget {m.budget_rows} rows.",
         "What each option would do:",
     ]
-    for (name, _), c in zip(options.items(), m.choices):
+    for (name, _), c in zip(options.items(), choices):
         lines.append(
             f'- "{name}": {c["rows"]} rows ({1000 * c["link_s"]:.0f} ms of link), evicts {c["evicts"]} '
             f"({c['evicts_hot']} still needed); need in {c['need_in']:.3g} vs out {c['need_out']:.3g}"
@@ -136,24 +148,86 @@ def link_user_message(m: LinkMetrics, options: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def link_features(metrics: dict) -> np.ndarray:
+    """A decision point's state as numbers to compare points by (retrieval): the window's rates and times (log
+    scaled) and, per option, its link milliseconds, the share of its evictions still needed and need in - out."""
+    m = metrics
+    x = [
+        m["hit_rate"],
+        np.log1p(m["misses_per_mb"]),
+        np.log1p(m["prefetched_per_mb"]),
+        np.log1p(m["fetch_ms"]),
+        np.log1p(m["stall_ms"]),
+        np.log1p(m["hide_ms"]),
+        m["utilisation"],
+        m["late"],
+        m["unused"],
+        np.log1p(m["budget_rows"]),
+    ]
+    for c in m["choices"]:
+        x += [np.log1p(1000 * c["link_s"]), c["evicts_hot"] / max(c["evicts"], 1), c["need_in"] - c["need_out"]]
+    return np.asarray(x, dtype=float)
+
+
+class ExamplePool:
+    """Labelled points to retrieve few-shot examples from, by distance of :func:`link_features` (standardised over
+    the pool)."""
+
+    def __init__(self, points: list[dict]):
+        if not points:
+            raise ValueError("an example pool needs at least one labelled point")
+        self.points = points
+        feats = np.stack([link_features(p["metrics"]) for p in points])
+        self.mean, self.scale = feats.mean(axis=0), feats.std(axis=0) + 1e-9
+        self.features = (feats - self.mean) / self.scale
+
+    def nearest(self, metrics: dict, k: int) -> list[dict]:
+        """The ``k`` nearest points, the nearest last (next to the question); ties keep pool order."""
+        x = (link_features(metrics) - self.mean) / self.scale
+        d = np.sqrt(((self.features - x) ** 2).sum(axis=1))
+        order = np.argsort(d, kind="stable")[:k]
+        return [self.points[i] for i in order[::-1]]
+
+
 class LLMLinkAgent(LLMAgent):
     """:class:`~rudder.agents.llm.agent.LLMAgent` choosing a link-budget level each window (see the module docstring).
 
     Args:
         options: option name -> link-budget level (default :data:`LINK_OPTIONS`, the env's default levels).
         examples: ``"default"`` (``agents/llm/link_examples.json`` when present, else none), a path, or None.
+        retrieve: k (default 3): each decision shows the k labelled points of ``pool`` nearest to its state as
+            examples, the nearest last, after the shared system prompt (so every rank shares that prefix) and
+            before the rank's facts and the question; 0: the fixed ``examples`` instead. The default because it is
+            the only method measured that passes the copy gate and answers differently at different states
+            (BENCHMARKS.md, "LLM gates"); it still fails the sensitivity gate.
+        pool: the labelled points to retrieve from: ``"default"`` (``agents/llm/link_pool.json``) or a path.
         Other arguments as :class:`~rudder.agents.llm.agent.LLMAgent`.
     """
 
     name = "llm-link"
 
-    def __init__(self, model=None, options: dict[str, float] | None = None, examples="default", **kwargs):
+    def __init__(
+        self,
+        model=None,
+        options: dict[str, float] | None = None,
+        examples="default",
+        retrieve: int = 3,
+        pool="default",
+        **kwargs,
+    ):
         options = dict(LINK_OPTIONS if options is None else options)
         levels = tuple(sorted(options.values()))
         self.settings = BufferSettings(ranking="lookahead", admit_on_miss=True, levels=levels)
         if examples == "default":
             examples = str(DEFAULT_LINK_EXAMPLES) if DEFAULT_LINK_EXAMPLES.is_file() else None
         self._link_examples = _load(examples, options)
+        if int(retrieve) < 0:
+            raise ValueError(f"retrieve must be >= 0, got {retrieve}")
+        self.retrieve = int(retrieve)
+        self.pool = None
+        pool_file = str(DEFAULT_LINK_POOL) if pool == "default" else pool
+        if self.retrieve:
+            self.pool = ExamplePool(_load(pool_file, options))
         super().__init__(
             model=model,
             options={n: min(v, 1.0) for n, v in options.items()},
@@ -162,8 +236,9 @@ class LLMLinkAgent(LLMAgent):
         )
         self.link_options = options
         self.levels = levels
-        if examples is not None:
-            self.trained_on = json.loads(Path(examples).read_text()).get("trained_on", [])
+        shown = pool_file if self.retrieve else examples  # what the prompts' examples were mined from
+        if shown is not None:
+            self.trained_on = json.loads(Path(shown).read_text()).get("trained_on", [])
 
     def act(self, observation: dict[str, np.ndarray], info: dict[str, Any]) -> int:
         import time
@@ -190,34 +265,82 @@ class LLMLinkAgent(LLMAgent):
 
     def _ask(self, m: LinkMetrics) -> tuple[str, dict]:
         import torch
-        from rudder.agents.llm.prompt import ANSWER_PREFIX, render
 
-        text = render(
-            self.tokenizer, self._prefix_messages_link(), link_user_message(m, self.link_options), ANSWER_PREFIX
-        )
-        self._last_prefix = text.prefix
         self.queries += 1
         with torch.inference_mode():
-            scores, prefill = self.option_scores(text.prefix, text.suffix, use_cache=self.prefix_cache)
-        choice = max(scores, key=scores.get)
-        return choice, dict(
-            option_scores={o: round(s, 4) for o, s in scores.items()}, decision=choice, prefill_tokens=prefill
-        )
+            choice, details = self.choose(lambda view, user=None: self._render_link(view, m, user))
+        return choice, dict(decision=choice, **details)
 
-    def _prefix_messages_link(self) -> list[dict]:
-        msgs = [{"role": "system", "content": link_system_prompt(self._facts, self.link_options)}]
-        for ex in self._link_examples:
+    def _render_link(self, view: View, m: LinkMetrics, user: str | None = None):
+        from rudder.agents.llm.prompt import ANSWER_PREFIX, render
+
+        if user is None:
+            user = link_user_message(m, view.shown(self.link_options), self._shown_choices(view, m))
+        if not self.retrieve:
+            return render(self.tokenizer, self._prefix_messages_link(view), user, ANSWER_PREFIX)
+        shown, ids = view.shown(self.link_options), view.id_of
+        middle = []
+        if user != CONTENT_FREE:
+            for ex in self.pool.nearest(asdict(m), self.retrieve):
+                em = LinkMetrics.from_dict(ex["metrics"])
+                middle += [
+                    {"role": "user", "content": link_user_message(em, shown, self._shown_choices(view, em))},
+                    {"role": "assistant", "content": json.dumps({"decision": ids[ex["decision"]]})},
+                ]
+            user = f"{rank_facts(self._facts)}\n{user}"
+        return render(self.tokenizer, self._prefix_messages_link(view), user, ANSWER_PREFIX, middle=middle)
+
+    def _shown_choices(self, view: View, m: LinkMetrics) -> list:
+        """``m.choices`` (in level order) in the order ``view`` lists the options."""
+        by_option = dict(zip(sorted(self.link_options, key=self.link_options.get), m.choices))
+        return [by_option[o] for o in view.order if o in by_option]
+
+    def _prefix_messages_link(self, view: View | None = None) -> list[dict]:
+        """The cached part of the chat: the system message and the fixed examples; with retrieval only the system
+        message, without the rank's facts (every rank shares it)."""
+        view = view or self.views()[0]
+        shown, ids = view.shown(self.link_options), view.id_of
+        if self.retrieve:
+            return [{"role": "system", "content": link_system_prompt(None, shown)}]
+        msgs = [{"role": "system", "content": link_system_prompt(self._facts, shown)}]
+        for ex in view.rotate(self._link_examples):
+            m = LinkMetrics.from_dict(ex["metrics"])
             msgs += [
-                {"role": "user", "content": link_user_message(LinkMetrics.from_dict(ex["metrics"]), self.link_options)},
-                {"role": "assistant", "content": json.dumps({"decision": ex["decision"]})},
+                {"role": "user", "content": link_user_message(m, shown, self._shown_choices(view, m))},
+                {"role": "assistant", "content": json.dumps({"decision": ids[ex["decision"]]})},
             ]
         return msgs
 
     _facts: dict = {}
 
-    def _prefix_messages(self, info: dict) -> list[dict]:
+    def n_examples(self) -> int:
+        return 0 if self.retrieve else len(self._link_examples)  # retrieved examples keep their order
+
+    def _prefix_messages(self, info: dict, view: View | None = None) -> list[dict]:
         self._facts = dict(info.get("facts") or {})
-        return self._prefix_messages_link()
+        return self._prefix_messages_link(view)
+
+    # ------------------------------------------------------------------ gates (rudder.agents.llm.gates)
+    def in_context_points(self, n: int = 6) -> list[dict]:
+        """Labelled points that the prompt shows with their labels (what the copy gate asks back): the fixed
+        examples, or with retrieval ``n`` pool points (each is its own nearest, so it is shown last): the
+        largest-margin point of each label in turn."""
+        if not self.retrieve:
+            return [dict(metrics=ex["metrics"], decision=ex["decision"]) for ex in self._link_examples]
+        queues = {o: [] for o in self.link_options}
+        for p in sorted(self.pool.points, key=lambda p: -p["margin"]):
+            queues[p["decision"]].append(p)
+        out: list[dict] = []
+        while len(out) < n and any(queues.values()):
+            for option, q in queues.items():
+                if q and len(out) < n:
+                    out.append(dict(metrics=q.pop(0)["metrics"], decision=option))
+        return out
+
+    def answer_point(self, point: dict, facts: dict | None = None) -> str:
+        """The option chosen at a labelled point (``point["metrics"]``: a :class:`LinkMetrics` dict)."""
+        self._facts = dict(facts or {})
+        return self._ask(LinkMetrics.from_dict(point["metrics"]))[0]
 
 
 def _load(source, options: dict[str, float]) -> list[dict]:
@@ -290,8 +413,47 @@ def _main(argv=None) -> int:
     e.add_argument("-n", type=int, default=6, help="examples to keep in all")
     e.add_argument("--horizon", type=int, default=3, help="windows each option is played for")
     e.add_argument("--out", default=str(DEFAULT_LINK_EXAMPLES), help="output JSON")
+    q = sub.add_parser("pool", help="every labelled point of traces, to retrieve examples from (retrieve=k)")
+    q.add_argument("traces", nargs="+", help="trace folders (training traces: evaluate.py does not score them)")
+    q.add_argument("--ranks", default="0", help="trainer ranks, comma-separated")
+    q.add_argument("--horizon", type=int, default=3, help="windows each option is played for")
+    q.add_argument("--min-margin", type=float, default=0.005, help="least share of time the options differ by")
+    q.add_argument("--out", default=str(DEFAULT_LINK_POOL), help="output JSON")
     args = p.parse_args(argv)
     from rudder.traces.fingerprint import rank_fingerprint
+
+    if args.command == "pool":
+        ranks = [int(r) for r in args.ranks.split(",")]
+        points = [
+            dict(p, trace=os.path.basename(os.path.normpath(t)), rank=r)
+            for t in args.traces
+            for r in ranks
+            for p in examples_from_trace(t, r, None, args.horizon)
+            if p["margin"] >= args.min_margin
+        ]
+        for p in points:
+            p["margin"] = round(p["margin"], 6)
+        doc = dict(
+            format=EXAMPLES_FORMAT,
+            action="link",
+            options=LINK_OPTIONS,
+            horizon=args.horizon,
+            about="Labelled points for LLMLinkAgent(retrieve=k): each option played from the same replay state for "
+            "`horizon` windows; the label has the fewest modelled seconds; points whose options differ by less "
+            "than `min_margin` of the time are left out.",
+            command="python -m rudder.agents.llm.link pool "
+            + " ".join(os.path.relpath(t) for t in args.traces)
+            + f" --ranks {args.ranks} --horizon {args.horizon} --min-margin {args.min_margin}",
+            min_margin=args.min_margin,
+            trained_on=[rank_fingerprint(t, r) for t in args.traces for r in ranks],
+            examples=points,
+        )
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        labels = [p["decision"] for p in points]
+        print(f"wrote {len(points)} points to {args.out}: " + ", ".join(f"{o} {labels.count(o)}" for o in LINK_OPTIONS))
+        return 0
 
     per = max(1, -(-args.n // len(args.traces)))
     examples = [ex for t in args.traces for ex in examples_from_trace(t, args.rank, per, args.horizon)][: args.n]

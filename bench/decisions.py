@@ -17,6 +17,9 @@ import os
 import numpy as np
 import pandas as pd
 
+from rudder.evaluation.report import HEADROOM_MIN, headroom
+from rudder.evaluation.report import summarise as per_agent
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACES = {
     "sample": sorted(glob.glob(os.path.join(ROOT, "traces", "samples", "emu*"))),
@@ -71,8 +74,6 @@ def measure(quick: bool) -> pd.DataFrame:
 def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     """Per trace: headroom and, per agent, time vs none and vs the best constant, share of headroom, rows vs MIN;
     then the targets."""
-    from rudder.evaluation.report import HEADROOM_MIN, headroom
-    from rudder.evaluation.report import summarise as per_agent
 
     tables, lines = [], []
     for (kind, trace), rows in df.groupby(["set", "trace"], sort=False):

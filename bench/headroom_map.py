@@ -31,6 +31,7 @@ from itertools import product
 
 import numpy as np
 import pandas as pd
+from rudder.traces import TraceWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIO_DIR = os.path.join(ROOT, "bench", "scenarios")
@@ -111,7 +112,6 @@ def constructed_trace(workload: str, directory: str | None = None, minibatches: 
     :data:`WORKLOADS`): seeded, the same every time."""
     rows, row_s = CONSTRUCTED[workload]
     name = f"{workload.split('-')[0]}-{rows}x{row_s:g}-{minibatches}"  # its parameters: a cached copy is this one
-    from rudder.traces import TraceWriter
 
     directory = directory or os.path.join(tempfile.gettempdir(), "rudder-headroom-map", name)
     if os.path.exists(os.path.join(directory, "rank0", "rank.json")):

@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 import pandas as pd
+from rudder.agents.llm import gates
+from rudder.traces import Trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = sorted(glob.glob(os.path.join(ROOT, "traces", "samples", "*")))
@@ -110,8 +112,6 @@ def measure(quick: bool) -> pd.DataFrame:
 
     labelled = []
     for trace in SAMPLES[:1] if quick else SAMPLES:
-        from rudder.traces import Trace
-
         for rank in Trace(trace).ranks[:1] if quick else Trace(trace).ranks:
             facts = decision_points(trace, 0)[1]
             for p in examples_from_trace(trace, rank=rank, n=10**6):
@@ -215,7 +215,6 @@ def gate_method(
     on the held-out emulated-cluster traces (at most ``limit`` points; ``pairs`` base points per pair kind)."""
     from collections import Counter
 
-    from rudder.agents.llm import gates
     from rudder.agents.llm.agent import LLMAgent, shared_model
     from rudder.agents.llm.link import LLMLinkAgent
 

@@ -29,6 +29,9 @@ import sys
 import threading
 import time
 
+from rudder.agents.llm.client import EndpointClient
+from rudder.agents.llm.server import DEFAULT_IDLE_TIMEOUT_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACE2 = os.path.join(ROOT, "traces", "samples", "small-metis2-f10x25")
 TRACE4 = os.path.join(ROOT, "traces", "samples", "small-metis4-f10x25")
@@ -380,8 +383,6 @@ def abuse(quick: bool = False, clients: int = 50, decisions: int = 1, model: str
 
     import pandas as pd
     from rudder.agents.llm.agent import LLMAgent
-    from rudder.agents.llm.client import EndpointClient
-    from rudder.agents.llm.server import DEFAULT_IDLE_TIMEOUT_S
 
     rows = []
 

@@ -13,6 +13,10 @@ import sys
 import time
 
 import pandas as pd
+from rudder.bench import decisions, end_to_end, faults, llm_decisions, llm_service, llm_size, scale, traffic
+from rudder.bench import headroom_map as hm
+
+from rudder.headroom import measure, overall
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = sorted(glob.glob(os.path.join(ROOT, "traces", "samples", "*")))
@@ -36,7 +40,6 @@ def p4_replay_speed(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p1_traffic(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataFrame]:
-    from rudder.bench import traffic
 
     df = traffic.measure(
         quick, agents=[*traffic.AGENTS, *(a for a in agents if a not in traffic.AGENTS)], agent_kwargs=agent_kwargs
@@ -48,7 +51,6 @@ def p1_traffic(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataF
 
 
 def p2_end_to_end(quick: bool, agents=(), agent_kwargs=None) -> tuple[str, pd.DataFrame]:
-    from rudder.bench import end_to_end
 
     df = end_to_end.measure(quick, agents=agents, agent_kwargs=agent_kwargs)
     df.to_csv(os.path.join(OUT_DIR, "p2_end_to_end.csv"), index=False)
@@ -97,7 +99,6 @@ def p2r_replay_fidelity(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:
-    from rudder.bench import end_to_end
 
     text, df = end_to_end.llm_hidden_latency(quick)
     df.to_csv(os.path.join(OUT_DIR, "p3_llm_latency.csv"), index=False)
@@ -113,7 +114,6 @@ def p3c_llm_on_cluster(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p5_llm_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
-    from rudder.bench import llm_decisions
 
     df = llm_decisions.measure(quick)
     df.to_csv(os.path.join(OUT_DIR, "p5_llm_decisions.csv"), index=False)
@@ -121,7 +121,6 @@ def p5_llm_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p6_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
-    from rudder.bench import decisions
 
     df = decisions.measure(quick)
     df.to_csv(os.path.join(OUT_DIR, "p6_decisions.csv"), index=False)
@@ -131,7 +130,6 @@ def p6_decisions(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def headroom(quick: bool) -> tuple[str, pd.DataFrame]:
-    from rudder.headroom import measure, overall
 
     if quick:  # the smallest shipped trace whose time fit separates remote rows
         traces = [os.path.join(ROOT, "traces", "samples", "small-random2-f5x10")]
@@ -156,7 +154,6 @@ def headroom(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p7_llm_size(quick: bool) -> tuple[str, pd.DataFrame]:
-    from rudder.bench import llm_size
 
     df = llm_size.measure(quick)
     df.to_csv(os.path.join(OUT_DIR, "p7_llm_size.csv"), index=False)
@@ -164,7 +161,6 @@ def p7_llm_size(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def p9_scale(quick: bool) -> tuple[str, pd.DataFrame]:
-    from rudder.bench import scale
 
     df = scale.measure(minibatches=100 if quick else 1024)
     df.to_csv(os.path.join(OUT_DIR, "p9_scale.csv"), index=False)
@@ -172,7 +168,6 @@ def p9_scale(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def service_abuse(quick: bool) -> tuple[str, pd.DataFrame]:
-    from rudder.bench import llm_service
 
     df = llm_service.abuse(quick)
     df.to_csv(llm_service.ABUSE_OUT, index=False)
@@ -180,7 +175,6 @@ def service_abuse(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def headroom_map(quick: bool) -> tuple[str, pd.DataFrame]:
-    from rudder.bench import headroom_map as hm
 
     # resumes from the CSV (run the sweep in pieces first if need be); --quick reports the cells measured so far
     df = hm.measure(max_cells=0 if quick else None)
@@ -196,7 +190,6 @@ def headroom_map(quick: bool) -> tuple[str, pd.DataFrame]:
 
 
 def faults_reliability(quick: bool) -> tuple[str, pd.DataFrame]:
-    from rudder.bench import faults
 
     df = faults.measure()
     df.to_csv(os.path.join(OUT_DIR, "faults.csv"), index=False)

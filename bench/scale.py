@@ -22,6 +22,9 @@ import sys
 import time
 
 import pandas as pd
+from rudder.baselines.oracles import belady_min_chunked, hindsight_static_chunked
+from rudder.traces import Trace, TraceError
+from rudder.traces.synthetic import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every agent that is not an LLM; vip and recorded need what a synthetic trace lacks (partition structure, decisions)
@@ -41,8 +44,6 @@ def trace_dir(minibatches: int, ids_per_minibatch: int) -> str:
 
 def ensure_trace(minibatches: int, ids_per_minibatch: int, log) -> tuple[str, float]:
     """The synthetic trace (generated unless a complete one is cached) and the seconds generating it took."""
-    from rudder.traces import Trace, TraceError
-    from rudder.traces.synthetic import generate
 
     out = trace_dir(minibatches, ids_per_minibatch)
     try:
@@ -65,7 +66,6 @@ def ensure_trace(minibatches: int, ids_per_minibatch: int, log) -> tuple[str, fl
 def run_one(trace: str, what: str, fraction: float) -> dict:
     """Replay ``what`` (an agent or an oracle) over the trace in this process; its row."""
     from rudder.agents.base import as_agent
-    from rudder.baselines.oracles import belady_min_chunked, hindsight_static_chunked
     from rudder.env.contract import buffer_kwargs
     from rudder.env.replay_env import ReplayEnv
     from tqdm import tqdm

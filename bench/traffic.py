@@ -12,6 +12,8 @@ import sys
 import time
 
 import pandas as pd
+from rudder.traces import Trace, TraceError
+from rudder.traces.fingerprint import NOT_HELD_OUT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +38,6 @@ def record(graph: str, parts: int, fanout: str, seed: int, log) -> str:
     """A trace of a real run (cached): 1 epoch, batch 1000, periodic agent (the ids do not depend on the agent)."""
     name = f"{graph}-p{parts}-f{fanout.replace(',', 'x')}-s{seed}"
     out = os.path.join(cache_dir(), name)
-    from rudder.traces import Trace, TraceError
 
     try:
         if Trace(out).complete:
@@ -88,7 +89,6 @@ def measure(
     :data:`SAMPLE_AHEAD`): lookahead rows at these sample-ahead settings, with the memory each costs
     (``sample_ahead_mb``: the most sampled bytes any rank held ahead; ``known_mean``: minibatches known exactly
     beyond the next one, mean over ranks and minibatches)."""
-    from rudder.traces.fingerprint import NOT_HELD_OUT
 
     from rudder.evaluation.registry import agent_labels, check_agent, make_agent
     from rudder.evaluation.scoring import evaluate_trace
@@ -144,7 +144,6 @@ def _sample_ahead_cost(trace: str, fraction: float, settings: dict[str, str]) ->
     """Per lookahead label: what its sample-ahead setting holds on this trace (most MB over ranks, mean
     minibatches known beyond the next one, sampling seconds moved earlier)."""
     from rudder.env.replay_env import ReplayEnv
-    from rudder.traces import Trace
 
     t = Trace(trace)
     out = {}

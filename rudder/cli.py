@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import sys
 
+from rudder import train
+from rudder.testbed import cluster
+
 COMMANDS = {
     "train": "train a GNN with DistDGL on MPI ranks (train gnn), or a PPO prefetch agent on traces (train ppo)",
     "evaluate": "score prefetching agents against each other and the oracles on recorded traces (or live)",
@@ -36,16 +39,12 @@ def run(command: str, argv: list[str]) -> int:
     """Run one command with its own arguments; returns the exit code."""
     prog = f"rudder {command}"
     if command == "train":
-        from rudder import train
-
         return train.main(argv, prog=prog)
     if command == "evaluate":
         from rudder import evaluate
 
         return evaluate.main(argv, prog=prog)
     if command == "cluster":
-        from rudder.testbed import cluster
-
         cluster.main(argv, prog=prog)
         return 0
     if command == "bench":

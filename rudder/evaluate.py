@@ -31,7 +31,11 @@ import os
 import subprocess
 import sys
 
+from rudder.agents.llm.gates import gate_section
+from rudder.evaluation.report import format_report, headline, plot_hit_rate, plot_traffic
 from rudder.traces import SAMPLES_DIR as SAMPLES
+from rudder.traces import Trace, TraceError
+from rudder.traces.timecheck import TimeCheck
 
 DEFAULT_AGENTS = "none,static,vip,periodic,hitrate,lookahead,ppo,llm,ppo-link,llm-link,mpc"
 
@@ -224,8 +228,6 @@ def evaluate_traces(
     specs: list[str], labels: list[str], options: dict[str, dict], oracles: list[str], args
 ) -> list[dict]:
     from rudder.evaluation.scoring import evaluate_trace
-    from rudder.traces import Trace, TraceError
-    from rudder.traces.timecheck import TimeCheck
 
     factories = agent_factories(specs, labels, options, args)
     checks = [TimeCheck.from_trace(t) for t in args.time_check]
@@ -257,7 +259,6 @@ def llm_gates(specs: list[str], labels: list[str], options: dict[str, dict], arg
     """The gates of every LLM agent (an :class:`~rudder.agents.llm.agent.LLMAgent`), as lines to print; None when
     there is none."""
     from rudder.agents.llm.agent import LLMAgent
-    from rudder.agents.llm.gates import gate_section
     from rudder.evaluation.registry import agent_class
 
     factories = agent_factories(specs, labels, options, args)
@@ -345,9 +346,7 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
 
     from rudder.agents.ppo import read_policy_meta
     from rudder.env.settings import check_optional
-    from rudder.evaluation.report import format_report, headline, plot_hit_rate, plot_traffic
     from rudder.evaluation.scoring import CONSTANT_ORACLES, ORACLES
-    from rudder.traces import TraceError
 
     specs = list(dict.fromkeys(a.strip() for a in args.agents.split(",") if a.strip()))
     oracles = [] if args.live else [o for o in args.oracles.split(",") if o]

@@ -22,6 +22,10 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from rudder.evaluation.report import HEADROOM_MIN
+from rudder.traces import Trace, TraceError
+from rudder.traces.timecheck import time_checks
+
 HEADROOM_COLUMNS = (
     "trace",
     "rank",
@@ -50,8 +54,6 @@ def measure(
     from rudder.baselines.mpc import MPC
     from rudder.evaluation.play import play_episode
     from rudder.evaluation.scoring import bound_row, constant_rows, space_env, time_model_columns
-    from rudder.traces import Trace
-    from rudder.traces.timecheck import time_checks
 
     rows = []
     for folder in traces:
@@ -118,7 +120,6 @@ def overall(df: pd.DataFrame) -> pd.DataFrame:
 
 def format_table(df: pd.DataFrame) -> str:
     """The per-rank table and the per-trace summary, as printed."""
-    from rudder.evaluation.report import HEADROOM_MIN
 
     def pct(v, fmt="{:.2%}"):
         return "-" if pd.isna(v) else fmt.format(v)
@@ -171,7 +172,6 @@ def format_table(df: pd.DataFrame) -> str:
 
 def check_traces(traces: list[str]) -> str | None:
     """One line naming the first trace that cannot be read (folder, what is wrong), or None."""
-    from rudder.traces import Trace, TraceError
 
     for folder in traces:
         if not os.path.isdir(folder):

@@ -18,6 +18,9 @@ import importlib.util
 import os
 import sys
 
+from rudder.runtime.launcher import launch
+from rudder.runtime.rank import rank_main, under_mpi
+
 if __name__ == "__mp_main__" and os.environ.get("RUDDER_ONEHOST_MACHINE"):
     # a DGL sampler worker spawned by a one-host trainer: it opens the same shared memory, so the same fixes
     from rudder.runtime.onehost import apply_from_env
@@ -198,8 +201,6 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     args = build_parser(prog).parse_args(argv)
     if args.command == "gnn":
         from rudder.runtime.config import from_namespace
-        from rudder.runtime.launcher import launch
-        from rudder.runtime.rank import rank_main, under_mpi
 
         cfg = from_namespace(args)
         try:

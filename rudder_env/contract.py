@@ -15,6 +15,7 @@ from typing import Any, NotRequired, TypedDict, get_type_hints
 
 import numpy as np
 from rudder.env.defaults import LINK_LEVELS as LINK_LEVELS  # part of the agents' contract (the level agents' levels)
+from rudder.env.sample_ahead import SampleAhead
 from rudder.env.settings import check, check_link_levels
 from rudder.env.spaces import WindowStats
 
@@ -56,8 +57,6 @@ class BufferSettings:
         if self.buffer_init is not None:
             check("buffer_init", self.buffer_init)
         if self.sample_ahead is not None:
-            from rudder.env.sample_ahead import SampleAhead
-
             object.__setattr__(self, "sample_ahead", str(SampleAhead.parse(self.sample_ahead, "sample_ahead")))
         if self.static and self.admit_on_miss:
             raise ValueError("a static buffer cannot admit on miss: it never changes after the initial fill")

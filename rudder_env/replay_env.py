@@ -12,6 +12,7 @@ from rudder.env.episode import MinibatchRecord, PrefetchEnv, PrefetchEpisode, Ru
 from rudder.env.lookahead import SamplerLookahead
 from rudder.env.ranking import make_ranking
 from rudder.env.recorded_run import RecordedRun
+from rudder.env.scenario import Scenario
 from rudder.env.settings import check, check_link_levels
 from rudder.env.spaces import action_space, observation_space
 from rudder.env.timing import BackgroundLink
@@ -342,7 +343,6 @@ class ReplayEnv(PrefetchEnv):
     def _apply_scenario(self, scenario) -> None:
         """Replay under ``scenario``: this rank's conditions (:mod:`rudder.env.scenario`); wider rows scale the
         per-row costs and a straggler its sampling and compute here, the link rate minibatch by minibatch."""
-        from rudder.env.scenario import Scenario
 
         self.scenario = scenario if isinstance(scenario, Scenario) else Scenario.load(scenario)
         self.conditions = self.scenario.conditions(self.run.rank)

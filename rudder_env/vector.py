@@ -22,6 +22,7 @@ import functools
 from collections.abc import Callable, Sequence
 
 import gymnasium as gym
+import rudder.env  # noqa: F401  (registers the environments)
 from gymnasium.wrappers import FlattenObservation
 from rudder.env.defaults import COUNT_LEVELS, DEFAULTS, FRACTION_LEVELS, LINK_LEVELS, RECORDED_BEFORE_OPTION
 from rudder.env.wrappers import Budget, EvictOrKeep, FractionBudget, RelativeReward
@@ -66,7 +67,6 @@ def make_replay_env(
         seed: when given, seeds the action space and resets the env once with it (later resets continue that
             stream); a vector env's ``reset(seed=s)`` seeds env ``i`` with ``s + i`` instead.
     """
-    import rudder.env  # noqa: F401  (registers the environments)
 
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}: expected one of {', '.join(ACTIONS)}")

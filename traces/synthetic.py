@@ -27,6 +27,7 @@ import sys
 import time
 
 import numpy as np
+from rudder.traces import Trace, TraceWriter
 
 PAPERS100M_NODES = 111_059_956
 DEFAULT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples", "small-metis2-f10x25")
@@ -50,8 +51,6 @@ def generate(
 
     ``progress(n)`` is called with the minibatches written since the last call."""
     import shutil
-
-    from rudder.traces import Trace, TraceWriter
 
     t0 = time.perf_counter()
     rank = Trace(source).rank(source_rank)

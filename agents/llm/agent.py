@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 from rudder.agents.base import Agent
+from rudder.agents.llm.client import EndpointClient, EndpointError
+from rudder.agents.llm.models import load_model, load_tokenizer
 from rudder.agents.llm.prompt import (
     ANSWER_PREFIX,
     DecisionHistory,
@@ -67,7 +69,6 @@ _MODELS: dict[str, tuple] = {}  # spec -> (model, tokenizer, info), shared by ev
 
 def shared_model(spec=None):
     """``load_model(spec)``, loaded once per process."""
-    from rudder.agents.llm.models import load_model
 
     key = "smollm2" if spec is None else os.fspath(spec)
     if key not in _MODELS:
@@ -208,9 +209,6 @@ class LLMAgent(Agent):
         self.seed = int(seed)
         self.client = None
         if endpoint:
-            from rudder.agents.llm.client import EndpointClient
-            from rudder.agents.llm.models import load_tokenizer
-
             self.client = EndpointClient(endpoint, endpoint_model)
             if isinstance(model, tuple):
                 self.tokenizer, spec = model[1], "object"
@@ -533,7 +531,6 @@ class LLMAgent(Agent):
     def _endpoint_scores(self, prompt: str, option_ids: dict[str, list[int]]) -> tuple[dict[str, float], int]:
         """Each option's answer appended to ``prompt``, all in one request; the log-probabilities the endpoint echoes
         for the answer's tokens, summed. Returns the scores and the prompt tokens sent."""
-        from rudder.agents.llm.client import EndpointError
 
         names = list(option_ids)
         by_tokens = {tuple(v): k for k, v in self._answer_ids.items()}

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 from rudder.agents.llm.agent import CONTENT_FREE, LLMAgent, View
-from rudder.agents.llm.prompt import EXAMPLES_FORMAT, _pct
+from rudder.agents.llm.prompt import ANSWER_PREFIX, EXAMPLES_FORMAT, _pct, render
 from rudder.env.contract import BufferSettings
 
 LINK_OPTIONS = {"none": 0.0, "eighth": 0.125, "quarter": 0.25, "half": 0.5, "all": 1.0}
@@ -272,7 +272,6 @@ class LLMLinkAgent(LLMAgent):
         return choice, dict(decision=choice, **details)
 
     def _render_link(self, view: View, m: LinkMetrics, user: str | None = None):
-        from rudder.agents.llm.prompt import ANSWER_PREFIX, render
 
         if user is None:
             user = link_user_message(m, view.shown(self.link_options), self._shown_choices(view, m))

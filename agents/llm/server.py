@@ -84,6 +84,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from rudder.agents.llm.models import ModelLoadError, load_model
+
 MAX_TOP_LOGPROBS = 20  # as OpenAI's legacy API: logprobs is at most 5 there; vLLM allows 20
 DEFAULT_TOKEN_BUDGET = 2048  # prompt tokens per forward pass (rows x longest new part): bounds the logits' memory
 MIN_PREFIX_TOKENS = 32
@@ -1212,7 +1214,6 @@ def build_service(
     max_queued_tokens: int = DEFAULT_MAX_QUEUED_TOKENS,
 ) -> Service:
     """Load the model (:func:`rudder.agents.llm.models.load_model`) and put an engine and a batcher over it."""
-    from rudder.agents.llm.models import load_model
 
     model, tokenizer, info = load_model(model_spec)
     engine = Engine(
@@ -1288,7 +1289,6 @@ def main(argv=None) -> int:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
-    from rudder.agents.llm.models import ModelLoadError
 
     for name in ("max_body_bytes", "max_request_tokens", "max_queued_tokens", "max_connections", "prefill_chunk"):
         if getattr(args, name) < 1:

@@ -12,6 +12,7 @@ import numpy as np
 
 import rudder.env  # noqa: F401  (registers the environments)
 from rudder.agents.base import as_agent
+from rudder.agents.ppo import PPOAgent
 from rudder.baselines.constant import SPACES, ActionSpace, space_of
 from rudder.baselines.oracles import belady_min, hindsight_static, hit_ceiling
 from rudder.baselines.policies import Periodic, RandomBudget, StaticBuffer
@@ -444,7 +445,6 @@ def compare_policy(
 ) -> list[dict]:
     """Remote rows fetched by a saved PPO policy beside periodic, static and :class:`RandomBudget` (mean over
     ``random_seeds`` seeds), one replay episode each, per trace x rank x buffer fraction (``None``: recorded)."""
-    from rudder.agents.ppo import PPOAgent
 
     agent = PPOAgent(policy)
     rows = []

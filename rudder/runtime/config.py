@@ -8,8 +8,14 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 
+from rudder.agents.llm.client import EndpointError, base_url
+from rudder.agents.ppo import read_policy_meta
 from rudder.env.defaults import DEFAULTS
+from rudder.env.sample_ahead import SampleAhead
 from rudder.env.settings import BUFFER_INITS, check, check_fanout
+from rudder.evaluation.registry import check_agent, parse_agent_kwargs
+from rudder.runtime.partition import graph_name
+from rudder.testbed.cluster import ClusterError, parse_rate
 
 
 def default_cache_dir() -> str:
@@ -292,7 +298,6 @@ class TrainConfig:
         """Constructor options of the agent on trainer ``trainer_rank``: ``--agent-kwargs``, and for ``recorded``
         the trace and rank whose decisions it plays; for ``ppo``, whether to trust a policy file
         (``--trust-policy``)."""
-        from rudder.evaluation.registry import parse_agent_kwargs
 
         options = parse_agent_kwargs(self.agent_kwargs)
         if self.agent == "recorded":
@@ -306,7 +311,6 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError with a one-line message for options that cannot work (an agent that cannot be found,
         or whose constructor does not take ``--agent-kwargs``, included)."""
-        from rudder.evaluation.registry import check_agent
 
         if (self.agent == "recorded") != (self.decisions_from is not None):
             raise ValueError("--agent recorded and --decisions-from TRACE go together")
@@ -315,8 +319,6 @@ class TrainConfig:
         if self.decisions_from is not None:
             self._check_decisions_trace()
         if self.llm_endpoint is not None:
-            from rudder.agents.llm.client import EndpointError, base_url
-
             if self.agent != "llm":
                 raise ValueError(f"--llm-endpoint is for --agent llm, got --agent {self.agent}")
             try:
@@ -325,8 +327,6 @@ class TrainConfig:
                 raise ValueError(str(exc)) from None
         check_agent(self.agent, self.agent_options())
         if self.agent == "ppo":
-            from rudder.agents.ppo import read_policy_meta
-
             read_policy_meta(None, trust=self.trust_policy)  # refused here, before any process starts
         for name in (
             "parts",
@@ -349,7 +349,6 @@ class TrainConfig:
         ):
             check(name, getattr(self, name))
         check_fanout(self.fanout)
-        from rudder.env.sample_ahead import SampleAhead
 
         SampleAhead.parse(self.sample_ahead, "--sample-ahead")
         if self.hosts < 0 or self.hosts == 1:
@@ -362,7 +361,6 @@ class TrainConfig:
         if self.link_rate is not None:
             if not self.hosts:
                 raise ValueError("--link-rate shapes the links of emulated hosts: it needs --hosts N")
-            from rudder.testbed.cluster import ClusterError, parse_rate
 
             try:
                 parse_rate(self.link_rate)
@@ -406,7 +404,6 @@ class TrainConfig:
         """The ``--decisions-from`` trace must come from a run on the same graph, partitioned the same way, with as
         many trainers: its decisions name node ids of that run's partitioning (DistDGL renumbers nodes per
         partitioning) and are played per trainer rank."""
-        from rudder.runtime.partition import graph_name
         from rudder.traces import Trace
 
         trace = Trace(self.decisions_from)

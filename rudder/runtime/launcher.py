@@ -26,13 +26,14 @@ import sys
 import threading
 import time
 
-from rudder.runtime import onehost
+from rudder.runtime import llm_service, onehost
 from rudder.runtime.console import CONSOLE_VAR, JobLog, default_log_path
 from rudder.runtime.heartbeat import FACTOR, PHASES, beat_path, read_beat
 from rudder.runtime.partition import check_decisions_partitioning, ensure_partitions
 from rudder.runtime.ports import free_port_base, job_ports, port_in_use, remove_stale_locks
 from rudder.runtime.procs import alive, signal_process, start_time, state
 from rudder.runtime.rank import check_trace_folder
+from rudder.testbed.cluster import ClusterError, EmulatedCluster, preflight
 
 SHM_DIR = "/dev/shm"
 TAG_VAR = onehost.TAG_VAR
@@ -395,7 +396,6 @@ def _launch_here(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
     for port in server_ports + [master_port]:
         if port_in_use("127.0.0.1", port):
             raise RuntimeError(f"port {port} is in use (another DistDGL job, or a leftover server?): pass --port")
-    from rudder.runtime import llm_service
 
     with llm_service.Services(cfg.agent_options().get("model"), cfg.decision_priority, log.note) as services:
         if llm_service.wanted(cfg):
@@ -409,7 +409,6 @@ def _launch_here(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
 
 def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
     """Run the job across emulated hosts: one partition (its server and trainers) per host."""
-    from rudder.testbed.cluster import ClusterError, EmulatedCluster, preflight
 
     try:
         preflight()

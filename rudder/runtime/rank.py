@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 from rudder.runtime import onehost
 from rudder.runtime.console import say
+from rudder.runtime.dgl_compat import import_dgl
 from rudder.runtime.heartbeat import Heartbeat, beat_path
 from rudder.runtime.partition import (
     PartitionError,
@@ -36,6 +37,9 @@ from rudder.runtime.partition import (
 )
 from rudder.runtime.ports import free_port_base, job_ports, port_in_use, release_claims
 from rudder.runtime.procs import alive, pidfd_exited, start_time
+from rudder.runtime.progress import TrainerProgress, shape_line
+from rudder.runtime.stop import StopRelay, StopRequested, exit_now, keep_dgl_handler_out, shm_mapped
+from rudder.runtime.summary import build_summary, format_table, write_summary
 
 TAG_VAR = onehost.TAG_VAR
 SUPERVISOR_VAR = "RUDDER_SUPERVISOR"  # set by rudder.runtime.launcher: "pid start_time" of the supervisor
@@ -266,7 +270,6 @@ def _end_with_supervisor(supervisor: str, poll_s: float = 1.0) -> threading.Thre
 
 
 def _run_server(cfg, role: Role, job: Job) -> None:
-    from rudder.runtime.dgl_compat import import_dgl
 
     dgl = import_dgl()
     port = job_ports(cfg, job.one_host)[0][role.machine]
@@ -295,8 +298,6 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
     from rudder.env.contract import buffer_kwargs
     from rudder.evaluation.play import play
     from rudder.evaluation.registry import make_agent
-    from rudder.runtime.progress import TrainerProgress
-    from rudder.runtime.stop import StopRequested
     from rudder.runtime.trainer import DistTrainer
 
     agent = make_agent(cfg.agent, **cfg.agent_options(role.trainer_rank))
@@ -475,8 +476,6 @@ def rank_main(cfg) -> int:
     slurm_pmi_defaults()
     from mpi4py import MPI
 
-    from rudder.runtime.stop import StopRelay, exit_now, keep_dgl_handler_out, shm_mapped
-
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     relay = StopRelay(comm, f"rank {rank}")  # first: a signal from here on stops the job in order
@@ -515,8 +514,6 @@ def rank_main(cfg) -> int:
         return 2
     cfg.port = job.port  # rank 0 may have picked it
     if rank == 0:
-        from rudder.runtime.progress import shape_line
-
         say(shape_line(cfg, job.meta, hosts=len(set(hosts))))
     _status(job, role, "started")
     t0 = time.perf_counter()
@@ -539,8 +536,6 @@ def rank_main(cfg) -> int:
     if role.kind == "trainer":
         _wait(comm, comm.isend(result, dest=0, tag=RESULT_TAG))
     if rank == 0:
-        from rudder.runtime.summary import build_summary, format_table, write_summary
-
         results = []
         for r in (r.rank for r in roles if r.kind == "trainer"):
             while not comm.iprobe(source=r, tag=RESULT_TAG):
@@ -586,8 +581,6 @@ def _leave_finished(MPI, shm: list[str]) -> None:
     frees the thousands of modules and objects of torch and DGL one by one: seconds of CPU per rank at the end of
     every job (BENCHMARKS.md, suite time)."""
     import atexit
-
-    from rudder.runtime.stop import exit_now
 
     atexit._run_exitfuncs()  # what sys.exit runs first; the module has no public way to run them
     if not MPI.Is_finalized():

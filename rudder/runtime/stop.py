@@ -33,6 +33,7 @@ import threading
 import time
 
 from rudder.runtime.console import _flush_c_stdio
+from rudder.runtime.dgl_compat import import_dgl
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 STOP_TAG = 7311  # MPI tag of a relayed stop: the payload is (signal name, rank that received it)
@@ -52,7 +53,6 @@ class StopRequested(Exception):
 def keep_dgl_handler_out() -> None:
     """Make DGL's ``register_sig_handler`` (called by ``dgl.distributed`` when a server starts or a client
     connects; its C handler aborts the process on SIGINT/SIGTERM) a no-op, so Python's handlers stay in place."""
-    from rudder.runtime.dgl_compat import import_dgl
 
     dgl = import_dgl()
     dgl.distributed.rpc.register_sig_handler = lambda: None

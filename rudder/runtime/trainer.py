@@ -25,11 +25,14 @@ import torch.nn.functional as F
 
 from rudder.env.buffer import EMPTY, PrefetchBuffer, initial_ids, positions
 from rudder.env.episode import MinibatchRecord
+from rudder.env.lookahead import SamplerLookahead
 from rudder.env.sample_ahead import SampleAhead, sampled_bytes
 from rudder.env.vip import vertex_inclusion_probability
 from rudder.runtime.dgl_compat import import_dgl
 from rudder.runtime.models import block_indices, build_model
+from rudder.runtime.partition import ORIG_NIDS_FILE
 from rudder.runtime.progress import EpochStats
+from rudder.runtime.stop import StopRequested
 
 dgl = import_dgl()
 
@@ -353,7 +356,6 @@ class DistTrainer:
 
     def _lookahead(self):
         """The partition's structure around this trainer's seeds, for sampler lookahead."""
-        from rudder.env.lookahead import SamplerLookahead
 
         t0 = time.perf_counter()
         lp = self.g.local_partition
@@ -607,8 +609,6 @@ class DistTrainer:
     def _verify(self, input_nodes: torch.Tensor, x: torch.Tensor) -> None:
         """Count rows that differ from a direct DistTensor pull, and rows whose column 0 is not the original id."""
         if self._orig_nids is None:
-            from rudder.runtime.partition import ORIG_NIDS_FILE
-
             self._orig_nids = np.load(os.path.join(os.path.dirname(self.part_config), ORIG_NIDS_FILE))
         direct = self.link.pull(self.feat, input_nodes)
         v = self.verify
@@ -771,7 +771,6 @@ class DistTrainer:
         """End training before the next minibatch (every trainer at the same one): close the epoch begun, if any
         minibatch of it ran, drop what was sampled or prefetched ahead, and raise
         :class:`~rudder.runtime.stop.StopRequested`."""
-        from rudder.runtime.stop import StopRequested
 
         if self.stats.minibatches > self._epoch_mark["minibatches"]:
             self._close_epoch(epoch, seconds)

@@ -98,31 +98,41 @@ def other_workers() -> bool:
     return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
 
 
-def _cores_lock_path() -> str | None:
-    """A lock file shared by the workers of this test run (pytest-xdist names the run), None without xdist."""
+def _cores_lock_paths() -> tuple[str, str] | None:
+    """The lock files shared by the workers of this test run (pytest-xdist names the run): the cores lock and its
+    turnstile; None without xdist."""
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    return os.path.join("/tmp", f"rudder-pytest-cores-{run}.lock") if run and other_workers() else None
+    if not (run and other_workers()):
+        return None
+    return tuple(os.path.join("/tmp", f"rudder-pytest-{what}-{run}.lock") for what in ("cores", "turnstile"))
 
 
 @contextlib.contextmanager
-def _cores_lock(mode: int):
-    path = _cores_lock_path()
-    if path is None:
+def _cores_lock(exclusive: bool):
+    """The cores lock, shared or exclusive, with the exclusive side first in line: Linux ``flock`` keeps granting a
+    shared lock while an exclusive one waits, so each taker passes a turnstile first, and the exclusive taker holds it
+    until it has the lock (no new test starts beside it meanwhile)."""
+    paths = _cores_lock_paths()
+    if paths is None:
         yield
         return
-    with open(path, "a") as f:
-        fcntl.flock(f, mode)
+    with open(paths[0], "a") as cores, open(paths[1], "a") as turnstile:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(cores, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(cores, fcntl.LOCK_UN)
 
 
 def cores_to_itself():
     """Run a live job whose measured times are checked against the time model with no other worker's test running:
     the tests beside the job group hold this lock shared while they run (:func:`_share_the_cores`), so taking it
     exclusively waits for the running one to end and starts no new one until the job is done."""
-    return _cores_lock(fcntl.LOCK_EX)
+    return _cores_lock(exclusive=True)
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +142,7 @@ def _share_the_cores(request):
     if group is not None and group.args and group.args[0] == JOBS:
         yield
         return
-    with _cores_lock(fcntl.LOCK_SH):
+    with _cores_lock(exclusive=False):
         yield
 
 

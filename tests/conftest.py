@@ -81,14 +81,13 @@ def _record_live(tmp_path_factory, agent: str, *extra: str) -> dict:
         "--port",
         str(_free_port_block()),
     ]
-    with cores_to_itself():  # its measured times feed the time model's out-of-sample check (test_evaluate)
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1"),
-        )
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, RUDDER_CACHE=cache, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(trace=str(trace), summary=json.loads(summary.read_text()), stdout=proc.stdout)
 
@@ -179,6 +178,8 @@ def pytest_collection_modifyitems(config, items):
         group = JOBS if job else module
         item.add_marker(pytest.mark.xdist_group(group))
         groups.setdefault(group, []).append(item)
+    # tests that time live runs alone go last among the jobs, when the other workers have most likely finished
+    groups[JOBS] = sorted(groups.get(JOBS, []), key=lambda it: it.get_closest_marker("timed_alone") is not None)
     items[:] = [it for g in sorted(groups, key=lambda g: g != JOBS) for it in groups[g]]
 
 
@@ -207,10 +208,13 @@ def record_live(tmp_path_factory):
     A run asked for twice with the same arguments in one session is recorded once (modules share it)."""
     runs: dict[tuple, dict] = {}
 
-    def record(agent, *extra):
-        key = (agent, *extra)
+    def record(agent, *extra, alone: bool = False):
+        """``alone``: a run of its own, recorded with no other worker's test running (:func:`cores_to_itself`), for
+        checks on measured time."""
+        key = (agent, *extra, alone)
         if key not in runs:
-            runs[key] = _record_live(tmp_path_factory, agent, *extra)
+            with cores_to_itself() if alone else contextlib.nullcontext():
+                runs[key] = _record_live(tmp_path_factory, agent, *extra)
         return runs[key]
 
     return record

@@ -222,8 +222,9 @@ def test_evaluate_live_runs_agents_through_real_training(tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.timed_alone
 def test_time_model_checked_on_another_real_run(record_live, tmp_path):
-    """Two real runs of the same options with different agents (periodic, lookahead; shared with test_envs): the
+    """Two real runs of the same options with different agents (periodic, lookahead; recorded alone): the
     model fitted to one predicts the other's measured time, evaluate.py reports that error per rank, and hides
     modelled time where the fit cannot separate remote rows.
 
@@ -235,7 +236,7 @@ def test_time_model_checked_on_another_real_run(record_live, tmp_path):
     from rudder.env.replay_env import ReplayEnv
     from rudder.traces.timecheck import TimeCheck
 
-    fitted, other = record_live("periodic", "--check-env"), record_live("lookahead")
+    fitted, other = record_live("periodic", alone=True), record_live("lookahead", alone=True)
     check = TimeCheck.from_trace(other["trace"])
     assert check.matches(Trace(fitted["trace"]))  # same options and seed, another agent
     proc = subprocess.run(

@@ -435,7 +435,9 @@ def test_install_shadows_no_other_distribution(tmp_path, editable):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "static" in proc.stdout and (tmp_path / "out" / "results.csv").exists()
     helped = subprocess.run([str(rudder), "--help"], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert helped.stdout.count("\n  ") == 4
+    from rudder.cli import COMMANDS
+
+    assert helped.stdout.count("\n  ") == len(COMMANDS) and all(f"\n  {c} " in helped.stdout for c in COMMANDS)
 
 
 def test_train_ppo_writes_tensorboard_curves(tmp_path):

@@ -177,6 +177,7 @@ class ReplayEnv(PrefetchEnv):
         lambda self: self.run.time_model if self.scenario is None else self._model,
         doc="The fetch-time model fitted to the recording (rows widened by a scenario).",
     )
+    copy_model = property(lambda self: self.run.copy_model, doc="A GPU recording's host-to-device copy model, or None.")
     num_nodes = property(lambda self: self.run.num_nodes, doc="Nodes in the graph.")
     halo_ids = property(lambda self: self.run.halo_ids, doc="Global ids of this rank's remote neighbours.")
     fanouts = property(lambda self: self.run.fanouts, doc="The sampler's fanout per layer.")

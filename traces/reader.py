@@ -267,30 +267,26 @@ class RankTrace:
     def prefetch_table(self) -> pd.DataFrame | None:
         """Per minibatch, what a background prefetch did (``arrived`` rows delivered before it, ``stall_s`` its demand
         pull waited), or None when the recording prefetched inline."""
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in PREFETCH_COLUMNS}
-        for chunk in self._chunks(with_ids=False):
-            if chunk.prefetch is None:
-                if chunk.id_offsets.size > 1:  # _chunks saw to it: then no chunk has them
-                    return None
-                continue  # a decisions-only last chunk
-            for name in PREFETCH_COLUMNS:
-                parts[name].append(chunk.prefetch[name])
-        if not parts["arrived"]:
-            return None
-        return pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
+        return self._optional_table("prefetch", PREFETCH_COLUMNS)
 
     def device_table(self) -> pd.DataFrame | None:
         """Per minibatch, the host-to-device copy (``h2d_s`` seconds of its ``fetch_s``, ``h2d_rows`` rows), or
         None when the recording trained on a CPU."""
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in DEVICE_COLUMNS}
+        return self._optional_table("device", DEVICE_COLUMNS)
+
+    def _optional_table(self, group: str, columns) -> pd.DataFrame | None:
+        """The per-minibatch columns of an optional chunk group (``chunk.<group>``), or None where the recording
+        has none (every chunk with minibatches has the group, or none has: :meth:`_chunks` checks it)."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in columns}
         for chunk in self._chunks(with_ids=False):
-            if chunk.device is None:
-                if chunk.id_offsets.size > 1:  # _chunks saw to it: then no chunk has them
+            values = getattr(chunk, group)
+            if values is None:
+                if chunk.id_offsets.size > 1:
                     return None
                 continue  # a decisions-only last chunk
-            for name in DEVICE_COLUMNS:
-                parts[name].append(chunk.device[name])
-        if not parts["h2d_s"]:
+            for name in columns:
+                parts[name].append(values[name])
+        if not next(iter(parts.values())):
             return None
         return pd.DataFrame({name: np.concatenate(v) for name, v in parts.items()})
 

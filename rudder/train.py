@@ -21,8 +21,10 @@ import sys
 from rudder.runtime.launcher import launch
 from rudder.runtime.rank import rank_main, under_mpi
 
-if __name__ == "__mp_main__" and os.environ.get("RUDDER_ONEHOST_MACHINE"):
-    # a DGL sampler worker spawned by a one-host trainer: it opens the same shared memory, so the same fixes
+if os.environ.get("RUDDER_ONEHOST_MACHINE"):
+    # a DGL sampler worker spawned by a one-host trainer (only a one-host rank sets the variable, for its children):
+    # it opens the same shared memory, so the same fixes. Its main module is whichever script started the rank
+    # (``python -m rudder.train``, a checkout's ``train.py``, the ``rudder`` console script): each imports this one.
     from rudder.runtime.onehost import apply_from_env
 
     apply_from_env()

@@ -185,9 +185,15 @@ class RecordedRun:
             raise TraceError(str(exc)) from None
 
     def recorded_clock(self) -> np.ndarray:
-        """Seconds from the first minibatch to the start of each, as recorded (sampling, fetch and compute summed):
-        where each recorded pull sits on the clock the recorded conditions are given on."""
+        """Seconds from the first minibatch to the start of each, as recorded: sampling, fetch and compute summed,
+        stretched evenly to the rank's training wall time where the trace has it (``train_start_unix`` and
+        ``train_end_unix``: what the three leave out, the agent's turn and the buffer's bookkeeping, adds up over a
+        run); where each recorded pull sits on the clock the recorded conditions are given on."""
         busy = self.sample_s + self.fetch_s + self.compute_s
+        meta = self.rank_trace.meta
+        start, end = meta.get("train_start_unix"), meta.get("train_end_unix")
+        if start is not None and end is not None and end - start > busy.sum() > 0:
+            busy = busy * ((end - start) / busy.sum())
         return np.concatenate([[0.0], np.cumsum(busy)[:-1]])
 
     def _fit_time_model(self, table) -> FetchTimeModel:

@@ -119,6 +119,44 @@ def replay_matches_the_live_run(trace: str, summary: dict) -> None:
             assert abs(res["time_s"] / live_s - 1) < 0.10, (res["time_s"], live_s)
 
 
+def test_a_scenario_is_played_on_the_links_and_kept_in_the_trace(cluster, cache, tmp_path):
+    """--scenario: the links' rates change on the scenario's schedule while the job runs (a square wave, 8x slower
+    half the time), every link gets its rate back at the end, and the trace keeps what was played
+    (conditions.json) on each rank's clock: replay of it is not synthetic, puts minibatches in slow phases and
+    models the run slower than a replay at the base rate does."""
+    from rudder.env.scenario import Scenario
+
+    scenario = tmp_path / "sq.json"
+    square = dict(type="square", period_s=2.0, high=1.0, low=0.125)
+    link = dict(kind="link", hosts="all", timeline=square)
+    scenario.write_text(json.dumps(dict(version=1, name="sq-live", duration_s=2.0, processes=[link])))
+    trace = tmp_path / "trace"
+    args = ["--graph", "synth-small", "--cluster", cluster.name, "--epochs", "1", "--batch-size", "1000"]
+    args += ["--fanout", "10,25", "--scenario", str(scenario), "--trace", str(trace)]
+    proc = train(args, cache)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "rudder: playing scenario sq-live on the 2 links" in err and "link-rate changes played" in err
+    record = json.loads((trace / "conditions.json").read_text())
+    assert record["base_rate"] == RATE and record["hosts"] == 2
+    for host in (0, 1):
+        changes = [(t, f) for t, h, f in record["changes"] if h == host]
+        assert {f for _, f in changes} == {1.0, 0.125} and len(changes) >= 4
+        assert all(0 <= t - k < 0.25 for k, (t, _) in enumerate(changes))  # every second, on time give or take
+        shown = subprocess.run(["tc", "-n", cluster.hostnames[host], "qdisc", "show"], capture_output=True, text=True)
+        assert "rate 400Mbit" in shown.stdout  # back at the base rate
+    base = Scenario.from_dict(dict(version=1, name="base", processes=[]))
+    for rank in Trace(str(trace)).ranks:
+        env = ReplayEnv(str(trace), rank=rank)
+        assert not env.synthetic and env.scenario.name == "sq-live-as-played"
+        assert env.run.start_unix > record["played_from_unix"]
+        met = env.conditions
+        assert 0 < sum(met.rate_at(t) < 1 for t in env.run.recorded_clock()) < env.run.num_minibatches
+        as_met = play_episode(env, Periodic())["time_s"]
+        at_base = play_episode(ReplayEnv(str(trace), rank=rank, scenario=base), Periodic())["time_s"]
+        assert as_met > at_base * 1.02, (as_met, at_base)
+
+
 def test_hosts_option_brings_a_cluster_up_and_down(cache, tmp_path):
     summary = tmp_path / "run.json"
     proc = train(

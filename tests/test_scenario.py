@@ -357,8 +357,9 @@ def test_the_player_changes_each_hosts_rate_on_schedule_and_keeps_what_it_played
 
 def _recorded_under(directory, rows, rate, lag_s, played_from=1_000_000.0, changes=None):
     """A one-rank trace as a live run under link rate ``rate(t)`` (t on the rank's clock, from its first
-    minibatch) would record it: each demand pull carries ``C_REMOTE * rows`` seconds of work at that rate, the rank's
-    first minibatch ``lag_s`` after playing started; with its ``conditions.json`` (``changes`` on the player's clock)."""
+    minibatch) would record it: each demand pull carries ``C_REMOTE * rows`` seconds of work at that rate, the
+    rank's first minibatch ``lag_s`` after playing started; with its ``conditions.json`` (``changes`` on the
+    player's clock)."""
     from rudder.env.scenario import conditions_record
 
     starts = np.cumsum([0] + rows[:-1])

@@ -491,7 +491,10 @@ class _Conditions:
         scenario = Scenario.load(self.cfg.scenario)
         hosts = len(self.cluster.hostnames)
         longest = self.cfg.timeout_s or 6 * 3600.0  # the schedule is laid out this far ahead
-        self.player = ConditionsPlayer(self.cluster, scenario, parse_rate(self.cluster.link_rate), hosts, longest)
+        self.base_rate = self.cluster.link_rate
+        self.player = ConditionsPlayer(
+            self.cluster, scenario, parse_rate(self.base_rate), hosts, longest, base_rate=self.base_rate
+        )
         self.log.note(
             f"rudder: playing scenario {scenario.name} on the {hosts} links (rates as factors of "
             f"{self.cluster.link_rate})"
@@ -507,7 +510,7 @@ class _Conditions:
         if trace and os.path.isfile(os.path.join(trace, "trace.json")):
             from rudder.env.scenario import CONDITIONS_FILE
 
-            record = self.player.record(self.cluster.link_rate)
+            record = self.player.record(self.base_rate)
             tmp = os.path.join(trace, f".{CONDITIONS_FILE}.tmp")
             with open(tmp, "w") as f:
                 json.dump(record, f, indent=1)

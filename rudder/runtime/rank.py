@@ -368,7 +368,9 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
             writer.close(
                 extra_rank_meta=dict(
                     counters=trainer.buffer.counters.as_dict(),
-                    train_start_unix=trainer.stats.train_start_unix,  # puts a played scenario on this rank's clock
+                    # put a played scenario on this rank's clock (rudder.env.recorded_run.RecordedRun.recorded_clock)
+                    train_start_unix=trainer.stats.train_start_unix,
+                    train_end_unix=trainer.stats.train_end_unix,
                     **trainer.device_stats(),
                 ),
                 stopped=stopped,

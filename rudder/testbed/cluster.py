@@ -903,7 +903,11 @@ class EmulatedCluster:
         if rate is None:
             _cmd(["tc", "-n", ns, "qdisc", "del", "dev", HOST_IF, "root"], check=False)
         else:
-            _cmd(["tc", "-n", ns, "qdisc", "replace", "dev", HOST_IF, "root", *tbf_args(parse_rate(rate))])
+            # in place where a tbf is there already: a replaced qdisc drops the packets queued in the old one, and
+            # each drop costs a TCP stream a retransmission timeout (~1 s) that the rate change alone would not
+            args = ["dev", HOST_IF, "root", *tbf_args(parse_rate(rate))]
+            if _cmd(["tc", "-n", ns, "qdisc", "change", *args], check=False).returncode != 0:
+                _cmd(["tc", "-n", ns, "qdisc", "replace", *args])
         if self._state is not None:
             rates = self._state.setdefault("host_rates", [self._state.get("link_rate")] * len(self.hostnames))
             rates[i] = rate

@@ -27,10 +27,20 @@ def _rate_text(bits: float) -> str:
 
 class ConditionsPlayer:
     """Plays ``scenario``'s link rates on ``cluster`` (anything with ``set_rate(host, rate)``) at ``base_bits``
-    (the rate the run would otherwise have) for ``hosts`` hosts, for at most ``duration_s`` seconds."""
+    (the rate the run would otherwise have; ``base_rate``, the same as tc text, is what :meth:`stop` sets back) for
+    ``hosts`` hosts, for at most ``duration_s`` seconds."""
 
-    def __init__(self, cluster, scenario: Scenario, base_bits: int, hosts: int, duration_s: float | None = None):
+    def __init__(
+        self,
+        cluster,
+        scenario: Scenario,
+        base_bits: int,
+        hosts: int,
+        duration_s: float | None = None,
+        base_rate: str | None = None,
+    ):
         self.cluster, self.scenario_played, self.base_bits = cluster, scenario, int(base_bits)
+        self.base_rate = base_rate or _rate_text(base_bits)  # what each link gets back, as the cluster wrote it
         self.conditions = [scenario.conditions(h) for h in range(hosts)]
         self.duration_s = float(duration_s if duration_s is not None else scenario.duration_s)
         self.log: list[tuple[float, int, float]] = []  # (seconds since start, host, rate factor) as applied
@@ -71,7 +81,7 @@ class ConditionsPlayer:
         if self._thread is not None:
             self._thread.join()
         for host in range(len(self.conditions)):
-            self.cluster.set_rate(host, _rate_text(self.base_bits))
+            self.cluster.set_rate(host, self.base_rate)
 
     def _run(self) -> None:
         for t, host, rate in self.schedule():

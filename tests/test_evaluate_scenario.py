@@ -10,12 +10,14 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from rudder.baselines.constant import LINK_SPACE
+from rudder.baselines.constant import LINK_SPACE, SPACES
 from rudder.env.scenario import Scenario
 from rudder.traces import Trace
 
+from rudder.evaluate import main
 from rudder.evaluation.registry import make_agent
-from rudder.evaluation.scoring import evaluate_trace, load_scenario, space_env
+from rudder.evaluation.scoring import constant_rows, evaluate_trace, load_scenario, space_env
+from rudder.headroom import format_table, measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = os.path.join(ROOT, "traces", "samples", "small-random2-f5x10")  # timed, 2 ranks of 30 minibatches
@@ -53,7 +55,8 @@ def test_evaluate_under_a_scenario_marks_every_row_and_slows_no_prefetch(tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     df = pd.read_csv(tmp_path / "results.csv")
-    assert set(df["agent"]) == {"none", "lookahead", "belady", "best-constant:link-levels", "best-constant:keep-replace"}
+    oracles = {"belady", "best-constant:link-levels", "best-constant:keep-replace"}
+    assert set(df["agent"]) == {"none", "lookahead", *oracles}
     assert (df["scenario"] == "square-8x-2s").all() and df["synthetic"].all()
     assert proc.stdout.count("replayed under scenario square-8x-2s (synthetic)") == 1
     assert proc.stdout.startswith("replayed under scenario square-8x-2s (synthetic)")
@@ -140,16 +143,10 @@ def test_a_bad_scenario_file_is_refused_in_one_line(tmp_path, content, field, co
 
 
 def test_evaluate_refuses_a_scenario_live(tmp_path):
-    from rudder.evaluate import main
-
     assert main(["--live", "--agents", "none", "--scenario", SQUARE, "--out", str(tmp_path)]) == 2
 
 
 def test_headroom_under_a_scenario_names_it():
-    from rudder.baselines.constant import SPACES
-    from rudder.evaluation.scoring import constant_rows
-    from rudder.headroom import format_table, measure
-
     df = measure([SMALL], width=1, scenario=Scenario.load(SQUARE))
     assert (df["scenario"] == "square-8x-2s").all() and df["bound_s"].notna().all()
     trace = Trace(SMALL)

@@ -16,6 +16,7 @@ import numpy as np
 from rudder.env.defaults import RECORDED_BEFORE_OPTION
 from rudder.env.lookahead import SamplerLookahead
 from rudder.env.sample_ahead import SampleAhead, sampled_bytes
+from rudder.env.scenario import CONDITIONS_FILE, ScenarioError, conditions_met
 from rudder.env.settings import check, check_optional
 from rudder.env.timing import CopyTimeModel, FetchTimeModel
 from rudder.traces import Trace, TraceError
@@ -99,6 +100,8 @@ class RecordedRun:
             None if self._device is None else CopyTimeModel.fit(self._device["h2d_rows"], self._device["h2d_s"])
         )
         self.buffer_on_device = bool(self.config.get("buffer_on_device", False))
+        self.start_unix = rmeta.get("train_start_unix")
+        self.recorded_conditions = self._conditions_met(rmeta)
         self.time_model = self._fit_time_model(table)
         ids = self.remote_ids
         rows = self.local_rows + np.fromiter((x.size for x in ids), np.int64, len(ids))
@@ -169,16 +172,45 @@ class RecordedRun:
         """The initial fill the recorded agent played with (its settings may override the run's ``--buffer-init``)."""
         return self.played.get("buffer_init") or self.option("buffer_init")
 
+    def _conditions_met(self, rmeta: dict):
+        """The link rates this rank met live (a scenario played on the run's emulated links, the trace's
+        ``conditions.json``) on its replay clock, as a scenario; None for a run on a link left as it was."""
+        record = self.trace.conditions
+        if record is None:
+            return None
+        source = str(self.trace.directory / CONDITIONS_FILE)
+        try:
+            return conditions_met(record, int(rmeta.get("partition", self.rank)), self.start_unix, source)
+        except ScenarioError as exc:
+            raise TraceError(str(exc)) from None
+
+    def recorded_clock(self) -> np.ndarray:
+        """Seconds from the first minibatch to the start of each, as recorded (sampling, fetch and compute summed):
+        where each recorded pull sits on the clock the recorded conditions are given on."""
+        busy = self.sample_s + self.fetch_s + self.compute_s
+        return np.concatenate([[0.0], np.cumsum(busy)[:-1]])
+
     def _fit_time_model(self, table) -> FetchTimeModel:
         """The fetch-time model fitted to the recorded demand pulls: without delivered chunks and the wait behind
-        them; the initial fill (a pull of remote rows only, which pins their cost) as one more sample."""
+        them; the initial fill (a pull of remote rows only, which pins their cost) as one more sample. Under
+        recorded conditions a pull's remote rows count divided by the link's mean rate factor while it ran, so that
+        ``c_remote`` is the cost per row at the base rate (the rate the conditions' factors multiply)."""
         local, remote, secs = self.local_rows, table["remote_fetched"].to_numpy(), table["fetch_s"].to_numpy()
         if self.recorded_arrived is not None:
             remote, secs = remote - self.recorded_arrived, secs - self.recorded_stall_s
         if self._device is not None:  # the pull alone, without the host-to-device copy
             secs = secs - self._device["h2d_s"].to_numpy()
+        fill_rate = 1.0
+        if self.recorded_conditions is not None:
+            met = self.recorded_conditions.conditions(0)  # the rank's own host's (every host's, as given)
+            mean_rate = [  # the link's mean rate over the recorded pull (it may span a change)
+                (met.work_by(t + f) - met.work_by(t)) / f if f > 0 else met.rate_at(t)
+                for t, f in zip(self.recorded_clock(), self.fetch_s)
+            ]
+            remote = remote / np.asarray(mean_rate)
+            fill_rate = met.rate_at(0.0)
         if self.initial_fill is not None:
-            local, remote = np.append(local, 0), np.append(remote, self.initial_fill[0])
+            local, remote = np.append(local, 0), np.append(remote, self.initial_fill[0] / fill_rate)
             secs = np.append(secs, self.initial_fill[1])
         return FetchTimeModel.fit(local, remote, secs)
 

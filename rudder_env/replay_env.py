@@ -101,8 +101,10 @@ class ReplayEnv(PrefetchEnv):
     with its own decisions is exact), else when the link model says (:class:`~rudder.env.timing.BackgroundLink`);
     ``False`` always models them; ``scenario`` (a :class:`~rudder.env.scenario.Scenario` or the path of a scenario
     file): exogenous conditions this rank meets on the replay clock instead of the recorded link (time-varying link
-    rate, co-tenant traffic, a straggler: :mod:`rudder.env.scenario`); modelled times are then synthetic, and
-    arrivals always come from the link model.
+    rate, co-tenant traffic, a straggler: :mod:`rudder.env.scenario`); modelled times are then synthetic
+    (``synthetic``), and arrivals always come from the link model. Without one, a trace recorded live under a
+    scenario (its ``conditions.json``) is replayed under the rates its rank met, on its replay clock
+    (:attr:`RecordedRun.recorded_conditions`): not synthetic.
 
     Attributes:
         run: the :class:`RecordedRun` replayed (shared by every copy of an episode).
@@ -145,6 +147,9 @@ class ReplayEnv(PrefetchEnv):
             trace = trace if trace.rank == rank else trace.trace
         self.run = run = trace if isinstance(trace, RecordedRun) else RecordedRun(trace, rank)
         self.scenario, self.conditions, self._model, self._cpu = None, None, None, 1.0
+        self.synthetic = scenario is not None
+        if scenario is None:
+            scenario = run.recorded_conditions  # the conditions the live run met, where it met played ones
         if scenario is not None:
             self._apply_scenario(scenario)
         self.rank = rank

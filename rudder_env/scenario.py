@@ -57,11 +57,13 @@ at 0 with the first minibatch (the initial fill is not on it).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
+from rudder.traces.schema import CONDITIONS_FILE  # noqa: F401  (a trace folder's conditions a live run met)
 
 SCHEMA_VERSION = 1
 KINDS = ("link", "cotenant", "straggler")
@@ -400,3 +402,90 @@ def square_wave(name: str, period_s: float, slow: float, duty: float = 0.5, **ex
         kind="link", hosts="all", timeline=dict(type="square", period_s=period_s, high=1.0, low=slow, duty=duty)
     )
     return Scenario.from_dict(dict(version=SCHEMA_VERSION, name=name, processes=[proc], **extra))
+
+
+# ------------------------------------------------------------------------------------------------ as played live
+
+CONDITIONS_SCHEMA = "rudder-conditions"
+#: A played timeline's last rate holds this long (seconds): replay running past the live run's end does not wrap
+#: around to the start of what was played.
+HOLD_S = 1e7
+
+
+def played_scenario(
+    changes, hosts: int, name: str, offset_s: float = 0.0, seed: int = 0, feature_bytes_factor: float = 1.0
+) -> Scenario:
+    """The link rates a live run met, as a ``piecewise`` scenario (one link process per host): ``changes`` are
+    ``(seconds since playing started, host, rate factor)`` in time order, each host at factor 1 until its first;
+    times are shifted ``offset_s`` earlier (a rank's replay clock starts at its first minibatch, after playing
+    started) and the last rate of each host holds for :data:`HOLD_S`."""
+    procs = []
+    for host in range(hosts):
+        points: list[list[float]] = []
+        for t, h, rate in changes:
+            if int(h) != host:
+                continue
+            t = max(0.0, float(t) - offset_s)
+            if points and t <= points[-1][0]:
+                points[-1][1] = float(rate)  # a later change at the same replay time supersedes
+            else:
+                points.append([round(t, 6), float(rate)])
+        if not points or points[0][0] > 0:
+            points.insert(0, [0.0, 1.0])
+        procs.append(dict(kind="link", hosts=[host], timeline=dict(type="piecewise", points=points)))
+    last = max((p[0] for pr in procs for p in pr["timeline"]["points"]), default=0.0)
+    return Scenario.from_dict(
+        dict(
+            version=SCHEMA_VERSION,
+            name=name,
+            seed=seed,
+            duration_s=last + HOLD_S,
+            feature_bytes_factor=feature_bytes_factor,
+            processes=procs,
+        )
+    )
+
+
+def conditions_record(scenario: Scenario, base_rate: str, hosts: int, started_unix: float, changes) -> dict:
+    """The ``conditions.json`` of a trace recorded live under ``scenario``: the scenario as given, the base link
+    rate its factors multiply, the wall-clock time playing started, and every rate change as applied."""
+    return dict(
+        schema=CONDITIONS_SCHEMA,
+        version=SCHEMA_VERSION,
+        scenario=scenario.to_dict(),
+        base_rate=base_rate,
+        hosts=int(hosts),
+        played_from_unix=float(started_unix),
+        changes=[[round(float(t), 6), int(h), float(r)] for t, h, r in changes],
+    )
+
+
+def conditions_met(record: dict, host: int, start_unix: float | None, source: str) -> Scenario:
+    """What one rank met, from a trace's ``conditions.json`` (``record``): the played link rates on its replay
+    clock (which starts at the rank's first minibatch, ``start_unix``; the record's start if unknown), as a
+    scenario named ``<scenario>-as-played`` whose one link process applies to every host (it is this rank's
+    host's). A malformed record is refused in one line (:class:`ScenarioError`)."""
+    if not isinstance(record, dict) or record.get("schema") != CONDITIONS_SCHEMA:
+        raise _fail(source, "schema", CONDITIONS_SCHEMA, record.get("schema") if isinstance(record, dict) else record)
+    if record.get("version") != SCHEMA_VERSION:
+        raise _fail(source, "version", f"{SCHEMA_VERSION}", record.get("version"))
+    hosts = record.get("hosts")
+    if not isinstance(hosts, int) or isinstance(hosts, bool) or hosts < 1:
+        raise _fail(source, "hosts", "an integer >= 1", hosts)
+    if not 0 <= host < hosts:
+        raise _fail(source, "hosts", f"more than host {host} (the rank's partition)", hosts)
+    t0 = _number(source, "played_from_unix", record.get("played_from_unix"), low=0.0)
+    changes = record.get("changes")
+    if not isinstance(changes, list) or not all(
+        isinstance(c, list) and len(c) == 3 and all(isinstance(v, (int, float)) for v in c) for c in changes
+    ):
+        raise _fail(source, "changes", "a list of [seconds, host, rate factor]", type(changes).__name__)
+    for i, (t, h, r) in enumerate(changes):
+        _number(source, f"changes[{i}][0]", t, low=0.0)
+        _number(source, f"changes[{i}][2]", r, low=0.0, low_open=True)
+    played = Scenario.from_dict(record.get("scenario"), source=f"{source}: scenario")
+    offset = 0.0 if start_unix is None else max(0.0, float(start_unix) - t0)
+    name = f"{played.name}-as-played"
+    every = played_scenario(changes, hosts, name, offset, played.seed, played.feature_bytes_factor)
+    mine = dict(every.processes[host], hosts="all")  # the rank's own host: whichever trainer rank reads it
+    return dataclasses.replace(every, processes=(mine,), source=source)

@@ -350,3 +350,78 @@ def test_the_player_changes_each_hosts_rate_on_schedule_and_keeps_what_it_played
     c0 = played.conditions(0)
     assert [c0.rate_at(t) for t in (0.15, 0.35, 0.55, 0.75)] == [1.0, 0.25, 1.0, 0.25]
     assert played.conditions(1).rate_at(0.5) == 0.5
+
+
+# ------------------------------------------------------------------------------------------------ met live, replayed
+
+
+def _recorded_under(directory, rows, rate, lag_s, played_from=1_000_000.0, changes=None):
+    """A one-rank trace as a live run under link rate ``rate(t)`` (t on the rank's clock, from its first
+    minibatch) would record it: each demand pull carries ``C_REMOTE * rows`` seconds of work at that rate, the rank's
+    first minibatch ``lag_s`` after playing started; with its ``conditions.json`` (``changes`` on the player's clock)."""
+    from rudder.env.scenario import conditions_record
+
+    starts = np.cumsum([0] + rows[:-1])
+    run = dict(
+        graph="toy", parts=2, fanout="10,25", batch_size=10, buffer_fraction=0.5, buffer_init="empty",
+        alpha=0.05, period=4, admit_on_miss=False, candidates=16, prefetch="inline", sample_ahead=4,
+    )  # fmt: skip
+    halo = np.arange(int(sum(rows)), dtype=np.int64)
+    static = dict(halo_ids=halo, halo_degree=np.ones(halo.size, np.float32), initial_ids=np.zeros(0, np.int64))
+    meta = dict(num_nodes=int(halo.size), partition=0, train_start_unix=played_from + lag_s)
+    writer = TraceWriter(directory, 0, 1, dict(config=run), meta, static)
+    t = 0.0
+    for i, (s, n) in enumerate(zip(starts, rows)):
+        fetch = _expected_seconds([n], 0.0, 0.0, lambda u: rate(t + u))
+        writer.add_minibatch(
+            minibatch=i, epoch=0, remote_ids=np.arange(s, s + n, dtype=np.int64), local_rows=0, sample_s=0.01,
+            fetch_s=fetch, compute_s=0.2, fetch_rows=n, hits=0, remote_fetched=n, prefetched=0,
+        )  # fmt: skip
+        t += 0.01 + fetch + 0.2
+    writer.close()
+    if changes is not None:
+        record = conditions_record(square_wave("sq-live", 4.0, 0.125), "400mbit", 2, played_from, changes)
+        (directory / "conditions.json").write_text(json.dumps(record))
+    return directory, t
+
+
+def test_a_trace_recorded_under_played_conditions_is_replayed_under_what_its_rank_met(tmp_path):
+    """conditions.json puts the played rate changes on the rank's clock (its first minibatch 3.3 s after playing
+    started); the time model is fitted per row at the base rate (each pull's rows divided by the rate in force),
+    and replay follows the rates met: the run's recorded time comes back, which a stationary replay misses."""
+    lag = 3.3
+
+    def rate(t):  # on the rank's clock: fast for 2 s, then 8x slower for 2 s, ...
+        return 1.0 if (t + lag) % 4.0 < 2.0 else 0.125
+
+    changes = [[2.0 * k, 0, 1.0 if k % 2 == 0 else 0.125] for k in range(40)]  # the player's clock
+    changes += [[0.0, 1, 0.5]]  # another host's link: not this rank's
+    rows = [150, 300, 450] * 30
+    trace, recorded_s = _recorded_under(tmp_path / "live", rows, rate, lag, changes=sorted(changes))
+    env = ReplayEnv(str(trace), buffer_fraction=0.0, reward="time")
+    assert not env.synthetic and env.scenario.name == "sq-live-as-played"
+    met = env.run.recorded_conditions.conditions(0)
+    assert [met.rate_at(t) for t in (0.1, 0.8, 2.8, 4.8)] == [0.125, 1.0, 0.125, 1.0]
+    assert env.time_model.c_remote == pytest.approx(C_REMOTE, rel=0.03)
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, done, _, _ = env.step(np.zeros(env.k, dtype=np.int8))
+    assert env.clock_s == pytest.approx(recorded_s, rel=0.02)
+
+    # the same pulls without conditions.json: one cost per row blends both phases, and replay cannot know when
+    blind, _ = _recorded_under(tmp_path / "blind", rows, rate, lag)
+    assert ReplayEnv(str(blind)).time_model.c_remote > 2 * C_REMOTE
+
+
+def test_a_bad_conditions_file_is_named_in_one_line(tmp_path):
+    from rudder.traces import TraceError
+
+    trace, _ = _recorded_under(tmp_path / "t", [100] * 8, lambda t: 1.0, 1.0, changes=[[0.0, 0, 1.0]])
+    record = json.loads((trace / "conditions.json").read_text())
+    record["changes"][0][2] = 0
+    (trace / "conditions.json").write_text(json.dumps(record))
+    with pytest.raises(TraceError) as err:
+        ReplayEnv(str(trace))
+    assert str(err.value).splitlines() == [str(err.value)]
+    assert "conditions.json" in str(err.value) and "changes[0][2]" in str(err.value) and "0" in str(err.value)

@@ -27,6 +27,7 @@ import pandas as pd
 
 from .schema import (
     CHUNK_ARRAYS,
+    CONDITIONS_FILE,
     DECISION_ARRAYS,
     DEVICE_COLUMNS,
     MINIBATCH_COLUMNS,
@@ -131,6 +132,14 @@ class Trace:
         graph = self.meta.get("graph")
         value = graph.get("fingerprint") if isinstance(graph, dict) else None
         return value if isinstance(value, str) else None
+
+    @property
+    def conditions(self) -> dict | None:
+        """The conditions the run met (``conditions.json``: a scenario played live on its links, every rate change
+        with its time), as the JSON object its launcher wrote; None if the run met no played scenario. Its meaning
+        is :func:`rudder.env.scenario.conditions_met`'s."""
+        path = self.directory / CONDITIONS_FILE
+        return _read_json(path) if path.is_file() else None
 
     def rank(self, rank: int) -> RankTrace:
         """The trace of trainer ``rank``; :class:`TraceError` if the trace has no such rank."""

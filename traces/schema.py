@@ -16,6 +16,7 @@ VERSION = 1
 
 TRACE_FILE = "trace.json"  # run-level meta, written by trainer rank 0
 RANK_FILE = "rank.json"  # per-rank header, rewritten at every chunk flush
+CONDITIONS_FILE = "conditions.json"  # optional: the exogenous conditions a live run met (its launcher writes it)
 STATIC_FILE = "static.npz"  # per-rank arrays given once at start
 TMP_SUFFIX = ".tmp"  # every file is written as <name>.tmp, then renamed over <name>
 

@@ -253,6 +253,15 @@ class TrainConfig:
             "and tears it down at its end (without: refused, in one line)"
         ),
     )
+    scenario: str | None = field(
+        default=None,
+        metadata=dict(
+            help="with --hosts and --link-rate (or --cluster with a shaped link): play this scenario file's link and "
+            "co-tenant timelines (rudder_env/scenario.py) on the emulated hosts' links while the job runs, as tc rate "
+            "changes on schedule (factors of the link rate); --trace keeps what was played (conditions.json), so "
+            "replay follows the rates each rank met"
+        ),
+    )
     log: str | None = field(
         default=None,
         metadata=dict(
@@ -371,11 +380,35 @@ class TrainConfig:
                 "--cluster runs on an existing emulated cluster: leave out --hosts and --link-rate "
                 "(its own host count and link rate apply)"
             )
+        if self.scenario is not None:
+            self._check_scenario()
         if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
         self._check_device()
         if self.port != 0 and not 1024 <= self.port <= 65535 - 10 * self.parts:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
+
+    def _check_scenario(self) -> None:
+        """--scenario: a scenario file that can be played on emulated links: rate changes only."""
+        from rudder.env.scenario import Scenario, ScenarioError
+
+        if not (self.hosts or self.cluster):
+            raise ValueError("--scenario plays link rates on emulated hosts: it needs --hosts N (or --cluster NAME)")
+        if self.hosts and self.link_rate is None:
+            raise ValueError("--scenario changes each link's rate as factors of --link-rate: give --link-rate")
+        try:
+            scenario = Scenario.load(self.scenario)
+        except OSError as exc:
+            raise ValueError(f"--scenario {self.scenario}: {exc.strerror}") from None
+        except ScenarioError as exc:
+            raise ValueError(str(exc)) from None
+        kinds = sorted({p["kind"] for p in scenario.processes} - {"link", "cotenant"})
+        if kinds or scenario.feature_bytes_factor != 1.0:
+            what = f"{', '.join(kinds)} processes" if kinds else "feature_bytes_factor"
+            raise ValueError(
+                f"--scenario {self.scenario}: {what} cannot be played on a live run (only link and cotenant "
+                "timelines, as rate changes): replay it instead (evaluate.py --scenario)"
+            )
 
     def _check_device(self) -> None:
         """``--device cuda`` needs a GPU torch can see; ``--model-impl dgl`` on it needs a DGL built with CUDA;

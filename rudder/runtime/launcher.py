@@ -459,12 +459,63 @@ def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
                 "rudder.train",
                 *argv,
             ]
-            return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info), **services.rank_env()})
+            with _Conditions(cfg, cluster, log):
+                return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info), **services.rank_env()})
     finally:
         if attached is None or attached.adopted:
             cluster.down()  # brought up here, or adopted: this job owns it
         else:
             attached.release()
+
+
+class _Conditions:
+    """``--scenario``: play the scenario's link rates on the emulated hosts while the job runs
+    (:class:`~rudder.testbed.conditions.ConditionsPlayer`), give every link its rate back at the end, and write what
+    was played into the job's trace folder (``conditions.json``) once its ranks have closed their traces."""
+
+    def __init__(self, cfg, cluster: EmulatedCluster, log: JobLog):
+        self.cfg, self.cluster, self.log, self.player = cfg, cluster, log, None
+
+    def __enter__(self) -> _Conditions:
+        if self.cfg.scenario is None:
+            return self
+        from rudder.env.scenario import Scenario
+        from rudder.testbed.cluster import parse_rate
+        from rudder.testbed.conditions import ConditionsPlayer
+
+        if self.cluster.link_rate is None:
+            raise ValueError(
+                f"--scenario changes link rates as factors of the cluster's link rate: cluster {self.cluster.name} "
+                "has unshaped links (bring it up with --link-rate)"
+            )
+        scenario = Scenario.load(self.cfg.scenario)
+        hosts = len(self.cluster.hostnames)
+        longest = self.cfg.timeout_s or 6 * 3600.0  # the schedule is laid out this far ahead
+        self.player = ConditionsPlayer(self.cluster, scenario, parse_rate(self.cluster.link_rate), hosts, longest)
+        self.log.note(
+            f"rudder: playing scenario {scenario.name} on the {hosts} links (rates as factors of "
+            f"{self.cluster.link_rate})"
+        )
+        self.player.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.player is None:
+            return
+        self.player.stop()
+        trace = self.cfg.trace
+        if trace and os.path.isfile(os.path.join(trace, "trace.json")):
+            from rudder.env.scenario import CONDITIONS_FILE
+
+            record = self.player.record(self.cluster.link_rate)
+            tmp = os.path.join(trace, f".{CONDITIONS_FILE}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, os.path.join(trace, CONDITIONS_FILE))
+            self.log.note(
+                f"rudder: {len(record['changes'])} link-rate changes played; kept in {trace}/{CONDITIONS_FILE}"
+            )
 
 
 def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) -> int:

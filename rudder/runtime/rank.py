@@ -366,7 +366,11 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
     if writer is not None:  # a trace that cannot be written loses the trace, not the run's accuracies and summary
         try:
             writer.close(
-                extra_rank_meta=dict(counters=trainer.buffer.counters.as_dict(), **trainer.device_stats()),
+                extra_rank_meta=dict(
+                    counters=trainer.buffer.counters.as_dict(),
+                    train_start_unix=trainer.stats.train_start_unix,  # puts a played scenario on this rank's clock
+                    **trainer.device_stats(),
+                ),
                 stopped=stopped,
             )
         except OSError as exc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 
-from rudder.env.scenario import SCHEMA_VERSION, Scenario
+from rudder.env.scenario import Scenario, conditions_record, played_scenario
 
 
 def _rate_text(bits: float) -> str:
@@ -37,6 +37,7 @@ class ConditionsPlayer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
+        self.started_unix = 0.0  # wall clock when playing started (ranks' trace times are on it)
 
     def schedule(self) -> list[tuple[float, int, float]]:
         """Every change to make, in time order: (seconds from start, host, rate factor)."""
@@ -59,7 +60,7 @@ class ConditionsPlayer:
         return kept
 
     def start(self) -> ConditionsPlayer:
-        self._t0 = time.monotonic()
+        self._t0, self.started_unix = time.monotonic(), time.time()
         self._thread = threading.Thread(target=self._run, name="rudder-conditions", daemon=True)
         self._thread.start()
         return self
@@ -82,27 +83,16 @@ class ConditionsPlayer:
     def scenario(self, name: str | None = None, offset_s: float = 0.0) -> Scenario:
         """What was played, as a ``piecewise`` scenario (one link process per host), shifted ``offset_s`` earlier
         (e.g. the job's start-up before its first minibatch)."""
-        procs = []
-        for host in range(len(self.conditions)):
-            points: list[list[float]] = []
-            for t, h, rate in self.log:
-                if h != host:
-                    continue
-                t = max(0.0, t - offset_s)
-                if points and t <= points[-1][0]:
-                    points[-1][1] = rate  # a later change at the same replay time supersedes
-                else:
-                    points.append([round(t, 6), rate])
-            if not points or points[0][0] > 0:
-                points.insert(0, [0.0, 1.0])
-            procs.append(dict(kind="link", hosts=[host], timeline=dict(type="piecewise", points=points)))
-        return Scenario.from_dict(
-            dict(
-                version=SCHEMA_VERSION,
-                name=name or f"{self.scenario_played.name}-as-played",
-                seed=self.scenario_played.seed,
-                duration_s=max(self.duration_s, *(p[0] + 1e-3 for pr in procs for p in pr["timeline"]["points"])),
-                feature_bytes_factor=self.scenario_played.feature_bytes_factor,
-                processes=procs,
-            )
+        return played_scenario(
+            self.log,
+            len(self.conditions),
+            name or f"{self.scenario_played.name}-as-played",
+            offset_s=offset_s,
+            seed=self.scenario_played.seed,
+            feature_bytes_factor=self.scenario_played.feature_bytes_factor,
         )
+
+    def record(self, base_rate: str) -> dict:
+        """What was played, as the ``conditions.json`` a trace recorded under it keeps
+        (:func:`~rudder.env.scenario.conditions_record`)."""
+        return conditions_record(self.scenario_played, base_rate, len(self.conditions), self.started_unix, self.log)

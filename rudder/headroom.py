@@ -43,6 +43,7 @@ HEADROOM_COLUMNS = (
     "mpc_share",
     "error_band",
     "scenario",
+    "synthetic",
 )
 
 
@@ -56,7 +57,8 @@ def measure(
 ) -> pd.DataFrame:
     """One row per trace x rank x action space (:data:`HEADROOM_COLUMNS`); NaN where the rank's time fit does not
     separate remote rows. ``scenario`` (a loaded :class:`~rudder.env.scenario.Scenario`): replayed under it, each row
-    naming it (``scenario``; empty for the recorded conditions)."""
+    naming it (``scenario``) and ``synthetic``; without one, each row names the conditions its run met live where its
+    trace recorded them (not synthetic), else none."""
     from rudder.baselines.constant import SPACES, space_of
     from rudder.baselines.mpc import MPC
     from rudder.evaluation.play import play_episode
@@ -71,8 +73,15 @@ def measure(
             for space in SPACES.values():
                 env = space_env(trace, rank, space, buffer_fraction, scenario=scenario)
                 band = abs(time_model_columns(trace, rank, env.run.time_model, checks)["time_oos_time_error"])
-                label = "" if scenario is None else scenario.name
-                row = dict(trace=name, rank=rank, space=space.name, error_band=band, scenario=label)
+                met = "" if env.scenario is None else env.scenario.name
+                row = dict(
+                    trace=name,
+                    rank=rank,
+                    space=space.name,
+                    error_band=band,
+                    scenario=met,
+                    synthetic=scenario is not None,
+                )
                 if not env.time_model.separates_remote_rows:
                     rows.append(row)
                     continue
@@ -154,7 +163,8 @@ def format_table(df: pd.DataFrame) -> str:
         }
     )
     lines = [shown.to_string(index=False)]
-    names = [n for n in dict.fromkeys(df["scenario"].fillna("").astype(str)) if n] if "scenario" in df else []
+    synthetic = df["synthetic"].fillna(False).astype(bool) if "synthetic" in df else pd.Series(False, index=df.index)
+    names = [n for n in dict.fromkeys(df.loc[synthetic, "scenario"].fillna("").astype(str)) if n]
     if names:
         lines.insert(
             0,

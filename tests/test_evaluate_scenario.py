@@ -13,9 +13,11 @@ import pytest
 from rudder.baselines.constant import LINK_SPACE, SPACES
 from rudder.env.scenario import Scenario
 from rudder.traces import Trace
+from test_scenario import _recorded_under
 
 from rudder.evaluate import main
 from rudder.evaluation.registry import make_agent
+from rudder.evaluation.report import format_report
 from rudder.evaluation.scoring import constant_rows, evaluate_trace, load_scenario, space_env
 from rudder.headroom import format_table, measure
 
@@ -156,3 +158,19 @@ def test_headroom_under_a_scenario_names_it():
         assert r["best_constant_s"] > recorded * 1.05, (r["space"], r["best_constant_s"], recorded)
     assert format_table(df).startswith("replayed under scenario square-8x-2s (synthetic)")
     assert "replayed under scenario" not in format_table(df.assign(scenario=""))
+
+
+def test_a_trace_recorded_under_played_conditions_names_them_but_is_not_synthetic(tmp_path):
+    """Without --scenario, a trace whose live run met played conditions (its conditions.json) is replayed under what
+    its rank met: the rows name those conditions and are not synthetic, and the report says nothing of a scenario;
+    with one, the given scenario replaces them and the rows are synthetic."""
+    changes = [[2.0 * k, 0, 1.0 if k % 2 == 0 else 0.125] for k in range(10)]
+    trace, _ = _recorded_under(tmp_path / "live", [100, 200] * 8, lambda t: 1.0, 0.5, changes=changes)
+    met = pd.DataFrame(evaluate_trace(str(trace), {"none": _none}, oracles=("belady",)))
+    assert (met["scenario"] == "sq-live-as-played").all() and not met["synthetic"].any()
+    assert "replayed under scenario" not in format_report(met)
+    given = pd.DataFrame(
+        evaluate_trace(str(trace), {"none": _none}, oracles=("belady",), scenario=load_scenario(SQUARE))
+    )
+    assert (given["scenario"] == "square-8x-2s").all() and given["synthetic"].all()
+    assert format_report(given).startswith("replayed under scenario square-8x-2s (synthetic)")

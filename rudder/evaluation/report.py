@@ -124,9 +124,10 @@ def scenario_line(df: pd.DataFrame) -> str:
     """The line that heads a report of rows replayed under a scenario (their ``scenario`` column), empty when none
     was: their times are synthetic, and the replay model's error band was measured under the recorded conditions
     only."""
-    if "scenario" not in df:
+    if "scenario" not in df or "synthetic" not in df:
         return ""
-    names = [n for n in dict.fromkeys(df["scenario"].fillna("").astype(str)) if n]
+    synthetic = df["synthetic"].fillna(False).astype(bool)
+    names = [n for n in dict.fromkeys(df.loc[synthetic, "scenario"].fillna("").astype(str)) if n]
     if not names:
         return ""
     return (

@@ -75,18 +75,20 @@ def result_row(
     held_out: bool | None = None,
     invalid_answers: int = 0,
     scenario: str = "",
+    synthetic: bool = False,
     **more,
 ) -> dict:
     """One row of ``results.csv``: :data:`WHO` then ``played`` (what :func:`~rudder.evaluation.play.play` returns,
     or the same :data:`PLAYED` keys from an oracle or a live run: every one of them must be there) then ``more``.
     The one place a results row is put together, for replayed agents, oracles and live runs alike. ``scenario``:
-    the name of the scenario the row was replayed under (:mod:`rudder.env.scenario`), empty for the recorded
-    conditions or a live run; a row with one is ``synthetic``."""
+    the name of the conditions the row was replayed under (:mod:`rudder.env.scenario`): a scenario given for the
+    evaluation (``synthetic``: conditions no run met), or those a live run met and its trace recorded (not
+    synthetic); empty for a run on a link left as it was, or a live run."""
     missing = [k for k in PLAYED if k not in played]
     if missing:
         raise ValueError(f"a results row for {agent} on {trace} rank {rank} lacks {', '.join(missing)}")
-    values = (agent, trace, rank, capacity, asynchronous, provenance, held_out, invalid_answers, scenario)
-    who = dict(zip(WHO, (*values, bool(scenario))))
+    values = (agent, trace, rank, capacity, asynchronous, provenance, held_out, invalid_answers, scenario, synthetic)
+    who = dict(zip(WHO, values))
     return dict(who, **played, **more)
 
 
@@ -132,14 +134,16 @@ def evaluate_trace(
     and bound, the tuned constants' training traces — runs under it instead of the recorded link, and every row
     says so (``scenario``, ``synthetic``). The time model's columns and ``time_error_band`` stay those of the fit to
     the recording: no run measured the scenario, so the band is the model's error under the recorded conditions.
+    Without one, a trace recorded live under played conditions is replayed under those (its rows name them, not
+    synthetic).
     """
     trace = Trace(trace_dir)
     name = os.path.basename(os.path.normpath(trace_dir))
     checks = find_time_checks(trace, list(time_checks))
-    label = scenario.name if scenario is not None else ""
     rows = []
     for rank in trace.ranks:
         ref = ReplayEnv(trace, rank=rank, candidates=candidates, buffer_fraction=buffer_fraction, scenario=scenario)
+        met = dict(scenario=ref.scenario.name if ref.scenario is not None else "", synthetic=scenario is not None)
         timing = time_model_columns(trace, rank, ref.run.time_model, checks)
         fingerprint = None  # computed once per rank, when a learned agent needs it
         ids = trace.rank(rank).minibatch_ids()
@@ -170,7 +174,7 @@ def evaluate_trace(
                     provenance=origin,
                     held_out=(origin == HELD_OUT) if origin else None,
                     invalid_answers=agent.stats().get("invalid_answers", 0),
-                    scenario=label,
+                    **met,
                     **timing,
                     **ceiling_cols,
                 )
@@ -224,7 +228,7 @@ def evaluate_trace(
                             res,
                             provenance=origin,
                             held_out=(origin == HELD_OUT) if origin else None,
-                            scenario=label,
+                            **met,
                             action_space=space.name,
                             time_error_band=band,
                             **timing,
@@ -254,7 +258,7 @@ def evaluate_trace(
                         rank,
                         ref.capacity,
                         played,
-                        scenario=label,
+                        **met,
                         action_space="link-levels",
                         time_error_band=band,
                         level_oracle_s=res["time_s"],
@@ -285,7 +289,7 @@ def evaluate_trace(
                     rank,
                     ref.capacity,
                     played,
-                    scenario=label,
+                    **met,
                     time_error_band=band,
                     **timing,
                     **ceiling_cols,

@@ -5,6 +5,7 @@
     python evaluate.py --live --graph synth-small --parts 2 --agents none,periodic,llm
     python evaluate.py --live --graph synth-small --hosts 2 --link-rate 500mbit --agents none,periodic
     python evaluate.py --agents periodic,./my_agent.py:MyAgent --agent-kwargs threshold=0.5   # your own agent
+    python evaluate.py --scenario bench/scenarios/square-8x-2s.json --agents none,lookahead   # synthetic conditions
 
 Agents are built-in names, names installed packages register (``rudder.agents`` entry points), or references
 ``module.path:Class`` / ``path/to/file.py:Class`` (:mod:`rudder.evaluation.registry`). ``--agent-kwargs`` gives
@@ -20,6 +21,10 @@ Learned agents (PPO, the LLM's few-shot examples) record content fingerprints of
 (agent, trace, rank) they were not held out on is left out of the tables and plots unless ``--include-trained-on``
 (``results.csv`` keeps every row, with its ``provenance``). Modelled time comes with its fit per rank and its error
 on another run of the same options (a trace's ``time-check-*.json``, or ``--time-check`` traces).
+
+``--scenario FILE`` replays every agent and oracle (and the tuned constants' training traces) under a scenario of
+exogenous conditions (:mod:`rudder.env.scenario`: a time-varying link, co-tenant traffic, a straggler) instead of
+the recorded link: the rows say ``scenario`` and ``synthetic``, and the report says so at the top.
 """
 
 from __future__ import annotations
@@ -123,6 +128,13 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
         help="LLM agents: run the gates (rudder.agents.llm.gates: copy, sensitivity, entropy, accuracy vs the best "
         "constant answer) on up to N held-out points of the traces, print them and write llm_gates.json (0: skip)",
     )
+    p.add_argument(
+        "--scenario",
+        default=None,
+        metavar="FILE",
+        help="replay every agent and oracle under this scenario of exogenous conditions (JSON or YAML, "
+        "rudder.env.scenario; examples in bench/scenarios/): synthetic results, marked so",
+    )
     p.add_argument("--live", action="store_true", help="run the agents through the live env on --graph instead")
     p.add_argument("--graph", default="synth-small", help="--live: graph to train on")
     p.add_argument("--parts", type=int, default=2, help="--live: partitions")
@@ -225,8 +237,10 @@ class ProgressBar:
 
 
 def evaluate_traces(
-    specs: list[str], labels: list[str], options: dict[str, dict], oracles: list[str], args
+    specs: list[str], labels: list[str], options: dict[str, dict], oracles: list[str], args, scenario=None
 ) -> list[dict]:
+    """Every agent and oracle on every rank of ``args.traces``, replayed under ``scenario`` (a loaded
+    :class:`~rudder.env.scenario.Scenario`) where one is given."""
     from rudder.evaluation.scoring import evaluate_trace
 
     factories = agent_factories(specs, labels, options, args)
@@ -248,6 +262,7 @@ def evaluate_traces(
                 seed=args.seed,
                 progress=bar.start,
                 time_checks=checks,
+                scenario=scenario,
             )
             bar.finish()
     finally:
@@ -346,25 +361,28 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
 
     from rudder.agents.ppo import read_policy_meta
     from rudder.env.settings import check_optional
-    from rudder.evaluation.scoring import CONSTANT_ORACLES, ORACLES
+    from rudder.evaluation.scoring import CONSTANT_ORACLES, ORACLES, load_scenario
 
     specs = list(dict.fromkeys(a.strip() for a in args.agents.split(",") if a.strip()))
     oracles = [] if args.live else [o for o in args.oracles.split(",") if o]
     bad = [o for o in oracles if o not in ORACLES]
     if bad:
-        print(f"evaluate.py: error: unknown oracle {bad[0]!r}: oracles are {', '.join(ORACLES)}", file=sys.stderr)
+        print(f"{prog}: error: unknown oracle {bad[0]!r}: oracles are {', '.join(ORACLES)}", file=sys.stderr)
         return 2
     if not specs and not oracles:
-        print("evaluate.py: error: nothing to evaluate: --agents and --oracles are both empty", file=sys.stderr)
+        print(f"{prog}: error: nothing to evaluate: --agents and --oracles are both empty", file=sys.stderr)
         return 2
     try:
         check_optional("buffer_fraction", args.buffer_fraction)
         check_optional("candidates", args.candidates)
         if "ppo" in specs:
             read_policy_meta(args.ppo_policy, trust=args.trust_policy)  # refused before any replay
+        if args.live and args.scenario:
+            raise ValueError("--scenario replays under synthetic conditions; --live runs on the real link")
+        scenario = load_scenario(args.scenario)
         labels, options = check_agents(specs, args)
     except (ValueError, OSError) as exc:  # an AgentError, or the agent's own constructor refusing its options
-        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     try:
@@ -373,9 +391,9 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
         else:
             if not args.traces:
                 raise ValueError("no traces given and no shipped samples found")
-            rows = evaluate_traces(specs, labels, options, oracles, args)
+            rows = evaluate_traces(specs, labels, options, oracles, args, scenario)
     except (TraceError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     df = pd.DataFrame(rows)
     csv = os.path.join(args.out, "results.csv")
@@ -384,7 +402,8 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
     if not args.live and args.llm_gates > 0:
         gates = llm_gates(specs, labels, options, args)
         if gates:
-            print(gates)
+            note = "\n(the gates' labels come from the recorded conditions, not the scenario)" if scenario else ""
+            print(gates + note)
     timed = [o for o in oracles if o == "best-level" or o in CONSTANT_ORACLES]
     if timed and not any(str(a).split(":")[0] in timed for a in set(df["agent"])):
         print(

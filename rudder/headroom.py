@@ -11,6 +11,10 @@ controller captures (``mpc``, link levels; ``(best constant - mpc) / (best const
 model's out-of-sample error band (from the trace's ``time-check-*.json``): a headroom inside that band is not
 resolved. Ranks whose time fit does not separate remote rows are listed without numbers (modelled time there does
 not depend on what is fetched).
+
+``--scenario FILE`` replays everything under a scenario of exogenous conditions (:mod:`rudder.env.scenario`) instead
+of the recorded link: the figures are synthetic, and the table says so (the error band stays the one measured under
+the recorded conditions).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ HEADROOM_COLUMNS = (
     "mpc_s",
     "mpc_share",
     "error_band",
+    "scenario",
+    "synthetic",
 )
 
 
@@ -47,9 +53,12 @@ def measure(
     buffer_fraction: float | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    scenario=None,
 ) -> pd.DataFrame:
     """One row per trace x rank x action space (:data:`HEADROOM_COLUMNS`); NaN where the rank's time fit does not
-    separate remote rows."""
+    separate remote rows. ``scenario`` (a loaded :class:`~rudder.env.scenario.Scenario`): replayed under it, each row
+    naming it (``scenario``) and ``synthetic``; without one, each row names the conditions its run met live where its
+    trace recorded them (not synthetic), else none."""
     from rudder.baselines.constant import SPACES, space_of
     from rudder.baselines.mpc import MPC
     from rudder.evaluation.play import play_episode
@@ -62,9 +71,17 @@ def measure(
         checks = time_checks(trace, [])
         for rank in trace.ranks:
             for space in SPACES.values():
-                env = space_env(trace, rank, space, buffer_fraction)
-                band = abs(time_model_columns(trace, rank, env.time_model, checks)["time_oos_time_error"])
-                row = dict(trace=name, rank=rank, space=space.name, error_band=band)
+                env = space_env(trace, rank, space, buffer_fraction, scenario=scenario)
+                band = abs(time_model_columns(trace, rank, env.run.time_model, checks)["time_oos_time_error"])
+                met = "" if env.scenario is None else env.scenario.name
+                row = dict(
+                    trace=name,
+                    rank=rank,
+                    space=space.name,
+                    error_band=band,
+                    scenario=met,
+                    synthetic=scenario is not None,
+                )
                 if not env.time_model.separates_remote_rows:
                     rows.append(row)
                     continue
@@ -146,6 +163,14 @@ def format_table(df: pd.DataFrame) -> str:
         }
     )
     lines = [shown.to_string(index=False)]
+    synthetic = df["synthetic"].fillna(False).astype(bool) if "synthetic" in df else pd.Series(False, index=df.index)
+    names = [n for n in dict.fromkeys(df.loc[synthetic, "scenario"].fillna("").astype(str)) if n]
+    if names:
+        lines.insert(
+            0,
+            f"replayed under scenario {', '.join(names)} (synthetic): the error band is the replay model's error under "
+            "the recorded conditions only",
+        )
     summary = overall(df)
     if len(summary):
         lines += ["", "per trace (summed over its ranks), and over all traces:"]
@@ -195,6 +220,12 @@ def main(argv=None, prog: str = "rudder headroom") -> int:
     )
     p.add_argument("--buffer-fraction", type=float, default=None, help="buffer size (default: the recorded run's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--scenario",
+        default=None,
+        metavar="FILE",
+        help="replay under this scenario of exogenous conditions (rudder.env.scenario; bench/scenarios/): synthetic",
+    )
     p.add_argument("--csv", default=None, help="also write the per-rank rows here")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
@@ -204,6 +235,13 @@ def main(argv=None, prog: str = "rudder headroom") -> int:
     bad = check_traces(args.traces)
     if bad:
         print(f"{prog}: error: {bad}", file=sys.stderr)
+        return 2
+    from rudder.evaluation.scoring import load_scenario
+
+    try:
+        scenario = load_scenario(args.scenario)
+    except ValueError as exc:  # a ScenarioError: file, field, expected, got
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     tty = sys.stderr.isatty()
 
@@ -216,7 +254,14 @@ def main(argv=None, prog: str = "rudder headroom") -> int:
         )
 
     try:
-        df = measure(args.traces, args.width, args.buffer_fraction, args.seed, None if args.no_progress else progress)
+        df = measure(
+            args.traces,
+            args.width,
+            args.buffer_fraction,
+            args.seed,
+            None if args.no_progress else progress,
+            scenario=scenario,
+        )
     except (ValueError, OSError) as exc:  # e.g. a rank whose chunks cannot be read
         print(f"\n{prog}: error: {exc}" if tty else f"{prog}: error: {exc}", file=sys.stderr)
         return 2

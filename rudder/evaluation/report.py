@@ -4,6 +4,7 @@ The headline tables leave out every (agent, trace, rank) row a learned agent was
 that rank, from a run of the same options, or cannot tell: :mod:`rudder.traces.fingerprint`) unless asked to keep them,
 and say so under the table. Modelled time is shown only over ranks whose fetch-time fit separates remote rows
 (:meth:`rudder.env.timing.FetchTimeModel.separates_remote_rows`), with the fit and its out-of-sample error beside it.
+Rows replayed under a scenario (:mod:`rudder.env.scenario`) are synthetic, and the report says so once at the top.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _count_provenance(values: pd.Series) -> str:
 def format_report(df: pd.DataFrame, include_trained_on: bool = False) -> str:
     """The per-trace and overall tables, each followed by what it left out and (per trace) the time model's fit and
     out-of-sample error; then the learned agents' provenance per trace and rank, and what the oracles bound."""
-    parts = []
+    parts = [scenario_line(df)]
     for trace, rows in df.groupby("trace", sort=False):
         parts.append(
             f"== {trace} ({rows['rank'].nunique()} ranks)\n"
@@ -117,6 +118,22 @@ def format_report(df: pd.DataFrame, include_trained_on: bool = False) -> str:
     if notes:
         parts.append("\n".join(notes))
     return "\n\n".join(p for p in parts if p)
+
+
+def scenario_line(df: pd.DataFrame) -> str:
+    """The line that heads a report of rows replayed under a scenario (their ``scenario`` column), empty when none
+    was: their times are synthetic, and the replay model's error band was measured under the recorded conditions
+    only."""
+    if "scenario" not in df or "synthetic" not in df:
+        return ""
+    synthetic = df["synthetic"].fillna(False).astype(bool)
+    names = [n for n in dict.fromkeys(df.loc[synthetic, "scenario"].fillna("").astype(str)) if n]
+    if not names:
+        return ""
+    return (
+        f"replayed under scenario {', '.join(names)} (synthetic): modelled times under conditions no run met; "
+        "error_band (and the ties it marks) is the replay model's error under the recorded conditions only"
+    )
 
 
 HEADROOM_MIN = 0.05  # below this a trace cannot rank the agents of an action space: marked not discriminating

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -18,6 +19,7 @@ from rudder.baselines.oracles import belady_min, hindsight_static, hit_ceiling
 from rudder.baselines.policies import Periodic, RandomBudget, StaticBuffer
 from rudder.env.contract import LINK_LEVELS, BufferSettings, buffer_kwargs
 from rudder.env.replay_env import ReplayEnv
+from rudder.env.scenario import Scenario
 from rudder.env.timing import FetchTimeModel, out_of_sample
 from rudder.evaluation.bound import optimum
 from rudder.evaluation.play import play, play_best_level, play_episode
@@ -31,9 +33,21 @@ ORACLES = ("belady", "hindsight", "best-level", *CONSTANT_ORACLES)
 LEVEL_ORACLE_HORIZON = 3  # windows the best-level oracle plays each level ahead before choosing
 
 #: What a row of ``results.csv`` holds, in order: who played where (``agent``, ``trace``, ``rank``, the buffer's
-#: ``capacity``, whether it decided in the background, its provenance), then what the buffer did and what it cost
-#: (:data:`PLAYED`); then columns each source adds (the time model, the hit-rate ceiling, the level oracle...).
-WHO = ("agent", "trace", "rank", "capacity", "asynchronous", "provenance", "held_out", "invalid_answers")
+#: ``capacity``, whether it decided in the background, its provenance, the scenario it was replayed under and so
+#: whether its time is ``synthetic``), then what the buffer did and what it cost (:data:`PLAYED`); then columns each
+#: source adds (the time model, the hit-rate ceiling, the level oracle...).
+WHO = (
+    "agent",
+    "trace",
+    "rank",
+    "capacity",
+    "asynchronous",
+    "provenance",
+    "held_out",
+    "invalid_answers",
+    "scenario",
+    "synthetic",
+)
 PLAYED = (
     "remote_sampled",  # remote input rows needed
     "hits",  # of which served from the buffer
@@ -60,15 +74,21 @@ def result_row(
     provenance: str = "",
     held_out: bool | None = None,
     invalid_answers: int = 0,
+    scenario: str = "",
+    synthetic: bool = False,
     **more,
 ) -> dict:
     """One row of ``results.csv``: :data:`WHO` then ``played`` (what :func:`~rudder.evaluation.play.play` returns,
     or the same :data:`PLAYED` keys from an oracle or a live run: every one of them must be there) then ``more``.
-    The one place a results row is put together, for replayed agents, oracles and live runs alike."""
+    The one place a results row is put together, for replayed agents, oracles and live runs alike. ``scenario``:
+    the name of the conditions the row was replayed under (:mod:`rudder.env.scenario`): a scenario given for the
+    evaluation (``synthetic``: conditions no run met), or those a live run met and its trace recorded (not
+    synthetic); empty for a run on a link left as it was, or a live run."""
     missing = [k for k in PLAYED if k not in played]
     if missing:
         raise ValueError(f"a results row for {agent} on {trace} rank {rank} lacks {', '.join(missing)}")
-    who = dict(zip(WHO, (agent, trace, rank, capacity, asynchronous, provenance, held_out, invalid_answers)))
+    values = (agent, trace, rank, capacity, asynchronous, provenance, held_out, invalid_answers, scenario, synthetic)
+    who = dict(zip(WHO, values))
     return dict(who, **played, **more)
 
 
@@ -82,6 +102,7 @@ def evaluate_trace(
     progress: Callable[[str], None] | None = None,
     time_checks: Sequence[TimeCheck] = (),
     tuned_on: Sequence[str] | None = None,
+    scenario: Scenario | None = None,
 ) -> list[dict]:
     """Score every agent and oracle on every rank of one trace.
 
@@ -108,14 +129,22 @@ def evaluate_trace(
     ``best_constant_s``, ``bound_s`` and ``bound_kind``, for headroom and its share of it. Every row carries
     ``time_error_band``: the replay model's out-of-sample |error| of total time on this rank (NaN without a time
     check), inside which differences are ties.
+
+    ``scenario`` (a loaded :class:`~rudder.env.scenario.Scenario`): every replay — agents, oracles, the constants
+    and bound, the tuned constants' training traces — runs under it instead of the recorded link, and every row
+    says so (``scenario``, ``synthetic``). The time model's columns and ``time_error_band`` stay those of the fit to
+    the recording: no run measured the scenario, so the band is the model's error under the recorded conditions.
+    Without one, a trace recorded live under played conditions is replayed under those (its rows name them, not
+    synthetic).
     """
     trace = Trace(trace_dir)
     name = os.path.basename(os.path.normpath(trace_dir))
     checks = find_time_checks(trace, list(time_checks))
     rows = []
     for rank in trace.ranks:
-        ref = ReplayEnv(trace, rank=rank, candidates=candidates, buffer_fraction=buffer_fraction)
-        timing = time_model_columns(trace, rank, ref.time_model, checks)
+        ref = ReplayEnv(trace, rank=rank, candidates=candidates, buffer_fraction=buffer_fraction, scenario=scenario)
+        met = dict(scenario=ref.scenario.name if ref.scenario is not None else "", synthetic=scenario is not None)
+        timing = time_model_columns(trace, rank, ref.run.time_model, checks)
         fingerprint = None  # computed once per rank, when a learned agent needs it
         ids = trace.rank(rank).minibatch_ids()
         sampled = np.asarray([x.size for x in ids], dtype=np.int64)
@@ -125,7 +154,8 @@ def evaluate_trace(
         )
         for agent_name, factory in agents.items():
             agent = as_agent(factory(name, rank))
-            env = ReplayEnv(trace, rank=rank, candidates=candidates, **buffer_kwargs(agent.settings, buffer_fraction))
+            kwargs = buffer_kwargs(agent.settings, buffer_fraction)
+            env = ReplayEnv(trace, rank=rank, candidates=candidates, scenario=scenario, **kwargs)
             if progress:
                 progress(f"{name} rank {rank}: {agent_name}")
             r = play(env, agent, seed=seed, asynchronous=agent.asynchronous)
@@ -144,6 +174,7 @@ def evaluate_trace(
                     provenance=origin,
                     held_out=(origin == HELD_OUT) if origin else None,
                     invalid_answers=agent.stats().get("invalid_answers", 0),
+                    **met,
                     **timing,
                     **ceiling_cols,
                 )
@@ -157,7 +188,7 @@ def evaluate_trace(
         found: dict[str, tuple[float, str]] = {}  # per space: the bound's (or reference's) seconds and kind
 
         def constants(space: ActionSpace) -> tuple[ReplayEnv, list[dict]]:
-            env = space_env(trace, rank, space, buffer_fraction, candidates)
+            env = space_env(trace, rank, space, buffer_fraction, candidates, scenario)
             if space.name not in fixed:
                 fixed[space.name] = constant_rows(env, space, seed)
             return env, fixed[space.name]
@@ -177,7 +208,7 @@ def evaluate_trace(
                         res = dict(rows_fixed[i], constant_action=space.label(i))
                     elif oracle == "tuned-constant":
                         tuned_traces = None if tuned_on is None else tuple(tuned_on)
-                        tuned = tuned_constants(tuned_traces, buffer_fraction, candidates, seed)[space.name]
+                        tuned = tuned_constants(tuned_traces, buffer_fraction, candidates, seed, scenario)[space.name]
                         res = dict(rows_fixed[tuned["index"]], constant_action=tuned["label"])
                         if fingerprint is None:
                             fingerprint = rank_fingerprint(trace, rank)
@@ -197,6 +228,7 @@ def evaluate_trace(
                             res,
                             provenance=origin,
                             held_out=(origin == HELD_OUT) if origin else None,
+                            **met,
                             action_space=space.name,
                             time_error_band=band,
                             **timing,
@@ -208,7 +240,13 @@ def evaluate_trace(
                 if not timing["time_fit_ok"]:
                     continue
                 res = level_oracle(
-                    trace, rank, buffer_fraction, candidates, seed, fixed=constants(SPACES["link-levels"])[1]
+                    trace,
+                    rank,
+                    buffer_fraction,
+                    candidates,
+                    seed,
+                    fixed=constants(SPACES["link-levels"])[1],
+                    scenario=scenario,
                 )
                 for r in rank_rows:
                     r.update(level_oracle_s=res["time_s"])
@@ -220,6 +258,7 @@ def evaluate_trace(
                         rank,
                         ref.capacity,
                         played,
+                        **met,
                         action_space="link-levels",
                         time_error_band=band,
                         level_oracle_s=res["time_s"],
@@ -244,7 +283,17 @@ def evaluate_trace(
                 window_hit_rate=_window_rates(res.per_minibatch_hits, sampled, ref.period),
             )
             rows.append(
-                result_row(oracle, name, rank, ref.capacity, played, time_error_band=band, **timing, **ceiling_cols)
+                result_row(
+                    oracle,
+                    name,
+                    rank,
+                    ref.capacity,
+                    played,
+                    **met,
+                    time_error_band=band,
+                    **timing,
+                    **ceiling_cols,
+                )
             )
         for r in rows:  # every row of this rank that decides in a space: its best constant and bound
             space = r.get("action_space") if r["trace"] == name and r["rank"] == rank else None
@@ -255,19 +304,39 @@ def evaluate_trace(
     return rows
 
 
+def load_scenario(path: str | None) -> Scenario | None:
+    """The scenario file ``path`` read and checked, once per command (None for none); raises ``ValueError`` in one
+    line naming the file (a :class:`~rudder.env.scenario.ScenarioError` also names the field, what was expected
+    and what was found)."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such scenario file")
+    try:
+        return Scenario.load(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (a scenario is JSON or YAML)") from None
+
+
 def space_env(
-    trace: Trace, rank: int, space: ActionSpace, buffer_fraction: float | None = None, candidates: int | None = None
+    trace: Trace,
+    rank: int,
+    space: ActionSpace,
+    buffer_fraction: float | None = None,
+    candidates: int | None = None,
+    scenario: Scenario | None = None,
 ) -> ReplayEnv:
-    """The replay env the agents of ``space`` play on this rank. A trace without seeds or partition structure has no
-    lookahead ranking: its link-level space ranks by misses instead (no admit-on-miss)."""
+    """The replay env the agents of ``space`` play on this rank (under ``scenario`` where one is given). A trace
+    without seeds or partition structure has no lookahead ranking: its link-level space ranks by misses instead (no
+    admit-on-miss)."""
     kwargs = buffer_kwargs(space.settings, buffer_fraction)
     try:
-        return ReplayEnv(trace, rank=rank, candidates=candidates, **kwargs)
+        return ReplayEnv(trace, rank=rank, candidates=candidates, scenario=scenario, **kwargs)
     except ValueError:
         if kwargs.get("ranking") != "lookahead":
             raise
         kwargs.update(ranking="misses", admit_on_miss=None)
-        return ReplayEnv(trace, rank=rank, candidates=candidates, **kwargs)
+        return ReplayEnv(trace, rank=rank, candidates=candidates, scenario=scenario, **kwargs)
 
 
 def constant_rows(env: ReplayEnv, space: ActionSpace, seed: int = 0) -> list[dict]:
@@ -285,14 +354,16 @@ def level_oracle(
     levels=LINK_LEVELS,
     horizon: int = LEVEL_ORACLE_HORIZON,
     fixed: list[dict] | None = None,
+    scenario: Scenario | None = None,
 ) -> dict:
     """The best-level oracle over link-budget levels with the lookahead's candidates (the misses' where the trace
     has no lookahead structure): the better of the greedy search (:func:`~rudder.evaluation.play.play_best_level`)
     and the best level held throughout (``oracle_policy`` says which), with the modelled time of each fixed level
     (``fixed_level_s``) and the greedy search's own ``greedy_s``. A heuristic that knows the future, not a bound
-    (:mod:`rudder.evaluation.bound` is). ``fixed``: :func:`constant_rows` of the link levels, where already played."""
+    (:mod:`rudder.evaluation.bound` is). ``fixed``: :func:`constant_rows` of the link levels, where already played
+    (under the same ``scenario``)."""
     space = _link_space(levels)
-    env = space_env(trace, rank, space, buffer_fraction, candidates)
+    env = space_env(trace, rank, space, buffer_fraction, candidates, scenario)
     if fixed is None:
         fixed = constant_rows(env, space, seed)
     greedy = play_best_level(env, horizon=horizon, seed=seed)
@@ -357,16 +428,39 @@ class _Sequence:
         return self.space.env_action(a, observation, info)
 
 
-@functools.lru_cache(maxsize=8)
 def tuned_constants(
     traces: tuple[str, ...] | None = None,
     buffer_fraction: float | None = None,
     candidates: int | None = None,
     seed: int = 0,
+    scenario: Scenario | None = None,
 ) -> dict[str, dict]:
     """Per action space, the constant action a practitioner would deploy: the one fastest summed over the ranks of
-    ``traces`` (default: the shipped training traces, ``traces/train/*``) whose time fit separates remote rows.
-    ``{space: dict(index=, label=, trained_on=[rank fingerprints])}``; the choice is applied unchanged elsewhere."""
+    ``traces`` (default: the shipped training traces, ``traces/train/*``) whose time fit separates remote rows,
+    replayed under ``scenario`` where one is given (tuned for the conditions it is deployed in).
+    ``{space: dict(index=, label=, trained_on=[rank fingerprints])}``; the choice is applied unchanged elsewhere.
+    Remembered per arguments (a scenario by its content)."""
+    return _tuned_constants(traces, buffer_fraction, candidates, seed, None if scenario is None else _Key(scenario))
+
+
+class _Key:
+    """A scenario as a cache key: equal to another when their checked content and folder are (a frozen
+    :class:`Scenario` holds dicts, so it has no hash of its own)."""
+
+    def __init__(self, scenario: Scenario):
+        self.scenario = scenario
+        self.key = (json.dumps(scenario.to_dict(), sort_keys=True), scenario.base_dir)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Key) and self.key == other.key
+
+
+@functools.lru_cache(maxsize=8)
+def _tuned_constants(traces, buffer_fraction, candidates, seed, key: _Key | None) -> dict[str, dict]:
+    scenario = None if key is None else key.scenario
     if traces is None:
         traces = tuple(sorted(glob.glob(os.path.join(TRAIN_DIR, "*", ""))))
     totals = {name: np.zeros(len(space.actions)) for name, space in SPACES.items()}
@@ -374,7 +468,10 @@ def tuned_constants(
     for folder in traces:
         trace = Trace(folder)
         for rank in trace.ranks:
-            envs = {name: space_env(trace, rank, space, buffer_fraction, candidates) for name, space in SPACES.items()}
+            envs = {
+                name: space_env(trace, rank, space, buffer_fraction, candidates, scenario)
+                for name, space in SPACES.items()
+            }
             if not next(iter(envs.values())).time_model.separates_remote_rows:  # time does not depend on actions
                 continue
             for name, space in SPACES.items():

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pandas as pd
-from rudder.bench import decisions, end_to_end, faults, llm_decisions, llm_service, llm_size, scale, traffic
+from rudder.bench import decisions, end_to_end, faults, llm_decisions, llm_service, llm_size, scale, suite, traffic
 from rudder.bench import headroom_map as hm
 
 from rudder.headroom import measure, overall
@@ -189,6 +189,14 @@ def headroom_map(quick: bool) -> tuple[str, pd.DataFrame]:
     return text + "\n\nHeatmaps: `bench/results/headroom_map.png`; every cell: `bench/results/headroom_map.csv`.", table
 
 
+def scenario_suite(quick: bool) -> tuple[str, pd.DataFrame]:
+
+    # the traces come from `python -m rudder.bench.suite --record` (real jobs, ~1.5 min each); this replays them
+    df = suite.measure(quick)
+    text, table = suite.summarise(df)
+    return text + "\n\nEvery row: `bench/results/suite.csv`; traces and scenario files: `traces/suite/`.", table
+
+
 def faults_reliability(quick: bool) -> tuple[str, pd.DataFrame]:
 
     df = faults.measure()
@@ -210,6 +218,7 @@ SECTIONS = {
     "p7": ("P7 LLM size curve on link-budget decisions", p7_llm_size),
     "p9": ("P9 replay at papers100M scale (issue 14's 'P5')", p9_scale),
     "headroom-map": ("Headroom map", headroom_map),
+    "suite": ("Scenario suite: agents on link conditions recorded live", scenario_suite),
     "faults": ("Reliability: injected faults", faults_reliability),
     "service": ("Reliability: the LLM decision service under load and abuse", service_abuse),
 }

@@ -52,6 +52,29 @@ def test_more_partitions_than_the_graph_can_feed_is_one_line(tmp_path):
     assert not os.path.isdir(tmp_path / "cache" / "jobs") or not os.listdir(tmp_path / "cache" / "jobs")
 
 
+def test_more_ranks_than_the_cores_can_run_is_one_line(tmp_path):
+    """Servers, trainers and sampler workers past 8 per core of this machine: refused before any rank starts (the
+    partitioning is checked first); one partition fewer starts."""
+    from rudder.runtime.launcher import MAX_PROCESSES_PER_CORE
+
+    cores = len(os.sched_getaffinity(0))
+    parts = MAX_PROCESSES_PER_CORE * cores // 3 + 1  # 3 processes per partition: over the limit
+    proc = _train([*TINY, "--parts", str(parts), "--partition", "random", "--num-samplers", "1"], str(tmp_path))
+    assert proc.returncode == 2
+    errors = [line for line in _lines(proc.stderr) if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith(f"rudder: error: --parts {parts} with --trainers-per-part 1 and --num-samplers 1 ")
+    assert f"starts {3 * parts} processes on the {cores} cores" in errors[0]
+    assert not os.path.isdir(tmp_path / "jobs") or not os.listdir(tmp_path / "jobs")
+    record_fault(
+        "more ranks than the cores run",
+        f"train.py gnn --graph synth-tiny --parts {parts} --num-samplers 1 (on {cores} cores)",
+        proc.took,
+        errors[0].split(" (log: ")[0][:160] + " ...",
+        left="nothing: no rank started",
+    )
+
+
 def test_an_existing_trace_folder_is_refused_before_launch_unless_overwrite(tmp_path):
     from rudder.runtime.rank import check_trace_folder
 

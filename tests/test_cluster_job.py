@@ -136,20 +136,22 @@ def test_a_scenario_is_played_on_the_links_and_kept_in_the_trace(cluster, cache,
     proc = train(args, cache)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "rudder: playing scenario sq-live on the 2 links" in err and "link-rate changes played" in err
+    assert "rudder: playing scenario sq-live on the 2 links from the first minibatch" in err
+    assert "link-rate changes played" in err
     record = json.loads((trace / "conditions.json").read_text())
     assert record["base_rate"] == RATE and record["hosts"] == 2
     for host in (0, 1):
         changes = [(t, f) for t, h, f in record["changes"] if h == host]
         assert {f for _, f in changes} == {1.0, 0.125} and len(changes) >= 4
-        assert all(0 <= t - k < 0.25 for k, (t, _) in enumerate(changes))  # every second, on time give or take
+        late = [t - k for k, (t, _) in enumerate(changes)]  # one a second, each set by a tc command
+        assert min(late) >= 0 and max(late) < 1.0 and sorted(late)[len(late) // 2] < 0.25, late
         shown = subprocess.run(["tc", "-n", cluster.hostnames[host], "qdisc", "show"], capture_output=True, text=True)
         assert "rate 400Mbit" in shown.stdout  # back at the base rate
     base = Scenario.from_dict(dict(version=1, name="base", processes=[]))
     for rank in Trace(str(trace)).ranks:
         env = ReplayEnv(str(trace), rank=rank)
         assert not env.synthetic and env.scenario.name == "sq-live-as-played"
-        assert env.run.start_unix > record["played_from_unix"]
+        assert abs(env.run.start_unix - record["played_from_unix"]) < 1.0  # played from the first minibatch
         met = env.conditions
         assert 0 < sum(met.rate_at(t) < 1 for t in env.run.recorded_clock()) < env.run.num_minibatches
         as_met = play_episode(env, Periodic())["time_s"]

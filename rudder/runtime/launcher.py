@@ -384,11 +384,32 @@ def _check_partitioning(cfg, part_config: str, log: JobLog) -> None:
         log.note(note)
 
 
+#: Processes per core of this machine past which a job is refused: its ranks would miss DistDGL's connection and
+#: RPC timeouts (and the watchdog's bound) rather than train slowly.
+MAX_PROCESSES_PER_CORE = 8
+
+
+def check_cores(cfg) -> None:
+    """Every rank of a job started here runs on this machine's cores (emulated hosts share them too): refuse, in
+    one line, a job of more than :data:`MAX_PROCESSES_PER_CORE` processes (servers, trainers, sampler workers) per
+    core."""
+    cores = len(os.sched_getaffinity(0))
+    processes = cfg.world_size + cfg.num_trainers * cfg.num_samplers
+    if processes > MAX_PROCESSES_PER_CORE * cores:
+        raise ValueError(
+            f"--parts {cfg.parts} with --trainers-per-part {cfg.trainers_per_part} and --num-samplers "
+            f"{cfg.num_samplers} starts {processes} processes on the {cores} cores this job may use: more than "
+            f"{MAX_PROCESSES_PER_CORE} per core would time out rather than train (use fewer, or start the job on "
+            "several machines with mpiexec or srun)"
+        )
+
+
 def _launch_here(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
     """Run the job with every rank on this host."""
     with log.capture():
         part_config = ensure_partitions(cfg, log=log.note)
     _check_partitioning(cfg, part_config, log)
+    check_cores(cfg)
     if cfg.port == 0:
         cfg.port = free_port_base(cfg.parts)
         argv = [*argv, "--port", str(cfg.port)]  # the ranks use the block found here
@@ -428,6 +449,7 @@ def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
     with log.capture():
         part_config = ensure_partitions(cfg, log=log.note)  # before the hosts come up: partitioning takes a while
     _check_partitioning(cfg, part_config, log)
+    check_cores(cfg)
     if cfg.port == 0:
         cfg.port = 30050  # every host has its own network namespace: no other job's ports to avoid
         argv = [*argv, "--port", str(cfg.port)]
@@ -459,8 +481,9 @@ def _launch_on_cluster(cfg, argv: list[str], mpiexec: str, log: JobLog) -> int:
                 "rudder.train",
                 *argv,
             ]
-            with _Conditions(cfg, cluster, log):
-                return _supervise(cfg, cmd, log, extra_env={CLUSTER_VAR: json.dumps(info), **services.rank_env()})
+            with _Conditions(cfg, cluster, log) as conditions:
+                env = {CLUSTER_VAR: json.dumps(info), **services.rank_env()}
+                return _supervise(cfg, cmd, log, extra_env=env, on_start=conditions.start)
     finally:
         if attached is None or attached.adopted:
             cluster.down()  # brought up here, or adopted: this job owns it
@@ -477,6 +500,7 @@ class _Conditions:
         self.cfg, self.cluster, self.log, self.player = cfg, cluster, log, None
 
     def __enter__(self) -> _Conditions:
+        """Check the scenario and set up its player (it starts with the job's training: :meth:`start`)."""
         if self.cfg.scenario is None:
             return self
         from rudder.env.scenario import Scenario
@@ -496,18 +520,34 @@ class _Conditions:
             self.cluster, scenario, parse_rate(self.base_rate), hosts, longest, base_rate=self.base_rate
         )
         self.log.note(
-            f"rudder: playing scenario {scenario.name} on the {hosts} links (rates as factors of "
-            f"{self.cluster.link_rate})"
+            f"rudder: playing scenario {scenario.name} on the {hosts} links from the first minibatch (rates as "
+            f"factors of {self.base_rate})"
         )
-        self.player.start()
         return self
+
+    def start(self, job_dir: str) -> None:
+        """The job's folder exists: play from the moment a trainer takes its first step of training (its
+        heartbeat, :mod:`rudder.runtime.heartbeat`), so that the timeline meets every run under this scenario
+        from its first minibatch, as it meets the replay of its trace."""
+        if self.player is None:
+            return
+
+        def training() -> bool:
+            for path in glob.glob(os.path.join(job_dir, "status", "rank*.beat")):
+                beat = read_beat(path)
+                if beat is not None and beat.steps > 0:
+                    return True
+            return False
+
+        self.player.start(when=training)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.player is None:
             return
         self.player.stop()
         trace = self.cfg.trace
-        if trace and os.path.isfile(os.path.join(trace, "trace.json")):
+        played = self.player.started_unix > 0  # not if the job ended before training began
+        if played and trace and os.path.isfile(os.path.join(trace, "trace.json")):
             from rudder.env.scenario import CONDITIONS_FILE
 
             record = self.player.record(self.base_rate)
@@ -521,9 +561,9 @@ class _Conditions:
             )
 
 
-def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) -> int:
+def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None, on_start=None) -> int:
     """Run the job's ``mpiexec`` command in its own process group, its output into ``log``, relay what its ranks say,
-    watch its ranks, clean up; the exit code."""
+    watch its ranks, clean up; the exit code. ``on_start(job_dir)`` is called once the job's folder exists."""
     tag = f"rd{secrets.token_hex(3)}"
     job_dir = os.path.join(cfg.cache_dir, "jobs", tag)
     me = f"{os.getpid()} {start_time(os.getpid())}"
@@ -538,6 +578,8 @@ def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None) 
         json.dump(
             dict(pid=os.getpid(), start=start_time(os.getpid()), started=started, shm_before=sorted(shm_before)), f
         )
+    if on_start is not None:
+        on_start(job_dir)
     launched = time.monotonic()
     proc = log.popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     watch = _DeathWatch(job_dir)

@@ -47,6 +47,7 @@ class ConditionsPlayer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
+        self._when, self._poll_s = None, 0.02
         self.started_unix = 0.0  # wall clock when playing started (ranks' trace times are on it)
 
     def schedule(self) -> list[tuple[float, int, float]]:
@@ -69,8 +70,11 @@ class ConditionsPlayer:
                 last[host] = rate
         return kept
 
-    def start(self) -> ConditionsPlayer:
-        self._t0, self.started_unix = time.monotonic(), time.time()
+    def start(self, when=None, poll_s: float = 0.02) -> ConditionsPlayer:
+        """Start playing, from a background thread: at once, or once ``when()`` (polled every ``poll_s``) is
+        true, e.g. when a job's training begins, so that every run under the scenario meets the same timeline
+        from its first minibatch on."""
+        self._when, self._poll_s = when, poll_s
         self._thread = threading.Thread(target=self._run, name="rudder-conditions", daemon=True)
         self._thread.start()
         return self
@@ -84,6 +88,10 @@ class ConditionsPlayer:
             self.cluster.set_rate(host, self.base_rate)
 
     def _run(self) -> None:
+        while self._when is not None and not self._when():
+            if self._stop.wait(self._poll_s):
+                return
+        self._t0, self.started_unix = time.monotonic(), time.time()
         for t, host, rate in self.schedule():
             if self._stop.wait(max(0.0, t - (time.monotonic() - self._t0))):
                 return

@@ -31,6 +31,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -232,7 +233,7 @@ def decisions_trace(trace: str, labels: dict[int, str], out: str) -> str:
             done = terminated or truncated
         rt = src.rank(rank)
         static = dict(rt.static)
-        prefetch = rt.prefetch_table()
+        prefetch, seeds = rt.prefetch_table(), rt.minibatch_seeds()  # the seeds: what the lookahead ranks from
         with TraceWriter(
             out, rank, src.num_ranks, src.meta if rank == 0 else None, rt.meta, static, overwrite=rank == 0
         ) as writer:
@@ -242,12 +243,15 @@ def decisions_trace(trace: str, labels: dict[int, str], out: str) -> str:
                 while pending is not None and pending[0] <= i:
                     writer.add_decision(minibatch=pending[0], ids=pending[1], latency_s=0.0)
                     pending = next(decisions, None)
-                extra = {} if prefetch is None else dict(prefetch.iloc[i])
+                extra = {} if prefetch is None else {k: prefetch[k].to_numpy()[i] for k in prefetch.columns}
                 cols = ("epoch", "local_rows", "sample_s", "fetch_s", "compute_s", "fetch_rows", "hits")
                 writer.add_minibatch(
                     minibatch=i, remote_ids=ids, **{c: row[c] for c in cols}, remote_fetched=row["remote_fetched"],
                     prefetched=row["prefetched"], **{k: v.item() for k, v in extra.items()},
+                    **({} if seeds is None else dict(seeds=seeds[i])),
                 )  # fmt: skip
+    if src.conditions is not None:  # the conditions the run met, so that a replay of ``out`` meets them too
+        shutil.copy(os.path.join(trace, "conditions.json"), os.path.join(out, "conditions.json"))
     return out
 
 

@@ -1,0 +1,48 @@
+"""The scenario suite (``bench/suite.py``): its recorded traces and scenario files, and the export of a link-level
+action sequence as decisions that ``--decisions-from`` (and ``Recorded`` in replay) applies again."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from rudder.baselines.constant import SPACES
+from rudder.baselines.policies import Recorded
+from rudder.bench import suite
+from rudder.env.scenario import Scenario
+from rudder.traces import Trace
+
+from rudder.evaluation.play import play_episode, play_schedule
+from rudder.evaluation.scoring import _Sequence, space_env
+
+
+def test_every_family_has_training_and_held_out_runs_recorded_with_what_they_met():
+    for family, splits in suite.FAMILIES.items():
+        assert len(splits["train"]) >= 2 and len(splits["heldout"]) >= 1, family
+        names = [s["name"] for s in splits["train"] + splits["heldout"]]
+        assert len(set(names)) == len(names)
+    for _, split, scenario in suite.runs():
+        path = os.path.join(suite.SCENARIOS, f"{scenario['name']}.json")
+        assert Scenario.load(path).to_dict() == Scenario.from_dict(scenario).to_dict()
+        trace = suite.trace_dir(split, scenario)
+        record = json.load(open(os.path.join(trace, "conditions.json")))
+        assert record["scenario"]["name"] == scenario["name"] and len(record["changes"]) >= 4
+        assert Trace(trace).complete
+
+
+def test_an_exported_sequence_played_back_is_the_sequence(tmp_path):
+    """decisions_trace: the ids a link-level action sequence queues in replay, written as the trace's decisions;
+    played back at the same minibatches (as --decisions-from does live) the episode is the sequence's, exactly."""
+    src = suite.trace_dir("heldout", suite.FAMILIES["square-2s"]["heldout"][0])
+    space = SPACES["link-levels"]
+    labels = [space.label(a).split()[-1] for a in range(len(space.actions))]
+    windows = 16
+    seq = {r: [(i + 2 * r) % len(labels) for i in range(windows)] for r in (0, 1)}
+    out = suite.decisions_trace(src, {r: " ".join(labels[a] for a in s) for r, s in seq.items()}, str(tmp_path / "d"))
+    assert os.path.isfile(os.path.join(out, "conditions.json"))
+    for rank in (0, 1):
+        played = play_episode(space_env(Trace(src), rank, space), _Sequence(space, seq[rank]))
+        again = play_schedule(space_env(Trace(out), rank, space), Recorded(out, rank).schedule)
+        keys = ("hits", "remote_fetched", "prefetched", "time_s")
+        assert {k: again[k] for k in keys} == {k: played[k] for k in keys}
+        assert played["prefetched"] > 0

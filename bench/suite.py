@@ -37,6 +37,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+from rudder.traces.schema import CONDITIONS_FILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "traces", "suite")
@@ -120,7 +121,7 @@ def record(only_missing: bool = True) -> list[str]:
             json.dump(scenario, f, indent=1)
             f.write("\n")
         out = trace_dir(split, scenario)
-        if only_missing and os.path.isfile(os.path.join(out, "conditions.json")):
+        if only_missing and os.path.isfile(os.path.join(out, CONDITIONS_FILE)):
             continue
         print(f"[suite] {i}/{len(runs())} {family} {split}: {scenario['name']}", flush=True)
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "gnn", *RUN, "--scenario", path, "--trace", out]
@@ -251,35 +252,8 @@ def decisions_trace(trace: str, labels: dict[int, str], out: str) -> str:
                     **({} if seeds is None else dict(seeds=seeds[i])),
                 )  # fmt: skip
     if src.conditions is not None:  # the conditions the run met, so that a replay of ``out`` meets them too
-        shutil.copy(os.path.join(trace, "conditions.json"), os.path.join(out, "conditions.json"))
+        shutil.copy(os.path.join(trace, CONDITIONS_FILE), os.path.join(out, CONDITIONS_FILE))
     return out
-
-
-def confirm_live(family_trace: str, scenario: str, labels: dict[int, str], constant: float, reps: int = 3):
-    """The bound's decisions (``labels``) applied live under ``scenario`` against the best constant level held
-    throughout, ``reps`` times each, interleaved; rows of (arm, rep, per-rank training seconds)."""
-    import tempfile
-
-    work = tempfile.mkdtemp(prefix="rudder-suite-")
-    dec = decisions_trace(family_trace, labels, os.path.join(work, "bound-decisions"))
-    arms = {
-        "bound": ["--agent", "recorded", "--decisions-from", dec],
-        "best-constant": ["--agent", "level", "--agent-kwargs", f"level={constant:g}"],
-    }
-    rows = []
-    for rep in range(reps):
-        for arm, extra in arms.items():
-            summary = os.path.join(work, f"{arm}-{rep}.json")
-            cmd = [sys.executable, os.path.join(ROOT, "train.py"), "gnn", *RUN, "--scenario", scenario, *extra]
-            proc = subprocess.run([*cmd, "--summary", summary], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{arm} rep {rep}: {proc.stderr.strip().splitlines()[-1:]}")
-            with open(summary) as f:
-                ranks = json.load(f)["ranks"]
-            seconds = max(r["train_end_unix"] - r["train_start_unix"] for r in ranks)
-            print(f"[suite] live {os.path.basename(family_trace)} {arm} rep {rep}: {seconds:.2f} s", flush=True)
-            rows.append(dict(trace=os.path.basename(family_trace), arm=arm, rep=rep, train_s=seconds))
-    return rows
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 import pandas as pd
-from rudder.bench.suite import POLICY, ROOT, RUN
+from rudder.bench.suite import POLICY, ROOT, RUN, decisions_trace
 
 OUT = os.path.join(ROOT, "bench", "results", "suite_live.csv")
 ARMS = {
@@ -44,6 +44,18 @@ def measure(scenario: str, reps: int = 3, arms: dict = ARMS) -> pd.DataFrame:
             print(f"[suite-live] {os.path.basename(scenario)} rep {rep} {arm}: {seconds:.2f} s", flush=True)
             rows.append(dict(scenario=os.path.basename(scenario), arm=arm, rep=rep, train_s=seconds))
     return pd.DataFrame(rows)
+
+
+def confirm(trace: str, scenario: str, labels: dict[int, str], constant: float, reps: int = 3) -> pd.DataFrame:
+    """A link-level action sequence found in replay on ``trace`` (``labels``: per rank, as ``bound_actions`` writes
+    it; e.g. the bound's) applied live under ``scenario`` with ``--decisions-from``, against the ``constant`` level
+    held throughout: :func:`measure` with those two arms."""
+    out = os.path.join(tempfile.mkdtemp(prefix="rudder-suite-decisions-"), "decisions")
+    arms = {
+        "sequence": ["--agent", "recorded", "--decisions-from", decisions_trace(trace, labels, out)],
+        "constant": ["--agent", "level", "--agent-kwargs", f"level={constant:g}"],
+    }
+    return measure(scenario, reps, arms)
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,11 @@ import numpy as np
 from rudder.env.defaults import RECORDED_BEFORE_OPTION
 from rudder.env.lookahead import SamplerLookahead
 from rudder.env.sample_ahead import SampleAhead, sampled_bytes
-from rudder.env.scenario import CONDITIONS_FILE, ScenarioError, conditions_met
+from rudder.env.scenario import ScenarioError, conditions_met
 from rudder.env.settings import check, check_optional
 from rudder.env.timing import CopyTimeModel, FetchTimeModel
 from rudder.traces import Trace, TraceError
+from rudder.traces.schema import CONDITIONS_FILE
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ class RecordedRun:
             None if self._device is None else CopyTimeModel.fit(self._device["h2d_rows"], self._device["h2d_s"])
         )
         self.buffer_on_device = bool(self.config.get("buffer_on_device", False))
-        self.start_unix = rmeta.get("train_start_unix")
+        # wall clock at the rank's first minibatch and at the end of its training (recorded since --scenario)
+        self.start_unix, self.end_unix = rmeta.get("train_start_unix"), rmeta.get("train_end_unix")
         self.recorded_conditions = self._conditions_met(rmeta)
         self.time_model = self._fit_time_model(table)
         ids = self.remote_ids
@@ -190,8 +192,7 @@ class RecordedRun:
         ``train_end_unix``: what the three leave out, the agent's turn and the buffer's bookkeeping, adds up over a
         run); where each recorded pull sits on the clock the recorded conditions are given on."""
         busy = self.sample_s + self.fetch_s + self.compute_s
-        meta = self.rank_trace.meta
-        start, end = meta.get("train_start_unix"), meta.get("train_end_unix")
+        start, end = self.start_unix, self.end_unix
         if start is not None and end is not None and end - start > busy.sum() > 0:
             busy = busy * ((end - start) / busy.sum())
         return np.concatenate([[0.0], np.cumsum(busy)[:-1]])

@@ -63,7 +63,6 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from rudder.traces.schema import CONDITIONS_FILE  # noqa: F401  (a trace folder's conditions a live run met)
 
 SCHEMA_VERSION = 1
 KINDS = ("link", "cotenant", "straggler")

@@ -34,6 +34,7 @@ from rudder.runtime.ports import free_port_base, job_ports, port_in_use, remove_
 from rudder.runtime.procs import alive, signal_process, start_time, state
 from rudder.runtime.rank import check_trace_folder
 from rudder.testbed.cluster import ClusterError, EmulatedCluster, preflight
+from rudder.traces.schema import CONDITIONS_FILE, TRACE_FILE
 
 SHM_DIR = "/dev/shm"
 TAG_VAR = onehost.TAG_VAR
@@ -515,13 +516,11 @@ class _Conditions:
         scenario = Scenario.load(self.cfg.scenario)
         hosts = len(self.cluster.hostnames)
         longest = self.cfg.timeout_s or 6 * 3600.0  # the schedule is laid out this far ahead
-        self.base_rate = self.cluster.link_rate
-        self.player = ConditionsPlayer(
-            self.cluster, scenario, parse_rate(self.base_rate), hosts, longest, base_rate=self.base_rate
-        )
+        base = self.cluster.link_rate
+        self.player = ConditionsPlayer(self.cluster, scenario, parse_rate(base), hosts, longest, base_rate=base)
         self.log.note(
             f"rudder: playing scenario {scenario.name} on the {hosts} links from the first minibatch (rates as "
-            f"factors of {self.base_rate})"
+            f"factors of {base})"
         )
         return self
 
@@ -547,10 +546,8 @@ class _Conditions:
         self.player.stop()
         trace = self.cfg.trace
         played = self.player.started_unix > 0  # not if the job ended before training began
-        if played and trace and os.path.isfile(os.path.join(trace, "trace.json")):
-            from rudder.env.scenario import CONDITIONS_FILE
-
-            record = self.player.record(self.base_rate)
+        if played and trace and os.path.isfile(os.path.join(trace, TRACE_FILE)):
+            record = self.player.record()
             tmp = os.path.join(trace, f".{CONDITIONS_FILE}.tmp")
             with open(tmp, "w") as f:
                 json.dump(record, f, indent=1)

@@ -110,7 +110,9 @@ class ConditionsPlayer:
             feature_bytes_factor=self.scenario_played.feature_bytes_factor,
         )
 
-    def record(self, base_rate: str) -> dict:
+    def record(self) -> dict:
         """What was played, as the ``conditions.json`` a trace recorded under it keeps
-        (:func:`~rudder.env.scenario.conditions_record`)."""
-        return conditions_record(self.scenario_played, base_rate, len(self.conditions), self.started_unix, self.log)
+        (:func:`~rudder.env.scenario.conditions_record`), its factors multiplying ``base_rate``."""
+        return conditions_record(
+            self.scenario_played, self.base_rate, len(self.conditions), self.started_unix, self.log
+        )

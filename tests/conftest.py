@@ -282,6 +282,20 @@ def play_windows():
 FAULT_REPORT_VAR = "RUDDER_FAULT_REPORT"
 
 
+def end_job(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """A test's clean-up of a job it started that is still running (the test failed): SIGTERM first, so that the
+    supervisor (or the ranks, under a plain ``mpiexec``) stop the job in order and remove its shared memory, ports
+    and job folder; SIGKILL only if it has not ended within ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def record_fault(
     fault: str,
     injected: str,

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from conftest import end_job
 from rudder.baselines.policies import Periodic
 from rudder.env.replay_env import ReplayEnv
 from rudder.traces import Trace
@@ -214,8 +215,7 @@ def test_an_interrupted_or_failed_job_leaves_nothing(fault, cache, wait_for_rank
         _, err = proc.communicate(timeout=90)
         took = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        end_job(proc)
     if fault == "sigint":
         assert proc.returncode == 130, err[-2000:]
     else:

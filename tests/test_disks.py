@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import METIS2, ROOT, TRAIN, record_fault
+from conftest import METIS2, ROOT, TRAIN, end_job, record_fault
 from rudder.traces import Trace, TraceIncompleteWarning, TraceWriter
 
 needs_root = pytest.mark.skipif(
@@ -209,9 +209,7 @@ def test_a_job_whose_trace_disk_fills_keeps_its_summary_and_accuracies(tmp_path)
                         f.flush()
             out, err = proc.communicate(timeout=300)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            end_job(proc)
         assert proc.returncode == 1, err[-3000:]
         failed = [line for line in err.splitlines() if "job failed" in line]
         assert len(failed) == 1, err[-3000:]

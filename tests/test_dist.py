@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import partition_bytes_checked, record_fault
+from conftest import end_job, partition_bytes_checked, record_fault
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -170,8 +170,7 @@ def test_a_dead_rank_ends_the_job_and_leaves_nothing(free_port_block, free_port,
         _, err = proc.communicate(timeout=90)
         took = time.monotonic() - t_kill
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        end_job(proc)
     assert proc.returncode != 0
     assert took < 60
     assert f"rudder: job failed: {st['describe']}" in err, err[-2000:]
@@ -239,19 +238,23 @@ def test_two_jobs_at_once_pick_their_own_ports(run_train, cache, tmp_path):
     )
     try:
         _wait_for_trainers(cache, jobs_before, 2)
-        second = subprocess.run(
+        # under the user's own mpiexec: no supervisor, each rank removes its own shared memory when stopped
+        second = subprocess.Popen(
             ["mpiexec", "-n", "4", *args, "--summary", str(tmp_path / "b.json")],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=240,
             env=env,
         )
+        try:
+            _, err_b = second.communicate(timeout=240)
+        finally:
+            end_job(second)
         _, err = first.communicate(timeout=240)
     finally:
-        if first.poll() is None:
-            first.kill()
+        end_job(first)
     assert first.returncode == 0, err[-2000:]
-    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.returncode == 0, err_b[-2000:]
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["config"]["port"] != b["config"]["port"]
     # truly at once: the second job trained while the first was still training

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import METIS2, METIS4, RANDOM2, ROOT, TRAIN, partition_bytes_checked, record_fault
+from conftest import METIS2, METIS4, RANDOM2, ROOT, TRAIN, end_job, partition_bytes_checked, record_fault
 from rudder.traces import Trace
 
 EVALUATE = os.path.join(ROOT, "evaluate.py")
@@ -593,8 +593,7 @@ def test_a_stopped_trainer_ends_the_job_within_the_watchdog_bound(
         _, err = proc.communicate(timeout=120)
         took = time.monotonic() - t_stop
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        end_job(proc)
     assert proc.returncode == 1, err[-3000:]
     verdict = [line for line in err.splitlines() if line.startswith("rudder: job failed:")]
     assert len(verdict) == 1, err[-3000:]
@@ -651,8 +650,7 @@ def test_a_killed_launcher_takes_its_job_along_and_the_next_start_cleans_up(tiny
             time.sleep(0.05)
         took = time.monotonic() - t_kill
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        end_job(proc)
     assert not _still_running(job), f"left running: {_still_running(job)}"
     assert not any(alive(st["pid"]) for st in statuses.values())
     assert took < 5.0, took
@@ -707,8 +705,7 @@ def test_sigterm_or_sigint_to_the_launcher_ends_the_job_and_leaves_nothing(
         _, err = proc.communicate(timeout=60)
         took = time.monotonic() - t_sig
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        end_job(proc)
     assert proc.returncode == 130, err[-3000:]
     said = [line for line in err.splitlines() if line.startswith("rudder: interrupted")]
     assert len(said) == 1 and said[0].startswith(f"rudder: interrupted (signal {int(sig)}): stopping the job"), said
@@ -830,9 +827,7 @@ def test_network_faults_on_emulated_hosts(fault, tiny_partitions, tmp_path):
         _, err = proc.communicate(timeout=120)
         took = time.monotonic() - t_fault
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        end_job(proc)
     verdict = [line for line in err.splitlines() if line.startswith("rudder: job failed:")]
     assert proc.returncode != 0 and len(verdict) == 1, err[-3000:]
     if fault == "slow-then-cut":

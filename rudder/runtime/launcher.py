@@ -84,7 +84,7 @@ def cleanup_shm(tag: str, since: float | None = None, before: set[str] | None = 
         if not ours and before is not None and name not in before and since is not None:
             try:
                 ours = (
-                    name.startswith(("mpich", "sem.mp-", "dgl"))
+                    name.startswith(("mpich", "sem.mp-", "dgl", "torch_"))
                     and os.stat(path).st_mtime >= since - 1
                     and name not in in_use
                 )

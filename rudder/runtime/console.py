@@ -107,6 +107,10 @@ class JobLog:
         self._show(line, err)
         self._write(self.fd, line.encode())
 
+    def record(self, text: str) -> None:
+        """Write ``text`` into the log only (a failed rank's traceback: the terminal shows its one line)."""
+        self._write(self.fd, (text if text.endswith("\n") else text + "\n").encode())
+
     def _show(self, text: str, err: bool) -> None:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -618,6 +618,8 @@ def _supervise(cfg, cmd: list[str], log: JobLog, extra_env: dict | None = None, 
         rc = proc.wait()
         statuses = _read_statuses(job_dir)
         _kill_ranks(statuses)  # any rank mpiexec's proxies did not reach
+        for st in sorted((st for st in statuses.values() if st["state"] == "failed"), key=lambda st: st["time"]):
+            log.record(f"rudder: {st['describe']} failed: {st.get('error')}\n{st.get('details', '')}")
         for s, handler in old.items():
             signal.signal(s, handler)
         cleanup_shm(tag, since=started, before=shm_before)

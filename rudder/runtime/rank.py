@@ -535,8 +535,12 @@ def rank_main(cfg) -> int:
             shm = shm_mapped()  # the partition's segments, while still mapped: removed at a stopped exit
     except BaseException as exc:  # noqa: BLE001 - any failure must bring the whole job down at once
         message = f"{type(exc).__name__}: {exc}"
-        print(f"rudder: {role.describe()} failed: {message}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        _status(job, role, "failed", error=message)
+        details = traceback.format_exc()
+        # under the launcher the traceback travels in the status file, which it copies into the job's log: what a
+        # rank prints reaches the log through MPI's proxies, and the abort below can end them before they pass it on
+        _status(job, role, "failed", error=message, details=details)
+        if not supervised:
+            print(f"rudder: {role.describe()} failed: {message}\n{details}", file=sys.stderr, flush=True)
         comm.Abort(1)
         return 1
     if role.kind == "trainer":

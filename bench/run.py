@@ -82,20 +82,11 @@ def p2c_cluster(quick: bool) -> tuple[str, pd.DataFrame]:
 def p2r_replay_fidelity(quick: bool) -> tuple[str, pd.DataFrame]:
     from rudder.bench import cluster
 
-    df = cluster.fidelity_study()
+    df = cluster.fidelity_study(reps=2 if quick else 3, cells=cluster.FIDELITY_CELLS[:1] if quick else None)
     df.to_csv(os.path.join(OUT_DIR, "p2r_replay_fidelity.csv"), index=False)
-    own = df[df["trace_of"] == df["replayed_agent"]]
-    other = df[df["trace_of"] != df["replayed_agent"]]
-    text = (
-        f"Replay against live runs on 2 emulated hosts at {cluster.MAIN[2]} (measured training time of the slowest "
-        f"trainer, 2 epochs). A run replayed with its own agent: modelled time within "
-        f"{own['time_error'].abs().max():.1%} of the measured one, rows fetched within "
-        f"{own['fetched_error'].abs().max():.2%}. One agent's trace replayed with another agent (the model "
-        f"fitted on a run it then predicts another of): time within {other['time_error'].abs().max():.1%} "
-        f"(mean {other['time_error'].abs().mean():.1%}), rows fetched within "
-        f"{other['fetched_error'].abs().max():.1%} (remote neighbour sampling differs run to run)."
-    )
-    return text, df
+    ranks = cluster.fidelity_rankings(df)
+    ranks.to_csv(os.path.join(OUT_DIR, "p2r_replay_ranking.csv"), index=False)
+    return cluster.fidelity_summary(df, ranks)
 
 
 def p3_llm_latency(quick: bool) -> tuple[str, pd.DataFrame]:

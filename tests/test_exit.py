@@ -30,6 +30,9 @@ _WATCH = textwrap.dedent(
             raise OSError(24, "Too many open files")
         os.pidfd_open = refuse
     from rudder.runtime import rank
+    rank.LEAVE_GRACE_S = {grace_s}
+    if {leaving}:
+        rank.LEAVING.set()
     rank._end_with_supervisor({supervisor!r}{poll})
     print("watching", flush=True)
     time.sleep({stay_s})
@@ -38,11 +41,15 @@ _WATCH = textwrap.dedent(
 )
 
 
-def _watcher(supervisor: subprocess.Popen, no_pidfd: bool, stay_s: float) -> subprocess.Popen:
+def _watcher(
+    supervisor: subprocess.Popen, no_pidfd: bool, stay_s: float, leaving: bool = False, grace_s: float = 30.0
+) -> subprocess.Popen:
     """A process running the rank's supervisor watch on ``supervisor``, in a session of its own (the watch kills
-    its process group)."""
+    its process group); ``leaving``: the rank is leaving on its own, with ``grace_s`` to do it."""
     code = _WATCH.format(
         root=ROOT,
+        leaving=leaving,
+        grace_s=grace_s,
         no_pidfd=no_pidfd,
         supervisor=f"{supervisor.pid} {start_time(supervisor.pid)}",
         stay_s=stay_s,
@@ -86,6 +93,36 @@ def test_the_supervisor_watch_ends_its_rank_once_the_launcher_is_gone(no_pidfd):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("exits_in_s", [1.0, 60.0], ids=["leaves-in-time", "hangs-on-the-way-out"])
+def test_a_rank_leaving_on_its_own_gets_its_grace_then_is_ended(exits_in_s):
+    """A rank that finished in order (or was stopped) and is still leaving when its launcher goes is given
+    LEAVE_GRACE_S: one that leaves within it ends as it meant to (status 0, not SIGKILL: the failure this module is
+    about); one whose exit hangs is ended once the grace is over, not before."""
+    grace_s = 3.0
+    supervisor = subprocess.Popen(["sleep", "60"])
+    proc = _watcher(supervisor, False, stay_s=exits_in_s, leaving=True, grace_s=grace_s)
+    try:
+        assert proc.stdout.readline().strip() == "watching"
+        supervisor.kill()
+        supervisor.wait()
+        t0 = time.monotonic()
+        proc.wait(timeout=30)
+        took = time.monotonic() - t0
+        if exits_in_s < grace_s:
+            assert proc.returncode == 0 and proc.stdout.read().split() == ["still", "here"]
+            assert "is gone" not in proc.stderr.read()
+        else:
+            assert proc.returncode == -signal.SIGKILL
+            assert grace_s - 0.2 <= took < grace_s + 2.0, took
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
 
 
 def test_signal_process_spares_a_pid_that_names_another_process():

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from rudder.agents.base import Agent
 from rudder.env.contract import LINK_LEVELS, BufferSettings, admissible, top_fraction, top_j
+from rudder.env.defaults import LOOKAHEAD_SAMPLE_AHEAD
 from rudder.env.settings import check_fraction_levels
 from rudder.env.wrappers import DEFAULT_LEVELS
 
@@ -64,20 +65,20 @@ class Lookahead(Periodic):
     ranking, so this policy is buffer settings on top of :class:`Periodic`."""
 
     name = "lookahead"
-    settings = BufferSettings(ranking="lookahead", admit_on_miss=True)
+    settings = BufferSettings(ranking="lookahead", admit_on_miss=True, sample_ahead=LOOKAHEAD_SAMPLE_AHEAD)
 
-    def __init__(self, sample_ahead: int | str | None = None, buffer_init: str | None = None):
-        """``sample_ahead`` (replay): how far the trainer samples ahead, a count, a budget such as ``"64MB"`` or
-        ``"epoch"`` (:mod:`rudder.env.sample_ahead`); None: the recorded run's. ``buffer_init``: the initial fill
-        (None: the run's); with the future known exactly, ``"empty"`` avoids paying for a guessed fill that Belady
-        MIN does not pay (BENCHMARKS.md, P1)."""
-        if sample_ahead is not None or buffer_init is not None:
-            self.settings = BufferSettings(
-                ranking="lookahead",
-                admit_on_miss=True,
-                buffer_init=buffer_init,
-                sample_ahead=None if sample_ahead is None else str(sample_ahead),
-            )
+    def __init__(self, sample_ahead: int | str | None = LOOKAHEAD_SAMPLE_AHEAD, buffer_init: str | None = None):
+        """``sample_ahead``: how far the trainer samples ahead, a count, a budget such as ``"64MB"`` or ``"epoch"``
+        (:mod:`rudder.env.sample_ahead`); by default far enough for the ranking to approach Belady MIN, which a
+        live run with no ``--sample-ahead`` then uses too; None: the recorded run's (replay) or the run's option.
+        ``buffer_init``: the initial fill (None: the run's); with the future known exactly, ``"empty"`` avoids
+        paying for a guessed fill that Belady MIN does not pay (BENCHMARKS.md, P1)."""
+        self.settings = BufferSettings(
+            ranking="lookahead",
+            admit_on_miss=True,
+            buffer_init=buffer_init,
+            sample_ahead=None if sample_ahead is None else str(sample_ahead),
+        )
 
 
 class HitRateRule(_Keep):

@@ -41,6 +41,10 @@ DEFAULTS = RunDefaults()
 #: without ``sample_ahead`` is replayed as today's trainer would run it.
 RECORDED_BEFORE_OPTION: dict = dict(asdict(DEFAULTS), prefetch="inline")
 
+#: How far the lookahead agent samples ahead unless told (live and replay): a budget of sampled blocks, reaching
+#: far enough that its ranking approaches Belady MIN (BENCHMARKS.md, P1), at the memory of the blocks held.
+LOOKAHEAD_SAMPLE_AHEAD = "16MB"
+
 #: Link-budget levels of the level agents: nothing, an eighth, a quarter, half, or all of what the link can carry
 #: while the next window samples and computes.
 LINK_LEVELS = (0.0, 0.125, 0.25, 0.5, 1.0)

@@ -306,14 +306,16 @@ def record_fault(
     detected: int | None = None,
     lost_bytes: int = 0,
     input_checked: int = 0,
+    clean: int = 0,
 ) -> dict:
     """One row of the Reliability table (``python -m rudder.bench --only faults``), written by a fault test once its
     assertions have passed: the fault, how it was injected, seconds from injection to the job's end or the error
     (``None`` where the fault is not an error: the job goes on), what was left behind as checked by the test, the
-    line the user sees, how many faults were tried and detected, the bytes of data lost or silently changed
-    (by the fault test's own check), and the bytes of the job's partition files found intact afterwards (their sizes
-    and CRC-32s checked: :func:`partition_bytes_checked`). Printed always (``-s`` shows it); appended as JSON to
-    ``$RUDDER_FAULT_REPORT`` when set."""
+    line the user sees, how many faults were tried and detected, how many of the others the test checked to leave
+    the data exactly as it was (``clean``: damage on bytes the reader does not use), the bytes of data lost or
+    silently changed (by the fault test's own check), and the bytes of the job's partition files found intact
+    afterwards (their sizes and CRC-32s checked: :func:`partition_bytes_checked`). Printed always (``-s`` shows
+    it); appended as JSON to ``$RUDDER_FAULT_REPORT`` when set."""
     row = dict(
         fault=fault,
         injected=injected,
@@ -322,6 +324,7 @@ def record_fault(
         seen=seen,
         tried=int(tried),
         detected=int(tried if detected is None else detected),
+        clean=int(clean),
         lost_bytes=int(lost_bytes),
         input_checked=int(input_checked),
         test=os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],

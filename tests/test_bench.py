@@ -50,3 +50,35 @@ def test_p1_leaves_out_a_learned_agents_rows_on_traces_it_was_not_held_out_from(
     assert "Left out, not held out by content: ppo on 1 trace x fraction pair(s)." in text
     text, _ = summarise(df.assign(not_held_out=0))
     assert "No pair was left out" in text
+
+
+def test_reliability_counts_the_fuzz_loop_apart_and_derives_silent_changes_from_the_tests_checks():
+    import pandas as pd
+    from rudder.bench.faults import summarise
+
+    def row(fault, tried, detected, clean=0, detect_s=1.0):
+        return dict(
+            fault=fault,
+            injected="x",
+            detect_s=detect_s,
+            left="nothing",
+            seen="y",
+            tried=tried,
+            detected=detected,
+            clean=clean,
+            lost_bytes=0,
+            input_checked=10,
+        )
+
+    rows = [
+        row("killed trainer", 1, 1),
+        row("damaged trace (fuzz)", 400, 371, clean=29),
+        row("link rate cut", 1, 0, detect_s=None),
+    ]
+    text, _ = summarise(pd.DataFrame(rows))
+    assert "2 kinds of fault, 2 injected in 2 tests: 1 ended in an error" in text
+    assert "a fuzz loop of 400 damaged trace chunks: 371 refused naming the chunk, 29 read back" in text
+    assert text.count("): 0.") == 1  # silent changes: none
+    # a fault its test neither saw reported nor checked to leave the data as it was is counted as silent
+    text, _ = summarise(pd.DataFrame([*rows, row("truncated partition file", 3, 2)]))
+    assert "the data as it was): 1." in text

@@ -124,6 +124,7 @@ def test_damaged_trace_chunk_is_a_trace_error_or_reads_the_same(tmp_path):
         left="nothing (a read)",
         tried=400,
         detected=outcomes["TraceError"],
+        clean=outcomes["clean"],
         lost_bytes=0,
     )
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from rudder.agents.llm.client import EndpointError, base_url
 from rudder.agents.ppo import read_policy_meta
-from rudder.env.defaults import DEFAULTS
+from rudder.env.defaults import DEFAULTS, LOOKAHEAD_SAMPLE_AHEAD
 from rudder.env.sample_ahead import SampleAhead
 from rudder.env.settings import BUFFER_INITS, check, check_fanout
 from rudder.evaluation.registry import check_agent, parse_agent_kwargs
@@ -147,12 +147,13 @@ class TrainConfig:
             "policy runs pickled code: only for a file from a source you trust)"
         ),
     )
-    sample_ahead: int | str = field(
-        default=DEFAULTS.sample_ahead,
+    sample_ahead: int | str | None = field(
+        default=None,
         metadata=dict(
             help="how far sampling runs ahead of training, across epochs: a count of minibatches (4), a budget of "
             "sampled blocks (64MB; KB, MB, GB) or 'epoch'; the lookahead knows those minibatches' remote rows "
-            "exactly (rudder_env/sample_ahead.py)"
+            f"exactly (rudder_env/sample_ahead.py). Default: the agent's own (the lookahead: "
+            f"{LOOKAHEAD_SAMPLE_AHEAD}), else {DEFAULTS.sample_ahead}"
         ),
     )
     prefetch: str = field(
@@ -284,6 +285,13 @@ class TrainConfig:
         if isinstance(self.sample_ahead, str) and self.sample_ahead.strip().isdigit():
             self.sample_ahead = int(self.sample_ahead)  # a count stays a number in the summary
 
+    def resolve_sample_ahead(self, settings) -> None:
+        """Fill an unset ``--sample-ahead`` from the agent's buffer settings (the lookahead samples further ahead:
+        it knows the future only that far), else the run default; what is resolved is what the trace records."""
+        if self.sample_ahead is None:
+            self.sample_ahead = settings.sample_ahead or DEFAULTS.sample_ahead
+            self.__post_init__()  # "4" stays a count
+
     @property
     def fanouts(self) -> list[int]:
         return check_fanout(self.fanout)
@@ -359,7 +367,8 @@ class TrainConfig:
             check(name, getattr(self, name))
         check_fanout(self.fanout)
 
-        SampleAhead.parse(self.sample_ahead, "--sample-ahead")
+        if self.sample_ahead is not None:
+            SampleAhead.parse(self.sample_ahead, "--sample-ahead")
         if self.hosts < 0 or self.hosts == 1:
             raise ValueError(f"--hosts must be 0 (this host) or >= 2 emulated hosts, got {self.hosts}")
         if self.hosts and self.parts != self.hosts:

@@ -301,6 +301,7 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
     from rudder.runtime.trainer import DistTrainer
 
     agent = make_agent(cfg.agent, **cfg.agent_options(role.trainer_rank))
+    cfg.resolve_sample_ahead(agent.settings)
     buffer = buffer_kwargs(agent.settings, cfg.buffer_fraction, cfg.admit_on_miss)
     heartbeat = Heartbeat(beat_path(job.job_dir, role.rank))  # read by the supervisor's watchdog
     trainer = DistTrainer(

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rudder.env.buffer import EMPTY, PrefetchBuffer, initial_ids, positions
+from rudder.env.defaults import DEFAULTS
 from rudder.env.episode import MinibatchRecord
 from rudder.env.lookahead import SamplerLookahead
 from rudder.env.sample_ahead import SampleAhead, sampled_bytes
@@ -330,7 +331,8 @@ class DistTrainer:
         self.minibatch_index = 0
         self._ahead: collections.deque[_Sampled] = collections.deque()  # sampled but not trained yet
         self._held_bytes = self._held_blocks_bytes = 0  # running sums of nbytes / blocks_nbytes over _ahead
-        self._sample_ahead = SampleAhead.parse(cfg.sample_ahead, "--sample-ahead")
+        ahead = DEFAULTS.sample_ahead if cfg.sample_ahead is None else cfg.sample_ahead  # rank.py resolves it
+        self._sample_ahead = SampleAhead.parse(ahead, "--sample-ahead")
         self.ahead_stats = dict(
             known_sum=0,
             known_max=0,

@@ -65,14 +65,17 @@ class Lookahead(Periodic):
     ranking, so this policy is buffer settings on top of :class:`Periodic`."""
 
     name = "lookahead"
-    settings = BufferSettings(ranking="lookahead", admit_on_miss=True, sample_ahead=LOOKAHEAD_SAMPLE_AHEAD)
+    settings = BufferSettings(
+        ranking="lookahead", admit_on_miss=True, buffer_init="empty", sample_ahead=LOOKAHEAD_SAMPLE_AHEAD
+    )
 
-    def __init__(self, sample_ahead: int | str | None = LOOKAHEAD_SAMPLE_AHEAD, buffer_init: str | None = None):
+    def __init__(self, sample_ahead: int | str | None = LOOKAHEAD_SAMPLE_AHEAD, buffer_init: str | None = "empty"):
         """``sample_ahead``: how far the trainer samples ahead, a count, a budget such as ``"64MB"`` or ``"epoch"``
         (:mod:`rudder.env.sample_ahead`); by default far enough for the ranking to approach Belady MIN, which a
         live run with no ``--sample-ahead`` then uses too; None: the recorded run's (replay) or the run's option.
-        ``buffer_init``: the initial fill (None: the run's); with the future known exactly, ``"empty"`` avoids
-        paying for a guessed fill that Belady MIN does not pay (BENCHMARKS.md, P1)."""
+        ``buffer_init``: the initial fill; by default ``"empty"``: with the future known that far, a guessed fill
+        costs rows Belady MIN does not pay (it saves some fetch time early on instead: BENCHMARKS.md, P1); None:
+        the run's ``--buffer-init``."""
         self.settings = BufferSettings(
             ranking="lookahead",
             admit_on_miss=True,

@@ -8,7 +8,6 @@ points; runs of every variant are interleaved (A B C ... A B C ...) so that drif
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 
@@ -215,15 +214,26 @@ FIDELITY_AGENTS = ("none", "static", "lookahead")
 FIDELITY_CELLS = ((2, "400mbit"), (2, "150mbit"), (4, "400mbit"), (4, "150mbit"))
 
 
-def fidelity_study(cells=None, agents=FIDELITY_AGENTS, reps: int = 3, epochs: int = 2, log=_log) -> pd.DataFrame:
+def _live_parts(trace: str) -> dict:
+    """The slowest trainer's measured sampling, fetch and compute seconds in a recorded live run."""
+    t = Trace(trace)
+    sums = [t.rank(r).table()[["sample_s", "fetch_s", "compute_s"]].sum() for r in t.ranks]
+    slowest = max(sums, key=lambda s: float(s.sum()))
+    return {f"live_{k}": float(v) for k, v in slowest.items()}
+
+
+def fidelity_study(
+    cells=None, agents=FIDELITY_AGENTS, reps: int = 3, epochs: int = 2, keep: str | None = None, log=_log
+) -> pd.DataFrame:
     """Replay checked against live runs it was not fitted to.
 
     For every (hosts, link rate) cell: ``reps`` interleaved rounds of one live run per agent (A B C A B C ...), each
-    recording its trace; then every trace replayed with every agent. A row is one (trace, replayed agent) pair: its
-    modelled time against the mean measured time of the replayed agent's live runs (``time_error``), beside that
-    agent's run-to-run spread (``live_sd_s``, ``live_n``). ``in_sample`` marks a trace replayed with its own agent
-    (that run's own fit); the other rows are out of sample: a time model fitted on one agent's run predicts another
-    agent's runs."""
+    recording its trace (kept under ``keep`` if given); then every trace replayed with every agent. A row is one
+    (trace, replayed agent) pair: its modelled time against the mean measured time of the replayed agent's live
+    runs (``time_error``), beside that agent's run-to-run spread (``live_sd_s``, ``live_n``), and where each time
+    went (the slowest trainer's sampling, fetch and compute seconds, modelled and measured means). ``in_sample``
+    marks a trace replayed with its own agent; the other rows are out of sample: a time model fitted on one agent's
+    run predicts another agent's runs."""
     import rudder.env  # noqa: F401  (registers the environments)
     from rudder.env.contract import buffer_kwargs
     from rudder.env.replay_env import ReplayEnv
@@ -233,25 +243,29 @@ def fidelity_study(cells=None, agents=FIDELITY_AGENTS, reps: int = 3, epochs: in
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        folder = keep or tmp
         for hosts, rate in cells or FIDELITY_CELLS:
             live: dict[str, list[tuple[dict, str]]] = {a: [] for a in agents}
             with EmulatedCluster(hosts, link_rate=rate) as c:
                 for rep in range(reps):
                     for agent in agents:
                         log(f"  live {agent} on {hosts} hosts at {rate}, round {rep + 1} of {reps}")
-                        trace = os.path.join(tmp, f"{hosts}-{rate}-{agent}-{rep}")
+                        trace = os.path.join(folder, f"{hosts}-{rate}-{agent}-{rep}")
                         run = live_run(agent, 0, epochs, extra=("--cluster", c.name), parts=None, trace=trace)
                         live[agent].append((run, trace))
             measured = {a: np.array([r["train_s"] for r, _ in runs]) for a, runs in live.items()}
+            parts = {a: pd.DataFrame([_live_parts(t) for _, t in runs]).mean() for a, runs in live.items()}
             for source in agents:
                 for rep, (_, trace) in enumerate(live[source]):
                     t = Trace(trace)
                     for agent_name in agents:
-                        replay_s = 0.0
+                        slowest = None
                         for rank in t.ranks:
                             agent = make_agent(agent_name)
                             env = ReplayEnv(t, rank=rank, **buffer_kwargs(agent.settings))
-                            replay_s = max(replay_s, play_episode(env, agent)["time_s"])
+                            res = play_episode(env, agent)
+                            if slowest is None or res["time_s"] > slowest["time_s"]:
+                                slowest = res
                         target = measured[agent_name]
                         rows.append(
                             dict(
@@ -261,19 +275,20 @@ def fidelity_study(cells=None, agents=FIDELITY_AGENTS, reps: int = 3, epochs: in
                                 trace_round=rep,
                                 replayed_agent=agent_name,
                                 in_sample=agent_name == source,
-                                replay_s=replay_s,
+                                replay_s=slowest["time_s"],
                                 live_mean_s=float(target.mean()),
                                 live_sd_s=float(target.std(ddof=1)) if len(target) > 1 else float("nan"),
                                 live_n=len(target),
-                                time_error=replay_s / float(target.mean()) - 1,
+                                time_error=slowest["time_s"] / float(target.mean()) - 1,
+                                **{f"replay_{k}": slowest[f"time_{k}"] for k in ("sample_s", "fetch_s", "compute_s")},
+                                **parts[agent_name].to_dict(),
                             )
                         )
                         log(
                             f"  {hosts} hosts at {rate}: {source}'s trace {rep + 1} replayed with {agent_name}: "
-                            f"{replay_s:.2f} s vs {target.mean():.2f} s live ({rows[-1]['time_error']:+.1%})"
+                            f"{rows[-1]['replay_s']:.2f} s vs {target.mean():.2f} s live "
+                            f"({rows[-1]['time_error']:+.1%})"
                         )
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp, exist_ok=True)
     return pd.DataFrame(rows)
 
 

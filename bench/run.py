@@ -82,7 +82,8 @@ def p2c_cluster(quick: bool) -> tuple[str, pd.DataFrame]:
 def p2r_replay_fidelity(quick: bool) -> tuple[str, pd.DataFrame]:
     from rudder.bench import cluster
 
-    df = cluster.fidelity_study(reps=2 if quick else 3, cells=cluster.FIDELITY_CELLS[:1] if quick else None)
+    keep = os.environ.get("RUDDER_BENCH_KEEP_TRACES")  # a folder to keep the study's traces in, for a closer look
+    df = cluster.fidelity_study(reps=2 if quick else 3, cells=cluster.FIDELITY_CELLS[:1] if quick else None, keep=keep)
     df.to_csv(os.path.join(OUT_DIR, "p2r_replay_fidelity.csv"), index=False)
     ranks = cluster.fidelity_rankings(df)
     ranks.to_csv(os.path.join(OUT_DIR, "p2r_replay_ranking.csv"), index=False)

@@ -325,8 +325,13 @@ def fidelity_rankings(df: pd.DataFrame) -> pd.DataFrame:
 
 def fidelity_summary(df: pd.DataFrame, ranks: pd.DataFrame) -> tuple[str, pd.DataFrame]:
     """The study in a paragraph and a table per cell: out-of-sample |error| of total time (median, worst) beside the
-    live run-to-run spread, and ranking agreement on the pairs live runs separate."""
-    oos = df[~df["in_sample"]]
+    live run-to-run spread, ranking agreement on the pairs live runs separate, and where the error comes from: the
+    mean of (modelled - measured) sampling, fetch and compute seconds of the slowest trainer over the measured run
+    time, out of sample (``from_*``; ``from_other``: the rest, time a trainer spends outside those three live)."""
+    oos = df[~df["in_sample"]].copy()
+    for part in ("sample_s", "fetch_s", "compute_s"):
+        oos[f"from_{part[:-2]}"] = (oos[f"replay_{part}"] - oos[f"live_{part}"]) / oos["live_mean_s"]
+    oos["from_other"] = oos["time_error"] - oos[["from_sample", "from_fetch", "from_compute"]].sum(axis=1)
     cells = []
     for (hosts, rate), cell in oos.groupby(["hosts", "link_rate"], sort=False):
         spread = (
@@ -342,6 +347,7 @@ def fidelity_summary(df: pd.DataFrame, ranks: pd.DataFrame) -> tuple[str, pd.Dat
                 oos_worst_abs_error=float(cell["time_error"].abs().max()),
                 oos_mean_error=float(cell["time_error"].mean()),
                 in_sample_worst_abs_error=float(own["time_error"].abs().max()),
+                **{k: float(cell[k].mean()) for k in ("from_sample", "from_fetch", "from_compute", "from_other")},
                 live_cv_worst=float(spread.max()),
                 pairs_separated=len(sep),
                 pairs_ranked_right=int((sep["agree"] == 1.0).sum()),

@@ -23,6 +23,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 
+from rudder.env.sample_ahead import SampleAhead
 from rudder.runtime import onehost
 from rudder.runtime.console import say
 from rudder.runtime.dgl_compat import import_dgl
@@ -415,9 +416,12 @@ def _trace_writer(cfg, role: Role, job: Job, trainer, agent, buffer: dict):
 
     run_meta = None
     if role.trainer_rank == 0:
+        settings = asdict(agent.settings)
+        if settings["sample_ahead"] is not None:  # what the run did: a --sample-ahead given overrides the agent's
+            settings["sample_ahead"] = str(SampleAhead.parse(cfg.sample_ahead, "--sample-ahead"))
         run_meta = dict(
             config=cfg.as_dict(),
-            agent=dict(name=agent.name, settings=asdict(agent.settings)),
+            agent=dict(name=agent.name, settings=settings),
             buffer=buffer,
             graph=job.meta,
             one_host=job.one_host,

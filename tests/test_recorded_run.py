@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from rudder.env.contract import BufferSettings
 from rudder.env.defaults import DEFAULTS, RECORDED_BEFORE_OPTION, RunDefaults
 from rudder.env.live_env import LiveEnv
 from rudder.env.recorded_run import RecordedRun
@@ -69,7 +70,11 @@ def test_every_door_reads_the_one_table_of_defaults():
     shared = [f.name for f in dataclasses.fields(RunDefaults) if hasattr(config, f.name)]
     # every run default is a train.py gnn option but the ranking, which an agent's BufferSettings chooses
     assert sorted({f.name for f in dataclasses.fields(RunDefaults)} - set(shared)) == ["ranking"]
-    assert all(getattr(config, name) == getattr(DEFAULTS, name) for name in shared)
+    # but the sample-ahead, which is the agent's own unless given, else the table's
+    assert all(getattr(config, name) == getattr(DEFAULTS, name) for name in shared if name != "sample_ahead")
+    assert config.sample_ahead is None
+    config.resolve_sample_ahead(BufferSettings())
+    assert config.sample_ahead == DEFAULTS.sample_ahead
     live = inspect.signature(LiveEnv).parameters
     replay = inspect.signature(ReplayEnv).parameters
     assert live["candidates"].default == DEFAULTS.candidates

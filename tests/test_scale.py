@@ -224,9 +224,10 @@ def test_three_layer_run_with_a_budget_replays_exactly(record_live, play_windows
         ahead = live_rank["sample_ahead"]
         assert ahead["sample_ahead"] == "24KB" and ahead["known_max"] >= 1
         assert ahead["known_peak_mb"] <= 24 / 1024 < ahead["blocks_peak_mb"]
-        env = ReplayEnv(trace, rank=rank, **buffer_kwargs(Lookahead.settings))
+        agent = Lookahead(sample_ahead=None)  # as far ahead as the recorded run sampled, not its own default
+        env = ReplayEnv(trace, rank=rank, **buffer_kwargs(agent.settings))
         assert str(env.sample_ahead) == "24KB" and env.fanouts == [5, 5, 5]
-        _, _, counters = play_windows(env, Lookahead())
+        _, _, counters = play_windows(env, agent)
         for key in ("remote_sampled", "hits", "remote_fetched", "prefetched"):
             assert getattr(counters, key) == live_rank[key], key
         ids = trace.rank(rank).minibatch_ids()

@@ -219,7 +219,16 @@ class RecordedRun:
         if self.initial_fill is not None:
             local, remote = np.append(local, 0), np.append(remote, self.initial_fill[0] / fill_rate)
             secs = np.append(secs, self.initial_fill[1])
-        return FetchTimeModel.fit(local, remote, secs)
+        return FetchTimeModel.fit(local, remote, secs, remote_floor=self.remote_floor_s)
+
+    @property
+    def remote_floor_s(self) -> float:
+        """The least seconds a remote row can take over the recorded link (at the base rate, under recorded
+        conditions): its bytes over the link's rate, for a run on emulated hosts whose trace records both
+        (``meta.network``); 0 where the link is not known (a real cluster's)."""
+        net = self.trace.meta.get("network") or {}
+        bits, row_bytes = net.get("link_bits_per_s"), net.get("row_bytes")
+        return 8.0 * float(row_bytes) / float(bits) if bits and row_bytes else 0.0
 
     def decisions(self):
         """The recorded prefetch decisions (a table with ``minibatch`` and ``ids``), or None; read once."""

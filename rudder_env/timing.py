@@ -34,6 +34,8 @@ class FetchTimeModel:
     mape: float  # mean |predicted - measured| / measured, per minibatch
     total_error: float  # (sum predicted - sum measured) / sum measured: the error on a run's fetch time
     samples: int
+    remote_floor: float = 0.0  # the least seconds a remote row can cost (the link's payload rate), 0: not known
+    floored: bool = False  # the fit gave a remote row less than that, so it was refitted with c_remote at the floor
 
     def predict(self, local_rows, remote_rows):
         return (
@@ -43,22 +45,30 @@ class FetchTimeModel:
         )
 
     @classmethod
-    def fit(cls, local_rows, remote_rows, fetch_s) -> FetchTimeModel:
-        """Fit to per-minibatch measurements (arrays of equal length)."""
+    def fit(cls, local_rows, remote_rows, fetch_s, remote_floor: float = 0.0) -> FetchTimeModel:
+        """Fit to per-minibatch measurements (arrays of equal length).
+
+        ``remote_floor``: seconds per remote row below which no fit is believed (a row's bytes over the link's
+        rate, where the trace knows both). Where local and remote rows move together (a run without a buffer pulls
+        every remote row, as many as the minibatch's size says) least squares cannot tell their costs apart and may
+        give remote rows too little, down to nothing; such a fit is refitted with ``c_remote`` at the floor."""
         local_rows = np.asarray(local_rows, dtype=np.float64)
         remote_rows = np.asarray(remote_rows, dtype=np.float64)
         y = np.asarray(fetch_s, dtype=np.float64)
         if y.size == 0:
-            return cls(0.0, 0.0, 0.0, float("nan"), float("nan"), float("nan"), 0)
+            return cls(0.0, 0.0, 0.0, float("nan"), float("nan"), float("nan"), 0, remote_floor)
         x = np.column_stack([np.ones_like(y), local_rows, remote_rows])
         coef = nonnegative_lstsq(x, y)
+        floored = bool(coef[2] < remote_floor)
+        if floored:  # the link carries no row faster than its rate: the rest of the time is per pull and local
+            coef = np.append(nonnegative_lstsq(x[:, :2], y - remote_floor * remote_rows), remote_floor)
         pred = x @ coef
         ss_res = float(((y - pred) ** 2).sum())
         ss_tot = float(((y - y.mean()) ** 2).sum())
         r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
         mape = float(np.mean(np.abs(pred - y) / np.maximum(y, 1e-9)))
         total = float((pred.sum() - y.sum()) / max(y.sum(), 1e-12))
-        return cls(float(coef[0]), float(coef[1]), float(coef[2]), r2, mape, total, int(y.size))
+        return cls(float(coef[0]), float(coef[1]), float(coef[2]), r2, mape, total, int(y.size), remote_floor, floored)
 
     @property
     def separates_remote_rows(self) -> bool:
@@ -76,6 +86,8 @@ class FetchTimeModel:
             total_error=self.total_error,
             samples=self.samples,
             separates_remote_rows=self.separates_remote_rows,
+            s_per_remote_row_floor=self.remote_floor,
+            floored=self.floored,
         )
 
 

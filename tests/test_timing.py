@@ -53,3 +53,27 @@ def test_no_fit_before_two_pulls_and_a_bad_half_life_is_refused():
     assert fit.coefficients == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="half_life must be > 0"):
         LinkFit(half_life=0)
+
+
+def test_a_fit_that_gives_remote_rows_less_than_the_link_allows_is_refitted_at_the_floor():
+    """A run without a buffer pulls every remote row, about as many as the minibatch's local rows say: least squares
+    can then put the time on local rows and leave remote rows free, and replay of an agent that fetches fewer rows
+    would save nothing. With the link's floor (a row's bytes over the rate) the remote cost is held at it."""
+    rng = np.random.default_rng(0)
+    local = rng.integers(20_000, 30_000, 60).astype(float)
+    remote = 0.4 * local + rng.normal(0, 5, 60)  # moves with local rows
+    secs = 2e-3 + 1e-5 * remote + rng.normal(0, 2e-3, 60)  # truly 10 us a remote row, nothing a local one
+    free = FetchTimeModel.fit(local, remote, secs)
+    assert free.c_remote < 8e-6 and not free.floored  # the split is lost in the noise
+    floored = FetchTimeModel.fit(local, remote, secs, remote_floor=8e-6)
+    assert floored.floored and floored.c_remote == 8e-6 and floored.remote_floor == 8e-6
+    # the same total on the recorded run, but an agent that fetches half the remote rows now saves their link time
+    assert abs(floored.predict(local, remote).sum() - secs.sum()) < 0.02 * secs.sum()
+    saved = floored.predict(local, remote).sum() - floored.predict(local, remote / 2).sum()
+    assert saved >= 8e-6 * remote.sum() / 2 - 1e-9
+    # where the rows do not move together the fit finds the cost itself, above the floor, and is left alone
+    remote = rng.integers(5_000, 15_000, 60).astype(float)
+    secs = 2e-3 + 1e-5 * remote + rng.normal(0, 2e-4, 60)
+    above = FetchTimeModel.fit(local, remote, secs, remote_floor=8e-6)
+    assert not above.floored and above.c_remote == FetchTimeModel.fit(local, remote, secs).c_remote
+    assert above.c_remote == pytest.approx(1e-5, rel=0.05)

@@ -33,6 +33,7 @@ from rudder.runtime.partition import check_decisions_partitioning, ensure_partit
 from rudder.runtime.ports import free_port_base, job_ports, port_in_use, remove_stale_locks
 from rudder.runtime.procs import alive, signal_process, start_time, state
 from rudder.runtime.rank import check_trace_folder
+from rudder.runtime.summary import CLUSTER_VAR
 from rudder.testbed.cluster import ClusterError, EmulatedCluster, preflight
 from rudder.traces.schema import CONDITIONS_FILE, TRACE_FILE
 
@@ -40,7 +41,6 @@ SHM_DIR = "/dev/shm"
 TAG_VAR = onehost.TAG_VAR
 SUPERVISOR_VAR = "RUDDER_SUPERVISOR"  # "pid start_time" of the supervising launcher, for the ranks to watch
 SUPERVISOR_FILE = "supervisor.json"  # in the job folder: who supervises it, and what to clean if it is killed
-CLUSTER_VAR = "RUDDER_EMULATED_CLUSTER"  # JSON facts of the emulated cluster a job runs on, for its summary
 
 
 def _read_statuses(job_dir: str) -> dict[int, dict]:

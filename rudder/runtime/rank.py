@@ -40,7 +40,8 @@ from rudder.runtime.ports import free_port_base, job_ports, port_in_use, release
 from rudder.runtime.procs import alive, pidfd_exited, start_time
 from rudder.runtime.progress import TrainerProgress, shape_line
 from rudder.runtime.stop import StopRelay, StopRequested, exit_now, keep_dgl_handler_out, shm_mapped
-from rudder.runtime.summary import build_summary, format_table, write_summary
+from rudder.runtime.summary import CLUSTER_VAR, build_summary, format_table, write_summary
+from rudder.testbed.cluster import parse_rate
 
 TAG_VAR = onehost.TAG_VAR
 SUPERVISOR_VAR = "RUDDER_SUPERVISOR"  # set by rudder.runtime.launcher: "pid start_time" of the supervisor
@@ -429,6 +430,14 @@ def _trace_writer(cfg, role: Role, job: Job, trainer, agent, buffer: dict):
             versions=dict(python=sys.version.split()[0], torch=torch.__version__, dgl=dgl.__version__),
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
+        cluster = json.loads(os.environ.get(CLUSTER_VAR) or "null")
+        if cluster and cluster.get("link_rate"):  # emulated hosts on shaped links: what a remote row costs at least
+            run_meta["network"] = dict(
+                hosts=len(cluster["hosts"]),
+                link_rate=cluster["link_rate"],
+                link_bits_per_s=parse_rate(cluster["link_rate"]),
+                row_bytes=int(trainer.meta["feat_dim"]) * trainer.feat.dtype.itemsize,
+            )
     rank_meta = dict(
         trainer_rank=role.trainer_rank,
         partition=int(trainer.partid),

@@ -9,6 +9,9 @@ import sys
 
 from rudder.runtime.progress import combine
 
+#: JSON facts of the emulated cluster a job runs on (set by the launcher for its ranks): summary and trace record them
+CLUSTER_VAR = "RUDDER_EMULATED_CLUSTER"
+
 
 def build_summary(cfg, job, results: list[dict], wall_s: float) -> dict:
     """Assemble the summary from every trainer's :meth:`~rudder.runtime.trainer.DistTrainer.result`."""
@@ -27,9 +30,7 @@ def build_summary(cfg, job, results: list[dict], wall_s: float) -> dict:
         ),
         one_host=job.one_host,
         job=job.tag,  # the job's tag: the prefix of its shared-memory names on one host
-        emulated_cluster=json.loads(os.environ["RUDDER_EMULATED_CLUSTER"])
-        if "RUDDER_EMULATED_CLUSTER" in os.environ
-        else None,
+        emulated_cluster=json.loads(os.environ[CLUSTER_VAR]) if CLUSTER_VAR in os.environ else None,
         val_acc=results[0]["val_acc"] if results else None,
         test_acc=results[0]["test_acc"] if results else None,
         wall_s=round(wall_s, 3),

@@ -234,7 +234,7 @@ from rudder.testbed.cluster import EmulatedCluster
 c = EmulatedCluster(2, link_rate="400mbit", name=sys.argv[1]).up()
 c.run(1, ["sh", "-c", "sleep 60 & exec sleep 60"])
 print(*[h["pid"] for h in c._state["holders"]], flush=True)
-time.sleep(60)
+time.sleep(600)
 """
 
 
@@ -242,12 +242,24 @@ time.sleep(60)
 @needs_cluster
 def test_owner_killed(sig):
     name = fresh_name("k")
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, name], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     holders = [int(p) for p in owner.stdout.readline().split()]
     assert len(holders) == 2 and leftovers(name)
     netns = os.stat(f"/run/netns/rd-{name}-h1").st_ino
     owner.send_signal(sig)
-    owner.wait(timeout=20)
+    # the owner would sleep 600 s: it ends sooner only through the signal. Its teardown (up to 10 s of SIGTERM then
+    # SIGKILL for what runs inside, then ip commands) once took over 20 s beside the suite's other worker
+    try:
+        owner.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        owner.kill()
+        owner.wait()
+        pytest.fail(f"the owner was still running 90 s after {sig.name}; left: {leftovers(name)}")
+    if sig != signal.SIGKILL:  # its teardown ended what ran inside, which held its pipes too: they are at EOF
+        err = owner.stderr.read()
+        assert "Traceback" not in err or "KeyboardInterrupt" in err, err[-2000:]
     if sig == signal.SIGKILL:
         assert leftovers(name)  # nothing could run: the cluster stays until cleanup_stale()
         cl.cleanup_stale()  # (or a concurrent run's)

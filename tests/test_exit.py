@@ -60,6 +60,16 @@ def _watcher(
     )
 
 
+def _end_the_launcher(supervisor: subprocess.Popen, watcher: subprocess.Popen, timeout_s: float) -> float:
+    """Once ``watcher`` is watching, kill ``supervisor``; the seconds until ``watcher`` exits."""
+    assert watcher.stdout.readline().strip() == "watching"
+    supervisor.kill()
+    supervisor.wait()
+    t0 = time.monotonic()
+    watcher.wait(timeout=timeout_s)
+    return time.monotonic() - t0
+
+
 @pytest.mark.parametrize("no_pidfd", [False, True], ids=["pidfd", "no-pidfd"])
 def test_the_supervisor_watch_leaves_a_rank_alone_while_its_launcher_runs(no_pidfd):
     """Without a pidfd (a descriptor limit) the watch used to SIGKILL its rank at once, the launcher alive."""
@@ -80,12 +90,7 @@ def test_the_supervisor_watch_ends_its_rank_once_the_launcher_is_gone(no_pidfd):
     supervisor = subprocess.Popen(["sleep", "60"])
     proc = _watcher(supervisor, no_pidfd, stay_s=60)
     try:
-        assert proc.stdout.readline().strip() == "watching"
-        supervisor.kill()
-        supervisor.wait()
-        t0 = time.monotonic()
-        proc.wait(timeout=20)
-        took = time.monotonic() - t0
+        took = _end_the_launcher(supervisor, proc, timeout_s=20)
         assert proc.returncode == -signal.SIGKILL
         assert "the supervising launcher" in proc.stderr.read()
         assert took < (1.0 if no_pidfd else 0.5) + 2.0  # the poll period, or at once, plus start-up noise
@@ -104,12 +109,7 @@ def test_a_rank_leaving_on_its_own_gets_its_grace_then_is_ended(exits_in_s):
     supervisor = subprocess.Popen(["sleep", "60"])
     proc = _watcher(supervisor, False, stay_s=exits_in_s, leaving=True, grace_s=grace_s)
     try:
-        assert proc.stdout.readline().strip() == "watching"
-        supervisor.kill()
-        supervisor.wait()
-        t0 = time.monotonic()
-        proc.wait(timeout=30)
-        took = time.monotonic() - t0
+        took = _end_the_launcher(supervisor, proc, timeout_s=30)
         if exits_in_s < grace_s:
             assert proc.returncode == 0 and proc.stdout.read().split() == ["still", "here"]
             assert "is gone" not in proc.stderr.read()

@@ -256,8 +256,8 @@ def test_owner_killed(sig):
     assert len(holders) == 2 and leftovers(name)
     netns = os.stat(f"/run/netns/rd-{name}-h1").st_ino
     owner.send_signal(sig)
-    # the owner would sleep 600 s: it ends sooner only through the signal. Its teardown (up to 10 s of SIGTERM then
-    # SIGKILL for what runs inside, then ip commands) once took over 20 s beside the suite's other worker
+    # the owner would sleep 600 s: it ends sooner only through the signal; its teardown takes up to 10 s of SIGTERM
+    # then SIGKILL for what runs inside, then ip commands
     try:
         owner.wait(timeout=90)
     except subprocess.TimeoutExpired:

@@ -222,6 +222,25 @@ def _live_parts(trace: str) -> dict:
     return {f"live_{k}": float(v) for k, v in slowest.items()}
 
 
+def replay_slowest(trace: Trace, agent_name: str, **agent_kwargs) -> dict:
+    """``trace`` replayed with agent ``agent_name`` on every rank: the result of the rank with the most modelled
+    seconds (a job ends with its slowest trainer)."""
+    import rudder.env  # noqa: F401  (registers the environments)
+    from rudder.env.contract import buffer_kwargs
+    from rudder.env.replay_env import ReplayEnv
+
+    from rudder.evaluation.play import play_episode
+    from rudder.evaluation.registry import make_agent
+
+    slowest = None
+    for rank in trace.ranks:
+        agent = make_agent(agent_name, **agent_kwargs)
+        res = play_episode(ReplayEnv(trace, rank=rank, **buffer_kwargs(agent.settings)), agent)
+        if slowest is None or res["time_s"] > slowest["time_s"]:
+            slowest = res
+    return slowest
+
+
 def fidelity_study(
     cells=None, agents=FIDELITY_AGENTS, reps: int = 3, epochs: int = 2, keep: str | None = None, log=_log
 ) -> pd.DataFrame:
@@ -234,13 +253,6 @@ def fidelity_study(
     went (the slowest trainer's sampling, fetch and compute seconds, modelled and measured means). ``in_sample``
     marks a trace replayed with its own agent; the other rows are out of sample: a time model fitted on one agent's
     run predicts another agent's runs."""
-    import rudder.env  # noqa: F401  (registers the environments)
-    from rudder.env.contract import buffer_kwargs
-    from rudder.env.replay_env import ReplayEnv
-
-    from rudder.evaluation.play import play_episode
-    from rudder.evaluation.registry import make_agent
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = keep or tmp
@@ -259,13 +271,7 @@ def fidelity_study(
                 for rep, (_, trace) in enumerate(live[source]):
                     t = Trace(trace)
                     for agent_name in agents:
-                        slowest = None
-                        for rank in t.ranks:
-                            agent = make_agent(agent_name)
-                            env = ReplayEnv(t, rank=rank, **buffer_kwargs(agent.settings))
-                            res = play_episode(env, agent)
-                            if slowest is None or res["time_s"] > slowest["time_s"]:
-                                slowest = res
+                        slowest = replay_slowest(t, agent_name)
                         target = measured[agent_name]
                         rows.append(
                             dict(
@@ -298,15 +304,13 @@ def fidelity_rankings(df: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (hosts, rate), cell in df.groupby(["hosts", "link_rate"], sort=False):
         live = cell.groupby("replayed_agent")[["live_mean_s", "live_sd_s", "live_n"]].first()
+        per_trace = cell.pivot_table(index=["trace_of", "trace_round"], columns="replayed_agent", values="replay_s")
         names = list(live.index)
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
                 diff = live.loc[a, "live_mean_s"] - live.loc[b, "live_mean_s"]
                 sd = np.hypot(live.loc[a, "live_sd_s"], live.loc[b, "live_sd_s"])
                 se = float(sd / np.sqrt(live.loc[a, "live_n"]))
-                per_trace = cell.pivot_table(
-                    index=["trace_of", "trace_round"], columns="replayed_agent", values="replay_s"
-                )
                 replay_diff = per_trace[a] - per_trace[b]
                 out.append(
                     dict(

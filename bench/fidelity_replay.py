@@ -37,13 +37,8 @@ def _with_network(src: str, dst: str, hosts: int, rate: str) -> str:
 
 
 def replay_kept(folder: str, study_csv: str) -> pd.DataFrame:
-    import rudder.env  # noqa: F401  (registers the environments)
-    from rudder.env.contract import buffer_kwargs
-    from rudder.env.replay_env import ReplayEnv
+    from rudder.bench.cluster import replay_slowest
     from rudder.traces import Trace
-
-    from rudder.evaluation.play import play_episode
-    from rudder.evaluation.registry import make_agent
 
     study = pd.read_csv(study_csv)
     live = study.groupby(["hosts", "link_rate", "replayed_agent"])["live_mean_s"].first()
@@ -62,11 +57,7 @@ def replay_kept(folder: str, study_csv: str) -> pd.DataFrame:
                     t.meta = {k: v for k, v in t.meta.items() if k != "network"}
                 for name in agents:
                     kwargs = dict(sample_ahead=None, buffer_init=None) if name == "lookahead" else {}
-                    slowest = 0.0
-                    for rank in t.ranks:
-                        agent = make_agent(name, **kwargs)
-                        env = ReplayEnv(t, rank=rank, **buffer_kwargs(agent.settings))
-                        slowest = max(slowest, play_episode(env, agent)["time_s"])
+                    slowest = replay_slowest(t, name, **kwargs)["time_s"]
                     mean = float(live[(int(hosts), rate, name)])
                     rows.append(
                         dict(

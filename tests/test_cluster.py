@@ -259,11 +259,11 @@ def test_owner_killed(sig):
     # the owner would sleep 600 s: it ends sooner only through the signal; its teardown takes up to 10 s of SIGTERM
     # then SIGKILL for what runs inside, then ip commands
     try:
-        owner.wait(timeout=90)
+        owner.wait(timeout=20)
     except subprocess.TimeoutExpired:
         owner.kill()
         owner.wait()
-        pytest.fail(f"the owner was still running 90 s after {sig.name}; left: {leftovers(name)}")
+        pytest.fail(f"the owner was still running 20 s after {sig.name}; left: {leftovers(name)}")
     if sig != signal.SIGKILL:  # its teardown ended what ran inside, which held its pipes too: they are at EOF
         err = owner.stderr.read()
         assert "Traceback" not in err or "KeyboardInterrupt" in err, err[-2000:]

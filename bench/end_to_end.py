@@ -58,6 +58,7 @@ def live_run(agent: str, seed: int, epochs: int, extra=(), trace: str | None = N
             (r.get("env_overhead_s", 0.0) - r.get("env_startup_s", 0.0)) / max(sum(r["epoch_time_s"]), 1e-9)
             for r in ranks
         ),
+        trace_frac=max(r.get("trace_s", 0.0) / max(sum(r["epoch_time_s"]), 1e-9) for r in ranks),
         remote_fetched=sum(r["remote_fetched"] for r in ranks),
         remote_sampled=sum(r["remote_sampled"] for r in ranks),
         peak_rss_mb=max(r["peak_rss_mb"] for r in ranks),

@@ -153,7 +153,8 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
         f"best agent {best['agent']}: training time {best['train_vs_none']:.3f}x no-prefetch DistDGL "
         f"(worst run {best['train_vs_none_worst']:.3f}x; target <= 0.6); env overhead at most "
         f"{table['env_overhead_pct'].max():.2f}% of training time with its start-up (the first observation), "
-        f"{table['env_running_pct'].max():.2f}% while training runs (target <= 3%)"
+        f"{table['env_running_pct'].max():.2f}% while training runs (target <= 1%); without the lookahead's "
+        f"ranking at most {table[~table['agent'].str.startswith('lookahead')]['env_overhead_pct'].max():.2f}%"
         if best is not None
         else ""
     )
@@ -215,6 +216,9 @@ def llm_hidden_latency(quick: bool, log=lambda m: print(m, file=sys.stderr, flus
         f"at normal priority {ratio.loc['normal', 'mean']:.3f}x. Decisions per trainer: "
         f"{llm.loc['idle', 'decisions'].mean():.0f} (idle), {llm.loc['normal', 'decisions'].mean():.0f} (normal); "
         f"p50 latency {llm.loc['idle', 'latency_p50_s'].median():.2f} s (idle), "
-        f"{llm.loc['normal', 'latency_p50_s'].median():.2f} s (normal)."
+        f"{llm.loc['normal', 'latency_p50_s'].median():.2f} s (normal). The env's own work (observations, "
+        f"actions) {100 * df['env_overhead_frac'].min():.2f}%-{100 * df['env_overhead_frac'].max():.2f}% of training "
+        f"time (target <= 1%); recording the trace {100 * df['trace_frac'].min():.2f}%-"
+        f"{100 * df['trace_frac'].max():.2f}% apart."
     )
     return text, df

@@ -115,6 +115,18 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
             )
             continue
         verdict = "" if h >= HEADROOM_MIN else " (not discriminating)"
+        band = float(df.loc[df["trace"] == trace, "time_error_band"].max()) if "time_error_band" in df else np.nan
+        compared = [vs_constant(a) for a in ("llm-link", "ppo-link", "mpc")]
+        ties = (
+            f" Replay's error band on this trace is {band:.1%} (its time check out of sample): "
+            + (
+                "every difference from the best constant above is a tie."
+                if all(abs(v) <= band for v in compared)
+                else "differences larger than it are the only ones that rank."
+            )
+            if not np.isnan(band)
+            else ""
+        )
         lines.append(
             f"- {trace}: headroom {h:.1%}{verdict} (target >= 15%); LLM time / PPO time "
             f"{time('llm-link') / time('ppo-link'):.3f} (target <= 1.05); vs the best constant level: LLM "
@@ -123,7 +135,7 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
             f"{time('llm-link'):.3f} of no prefetch's time vs periodic {time('periodic'):.3f} and VIP "
             f"{time('vip'):.3f} (target: both ahead of both); the lookahead {time('lookahead'):.3f}, "
             f"best-level {time('best-level'):.3f}, best constant {time('best-constant:link-levels'):.3f}, bound "
-            f"{time('bound:link-levels'):.3f}."
+            f"{time('bound:link-levels'):.3f}.{ties}"
         )
     where = []
     for trace, rows in df[df["set"] == "held-out"].groupby("trace", sort=False):

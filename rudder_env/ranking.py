@@ -289,11 +289,13 @@ class _PredictedNeed:
         prev = self._last_known[ids]
         linked = prev > self.at  # a known use still ahead: j is its successor
         self._succ[j] = np.full(ids.size, _NO_USE, dtype=np.int32)
-        if linked.any():
+        if linked.any():  # grouped by previous use with one sort, not one pass over the ids per group
             p, pos = prev[linked], self._last_pos[ids[linked]]
-            for q in np.unique(p):
-                sel = p == q
-                self._succ[int(q)][pos[sel]] = j
+            order = np.argsort(p, kind="stable")
+            p, pos = p[order], pos[order]
+            starts = np.flatnonzero(np.concatenate(([True], p[1:] != p[:-1])))
+            for a, b in zip(starts, np.append(starts[1:], p.size)):
+                self._succ[int(p[a])][pos[a:b]] = j
         fresh = ids[~linked]
         self.next_known[fresh] = j
         self._last_known[ids] = j

@@ -291,7 +291,8 @@ class _PredictedNeed:
         self._succ[j] = np.full(ids.size, _NO_USE, dtype=np.int32)
         if linked.any():  # grouped by previous use with one sort, not one pass over the ids per group
             p, pos = prev[linked], self._last_pos[ids[linked]]
-            order = np.argsort(p, kind="stable")
+            span = p - p.min()  # previous uses lie in the sampled-ahead window: a small range, radix-sorted
+            order = np.argsort(span.astype(np.uint8 if span.max() < 256 else np.int64), kind="stable")
             p, pos = p[order], pos[order]
             starts = np.flatnonzero(np.concatenate(([True], p[1:] != p[:-1])))
             for a, b in zip(starts, np.append(starts[1:], p.size)):

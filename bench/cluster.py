@@ -371,7 +371,7 @@ def fidelity_summary(df: pd.DataFrame, ranks: pd.DataFrame) -> tuple[str, pd.Dat
     ), table
 
 
-LONG_EPOCHS = 16  # P3c's normal-priority arm: runs long enough for >= 10 LLM decisions per trainer
+LONG_EPOCHS = 16  # P3c's normal-priority arm: long enough for the LLM to finish decisions (the aim: >= 10 per trainer)
 
 
 def llm_hidden_on_cluster(quick: bool, log=_log) -> tuple[str, pd.DataFrame]:

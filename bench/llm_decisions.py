@@ -177,6 +177,9 @@ METHODS = {
     "retrieved3+letters": dict(retrieve=3, option_ids="letters"),
     "retrieved3+letters+calibrated": dict(retrieve=3, option_ids="letters", calibrate=True),
     "retrieved3+permuted5+letters": dict(retrieve=3, option_ids="letters", permutations=5),
+    "retrieved3+length-norm": dict(retrieve=3, length_norm=True),
+    "permuted5": dict(retrieve=0, permutations=5),
+    "retrieved3+permuted5": dict(retrieve=3, permutations=5),
 }  # "retrieve" is the link agent's (the keep/replace agent has fixed examples only)
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
 
@@ -246,6 +249,7 @@ def gate_method(
             answers, [p["decision"] for p in points], list(level), seconds=seconds
         )
         out["answers"] = dict(Counter(answers))
+        out["heldout_answers"] = answers
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

@@ -182,6 +182,14 @@ METHODS = {
     "retrieved3+permuted5": dict(retrieve=3, permutations=5),
 }  # "retrieve" is the link agent's (the keep/replace agent has fixed examples only)
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
+REFERENCES = ("ppo-link", "mpc")  # link-level agents asked at the same held-out points (seconds regret vs each)
+
+
+def reference_agents() -> dict:
+    """The shipped PPO link policy and MPC, by their registry names (:data:`REFERENCES`)."""
+    from rudder.evaluation.registry import make_agent
+
+    return {name: make_agent(name) for name in REFERENCES}
 
 
 class NearestLabel:
@@ -229,7 +237,7 @@ def gate_method(
             options.pop("retrieve", None)
         model, tokenizer, _ = shared_model(None)
         agent = (LLMLinkAgent if kind == "link" else LLMAgent)(model=(model, tokenizer), **options)
-    points = gates.heldout_points(kind, HELDOUT, limit=limit)
+    points = gates.heldout_points(kind, HELDOUT, limit=limit, ask=reference_agents() if kind == "link" else None)
     level = dict(agent.link_options) if kind == "link" else dict(agent.options)
     out: dict = dict(method=method, kind=kind, settings=options)
     t0 = time.perf_counter()
@@ -245,9 +253,12 @@ def gate_method(
         answers = [agent.answer_point(p) for p in points]
         out["entropy_bits"] = gates.entropy_bits(answers)
         seconds = [p["seconds"] for p in points] if kind == "link" else None
+        references = {n: [p["asked"][n] for p in points] for n in REFERENCES} if kind == "link" else None
         out["accuracy"] = gates.accuracy_vs_constant(
-            answers, [p["decision"] for p in points], list(level), seconds=seconds
+            answers, [p["decision"] for p in points], list(level), seconds=seconds, references=references
         )
+        if references:
+            out["reference_answers"] = references
         out["answers"] = dict(Counter(answers))
         out["heldout_answers"] = answers
     out["seconds"] = round(time.perf_counter() - t0, 1)

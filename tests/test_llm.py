@@ -616,6 +616,81 @@ def test_copy_entropy_accuracy_and_the_verdict():
     assert "copy 1/6 (fail" in line and "sensitivity 0/10 (fail" in line and "vs always 'quarter' 75%" in line
 
 
+def test_regret_against_reference_agents_is_exact_with_an_interval():
+    """Seconds regret against other agents' answers at the same points (PPO's, MPC's in use): the reference's own
+    regret and this agent's seconds over the reference's, with a paired bootstrap interval that holds it."""
+    from rudder.agents.llm import gates
+
+    seconds = [[1.0, 1.0, 2.0], [1.0, 2.0, 2.0], [3.0, 1.0, 1.0], [1.0, 1.0, 1.0]]  # per point, options a, b, c
+    refs = dict(always_b=["b"] * 4, perfect=["a", "a", "b", "c"], worst=["c", "b", "a", "a"])
+    r = gates.accuracy_vs_constant(
+        ["a", "a", "b", "c"], ["a", "a", "b", "c"], ["a", "b", "c"], seconds=seconds, references=refs
+    )
+    vs = r["vs"]
+    assert list(vs) == ["always_b", "perfect", "worst"]
+    # the best options sum to 4 s; always b takes 5 s, the worst answers 2 + 2 + 3 + 1 = 8 s
+    assert vs["always_b"]["regret"] == pytest.approx(0.25) and vs["always_b"]["accuracy"] == 0.25
+    assert vs["perfect"]["regret"] == 0.0 and vs["perfect"]["ci"] == (0.0, 0.0)
+    assert vs["worst"]["regret"] == pytest.approx(1.0) and vs["worst"]["accuracy"] == 0.0
+    for name, point in (("always_b", 4 / 5 - 1), ("worst", 4 / 8 - 1)):
+        lo, hi = vs[name]["ci"]
+        assert lo <= point <= hi and hi <= 0, (name, vs[name]["ci"])
+    assert vs["worst"]["ci"][1] < 0  # every resample: the agent takes less time than the worst answers
+    line = gates.GateReport("x", (5, 6), (8, 10), 1.2, r).line()
+    assert "; vs always_b +25.00% (agent / always_b - 1, 95% CI [" in line and "; vs worst +100.00%" in line
+    as_json = json.loads(json.dumps(gates.GateReport("x", (5, 6), (8, 10), 1.2, r).as_dict()))
+    assert as_json["accuracy"]["vs"]["perfect"]["ci"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="reference 'short': 2 answers for 4 points"):
+        gates.accuracy_vs_constant(
+            ["a"] * 4, ["a"] * 4, ["a", "b", "c"], seconds=seconds, references=dict(short=["a"] * 2)
+        )
+    no_seconds = gates.accuracy_vs_constant(["a"] * 4, ["a"] * 4, ["a", "b", "c"], references=refs)
+    assert "vs" not in no_seconds and "; vs " not in gates.GateReport("x", (5, 6), (8, 10), 1.2, no_seconds).line()
+
+
+def test_mined_points_carry_what_reference_agents_answer_there():
+    """``ask``: agents asked at every window of the mining replay (so MPC's link estimate has seen the point's
+    history), reset first, their actions not played; each point records the option each chose there."""
+    from rudder.agents.llm import gates
+    from rudder.agents.llm.link import examples_from_trace
+
+    class Counting:  # answers the number of windows it has seen, modulo the five levels
+        def __init__(self):
+            self.calls = 7
+
+        def reset(self):
+            self.calls = 0
+
+        def act(self, observation, info):
+            self.calls += 1
+            return (self.calls - 1) % 5
+
+    class TwoLevels:  # its own levels: index 1 is level 1.0, "all"
+        levels = (0.0, 1.0)
+
+        def act(self, observation, info):
+            return 1
+
+    counting = Counting()
+    plain = examples_from_trace(str(TRACE), rank=0, n=None)
+    points = examples_from_trace(str(TRACE), rank=0, n=None, ask=dict(counting=counting, two=TwoLevels()))
+    assert len(points) == len(plain) == counting.calls == 15  # every window of this trace has a point
+    assert [{k: v for k, v in p.items() if k != "asked"} for p in points] == plain  # asking changes no point
+    names = ["none", "eighth", "quarter", "half", "all"]
+    assert [p["asked"] for p in points] == [dict(counting=names[i % 5], two="all") for i in range(15)]
+
+    class OddLevels:
+        levels = (0.0, 0.3)
+
+        def act(self, observation, info):
+            return 0
+
+    with pytest.raises(ValueError, match=r"agent 'odd': levels \[0.0, 0.3\] are not all among the options'"):
+        examples_from_trace(str(TRACE), rank=0, n=None, ask=dict(odd=OddLevels()))
+    with pytest.raises(ValueError, match="reference agents are asked at link points only, not 'keep' points"):
+        gates.heldout_points("keep", [str(TRACE)], 4, ask=dict(two=TwoLevels()))
+
+
 def test_views_permute_options_ids_and_examples_evenly():
     from rudder.agents.llm.agent import make_views
 
@@ -704,8 +779,10 @@ def test_evaluate_prints_the_gates_of_every_llm_agent(tiny_folder, tmp_path, cap
     lines = [x for x in out.splitlines() if x.startswith("- ")]
     assert "LLM gates (copy" in out and len(lines) == 1 and lines[0].startswith("- llm-link: copy ")
     assert "sensitivity " in lines[0] and "held-out points" in lines[0] and "seconds regret" in lines[0]
+    assert "; vs ppo-link " in lines[0] and "; vs mpc " in lines[0]  # asked at the same points
     (report,) = json.loads((tmp_path / "llm_gates.json").read_text())
     assert report["agent"] == "llm-link" and report["accuracy"]["n"] == 4 and report["copy"][1] == 6
+    assert list(report["accuracy"]["vs"]) == ["ppo-link", "mpc"]
     assert lines[0].endswith("reads its input") != (not report["reads_input"])
     assert main(args + ["--llm-gates", "0", "--out", str(tmp_path / "off"), "--no-progress"]) == 0
     assert "LLM gates" not in capsys.readouterr().out and not (tmp_path / "off" / "llm_gates.json").exists()
@@ -824,10 +901,40 @@ HELDOUT_EMU = [str(p) for p in sorted((ROOT / "traces" / "heldout").glob("emu*")
 
 @pytest.fixture(scope="module")
 def heldout16():
-    """The 16 held-out labelled link points BENCHMARKS "LLM gates" measures on (replay only, ~20 s)."""
+    """The 16 held-out labelled link points BENCHMARKS "LLM gates" measures on, with what the shipped PPO link
+    policy and MPC answer at each (replay only, ~30 s)."""
     from rudder.agents.llm import gates
 
-    return gates.heldout_points("link", HELDOUT_EMU, 16)
+    from rudder.evaluation.registry import make_agent
+
+    return gates.heldout_points("link", HELDOUT_EMU, 16, ask={n: make_agent(n) for n in ("ppo-link", "mpc")})
+
+
+def test_ppo_and_mpc_answers_and_regret_at_the_heldout_points(heldout16):
+    """The references of the LLM's held-out regret, asked at the same 16 points (BENCHMARKS "LLM gates"): the
+    shipped PPO link policy answers "eighth" but at two points; MPC, asked with the history the replay gave its link
+    estimate, answers from "none" to "half". Their seconds regret against the best option per point, and what a
+    perfect answerer would save against each (an interval that excludes 0 for MPC)."""
+    from collections import Counter
+
+    from rudder.agents.llm import gates
+
+    ppo = [p["asked"]["ppo-link"] for p in heldout16]
+    mpc = [p["asked"]["mpc"] for p in heldout16]
+    assert Counter(ppo) == Counter(eighth=14, half=2) and [i for i, a in enumerate(ppo) if a == "half"] == [6, 15]
+    assert mpc == ["none", "half"] + ["quarter"] * 4 + ["none", "half"] + ["eighth"] * 4 + ["none"] + ["half"] * 3
+    labels = [p["decision"] for p in heldout16]
+    options = ["none", "eighth", "quarter", "half", "all"]
+    seconds = [p["seconds"] for p in heldout16]
+    perfect = gates.accuracy_vs_constant(labels, labels, options, seconds=seconds, references=dict(ppo=ppo, mpc=mpc))
+    assert perfect["regret"] == 0.0
+    assert perfect["vs"]["ppo"]["regret"] == pytest.approx(0.0040, abs=5e-5)
+    assert perfect["vs"]["mpc"]["regret"] == pytest.approx(0.0093, abs=5e-5)
+    assert perfect["vs"]["ppo"]["accuracy"] == 1 / 16 and perfect["vs"]["mpc"]["accuracy"] == 4 / 16
+    for name in ("ppo", "mpc"):
+        lo, hi = perfect["vs"][name]["ci"]
+        assert lo <= 1 / (1 + perfect["vs"][name]["regret"]) - 1 <= hi <= 0
+    assert perfect["vs"]["mpc"]["ci"][1] < 0
 
 
 @pytest.fixture(scope="module")

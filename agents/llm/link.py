@@ -357,12 +357,22 @@ def _load(source, options: dict[str, float]) -> list[dict]:
 
 
 def examples_from_trace(
-    trace_dir, rank: int = 0, n: int | None = 6, horizon: int = 3, options: dict[str, float] | None = None
+    trace_dir,
+    rank: int = 0,
+    n: int | None = 6,
+    horizon: int = 3,
+    options: dict[str, float] | None = None,
+    ask: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Label decision points of a replay by trying every option from the same state for ``horizon`` windows (the
     fewest modelled seconds wins; ties: the lower level). The trace is replayed under the middle option so the
     points see ordinary states; the ``n`` points with the largest margin are kept, balanced between labels
-    (``n=None``: every point, in order)."""
+    (``n=None``: every point, in order).
+
+    ``ask``: name -> agent choosing link-budget levels (``act(observation, info)`` -> level index, e.g. ``ppo-link``
+    or ``mpc``). Each is reset, then asked at every window of the replay, so one that learns from the windows it has
+    seen (MPC's link estimate) has seen the same history as the point; its action is not played (the replay stays
+    under the middle option). Each point gets ``asked``: name -> the option that agent chose there."""
     from rudder.env.replay_env import ReplayEnv
 
     options = dict(LINK_OPTIONS if options is None else options)
@@ -370,10 +380,16 @@ def examples_from_trace(
     names = sorted(options, key=options.get)
     env = ReplayEnv(trace_dir, rank=rank, levels=levels, ranking="lookahead", admit_on_miss=True)
     obs, info = env.reset(seed=0)
+    ask = dict(ask or {})
+    option_of = {name: _option_of_index(agent, levels, names, name) for name, agent in ask.items()}
+    for agent in ask.values():
+        if hasattr(agent, "reset"):
+            agent.reset()
     points, done = [], False
     middle = len(levels) // 2
     while not done:
         m = LinkMetrics.from_step(obs, info)
+        asked = {name: option_of[name](agent.act(obs, info)) for name, agent in ask.items()}
         if len({c["rows"] for c in m.choices}) > 1:
             seconds = env.level_seconds(horizon)
             best = int(np.argmin(seconds))
@@ -383,6 +399,7 @@ def examples_from_trace(
                     decision=names[best],
                     seconds=[round(x, 5) for x in seconds],
                     margin=(max(seconds) - seconds[best]) / max(max(seconds), 1e-9),
+                    **(dict(asked=asked) if ask else {}),
                 )
             )
         obs, _, terminated, truncated, info = env.step(middle)
@@ -399,6 +416,17 @@ def examples_from_trace(
             if q and len(chosen) < n:
                 chosen.append(q.pop(0))
     return chosen
+
+
+def _option_of_index(agent, levels: tuple, names: list[str], label: str):
+    """How to read ``agent``'s action as an option name: a level index into its own ``levels`` (or its settings'),
+    which must be among the env's ``levels``; an agent that declares none indexes the env's."""
+    own = getattr(agent, "levels", None) or getattr(getattr(agent, "settings", None), "levels", None) or levels
+    own = tuple(float(x) for x in own)
+    missing = [x for x in own if x not in levels]
+    if missing:
+        raise ValueError(f"agent {label!r}: levels {list(own)} are not all among the options' {list(levels)}")
+    return lambda action: names[levels.index(own[int(action)])]
 
 
 def _main(argv=None) -> int:

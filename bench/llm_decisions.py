@@ -180,6 +180,8 @@ METHODS = {
     "retrieved3+length-norm": dict(retrieve=3, length_norm=True),
     "permuted5": dict(retrieve=0, permutations=5),
     "retrieved3+permuted5": dict(retrieve=3, permutations=5),
+    "consequence": dict(retrieve=0, consequence=True),
+    "retrieved3+consequence": dict(retrieve=3, consequence=True),
 }  # "retrieve" is the link agent's (the keep/replace agent has fixed examples only)
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
 REFERENCES = ("ppo-link", "mpc")  # link-level agents asked at the same held-out points (seconds regret vs each)

@@ -708,6 +708,38 @@ def test_views_permute_options_ids_and_examples_evenly():
     assert views[1].shown({n: i for i, n in enumerate(names)}) == dict(A=1, B=2, C=3, D=4, E=0)
 
 
+def test_each_option_can_carry_its_predicted_consequence(tiny):
+    """``consequence=True``: every option's row, in the examples and the question, ends with its predicted net
+    milliseconds over the next two windows (MPC's model on the point's numbers), and the system prompt says what
+    it is; off by default. ``link_point``: 8 minibatches a window, 30 ms to hide in each; option "all" brings 80
+    rows in 80 ms of link (busy 1/6 of 480 ms: waits 1/6 x 16 x 80 ms / 2 = 106.7 ms) and saves 80 ms x (1 - 0.5)."""
+    from rudder.agents.llm.link import LinkMetrics, LLMLinkAgent, link_user_message, predicted_ms
+
+    m = LinkMetrics.from_dict(link_point()["metrics"])
+    got = [predicted_ms(m, c) for c in m.choices]
+    assert got == pytest.approx([0.0, -10 / 3, -10 / 3, 20 / 3, 200 / 3])
+    slow = LinkMetrics.from_dict(link_point()["metrics"])
+    for c in slow.choices:
+        c["link_s"] *= 4  # the traffic grows 4x, the waits behind it 16x
+    assert predicted_ms(slow, slow.choices[-1]) == pytest.approx(1000 * ((0.32 / 0.48) * 16 * 0.32 / 2 - 0.16))
+    options = dict(none=0.0, eighth=0.125, quarter=0.25, half=0.5, all=1.0)
+    text = link_user_message(m, options, consequence=True)
+    row = '- "{}": {} rows ({} ms of link), evicts {} ({} still needed); need in 1 vs out 0.5; predicted net {} ms'
+    assert row.format("all", 80, 80, 80, 40, "+67") in text and row.format("none", 0, 0, 0, 0, "+0") in text
+    assert "predicted net" not in link_user_message(m, options)
+    plain = LLMLinkAgent(model=tiny, examples=str(LINK_EXAMPLES), retrieve=0)
+    shown = LLMLinkAgent(model=tiny, examples=str(LINK_EXAMPLES), retrieve=0, consequence=True)
+    assert shown.debias["consequence"] and not plain.debias["consequence"]
+    view = shown.views()[0]
+    for agent, rows in ((plain, 0), (shown, 5 * 7)):  # five options, six examples and the question
+        prefix = agent._prefix_messages_link(view)
+        question = agent._render_link(view, m).suffix
+        assert sum(x["content"].count("; predicted net ") for x in prefix) + question.count("; predicted net ") == rows
+        assert ("predicted net ms is the time it adds over the next 2 windows" in prefix[0]["content"]) == bool(rows)
+    retrieving = LLMLinkAgent(model=tiny, retrieve=3, consequence=True)
+    assert retrieving._render_link(retrieving.views()[0], m).text.count("; predicted net ") == 5 * 4
+
+
 def test_debiased_link_agent_scores_every_view_and_calibrates_once_per_prefix(tiny):
     from rudder.agents.llm.link import LLMLinkAgent
 
@@ -720,7 +752,9 @@ def test_debiased_link_agent_scores_every_view_and_calibrates_once_per_prefix(ti
     agent = LLMLinkAgent(
         model=tiny, examples=str(LINK_EXAMPLES), retrieve=0, option_ids="letters", permutations=5, calibrate=True
     )
-    assert agent.debias == dict(calibrate=True, permutations=5, option_ids="letters", length_norm=False)
+    assert agent.debias == dict(
+        calibrate=True, permutations=5, option_ids="letters", length_norm=False, retrieve=0, consequence=False
+    )
     view = agent.views()[1]  # options listed from "eighth", answered with letters, examples rotated by one
     msgs = agent._prefix_messages_link(view)
     assert '"A": 0.125 x the link budget' in msgs[0]["content"] and '"E": 0 x the link budget' in msgs[0]["content"]

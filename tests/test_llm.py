@@ -1013,8 +1013,8 @@ def test_real_model_sensitivity_gate(real_link_agent, heldout16):
 @pytest.mark.llm
 def test_real_model_entropy_and_accuracy_against_the_best_constant(real_link_agent, heldout16):
     """Held-out labelled points: the real default's answers vary with the state (entropy > 0, unlike the fixed
-    examples' "eighth" everywhere), and its accuracy and seconds regret come with the best constant answer's and a
-    bootstrap interval."""
+    examples' "eighth" everywhere), and its accuracy and seconds regret come with the best constant answer's, PPO's
+    and MPC's, each with a bootstrap interval."""
     from collections import Counter
 
     from rudder.agents.llm import gates
@@ -1022,8 +1022,13 @@ def test_real_model_entropy_and_accuracy_against_the_best_constant(real_link_age
     points = heldout16
     answers = [real_link_agent.answer_point(p) for p in points]
     seconds = [p["seconds"] for p in points]
+    references = {n: [p["asked"][n] for p in points] for n in ("ppo-link", "mpc")}
     acc = gates.accuracy_vs_constant(
-        answers, [p["decision"] for p in points], list(real_link_agent.link_options), seconds=seconds
+        answers,
+        [p["decision"] for p in points],
+        list(real_link_agent.link_options),
+        seconds=seconds,
+        references=references,
     )
     assert Counter(answers) == Counter(none=5, eighth=6, quarter=5), answers  # BENCHMARKS "LLM gates"
     assert gates.entropy_bits(answers) == pytest.approx(1.579, abs=1e-3)
@@ -1031,6 +1036,11 @@ def test_real_model_entropy_and_accuracy_against_the_best_constant(real_link_age
     assert acc["n"] == 16 and acc["ci"][0] <= acc["accuracy"] - acc["constant_accuracy"] <= acc["ci"][1]
     lo, hi = acc["regret_vs_constant_ci"]
     assert lo - 1e-9 <= (1 + acc["regret"]) / (1 + acc["constant_regret"]) - 1 <= hi + 1e-9
+    # against PPO and MPC asked at the same points: less regret, both intervals below 0 (BENCHMARKS "LLM gates")
+    assert acc["regret"] == pytest.approx(0.0015, abs=5e-5)
+    for name in ("ppo-link", "mpc"):
+        lo, hi = acc["vs"][name]["ci"]
+        assert lo <= (1 + acc["regret"]) / (1 + acc["vs"][name]["regret"]) - 1 <= hi < 0, (name, lo, hi)
 
 
 @pytest.mark.llm

@@ -216,6 +216,19 @@ class NearestLabel:
         return next(p["decision"] for p in reversed(near) if votes[p["decision"]] == max(votes.values()))
 
 
+class LeastPredicted(NearestLabel):
+    """No LLM: the option with the least predicted net time (:func:`rudder.agents.llm.link.predicted_ms`, the
+    number ``consequence=True`` shows; ties: the lower level): what an agent that read that number would answer."""
+
+    def answer_point(self, point: dict) -> str:
+        from rudder.agents.llm.link import CONSEQUENCE_WINDOWS, LinkMetrics, predicted_ms
+
+        m = LinkMetrics.from_dict(point["metrics"])
+        names = sorted(self.link_options, key=self.link_options.get)
+        got = [predicted_ms(m, c, CONSEQUENCE_WINDOWS) for c in m.choices]
+        return names[min(range(len(got)), key=lambda i: (got[i], i))]
+
+
 def gate_method(
     method: str,
     kind: str = "link",
@@ -233,6 +246,8 @@ def gate_method(
 
     if method.startswith("nearest"):  # nearest1, nearest3: no model
         options, agent = {}, NearestLabel(int(method[len("nearest") :]))
+    elif method == "least-predicted":  # no model
+        options, agent = {}, LeastPredicted()
     else:
         options = dict(METHODS[method], **(agent_kwargs or {}))
         if kind != "link":

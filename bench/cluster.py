@@ -371,10 +371,16 @@ def fidelity_summary(df: pd.DataFrame, ranks: pd.DataFrame) -> tuple[str, pd.Dat
     ), table
 
 
+LONG_EPOCHS = 16  # P3c's normal-priority arm: runs long enough for >= 10 LLM decisions per trainer
+
+
 def llm_hidden_on_cluster(quick: bool, log=_log) -> tuple[str, pd.DataFrame]:
     """The link-level LLM agent live on 2 emulated hosts (the main rate), deciding in the background at idle
     priority, against the same decisions applied instantly (``--agent recorded`` on its trace), pairs back to back;
-    ``ppo-link`` and ``none`` beside them for scale. Trainers wait on the wire here, so the LLM can use those gaps."""
+    ``ppo-link`` and ``none`` beside them for scale. Trainers wait on the wire here, so the LLM can use those gaps.
+    Unless ``quick``, one more pair runs :data:`LONG_EPOCHS` epochs with the LLM's thread at normal priority: at idle
+    priority on these cores it may finish no decision at all, and the pair shows what its decisions cost when it
+    does make them."""
 
     rows = []
     epochs = 1 if quick else 2
@@ -391,11 +397,22 @@ def llm_hidden_on_cluster(quick: bool, log=_log) -> tuple[str, pd.DataFrame]:
                 trace = trace or os.path.join(tmp, f"{agent}-{rnd}")
                 r = live_run(agent, 0, epochs, extra=("--cluster", c.name, *extra), parts=None, trace=trace)
                 rows.append(dict(r, agent=label, round=rnd))
+        if not quick:  # long enough for the LLM to finish decisions: its thread at normal priority
+            llm_trace = os.path.join(tmp, "llm-normal")
+            for label, agent, extra in (
+                ("llm-link, normal priority", "llm-link", ("--decisions", "async", "--decision-priority", "normal")),
+                ("same decisions, instant (normal)", "recorded", ("--decisions-from", llm_trace)),
+            ):
+                log(f"  2 hosts at {MAIN[2]}: {label}, {LONG_EPOCHS} epochs")
+                trace = llm_trace if agent == "llm-link" else os.path.join(tmp, "recorded-normal")
+                r = live_run(agent, 0, LONG_EPOCHS, extra=("--cluster", c.name, *extra), parts=None, trace=trace)
+                rows.append(dict(r, agent=label, round=0))
     df = pd.DataFrame(rows)
     by = df.set_index(["agent", "round"])["train_s"]
-    ratio = [by[("llm-link", r)] / by[("same decisions, instant", r)] for r in df["round"].unique()]
+    short = df[df["agent"] == "none"]["round"].unique()
+    ratio = [by[("llm-link", r)] / by[("same decisions, instant", r)] for r in short]
     none = df[df["agent"] == "none"].set_index("round")["train_s"]
-    df["vs_none"] = [r.train_s / none[r.round] for r in df.itertuples()]
+    df["vs_none"] = [r.train_s / none[r.round] if len(r.epoch_s) == epochs else np.nan for r in df.itertuples()]
     llm = df[df["agent"] == "llm-link"]
     text = (
         f"On 2 emulated hosts at {MAIN[2]}, the link-level LLM (SmolLM2-135M) deciding in the background at idle "
@@ -406,4 +423,12 @@ def llm_hidden_on_cluster(quick: bool, log=_log) -> tuple[str, pd.DataFrame]:
         f"{df[df['agent'] == 'same decisions, instant']['vs_none'].mean():.3f}, ppo-link "
         f"{df[df['agent'] == 'ppo-link']['vs_none'].mean():.3f}."
     )
+    if ("llm-link, normal priority", 0) in by.index:
+        long = df[df["agent"] == "llm-link, normal priority"].iloc[0]
+        text += (
+            f" At normal priority over {LONG_EPOCHS} epochs: {long['decisions']:.0f} decisions per trainer "
+            f"(p50 latency {long['latency_p50_s']:.2f} s), training "
+            f"{long['train_s'] / by[('same decisions, instant (normal)', 0)]:.3f}x the same decisions applied "
+            f"instantly ({long['train_s']:.1f} s vs {by[('same decisions, instant (normal)', 0)]:.1f} s)."
+        )
     return text, df

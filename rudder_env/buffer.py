@@ -25,7 +25,7 @@ The buffer holds ids, scores and counters; with ``feat_dim > 0`` it also holds t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from rudder.env.defaults import DEFAULTS
@@ -52,7 +52,7 @@ class BufferCounters:
     prefetch_unused: int = 0  # rows a prefetch set brought in that were evicted before any hit
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return dict(self.__dict__)  # flat ints: dataclasses.asdict's deep copy costs more than the rest of it
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,8 @@ class PrefetchBuffer:
         self.period = int(period)
         self.decay = 1.0 - self.alpha
         self.threshold = self.decay**self.period
+        self._pow64 = np.ones(1)  # decay**age for ages 0.. (grown on demand): a gather instead of a power per row
+        self._pow32 = np.ones(1, dtype=np.float32)
         self.admit_on_miss = bool(admit_on_miss)
         self.feat_dim = int(feat_dim)
         self.slot_ids = np.full(self.capacity, EMPTY, dtype=np.int64)
@@ -144,8 +146,7 @@ class PrefetchBuffer:
 
     def slot_scores(self) -> np.ndarray:
         """Score of every slot, ``(1-alpha)**age``; empty slots score -1."""
-        age = self.clock - self.slot_last_hit
-        scores = self.decay ** age.astype(np.float64)
+        scores = self._decayed(self.clock - self.slot_last_hit, np.float64)
         scores[self.slot_ids == EMPTY] = -1.0
         return scores
 
@@ -156,7 +157,19 @@ class PrefetchBuffer:
 
     def decayed_miss_counts(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        return self.miss_count[ids] * self.decay ** (self.clock - self.miss_step[ids]).astype(np.float32)
+        return self.miss_count[ids] * self._decayed(self.clock - self.miss_step[ids], np.float32)
+
+    def _decayed(self, age: np.ndarray, dtype) -> np.ndarray:
+        """``decay ** age`` for integer ages >= 0, in ``dtype`` (float32 or float64), the same values as the power
+        taken row by row, read from a table of the powers up to the clock."""
+        table = self._pow32 if dtype == np.float32 else self._pow64
+        if table.size <= self.clock:
+            table = self.decay ** np.arange(self.clock + 64, dtype=dtype)
+            if dtype == np.float32:
+                self._pow32 = table
+            else:
+                self._pow64 = table
+        return table[age]
 
     def candidates(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` non-resident (and not requested) nodes missed most often (decayed), best first; ties by lower
@@ -272,8 +285,9 @@ class PrefetchBuffer:
         hit_rows = self.rows[hit_slots] if self.rows is not None else None  # read before any admission
         miss_ids = ids[~hit]
         if miss_ids.size:
-            age = (t - self.miss_step[miss_ids]).astype(np.float32)
-            self.miss_count[miss_ids] = self.miss_count[miss_ids] * self.decay**age + 1.0
+            self.miss_count[miss_ids] = (
+                self.miss_count[miss_ids] * self._decayed(t - self.miss_step[miss_ids], np.float32) + 1.0
+            )
             self.miss_step[miss_ids] = t
         pending = self.pending[self.slot_of[self.pending] == EMPTY] if self.pending.size else self.pending
         extra = pending[self.miss_step[pending] != t] if pending.size else pending  # not already a miss now
@@ -483,6 +497,13 @@ def first_in_order(n: int, primary: np.ndarray, *ties: np.ndarray) -> np.ndarray
         return np.lexsort((*reversed(ties), primary))[:n]
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
+    if size > 64 * n:  # few of many: first narrow to a pool that holds them, by a strided sample's quantile
+        step = size // (16 * n)
+        sample = primary[::step]
+        m = min(2 * n // step + 1, sample.size - 1)  # about 2n elements lie at or below it
+        pool = np.flatnonzero(primary <= np.partition(sample, m)[m])
+        if n <= pool.size <= size // 4:  # the first n all lie at or below it (ties included), in position order
+            return pool[first_in_order(n, primary[pool], *(t[pool] for t in ties))]
     pool = np.flatnonzero(primary <= np.partition(primary, n - 1)[n - 1])  # ascending: ties stay in order
     return pool[np.lexsort((*(t[pool] for t in reversed(ties)), primary[pool]))][:n]
 

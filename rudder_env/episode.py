@@ -397,6 +397,7 @@ class PrefetchEnv(gym.Env):
         self._observed_at = time.perf_counter()
         self.env_overhead_s = 0.0  # time spent building observations and applying actions (start-up included)
         self.env_startup_s = 0.0  # of which in reset(): the first observation (e.g. the lookahead's first scores)
+        self.trace_s = 0.0  # time spent recording the trace (``--trace``), apart: a cost of recording, not of the env
 
     def _first_observation(self) -> tuple[dict, DecisionInfo]:
         """The observation that ``reset`` returns, timed as start-up."""
@@ -418,9 +419,12 @@ class PrefetchEnv(gym.Env):
         t0 = time.perf_counter()
         latency_s = t0 - self._observed_at  # the agent's decision time
         ids = ep.decide(action)
+        t1 = time.perf_counter()
         if self.trace is not None:
             self.trace.add_decision(minibatch=ep.minibatches, ids=ids, latency_s=latency_s)
-        self.env_overhead_s += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        self.env_overhead_s += t1 - t0
+        self.trace_s += t2 - t1
         obs, reward, terminated, truncated, info = self.run_window()
         info["applied_ids"] = ids
         if self.live:  # offline the agent's wall-clock time is not part of the (deterministic) replay
@@ -435,7 +439,7 @@ class PrefetchEnv(gym.Env):
         background (:mod:`rudder.evaluation.play`). Returns ``step``'s tuple.
         """
         ep = require_running(self.episode)
-        late, overhead = [], 0.0
+        late, overhead, tracing = [], 0.0, 0.0
         for _ in range(self.period):
             if ep.done:
                 break
@@ -446,13 +450,16 @@ class PrefetchEnv(gym.Env):
                     ids, latency_s = got
                     late.append(ep.apply(ids))
                     if self.trace is not None:
+                        t3 = time.perf_counter()
                         self.trace.add_decision(minibatch=ep.minibatches, ids=late[-1], latency_s=latency_s)
+                        tracing += time.perf_counter() - t3
             ep.before_minibatch()
             overhead += time.perf_counter() - t1
             rec = next(self._records)
             t1 = time.perf_counter()
             ep.record(rec)
             if self.trace is not None:
+                t3 = time.perf_counter()
                 self.trace.add_minibatch(
                     minibatch=rec.index,
                     epoch=rec.epoch,
@@ -474,6 +481,7 @@ class PrefetchEnv(gym.Env):
                         else {}
                     ),
                 )
+                tracing += time.perf_counter() - t3
             overhead += time.perf_counter() - t1
         t2 = time.perf_counter()
         if ep.done:
@@ -482,6 +490,7 @@ class PrefetchEnv(gym.Env):
         reward, _ = ep.end_window()
         obs, info = ep.observe()
         info["applied_ids"] = np.concatenate(late) if late else np.zeros(0, dtype=np.int64)
-        self.env_overhead_s += overhead + time.perf_counter() - t2
+        self.env_overhead_s += overhead - tracing + time.perf_counter() - t2
+        self.trace_s += tracing
         self._observed_at = time.perf_counter()
         return obs, reward, ep.done, False, info

@@ -170,7 +170,8 @@ def build_observation(
     hist = np.bincount(bins, minlength=HIST_BINS) / cap
     w, mb = window, max(window.minibatches, 1)
     k = candidate_scores.size
-    low = np.sort(np.where(resident, scores, 0.0))[:k]
+    low = np.where(resident, scores, 0.0)
+    low = np.sort(np.partition(low, k - 1)[:k] if 0 < k < low.size else low)[:k]  # the k lowest, ascending
     residents = np.ones(k, dtype=np.float32)
     residents[: low.size] = low
     obs = {

@@ -95,6 +95,18 @@ def test_top_candidates_match_a_full_sort_with_ties():
     full = np.lexsort((ids, -score))
     for k in (1, 7, 100, 499, 500, 800):
         np.testing.assert_array_equal(_top(ids, score, k), full[:k])
+    # few of many (the path that first narrows by a sample): continuous, tied, sorted and clustered scores
+    n = 60_000
+    for score in (
+        rng.random(n).astype(np.float32),
+        rng.integers(0, 3, n).astype(np.float32),
+        np.sort(rng.random(n)),
+        np.repeat(rng.random(n // 100), 100),
+    ):
+        ids = rng.permutation(n)
+        full = np.lexsort((ids, -score))
+        for k in (1, 64, 256, 900):
+            np.testing.assert_array_equal(_top(ids, score, k), full[:k])
 
 
 def test_both_rankings_are_complete_rankings():

@@ -116,3 +116,26 @@ def test_bad_traces_are_named(shipped_trace, tmp_path):
     (broken / "trace.json").write_text(json.dumps(meta))
     with pytest.raises(TraceError, match="version 99"):
         Trace(str(broken))
+
+
+def test_recording_a_trace_is_timed_apart_from_the_env_overhead(shipped_trace):
+    """A slow trace writer shows in ``trace_s``, not in ``env_overhead_s`` (the env's own work per decision)."""
+    import time
+
+    class SlowWriter:
+        def add_minibatch(self, **_):
+            time.sleep(0.01)
+
+        def add_decision(self, **_):
+            time.sleep(0.01)
+
+    env = gym.make("rudder/Replay-v0", trace=shipped_trace, rank=0).unwrapped
+    obs, info = env.reset(seed=0)
+    env.trace = SlowWriter()
+    agent, steps = Periodic(), 0
+    for _ in range(3):
+        obs, _, terminated, _, info = env.step(agent.act(obs, info))
+        steps += 1
+    writes = steps * (1 + env.period)  # one decision and ``period`` minibatches per step
+    assert env.trace_s >= 0.01 * writes
+    assert env.env_overhead_s < 0.01 * writes / 2

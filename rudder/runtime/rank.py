@@ -358,6 +358,7 @@ def _run_trainer(cfg, role: Role, job: Job, relay=None) -> dict:
         asynchronous=in_background,
         env_overhead_s=round(env.unwrapped.env_overhead_s, 4),
         env_startup_s=round(env.unwrapped.env_startup_s, 4),
+        trace_s=round(env.unwrapped.trace_s, 4),
         **({"model_queries": stats["queries"]} if "queries" in stats else {}),
     )
     if played is not None:

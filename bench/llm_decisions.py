@@ -177,8 +177,21 @@ METHODS = {
     "retrieved3+letters": dict(retrieve=3, option_ids="letters"),
     "retrieved3+letters+calibrated": dict(retrieve=3, option_ids="letters", calibrate=True),
     "retrieved3+permuted5+letters": dict(retrieve=3, option_ids="letters", permutations=5),
+    "retrieved3+length-norm": dict(retrieve=3, length_norm=True),
+    "permuted5": dict(retrieve=0, permutations=5),
+    "retrieved3+permuted5": dict(retrieve=3, permutations=5),
+    "consequence": dict(retrieve=0, consequence=True),
+    "retrieved3+consequence": dict(retrieve=3, consequence=True),
 }  # "retrieve" is the link agent's (the keep/replace agent has fixed examples only)
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
+REFERENCES = ("ppo-link", "mpc")  # link-level agents asked at the same held-out points (seconds regret vs each)
+
+
+def reference_agents() -> dict:
+    """The shipped PPO link policy and MPC, by their registry names (:data:`REFERENCES`)."""
+    from rudder.evaluation.registry import make_agent
+
+    return {name: make_agent(name) for name in REFERENCES}
 
 
 class NearestLabel:
@@ -203,6 +216,19 @@ class NearestLabel:
         return next(p["decision"] for p in reversed(near) if votes[p["decision"]] == max(votes.values()))
 
 
+class LeastPredicted(NearestLabel):
+    """No LLM: the option with the least predicted net time (:func:`rudder.agents.llm.link.predicted_ms`, the
+    number ``consequence=True`` shows; ties: the lower level): what an agent that read that number would answer."""
+
+    def answer_point(self, point: dict) -> str:
+        from rudder.agents.llm.link import CONSEQUENCE_WINDOWS, LinkMetrics, predicted_ms
+
+        m = LinkMetrics.from_dict(point["metrics"])
+        names = sorted(self.link_options, key=self.link_options.get)
+        got = [predicted_ms(m, c, CONSEQUENCE_WINDOWS) for c in m.choices]
+        return names[min(range(len(got)), key=lambda i: (got[i], i))]
+
+
 def gate_method(
     method: str,
     kind: str = "link",
@@ -212,7 +238,9 @@ def gate_method(
     agent_kwargs: dict | None = None,
 ) -> dict:
     """One method's gate figures for the link-budget (``kind="link"``) or keep/replace agent of the default model,
-    on the held-out emulated-cluster traces (at most ``limit`` points; ``pairs`` base points per pair kind)."""
+    on the held-out emulated-cluster traces (at most ``limit`` points; ``pairs`` base points per pair kind). For the
+    link agent the held-out part also has PPO's and MPC's answers at the same points (:data:`REFERENCES`) and the
+    seconds regret against each (``accuracy["vs"]``)."""
     from collections import Counter
 
     from rudder.agents.llm.agent import LLMAgent, shared_model
@@ -220,13 +248,15 @@ def gate_method(
 
     if method.startswith("nearest"):  # nearest1, nearest3: no model
         options, agent = {}, NearestLabel(int(method[len("nearest") :]))
+    elif method == "least-predicted":  # no model
+        options, agent = {}, LeastPredicted()
     else:
         options = dict(METHODS[method], **(agent_kwargs or {}))
         if kind != "link":
             options.pop("retrieve", None)
         model, tokenizer, _ = shared_model(None)
         agent = (LLMLinkAgent if kind == "link" else LLMAgent)(model=(model, tokenizer), **options)
-    points = gates.heldout_points(kind, HELDOUT, limit=limit)
+    points = gates.heldout_points(kind, HELDOUT, limit=limit, ask=reference_agents() if kind == "link" else None)
     level = dict(agent.link_options) if kind == "link" else dict(agent.options)
     out: dict = dict(method=method, kind=kind, settings=options)
     t0 = time.perf_counter()
@@ -242,10 +272,14 @@ def gate_method(
         answers = [agent.answer_point(p) for p in points]
         out["entropy_bits"] = gates.entropy_bits(answers)
         seconds = [p["seconds"] for p in points] if kind == "link" else None
+        references = {n: [p["asked"][n] for p in points] for n in REFERENCES} if kind == "link" else None
         out["accuracy"] = gates.accuracy_vs_constant(
-            answers, [p["decision"] for p in points], list(level), seconds=seconds
+            answers, [p["decision"] for p in points], list(level), seconds=seconds, references=references
         )
+        if references:
+            out["reference_answers"] = references
         out["answers"] = dict(Counter(answers))
+        out["heldout_answers"] = answers
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

@@ -36,7 +36,7 @@ import os
 import subprocess
 import sys
 
-from rudder.agents.llm.gates import gate_section
+from rudder.agents.llm.gates import agent_kind, gate_section
 from rudder.evaluation.report import format_report, headline, plot_hit_rate, plot_traffic
 from rudder.traces import SAMPLES_DIR as SAMPLES
 from rudder.traces import Trace, TraceError
@@ -126,7 +126,8 @@ def parse_args(argv=None, prog: str = "evaluate.py") -> argparse.Namespace:
         default=12,
         metavar="N",
         help="LLM agents: run the gates (rudder.agents.llm.gates: copy, sensitivity, entropy, accuracy vs the best "
-        "constant answer) on up to N held-out points of the traces, print them and write llm_gates.json (0: skip)",
+        "constant answer, seconds regret vs it and vs ppo-link and mpc) on up to N held-out points of the traces, "
+        "print them and write llm_gates.json (0: skip)",
     )
     p.add_argument(
         "--scenario",
@@ -274,7 +275,7 @@ def llm_gates(specs: list[str], labels: list[str], options: dict[str, dict], arg
     """The gates of every LLM agent (an :class:`~rudder.agents.llm.agent.LLMAgent`), as lines to print; None when
     there is none."""
     from rudder.agents.llm.agent import LLMAgent
-    from rudder.evaluation.registry import agent_class
+    from rudder.evaluation.registry import agent_class, make_agent
 
     factories = agent_factories(specs, labels, options, args)
     agents = [
@@ -284,7 +285,13 @@ def llm_gates(specs: list[str], labels: list[str], options: dict[str, dict], arg
     ]
     if not agents:
         return None
-    return gate_section(agents, args.traces, args.llm_gates, out=os.path.join(args.out, "llm_gates.json"))
+    # the link agents' seconds regret is also compared with PPO's and MPC's, asked at the same points
+    references = (
+        {n: make_agent(n) for n in ("ppo-link", "mpc")} if any(agent_kind(a) == "link" for _, a in agents) else None
+    )
+    return gate_section(
+        agents, args.traces, args.llm_gates, out=os.path.join(args.out, "llm_gates.json"), references=references
+    )
 
 
 def evaluate_live(specs: list[str], labels: list[str], options: dict[str, dict], args) -> list[dict]:

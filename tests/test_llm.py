@@ -616,6 +616,81 @@ def test_copy_entropy_accuracy_and_the_verdict():
     assert "copy 1/6 (fail" in line and "sensitivity 0/10 (fail" in line and "vs always 'quarter' 75%" in line
 
 
+def test_regret_against_reference_agents_is_exact_with_an_interval():
+    """Seconds regret against other agents' answers at the same points (PPO's, MPC's in use): the reference's own
+    regret and this agent's seconds over the reference's, with a paired bootstrap interval that holds it."""
+    from rudder.agents.llm import gates
+
+    seconds = [[1.0, 1.0, 2.0], [1.0, 2.0, 2.0], [3.0, 1.0, 1.0], [1.0, 1.0, 1.0]]  # per point, options a, b, c
+    refs = dict(always_b=["b"] * 4, perfect=["a", "a", "b", "c"], worst=["c", "b", "a", "a"])
+    r = gates.accuracy_vs_constant(
+        ["a", "a", "b", "c"], ["a", "a", "b", "c"], ["a", "b", "c"], seconds=seconds, references=refs
+    )
+    vs = r["vs"]
+    assert list(vs) == ["always_b", "perfect", "worst"]
+    # the best options sum to 4 s; always b takes 5 s, the worst answers 2 + 2 + 3 + 1 = 8 s
+    assert vs["always_b"]["regret"] == pytest.approx(0.25) and vs["always_b"]["accuracy"] == 0.25
+    assert vs["perfect"]["regret"] == 0.0 and vs["perfect"]["ci"] == (0.0, 0.0)
+    assert vs["worst"]["regret"] == pytest.approx(1.0) and vs["worst"]["accuracy"] == 0.0
+    for name, point in (("always_b", 4 / 5 - 1), ("worst", 4 / 8 - 1)):
+        lo, hi = vs[name]["ci"]
+        assert lo <= point <= hi and hi <= 0, (name, vs[name]["ci"])
+    assert vs["worst"]["ci"][1] < 0  # every resample: the agent takes less time than the worst answers
+    line = gates.GateReport("x", (5, 6), (8, 10), 1.2, r).line()
+    assert "; vs always_b +25.00% (agent / always_b - 1, 95% CI [" in line and "; vs worst +100.00%" in line
+    as_json = json.loads(json.dumps(gates.GateReport("x", (5, 6), (8, 10), 1.2, r).as_dict()))
+    assert as_json["accuracy"]["vs"]["perfect"]["ci"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="reference 'short': 2 answers for 4 points"):
+        gates.accuracy_vs_constant(
+            ["a"] * 4, ["a"] * 4, ["a", "b", "c"], seconds=seconds, references=dict(short=["a"] * 2)
+        )
+    no_seconds = gates.accuracy_vs_constant(["a"] * 4, ["a"] * 4, ["a", "b", "c"], references=refs)
+    assert "vs" not in no_seconds and "; vs " not in gates.GateReport("x", (5, 6), (8, 10), 1.2, no_seconds).line()
+
+
+def test_mined_points_carry_what_reference_agents_answer_there():
+    """``ask``: agents asked at every window of the mining replay (so MPC's link estimate has seen the point's
+    history), reset first, their actions not played; each point records the option each chose there."""
+    from rudder.agents.llm import gates
+    from rudder.agents.llm.link import examples_from_trace
+
+    class Counting:  # answers the number of windows it has seen, modulo the five levels
+        def __init__(self):
+            self.calls = 7
+
+        def reset(self):
+            self.calls = 0
+
+        def act(self, observation, info):
+            self.calls += 1
+            return (self.calls - 1) % 5
+
+    class TwoLevels:  # its own levels: index 1 is level 1.0, "all"
+        levels = (0.0, 1.0)
+
+        def act(self, observation, info):
+            return 1
+
+    counting = Counting()
+    plain = examples_from_trace(str(TRACE), rank=0, n=None)
+    points = examples_from_trace(str(TRACE), rank=0, n=None, ask=dict(counting=counting, two=TwoLevels()))
+    assert len(points) == len(plain) == counting.calls == 15  # every window of this trace has a point
+    assert [{k: v for k, v in p.items() if k != "asked"} for p in points] == plain  # asking changes no point
+    names = ["none", "eighth", "quarter", "half", "all"]
+    assert [p["asked"] for p in points] == [dict(counting=names[i % 5], two="all") for i in range(15)]
+
+    class OddLevels:
+        levels = (0.0, 0.3)
+
+        def act(self, observation, info):
+            return 0
+
+    with pytest.raises(ValueError, match=r"agent 'odd': levels \[0.0, 0.3\] are not all among the options'"):
+        examples_from_trace(str(TRACE), rank=0, n=None, ask=dict(odd=OddLevels()))
+    with pytest.raises(ValueError, match="reference agents are asked at link points only, not 'keep' points"):
+        gates.heldout_points("keep", [str(TRACE)], 4, ask=dict(two=TwoLevels()))
+
+
 def test_views_permute_options_ids_and_examples_evenly():
     from rudder.agents.llm.agent import make_views
 
@@ -633,6 +708,38 @@ def test_views_permute_options_ids_and_examples_evenly():
     assert views[1].shown({n: i for i, n in enumerate(names)}) == dict(A=1, B=2, C=3, D=4, E=0)
 
 
+def test_each_option_can_carry_its_predicted_consequence(tiny):
+    """``consequence=True``: every option's row, in the examples and the question, ends with its predicted net
+    milliseconds over the next two windows (MPC's model on the point's numbers), and the system prompt says what
+    it is; off by default. ``link_point``: 8 minibatches a window, 30 ms to hide in each; option "all" brings 80
+    rows in 80 ms of link (busy 1/6 of 480 ms: waits 1/6 x 16 x 80 ms / 2 = 106.7 ms) and saves 80 ms x (1 - 0.5)."""
+    from rudder.agents.llm.link import LinkMetrics, LLMLinkAgent, link_user_message, predicted_ms
+
+    m = LinkMetrics.from_dict(link_point()["metrics"])
+    got = [predicted_ms(m, c) for c in m.choices]
+    assert got == pytest.approx([0.0, -10 / 3, -10 / 3, 20 / 3, 200 / 3])
+    slow = LinkMetrics.from_dict(link_point()["metrics"])
+    for c in slow.choices:
+        c["link_s"] *= 4  # the traffic grows 4x, the waits behind it 16x
+    assert predicted_ms(slow, slow.choices[-1]) == pytest.approx(1000 * ((0.32 / 0.48) * 16 * 0.32 / 2 - 0.16))
+    options = dict(none=0.0, eighth=0.125, quarter=0.25, half=0.5, all=1.0)
+    text = link_user_message(m, options, consequence=True)
+    row = '- "{}": {} rows ({} ms of link), evicts {} ({} still needed); need in 1 vs out 0.5; predicted net {} ms'
+    assert row.format("all", 80, 80, 80, 40, "+67") in text and row.format("none", 0, 0, 0, 0, "+0") in text
+    assert "predicted net" not in link_user_message(m, options)
+    plain = LLMLinkAgent(model=tiny, examples=str(LINK_EXAMPLES), retrieve=0)
+    shown = LLMLinkAgent(model=tiny, examples=str(LINK_EXAMPLES), retrieve=0, consequence=True)
+    assert shown.debias["consequence"] and not plain.debias["consequence"]
+    view = shown.views()[0]
+    for agent, rows in ((plain, 0), (shown, 5 * 7)):  # five options, six examples and the question
+        prefix = agent._prefix_messages_link(view)
+        question = agent._render_link(view, m).suffix
+        assert sum(x["content"].count("; predicted net ") for x in prefix) + question.count("; predicted net ") == rows
+        assert ("predicted net ms is the time it adds over the next 2 windows" in prefix[0]["content"]) == bool(rows)
+    retrieving = LLMLinkAgent(model=tiny, retrieve=3, consequence=True)
+    assert retrieving._render_link(retrieving.views()[0], m).text.count("; predicted net ") == 5 * 4
+
+
 def test_debiased_link_agent_scores_every_view_and_calibrates_once_per_prefix(tiny):
     from rudder.agents.llm.link import LLMLinkAgent
 
@@ -645,7 +752,9 @@ def test_debiased_link_agent_scores_every_view_and_calibrates_once_per_prefix(ti
     agent = LLMLinkAgent(
         model=tiny, examples=str(LINK_EXAMPLES), retrieve=0, option_ids="letters", permutations=5, calibrate=True
     )
-    assert agent.debias == dict(calibrate=True, permutations=5, option_ids="letters", length_norm=False)
+    assert agent.debias == dict(
+        calibrate=True, permutations=5, option_ids="letters", length_norm=False, retrieve=0, consequence=False
+    )
     view = agent.views()[1]  # options listed from "eighth", answered with letters, examples rotated by one
     msgs = agent._prefix_messages_link(view)
     assert '"A": 0.125 x the link budget' in msgs[0]["content"] and '"E": 0 x the link budget' in msgs[0]["content"]
@@ -704,8 +813,10 @@ def test_evaluate_prints_the_gates_of_every_llm_agent(tiny_folder, tmp_path, cap
     lines = [x for x in out.splitlines() if x.startswith("- ")]
     assert "LLM gates (copy" in out and len(lines) == 1 and lines[0].startswith("- llm-link: copy ")
     assert "sensitivity " in lines[0] and "held-out points" in lines[0] and "seconds regret" in lines[0]
+    assert "; vs ppo-link " in lines[0] and "; vs mpc " in lines[0]  # asked at the same points
     (report,) = json.loads((tmp_path / "llm_gates.json").read_text())
     assert report["agent"] == "llm-link" and report["accuracy"]["n"] == 4 and report["copy"][1] == 6
+    assert list(report["accuracy"]["vs"]) == ["ppo-link", "mpc"]
     assert lines[0].endswith("reads its input") != (not report["reads_input"])
     assert main(args + ["--llm-gates", "0", "--out", str(tmp_path / "off"), "--no-progress"]) == 0
     assert "LLM gates" not in capsys.readouterr().out and not (tmp_path / "off" / "llm_gates.json").exists()
@@ -824,10 +935,40 @@ HELDOUT_EMU = [str(p) for p in sorted((ROOT / "traces" / "heldout").glob("emu*")
 
 @pytest.fixture(scope="module")
 def heldout16():
-    """The 16 held-out labelled link points BENCHMARKS "LLM gates" measures on (replay only, ~20 s)."""
+    """The 16 held-out labelled link points BENCHMARKS "LLM gates" measures on, with what the shipped PPO link
+    policy and MPC answer at each (replay only, ~30 s)."""
     from rudder.agents.llm import gates
 
-    return gates.heldout_points("link", HELDOUT_EMU, 16)
+    from rudder.evaluation.registry import make_agent
+
+    return gates.heldout_points("link", HELDOUT_EMU, 16, ask={n: make_agent(n) for n in ("ppo-link", "mpc")})
+
+
+def test_ppo_and_mpc_answers_and_regret_at_the_heldout_points(heldout16):
+    """The references of the LLM's held-out regret, asked at the same 16 points (BENCHMARKS "LLM gates"): the
+    shipped PPO link policy answers "eighth" but at two points; MPC, asked with the history the replay gave its link
+    estimate, answers from "none" to "half". Their seconds regret against the best option per point, and what a
+    perfect answerer would save against each (an interval that excludes 0 for MPC)."""
+    from collections import Counter
+
+    from rudder.agents.llm import gates
+
+    ppo = [p["asked"]["ppo-link"] for p in heldout16]
+    mpc = [p["asked"]["mpc"] for p in heldout16]
+    assert Counter(ppo) == Counter(eighth=14, half=2) and [i for i, a in enumerate(ppo) if a == "half"] == [6, 15]
+    assert mpc == ["none", "half"] + ["quarter"] * 4 + ["none", "half"] + ["eighth"] * 4 + ["none"] + ["half"] * 3
+    labels = [p["decision"] for p in heldout16]
+    options = ["none", "eighth", "quarter", "half", "all"]
+    seconds = [p["seconds"] for p in heldout16]
+    perfect = gates.accuracy_vs_constant(labels, labels, options, seconds=seconds, references=dict(ppo=ppo, mpc=mpc))
+    assert perfect["regret"] == 0.0
+    assert perfect["vs"]["ppo"]["regret"] == pytest.approx(0.0040, abs=5e-5)
+    assert perfect["vs"]["mpc"]["regret"] == pytest.approx(0.0093, abs=5e-5)
+    assert perfect["vs"]["ppo"]["accuracy"] == 1 / 16 and perfect["vs"]["mpc"]["accuracy"] == 4 / 16
+    for name in ("ppo", "mpc"):
+        lo, hi = perfect["vs"][name]["ci"]
+        assert lo <= 1 / (1 + perfect["vs"][name]["regret"]) - 1 <= hi <= 0
+    assert perfect["vs"]["mpc"]["ci"][1] < 0
 
 
 @pytest.fixture(scope="module")
@@ -872,8 +1013,8 @@ def test_real_model_sensitivity_gate(real_link_agent, heldout16):
 @pytest.mark.llm
 def test_real_model_entropy_and_accuracy_against_the_best_constant(real_link_agent, heldout16):
     """Held-out labelled points: the real default's answers vary with the state (entropy > 0, unlike the fixed
-    examples' "eighth" everywhere), and its accuracy and seconds regret come with the best constant answer's and a
-    bootstrap interval."""
+    examples' "eighth" everywhere), and its accuracy and seconds regret come with the best constant answer's, PPO's
+    and MPC's, each with a bootstrap interval."""
     from collections import Counter
 
     from rudder.agents.llm import gates
@@ -881,8 +1022,13 @@ def test_real_model_entropy_and_accuracy_against_the_best_constant(real_link_age
     points = heldout16
     answers = [real_link_agent.answer_point(p) for p in points]
     seconds = [p["seconds"] for p in points]
+    references = {n: [p["asked"][n] for p in points] for n in ("ppo-link", "mpc")}
     acc = gates.accuracy_vs_constant(
-        answers, [p["decision"] for p in points], list(real_link_agent.link_options), seconds=seconds
+        answers,
+        [p["decision"] for p in points],
+        list(real_link_agent.link_options),
+        seconds=seconds,
+        references=references,
     )
     assert Counter(answers) == Counter(none=5, eighth=6, quarter=5), answers  # BENCHMARKS "LLM gates"
     assert gates.entropy_bits(answers) == pytest.approx(1.579, abs=1e-3)
@@ -890,6 +1036,11 @@ def test_real_model_entropy_and_accuracy_against_the_best_constant(real_link_age
     assert acc["n"] == 16 and acc["ci"][0] <= acc["accuracy"] - acc["constant_accuracy"] <= acc["ci"][1]
     lo, hi = acc["regret_vs_constant_ci"]
     assert lo - 1e-9 <= (1 + acc["regret"]) / (1 + acc["constant_regret"]) - 1 <= hi + 1e-9
+    # against PPO and MPC asked at the same points: less regret, both intervals below 0 (BENCHMARKS "LLM gates")
+    assert acc["regret"] == pytest.approx(0.0015, abs=5e-5)
+    for name in ("ppo-link", "mpc"):
+        lo, hi = acc["vs"][name]["ci"]
+        assert lo <= (1 + acc["regret"]) / (1 + acc["vs"][name]["regret"]) - 1 <= hi < 0, (name, lo, hi)
 
 
 @pytest.mark.llm

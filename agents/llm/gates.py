@@ -11,7 +11,9 @@ keep/replace) and the ``decision`` a replay measured as best, as the agents' ``e
   move that way in at least :data:`SENSITIVITY_MIN` of them. A constant answer moves in none.
 - **entropy** of the answers over held-out points (bits; 0 = one answer everywhere).
 - **accuracy** on held-out points against the best constant answer, with a paired bootstrap 95% interval of the
-  difference (:func:`accuracy_vs_constant`).
+  difference (:func:`accuracy_vs_constant`); with each option's modelled seconds, the *seconds regret* against the
+  best constant and against other link-level agents asked at the same points (PPO, MPC: ``ask`` of
+  :func:`heldout_points`), each with a paired bootstrap 95% interval.
 
 An agent that fails copy or sensitivity, or gives one answer everywhere, is reported as "does not read its input"
 (:attr:`GateReport.reads_input`). ``evaluate.py`` prints :func:`gate_agent`'s report for every LLM agent.
@@ -79,13 +81,16 @@ def accuracy_vs_constant(
     resamples: int = 2000,
     seed: int = 0,
     seconds: list[list[float]] | None = None,
+    references: dict[str, list[str]] | None = None,
 ) -> dict:
     """Accuracy of ``answers`` against ``labels``, the best constant answer's (chosen on these labels: the
     hardest reference), and a paired bootstrap 95% interval of the difference (agent - constant).
 
     With ``seconds`` (per point, each option's modelled seconds, in ``options`` order) also the *seconds regret*
     (chosen seconds over the best option's, summed over the points, minus 1) of the agent and of the constant with
-    the least regret, and an interval of the agent's seconds over that constant's (-1)."""
+    the least regret, and an interval of the agent's seconds over that constant's (-1). With ``references`` too
+    (name -> another agent's answers at the same points, e.g. PPO's and MPC's), ``vs``: name -> that agent's
+    ``regret``, its ``accuracy``, and ``ci``, the interval of this agent's seconds over its (-1)."""
     n = len(labels)
     counts = Counter(labels)
     const = max(options, key=lambda o: (counts.get(o, 0), -options.index(o)))
@@ -112,6 +117,18 @@ def accuracy_vs_constant(
             constant_regret=regret[k],
             regret_vs_constant_ci=_interval(got, t[:, options.index(k)], resamples, seed, ratio=True),
         )
+        vs = {}
+        for name, theirs in (references or {}).items():
+            if len(theirs) != n:
+                raise ValueError(f"reference {name!r}: {len(theirs)} answers for {n} points")
+            ref = t[np.arange(n), [options.index(x) for x in theirs]]
+            vs[name] = dict(
+                regret=float(ref.sum() / best.sum() - 1),
+                accuracy=float(np.mean([x == y for x, y in zip(theirs, labels)])),
+                ci=_interval(got, ref, resamples, seed, ratio=True),
+            )
+        if references:
+            out["vs"] = vs
     return out
 
 
@@ -161,16 +178,21 @@ def keep_pairs(points: list[dict], n: int = 5) -> list[tuple[dict, dict, str]]:
 
 
 # ---------------------------------------------------------------------------------------------- held-out points
-def heldout_points(kind: str, traces: list[str], limit: int | None = None, min_margin: float = MIN_MARGIN):
+def heldout_points(
+    kind: str, traces: list[str], limit: int | None = None, min_margin: float = MIN_MARGIN, ask: dict | None = None
+):
     """Labelled points from ``traces`` (rank 0 of each; traces the agent's examples were not mined from), with a
     margin of at least ``min_margin``, at most ``limit`` (spread over the traces). ``kind``: ``"link"`` or
-    ``"keep"``."""
+    ``"keep"``. ``ask`` (link points only): name -> a link-level agent (PPO, MPC) asked at every window of the
+    replays, its answers in each point's ``asked`` (:func:`rudder.agents.llm.link.examples_from_trace`)."""
+    if ask and kind != "link":
+        raise ValueError(f"reference agents are asked at link points only, not {kind!r} points")
     out: list[dict] = []
     for trace in traces:
         if kind == "link":
             from rudder.agents.llm.link import examples_from_trace
 
-            pts = examples_from_trace(trace, rank=0, n=None)
+            pts = examples_from_trace(trace, rank=0, n=None, ask=ask)
         else:
             from rudder.agents.llm.prompt import examples_from_trace
 
@@ -229,6 +251,11 @@ class GateReport:
                 if "regret" in acc
                 else ""
             )
+            + "".join(
+                f"; vs {name} {ref['regret']:+.2%} (agent / {name} - 1, 95% CI "
+                f"[{ref['ci'][0]:+.2%}, {ref['ci'][1]:+.2%}])"
+                for name, ref in acc.get("vs", {}).items()
+            )
             + f": {verdict}"
         )
 
@@ -238,11 +265,16 @@ class GateReport:
             copy=list(self.copy),
             sensitivity=list(self.sensitivity),
             entropy_bits=self.entropy_bits,
-            accuracy={k: list(v) if isinstance(v, tuple) else v for k, v in self.accuracy.items()},
+            accuracy=_lists(self.accuracy),
             answers=self.answers,
             settings=self.settings,
             reads_input=self.reads_input,
         )
+
+
+def _lists(d: dict) -> dict:
+    """``d`` with tuples (intervals) as lists, nested dicts too (JSON's shape)."""
+    return {k: _lists(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def agent_kind(agent) -> str:
@@ -261,7 +293,11 @@ def gate_agent(agent, points: list[dict], name: str | None = None, pairs_per_kin
     moved = sensitivity_gate(answer, pairs, level)
     answers = [answer(p) for p in points]
     seconds = [p["seconds"] for p in points] if points and all("seconds" in p for p in points) else None
-    acc = accuracy_vs_constant(answers, [p["decision"] for p in points], list(level), seconds=seconds)
+    names = list(points[0].get("asked", {})) if points else []
+    references = {n: [p["asked"][n] for p in points] for n in names} if seconds else None
+    acc = accuracy_vs_constant(
+        answers, [p["decision"] for p in points], list(level), seconds=seconds, references=references
+    )
     return GateReport(
         agent=name or getattr(agent, "name", type(agent).__name__),
         copy=copied,
@@ -273,9 +309,18 @@ def gate_agent(agent, points: list[dict], name: str | None = None, pairs_per_kin
     )
 
 
-def gate_section(agents: list[tuple[str, object]], traces: list[str], limit: int = 12, pairs: int = 3, out=None) -> str:
+def gate_section(
+    agents: list[tuple[str, object]],
+    traces: list[str],
+    limit: int = 12,
+    pairs: int = 3,
+    out=None,
+    references: dict[str, object] | None = None,
+) -> str:
     """The gates of every ``(label, agent)`` on up to ``limit`` held-out points of ``traces`` (``pairs`` base
-    points per pair kind), as lines to print; with ``out``, the figures also go to that JSON file."""
+    points per pair kind), as lines to print; with ``out``, the figures also go to that JSON file. ``references``:
+    name -> a link-level agent (PPO, MPC) asked at the same link points, whose seconds regret each link agent's is
+    compared with (:func:`accuracy_vs_constant`)."""
     import json
 
     points: dict[str, list[dict]] = {}
@@ -283,7 +328,7 @@ def gate_section(agents: list[tuple[str, object]], traces: list[str], limit: int
     for label, agent in agents:
         kind = agent_kind(agent)
         if kind not in points:
-            points[kind] = heldout_points(kind, traces, limit)
+            points[kind] = heldout_points(kind, traces, limit, ask=references if kind == "link" else None)
         reports.append(gate_agent(agent, points[kind], label, pairs))
     if out is not None:
         with open(out, "w") as f:
@@ -291,6 +336,8 @@ def gate_section(agents: list[tuple[str, object]], traces: list[str], limit: int
             f.write("\n")
     head = (
         "\nLLM gates (copy: its own in-context points; sensitivity: state pairs differing in one number; entropy and "
-        "accuracy vs the best constant answer on held-out labelled points of these traces):"
+        "accuracy vs the best constant answer"
+        + (f" and {', '.join(references)}" if references else "")
+        + " on held-out labelled points of these traces):"
     )
     return "\n".join([head] + [f"- {r.line()}" for r in reports])

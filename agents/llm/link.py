@@ -29,11 +29,13 @@ from typing import Any
 import numpy as np
 from rudder.agents.llm.agent import CONTENT_FREE, LLMAgent, View
 from rudder.agents.llm.prompt import ANSWER_PREFIX, EXAMPLES_FORMAT, _pct, render
+from rudder.env.buffer import PREFETCH_CHUNK
 from rudder.env.contract import BufferSettings
 
 LINK_OPTIONS = {"none": 0.0, "eighth": 0.125, "quarter": 0.25, "half": 0.5, "all": 1.0}
 DEFAULT_LINK_EXAMPLES = Path(__file__).with_name("link_examples.json")
 DEFAULT_LINK_POOL = Path(__file__).with_name("link_pool.json")
+CONSEQUENCE_WINDOWS = 2  # windows an option's predicted net time is over (MPC's horizon)
 
 
 @dataclass
@@ -96,9 +98,10 @@ def rank_facts(facts: dict) -> str:
     )
 
 
-def link_system_prompt(facts: dict | None, options: dict[str, float]) -> str:
+def link_system_prompt(facts: dict | None, options: dict[str, float], consequence: bool = False) -> str:
     """The rules and the answer format; with ``facts`` None the rank's facts are left out (they then follow the
-    examples, so that every rank of a run shares this prefix)."""
+    examples, so that every rank of a run shares this prefix); ``consequence``: the options' rows carry a predicted
+    net time (:func:`predicted_ms`), which a rule explains."""
     return "\n".join(
         [
             "You steer background prefetching for one trainer in distributed GNN training (DistDGL) on a cluster.",
@@ -116,6 +119,15 @@ def link_system_prompt(facts: dict | None, options: dict[str, float]) -> str:
             "- The link budget is what the link can carry while the next window samples and computes. Each decision, "
             "choose how much of it to use:",
             *[f'  "{name}": {level:g} x the link budget' for name, level in options.items()],
+            *(
+                [
+                    f"- Each option's predicted net ms is the time it adds over the next {CONSEQUENCE_WINDOWS} "
+                    "windows: waits behind its prefetch traffic minus the demand pulls it saves. Negative saves "
+                    "time; the lowest is predicted best."
+                ]
+                if consequence
+                else []
+            ),
             "",
             "Answer with one JSON object and nothing else: "
             + " or ".join(json.dumps({"decision": name}) for name in options)
@@ -124,9 +136,31 @@ def link_system_prompt(facts: dict | None, options: dict[str, float]) -> str:
     )
 
 
-def link_user_message(m: LinkMetrics, options: dict[str, float], choices: list | None = None) -> str:
+def predicted_ms(m: LinkMetrics, choice: dict, windows: int = 2) -> float:
+    """An option's predicted net milliseconds over the next ``windows`` windows, from the point's own numbers (the
+    env's link estimate gave each option's link seconds), as :class:`rudder.baselines.mpc.MPC` predicts them:
+    demand pulls wait behind its prefetch traffic (half a chunk, in the share of minibatches the link is busy)
+    less the demand pulls it saves (its rows' link time x their predicted need over the residents they replace,
+    shrunk by as much as the traffic overruns the time it can hide in). Negative: it saves time."""
+    n = int(choice["rows"])
+    if n <= 0:
+        return 0.0
+    per_window = m.minibatch / m.decision if m.decision > 0 else 1.0  # minibatches per window
+    link_s = float(choice["link_s"])
+    hide_s = max(m.hide_ms * per_window * windows / 1000, 1e-9)
+    busy = link_s / hide_s
+    chunk_s = link_s * min(n, PREFETCH_CHUNK) / n
+    wait = min(busy, 1.0) * per_window * windows * chunk_s / 2
+    saved = link_s * (choice["need_in"] - choice["need_out"]) / max(busy, 1.0)
+    return 1000 * (wait - saved)
+
+
+def link_user_message(
+    m: LinkMetrics, options: dict[str, float], choices: list | None = None, consequence: bool = False
+) -> str:
     """The current window and what each option would do (``options`` keyed by the ids the prompt shows, in the order
-    it lists them; ``choices`` the matching entries of ``m.choices``, default: ``m.choices`` in level order)."""
+    it lists them; ``choices`` the matching entries of ``m.choices``, default: ``m.choices`` in level order;
+    ``consequence``: each with its :func:`predicted_ms`)."""
     choices = m.choices if choices is None else choices
     total = m.total_minibatches
     lines = [
@@ -142,6 +176,7 @@ def link_user_message(m: LinkMetrics, options: dict[str, float], choices: list |
         lines.append(
             f'- "{name}": {c["rows"]} rows ({1000 * c["link_s"]:.0f} ms of link), evicts {c["evicts"]} '
             f"({c['evicts_hot']} still needed); need in {c['need_in']:.3g} vs out {c['need_out']:.3g}"
+            + (f"; predicted net {predicted_ms(m, c, CONSEQUENCE_WINDOWS):+.0f} ms" if consequence else "")
         )
     if not any(c["rows"] for c in m.choices):
         lines.append("No candidate can be admitted now: every option does nothing.")
@@ -201,6 +236,8 @@ class LLMLinkAgent(LLMAgent):
             the only method measured that passes the copy gate and answers differently at different states
             (BENCHMARKS.md, "LLM gates"); it still fails the sensitivity gate.
         pool: the labelled points to retrieve from: ``"default"`` (``agents/llm/link_pool.json``) or a path.
+        consequence: each option's row also carries its predicted net milliseconds over the next windows
+            (:func:`predicted_ms`, MPC's model on the point's numbers), and a rule says what it is.
         Other arguments as :class:`~rudder.agents.llm.agent.LLMAgent`.
     """
 
@@ -213,6 +250,7 @@ class LLMLinkAgent(LLMAgent):
         examples="default",
         retrieve: int = 3,
         pool="default",
+        consequence: bool = False,
         **kwargs,
     ):
         options = dict(LINK_OPTIONS if options is None else options)
@@ -224,6 +262,7 @@ class LLMLinkAgent(LLMAgent):
         if int(retrieve) < 0:
             raise ValueError(f"retrieve must be >= 0, got {retrieve}")
         self.retrieve = int(retrieve)
+        self.consequence = bool(consequence)
         self.pool = None
         pool_file = str(DEFAULT_LINK_POOL) if pool == "default" else pool
         if self.retrieve:
@@ -274,7 +313,7 @@ class LLMLinkAgent(LLMAgent):
     def _render_link(self, view: View, m: LinkMetrics, user: str | None = None):
 
         if user is None:
-            user = link_user_message(m, view.shown(self.link_options), self._shown_choices(view, m))
+            user = link_user_message(m, view.shown(self.link_options), self._shown_choices(view, m), self.consequence)
         if not self.retrieve:
             return render(self.tokenizer, self._prefix_messages_link(view), user, ANSWER_PREFIX)
         shown, ids = view.shown(self.link_options), view.id_of
@@ -283,7 +322,10 @@ class LLMLinkAgent(LLMAgent):
             for ex in self.pool.nearest(asdict(m), self.retrieve):
                 em = LinkMetrics.from_dict(ex["metrics"])
                 middle += [
-                    {"role": "user", "content": link_user_message(em, shown, self._shown_choices(view, em))},
+                    {
+                        "role": "user",
+                        "content": link_user_message(em, shown, self._shown_choices(view, em), self.consequence),
+                    },
                     {"role": "assistant", "content": json.dumps({"decision": ids[ex["decision"]]})},
                 ]
             user = f"{rank_facts(self._facts)}\n{user}"
@@ -300,17 +342,25 @@ class LLMLinkAgent(LLMAgent):
         view = view or self.views()[0]
         shown, ids = view.shown(self.link_options), view.id_of
         if self.retrieve:
-            return [{"role": "system", "content": link_system_prompt(None, shown)}]
-        msgs = [{"role": "system", "content": link_system_prompt(self._facts, shown)}]
+            return [{"role": "system", "content": link_system_prompt(None, shown, self.consequence)}]
+        msgs = [{"role": "system", "content": link_system_prompt(self._facts, shown, self.consequence)}]
         for ex in view.rotate(self._link_examples):
             m = LinkMetrics.from_dict(ex["metrics"])
             msgs += [
-                {"role": "user", "content": link_user_message(m, shown, self._shown_choices(view, m))},
+                {
+                    "role": "user",
+                    "content": link_user_message(m, shown, self._shown_choices(view, m), self.consequence),
+                },
                 {"role": "assistant", "content": json.dumps({"decision": ids[ex["decision"]]})},
             ]
         return msgs
 
     _facts: dict = {}
+
+    @property
+    def debias(self) -> dict[str, Any]:
+        """The scoring settings and what the prompt shows (retrieved examples, predicted consequences)."""
+        return dict(super().debias, retrieve=self.retrieve, consequence=self.consequence)
 
     def n_examples(self) -> int:
         return 0 if self.retrieve else len(self._link_examples)  # retrieved examples keep their order
@@ -357,12 +407,22 @@ def _load(source, options: dict[str, float]) -> list[dict]:
 
 
 def examples_from_trace(
-    trace_dir, rank: int = 0, n: int | None = 6, horizon: int = 3, options: dict[str, float] | None = None
+    trace_dir,
+    rank: int = 0,
+    n: int | None = 6,
+    horizon: int = 3,
+    options: dict[str, float] | None = None,
+    ask: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Label decision points of a replay by trying every option from the same state for ``horizon`` windows (the
     fewest modelled seconds wins; ties: the lower level). The trace is replayed under the middle option so the
     points see ordinary states; the ``n`` points with the largest margin are kept, balanced between labels
-    (``n=None``: every point, in order)."""
+    (``n=None``: every point, in order).
+
+    ``ask``: name -> agent choosing link-budget levels (``act(observation, info)`` -> level index, e.g. ``ppo-link``
+    or ``mpc``). Each is reset, then asked at every window of the replay, so one that learns from the windows it has
+    seen (MPC's link estimate) has seen the same history as the point; its action is not played (the replay stays
+    under the middle option). Each point gets ``asked``: name -> the option that agent chose there."""
     from rudder.env.replay_env import ReplayEnv
 
     options = dict(LINK_OPTIONS if options is None else options)
@@ -370,10 +430,16 @@ def examples_from_trace(
     names = sorted(options, key=options.get)
     env = ReplayEnv(trace_dir, rank=rank, levels=levels, ranking="lookahead", admit_on_miss=True)
     obs, info = env.reset(seed=0)
+    ask = dict(ask or {})
+    option_of = {name: _option_of_index(agent, levels, names, name) for name, agent in ask.items()}
+    for agent in ask.values():
+        if hasattr(agent, "reset"):
+            agent.reset()
     points, done = [], False
     middle = len(levels) // 2
     while not done:
         m = LinkMetrics.from_step(obs, info)
+        asked = {name: option_of[name](agent.act(obs, info)) for name, agent in ask.items()}
         if len({c["rows"] for c in m.choices}) > 1:
             seconds = env.level_seconds(horizon)
             best = int(np.argmin(seconds))
@@ -383,6 +449,7 @@ def examples_from_trace(
                     decision=names[best],
                     seconds=[round(x, 5) for x in seconds],
                     margin=(max(seconds) - seconds[best]) / max(max(seconds), 1e-9),
+                    **(dict(asked=asked) if ask else {}),
                 )
             )
         obs, _, terminated, truncated, info = env.step(middle)
@@ -399,6 +466,17 @@ def examples_from_trace(
             if q and len(chosen) < n:
                 chosen.append(q.pop(0))
     return chosen
+
+
+def _option_of_index(agent, levels: tuple, names: list[str], label: str):
+    """How to read ``agent``'s action as an option name: a level index into its own ``levels`` (or its settings'),
+    which must be among the env's ``levels``; an agent that declares none indexes the env's."""
+    own = getattr(agent, "levels", None) or getattr(getattr(agent, "settings", None), "levels", None) or levels
+    own = tuple(float(x) for x in own)
+    missing = [x for x in own if x not in levels]
+    if missing:
+        raise ValueError(f"agent {label!r}: levels {list(own)} are not all among the options' {list(levels)}")
+    return lambda action: names[levels.index(own[int(action)])]
 
 
 def _main(argv=None) -> int:

@@ -28,6 +28,7 @@ from rudder.agents.base import Agent
 from rudder.baselines.constant import LINK_SPACE
 from rudder.env.buffer import PREFETCH_CHUNK
 from rudder.env.episode import LinkEstimate
+from rudder.env.timing import prefetch_net_s
 
 
 def forgetting_estimate(forget: float) -> LinkEstimate:
@@ -82,11 +83,9 @@ class MPC(Agent):
                 continue
             chunks = int(np.ceil(n / PREFETCH_CHUNK))
             link_s = c0 * chunks + c_remote * n
-            busy = link_s / hide_s
             chunk_s = c0 + c_remote * min(n, PREFETCH_CHUNK)
-            stall = min(busy, 1.0) * mb * self.horizon * chunk_s / 2
-            saved = c_remote * n * (choice["need_in"] - choice["need_out"]) / max(busy, 1.0)
-            out.append(stall - saved)
+            gain = choice["need_in"] - choice["need_out"]
+            out.append(prefetch_net_s(link_s, chunk_s, c_remote * n, gain, hide_s, mb, self.horizon))
         return out
 
     def act(self, observation, info) -> int:

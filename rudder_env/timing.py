@@ -210,6 +210,20 @@ class LinkFit:
         return float(c0), float(c_local) / 1e3, float(c_remote) / 1e3
 
 
+def prefetch_net_s(
+    link_s: float, chunk_s: float, remote_s: float, need_gain: float, hide_s: float, minibatches: float, horizon: int
+) -> float:
+    """Predicted net seconds a background prefetch adds over the next ``horizon`` windows (spent less saved; negative:
+    it saves time), the model :class:`rudder.baselines.mpc.MPC` decides by: a demand pull meets a chunk in progress
+    (``chunk_s``) in the busy share ``min(1, link_s / hide_s)`` of the ``minibatches`` per window and waits half of
+    it; the rows save ``remote_s * need_gain`` of demand pulls, shrunk by as much as the traffic (``link_s``)
+    overruns the time it can hide in (``hide_s``, sampling and compute over the ``horizon`` windows)."""
+    busy = link_s / hide_s
+    stall = min(busy, 1.0) * minibatches * horizon * chunk_s / 2
+    saved = remote_s * need_gain / max(busy, 1.0)
+    return stall - saved
+
+
 class BackgroundLink:
     """When background prefetch chunks arrive, modelled: one link shared by a minibatch's demand pull and the
     chunks, one transfer at a time, demand first but never pre-empting a chunk in progress.

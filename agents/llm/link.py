@@ -31,6 +31,7 @@ from rudder.agents.llm.agent import CONTENT_FREE, LLMAgent, View
 from rudder.agents.llm.prompt import ANSWER_PREFIX, EXAMPLES_FORMAT, _pct, render
 from rudder.env.buffer import PREFETCH_CHUNK
 from rudder.env.contract import BufferSettings
+from rudder.env.timing import prefetch_net_s
 
 LINK_OPTIONS = {"none": 0.0, "eighth": 0.125, "quarter": 0.25, "half": 0.5, "all": 1.0}
 DEFAULT_LINK_EXAMPLES = Path(__file__).with_name("link_examples.json")
@@ -148,11 +149,9 @@ def predicted_ms(m: LinkMetrics, choice: dict, windows: int = 2) -> float:
     per_window = m.minibatch / m.decision if m.decision > 0 else 1.0  # minibatches per window
     link_s = float(choice["link_s"])
     hide_s = max(m.hide_ms * per_window * windows / 1000, 1e-9)
-    busy = link_s / hide_s
     chunk_s = link_s * min(n, PREFETCH_CHUNK) / n
-    wait = min(busy, 1.0) * per_window * windows * chunk_s / 2
-    saved = link_s * (choice["need_in"] - choice["need_out"]) / max(busy, 1.0)
-    return 1000 * (wait - saved)
+    gain = choice["need_in"] - choice["need_out"]
+    return 1000 * prefetch_net_s(link_s, chunk_s, link_s, gain, hide_s, per_window, windows)
 
 
 def link_user_message(

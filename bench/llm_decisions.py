@@ -184,7 +184,7 @@ METHODS = {
     "retrieved3+consequence": dict(retrieve=3, consequence=True),
 }  # "retrieve" is the link agent's (the keep/replace agent has fixed examples only)
 HELDOUT = sorted(glob.glob(os.path.join(ROOT, "traces", "heldout", "emu*")))
-REFERENCES = ("ppo-link", "mpc")  # link-level agents asked at the same held-out points (seconds regret vs each)
+REFERENCES = gates.REFERENCES  # link-level agents asked at the same held-out points (seconds regret vs each)
 
 
 def reference_agents() -> dict:

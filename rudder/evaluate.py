@@ -36,7 +36,7 @@ import os
 import subprocess
 import sys
 
-from rudder.agents.llm.gates import agent_kind, gate_section
+from rudder.agents.llm.gates import REFERENCES, agent_kind, gate_section
 from rudder.evaluation.report import format_report, headline, plot_hit_rate, plot_traffic
 from rudder.traces import SAMPLES_DIR as SAMPLES
 from rudder.traces import Trace, TraceError
@@ -286,9 +286,7 @@ def llm_gates(specs: list[str], labels: list[str], options: dict[str, dict], arg
     if not agents:
         return None
     # the link agents' seconds regret is also compared with PPO's and MPC's, asked at the same points
-    references = (
-        {n: make_agent(n) for n in ("ppo-link", "mpc")} if any(agent_kind(a) == "link" for _, a in agents) else None
-    )
+    references = {n: make_agent(n) for n in REFERENCES} if any(agent_kind(a) == "link" for _, a in agents) else None
     return gate_section(
         agents, args.traces, args.llm_gates, out=os.path.join(args.out, "llm_gates.json"), references=references
     )

@@ -34,6 +34,7 @@ COPY_MIN = 5 / 6  # share of the in-context points reproduced
 SENSITIVITY_MIN = 0.8  # share of the pairs moved the expected way
 MIN_MARGIN = 0.005  # held-out points whose options differ by less than this share are left out (replay model noise)
 NOT_READING = "does not read its input"
+REFERENCES = ("ppo-link", "mpc")  # registry names of the link-level agents asked at the same held-out points
 
 
 # ---------------------------------------------------------------------------------------------- the gates

@@ -399,12 +399,21 @@ def llm_hidden_on_cluster(quick: bool, log=_log) -> tuple[str, pd.DataFrame]:
                 rows.append(dict(r, agent=label, round=rnd))
         if not quick:  # long enough for the LLM to finish decisions: its thread at normal priority
             llm_trace = os.path.join(tmp, "llm-normal")
-            for label, agent, extra in (
-                ("llm-link, normal priority", "llm-link", ("--decisions", "async", "--decision-priority", "normal")),
-                ("same decisions, instant (normal)", "recorded", ("--decisions-from", llm_trace)),
+            for label, agent, extra, trace in (
+                (
+                    "llm-link, normal priority",
+                    "llm-link",
+                    ("--decisions", "async", "--decision-priority", "normal"),
+                    llm_trace,
+                ),
+                (
+                    "same decisions, instant (normal)",
+                    "recorded",
+                    ("--decisions-from", llm_trace),
+                    os.path.join(tmp, "recorded-normal"),
+                ),
             ):
                 log(f"  2 hosts at {MAIN[2]}: {label}, {LONG_EPOCHS} epochs")
-                trace = llm_trace if agent == "llm-link" else os.path.join(tmp, "recorded-normal")
                 r = live_run(agent, 0, LONG_EPOCHS, extra=("--cluster", c.name, *extra), parts=None, trace=trace)
                 rows.append(dict(r, agent=label, round=0))
     df = pd.DataFrame(rows)

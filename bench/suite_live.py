@@ -4,6 +4,15 @@ repeated, their training wall times compared (``python -m rudder.bench.suite_liv
 Each arm is ``train.py gnn`` with the suite's run options (:data:`rudder.bench.suite.RUN`), ``--scenario`` and its
 agent; the scenario plays from each run's first minibatch, so every repetition meets the same timeline. Writes
 ``bench/results/suite_live.csv`` (arm, rep, training seconds: the slowest trainer's first minibatch to its last).
+
+``--bound`` confirms replay's headroom live instead (``python -m rudder.bench.suite_live --bound SCENARIO...``): on
+the family's held-out trace, the link-level bound search (:func:`rudder.evaluation.scoring.bound_row`) finds the
+fastest level sequence within the replay model, each rank's sequence is exported as decisions
+(:func:`rudder.bench.suite.decisions_trace`) and played live with ``--decisions-from`` beside constant levels held
+throughout, interleaved. The search runs even where the replay fit explains less than the gate
+(:data:`rudder.env.timing.MIN_R2`) of the fetch time, where evaluation prints no time oracle: the live runs are
+then what says whether the sequence is worth anything, and the rows keep the fit's R² (``fit_r2_min``) beside
+replay's modelled seconds of each arm (``replay_s``: the slowest rank's). Writes ``bench/results/suite_bound.csv``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import pandas as pd
 from rudder.bench.suite import POLICY, ROOT, RUN, decisions_trace
 
 OUT = os.path.join(ROOT, "bench", "results", "suite_live.csv")
+BOUND_OUT = os.path.join(ROOT, "bench", "results", "suite_bound.csv")
+CONSTANTS = (0.0, 0.125)  # played beside the bound: the best levels held throughout live (suite_live.csv)
 ARMS = {
     "level-0": ["--agent", "level", "--agent-kwargs", "level=0"],
     "level-0.125": ["--agent", "level", "--agent-kwargs", "level=0.125"],
@@ -58,17 +69,123 @@ def confirm(trace: str, scenario: str, labels: dict[int, str], constant: float, 
     return measure(scenario, reps, arms)
 
 
+def replay_bound(trace: str, constants=CONSTANTS) -> tuple[dict[int, str], dict[str, float], float]:
+    """The link-level bound search on every rank of ``trace`` within the replay model, past the fit's gate.
+
+    Returns each rank's sequence (labels, as ``bound_actions`` writes them), replay's modelled seconds of each arm
+    (``bound`` and ``level-L`` for each of ``constants``: the slowest rank's, as a live run's time is the slowest
+    trainer's) and the lowest R² of the ranks' fits."""
+    from rudder.baselines.constant import SPACES
+    from rudder.traces import Trace
+
+    from rudder.evaluation.scoring import bound_row, constant_rows, space_env
+
+    space, src = SPACES["link-levels"], Trace(trace)
+    labels = [space.label(a).split()[-1] for a in range(len(space.actions))]
+    sequences, modelled, r2 = {}, {}, []
+    for rank in src.ranks:
+        env = space_env(src, rank, space)
+        r2.append(env.time_model.r2)
+        fixed = constant_rows(env, space)
+        found = bound_row(env, space, fixed)
+        sequences[rank] = found["bound_actions"]
+        per_arm = {"bound": found["time_s"]}
+        for level in constants:
+            per_arm[f"level-{level:g}"] = fixed[labels.index(f"{level:g}")]["time_s"]
+        for arm, t in per_arm.items():
+            modelled[arm] = max(modelled.get(arm, 0.0), t)
+        print(f"[suite-bound] {os.path.basename(os.path.normpath(trace))} rank {rank}: {found['bound_actions']}")
+    return sequences, modelled, float(min(r2))
+
+
+def confirm_bound(scenario: str, reps: int = 3, constants=CONSTANTS) -> pd.DataFrame:
+    """:func:`replay_bound` on the held-out trace recorded under ``scenario``, its sequences played live against
+    ``constants`` held throughout (:func:`measure`, arms interleaved); rows carry ``replay_s`` and ``fit_r2_min``."""
+    from rudder.bench.suite import SUITE
+
+    name = os.path.splitext(os.path.basename(scenario))[0]
+    trace = os.path.join(SUITE, "heldout", f"emu2-small-{name}")
+    if not os.path.isdir(trace):
+        raise SystemExit(f"{scenario}: no held-out suite trace {trace} recorded under it")
+    sequences, modelled, r2 = replay_bound(trace, constants)
+    out = os.path.join(tempfile.mkdtemp(prefix="rudder-suite-bound-"), "decisions")
+    arms = {"bound": ["--agent", "recorded", "--decisions-from", decisions_trace(trace, sequences, out)]}
+    arms.update({f"level-{c:g}": ["--agent", "level", "--agent-kwargs", f"level={c:g}"] for c in constants})
+    df = measure(scenario, reps, arms)
+    return df.assign(replay_s=df["arm"].map(modelled), fit_r2_min=r2)
+
+
+def plot(path: str = os.path.join(ROOT, "bench", "results", "suite_live.png")) -> str | None:
+    """Each held-out family's live training seconds per arm (median, bar; every repetition, dots): the agents'
+    runs (``suite_live.csv``) beside the bound's confirmation (``suite_bound.csv``, its constants marked
+    ``(bound run)``), each set of runs with its own best constant level as a line (they ran at different times), as
+    PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = []
+    if os.path.isfile(OUT):
+        parts.append(pd.read_csv(OUT))
+    if os.path.isfile(BOUND_OUT):
+        b = pd.read_csv(BOUND_OUT)
+        parts.append(b.assign(arm=[a if a == "bound" else f"{a} (bound run)" for a in b["arm"]]))
+    if not parts:
+        return None
+    df = pd.concat(parts)
+    families = list(dict.fromkeys(df["scenario"]))
+    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.2), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        g = df[df["scenario"] == family]
+        arms = list(dict.fromkeys(g["arm"]))
+        med = [g[g["arm"] == a]["train_s"].median() for a in arms]
+        bests = {
+            run: min(
+                (m for a, m in zip(arms, med) if a.startswith("level-") and a.endswith("(bound run)") == b),
+                default=None,
+            )
+            for run, b in (("agents", False), ("bound", True))
+        }
+        colours = ["tab:red" if a == "bound" else "tab:gray" if a.startswith("level-") else "tab:blue" for a in arms]
+        ax.barh(range(len(arms)), med, color=colours, alpha=0.6)
+        for i, a in enumerate(arms):
+            ax.plot(g[g["arm"] == a]["train_s"], [i] * int((g["arm"] == a).sum()), "k.", ms=5)
+        for run, style in (("agents", dict(color="k", ls="--")), ("bound", dict(color="tab:red", ls=":"))):
+            if bests[run] is not None:
+                ax.axvline(bests[run], lw=0.9, **style)
+        ax.set_yticks(range(len(arms)), arms, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(
+            "training seconds, live; best constant of the same runs:\nagents' runs dashed, bound's runs dotted"
+        )
+        ax.set_title(f"held out: {os.path.splitext(family)[0]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rudder.bench.suite_live", description=__doc__.split("\n\n")[0])
     p.add_argument("scenario", nargs="+", help="scenario files (traces/suite/scenarios/*.json)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--bound", action="store_true", help="play replay's bound sequence live against constant levels")
     args = p.parse_args(argv)
+    if args.bound:
+        df = pd.concat([confirm_bound(s, args.reps) for s in args.scenario])
+        df.to_csv(BOUND_OUT, index=False)
+        table = df.groupby(["scenario", "arm"])[["train_s", "replay_s"]].agg(["median", "min", "max"])
+        print(table.round(2).to_string())
+        print(f"plot: {plot()}")
+        return 0
     df = pd.concat([measure(s, args.reps) for s in args.scenario])
     old = pd.read_csv(OUT) if os.path.isfile(OUT) else None
     if old is not None:
         df = pd.concat([old[~old["scenario"].isin(df["scenario"])], df])
     df.to_csv(OUT, index=False)
     print(df.groupby(["scenario", "arm"])["train_s"].agg(["median", "min", "max"]).round(2).to_string())
+    print(f"plot: {plot()}")
     return 0
 
 

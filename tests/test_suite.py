@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import pandas as pd
+import pytest
 from rudder.baselines.constant import SPACES
 from rudder.baselines.policies import Recorded
 from rudder.bench import suite
@@ -46,3 +48,34 @@ def test_an_exported_sequence_played_back_is_the_sequence(tmp_path):
         keys = ("hits", "remote_fetched", "prefetched", "time_s")
         assert {k: again[k] for k in keys} == {k: played[k] for k in keys}
         assert played["prefetched"] > 0
+
+
+def test_the_bound_confirmed_live_plays_what_replay_scored(monkeypatch):
+    """``suite_live --bound``: the bound arm's exported decisions, played back in replay at the minibatches where
+    ``--decisions-from`` applies them live, take the seconds replay gave the bound's sequence; the constant arms are
+    the levels they are named after; the rows keep the fit's R², which on these runs is under the gate (the search
+    ran past it, and only the live runs say whether its sequence is worth anything)."""
+    from rudder.bench import suite_live
+    from rudder.env.timing import MIN_R2
+
+    arms = {}
+
+    def measure(scenario, reps, played):
+        arms.update(played)
+        return pd.DataFrame([dict(scenario=os.path.basename(scenario), arm=a, rep=0, train_s=1.0) for a in played])
+
+    monkeypatch.setattr(suite_live, "measure", measure)
+    scenario = suite.FAMILIES["square-2s"]["heldout"][0]
+    df = suite_live.confirm_bound(os.path.join(suite.SCENARIOS, f"{scenario['name']}.json"), reps=1)
+    assert list(arms) == ["bound", "level-0", "level-0.125"]
+    assert arms["level-0.125"][-1] == "level=0.125"
+    modelled = df.set_index("arm")["replay_s"]
+    out = arms["bound"][arms["bound"].index("--decisions-from") + 1]
+    src, space = Trace(suite.trace_dir("heldout", scenario)), SPACES["link-levels"]
+    again = [play_schedule(space_env(Trace(out), r, space), Recorded(out, r).schedule)["time_s"] for r in src.ranks]
+    assert max(again) == pytest.approx(modelled["bound"], rel=1e-9)
+    labels = [space.label(a).split()[-1] for a in range(len(space.actions))]
+    held = [play_episode(space_env(src, r, space), space.constant(labels.index("0.125")))["time_s"] for r in src.ranks]
+    assert max(held) == pytest.approx(modelled["level-0.125"], rel=1e-9)
+    assert modelled["bound"] < min(modelled["level-0"], modelled["level-0.125"])
+    assert (df["fit_r2_min"] < MIN_R2).all()

@@ -57,18 +57,6 @@ def measure(scenario: str, reps: int = 3, arms: dict = ARMS) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def confirm(trace: str, scenario: str, labels: dict[int, str], constant: float, reps: int = 3) -> pd.DataFrame:
-    """A link-level action sequence found in replay on ``trace`` (``labels``: per rank, as ``bound_actions`` writes
-    it; e.g. the bound's) applied live under ``scenario`` with ``--decisions-from``, against the ``constant`` level
-    held throughout: :func:`measure` with those two arms."""
-    out = os.path.join(tempfile.mkdtemp(prefix="rudder-suite-decisions-"), "decisions")
-    arms = {
-        "sequence": ["--agent", "recorded", "--decisions-from", decisions_trace(trace, labels, out)],
-        "constant": ["--agent", "level", "--agent-kwargs", f"level={constant:g}"],
-    }
-    return measure(scenario, reps, arms)
-
-
 def replay_bound(trace: str, constants=CONSTANTS) -> tuple[dict[int, str], dict[str, float], float]:
     """The link-level bound search on every rank of ``trace`` within the replay model, past the fit's gate.
 

@@ -342,8 +342,9 @@ class Scenario:
                 json.dump(self.to_dict(), f, indent=2)
                 f.write("\n")
 
-    def conditions(self, host: int) -> Conditions:
-        """The :class:`Conditions` host ``host`` (trainer rank ``host``) meets."""
+    def conditions(self, host: int, kinds: tuple[str, ...] = KINDS) -> Conditions:
+        """The :class:`Conditions` host ``host`` (trainer rank ``host``) meets, from the processes of ``kinds``
+        (every process is checked whichever are kept; live, link and co-tenant processes are played apart)."""
         timelines, cpu = [], 1.0
         for i, proc in enumerate(self.processes):
             where = f"processes[{i}]"
@@ -372,7 +373,7 @@ class Scenario:
                 if "factor" not in proc:
                     raise _fail(self.source, f"{where}.factor", "a value (required by a straggler)", None)
                 factor = _number(self.source, f"{where}.factor", proc["factor"], low=0.0, low_open=True)
-                cpu *= factor if applies else 1.0
+                cpu *= factor if applies and kind in kinds else 1.0
                 continue
             if "timeline" not in proc:
                 raise _fail(self.source, f"{where}.timeline", f"a timeline (required by a {kind} process)", None)
@@ -380,7 +381,7 @@ class Scenario:
             tl = _timeline(
                 proc["timeline"], kind, f"{where}.timeline", self.source, self.duration_s, rng, self.base_dir
             )
-            if applies:
+            if applies and kind in kinds:
                 timelines.append((kind, tl))
         if not timelines:
             return Conditions(np.zeros(1), np.ones(1), self.duration_s, cpu, self.feature_bytes_factor, self.name)
@@ -445,9 +446,13 @@ def played_scenario(
     )
 
 
-def conditions_record(scenario: Scenario, base_rate: str, hosts: int, started_unix: float, changes) -> dict:
+def conditions_record(
+    scenario: Scenario, base_rate: str, hosts: int, started_unix: float, changes, **played_as
+) -> dict:
     """The ``conditions.json`` of a trace recorded live under ``scenario``: the scenario as given, the base link
-    rate its factors multiply, the wall-clock time playing started, and every rate change as applied."""
+    rate its factors multiply, the wall-clock time playing started, and every rate change as applied (a co-tenant's
+    share counted as the rate it leaves the job); ``played_as``: how it was played, e.g. ``cotenant="flow"`` and
+    the bytes each host's competing flow carried."""
     return dict(
         schema=CONDITIONS_SCHEMA,
         version=SCHEMA_VERSION,
@@ -456,6 +461,7 @@ def conditions_record(scenario: Scenario, base_rate: str, hosts: int, started_un
         hosts=int(hosts),
         played_from_unix=float(started_unix),
         changes=[[round(float(t), 6), int(h), float(r)] for t, h, r in changes],
+        **played_as,
     )
 
 

@@ -113,6 +113,31 @@ def test_throughput_follows_the_link_rate(c):
 
 
 @needs_cluster
+def test_a_competing_flow_takes_its_share_of_the_link_while_it_sends(c):
+    """A co-tenant's flow (what --scenario plays for a co-tenant burst) is real traffic through the source host's
+    shaped egress, served first: while it sends at 3/4 of the rate, a job's stream gets the other quarter (of the
+    ~95.6% a TCP stream carries as payload); paused, the link is the job's again; closed, its sink counted what it
+    carried and the shaper has its own queue back."""
+    flow = c.competing_flow(0, 1)
+    try:
+        flow.set_rate(0.75 * RATE)
+        time.sleep(0.3)
+        shared = c.measure_throughput(0, 1, seconds=1.5)
+        flow.set_rate(0)
+        time.sleep(0.3)
+        alone = c.measure_throughput(0, 1, seconds=1.0)
+    finally:
+        carried = flow.close()
+    assert abs(shared / RATE - 0.25 * 0.956) < 0.08, shared
+    assert abs(alone - RATE) < 0.25 * RATE, alone
+    assert 0.6 * 0.75 * RATE / 8 * 1.8 < carried < 1.1 * 0.75 * RATE / 8 * 2.5, carried  # ~3/4 of the link, ~2 s
+    shown = subprocess.run(["tc", "-n", c.hostnames[0], "qdisc", "show"], capture_output=True, text=True).stdout
+    assert "pfifo_fast" not in shown and "rate 400Mbit" in shown
+    with pytest.raises(ClusterError, match="two different hosts"):
+        c.competing_flow(1, 1)
+
+
+@needs_cluster
 def test_link_down_and_up(c):
     c.link_down(1)
     try:

@@ -122,15 +122,16 @@ def replay_matches_the_live_run(trace: str, summary: dict) -> None:
 
 def test_a_scenario_is_played_on_the_links_and_kept_in_the_trace(cluster, cache, tmp_path):
     """--scenario: the links' rates change on the scenario's schedule while the job runs (a square wave, 8x slower
-    half the time), every link gets its rate back at the end, and the trace keeps what was played
-    (conditions.json) on each rank's clock: replay of it is not synthetic, puts minibatches in slow phases and
-    models the run slower than a replay at the base rate does."""
+    half the time), a co-tenant on host 1 sends a real competing flow, every link gets its rate back at the end, and
+    the trace keeps what was played (conditions.json) on each rank's clock: replay of it is not synthetic, puts
+    minibatches in slow phases and models the run slower than a replay at the base rate does."""
     from rudder.env.scenario import Scenario
 
     scenario = tmp_path / "sq.json"
     square = dict(type="square", period_s=2.0, high=1.0, low=0.125)
     link = dict(kind="link", hosts="all", timeline=square)
-    scenario.write_text(json.dumps(dict(version=1, name="sq-live", duration_s=2.0, processes=[link])))
+    cotenant = dict(kind="cotenant", hosts=[1], timeline=dict(type="constant", value=0.5))
+    scenario.write_text(json.dumps(dict(version=1, name="sq-live", duration_s=2.0, processes=[link, cotenant])))
     trace = tmp_path / "trace"
     args = ["--graph", "synth-small", "--cluster", cluster.name, "--epochs", "1", "--batch-size", "1000"]
     args += ["--fanout", "10,25", "--scenario", str(scenario), "--trace", str(trace)]
@@ -141,9 +142,11 @@ def test_a_scenario_is_played_on_the_links_and_kept_in_the_trace(cluster, cache,
     assert "link-rate changes played" in err
     record = json.loads((trace / "conditions.json").read_text())
     assert record["base_rate"] == RATE and record["hosts"] == 2
+    assert record["cotenant"] == "flow" and record["cotenant_bytes"][0] == 0
+    assert record["cotenant_bytes"][1] > 1e6  # host 1's co-tenant carried real traffic (half of 400mbit when fast)
     for host in (0, 1):
         changes = [(t, f) for t, h, f in record["changes"] if h == host]
-        assert {f for _, f in changes} == {1.0, 0.125} and len(changes) >= 4
+        assert {f for _, f in changes} == ({1.0, 0.125} if host == 0 else {0.5, 0.0625}) and len(changes) >= 4
         late = [t - k for k, (t, _) in enumerate(changes)]  # one a second, each set by a tc command
         assert min(late) >= 0 and max(late) < 1.0 and sorted(late)[len(late) // 2] < 0.25, late
         shown = subprocess.run(["tc", "-n", cluster.hostnames[host], "qdisc", "show"], capture_output=True, text=True)
@@ -154,7 +157,8 @@ def test_a_scenario_is_played_on_the_links_and_kept_in_the_trace(cluster, cache,
         assert not env.synthetic and env.scenario.name == "sq-live-as-played"
         assert abs(env.run.start_unix - record["played_from_unix"]) < 1.0  # played from the first minibatch
         met = env.conditions
-        assert 0 < sum(met.rate_at(t) < 1 for t in env.run.recorded_clock()) < env.run.num_minibatches
+        rates = [met.rate_at(t) for t in env.run.recorded_clock()]
+        assert 0 < sum(r < max(rates) for r in rates) < env.run.num_minibatches  # some minibatches in slow phases
         as_met = play_episode(env, Periodic())["time_s"]
         at_base = play_episode(ReplayEnv(str(trace), rank=rank, scenario=base), Periodic())["time_s"]
         assert as_met > at_base * 1.02, (as_met, at_base)

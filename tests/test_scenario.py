@@ -352,6 +352,81 @@ def test_the_player_changes_each_hosts_rate_on_schedule_and_keeps_what_it_played
     assert played.conditions(1).rate_at(0.5) == 0.5
 
 
+class _FakeFlow:
+    def __init__(self, calls, host):
+        self.calls, self.host = calls, host
+
+    def set_rate(self, bits):
+        self.calls.append(("flow", self.host, int(bits)))
+
+    def close(self):
+        return 1000 + self.host
+
+
+class _FlowCluster(_FakeCluster):
+    def set_rate(self, host, rate):
+        self.calls.append(("tc", host, rate))
+
+    def competing_flow(self, src, dst):
+        assert src != dst
+        return _FakeFlow(self.calls, src)
+
+
+def test_a_co_tenant_is_played_as_a_competing_flow_paced_at_its_share_of_the_link_it_meets():
+    """With a cluster that can start flows, a co-tenant burst is another job's traffic, not a rate cut: the link
+    keeps the rate its link timeline gives, the flow is paced at the co-tenant's share of that rate, and the log
+    (what replay follows) and the record count the rate the burst leaves the job."""
+    from rudder.testbed.conditions import ConditionsPlayer
+
+    scenario = Scenario.from_dict(
+        dict(
+            version=1, name="ct", duration_s=0.8,
+            processes=[
+                dict(kind="link", hosts="all", timeline=dict(type="square", period_s=0.8, high=1.0, low=0.5)),
+                dict(kind="cotenant", hosts=[1], timeline=dict(type="square", period_s=0.4, high=0.0, low=0.75)),
+            ],
+        )
+    )  # fmt: skip
+    cluster = _FlowCluster()
+    player = ConditionsPlayer(cluster, scenario, base_bits=400_000_000, hosts=2)
+    assert [(round(t, 3), h, r) for t, h, r in player.schedule()] == [
+        (0.0, 0, 1.0), (0.0, 1, 1.0), (0.2, 1, 0.25), (0.4, 0, 0.5), (0.4, 1, 0.5), (0.6, 1, 0.125),
+    ]  # fmt: skip
+    player.start()
+    time.sleep(1.0)
+    player.stop()
+    calls = cluster.calls
+    assert [c for c in calls if c[0] == "tc"][:4] == [
+        ("tc", 0, "400000000bit"), ("tc", 1, "400000000bit"), ("tc", 0, "200000000bit"), ("tc", 1, "200000000bit"),
+    ]  # fmt: skip
+    assert [c for c in calls if c[0] == "flow"] == [
+        ("flow", 1, 0),
+        ("flow", 1, 300_000_000),
+        ("flow", 1, 0),
+        ("flow", 1, 150_000_000),
+    ]  # only host 1 has a co-tenant: 3/4 of 400mbit, then of 200mbit
+    assert [(h, r) for _, h, r in player.log] == [(h, r) for _, h, r in player.schedule()]
+    record = player.record()
+    assert record["cotenant"] == "flow" and record["cotenant_bytes"] == [0, 1001]
+    assert played_rates(record) == {0: [1.0, 0.5], 1: [1.0, 0.25, 0.5, 0.125]}
+
+
+def played_rates(record):
+    return {h: [r for _, hh, r in record["changes"] if hh == h] for h in range(record["hosts"])}
+
+
+def test_without_flows_a_co_tenant_is_played_as_the_rate_it_leaves():
+    from rudder.testbed.conditions import ConditionsPlayer
+
+    cot = dict(kind="cotenant", hosts="all", timeline=dict(type="constant", value=0.75))
+    scenario = Scenario.from_dict(dict(version=1, name="ct1", duration_s=1.0, processes=[cot]))
+    player = ConditionsPlayer(_FakeCluster(), scenario, base_bits=400_000_000, hosts=2)
+    assert not player.flows_played
+    assert [(h, r) for _, h, r in player.schedule()] == [(0, 0.25), (1, 0.25)]
+    flows = ConditionsPlayer(_FlowCluster(), scenario, base_bits=400_000_000, hosts=1)
+    assert not flows.flows_played  # one host: nowhere to send to
+
+
 # ------------------------------------------------------------------------------------------------ met live, replayed
 
 

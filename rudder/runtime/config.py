@@ -398,7 +398,7 @@ class TrainConfig:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
 
     def _check_scenario(self) -> None:
-        """--scenario: a scenario file that can be played on emulated links: rate changes only."""
+        """--scenario: a scenario file that can be played on emulated links: rate changes and competing flows."""
         from rudder.env.scenario import Scenario, ScenarioError
 
         if not (self.hosts or self.cluster):
@@ -415,8 +415,8 @@ class TrainConfig:
         if kinds or scenario.feature_bytes_factor != 1.0:
             what = f"{', '.join(kinds)} processes" if kinds else "feature_bytes_factor"
             raise ValueError(
-                f"--scenario {self.scenario}: {what} cannot be played on a live run (only link and cotenant "
-                "timelines, as rate changes): replay it instead (evaluate.py --scenario)"
+                f"--scenario {self.scenario}: {what} cannot be played on a live run (only link timelines, as rate "
+                "changes, and co-tenant bursts, as competing flows): replay it instead (evaluate.py --scenario)"
             )
 
     def _check_device(self) -> None:

@@ -554,6 +554,92 @@ while sent < cap and time.monotonic() < end:
 s.close()
 """
 
+# A co-tenant's competing flow: UDP datagrams to the sink at ADDR:PORT, paced here at the rate last given on stdin
+# (bits/s, one number a line; 0 pauses it), until stdin closes. Sent at socket priority 6, which the host's shaper
+# serves first (pfifo_fast under the tbf), so the flow takes its rate's worth of the link's tokens whatever the
+# job's TCP streams do, as a co-tenant that holds its share would; the job gets the rest, behind the same shaper.
+_COTENANT = r"""
+import os, select, socket, sys, time
+addr, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((addr, port))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, 6)  # the shaper's first band (EmulatedCluster.competing_flow)
+size = 8192; buf = bytes(size); rate = 0.0; pending = b""; credit = 0.0; last = time.monotonic()
+while True:
+    r, _, _ = select.select([0], [], [], 0.002 if rate > 0 else None)
+    if r:
+        got = os.read(0, 4096)
+        if not got:
+            break
+        *lines, pending = (pending + got).split(b"\n")
+        if lines:
+            rate = float(lines[-1]) / 8
+    now = time.monotonic()
+    credit = min(credit + rate * (now - last), 0.01 * rate + size) if rate > 0 else 0.0; last = now
+    while credit >= size:
+        try:
+            s.send(buf)
+        except OSError:
+            pass
+        credit -= size
+"""
+
+# The flow's sink: counts the bytes that arrive until its stdin closes, then prints them.
+_COTENANT_SINK = r"""
+import os, select, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 0))
+print(s.getsockname()[1], flush=True)
+n = 0
+while True:
+    r, _, _ = select.select([s, 0], [], [])
+    if s in r:
+        n += len(s.recv(65536))
+    if 0 in r and not os.read(0, 4096):
+        break
+print(n, flush=True)
+"""
+
+
+class CompetingFlow:
+    """Another job's bulk traffic from one emulated host to another (:meth:`EmulatedCluster.competing_flow`): UDP
+    through the source host's shaped egress at the rate last set (0: idle), which it keeps whatever else sends."""
+
+    def __init__(self, sender: subprocess.Popen, sink: subprocess.Popen, where: str, on_close=None):
+        self.sender, self.sink, self.where, self.rate_bits, self._on_close = sender, sink, where, 0, on_close
+
+    def set_rate(self, bits: float) -> None:
+        """Send at ``bits``/s from now on (0: stop sending, keep the connection)."""
+        bits = max(0, int(bits))
+        if bits != self.rate_bits:
+            try:
+                self.sender.stdin.write(f"{bits}\n")
+                self.sender.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                raise ClusterError(f"competing flow {self.where}: its sender is gone") from None
+            self.rate_bits = bits
+
+    def close(self, timeout: float = 10) -> int:
+        """Stop the flow; the bytes its sink received."""
+        for p in (self.sender, self.sink):
+            try:
+                p.stdin.close()
+            except (BrokenPipeError, ValueError):
+                pass
+        try:
+            self.sender.wait(timeout)
+            self.sink.wait(timeout)
+            out = self.sink.stdout.read()
+        except subprocess.TimeoutExpired:
+            for p in (self.sender, self.sink):
+                p.kill()
+                p.wait()
+            out = ""
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+                self._on_close = None
+        words = out.split()
+        return int(words[0]) if words and words[0].isdigit() else 0
+
 
 class EmulatedCluster:
     """N emulated hosts on this machine (see the module docstring); root only.
@@ -584,6 +670,7 @@ class EmulatedCluster:
         self._state: dict | None = None
         self._holders: list[subprocess.Popen] = []
         self._procs: list[subprocess.Popen] = []
+        self._prio: set[int] = set()  # hosts whose shaper serves a co-tenant's flow first (competing_flow)
         self._use: Path | None = None  # this process's hold on the cluster (attach(use=...))
         self.adopted = False  # attach(adopt=True) took over a cluster whose owner was gone
         self._owner_pid = os.getpid()
@@ -844,6 +931,78 @@ class EmulatedCluster:
         hosts = ",".join(f"{h}:{ranks_per_host}" for h in self.hostnames)
         return ["-launcher", "ssh", "-launcher-exec", self.launcher_exec, "-hosts", hosts, "-iface", self.bridge]
 
+    def competing_flow(self, src: int | str, dst: int | str) -> CompetingFlow:
+        """A co-tenant's traffic from ``src`` to ``dst`` (:class:`CompetingFlow`), idle until given a rate: a
+        sender inside ``src`` and a sink inside ``dst`` (Python, standard library only), killed at ``down()`` if
+        still running."""
+        i, j = self._index(src), self._index(dst)
+        if i == j:
+            raise ClusterError("a competing flow needs two different hosts")
+        py = [sys.executable, "-I", "-S", "-c"]
+        where = f"{self.hostnames[i]} -> {self.hostnames[j]}"
+        sink = self.run(
+            j,
+            py + [_COTENANT_SINK, self.addresses[j]],
+            cwd="/",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
+            text=True,
+        )
+        port = _read_line(sink.stdout, 10).strip()
+        if not port.isdigit():
+            sink.kill()
+            sink.wait()
+            raise ClusterError(f"competing flow {where}: its sink did not start")
+        self._prioritise(i)
+        sender = self.run(
+            i,
+            py + [_COTENANT, self.addresses[j], port],
+            cwd="/",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        return CompetingFlow(sender, sink, where, on_close=lambda: self._unprioritise(i))
+
+    def _shaper(self, i: int) -> tuple[str, int]:
+        """Host ``i``'s tbf: its handle (``8001:``) and the queue it would keep at the rate in force (bytes: the
+        rate's worth of the tbf's latency plus its bucket, as tc computes its limit)."""
+        ns = self.hostnames[i]
+        shown = _cmd(["tc", "-n", ns, "qdisc", "show", "dev", HOST_IF]).stdout
+        m = re.search(r"qdisc tbf (\S+) root", shown)
+        if not m:
+            raise ClusterError(f"host {ns} has no shaped link (tbf) for a competing flow to share")
+        rates = (self._state or {}).get("host_rates") or [self.link_rate] * len(self.hostnames)
+        bits = parse_rate(rates[i] or self.link_rate)
+        burst = int(tbf_args(bits)[4])
+        return m.group(1), bits // 8 * _TBF_LATENCY_MS // 1000 + burst
+
+    def _prioritise(self, i: int) -> None:
+        """Host ``i``'s tbf serves socket priority 6 (a co-tenant's flow) first: pfifo_fast under it (its first
+        band takes that priority, the second everything else), holding as many full-size packets as the tbf's own
+        queue holds bytes (the device's queue length, kept in step by :meth:`set_rate`)."""
+        handle, limit = self._shaper(i)
+        ns = self.hostnames[i]
+        _cmd(["tc", "-n", ns, "qdisc", "add", "dev", HOST_IF, "parent", f"{handle}1", "handle", "10:", "pfifo_fast"])
+        self._prio.add(i)
+        self._queue_packets(i, limit)
+
+    def _queue_packets(self, i: int, limit_bytes: int) -> None:
+        packets = max(64, limit_bytes // 1514)
+        _cmd(["ip", "-n", self.hostnames[i], "link", "set", HOST_IF, "txqueuelen", str(packets)], check=False)
+
+    def _unprioritise(self, i: int) -> None:
+        """Host ``i``'s tbf back to its own queue (the change recreates it once the bands are gone)."""
+        if i not in self._prio:
+            return
+        self._prio.discard(i)
+        handle, _ = self._shaper(i)
+        _cmd(["tc", "-n", self.hostnames[i], "qdisc", "del", "dev", HOST_IF, "parent", f"{handle}1"], check=False)
+        rates = (self._state or {}).get("host_rates") or [self.link_rate] * len(self.hostnames)
+        self.set_rate(i, rates[i] or self.link_rate)
+
     def measure_throughput(self, src: int | str, dst: int | str, seconds: float = 2.0) -> float:
         """Payload bits/s that one TCP stream carries from ``src`` to ``dst`` over ``seconds`` (about 95.6% of a
         shaped link's rate, the rest being headers). A Python sender and receiver inside the two hosts; the
@@ -902,12 +1061,17 @@ class EmulatedCluster:
         ns = self.hostnames[i]
         if rate is None:
             _cmd(["tc", "-n", ns, "qdisc", "del", "dev", HOST_IF, "root"], check=False)
+            self._prio.discard(i)
         else:
             # in place where a tbf is there already: a replaced qdisc drops the packets queued in the old one, and
             # each drop costs a TCP stream a retransmission timeout (~1 s) that the rate change alone would not
             args = ["dev", HOST_IF, "root", *tbf_args(parse_rate(rate))]
             if _cmd(["tc", "-n", ns, "qdisc", "change", *args], check=False).returncode != 0:
                 _cmd(["tc", "-n", ns, "qdisc", "replace", *args])
+                self._prio.discard(i)  # a replaced tbf has its own queue again
+            if i in self._prio:  # the bands' queue follows the rate, as the tbf's own would
+                bits = parse_rate(rate)
+                self._queue_packets(i, bits // 8 * _TBF_LATENCY_MS // 1000 + int(tbf_args(bits)[4]))
         if self._state is not None:
             rates = self._state.setdefault("host_rates", [self._state.get("link_rate")] * len(self.hostnames))
             rates[i] = rate

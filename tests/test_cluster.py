@@ -8,6 +8,7 @@ The tests that build a cluster need root and ip, tc, unshare, nsenter; they are 
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -135,6 +136,37 @@ def test_a_competing_flow_takes_its_share_of_the_link_while_it_sends(c):
     assert "pfifo_fast" not in shown and "rate 400Mbit" in shown
     with pytest.raises(ClusterError, match="two different hosts"):
         c.competing_flow(1, 1)
+
+
+_BUSY = "import time; t = time.monotonic()\nwhile time.monotonic() - t < 1.0: pass\nprint(time.process_time())"
+
+
+def _busy_cpu_s(c: EmulatedCluster, host: str) -> float:
+    """CPU seconds a process started in ``host`` as mpiexec starts ranks (the ssh stand-in) gets in 1 s of wall."""
+    cmd = f"{sys.executable} -I -S -c {shlex.quote(_BUSY)}"
+    res = subprocess.run([c.launcher_exec, host, cmd], capture_output=True, text=True, timeout=20)
+    assert res.returncode == 0, res.stderr
+    return float(res.stdout)
+
+
+@needs_cluster
+@pytest.mark.skipif(cl.cpu_cgroup_root() is None, reason="no writable CPU cgroup controller here")
+def test_a_cpu_cap_slows_what_is_started_in_the_host_and_is_lifted_and_removed(c):
+    """cap_cpu (a straggler host, live): a busy process started in the host the way mpiexec starts ranks gets
+    about the cap's share of a CPU; lifted, a whole one (a core is free: nothing else runs in this test); the
+    cluster's teardown removes the cgroup (test ``c``'s fixture checks nothing of it is left)."""
+    host = c.hostnames[1]
+    try:
+        c.cap_cpu(1, 0.25)
+        capped = _busy_cpu_s(c, host)
+        c.cap_cpu(1, None)
+        free = _busy_cpu_s(c, host)
+    finally:
+        c.cap_cpu(1, None)
+    assert 0.1 < capped < 0.4, capped
+    assert free > 0.7, free
+    with pytest.raises(ClusterError, match="> 0 cores"):
+        c.cap_cpu(0, 0)
 
 
 @needs_cluster

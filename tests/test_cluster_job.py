@@ -122,7 +122,8 @@ def replay_matches_the_live_run(trace: str, summary: dict) -> None:
 
 def test_a_scenario_is_played_on_the_links_and_kept_in_the_trace(cluster, cache, tmp_path):
     """--scenario: the links' rates change on the scenario's schedule while the job runs (a square wave, 8x slower
-    half the time), a co-tenant on host 1 sends a real competing flow, every link gets its rate back at the end, and
+    half the time), a co-tenant on host 1 sends a real competing flow, host 0 is a straggler under a CPU cap, every
+    link gets its rate back at the end, and
     the trace keeps what was played (conditions.json) on each rank's clock: replay of it is not synthetic, puts
     minibatches in slow phases and models the run slower than a replay at the base rate does."""
     from rudder.env.scenario import Scenario
@@ -131,7 +132,9 @@ def test_a_scenario_is_played_on_the_links_and_kept_in_the_trace(cluster, cache,
     square = dict(type="square", period_s=2.0, high=1.0, low=0.125)
     link = dict(kind="link", hosts="all", timeline=square)
     cotenant = dict(kind="cotenant", hosts=[1], timeline=dict(type="constant", value=0.5))
-    scenario.write_text(json.dumps(dict(version=1, name="sq-live", duration_s=2.0, processes=[link, cotenant])))
+    straggler = dict(kind="straggler", hosts=[0], factor=2.0)
+    procs = [link, cotenant, straggler]
+    scenario.write_text(json.dumps(dict(version=1, name="sq-live", duration_s=2.0, processes=procs)))
     trace = tmp_path / "trace"
     args = ["--graph", "synth-small", "--cluster", cluster.name, "--epochs", "1", "--batch-size", "1000"]
     args += ["--fanout", "10,25", "--scenario", str(scenario), "--trace", str(trace)]
@@ -142,6 +145,8 @@ def test_a_scenario_is_played_on_the_links_and_kept_in_the_trace(cluster, cache,
     assert "link-rate changes played" in err
     record = json.loads((trace / "conditions.json").read_text())
     assert record["base_rate"] == RATE and record["hosts"] == 2
+    assert "straggler: host 0's processes capped" in err
+    assert record["cpu_cores"] == [os.cpu_count() / 2 / 2.0, None]  # half of host 0's even share of the CPUs
     assert record["cotenant"] == "flow" and record["cotenant_bytes"][0] == 0
     assert record["cotenant_bytes"][1] > 1e6  # host 1's co-tenant carried real traffic (half of 400mbit when fast)
     for host in (0, 1):

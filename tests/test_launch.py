@@ -1,5 +1,6 @@
 """Roles from MPI ranks, MPI detection, the one-host shared-memory names, options and the DGL compat step."""
 
+import json
 import os
 import socket
 
@@ -104,6 +105,34 @@ def test_hosts_set_the_partitions_and_take_a_link_rate():
     with pytest.raises(ValueError, match="--link-rate: bad link rate 'fast'"):
         TrainConfig(hosts=2, link_rate="fast").validate()
     TrainConfig(hosts=2, link_rate="1gbit").validate()
+
+
+def test_a_scenario_live_refuses_what_it_cannot_play_in_one_line(tmp_path):
+    """--scenario live: a straggler that would run faster (a CPU cap only slows) and wider rows are refused, each
+    naming the file and field; a slowing straggler, a co-tenant and a link timeline are accepted."""
+
+    def scenario(**kw):
+        path = tmp_path / f"s{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(dict(version=1, name="s", **kw)))
+        return str(path)
+
+    def check(path):
+        TrainConfig(hosts=2, link_rate="400mbit", scenario=path).validate()
+
+    fast = scenario(processes=[dict(kind="straggler", hosts=[0], factor=0.5)])
+    with pytest.raises(ValueError, match=r"processes\[0\]\.factor: a straggler played live can only slow its host"):
+        check(fast)
+    with pytest.raises(ValueError, match="feature_bytes_factor cannot be played on a live run"):
+        check(scenario(feature_bytes_factor=2.0))
+    from rudder.testbed.cluster import cpu_cgroup_root
+
+    ok = dict(kind="cotenant", hosts=[1], timeline=dict(type="constant", value=0.5))
+    slow = scenario(processes=[dict(kind="straggler", hosts=[0], factor=2.0), ok])
+    if cpu_cgroup_root() is None:  # nothing to cap with: refused, saying why
+        with pytest.raises(ValueError, match="no writable CPU cgroup controller"):
+            check(slow)
+    else:
+        check(slow)
 
 
 def test_recorded_decisions_need_an_existing_trace():

@@ -398,7 +398,7 @@ class TrainConfig:
             raise ValueError(f"--port must leave room for {self.parts} machines below 65536, got {self.port}")
 
     def _check_scenario(self) -> None:
-        """--scenario: a scenario file that can be played on emulated links: rate changes and competing flows."""
+        """--scenario: a scenario file that can be played on emulated hosts: rate changes, competing flows, CPU caps."""
         from rudder.env.scenario import Scenario, ScenarioError
 
         if not (self.hosts or self.cluster):
@@ -411,13 +411,25 @@ class TrainConfig:
             raise ValueError(f"--scenario {self.scenario}: {exc.strerror}") from None
         except ScenarioError as exc:
             raise ValueError(str(exc)) from None
-        kinds = sorted({p["kind"] for p in scenario.processes} - {"link", "cotenant"})
-        if kinds or scenario.feature_bytes_factor != 1.0:
-            what = f"{', '.join(kinds)} processes" if kinds else "feature_bytes_factor"
+        if scenario.feature_bytes_factor != 1.0:
             raise ValueError(
-                f"--scenario {self.scenario}: {what} cannot be played on a live run (only link timelines, as rate "
-                "changes, and co-tenant bursts, as competing flows): replay it instead (evaluate.py --scenario)"
+                f"--scenario {self.scenario}: feature_bytes_factor cannot be played on a live run (the graph's rows "
+                "are as wide as they are): replay it instead (evaluate.py --scenario)"
             )
+        for i, proc in enumerate(scenario.processes):
+            if proc["kind"] == "straggler" and float(proc["factor"]) < 1.0:
+                raise ValueError(
+                    f"--scenario {self.scenario}: processes[{i}].factor: a straggler played live can only slow its "
+                    f"host (a CPU cap): expected >= 1, got {proc['factor']}"
+                )
+        if any(p["kind"] == "straggler" for p in scenario.processes):
+            from rudder.testbed.cluster import cpu_cgroup_root
+
+            if cpu_cgroup_root() is None:
+                raise ValueError(
+                    f"--scenario {self.scenario}: a straggler is played live as a CPU cap, and this machine has no "
+                    "writable CPU cgroup controller: replay it instead (evaluate.py --scenario)"
+                )
 
     def _check_device(self) -> None:
         """``--device cuda`` needs a GPU torch can see; ``--model-impl dgl`` on it needs a DGL built with CUDA;

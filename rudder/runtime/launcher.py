@@ -499,6 +499,7 @@ class _Conditions:
 
     def __init__(self, cfg, cluster: EmulatedCluster, log: JobLog):
         self.cfg, self.cluster, self.log, self.player = cfg, cluster, log, None
+        self.cpu_cores: list[float | None] = []  # a straggler's CPU cap per host (None: uncapped)
 
     def __enter__(self) -> _Conditions:
         """Check the scenario and set up its player (it starts with the job's training: :meth:`start`)."""
@@ -522,6 +523,15 @@ class _Conditions:
             f"rudder: playing scenario {scenario.name} on the {hosts} links from the first minibatch (rates as "
             f"factors of {base})"
         )
+        # a straggler: its host's processes share 1/factor of the host's even share of this machine's CPUs, capped
+        # before the job's ranks start (they start inside the cap)
+        share = (os.cpu_count() or 1) / hosts
+        for h in range(hosts):
+            factor = scenario.conditions(h, kinds=("straggler",)).cpu_factor
+            self.cpu_cores.append(share / factor if factor > 1 else None)
+            if factor > 1:
+                self.cluster.cap_cpu(h, share / factor)
+                self.log.note(f"rudder: straggler: host {h}'s processes capped at {share / factor:.2f} CPUs")
         return self
 
     def start(self, job_dir: str) -> None:
@@ -544,10 +554,15 @@ class _Conditions:
         if self.player is None:
             return
         self.player.stop()
+        for h, cores in enumerate(self.cpu_cores):
+            if cores is not None:
+                self.cluster.cap_cpu(h, None)
         trace = self.cfg.trace
         played = self.player.started_unix > 0  # not if the job ended before training began
         if played and trace and os.path.isfile(os.path.join(trace, TRACE_FILE)):
             record = self.player.record()
+            if any(c is not None for c in self.cpu_cores):  # in the recorded times already: replay adds nothing
+                record["cpu_cores"] = self.cpu_cores
             tmp = os.path.join(trace, f".{CONDITIONS_FILE}.tmp")
             with open(tmp, "w") as f:
                 json.dump(record, f, indent=1)

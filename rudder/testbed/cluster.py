@@ -293,6 +293,7 @@ def _leftovers(name: str) -> list[str]:
     left += [f"link {n}" for n in _link_names() if own.fullmatch(n)]
     if (RUN_ROOT / name).exists():
         left.append(f"dir {RUN_ROOT / name}")
+    left += [f"cgroup {g}" for g in _cpu_groups(name)]
     return left
 
 
@@ -327,6 +328,9 @@ def _teardown(name: str, state: dict | None, reap: list[subprocess.Popen] = ()) 
     finally:
         for fd in fds:
             os.close(fd)
+    for group in _cpu_groups(name):  # its processes are gone: the group can go
+        with contextlib.suppress(OSError):
+            group.rmdir()
     for link in _link_names():
         if own.fullmatch(link) and not link.endswith("-br"):
             _cmd(["ip", "link", "del", link], check=False)
@@ -522,8 +526,33 @@ esac
 if [ "$(readlink /proc/$pid/ns/net 2>/dev/null)" != "net:[$ns]" ]; then
   echo "rudder cluster {name}: host $host is down" >&2; exit 255
 fi
+cg="{cpu_root}/$host"  # a CPU cap on the host (EmulatedCluster.cap_cpu): its processes start inside it
+if [ -n "{cpu_root}" ] && [ -d "$cg" ]; then echo $$ > "$cg/cgroup.procs"; fi
 exec {nsenter} -t "$pid" --net --uts --mount --ipc -- {bash} -c "cd -- $(printf %q "$PWD") 2>/dev/null || cd /; $*"
 """
+
+
+def cpu_cgroup_root() -> str | None:
+    """Where this machine's CPU controller lets a host's processes be capped: cgroup v1's ``cpu`` hierarchy, or
+    the cgroup v2 root where it offers ``cpu`` to its children; None where neither is writable."""
+    v1 = Path("/sys/fs/cgroup/cpu")
+    if (v1 / "cpu.cfs_quota_us").exists() and os.access(v1, os.W_OK):
+        return str(v1)
+    v2 = Path("/sys/fs/cgroup")
+    try:
+        offered = (v2 / "cgroup.subtree_control").read_text().split()
+    except OSError:
+        return None
+    return str(v2) if "cpu" in offered and os.access(v2, os.W_OK) else None
+
+
+def _cpu_groups(name: str) -> list[Path]:
+    root = cpu_cgroup_root()
+    if root is None:
+        return []
+    own = re.compile(rf"rd-{re.escape(name)}-h\d+")
+    return [p for p in Path(root).iterdir() if p.is_dir() and own.fullmatch(p.name)]
+
 
 _RECEIVER = r"""
 import socket, sys, time
@@ -855,6 +884,7 @@ class EmulatedCluster:
                 name=self.name,
                 module="rudder.testbed.cluster",
                 cases=cases,
+                cpu_root=cpu_cgroup_root() or "",
             )
         )
         ssh.chmod(0o755)
@@ -930,6 +960,30 @@ class EmulatedCluster:
             raise ClusterError(f"cluster {self.name} is not up")
         hosts = ",".join(f"{h}:{ranks_per_host}" for h in self.hostnames)
         return ["-launcher", "ssh", "-launcher-exec", self.launcher_exec, "-hosts", hosts, "-iface", self.bridge]
+
+    def cap_cpu(self, host: int | str, cores: float | None) -> None:
+        """Let the processes started in ``host`` from now on (by :attr:`launcher_exec`, as ``mpiexec`` starts a
+        job's ranks) use at most ``cores`` CPUs together (a cgroup of the CPU controller, CFS quota); None lifts
+        the cap. A straggler host, live."""
+        root = cpu_cgroup_root()
+        if root is None:
+            raise ClusterError(
+                "no writable CPU cgroup controller here (cgroup v1 cpu, or v2 with cpu): cannot cap a host"
+            )
+        group = Path(root) / self.hostnames[self._index(host)]
+        if cores is not None and not cores > 0:
+            raise ClusterError(f"a CPU cap must be > 0 cores, got {cores}")
+        try:
+            group.mkdir(exist_ok=True)
+            period = 100_000
+            quota = -1 if cores is None else max(1000, int(cores * period))
+            if (group / "cpu.cfs_quota_us").exists():
+                (group / "cpu.cfs_period_us").write_text(str(period))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+            else:
+                (group / "cpu.max").write_text(f"{'max' if quota < 0 else quota} {period}")
+        except OSError as exc:
+            raise ClusterError(f"cannot cap {group.name}'s CPU in {root}: {exc.strerror}") from None
 
     def competing_flow(self, src: int | str, dst: int | str) -> CompetingFlow:
         """A co-tenant's traffic from ``src`` to ``dst`` (:class:`CompetingFlow`), idle until given a rate: a

@@ -162,6 +162,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.bound:
         df = pd.concat([confirm_bound(s, args.reps) for s in args.scenario])
+        if os.path.isfile(BOUND_OUT):  # other scenarios' rows stay
+            old = pd.read_csv(BOUND_OUT)
+            df = pd.concat([old[~old["scenario"].isin(df["scenario"])], df])
         df.to_csv(BOUND_OUT, index=False)
         table = df.groupby(["scenario", "arm"])[["train_s", "replay_s"]].agg(["median", "min", "max"])
         print(table.round(2).to_string())

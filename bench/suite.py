@@ -28,6 +28,7 @@ with the replay model's error band; ``tuned-constant`` is tuned on the suite's t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -207,7 +208,8 @@ def summarise(df: pd.DataFrame) -> tuple[str, pd.DataFrame]:
 def decisions_trace(trace: str, labels: dict[int, str], out: str) -> str:
     """Write ``out``: ``trace`` with its prefetch decisions replaced by those of a link-level action sequence
     played in replay (``labels``: per rank, the sequence as ``bound_actions`` writes it, one level per window),
-    so that ``train.py gnn --agent recorded --decisions-from out`` applies them live at the same minibatches."""
+    so that ``train.py gnn --agent recorded --decisions-from out`` applies them live at the same minibatches, with
+    the buffer settings of the link-level agents (stated in ``trace.json``'s ``meta.agent.settings``)."""
     from rudder.baselines.constant import SPACES
     from rudder.traces import Trace, TraceWriter
 
@@ -215,6 +217,9 @@ def decisions_trace(trace: str, labels: dict[int, str], out: str) -> str:
 
     src, space = Trace(trace), SPACES["link-levels"]
     index = {space.label(a).split()[-1]: a for a in range(len(space.actions))}
+    # the buffer settings the sequence was played with in replay, stated, so that `--agent recorded` plays it live
+    # with them too (not with those of the agent that recorded ``trace``)
+    meta = dict(src.meta, agent=dict(src.meta.get("agent") or {}, settings=dataclasses.asdict(space.settings)))
     for rank in src.ranks:
         env = space_env(src, rank, space)
         agent = _Sequence(space, [index[x] for x in labels[rank].split()])
@@ -236,7 +241,7 @@ def decisions_trace(trace: str, labels: dict[int, str], out: str) -> str:
         static = dict(rt.static)
         prefetch, seeds = rt.prefetch_table(), rt.minibatch_seeds()  # the seeds: what the lookahead ranks from
         with TraceWriter(
-            out, rank, src.num_ranks, src.meta if rank == 0 else None, rt.meta, static, overwrite=rank == 0
+            out, rank, src.num_ranks, meta if rank == 0 else None, rt.meta, static, overwrite=rank == 0
         ) as writer:
             decisions = iter(chosen)
             pending = next(decisions, None)

@@ -9,10 +9,12 @@ agent; the scenario plays from each run's first minibatch, so every repetition m
 the family's held-out trace, the link-level bound search (:func:`rudder.evaluation.scoring.bound_row`) finds the
 fastest level sequence within the replay model, each rank's sequence is exported as decisions
 (:func:`rudder.bench.suite.decisions_trace`) and played live with ``--decisions-from`` beside constant levels held
-throughout, interleaved. The search runs even where the replay fit explains less than the gate
-(:data:`rudder.env.timing.MIN_R2`) of the fetch time, where evaluation prints no time oracle: the live runs are
-then what says whether the sequence is worth anything, and the rows keep the fit's R² (``fit_r2_min``) beside
-replay's modelled seconds of each arm (``replay_s``: the slowest rank's). Writes ``bench/results/suite_bound.csv``.
+throughout, interleaved, and beside them the last of those levels exported and played back the same way (the
+control: it costs what the level agent costs unless the playback path itself does). The search runs even where
+the replay fit explains less than the gate (:data:`rudder.env.timing.MIN_R2`) of the fetch time, where evaluation
+prints no time oracle: the live runs are then what says whether the sequence is worth anything, and the rows keep
+the fit's R² (``fit_r2_min``) beside replay's modelled seconds of each arm (``replay_s``: the slowest rank's).
+Writes ``bench/results/suite_bound.csv``.
 """
 
 from __future__ import annotations
@@ -96,9 +98,18 @@ def confirm_bound(scenario: str, reps: int = 3, constants=CONSTANTS) -> pd.DataF
     if not os.path.isdir(trace):
         raise SystemExit(f"{scenario}: no held-out suite trace {trace} recorded under it")
     sequences, modelled, r2 = replay_bound(trace, constants)
-    out = os.path.join(tempfile.mkdtemp(prefix="rudder-suite-bound-"), "decisions")
-    arms = {"bound": ["--agent", "recorded", "--decisions-from", decisions_trace(trace, sequences, out)]}
+    work = tempfile.mkdtemp(prefix="rudder-suite-bound-")
+    windows = len(next(iter(sequences.values())).split())
+    control = f"{constants[-1]:g}"  # a constant played the bound's way: what the playback path itself costs
+    held = {rank: " ".join([control] * windows) for rank in sequences}
+    arms = {
+        "bound": ["--agent", "recorded", "--decisions-from", decisions_trace(trace, sequences, f"{work}/bound")],
+        f"level-{control} as decisions": [
+            "--agent", "recorded", "--decisions-from", decisions_trace(trace, held, f"{work}/held"),
+        ],
+    }  # fmt: skip
     arms.update({f"level-{c:g}": ["--agent", "level", "--agent-kwargs", f"level={c:g}"] for c in constants})
+    modelled[f"level-{control} as decisions"] = modelled[f"level-{control}"]
     df = measure(scenario, reps, arms)
     return df.assign(replay_s=df["arm"].map(modelled), fit_r2_min=r2)
 

@@ -15,6 +15,7 @@ from rudder.env.scenario import Scenario
 from rudder.traces import Trace
 
 from rudder.evaluation.play import play_episode, play_schedule
+from rudder.evaluation.registry import make_agent
 from rudder.evaluation.scoring import _Sequence, space_env
 
 
@@ -30,6 +31,8 @@ def test_every_family_has_training_and_held_out_runs_recorded_with_what_they_met
         record = json.load(open(os.path.join(trace, "conditions.json")))
         assert record["scenario"]["name"] == scenario["name"] and len(record["changes"]) >= 4
         assert Trace(trace).complete
+        if any(p["kind"] == "cotenant" for p in scenario["processes"]):  # another job's traffic, really sent
+            assert record["cotenant"] == "flow" and min(record["cotenant_bytes"]) > 1e7, trace
 
 
 def test_an_exported_sequence_played_back_is_the_sequence(tmp_path):
@@ -42,6 +45,9 @@ def test_an_exported_sequence_played_back_is_the_sequence(tmp_path):
     seq = {r: [(i + 2 * r) % len(labels) for i in range(windows)] for r in (0, 1)}
     out = suite.decisions_trace(src, {r: " ".join(labels[a] for a in s) for r, s in seq.items()}, str(tmp_path / "d"))
     assert os.path.isfile(os.path.join(out, "conditions.json"))
+    # live, --agent recorded plays them with the settings they were played with here, not the recording agent's
+    assert Trace(src).meta["config"]["agent"] != "level"
+    assert make_agent("recorded", trace=out).settings == space.settings
     for rank in (0, 1):
         played = play_episode(space_env(Trace(src), rank, space), _Sequence(space, seq[rank]))
         again = play_schedule(space_env(Trace(out), rank, space), Recorded(out, rank).schedule)
@@ -67,7 +73,7 @@ def test_the_bound_confirmed_live_plays_what_replay_scored(monkeypatch):
     monkeypatch.setattr(suite_live, "measure", measure)
     scenario = suite.FAMILIES["square-2s"]["heldout"][0]
     df = suite_live.confirm_bound(os.path.join(suite.SCENARIOS, f"{scenario['name']}.json"), reps=1)
-    assert list(arms) == ["bound", "level-0", "level-0.125"]
+    assert list(arms) == ["bound", "level-0.125 as decisions", "level-0", "level-0.125"]
     assert arms["level-0.125"][-1] == "level=0.125"
     modelled = df.set_index("arm")["replay_s"]
     out = arms["bound"][arms["bound"].index("--decisions-from") + 1]
@@ -77,5 +83,8 @@ def test_the_bound_confirmed_live_plays_what_replay_scored(monkeypatch):
     labels = [space.label(a).split()[-1] for a in range(len(space.actions))]
     held = [play_episode(space_env(src, r, space), space.constant(labels.index("0.125")))["time_s"] for r in src.ranks]
     assert max(held) == pytest.approx(modelled["level-0.125"], rel=1e-9)
+    out = arms["level-0.125 as decisions"][-1]  # the control: the level played back as the bound is
+    again = [play_schedule(space_env(Trace(out), r, space), Recorded(out, r).schedule)["time_s"] for r in src.ranks]
+    assert max(again) == pytest.approx(modelled["level-0.125"], rel=1e-9)
     assert modelled["bound"] < min(modelled["level-0"], modelled["level-0.125"])
     assert (df["fit_r2_min"] < MIN_R2).all()

@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pandas as pd
 from rudder.bench.suite import POLICY, ROOT, RUN, decisions_trace
@@ -55,7 +56,8 @@ def measure(scenario: str, reps: int = 3, arms: dict = ARMS) -> pd.DataFrame:
                 ranks = json.load(f)["ranks"]
             seconds = max(r["train_end_unix"] for r in ranks) - min(r["train_start_unix"] for r in ranks)
             print(f"[suite-live] {os.path.basename(scenario)} rep {rep} {arm}: {seconds:.2f} s", flush=True)
-            rows.append(dict(scenario=os.path.basename(scenario), arm=arm, rep=rep, train_s=seconds))
+            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())  # UTC: rows of other runs may share the file
+            rows.append(dict(scenario=os.path.basename(scenario), arm=arm, rep=rep, train_s=seconds, run_utc=when))
     return pd.DataFrame(rows)
 
 
@@ -126,7 +128,12 @@ def plot(path: str = os.path.join(ROOT, "bench", "results", "suite_live.png")) -
 
     parts = []
     if os.path.isfile(OUT):
-        parts.append(pd.read_csv(OUT))
+        live = pd.read_csv(OUT)
+        if "run_utc" in live:  # arms of a family measured on another day than the rest are marked with it
+            day = live["run_utc"].astype(str).str[:10]
+            latest = day.groupby(live["scenario"]).transform("max")
+            live["arm"] = [a if d == m else f"{a} ({d})" for a, d, m in zip(live["arm"], day, latest)]
+        parts.append(live)
     if os.path.isfile(BOUND_OUT):
         b = pd.read_csv(BOUND_OUT)
         parts.append(b.assign(arm=[a if a == "bound" else f"{a} (bound run)" for a in b["arm"]]))
@@ -170,7 +177,14 @@ def main(argv=None) -> int:
     p.add_argument("scenario", nargs="+", help="scenario files (traces/suite/scenarios/*.json)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--bound", action="store_true", help="play replay's bound sequence live against constant levels")
+    p.add_argument("--arms", help=f"comma-separated, of {', '.join(ARMS)} (default: all)")
     args = p.parse_args(argv)
+    arms = ARMS
+    if args.arms:
+        unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+        if unknown:
+            p.error(f"--arms: unknown {', '.join(unknown)}: expected some of {', '.join(ARMS)}")
+        arms = {a: ARMS[a] for a in args.arms.split(",")}
     if args.bound:
         df = pd.concat([confirm_bound(s, args.reps) for s in args.scenario])
         if os.path.isfile(BOUND_OUT):  # other scenarios' rows stay
@@ -181,10 +195,10 @@ def main(argv=None) -> int:
         print(table.round(2).to_string())
         print(f"plot: {plot()}")
         return 0
-    df = pd.concat([measure(s, args.reps) for s in args.scenario])
+    df = pd.concat([measure(s, args.reps, arms) for s in args.scenario])
     old = pd.read_csv(OUT) if os.path.isfile(OUT) else None
-    if old is not None:
-        df = pd.concat([old[~old["scenario"].isin(df["scenario"])], df])
+    if old is not None:  # the rows of other scenarios and arms stay
+        df = pd.concat([old[~(old["scenario"].isin(df["scenario"]) & old["arm"].isin(df["arm"]))], df])
     df.to_csv(OUT, index=False)
     print(df.groupby(["scenario", "arm"])["train_s"].agg(["median", "min", "max"]).round(2).to_string())
     print(f"plot: {plot()}")

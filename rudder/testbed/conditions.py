@@ -11,10 +11,10 @@ replay of the recorded trace follows the conditions the live run met (save it be
 A co-tenant is played as real traffic where the cluster can start it (:meth:`EmulatedCluster.competing_flow
 <rudder.testbed.cluster.EmulatedCluster.competing_flow>`, two hosts or more): a UDP flow from the host to the next
 one through the same shaped egress, paced at the co-tenant's share of the link's rate at that moment and served
-first by the shaper, so the job gets the rest of the token bucket, queued behind it, as behind another job's. The log (and replay) counts
-a burst as the rate it leaves the job (``1 - share``); the record says it was a flow and how many bytes each flow
-carried. Elsewhere (one host, or a cluster without flows) a co-tenant is played as that rate change. Stragglers are
-capped by the launcher before the job starts (:meth:`EmulatedCluster.cap_cpu
+first by the shaper, so the job gets the rest of the token bucket, queued behind it, as behind another job's. The
+log (and replay) counts a burst as the rate it leaves the job (``1 - share``); the record says it was a flow and how
+many bytes each flow carried. Elsewhere (one host, or a cluster without flows) a co-tenant is played as that rate
+change. Stragglers are capped by the launcher before the job starts (:meth:`EmulatedCluster.cap_cpu
 <rudder.testbed.cluster.EmulatedCluster.cap_cpu>`), not here.
 
 Live, the clock starts when the player starts (before the job's first minibatch), so a replay's clock, which starts

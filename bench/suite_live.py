@@ -93,10 +93,9 @@ def replay_bound(trace: str, constants=CONSTANTS) -> tuple[dict[int, str], dict[
 def confirm_bound(scenario: str, reps: int = 3, constants=CONSTANTS) -> pd.DataFrame:
     """:func:`replay_bound` on the held-out trace recorded under ``scenario``, its sequences played live against
     ``constants`` held throughout (:func:`measure`, arms interleaved); rows carry ``replay_s`` and ``fit_r2_min``."""
-    from rudder.bench.suite import SUITE
+    from rudder.bench.suite import trace_dir
 
-    name = os.path.splitext(os.path.basename(scenario))[0]
-    trace = os.path.join(SUITE, "heldout", f"emu2-small-{name}")
+    trace = trace_dir("heldout", dict(name=os.path.splitext(os.path.basename(scenario))[0]))
     if not os.path.isdir(trace):
         raise SystemExit(f"{scenario}: no held-out suite trace {trace} recorded under it")
     sequences, modelled, r2 = replay_bound(trace, constants)

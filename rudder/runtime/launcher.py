@@ -528,10 +528,11 @@ class _Conditions:
         share = (os.cpu_count() or 1) / hosts
         for h in range(hosts):
             factor = scenario.conditions(h, kinds=("straggler",)).cpu_factor
-            self.cpu_cores.append(share / factor if factor > 1 else None)
-            if factor > 1:
-                self.cluster.cap_cpu(h, share / factor)
-                self.log.note(f"rudder: straggler: host {h}'s processes capped at {share / factor:.2f} CPUs")
+            cores = share / factor if factor > 1 else None
+            self.cpu_cores.append(cores)
+            if cores is not None:
+                self.cluster.cap_cpu(h, cores)
+                self.log.note(f"rudder: straggler: host {h}'s processes capped at {cores:.2f} CPUs")
         return self
 
     def start(self, job_dir: str) -> None:

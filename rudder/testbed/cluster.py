@@ -112,8 +112,17 @@ def tbf_args(bits: int) -> list[str]:
     than its bucket). tbf counts Ethernet, IP and TCP headers: with a 1500-byte MTU one TCP stream carries about
     95.6% of the set rate as payload, whatever the bucket size.
     """
-    burst = max(65536, bits // 8 * 4 // 1000)
-    return ["tbf", "rate", f"{bits}bit", "burst", str(burst), "latency", f"{_TBF_LATENCY_MS}ms"]
+    return ["tbf", "rate", f"{bits}bit", "burst", str(_tbf_burst(bits)), "latency", f"{_TBF_LATENCY_MS}ms"]
+
+
+def _tbf_burst(bits: int) -> int:
+    return max(65536, bits // 8 * 4 // 1000)
+
+
+def _tbf_queue_bytes(bits: int) -> int:
+    """The bytes :func:`tbf_args`' tbf queues at ``bits``/s: its latency's worth of the rate plus its bucket, as tc
+    computes its limit."""
+    return bits // 8 * _TBF_LATENCY_MS // 1000 + _tbf_burst(bits)
 
 
 def _cmd(argv: list[str], check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess:
@@ -1020,28 +1029,29 @@ class EmulatedCluster:
         )
         return CompetingFlow(sender, sink, where, on_close=lambda: self._unprioritise(i))
 
-    def _shaper(self, i: int) -> tuple[str, int]:
-        """Host ``i``'s tbf: its handle (``8001:``) and the queue it would keep at the rate in force (bytes: the
-        rate's worth of the tbf's latency plus its bucket, as tc computes its limit)."""
+    def _rate_of(self, i: int) -> str:
+        """Host ``i``'s egress rate in force (tc text)."""
+        rates = (self._state or {}).get("host_rates") or [self.link_rate] * len(self.hostnames)
+        return rates[i] or self.link_rate
+
+    def _shaper(self, i: int) -> str:
+        """Host ``i``'s tbf handle (``8001:``)."""
         ns = self.hostnames[i]
         shown = _cmd(["tc", "-n", ns, "qdisc", "show", "dev", HOST_IF]).stdout
         m = re.search(r"qdisc tbf (\S+) root", shown)
         if not m:
             raise ClusterError(f"host {ns} has no shaped link (tbf) for a competing flow to share")
-        rates = (self._state or {}).get("host_rates") or [self.link_rate] * len(self.hostnames)
-        bits = parse_rate(rates[i] or self.link_rate)
-        burst = int(tbf_args(bits)[4])
-        return m.group(1), bits // 8 * _TBF_LATENCY_MS // 1000 + burst
+        return m.group(1)
 
     def _prioritise(self, i: int) -> None:
         """Host ``i``'s tbf serves socket priority 6 (a co-tenant's flow) first: pfifo_fast under it (its first
         band takes that priority, the second everything else), holding as many full-size packets as the tbf's own
         queue holds bytes (the device's queue length, kept in step by :meth:`set_rate`)."""
-        handle, limit = self._shaper(i)
+        handle = self._shaper(i)
         ns = self.hostnames[i]
         _cmd(["tc", "-n", ns, "qdisc", "add", "dev", HOST_IF, "parent", f"{handle}1", "handle", "10:", "pfifo_fast"])
         self._prio.add(i)
-        self._queue_packets(i, limit)
+        self._queue_packets(i, _tbf_queue_bytes(parse_rate(self._rate_of(i))))
 
     def _queue_packets(self, i: int, limit_bytes: int) -> None:
         packets = max(64, limit_bytes // 1514)
@@ -1052,10 +1062,9 @@ class EmulatedCluster:
         if i not in self._prio:
             return
         self._prio.discard(i)
-        handle, _ = self._shaper(i)
+        handle = self._shaper(i)
         _cmd(["tc", "-n", self.hostnames[i], "qdisc", "del", "dev", HOST_IF, "parent", f"{handle}1"], check=False)
-        rates = (self._state or {}).get("host_rates") or [self.link_rate] * len(self.hostnames)
-        self.set_rate(i, rates[i] or self.link_rate)
+        self.set_rate(i, self._rate_of(i))
 
     def measure_throughput(self, src: int | str, dst: int | str, seconds: float = 2.0) -> float:
         """Payload bits/s that one TCP stream carries from ``src`` to ``dst`` over ``seconds`` (about 95.6% of a
@@ -1124,8 +1133,7 @@ class EmulatedCluster:
                 _cmd(["tc", "-n", ns, "qdisc", "replace", *args])
                 self._prio.discard(i)  # a replaced tbf has its own queue again
             if i in self._prio:  # the bands' queue follows the rate, as the tbf's own would
-                bits = parse_rate(rate)
-                self._queue_packets(i, bits // 8 * _TBF_LATENCY_MS // 1000 + int(tbf_args(bits)[4]))
+                self._queue_packets(i, _tbf_queue_bytes(parse_rate(rate)))
         if self._state is not None:
             rates = self._state.setdefault("host_rates", [self._state.get("link_rate")] * len(self.hostnames))
             rates[i] = rate

@@ -49,10 +49,10 @@ class ConditionsPlayer:
     ):
         self.cluster, self.scenario_played, self.base_bits = cluster, scenario, int(base_bits)
         self.base_rate = base_rate or _rate_text(base_bits)  # what each link gets back, as the cluster wrote it
+        # per host, the rate its co-tenant leaves the job over time (None: no co-tenant on that host)
         cotenant = [scenario.conditions(h, kinds=("cotenant",)) for h in range(hosts)]
-        self.flows_played = (
-            hosts >= 2 and hasattr(cluster, "competing_flow") and any((c.rates < 1).any() for c in cotenant)
-        )
+        cotenant = [c if (c.rates < 1).any() else None for c in cotenant]
+        self.flows_played = hosts >= 2 and hasattr(cluster, "competing_flow") and any(c is not None for c in cotenant)
         if self.flows_played:  # links by rate changes, co-tenants by flows
             self.conditions = [scenario.conditions(h, kinds=("link",)) for h in range(hosts)]
             self.cotenant = cotenant
@@ -118,8 +118,7 @@ class ConditionsPlayer:
         if self.flows_played:  # connected and idle before the timeline starts
             n = len(self.conditions)
             self.flows = [
-                self.cluster.competing_flow(h, (h + 1) % n) if c is not None and (c.rates < 1).any() else None
-                for h, c in enumerate(self.cotenant)
+                None if c is None else self.cluster.competing_flow(h, (h + 1) % n) for h, c in enumerate(self.cotenant)
             ]
         self._thread = threading.Thread(target=self._run, name="rudder-conditions", daemon=True)
         self._thread.start()
